@@ -1,0 +1,43 @@
+"""kdkernels: fused kernels for knowledge-distillation losses (see LOSSES.md for the exact definitions)."""
+
+from .backends import available_backends
+from .functional import (
+    abkd_loss,
+    aekt_loss,
+    cakd_feature_loss,
+    cakd_loss,
+    distill_loss,
+    dkd_loss,
+    gdkd_loss,
+    jsd_loss,
+    kd_loss,
+    rkl_loss,
+    skew_fkl_loss,
+    skew_rkl_loss,
+    tvd_loss,
+)
+from .methods import METHODS
+from .modules import (
+    ABKDLoss,
+    AEKTLoss,
+    CAKDLoss,
+    DistillLoss,
+    DKDLoss,
+    GDKDLoss,
+    JSDLoss,
+    KDLoss,
+    RKLLoss,
+    SerialHead,
+    SkewFKLLoss,
+    SkewRKLLoss,
+    TVDLoss,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS", "available_backends", "distill_loss", "kd_loss", "rkl_loss", "jsd_loss", "skew_fkl_loss",
+    "skew_rkl_loss", "tvd_loss", "abkd_loss", "dkd_loss", "gdkd_loss", "cakd_loss", "aekt_loss",
+    "cakd_feature_loss", "DistillLoss", "KDLoss", "RKLLoss", "JSDLoss", "SkewFKLLoss", "SkewRKLLoss", "TVDLoss",
+    "ABKDLoss", "DKDLoss", "GDKDLoss", "CAKDLoss", "AEKTLoss", "SerialHead",
+]

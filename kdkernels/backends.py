@@ -1,0 +1,70 @@
+"""Backend registry: which implementation computes a loss for tensors on a given device.
+
+A backend is a function
+    impl(method, student [N, V], teacher [N, V], target [N] | None, hp, temperature, t2_scale, valid [N] bool,
+         reduction, denominator 0-d tensor | None) -> loss (reduced, or [N] for reduction="none")
+registered with the device types it runs on. ``backend="auto"`` takes the first available backend in the
+device's preference order; naming a backend that cannot run raises a RuntimeError that says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import reference
+
+
+@dataclass
+class Backend:
+    name: str
+    impl: Callable
+    unavailable: Callable[[torch.device], str | None]  # None when it can run on that device, else the reason
+
+
+_REGISTRY: dict[str, Backend] = {}
+# Preference of backend="auto" per device type (a backend missing from the registry is skipped).
+AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("reference",)}
+
+
+def register(name: str, impl: Callable, unavailable: Callable[[torch.device], str | None]) -> None:
+    _REGISTRY[name] = Backend(name, impl, unavailable)
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Names of the backends that can run on ``device`` here."""
+    device = torch.device(device)
+    return [name for name, b in _REGISTRY.items() if b.unavailable(device) is None]
+
+
+def select(name: object, like: torch.Tensor) -> Callable:
+    device = like.device
+    if name == "auto":
+        for candidate in AUTO_ORDER.get(device.type, ()) + ("reference",):
+            b = _REGISTRY.get(candidate)
+            if b is not None and b.unavailable(device) is None:
+                return b.impl
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"backend must be 'auto' or one of {sorted(_REGISTRY)}, got {name!r}")
+    reason = _REGISTRY[name].unavailable(device)
+    if reason is not None:
+        raise RuntimeError(f"backend={name!r} cannot run on {device} tensors: {reason}")
+    return _REGISTRY[name].impl
+
+
+def reduce(rows: torch.Tensor, reduction: str, denominator: torch.Tensor | None) -> torch.Tensor:
+    """Per-row losses to the requested reduction (denominator from functional.denominator)."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total if reduction == "sum" else total / denominator
+
+
+def _reference_impl(method, student, teacher, target, hp, temperature, t2_scale, valid, reduction, denominator):
+    rows = reference.row_losses(method, student, teacher, target, hp, temperature, t2_scale, valid)
+    return reduce(rows, reduction, denominator)
+
+
+register("reference", _reference_impl, lambda device: None)

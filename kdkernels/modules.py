@@ -1,0 +1,92 @@
+"""nn.Module drop-ins: hyperparameters in ``__init__``, ``forward(student_logits, teacher_logits, target=None)``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .functional import check_options, distill_loss
+from .methods import get_method
+
+
+class DistillLoss(nn.Module):
+    """Distillation loss ``method`` as a module, e.g. ``DistillLoss("jsd", beta=0.1)``.
+
+    Args:
+        method: a name from ``kdkernels.METHODS``.
+        temperature, t2_scale: default to the method's (LOSSES.md).
+        reduction, ignore_index, backend: as in ``kdkernels.distill_loss``.
+        **hyperparameters: the method's hyperparameters; the others keep their defaults.
+    """
+
+    def __init__(self, method: str, *, temperature=None, t2_scale=None, reduction: str = "batchmean",
+                 ignore_index: int = -100, backend: str = "auto", **hyperparameters):
+        super().__init__()
+        spec = get_method(method)
+        self.method = method
+        self.hyperparameters = spec.resolve(hyperparameters)
+        self.temperature = spec.temperature if temperature is None else temperature
+        self.t2_scale = spec.t2_scale if t2_scale is None else bool(t2_scale)
+        check_options(self.temperature, reduction, None)
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.backend = backend
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target=None, *, normalizer=None):
+        return distill_loss(
+            self.method, student_logits, teacher_logits, target, temperature=self.temperature,
+            t2_scale=self.t2_scale, reduction=self.reduction, ignore_index=self.ignore_index,
+            normalizer=normalizer, backend=self.backend, **self.hyperparameters,
+        )
+
+    def extra_repr(self) -> str:
+        hp = "".join(f", {k}={v!r}" for k, v in self.hyperparameters.items())
+        return f"{self.method!r}{hp}, temperature={self.temperature}, t2_scale={self.t2_scale}, " \
+               f"reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+def _method_module(method: str, class_name: str) -> type:
+    """``class_name(**hyperparameters)``: DistillLoss with the method fixed."""
+    spec = get_method(method)
+
+    def __init__(self, **kwargs):
+        DistillLoss.__init__(self, method, **kwargs)
+
+    hp = ", ".join(f"{k}={v!r}" for k, v in spec.hyperparameters.items())
+    doc = (f"{spec.source} (LOSSES.md, {method}) as a module: ``{class_name}({hp + ', ' if hp else ''}"
+           f"temperature={spec.temperature}, t2_scale={spec.t2_scale}, reduction='batchmean', ignore_index=-100, "
+           f"backend='auto')``.")
+    return type(class_name, (DistillLoss,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+KDLoss = _method_module("kd", "KDLoss")
+RKLLoss = _method_module("rkl", "RKLLoss")
+JSDLoss = _method_module("jsd", "JSDLoss")
+SkewFKLLoss = _method_module("skew_fkl", "SkewFKLLoss")
+SkewRKLLoss = _method_module("skew_rkl", "SkewRKLLoss")
+TVDLoss = _method_module("tvd", "TVDLoss")
+ABKDLoss = _method_module("abkd", "ABKDLoss")
+DKDLoss = _method_module("dkd", "DKDLoss")
+GDKDLoss = _method_module("gdkd", "GDKDLoss")
+CAKDLoss = _method_module("cakd", "CAKDLoss")
+AEKTLoss = _method_module("aekt", "AEKTLoss")
+
+
+class SerialHead(nn.Module):
+    """AEKT's task serialization: a C x C linear layer initialised to the identity.
+
+    The student's logits pass through it; cross-entropy goes on the student's own logits and the distillation
+    loss on this head's output. Drop the head at inference.
+    """
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        self.linear = nn.Linear(num_classes, num_classes)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.eye(num_classes))
+            self.linear.bias.zero_()
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.linear(logits)

@@ -1,0 +1,39 @@
+"""The hyperparameter cases every backend is tested on: each method's defaults, endpoints and special cases."""
+
+from __future__ import annotations
+
+CASES = [
+    ("kd", {}),
+    ("rkl", {}),
+    ("jsd", {"beta": 0.0}),
+    ("jsd", {"beta": 0.1}),
+    ("jsd", {"beta": 0.5}),
+    ("jsd", {"beta": 1.0}),
+    ("skew_fkl", {"skew": 0.1}),
+    ("skew_fkl", {"skew": 0.7}),
+    ("skew_rkl", {"skew": 0.1}),
+    ("skew_rkl", {"skew": 0.7}),
+    ("tvd", {}),
+    ("abkd", {"alpha": 0.5, "beta": 0.5}),  # general case
+    ("abkd", {"alpha": 1.5, "beta": -0.4}),  # general case, negative beta
+    ("abkd", {"alpha": 1.0, "beta": 0.0}),  # beta = 0: KL(p || q)
+    ("abkd", {"alpha": 0.0, "beta": 1.0}),  # alpha = 0: KL(q || p)
+    ("abkd", {"alpha": 0.0, "beta": 0.6}),
+    ("abkd", {"alpha": 0.7, "beta": 0.0}),
+    ("abkd", {"alpha": 0.8, "beta": -0.8}),  # alpha = -beta
+    ("abkd", {"alpha": 0.0, "beta": 0.0}),
+    ("dkd", {}),
+    ("dkd", {"alpha": 0.5, "beta": 2.0}),
+    ("gdkd", {"k": 3}),
+    ("gdkd", {"k": 4, "w0": 0.5, "w1": 2.0, "w2": 6.0, "partitions": 3}),
+    ("cakd", {"strong": "target"}),
+    ("cakd", {"strong": "topk", "k": 3, "alpha": 0.5, "bcd_weight": 2.0}),
+    ("cakd", {"strong": "threshold", "tau": 0.3}),
+    ("aekt", {}),
+    ("aekt", {"max_weight": 0.5}),
+]
+
+
+def case_id(case) -> str:
+    method, hp = case
+    return method + "".join(f"-{k}={v}" for k, v in hp.items())

@@ -1,0 +1,26 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import kdkernels  # noqa: E402
+
+DEVICE = os.environ.get("KDKERNELS_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def backends_under_test() -> list[str]:
+    """Every backend that runs on the test device here (the reference always does)."""
+    return kdkernels.available_backends(DEVICE)
+
+
+@pytest.fixture
+def device() -> str:
+    return DEVICE
+
+
+def pytest_generate_tests(metafunc):
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", backends_under_test())

@@ -1,0 +1,68 @@
+"""Shared test helpers: random logits, the per-dtype tolerance table, and comparison against the oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import kdkernels
+from oracle import oracle
+
+# Relative tolerance per input dtype, applied as |got - want| <= tol * (|want| + max|want|) (loss and gradient).
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+def make_inputs(shape, dtype=torch.float32, device="cpu", seed=0, scale=3.0, ignored=1, teacher_dtype=None):
+    """Student/teacher logits of ``shape`` and a target with ``ignored`` rows set to -100."""
+    g = torch.Generator().manual_seed(seed)
+    v = shape[-1]
+    s = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    t = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(teacher_dtype or dtype)
+    target = torch.randint(0, v, shape[:-1], generator=g)
+    flat = target.view(-1)
+    flat[torch.randperm(flat.numel(), generator=g)[:ignored]] = -100
+    return s.to(device), t.to(device), target.to(device)
+
+
+def assert_close(got, want, dtype, what):
+    got = np.asarray(got.detach().double().cpu() if isinstance(got, torch.Tensor) else got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    tol = TOLERANCE[dtype]
+    scale = np.abs(want).max() if want.size else 0.0
+    err = np.abs(got - want)
+    bound = tol * (np.abs(want) + scale) + 1e-30
+    worst = np.unravel_index(np.argmax(err / bound), err.shape) if err.size else ()
+    assert np.all(err <= bound) and np.isnan(got).sum() == np.isnan(want).sum(), (
+        f"{what}: max error {err.max() if err.size else 0:.3e} at {worst} (got {got[worst] if err.size else got}, "
+        f"want {want[worst] if err.size else want}), tolerance {tol:g} relative, scale {scale:.3e}"
+    )
+
+
+def run_loss(method, s, t, target, hp, backend, reduction="batchmean", grad_output=None, **options):
+    """Loss and student gradient from kdkernels for d(grad_output . loss)/ds."""
+    s = s.detach().clone().requires_grad_(True)
+    loss = kdkernels.distill_loss(method, s, t, target, backend=backend, reduction=reduction, **hp, **options)
+    go = torch.ones_like(loss) if grad_output is None else torch.as_tensor(grad_output, dtype=loss.dtype,
+                                                                          device=loss.device)
+    loss.backward(go)
+    return loss, s.grad
+
+
+def check_against_oracle(method, hp, s, t, target, backend, reduction="batchmean", grad_output=None,
+                         tol_dtype=None, **options):
+    loss, grad = run_loss(method, s, t, target, hp, backend, reduction, grad_output, **options)
+    spec = kdkernels.METHODS[method]
+    T = options.get("temperature", spec.temperature)
+    t2 = options.get("t2_scale", spec.t2_scale)
+    want_loss, want_grad = oracle(
+        method, s.double().cpu().numpy(), t.double().cpu().numpy(),
+        None if target is None else target.cpu().numpy(), spec.resolve(hp), T, t2, reduction,
+        options.get("ignore_index", -100), options.get("normalizer"),
+        1.0 if grad_output is None else np.asarray(grad_output.cpu() if isinstance(grad_output, torch.Tensor)
+                                                   else grad_output, dtype=np.float64),
+    )
+    dtype = tol_dtype or s.dtype
+    assert loss.dtype == (torch.float64 if s.dtype == torch.float64 else torch.float32)
+    assert grad.dtype == s.dtype and grad.shape == s.shape
+    assert_close(loss, want_loss, dtype, f"{method} {hp} loss")
+    assert_close(grad, want_grad, dtype, f"{method} {hp} gradient")

@@ -1,0 +1,211 @@
+"""Public API: names, modules, clear errors on bad input, and the edge cases of LOSSES.md on every backend."""
+
+import inspect
+import math
+
+import pytest
+import torch
+
+import kdkernels
+from cases import CASES, case_id
+from helpers import make_inputs, run_loss
+
+FUNCTIONS = ["kd_loss", "rkl_loss", "jsd_loss", "skew_fkl_loss", "skew_rkl_loss", "tvd_loss", "abkd_loss",
+             "dkd_loss", "gdkd_loss", "cakd_loss", "aekt_loss", "cakd_feature_loss", "distill_loss"]
+MODULES = ["KDLoss", "RKLLoss", "JSDLoss", "SkewFKLLoss", "SkewRKLLoss", "TVDLoss", "ABKDLoss", "DKDLoss",
+           "GDKDLoss", "CAKDLoss", "AEKTLoss", "DistillLoss", "SerialHead"]
+MODULE_OF = dict(zip(["kd", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "abkd", "dkd", "gdkd", "cakd", "aekt"], MODULES))
+
+
+@pytest.mark.parametrize("name", FUNCTIONS + MODULES)
+def test_public_names(name):
+    assert hasattr(kdkernels, name)
+
+
+@pytest.mark.parametrize("method", sorted(kdkernels.METHODS))
+def test_function_signature_shows_defaults(method):
+    spec = kdkernels.METHODS[method]
+    params = inspect.signature(getattr(kdkernels, f"{method}_loss")).parameters
+    assert list(params)[:3] == ["student_logits", "teacher_logits", "target"]
+    assert params["temperature"].default == spec.temperature and params["t2_scale"].default == spec.t2_scale
+    for name, default in spec.hyperparameters.items():
+        assert params[name].default == default and params[name].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_module_equals_function(case, device):
+    method, hp = case
+    s, t, target = make_inputs((4, 19), torch.float64, device, seed=11)
+    module = kdkernels.DistillLoss(method, reduction="sum", temperature=3.0, **hp)
+    want = kdkernels.distill_loss(method, s, t, target, reduction="sum", temperature=3.0, **hp)
+    torch.testing.assert_close(module(s, t, target), want, rtol=0, atol=0)
+    cls = getattr(kdkernels, MODULE_OF[method])
+    torch.testing.assert_close(cls(reduction="sum", temperature=3.0, **hp)(s, t, target), want, rtol=0, atol=0)
+
+
+def test_serial_head_starts_as_identity():
+    head = kdkernels.SerialHead(10)
+    x = torch.randn(3, 10)
+    torch.testing.assert_close(head(x), x)
+    assert sum(p.numel() for p in head.parameters()) == 110
+    with pytest.raises(ValueError, match="num_classes"):
+        kdkernels.SerialHead(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: the error names the argument.
+# ---------------------------------------------------------------------------------------------------------------
+
+def _call(backend, method="kd", s=None, t=None, target=None, **kwargs):
+    s0, t0, y0 = make_inputs((4, 10), torch.float32, seed=12, ignored=0)
+    return kdkernels.distill_loss(method, s0 if s is None else s, t0 if t is None else t,
+                                  y0 if target == "default" else target, backend=backend, **kwargs)
+
+
+BAD = [
+    ("shape", dict(t=torch.randn(4, 11)), ValueError, "same shape"),
+    ("shape-3d", dict(t=torch.randn(2, 2, 10)), ValueError, "same shape"),
+    ("int logits", dict(s=torch.zeros(4, 10, dtype=torch.long)), TypeError, "student_logits.*floating"),
+    ("int teacher", dict(t=torch.zeros(4, 10, dtype=torch.int32)), TypeError, "teacher_logits.*floating"),
+    ("not a tensor", dict(s=[[1.0] * 10] * 4), TypeError, "student_logits"),
+    ("0-d", dict(s=torch.tensor(1.0), t=torch.tensor(1.0)), ValueError, "student_logits"),
+    ("missing target", dict(method="dkd"), ValueError, "needs target"),
+    ("missing target aekt", dict(method="aekt"), ValueError, "needs target"),
+    ("missing target cakd", dict(method="cakd"), ValueError, "needs target"),
+    ("target shape", dict(method="dkd", target=torch.zeros(5, dtype=torch.long)), ValueError, "target.*shape"),
+    ("float target", dict(method="dkd", target=torch.zeros(4)), TypeError, "target.*integer"),
+    ("target too big", dict(method="dkd", target=torch.tensor([0, 1, 10, 2])), IndexError, r"target.*\[0, 10\)"),
+    ("target negative", dict(method="aekt", target=torch.tensor([0, -1, 1, 2])), IndexError, "target"),
+    ("target other ignore", dict(method="cakd", target=torch.tensor([0, -100, 1, 2]), ignore_index=-1),
+     IndexError, "ignore_index=-1"),
+    ("temperature 0", dict(temperature=0.0), ValueError, "temperature"),
+    ("temperature negative", dict(temperature=-1.0), ValueError, "temperature"),
+    ("temperature nan", dict(temperature=math.nan), TypeError, "temperature"),
+    ("k too small", dict(method="gdkd", k=0), ValueError, "k must"),
+    ("k = V", dict(method="gdkd", k=10), ValueError, "k must be smaller"),
+    ("k > V cakd", dict(method="cakd", strong="topk", k=11), ValueError, "k must be smaller"),
+    ("k not int", dict(method="gdkd", k=2.5), ValueError, "k must"),
+    ("partitions", dict(method="gdkd", partitions=4), ValueError, "partitions"),
+    ("jsd beta", dict(method="jsd", beta=1.5), ValueError, "beta"),
+    ("jsd beta neg", dict(method="jsd", beta=-0.1), ValueError, "beta"),
+    ("skew 0", dict(method="skew_fkl", skew=0.0), ValueError, "skew"),
+    ("skew 1", dict(method="skew_rkl", skew=1.0), ValueError, "skew"),
+    ("tau 0", dict(method="cakd", strong="threshold", tau=0.0), ValueError, "tau"),
+    ("tau > 1", dict(method="cakd", strong="threshold", tau=1.5), ValueError, "tau"),
+    ("strong", dict(method="cakd", strong="labels"), ValueError, "strong"),
+    ("abkd nan", dict(method="abkd", alpha=math.nan), ValueError, "alpha"),
+    ("max_weight", dict(method="aekt", max_weight=0.0, target="default"), ValueError, "max_weight"),
+    ("reduction", dict(reduction="mean"), ValueError, "reduction"),
+    ("method", dict(method="kl"), ValueError, "method"),
+    ("backend", dict(backend_override="fastest"), ValueError, "backend"),
+    ("unknown hyperparameter", dict(method="kd", beta=0.5), TypeError, "unexpected hyperparameter"),
+    ("normalizer with sum", dict(reduction="sum", normalizer=3.0), ValueError, "normalizer"),
+    ("normalizer shape", dict(normalizer=torch.ones(2)), ValueError, "normalizer"),
+    ("normalizer zero", dict(normalizer=0), ValueError, "normalizer"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,error,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(backend, name, kwargs, error, match):
+    kwargs = dict(kwargs)
+    chosen = kwargs.pop("backend_override", backend)
+    with pytest.raises(error, match=match):
+        _call(chosen, **kwargs)
+
+
+def test_cakd_feature_bad_input():
+    with pytest.raises(ValueError, match="student_feat"):
+        kdkernels.cakd_feature_loss(torch.randn(2, 3, 16), torch.randn(2, 3, 16))
+    with pytest.raises(ValueError, match="strong"):
+        kdkernels.cakd_feature_loss(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), strong="target")
+
+
+def test_module_checks_at_construction():
+    with pytest.raises(ValueError, match="temperature"):
+        kdkernels.KDLoss(temperature=-1.0)
+    with pytest.raises(TypeError, match="unexpected hyperparameter"):
+        kdkernels.KDLoss(alpha=1.0)
+    with pytest.raises(ValueError, match="beta"):
+        kdkernels.JSDLoss(beta=2.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Edge cases.
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_nan_propagates(backend, device, case):
+    method, hp = case
+    s, t, target = make_inputs((3, 17), torch.float32, device, seed=13, ignored=0)
+    s[1, 4] = math.nan
+    loss = kdkernels.distill_loss(method, s, t, target, backend=backend, reduction="none", **hp)
+    assert torch.isnan(loss[1]) and not torch.isnan(loss[[0, 2]]).any()
+    t[0, 2] = math.nan
+    assert torch.isnan(kdkernels.distill_loss(method, s, t, target, backend=backend, **hp))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_ignored_rows(backend, device, case):
+    """All rows ignored: loss 0 and gradient 0, even with NaN in the ignored rows."""
+    method, hp = case
+    s, t, _ = make_inputs((3, 17), torch.float32, device, seed=14)
+    s[0, 0] = math.nan
+    target = torch.full((3,), -7, device=device)
+    for reduction in ("batchmean", "sum", "none"):
+        loss, grad = run_loss(method, s, t, target, hp, backend, reduction, ignore_index=-7)
+        assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_empty_batch(backend, device, case):
+    method, hp = case
+    s, t, target = make_inputs((0, 17), torch.float32, device, ignored=0)
+    for reduction in ("batchmean", "sum", "none"):
+        loss, grad = run_loss(method, s, t, target, hp, backend, reduction)
+        assert loss.shape == ((0,) if reduction == "none" else ()) and grad.shape == s.shape
+        assert torch.all(loss == 0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_masked_classes_contribute_nothing(backend, device, case):
+    """-inf in both logits (a padded vocabulary) is the same as removing the class; its gradient is exactly 0."""
+    method, hp = case
+    s, t, target = make_inputs((4, 23), torch.float64 if backend == "reference" else torch.float32, device,
+                               seed=15, ignored=1)
+    masked = torch.tensor([1, 5, 6, 22], device=device)
+    keep = torch.tensor([i for i in range(23) if i not in masked.tolist()], device=device)
+    target = torch.where(target == -100, target, keep[torch.arange(4, device=device) % keep.numel()])
+    s_masked, t_masked = s.clone(), t.clone()
+    s_masked[:, masked] = -math.inf
+    t_masked[:, masked] = -math.inf
+    loss, grad = run_loss(method, s_masked, t_masked, target, hp, backend, "none")
+    compact = torch.where(target == -100, target, torch.searchsorted(keep, target))
+    want, want_grad = run_loss(method, s[:, keep], t[:, keep], compact, hp, backend, "none")
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(grad[:, masked], torch.zeros_like(grad[:, masked]))
+    torch.testing.assert_close(grad[:, keep], want_grad, rtol=1e-6, atol=1e-7)
+
+
+def test_tvd_ties_give_zero_gradient(backend, device):
+    """Self-distillation: identical rows give p == q exactly, so sign(0) = 0 and the gradient is exactly 0."""
+    s, _, _ = make_inputs((3, 31), torch.float32, device, seed=16)
+    loss, grad = run_loss("tvd", s, s.clone(), None, {}, backend, "none")
+    assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_teacher_gets_no_gradient(backend, device):
+    s, t, target = make_inputs((3, 12), torch.float32, device, seed=17)
+    t.requires_grad_(True)
+    s.requires_grad_(True)
+    kdkernels.dkd_loss(s, t, target, backend=backend).backward()
+    assert t.grad is None and s.grad is not None
+
+
+def test_cakd_feature_loss_is_rows_of_positions(backend, device):
+    g = torch.Generator().manual_seed(18)
+    fs, ft = torch.randn(2, 3, 4, 5, generator=g).to(device), torch.randn(2, 3, 4, 5, generator=g).to(device)
+    got = kdkernels.cakd_feature_loss(fs, ft, strong="threshold", tau=0.4, reduction="none", backend=backend)
+    want = kdkernels.cakd_loss(fs.reshape(2, 3, 20), ft.reshape(2, 3, 20), strong="threshold", tau=0.4,
+                               reduction="none", backend=backend)
+    assert got.shape == (2, 3)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

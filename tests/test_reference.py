@@ -1,0 +1,106 @@
+"""Properties of the pure-PyTorch reference itself: autograd gradients, identities and published formulations."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kdkernels
+from kdkernels import reference
+from cases import CASES, case_id
+from helpers import make_inputs
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_gradcheck(case):
+    method, hp = case
+    if method == "aekt":
+        # a_r is detached by definition, so the true derivative differs unless a_r sits at its clamp.
+        hp = {**hp, "max_weight": 1e-3}
+    s, t, target = make_inputs((3, 7), torch.float64, seed=1, ignored=0)
+    s.requires_grad_(True)
+
+    def f(x):
+        return kdkernels.distill_loss(method, x, t, target, backend="reference", reduction="none", **hp)
+
+    assert torch.autograd.gradcheck(f, (s,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("num_bins", [2, 3])
+def test_decoupled_chain_rule_identity(num_bins):
+    """w0 = 1 and w_m = P_m turn the decoupled loss into KL(p || q) (the chain rule of KL)."""
+    s, t, _ = make_inputs((6, 29), torch.float64, seed=2)
+    s.requires_grad_(True)
+    lq, lp = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    bins = torch.randint(0, num_bins, lp.shape, generator=torch.Generator().manual_seed(5))
+    bins[:, 0] = num_bins - 1  # keep one bin non-empty, leave others possibly empty
+    masses = [torch.where(bins == m, lp.exp(), 0.0).sum(-1) for m in range(num_bins)]
+    got = reference.decoupled_rows(lp, lq, bins, num_bins, 1.0, masses)
+    want = (lp.exp() * (lp - lq)).sum(-1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g_got, = torch.autograd.grad(got.sum(), s, retain_graph=True)
+    g_want, = torch.autograd.grad(want.sum(), s)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
+
+
+def mdistiller_dkd(s, t, target, alpha, beta, T):
+    """DKD as mdistiller writes it: binary masses for TCKD, a -1000 logit mask for NCKD, T^2, / batch."""
+    gt = F.one_hot(target, s.shape[-1]).to(s.dtype)
+    other = 1 - gt
+    ps, pt = F.softmax(s / T, 1), F.softmax(t / T, 1)
+    bs = torch.cat([(ps * gt).sum(1, keepdim=True), (ps * other).sum(1, keepdim=True)], 1)
+    bt = torch.cat([(pt * gt).sum(1, keepdim=True), (pt * other).sum(1, keepdim=True)], 1)
+    tckd = F.kl_div(torch.log(bs), bt, reduction="sum") * T**2 / s.shape[0]
+    nckd = F.kl_div(F.log_softmax(s / T - 1000.0 * gt, 1), F.softmax(t / T - 1000.0 * gt, 1), reduction="sum")
+    return alpha * tckd + beta * nckd * T**2 / s.shape[0]
+
+
+@pytest.mark.parametrize("alpha,beta,T", [(1.0, 8.0, 4.0), (0.5, 2.0, 1.0)])
+def test_dkd_matches_mdistiller(alpha, beta, T):
+    s, t, target = make_inputs((8, 100), torch.float64, seed=4, ignored=0)
+    s.requires_grad_(True)
+    got = kdkernels.dkd_loss(s, t, target, alpha=alpha, beta=beta, temperature=T, backend="reference")
+    want = mdistiller_dkd(s, t, target, alpha, beta, T)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0], rtol=1e-9, atol=1e-15)
+
+
+def test_aekt_is_dkd_with_adaptive_weight():
+    """With a_r clamped at max_weight everywhere, aekt equals dkd with alpha = max_weight."""
+    s, t, target = make_inputs((8, 50), torch.float64, seed=6, ignored=0)
+    got = kdkernels.aekt_loss(s, t, target, max_weight=1e-4, beta=3.0, backend="reference")
+    want = kdkernels.dkd_loss(s, t, target, alpha=1e-4, beta=3.0, backend="reference")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+# The general formula divides by alpha * beta * (alpha + beta): near (0, 0) float64 cancellation needs a larger step.
+@pytest.mark.parametrize("alpha,beta,near,rtol", [
+    (0.0, 0.6, (1e-7, 0.6), 1e-5), (0.7, 0.0, (0.7, 1e-7), 1e-5), (0.8, -0.8, (0.8, -0.8 + 1e-7), 1e-5),
+    (0.0, 0.0, (1e-6, 2e-6), 1e-3),
+])
+def test_abkd_special_cases_are_limits(alpha, beta, near, rtol):
+    s, t, _ = make_inputs((4, 23), torch.float64, seed=7, ignored=0)
+    exact = kdkernels.abkd_loss(s, t, alpha=alpha, beta=beta, reduction="none", backend="reference")
+    limit = kdkernels.abkd_loss(s, t, alpha=near[0], beta=near[1], reduction="none", backend="reference")
+    torch.testing.assert_close(limit, exact, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("alpha,beta,other", [(1.0, 0.0, "kd"), (0.0, 1.0, "rkl")])
+def test_abkd_endpoints_are_the_two_kls(alpha, beta, other):
+    s, t, _ = make_inputs((4, 23), torch.float64, seed=8, ignored=0)
+    got = kdkernels.abkd_loss(s, t, alpha=alpha, beta=beta, temperature=2.0, backend="reference")
+    want = kdkernels.distill_loss(other, s, t, temperature=2.0, t2_scale=False, backend="reference")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("beta,other", [(0.0, "kd"), (1.0, "rkl")])
+def test_jsd_endpoints(beta, other):
+    s, t, _ = make_inputs((4, 23), torch.float64, seed=9, ignored=0)
+    got = kdkernels.jsd_loss(s, t, beta=beta, backend="reference")
+    want = kdkernels.distill_loss(other, s, t, temperature=1.0, t2_scale=False, backend="reference")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_float32_inputs_compute_in_float32_and_float64_in_float64():
+    s, t, _ = make_inputs((4, 23), torch.float64, seed=10, ignored=0)
+    assert kdkernels.kd_loss(s, t, backend="reference").dtype == torch.float64
+    assert kdkernels.kd_loss(s.float(), t.bfloat16(), backend="reference").dtype == torch.float32
