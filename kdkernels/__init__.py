@@ -1,5 +1,6 @@
 """kdkernels: fused kernels for knowledge-distillation losses (see LOSSES.md for the exact definitions)."""
 
+from . import backends
 from .backends import available_backends
 from .functional import (
     abkd_loss,
@@ -32,6 +33,12 @@ from .modules import (
     SkewRKLLoss,
     TVDLoss,
 )
+
+try:
+    from . import triton as _triton_backend  # noqa: F401  (registers backend "triton")
+except ImportError as error:  # triton is optional: CPU-only installs run the reference (and the C++ extension)
+    _reason = f"the triton package could not be imported ({error}); pip install triton"
+    backends.register("triton", None, lambda device, reason=_reason: reason)
 
 __version__ = "0.1.0"
 

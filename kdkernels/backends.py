@@ -1,9 +1,7 @@
 """Backend registry: which implementation computes a loss for tensors on a given device.
 
-A backend is a function
-    impl(method, student [N, V], teacher [N, V], target [N] | None, hp, temperature, t2_scale, valid [N] bool,
-         reduction, denominator 0-d tensor | None) -> loss (reduced, or [N] for reduction="none")
-registered with the device types it runs on. ``backend="auto"`` takes the first available backend in the
+A backend is a function ``impl(problem: Problem) -> loss`` (reduced, or [N] for reduction="none"), registered with
+a test of the devices it runs on. ``backend="auto"`` takes the first available backend in the
 device's preference order; naming a backend that cannot run raises a RuntimeError that says why.
 """
 
@@ -15,6 +13,23 @@ from typing import Callable
 import torch
 
 from . import reference
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One checked loss call on 2-D logits, as every backend receives it."""
+
+    method: str
+    hp: dict
+    student: torch.Tensor  # [N, V]
+    teacher: torch.Tensor  # [N, V]
+    target: torch.Tensor | None  # [N]
+    temperature: float
+    t2_scale: bool
+    ignore_index: int
+    valid: torch.Tensor  # [N] bool: rows not ignored
+    reduction: str
+    denominator: torch.Tensor | None  # 0-d float32 for batchmean, else None
 
 
 @dataclass
@@ -62,9 +77,9 @@ def reduce(rows: torch.Tensor, reduction: str, denominator: torch.Tensor | None)
     return total if reduction == "sum" else total / denominator
 
 
-def _reference_impl(method, student, teacher, target, hp, temperature, t2_scale, valid, reduction, denominator):
-    rows = reference.row_losses(method, student, teacher, target, hp, temperature, t2_scale, valid)
-    return reduce(rows, reduction, denominator)
+def _reference_impl(p: Problem) -> torch.Tensor:
+    rows = reference.row_losses(p.method, p.student, p.teacher, p.target, p.hp, p.temperature, p.t2_scale, p.valid)
+    return reduce(rows, p.reduction, p.denominator)
 
 
 register("reference", _reference_impl, lambda device: None)

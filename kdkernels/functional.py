@@ -146,8 +146,8 @@ def distill_loss(
     target = None if target is None else target.reshape(-1)
     valid = torch.ones(student.shape[0], dtype=torch.bool, device=student.device) if target is None \
         else target != ignore_index
-    loss = impl(method, student, teacher, target, hp, float(temperature), t2_scale, valid,
-                reduction, denominator(valid, reduction, normalizer))
+    loss = impl(backends.Problem(method, hp, student, teacher, target, float(temperature), t2_scale, ignore_index,
+                                 valid, reduction, denominator(valid, reduction, normalizer)))
     return loss.reshape(leading) if reduction == "none" else loss
 
 

@@ -1,0 +1,77 @@
+"""torch.library custom ops of the fused kernels, their fake (meta) functions and their autograd.
+
+Every fused backend exposes one op per family with the same schema:
+
+    kdkernels::<family>_<backend>(student [N, V], teacher [N, V], target [N]?, denominator 0-d?, code, params,
+                                  temperature, t2_scale, ignore_index, reduce, with_grad) -> (loss, grad)
+
+``code`` and ``params`` come from kernel_params.py. With ``reduce`` the loss is sum(rows) / denominator (sum when
+there is no denominator) and the gradient rows are already scaled by 1 / denominator; otherwise the loss is the
+per-row vector [N]. ``grad`` is d loss / d student in the student's dtype (the kernel writes it in the same launch
+as the loss), or an empty tensor when ``with_grad`` is False.
+
+Backward multiplies the saved gradient in place by grad_output with ``kdkernels::scale_rows_``, which skips rows
+whose factor is exactly 1 on the device: ``loss.backward()`` on a reduced loss costs no pass over the gradient.
+The saved gradient is consumed by that, so a second backward through the same graph raises an error.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+@torch.library.custom_op("kdkernels::scale_rows_", mutates_args=("grad",))
+def scale_rows_(grad: Tensor, factor: Tensor) -> None:
+    """grad [N, V] *= factor (0-d, or [N] per row); rows whose factor is exactly 1 are not touched."""
+    # CPU: the check is a plain read, no device sync to avoid.
+    if factor.dim() == 0 and bool(factor == 1):
+        return
+    grad.mul_(factor.to(grad.dtype).reshape(-1, 1) if factor.dim() == 1 else factor.to(grad.dtype))
+
+
+@scale_rows_.register_kernel("cuda")
+def _scale_rows_cuda(grad: Tensor, factor: Tensor) -> None:
+    from .triton.common import scale_rows_ as triton_scale_rows_
+
+    triton_scale_rows_(grad, factor)
+
+
+def _fake(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce,
+          with_grad):
+    loss = student.new_empty(() if reduce else (student.shape[0],), dtype=torch.float32)
+    grad = torch.empty_like(student, memory_format=torch.contiguous_format) if with_grad else student.new_empty(0)
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.reduce = inputs[9]
+    ctx.save_for_backward(output[1])
+    ctx.consumed = False
+
+
+def _backward(ctx, grad_loss, _grad_grad):
+    if ctx.consumed:
+        raise RuntimeError("kdkernels: the fused loss's saved gradient was already used; backward through the same "
+                           "fused loss twice (retain_graph=True) is not supported")
+    ctx.consumed = True
+    grad, = ctx.saved_tensors
+    torch.ops.kdkernels.scale_rows_(grad, grad_loss)
+    return grad, None, None, None, None, None, None, None, None, None, None
+
+
+def define_family_op(name: str, launch: Callable) -> Callable:
+    """Registers ``kdkernels::name`` running ``launch`` (the schema above) with its fake function and autograd."""
+
+    def impl(student: Tensor, teacher: Tensor, target: Optional[Tensor], denominator: Optional[Tensor], code: int,
+             params: List[float], temperature: float, t2_scale: bool, ignore_index: int, reduce: bool,
+             with_grad: bool) -> Tuple[Tensor, Tensor]:
+        return launch(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index,
+                      reduce, with_grad)
+
+    op = torch.library.custom_op(f"kdkernels::{name}", mutates_args=())(impl)
+    op.register_fake(_fake)
+    op.register_autograd(_backward, setup_context=_setup_context)
+    return op

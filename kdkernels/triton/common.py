@@ -1,0 +1,84 @@
+"""Triton helpers shared by the two kernel families: tile loads, online logsumexp, launch shapes, grad scaling."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+NEG_INF = float("-inf")
+
+# Largest row tile held in registers; longer rows stream in tiles of this size (DESIGN.md, "Passes over a row").
+MAX_TILE = 4096
+# Elements of one program's [rows, columns] tile when several short rows share a program (vision vocabularies).
+ROWS_TILE_ELEMENTS = 4096
+
+
+def launch_shape(n_rows: int, v: int) -> tuple[int, int, int, bool]:
+    """(rows per program, column tile, warps, whole row in one tile) for a [n_rows, v] problem."""
+    block_v = min(triton.next_power_of_2(max(v, 1)), MAX_TILE)
+    single = v <= block_v
+    block_n = max(1, min(ROWS_TILE_ELEMENTS // block_v, 16, triton.next_power_of_2(max(n_rows, 1)))) if single else 1
+    warps = 4 if block_n * block_v <= 1024 else 8
+    return block_n, block_v, warps, single
+
+
+@triton.jit
+def load_scaled(ptr, rows64, row_stride, row_ok, cols, V, temperature):
+    """Tile [BLOCK_N, BLOCK_V] of logits / T in float32; columns past V and rows not ok read as -inf."""
+    mask = row_ok[:, None] & (cols[None, :] < V)
+    x = tl.load(ptr + rows64[:, None] * row_stride + cols[None, :], mask=mask, other=NEG_INF)
+    return x.to(tl.float32) / temperature
+
+
+@triton.jit
+def safe_max(m):
+    """The running max with -inf replaced by 0, so exp(x - m) of an all -inf row is 0, never NaN."""
+    return tl.where(m == NEG_INF, 0.0, m)
+
+
+@triton.jit
+def online_lse(m, z, x):
+    """Per row: running max m and z = sum exp(x - m), updated with tile x (rescaling z when the max grows)."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    shift = safe_max(m_new)
+    z = z * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
+    return m_new, z
+
+
+@triton.jit
+def log_softmax_tile(x, m, log_z):
+    """log softmax of a tile from its row's max and log-sum: (x - m) - log z, exact for large logits."""
+    return (x - m[:, None]) - log_z[:, None]
+
+
+@triton.jit
+def logaddexp(u, v):
+    mx = tl.maximum(u, v)
+    shift = safe_max(mx)
+    return shift + tl.log(tl.exp(u - shift) + tl.exp(v - shift))
+
+
+@triton.jit
+def scale_rows_kernel(grad_ptr, factor_ptr, V, row_stride, PER_ROW: tl.constexpr, BLOCK_V: tl.constexpr):
+    # grad[r, :] *= factor[r] (or the scalar factor), in place. A factor of exactly 1 (loss.backward() on a
+    # reduced loss) leaves the tile untouched: no read, no write, and no host sync to find that out.
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    f = tl.load(factor_ptr + row) if PER_ROW else tl.load(factor_ptr)
+    if f != 1.0:
+        ptrs = grad_ptr + row.to(tl.int64) * row_stride + cols
+        g = tl.load(ptrs, mask=cols < V)
+        tl.store(ptrs, (g.to(tl.float32) * f).to(g.dtype), mask=cols < V)
+
+
+def scale_rows_(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    """grad [N, V] *= factor (0-d, or [N] per row), skipping rows whose factor is exactly 1."""
+    n, v = grad.shape
+    if n == 0 or v == 0:
+        return
+    factor = factor.to(torch.float32).contiguous()
+    block_v = min(triton.next_power_of_2(v), 4096)
+    scale_rows_kernel[(n, triton.cdiv(v, block_v))](
+        grad, factor, v, grad.stride(0), PER_ROW=factor.dim() == 1, BLOCK_V=block_v, num_warps=4
+    )
