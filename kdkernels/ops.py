@@ -63,7 +63,7 @@ def _backward(ctx, grad_loss, _grad_grad):
 
 
 def define_family_op(name: str, launch: Callable) -> Callable:
-    """Registers ``kdkernels::name`` running ``launch`` (the schema above) with its fake function and autograd."""
+    """Defines ``kdkernels::name`` in Python, running ``launch`` (the schema above), with fake and autograd."""
 
     def impl(student: Tensor, teacher: Tensor, target: Optional[Tensor], denominator: Optional[Tensor], code: int,
              params: List[float], temperature: float, t2_scale: bool, ignore_index: int, reduce: bool,
@@ -75,3 +75,11 @@ def define_family_op(name: str, launch: Callable) -> Callable:
     op.register_fake(_fake)
     op.register_autograd(_backward, setup_context=_setup_context)
     return op
+
+
+def attach_family_op(name: str):
+    """Adds the fake function and autograd to ``kdkernels::name`` whose schema and kernels come from C++."""
+    qualname = f"kdkernels::{name}"
+    torch.library.register_fake(qualname)(_fake)
+    torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
+    return getattr(torch.ops.kdkernels, name).default
