@@ -12,7 +12,8 @@ as the loss), or an empty tensor when ``with_grad`` is False.
 
 Backward multiplies the saved gradient in place by grad_output with ``kdkernels::scale_rows_``, which skips rows
 whose factor is exactly 1 on the device: ``loss.backward()`` on a reduced loss costs no pass over the gradient.
-The saved gradient is consumed by that, so a second backward through the same graph raises an error.
+The saved gradient is consumed by that, so a second backward through the same graph raises an error. A traced
+backward (torch.compile) multiplies out of place instead.
 """
 
 from __future__ import annotations
@@ -56,10 +57,15 @@ def _backward(ctx, grad_loss, _grad_grad):
     if ctx.consumed:
         raise RuntimeError("kdkernels: the fused loss's saved gradient was already used; backward through the same "
                            "fused loss twice (retain_graph=True) is not supported")
-    ctx.consumed = True
     grad, = ctx.saved_tensors
+    if type(grad) is not torch.Tensor:
+        # Traced (torch.compile, AOTAutograd: fake or functional tensors): a forward output mutated in backward
+        # cannot be partitioned, so the traced graph multiplies out of place.
+        factor = grad_loss.to(grad.dtype)
+        return (grad * (factor.unsqueeze(-1) if factor.dim() else factor),) + (None,) * 10
+    ctx.consumed = True
     torch.ops.kdkernels.scale_rows_(grad, grad_loss)
-    return grad, None, None, None, None, None, None, None, None, None, None
+    return (grad,) + (None,) * 10
 
 
 def define_family_op(name: str, launch: Callable) -> Callable:

@@ -25,5 +25,8 @@ def device() -> str:
 
 
 def pytest_generate_tests(metafunc):
+    """``backend``: every backend runnable here; ``fused``: the same without the reference (kernel tests)."""
     if "backend" in metafunc.fixturenames:
         metafunc.parametrize("backend", backends_under_test())
+    if "fused" in metafunc.fixturenames:
+        metafunc.parametrize("fused", [b for b in backends_under_test() if b != "reference"])

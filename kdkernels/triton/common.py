@@ -32,6 +32,20 @@ def load_scaled(ptr, rows64, row_stride, row_ok, cols, V, temperature):
 
 
 @triton.jit
+def store_rows(ptr, rows64, row_stride, row_ok, cols, V, value):
+    """Stores a float32 tile in ptr's dtype. bfloat16 is rounded to nearest-even by hand: Triton's interpreter
+    truncates that cast, which would make CPU-tested gradients a rounding step worse than the GPU's."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = value.to(ptr.dtype.element_ty)
+    mask = row_ok[:, None] & (cols[None, :] < V)
+    tl.store(ptr + rows64[:, None] * row_stride + cols[None, :], out, mask=mask)
+
+
+@triton.jit
 def safe_max(m):
     """The running max with -inf replaced by 0, so exp(x - m) of an all -inf row is 0, never NaN."""
     return tl.where(m == NEG_INF, 0.0, m)
@@ -64,12 +78,13 @@ def scale_rows_kernel(grad_ptr, factor_ptr, V, row_stride, PER_ROW: tl.constexpr
     # grad[r, :] *= factor[r] (or the scalar factor), in place. A factor of exactly 1 (loss.backward() on a
     # reduced loss) leaves the tile untouched: no read, no write, and no host sync to find that out.
     row = tl.program_id(0)
+    rows64 = row.to(tl.int64) + tl.zeros([1], tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     f = tl.load(factor_ptr + row) if PER_ROW else tl.load(factor_ptr)
     if f != 1.0:
-        ptrs = grad_ptr + row.to(tl.int64) * row_stride + cols
-        g = tl.load(ptrs, mask=cols < V)
-        tl.store(ptrs, (g.to(tl.float32) * f).to(g.dtype), mask=cols < V)
+        mask = cols[None, :] < V
+        g = tl.load(grad_ptr + rows64[:, None] * row_stride + cols[None, :], mask=mask)
+        store_rows(grad_ptr, rows64, row_stride, rows64 >= 0, cols, V, g.to(tl.float32) * f)
 
 
 def scale_rows_(grad: torch.Tensor, factor: torch.Tensor) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, load_scaled, online_lse, safe_max
+from .common import NEG_INF, load_scaled, online_lse, safe_max, store_rows
 
 BIG_INDEX = 2**31 - 1
 
@@ -137,9 +137,7 @@ def _store_grad(grad_ptr, rows64, g_stride, row_in, valid, cols, V, x, y, in_a, 
     q_in = tl.where(x == NEG_INF, 0.0, tl.exp(x - sm - tl.log(sz)))
     p_in = tl.where(y == NEG_INF, 0.0, tl.exp(y - tm - tl.log(tz)))
     g = (c * q_in - w * p_in) * scale[:, None]
-    g = tl.where(valid[:, None], g, 0.0)
-    mask = row_in[:, None] & (cols[None, :] < V)
-    tl.store(grad_ptr + rows64[:, None] * g_stride + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
+    store_rows(grad_ptr, rows64, g_stride, row_in, cols, V, tl.where(valid[:, None], g, 0.0))
 
 
 @triton.jit

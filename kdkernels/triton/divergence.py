@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, load_scaled, log_softmax_tile, logaddexp, online_lse
+from .common import NEG_INF, load_scaled, log_softmax_tile, logaddexp, online_lse, store_rows
 
 @triton.jit
 def _abkd_terms(lp, lq, a, b, CASE: tl.constexpr):
@@ -90,9 +90,7 @@ def _terms(x, y, mx, lzx, my, lzy, a, b, lwp, lwq, METHOD: tl.constexpr, ABKD_CA
 @triton.jit
 def _store_grad(grad_ptr, rows64, g_stride, row_in, valid, cols, V, r, q, sum_r, scale):
     g = (r - q * sum_r[:, None]) * scale[:, None]
-    g = tl.where(valid[:, None], g, 0.0)
-    mask = row_in[:, None] & (cols[None, :] < V)
-    tl.store(grad_ptr + rows64[:, None] * g_stride + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
+    store_rows(grad_ptr, rows64, g_stride, row_in, cols, V, tl.where(valid[:, None], g, 0.0))
 
 
 @triton.jit

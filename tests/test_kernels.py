@@ -1,0 +1,131 @@
+"""The fused backends (every backend but the reference) at kernel scale: vocabularies that stream in tiles, low
+precision, mixed dtypes, strided rows, extreme logits, the custom ops and their autograd."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import kdkernels
+from cases import CASES, case_id
+from helpers import TOLERANCE, assert_close, check_against_oracle, make_inputs, run_loss
+from oracle import oracle
+
+
+def _grad_output(reduction, n):
+    return torch.linspace(-1.5, 2.0, n, dtype=torch.float64) if reduction == "none" else 0.7
+
+
+@pytest.mark.parametrize("v", [37, 1000, 70000])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_float32_any_vocabulary(fused, device, case, v):
+    """V below one tile, several rows per program, and a row streamed in tiles, against the oracle (2e-5)."""
+    method, hp = case
+    reduction = "none" if v == 70000 else "batchmean"
+    s, t, target = make_inputs((3, v), torch.float32, device, seed=v % 97, ignored=1)
+    check_against_oracle(method, hp, s, t, target, fused, reduction, _grad_output(reduction, 3))
+
+
+def _errors(method, hp, s, t, target, backend, temperature=None):
+    """Max errors of loss and gradient against the float64 oracle on the same (rounded) inputs, over their scale."""
+    spec = kdkernels.METHODS[method]
+    temperature = temperature or spec.temperature
+    loss, grad = run_loss(method, s, t, target, hp, backend, "none", temperature=temperature)
+    want_loss, want_grad = oracle(method, s.double().cpu().numpy(), t.double().cpu().numpy(),
+                                  target.cpu().numpy(), spec.resolve(hp), temperature, spec.t2_scale, "none")
+    err = [np.abs(got.detach().double().cpu().numpy() - want).max() / np.abs(want).max()
+           for got, want in ((loss, want_loss), (grad, want_grad))]
+    return err
+
+
+@pytest.mark.parametrize("v", [37, 1000, 70000])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_bfloat16_no_worse_than_eager(fused, device, case, v):
+    """bf16 logits: within 2e-2 of float64 truth, and no worse than the eager reference fed the same bf16 logits."""
+    method, hp = case
+    s, t, target = make_inputs((4, v), torch.bfloat16, device, seed=5, ignored=1)
+    kernel = _errors(method, hp, s, t, target, fused)
+    eager = _errors(method, hp, s, t, target, "reference")
+    for what, k, e in zip(("loss", "gradient"), kernel, eager):
+        assert k <= TOLERANCE[torch.bfloat16], f"{what}: error {k:.3e} above 2e-2"
+        # Both are at bf16's rounding of the gradient (2^-9 relative); allow one rounding step of slack.
+        assert k <= e + 2.0**-8, f"{what}: kernel error {k:.3e} worse than the eager reference's {e:.3e}"
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float16, torch.float16), (torch.bfloat16, torch.float32),
+                                    (torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16)],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_mixed_and_half_dtypes(fused, device, case, dtypes):
+    method, hp = case
+    s, t, target = make_inputs((5, 300), dtypes[0], device, seed=6, teacher_dtype=dtypes[1])
+    check_against_oracle(method, hp, s, t, target, fused, "sum", 1.3, tol_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("v", [50, 9000])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_extreme_logits(fused, device, case, v):
+    """Logits offset by +-1000 (float32 exp overflows without max-shifts, and x - lse loses digits without them)
+    with a wide spread: within 2e-5 of float64 truth, or no worse than twice the float32 eager reference's error
+    where the exact gradient is a cancellation (r_j - q_j sum r with q_j near 1) below float32's resolution."""
+    method, hp = case
+    s, t, target = make_inputs((3, v), torch.float32, device, seed=7, scale=12.0)
+    s, t = s + 1000.0, t - 1000.0
+    kernel = _errors(method, hp, s, t, target, fused, temperature=2.0)
+    eager = _errors(method, hp, s, t, target, "reference", temperature=2.0)
+    for what, k, e in zip(("loss", "gradient"), kernel, eager):
+        assert k <= max(TOLERANCE[torch.float32], 2 * e), f"{what}: error {k:.3e} (float32 eager: {e:.3e})"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_strided_rows_and_3d(fused, device, case):
+    """Rows of a wider tensor (row stride > V) and [B, S, V] input, streamed past one tile."""
+    method, hp = case
+    s, t, target = make_inputs((2, 3, 2 * 5000), torch.float32, device, seed=8)
+    check_against_oracle(method, hp, s[..., 3:5003], t[..., 1:5001], target % 5000, fused, "batchmean", 0.9)
+
+
+@pytest.mark.parametrize("v", [40, 6000])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_masked_classes_streamed(fused, device, case, v):
+    """-inf classes (padded vocabulary) in both logits contribute nothing and get a zero gradient, any V."""
+    method, hp = case
+    s, t, target = make_inputs((3, v), torch.float32, device, seed=9)
+    pad = torch.arange(v, device=device) >= v - v // 4
+    s[:, pad] = -math.inf
+    t[:, pad] = -math.inf
+    target = torch.where(target == -100, target, target % (v - v // 4))
+    check_against_oracle(method, hp, s, t, target, fused, "none", _grad_output("none", 3))
+    _, grad = run_loss(method, s, t, target, hp, fused, "sum")
+    assert torch.equal(grad[:, pad], torch.zeros_like(grad[:, pad]))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_forward_only_writes_no_gradient(fused, device, case):
+    method, hp = case
+    s, t, target = make_inputs((4, 70), torch.float32, device, seed=10)
+    with torch.no_grad():
+        got = kdkernels.distill_loss(method, s, t, target, backend=fused, **hp)
+    want = kdkernels.distill_loss(method, s, t, target, backend="reference", **hp)
+    assert_close(got, want.detach().double().cpu().numpy(), torch.float32, "forward-only loss")
+
+
+def test_backward_twice_is_an_error(fused, device):
+    s, t, target = make_inputs((3, 20), torch.float32, device, seed=11)
+    s.requires_grad_(True)
+    loss = kdkernels.kd_loss(s, t, target, backend=fused)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
+
+
+def test_gradient_accumulates_over_two_losses(fused, device):
+    s, t, target = make_inputs((3, 20), torch.float32, device, seed=12)
+    s.requires_grad_(True)
+    (kdkernels.kd_loss(s, t, target, backend=fused) + 2 * kdkernels.dkd_loss(s, t, target, backend=fused)).backward()
+    want = s.grad.clone()
+    s.grad = None
+    (kdkernels.kd_loss(s, t, target, backend="reference") + 2 * kdkernels.dkd_loss(s, t, target, backend="reference")
+     ).backward()
+    assert_close(want, s.grad.double().cpu().numpy(), torch.float32, "accumulated gradient")
