@@ -11,7 +11,7 @@ import importlib
 from .methods import METHODS
 
 # command -> module (relative to this package) whose main(args) runs it
-COMMANDS = {"demo": ".demo"}
+COMMANDS = {"demo": ".demo", "bench": ".bench"}
 
 
 def _positive_int(text: str) -> int:
@@ -42,6 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
                            "abkd) instead of the demo's shared T=4")
     demo.add_argument("--timing-iters", type=_positive_int, help="iterations of each timed loop")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    bench = commands.add_parser(
+        "bench", help="time forward + backward of every loss and backend; table, CSV and PNG",
+        description="Forward + backward time, bandwidth on the minimal bytes (read student and teacher, write the "
+                    "gradient) and peak memory of every loss for each fused backend, the eager reference and "
+                    "torch.compile of the reference.",
+    )
+    bench.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    bench.add_argument("--shapes", nargs="+", help="subset of shapes (names as printed; default: all)")
+    bench.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="METHOD", help="subset of methods")
+    bench.add_argument("--backends", nargs="+", help="backends to time: fused backend names, 'eager', 'compile'")
+    bench.add_argument("--out", default="bench/out", help="folder for bench.csv and bench.png (default bench/out)")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
 
 

@@ -116,7 +116,7 @@ METHODS: dict[str, Method] = {
         ),
         Method("tvd", DIVERGENCE, "total variation distance", {}, {}, 1.0, False),
         Method(
-            "abkd", DIVERGENCE, "ABKD, alpha-beta divergence (Wang et al. 2025)",
+            "abkd", DIVERGENCE, "ABKD, alpha-beta divergence (arXiv 2505.04560)",
             {"alpha": 0.5, "beta": 0.5}, {"alpha": _F("alpha"), "beta": _F("beta")}, 1.0, False,
         ),
         Method(
@@ -124,7 +124,7 @@ METHODS: dict[str, Method] = {
             {"alpha": 1.0, "beta": 8.0}, {"alpha": _F("alpha"), "beta": _F("beta")}, 4.0, True, target="required",
         ),
         Method(
-            "gdkd", DECOUPLED, "GDKD (ZaberKo/GDKD)",
+            "gdkd", DECOUPLED, "GDKD (arXiv 2512.04625; ZaberKo/GDKD)",
             {"k": 5, "w0": 1.0, "w1": 1.0, "w2": 8.0, "partitions": 2},
             {"k": _top_k, "w0": _F("w0"), "w1": _F("w1"), "w2": _F("w2"), "partitions": _one_of("partitions", (2, 3))},
             4.0, True, uses_topk=lambda hp: True,

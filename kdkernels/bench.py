@@ -1,0 +1,230 @@
+"""Microbenchmark of every loss and backend (``python -m kdkernels bench``).
+
+For each shape, method and backend it times forward + backward of the loss (median of repeated runs, CUDA events on
+a GPU), and reports the achieved bandwidth on the minimal bytes, the peak memory added by loss + backward (GPU),
+and the speed-up over the eager reference and over ``torch.compile`` of the reference. The minimal bytes of one
+forward + backward are
+
+    bytes = N * V * (itemsize(student) + itemsize(teacher) + itemsize(student))
+
+that is: read the student once, read the teacher once, write the gradient once (O(N) target and loss terms are
+left out). A GPU run also measures the card's copy bandwidth (a large device-to-device copy, bytes read + written)
+and reports each kernel's bandwidth as a share of it.
+
+Writes ``bench.csv`` and ``bench.png`` into ``--out`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from . import METHODS, available_backends, distill_loss
+
+# name: (N, V, student and teacher dtype)
+GPU_SHAPES = {
+    "vision-100": (65536, 100, torch.float32),
+    "vision-1000": (65536, 1000, torch.float32),
+    "llm-32k": (8192, 32000, torch.bfloat16),
+    "llm-128k": (8192, 128256, torch.bfloat16),
+    "llm-256k": (8192, 262144, torch.bfloat16),
+}
+# The same families of shapes, sized for a CPU (the eager reference materialises several [N, V] float32 tensors).
+CPU_SHAPES = {
+    "vision-100": (8192, 100, torch.float32),
+    "vision-1000": (8192, 1000, torch.float32),
+    "llm-32k": (256, 32000, torch.float32),
+}
+EAGER, COMPILED = "eager", "compile"
+
+
+@dataclass
+class Row:
+    shape: str
+    method: str
+    backend: str
+    n: int
+    v: int
+    dtype: str
+    ms: float  # median forward + backward time; NaN when it could not run (see note)
+    gbps: float  # minimal bytes / time
+    copy_share: float  # gbps / measured copy bandwidth (GPU), else NaN
+    peak_extra_mb: float  # peak memory added by forward + backward above the inputs (GPU), else NaN
+    grad_mb: float  # size of the gradient tensor, the floor of peak_extra_mb
+    vs_eager: float = math.nan
+    vs_compile: float = math.nan
+    note: str = ""
+
+
+def minimal_bytes(n: int, v: int, dtype: torch.dtype) -> int:
+    item = torch.empty((), dtype=dtype).element_size()
+    return n * v * (item + item + item)
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth (bytes read + written), the ceiling a memory-bound kernel can reach."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src), device)
+    return 2 * nbytes / ms / 1e6
+
+
+def _median_ms(fn, device: torch.device, reps: int = 20) -> float:
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    times = []
+    for _ in range(max(3, reps // 4)):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _loss_fn(method: str, backend: str):
+    kwargs = {"backend": "reference" if backend in (EAGER, COMPILED) else backend}
+
+    def loss(s, t, y):
+        return distill_loss(method, s, t, y, **kwargs)
+
+    return torch.compile(loss, dynamic=True) if backend == COMPILED else loss
+
+
+def _measure(method, backend, s, t, y, device) -> tuple[float, float]:
+    """(median ms of forward + backward, peak MB added above the inputs or NaN off-GPU)."""
+    fn = _loss_fn(method, backend)
+
+    def step():
+        s.grad = None
+        fn(s, t, y).backward()
+
+    step()  # compile / autotune / first-launch costs stay out of the numbers
+    peak = math.nan
+    if device.type == "cuda":
+        s.grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn(s, t, y).backward()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return _median_ms(step, device), peak
+
+
+def run(device: str = "cuda", shapes=None, methods=None, backends=None, out: str = "bench/out",
+        progress: bool = True) -> list[Row]:
+    device = torch.device(device)
+    table = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+    shapes = shapes or list(table)
+    methods = methods or list(METHODS)
+    if backends is None:
+        # Triton on CPU tensors means its interpreter: far too slow to time.
+        fused = [b for b in available_backends(device) if b != "reference" and not (b == "triton" and
+                                                                                     device.type == "cpu")]
+        backends = fused + [EAGER, COMPILED]
+    copy_gbps = copy_bandwidth_gbps(device) if device.type == "cuda" else math.nan
+    rows: list[Row] = []
+    jobs = [(sh, m, b) for sh in shapes for m in methods for b in backends]
+    bar = tqdm(jobs, desc="bench", disable=not progress, file=None)
+    inputs = {}
+    for shape, method, backend in bar:
+        bar.set_postfix_str(f"{shape} {method} {backend}")
+        n, v, dtype = table[shape]
+        if shape not in inputs:
+            inputs.clear()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            g = torch.Generator(device=device).manual_seed(0)
+            s = (torch.randn(n, v, generator=g, device=device) * 3).to(dtype).requires_grad_(True)
+            t = (torch.randn(n, v, generator=g, device=device) * 3).to(dtype)
+            y = torch.randint(0, v, (n,), generator=g, device=device)
+            y[::97] = -100  # about 1% ignored rows
+            inputs[shape] = (s, t, y)
+        s, t, y = inputs[shape]
+        grad_mb = n * v * s.element_size() / 2**20
+        note = ""
+        try:
+            ms, peak = _measure(method, backend, s, t, y, device)
+        except (torch.OutOfMemoryError, RuntimeError) as error:  # e.g. the eager reference at V = 256K
+            if not isinstance(error, torch.OutOfMemoryError) and "allocate" not in str(error):
+                raise
+            ms, peak, note = math.nan, math.nan, "out of memory"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        gbps = minimal_bytes(n, v, dtype) / ms / 1e6
+        rows.append(Row(shape, method, backend, n, v, str(dtype).replace("torch.", ""), ms, gbps,
+                        gbps / copy_gbps, peak, grad_mb, note=note))
+    for row in rows:
+        base = {r.backend: r.ms for r in rows if (r.shape, r.method) == (row.shape, row.method)}
+        row.vs_eager = base.get(EAGER, math.nan) / row.ms
+        row.vs_compile = base.get(COMPILED, math.nan) / row.ms
+    os.makedirs(out, exist_ok=True)
+    _write_csv(rows, os.path.join(out, "bench.csv"), copy_gbps)
+    _plot(rows, os.path.join(out, "bench.png"), copy_gbps)
+    return rows
+
+
+def _write_csv(rows: list[Row], path: str, copy_gbps: float) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])) + ["copy_gbps"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**asdict(row), "copy_gbps": copy_gbps})
+
+
+def _plot(rows: list[Row], path: str, copy_gbps: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r.shape for r in rows))
+    backends = list(dict.fromkeys(r.backend for r in rows))
+    methods = list(dict.fromkeys(r.method for r in rows))
+    fig, axes = plt.subplots(len(shapes), 1, figsize=(12, 3.2 * len(shapes)), squeeze=False)
+    width = 0.8 / len(backends)
+    for ax, shape in zip(axes[:, 0], shapes):
+        for i, backend in enumerate(backends):
+            vals = [next((r.gbps for r in rows if (r.shape, r.method, r.backend) == (shape, m, backend)), math.nan)
+                    for m in methods]
+            ax.bar([j + i * width for j in range(len(methods))], vals, width, label=backend)
+        if not math.isnan(copy_gbps):
+            ax.axhline(copy_gbps, color="k", linestyle="--", linewidth=1, label="copy bandwidth")
+        n, v = next((r.n, r.v) for r in rows if r.shape == shape)
+        ax.set_title(f"{shape}: N={n}, V={v}, forward + backward")
+        ax.set_ylabel("GB/s (minimal bytes)")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(methods))], methods)
+        ax.legend(fontsize=7, ncol=len(backends) + 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ["shape", "method", "backend", "ms", "GB/s", "%copy", "peak MB", "peak/grad", "x eager", "x compile",
+            "note"]
+    lines = [head]
+    for r in rows:
+        lines.append([r.shape, r.method, r.backend, f"{r.ms:.3f}", f"{r.gbps:.0f}", f"{100 * r.copy_share:.0f}",
+                      f"{r.peak_extra_mb:.0f}", f"{r.peak_extra_mb / r.grad_mb:.2f}", f"{r.vs_eager:.1f}",
+                      f"{r.vs_compile:.1f}", r.note])
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(str(c).rjust(w) if j not in (0, 1, 2, 10) else str(c).ljust(w)
+                               for j, (c, w) in enumerate(zip(line, widths))) for line in lines)
+
+
+def main(args) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = run(device, args.shapes, args.methods, args.backends, args.out, progress=not args.no_progress)
+    print(format_table(rows))
+    print(f"\nwrote {os.path.join(args.out, 'bench.csv')} and {os.path.join(args.out, 'bench.png')}")
+    return 0
