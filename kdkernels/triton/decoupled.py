@@ -4,10 +4,10 @@ Math (LOSSES.md, "one family"). Classes fall in bins A, B, W: B is the strong se
 or {i : p_i >= tau max p}) and W the rest; with three bins (gdkd partitions=3) A = {top-1} and B = top-2..k, else
 A is empty. With x = s / T, y = t / T, per bin b the kernel keeps online (max, sum) statistics
     mt_b, zt_b = sum_{i in b} exp(y_i - mt_b),    ms_b, zs_b likewise for x,
-    kt_b = sum_{i in b} exp(y_i - mt_b) (y_i - x_i),
+    kt_b = sum_{i in b} exp(y_i - mt_b) ((y_i - mt_b) - (x_i - ms_b))   (re-based when a max moves),
 from which, with P_b, Q_b the bin masses and p^b, q^b the in-bin distributions,
     log P_b = log_softmax over bins of (mt_b + log zt_b),  log Q_b likewise,
-    KL(p^b || q^b) = kt_b / zt_b - (mt_b - ms_b) - (log zt_b - log zs_b),
+    KL(p^b || q^b) = kt_b / zt_b - (log zt_b - log zs_b),
     l = w0 * sum_b P_b (log P_b - log Q_b) + w_B KL(p^B || q^B) + w_W KL(p^W || q^W)
 (A holds one class, so its in-bin KL is 0), and for j in bin b
     g_j = (1/T) [w0 (Q_b - P_b) q^b_j + w_b (q^b_j - p^b_j)].
@@ -79,24 +79,54 @@ def _membership(y, cols, tgt, kth_v, kth_i, top1_i, y_max, log_tau, PARTITION: t
 
 
 @triton.jit
-def _bins_update(v, u, in_a, in_b, ma, mb, mw, za, zb, zw, ka, kb, kw, WITH_K: tl.constexpr):
-    """Online per-bin (max, sum) of tile v; with WITH_K also k_b = sum exp(v - m_b) (v - u) (teacher side)."""
-    in_w = ~(in_a | in_b)
+def _bins_max(v, in_a, in_b, in_w, ma, mb, mw):
     na = tl.maximum(ma, tl.max(tl.where(in_a, v, NEG_INF), axis=1))
     nb = tl.maximum(mb, tl.max(tl.where(in_b, v, NEG_INF), axis=1))
     nw = tl.maximum(mw, tl.max(tl.where(in_w, v, NEG_INF), axis=1))
-    sa, sb, sw = safe_max(na), safe_max(nb), safe_max(nw)
-    ra, rb, rw = tl.exp(ma - sa), tl.exp(mb - sb), tl.exp(mw - sw)
-    e = tl.exp(v - tl.where(in_a, sa[:, None], tl.where(in_b, sb[:, None], sw[:, None])))
-    za = za * ra + tl.sum(tl.where(in_a, e, 0.0), axis=1)
-    zb = zb * rb + tl.sum(tl.where(in_b, e, 0.0), axis=1)
-    zw = zw * rw + tl.sum(tl.where(in_w, e, 0.0), axis=1)
-    if WITH_K:
-        d = tl.where(v == NEG_INF, 0.0, e * (v - u))
-        ka = ka * ra + tl.sum(tl.where(in_a, d, 0.0), axis=1)
-        kb = kb * rb + tl.sum(tl.where(in_b, d, 0.0), axis=1)
-        kw = kw * rw + tl.sum(tl.where(in_w, d, 0.0), axis=1)
-    return na, nb, nw, za, zb, zw, ka, kb, kw
+    return na, nb, nw
+
+
+@triton.jit
+def _pick(in_a, in_b, a, b, w):
+    """The per-row value of each element's bin."""
+    return tl.where(in_a, a[:, None], tl.where(in_b, b[:, None], w[:, None]))
+
+
+@triton.jit
+def _bin_sum(member, e):
+    return tl.sum(tl.where(member, e, 0.0), axis=1)
+
+
+@triton.jit
+def _kt_update(kt, zt, rescale, mt, nt, ms, ns, member, d):
+    # kt is relative to the current shifts (mt, ms); moving them to (nt, ns) subtracts zt * (dmt - dms).
+    moved = (safe_max(nt) - safe_max(mt)) - (safe_max(ns) - safe_max(ms))
+    return (kt - zt * moved) * rescale + _bin_sum(member, d)
+
+
+@triton.jit
+def _bins_update(x, y, in_a, in_b, tma, tmb, tmw, tza, tzb, tzw, tka, tkb, tkw, sma, smb, smw, sza, szb, szw):
+    """Online per-bin statistics of a tile: teacher (max, sum, kt), student (max, sum), where
+    kt_b = sum_{i in b} exp(y_i - mt_b) ((y_i - mt_b) - (x_i - ms_b)) stays small even for logits offset by 1000."""
+    in_w = ~(in_a | in_b)
+    nta, ntb, ntw = _bins_max(y, in_a, in_b, in_w, tma, tmb, tmw)
+    nsa, nsb, nsw = _bins_max(x, in_a, in_b, in_w, sma, smb, smw)
+    shift_t = _pick(in_a, in_b, safe_max(nta), safe_max(ntb), safe_max(ntw))
+    shift_s = _pick(in_a, in_b, safe_max(nsa), safe_max(nsb), safe_max(nsw))
+    et = tl.exp(y - shift_t)
+    es = tl.exp(x - shift_s)
+    d = tl.where(y == NEG_INF, 0.0, et * ((y - shift_t) - (x - shift_s)))
+    ra, rb, rw = tl.exp(tma - safe_max(nta)), tl.exp(tmb - safe_max(ntb)), tl.exp(tmw - safe_max(ntw))
+    tka = _kt_update(tka, tza, ra, tma, nta, sma, nsa, in_a, d)
+    tkb = _kt_update(tkb, tzb, rb, tmb, ntb, smb, nsb, in_b, d)
+    tkw = _kt_update(tkw, tzw, rw, tmw, ntw, smw, nsw, in_w, d)
+    tza = tza * ra + _bin_sum(in_a, et)
+    tzb = tzb * rb + _bin_sum(in_b, et)
+    tzw = tzw * rw + _bin_sum(in_w, et)
+    sza = sza * tl.exp(sma - safe_max(nsa)) + _bin_sum(in_a, es)
+    szb = szb * tl.exp(smb - safe_max(nsb)) + _bin_sum(in_b, es)
+    szw = szw * tl.exp(smw - safe_max(nsw)) + _bin_sum(in_w, es)
+    return nta, ntb, ntw, tza, tzb, tzw, tka, tkb, tkw, nsa, nsb, nsw, sza, szb, szw
 
 
 @triton.jit
@@ -113,8 +143,8 @@ def _mass_kl_term(log_p, log_q):
 
 
 @triton.jit
-def _in_bin_kl(mt, zt, kt, ms, zs):
-    return tl.where(mt == NEG_INF, 0.0, kt / zt - (mt - ms) - (tl.log(zt) - tl.log(zs)))
+def _in_bin_kl(zt, kt, zs):
+    return tl.where(zt == 0.0, 0.0, kt / zt - (tl.log(zt) - tl.log(zs)))
 
 
 @triton.jit
@@ -197,20 +227,16 @@ def decoupled_kernel(
         x = load_scaled(s_ptr, rows64, s_stride, valid, cols0, V, temperature)
         y = load_scaled(t_ptr, rows64, t_stride, valid, cols0, V, temperature)
         in_a, in_b = _membership(y, cols0, tgt, kth_v, kth_i, top1_i, y_max, log_tau, PARTITION, THREE_BINS)
-        tma, tmb, tmw, tza, tzb, tzw, tka, tkb, tkw = _bins_update(
-            y, x, in_a, in_b, tma, tmb, tmw, tza, tzb, tzw, tka, tkb, tkw, True)
-        sma, smb, smw, sza, szb, szw, _, _, _ = _bins_update(
-            x, y, in_a, in_b, sma, smb, smw, sza, szb, szw, zero, zero, zero, False)
+        tma, tmb, tmw, tza, tzb, tzw, tka, tkb, tkw, sma, smb, smw, sza, szb, szw = _bins_update(
+            x, y, in_a, in_b, tma, tmb, tmw, tza, tzb, tzw, tka, tkb, tkw, sma, smb, smw, sza, szb, szw)
     else:
         for i in range(0, tl.cdiv(V, BLOCK_V)):
             cols = (tl.cdiv(V, BLOCK_V) - 1 - i) * BLOCK_V + cols0  # backwards: pass 1's last tiles are in L2
             x = load_scaled(s_ptr, rows64, s_stride, valid, cols, V, temperature)
             y = load_scaled(t_ptr, rows64, t_stride, valid, cols, V, temperature)
             in_a, in_b = _membership(y, cols, tgt, kth_v, kth_i, top1_i, y_max, log_tau, PARTITION, THREE_BINS)
-            tma, tmb, tmw, tza, tzb, tzw, tka, tkb, tkw = _bins_update(
-                y, x, in_a, in_b, tma, tmb, tmw, tza, tzb, tzw, tka, tkb, tkw, True)
-            sma, smb, smw, sza, szb, szw, _, _, _ = _bins_update(
-                x, y, in_a, in_b, sma, smb, smw, sza, szb, szw, zero, zero, zero, False)
+            tma, tmb, tmw, tza, tzb, tzw, tka, tkb, tkw, sma, smb, smw, sza, szb, szw = _bins_update(
+                x, y, in_a, in_b, tma, tmb, tmw, tza, tzb, tzw, tka, tkb, tkw, sma, smb, smw, sza, szb, szw)
 
     # Row loss from the statistics.
     lpa, lpb, lpw = _log_masses(tma, tmb, tmw, tza, tzb, tzw)
@@ -220,8 +246,7 @@ def decoupled_kernel(
         ratio = tl.exp(lpb - lqb)
         weight = tl.where(ratio < max_weight, ratio, max_weight)
     mass_kl = _mass_kl_term(lpa, lqa) + _mass_kl_term(lpb, lqb) + _mass_kl_term(lpw, lqw)
-    loss = weight * mass_kl + w_strong * _in_bin_kl(tmb, tzb, tkb, smb, szb) \
-        + w_weak * _in_bin_kl(tmw, tzw, tkw, smw, szw)
+    loss = weight * mass_kl + w_strong * _in_bin_kl(tzb, tkb, szb) + w_weak * _in_bin_kl(tzw, tkw, szw)
     loss = tl.where(bad_target, float("nan"), loss)
     tl.store(loss_ptr + rows, tl.where(valid, loss * t2, 0.0), mask=row_in)
 
