@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-NEG_INF = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))
 
 # Largest row tile held in registers; longer rows stream in tiles of this size (DESIGN.md, "Passes over a row").
 MAX_TILE = 4096

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .common import NEG_INF, load_scaled, online_lse, safe_max, store_rows
 
-BIG_INDEX = 2**31 - 1
+BIG_INDEX = tl.constexpr(2**31 - 1)
 
 
 @triton.jit
