@@ -18,7 +18,8 @@ A class with both logits -inf contributes 0; a term a (log a - log b) with a = 0
 
 Passes. A row that fits one tile is loaded once. A longer row streams: (A) online max / sum of x and y,
 (B, walking back so the freshest tiles are still in L2) sum of l_k and r_k, (C) the gradient. kd knows sum r and
-folds its loss into (C), so it reads the row twice.
+folds its loss into (C); rkl gets l = sum r in (A) from kq = sum exp(x - mx) ((x - mx) - (y - my)), re-based
+when a max moves (l = kq / zx - log zx + log zy); both read the row twice.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, load_scaled, log_softmax_tile, logaddexp, online_lse, store_rows
+from .common import NEG_INF, load_scaled, log_softmax_tile, logaddexp, online_lse, safe_max, store_rows
 
 @triton.jit
 def _abkd_terms(lp, lq, a, b, CASE: tl.constexpr):
@@ -131,16 +132,31 @@ def divergence_kernel(
         if WITH_GRAD:
             _store_grad(grad_ptr, rows64, g_stride, row_in, valid, cols0, V, r, q, sum_r, g_scale)
     else:
+        # rkl: kq = sum exp(x - mx) ((x - mx) - (y - my)), re-based as the maxes move, gives l in this pass.
+        kq = tl.zeros([BLOCK_N], tl.float32)
         for start in range(0, V, BLOCK_V):
             x = load_scaled(s_ptr, rows64, s_stride, valid, start + cols0, V, temperature)
             y = load_scaled(t_ptr, rows64, t_stride, valid, start + cols0, V, temperature)
-            mx, zx = online_lse(mx, zx, x)
+            if METHOD == 1:
+                sx = safe_max(tl.maximum(mx, tl.max(x, axis=1)))
+                sy = safe_max(tl.maximum(my, tl.max(y, axis=1)))
+                e = tl.exp(x - sx[:, None])
+                d = tl.where(x == NEG_INF, 0.0, e * ((x - sx[:, None]) - (y - sy[:, None])))
+                rescale = tl.exp(mx - sx)
+                kq = (kq - zx * ((sx - safe_max(mx)) - (sy - safe_max(my)))) * rescale + tl.sum(d, axis=1)
+                zx = zx * rescale + tl.sum(e, axis=1)
+                mx = tl.maximum(mx, tl.max(x, axis=1))
+            else:
+                mx, zx = online_lse(mx, zx, x)
             my, zy = online_lse(my, zy, y)
         lzx = tl.log(zx)
         lzy = tl.log(zy)
         last = tl.cdiv(V, BLOCK_V) - 1
         if METHOD == 0:
             sum_r = sum_r - 1.0
+        elif METHOD == 1:
+            sum_l = kq / zx - lzx + lzy
+            sum_r = sum_l
         else:
             for i in range(0, last + 1):
                 cols = (last - i) * BLOCK_V + cols0
