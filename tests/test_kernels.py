@@ -129,3 +129,14 @@ def test_gradient_accumulates_over_two_losses(fused, device):
     (kdkernels.kd_loss(s, t, target, backend="reference") + 2 * kdkernels.dkd_loss(s, t, target, backend="reference")
      ).backward()
     assert_close(want, s.grad.double().cpu().numpy(), torch.float32, "accumulated gradient")
+
+
+@pytest.mark.parametrize("n,v", [(37, 100), (5, 2)])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_odd_row_counts_and_tiny_vocabulary(fused, device, case, n, v):
+    """Several short rows per program with a partial last program, and the smallest vocabulary (V = 2, k = 1)."""
+    method, hp = case
+    if "k" in hp and hp["k"] >= v:
+        hp = {**hp, "k": 1}
+    s, t, target = make_inputs((n, v), torch.float32, device, seed=n + v, ignored=3)
+    check_against_oracle(method, hp, s, t, target, fused, "none", _grad_output("none", n))
