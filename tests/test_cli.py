@@ -1,0 +1,32 @@
+"""The command line: the demo (main job) and the benchmark run end to end on small settings."""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+from kdkernels import bench
+
+
+def test_demo_quick_runs_and_reports_every_method():
+    done = subprocess.run([sys.executable, "-m", "kdkernels", "demo", "--quick", "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for method in ("kd", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "abkd", "dkd", "gdkd", "cakd", "aekt"):
+        assert f"\n{method} " in done.stdout
+    assert "distilled students beat the CE-only student for" in done.stdout
+
+
+def test_bench_writes_table_csv_and_plot(tmp_path):
+    rows = bench.run("cpu", shapes=["vision-100"], methods=["kd", "gdkd"], backends=[bench.EAGER],
+                     out=str(tmp_path), progress=False)
+    assert [(r.method, r.backend) for r in rows] == [("kd", "eager"), ("gdkd", "eager")]
+    assert all(r.ms > 0 and math.isclose(r.gbps, bench.minimal_bytes(r.n, r.v, torch.float32) / r.ms / 1e6)
+               for r in rows)
+    with open(tmp_path / "bench.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    assert os.path.getsize(tmp_path / "bench.png") > 1000
+    assert "x compile" in bench.format_table(rows)
