@@ -40,7 +40,7 @@ def _check_logits(student_logits: object, teacher_logits: object) -> None:
         raise ValueError("student_logits must have at least one class (V >= 1)")
 
 
-def _check_target(target: object, student_logits: Tensor, ignore_index: int, indexed: bool) -> None:
+def _check_target(target: object, student_logits: Tensor, ignore_index: int, indexed: bool, v) -> None:
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
@@ -53,7 +53,6 @@ def _check_target(target: object, student_logits: Tensor, ignore_index: int, ind
         raise ValueError(f"target must be on the logits' device {student_logits.device}, got {target.device}")
     if not indexed or target.numel() == 0:
         return
-    v = student_logits.shape[-1]
     bad = (target != ignore_index) & ((target < 0) | (target >= v))
     if target.device.type == "cpu" and not torch.compiler.is_compiling():
         if bool(bad.any()):
@@ -63,7 +62,9 @@ def _check_target(target: object, student_logits: Tensor, ignore_index: int, ind
             )
     else:
         # No host sync on accelerators: the check runs on the device and fails the stream asynchronously.
-        torch._assert_async(~bad.any(), f"target must hold class indices in [0, {v}) or ignore_index")
+        # (v is an int, or a 0-d device tensor for a sharded vocabulary: not formatted, that would sync.)
+        bound = v if isinstance(v, int) else "V"
+        torch._assert_async(~bad.any(), f"target must hold class indices in [0, {bound}) or ignore_index")
 
 
 def check_options(temperature, reduction, normalizer) -> None:
@@ -92,6 +93,38 @@ def denominator(valid: Tensor, reduction: str, normalizer) -> Tensor | None:
     if normalizer is not None:
         return torch.as_tensor(normalizer, dtype=torch.float32, device=valid.device)
     return valid.sum().clamp(min=1).to(torch.float32)
+
+
+def check_arguments(method, student_logits, teacher_logits, temperature, t2_scale, reduction, normalizer,
+                    hyperparameters):
+    """Checks of a call that need no vocabulary size; returns (spec, hp, temperature, t2_scale) with defaults."""
+    spec = get_method(method)
+    hp = spec.resolve(hyperparameters)
+    _check_logits(student_logits, teacher_logits)
+    temperature = spec.temperature if temperature is None else temperature
+    t2_scale = spec.t2_scale if t2_scale is None else bool(t2_scale)
+    check_options(temperature, reduction, normalizer)
+    return spec, hp, temperature, t2_scale
+
+
+def check_classes(spec, hp: dict, student_logits: Tensor, target, ignore_index: int, v) -> None:
+    """Checks against the vocabulary size V = ``v``: k < V, and the target (present if needed, indices in [0, V)).
+
+    ``v`` is an int, or a 0-d tensor on the logits' accelerator (a sharded vocabulary, kdkernels.parallel), where
+    the checks run on the device without a host sync.
+    """
+    if spec.uses_topk(hp):
+        if isinstance(v, int):
+            if hp["k"] >= v:
+                raise ValueError(f"k must be smaller than the number of classes V={v}, got k={hp['k']}")
+        else:
+            torch._assert_async(v > hp["k"], f"k must be smaller than the number of classes V, got k={hp['k']}")
+    indexed = spec.needs_target(hp)
+    if target is None:
+        if indexed:
+            raise ValueError(f"{spec.name} needs target (class indices of shape {tuple(student_logits.shape[:-1])})")
+    else:
+        _check_target(target, student_logits, ignore_index, indexed, v)
 
 
 def distill_loss(
@@ -124,21 +157,10 @@ def distill_loss(
     Returns:
         float32 loss (float64 for float64 inputs): 0-d, or leading shape for reduction="none".
     """
-    spec = get_method(method)
-    hp = spec.resolve(hyperparameters)
-    _check_logits(student_logits, teacher_logits)
+    spec, hp, temperature, t2_scale = check_arguments(
+        method, student_logits, teacher_logits, temperature, t2_scale, reduction, normalizer, hyperparameters)
     v = student_logits.shape[-1]
-    temperature = spec.temperature if temperature is None else temperature
-    t2_scale = spec.t2_scale if t2_scale is None else bool(t2_scale)
-    check_options(temperature, reduction, normalizer)
-    if spec.uses_topk(hp) and hp["k"] >= v:
-        raise ValueError(f"k must be smaller than the number of classes V={v}, got k={hp['k']}")
-    indexed = spec.needs_target(hp)
-    if target is None:
-        if indexed:
-            raise ValueError(f"{method} needs target (class indices of shape {tuple(student_logits.shape[:-1])})")
-    else:
-        _check_target(target, student_logits, ignore_index, indexed)
+    check_classes(spec, hp, student_logits, target, ignore_index, v)
     impl = backends.select(backend, student_logits)
     leading = student_logits.shape[:-1]
     student = student_logits.reshape(-1, v)
@@ -151,23 +173,26 @@ def distill_loss(
     return loss.reshape(leading) if reduction == "none" else loss
 
 
-def _loss_function(method: str):
-    """The public function of one method: a named front of distill_loss whose signature shows its defaults."""
+def _loss_function(method: str, entry=None, options=None):
+    """The public function of one method: a named front of ``entry`` (default distill_loss) whose signature shows
+    its defaults; ``options`` are the entry's own keyword arguments after the common ones (default: backend)."""
     spec = get_method(method)
+    entry = distill_loss if entry is None else entry
+    options = {"backend": "auto"} if options is None else options
 
     def loss(student_logits, teacher_logits, target=None, **kwargs):
-        return distill_loss(method, student_logits, teacher_logits, target, **kwargs)
+        return entry(method, student_logits, teacher_logits, target, **kwargs)
 
     P = inspect.Parameter
     keyword = {**spec.hyperparameters, "temperature": spec.temperature, "t2_scale": spec.t2_scale,
-               "reduction": "batchmean", "ignore_index": -100, "normalizer": None, "backend": "auto"}
+               "reduction": "batchmean", "ignore_index": -100, "normalizer": None, **options}
     loss.__signature__ = inspect.Signature(
         [P("student_logits", P.POSITIONAL_OR_KEYWORD), P("teacher_logits", P.POSITIONAL_OR_KEYWORD),
          P("target", P.POSITIONAL_OR_KEYWORD, default=None)]
         + [P(name, P.KEYWORD_ONLY, default=value) for name, value in keyword.items()]
     )
     loss.__name__ = loss.__qualname__ = f"{method}_loss"
-    loss.__doc__ = f"{spec.source} (LOSSES.md, {method}). Arguments as in ``distill_loss``."
+    loss.__doc__ = f"{spec.source} (LOSSES.md, {method}). Arguments as in ``{entry.__module__}.distill_loss``."
     return loss
 
 
