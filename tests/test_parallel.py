@@ -30,6 +30,7 @@ V = 37
 SPLITS = {2: (20, 17), 4: (12, 3, 15, 7)}
 WORLD_SIZES = tuple(SPLITS)
 MASKED = (0, 12, 13, 14, 36)  # -inf in both logits: on 4 ranks, the whole shard of rank 1
+TEACHER_MASKED = (13, 30)
 NON_DEFAULT_T2 = {name: not spec.t2_scale for name, spec in kdkernels.METHODS.items()}
 
 
@@ -53,6 +54,8 @@ def _scenarios():
             _scenario(f"{cid}-extreme", method, hp, inputs="extreme", reduction="sum"),
             _scenario(f"{cid}-masked", method, hp, inputs="masked", reduction="none", grad_output="rows"),
         ]
+        if method not in ("rkl", "abkd") and hp.get("beta") != 1.0:  # (those are infinite where p = 0 < q)
+            out.append(_scenario(f"{cid}-teacher-masked", method, hp, inputs="teacher_masked", grad_output=0.6))
     out += [
         _scenario("kd-bf16-student", "kd", dtype=torch.bfloat16, teacher_dtype=torch.float32),
         _scenario("dkd-bf16", "dkd", dtype=torch.bfloat16),
@@ -102,6 +105,9 @@ def full_inputs(sc):
     if kind == "masked":
         s[..., MASKED] = t[..., MASKED] = float("-inf")
         target[torch.isin(target, torch.tensor(MASKED))] = 5
+    if kind == "teacher_masked":  # classes only the teacher masks, some of them targets (an empty teacher bin)
+        t[..., TEACHER_MASKED] = float("-inf")
+        target.view(-1)[[0, 4]] = torch.tensor(TEACHER_MASKED)
     if kind == "all_ignored":
         target[...] = -100
     if kind.startswith("target="):
