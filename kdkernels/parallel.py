@@ -145,7 +145,7 @@ def _top_k_masks(y: Tensor, ks: tuple[int, ...], shard: Shard) -> list[Tensor]:
     k_max = max(ks)
     local = torch.topk(y, min(k_max, v_local), dim=-1).values
     local = torch.cat([local, local.new_full((n, k_max - local.shape[-1]), NEG_INF)], -1)
-    candidates = _all_gather(local, shard.group).transpose(0, 1).reshape(n, -1)
+    candidates = _all_gather(local, shard.group).transpose(0, 1).flatten(1)  # [N, world * k]
     ranked = torch.topk(candidates, k_max, dim=-1).values
     kth = torch.stack([ranked[:, k - 1] for k in ks], -1)  # [N, len(ks)]
     above = (candidates.unsqueeze(-1) > kth.unsqueeze(1)).sum(1)  # [N, len(ks)], all among the candidates

@@ -54,6 +54,7 @@ def _scenarios():
             _scenario(f"{cid}-extreme", method, hp, inputs="extreme", reduction="sum"),
             _scenario(f"{cid}-masked", method, hp, inputs="masked", reduction="none", grad_output="rows"),
         ]
+        out.append(_scenario(f"{cid}-nan", method, hp, inputs="nan", reduction="none", grad_output="rows"))
         if method not in ("rkl", "abkd") and hp.get("beta") != 1.0:  # (those are infinite where p = 0 < q)
             out.append(_scenario(f"{cid}-teacher-masked", method, hp, inputs="teacher_masked", grad_output=0.6))
     out += [
@@ -67,6 +68,9 @@ def _scenarios():
         _scenario("dkd-all-ignored", "dkd", inputs="all_ignored", grad_output=2.0),
         _scenario("cakd-all-ignored-sum", "cakd", inputs="all_ignored", reduction="sum"),
         _scenario("kd-no-grad", "kd", inputs="no_grad"),
+        _scenario("kd-empty", "kd", shape=(0, V), reduction="none", grad_output="rows"),
+        _scenario("gdkd3-empty", "gdkd", {"partitions": 3}, shape=(0, V)),
+        _scenario("cakd-threshold-empty", "cakd", {"strong": "threshold"}, shape=(0, V), reduction="sum"),
         _scenario("gdkd3-no-grad", "gdkd", {"partitions": 3}, inputs="no_grad"),
         # Teacher ties (integer logits): the top-k takes the lower class index, as the oracle's stable sort does
         # (torch.topk, and so the reference, picks among ties in no documented order).
@@ -108,6 +112,10 @@ def full_inputs(sc):
     if kind == "teacher_masked":  # classes only the teacher masks, some of them targets (an empty teacher bin)
         t[..., TEACHER_MASKED] = float("-inf")
         target.view(-1)[[0, 4]] = torch.tensor(TEACHER_MASKED)
+    if kind == "nan":  # NaN propagates to its row's loss; an ignored row's NaN does not
+        s[1, 4] = t[4, 30] = s[7, 0] = float("nan")
+        target[7] = -100
+        target[[1, 4]] = 3
     if kind == "all_ignored":
         target[...] = -100
     if kind.startswith("target="):
@@ -226,15 +234,20 @@ def check_ranks(sc, per_rank):
         assert result[0] == "ok", f"rank {rank} raised {result[1]}: {result[2]}"
     losses = [result[1] for result in per_rank]
     for rank, loss in enumerate(losses[1:], 1):
-        assert torch.equal(loss, losses[0]), f"rank {rank}'s loss differs from rank 0's: {loss} vs {losses[0]}"
+        torch.testing.assert_close(loss, losses[0], rtol=0, atol=0, equal_nan=True,
+                                   msg=f"rank {rank}'s loss differs from rank 0's: {loss} vs {losses[0]}")
     want_loss, want_grad = single_process(sc)
     tol = torch.bfloat16 if torch.bfloat16 in (sc["dtype"], sc["teacher_dtype"]) else sc["dtype"]
     assert losses[0].dtype == (torch.float64 if sc["dtype"] == torch.float64 else torch.float32)
-    assert_close(losses[0], want_loss, tol, f"{sc['name']} loss")
+    # Rows whose loss is NaN (a NaN input) must be NaN alike; their gradients are not compared.
+    nan_rows = torch.isnan(torch.as_tensor(want_loss))
+    assert torch.equal(torch.isnan(losses[0]), nan_rows), f"{sc['name']}: NaN rows {losses[0]} vs {want_loss}"
+    assert_close(losses[0][~nan_rows], torch.as_tensor(want_loss)[~nan_rows], tol, f"{sc['name']} loss")
     if per_rank[0][2] is not None:
         grads = [result[2] for result in per_rank]
         assert all(g.dtype == sc["dtype"] for g in grads)
-        assert_close(torch.cat(grads, -1), want_grad, tol, f"{sc['name']} gradient")
+        assert_close(torch.cat(grads, -1)[~nan_rows], torch.as_tensor(want_grad)[~nan_rows], tol,
+                     f"{sc['name']} gradient")
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
