@@ -7,7 +7,8 @@ argument are the same on every rank. Every rank returns the same loss, equal to 
 full logits [..., V], V = sum_r V_r, and backward gives each rank the gradient of its own shard.
 
 The forward computes the per-row losses and the shard's gradient together, from per-row statistics that are
-reduced across ranks; no rank ever holds more than its [N, V_r] shard (temporaries included). Backward only
+reduced across ranks; nothing of the full size [N, V] exists anywhere, every temporary is shard-sized [N, V_r]
+(a few at a time, as in the single-process reference, plus the stored gradient). Backward only
 scales the stored gradient by grad_output: it runs no collective, so a rank may call it alone. Arithmetic is in
 float32 (float64 for float64 input); the gradient is stored in the student's dtype.
 
