@@ -35,7 +35,7 @@ NON_DEFAULT_T2 = {name: not spec.t2_scale for name, spec in kdkernels.METHODS.it
 
 
 def _scenario(name, method, hp=None, shape=(9, V), dtype=torch.float32, teacher_dtype=None, inputs="random",
-              grad_output=1.0, want="reference", error=None, **options):
+              grad_output=1.0, want="reference", error=False, **options):
     return dict(name=name, method=method, hp=hp or {}, shape=shape, dtype=dtype, teacher_dtype=teacher_dtype,
                 inputs=inputs, grad_output=grad_output, want=want, error=error, options=options)
 
@@ -53,8 +53,8 @@ def _scenarios():
             _scenario(f"{cid}-normalizer", method, hp, normalizer=7.0),
             _scenario(f"{cid}-extreme", method, hp, inputs="extreme", reduction="sum"),
             _scenario(f"{cid}-masked", method, hp, inputs="masked", reduction="none", grad_output="rows"),
+            _scenario(f"{cid}-nan", method, hp, inputs="nan", reduction="none", grad_output="rows"),
         ]
-        out.append(_scenario(f"{cid}-nan", method, hp, inputs="nan", reduction="none", grad_output="rows"))
         if method not in ("rkl", "abkd") and hp.get("beta") != 1.0:  # (those are infinite where p = 0 < q)
             out.append(_scenario(f"{cid}-teacher-masked", method, hp, inputs="teacher_masked", grad_output=0.6))
     out += [
