@@ -129,8 +129,14 @@ def decoupled_rows(
     return loss
 
 
+def top_k_indices(teacher_scaled: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, k] indices of each row's k largest values, ties to the lower class index (a stable descending sort:
+    torch.topk picks among ties in no documented order)."""
+    return torch.sort(teacher_scaled, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
 def _top_k_mask(teacher_scaled: torch.Tensor, k: int) -> torch.Tensor:
-    idx = torch.topk(teacher_scaled, k, dim=-1).indices
+    idx = top_k_indices(teacher_scaled, k)
     return torch.zeros_like(teacher_scaled, dtype=torch.bool).scatter_(-1, idx, True)
 
 
@@ -142,7 +148,7 @@ def decoupled_partition(method: str, t_scaled: torch.Tensor, target: torch.Tenso
     elif method == "cakd" and hp["strong"] == "threshold":
         strong = (t_scaled - t_scaled.amax(-1, keepdim=True)) >= math.log(hp["tau"])
     elif method == "gdkd" and hp["partitions"] == 3:
-        ranked = torch.topk(t_scaled, hp["k"], dim=-1).indices
+        ranked = top_k_indices(t_scaled, hp["k"])
         bins = torch.full((n, v), 2, dtype=torch.long, device=t_scaled.device)
         bins.scatter_(-1, ranked, 1)
         bins.scatter_(-1, ranked[:, :1], 0)

@@ -35,6 +35,19 @@ def test_options(backend, device, case):
                          t2_scale=not kdkernels_default_t2(method), normalizer=torch.tensor(7.0))
 
 
+TOPK_CASES = [c for c in CASES if c[0] == "gdkd" or (c[0] == "cakd" and c[1].get("strong") in ("topk", "threshold"))]
+
+
+@pytest.mark.parametrize("case", TOPK_CASES, ids=case_id)
+def test_teacher_ties(backend, device, case):
+    """Integer teacher logits tie often: the top-k takes the lower class index (the oracle's stable ranking)."""
+    method, hp = case
+    s, _, target = make_inputs((6, 29), torch.float32, device, seed=5)
+    g = torch.Generator().manual_seed(6)
+    t = torch.randint(-2, 3, (6, 29), generator=g).float().to(device)
+    check_against_oracle(method, hp, s, t, target, backend, "none", torch.linspace(0.5, 2.0, 6, dtype=torch.float64))
+
+
 def kdkernels_default_t2(method):
     import kdkernels
 

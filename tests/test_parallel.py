@@ -72,8 +72,7 @@ def _scenarios():
         _scenario("gdkd3-empty", "gdkd", {"partitions": 3}, shape=(0, V)),
         _scenario("cakd-threshold-empty", "cakd", {"strong": "threshold"}, shape=(0, V), reduction="sum"),
         _scenario("gdkd3-no-grad", "gdkd", {"partitions": 3}, inputs="no_grad"),
-        # Teacher ties (integer logits): the top-k takes the lower class index, as the oracle's stable sort does
-        # (torch.topk, and so the reference, picks among ties in no documented order).
+        # Teacher ties (integer logits): the top-k takes the lower global class index, as the oracle's stable sort.
         _scenario("gdkd-ties", "gdkd", {"k": 3}, inputs="ties", want="oracle"),
         _scenario("gdkd3-ties", "gdkd", {"k": 4, "partitions": 3}, inputs="ties", want="oracle"),
         _scenario("cakd-topk-ties", "cakd", {"strong": "topk", "k": 7}, inputs="ties", want="oracle"),
