@@ -1,8 +1,81 @@
-"""Build script: the package, plus (in a later step) the compiled extension kdkernels._C.
+"""Build script: the kdkernels package and its compiled extension kdkernels._C.
 
-No extension sources exist yet, so this builds a pure-Python package; the C++/CUDA extension joins here.
+kdkernels._C holds the op schemas (csrc/kdkernels.cpp), the CPU kernels (csrc/cpu, always) and the CUDA kernels
+(csrc/cuda, when torch is a CUDA build and nvcc is found: torch.version.cuda and CUDA_HOME, not whether a GPU is
+visible, so a GPU-less build machine still builds them). Environment switches:
+
+    KDKERNELS_NO_EXTENSION=1     build the pure-Python package only (backend="reference" and "triton")
+    KDKERNELS_NO_CUDA=1          build the CPU kernels only, even with a CUDA torch and nvcc
+    KDKERNELS_CUDA_ARCHS="90"    CUDA architectures besides sm_90, e.g. "80 90 100" (space or ; separated)
+
+csrc/cpu/kernels.cpp is compiled once per CPU capability (at::vec is as wide as the flags it is compiled with) and
+the library picks at run time the widest one the CPU supports, as torch's own CPU kernels do.
 """
+
+from __future__ import annotations
+
+import glob
+import os
+import platform
+import re
+from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import setup
 
-setup()
+# Capability -> compiler flags of csrc/cpu/kernels.cpp (torch's own per-capability flags). DEFAULT comes first:
+# the linker keeps the first copy of an inline function several objects define, and that copy must run anywhere.
+CPU_CAPABILITIES = {"DEFAULT": []}
+if platform.machine().lower() in ("x86_64", "amd64"):
+    CPU_CAPABILITIES["AVX2"] = ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt"]
+    CPU_CAPABILITIES["AVX512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+CPU_KERNELS = "csrc/cpu/kernels.cpp"
+
+
+def cuda_arch_flags() -> list[str]:
+    archs = {"90", *re.split(r"[;,\s]+", os.environ.get("KDKERNELS_CUDA_ARCHS", "").strip())} - {""}
+    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in sorted(archs)]
+
+
+def extension_modules() -> tuple[list, dict]:
+    if os.environ.get("KDKERNELS_NO_EXTENSION") == "1":
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    class BuildExtension(cpp_extension.BuildExtension):
+        """torch's BuildExtension, plus csrc/cpu/kernels.cpp compiled once per CPU capability (in parallel)."""
+
+        def build_extension(self, ext):
+            cxx = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
+
+            def compile_for(capability: str) -> list[str]:
+                flags = [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
+                return self.compiler.compile(
+                    [CPU_KERNELS], output_dir=os.path.join(self.build_temp, capability.lower()),
+                    include_dirs=ext.include_dirs, depends=ext.depends,
+                    extra_postargs={"cxx": cxx + flags + CPU_CAPABILITIES[capability], "nvcc": []},
+                )
+
+            with ThreadPoolExecutor(len(CPU_CAPABILITIES)) as pool:
+                ext.extra_objects = [obj for objs in pool.map(compile_for, CPU_CAPABILITIES) for obj in objs]
+            super().build_extension(ext)
+
+    with_cuda = (
+        torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+        and os.environ.get("KDKERNELS_NO_CUDA") != "1"
+    )
+    sources = ["csrc/kdkernels.cpp", "csrc/cpu/ops.cpp"] + (sorted(glob.glob("csrc/cuda/*.cu")) if with_cuda else [])
+    cxx = ["-O3", "-fopenmp", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"] + [f"-DKDKERNELS_CPU_{c}" for c in CPU_CAPABILITIES]
+    kind = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
+    extension = kind(
+        "kdkernels._C",
+        sources,
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"] + cuda_arch_flags()},
+        extra_link_args=["-fopenmp"],
+        depends=sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True)),
+    )
+    return [extension], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = extension_modules()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -40,6 +40,8 @@ except ImportError as error:  # triton is optional: CPU-only installs run the re
     _reason = f"the triton package could not be imported ({error}); pip install triton"
     backends.register("triton", None, lambda device, reason=_reason: reason)
 
+from . import extension as _extension  # noqa: E402,F401  (registers backends "cpu" and "cuda", or why they are missing)
+
 __version__ = "0.1.0"
 
 __all__ = [

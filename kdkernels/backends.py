@@ -37,15 +37,20 @@ class Backend:
     name: str
     impl: Callable
     unavailable: Callable[[torch.device], str | None]  # None when it can run on that device, else the reason
+    # In-place family ops {"divergence": op_, "decoupled": op_} (schema in ops.py / csrc/kdkernels.cpp) that
+    # overwrite the student logits with d loss / d student and return the loss; None when the backend has none.
+    inplace: dict | None = None
 
 
 _REGISTRY: dict[str, Backend] = {}
-# Preference of backend="auto" per device type (a backend missing from the registry is skipped).
-AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("reference",)}
+# Preference of backend="auto" per device type (a backend missing from the registry or unavailable is skipped).
+# CUDA: Triton before the CUDA extension until a GPU benchmark (python -m kdkernels bench) measures which is faster.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 
 
-def register(name: str, impl: Callable, unavailable: Callable[[torch.device], str | None]) -> None:
-    _REGISTRY[name] = Backend(name, impl, unavailable)
+def register(name: str, impl: Callable, unavailable: Callable[[torch.device], str | None],
+             inplace: dict | None = None) -> None:
+    _REGISTRY[name] = Backend(name, impl, unavailable, inplace)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

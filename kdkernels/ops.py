@@ -40,9 +40,15 @@ def _scale_rows_cuda(grad: Tensor, factor: Tensor) -> None:
     triton_scale_rows_(grad, factor)
 
 
+def _loss_like(student, teacher, reduce):
+    """The loss output: 0-d if reduced, else [N]; float64 when an input is float64 (C++ ops), else float32."""
+    dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    return student.new_empty(() if reduce else (student.shape[0],), dtype=dtype)
+
+
 def _fake(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce,
           with_grad):
-    loss = student.new_empty(() if reduce else (student.shape[0],), dtype=torch.float32)
+    loss = _loss_like(student, teacher, reduce)
     grad = torch.empty_like(student, memory_format=torch.contiguous_format) if with_grad else student.new_empty(0)
     return loss, grad
 
@@ -89,3 +95,35 @@ def attach_family_op(name: str):
     torch.library.register_fake(qualname)(_fake)
     torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
     return getattr(torch.ops.kdkernels, name).default
+
+
+def attach_inplace_family_op(name: str):
+    """Adds the fake function to the C++ in-place sibling ``kdkernels::name`` (``divergence_``, ``decoupled_``):
+    the family schema without ``with_grad``, the student overwritten by d loss / d student, the loss returned.
+    It has no autograd: its caller (the fused-linear path) uses the gradient itself."""
+
+    def fake(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce):
+        return _loss_like(student, teacher, reduce)
+
+    torch.library.register_fake(f"kdkernels::{name}")(fake)
+    return getattr(torch.ops.kdkernels, name).default
+
+
+def family_backend(divergence_op: Callable, decoupled_op: Callable, check: Optional[Callable] = None) -> Callable:
+    """A backend impl (backends.py) calling the family ops: ``check(problem)`` first raises for what they refuse."""
+    from .kernel_params import decoupled_params, divergence_params
+    from .methods import DIVERGENCE, get_method
+
+    def impl(p) -> Tensor:
+        if check is not None:
+            check(p)
+        if get_method(p.method).family == DIVERGENCE:
+            op, (code, params) = divergence_op, divergence_params(p.method, p.hp)
+        else:
+            op, (code, params) = decoupled_op, decoupled_params(p.method, p.hp)
+        with_grad = p.student.requires_grad and torch.is_grad_enabled()
+        loss, _ = op(p.student, p.teacher, p.target, p.denominator, code, params, p.temperature, p.t2_scale,
+                     p.ignore_index, p.reduction != "none", with_grad)
+        return loss
+
+    return impl

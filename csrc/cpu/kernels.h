@@ -1,0 +1,44 @@
+// The CPU kernels' entry points: csrc/cpu/kernels.cpp is compiled once per CPU capability (setup.py: DEFAULT, and
+// AVX2 / AVX512 on x86-64, each in its own namespace) and ops.cpp calls the one at::get_cpu_capability() names.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+namespace kdkernels::cpu {
+
+// One checked family call (ops.cpp), for the rows [begin, end) a worker thread is given.
+struct RowsArgs {
+  const void* student;            // [N, V], last dimension contiguous
+  const void* teacher;
+  c10::ScalarType student_dtype;  // float, double, bfloat16 or half; the gradient has the student's dtype
+  c10::ScalarType teacher_dtype;
+  int64_t student_stride;         // elements between rows
+  int64_t teacher_stride;
+  const int64_t* target;          // [N] or nullptr
+  int64_t ignore_index;
+  void* loss;                     // [N] per-row losses in the math type (double when math_double, else float)
+  void* grad;                     // [N, V] contiguous, or nullptr when no gradient is asked for
+  int64_t n, v;
+  int code;                       // kernel_params.py: the divergence method or the decoupled partition
+  const double* params;
+  double temperature;
+  double t2;                      // T^2 with t2_scale, else 1
+  double grad_scale;              // t2 / T / denominator (1 without one)
+  bool math_double;               // float64 math (when an input is float64)
+};
+
+using RowsFn = void (*)(const RowsArgs&, int64_t begin, int64_t end);
+
+#define KDKERNELS_DECLARE_CPU_KERNELS(CAPABILITY)                  \
+  namespace CAPABILITY {                                           \
+  void divergence_rows(const RowsArgs&, int64_t begin, int64_t end); \
+  void decoupled_rows(const RowsArgs&, int64_t begin, int64_t end);  \
+  }
+
+KDKERNELS_DECLARE_CPU_KERNELS(DEFAULT)
+KDKERNELS_DECLARE_CPU_KERNELS(AVX2)
+KDKERNELS_DECLARE_CPU_KERNELS(AVX512)
+
+}  // namespace kdkernels::cpu

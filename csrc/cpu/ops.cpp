@@ -1,0 +1,91 @@
+// CPU implementations of the family ops: checks (family_op.h), then the rows in parallel (at::parallel_for) through
+// the kernels built for the best capability this CPU has (kernels.cpp, compiled once per capability).
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <tuple>
+
+#include "../family_op.h"
+#include "kernels.h"
+
+namespace kdkernels::cpu {
+namespace {
+
+enum Family { DIVERGENCE_FAMILY, DECOUPLED_FAMILY };
+
+// The kernels of the widest instruction set both this build and this CPU have (at::get_cpu_capability() also
+// honours the ATEN_CPU_CAPABILITY environment variable, as torch's own kernels do).
+RowsFn kernel_for_this_cpu(Family family) {
+  static const std::string capability = at::get_cpu_capability();
+#ifdef KDKERNELS_CPU_AVX512
+  if (capability == "AVX512") return family == DIVERGENCE_FAMILY ? AVX512::divergence_rows : AVX512::decoupled_rows;
+#endif
+#ifdef KDKERNELS_CPU_AVX2
+  if (capability == "AVX2" || capability == "AVX512") {
+    return family == DIVERGENCE_FAMILY ? AVX2::divergence_rows : AVX2::decoupled_rows;
+  }
+#endif
+  return family == DIVERGENCE_FAMILY ? DEFAULT::divergence_rows : DEFAULT::decoupled_rows;
+}
+
+// Loss rows and, with a gradient, d loss / d student into call.grad (the student itself in place).
+template <Family FAMILY>
+std::tuple<at::Tensor, at::Tensor> run_family(const at::Tensor& student, const at::Tensor& teacher,
+                                              const std::optional<at::Tensor>& target,
+                                              const std::optional<at::Tensor>& denominator, int64_t code,
+                                              at::ArrayRef<double> params, double temperature, bool t2_scale,
+                                              int64_t ignore_index, bool reduce, bool with_grad, bool in_place) {
+  const bool divergence = FAMILY == DIVERGENCE_FAMILY;
+  const std::string name = std::string("kdkernels::") + (divergence ? "divergence" : "decoupled") +
+                           (in_place ? "_" : "");
+  FamilyCall call = check_family_call(name.c_str(), student, teacher, target, denominator, code, params,
+                                      divergence ? NUM_DIVERGENCES : NUM_PARTITIONS,
+                                      divergence ? DIVERGENCE_PARAMS : DECOUPLED_PARAMS, temperature, with_grad,
+                                      in_place);
+  if (!divergence) check_decoupled_params(call, code, params);
+  const double t2 = t2_scale ? temperature * temperature : 1.0;
+  const bool scaled = reduce && denominator.has_value();
+  RowsArgs args{call.student.data_ptr(), call.teacher.data_ptr(), call.student.scalar_type(),
+                call.teacher.scalar_type(), call.student.stride(0), call.teacher.stride(0),
+                call.target.defined() ? call.target.data_ptr<int64_t>() : nullptr, ignore_index,
+                call.loss_rows.data_ptr(), with_grad ? call.grad.data_ptr() : nullptr, call.n, call.v, int(code),
+                params.data(), temperature, t2,
+                t2 / temperature / (scaled ? denominator->item<double>() : 1.0), call.math_double};
+  const RowsFn rows = kernel_for_this_cpu(FAMILY);
+  // Enough rows per task to amortise its start, and never fewer than one row.
+  const int64_t grain = std::max<int64_t>(1, 32768 / call.v);
+  at::parallel_for(0, call.n, grain, [&](int64_t begin, int64_t end) { rows(args, begin, end); });
+  return {finish_loss(call.loss_rows, denominator, reduce), call.grad};
+}
+
+template <Family FAMILY>
+std::tuple<at::Tensor, at::Tensor> family_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                              const std::optional<at::Tensor>& target,
+                                              const std::optional<at::Tensor>& denominator, int64_t code,
+                                              at::ArrayRef<double> params, double temperature, bool t2_scale,
+                                              int64_t ignore_index, bool reduce, bool with_grad) {
+  return run_family<FAMILY>(student, teacher, target, denominator, code, params, temperature, t2_scale,
+                            ignore_index, reduce, with_grad, /*in_place=*/false);
+}
+
+template <Family FAMILY>
+at::Tensor family_cpu_(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
+                       const std::optional<at::Tensor>& denominator, int64_t code, at::ArrayRef<double> params,
+                       double temperature, bool t2_scale, int64_t ignore_index, bool reduce) {
+  return std::get<0>(run_family<FAMILY>(student, teacher, target, denominator, code, params, temperature, t2_scale,
+                                        ignore_index, reduce, /*with_grad=*/true, /*in_place=*/true));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
+  m.impl("divergence", &family_cpu<DIVERGENCE_FAMILY>);
+  m.impl("decoupled", &family_cpu<DECOUPLED_FAMILY>);
+  m.impl("divergence_", &family_cpu_<DIVERGENCE_FAMILY>);
+  m.impl("decoupled_", &family_cpu_<DECOUPLED_FAMILY>);
+}
+
+}  // namespace kdkernels::cpu

@@ -1,0 +1,93 @@
+// Host-side half of the family ops, shared by the CPU (cpu/ops.cpp) and CUDA (cuda/*.cu) implementations: the
+// checks of the arguments of the schema in kdkernels.cpp, the outputs, and the final reduction.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <cmath>
+
+#include "row_math.h"
+
+namespace kdkernels {
+
+inline bool is_logit_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// A family call with checked arguments: 2-D logits with contiguous rows, an int64 target, and the outputs.
+struct FamilyCall {
+  at::Tensor student, teacher;  // [N, V]; rows may have any stride, the last dimension is contiguous
+  at::Tensor target;            // [N] int64, contiguous; undefined when there is none
+  at::Tensor loss_rows;         // [N] in the math type: float64 when an input is float64, else float32
+  at::Tensor grad;              // [N, V] contiguous in the student's dtype (the student itself in place), or empty(0)
+  int64_t n, v;
+  bool math_double;
+};
+
+inline FamilyCall check_family_call(const char* op, const at::Tensor& student, const at::Tensor& teacher,
+                                    const c10::optional<at::Tensor>& target,
+                                    const c10::optional<at::Tensor>& denominator, int64_t code,
+                                    at::ArrayRef<double> params, int num_codes, int num_params, double temperature,
+                                    bool with_grad, bool in_place = false) {
+  TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(), op,
+              ": student and teacher must be [N, V] logits of the same shape, got ", student.sizes(), " and ",
+              teacher.sizes());
+  TORCH_CHECK(is_logit_dtype(student.scalar_type()) && is_logit_dtype(teacher.scalar_type()), op,
+              ": logits must be float32, float64, bfloat16 or float16, got ", student.scalar_type(), " and ",
+              teacher.scalar_type());
+  TORCH_CHECK(teacher.device() == student.device(), op, ": student and teacher must be on the same device");
+  TORCH_CHECK(student.size(1) >= 1, op, ": the logits need at least one class");
+  TORCH_CHECK(code >= 0 && code < num_codes, op, ": code must be in [0, ", num_codes, "), got ", code);
+  TORCH_CHECK(int(params.size()) == num_params, op, ": params must hold ", num_params, " numbers, got ",
+              params.size());
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op, ": temperature must be > 0, got ", temperature);
+  FamilyCall call;
+  call.n = student.size(0);
+  call.v = student.size(1);
+  call.student = student.stride(1) == 1 ? student : student.contiguous();
+  call.teacher = teacher.stride(1) == 1 ? teacher : teacher.contiguous();
+  if (target.has_value()) {
+    const at::Tensor& y = *target;
+    TORCH_CHECK(y.dim() == 1 && y.size(0) == call.n, op, ": target must have shape [N] = [", call.n, "], got ",
+                y.sizes());
+    TORCH_CHECK(at::isIntegralType(y.scalar_type(), /*includeBool=*/false), op,
+                ": target must hold integer class indices, got ", y.scalar_type());
+    TORCH_CHECK(y.device() == student.device(), op, ": target must be on the logits' device");
+    call.target = y.to(at::kLong).contiguous();
+  }
+  if (denominator.has_value()) {
+    TORCH_CHECK(denominator->numel() == 1 && denominator->device() == student.device(), op,
+                ": denominator must be a one-element tensor on the logits' device");
+  }
+  call.math_double = student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble;
+  const auto options = student.options();
+  call.loss_rows = at::empty({call.n}, options.dtype(call.math_double ? at::kDouble : at::kFloat));
+  if (in_place) {  // the gradient overwrites the student logits, row by row
+    TORCH_CHECK(student.is_contiguous(), op, ": the student logits it overwrites must be contiguous");
+    call.grad = student;
+  } else {
+    call.grad = with_grad ? at::empty({call.n, call.v}, options) : at::empty({0}, options);
+  }
+  return call;
+}
+
+// The decoupled family's parameters that the kernels rely on (kernel_params.py never breaks them).
+inline void check_decoupled_params(const FamilyCall& call, int64_t partition, at::ArrayRef<double> params) {
+  const auto c = DecoupledConsts<double>::from(params.data());
+  TORCH_CHECK(partition != TARGET || call.target.defined(), "decoupled: the TARGET partition needs a target");
+  TORCH_CHECK(partition != TOPK || (c.k >= 1 && c.k <= call.v), "decoupled: k must be in [1, V], got ", c.k);
+  TORCH_CHECK(!c.three_bins || partition == TOPK, "decoupled: three bins split the top-k (TOPK partition)");
+  TORCH_CHECK(!c.adaptive || partition == TARGET, "decoupled: the adaptive weight needs the TARGET partition");
+}
+
+// reduce: sum(rows) / denominator (sum without one); else the per-row losses.
+inline at::Tensor finish_loss(const at::Tensor& rows, const c10::optional<at::Tensor>& denominator, bool reduce) {
+  if (!reduce) return rows;
+  at::Tensor total = rows.sum();
+  return denominator.has_value() ? total.div(denominator->reshape({}).to(total.scalar_type())) : total;
+}
+
+}  // namespace kdkernels
