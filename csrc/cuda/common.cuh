@@ -1,0 +1,294 @@
+// What the CUDA kernels of both families share: one thread block per row, row walks with 16-byte loads and stores,
+// block reductions through warp shuffles, and the host-side launch setup (checks, dtypes, stream).
+//
+// Each pass over a row is a walk: thread i takes the 16-byte packs i, i + blockDim, ... (then the tail one element
+// at a time), so a warp reads 512 contiguous bytes per step. After the first walk the row (2 x V x itemsize bytes)
+// is served from L2 for the passes that follow. The pass that writes the gradient is always the row's last one and
+// each thread writes only the elements it has just read, so the in-place ops may pass the student as the gradient.
+#pragma once
+
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <tuple>
+
+#include "../family_op.h"
+
+namespace kdkernels::cuda {
+
+constexpr unsigned FULL_MASK = 0xffffffffu;
+constexpr int MAX_WARPS = 32;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(c10::Half x) { return float(x); }
+__device__ __forceinline__ float to_float(c10::BFloat16 x) { return float(x); }
+
+template <class T>
+__device__ __forceinline__ T from_float(float x) {
+  return T(x);  // round to nearest even (c10::Half and c10::BFloat16 both round so)
+}
+
+template <class T>
+struct alignas(16) Pack {
+  static constexpr int N = 16 / sizeof(T);
+  T v[N];
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Calls f(j, x_j, y_j) -> g_j for every class j this thread owns, with x = s / T and y = t / T in float32, and
+// stores g_j into g when g is not null (a read-only walk returns anything, e.g. 0, and nothing is stored).
+template <class T, class F>
+__device__ __forceinline__ void walk_row(const T* s, const T* t, T* g, int64_t v, float temperature, F&& f) {
+  using P = Pack<T>;
+  int64_t start = 0;
+  if (aligned16(s) && aligned16(t) && (g == nullptr || aligned16(g))) {
+    const int64_t packs = v / P::N;
+    for (int64_t c = threadIdx.x; c < packs; c += blockDim.x) {
+      const P ps = reinterpret_cast<const P*>(s)[c];
+      const P pt = reinterpret_cast<const P*>(t)[c];
+      P out;
+#pragma unroll
+      for (int e = 0; e < P::N; ++e) {
+        out.v[e] = from_float<T>(f(c * P::N + e, to_float(ps.v[e]) / temperature, to_float(pt.v[e]) / temperature));
+      }
+      if (g != nullptr) reinterpret_cast<P*>(g)[c] = out;
+    }
+    start = packs * P::N;
+  }
+  for (int64_t j = start + threadIdx.x; j < v; j += blockDim.x) {
+    const float out = f(j, to_float(s[j]) / temperature, to_float(t[j]) / temperature);
+    if (g != nullptr) g[j] = from_float<T>(out);
+  }
+}
+
+// Writes 0 over a gradient row (an ignored row).
+template <class T>
+__device__ __forceinline__ void zero_row(T* g, int64_t v) {
+  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) g[j] = from_float<T>(0.f);
+}
+
+// ---- Block reductions ------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float shfl_xor(float x, int lane_mask) { return __shfl_xor_sync(FULL_MASK, x, lane_mask); }
+__device__ __forceinline__ int64_t shfl_xor(int64_t x, int lane_mask) {
+  return __shfl_xor_sync(FULL_MASK, static_cast<long long>(x), lane_mask);
+}
+
+// A running logsumexp: max m and z = sum exp(v - m); k = sum exp(v - m) w_v rides along (the decoupled family's
+// teacher-side sum of exp(y - m) (y - x)).
+struct Lse {
+  float m = -INFINITY, z = 0.f, k = 0.f;
+
+  __device__ __forceinline__ void add(float v, float w = 0.f) {
+    if (v > m || v != v) {  // a new max (or NaN, which must reach the loss): rescale what is there
+      const float scale = expf(m - safe_shift(nan_max(m, v)));
+      m = nan_max(m, v);
+      z *= scale;
+      k *= scale;
+    }
+    const float e = expf(v - safe_shift(m));
+    z += e;
+    k += v == -INFINITY ? 0.f : e * w;
+  }
+  __device__ __forceinline__ void merge(const Lse& o) {
+    const float m_new = nan_max(m, o.m), shift = safe_shift(m_new);
+    const float a = expf(m - shift), b = expf(o.m - shift);
+    z = z * a + o.z * b;
+    k = k * a + o.k * b;
+    m = m_new;
+  }
+  __device__ __forceinline__ Lse shuffled(int lane_mask) const {
+    Lse o;
+    o.m = shfl_xor(m, lane_mask);
+    o.z = shfl_xor(z, lane_mask);
+    o.k = shfl_xor(k, lane_mask);
+    return o;
+  }
+};
+
+struct Sum {
+  float x = 0.f;
+  __device__ __forceinline__ void merge(const Sum& o) { x += o.x; }
+  __device__ __forceinline__ Sum shuffled(int lane_mask) const { return {shfl_xor(x, lane_mask)}; }
+};
+
+struct Max {
+  float x = -INFINITY;
+  __device__ __forceinline__ void merge(const Max& o) { x = nan_max(x, o.x); }
+  __device__ __forceinline__ Max shuffled(int lane_mask) const { return {shfl_xor(x, lane_mask)}; }
+};
+
+// The best (value, index) by better() of row_math.h: larger value, then lower index (torch.topk's order).
+struct Ranked {
+  float v = -INFINITY;
+  int64_t i = INT64_MAX;
+  __device__ __forceinline__ void merge(const Ranked& o) {
+    if (better(o.v, o.i, v, i)) *this = o;
+  }
+  __device__ __forceinline__ Ranked shuffled(int lane_mask) const {
+    return {shfl_xor(v, lane_mask), shfl_xor(i, lane_mask)};
+  }
+};
+
+// The merge of every thread's x, returned to all threads. `scratch` is MAX_WARPS items of shared memory; the
+// trailing barrier lets the caller reuse it at once.
+template <class R>
+__device__ __forceinline__ R block_reduce(R x, R* scratch) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = (blockDim.x + 31) / 32;
+#pragma unroll
+  for (int mask = 16; mask > 0; mask >>= 1) x.merge(x.shuffled(mask));
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    x = lane < warps ? scratch[lane] : R();
+#pragma unroll
+    for (int mask = 16; mask > 0; mask >>= 1) x.merge(x.shuffled(mask));
+    if (lane == 0) scratch[0] = x;
+  }
+  __syncthreads();
+  x = scratch[0];
+  __syncthreads();
+  return x;
+}
+
+// ---- Host side -------------------------------------------------------------------------------------------------
+
+// Threads per row: about 16 classes per thread, from one warp (vision, V = 100..1000) to 512 threads (LLM rows).
+inline int threads_for(int64_t v) {
+  int threads = 32;
+  while (threads < 512 && threads * 16 < v) threads *= 2;
+  return threads;
+}
+
+// What a launch needs besides the checked call: scalars of the schema and the pointers of its optional tensors.
+struct LaunchArgs {
+  const int64_t* target;       // [N] or nullptr
+  const float* denominator;    // 0-d float32 or nullptr (the gradient is scaled by 1 / *denominator)
+  float temperature, t2;
+  int64_t ignore_index;
+};
+
+// The CUDA kernels compute in float32 and read both inputs in one dtype. They run on the inputs' dtype when
+// student and teacher share it; otherwise both are read as float32 copies and the gradient is converted back.
+struct CudaCall {
+  FamilyCall call;
+  at::Tensor student, teacher, grad;  // what the kernel reads and writes
+  at::Tensor denominator;             // float32 on the device, or undefined
+  LaunchArgs args;
+};
+
+inline CudaCall prepare_cuda_call(const char* op, const at::Tensor& student, const at::Tensor& teacher,
+                                  const std::optional<at::Tensor>& target,
+                                  const std::optional<at::Tensor>& denominator, int64_t code,
+                                  at::ArrayRef<double> params, int num_codes, int num_params, double temperature,
+                                  bool t2_scale, int64_t ignore_index, bool reduce, bool with_grad, bool in_place) {
+  TORCH_CHECK(student.scalar_type() != at::kDouble && teacher.scalar_type() != at::kDouble, op,
+              ": the CUDA kernels compute in float32 and take float32, bfloat16 or float16 logits, not float64 "
+              "(backend='reference' computes float64)");
+  CudaCall c{check_family_call(op, student, teacher, target, denominator, code, params, num_codes, num_params,
+                               temperature, with_grad, in_place)};
+  c.student = c.call.student;
+  c.teacher = c.call.teacher;
+  c.grad = c.call.grad;
+  if (student.scalar_type() != teacher.scalar_type()) {
+    c.student = c.student.to(at::kFloat);
+    c.teacher = c.teacher.to(at::kFloat);
+    if (with_grad) c.grad = at::empty({c.call.n, c.call.v}, c.student.options());
+  }
+  if (reduce && denominator.has_value()) c.denominator = denominator->reshape({}).to(at::kFloat);
+  c.args = {c.call.target.defined() ? c.call.target.data_ptr<int64_t>() : nullptr,
+            c.denominator.defined() ? c.denominator.data_ptr<float>() : nullptr, float(temperature),
+            float(t2_scale ? temperature * temperature : 1.0), ignore_index};
+  return c;
+}
+
+// The family ops on CUDA tensors. Family supplies name, name_, num_codes, num_params, decoupled and
+// launch(CudaCall&, code, params, cudaStream_t), which launches one block per row.
+template <class Family>
+std::tuple<at::Tensor, at::Tensor> run_family(const at::Tensor& student, const at::Tensor& teacher,
+                                              const std::optional<at::Tensor>& target,
+                                              const std::optional<at::Tensor>& denominator, int64_t code,
+                                              at::ArrayRef<double> params, double temperature, bool t2_scale,
+                                              int64_t ignore_index, bool reduce, bool with_grad, bool in_place) {
+  const c10::cuda::CUDAGuard guard(student.device());
+  CudaCall c = prepare_cuda_call(in_place ? Family::name_ : Family::name, student, teacher, target, denominator,
+                                 code, params, Family::num_codes, Family::num_params, temperature, t2_scale,
+                                 ignore_index, reduce, with_grad, in_place);
+  if (Family::decoupled) check_decoupled_params(c.call, code, params);
+  TORCH_CHECK(c.call.n <= INT32_MAX, Family::name, ": at most 2^31 - 1 rows, got ", c.call.n);
+  if (c.call.n > 0) {
+    Family::launch(c, code, params, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (with_grad && !c.grad.is_same(c.call.grad)) c.call.grad.copy_(c.grad);
+  return {finish_loss(c.call.loss_rows, denominator, reduce), c.call.grad};
+}
+
+template <class Family>
+std::tuple<at::Tensor, at::Tensor> family_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                               const std::optional<at::Tensor>& target,
+                                               const std::optional<at::Tensor>& denominator, int64_t code,
+                                               at::ArrayRef<double> params, double temperature, bool t2_scale,
+                                               int64_t ignore_index, bool reduce, bool with_grad) {
+  return run_family<Family>(student, teacher, target, denominator, code, params, temperature, t2_scale,
+                            ignore_index, reduce, with_grad, /*in_place=*/false);
+}
+
+template <class Family>
+at::Tensor family_cuda_(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
+                        const std::optional<at::Tensor>& denominator, int64_t code, at::ArrayRef<double> params,
+                        double temperature, bool t2_scale, int64_t ignore_index, bool reduce) {
+  return std::get<0>(run_family<Family>(student, teacher, target, denominator, code, params, temperature, t2_scale,
+                                        ignore_index, reduce, /*with_grad=*/true, /*in_place=*/true));
+}
+
+// The rows of one launch, as the kernels see them.
+template <class T>
+struct Rows {
+  const T* s;
+  const T* t;
+  T* g;  // nullptr without a gradient
+  float* loss;
+  int64_t v, s_stride, t_stride;
+
+  static Rows of(CudaCall& c) {
+    return {static_cast<const T*>(c.student.const_data_ptr()), static_cast<const T*>(c.teacher.const_data_ptr()),
+            c.grad.numel() ? static_cast<T*>(c.grad.data_ptr()) : nullptr, c.call.loss_rows.data_ptr<float>(),
+            c.call.v, c.student.stride(0), c.teacher.stride(0)};
+  }
+};
+
+// Thread 0 stores the row's loss; an ignored row gets loss 0 and a zero gradient. Returns whether it was ignored.
+template <class T>
+__device__ __forceinline__ bool skip_ignored_row(const Rows<T>& r, const LaunchArgs& a, int64_t row) {
+  if (a.target == nullptr || a.target[row] != a.ignore_index) return false;
+  if (threadIdx.x == 0) r.loss[row] = 0.f;
+  if (r.g != nullptr) zero_row(r.g + row * r.v, r.v);
+  return true;
+}
+
+// (1/T) (T^2 with t2_scale) (1/denominator when reduced): the factor of every gradient element.
+__device__ __forceinline__ float grad_scale(const LaunchArgs& a) {
+  return a.t2 / a.temperature / (a.denominator != nullptr ? *a.denominator : 1.f);
+}
+
+// Calls f(T()) with T the C++ type of the kernel's input dtype.
+template <class F>
+void dispatch_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      return f(float());
+    case at::kHalf:
+      return f(c10::Half());
+    default:
+      return f(c10::BFloat16());
+  }
+}
+
+}  // namespace kdkernels::cuda
