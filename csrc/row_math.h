@@ -138,36 +138,6 @@ struct ScalarOps {
   static KD_HD Mask index_le(V, int64_t offset) { return offset >= 0; }
 };
 
-// safe_shift per lane.
-template <class O>
-KD_HD typename O::V safe(typename O::V m) {
-  using V = typename O::V;
-  using T = typename O::Scalar;
-  return O::select(O::eq(m, V(neg_inf<T>())), V(T(0)), m);
-}
-
-// ---- Online logsumexp (both families) -------------------------------------------------------------------------
-//
-// A running max m and z = sum exp(v - m). Each SIMD lane (CPU) or thread (CUDA) keeps its own, adding its classes
-// one at a time (one exp per class: z is rescaled only when a max moves), and the partials are then merged.
-
-template <class O>
-KD_HD void lse_add(typename O::V& m, typename O::V& z, typename O::V v) {
-  using V = typename O::V;
-  const V m_new = O::max(m, v);
-  const V shift = safe<O>(m_new);
-  if (O::any(O::lnot(O::eq(m_new, m)))) z = z * O::exp(m - shift);
-  z = z + O::exp(v - shift);
-  m = m_new;
-}
-
-template <class T>
-KD_HD void lse_merge(T& m, T& z, T m2, T z2) {
-  const T m_new = nan_max(m, m2), shift = safe_shift(m_new);
-  z = z * math_exp(m - shift) + z2 * math_exp(m2 - shift);
-  m = m_new;
-}
-
 // ---- Divergence family -----------------------------------------------------------------------------------------
 //
 // With x = s / T, y = t / T, log q = log_softmax(x), log p = log_softmax(y), every method is a per-class term l_k

@@ -40,7 +40,7 @@ GPU_SHAPES = {
 CPU_SHAPES = {
     "vision-100": (8192, 100, torch.float32),
     "vision-1000": (8192, 1000, torch.float32),
-    "llm-32k": (256, 32000, torch.float32),
+    "llm-32k": (1024, 32000, torch.float32),
 }
 EAGER, COMPILED = "eager", "compile"
 

@@ -54,6 +54,9 @@ def _fake(student, teacher, target, denominator, code, params, temperature, t2_s
 
 
 def _setup_context(ctx, inputs, output):
+    # The grad output is not differentiable: without this, autograd would fill an [N, V] tensor of zeros for its
+    # (absent) incoming gradient on every backward, a pass as costly as the kernel itself.
+    ctx.set_materialize_grads(False)
     ctx.reduce = inputs[9]
     ctx.save_for_backward(output[1])
     ctx.consumed = False
@@ -64,6 +67,8 @@ def _backward(ctx, grad_loss, _grad_grad):
         raise RuntimeError("kdkernels: the fused loss's saved gradient was already used; backward through the same "
                            "fused loss twice (retain_graph=True) is not supported")
     grad, = ctx.saved_tensors
+    if grad_loss is None:  # only the (non-differentiable) grad output was used
+        return (None,) * 11
     if type(grad) is not torch.Tensor:
         # Traced (torch.compile, AOTAutograd: fake or functional tensors): a forward output mutated in backward
         # cannot be partitioned, so the traced graph multiplies out of place.

@@ -1,0 +1,130 @@
+"""The compiled extension kdkernels._C beyond what every backend is tested on (test_losses, test_kernels, test_ops,
+test_api): its in-place ops, each CPU capability's build, backend selection, and the message when it is missing."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kdkernels
+from cases import CASES, case_id
+from helpers import make_inputs
+from kdkernels import backends
+from kdkernels.kernel_params import decoupled_params, divergence_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif("cpu" not in kdkernels.available_backends("cpu"),
+                                reason="the C++ extension kdkernels._C is not built")
+
+
+def _family_args(method, hp):
+    family = kdkernels.METHODS[method].family
+    code, params = (divergence_params if family == "divergence" else decoupled_params)(
+        method, kdkernels.METHODS[method].resolve(hp))
+    return family, code, params
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("reduce", [True, False], ids=["reduce", "rows"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_inplace_matches_out_of_place(case, reduce, dtype):
+    """divergence_ / decoupled_ return the same loss and leave exactly the out-of-place gradient in the student
+    (V = 3000 streams several chunks; ignored rows are zeroed)."""
+    method, hp = case
+    family, code, params = _family_args(method, hp)
+    s, t, target = make_inputs((5, 3000), dtype, seed=30, ignored=2)
+    denominator = torch.tensor(3.0) if reduce else None
+    args = (t, target, denominator, code, params, 2.0, True, -100, reduce)
+    want_loss, want_grad = getattr(torch.ops.kdkernels, family)(s, *args, True)
+    student = s.clone()
+    loss = backends._REGISTRY["cpu"].inplace[family](student, *args)
+    assert loss.dtype == want_loss.dtype and loss.shape == want_loss.shape
+    assert torch.equal(loss, want_loss)
+    assert torch.equal(student, want_grad)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[21], CASES[25]], ids=case_id)
+def test_inplace_opcheck(case):
+    method, hp = case
+    family, code, params = _family_args(method, hp)
+    s, t, target = make_inputs((4, 33), torch.float32, seed=31)
+    for reduce in (True, False):
+        torch.library.opcheck(getattr(torch.ops.kdkernels, family + "_").default,
+                              (s.clone(), t, target, torch.tensor(2.0) if reduce else None, code, params, 1.5,
+                               False, -100, reduce))
+
+
+def test_inplace_ops_are_registered_with_the_backends():
+    for name in ("cpu", "cuda"):
+        assert backends._REGISTRY[name].inplace == {"divergence": torch.ops.kdkernels.divergence_.default,
+                                                    "decoupled": torch.ops.kdkernels.decoupled_.default}
+
+
+def test_inplace_needs_contiguous_student():
+    s, t, target = make_inputs((4, 66), torch.float32, seed=32)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        torch.ops.kdkernels.divergence_(s[:, ::2], t[:, ::2], target, None, 0, [0.0] * 5, 1.0, False, -100, True)
+
+
+@pytest.mark.parametrize("what,kwargs,match", [
+    ("code", dict(code=9), "code must be in"),
+    ("params", dict(params=[0.0] * 3), "params must hold 5"),
+    ("temperature", dict(temperature=0.0), "temperature must be > 0"),
+    ("shape", dict(teacher=torch.zeros(4, 5)), "same shape"),
+    ("dtype", dict(teacher=torch.zeros(4, 6, dtype=torch.int32)), "logits must be float32"),
+    ("target", dict(target=torch.zeros(3, dtype=torch.long)), r"target must have shape \[N\]"),
+])
+def test_op_checks_its_arguments(what, kwargs, match):
+    args = dict(student=torch.zeros(4, 6), teacher=torch.zeros(4, 6), target=None, denominator=None, code=0,
+                params=[0.0] * 5, temperature=1.0, t2_scale=False, ignore_index=-100, reduce=True, with_grad=True)
+    args.update(kwargs)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.kdkernels.divergence(*args.values())
+
+
+def test_auto_picks_the_extension_on_cpu_and_cuda_is_refused_with_a_reason():
+    s = torch.zeros(2, 3)
+    assert backends.select("auto", s) is backends._REGISTRY["cpu"].impl
+    assert backends.AUTO_ORDER["cuda"][:2] == ("triton", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="backend='cuda' cannot run on cpu tensors: .*cuda tensors only"):
+            kdkernels.kd_loss(s, s, backend="cuda")
+
+
+def _run(code, env=None):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": ROOT, **(env or {})})
+
+
+def test_missing_extension_is_explained():
+    """Without kdkernels._C the package imports, "auto" falls back to the reference, and backend="cpu" says why
+    and how to build it."""
+    run = _run("import sys; sys.modules['kdkernels._C'] = None\n"
+               "import torch, kdkernels\n"
+               "assert 'cpu' not in kdkernels.available_backends('cpu')\n"
+               "s = torch.randn(3, 7)\n"
+               "kdkernels.kd_loss(s, s)\n"
+               "kdkernels.kd_loss(s, s, backend='cpu')\n")
+    assert run.returncode != 0 and "RuntimeError" in run.stderr, run.stderr
+    assert "backend='cpu' cannot run on cpu tensors: the compiled extension kdkernels._C could not be imported" \
+        in run.stderr and "pip install --no-build-isolation -e ." in run.stderr, run.stderr
+
+
+LOWER_CAPABILITIES = {"AVX512": ["default", "avx2"], "AVX2": ["default"]}.get(torch.backends.cpu.get_cpu_capability(),
+                                                                            [])
+
+
+@pytest.mark.parametrize("capability", LOWER_CAPABILITIES)
+def test_each_cpu_capability_build(capability):
+    """setup.py compiles the CPU kernels once per capability and this CPU runs the widest: force each narrower
+    build (ATEN_CPU_CAPABILITY) and rerun the CPU backend's oracle tests on it."""
+    env = {"ATEN_CPU_CAPABILITY": capability}
+    seen = _run("import torch; print(torch.backends.cpu.get_cpu_capability())", env)
+    assert seen.stdout.strip().lower() == capability, seen.stdout + seen.stderr
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                          "tests/test_losses.py", "tests/test_kernels.py", "-k", "cpu and (oracle or any_vocabulary "
+                          "or extreme or masked or half)"],
+                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env})
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
