@@ -65,12 +65,13 @@ def extension_modules() -> tuple[list, dict]:
         and os.environ.get("KDKERNELS_NO_CUDA") != "1"
     )
     sources = ["csrc/kdkernels.cpp", "csrc/cpu/ops.cpp"] + (sorted(glob.glob("csrc/cuda/*.cu")) if with_cuda else [])
-    cxx = ["-O3", "-fopenmp", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"] + [f"-DKDKERNELS_CPU_{c}" for c in CPU_CAPABILITIES]
+    cxx = ["-O3", "-fopenmp", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
+    cxx += [f"-DKDKERNELS_CPU_{c}" for c in CPU_CAPABILITIES]  # which capability builds ops.cpp may call
     kind = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     extension = kind(
         "kdkernels._C",
         sources,
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"] + cuda_arch_flags()},
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "-lineinfo"] + cuda_arch_flags()},
         extra_link_args=["-fopenmp"],
         depends=sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True)),
     )
