@@ -22,6 +22,10 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
   python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
 '| cuda', torch.version.cuda, '| triton', triton.__version__)"
 } | tee "$results/env.txt"
+if ! command -v nvcc >/dev/null && [ ! -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then
+  echo "no nvcc here: the extension is built without its CUDA kernels (KDKERNELS_NO_CUDA=1)" | tee -a "$results/env.txt"
+  export KDKERNELS_NO_CUDA=1
+fi
 if ls csrc/*.cpp >/dev/null 2>&1 && [ "${KDKERNELS_NO_EXTENSION:-0}" != 1 ]; then
   python3 setup.py -q build_ext --inplace 2>&1 | tail -5 | tee "$results/build.log"
 fi
