@@ -17,6 +17,7 @@ from .functional import (
     skew_rkl_loss,
     tvd_loss,
 )
+from .linear import linear_distill_loss
 from .methods import METHODS
 from .modules import (
     ABKDLoss,
@@ -27,12 +28,14 @@ from .modules import (
     GDKDLoss,
     JSDLoss,
     KDLoss,
+    LinearDistillLoss,
     RKLLoss,
     SerialHead,
     SkewFKLLoss,
     SkewRKLLoss,
     TVDLoss,
 )
+from .sparse import SparseTeacher
 
 try:
     from . import triton as _triton_backend  # noqa: F401  (registers backend "triton")
@@ -48,5 +51,6 @@ __all__ = [
     "METHODS", "available_backends", "distill_loss", "kd_loss", "rkl_loss", "jsd_loss", "skew_fkl_loss",
     "skew_rkl_loss", "tvd_loss", "abkd_loss", "dkd_loss", "gdkd_loss", "cakd_loss", "aekt_loss",
     "cakd_feature_loss", "DistillLoss", "KDLoss", "RKLLoss", "JSDLoss", "SkewFKLLoss", "SkewRKLLoss", "TVDLoss",
-    "ABKDLoss", "DKDLoss", "GDKDLoss", "CAKDLoss", "AEKTLoss", "SerialHead",
+    "ABKDLoss", "DKDLoss", "GDKDLoss", "CAKDLoss", "AEKTLoss", "SerialHead", "linear_distill_loss",
+    "LinearDistillLoss", "SparseTeacher",
 ]

@@ -59,19 +59,24 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [name for name, b in _REGISTRY.items() if b.unavailable(device) is None]
 
 
-def select(name: object, like: torch.Tensor) -> Callable:
+def select_backend(name: object, like: torch.Tensor) -> Backend:
+    """The backend ``name`` ("auto" or a registered name) for tensors like ``like``; raises when it cannot run."""
     device = like.device
     if name == "auto":
         for candidate in AUTO_ORDER.get(device.type, ()) + ("reference",):
             b = _REGISTRY.get(candidate)
             if b is not None and b.unavailable(device) is None:
-                return b.impl
+                return b
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"backend must be 'auto' or one of {sorted(_REGISTRY)}, got {name!r}")
     reason = _REGISTRY[name].unavailable(device)
     if reason is not None:
         raise RuntimeError(f"backend={name!r} cannot run on {device} tensors: {reason}")
-    return _REGISTRY[name].impl
+    return _REGISTRY[name]
+
+
+def select(name: object, like: torch.Tensor) -> Callable:
+    return select_backend(name, like).impl
 
 
 def reduce(rows: torch.Tensor, reduction: str, denominator: torch.Tensor | None) -> torch.Tensor:

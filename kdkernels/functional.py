@@ -14,12 +14,21 @@ import torch
 
 from . import backends
 from .methods import REDUCTIONS, get_method
+from .reference import compute_dtype
+from .sparse import FoldStudent, SparseTeacher, teacher_bins
+from .sparse import check as check_sparse
 
 Tensor = torch.Tensor
 
 
 def _check_logits(student_logits: object, teacher_logits: object) -> None:
-    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+    """Checks both logits tensors; a SparseTeacher is checked later, against the method, by ``sparse.check``."""
+    named = [("student_logits", student_logits)]
+    if isinstance(teacher_logits, SparseTeacher):
+        teacher_logits = student_logits  # only the student is checked here
+    else:
+        named.append(("teacher_logits", teacher_logits))
+    for name, x in named:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -146,7 +155,8 @@ def distill_loss(
     Args:
         method: "kd", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "abkd", "dkd", "gdkd", "cakd" or "aekt".
         student_logits: [..., V] float tensor; the gradient flows to it.
-        teacher_logits: [..., V] float tensor (any float dtype); treated as a constant.
+        teacher_logits: [..., V] float tensor (any float dtype); treated as a constant. Or a ``SparseTeacher``
+            (the teacher's top-k; divergence family): the loss is then taken over its k + 1 bins (sparse.py).
         target: optional integer class indices [...]; rows equal to ``ignore_index`` are ignored.
         temperature, t2_scale: default to the method's (LOSSES.md).
         reduction: "batchmean" (sum / number of rows not ignored), "sum" or "none" (per-row, leading shape).
@@ -164,10 +174,17 @@ def distill_loss(
     impl = backends.select(backend, student_logits)
     leading = student_logits.shape[:-1]
     student = student_logits.reshape(-1, v)
-    teacher = teacher_logits.reshape(-1, v)
     target = None if target is None else target.reshape(-1)
     valid = torch.ones(student.shape[0], dtype=torch.bool, device=student.device) if target is None \
         else target != ignore_index
+    if isinstance(teacher_logits, SparseTeacher):
+        # Every backend computes the loss of the k + 1 bins: the student folded onto them as "bin logits".
+        sparse = check_sparse(teacher_logits, method, hp, leading, v, student.device, valid)
+        dtype = compute_dtype(student, sparse.values)
+        teacher = teacher_bins(sparse, float(temperature), dtype)
+        student = FoldStudent.apply(student, sparse.indices, valid, float(temperature), dtype)
+    else:
+        teacher = teacher_logits.reshape(-1, v)
     loss = impl(backends.Problem(method, hp, student, teacher, target, float(temperature), t2_scale, ignore_index,
                                  valid, reduction, denominator(valid, reduction, normalizer)))
     return loss.reshape(leading) if reduction == "none" else loss

@@ -147,6 +147,32 @@ METHODS: dict[str, Method] = {
 }
 
 
+def finite_when_missing(method: str, hp: Mapping[str, object], missing: str) -> bool:
+    """Whether the loss stays finite when ``missing`` ("student" or "teacher") gives probability 0 to a class that
+    the other model gives mass to (a padded vocabulary, a sparse teacher's empty tail).
+
+    With q_j = 0 < p_j (student missing): KL(p || q) terms p log(p / q) are infinite, so kd, jsd at beta = 0 and
+    the decoupled family (forward KLs) are; rkl, jsd at beta > 0, the skews and tvd stay finite; abkd's terms stay
+    finite iff beta > 0 and alpha + beta > 0 (q^beta and q^(alpha+beta) -> 0; every log q is weighted by a power of
+    q). With p_j = 0 < q_j (teacher missing) the roles swap: rkl and jsd at beta = 1 are infinite, abkd is finite
+    iff alpha > 0 and alpha + beta > 0, the forward KLs stay finite.
+    """
+    spec = get_method(method)
+    if missing not in ("student", "teacher"):
+        raise ValueError(f"missing must be 'student' or 'teacher', got {missing!r}")
+    student = missing == "student"
+    if spec.family == DECOUPLED or method == "kd":
+        return not student
+    if method == "rkl":
+        return student
+    if method == "jsd":
+        return hp["beta"] > 0 if student else hp["beta"] < 1
+    if method == "abkd":
+        a, b = (hp["alpha"], hp["beta"]) if student else (hp["beta"], hp["alpha"])
+        return b > 0 and a + b > 0
+    return True  # skew_fkl, skew_rkl (the mixture is never 0 where its KL weights it), tvd
+
+
 def get_method(name: object) -> Method:
     if not isinstance(name, str) or name not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}")

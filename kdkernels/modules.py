@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .functional import check_options, distill_loss
+from .linear import linear_distill_loss
 from .methods import get_method
 
 
@@ -43,6 +44,30 @@ class DistillLoss(nn.Module):
         hp = "".join(f", {k}={v!r}" for k, v in self.hyperparameters.items())
         return f"{self.method!r}{hp}, temperature={self.temperature}, t2_scale={self.t2_scale}, " \
                f"reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+class LinearDistillLoss(DistillLoss):
+    """Fused-linear distillation loss ``method`` as a module, e.g. ``LinearDistillLoss("kd", softcap=30.0)``.
+
+    ``forward(student_hidden, student_weight, teacher_hidden, teacher_weight, target=None, *, student_bias=None,
+    teacher_bias=None, normalizer=None)`` is ``kdkernels.linear_distill_loss`` with this module's options; besides
+    DistillLoss's, it takes chunk_size, memory_budget, softcap and teacher_softcap.
+    """
+
+    def __init__(self, method: str, *, chunk_size=None, memory_budget=None, softcap=None, teacher_softcap=None,
+                 **kwargs):
+        super().__init__(method, **kwargs)
+        self.linear_options = {"chunk_size": chunk_size, "memory_budget": memory_budget, "softcap": softcap,
+                               "teacher_softcap": teacher_softcap}
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, target=None, *,
+                student_bias=None, teacher_bias=None, normalizer=None):
+        return linear_distill_loss(
+            self.method, student_hidden, student_weight, teacher_hidden, teacher_weight, target,
+            student_bias=student_bias, teacher_bias=teacher_bias, temperature=self.temperature,
+            t2_scale=self.t2_scale, reduction=self.reduction, ignore_index=self.ignore_index, normalizer=normalizer,
+            backend=self.backend, **self.linear_options, **self.hyperparameters,
+        )
 
 
 def _method_module(method: str, class_name: str) -> type:

@@ -7,6 +7,9 @@ Masked classes (logit -inf) follow the limits of the definitions: a term x log(x
 class whose teacher and student probabilities are both 0 contributes exactly 0. Every place where such a class
 would put -inf - -inf or 0 * inf into the forward values *or the autograd graph* first swaps in a finite dummy
 (`torch.where` on both sides), so gradients stay exact and finite.
+
+A ``SparseTeacher`` (sparse.py) is evaluated directly on its k + 1 bins by ``sparse_row_losses``: the student's
+log-probabilities gathered on the k classes plus a logsumexp over all the others, with gradients from autograd.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import math
 import torch
 
 from .methods import DIVERGENCE, get_method
+from .sparse import SparseTeacher, teacher_bins
 
 NEG_INF = float("-inf")
 
@@ -48,10 +52,10 @@ def _abkd_terms(lp: torch.Tensor, lq: torch.Tensor, alpha: float, beta: float) -
     if a != 0 and b != 0 and a + b != 0:
         s = a + b
         return -((a * lp + b * lq).exp() - a / s * (s * lp).exp() - b / s * (s * lq).exp()) / (a * b)
-    if a == 0 and b != 0:
-        return ((b * lq).exp() * b * (lq - lp) - (b * lq).exp() + (b * lp).exp()) / b**2
+    if a == 0 and b != 0:  # q^b log(q^b / p^b) as kl_terms: 0 where q = 0 < p (b > 0)
+        return (kl_terms(b * lq, b * lp) - (b * lq).exp() + (b * lp).exp()) / b**2
     if b == 0 and a != 0:
-        return ((a * lp).exp() * a * (lp - lq) - (a * lp).exp() + (a * lq).exp()) / a**2
+        return (kl_terms(a * lp, a * lq) - (a * lp).exp() + (a * lq).exp()) / a**2
     if a != 0:  # a = -b
         return (a * (lq - lp) + (a * (lp - lq)).exp() - 1) / a**2
     return 0.5 * (lp - lq) ** 2
@@ -209,6 +213,22 @@ def row_losses(
         bins, num_bins = decoupled_partition(method, t_scaled, target, hp)
         mass_weight, bin_weights = decoupled_weights(method, lp, lq, target, hp)
         loss = decoupled_rows(lp, lq, bins, num_bins, mass_weight, bin_weights)
+    if t2_scale:
+        loss = loss * temperature**2
+    return torch.where(valid, loss, 0.0)
+
+
+def sparse_row_losses(method: str, student: torch.Tensor, teacher: SparseTeacher, hp: dict, temperature: float,
+                      t2_scale: bool, valid: torch.Tensor) -> torch.Tensor:
+    """Per-row losses [N] of a divergence-family ``method`` against a SparseTeacher (as returned by ``sparse.check``:
+    [N, k], ignored rows made harmless), over its k + 1 bins; rows where ``valid`` is False are exactly 0."""
+    dtype = compute_dtype(student, teacher.values)
+    keep = valid.unsqueeze(-1)
+    lq = torch.log_softmax(torch.where(keep, student.to(dtype), 0.0) / temperature, -1)
+    rest = torch.ones_like(lq, dtype=torch.bool).scatter_(-1, teacher.indices, False)
+    lq = torch.cat([lq.gather(-1, teacher.indices), _bin_logsumexp(lq, rest).unsqueeze(-1)], -1)
+    lp = torch.log_softmax(teacher_bins(teacher, temperature, dtype) / temperature, -1)
+    loss = divergence_rows(method, lp, lq, hp)
     if t2_scale:
         loss = loss * temperature**2
     return torch.where(valid, loss, 0.0)

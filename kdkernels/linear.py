@@ -1,0 +1,409 @@
+"""Fused-linear distillation losses: the loss of ``hidden @ weight.T + bias`` without the [N, V] logits.
+
+``linear_distill_loss`` gives the value and the gradients (for the student's hidden states, weight and bias) of
+``distill_loss`` on the full logits of both models, but walks the rows in chunks: per chunk it computes the two
+models' logits in float32, turns the student's into d loss / d logits (in place with the selected backend's
+in-place op, else by autograd on the chunk), and accumulates
+
+    grad_hidden[chunk] = G @ W_s        grad_weight += G.T @ hidden[chunk]  (float32)      grad_bias += sum_rows G
+
+so the peak memory is that of one chunk plus the gradients. The forward does all of it (the teacher under no_grad);
+backward only scales the saved gradients by grad_output. With reduction="none" the per-row grad_output is not
+known in the forward and a row's share of grad_weight cannot be rescaled afterwards: the forward then computes the
+loss only and backward recomputes the chunks (twice the matmuls).
+
+Chunk size: the rows whose temporaries (student and teacher logits, softcap derivative, the gradient cast for the
+matmul, the reference's autograd buffers) fit ``memory_budget`` bytes; see ``DEFAULT_CPU_BUDGET`` and
+``CUDA_BUDGET_FRACTION``. ``chunk_size`` overrides it with a row count.
+
+Padded vocabularies: a teacher weight with more rows (classes) than the student's is read as the student giving
+those classes logit -inf (probability 0). Losses that are infinite where q = 0 < p (kd, the decoupled family,
+jsd at beta = 0, abkd unless beta > 0 and alpha + beta > 0: ``methods.finite_when_missing``) are then infinite if
+the teacher puts any mass there; slice the teacher weight (``teacher_weight[:V]``) to renormalise the teacher over
+the shared classes instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import backends
+from .functional import _check_target, check_options, denominator
+from .kernel_params import decoupled_params, divergence_params
+from .methods import DIVERGENCE, get_method
+from .sparse import SparseTeacher, check as check_sparse, fold, teacher_bins, unfold_
+
+Tensor = torch.Tensor
+
+# Default chunk memory on CPU tensors: big enough that each chunk's matmuls run near the BLAS's full speed
+# (re-reading the weights once per chunk is then a small share of the time), small next to the [N, V] logits.
+DEFAULT_CPU_BUDGET = 256 << 20
+# On CUDA: this share of the free device memory, at most CUDA_BUDGET_MAX.
+CUDA_BUDGET_FRACTION = 1 / 8
+CUDA_BUDGET_MAX = 1 << 30
+# Peak of the reference's forward + backward on a chunk, in [rows, V] float32 buffers (measured: 13 for kd up to
+# 38 for gdkd with 3 partitions); used to size chunks when the backend has no in-place op.
+REFERENCE_BUFFERS = 40
+
+
+def default_budget(device: torch.device) -> int:
+    """Bytes of chunk temporaries used when neither ``memory_budget`` nor ``chunk_size`` is given."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(min(free * CUDA_BUDGET_FRACTION, CUDA_BUDGET_MAX))
+    return DEFAULT_CPU_BUDGET
+
+
+def row_bytes(v_student: int, v_teacher: int, weight_dtype: torch.dtype, inplace: bool, softcap: bool,
+              sparse_k: int | None) -> int:
+    """Bytes of chunk temporaries per row (float32 logits of both models and everything derived from them)."""
+    v = v_teacher if sparse_k is None else v_student
+    buffers = 1  # student logits, overwritten by their gradient
+    buffers += 1 if sparse_k is None else 1  # teacher logits; or the sparse fold's scaled copy of the student
+    buffers += 1 if softcap else 0  # the capped logits kept for the derivative
+    buffers += 0 if inplace else REFERENCE_BUFFERS
+    total = 4 * v * buffers
+    if weight_dtype != torch.float32:
+        total += v_student * torch.empty((), dtype=weight_dtype).element_size()  # the gradient cast for the matmul
+    return total
+
+
+_OUT_DTYPE_MATMUL: dict = {}
+
+
+def _out_dtype_matmul(device: torch.device) -> bool:
+    """Whether this PyTorch has CUDA matmuls of bfloat16 inputs with a float32 output (``out_dtype``, torch >=
+    2.8), checked once on a tiny product: where it has none, low-precision chunks fall back to float32 matmuls."""
+    if device.type != "cuda":
+        return False
+    if device.type not in _OUT_DTYPE_MATMUL:
+        a = torch.ones(2, 3, device=device, dtype=torch.bfloat16)
+        acc = torch.ones(3, 3, device=device)
+        try:
+            torch.mm(a.t(), a, out_dtype=torch.float32)
+            torch.addmm(acc, a.t(), a, out_dtype=torch.float32, out=acc)
+            _OUT_DTYPE_MATMUL[device.type] = bool((acc == 3).all())
+        except (RuntimeError, TypeError):
+            _OUT_DTYPE_MATMUL[device.type] = False
+    return _OUT_DTYPE_MATMUL[device.type]
+
+
+def _matmul_f32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b in float32 with float32 accumulation. Low-precision CUDA inputs write float32 directly; on CPU, where
+    PyTorch has no such matmul, the BLAS accumulates in float32 and rounds the output to the inputs' dtype."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.dtype == b.dtype and a.dtype != torch.float64 and _out_dtype_matmul(a.device):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    if a.is_cuda:
+        return torch.mm(a.float(), b.float())
+    return torch.mm(a, b.to(a.dtype)).float()
+
+
+def _accumulate_f32(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc (float32) += a @ b (a: the chunk's gradient transposed, float32; b: the chunk's hidden states)."""
+    if b.dtype in (torch.bfloat16, torch.float16) and _out_dtype_matmul(b.device):
+        torch.addmm(acc, a.to(b.dtype), b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a, b.float())
+
+
+@dataclass
+class _Problem:
+    """Everything the chunks share: the loss definition, the two heads, the whole batch's rows and denominator."""
+
+    method: str
+    hp: dict
+    temperature: float
+    t2_scale: bool
+    ignore_index: int
+    reduction: str
+    denom: Tensor | None
+    backend_name: str
+    student_weight: Tensor
+    student_bias: Tensor | None
+    teacher_weight: Tensor | None
+    teacher_bias: Tensor | None
+    softcap: float | None
+    teacher_softcap: float | None
+    target: Tensor | None  # [N]
+    valid: Tensor  # [N] bool
+    teacher_hidden: Tensor | SparseTeacher  # [N, H_t] or [N, k]
+
+    def __post_init__(self):
+        family = get_method(self.method).family
+        self.code, self.params = (divergence_params if family == DIVERGENCE else decoupled_params)(self.method,
+                                                                                                 self.hp)
+        self.backend = backends.select_backend(self.backend_name, self.student_weight)
+        self.inplace = None if self.backend.inplace is None else self.backend.inplace[family]
+        self.sparse = isinstance(self.teacher_hidden, SparseTeacher)
+
+    def logits(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, cap: float | None, v: int) -> Tensor:
+        """float32 logits [rows, v] of one head, capped, padded with -inf past the head's classes."""
+        out = _matmul_f32(hidden, weight.t())
+        if bias is not None:
+            out += bias
+        if cap is not None:
+            out.div_(cap).tanh_().mul_(cap)
+        if out.shape[1] < v:
+            out = torch.cat([out, out.new_full((out.shape[0], v - out.shape[1]), float("-inf"))], 1)
+        return out
+
+    def chunk(self, start: int, stop: int, student_hidden: Tensor, want_grad: bool):
+        """(loss of rows [start, stop) as reduced by the whole batch's denominator, or per row for "none";
+        d that loss / d student logits [rows, V_student] float32, or None)."""
+        v_s = self.student_weight.shape[0]
+        target = None if self.target is None else self.target[start:stop]
+        valid = self.valid[start:stop]
+        if self.sparse:
+            teacher = self.teacher_hidden.rows(start, stop)
+            v = v_s
+        else:
+            v = self.teacher_weight.shape[0]
+            with torch.no_grad():
+                teacher = self.logits(self.teacher_hidden[start:stop].detach(), self.teacher_weight.detach(),
+                                      None if self.teacher_bias is None else self.teacher_bias.detach(),
+                                      self.teacher_softcap, v)
+        s = self.logits(student_hidden[start:stop], self.student_weight, self.student_bias, self.softcap, v)
+        capped = s.clone() if want_grad and self.softcap is not None else None
+        if self.sparse:
+            bins, lse_tail = fold(s, teacher.indices, self.temperature, torch.float32)
+            loss, grad = self._loss(bins, teacher_bins(teacher, self.temperature, torch.float32), target, valid,
+                                    want_grad)
+            if want_grad:
+                grad = unfold_(grad, s, teacher.indices, lse_tail, self.temperature, valid)
+        else:
+            loss, grad = self._loss(s, teacher, target, valid, want_grad)
+        if grad is None:
+            return loss, None
+        if capped is not None:  # d cap(z)/dz = 1 - (cap(z) / c)^2
+            grad.mul_(1 - (capped / self.softcap) ** 2)
+        return loss, grad[:, :v_s]
+
+    def _loss(self, student: Tensor, teacher: Tensor, target, valid, want_grad: bool):
+        reduce = self.reduction != "none"
+        if want_grad and self.inplace is not None:
+            loss = self.inplace(student, teacher, target, self.denom if reduce else None, self.code, self.params,
+                                self.temperature, self.t2_scale, self.ignore_index, reduce)
+            return loss, student
+        student = student.detach().requires_grad_(want_grad)
+        reduction = "sum" if self.reduction == "sum" or (reduce and self.denom is None) else self.reduction
+        with torch.enable_grad() if want_grad else torch.no_grad():
+            loss = self.backend.impl(backends.Problem(self.method, self.hp, student, teacher, target,
+                                                      self.temperature, self.t2_scale, self.ignore_index, valid,
+                                                      reduction, self.denom))
+        if not want_grad:
+            return loss, None
+        grad, = torch.autograd.grad(loss, student, torch.ones_like(loss))
+        return loss.detach(), grad
+
+
+def _run(p: _Problem, hidden: Tensor, rows: int, need: tuple[bool, bool, bool], grad_rows: Tensor | None):
+    """Loss over all chunks and, when ``need`` asks, (grad_hidden, grad_weight, grad_bias); ``grad_rows`` [N]
+    scales each row's gradient (reduction="none")."""
+    n = hidden.shape[0]
+    weight = p.student_weight.detach()
+    want_grad = any(need)
+    grad_h = torch.empty_like(hidden) if need[0] else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
+    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need[2] else None
+    losses = []
+    with torch.no_grad():
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            loss, g = p.chunk(start, stop, hidden, want_grad)
+            losses.append(loss)
+            if g is None:
+                continue
+            if grad_rows is not None:
+                g.mul_(grad_rows[start:stop, None])
+            if grad_h is not None:
+                grad_h[start:stop] = torch.mm(g.to(weight.dtype), weight) if weight.dtype != torch.float32 \
+                    else torch.mm(g, weight).to(hidden.dtype)
+            if grad_w is not None:
+                _accumulate_f32(grad_w, g.t(), hidden[start:stop])
+            if grad_b is not None:
+                grad_b += g.sum(0)
+    if not losses:  # no rows
+        total = torch.zeros((0,) if p.reduction == "none" else (), device=hidden.device)
+    else:
+        total = torch.cat(losses) if p.reduction == "none" else torch.stack(losses).sum()
+    return total, grad_h, grad_w, grad_b
+
+
+class LinearDistillFunction(torch.autograd.Function):
+    """Forward: the loss and (reduction != "none") every needed gradient; backward: scale them by grad_output."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, p, rows, need):
+        ctx.p, ctx.rows, ctx.need, ctx.consumed = p, rows, need, False
+        hidden = student_hidden.detach()
+        if p.reduction == "none":
+            loss, *_ = _run(p, hidden, rows, (False, False, False), None)
+            ctx.save_for_backward(hidden)
+            return loss
+        loss, grad_h, grad_w, grad_b = _run(p, hidden, rows, need, None)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        p = ctx.p
+        if p.reduction == "none":
+            hidden, = ctx.saved_tensors
+            _, grad_h, grad_w, grad_b = _run(p, hidden, ctx.rows, ctx.need, grad_output.reshape(-1).float())
+        else:
+            if ctx.consumed:
+                raise RuntimeError("kdkernels: the fused-linear loss's saved gradients were already used; backward "
+                                   "through it twice (retain_graph=True) is not supported")
+            ctx.consumed = True
+            grad_h, grad_w, grad_b = ctx.saved_tensors
+            # In place, skipped when grad_output is exactly 1 (no device sync on CUDA): no copy of grad_weight.
+            for grad in (grad_h, grad_w):
+                if grad is not None:
+                    torch.ops.kdkernels.scale_rows_(grad, grad_output)
+            grad_b = None if grad_b is None else grad_b * grad_output
+        grad_w = None if grad_w is None else grad_w.to(p.student_weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(p.student_bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def _check_matrix(name: str, x: object, rows: int | None, cols: int | None) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point torch.Tensor, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    want = [d for d in (rows, cols) if d is not None]
+    if x.dim() != len(want) or any(a != b for a, b in zip(x.shape, want) if b != -1):
+        shape = ", ".join("?" if d == -1 else str(d) for d in want)
+        raise ValueError(f"{name} must have shape [{shape}], got {tuple(x.shape)}")
+
+
+def _check_positive(name: str, value, kind=(int, float)) -> None:
+    if isinstance(value, bool) or not isinstance(value, kind) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive {'integer' if kind is int else 'number'}, got {value!r}")
+
+
+def linear_distill_loss(
+    method: str,
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor | SparseTeacher,
+    teacher_weight: Optional[Tensor],
+    target: Optional[Tensor] = None,
+    *,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
+    temperature: Optional[float] = None,
+    t2_scale: Optional[bool] = None,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    normalizer=None,
+    backend: str = "auto",
+    **hyperparameters,
+) -> Tensor:
+    """``distill_loss(method, student_logits, teacher_logits, target, ...)`` on the logits of two linear heads,
+    ``logits = hidden @ weight.T + bias``, computed in row chunks so that neither [N, V] logits tensor exists.
+
+    Args:
+        student_hidden: [..., H_s]; student_weight: [V, H_s]; student_bias: [V] or None. Gradients flow to all three.
+        teacher_hidden: [..., H_t] with the student's leading shape; teacher_weight: [V_t, H_t] with V_t >= V
+            (classes past V are the student's logit -inf: module docstring); teacher_bias: [V_t] or None. The
+            teacher is a constant (computed under no_grad). Or a ``SparseTeacher`` with teacher_weight=None.
+        target, temperature, t2_scale, reduction, ignore_index, normalizer, backend, **hyperparameters: as in
+            ``distill_loss``; reductions and the batchmean denominator are those of the whole batch.
+        softcap: c applies c * tanh(logits / c) to the student's logits (Gemma-style), with its gradient;
+            teacher_softcap (default: softcap) to the teacher's.
+        chunk_size: rows per chunk; memory_budget: bytes of chunk temporaries to size chunks from (default
+            ``default_budget``). At most one of the two.
+
+    Returns:
+        float32 loss: 0-d, or the leading shape for reduction="none".
+    """
+    spec = get_method(method)
+    hp = spec.resolve(hyperparameters)
+    sparse = isinstance(teacher_hidden, SparseTeacher)
+    if not isinstance(student_hidden, torch.Tensor) or not student_hidden.is_floating_point() \
+            or student_hidden.dim() < 1:
+        raise TypeError(f"student_hidden must be a floating-point torch.Tensor [..., H], got "
+                        f"{getattr(student_hidden, 'dtype', type(student_hidden).__name__)}")
+    h_s = student_hidden.shape[-1]
+    leading = student_hidden.shape[:-1]
+    _check_matrix("student_weight", student_weight, -1, h_s)
+    v = student_weight.shape[0]
+    if student_bias is not None:
+        _check_matrix("student_bias", student_bias, v, None)
+    if sparse:
+        if teacher_weight is not None or teacher_bias is not None or teacher_softcap is not None:
+            raise ValueError("a SparseTeacher is the teacher's output: pass teacher_weight=None (and no "
+                             "teacher_bias or teacher_softcap)")
+        v_t = v
+    else:
+        if not isinstance(teacher_hidden, torch.Tensor) or not teacher_hidden.is_floating_point():
+            raise TypeError(f"teacher_hidden must be a floating-point torch.Tensor [..., H_t] or a SparseTeacher, "
+                            f"got {getattr(teacher_hidden, 'dtype', type(teacher_hidden).__name__)}")
+        if teacher_hidden.shape[:-1] != leading:
+            raise ValueError(f"teacher_hidden must have the student's leading shape {tuple(leading)} + (H_t,), got "
+                             f"{tuple(teacher_hidden.shape)}")
+        _check_matrix("teacher_weight", teacher_weight, -1, teacher_hidden.shape[-1])
+        v_t = teacher_weight.shape[0]
+        if v_t < v:
+            raise ValueError(f"teacher_weight must have at least the student's V={v} rows (classes), got {v_t}")
+        if teacher_bias is not None:
+            _check_matrix("teacher_bias", teacher_bias, v_t, None)
+    tensors = [x for x in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                           teacher_bias) if isinstance(x, torch.Tensor)]
+    if sparse:
+        tensors.append(teacher_hidden.values)
+    if any(x.device != student_hidden.device for x in tensors):
+        raise ValueError(f"all inputs must be on one device, got {sorted({str(x.device) for x in tensors})}")
+    temperature = spec.temperature if temperature is None else temperature
+    t2_scale = spec.t2_scale if t2_scale is None else bool(t2_scale)
+    check_options(temperature, reduction, normalizer)
+    teacher_softcap = softcap if teacher_softcap is None and not sparse else teacher_softcap
+    for name, cap in (("softcap", softcap), ("teacher_softcap", teacher_softcap)):
+        if cap is not None:
+            _check_positive(name, cap)
+    if chunk_size is not None and memory_budget is not None:
+        raise ValueError("pass chunk_size (rows) or memory_budget (bytes), not both")
+    if chunk_size is not None:
+        _check_positive("chunk_size", chunk_size, int)
+    if memory_budget is not None:
+        _check_positive("memory_budget", memory_budget, int)
+    if spec.uses_topk(hp) and hp["k"] >= v_t:
+        raise ValueError(f"k must be smaller than the number of classes V={v_t}, got k={hp['k']}")
+    like = student_hidden.new_empty(()).expand(*leading, v)
+    if target is None:
+        if spec.needs_target(hp):
+            raise ValueError(f"{method} needs target (class indices of shape {tuple(leading)})")
+    else:
+        _check_target(target, like, ignore_index, spec.needs_target(hp))
+    n = leading.numel()
+    flat_target = None if target is None else target.reshape(-1)
+    valid = torch.ones(n, dtype=torch.bool, device=student_hidden.device) if target is None \
+        else flat_target != ignore_index
+    if sparse:
+        teacher_hidden = check_sparse(teacher_hidden, method, hp, leading, v, student_hidden.device, valid)
+    else:
+        teacher_hidden = teacher_hidden.reshape(n, -1)
+    p = _Problem(method, hp, float(temperature), t2_scale, ignore_index, reduction,
+                 denominator(valid, reduction, normalizer), backend, student_weight, student_bias, teacher_weight,
+                 teacher_bias, softcap, teacher_softcap, flat_target, valid, teacher_hidden)
+    if chunk_size is None:
+        budget = default_budget(student_hidden.device) if memory_budget is None else memory_budget
+        per_row = row_bytes(v, v_t, student_weight.dtype, p.inplace is not None, softcap is not None,
+                            teacher_hidden.k if sparse else None)
+        chunk_size = max(1, budget // per_row)
+    grad_on = torch.is_grad_enabled()
+    need = (grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
+            grad_on and student_bias is not None and student_bias.requires_grad)
+    loss = LinearDistillFunction.apply(student_hidden.reshape(n, h_s), student_weight, student_bias, p,
+                                       max(1, min(chunk_size, n)), need)
+    return loss.reshape(leading) if reduction == "none" else loss

@@ -1,0 +1,206 @@
+"""Sparse teachers: a teacher known only on k classes per row (its top-k, as stored by offline distillation).
+
+Definition. A ``SparseTeacher(indices, values, kind)`` row names k distinct classes K = {i_1 .. i_k}. The teacher is a
+distribution over k + 1 bins, the k classes and one tail bin holding the rest of the mass:
+
+    kind="logprobs"  P_j = exp(values_j), P_tail = max(0, 1 - sum_j exp(values_j)); used as given (the values are
+                     the teacher's log-probabilities at the distillation temperature: T does not rescale them).
+    kind="logits"    P_j = softmax(values / T)_j over the k classes, P_tail = 0.
+
+The student's distribution q = softmax(s / T) is folded onto the same bins: Q_j = q_{i_j}, and Q_tail, the mass of
+every other class, is computed exactly as a logsumexp over those classes (never 1 - sum Q_j, which loses all its
+digits when the top-k hold nearly all the mass). Every divergence-family loss is then the loss of LOSSES.md between
+[P_1 .. P_k, P_tail] and [Q_1 .. Q_k, Q_tail], with its T^2 factor, reductions and ignored rows as usual.
+
+A loss that is infinite when the teacher gives zero mass to a bin the student does not (rkl, jsd at beta = 1, abkd
+unless alpha > 0 and alpha + beta > 0: ``methods.finite_when_missing``) is undefined against a zero tail or a -inf
+value: kind="logits" (tail always 0) raises at once, kind="logprobs" raises for the rows where it happens. The
+decoupled family is not defined on a sparse teacher: its partitions ({target} | rest, top-k | rest, a threshold)
+need the teacher's distribution inside the tail (the in-bin KL of "rest"), which a top-k teacher does not have.
+
+Fold as logits. The student side enters the fused kernels as k + 1 "bin logits" z = [s_{i_1} .. s_{i_k},
+T lse_{j not in K}(s_j / T)]: softmax(z / T) = [Q_1 .. Q_tail] exactly, so the unchanged kernels compute the loss and
+its gradient gamma = dl/dz. Back on the student's logits (chain rule through z):
+
+    dl/ds_j = gamma_j                                    for j = i_j in K,
+    dl/ds_j = gamma_tail * exp(s_j / T - lse_tail)       for j not in K (its share of the tail bin).
+
+The teacher enters as bin logits too: [values, -inf] (kind="logits") or T [values, log P_tail] (kind="logprobs").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .methods import DIVERGENCE, finite_when_missing, get_method
+
+Tensor = torch.Tensor
+KINDS = ("logprobs", "logits")
+# kind="logprobs": sum_j exp(values_j) may exceed 1 by this much (rounding of low-precision log-probabilities); more
+# means the values are not log-probabilities (typically logits passed with the default kind).
+LOGPROB_SUM_SLACK = 1e-2
+
+
+@dataclass(frozen=True)
+class SparseTeacher:
+    """A teacher given on k classes per row plus a tail bin (see the module docstring for the exact definition).
+
+    Args:
+        indices: [..., k] integer class indices, distinct within a row, in [0, V).
+        values: [..., k] float: the teacher's log-probabilities of those classes (kind="logprobs", e.g. a stored
+            top-k of log_softmax) or its logits (kind="logits", renormalised over the k classes after / T).
+        kind: "logprobs" (default) or "logits".
+
+    Accepted wherever teacher logits are: ``distill_loss`` and the per-method functions and modules (divergence
+    family), and ``linear_distill_loss`` (as ``teacher_hidden``, with ``teacher_weight=None``).
+    """
+
+    indices: Tensor
+    values: Tensor
+    kind: str = "logprobs"
+
+    def __post_init__(self):
+        if not isinstance(self.indices, torch.Tensor) or self.indices.is_floating_point() \
+                or self.indices.is_complex() or self.indices.dtype == torch.bool:
+            raise TypeError(f"SparseTeacher indices must be an integer torch.Tensor, got "
+                            f"{getattr(self.indices, 'dtype', type(self.indices).__name__)}")
+        if not isinstance(self.values, torch.Tensor) or not self.values.is_floating_point():
+            raise TypeError(f"SparseTeacher values must be a floating-point torch.Tensor, got "
+                            f"{getattr(self.values, 'dtype', type(self.values).__name__)}")
+        if self.indices.shape != self.values.shape or self.values.dim() < 1 or self.values.shape[-1] < 1:
+            raise ValueError(f"SparseTeacher indices and values must have the same shape [..., k] with k >= 1, got "
+                             f"{tuple(self.indices.shape)} and {tuple(self.values.shape)}")
+        if self.indices.device != self.values.device:
+            raise ValueError(f"SparseTeacher indices and values must be on one device, got {self.indices.device} "
+                             f"and {self.values.device}")
+        if self.kind not in KINDS:
+            raise ValueError(f"SparseTeacher kind must be one of {KINDS}, got {self.kind!r}")
+
+    @property
+    def k(self) -> int:
+        return self.values.shape[-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def rows(self, start: int | None = None, stop: int | None = None) -> "SparseTeacher":
+        """Rows [start, stop) of the flattened [N, k] teacher."""
+        k = self.k
+        return SparseTeacher(self.indices.reshape(-1, k)[start:stop], self.values.reshape(-1, k)[start:stop],
+                             self.kind)
+
+
+def check(teacher: SparseTeacher, method: str, hp: dict, leading: torch.Size, v: int, device: torch.device,
+          valid: Tensor) -> SparseTeacher:
+    """Checks a sparse teacher against the student ([*leading, V] logits on ``device``) and the method, and returns
+    it flattened to [N, k] with the ignored rows (``valid`` False) made harmless (indices 0..k-1).
+
+    Data checks (indices in range and distinct, log-probabilities summing to at most 1, no zero-mass bin where the
+    method needs the teacher's support) run on the rows not ignored; on an accelerator they fail the stream
+    asynchronously instead of synchronising with the host.
+    """
+    spec = get_method(method)
+    if spec.family != DIVERGENCE:
+        raise ValueError(
+            f"{method} is a decoupled-family loss: it partitions the teacher's full distribution and needs its "
+            f"distribution inside every bin, which a SparseTeacher (k classes plus one tail bin) does not have; use a "
+            f"divergence-family method (kd, rkl, jsd, skew_fkl, skew_rkl, tvd, abkd) or dense teacher_logits"
+        )
+    if teacher.values.shape[:-1] != leading:
+        raise ValueError(f"SparseTeacher must have the student's leading shape {tuple(leading)} + (k,), got "
+                         f"{tuple(teacher.values.shape)}")
+    if teacher.device != device:
+        raise ValueError(f"SparseTeacher must be on the student's device {device}, got {teacher.device}")
+    if teacher.k > v:
+        raise ValueError(f"SparseTeacher k={teacher.k} exceeds the number of classes V={v}")
+    needs_support = not finite_when_missing(method, hp, "teacher")
+    if needs_support and teacher.kind == "logits":
+        raise ValueError(
+            f"{method} with these hyperparameters is infinite where the teacher has zero mass, and a SparseTeacher "
+            f"of kind='logits' puts zero mass on its tail bin; pass the teacher's log-probabilities "
+            f"(kind='logprobs', tail = 1 - their mass) or use a loss that stays finite (e.g. kd)"
+        )
+    flat = teacher.rows()
+    keep = valid.unsqueeze(-1)
+    indices = torch.where(keep, flat.indices, torch.arange(flat.k, device=device))
+    values = torch.where(keep, flat.values, 0.0)
+    ordered = indices.sort(-1).values
+    problems = [
+        (((indices < 0) | (indices >= v)).any(-1), f"SparseTeacher indices must be in [0, {v})"),
+        ((ordered[:, 1:] == ordered[:, :-1]).any(-1), "SparseTeacher indices must be distinct within a row"),
+    ]
+    if flat.kind == "logprobs":
+        mass = values.double().exp().sum(-1)
+        problems.append((mass > 1 + LOGPROB_SUM_SLACK, "SparseTeacher values of kind='logprobs' must be "
+                         "log-probabilities (sum of exp at most 1); pass kind='logits' for logits"))
+        if needs_support:
+            zero_bin = torch.isneginf(values).any(-1) | ((mass >= 1) & (flat.k < v))
+            problems.append((zero_bin, f"{method} is undefined (infinite) against a teacher bin of zero mass (a "
+                                       f"-inf value, or a tail 1 - sum exp(values) <= 0) where the student has mass"))
+    for bad, message in problems:
+        bad = bad & valid
+        if device.type == "cpu" and not torch.compiler.is_compiling():
+            if bool(bad.any()):
+                raise ValueError(f"{message} (row {int(bad.nonzero()[0, 0])} of the flattened batch)")
+        else:
+            torch._assert_async(~bad.any(), message)
+    return SparseTeacher(indices, values, flat.kind)
+
+
+def teacher_bins(teacher: SparseTeacher, temperature: float, dtype: torch.dtype) -> Tensor:
+    """The teacher's k + 1 bins as logits [N, k + 1] (softmax(bins / T) = [P_1 .. P_k, P_tail])."""
+    values = teacher.values.to(dtype)
+    if teacher.kind == "logits":
+        return torch.cat([values, values.new_full((values.shape[0], 1), float("-inf"))], -1)
+    # In float64, as check() decides which tails are 0: a float32 sum would round some tails near 0 to exactly 0.
+    tail = (1 - teacher.values.double().exp().sum(-1, keepdim=True)).clamp(min=0)
+    return torch.cat([values, tail.log().to(dtype)], -1) * temperature
+
+
+def fold(student: Tensor, indices: Tensor, temperature: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(student bin logits z [N, k + 1], lse_tail [N]): z = [s_K, T lse_tail], lse_tail = lse_{j not in K} s_j / T.
+
+    A class-wide tail with no finite logit (k = V, or the rest masked) has lse_tail = -inf: an empty bin.
+    """
+    x = student.to(dtype, copy=True).div_(temperature)
+    x.scatter_(-1, indices, float("-inf"))
+    lse_tail = torch.logsumexp(x, -1)
+    return torch.cat([student.gather(-1, indices).to(dtype), (lse_tail * temperature).unsqueeze(-1)], -1), lse_tail
+
+
+def unfold_(grad_bins: Tensor, buffer: Tensor, indices: Tensor, lse_tail: Tensor, temperature: float,
+            valid: Tensor) -> Tensor:
+    """Overwrites ``buffer`` [N, V], which holds the student's logits, with dl/ds from dl/dz = ``grad_bins``
+    [N, k + 1] (module docstring); rows not ``valid`` become exactly 0 (even if their logits hold NaN).
+
+    In place when ``buffer`` has the dtype of ``grad_bins``; otherwise through one temporary of that dtype.
+    """
+    x = buffer if buffer.dtype == grad_bins.dtype else buffer.to(grad_bins.dtype)
+    shift = torch.where(torch.isneginf(lse_tail), 0.0, lse_tail).unsqueeze(-1)
+    x.div_(temperature).sub_(shift).exp_().mul_(grad_bins[:, -1:])
+    x.scatter_(-1, indices, grad_bins[:, :-1])
+    x.masked_fill_(~valid.unsqueeze(-1), 0.0)
+    if x is not buffer:
+        buffer.copy_(x)
+    return buffer
+
+
+class FoldStudent(torch.autograd.Function):
+    """z = fold(student) with the gradient of ``unfold_``: one [N, V] buffer in each direction."""
+
+    @staticmethod
+    def forward(ctx, student, indices, valid, temperature, dtype):
+        bins, lse_tail = fold(student, indices, temperature, dtype)
+        ctx.save_for_backward(student, indices, valid, lse_tail)
+        ctx.temperature = temperature
+        return bins
+
+    @staticmethod
+    def backward(ctx, grad_bins):
+        student, indices, valid, lse_tail = ctx.saved_tensors
+        buffer = student.to(grad_bins.dtype, copy=True)
+        unfold_(grad_bins, buffer, indices, lse_tail, ctx.temperature, valid)
+        return buffer.to(student.dtype), None, None, None, None
