@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backends", nargs="+", help="backends to time: fused backend names, 'eager', 'compile'")
     bench.add_argument("--out", default="bench/out", help="folder for bench.csv and bench.png (default bench/out)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    bench.add_argument("--linear", action="store_true",
+                       help="fused-linear section: linear_distill_loss against full logits + the fastest fused loss "
+                            "(time and peak memory above inputs, LLM head shapes); writes linear.csv")
     return parser
 
 

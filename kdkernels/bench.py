@@ -12,6 +12,17 @@ left out). A GPU run also measures the card's copy bandwidth (a large device-to-
 and reports each kernel's bandwidth as a share of it.
 
 Writes ``bench.csv`` and ``bench.png`` into ``--out`` and prints the table.
+
+``--linear`` runs the fused-linear section instead: ``linear_distill_loss`` against the unchunked path (both
+models' full logits ``hidden @ weight.T``, then ``distill_loss`` with the backend that backend="auto" picks, the
+fastest fused loss registered for the device), forward + backward, at LLM head shapes. It reports the median time
+and the peak memory that loss + backward add above the inputs and parameters (the gradients of the student's
+hidden states and weight included, in both paths). GPU: ``torch.cuda.max_memory_allocated`` above the allocated
+bytes before the step. CPU: each (path, method) runs in a fresh process and its first step is measured with the
+kernel's own resident-set high-water mark: freed heap is returned (malloc_trim), the mark is reset
+(``/proc/self/clear_refs``), and peak = VmHWM after the step - VmRSS before it. That counts every byte the step
+touches (PyTorch, BLAS and Python alike) and nothing it only reserves; timing uses later steps. Writes
+``linear.csv``.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from . import METHODS, available_backends, distill_loss
+from . import METHODS, available_backends, distill_loss, linear_distill_loss
 
 # name: (N, V, student and teacher dtype)
 GPU_SHAPES = {
@@ -222,8 +233,136 @@ def format_table(rows: list[Row]) -> str:
                                for j, (c, w) in enumerate(zip(line, widths))) for line in lines)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Fused-linear section (python -m kdkernels bench --linear)
+# --------------------------------------------------------------------------------------------------------------
+
+# name: (N, H, V, dtype of hidden states and weights); the teacher has the student's shapes.
+LINEAR_GPU_SHAPES = {"llama3-head": (8192, 4096, 128256, torch.bfloat16)}
+LINEAR_CPU_SHAPES = {"head-64k": (2048, 1024, 65536, torch.float32)}
+LINEAR_METHODS = ("kd", "jsd")
+UNCHUNKED, FUSED_LINEAR = "unchunked", "fused-linear"
+
+
+@dataclass
+class LinearRow:
+    shape: str
+    method: str
+    path: str
+    backend: str  # the loss backend backend="auto" picked
+    n: int
+    h: int
+    v: int
+    dtype: str
+    ms: float
+    peak_extra_mb: float
+    vs_unchunked_time: float = math.nan  # unchunked ms / this ms
+    vs_unchunked_peak: float = math.nan  # unchunked peak / this peak
+
+
+def _linear_inputs(n, h, v, dtype, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    hs = (torch.randn(n, h, generator=g, device=device)).to(dtype).requires_grad_(True)
+    ws = (torch.randn(v, h, generator=g, device=device) / h**0.5).to(dtype).requires_grad_(True)
+    ht = (torch.randn(n, h, generator=g, device=device)).to(dtype)
+    wt = (torch.randn(v, h, generator=g, device=device) / h**0.5).to(dtype)
+    y = torch.randint(0, v, (n,), generator=g, device=device)
+    y[::97] = -100
+    return hs, ws, ht, wt, y
+
+
+def _linear_step(path, method, hs, ws, ht, wt, y):
+    hs.grad = ws.grad = None
+    if path == UNCHUNKED:
+        with torch.no_grad():
+            teacher = ht @ wt.t()
+        loss = distill_loss(method, hs @ ws.t(), teacher, y)
+    else:
+        loss = linear_distill_loss(method, hs, ws, ht, wt, y)
+    loss.backward()
+
+
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def linear_measure(shape: str, method: str, path: str, device: str, reps: int) -> dict:
+    """One (shape, method, path): peak MB added by the first step, then the median ms of ``reps`` steps."""
+    import ctypes
+
+    from . import backends as registry
+
+    device = torch.device(device)
+    n, h, v, dtype = (LINEAR_GPU_SHAPES if device.type == "cuda" else LINEAR_CPU_SHAPES)[shape]
+    inputs = _linear_inputs(n, h, v, dtype, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        _linear_step(path, method, *inputs)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        base = _rss("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        _linear_step(path, method, *inputs)
+        peak = _rss("VmHWM") - base
+    ms = _median_ms(lambda: _linear_step(path, method, *inputs), device, reps)
+    return {"ms": ms, "peak_extra_mb": peak / 2**20, "backend": registry.select_backend("auto", inputs[0]).name}
+
+
+def run_linear(device: str, shapes=None, methods=None, out: str = "bench/out", reps: int = 4) -> list[LinearRow]:
+    import json
+    import subprocess
+    import sys
+
+    table = LINEAR_GPU_SHAPES if torch.device(device).type == "cuda" else LINEAR_CPU_SHAPES
+    rows = []
+    for shape in shapes or list(table):
+        n, h, v, dtype = table[shape]
+        for method in methods or LINEAR_METHODS:
+            for path in (UNCHUNKED, FUSED_LINEAR):
+                # A fresh process per measurement: no allocator state carried over from the previous one.
+                code = (f"import json; from kdkernels.bench import linear_measure; "
+                        f"print(json.dumps(linear_measure({shape!r}, {method!r}, {path!r}, {device!r}, {reps})))")
+                done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(f"linear bench {shape} {method} {path} failed:\n{done.stderr[-3000:]}")
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                rows.append(LinearRow(shape, method, path, result["backend"], n, h, v,
+                                      str(dtype).replace("torch.", ""), result["ms"], result["peak_extra_mb"]))
+                print(format_linear_table(rows[-1:], header=len(rows) == 1), flush=True)
+    for row in rows:
+        base = next(r for r in rows if (r.shape, r.method, r.path) == (row.shape, row.method, UNCHUNKED))
+        row.vs_unchunked_time = base.ms / row.ms
+        row.vs_unchunked_peak = base.peak_extra_mb / row.peak_extra_mb
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "linear.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    return rows
+
+
+def format_linear_table(rows: list[LinearRow], header: bool = True) -> str:
+    lines = [["shape", "method", "path", "loss backend", "N", "H", "V", "dtype", "ms", "peak MB",
+              "x time", "x peak"]] if header else []
+    for r in rows:
+        lines.append([r.shape, r.method, r.path, r.backend, r.n, r.h, r.v, r.dtype, f"{r.ms:.0f}",
+                      f"{r.peak_extra_mb:.0f}", f"{r.vs_unchunked_time:.2f}", f"{r.vs_unchunked_peak:.2f}"])
+    return "\n".join("  ".join(str(c).ljust(13) for c in line) for line in lines)
+
+
 def main(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.linear:
+        rows = run_linear(device, args.shapes, args.methods, args.out)
+        print("\n" + format_linear_table(rows))
+        print(f"\nwrote {os.path.join(args.out, 'linear.csv')}")
+        return 0
     rows = run(device, args.shapes, args.methods, args.backends, args.out, progress=not args.no_progress)
     print(format_table(rows))
     print(f"\nwrote {os.path.join(args.out, 'bench.csv')} and {os.path.join(args.out, 'bench.png')}")

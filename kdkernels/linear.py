@@ -13,8 +13,8 @@ known in the forward and a row's share of grad_weight cannot be rescaled afterwa
 loss only and backward recomputes the chunks (twice the matmuls).
 
 Chunk size: the rows whose temporaries (student and teacher logits, softcap derivative, the gradient cast for the
-matmul, the reference's autograd buffers) fit ``memory_budget`` bytes; see ``DEFAULT_CPU_BUDGET`` and
-``CUDA_BUDGET_FRACTION``. ``chunk_size`` overrides it with a row count.
+matmul, the reference's autograd buffers) fit ``memory_budget`` bytes (``chunk_rows``); see ``DEFAULT_CPU_BUDGET``
+and ``CUDA_BUDGET_FRACTION``. ``chunk_size`` overrides the row count.
 
 Padded vocabularies: a teacher weight with more rows (classes) than the student's is read as the student giving
 those classes logit -inf (probability 0). Losses that are infinite where q = 0 < p (kd, the decoupled family,
@@ -41,7 +41,7 @@ Tensor = torch.Tensor
 
 # Default chunk memory on CPU tensors: big enough that each chunk's matmuls run near the BLAS's full speed
 # (re-reading the weights once per chunk is then a small share of the time), small next to the [N, V] logits.
-DEFAULT_CPU_BUDGET = 256 << 20
+DEFAULT_CPU_BUDGET = 512 << 20
 # On CUDA: this share of the free device memory, at most CUDA_BUDGET_MAX.
 CUDA_BUDGET_FRACTION = 1 / 8
 CUDA_BUDGET_MAX = 1 << 30
@@ -58,18 +58,24 @@ def default_budget(device: torch.device) -> int:
     return DEFAULT_CPU_BUDGET
 
 
-def row_bytes(v_student: int, v_teacher: int, weight_dtype: torch.dtype, inplace: bool, softcap: bool,
-              sparse_k: int | None) -> int:
-    """Bytes of chunk temporaries per row (float32 logits of both models and everything derived from them)."""
-    v = v_teacher if sparse_k is None else v_student
-    buffers = 1  # student logits, overwritten by their gradient
-    buffers += 1 if sparse_k is None else 1  # teacher logits; or the sparse fold's scaled copy of the student
-    buffers += 1 if softcap else 0  # the capped logits kept for the derivative
-    buffers += 0 if inplace else REFERENCE_BUFFERS
-    total = 4 * v * buffers
+def chunk_rows(budget: int, v_student: int, v_teacher: int, weight_dtype: torch.dtype, inplace: bool,
+               softcap: bool, sparse: bool) -> tuple[int, int]:
+    """(rows per chunk, rows per loss call) whose temporaries fit ``budget`` bytes.
+
+    A chunk holds float32 logits of both models ([rows, V_teacher] each; a sparse teacher's fold copies the
+    student's instead), the capped logits for the softcap derivative, and the gradient cast to a low-precision
+    weight dtype for the matmuls. A backend with an in-place op turns the student's logits into the gradient
+    with nothing more, so the whole budget goes to the chunk. Otherwise the loss runs by autograd on sub-chunks
+    (REFERENCE_BUFFERS [rows, V] float32 each) that get half the budget, the chunk the other half: large chunks
+    keep the matmuls efficient (on a 2-core CPU a 48-row chunk runs them at half the speed of a 512-row one).
+    """
+    v = v_student if sparse else v_teacher
+    per_row = 4 * v * (2 + softcap)
     if weight_dtype != torch.float32:
-        total += v_student * torch.empty((), dtype=weight_dtype).element_size()  # the gradient cast for the matmul
-    return total
+        per_row += v_student * torch.empty((), dtype=weight_dtype).element_size()
+    if inplace:
+        return max(1, budget // per_row), 0
+    return max(1, budget // 2 // per_row), max(1, budget // 2 // (4 * v * REFERENCE_BUFFERS))
 
 
 _OUT_DTYPE_MATMUL: dict = {}
@@ -134,6 +140,8 @@ class _Problem:
     valid: Tensor  # [N] bool
     teacher_hidden: Tensor | SparseTeacher  # [N, H_t] or [N, k]
 
+    loss_rows: int = 0  # rows per loss call by autograd (backends without an in-place op)
+
     def __post_init__(self):
         family = get_method(self.method).family
         self.code, self.params = (divergence_params if family == DIVERGENCE else decoupled_params)(self.method,
@@ -185,21 +193,27 @@ class _Problem:
         return loss, grad[:, :v_s]
 
     def _loss(self, student: Tensor, teacher: Tensor, target, valid, want_grad: bool):
+        """Loss of a chunk; with ``want_grad`` the contiguous float32 ``student`` is overwritten by its gradient."""
         reduce = self.reduction != "none"
         if want_grad and self.inplace is not None:
             loss = self.inplace(student, teacher, target, self.denom if reduce else None, self.code, self.params,
                                 self.temperature, self.t2_scale, self.ignore_index, reduce)
             return loss, student
-        student = student.detach().requires_grad_(want_grad)
-        reduction = "sum" if self.reduction == "sum" or (reduce and self.denom is None) else self.reduction
-        with torch.enable_grad() if want_grad else torch.no_grad():
-            loss = self.backend.impl(backends.Problem(self.method, self.hp, student, teacher, target,
-                                                      self.temperature, self.t2_scale, self.ignore_index, valid,
-                                                      reduction, self.denom))
-        if not want_grad:
-            return loss, None
-        grad, = torch.autograd.grad(loss, student, torch.ones_like(loss))
-        return loss.detach(), grad
+        losses = []
+        step = self.loss_rows if want_grad else student.shape[0]
+        for start in range(0, student.shape[0], step):
+            rows = slice(start, start + step)
+            part = student[rows].detach().requires_grad_(want_grad)
+            with torch.enable_grad() if want_grad else torch.no_grad():
+                loss = self.backend.impl(backends.Problem(
+                    self.method, self.hp, part, teacher[rows], None if target is None else target[rows],
+                    self.temperature, self.t2_scale, self.ignore_index, valid[rows], self.reduction, self.denom))
+            if want_grad:
+                grad, = torch.autograd.grad(loss, part, torch.ones_like(loss))
+                student[rows] = grad
+            losses.append(loss.detach())
+        loss = torch.cat(losses) if self.reduction == "none" else torch.stack(losses).sum()
+        return loss, student if want_grad else None
 
 
 def _run(p: _Problem, hidden: Tensor, rows: int, need: tuple[bool, bool, bool], grad_rows: Tensor | None):
@@ -321,8 +335,8 @@ def linear_distill_loss(
             ``distill_loss``; reductions and the batchmean denominator are those of the whole batch.
         softcap: c applies c * tanh(logits / c) to the student's logits (Gemma-style), with its gradient;
             teacher_softcap (default: softcap) to the teacher's.
-        chunk_size: rows per chunk; memory_budget: bytes of chunk temporaries to size chunks from (default
-            ``default_budget``). At most one of the two.
+        memory_budget: bytes of chunk temporaries to size chunks from (default ``default_budget``);
+            chunk_size: rows per chunk instead (the loss's autograd sub-chunks still follow the budget).
 
     Returns:
         float32 loss: 0-d, or the leading shape for reduction="none".
@@ -371,8 +385,6 @@ def linear_distill_loss(
     for name, cap in (("softcap", softcap), ("teacher_softcap", teacher_softcap)):
         if cap is not None:
             _check_positive(name, cap)
-    if chunk_size is not None and memory_budget is not None:
-        raise ValueError("pass chunk_size (rows) or memory_budget (bytes), not both")
     if chunk_size is not None:
         _check_positive("chunk_size", chunk_size, int)
     if memory_budget is not None:
@@ -396,11 +408,10 @@ def linear_distill_loss(
     p = _Problem(method, hp, float(temperature), t2_scale, ignore_index, reduction,
                  denominator(valid, reduction, normalizer), backend, student_weight, student_bias, teacher_weight,
                  teacher_bias, softcap, teacher_softcap, flat_target, valid, teacher_hidden)
-    if chunk_size is None:
-        budget = default_budget(student_hidden.device) if memory_budget is None else memory_budget
-        per_row = row_bytes(v, v_t, student_weight.dtype, p.inplace is not None, softcap is not None,
-                            teacher_hidden.k if sparse else None)
-        chunk_size = max(1, budget // per_row)
+    budget = default_budget(student_hidden.device) if memory_budget is None else memory_budget
+    rows, p.loss_rows = chunk_rows(budget, v, v_t, student_weight.dtype, p.inplace is not None,
+                                   softcap is not None, sparse)
+    chunk_size = rows if chunk_size is None else chunk_size
     grad_on = torch.is_grad_enabled()
     need = (grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
             grad_on and student_bias is not None and student_bias.requires_grad)
