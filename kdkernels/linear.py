@@ -404,7 +404,7 @@ def linear_distill_loss(
     if sparse:
         teacher_hidden = check_sparse(teacher_hidden, method, hp, leading, v, student_hidden.device, valid)
     else:
-        teacher_hidden = teacher_hidden.reshape(n, -1)
+        teacher_hidden = teacher_hidden.reshape(n, teacher_hidden.shape[-1])
     p = _Problem(method, hp, float(temperature), t2_scale, ignore_index, reduction,
                  denominator(valid, reduction, normalizer), backend, student_weight, student_bias, teacher_weight,
                  teacher_bias, softcap, teacher_softcap, flat_target, valid, teacher_hidden)

@@ -1,0 +1,210 @@
+"""Fused-linear losses: equal (value and gradients of hidden, weight, bias) to distill_loss on the full logits."""
+
+import pytest
+import torch
+
+import kdkernels
+from cases import CASES, case_id
+from helpers import TOLERANCE, assert_close
+from kdkernels.kernel_params import decoupled_params, divergence_params
+from kdkernels.linear import REFERENCE_BUFFERS, chunk_rows, linear_distill_loss
+from kdkernels.methods import DIVERGENCE, get_method
+
+N, H_S, H_T, V = 7, 5, 4, 11
+
+
+def make_heads(n=N, h_s=H_S, h_t=H_T, v=V, v_t=None, dtype=torch.float32, device="cpu", seed=0, ignored=1):
+    g = torch.Generator().manual_seed(seed)
+    v_t = v_t or v
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+
+    student = {"hidden": rand(n, h_s), "weight": rand(v, h_s, scale=1.5), "bias": rand(v)}
+    teacher = {"hidden": rand(n, h_t), "weight": rand(v_t, h_t, scale=1.5), "bias": rand(v_t)}
+    target = torch.randint(0, v, (n,), generator=g)
+    target[torch.randperm(n, generator=g)[:ignored]] = -100
+    return student, teacher, target.to(device)
+
+
+def full_logits(head, cap=None):
+    z = head["hidden"].float() @ head["weight"].float().t() + head["bias"].float()
+    return z if cap is None else cap * torch.tanh(z / cap)
+
+
+def compare(method, hp, backend, student, teacher, target, grad_output=None, tol_dtype=torch.float32,
+            softcap=None, chunk_size=None, memory_budget=None, **options):
+    """linear_distill_loss against distill_loss (reference) on the float64 full logits: loss and all gradients."""
+    params = [student[k].detach().clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
+    loss = linear_distill_loss(method, params[0], params[1], teacher["hidden"], teacher["weight"], target,
+                               student_bias=params[2], teacher_bias=teacher["bias"], backend=backend,
+                               softcap=softcap, chunk_size=chunk_size, memory_budget=memory_budget, **hp,
+                               **options)
+    go = torch.full_like(loss, 0.7) if grad_output is None else grad_output
+    got = torch.autograd.grad(loss, params, go)
+    ref = [student[k].detach().double().clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
+    s = ref[0] @ ref[1].t() + ref[2]
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    t = full_logits({k: x.double() for k, x in teacher.items()}, softcap)
+    if t.shape[-1] > s.shape[-1]:  # padded teacher vocabulary: the student's missing classes are -inf
+        s = torch.cat([s, s.new_full((s.shape[0], t.shape[-1] - s.shape[-1]), float("-inf"))], -1)
+    want = kdkernels.distill_loss(method, s, t, target, backend="reference", **hp, **options)
+    want_grads = torch.autograd.grad(want, ref, go.double())
+    assert loss.dtype == torch.float32 and loss.shape == want.shape
+    assert_close(loss, want.detach().numpy(), tol_dtype, f"{method} {hp} loss")
+    for name, a, b, p in zip(("hidden", "weight", "bias"), got, want_grads, params):
+        assert a.dtype == p.dtype and a.shape == p.shape
+        assert_close(a, b.numpy(), tol_dtype, f"{method} {hp} grad {name}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_every_loss_matches_unchunked(case, backend, device):
+    method, hp = case
+    student, teacher, target = make_heads(device=device)
+    # 3 rows per chunk: 7 rows make chunks of 3, 3 and 1.
+    compare(method, hp, backend, student, teacher, target, chunk_size=3)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("method,hp", [("jsd", {"beta": 0.3}), ("gdkd", {"k": 3, "partitions": 3})])
+def test_reductions_grad_output_and_normalizer(method, hp, reduction, backend, device):
+    student, teacher, target = make_heads(device=device, ignored=2)
+    go = torch.linspace(-1.0, 2.0, N, device=device) if reduction == "none" else torch.tensor(1.9, device=device)
+    compare(method, hp, backend, student, teacher, target, grad_output=go, reduction=reduction, chunk_size=2)
+    if reduction == "batchmean":  # the denominator is the whole batch's, not a chunk's
+        compare(method, hp, backend, student, teacher, target, grad_output=go, chunk_size=2, normalizer=5.0)
+
+
+def test_chunk_larger_than_batch_and_budget_sizing(backend, device):
+    student, teacher, target = make_heads(device=device)
+    compare("kd", {}, backend, student, teacher, target, chunk_size=100)
+    # A budget of 3 rows of logits (no in-place op: half for the chunk, half for the reference's buffers).
+    compare("dkd", {}, backend, student, teacher, target, memory_budget=3 * 2 * 4 * V * (2 + REFERENCE_BUFFERS))
+
+
+def test_chunk_rows_from_the_budget():
+    assert chunk_rows(10 * 4 * 100 * 2, 100, 100, torch.float32, True, False, False) == (10, 0)
+    assert chunk_rows(10 * 4 * 100 * 3, 100, 100, torch.float32, True, True, False) == (10, 0)  # softcap
+    assert chunk_rows(10 * (4 * 120 * 2 + 2 * 100), 100, 120, torch.bfloat16, True, False, False) == (10, 0)
+    budget = 2 * 8 * 4 * 100 * REFERENCE_BUFFERS
+    assert chunk_rows(budget, 100, 100, torch.float32, False, False, False) == (budget // 2 // 800, 8)
+    assert chunk_rows(1, 100, 100, torch.float32, False, False, False) == (1, 1)
+
+
+@pytest.mark.parametrize("method,hp", [("kd", {}), ("abkd", {"alpha": 0.3, "beta": 0.8}), ("cakd", {"strong": "topk"})])
+def test_softcap(method, hp, backend, device):
+    student, teacher, target = make_heads(device=device)
+    for head in (student, teacher):
+        head["weight"] = head["weight"] * 4  # logits near and past the cap
+    compare(method, hp, backend, student, teacher, target, softcap=3.0, chunk_size=4)
+
+
+@pytest.mark.parametrize("method,hp", [("rkl", {}), ("tvd", {}), ("jsd", {"beta": 0.5})])
+def test_padded_teacher_vocabulary(method, hp, backend, device):
+    student, teacher, target = make_heads(v_t=V + 3, device=device)
+    compare(method, hp, backend, student, teacher, target, chunk_size=3)
+
+
+def test_padded_teacher_vocabulary_forward_kl(backend, device):
+    student, teacher, target = make_heads(v_t=V + 3, device=device)
+    # kd is infinite wherever the teacher gives mass to a class the student lacks...
+    loss = linear_distill_loss("kd", student["hidden"], student["weight"], teacher["hidden"], teacher["weight"],
+                               target, backend=backend)
+    assert loss.item() == float("inf")
+    # ...and exact when the padded classes are masked in the teacher too.
+    teacher["bias"][V:] = float("-inf")
+    compare("kd", {}, backend, student, teacher, target, chunk_size=3)
+
+
+def test_bfloat16_heads(backend, device):
+    student, teacher, target = make_heads(dtype=torch.bfloat16, device=device)
+    compare("kd", {}, backend, student, teacher, target, tol_dtype=torch.bfloat16, chunk_size=3)
+
+
+def test_leading_dims_module_and_no_grad(backend, device):
+    student, teacher, target = make_heads(n=6, device=device)
+    module = kdkernels.LinearDistillLoss("jsd", beta=0.2, chunk_size=4, backend=backend)
+    hidden = student["hidden"].reshape(2, 3, H_S)
+    loss = module(hidden, student["weight"], teacher["hidden"].reshape(2, 3, H_T), teacher["weight"],
+                  target.reshape(2, 3), student_bias=student["bias"], teacher_bias=teacher["bias"])
+    want = kdkernels.distill_loss("jsd", full_logits(student), full_logits(teacher), target, beta=0.2,
+                                  backend="reference")
+    assert_close(loss, want.numpy(), torch.float32, "module")
+    with torch.no_grad():
+        again = linear_distill_loss("jsd", hidden.requires_grad_(True), student["weight"],
+                                    teacher["hidden"].reshape(2, 3, H_T), teacher["weight"], target.reshape(2, 3),
+                                    student_bias=student["bias"], teacher_bias=teacher["bias"], beta=0.2,
+                                    backend=backend)
+    assert again.grad_fn is None
+    assert_close(again, loss.detach().numpy(), torch.float32, "forward only")
+
+
+def test_empty_batch_and_teacher_gets_no_gradient(device):
+    student, teacher, target = make_heads(device=device)
+    hidden = student["hidden"][:0].requires_grad_(True)
+    loss = linear_distill_loss("kd", hidden, student["weight"], teacher["hidden"][:0], teacher["weight"])
+    loss.backward()
+    assert loss.item() == 0 and hidden.grad.shape == (0, H_S)
+    t_hidden = teacher["hidden"].requires_grad_(True)
+    s_hidden = student["hidden"].requires_grad_(True)
+    linear_distill_loss("kd", s_hidden, student["weight"], t_hidden, teacher["weight"]).backward()
+    assert t_hidden.grad is None and s_hidden.grad is not None
+
+
+def test_backward_twice_raises(device):
+    student, teacher, _ = make_heads(device=device)
+    hidden = student["hidden"].requires_grad_(True)
+    loss = linear_distill_loss("kd", hidden, student["weight"], teacher["hidden"], teacher["weight"])
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
+
+
+def test_bad_arguments(device):
+    student, teacher, target = make_heads(device=device)
+    hs, ws, ht, wt = student["hidden"], student["weight"], teacher["hidden"], teacher["weight"]
+    with pytest.raises(ValueError, match="student_weight must have shape"):
+        linear_distill_loss("kd", hs, ws[:, :2], ht, wt)
+    with pytest.raises(ValueError, match="teacher_weight must have at least"):
+        linear_distill_loss("kd", hs, ws, ht, wt[:3])
+    with pytest.raises(ValueError, match="leading shape"):
+        linear_distill_loss("kd", hs, ws, ht[:2], wt)
+    with pytest.raises(ValueError, match="student_bias must have shape"):
+        linear_distill_loss("kd", hs, ws, ht, wt, student_bias=student["bias"][:3])
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_distill_loss("kd", hs, ws, ht, wt, chunk_size=0)
+    with pytest.raises(ValueError, match="softcap"):
+        linear_distill_loss("kd", hs, ws, ht, wt, softcap=-1.0)
+    with pytest.raises(ValueError, match="dkd needs target"):
+        linear_distill_loss("dkd", hs, ws, ht, wt)
+    with pytest.raises(IndexError, match="target"):
+        linear_distill_loss("dkd", hs, ws, ht, wt, torch.full((N,), V, device=device))
+    with pytest.raises(TypeError, match="student_hidden"):
+        linear_distill_loss("kd", hs.long(), ws, ht, wt)
+
+
+@pytest.mark.parametrize("v", [37, 4500])  # one tile per row, and streaming passes
+@pytest.mark.parametrize("case", [("kd", {}), ("rkl", {}), ("jsd", {"beta": 0.4}), ("dkd", {}),
+                                  ("gdkd", {"k": 3, "partitions": 3}), ("cakd", {"strong": "threshold"})],
+                         ids=case_id)
+def test_inplace_ops_match_out_of_place(case, v, fused, device):
+    inplace = kdkernels.backends.select_backend(fused, torch.empty(0, device=device)).inplace
+    if inplace is None:
+        pytest.skip(f"backend {fused} has no in-place ops")
+    method, hp = case
+    spec = get_method(method)
+    full = spec.resolve(hp)
+    family = spec.family
+    code, params = (divergence_params if family == DIVERGENCE else decoupled_params)(method, full)
+    g = torch.Generator().manual_seed(1)
+    s = (torch.randn(3, v, generator=g) * 3).to(device)
+    t = (torch.randn(3, v, generator=g) * 3).to(device)
+    target = torch.tensor([1, -100, v - 1], device=device)
+    denom = torch.tensor(2.0, device=device)
+    out_of_place = getattr(torch.ops.kdkernels, f"{family}_{fused}")
+    for reduce in (True, False):
+        want_loss, want_grad = out_of_place(s, t, target, denom, code, params, 2.0, True, -100, reduce, True)
+        buffer = s.clone()
+        loss = inplace[family](buffer, t, target, denom, code, params, 2.0, True, -100, reduce)
+        assert torch.equal(loss, want_loss) and torch.equal(buffer, want_grad)

@@ -1,0 +1,161 @@
+"""Sparse teachers: losses over the k + 1 bins, against the reference evaluated on the same bins."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import kdkernels
+from cases import CASES, case_id
+from helpers import assert_close, make_inputs
+from kdkernels import SparseTeacher
+from kdkernels.methods import DIVERGENCE, finite_when_missing
+from kdkernels.reference import sparse_row_losses
+from kdkernels.sparse import check
+
+DIVERGENCE_CASES = [c for c in CASES if kdkernels.METHODS[c[0]].family == DIVERGENCE]
+K = 4
+
+
+def top_k(t, k=K, kind="logprobs", temperature=1.0):
+    """The teacher's top-k as an inference server returns it: log-probabilities (at T) or raw logits."""
+    source = torch.log_softmax(t.double() / temperature, -1).float() if kind == "logprobs" else t
+    top = source.topk(k, -1)
+    return SparseTeacher(top.indices, top.values, kind)
+
+
+def reference_loss(method, hp, s, teacher, target, reduction="batchmean", grad_output=None, **options):
+    """Loss and gradient from reference.sparse_row_losses (gather + logsumexp under autograd), in float64."""
+    spec = kdkernels.METHODS[method]
+    hp = spec.resolve(hp)
+    temperature = options.get("temperature", spec.temperature)
+    s = s.detach().double().requires_grad_(True)
+    valid = torch.ones(s.shape[:-1], dtype=torch.bool) if target is None else target != -100
+    flat = check(teacher, method, hp, s.shape[:-1], s.shape[-1], s.device, valid.reshape(-1))
+    rows = sparse_row_losses(method, s.reshape(-1, s.shape[-1]), flat, hp, temperature, spec.t2_scale,
+                             valid.reshape(-1))
+    loss = rows.reshape(s.shape[:-1]) if reduction == "none" else rows.sum() / valid.sum().clamp(min=1) \
+        if reduction == "batchmean" else rows.sum()
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output.double())
+    return loss.detach(), s.grad
+
+
+def run(method, hp, s, teacher, target, backend, reduction="batchmean", grad_output=None, **options):
+    s = s.detach().clone().requires_grad_(True)
+    loss = kdkernels.distill_loss(method, s, teacher, target, backend=backend, reduction=reduction, **hp, **options)
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    return loss, s.grad
+
+
+@pytest.mark.parametrize("case", DIVERGENCE_CASES, ids=case_id)
+def test_every_divergence_against_reference_bins(case, backend, device):
+    method, hp = case
+    s, t, target = make_inputs((3, 2, 13), seed=3)
+    teacher = top_k(t)
+    go = torch.linspace(-1, 2, 6).reshape(3, 2)
+    for reduction, grad_output in (("batchmean", None), ("none", go)):
+        loss, grad = run(method, hp, s.to(device), SparseTeacher(teacher.indices.to(device),
+                         teacher.values.to(device)), target.to(device), backend, reduction,
+                         None if grad_output is None else grad_output.to(device), temperature=2.0)
+        want_loss, want_grad = reference_loss(method, hp, s, teacher, target, reduction, grad_output,
+                                              temperature=2.0)
+        assert_close(loss, want_loss.numpy(), torch.float32, f"{method} {hp} loss")
+        assert_close(grad, want_grad.numpy(), torch.float32, f"{method} {hp} gradient")
+
+
+def test_kd_closed_form_on_bins(backend, device):
+    s, t, _ = make_inputs((5, 9), seed=4)
+    teacher = top_k(t, kind="logprobs")
+    loss, _ = run("kd", {}, s.to(device), SparseTeacher(teacher.indices.to(device), teacher.values.to(device)),
+                  None, backend, temperature=1.0, t2_scale=False)
+    q = torch.softmax(s.double(), -1).numpy()
+    want = 0.0
+    for r in range(5):
+        p_k = np.exp(teacher.values[r].double().numpy())
+        q_k = q[r, teacher.indices[r].numpy()]
+        p_tail, q_tail = 1 - p_k.sum(), 1 - q_k.sum()
+        want += (p_k * np.log(p_k / q_k)).sum() + p_tail * math.log(p_tail / q_tail)
+    assert_close(loss, want / 5, torch.float32, "kd on bins")
+
+
+@pytest.mark.parametrize("method,hp", [("kd", {}), ("tvd", {}), ("jsd", {"beta": 0.3}), ("skew_rkl", {})])
+def test_logits_kind_with_all_classes_is_the_dense_loss(method, hp, backend, device):
+    s, t, target = make_inputs((4, 6), seed=5)
+    # k = V, kind="logits": the k classes are the whole vocabulary (renormalised after / T), the tail is empty.
+    teacher = SparseTeacher(torch.arange(6).flip(0).expand(4, 6).to(device), t.flip(-1).to(device), "logits")
+    loss, grad = run(method, hp, s.to(device), teacher, target.to(device), backend)
+    want, want_grad = run(method, hp, s, t, target, "reference")
+    assert_close(loss, want.detach().numpy(), torch.float32, "loss")
+    assert_close(grad, want_grad.numpy(), torch.float32, "gradient")
+
+
+@pytest.mark.parametrize("case", [c for c in DIVERGENCE_CASES if c[0] != "abkd"][:6], ids=case_id)
+def test_logits_kind(case, backend, device):
+    method, hp = case
+    s, t, target = make_inputs((5, 10), seed=6)
+    teacher = top_k(t, kind="logits")
+    full = kdkernels.METHODS[method].resolve(hp)
+    if not finite_when_missing(method, full, "teacher"):
+        with pytest.raises(ValueError, match="zero mass"):
+            run(method, hp, s.to(device), teacher, target.to(device), backend)
+        return
+    loss, grad = run(method, hp, s.to(device), teacher, target.to(device), backend, temperature=3.0)
+    want_loss, want_grad = reference_loss(method, hp, s, teacher, target, temperature=3.0)
+    assert_close(loss, want_loss.numpy(), torch.float32, "loss")
+    assert_close(grad, want_grad.numpy(), torch.float32, "gradient")
+
+
+def test_fused_linear_with_sparse_teacher(backend, device):
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(7, 5, generator=g).to(device).requires_grad_(True)
+    weight = torch.randn(12, 5, generator=g).to(device).requires_grad_(True)
+    teacher = top_k(torch.randn(7, 12, generator=g) * 2)
+    teacher = SparseTeacher(teacher.indices.to(device), teacher.values.to(device))
+    target = torch.tensor([0, 1, -100, 3, 4, 5, 6], device=device)
+    for method, hp in (("kd", {}), ("abkd", {"alpha": 0.6, "beta": 0.5}), ("skew_fkl", {"skew": 0.2})):
+        loss = kdkernels.linear_distill_loss(method, hidden, weight, teacher, None, target, chunk_size=3,
+                                             softcap=4.0, backend=backend, **hp)
+        got = torch.autograd.grad(loss, (hidden, weight), torch.tensor(1.3, device=device))
+        logits = 4.0 * torch.tanh(hidden @ weight.t() / 4.0)
+        want = kdkernels.distill_loss(method, logits, teacher, target, backend="reference", **hp)
+        want_grads = torch.autograd.grad(want, (hidden, weight), torch.tensor(1.3, device=device))
+        assert_close(loss, want.detach().cpu().numpy(), torch.float32, f"{method} loss")
+        for a, b in zip(got, want_grads):
+            assert_close(a, b.cpu().numpy(), torch.float32, f"{method} gradient")
+
+
+def test_undefined_and_bad_teachers_raise(device):
+    s, t, target = make_inputs((3, 8), seed=8)
+    s, t, target = s.to(device), t.to(device), target.to(device)
+    teacher = top_k(t)
+    with pytest.raises(ValueError, match="decoupled-family"):
+        kdkernels.distill_loss("dkd", s, teacher, target)
+    with pytest.raises(ValueError, match="decoupled-family"):
+        kdkernels.linear_distill_loss("gdkd", s, torch.eye(8, device=device), teacher, None)
+    # rkl against a zero tail: all the mass on the k classes.
+    full = SparseTeacher(teacher.indices, torch.log_softmax(teacher.values, -1))
+    with pytest.raises(ValueError, match="zero mass"):
+        kdkernels.distill_loss("rkl", s, full, None)
+    kdkernels.distill_loss("kd", s, full, None)  # finite: kd needs no tail
+    with pytest.raises(ValueError, match="must be log-probabilities"):
+        kdkernels.distill_loss("kd", s, SparseTeacher(teacher.indices, teacher.values + 3), None)
+    with pytest.raises(ValueError, match="distinct"):
+        kdkernels.distill_loss("kd", s, SparseTeacher(torch.zeros_like(teacher.indices), teacher.values), None)
+    with pytest.raises(ValueError, match=r"in \[0, 8\)"):
+        kdkernels.distill_loss("kd", s, SparseTeacher(teacher.indices + 8, teacher.values), None)
+    with pytest.raises(ValueError, match="leading shape"):
+        kdkernels.distill_loss("kd", s[:2], teacher, None)
+    with pytest.raises(ValueError, match="teacher_weight=None"):
+        kdkernels.linear_distill_loss("kd", s, torch.eye(8, device=device), teacher, torch.eye(8, device=device))
+    with pytest.raises(TypeError, match="indices must be an integer"):
+        SparseTeacher(teacher.values, teacher.values)
+    with pytest.raises(ValueError, match="same shape"):
+        SparseTeacher(teacher.indices[:, :2], teacher.values)
+    with pytest.raises(ValueError, match="kind"):
+        SparseTeacher(teacher.indices, teacher.values, "probs")
+    # An ignored row may hold anything.
+    bad = teacher.indices.clone()
+    bad[1] = 99
+    target = torch.tensor([0, -100, 2], device=device)
+    kdkernels.distill_loss("kd", s, SparseTeacher(bad, teacher.values), target)
