@@ -287,14 +287,14 @@ def _rss(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
-def linear_measure(shape: str, method: str, path: str, device: str, reps: int) -> dict:
+def linear_measure(n: int, h: int, v: int, dtype: str, method: str, path: str, device: str, reps: int) -> dict:
     """One (shape, method, path): peak MB added by the first step, then the median ms of ``reps`` steps."""
     import ctypes
 
     from . import backends as registry
 
     device = torch.device(device)
-    n, h, v, dtype = (LINEAR_GPU_SHAPES if device.type == "cuda" else LINEAR_CPU_SHAPES)[shape]
+    dtype = getattr(torch, dtype)
     inputs = _linear_inputs(n, h, v, dtype, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -314,26 +314,28 @@ def linear_measure(shape: str, method: str, path: str, device: str, reps: int) -
     return {"ms": ms, "peak_extra_mb": peak / 2**20, "backend": registry.select_backend("auto", inputs[0]).name}
 
 
-def run_linear(device: str, shapes=None, methods=None, out: str = "bench/out", reps: int = 4) -> list[LinearRow]:
+def run_linear(device: str, shapes=None, methods=None, out: str = "bench/out", reps: int = 4,
+               table=None) -> list[LinearRow]:
     import json
     import subprocess
     import sys
 
-    table = LINEAR_GPU_SHAPES if torch.device(device).type == "cuda" else LINEAR_CPU_SHAPES
+    table = table or (LINEAR_GPU_SHAPES if torch.device(device).type == "cuda" else LINEAR_CPU_SHAPES)
     rows = []
     for shape in shapes or list(table):
         n, h, v, dtype = table[shape]
+        name = str(dtype).replace("torch.", "")
         for method in methods or LINEAR_METHODS:
             for path in (UNCHUNKED, FUSED_LINEAR):
                 # A fresh process per measurement: no allocator state carried over from the previous one.
-                code = (f"import json; from kdkernels.bench import linear_measure; "
-                        f"print(json.dumps(linear_measure({shape!r}, {method!r}, {path!r}, {device!r}, {reps})))")
+                code = (f"import json; from kdkernels.bench import linear_measure; print(json.dumps(linear_measure("
+                        f"{n}, {h}, {v}, {name!r}, {method!r}, {path!r}, {device!r}, {reps})))")
                 done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
                 if done.returncode != 0:
                     raise RuntimeError(f"linear bench {shape} {method} {path} failed:\n{done.stderr[-3000:]}")
                 result = json.loads(done.stdout.strip().splitlines()[-1])
-                rows.append(LinearRow(shape, method, path, result["backend"], n, h, v,
-                                      str(dtype).replace("torch.", ""), result["ms"], result["peak_extra_mb"]))
+                rows.append(LinearRow(shape, method, path, result["backend"], n, h, v, name, result["ms"],
+                                      result["peak_extra_mb"]))
                 print(format_linear_table(rows[-1:], header=len(rows) == 1), flush=True)
     for row in rows:
         base = next(r for r in rows if (r.shape, r.method, r.path) == (row.shape, row.method, UNCHUNKED))

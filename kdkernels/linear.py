@@ -111,11 +111,11 @@ def _matmul_f32(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _accumulate_f32(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc (float32) += a @ b (a: the chunk's gradient transposed, float32; b: the chunk's hidden states)."""
-    if b.dtype in (torch.bfloat16, torch.float16) and _out_dtype_matmul(b.device):
-        torch.addmm(acc, a.to(b.dtype), b, out_dtype=torch.float32, out=acc)
+    """acc (float32) += a @ b: a low-precision CUDA product accumulates into float32 directly."""
+    if a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and _out_dtype_matmul(a.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
-        acc.addmm_(a, b.float())
+        acc.addmm_(a.float(), b.float())
 
 
 @dataclass
@@ -235,11 +235,12 @@ def _run(p: _Problem, hidden: Tensor, rows: int, need: tuple[bool, bool, bool], 
                 continue
             if grad_rows is not None:
                 g.mul_(grad_rows[start:stop, None])
+            # Low-precision weights: the matmuls take the gradient in their dtype (one cast, counted by chunk_rows).
+            g_mm = g if weight.dtype == torch.float32 else g.to(weight.dtype)
             if grad_h is not None:
-                grad_h[start:stop] = torch.mm(g.to(weight.dtype), weight) if weight.dtype != torch.float32 \
-                    else torch.mm(g, weight).to(hidden.dtype)
+                grad_h[start:stop] = torch.mm(g_mm, weight).to(hidden.dtype)
             if grad_w is not None:
-                _accumulate_f32(grad_w, g.t(), hidden[start:stop])
+                _accumulate_f32(grad_w, (g_mm if _out_dtype_matmul(g.device) else g).t(), hidden[start:stop])
             if grad_b is not None:
                 grad_b += g.sum(0)
     if not losses:  # no rows

@@ -30,3 +30,13 @@ def test_bench_writes_table_csv_and_plot(tmp_path):
         assert len(list(csv.DictReader(f))) == 2
     assert os.path.getsize(tmp_path / "bench.png") > 1000
     assert "x compile" in bench.format_table(rows)
+
+
+def test_linear_bench_compares_paths(tmp_path):
+    rows = bench.run_linear("cpu", methods=["kd"], out=str(tmp_path), reps=1,
+                            table={"tiny": (64, 16, 300, torch.float32)})
+    assert [r.path for r in rows] == [bench.UNCHUNKED, bench.FUSED_LINEAR]
+    assert all(r.ms > 0 and r.peak_extra_mb > 0 and r.backend == "reference" for r in rows)
+    assert math.isclose(rows[1].vs_unchunked_time, rows[0].ms / rows[1].ms)
+    with open(tmp_path / "linear.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
