@@ -39,9 +39,10 @@ from .sparse import SparseTeacher, check as check_sparse, fold, teacher_bins, un
 
 Tensor = torch.Tensor
 
-# Default chunk memory on CPU tensors: big enough that each chunk's matmuls run near the BLAS's full speed
-# (re-reading the weights once per chunk is then a small share of the time), small next to the [N, V] logits.
-DEFAULT_CPU_BUDGET = 512 << 20
+# Default chunk memory on CPU tensors: big enough that the matmuls run near the BLAS's full speed and that the
+# reference's autograd sub-chunks have tens of rows (on a 2-core CPU at V = 65536, 6-row sub-chunks take 4x the
+# time of 100-row ones), small next to the [N, V] logits and their reference temporaries.
+DEFAULT_CPU_BUDGET = 1 << 30
 # On CUDA: this share of the free device memory, at most CUDA_BUDGET_MAX.
 CUDA_BUDGET_FRACTION = 1 / 8
 CUDA_BUDGET_MAX = 1 << 30
@@ -66,8 +67,9 @@ def chunk_rows(budget: int, v_student: int, v_teacher: int, weight_dtype: torch.
     student's instead), the capped logits for the softcap derivative, and the gradient cast to a low-precision
     weight dtype for the matmuls. A backend with an in-place op turns the student's logits into the gradient
     with nothing more, so the whole budget goes to the chunk. Otherwise the loss runs by autograd on sub-chunks
-    (REFERENCE_BUFFERS [rows, V] float32 each) that get half the budget, the chunk the other half: large chunks
-    keep the matmuls efficient (on a 2-core CPU a 48-row chunk runs them at half the speed of a 512-row one).
+    (REFERENCE_BUFFERS [rows, V] float32 each) that get three quarters of the budget and the chunk the rest:
+    small sub-chunks are dominated by per-operation costs, and a few hundred rows already keep the matmuls
+    efficient (on a 2-core CPU a 48-row chunk runs them at half the speed of a 512-row one).
     """
     v = v_student if sparse else v_teacher
     per_row = 4 * v * (2 + softcap)
@@ -75,7 +77,7 @@ def chunk_rows(budget: int, v_student: int, v_teacher: int, weight_dtype: torch.
         per_row += v_student * torch.empty((), dtype=weight_dtype).element_size()
     if inplace:
         return max(1, budget // per_row), 0
-    return max(1, budget // 2 // per_row), max(1, budget // 2 // (4 * v * REFERENCE_BUFFERS))
+    return max(1, budget // 4 // per_row), max(1, budget * 3 // 4 // (4 * v * REFERENCE_BUFFERS))
 
 
 _OUT_DTYPE_MATMUL: dict = {}

@@ -79,16 +79,16 @@ def test_reductions_grad_output_and_normalizer(method, hp, reduction, backend, d
 def test_chunk_larger_than_batch_and_budget_sizing(backend, device):
     student, teacher, target = make_heads(device=device)
     compare("kd", {}, backend, student, teacher, target, chunk_size=100)
-    # A budget of 3 rows of logits (no in-place op: half for the chunk, half for the reference's buffers).
-    compare("dkd", {}, backend, student, teacher, target, memory_budget=3 * 2 * 4 * V * (2 + REFERENCE_BUFFERS))
+    # A budget of 3 rows of logits (no in-place op: a quarter for the chunk, the rest for the reference's buffers).
+    compare("dkd", {}, backend, student, teacher, target, memory_budget=3 * 4 * 4 * V * (2 + REFERENCE_BUFFERS))
 
 
 def test_chunk_rows_from_the_budget():
     assert chunk_rows(10 * 4 * 100 * 2, 100, 100, torch.float32, True, False, False) == (10, 0)
     assert chunk_rows(10 * 4 * 100 * 3, 100, 100, torch.float32, True, True, False) == (10, 0)  # softcap
     assert chunk_rows(10 * (4 * 120 * 2 + 2 * 100), 100, 120, torch.bfloat16, True, False, False) == (10, 0)
-    budget = 2 * 8 * 4 * 100 * REFERENCE_BUFFERS
-    assert chunk_rows(budget, 100, 100, torch.float32, False, False, False) == (budget // 2 // 800, 8)
+    budget = 4 * 8 * 4 * 100 * REFERENCE_BUFFERS
+    assert chunk_rows(budget, 100, 100, torch.float32, False, False, False) == (budget // 4 // 800, 24)
     assert chunk_rows(1, 100, 100, torch.float32, False, False, False) == (1, 1)
 
 
