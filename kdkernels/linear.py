@@ -42,7 +42,7 @@ Tensor = torch.Tensor
 # Default chunk memory on CPU tensors: big enough that the matmuls run near the BLAS's full speed and that the
 # reference's autograd sub-chunks have tens of rows (on a 2-core CPU at V = 65536, 6-row sub-chunks take 4x the
 # time of 100-row ones), small next to the [N, V] logits and their reference temporaries.
-DEFAULT_CPU_BUDGET = 1 << 30
+DEFAULT_CPU_BUDGET = 768 << 20
 # On CUDA: this share of the free device memory, at most CUDA_BUDGET_MAX.
 CUDA_BUDGET_FRACTION = 1 / 8
 CUDA_BUDGET_MAX = 1 << 30
@@ -245,6 +245,7 @@ def _run(p: _Problem, hidden: Tensor, rows: int, need: tuple[bool, bool, bool], 
                 _accumulate_f32(grad_w, (g_mm if _out_dtype_matmul(g.device) else g).t(), hidden[start:stop])
             if grad_b is not None:
                 grad_b += g.sum(0)
+            del g, g_mm  # this chunk's buffers go before the next chunk's are allocated
     if not losses:  # no rows
         total = torch.zeros((0,) if p.reduction == "none" else (), device=hidden.device)
     else:

@@ -2,7 +2,9 @@
 # GPU validation: the whole test suite with CUDA tensors, then the benchmark; results (logs, env, CSV, PNG) go to
 # one folder to commit under bench/results/.
 #
-#   bash scripts/gpu_validate.sh [tests|bench|all] [results-dir] [-- extra bench args]
+#   bash scripts/gpu_validate.sh [tests|bench|linear|all] [results-dir] [-- extra bench args]
+#
+# linear: the fused-linear section (python -m kdkernels bench --linear: N=8192, H=4096, V=128256 bf16).
 #
 # Runs with the machine's own python3/torch/triton (no network needed): the package is used from this checkout
 # (PYTHONPATH), and the compiled extension, if there are C++ sources, is built in place first. Each part fits one
@@ -36,6 +38,10 @@ if [ "$mode" = tests ] || [ "$mode" = all ]; then
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ]; then
   python3 -m kdkernels bench --device cuda --out "$results" --no-progress "$@" 2>&1 | tee "$results/bench.txt"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+if [ "$mode" = linear ]; then
+  python3 -m kdkernels bench --linear --device cuda --out "$results" "$@" 2>&1 | tee "$results/linear.txt"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 exit $status
