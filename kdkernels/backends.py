@@ -37,8 +37,9 @@ class Backend:
     name: str
     impl: Callable
     unavailable: Callable[[torch.device], str | None]  # None when it can run on that device, else the reason
-    # In-place family ops {"divergence": op_, "decoupled": op_} (schema in ops.py / csrc/kdkernels.cpp) that
-    # overwrite the student logits with d loss / d student and return the loss; None when the backend has none.
+    # Family ops of a fused backend, {"divergence": op, "decoupled": op} (schema in ops.py), and their in-place
+    # siblings that overwrite the student logits with d loss / d student and return the loss; None for the reference.
+    ops: dict | None = None
     inplace: dict | None = None
 
 
@@ -49,8 +50,8 @@ AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference
 
 
 def register(name: str, impl: Callable, unavailable: Callable[[torch.device], str | None],
-             inplace: dict | None = None) -> None:
-    _REGISTRY[name] = Backend(name, impl, unavailable, inplace)
+             ops: dict | None = None, inplace: dict | None = None) -> None:
+    _REGISTRY[name] = Backend(name, impl, unavailable, ops, inplace)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

@@ -44,22 +44,14 @@ def _unavailable_on(device_type: str, dispatch_key: str):
     return unavailable
 
 
-def _float32_math(p: backends.Problem) -> None:
-    if torch.float64 in (p.student.dtype, p.teacher.dtype):
-        raise TypeError("backend='cuda' computes in float32 and takes float32, bfloat16 or float16 logits; "
-                        "use backend='reference' for float64")
-
-
 if LOAD_ERROR is None:
-    divergence = attach_family_op("divergence")
-    decoupled = attach_family_op("decoupled")
-    divergence_ = attach_inplace_family_op("divergence_")
-    decoupled_ = attach_inplace_family_op("decoupled_")
-    _inplace = {"divergence": divergence_, "decoupled": decoupled_}
-    _cpu_impl = family_backend(divergence, decoupled)
-    _cuda_impl = family_backend(divergence, decoupled, check=_float32_math)
+    _ops = {"divergence": attach_family_op("divergence"), "decoupled": attach_family_op("decoupled")}
+    _inplace = {"divergence": attach_inplace_family_op("divergence_"),
+                "decoupled": attach_inplace_family_op("decoupled_")}
+    _cpu_impl = family_backend("cpu", _ops, float64=True)
+    _cuda_impl = family_backend("cuda", _ops, float64=False)
 else:
-    _cpu_impl = _cuda_impl = _inplace = None
+    _cpu_impl = _cuda_impl = _ops = _inplace = None
 
-backends.register("cpu", _cpu_impl, _unavailable_on("cpu", "CPU"), inplace=_inplace)
-backends.register("cuda", _cuda_impl, _unavailable_on("cuda", "CUDA"), inplace=_inplace)
+backends.register("cpu", _cpu_impl, _unavailable_on("cpu", "CPU"), _ops, _inplace)
+backends.register("cuda", _cuda_impl, _unavailable_on("cuda", "CUDA"), _ops, _inplace)

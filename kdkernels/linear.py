@@ -400,7 +400,7 @@ def linear_distill_loss(
         if spec.needs_target(hp):
             raise ValueError(f"{method} needs target (class indices of shape {tuple(leading)})")
     else:
-        _check_target(target, like, ignore_index, spec.needs_target(hp))
+        _check_target(target, like, ignore_index, spec.needs_target(hp), v)
     n = leading.numel()
     flat_target = None if target is None else target.reshape(-1)
     valid = torch.ones(n, dtype=torch.bool, device=student_hidden.device) if target is None \

@@ -102,33 +102,47 @@ def attach_family_op(name: str):
     return getattr(torch.ops.kdkernels, name).default
 
 
+def _inplace_fake(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce):
+    return _loss_like(student, teacher, reduce)
+
+
+def define_inplace_family_op(name: str, launch: Callable) -> Callable:
+    """Defines the in-place ``kdkernels::name`` in Python, running ``launch``: the family schema without
+    ``with_grad``, the contiguous student overwritten by d loss / d student, the loss returned. It has no autograd:
+    its caller (the fused-linear path) uses the gradient itself."""
+
+    def impl(student: Tensor, teacher: Tensor, target: Optional[Tensor], denominator: Optional[Tensor], code: int,
+             params: List[float], temperature: float, t2_scale: bool, ignore_index: int, reduce: bool) -> Tensor:
+        return launch(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index,
+                      reduce)
+
+    op = torch.library.custom_op(f"kdkernels::{name}", mutates_args=("student",))(impl)
+    op.register_fake(_inplace_fake)
+    return op
+
+
 def attach_inplace_family_op(name: str):
-    """Adds the fake function to the C++ in-place sibling ``kdkernels::name`` (``divergence_``, ``decoupled_``):
-    the family schema without ``with_grad``, the student overwritten by d loss / d student, the loss returned.
-    It has no autograd: its caller (the fused-linear path) uses the gradient itself."""
-
-    def fake(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce):
-        return _loss_like(student, teacher, reduce)
-
-    torch.library.register_fake(f"kdkernels::{name}")(fake)
+    """Adds the fake function to the C++ in-place sibling ``kdkernels::name`` (``divergence_``, ``decoupled_``;
+    the schema of ``define_inplace_family_op``)."""
+    torch.library.register_fake(f"kdkernels::{name}")(_inplace_fake)
     return getattr(torch.ops.kdkernels, name).default
 
 
-def family_backend(divergence_op: Callable, decoupled_op: Callable, check: Optional[Callable] = None) -> Callable:
-    """A backend impl (backends.py) calling the family ops: ``check(problem)`` first raises for what they refuse."""
+def family_backend(name: str, ops: dict, float64: bool) -> Callable:
+    """The impl (backends.py) of fused backend ``name`` calling its family ``ops`` ({"divergence": op,
+    "decoupled": op}); without ``float64`` it refuses float64 logits (float32 math) with a clear error."""
     from .kernel_params import decoupled_params, divergence_params
     from .methods import DIVERGENCE, get_method
 
     def impl(p) -> Tensor:
-        if check is not None:
-            check(p)
-        if get_method(p.method).family == DIVERGENCE:
-            op, (code, params) = divergence_op, divergence_params(p.method, p.hp)
-        else:
-            op, (code, params) = decoupled_op, decoupled_params(p.method, p.hp)
+        if not float64 and torch.float64 in (p.student.dtype, p.teacher.dtype):
+            raise TypeError(f"backend={name!r} computes in float32 and takes float32, bfloat16 or float16 logits; "
+                            "use backend='reference' (or 'cpu' on CPU tensors) for float64")
+        family = get_method(p.method).family
+        code, params = (divergence_params if family == DIVERGENCE else decoupled_params)(p.method, p.hp)
         with_grad = p.student.requires_grad and torch.is_grad_enabled()
-        loss, _ = op(p.student, p.teacher, p.target, p.denominator, code, params, p.temperature, p.t2_scale,
-                     p.ignore_index, p.reduction != "none", with_grad)
+        loss, _ = ops[family](p.student, p.teacher, p.target, p.denominator, code, params, p.temperature,
+                              p.t2_scale, p.ignore_index, p.reduction != "none", with_grad)
         return loss
 
     return impl

@@ -26,25 +26,6 @@ def _family_args(method, hp):
     return family, code, params
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("reduce", [True, False], ids=["reduce", "rows"])
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_inplace_matches_out_of_place(case, reduce, dtype):
-    """divergence_ / decoupled_ return the same loss and leave exactly the out-of-place gradient in the student
-    (V = 3000 streams several chunks; ignored rows are zeroed)."""
-    method, hp = case
-    family, code, params = _family_args(method, hp)
-    s, t, target = make_inputs((5, 3000), dtype, seed=30, ignored=2)
-    denominator = torch.tensor(3.0) if reduce else None
-    args = (t, target, denominator, code, params, 2.0, True, -100, reduce)
-    want_loss, want_grad = getattr(torch.ops.kdkernels, family)(s, *args, True)
-    student = s.clone()
-    loss = backends._REGISTRY["cpu"].inplace[family](student, *args)
-    assert loss.dtype == want_loss.dtype and loss.shape == want_loss.shape
-    assert torch.equal(loss, want_loss)
-    assert torch.equal(student, want_grad)
-
-
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[21], CASES[25]], ids=case_id)
 def test_inplace_opcheck(case):
     method, hp = case
@@ -56,8 +37,10 @@ def test_inplace_opcheck(case):
                                False, -100, reduce))
 
 
-def test_inplace_ops_are_registered_with_the_backends():
+def test_ops_are_registered_with_the_backends():
     for name in ("cpu", "cuda"):
+        assert backends._REGISTRY[name].ops == {"divergence": torch.ops.kdkernels.divergence.default,
+                                                "decoupled": torch.ops.kdkernels.decoupled.default}
         assert backends._REGISTRY[name].inplace == {"divergence": torch.ops.kdkernels.divergence_.default,
                                                     "decoupled": torch.ops.kdkernels.decoupled_.default}
 

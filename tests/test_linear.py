@@ -5,7 +5,7 @@ import torch
 
 import kdkernels
 from cases import CASES, case_id
-from helpers import TOLERANCE, assert_close
+from helpers import assert_close
 from kdkernels.kernel_params import decoupled_params, divergence_params
 from kdkernels.linear import REFERENCE_BUFFERS, chunk_rows, linear_distill_loss
 from kdkernels.methods import DIVERGENCE, get_method
@@ -185,26 +185,27 @@ def test_bad_arguments(device):
 
 
 @pytest.mark.parametrize("v", [37, 4500])  # one tile per row, and streaming passes
-@pytest.mark.parametrize("case", [("kd", {}), ("rkl", {}), ("jsd", {"beta": 0.4}), ("dkd", {}),
-                                  ("gdkd", {"k": 3, "partitions": 3}), ("cakd", {"strong": "threshold"})],
-                         ids=case_id)
+@pytest.mark.parametrize("case", [("kd", {}), ("rkl", {}), ("jsd", {"beta": 0.4}), ("abkd", {"alpha": 0.3}),
+                                  ("dkd", {}), ("gdkd", {"k": 3, "partitions": 3}),
+                                  ("cakd", {"strong": "threshold"}), ("aekt", {})], ids=case_id)
 def test_inplace_ops_match_out_of_place(case, v, fused, device):
-    inplace = kdkernels.backends.select_backend(fused, torch.empty(0, device=device)).inplace
-    if inplace is None:
-        pytest.skip(f"backend {fused} has no in-place ops")
+    """A backend's in-place op returns its out-of-place op's loss and leaves exactly its gradient in the student
+    (ignored rows zeroed), in every dtype the backend takes."""
+    b = kdkernels.backends.select_backend(fused, torch.empty(0, device=device))
     method, hp = case
     spec = get_method(method)
-    full = spec.resolve(hp)
-    family = spec.family
-    code, params = (divergence_params if family == DIVERGENCE else decoupled_params)(method, full)
+    code, params = (divergence_params if spec.family == DIVERGENCE else decoupled_params)(method, spec.resolve(hp))
     g = torch.Generator().manual_seed(1)
-    s = (torch.randn(3, v, generator=g) * 3).to(device)
-    t = (torch.randn(3, v, generator=g) * 3).to(device)
     target = torch.tensor([1, -100, v - 1], device=device)
     denom = torch.tensor(2.0, device=device)
-    out_of_place = getattr(torch.ops.kdkernels, f"{family}_{fused}")
-    for reduce in (True, False):
-        want_loss, want_grad = out_of_place(s, t, target, denom, code, params, 2.0, True, -100, reduce, True)
-        buffer = s.clone()
-        loss = inplace[family](buffer, t, target, denom, code, params, 2.0, True, -100, reduce)
-        assert torch.equal(loss, want_loss) and torch.equal(buffer, want_grad)
+    for dtype in (torch.float32, torch.bfloat16) + ((torch.float64,) if fused == "cpu" else ()):
+        s = (torch.randn(3, v, generator=g, dtype=torch.float64) * 3).to(dtype).to(device)
+        t = (torch.randn(3, v, generator=g, dtype=torch.float64) * 3).to(dtype).to(device)
+        for reduce in (True, False):
+            args = (t, target, denom if reduce else None, code, params, 2.0, True, -100, reduce)
+            want_loss, want_grad = b.ops[spec.family](s, *args, True)
+            buffer = s.clone()
+            loss = b.inplace[spec.family](buffer, *args)
+            assert loss.dtype == want_loss.dtype and torch.equal(loss, want_loss), (dtype, reduce)
+            assert torch.equal(buffer, want_grad), (dtype, reduce)
+            assert not buffer[1].any()

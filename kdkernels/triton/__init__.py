@@ -13,15 +13,13 @@ computes each written element from the element it read; no other program touches
 from __future__ import annotations
 
 import os
-from typing import List, Optional
 
 import torch
 import triton
 
 from .. import backends
-from ..kernel_params import decoupled_params, divergence_params
-from ..methods import DECOUPLED, DIVERGENCE, get_method
-from ..ops import define_family_op
+from ..methods import DECOUPLED, DIVERGENCE
+from ..ops import define_family_op, define_inplace_family_op, family_backend
 from .common import launch_shape
 from .decoupled import decoupled_kernel
 from .divergence import divergence_kernel
@@ -74,45 +72,21 @@ def _out_of_place(kernel, family):
     return launch
 
 
-def _define_inplace_op(name: str, kernel, family):
-    """``kdkernels::name``: the family schema without ``with_grad``; overwrites the student with its gradient."""
-
-    def impl(student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor],
-             denominator: Optional[torch.Tensor], code: int, params: List[float], temperature: float,
-             t2_scale: bool, ignore_index: int, reduce: bool) -> torch.Tensor:
+def _in_place(kernel, family):
+    def launch(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce):
         if not student.is_contiguous():
-            raise ValueError(f"kdkernels::{name} overwrites the student logits with their gradient: they must be "
-                             f"contiguous, got strides {student.stride()}")
+            raise ValueError(f"the in-place {family} op overwrites the student logits with their gradient: they "
+                             f"must be contiguous, got strides {student.stride()}")
         return _launch(kernel, family, student, teacher, target, denominator, code, params, temperature, t2_scale,
                        ignore_index, reduce, student)
 
-    op = torch.library.custom_op(f"kdkernels::{name}", mutates_args=("student",))(impl)
-
-    @op.register_fake
-    def _(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce):
-        return student.new_empty(() if reduce else (student.shape[0],), dtype=torch.float32)
-
-    return op
+    return launch
 
 
 divergence_triton = define_family_op("divergence_triton", _out_of_place(divergence_kernel, DIVERGENCE))
 decoupled_triton = define_family_op("decoupled_triton", _out_of_place(decoupled_kernel, DECOUPLED))
-divergence_triton_ = _define_inplace_op("divergence_triton_", divergence_kernel, DIVERGENCE)
-decoupled_triton_ = _define_inplace_op("decoupled_triton_", decoupled_kernel, DECOUPLED)
-
-
-def _impl(p: backends.Problem) -> torch.Tensor:
-    if torch.float64 in (p.student.dtype, p.teacher.dtype):
-        raise TypeError("backend='triton' computes in float32 and takes float32, bfloat16 or float16 logits; "
-                        "use backend='reference' for float64")
-    if get_method(p.method).family == DIVERGENCE:
-        op, (code, params) = divergence_triton, divergence_params(p.method, p.hp)
-    else:
-        op, (code, params) = decoupled_triton, decoupled_params(p.method, p.hp)
-    with_grad = p.student.requires_grad and torch.is_grad_enabled()
-    loss, _ = op(p.student, p.teacher, p.target, p.denominator, code, params, p.temperature, p.t2_scale,
-                 p.ignore_index, p.reduction != "none", with_grad)
-    return loss
+divergence_triton_ = define_inplace_family_op("divergence_triton_", _in_place(divergence_kernel, DIVERGENCE))
+decoupled_triton_ = define_inplace_family_op("decoupled_triton_", _in_place(decoupled_kernel, DECOUPLED))
 
 
 def _unavailable(device: torch.device) -> str | None:
@@ -123,5 +97,6 @@ def _unavailable(device: torch.device) -> str | None:
     return f"no Triton support for {device.type} tensors"
 
 
-backends.register("triton", _impl, _unavailable,
-                  inplace={"divergence": divergence_triton_, "decoupled": decoupled_triton_})
+_ops = {"divergence": divergence_triton, "decoupled": decoupled_triton}
+backends.register("triton", family_backend("triton", _ops, float64=False), _unavailable, _ops,
+                  {"divergence": divergence_triton_, "decoupled": decoupled_triton_})

@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, load_scaled, online_lse, safe_max, store_rows
+from .common import NEG_INF, load_scaled, safe_max, store_rows
 
 BIG_INDEX = tl.constexpr(2**31 - 1)
 
