@@ -21,7 +21,9 @@ hidden states and weight included, in both paths). GPU: ``torch.cuda.max_memory_
 bytes before the step. CPU: each (path, method) runs in a fresh process and its first step is measured with the
 kernel's own resident-set high-water mark: freed heap is returned (malloc_trim), the mark is reset
 (``/proc/self/clear_refs``), and peak = VmHWM after the step - VmRSS before it. That counts every byte the step
-touches (PyTorch, BLAS and Python alike) and nothing it only reserves; timing uses later steps. Writes
+touches (PyTorch, BLAS and Python alike) and nothing it only reserves; timing uses later steps. Both paths
+return the same gradients (``grads_mb``: the student's hidden states and weight in their dtype), which training
+keeps anyway; the table also gives each peak net of them (the loss's own memory) and its ratio. Writes
 ``linear.csv``.
 """
 
@@ -32,7 +34,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -256,8 +258,14 @@ class LinearRow:
     dtype: str
     ms: float
     peak_extra_mb: float
+    grads_mb: float  # the gradients both paths return (hidden states, weight), part of peak_extra_mb
+    net_peak_mb: float = field(init=False)  # peak_extra_mb - grads_mb: the loss's own memory
     vs_unchunked_time: float = math.nan  # unchunked ms / this ms
     vs_unchunked_peak: float = math.nan  # unchunked peak / this peak
+    vs_unchunked_net_peak: float = math.nan  # unchunked net peak / this net peak
+
+    def __post_init__(self):
+        self.net_peak_mb = self.peak_extra_mb - self.grads_mb
 
 
 def _linear_inputs(n, h, v, dtype, device):
@@ -334,13 +342,15 @@ def run_linear(device: str, shapes=None, methods=None, out: str = "bench/out", r
                 if done.returncode != 0:
                     raise RuntimeError(f"linear bench {shape} {method} {path} failed:\n{done.stderr[-3000:]}")
                 result = json.loads(done.stdout.strip().splitlines()[-1])
+                grads_mb = (n + v) * h * dtype.itemsize / 2**20
                 rows.append(LinearRow(shape, method, path, result["backend"], n, h, v, name, result["ms"],
-                                      result["peak_extra_mb"]))
+                                      result["peak_extra_mb"], grads_mb))
                 print(format_linear_table(rows[-1:], header=len(rows) == 1), flush=True)
     for row in rows:
         base = next(r for r in rows if (r.shape, r.method, r.path) == (row.shape, row.method, UNCHUNKED))
         row.vs_unchunked_time = base.ms / row.ms
         row.vs_unchunked_peak = base.peak_extra_mb / row.peak_extra_mb
+        row.vs_unchunked_net_peak = base.net_peak_mb / row.net_peak_mb
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "linear.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
@@ -351,10 +361,12 @@ def run_linear(device: str, shapes=None, methods=None, out: str = "bench/out", r
 
 def format_linear_table(rows: list[LinearRow], header: bool = True) -> str:
     lines = [["shape", "method", "path", "loss backend", "N", "H", "V", "dtype", "ms", "peak MB",
-              "x time", "x peak"]] if header else []
+              "grads MB", "net peak MB", "x time", "x peak", "x net peak"]] if header else []
     for r in rows:
         lines.append([r.shape, r.method, r.path, r.backend, r.n, r.h, r.v, r.dtype, f"{r.ms:.0f}",
-                      f"{r.peak_extra_mb:.0f}", f"{r.vs_unchunked_time:.2f}", f"{r.vs_unchunked_peak:.2f}"])
+                      f"{r.peak_extra_mb:.0f}", f"{r.grads_mb:.0f}", f"{r.net_peak_mb:.0f}",
+                      f"{r.vs_unchunked_time:.2f}", f"{r.vs_unchunked_peak:.2f}",
+                      f"{r.vs_unchunked_net_peak:.2f}"])
     return "\n".join("  ".join(str(c).ljust(13) for c in line) for line in lines)
 
 

@@ -13,8 +13,8 @@ known in the forward and a row's share of grad_weight cannot be rescaled afterwa
 loss only and backward recomputes the chunks (twice the matmuls).
 
 Chunk size: the rows whose temporaries (student and teacher logits, softcap derivative, the gradient cast for the
-matmul, the reference's autograd buffers) fit ``memory_budget`` bytes (``chunk_rows``); see ``DEFAULT_CPU_BUDGET``
-and ``CUDA_BUDGET_FRACTION``. ``chunk_size`` overrides the row count.
+matmul, the reference's autograd buffers) fit ``memory_budget`` bytes (``chunk_rows``), split into equal chunks;
+see ``default_budget``. ``chunk_size`` overrides the row count.
 
 Padded vocabularies: a teacher weight with more rows (classes) than the student's is read as the student giving
 those classes logit -inf (probability 0). Losses that are infinite where q = 0 < p (kd, the decoupled family,
@@ -39,10 +39,14 @@ from .sparse import SparseTeacher, check as check_sparse, fold, teacher_bins, un
 
 Tensor = torch.Tensor
 
-# Default chunk memory on CPU tensors: big enough that the matmuls run near the BLAS's full speed and that the
-# reference's autograd sub-chunks have tens of rows (on a 2-core CPU at V = 65536, 6-row sub-chunks take 4x the
-# time of 100-row ones), small next to the [N, V] logits and their reference temporaries.
-DEFAULT_CPU_BUDGET = 768 << 20
+# Default chunk memory on CPU tensors, for a backend with an in-place op: enough rows that the matmuls run at the
+# BLAS's full speed (2-core CPU, N = 2048, H = 1024, V = 65536 float32: 256-row chunks take the unchunked path's
+# time, 6.9 s, with 1/9 of its memory net of the gradients).
+DEFAULT_CPU_BUDGET = 128 << 20
+# Without one (the reference by autograd): enough that its sub-chunks have tens of rows (on a 2-core CPU at
+# V = 65536, 6-row sub-chunks take 4x the time of 100-row ones), small next to the [N, V] logits and their
+# reference temporaries.
+DEFAULT_CPU_AUTOGRAD_BUDGET = 768 << 20
 # On CUDA: this share of the free device memory, at most CUDA_BUDGET_MAX.
 CUDA_BUDGET_FRACTION = 1 / 8
 CUDA_BUDGET_MAX = 1 << 30
@@ -51,12 +55,13 @@ CUDA_BUDGET_MAX = 1 << 30
 REFERENCE_BUFFERS = 40
 
 
-def default_budget(device: torch.device) -> int:
-    """Bytes of chunk temporaries used when neither ``memory_budget`` nor ``chunk_size`` is given."""
+def default_budget(device: torch.device, inplace: bool) -> int:
+    """Bytes of chunk temporaries used when neither ``memory_budget`` nor ``chunk_size`` is given; ``inplace``:
+    whether the backend turns logits into gradients in place."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(min(free * CUDA_BUDGET_FRACTION, CUDA_BUDGET_MAX))
-    return DEFAULT_CPU_BUDGET
+    return DEFAULT_CPU_BUDGET if inplace else DEFAULT_CPU_AUTOGRAD_BUDGET
 
 
 def chunk_rows(budget: int, v_student: int, v_teacher: int, weight_dtype: torch.dtype, inplace: bool,
@@ -239,7 +244,9 @@ def _run(p: _Problem, hidden: Tensor, rows: int, need: tuple[bool, bool, bool], 
                 g.mul_(grad_rows[start:stop, None])
             # Low-precision weights: the matmuls take the gradient in their dtype (one cast, counted by chunk_rows).
             g_mm = g if weight.dtype == torch.float32 else g.to(weight.dtype)
-            if grad_h is not None:
+            if grad_h is not None and weight.dtype == hidden.dtype:
+                torch.mm(g_mm, weight, out=grad_h[start:stop])
+            elif grad_h is not None:
                 grad_h[start:stop] = torch.mm(g_mm, weight).to(hidden.dtype)
             if grad_w is not None:
                 _accumulate_f32(grad_w, (g_mm if _out_dtype_matmul(g.device) else g).t(), hidden[start:stop])
@@ -412,10 +419,12 @@ def linear_distill_loss(
     p = _Problem(method, hp, float(temperature), t2_scale, ignore_index, reduction,
                  denominator(valid, reduction, normalizer), backend, student_weight, student_bias, teacher_weight,
                  teacher_bias, softcap, teacher_softcap, flat_target, valid, teacher_hidden)
-    budget = default_budget(student_hidden.device) if memory_budget is None else memory_budget
+    budget = default_budget(student_hidden.device, p.inplace is not None) if memory_budget is None \
+        else memory_budget
     rows, p.loss_rows = chunk_rows(budget, v, v_t, student_weight.dtype, p.inplace is not None,
                                    softcap is not None, sparse)
-    chunk_size = rows if chunk_size is None else chunk_size
+    if chunk_size is None:  # the fewest chunks the budget allows, of equal size (no short last chunk)
+        chunk_size = -(-n // -(-n // rows)) if n else rows
     grad_on = torch.is_grad_enabled()
     need = (grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
             grad_on and student_bias is not None and student_bias.requires_grad)

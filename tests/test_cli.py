@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from kdkernels import bench
+from kdkernels import backends, bench
 
 
 def test_demo_quick_runs_and_reports_every_method():
@@ -36,7 +36,12 @@ def test_linear_bench_compares_paths(tmp_path):
     rows = bench.run_linear("cpu", methods=["kd"], out=str(tmp_path), reps=1,
                             table={"tiny": (64, 16, 300, torch.float32)})
     assert [r.path for r in rows] == [bench.UNCHUNKED, bench.FUSED_LINEAR]
-    assert all(r.ms > 0 and r.peak_extra_mb > 0 and r.backend == "reference" for r in rows)
+    auto = backends.select_backend("auto", torch.empty(1)).name
+    assert all(r.ms > 0 and r.peak_extra_mb > 0 and r.backend == auto for r in rows)
     assert math.isclose(rows[1].vs_unchunked_time, rows[0].ms / rows[1].ms)
+    grads_mb = (64 * 16 + 300 * 16) * 4 / 2**20  # grad_hidden + grad_weight, float32
+    assert all(math.isclose(r.net_peak_mb, r.peak_extra_mb - grads_mb) for r in rows)
+    assert math.isclose(rows[1].vs_unchunked_net_peak, rows[0].net_peak_mb / rows[1].net_peak_mb)
+    assert "x net peak" in bench.format_linear_table(rows)
     with open(tmp_path / "linear.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
