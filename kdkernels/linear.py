@@ -10,7 +10,9 @@ in-place op, else by autograd on the chunk), and accumulates
 so the peak memory is that of one chunk plus the gradients. The forward does all of it (the teacher under no_grad);
 backward only scales the saved gradients by grad_output. With reduction="none" the per-row grad_output is not
 known in the forward and a row's share of grad_weight cannot be rescaled afterwards: the forward then computes the
-loss only and backward recomputes the chunks (twice the matmuls).
+loss only and backward recomputes the chunks (twice the matmuls), refusing (as autograd does) inputs changed in
+place since the forward. Autocast does not reach the chunks: their matmuls run in the weights' dtype with float32
+accumulation whatever the autocast state.
 
 Chunk size: the rows whose temporaries (student and teacher logits, softcap derivative, the gradient cast for the
 matmul, the reference's autograd buffers) fit ``memory_budget`` bytes (``chunk_rows``), split into equal chunks;
@@ -157,6 +159,11 @@ class _Problem:
         self.inplace = None if self.backend.inplace is None else self.backend.inplace[family]
         self.sparse = isinstance(self.teacher_hidden, SparseTeacher)
 
+    def tensors(self) -> list:
+        """The tensors besides the student's hidden states that a recomputation reads (None where absent)."""
+        teacher = [self.teacher_hidden.indices, self.teacher_hidden.values] if self.sparse else [self.teacher_hidden]
+        return [self.student_weight, self.student_bias, self.teacher_weight, self.teacher_bias, *teacher]
+
     def logits(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, cap: float | None, v: int) -> Tensor:
         """float32 logits [rows, v] of one head, capped, padded with -inf past the head's classes."""
         out = _matmul_f32(hidden, weight.t())
@@ -193,10 +200,11 @@ class _Problem:
                 grad = unfold_(grad, s, teacher.indices, lse_tail, self.temperature, valid)
         else:
             loss, grad = self._loss(s, teacher, target, valid, want_grad)
+        del teacher
         if grad is None:
             return loss, None
-        if capped is not None:  # d cap(z)/dz = 1 - (cap(z) / c)^2
-            grad.mul_(1 - (capped / self.softcap) ** 2)
+        if capped is not None:  # d cap(z)/dz = 1 - (cap(z) / c)^2, in the capped logits' buffer
+            grad.mul_(capped.div_(self.softcap).square_().neg_().add_(1))
         return loss, grad[:, :v_s]
 
     def _loss(self, student: Tensor, teacher: Tensor, target, valid, want_grad: bool):
@@ -233,7 +241,9 @@ def _run(p: _Problem, hidden: Tensor, rows: int, need: tuple[bool, bool, bool], 
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need[2] else None
     losses = []
-    with torch.no_grad():
+    # Autocast would run the chunk matmuls in low precision: they already use the weights' dtype with float32
+    # accumulation, as the fused kernels do.
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, n, rows):
             stop = min(start + rows, n)
             loss, g = p.chunk(start, stop, hidden, want_grad)
@@ -269,7 +279,8 @@ class LinearDistillFunction(torch.autograd.Function):
         hidden = student_hidden.detach()
         if p.reduction == "none":
             loss, *_ = _run(p, hidden, rows, (False, False, False), None)
-            ctx.save_for_backward(hidden)
+            # Saved so that autograd refuses a backward after any of them changed in place (backward recomputes).
+            ctx.save_for_backward(hidden, *p.tensors())
             return loss
         loss, grad_h, grad_w, grad_b = _run(p, hidden, rows, need, None)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
@@ -279,7 +290,7 @@ class LinearDistillFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         p = ctx.p
         if p.reduction == "none":
-            hidden, = ctx.saved_tensors
+            hidden = ctx.saved_tensors[0]
             _, grad_h, grad_w, grad_b = _run(p, hidden, ctx.rows, ctx.need, grad_output.reshape(-1).float())
         else:
             if ctx.consumed:

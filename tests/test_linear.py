@@ -161,6 +161,36 @@ def test_backward_twice_raises(device):
         loss.backward()
 
 
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_autocast_leaves_the_chunks_in_float32(reduction, backend, device):
+    """Under autocast the result is the one without it (checked against the reference above), not bf16 matmuls."""
+    student, teacher, target = make_heads(device=device)
+    results = []
+    for autocast in (False, True):
+        params = [student[k].detach().clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            loss = linear_distill_loss("kd", params[0], params[1], teacher["hidden"], teacher["weight"], target,
+                                       student_bias=params[2], teacher_bias=teacher["bias"], backend=backend,
+                                       chunk_size=3, reduction=reduction)
+            loss.sum().backward()
+        results.append([loss.detach()] + [p.grad for p in params])
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("changed", ["student weight", "teacher weight"])
+def test_recomputing_backward_refuses_inputs_changed_in_place(changed, device):
+    """reduction="none" recomputes the chunks in backward: an input changed since the forward is an error."""
+    student, teacher, _ = make_heads(device=device)
+    hidden = student["hidden"].requires_grad_(True)
+    weight = student["weight"].requires_grad_(True)
+    loss = linear_distill_loss("kd", hidden, weight, teacher["hidden"], teacher["weight"], reduction="none")
+    with torch.no_grad():
+        (weight if changed == "student weight" else teacher["weight"]).mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.sum().backward()
+
+
 def test_bad_arguments(device):
     student, teacher, target = make_heads(device=device)
     hs, ws, ht, wt = student["hidden"], student["weight"], teacher["hidden"], teacher["weight"]
@@ -209,3 +239,10 @@ def test_inplace_ops_match_out_of_place(case, v, fused, device):
             assert loss.dtype == want_loss.dtype and torch.equal(loss, want_loss), (dtype, reduce)
             assert torch.equal(buffer, want_grad), (dtype, reduce)
             assert not buffer[1].any()
+    if fused != "cpu":  # float32 math only: float64 logits are refused, not silently computed in float32
+        s64 = torch.randn(3, v, dtype=torch.float64, device=device)
+        args = (s64.clone(), target, None, code, params, 2.0, True, -100, True)
+        with pytest.raises((TypeError, RuntimeError), match="float64"):
+            b.ops[spec.family](s64, *args, True)
+        with pytest.raises((TypeError, RuntimeError), match="float64"):
+            b.inplace[spec.family](s64.clone(), *args)

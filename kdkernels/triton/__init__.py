@@ -31,6 +31,9 @@ def _launch(kernel, family, student, teacher, target, denominator, code, params,
             ignore_index, reduce, grad):
     """Runs ``kernel`` on 2-D logits; ``grad`` is the gradient output ([N, V] contiguous, possibly ``student``
     itself) or None for a forward-only call. Returns the loss (reduced or [N])."""
+    if torch.float64 in (student.dtype, teacher.dtype):
+        raise TypeError("the Triton kernels compute in float32 and take float32, bfloat16 or float16 logits, not "
+                        "float64 (backend='reference' computes float64)")
     n, v = student.shape
     # Columns must be contiguous (vector loads); rows may have any stride.
     student = student if student.stride(-1) == 1 else student.contiguous()
