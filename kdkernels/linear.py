@@ -109,14 +109,18 @@ def _out_dtype_matmul(device: torch.device) -> bool:
 
 def _matmul_f32(a: Tensor, b: Tensor) -> Tensor:
     """a @ b in float32 with float32 accumulation. Low-precision CUDA inputs write float32 directly; on CPU, where
-    PyTorch has no such matmul, the BLAS accumulates in float32 and rounds the output to the inputs' dtype."""
+    PyTorch has no such matmul, the BLAS accumulates in float32 and rounds the output to the inputs' dtype. Mixed
+    dtypes cast the narrower operand (e.g. a chunk of bf16 hidden states against a float32 weight), not the weight."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         return torch.mm(a, b)
-    if a.dtype == b.dtype and a.dtype != torch.float64 and _out_dtype_matmul(a.device):
+    if a.dtype != b.dtype:
+        wide = torch.promote_types(a.dtype, b.dtype)
+        return torch.mm(a.to(wide), b.to(wide)).float()
+    if a.dtype != torch.float64 and _out_dtype_matmul(a.device):
         return torch.mm(a, b, out_dtype=torch.float32)
     if a.is_cuda:
         return torch.mm(a.float(), b.float())
-    return torch.mm(a, b.to(a.dtype)).float()
+    return torch.mm(a, b).float()
 
 
 def _accumulate_f32(acc: Tensor, a: Tensor, b: Tensor) -> None:
