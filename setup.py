@@ -8,8 +8,9 @@ visible, so a GPU-less build machine still builds them). Environment switches:
     KDKERNELS_NO_CUDA=1          build the CPU kernels only, even with a CUDA torch and nvcc
     KDKERNELS_CUDA_ARCHS="90"    CUDA architectures besides sm_90, e.g. "80 90 100" (space or ; separated)
 
-csrc/cpu/kernels.cpp is compiled once per CPU capability (at::vec is as wide as the flags it is compiled with) and
-the library picks at run time the widest one the CPU supports, as torch's own CPU kernels do.
+The CPU kernels (csrc/cpu/divergence.cpp, decoupled.cpp) are compiled once per CPU capability (at::vec is as wide as
+the flags it is compiled with) and the library picks at run time the widest one the CPU supports, as torch's own CPU
+kernels do.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import setup
 
-# Capability -> compiler flags of csrc/cpu/kernels.cpp (torch's own per-capability flags). DEFAULT comes first:
+# Capability -> compiler flags of the CPU kernels (torch's own per-capability flags). DEFAULT comes first:
 # the linker keeps the first copy of an inline function several objects define, and that copy must run anywhere.
 CPU_CAPABILITIES = {"DEFAULT": []}
 if platform.machine().lower() in ("x86_64", "amd64"):
     CPU_CAPABILITIES["AVX2"] = ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt"]
     CPU_CAPABILITIES["AVX512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
-CPU_KERNELS = "csrc/cpu/kernels.cpp"
+CPU_KERNELS = ["csrc/cpu/divergence.cpp", "csrc/cpu/decoupled.cpp"]
 
 
 def cuda_arch_flags() -> list[str]:
@@ -43,15 +44,17 @@ def extension_modules() -> tuple[list, dict]:
     from torch.utils import cpp_extension
 
     class BuildExtension(cpp_extension.BuildExtension):
-        """torch's BuildExtension, plus csrc/cpu/kernels.cpp compiled once per CPU capability (in parallel)."""
+        """torch's BuildExtension, plus the CPU kernels compiled once per CPU capability (in parallel)."""
 
         def build_extension(self, ext):
             cxx = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
 
             def compile_for(capability: str) -> list[str]:
+                # One call per capability (each writes its own ninja file into its own folder; ninja runs the sources
+                # of one capability in parallel).
                 flags = [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
                 return self.compiler.compile(
-                    [CPU_KERNELS], output_dir=os.path.join(self.build_temp, capability.lower()),
+                    CPU_KERNELS, output_dir=os.path.join(self.build_temp, capability.lower()),
                     include_dirs=ext.include_dirs, depends=ext.depends,
                     extra_postargs={"cxx": cxx + flags + CPU_CAPABILITIES[capability], "nvcc": []},
                 )

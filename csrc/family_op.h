@@ -9,7 +9,8 @@
 
 #include <cmath>
 
-#include "row_math.h"
+#include "decoupled.h"
+#include "divergence.h"
 
 namespace kdkernels {
 
@@ -74,12 +75,12 @@ inline FamilyCall check_family_call(const char* op, const at::Tensor& student, c
   return call;
 }
 
-// The decoupled family's parameters that the kernels rely on (kernel_params.py never breaks them).
+// The decoupled family's parameters that the kernels rely on (the method table's plans never break them).
 inline void check_decoupled_params(const FamilyCall& call, int64_t partition, at::ArrayRef<double> params) {
-  const auto c = DecoupledConsts<double>::from(params.data());
+  const auto c = DecoupledParams<double>::from(params.data());
   TORCH_CHECK(partition != TARGET || call.target.defined(), "decoupled: the TARGET partition needs a target");
   TORCH_CHECK(partition != TOPK || (c.k >= 1 && c.k <= call.v), "decoupled: k must be in [1, V], got ", c.k);
-  TORCH_CHECK(!c.three_bins || partition == TOPK, "decoupled: three bins split the top-k (TOPK partition)");
+  TORCH_CHECK(!c.split_top1 || partition == TOPK, "decoupled: split_top1 splits the top-k (TOPK partition)");
   TORCH_CHECK(!c.adaptive || partition == TARGET, "decoupled: the adaptive weight needs the TARGET partition");
 }
 

@@ -1,22 +1,32 @@
-// The kdkernels operator library: every op schema, once. The kernels are registered per device by
-// cpu/ops.cpp and cuda/*.cu; fake (meta) functions and autograd are attached in Python (kdkernels/ops.py).
+// The kdkernels operator library: every op schema of the extension, once. The kernels are registered per device by
+// cpu/ops.cpp and cuda/*.cu; fake (meta) functions and autograd are attached in Python (kdkernels/backends/ops.py).
 //
-//   divergence / decoupled(student [N, V], teacher [N, V], target [N]?, denominator 0-d?, code, params,
-//                          temperature, t2_scale, ignore_index, reduce, with_grad) -> (loss, grad)
+//   <family>_<backend>(student [N, V], teacher [N, V], target [N]?, denominator 0-d?, code, params, temperature,
+//                      t2_scale, ignore_index, reduce, with_grad) -> (loss, grad)
+//   <family>_<backend>_(student [N, V] contiguous, ...the same but with_grad...) -> loss
 //
-// code and params come from kdkernels/kernel_params.py. With reduce the loss is sum(rows) / denominator (sum
-// without one) and the gradient rows are already scaled by 1 / denominator; otherwise the loss is the per-row
-// vector [N]. The loss is float32, or float64 when an input is float64. grad is d loss / d student in the
-// student's dtype, written in the same pass as the loss, or an empty tensor when with_grad is false.
+// for family in {divergence, decoupled} and backend in {cpu, cuda} (a CPU kernel for the first, a CUDA kernel for
+// the second). code and params are a plan of kdkernels/methods.py (a code of divergence.h or decoupled.h and the
+// family's named parameters in their order). With reduce the loss is sum(rows) / denominator (sum without one) and
+// the gradient rows are already scaled by 1 / denominator; otherwise the loss is the per-row vector [N]. The loss is
+// float32, or float64 when an input is float64. grad is d loss / d student in the student's dtype, written in the
+// same pass as the loss, or an empty tensor when with_grad is false. The in-place sibling writes d loss / d student
+// over the student logits (each element is read before it is written) and has no autograd.
 //
-//   divergence_ / decoupled_(student [N, V] contiguous, ...same arguments but with_grad...) -> loss
+//   scale_rows_(grad [N, V], factor 0-d or [N]): grad *= factor in place, rows whose factor is exactly 1 untouched
+//                                                (the backward of the family ops; CPU and CUDA kernels).
 //
-// The in-place siblings (for the fused-linear path, which needs no logits after the loss): the same math, with
-// d loss / d student written over the student logits (each element is read before it is written). No autograd.
+// The Python module kdkernels._C exports the codes and parameter layouts the kernels were built with, which the tests
+// compare with kdkernels/methods.py.
 #include <Python.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <string>
+#include <utility>
+
+#include "decoupled.h"
+#include "divergence.h"
 
 #define KDKERNELS_FAMILY_ARGS                                                                               \
   "Tensor teacher, Tensor? target, Tensor? denominator, int code, float[] params, float temperature, " \
@@ -24,15 +34,76 @@
 
 TORCH_LIBRARY(kdkernels, m) {
   for (const char* family : {"divergence", "decoupled"}) {
-    const std::string name(family);
-    m.def((name + "(Tensor student, " KDKERNELS_FAMILY_ARGS ", bool with_grad) -> (Tensor, Tensor)").c_str());
-    m.def((name + "_(Tensor(a!) student, " KDKERNELS_FAMILY_ARGS ") -> Tensor").c_str());
+    for (const char* backend : {"cpu", "cuda"}) {
+      const std::string name = std::string(family) + "_" + backend;
+      m.def((name + "(Tensor student, " KDKERNELS_FAMILY_ARGS ", bool with_grad) -> (Tensor, Tensor)").c_str());
+      m.def((name + "_(Tensor(a!) student, " KDKERNELS_FAMILY_ARGS ") -> Tensor").c_str());
+    }
   }
+  m.def("scale_rows_(Tensor(a!) grad, Tensor factor) -> ()");
 }
 
-// The Python module kdkernels._C: importing it loads this library and its kernels; it holds nothing else.
+namespace {
+
+// name -> value of each code, as a new dict (nullptr on failure).
+PyObject* codes_dict(std::initializer_list<std::pair<const char*, int>> codes) {
+  PyObject* dict = PyDict_New();
+  for (const auto& [name, value] : codes) {
+    PyObject* number = PyLong_FromLong(value);
+    if (dict == nullptr || number == nullptr || PyDict_SetItemString(dict, name, number) != 0) {
+      Py_XDECREF(number);
+      Py_XDECREF(dict);
+      return nullptr;
+    }
+    Py_DECREF(number);
+  }
+  return dict;
+}
+
+// The parameter names, in layout order, as a new tuple (nullptr on failure).
+PyObject* names_tuple(std::initializer_list<const char*> names) {
+  PyObject* tuple = PyTuple_New(Py_ssize_t(names.size()));
+  Py_ssize_t i = 0;
+  for (const char* name : names) {
+    PyObject* text = tuple == nullptr ? nullptr : PyUnicode_FromString(name);
+    if (text == nullptr) {
+      Py_XDECREF(tuple);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(tuple, i++, text);  // steals the reference
+  }
+  return tuple;
+}
+
+bool add(PyObject* module, const char* name, PyObject* value) {
+  if (value == nullptr) return false;
+  if (PyModule_AddObject(module, name, value) != 0) {  // steals the reference on success only
+    Py_DECREF(value);
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+#define KDKERNELS_CODE_ITEM(name) {#name, kdkernels::name},
+#define KDKERNELS_NAME_ITEM(type, name) #name,
+
+// The Python module kdkernels._C: importing it loads this library and its kernels.
 PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "kdkernels' compiled operators (torch.ops.kdkernels)",
-                               -1, nullptr};
-  return PyModule_Create(&module);
+  static PyModuleDef definition = {PyModuleDef_HEAD_INIT, "_C", "kdkernels' compiled operators (torch.ops.kdkernels)",
+                                   -1, nullptr};
+  PyObject* module = PyModule_Create(&definition);
+  if (module == nullptr) return nullptr;
+  const bool ok =
+      add(module, "DIVERGENCE_CODES", codes_dict({KDKERNELS_DIVERGENCE_CODES(KDKERNELS_CODE_ITEM)})) &&
+      add(module, "PARTITION_CODES", codes_dict({KDKERNELS_PARTITION_CODES(KDKERNELS_CODE_ITEM)})) &&
+      add(module, "BIN_CODES", codes_dict({KDKERNELS_BIN_CODES(KDKERNELS_CODE_ITEM)})) &&
+      add(module, "DIVERGENCE_PARAMS", names_tuple({KDKERNELS_DIVERGENCE_PARAMS(KDKERNELS_NAME_ITEM)})) &&
+      add(module, "DECOUPLED_PARAMS", names_tuple({KDKERNELS_DECOUPLED_PARAMS(KDKERNELS_NAME_ITEM)}));
+  if (!ok) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }

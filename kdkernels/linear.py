@@ -34,9 +34,7 @@ from typing import Optional
 import torch
 
 from . import backends
-from .functional import _check_target, check_options, denominator
-from .kernel_params import decoupled_params, divergence_params
-from .methods import DIVERGENCE, get_method
+from .arguments import LossCall, check_float_tensor, resolve
 from .sparse import SparseTeacher, check as check_sparse, fold, teacher_bins, unfold_
 
 Tensor = torch.Tensor
@@ -132,35 +130,23 @@ def _accumulate_f32(acc: Tensor, a: Tensor, b: Tensor) -> None:
 
 
 @dataclass
-class _Problem:
-    """Everything the chunks share: the loss definition, the two heads, the whole batch's rows and denominator."""
+class _Heads:
+    """Everything the chunks share: the checked loss call over the whole batch, the two heads and the backend."""
 
-    method: str
-    hp: dict
-    temperature: float
-    t2_scale: bool
-    ignore_index: int
-    reduction: str
-    denom: Tensor | None
-    backend_name: str
+    call: LossCall  # over all N rows (its denominator is the whole batch's)
+    backend: backends.Backend
     student_weight: Tensor
     student_bias: Tensor | None
     teacher_weight: Tensor | None
     teacher_bias: Tensor | None
     softcap: float | None
     teacher_softcap: float | None
-    target: Tensor | None  # [N]
-    valid: Tensor  # [N] bool
     teacher_hidden: Tensor | SparseTeacher  # [N, H_t] or [N, k]
 
     loss_rows: int = 0  # rows per loss call by autograd (backends without an in-place op)
 
     def __post_init__(self):
-        family = get_method(self.method).family
-        self.code, self.params = (divergence_params if family == DIVERGENCE else decoupled_params)(self.method,
-                                                                                                 self.hp)
-        self.backend = backends.select_backend(self.backend_name, self.student_weight)
-        self.inplace = None if self.backend.inplace is None else self.backend.inplace[family]
+        self.inplace = None if self.backend.inplace is None else self.backend.inplace[self.call.plan.family]
         self.sparse = isinstance(self.teacher_hidden, SparseTeacher)
 
     def tensors(self) -> list:
@@ -183,8 +169,8 @@ class _Problem:
         """(loss of rows [start, stop) as reduced by the whole batch's denominator, or per row for "none";
         d that loss / d student logits [rows, V_student] float32, or None)."""
         v_s = self.student_weight.shape[0]
-        target = None if self.target is None else self.target[start:stop]
-        valid = self.valid[start:stop]
+        call = self.call.rows(start, stop)
+        temperature = call.temperature
         if self.sparse:
             teacher = self.teacher_hidden.rows(start, stop)
             v = v_s
@@ -197,13 +183,12 @@ class _Problem:
         s = self.logits(student_hidden[start:stop], self.student_weight, self.student_bias, self.softcap, v)
         capped = s.clone() if want_grad and self.softcap is not None else None
         if self.sparse:
-            bins, lse_tail = fold(s, teacher.indices, self.temperature, torch.float32)
-            loss, grad = self._loss(bins, teacher_bins(teacher, self.temperature, torch.float32), target, valid,
-                                    want_grad)
+            bins, lse_tail = fold(s, teacher.indices, temperature, torch.float32)
+            loss, grad = self._loss(call, bins, teacher_bins(teacher, temperature, torch.float32, v_s), want_grad)
             if want_grad:
-                grad = unfold_(grad, s, teacher.indices, lse_tail, self.temperature, valid)
+                grad = unfold_(grad, s, teacher.indices, lse_tail, temperature, call.valid)
         else:
-            loss, grad = self._loss(s, teacher, target, valid, want_grad)
+            loss, grad = self._loss(call, s, teacher, want_grad)
         del teacher
         if grad is None:
             return loss, None
@@ -211,12 +196,14 @@ class _Problem:
             grad.mul_(capped.div_(self.softcap).square_().neg_().add_(1))
         return loss, grad[:, :v_s]
 
-    def _loss(self, student: Tensor, teacher: Tensor, target, valid, want_grad: bool):
+    def _loss(self, call: LossCall, student: Tensor, teacher: Tensor, want_grad: bool):
         """Loss of a chunk; with ``want_grad`` the contiguous float32 ``student`` is overwritten by its gradient."""
-        reduce = self.reduction != "none"
+        reduce = call.reduction != "none"
         if want_grad and self.inplace is not None:
-            loss = self.inplace(student, teacher, target, self.denom if reduce else None, self.code, self.params,
-                                self.temperature, self.t2_scale, self.ignore_index, reduce)
+            plan = call.plan
+            loss = self.inplace(student, teacher, call.target, call.denominator if reduce else None, int(plan.code),
+                                [float(x) for x in plan.params], call.temperature, call.t2_scale, call.ignore_index,
+                                reduce)
             return loss, student
         losses = []
         step = self.loss_rows if want_grad else student.shape[0]
@@ -224,18 +211,16 @@ class _Problem:
             rows = slice(start, start + step)
             part = student[rows].detach().requires_grad_(want_grad)
             with torch.enable_grad() if want_grad else torch.no_grad():
-                loss = self.backend.impl(backends.Problem(
-                    self.method, self.hp, part, teacher[rows], None if target is None else target[rows],
-                    self.temperature, self.t2_scale, self.ignore_index, valid[rows], self.reduction, self.denom))
+                loss = self.backend.impl(call.rows(rows.start, rows.stop), part, teacher[rows])
             if want_grad:
                 grad, = torch.autograd.grad(loss, part, torch.ones_like(loss))
                 student[rows] = grad
             losses.append(loss.detach())
-        loss = torch.cat(losses) if self.reduction == "none" else torch.stack(losses).sum()
+        loss = torch.cat(losses) if call.reduction == "none" else torch.stack(losses).sum()
         return loss, student if want_grad else None
 
 
-def _run(p: _Problem, hidden: Tensor, rows: int, need: tuple[bool, bool, bool], grad_rows: Tensor | None):
+def _run(p: _Heads, hidden: Tensor, rows: int, need: tuple[bool, bool, bool], grad_rows: Tensor | None):
     """Loss over all chunks and, when ``need`` asks, (grad_hidden, grad_weight, grad_bias); ``grad_rows`` [N]
     scales each row's gradient (reduction="none")."""
     n = hidden.shape[0]
@@ -268,9 +253,9 @@ def _run(p: _Problem, hidden: Tensor, rows: int, need: tuple[bool, bool, bool], 
                 grad_b += g.sum(0)
             del g, g_mm  # this chunk's buffers go before the next chunk's are allocated
     if not losses:  # no rows
-        total = torch.zeros((0,) if p.reduction == "none" else (), device=hidden.device)
+        total = torch.zeros((0,) if p.call.reduction == "none" else (), device=hidden.device)
     else:
-        total = torch.cat(losses) if p.reduction == "none" else torch.stack(losses).sum()
+        total = torch.cat(losses) if p.call.reduction == "none" else torch.stack(losses).sum()
     return total, grad_h, grad_w, grad_b
 
 
@@ -281,7 +266,7 @@ class LinearDistillFunction(torch.autograd.Function):
     def forward(ctx, student_hidden, student_weight, student_bias, p, rows, need):
         ctx.p, ctx.rows, ctx.need, ctx.consumed = p, rows, need, False
         hidden = student_hidden.detach()
-        if p.reduction == "none":
+        if p.call.reduction == "none":
             loss, *_ = _run(p, hidden, rows, (False, False, False), None)
             # Saved so that autograd refuses a backward after any of them changed in place (backward recomputes).
             ctx.save_for_backward(hidden, *p.tensors())
@@ -293,7 +278,7 @@ class LinearDistillFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         p = ctx.p
-        if p.reduction == "none":
+        if p.call.reduction == "none":
             hidden = ctx.saved_tensors[0]
             _, grad_h, grad_w, grad_b = _run(p, hidden, ctx.rows, ctx.need, grad_output.reshape(-1).float())
         else:
@@ -305,7 +290,7 @@ class LinearDistillFunction(torch.autograd.Function):
             # In place, skipped when grad_output is exactly 1 (no device sync on CUDA): no copy of grad_weight.
             for grad in (grad_h, grad_w):
                 if grad is not None:
-                    torch.ops.kdkernels.scale_rows_(grad, grad_output)
+                    p.backend.scale_rows(grad, grad_output)
             grad_b = None if grad_b is None else grad_b * grad_output
         grad_w = None if grad_w is None else grad_w.to(p.student_weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(p.student_bias.dtype)
@@ -367,13 +352,9 @@ def linear_distill_loss(
     Returns:
         float32 loss: 0-d, or the leading shape for reduction="none".
     """
-    spec = get_method(method)
-    hp = spec.resolve(hyperparameters)
+    settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index, normalizer)
     sparse = isinstance(teacher_hidden, SparseTeacher)
-    if not isinstance(student_hidden, torch.Tensor) or not student_hidden.is_floating_point() \
-            or student_hidden.dim() < 1:
-        raise TypeError(f"student_hidden must be a floating-point torch.Tensor [..., H], got "
-                        f"{getattr(student_hidden, 'dtype', type(student_hidden).__name__)}")
+    check_float_tensor("student_hidden", student_hidden)
     h_s = student_hidden.shape[-1]
     leading = student_hidden.shape[:-1]
     _check_matrix("student_weight", student_weight, -1, h_s)
@@ -386,9 +367,7 @@ def linear_distill_loss(
                              "teacher_bias or teacher_softcap)")
         v_t = v
     else:
-        if not isinstance(teacher_hidden, torch.Tensor) or not teacher_hidden.is_floating_point():
-            raise TypeError(f"teacher_hidden must be a floating-point torch.Tensor [..., H_t] or a SparseTeacher, "
-                            f"got {getattr(teacher_hidden, 'dtype', type(teacher_hidden).__name__)}")
+        check_float_tensor("teacher_hidden", teacher_hidden)
         if teacher_hidden.shape[:-1] != leading:
             raise ValueError(f"teacher_hidden must have the student's leading shape {tuple(leading)} + (H_t,), got "
                              f"{tuple(teacher_hidden.shape)}")
@@ -404,9 +383,6 @@ def linear_distill_loss(
         tensors.append(teacher_hidden.values)
     if any(x.device != student_hidden.device for x in tensors):
         raise ValueError(f"all inputs must be on one device, got {sorted({str(x.device) for x in tensors})}")
-    temperature = spec.temperature if temperature is None else temperature
-    t2_scale = spec.t2_scale if t2_scale is None else bool(t2_scale)
-    check_options(temperature, reduction, normalizer)
     teacher_softcap = softcap if teacher_softcap is None and not sparse else teacher_softcap
     for name, cap in (("softcap", softcap), ("teacher_softcap", teacher_softcap)):
         if cap is not None:
@@ -415,25 +391,15 @@ def linear_distill_loss(
         _check_positive("chunk_size", chunk_size, int)
     if memory_budget is not None:
         _check_positive("memory_budget", memory_budget, int)
-    if spec.uses_topk(hp) and hp["k"] >= v_t:
-        raise ValueError(f"k must be smaller than the number of classes V={v_t}, got k={hp['k']}")
-    like = student_hidden.new_empty(()).expand(*leading, v)
-    if target is None:
-        if spec.needs_target(hp):
-            raise ValueError(f"{method} needs target (class indices of shape {tuple(leading)})")
-    else:
-        _check_target(target, like, ignore_index, spec.needs_target(hp), v)
+    call = settings.bind(target, leading, v, student_hidden.device)
     n = leading.numel()
-    flat_target = None if target is None else target.reshape(-1)
-    valid = torch.ones(n, dtype=torch.bool, device=student_hidden.device) if target is None \
-        else flat_target != ignore_index
     if sparse:
-        teacher_hidden = check_sparse(teacher_hidden, method, hp, leading, v, student_hidden.device, valid)
+        teacher_hidden = check_sparse(teacher_hidden, settings.method, settings.plan, leading, v,
+                                      student_hidden.device, call.valid)
     else:
         teacher_hidden = teacher_hidden.reshape(n, teacher_hidden.shape[-1])
-    p = _Problem(method, hp, float(temperature), t2_scale, ignore_index, reduction,
-                 denominator(valid, reduction, normalizer), backend, student_weight, student_bias, teacher_weight,
-                 teacher_bias, softcap, teacher_softcap, flat_target, valid, teacher_hidden)
+    p = _Heads(call, backends.select_backend(backend, student_weight), student_weight, student_bias, teacher_weight,
+               teacher_bias, softcap, teacher_softcap, teacher_hidden)
     budget = default_budget(student_hidden.device, p.inplace is not None) if memory_budget is None \
         else memory_budget
     rows, p.loss_rows = chunk_rows(budget, v, v_t, student_weight.dtype, p.inplace is not None,

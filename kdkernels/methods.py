@@ -1,20 +1,116 @@
-"""The table of distillation methods: one entry per loss of LOSSES.md.
+"""The method table: every loss, and the one place that turns a method and its hyperparameters into a kernel plan.
 
-Every layer (functional API, modules, reference, kernels, demo, README table) reads names, families, defaults and
-hyperparameter checks from here, so a method is described exactly once.
+A ``Method`` entry holds what users see (name, function and module names, source, hyperparameters with their
+defaults and checks, default temperature and T^2 scaling) and ``plan(hp)``: what every backend computes, as a
+``Plan`` of
+
+    family   "divergence" (two softmaxes, one f-divergence per class) or "decoupled" (a partition of the classes
+             into bins, the KL of the bin masses and weighted in-bin KLs);
+    code     a named code of the family's formula (``Divergence``) or partition (``Partition``): the canonical
+             form, e.g. jsd at beta = 0 is ``Divergence.KD``;
+    params   the family's named parameters (``DivergenceParams``, ``DecoupledParams``).
+
+The codes and parameter layouts are shared by name with the Triton kernels (``tl.constexpr`` copies of these
+values) and the C++ kernels (enums and X-macro structs in csrc/divergence.h and csrc/decoupled.h); a test checks
+that the three agree. The public functions, modules and ``kdkernels.parallel`` functions are generated from this
+table. docs/losses.md is the math of every code.
 """
 
 from __future__ import annotations
 
+import enum
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from dataclasses import dataclass
+from typing import Callable, Mapping, NamedTuple
 
 DIVERGENCE = "divergence"
 DECOUPLED = "decoupled"
-
+FAMILIES = (DIVERGENCE, DECOUPLED)
 REDUCTIONS = ("batchmean", "sum", "none")
 CAKD_STRONG = ("target", "topk", "threshold")
+
+
+class Divergence(enum.IntEnum):
+    """Per-class formula of the divergence family (docs/losses.md, "Divergence family")."""
+
+    KD = 0  # KL(p || q)
+    RKL = 1  # KL(q || p)
+    JSD = 2  # mix_p KL(p || m) + mix_q KL(q || m), m = mix_p p + mix_q q
+    SKEW_FKL = 3  # KL(p || m)
+    SKEW_RKL = 4  # KL(q || m)
+    TVD = 5  # |p - q| / 2
+    ABKD = 6  # alpha-beta divergence, alpha, beta and alpha + beta nonzero
+    ABKD_ALPHA0 = 7  # its limit at alpha = 0
+    ABKD_BETA0 = 8  # at beta = 0
+    ABKD_OPPOSITE = 9  # at alpha = -beta
+    ABKD_ZERO = 10  # at alpha = beta = 0
+
+
+ABKD_CODES = frozenset({Divergence.ABKD, Divergence.ABKD_ALPHA0, Divergence.ABKD_BETA0, Divergence.ABKD_OPPOSITE,
+                        Divergence.ABKD_ZERO})
+
+
+class Partition(enum.IntEnum):
+    """How the decoupled family picks the strong bin (docs/losses.md, "Decoupled family")."""
+
+    TARGET = 0  # {target}
+    TOPK = 1  # the teacher's k largest raw logits
+    THRESHOLD = 2  # {i : t_i - max t >= T log(tau)}
+
+
+class Bin(enum.IntEnum):
+    """The decoupled family's bins, in every layer: the teacher's top-1 (only with split_top1), the strong set
+    (without the top-1 when split), the rest."""
+
+    TOP1 = 0
+    STRONG = 1
+    REST = 2
+
+
+class DivergenceParams(NamedTuple):
+    """Named parameters of a divergence-family plan (the order is the kernels' layout)."""
+
+    mix_p: float = 0.0  # jsd / skews: the mixture m = mix_p p + mix_q q
+    mix_q: float = 0.0
+    log_mix_p: float = 0.0  # their logs (computed here in double precision)
+    log_mix_q: float = 0.0
+    alpha: float = 0.0  # abkd
+    beta: float = 0.0
+
+
+class DecoupledParams(NamedTuple):
+    """Named parameters of a decoupled-family plan (the order is the kernels' layout)."""
+
+    k: int = 0  # TOPK: size of the strong set
+    log_tau: float = 0.0  # THRESHOLD
+    split_top1: bool = False  # TOPK: the teacher's top-1 is a bin of its own (gdkd partitions=3)
+    adaptive: bool = False  # TARGET: w_mass is min(P_strong / Q_strong, max_weight), not differentiated (aekt)
+    w_mass: float = 0.0  # weight of the KL of the bin masses
+    w_strong: float = 0.0  # weight of the in-bin KL of the strong bin
+    w_rest: float = 0.0  # and of the rest
+    max_weight: float = 0.0  # adaptive: the cap of w_mass
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every backend computes for one method and its hyperparameters."""
+
+    family: str
+    code: int
+    params: DivergenceParams | DecoupledParams
+
+    @property
+    def needs_target(self) -> bool:
+        """Whether the loss indexes the target (so requires it and bounds-checks it)."""
+        return self.family == DECOUPLED and self.code == Partition.TARGET
+
+    @property
+    def top_k(self) -> int:
+        """k of a top-k partition (which must be smaller than V), else 0."""
+        return self.params.k if self.family == DECOUPLED and self.code == Partition.TOPK else 0
+
+
+# ---- hyperparameter checks --------------------------------------------------------------------------------------
 
 
 def _finite(name: str) -> Callable[[object], None]:
@@ -49,7 +145,7 @@ def _positive(name: str) -> Callable[[object], None]:
 
 
 def _top_k(value: object) -> None:
-    # The upper bound (k < V) needs the vocabulary size: functional.py checks it once the logits are known.
+    # The upper bound (k < V) needs the vocabulary size: checked with the logits (arguments.prepare).
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"k must be an integer >= 1, got {value!r}")
 
@@ -62,27 +158,69 @@ def _one_of(name: str, choices: tuple) -> Callable[[object], None]:
     return check
 
 
+# ---- plans ------------------------------------------------------------------------------------------------------
+
+
+def _divergence(code: Divergence, **params) -> Plan:
+    return Plan(DIVERGENCE, code, DivergenceParams(**params))
+
+
+def _mixture(weight_p: float) -> dict:
+    """m = weight_p p + (1 - weight_p) q, weights and their logs."""
+    return dict(mix_p=weight_p, mix_q=1 - weight_p, log_mix_p=math.log(weight_p), log_mix_q=math.log1p(-weight_p))
+
+
+def _jsd_plan(hp) -> Plan:
+    beta = hp["beta"]
+    if beta in (0, 1):  # the TRL / Liger endpoints are exactly the two KLs
+        return _divergence(Divergence.KD if beta == 0 else Divergence.RKL)
+    return _divergence(Divergence.JSD, **_mixture(beta))
+
+
+def _abkd_plan(hp) -> Plan:
+    a, b = hp["alpha"], hp["beta"]
+    if a == 0:
+        code = Divergence.ABKD_ZERO if b == 0 else Divergence.ABKD_ALPHA0
+    else:
+        code = Divergence.ABKD_BETA0 if b == 0 else Divergence.ABKD_OPPOSITE if a + b == 0 else Divergence.ABKD
+    return _divergence(code, alpha=a, beta=b)
+
+
+def _decoupled(partition: Partition, **params) -> Plan:
+    return Plan(DECOUPLED, partition, DecoupledParams(**params))
+
+
+def _cakd_plan(hp) -> Plan:
+    partition = {"target": Partition.TARGET, "topk": Partition.TOPK, "threshold": Partition.THRESHOLD}[hp["strong"]]
+    return _decoupled(partition, k=hp["k"] if partition == Partition.TOPK else 0,
+                      log_tau=math.log(hp["tau"]) if partition == Partition.THRESHOLD else 0.0,
+                      w_mass=hp["bcd_weight"], w_strong=hp["alpha"], w_rest=hp["beta"])
+
+
+# ---- the table --------------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Method:
-    """One loss: its family, hyperparameters (name -> default), their checks and its defaults."""
+    """One loss: its names, source, hyperparameters (name -> default) with their checks, defaults and plan."""
 
     name: str
-    family: str
+    module: str  # class name of its nn.Module
     source: str
     hyperparameters: Mapping[str, object]
     checks: Mapping[str, Callable[[object], None]]
     temperature: float
     t2_scale: bool
-    target: str = "optional"  # "optional": only marks ignored rows; "required"; or "strong=target" (cakd)
-    uses_topk: Callable[[Mapping[str, object]], bool] = field(default=lambda hp: False)
+    plan: Callable[[Mapping[str, object]], Plan]
 
-    def needs_target(self, hp: Mapping[str, object]) -> bool:
-        """Whether the loss indexes the target (and so requires it and bounds-checks it)."""
-        if self.target == "required":
-            return True
-        if self.target == "strong=target":
-            return hp["strong"] == "target"
-        return False
+    @property
+    def function(self) -> str:
+        """Name of its public function."""
+        return f"{self.name}_loss"
+
+    @property
+    def family(self) -> str:
+        return self.plan(self.hyperparameters).family
 
     def resolve(self, overrides: Mapping[str, object]) -> dict:
         """Defaults updated with ``overrides``, each checked; unknown names raise TypeError."""
@@ -100,80 +238,67 @@ _F = _finite
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("kd", DIVERGENCE, "Hinton et al. 2015, forward KL (mdistiller KD)", {}, {}, 4.0, True),
-        Method("rkl", DIVERGENCE, "reverse KL", {}, {}, 1.0, False),
-        Method(
-            "jsd", DIVERGENCE, "generalized JSD (TRL GKD, Liger)",
-            {"beta": 0.5}, {"beta": _in_range("beta", 0, 1, False, False)}, 1.0, False,
-        ),
-        Method(
-            "skew_fkl", DIVERGENCE, "skew forward KL (DistiLLM)",
-            {"skew": 0.1}, {"skew": _in_range("skew", 0, 1, True, True)}, 1.0, False,
-        ),
-        Method(
-            "skew_rkl", DIVERGENCE, "skew reverse KL (DistiLLM)",
-            {"skew": 0.1}, {"skew": _in_range("skew", 0, 1, True, True)}, 1.0, False,
-        ),
-        Method("tvd", DIVERGENCE, "total variation distance", {}, {}, 1.0, False),
-        Method(
-            "abkd", DIVERGENCE, "ABKD, alpha-beta divergence (arXiv 2505.04560)",
-            {"alpha": 0.5, "beta": 0.5}, {"alpha": _F("alpha"), "beta": _F("beta")}, 1.0, False,
-        ),
-        Method(
-            "dkd", DECOUPLED, "DKD, Zhao et al. 2022 (mdistiller DKD.py)",
-            {"alpha": 1.0, "beta": 8.0}, {"alpha": _F("alpha"), "beta": _F("beta")}, 4.0, True, target="required",
-        ),
-        Method(
-            "gdkd", DECOUPLED, "GDKD (arXiv 2512.04625; ZaberKo/GDKD)",
-            {"k": 5, "w0": 1.0, "w1": 1.0, "w2": 8.0, "partitions": 2},
-            {"k": _top_k, "w0": _F("w0"), "w1": _F("w1"), "w2": _F("w2"), "partitions": _one_of("partitions", (2, 3))},
-            4.0, True, uses_topk=lambda hp: True,
-        ),
-        Method(
-            "cakd", DECOUPLED, "CAKD (arXiv 2410.14741)",
-            {"alpha": 1.0, "beta": 8.0, "bcd_weight": 1.0, "strong": "target", "k": 5, "tau": 0.5},
-            {
-                "alpha": _F("alpha"), "beta": _F("beta"), "bcd_weight": _F("bcd_weight"),
-                "strong": _one_of("strong", CAKD_STRONG), "k": _top_k, "tau": _in_range("tau", 0, 1, True, False),
-            },
-            4.0, True, target="strong=target", uses_topk=lambda hp: hp["strong"] == "topk",
-        ),
-        Method(
-            "aekt", DECOUPLED, "AEKT (arXiv 2409.01679)",
-            {"beta": 8.0, "max_weight": 5.0}, {"beta": _F("beta"), "max_weight": _positive("max_weight")},
-            4.0, True, target="required",
-        ),
+        Method("kd", "KDLoss", "Hinton et al. 2015, forward KL (mdistiller KD)", {}, {}, 4.0, True,
+               lambda hp: _divergence(Divergence.KD)),
+        Method("rkl", "RKLLoss", "reverse KL", {}, {}, 1.0, False, lambda hp: _divergence(Divergence.RKL)),
+        Method("jsd", "JSDLoss", "generalized JSD (TRL GKD, Liger)", {"beta": 0.5},
+               {"beta": _in_range("beta", 0, 1, False, False)}, 1.0, False, _jsd_plan),
+        Method("skew_fkl", "SkewFKLLoss", "skew forward KL (DistiLLM)", {"skew": 0.1},
+               {"skew": _in_range("skew", 0, 1, True, True)}, 1.0, False,
+               lambda hp: _divergence(Divergence.SKEW_FKL, **_mixture(hp["skew"]))),
+        Method("skew_rkl", "SkewRKLLoss", "skew reverse KL (DistiLLM)", {"skew": 0.1},
+               {"skew": _in_range("skew", 0, 1, True, True)}, 1.0, False,
+               lambda hp: _divergence(Divergence.SKEW_RKL, **_mixture(1 - hp["skew"]))),
+        Method("tvd", "TVDLoss", "total variation distance", {}, {}, 1.0, False,
+               lambda hp: _divergence(Divergence.TVD)),
+        Method("abkd", "ABKDLoss", "ABKD, alpha-beta divergence (Wang et al., ICML 2025, arXiv 2505.04560)",
+               {"alpha": 0.5, "beta": 0.5}, {"alpha": _F("alpha"), "beta": _F("beta")}, 1.0, False, _abkd_plan),
+        Method("dkd", "DKDLoss", "DKD, Zhao et al. 2022 (mdistiller DKD.py)", {"alpha": 1.0, "beta": 8.0},
+               {"alpha": _F("alpha"), "beta": _F("beta")}, 4.0, True,
+               lambda hp: _decoupled(Partition.TARGET, w_mass=hp["alpha"], w_rest=hp["beta"])),
+        Method("gdkd", "GDKDLoss", "GDKD (arXiv 2512.04625; ZaberKo/GDKD)",
+               {"k": 5, "w0": 1.0, "w1": 1.0, "w2": 8.0, "partitions": 2},
+               {"k": _top_k, "w0": _F("w0"), "w1": _F("w1"), "w2": _F("w2"),
+                "partitions": _one_of("partitions", (2, 3))}, 4.0, True,
+               lambda hp: _decoupled(Partition.TOPK, k=hp["k"], split_top1=hp["partitions"] == 3, w_mass=hp["w0"],
+                                     w_strong=hp["w1"], w_rest=hp["w2"])),
+        Method("cakd", "CAKDLoss", "CAKD (arXiv 2410.14741)",
+               {"alpha": 1.0, "beta": 8.0, "bcd_weight": 1.0, "strong": "target", "k": 5, "tau": 0.5},
+               {"alpha": _F("alpha"), "beta": _F("beta"), "bcd_weight": _F("bcd_weight"),
+                "strong": _one_of("strong", CAKD_STRONG), "k": _top_k, "tau": _in_range("tau", 0, 1, True, False)},
+               4.0, True, _cakd_plan),
+        Method("aekt", "AEKTLoss", "AEKT (arXiv 2409.01679)", {"beta": 8.0, "max_weight": 5.0},
+               {"beta": _F("beta"), "max_weight": _positive("max_weight")}, 4.0, True,
+               lambda hp: _decoupled(Partition.TARGET, adaptive=True, w_rest=hp["beta"],
+                                     max_weight=hp["max_weight"])),
     ]
 }
-
-
-def finite_when_missing(method: str, hp: Mapping[str, object], missing: str) -> bool:
-    """Whether the loss stays finite when ``missing`` ("student" or "teacher") gives probability 0 to a class that
-    the other model gives mass to (a padded vocabulary, a sparse teacher's empty tail).
-
-    With q_j = 0 < p_j (student missing): KL(p || q) terms p log(p / q) are infinite, so kd, jsd at beta = 0 and
-    the decoupled family (forward KLs) are; rkl, jsd at beta > 0, the skews and tvd stay finite; abkd's terms stay
-    finite iff beta > 0 and alpha + beta > 0 (q^beta and q^(alpha+beta) -> 0; every log q is weighted by a power of
-    q). With p_j = 0 < q_j (teacher missing) the roles swap: rkl and jsd at beta = 1 are infinite, abkd is finite
-    iff alpha > 0 and alpha + beta > 0, the forward KLs stay finite.
-    """
-    spec = get_method(method)
-    if missing not in ("student", "teacher"):
-        raise ValueError(f"missing must be 'student' or 'teacher', got {missing!r}")
-    student = missing == "student"
-    if spec.family == DECOUPLED or method == "kd":
-        return not student
-    if method == "rkl":
-        return student
-    if method == "jsd":
-        return hp["beta"] > 0 if student else hp["beta"] < 1
-    if method == "abkd":
-        a, b = (hp["alpha"], hp["beta"]) if student else (hp["beta"], hp["alpha"])
-        return b > 0 and a + b > 0
-    return True  # skew_fkl, skew_rkl (the mixture is never 0 where its KL weights it), tvd
 
 
 def get_method(name: object) -> Method:
     if not isinstance(name, str) or name not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}")
     return METHODS[name]
+
+
+def finite_when_missing(plan: Plan, missing: str) -> bool:
+    """Whether the loss stays finite when ``missing`` ("student" or "teacher") gives probability 0 to a class that
+    the other model gives mass to (a padded vocabulary, a sparse teacher's empty tail).
+
+    With q_j = 0 < p_j (student missing): KL(p || q) terms p log(p / q) are infinite, so kd and the decoupled family
+    (forward KLs) are; rkl, jsd, the skews and tvd stay finite; abkd's terms stay finite iff beta > 0 and
+    alpha + beta > 0 (q^beta and q^(alpha+beta) -> 0; every log q is weighted by a power of q). With p_j = 0 < q_j
+    (teacher missing) the roles swap: rkl is infinite, abkd is finite iff alpha > 0 and alpha + beta > 0, the
+    forward KLs stay finite.
+    """
+    if missing not in ("student", "teacher"):
+        raise ValueError(f"missing must be 'student' or 'teacher', got {missing!r}")
+    student = missing == "student"
+    if plan.family == DECOUPLED or plan.code == Divergence.KD:
+        return not student
+    if plan.code == Divergence.RKL:
+        return student
+    if plan.code in ABKD_CODES:
+        a, b = (plan.params.alpha, plan.params.beta) if student else (plan.params.beta, plan.params.alpha)
+        return b > 0 and a + b > 0
+    return True  # jsd, skew_fkl, skew_rkl (the mixture is never 0 where its KL weights it), tvd

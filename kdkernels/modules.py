@@ -1,36 +1,42 @@
-"""nn.Module drop-ins: hyperparameters in ``__init__``, ``forward(student_logits, teacher_logits, target=None)``."""
+"""nn.Module drop-ins: hyperparameters in ``__init__``, ``forward(student_logits, teacher_logits, target=None)``.
+
+``DistillLoss(method, ...)`` takes any method; one subclass per method of the table (``KDLoss`` ...) is generated
+from it; ``LinearDistillLoss`` is the fused-linear loss; ``SerialHead`` is AEKT's serial head.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .functional import check_options, distill_loss
+from .arguments import resolve
+from .functional import distill_loss
 from .linear import linear_distill_loss
-from .methods import get_method
+from .methods import METHODS, get_method
 
 
 class DistillLoss(nn.Module):
     """Distillation loss ``method`` as a module, e.g. ``DistillLoss("jsd", beta=0.1)``.
 
     Args:
-        method: a name from ``kdkernels.METHODS``.
-        temperature, t2_scale: default to the method's (LOSSES.md).
+        method: a name of ``kdkernels.METHODS``.
+        temperature, t2_scale: default to the method's.
         reduction, ignore_index, backend: as in ``kdkernels.distill_loss``.
         **hyperparameters: the method's hyperparameters; the others keep their defaults.
+
+    ``forward(student_logits, teacher_logits, target=None, *, normalizer=None)``.
     """
 
     def __init__(self, method: str, *, temperature=None, t2_scale=None, reduction: str = "batchmean",
                  ignore_index: int = -100, backend: str = "auto", **hyperparameters):
         super().__init__()
-        spec = get_method(method)
-        self.method = method
-        self.hyperparameters = spec.resolve(hyperparameters)
-        self.temperature = spec.temperature if temperature is None else temperature
-        self.t2_scale = spec.t2_scale if t2_scale is None else bool(t2_scale)
-        check_options(self.temperature, reduction, None)
+        settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index)
+        self.method = settings.method
+        self.hyperparameters = settings.hp
+        self.temperature = settings.temperature
+        self.t2_scale = settings.t2_scale
         self.reduction = reduction
-        self.ignore_index = ignore_index
+        self.ignore_index = settings.ignore_index
         self.backend = backend
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target=None, *, normalizer=None):
@@ -70,31 +76,22 @@ class LinearDistillLoss(DistillLoss):
         )
 
 
-def _method_module(method: str, class_name: str) -> type:
-    """``class_name(**hyperparameters)``: DistillLoss with the method fixed."""
+def method_module(method: str) -> type:
+    """``<Name>Loss(**hyperparameters, temperature=..., ...)``: DistillLoss with the method fixed."""
     spec = get_method(method)
 
     def __init__(self, **kwargs):
         DistillLoss.__init__(self, method, **kwargs)
 
     hp = ", ".join(f"{k}={v!r}" for k, v in spec.hyperparameters.items())
-    doc = (f"{spec.source} (LOSSES.md, {method}) as a module: ``{class_name}({hp + ', ' if hp else ''}"
-           f"temperature={spec.temperature}, t2_scale={spec.t2_scale}, reduction='batchmean', ignore_index=-100, "
-           f"backend='auto')``.")
-    return type(class_name, (DistillLoss,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+    doc = (f"{spec.source} as a module: ``{spec.module}({hp + ', ' if hp else ''}temperature={spec.temperature}, "
+           f"t2_scale={spec.t2_scale}, reduction='batchmean', ignore_index=-100, backend='auto')`` (docs/losses.md, "
+           f"{method}).")
+    return type(spec.module, (DistillLoss,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
 
-KDLoss = _method_module("kd", "KDLoss")
-RKLLoss = _method_module("rkl", "RKLLoss")
-JSDLoss = _method_module("jsd", "JSDLoss")
-SkewFKLLoss = _method_module("skew_fkl", "SkewFKLLoss")
-SkewRKLLoss = _method_module("skew_rkl", "SkewRKLLoss")
-TVDLoss = _method_module("tvd", "TVDLoss")
-ABKDLoss = _method_module("abkd", "ABKDLoss")
-DKDLoss = _method_module("dkd", "DKDLoss")
-GDKDLoss = _method_module("gdkd", "GDKDLoss")
-CAKDLoss = _method_module("cakd", "CAKDLoss")
-AEKTLoss = _method_module("aekt", "AEKTLoss")
+LOSS_MODULES = {spec.module: method_module(name) for name, spec in METHODS.items()}
+globals().update(LOSS_MODULES)
 
 
 class SerialHead(nn.Module):
@@ -115,3 +112,6 @@ class SerialHead(nn.Module):
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         return self.linear(logits)
+
+
+__all__ = ["DistillLoss", *LOSS_MODULES, "LinearDistillLoss", "SerialHead"]

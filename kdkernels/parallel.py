@@ -30,16 +30,17 @@ arguments; a check that fails fails on every rank alike, before or right after t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from . import backends, reference
-from .functional import _loss_function, check_arguments, check_classes, denominator
-from .methods import DIVERGENCE, get_method
+from . import backends
+from .arguments import check_float_tensor, resolve
+from .backends import reference
+from .functional import loss_function
+from .methods import DIVERGENCE, METHODS, Bin, Partition, Plan
 
 Tensor = torch.Tensor
 NEG_INF = float("-inf")
@@ -98,35 +99,37 @@ def shard_of(student: Tensor, group) -> Shard:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _log_softmax(s: Tensor, t: Tensor, group) -> tuple[Tensor, Tensor]:
-    """Student and teacher log-probabilities on the shard, normalised over the whole vocabulary."""
+def _log_softmax(s: Tensor, t: Tensor, group) -> tuple[Tensor, Tensor, Tensor]:
+    """Student and teacher log-probabilities on the shard, normalised over the whole vocabulary, and which rows
+    are masked in both on every shard."""
     maxes = _all_reduce(torch.stack([s.amax(-1), t.amax(-1)], -1), dist.ReduceOp.MAX, group)
     shift = torch.where(torch.isneginf(maxes), 0.0, maxes)  # a fully masked row: keep -inf - 0, not -inf - -inf
     sums = _all_reduce(torch.stack([(s - shift[:, :1]).exp().sum(-1), (t - shift[:, 1:]).exp().sum(-1)], -1),
                        dist.ReduceOp.SUM, group)
     # (x - max) - log(sum): the same rounding as torch.log_softmax, exact for logits offset by 1000.
     log_sums = sums.log()
-    return (s - shift[:, :1]) - log_sums[:, :1], (t - shift[:, 1:]) - log_sums[:, 1:]
+    return (s - shift[:, :1]) - log_sums[:, :1], (t - shift[:, 1:]) - log_sums[:, 1:], torch.isneginf(maxes).all(-1)
 
 
-def _divergence(method: str, hp: dict, s: Tensor, t: Tensor, temperature: float, with_grad: bool, group):
-    """Per-row losses [N] (before T^2) and the shard's gradient [N, V_r] (or None) of a divergence-family method.
+def _divergence(plan: Plan, s: Tensor, t: Tensor, temperature: float, with_grad: bool, group):
+    """Per-row losses [N] (before T^2), the shard's gradient [N, V_r] (or None) of a divergence-family plan, and
+    the rows whose classes are all masked in both logits.
 
     The loss is l = sum_k f(log p_k, log q_k) over the whole vocabulary, each class's term (the reference's,
     reference.divergence_rows) depending on that class alone. So d_k = dl / d(log q_k) is the gradient of the
     shard's own terms, which autograd gives locally, and the chain rule through log q = s/T - logsumexp(s/T)
     gives g_j = (d_j - q_j sum_k d_k) / T: the only cross-rank quantity is the row sum of d.
     """
-    lq, lp = _log_softmax(s, t, group)
+    lq, lp, masked = _log_softmax(s, t, group)
     with torch.enable_grad():
         lq.requires_grad_(with_grad)
-        terms = reference.divergence_rows(method, lp, lq, hp)
+        terms = reference.divergence_rows(plan, lp, lq)
         d = torch.autograd.grad(terms.sum(), lq)[0].contiguous() if with_grad else None
     if not with_grad:
-        return _all_reduce(terms.detach(), dist.ReduceOp.SUM, group), None
+        return _all_reduce(terms.detach(), dist.ReduceOp.SUM, group), None, masked
     sums = _all_reduce(torch.stack([terms.detach(), d.sum(-1)], -1), dist.ReduceOp.SUM, group)
     grad = d.addcmul_(lq.detach().exp_(), sums[:, 1:], value=-1).div_(temperature)
-    return sums[:, 0], grad
+    return sums[:, 0], grad, masked
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -160,60 +163,65 @@ def _top_k_masks(y: Tensor, ks: tuple[int, ...], shard: Shard) -> list[Tensor]:
     return masks
 
 
-def _partition(method: str, hp: dict, t: Tensor, target: Optional[Tensor], shard: Shard) -> tuple[Tensor, int]:
-    """(bin of each class of the shard [N, V_r], number of bins), as reference.decoupled_partition defines them."""
-    if method in ("dkd", "aekt") or (method == "cakd" and hp["strong"] == "target"):
+def _bins(plan: Plan, t: Tensor, target: Optional[Tensor], temperature: float, shard: Shard) -> Tensor:
+    """Bin of each class of the shard [N, V_r] from the raw teacher logits, as reference.decoupled_bins defines
+    them over the whole vocabulary."""
+    params = plan.params
+    if plan.code == Partition.TARGET:
         strong = shard.classes(t.shape[-1], t.device) == target.unsqueeze(-1)
-    elif method == "cakd" and hp["strong"] == "threshold":
+    elif plan.code == Partition.THRESHOLD:
         row_max = _all_reduce(t.amax(-1), dist.ReduceOp.MAX, shard.group)
-        strong = (t - row_max.unsqueeze(-1)) >= math.log(hp["tau"])
-    elif method == "gdkd" and hp["partitions"] == 3:
-        top1, top_k = _top_k_masks(t, (1, hp["k"]), shard)
-        return torch.where(top1, 0, torch.where(top_k, 1, 2)), 3
-    else:  # gdkd with 2 partitions, cakd strong="topk"
-        (strong,) = _top_k_masks(t, (hp["k"],), shard)
-    return (~strong).long(), 2
+        strong = (t - row_max.unsqueeze(-1)) >= temperature * params.log_tau
+    elif params.split_top1:
+        top1, strong = _top_k_masks(t, (1, params.k), shard)
+        return torch.where(top1, int(Bin.TOP1), torch.where(strong, int(Bin.STRONG), int(Bin.REST)))
+    else:
+        (strong,) = _top_k_masks(t, (params.k,), shard)
+    return torch.where(strong, int(Bin.STRONG), int(Bin.REST))
 
 
-# For j in bin m (LOSSES.md): l = w0 KL([P_m] || [Q_m]) + sum_m w_m KL(p^m || q^m) and
-#   g_j = (1/T) [w0 (Q_m - P_m) q^m_j + w_m (q^m_j [P_m > 0] - p^m_j)]
-# ([P_m > 0]: a bin the teacher gives no mass has in-bin KL 0, so no gradient). Each bin's logsumexp of s/T and t/T
-# comes from all-reduced bin maxes and sums of exp; the in-bin log-probs log p^m_j = t_j/T - logsumexp_{B_m}(t/T)
+# For j in bin b (docs/losses.md): l = w_mass KL([P_b] || [Q_b]) + sum_b w_b KL(p^b || q^b) and
+#   g_j = (1/T) [w_mass (Q_b - P_b) q^b_j + w_b (q^b_j [P_b > 0] - p^b_j)]
+# ([P_b > 0]: a bin the teacher gives no mass has in-bin KL 0, so no gradient). Each bin's logsumexp of s/T and t/T
+# comes from all-reduced bin maxes and sums of exp; the in-bin log-probs log p^b_j = t_j/T - logsumexp_b(t/T)
 # are then local, and so are the in-bin KL terms, summed per bin across ranks.
-def _decoupled(method: str, hp: dict, s: Tensor, t: Tensor, target: Optional[Tensor], temperature: float,
-               with_grad: bool, shard: Shard):
-    """Per-row losses [N] (before T^2) and the shard's gradient [N, V_r] (or None) of a decoupled-family method."""
-    bins, num_bins = _partition(method, hp, t, target, shard)
-    x = torch.stack([t, s])  # [2, N, V_r]: teacher, student
+def _decoupled(plan: Plan, s: Tensor, t: Tensor, target: Optional[Tensor], temperature: float, with_grad: bool,
+               shard: Shard):
+    """Per-row losses [N] (before T^2), the shard's gradient [N, V_r] (or None) of a decoupled-family plan, from
+    the raw logits of the shard, and the rows whose classes are all masked in both logits."""
+    params = plan.params
+    bins = _bins(plan, t, target, temperature, shard)
+    x = torch.stack([t, s]) / temperature  # [2, N, V_r]: teacher, student
     index = bins.expand_as(x)
-    maxes = x.new_full((2, s.shape[0], num_bins), NEG_INF).scatter_reduce_(-1, index, x, "amax")
+    maxes = x.new_full((2, s.shape[0], len(Bin)), NEG_INF).scatter_reduce_(-1, index, x, "amax")
     maxes = _all_reduce(maxes, dist.ReduceOp.MAX, shard.group)
     dead = torch.isneginf(maxes)  # an empty bin, or all its classes masked
+    masked = dead.all(-1).all(0)
     in_bin = x.sub_(torch.where(dead, 0.0, maxes).gather(-1, index))  # x - bin max
     sums = _all_reduce(torch.zeros_like(maxes).scatter_add_(-1, index, in_bin.exp()), dist.ReduceOp.SUM,
                        shard.group)
     log_sums = torch.where(dead, 0.0, sums.log())
-    in_bin.sub_(log_sums.gather(-1, index))  # [log p^m_j, log q^m_j]; -inf for masked classes
-    # log P_m relative to the row max (exact for logits offset by 1000): (max_m - max) + log sum_m, normalised.
+    in_bin.sub_(log_sums.gather(-1, index))  # [log p^b_j, log q^b_j]; -inf for masked classes
+    # log P_b relative to the row max (exact for logits offset by 1000): (max_b - max) + log sum_b, normalised.
     log_masses = torch.where(dead, NEG_INF, maxes - maxes.amax(-1, keepdim=True) + log_sums)
-    log_masses = log_masses - torch.logsumexp(log_masses, -1, keepdim=True)  # [log P_m, log Q_m], [2, N, bins]
+    log_masses = reference.refine_largest(log_masses - torch.logsumexp(log_masses, -1, keepdim=True))
     inner = torch.zeros_like(maxes[0]).scatter_add_(-1, bins, reference.kl_terms(in_bin[0], in_bin[1]))
     inner = _all_reduce(inner, dist.ReduceOp.SUM, shard.group)
-    if method == "aekt":  # w0 = a_r = min(p_y / q_y, max_weight), detached; bin 0 = {y}
-        w0 = (log_masses[0, :, :1] - log_masses[1, :, :1]).exp().clamp(max=hp["max_weight"])
-        weights = [0.0, hp["beta"]]
+    if params.adaptive:  # min(P_strong / Q_strong, max_weight), not differentiated
+        strong = slice(Bin.STRONG, Bin.STRONG + 1)
+        w_mass = (log_masses[0, :, strong] - log_masses[1, :, strong]).exp().clamp(max=params.max_weight)
     else:
-        w0, weights = reference.decoupled_weights(method, None, None, None, hp)
+        w_mass = params.w_mass
     # (new_full, not torch.tensor: a host-to-device copy would sync with the stream.)
-    weights = torch.stack([s.new_full((), w) for w in weights])
-    loss = (w0 * reference.kl_terms(log_masses[0], log_masses[1])).sum(-1) + (weights * inner).sum(-1)
+    weights = torch.stack([s.new_full((), w) for w in (0.0, params.w_strong, params.w_rest)])  # TOP1, STRONG, REST
+    loss = (w_mass * reference.kl_terms(log_masses[0], log_masses[1])).sum(-1) + (weights * inner).sum(-1)
     if not with_grad:
-        return loss, None
+        return loss, None, masked
     masses = log_masses.exp()
-    coef = w0 * (masses[1] - masses[0]) + weights * ~dead[0]  # [N, bins]
+    coef = w_mass * (masses[1] - masses[0]) + weights * ~dead[0]  # [N, bins]
     p_in, q_in = in_bin.exp_()
     grad = q_in.mul_(coef.gather(-1, bins)).sub_(p_in.mul_(weights[bins])).div_(temperature)
-    return loss, grad
+    return loss, grad, masked
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -221,22 +229,25 @@ def _decoupled(method: str, hp: dict, s: Tensor, t: Tensor, target: Optional[Ten
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _shard_rows(student, teacher, target, valid, method, hp, temperature, t2_scale, with_grad, shard):
+def _shard_rows(call, student, teacher, with_grad, shard):
     """Per-row losses [N] and (if with_grad) the shard's gradient of the row losses, in the student's dtype."""
     dtype = reference.compute_dtype(student, teacher)
-    keep = valid.unsqueeze(-1)
+    temperature = call.temperature
     # As in the reference: ignored rows become zeros before any arithmetic (a NaN there cannot leak).
-    s = torch.where(keep, student.detach().to(dtype), 0.0) / temperature
-    t = torch.where(keep, teacher.detach().to(dtype), 0.0) / temperature
-    if get_method(method).family == DIVERGENCE:
-        loss, grad = _divergence(method, hp, s, t, temperature, with_grad, shard.group)
+    valid = call.valid.unsqueeze(-1)
+    s = torch.where(valid, student.detach().to(dtype), 0.0)
+    t = torch.where(valid, teacher.detach().to(dtype), 0.0)
+    if call.plan.family == DIVERGENCE:
+        loss, grad, masked = _divergence(call.plan, s / temperature, t / temperature, temperature, with_grad,
+                                         shard.group)
     else:
-        target = None if target is None else torch.where(valid, target.long(), 0)
-        loss, grad = _decoupled(method, hp, s, t, target, temperature, with_grad, shard)
-    scale = temperature**2 if t2_scale else 1.0
-    loss = torch.where(valid, loss * scale, 0.0)
+        target = None if call.target is None else torch.where(call.valid, call.target, 0)
+        loss, grad, masked = _decoupled(call.plan, s, t, target, temperature, with_grad, shard)
+    kept = call.valid & ~masked  # a row masked in both logits on every shard is left out like an ignored one
+    scale = temperature**2 if call.t2_scale else 1.0
+    loss = torch.where(kept, loss * scale, 0.0)
     if grad is not None:
-        grad = grad.mul_(keep * scale).to(student.dtype)
+        grad = torch.where(kept.unsqueeze(-1), grad * scale, 0.0).to(student.dtype)
     return loss, grad
 
 
@@ -244,8 +255,8 @@ class _ShardLoss(torch.autograd.Function):
     """Row losses whose gradient for this rank's shard is computed with them; backward scales it, locally."""
 
     @staticmethod
-    def forward(ctx, student, teacher, target, valid, method, hp, temperature, t2_scale, shard):
-        loss, grad = _shard_rows(student, teacher, target, valid, method, hp, temperature, t2_scale, True, shard)
+    def forward(ctx, student, teacher, call, shard):
+        loss, grad = _shard_rows(call, student, teacher, True, shard)
         ctx.save_for_backward(grad)
         return loss
 
@@ -253,7 +264,7 @@ class _ShardLoss(torch.autograd.Function):
     def backward(ctx, grad_rows):
         (grad,) = ctx.saved_tensors
         grad_student = (grad * grad_rows.unsqueeze(-1)).to(grad.dtype)
-        return grad_student, None, None, None, None, None, None, None, None
+        return grad_student, None, None, None
 
 
 def distill_loss(
@@ -283,8 +294,12 @@ def distill_loss(
         The loss of the whole vocabulary, identical on every rank: float32 (float64 for float64 inputs), 0-d, or
         the leading shape for reduction="none". Its gradient reaches this rank's student_logits shard.
     """
-    spec, hp, temperature, t2_scale = check_arguments(
-        method, student_logits, teacher_logits, temperature, t2_scale, reduction, normalizer, hyperparameters)
+    settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index, normalizer)
+    check_float_tensor("student_logits", student_logits)
+    check_float_tensor("teacher_logits", teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits and teacher_logits must have the same shape, got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("kdkernels.parallel needs torch.distributed: call torch.distributed.init_process_group "
                            "first")
@@ -292,31 +307,17 @@ def distill_loss(
     student = student_logits.reshape(-1, v_local)
     teacher = teacher_logits.reshape(-1, v_local)
     shard = shard_of(student, group)
-    check_classes(spec, hp, student_logits, target, ignore_index, shard.num_classes)
-    target = None if target is None else target.reshape(-1)
-    valid = torch.ones(student.shape[0], dtype=torch.bool, device=student.device) if target is None \
-        else target != ignore_index
-    args = (student, teacher, target, valid, method, hp, float(temperature), t2_scale, shard)
+    call = settings.bind(target, leading, shard.num_classes, student.device)
     if torch.is_grad_enabled() and student.requires_grad:
-        rows = _ShardLoss.apply(*args)
+        rows = _ShardLoss.apply(student, teacher, call, shard)
     else:
-        rows, _ = _shard_rows(*args[:-1], False, shard)
-    loss = backends.reduce(rows, reduction, denominator(valid, reduction, normalizer))
+        rows, _ = _shard_rows(call, student, teacher, False, shard)
+    loss = backends.reduce(rows, reduction, call.denominator)
     return loss.reshape(leading) if reduction == "none" else loss
 
 
-_OPTIONS = {"group": None}
-kd_loss = _loss_function("kd", distill_loss, _OPTIONS)
-rkl_loss = _loss_function("rkl", distill_loss, _OPTIONS)
-jsd_loss = _loss_function("jsd", distill_loss, _OPTIONS)
-skew_fkl_loss = _loss_function("skew_fkl", distill_loss, _OPTIONS)
-skew_rkl_loss = _loss_function("skew_rkl", distill_loss, _OPTIONS)
-tvd_loss = _loss_function("tvd", distill_loss, _OPTIONS)
-abkd_loss = _loss_function("abkd", distill_loss, _OPTIONS)
-dkd_loss = _loss_function("dkd", distill_loss, _OPTIONS)
-gdkd_loss = _loss_function("gdkd", distill_loss, _OPTIONS)
-cakd_loss = _loss_function("cakd", distill_loss, _OPTIONS)
-aekt_loss = _loss_function("aekt", distill_loss, _OPTIONS)
+LOSS_FUNCTIONS = {spec.function: loss_function(name, distill_loss, {"group": None})
+                  for name, spec in METHODS.items()}
+globals().update(LOSS_FUNCTIONS)
 
-__all__ = ["distill_loss", "kd_loss", "rkl_loss", "jsd_loss", "skew_fkl_loss", "skew_rkl_loss", "tvd_loss",
-           "abkd_loss", "dkd_loss", "gdkd_loss", "cakd_loss", "aekt_loss"]
+__all__ = ["distill_loss", *LOSS_FUNCTIONS]

@@ -3,8 +3,9 @@
 Definition. A ``SparseTeacher(indices, values, kind)`` row names k distinct classes K = {i_1 .. i_k}. The teacher is a
 distribution over k + 1 bins, the k classes and one tail bin holding the rest of the mass:
 
-    kind="logprobs"  P_j = exp(values_j), P_tail = max(0, 1 - sum_j exp(values_j)); used as given (the values are
-                     the teacher's log-probabilities at the distillation temperature: T does not rescale them).
+    kind="logprobs"  P_j = exp(values_j), P_tail = max(0, 1 - sum_j exp(values_j)), 0 when k = V; used as given (the
+                     values are the teacher's log-probabilities at the distillation temperature: T does not rescale
+                     them).
     kind="logits"    P_j = softmax(values / T)_j over the k classes, P_tail = 0.
 
 The student's distribution q = softmax(s / T) is folded onto the same bins: Q_j = q_{i_j}, and Q_tail, the mass of
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .methods import DIVERGENCE, finite_when_missing, get_method
+from .methods import DIVERGENCE, Plan, finite_when_missing
 
 Tensor = torch.Tensor
 KINDS = ("logprobs", "logits")
@@ -93,17 +94,17 @@ class SparseTeacher:
                              self.kind)
 
 
-def check(teacher: SparseTeacher, method: str, hp: dict, leading: torch.Size, v: int, device: torch.device,
+def check(teacher: SparseTeacher, method: str, plan: Plan, leading: torch.Size, v: int, device: torch.device,
           valid: Tensor) -> SparseTeacher:
-    """Checks a sparse teacher against the student ([*leading, V] logits on ``device``) and the method, and returns
+    """Checks a sparse teacher against the student ([*leading, V] logits on ``device``) and the method (its name and
+    plan), and returns
     it flattened to [N, k] with the ignored rows (``valid`` False) made harmless (indices 0..k-1).
 
     Data checks (indices in range and distinct, log-probabilities summing to at most 1, no zero-mass bin where the
     method needs the teacher's support) run on the rows not ignored; on an accelerator they fail the stream
     asynchronously instead of synchronising with the host.
     """
-    spec = get_method(method)
-    if spec.family != DIVERGENCE:
+    if plan.family != DIVERGENCE:
         raise ValueError(
             f"{method} is a decoupled-family loss: it partitions the teacher's full distribution and needs its "
             f"distribution inside every bin, which a SparseTeacher (k classes plus one tail bin) does not have; use a "
@@ -116,7 +117,7 @@ def check(teacher: SparseTeacher, method: str, hp: dict, leading: torch.Size, v:
         raise ValueError(f"SparseTeacher must be on the student's device {device}, got {teacher.device}")
     if teacher.k > v:
         raise ValueError(f"SparseTeacher k={teacher.k} exceeds the number of classes V={v}")
-    needs_support = not finite_when_missing(method, hp, "teacher")
+    needs_support = not finite_when_missing(plan, "teacher")
     if needs_support and teacher.kind == "logits":
         raise ValueError(
             f"{method} with these hyperparameters is infinite where the teacher has zero mass, and a SparseTeacher "
@@ -150,14 +151,18 @@ def check(teacher: SparseTeacher, method: str, hp: dict, leading: torch.Size, v:
     return SparseTeacher(indices, values, flat.kind)
 
 
-def teacher_bins(teacher: SparseTeacher, temperature: float, dtype: torch.dtype) -> Tensor:
-    """The teacher's k + 1 bins as logits [N, k + 1] (softmax(bins / T) = [P_1 .. P_k, P_tail])."""
+def teacher_bins(teacher: SparseTeacher, temperature: float, dtype: torch.dtype, num_classes: int) -> Tensor:
+    """The teacher's k + 1 bins as logits [N, k + 1] (softmax(bins / T) = [P_1 .. P_k, P_tail]) over ``num_classes``
+    classes. With k = V the tail holds no class: its mass is 0, whatever 1 - sum exp(values) rounds to (a slightly
+    positive rounding error there would make forward KL infinite against the student's empty tail)."""
     values = teacher.values.to(dtype)
+    empty = values.new_full((values.shape[0], 1), float("-inf"))
     if teacher.kind == "logits":
-        return torch.cat([values, values.new_full((values.shape[0], 1), float("-inf"))], -1)
+        return torch.cat([values, empty], -1)
     # In float64, as check() decides which tails are 0: a float32 sum would round some tails near 0 to exactly 0.
-    tail = (1 - teacher.values.double().exp().sum(-1, keepdim=True)).clamp(min=0)
-    return torch.cat([values, tail.log().to(dtype)], -1) * temperature
+    tail = empty if teacher.k == num_classes else \
+        (1 - teacher.values.double().exp().sum(-1, keepdim=True)).clamp(min=0).log().to(dtype)
+    return torch.cat([values, tail], -1) * temperature
 
 
 def fold(student: Tensor, indices: Tensor, temperature: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

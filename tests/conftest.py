@@ -19,7 +19,7 @@ def backends_under_test() -> list[str]:
     error, not a backend quietly left out, unless KDKERNELS_NO_EXTENSION=1 (the build switch that leaves it out)."""
     names = kdkernels.available_backends(DEVICE)
     if os.environ.get("KDKERNELS_NO_EXTENSION") != "1" and DEVICE == "cpu" and "cpu" not in names:
-        from kdkernels.extension import LOAD_ERROR
+        from kdkernels.backends.extension import LOAD_ERROR
 
         raise RuntimeError(f"backend 'cpu' (the C++ extension) is unavailable: {LOAD_ERROR}; build it "
                            "(pip install --no-build-isolation -e .) or set KDKERNELS_NO_EXTENSION=1 to test without")

@@ -66,3 +66,16 @@ def check_against_oracle(method, hp, s, t, target, backend, reduction="batchmean
     assert grad.dtype == s.dtype and grad.shape == s.shape
     assert_close(loss, want_loss, dtype, f"{method} {hp} loss")
     assert_close(grad, want_grad, dtype, f"{method} {hp} gradient")
+
+
+def family_op_args(method, hp):
+    """(family, code, params) of a method's plan, as the family ops take them."""
+    plan = kdkernels.METHODS[method].plan(kdkernels.METHODS[method].resolve(hp))
+    return plan.family, int(plan.code), [float(x) for x in plan.params]
+
+
+def family_ops(backend):
+    """{family: (op, in-place op)} of a fused backend: kdkernels::<family>_<backend> and its sibling."""
+    return {family: (getattr(torch.ops.kdkernels, f"{family}_{backend}").default,
+                     getattr(torch.ops.kdkernels, f"{family}_{backend}_").default)
+            for family in ("divergence", "decoupled")}

@@ -1,6 +1,6 @@
 """An independent float64 NumPy implementation of LOSSES.md, with the gradients written out analytically.
 
-kdkernels.reference gets its gradients from autograd; this file uses the closed-form gradients of LOSSES.md, one
+kdkernels.backends.reference gets its gradients from autograd; this file uses the closed-form gradients of LOSSES.md, one
 row at a time, on the classes that are not masked in both inputs. Agreement of the two checks both the reference
 and the formulas. Tests compare every backend against it.
 """

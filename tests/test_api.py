@@ -10,16 +10,14 @@ import kdkernels
 from cases import CASES, case_id
 from helpers import assert_close, make_inputs, run_loss
 
-FUNCTIONS = ["kd_loss", "rkl_loss", "jsd_loss", "skew_fkl_loss", "skew_rkl_loss", "tvd_loss", "abkd_loss",
-             "dkd_loss", "gdkd_loss", "cakd_loss", "aekt_loss", "cakd_feature_loss", "distill_loss"]
-MODULES = ["KDLoss", "RKLLoss", "JSDLoss", "SkewFKLLoss", "SkewRKLLoss", "TVDLoss", "ABKDLoss", "DKDLoss",
-           "GDKDLoss", "CAKDLoss", "AEKTLoss", "DistillLoss", "SerialHead"]
-MODULE_OF = dict(zip(["kd", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "abkd", "dkd", "gdkd", "cakd", "aekt"], MODULES))
+FUNCTIONS = [spec.function for spec in kdkernels.METHODS.values()] + ["cakd_feature_loss", "distill_loss",
+                                                                      "linear_distill_loss"]
+MODULES = [spec.module for spec in kdkernels.METHODS.values()] + ["DistillLoss", "LinearDistillLoss", "SerialHead"]
 
 
 @pytest.mark.parametrize("name", FUNCTIONS + MODULES)
 def test_public_names(name):
-    assert hasattr(kdkernels, name)
+    assert hasattr(kdkernels, name) and name in kdkernels.__all__
 
 
 @pytest.mark.parametrize("method", sorted(kdkernels.METHODS))
@@ -39,7 +37,7 @@ def test_module_equals_function(case, device):
     module = kdkernels.DistillLoss(method, reduction="sum", temperature=3.0, **hp)
     want = kdkernels.distill_loss(method, s, t, target, reduction="sum", temperature=3.0, **hp)
     torch.testing.assert_close(module(s, t, target), want, rtol=0, atol=0)
-    cls = getattr(kdkernels, MODULE_OF[method])
+    cls = getattr(kdkernels, kdkernels.METHODS[method].module)
     torch.testing.assert_close(cls(reduction="sum", temperature=3.0, **hp)(s, t, target), want, rtol=0, atol=0)
 
 

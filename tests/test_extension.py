@@ -1,6 +1,7 @@
 """The compiled extension kdkernels._C beyond what every backend is tested on (test_losses, test_kernels, test_ops,
 test_api): its in-place ops, each CPU capability's build, backend selection, and the message when it is missing."""
 
+import inspect
 import os
 import subprocess
 import sys
@@ -10,50 +11,62 @@ import torch
 
 import kdkernels
 from cases import CASES, case_id
-from helpers import make_inputs
+from helpers import family_op_args, family_ops, make_inputs
 from kdkernels import backends
-from kdkernels.kernel_params import decoupled_params, divergence_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif("cpu" not in kdkernels.available_backends("cpu"),
                                 reason="the C++ extension kdkernels._C is not built")
 
 
-def _family_args(method, hp):
-    family = kdkernels.METHODS[method].family
-    code, params = (divergence_params if family == "divergence" else decoupled_params)(
-        method, kdkernels.METHODS[method].resolve(hp))
-    return family, code, params
-
-
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[21], CASES[25]], ids=case_id)
 def test_inplace_opcheck(case):
     method, hp = case
-    family, code, params = _family_args(method, hp)
+    family, code, params = family_op_args(method, hp)
     s, t, target = make_inputs((4, 33), torch.float32, seed=31)
     for reduce in (True, False):
-        torch.library.opcheck(getattr(torch.ops.kdkernels, family + "_").default,
+        torch.library.opcheck(family_ops("cpu")[family][1],
                               (s.clone(), t, target, torch.tensor(2.0) if reduce else None, code, params, 1.5,
                                False, -100, reduce))
 
 
 def test_ops_are_registered_with_the_backends():
     for name in ("cpu", "cuda"):
-        assert backends._REGISTRY[name].ops == {"divergence": torch.ops.kdkernels.divergence.default,
-                                                "decoupled": torch.ops.kdkernels.decoupled.default}
-        assert backends._REGISTRY[name].inplace == {"divergence": torch.ops.kdkernels.divergence_.default,
-                                                    "decoupled": torch.ops.kdkernels.decoupled_.default}
+        registered = backends._REGISTRY[name]
+        for family, (op, inplace) in family_ops(name).items():
+            assert registered.ops[family] is op and registered.inplace[family] is inplace
+        assert registered.scale_rows is torch.ops.kdkernels.scale_rows_.default
+
+
+def test_codes_and_parameters_agree_in_every_language():
+    """The named codes and parameter layouts of the method table (methods.py) are those the C++ kernels were built
+    with (csrc/divergence.h, decoupled.h, exported by kdkernels._C) and the Triton kernels' constexprs."""
+    from kdkernels import _C, methods
+    from kdkernels.backends.triton import decoupled as triton_decoupled
+    from kdkernels.backends.triton import divergence as triton_divergence
+
+    for python, cpp, triton_module in ((methods.Divergence, _C.DIVERGENCE_CODES, triton_divergence),
+                                       (methods.Partition, _C.PARTITION_CODES, triton_decoupled),
+                                       (methods.Bin, _C.BIN_CODES, None)):
+        assert cpp == {code.name: int(code) for code in python}, python.__name__
+        if triton_module is not None:
+            assert {code.name: getattr(triton_module, code.name).value for code in python} == cpp
+    assert _C.DIVERGENCE_PARAMS == methods.DivergenceParams._fields
+    assert _C.DECOUPLED_PARAMS == methods.DecoupledParams._fields
+    divergence_args = inspect.signature(triton_divergence.divergence_kernel.fn).parameters
+    assert all(name in divergence_args for name in methods.DivergenceParams._fields)
 
 
 def test_inplace_needs_contiguous_student():
     s, t, target = make_inputs((4, 66), torch.float32, seed=32)
     with pytest.raises(RuntimeError, match="must be contiguous"):
-        torch.ops.kdkernels.divergence_(s[:, ::2], t[:, ::2], target, None, 0, [0.0] * 5, 1.0, False, -100, True)
+        torch.ops.kdkernels.divergence_cpu_(s[:, ::2], t[:, ::2], target, None, 0, [0.0] * 6, 1.0, False, -100,
+                                            True)
 
 
 @pytest.mark.parametrize("what,kwargs,match", [
-    ("code", dict(code=9), "code must be in"),
-    ("params", dict(params=[0.0] * 3), "params must hold 5"),
+    ("code", dict(code=99), "code must be in"),
+    ("params", dict(params=[0.0] * 3), "params must hold 6"),
     ("temperature", dict(temperature=0.0), "temperature must be > 0"),
     ("shape", dict(teacher=torch.zeros(4, 5)), "same shape"),
     ("dtype", dict(teacher=torch.zeros(4, 6, dtype=torch.int32)), "logits must be float32"),
@@ -61,15 +74,15 @@ def test_inplace_needs_contiguous_student():
 ])
 def test_op_checks_its_arguments(what, kwargs, match):
     args = dict(student=torch.zeros(4, 6), teacher=torch.zeros(4, 6), target=None, denominator=None, code=0,
-                params=[0.0] * 5, temperature=1.0, t2_scale=False, ignore_index=-100, reduce=True, with_grad=True)
+                params=[0.0] * 6, temperature=1.0, t2_scale=False, ignore_index=-100, reduce=True, with_grad=True)
     args.update(kwargs)
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.kdkernels.divergence(*args.values())
+        torch.ops.kdkernels.divergence_cpu(*args.values())
 
 
 def test_auto_picks_the_extension_on_cpu_and_cuda_is_refused_with_a_reason():
     s = torch.zeros(2, 3)
-    assert backends.select("auto", s) is backends._REGISTRY["cpu"].impl
+    assert backends.select_backend("auto", s) is backends._REGISTRY["cpu"]
     assert backends.AUTO_ORDER["cuda"][:2] == ("triton", "cuda")
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="backend='cuda' cannot run on cpu tensors: .*cuda tensors only"):

@@ -5,10 +5,8 @@ import torch
 
 import kdkernels
 from cases import CASES, case_id
-from helpers import assert_close
-from kdkernels.kernel_params import decoupled_params, divergence_params
+from helpers import assert_close, family_op_args
 from kdkernels.linear import REFERENCE_BUFFERS, chunk_rows, linear_distill_loss
-from kdkernels.methods import DIVERGENCE, get_method
 
 N, H_S, H_T, V = 7, 5, 4, 11
 
@@ -232,8 +230,7 @@ def test_inplace_ops_match_out_of_place(case, v, fused, device):
     (ignored rows zeroed), in every dtype the backend takes."""
     b = kdkernels.backends.select_backend(fused, torch.empty(0, device=device))
     method, hp = case
-    spec = get_method(method)
-    code, params = (divergence_params if spec.family == DIVERGENCE else decoupled_params)(method, spec.resolve(hp))
+    family, code, params = family_op_args(method, hp)
     g = torch.Generator().manual_seed(1)
     target = torch.tensor([1, -100, v - 1], device=device)
     denom = torch.tensor(2.0, device=device)
@@ -242,9 +239,9 @@ def test_inplace_ops_match_out_of_place(case, v, fused, device):
         t = (torch.randn(3, v, generator=g, dtype=torch.float64) * 3).to(dtype).to(device)
         for reduce in (True, False):
             args = (t, target, denom if reduce else None, code, params, 2.0, True, -100, reduce)
-            want_loss, want_grad = b.ops[spec.family](s, *args, True)
+            want_loss, want_grad = b.ops[family](s, *args, True)
             buffer = s.clone()
-            loss = b.inplace[spec.family](buffer, *args)
+            loss = b.inplace[family](buffer, *args)
             assert loss.dtype == want_loss.dtype and torch.equal(loss, want_loss), (dtype, reduce)
             assert torch.equal(buffer, want_grad), (dtype, reduce)
             assert not buffer[1].any()
@@ -252,6 +249,6 @@ def test_inplace_ops_match_out_of_place(case, v, fused, device):
         s64 = torch.randn(3, v, dtype=torch.float64, device=device)
         args = (s64.clone(), target, None, code, params, 2.0, True, -100, True)
         with pytest.raises((TypeError, RuntimeError), match="float64"):
-            b.ops[spec.family](s64, *args, True)
+            b.ops[family](s64, *args, True)
         with pytest.raises((TypeError, RuntimeError), match="float64"):
-            b.inplace[spec.family](s64.clone(), *args)
+            b.inplace[family](s64.clone(), *args)

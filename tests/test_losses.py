@@ -4,6 +4,7 @@ grad_output != 1, normalizer."""
 import pytest
 import torch
 
+import kdkernels
 from cases import CASES, case_id
 from helpers import check_against_oracle, make_inputs
 
@@ -31,9 +32,10 @@ def test_options(backend, device, case):
     """Non-default temperature and t2_scale, a normalizer, and no target (where the method allows it)."""
     method, hp = case
     s, t, target = make_inputs((5, 41), torch.float64 if backend == "reference" else torch.float32, device, seed=3)
-    needs_target = method in ("dkd", "aekt") or hp.get("strong", "target" if method == "cakd" else None) == "target"
+    spec = kdkernels.METHODS[method]
+    needs_target = spec.plan(spec.resolve(hp)).needs_target
     check_against_oracle(method, hp, s, t, target if needs_target else None, backend, temperature=2.5,
-                         t2_scale=not kdkernels_default_t2(method), normalizer=torch.tensor(7.0))
+                         t2_scale=not spec.t2_scale, normalizer=torch.tensor(7.0, device=device))
 
 
 TOPK_CASES = [c for c in CASES if c[0] == "gdkd" or (c[0] == "cakd" and c[1].get("strong") in ("topk", "threshold"))]
@@ -48,8 +50,3 @@ def test_teacher_ties(backend, device, case):
     t = torch.randint(-2, 3, (6, 29), generator=g).float().to(device)
     check_against_oracle(method, hp, s, t, target, backend, "none", torch.linspace(0.5, 2.0, 6, dtype=torch.float64))
 
-
-def kdkernels_default_t2(method):
-    import kdkernels
-
-    return kdkernels.METHODS[method].t2_scale

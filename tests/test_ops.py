@@ -1,21 +1,30 @@
 """The custom ops behind the fused backends: registration, torch.library.opcheck, torch.compile without graph
 breaks, and the in-place gradient scaling of backward."""
 
+import re
+
 import pytest
 import torch
 
 import kdkernels
 from cases import CASES, case_id
-from helpers import assert_close, make_inputs
-from kdkernels.kernel_params import decoupled_params, divergence_params
-
-FAMILY_OPS = {"triton": ("divergence_triton", "decoupled_triton"), "cpu": ("divergence", "decoupled"),
-              "cuda": ("divergence", "decoupled")}
+from helpers import assert_close, family_op_args, family_ops, make_inputs
+from kdkernels.backends import ops
 
 
-def test_ops_are_registered(fused):
-    for name in FAMILY_OPS[fused] + ("scale_rows_",):
-        assert hasattr(torch.ops.kdkernels, name), name
+def test_ops_are_registered_with_their_backend(fused):
+    """Every fused backend's ops are kdkernels::<family>_<backend> and its in-place sibling, registered with it."""
+    backend = kdkernels.backends.select_backend(fused, torch.empty(0))
+    for family, (op, inplace) in family_ops(fused).items():
+        assert backend.ops[family] is op and backend.inplace[family] is inplace
+
+
+def test_ops_share_one_schema(fused):
+    """The Triton ops (defined in Python) and the extension's (defined in C++) have the schema of ops.py."""
+    for family, (op, inplace) in family_ops(fused).items():
+        for got, want in ((op, ops.SCHEMA), (inplace, ops.INPLACE_SCHEMA)):
+            schema = re.sub(r"^kdkernels::\w+", "", str(got._schema))
+            assert re.sub(r"Tensor\(a\d*!\)", "Tensor(a!)", schema) == want
 
 
 @pytest.mark.parametrize("reduce,with_grad,has_target", [(True, True, True), (False, True, False),
@@ -23,10 +32,8 @@ def test_ops_are_registered(fused):
 @pytest.mark.parametrize("case", [CASES[4], CASES[11], CASES[20], CASES[22], CASES[25]], ids=case_id)
 def test_opcheck(fused, device, case, reduce, with_grad, has_target):
     method, hp = case
-    family = kdkernels.METHODS[method].family
-    op = getattr(torch.ops.kdkernels, FAMILY_OPS[fused][family == "decoupled"]).default
-    code, params = (divergence_params if family == "divergence" else decoupled_params)(
-        method, kdkernels.METHODS[method].resolve(hp))
+    family, code, params = family_op_args(method, hp)
+    op = family_ops(fused)[family][0]
     s, t, target = make_inputs((5, 33), torch.float32, device, seed=20)
     if method == "dkd":
         has_target = True
@@ -36,29 +43,20 @@ def test_opcheck(fused, device, case, reduce, with_grad, has_target):
     torch.library.opcheck(op, args)
 
 
-def test_scale_rows_skips_ones_and_scales_the_rest(device):
-    g = torch.randn(4, 300, device=device).bfloat16()
-    want = g.float() * torch.tensor([1.0, 2.5, 1.0, -3.0], device=device)[:, None]
-    torch.ops.kdkernels.scale_rows_(g, torch.tensor([1.0, 2.5, 1.0, -3.0], device=device))
-    assert_close(g, want.double().cpu().numpy(), torch.bfloat16, "per-row scaling")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_scale_rows_multiplies_in_float32_and_skips_ones(backend, device, dtype):
+    """Each backend's scale_rows (its backward): grad *= factor per row or for all rows, rounded once to the
+    gradient's dtype (bf16: to nearest from the float32 product); a factor of exactly 1 changes nothing."""
+    scale_rows = kdkernels.backends.select_backend(backend, torch.empty(0, device=device)).scale_rows
+    g = torch.randn(4, 5000, generator=torch.Generator().manual_seed(3)).to(dtype).to(device)
+    for factor in (torch.tensor([1.0, 0.3, 1.0, -7.0]), torch.tensor(0.7), torch.tensor(1.0 + 2**-20)):
+        factor = factor.to(device)
+        want = (g.float() * (factor[:, None] if factor.dim() else factor)).to(dtype)
+        scale_rows(g, factor)
+        assert torch.equal(g, want), factor
     before = g.clone()
-    torch.ops.kdkernels.scale_rows_(g, torch.tensor(1.0, device=device))
+    scale_rows(g, torch.tensor(1.0, device=device))
     assert torch.equal(g, before)
-
-
-def test_triton_scale_kernel_rounds_bfloat16_to_nearest(device):
-    """The Triton kernel of scale_rows_ (the CUDA implementation), run here through the interpreter if need be."""
-    if "triton" not in kdkernels.available_backends(device):
-        pytest.skip("Triton cannot run on this device here")
-    from kdkernels.triton.common import scale_rows_
-
-    g = torch.randn(3, 5000, device=device).bfloat16()
-    f = torch.tensor([0.3, 1.0, 7.0], device=device)
-    want = (g.float() * f[:, None]).bfloat16()
-    scale_rows_(g, f)
-    assert torch.equal(g, want)
-    scale_rows_(g, torch.tensor(1.0 + 2**-20, device=device))
-    assert torch.equal(g, (want.float() * (1.0 + 2**-20)).bfloat16())
 
 
 def test_backward_twice_is_an_error(fused, device):

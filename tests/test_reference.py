@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import kdkernels
-from kdkernels import reference
+from kdkernels.backends import reference
+from kdkernels.methods import DECOUPLED, Bin, DecoupledParams, Partition, Plan
 from cases import CASES, case_id
 from helpers import make_inputs
 
@@ -25,16 +26,20 @@ def test_gradcheck(case):
     assert torch.autograd.gradcheck(f, (s,), eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("num_bins", [2, 3])
-def test_decoupled_chain_rule_identity(num_bins):
-    """w0 = 1 and w_m = P_m turn the decoupled loss into KL(p || q) (the chain rule of KL)."""
+@pytest.mark.parametrize("split_top1", [False, True])
+def test_decoupled_chain_rule_identity(split_top1):
+    """w_mass = 1 and w_b = P_b turn the decoupled loss into KL(p || q) (the chain rule of KL)."""
     s, t, _ = make_inputs((6, 29), torch.float64, seed=2)
     s.requires_grad_(True)
     lq, lp = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
-    bins = torch.randint(0, num_bins, lp.shape, generator=torch.Generator().manual_seed(5))
-    bins[:, 0] = num_bins - 1  # keep one bin non-empty, leave others possibly empty
-    masses = [torch.where(bins == m, lp.exp(), 0.0).sum(-1) for m in range(num_bins)]
-    got = reference.decoupled_rows(lp, lq, bins, num_bins, 1.0, masses)
+    bins = torch.randint(Bin.STRONG, Bin.REST + 1, lp.shape, generator=torch.Generator().manual_seed(5))
+    bins[:, 1] = Bin.REST  # keep one bin non-empty, leave the strong bin possibly empty
+    if split_top1:
+        bins[:, 0] = Bin.TOP1  # a bin of one class: no in-bin KL
+    masses = [torch.where(bins == b, lp.exp(), 0.0).sum(-1) for b in Bin]
+    plan = Plan(DECOUPLED, Partition.TOPK, DecoupledParams(w_mass=1.0, w_strong=masses[Bin.STRONG],
+                                                           w_rest=masses[Bin.REST]))
+    got = reference.decoupled_rows(plan, lp, lq, bins)
     want = (lp.exp() * (lp - lq)).sum(-1)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     g_got, = torch.autograd.grad(got.sum(), s, retain_graph=True)

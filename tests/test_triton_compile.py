@@ -13,10 +13,14 @@ import sys
 import pytest
 import torch
 
+from cases import CASES
+from kdkernels.methods import DECOUPLED as DECOUPLED_FAMILY
+from kdkernels.methods import METHODS, Divergence
+
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="with a GPU the kernels are compiled by running them (every other test file)")
 
-INTS = {"N": "i32", "V": "i32", "K": "i32", "ignore_index": "i32", "s_stride": "i64", "t_stride": "i64",
+INTS = {"N": "i32", "V": "i32", "k": "i32", "ignore_index": "i32", "s_stride": "i64", "t_stride": "i64",
         "g_stride": "i32", "row_stride": "i64"}
 
 
@@ -42,27 +46,26 @@ def compile_for_h200(kernel, pointer_types, constexprs):
 POINTERS = {"s_ptr": "*bf16", "t_ptr": "*fp32", "grad_ptr": "*bf16", "target_ptr": "*i64"}
 LAYOUTS = {"single": dict(SINGLE_TILE=True, BLOCK_N=4, BLOCK_V=1024), "stream": dict(SINGLE_TILE=False, BLOCK_N=1,
                                                                                     BLOCK_V=4096)}
-DIVERGENCE = [(0, 0), (1, 0), (2, 0), (3, 0), (4, 0), (5, 0)] + [(6, case) for case in range(5)]
-
-
-DECOUPLED = [(0, False, False), (0, False, True), (1, False, False), (1, True, False), (2, False, False)]
+# (partition, split_top1, adaptive) of every decoupled plan the test cases reach.
+DECOUPLED = sorted({(int(plan.code), bool(plan.params.split_top1), bool(plan.params.adaptive)) for plan in (
+    METHODS[method].plan(METHODS[method].resolve(hp)) for method, hp in CASES) if plan.family == DECOUPLED_FAMILY})
 
 
 def compile_family(family: str) -> None:
     """Compiles every specialisation of one kernel family (run in the subprocess)."""
-    from kdkernels.triton.common import scale_rows_kernel
-    from kdkernels.triton.decoupled import decoupled_kernel
-    from kdkernels.triton.divergence import divergence_kernel
+    from kdkernels.backends.triton.common import scale_rows_kernel
+    from kdkernels.backends.triton.decoupled import decoupled_kernel
+    from kdkernels.backends.triton.divergence import divergence_kernel
 
     for layout in LAYOUTS.values():
         if family == "divergence":
-            for method, case in DIVERGENCE:
+            for code in Divergence:
                 compile_for_h200(divergence_kernel, POINTERS, dict(
-                    METHOD=method, ABKD_CASE=case, HAS_TARGET=True, HAS_DENOM=True, WITH_GRAD=True, **layout))
+                    CODE=int(code), HAS_TARGET=True, HAS_DENOM=True, WITH_GRAD=True, **layout))
         elif family == "decoupled":
-            for partition, three_bins, adaptive in DECOUPLED:
+            for partition, split_top1, adaptive in DECOUPLED:
                 compile_for_h200(decoupled_kernel, POINTERS, dict(
-                    PARTITION=partition, THREE_BINS=three_bins, ADAPTIVE=adaptive, HAS_TARGET=True,
+                    PARTITION=int(partition), SPLIT_TOP1=split_top1, ADAPTIVE=adaptive, HAS_TARGET=True,
                     HAS_DENOM=False, WITH_GRAD=True, KPAD=8, **layout))
     if family == "scale":
         for per_row in (False, True):

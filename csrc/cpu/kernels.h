@@ -1,5 +1,6 @@
-// The CPU kernels' entry points: csrc/cpu/kernels.cpp is compiled once per CPU capability (setup.py: DEFAULT, and
-// AVX2 / AVX512 on x86-64, each in its own namespace) and ops.cpp calls the one at::get_cpu_capability() names.
+// The CPU kernels' entry points: divergence.cpp and decoupled.cpp are compiled once per CPU capability (setup.py:
+// DEFAULT, and AVX2 / AVX512 on x86-64, each in its own namespace) and ops.cpp calls the one
+// at::get_cpu_capability() names.
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -21,8 +22,8 @@ struct RowsArgs {
   void* loss;                     // [N] per-row losses in the math type (double when math_double, else float)
   void* grad;                     // [N, V] contiguous, or nullptr when no gradient is asked for
   int64_t n, v;
-  int code;                       // kernel_params.py: the divergence method or the decoupled partition
-  const double* params;
+  int code;                       // the plan's code (divergence.h Divergence, decoupled.h Partition)
+  const double* params;           // the plan's named parameters, in their order
   double temperature;
   double t2;                      // T^2 with t2_scale, else 1
   double grad_scale;              // t2 / T / denominator (1 without one)

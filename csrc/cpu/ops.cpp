@@ -1,5 +1,6 @@
-// CPU implementations of the family ops: checks (family_op.h), then the rows in parallel (at::parallel_for) through
-// the kernels built for the best capability this CPU has (kernels.cpp, compiled once per capability).
+// CPU implementations of the ops (schemas in kdkernels.cpp): the family ops' checks (family_op.h), then the rows in
+// parallel (at::parallel_for) through the kernels built for the best capability this CPU has (divergence.cpp and
+// decoupled.cpp, compiled once per capability); and scale_rows_.
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
@@ -39,12 +40,12 @@ std::tuple<at::Tensor, at::Tensor> run_family(const at::Tensor& student, const a
                                               at::ArrayRef<double> params, double temperature, bool t2_scale,
                                               int64_t ignore_index, bool reduce, bool with_grad, bool in_place) {
   const bool divergence = FAMILY == DIVERGENCE_FAMILY;
-  const std::string name = std::string("kdkernels::") + (divergence ? "divergence" : "decoupled") +
+  const std::string name = std::string("kdkernels::") + (divergence ? "divergence" : "decoupled") + "_cpu" +
                            (in_place ? "_" : "");
   FamilyCall call = check_family_call(name.c_str(), student, teacher, target, denominator, code, params,
-                                      divergence ? NUM_DIVERGENCES : NUM_PARTITIONS,
-                                      divergence ? DIVERGENCE_PARAMS : DECOUPLED_PARAMS, temperature, with_grad,
-                                      in_place);
+                                      divergence ? int(NUM_DIVERGENCES) : int(NUM_PARTITIONS),
+                                      divergence ? DivergenceParams<double>::size : DecoupledParams<double>::size,
+                                      temperature, with_grad, in_place);
   if (!divergence) check_decoupled_params(call, code, params);
   const double t2 = t2_scale ? temperature * temperature : 1.0;
   const bool scaled = reduce && denominator.has_value();
@@ -79,13 +80,31 @@ at::Tensor family_cpu_(const at::Tensor& student, const at::Tensor& teacher, con
                                         ignore_index, reduce, /*with_grad=*/true, /*in_place=*/true));
 }
 
+// grad *= factor: a 0-d factor of exactly 1 skips the pass (a host read: the factor is on the CPU); low-precision
+// gradients are multiplied in float32 and rounded once.
+void scale_rows_cpu(const at::Tensor& grad, const at::Tensor& factor) {
+  TORCH_CHECK(grad.dim() == 2 && (factor.dim() == 0 || (factor.dim() == 1 && factor.size(0) == grad.size(0))),
+              "kdkernels::scale_rows_: grad must be [N, V] and factor 0-d or [N], got ", grad.sizes(), " and ",
+              factor.sizes());
+  if (factor.dim() == 0 && factor.item<double>() == 1.0) return;
+  const bool wide = grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble;
+  const at::ScalarType math = wide ? grad.scalar_type() : at::kFloat;
+  const at::Tensor f = factor.dim() == 1 ? factor.to(math).reshape({-1, 1}) : factor.to(math);
+  if (wide) {
+    grad.mul_(f);
+  } else {
+    grad.copy_(grad.to(math).mul_(f));
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
-  m.impl("divergence", &family_cpu<DIVERGENCE_FAMILY>);
-  m.impl("decoupled", &family_cpu<DECOUPLED_FAMILY>);
-  m.impl("divergence_", &family_cpu_<DIVERGENCE_FAMILY>);
-  m.impl("decoupled_", &family_cpu_<DECOUPLED_FAMILY>);
+  m.impl("divergence_cpu", &family_cpu<DIVERGENCE_FAMILY>);
+  m.impl("decoupled_cpu", &family_cpu<DECOUPLED_FAMILY>);
+  m.impl("divergence_cpu_", &family_cpu_<DIVERGENCE_FAMILY>);
+  m.impl("decoupled_cpu_", &family_cpu_<DECOUPLED_FAMILY>);
+  m.impl("scale_rows_", &scale_rows_cpu);
 }
 
 }  // namespace kdkernels::cpu

@@ -41,10 +41,10 @@ struct alignas(16) Pack {
 
 __device__ __forceinline__ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Calls f(j, x_j, y_j) -> g_j for every class j this thread owns, with x = s / T and y = t / T in float32, and
-// stores g_j into g when g is not null (a read-only walk returns anything, e.g. 0, and nothing is stored).
+// Calls f(j, s_j, t_j) -> g_j for every class j this thread owns, with the raw logits in float32, and stores g_j into
+// g when g is not null (a read-only walk returns anything, e.g. 0, and nothing is stored).
 template <class T, class F>
-__device__ __forceinline__ void walk_row(const T* s, const T* t, T* g, int64_t v, float temperature, F&& f) {
+__device__ __forceinline__ void walk_row(const T* s, const T* t, T* g, int64_t v, F&& f) {
   using P = Pack<T>;
   int64_t start = 0;
   if (aligned16(s) && aligned16(t) && (g == nullptr || aligned16(g))) {
@@ -55,14 +55,14 @@ __device__ __forceinline__ void walk_row(const T* s, const T* t, T* g, int64_t v
       P out;
 #pragma unroll
       for (int e = 0; e < P::N; ++e) {
-        out.v[e] = from_float<T>(f(c * P::N + e, to_float(ps.v[e]) / temperature, to_float(pt.v[e]) / temperature));
+        out.v[e] = from_float<T>(f(c * P::N + e, to_float(ps.v[e]), to_float(pt.v[e])));
       }
       if (g != nullptr) reinterpret_cast<P*>(g)[c] = out;
     }
     start = packs * P::N;
   }
   for (int64_t j = start + threadIdx.x; j < v; j += blockDim.x) {
-    const float out = f(j, to_float(s[j]) / temperature, to_float(t[j]) / temperature);
+    const float out = f(j, to_float(s[j]), to_float(t[j]));
     if (g != nullptr) g[j] = from_float<T>(out);
   }
 }
@@ -80,34 +80,26 @@ __device__ __forceinline__ int64_t shfl_xor(int64_t x, int lane_mask) {
   return __shfl_xor_sync(FULL_MASK, static_cast<long long>(x), lane_mask);
 }
 
-// A running logsumexp: max m and z = sum exp(v - m); k = sum exp(v - m) w_v rides along (the decoupled family's
-// teacher-side sum of exp(y - m) (y - x)).
+// A running logsumexp: max m and z = sum exp(v - m).
 struct Lse {
-  float m = -INFINITY, z = 0.f, k = 0.f;
+  float m = -INFINITY, z = 0.f;
 
-  __device__ __forceinline__ void add(float v, float w = 0.f) {
+  __device__ __forceinline__ void add(float v) {
     if (v > m || v != v) {  // a new max (or NaN, which must reach the loss): rescale what is there
-      const float scale = expf(m - safe_shift(nan_max(m, v)));
+      z *= expf(m - safe_shift(nan_max(m, v)));
       m = nan_max(m, v);
-      z *= scale;
-      k *= scale;
     }
-    const float e = expf(v - safe_shift(m));
-    z += e;
-    k += v == -INFINITY ? 0.f : e * w;
+    z += expf(v - safe_shift(m));
   }
   __device__ __forceinline__ void merge(const Lse& o) {
     const float m_new = nan_max(m, o.m), shift = safe_shift(m_new);
-    const float a = expf(m - shift), b = expf(o.m - shift);
-    z = z * a + o.z * b;
-    k = k * a + o.k * b;
+    z = z * expf(m - shift) + o.z * expf(o.m - shift);
     m = m_new;
   }
   __device__ __forceinline__ Lse shuffled(int lane_mask) const {
     Lse o;
     o.m = shfl_xor(m, lane_mask);
     o.z = shfl_xor(z, lane_mask);
-    o.k = shfl_xor(k, lane_mask);
     return o;
   }
 };
@@ -181,6 +173,7 @@ struct CudaCall {
   at::Tensor student, teacher, grad;  // what the kernel reads and writes
   at::Tensor denominator;             // float32 on the device, or undefined
   LaunchArgs args;
+  double temperature;                 // in double, for host-side constants such as T log(tau)
 };
 
 inline CudaCall prepare_cuda_call(const char* op, const at::Tensor& student, const at::Tensor& teacher,
@@ -188,9 +181,9 @@ inline CudaCall prepare_cuda_call(const char* op, const at::Tensor& student, con
                                   const std::optional<at::Tensor>& denominator, int64_t code,
                                   at::ArrayRef<double> params, int num_codes, int num_params, double temperature,
                                   bool t2_scale, int64_t ignore_index, bool reduce, bool with_grad, bool in_place) {
-  TORCH_CHECK(student.scalar_type() != at::kDouble && teacher.scalar_type() != at::kDouble, op,
-              ": the CUDA kernels compute in float32 and take float32, bfloat16 or float16 logits, not float64 "
-              "(backend='reference' computes float64)");
+  TORCH_CHECK_TYPE(student.scalar_type() != at::kDouble && teacher.scalar_type() != at::kDouble, op,
+                   ": the CUDA kernels compute in float32 and take float32, bfloat16 or float16 logits, not float64 "
+                   "(backend='reference' computes float64)");
   CudaCall c{check_family_call(op, student, teacher, target, denominator, code, params, num_codes, num_params,
                                temperature, with_grad, in_place)};
   c.student = c.call.student;
@@ -205,6 +198,7 @@ inline CudaCall prepare_cuda_call(const char* op, const at::Tensor& student, con
   c.args = {c.call.target.defined() ? c.call.target.data_ptr<int64_t>() : nullptr,
             c.denominator.defined() ? c.denominator.data_ptr<float>() : nullptr, float(temperature),
             float(t2_scale ? temperature * temperature : 1.0), ignore_index};
+  c.temperature = temperature;
   return c;
 }
 

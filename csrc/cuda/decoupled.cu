@@ -1,13 +1,10 @@
-// CUDA kernel of the decoupled family (dkd, gdkd, cakd, aekt): one block per row, loss and gradient in one launch.
+// CUDA kernel of the decoupled family: one block per row, loss and gradient in one launch. The math is
+// decoupled.h's: per bin (TOP1, STRONG, REST) the online statistics (mt, zt, kt) of y = t / T and (ms, zs) of
+// x = s / T, from which decoupled_row() gives the loss and the coefficients of g_j = (c_b q^b_j - w_b p^b_j) / T.
 //
-// Math (row_math.h, "Decoupled family"): the classes fall into bins A ({top-1}, three bins only), B (the strong
-// set: {target}, the teacher's top-k, or p_i >= tau max p) and W (the rest). Per bin the kernel keeps online
-//     mt_b = max y,  zt_b = sum exp(y - mt_b),  kt_b = sum exp(y - mt_b) (y - x),  ms_b = max x,  zs_b = sum exp(x - ms_b)
-// from which decoupled_row() gives the loss
-//     l = w0 KL(P || Q) + w_B KL(p^B || q^B) + w_W KL(p^W || q^W)
-// and per bin c_b, so that g_j = (1/T) (c_b q^b_j - w_b p^b_j) for j in bin b.
-// Passes: (0) what the partition needs from the teacher: k walks picking the next best (value, index) each (top-k),
-// or its max (threshold); (1) the per-bin statistics; (2) the gradient.
+// Passes: (0) what the partition needs from the raw teacher logits: k walks picking the next best (value, index)
+// each (top-k), or their max (threshold); (1) the per-bin statistics (a row whose classes are all masked in both
+// logits stops here: loss 0, gradient 0); (2) the gradient.
 #include "common.cuh"
 
 namespace kdkernels::cuda {
@@ -15,9 +12,45 @@ namespace {
 
 using F = ScalarOps<float>;
 
+// Online statistics of one bin: the teacher's mt, zt = sum exp(y - mt), kt = sum exp(y - mt) ((y - mt) - (x - ms))
+// and the student's ms, zs = sum exp(x - ms). kt is kept relative to both maxes, so it stays exact for logits offset
+// by 1000; moving them rescales zt and kt (and subtracts zt times the moves from kt).
+struct BinAccumulator {
+  float mt = -INFINITY, zt = 0.f, kt = 0.f, ms = -INFINITY, zs = 0.f;
+
+  __device__ __forceinline__ void rebase(float nt, float ns) {
+    const float st = expf(mt - safe_shift(nt)), ss = expf(ms - safe_shift(ns));
+    kt = (kt - zt * ((safe_shift(nt) - safe_shift(mt)) - (safe_shift(ns) - safe_shift(ms)))) * st;
+    zt *= st;
+    zs *= ss;
+    mt = nt;
+    ms = ns;
+  }
+  __device__ __forceinline__ void add(float y, float x) {
+    if (y > mt || y != y || x > ms || x != x) rebase(nan_max(mt, y), nan_max(ms, x));
+    const float et = expf(y - safe_shift(mt));
+    zt += et;
+    zs += expf(x - safe_shift(ms));
+    kt += y == -INFINITY ? 0.f : et * ((y - safe_shift(mt)) - (x - safe_shift(ms)));
+  }
+  __device__ __forceinline__ void merge(BinAccumulator o) {
+    const float nt = nan_max(mt, o.mt), ns = nan_max(ms, o.ms);
+    rebase(nt, ns);
+    o.rebase(nt, ns);
+    zt += o.zt;
+    kt += o.kt;
+    zs += o.zs;
+  }
+  __device__ __forceinline__ BinAccumulator shuffled(int lane_mask) const {
+    return {shfl_xor(mt, lane_mask), shfl_xor(zt, lane_mask), shfl_xor(kt, lane_mask), shfl_xor(ms, lane_mask),
+            shfl_xor(zs, lane_mask)};
+  }
+};
+
 template <int PARTITION, class T>
-__global__ void __launch_bounds__(512) decoupled_kernel(Rows<T> r, LaunchArgs a, DecoupledConsts<float> c) {
-  __shared__ Lse lse_scratch[MAX_WARPS];
+__global__ void __launch_bounds__(512) decoupled_kernel(Rows<T> r, LaunchArgs a, DecoupledParams<double> c,
+                                                        float threshold) {
+  __shared__ BinAccumulator bin_scratch[MAX_WARPS];
   __shared__ Ranked ranked_scratch[MAX_WARPS];
   __shared__ Max max_scratch[MAX_WARPS];
   const int64_t row = blockIdx.x;
@@ -29,14 +62,14 @@ __global__ void __launch_bounds__(512) decoupled_kernel(Rows<T> r, LaunchArgs a,
   const int64_t target = a.target != nullptr ? a.target[row] : 0;
   // An index outside [0, V) is never read (membership only compares indices): the row's loss becomes NaN.
   const bool bad_target = PARTITION == TARGET && (target < 0 || target >= r.v);
-  Membership<float> mb{PARTITION == TARGET && !bad_target ? target : -1, 0.f, 0, 0, 0.f, c.log_tau, c.three_bins};
+  Membership<float> mb{PARTITION == TARGET && !bad_target ? target : -1, 0.f, 0, 0, 0.f, threshold, c.split_top1};
   // (0) The teacher-only walks pass t as both rows: the second read of each element is an L1 hit.
-  if (PARTITION == TOPK) {
+  if constexpr (PARTITION == TOPK) {
     Ranked prev{INFINITY, -1}, first;  // prev ranks above every class
     for (int64_t pick = 0; pick < c.k; ++pick) {
       Ranked best;
-      walk_row(t, t, no_store, r.v, a.temperature, [&](int64_t j, float, float y) {
-        if (better(prev.v, prev.i, y, j)) best.merge(Ranked{y, j});
+      walk_row(t, t, no_store, r.v, [&](int64_t j, float, float tj) {
+        if (better(prev.v, prev.i, tj, j)) best.merge(Ranked{tj, j});
         return 0.f;
       });
       prev = block_reduce(best, ranked_scratch);
@@ -45,69 +78,68 @@ __global__ void __launch_bounds__(512) decoupled_kernel(Rows<T> r, LaunchArgs a,
     mb.kth_v = prev.v;
     mb.kth_i = prev.i;
     mb.top1_i = first.i;
-  } else if (PARTITION == THRESHOLD) {
-    Max y_max;
-    walk_row(t, t, no_store, r.v, a.temperature, [&](int64_t, float, float y) {
-      y_max.x = nan_max(y_max.x, y);
+  } else if constexpr (PARTITION == THRESHOLD) {
+    Max t_max;
+    walk_row(t, t, no_store, r.v, [&](int64_t, float, float tj) {
+      t_max.x = nan_max(t_max.x, tj);
       return 0.f;
     });
-    mb.y_max = block_reduce(y_max, max_scratch).x;
+    mb.t_max = block_reduce(t_max, max_scratch).x;
   }
   // (1)
-  Lse bt[NUM_BINS], bs[NUM_BINS];
-  walk_row(s, t, no_store, r.v, a.temperature, [&](int64_t j, float x, float y) {
-    bool in_a, in_b;
-    membership<PARTITION, F>(mb, y, 0.f, j, in_a, in_b);
-    if (in_a) {
-      bt[BIN_A].add(y, y - x);
-      bs[BIN_A].add(x);
-    } else if (in_b) {
-      bt[BIN_B].add(y, y - x);
-      bs[BIN_B].add(x);
-    } else {
-      bt[BIN_W].add(y, y - x);
-      bs[BIN_W].add(x);
-    }
+  BinAccumulator bins[NUM_BINS];
+  walk_row(s, t, no_store, r.v, [&](int64_t j, float sj, float tj) {
+    bool in_top1, in_strong;
+    membership<PARTITION, F>(mb, tj, 0.f, j, in_top1, in_strong);
+    bins[in_top1 ? TOP1 : in_strong ? STRONG : REST].add(tj / a.temperature, sj / a.temperature);
     return 0.f;
   });
   BinStats<float> st, ss;
+  bool masked = true;
 #pragma unroll
   for (int b = 0; b < NUM_BINS; ++b) {
-    const Lse tb = block_reduce(bt[b], lse_scratch), sb = block_reduce(bs[b], lse_scratch);
-    st.m[b] = tb.m;
-    st.z[b] = tb.z;
-    st.k[b] = tb.k;
-    ss.m[b] = sb.m;
-    ss.z[b] = sb.z;
+    const BinAccumulator bin = block_reduce(bins[b], bin_scratch);
+    st.m[b] = bin.mt;
+    st.z[b] = bin.zt;
+    st.k[b] = bin.kt;
+    ss.m[b] = bin.ms;
+    ss.z[b] = bin.zs;
     ss.k[b] = 0.f;
+    masked = masked && bin.mt == -INFINITY && bin.ms == -INFINITY;
+  }
+  if (masked) {
+    if (threadIdx.x == 0) r.loss[row] = 0.f;
+    if (g != nullptr) zero_row(g, r.v);
+    return;
   }
   const DecoupledRow<float> d = decoupled_row(st, ss, c, bad_target);
   if (threadIdx.x == 0) r.loss[row] = d.loss * a.t2;
   // (2)
   if (g != nullptr) {
     const float scale = bad_target ? NAN : grad_scale(a);
-    walk_row(s, t, g, r.v, a.temperature, [&](int64_t j, float x, float y) {
-      bool in_a, in_b;
-      membership<PARTITION, F>(mb, y, 0.f, j, in_a, in_b);
-      return decoupled_grad<F>(d, in_a, in_b, x, y, scale);
+    walk_row(s, t, g, r.v, [&](int64_t j, float sj, float tj) {
+      bool in_top1, in_strong;
+      membership<PARTITION, F>(mb, tj, 0.f, j, in_top1, in_strong);
+      return decoupled_grad<F>(d, in_top1, in_strong, sj / a.temperature, tj / a.temperature, scale);
     });
   }
 }
 
 struct DecoupledFamily {
-  static constexpr const char* name = "kdkernels::decoupled";
-  static constexpr const char* name_ = "kdkernels::decoupled_";
+  static constexpr const char* name = "kdkernels::decoupled_cuda";
+  static constexpr const char* name_ = "kdkernels::decoupled_cuda_";
   static constexpr int num_codes = NUM_PARTITIONS;
   static constexpr bool decoupled = true;
-  static constexpr int num_params = DECOUPLED_PARAMS;
+  static constexpr int num_params = DecoupledParams<double>::size;
 
   static void launch(CudaCall& call, int64_t code, at::ArrayRef<double> params, cudaStream_t stream) {
-    const auto consts = DecoupledConsts<float>::from(params.data());
+    const auto consts = DecoupledParams<double>::from(params.data());
+    const float threshold = float(call.temperature * consts.log_tau);  // t_i - max t >= T log(tau), as every backend
     dispatch_code<NUM_PARTITIONS>(int(code), [&](auto partition) {
       dispatch_dtype(call.student.scalar_type(), [&](auto zero) {
         using T = decltype(zero);
-        decoupled_kernel<decltype(partition)::value, T>
-            <<<unsigned(call.call.n), threads_for(call.call.v), 0, stream>>>(Rows<T>::of(call), call.args, consts);
+        decoupled_kernel<decltype(partition)::value, T><<<unsigned(call.call.n), threads_for(call.call.v), 0, stream>>>(
+            Rows<T>::of(call), call.args, consts, threshold);
       });
     });
   }
@@ -116,8 +148,8 @@ struct DecoupledFamily {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {
-  m.impl("decoupled", &family_cuda<DecoupledFamily>);
-  m.impl("decoupled_", &family_cuda_<DecoupledFamily>);
+  m.impl("decoupled_cuda", &family_cuda<DecoupledFamily>);
+  m.impl("decoupled_cuda_", &family_cuda_<DecoupledFamily>);
 }
 
 }  // namespace kdkernels::cuda

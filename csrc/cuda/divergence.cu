@@ -1,11 +1,9 @@
-// CUDA kernel of the divergence family (kd, rkl, jsd, skew_fkl, skew_rkl, tvd, abkd): one block per row, loss and
-// gradient in one launch.
+// CUDA kernel of the divergence family: one block per row, loss and gradient in one launch. The math is
+// divergence.h's (l = sum_k l_k, g_j = (r_j - q_j sum_k r_k) / T, times T^2 with t2_scale, over the denominator).
 //
-// Math (row_math.h, "Divergence family"): with x = s / T, y = t / T, log q = (x - max x) - log sum exp(x - max x)
-// and log p likewise, each class has a loss term l_k and a term r_k = q_k dl/dq_k, and
-//     l = sum_k l_k,    g_j = (r_j - q_j sum_k r_k) / T   (times T^2 with t2_scale, over the denominator).
-// Passes: (1) online max and sum of exp of x and y; (2) sum l_k (and sum r_k); kd knows sum r = -1 and writes the
-// gradient here; (3) the other methods write the gradient once sum r is known.
+// Passes: (1) online max and sum of exp of x = s / T and y = t / T; a row whose classes are all masked in both
+// logits stops here (loss 0, gradient 0); (2) sum l_k (and sum r_k); kd knows sum r = -1 and writes the gradient
+// here; (3) the other codes write the gradient once sum r is known.
 #include "common.cuh"
 
 namespace kdkernels::cuda {
@@ -13,8 +11,8 @@ namespace {
 
 using F = ScalarOps<float>;
 
-template <int METHOD, class T>
-__global__ void __launch_bounds__(512) divergence_kernel(Rows<T> r, LaunchArgs a, DivergenceConsts<float> c) {
+template <int CODE, class T>
+__global__ void __launch_bounds__(512) divergence_kernel(Rows<T> r, LaunchArgs a, DivergenceParams<float> c) {
   __shared__ Lse lse_scratch[MAX_WARPS];
   __shared__ Sum sum_scratch[MAX_WARPS];
   const int64_t row = blockIdx.x;
@@ -24,46 +22,50 @@ __global__ void __launch_bounds__(512) divergence_kernel(Rows<T> r, LaunchArgs a
   T* g = r.g == nullptr ? nullptr : r.g + row * r.v;
   // (1)
   Lse lx, ly;
-  walk_row(s, t, static_cast<T*>(nullptr), r.v, a.temperature, [&](int64_t, float x, float y) {
-    lx.add(x);
-    ly.add(y);
+  walk_row(s, t, static_cast<T*>(nullptr), r.v, [&](int64_t, float sj, float tj) {
+    lx.add(sj / a.temperature);
+    ly.add(tj / a.temperature);
     return 0.f;
   });
   lx = block_reduce(lx, lse_scratch);
   ly = block_reduce(ly, lse_scratch);
+  if (lx.m == -INFINITY && ly.m == -INFINITY) {
+    if (threadIdx.x == 0) r.loss[row] = 0.f;
+    if (g != nullptr) zero_row(g, r.v);
+    return;
+  }
   const float lzx = logf(lx.z), lzy = logf(ly.z), scale = grad_scale(a);
   // (2)
   Sum sum_l, sum_r;
-  walk_row(s, t, METHOD == KD ? g : static_cast<T*>(nullptr), r.v, a.temperature,
-           [&](int64_t, float x, float y) {
-             float l, rk, q;
-             divergence_terms<METHOD, F>(c, x, y, lx.m, lzx, ly.m, lzy, l, rk, q);
-             sum_l.x += l;
-             sum_r.x += rk;
-             return divergence_grad<F>(rk, q, -1.f, scale);  // stored for kd only
-           });
+  walk_row(s, t, CODE == KD ? g : static_cast<T*>(nullptr), r.v, [&](int64_t, float sj, float tj) {
+    float l, rk, q;
+    divergence_terms<CODE, F>(c, sj / a.temperature, tj / a.temperature, lx.m, lzx, ly.m, lzy, l, rk, q);
+    sum_l.x += l;
+    sum_r.x += rk;
+    return divergence_grad<F>(rk, q, -1.f, scale);  // stored for kd only
+  });
   sum_l = block_reduce(sum_l, sum_scratch);
   if (threadIdx.x == 0) r.loss[row] = sum_l.x * a.t2;
   // (3)
-  if (METHOD != KD && g != nullptr) {
+  if (CODE != KD && g != nullptr) {
     sum_r = block_reduce(sum_r, sum_scratch);
-    walk_row(s, t, g, r.v, a.temperature, [&](int64_t, float x, float y) {
+    walk_row(s, t, g, r.v, [&](int64_t, float sj, float tj) {
       float l, rk, q;
-      divergence_terms<METHOD, F>(c, x, y, lx.m, lzx, ly.m, lzy, l, rk, q);
+      divergence_terms<CODE, F>(c, sj / a.temperature, tj / a.temperature, lx.m, lzx, ly.m, lzy, l, rk, q);
       return divergence_grad<F>(rk, q, sum_r.x, scale);
     });
   }
 }
 
 struct DivergenceFamily {
-  static constexpr const char* name = "kdkernels::divergence";
-  static constexpr const char* name_ = "kdkernels::divergence_";
+  static constexpr const char* name = "kdkernels::divergence_cuda";
+  static constexpr const char* name_ = "kdkernels::divergence_cuda_";
   static constexpr int num_codes = NUM_DIVERGENCES;
   static constexpr bool decoupled = false;
-  static constexpr int num_params = DIVERGENCE_PARAMS;
+  static constexpr int num_params = DivergenceParams<float>::size;
 
   static void launch(CudaCall& call, int64_t code, at::ArrayRef<double> params, cudaStream_t stream) {
-    const auto consts = DivergenceConsts<float>::from(params.data());
+    const auto consts = DivergenceParams<float>::from(params.data());
     dispatch_code<NUM_DIVERGENCES>(int(code), [&](auto method) {
       dispatch_dtype(call.student.scalar_type(), [&](auto zero) {
         using T = decltype(zero);
@@ -77,8 +79,8 @@ struct DivergenceFamily {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {
-  m.impl("divergence", &family_cuda<DivergenceFamily>);
-  m.impl("divergence_", &family_cuda_<DivergenceFamily>);
+  m.impl("divergence_cuda", &family_cuda<DivergenceFamily>);
+  m.impl("divergence_cuda_", &family_cuda_<DivergenceFamily>);
 }
 
 }  // namespace kdkernels::cuda

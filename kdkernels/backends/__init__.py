@@ -1,8 +1,15 @@
-"""Backend registry: which implementation computes a loss for tensors on a given device.
+"""The backends: which implementation computes a loss for tensors on a given device.
 
-A backend is a function ``impl(problem: Problem) -> loss`` (reduced, or [N] for reduction="none"), registered with
-a test of the devices it runs on. ``backend="auto"`` takes the first available backend in the
-device's preference order; naming a backend that cannot run raises a RuntimeError that says why.
+    reference.py   pure PyTorch, autograd gradients (any device, float64 too): the ground truth and the fallback
+    ops.py         the custom ops every fused backend exposes (schema, fake functions, autograd)
+    extension.py   backends "cpu" and "cuda": the compiled extension kdkernels._C (csrc/)
+    triton/        backend "triton": the Triton kernels
+
+A backend is registered with ``impl(call: LossCall, student [N, V], teacher [N, V]) -> loss`` (reduced, or [N] for
+reduction="none"), a test of the devices it runs on, and for a fused backend its family ops and their in-place
+siblings (schema in ops.py) and its ``scale_rows`` (grad [N, V] *= factor, in place, rows whose factor is exactly 1
+left untouched). ``backend="auto"`` takes the first available backend in the device's preference order; naming a
+backend that cannot run raises a RuntimeError that says why.
 """
 
 from __future__ import annotations
@@ -15,32 +22,16 @@ import torch
 from . import reference
 
 
-@dataclass(frozen=True)
-class Problem:
-    """One checked loss call on 2-D logits, as every backend receives it."""
-
-    method: str
-    hp: dict
-    student: torch.Tensor  # [N, V]
-    teacher: torch.Tensor  # [N, V]
-    target: torch.Tensor | None  # [N]
-    temperature: float
-    t2_scale: bool
-    ignore_index: int
-    valid: torch.Tensor  # [N] bool: rows not ignored
-    reduction: str
-    denominator: torch.Tensor | None  # 0-d float32 for batchmean, else None
-
-
 @dataclass
 class Backend:
     name: str
-    impl: Callable
+    impl: Callable | None
     unavailable: Callable[[torch.device], str | None]  # None when it can run on that device, else the reason
-    # Family ops of a fused backend, {"divergence": op, "decoupled": op} (schema in ops.py), and their in-place
-    # siblings that overwrite the student logits with d loss / d student and return the loss; None for the reference.
+    # Fused backends: {"divergence": op, "decoupled": op} (ops.py), their in-place siblings that overwrite the
+    # student logits with d loss / d student and return the loss, and the in-place row scaling of gradients.
     ops: dict | None = None
     inplace: dict | None = None
+    scale_rows: Callable[[torch.Tensor, torch.Tensor], None] = reference.scale_rows_
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -49,9 +40,8 @@ _REGISTRY: dict[str, Backend] = {}
 AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 
 
-def register(name: str, impl: Callable, unavailable: Callable[[torch.device], str | None],
-             ops: dict | None = None, inplace: dict | None = None) -> None:
-    _REGISTRY[name] = Backend(name, impl, unavailable, ops, inplace)
+def register(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -76,21 +66,16 @@ def select_backend(name: object, like: torch.Tensor) -> Backend:
     return _REGISTRY[name]
 
 
-def select(name: object, like: torch.Tensor) -> Callable:
-    return select_backend(name, like).impl
-
-
 def reduce(rows: torch.Tensor, reduction: str, denominator: torch.Tensor | None) -> torch.Tensor:
-    """Per-row losses to the requested reduction (denominator from functional.denominator)."""
+    """Per-row losses to the requested reduction (the denominator of arguments.LossCall)."""
     if reduction == "none":
         return rows
     total = rows.sum()
     return total if reduction == "sum" else total / denominator
 
 
-def _reference_impl(p: Problem) -> torch.Tensor:
-    rows = reference.row_losses(p.method, p.student, p.teacher, p.target, p.hp, p.temperature, p.t2_scale, p.valid)
-    return reduce(rows, p.reduction, p.denominator)
+def _reference_impl(call, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return reduce(reference.row_losses(call, student, teacher), call.reduction, call.denominator)
 
 
-register("reference", _reference_impl, lambda device: None)
+register(Backend("reference", _reference_impl, lambda device: None))

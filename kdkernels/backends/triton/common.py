@@ -8,7 +8,7 @@ import triton.language as tl
 
 NEG_INF = tl.constexpr(float("-inf"))
 
-# Largest row tile held in registers; longer rows stream in tiles of this size (DESIGN.md, "Passes over a row").
+# Largest row tile held in registers; longer rows stream in tiles of this size (docs/losses.md, "Passes").
 MAX_TILE = 4096
 # Elements of one program's [rows, columns] tile when several short rows share a program (vision vocabularies).
 ROWS_TILE_ELEMENTS = 4096
@@ -24,11 +24,34 @@ def launch_shape(n_rows: int, v: int) -> tuple[int, int, int, bool]:
 
 
 @triton.jit
-def load_scaled(ptr, rows64, row_stride, row_ok, cols, V, temperature):
-    """Tile [BLOCK_N, BLOCK_V] of logits / T in float32; columns past V and rows not ok read as -inf."""
+def row_block(target_ptr, denom_ptr, N, ignore_index, temperature, t2, HAS_TARGET: tl.constexpr,
+              HAS_DENOM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's rows: (indices, in range, indices as int64, target (0 without one), not ignored, gradient
+    factor: 1/T from the softmax, T^2 if asked, 1/denominator for batchmean, read on the device)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_in = rows < N
+    target = tl.zeros([BLOCK_N], tl.int64)
+    valid = row_in
+    if HAS_TARGET:
+        target = tl.load(target_ptr + rows, mask=row_in, other=ignore_index).to(tl.int64)
+        valid = valid & (target != ignore_index)
+    g_scale = tl.zeros([BLOCK_N], tl.float32) + t2 / temperature
+    if HAS_DENOM:
+        g_scale = g_scale / tl.load(denom_ptr)
+    return rows, row_in, rows.to(tl.int64), target, valid, g_scale
+
+
+@triton.jit
+def load_raw(ptr, rows64, row_stride, row_ok, cols, V):
+    """Tile [BLOCK_N, BLOCK_V] of logits in float32; columns past V and rows not ok read as -inf."""
     mask = row_ok[:, None] & (cols[None, :] < V)
-    x = tl.load(ptr + rows64[:, None] * row_stride + cols[None, :], mask=mask, other=NEG_INF)
-    return x.to(tl.float32) / temperature
+    return tl.load(ptr + rows64[:, None] * row_stride + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
+
+
+@triton.jit
+def load_scaled(ptr, rows64, row_stride, row_ok, cols, V, temperature):
+    """The tile of load_raw divided by the temperature."""
+    return load_raw(ptr, rows64, row_stride, row_ok, cols, V) / temperature
 
 
 @triton.jit

@@ -1,0 +1,162 @@
+// Fused CPU kernel of the decoupled family: loss rows and gradient rows in one call, one row at a time per thread.
+// setup.py compiles this file once per CPU capability. The math is decoupled.h's; this file arranges the passes over
+// a row:
+//
+//   (0) what the partition needs from the raw teacher logits: their top-k (a heap, with a vector test that skips
+//       the classes below the current k-th) or their max;
+//   (1) per-bin maxima of x and y; a row whose classes are all masked in both logits stops here (loss 0,
+//       gradient 0); then per-bin sums, each class shifted by its own bin's maxima (one exp per class and side);
+//   (2) the gradient.
+#include <array>
+#include <utility>
+
+#include "../decoupled.h"
+#include "rows.h"
+
+namespace kdkernels::cpu::CPU_CAPABILITY {
+namespace {
+
+// The teacher's k best classes by (raw logit, lower index): kth_v / kth_i (the worst of them) and top1_i (the best).
+template <class M>
+void teacher_top_k(const M* t, int64_t v, int64_t k, std::vector<std::pair<M, int64_t>>& heap, Membership<M>& mb) {
+  using O = Ops<M>;
+  using V = Vec<M>;
+  using Entry = std::pair<M, int64_t>;
+  constexpr int64_t L = O::lanes;
+  // Heap order "a < b" = "a ranks above b", so the heap's front is the worst of the k kept so far.
+  auto ranks_above = [](const Entry& a, const Entry& b) { return better(a.first, a.second, b.first, b.second); };
+  heap.clear();
+  M lanes[L];
+  for (int64_t j = 0; j < v; j += L) {
+    const int64_t n = std::min(L, v - j);
+    const V y = load(t + j, n);
+    // Classes come in index order: one that only ties the current k-th has a larger index and does not enter.
+    if (int64_t(heap.size()) == k && !O::any(O::gt(y, V(heap.front().first)))) continue;
+    y.store(lanes);
+    for (int64_t l = 0; l < n; ++l) {
+      const Entry e(lanes[l], j + l);
+      if (int64_t(heap.size()) < k) {
+        heap.push_back(e);
+        std::push_heap(heap.begin(), heap.end(), ranks_above);
+      } else if (ranks_above(e, heap.front())) {
+        std::pop_heap(heap.begin(), heap.end(), ranks_above);
+        heap.back() = e;
+        std::push_heap(heap.begin(), heap.end(), ranks_above);
+      }
+    }
+  }
+  mb.kth_v = heap.front().first;
+  mb.kth_i = heap.front().second;
+  Entry best = heap.front();
+  for (const Entry& e : heap) {
+    if (ranks_above(e, best)) best = e;
+  }
+  mb.top1_i = best.second;
+}
+
+template <int PARTITION, class M>
+M decoupled_row(const M* s, const M* t, int64_t target, M* g, int64_t v, const DecoupledParams<double>& c,
+                M temperature, M threshold, M scale, std::vector<std::pair<M, int64_t>>& heap) {
+  using O = Ops<M>;
+  using V = Vec<M>;
+  constexpr int64_t L = O::lanes;
+  const V T(temperature), zero(M(0)), ninf(neg_inf<M>()), iota = O::iota();
+  Membership<M> mb{-1, M(0), 0, 0, M(0), threshold, c.split_top1};
+  // An index outside [0, V) is never read (membership only compares indices): the row's loss becomes NaN.
+  const bool bad_target = PARTITION == TARGET && (target < 0 || target >= v);
+  if (PARTITION == TARGET && !bad_target) mb.target = target;
+  // (0) What the partition needs from the raw teacher logits alone.
+  if constexpr (PARTITION == TOPK) {
+    teacher_top_k<M>(t, v, c.k, heap, mb);
+  } else if constexpr (PARTITION == THRESHOLD) {
+    V vmax = ninf;
+    for (int64_t j = 0; j < v; j += L) vmax = O::max(vmax, load(t + j, std::min(L, v - j)));
+    mb.t_max = max_lanes(vmax);
+  }
+  // The bins of the classes j.. (raw teacher logits traw): in[TOP1], in[STRONG], in[REST].
+  using Masks = std::array<typename O::Mask, NUM_BINS>;
+  auto bins_of = [&](const V& traw, int64_t j) {
+    Masks in;
+    membership<PARTITION, O>(mb, traw, iota, j, in[TOP1], in[STRONG]);
+    in[REST] = O::lnot(O::lor(in[TOP1], in[STRONG]));
+    return in;
+  };
+  // (1) Per-bin maxima, then per-bin sums.
+  V mt[NUM_BINS] = {ninf, ninf, ninf}, ms[NUM_BINS] = {ninf, ninf, ninf};
+  for (int64_t j = 0; j < v; j += L) {
+    const int64_t n = std::min(L, v - j);
+    const V traw = load(t + j, n), x = load(s + j, n) / T, y = traw / T;
+    const Masks in = bins_of(traw, j);
+    for (int b = 0; b < NUM_BINS; ++b) {
+      mt[b] = O::max(mt[b], O::select(in[b], y, ninf));
+      ms[b] = O::max(ms[b], O::select(in[b], x, ninf));
+    }
+  }
+  BinStats<M> st, ss;
+  bool masked = true;
+  for (int b = 0; b < NUM_BINS; ++b) {
+    st.m[b] = max_lanes(mt[b]);
+    ss.m[b] = max_lanes(ms[b]);
+    masked = masked && is_neg_inf(st.m[b]) && is_neg_inf(ss.m[b]);
+  }
+  if (masked) {
+    zero_row(g, v);
+    return M(0);
+  }
+  ChunkedSum<M> zt[NUM_BINS], kt[NUM_BINS], zs[NUM_BINS];
+  for (int64_t j = 0; j < v; j += L) {
+    const int64_t n = std::min(L, v - j);
+    const V traw = load(t + j, n), x = load(s + j, n) / T, y = traw / T;
+    const Masks in = bins_of(traw, j);
+    const V st_j = pick<O>(in[TOP1], in[STRONG], safe_shift(st.m[TOP1]), safe_shift(st.m[STRONG]),
+                           safe_shift(st.m[REST]));
+    const V ss_j = pick<O>(in[TOP1], in[STRONG], safe_shift(ss.m[TOP1]), safe_shift(ss.m[STRONG]),
+                           safe_shift(ss.m[REST]));
+    const V et = O::exp(y - st_j), es = O::exp(x - ss_j), kv = k_term<O>(et, y, x, st_j, ss_j);
+    for (int b = 0; b < NUM_BINS; ++b) {
+      zt[b].add(O::select(in[b], et, zero));
+      kt[b].add(O::select(in[b], kv, zero));
+      zs[b].add(O::select(in[b], es, zero));
+    }
+  }
+  for (int b = 0; b < NUM_BINS; ++b) {
+    st.z[b] = zt[b].sum();
+    st.k[b] = kt[b].sum();
+    ss.z[b] = zs[b].sum();
+    ss.k[b] = M(0);
+  }
+  const DecoupledRow<M> row = decoupled_row(st, ss, c, bad_target);
+  // (2) The gradient.
+  if (g != nullptr) {
+    const M row_scale = bad_target ? M(NAN) : scale;
+    for (int64_t j = 0; j < v; j += L) {
+      const int64_t n = std::min(L, v - j);
+      const V traw = load(t + j, n);
+      const Masks in = bins_of(traw, j);
+      decoupled_grad<O>(row, in[TOP1], in[STRONG], load(s + j, n) / T, traw / T, row_scale).store(g + j, n);
+    }
+  }
+  return row.loss;
+}
+
+template <int PARTITION, class M>
+void decoupled_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
+  const auto c = DecoupledParams<double>::from(a.params);
+  RowBuffers<M> buf(a, 0);
+  std::vector<std::pair<M, int64_t>> heap;
+  heap.reserve(PARTITION == TOPK ? size_t(c.k) : 0);
+  const M threshold(a.temperature * c.log_tau);  // THRESHOLD: t_i - max t >= T log(tau), in double like the others
+  for_rows<M>(a, begin, end, buf, [&](const M* s, const M* t, int64_t target, M* g) {
+    return decoupled_row<PARTITION, M>(s, t, target, g, a.v, c, M(a.temperature), threshold, M(a.grad_scale), heap);
+  });
+}
+
+}  // namespace
+
+void decoupled_rows(const RowsArgs& a, int64_t begin, int64_t end) {
+  dispatch_rows<NUM_PARTITIONS>(a, [&](auto partition, auto math) {
+    decoupled_rows_of<decltype(partition)::value, decltype(math)>(a, begin, end);
+  });
+}
+
+}  // namespace kdkernels::cpu::CPU_CAPABILITY

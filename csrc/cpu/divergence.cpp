@@ -1,0 +1,90 @@
+// Fused CPU kernel of the divergence family: loss rows and gradient rows in one call, one row at a time per thread.
+// setup.py compiles this file once per CPU capability (at::vec::Vectorized is then 8 or 16 floats wide). The math is
+// divergence.h's; this file arranges the passes over a row:
+//
+//   (1) row maxima of s and t, then their sums of exp(x - max); a row whose classes are all masked in both logits
+//       stops here (loss 0, gradient 0);
+//   (2) per-class terms l_k, r_k: the loss, and for kd (sum r = -1) the gradient;
+//   (3) for the other codes the gradient, from r_k and q_k that pass 2 kept in a row-sized buffer (so no exp is
+//       recomputed).
+#include "../divergence.h"
+#include "rows.h"
+
+namespace kdkernels::cpu::CPU_CAPABILITY {
+namespace {
+
+template <int CODE, class M>
+M divergence_row(const M* s, const M* t, M* g, M* r_buf, M* q_buf, int64_t v, const DivergenceParams<M>& c,
+                 M temperature, M scale) {
+  using O = Ops<M>;
+  using V = Vec<M>;
+  constexpr int64_t L = O::lanes;
+  const V T(temperature);
+  // (1) Row maxima (max(s / T) = max(s) / T: division by T > 0 keeps the order), then the sums of exp(x - max).
+  V vmx(neg_inf<M>()), vmy(neg_inf<M>());
+  for (int64_t j = 0; j < v; j += L) {
+    const int64_t n = std::min(L, v - j);
+    vmx = O::max(vmx, load(s + j, n));
+    vmy = O::max(vmy, load(t + j, n));
+  }
+  const M mx = max_lanes(vmx) / temperature, my = max_lanes(vmy) / temperature;
+  if (is_neg_inf(mx) && is_neg_inf(my)) {
+    zero_row(g, v);
+    return M(0);
+  }
+  const V shift_x(safe_shift(mx)), shift_y(safe_shift(my));
+  ChunkedSum<M> zx, zy;
+  for (int64_t j = 0; j < v; j += L) {
+    const int64_t n = std::min(L, v - j);
+    zx.add(O::exp(load(s + j, n) / T - shift_x));
+    zy.add(O::exp(load(t + j, n) / T - shift_y));
+  }
+  const V vmx_row(mx), vmy_row(my), lzx(std::log(zx.sum())), lzy(std::log(zy.sum()));
+  // (2) Per-class terms.
+  ChunkedSum<M> sum_l, sum_r;
+  for (int64_t j = 0; j < v; j += L) {
+    const int64_t n = std::min(L, v - j);
+    V l, r, q;
+    divergence_terms<CODE, O>(c, load(s + j, n) / T, load(t + j, n) / T, vmx_row, lzx, vmy_row, lzy, l, r, q);
+    sum_l.add(l);
+    if (g == nullptr) continue;
+    if constexpr (CODE == KD) {  // sum r = -1
+      divergence_grad<O>(r, q, M(-1), scale).store(g + j, n);
+    } else {
+      sum_r.add(r);
+      r.store(r_buf + j, n);
+      q.store(q_buf + j, n);
+    }
+  }
+  // (3) The gradient, once sum r is known.
+  if (g != nullptr && CODE != KD) {
+    const M total_r = sum_r.sum();
+    for (int64_t j = 0; j < v; j += L) {
+      const int64_t n = std::min(L, v - j);
+      divergence_grad<O>(V::loadu(r_buf + j, n), V::loadu(q_buf + j, n), total_r, scale).store(g + j, n);
+    }
+  }
+  return sum_l.sum();
+}
+
+template <int CODE, class M>
+void divergence_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
+  const auto c = DivergenceParams<M>::from(a.params);
+  const bool keeps_terms = a.grad != nullptr && CODE != KD;
+  RowBuffers<M> buf(a, keeps_terms ? 2 : 0);
+  M* r_buf = buf.extra;
+  M* q_buf = buf.extra + a.v;
+  for_rows<M>(a, begin, end, buf, [&](const M* s, const M* t, int64_t, M* g) {
+    return divergence_row<CODE, M>(s, t, g, r_buf, q_buf, a.v, c, M(a.temperature), M(a.grad_scale));
+  });
+}
+
+}  // namespace
+
+void divergence_rows(const RowsArgs& a, int64_t begin, int64_t end) {
+  dispatch_rows<NUM_DIVERGENCES>(a, [&](auto code, auto math) {
+    divergence_rows_of<decltype(code)::value, decltype(math)>(a, begin, end);
+  });
+}
+
+}  // namespace kdkernels::cpu::CPU_CAPABILITY

@@ -1,0 +1,182 @@
+// The decoupled family's codes, named parameters and bin formulas (docs/losses.md, "Decoupled family"), for the CPU
+// and CUDA kernels. The classes fall in bins TOP1 (the teacher's top-1, only with split_top1), STRONG (the strong
+// set, chosen on the raw teacher logits by the partition) and REST. Per bin the kernels keep, with x = s / T and
+// y = t / T,
+//     mt_b = max y,  zt_b = sum exp(y - mt_b),  kt_b = sum exp(y - mt_b) ((y - mt_b) - (x - ms_b)),
+//     ms_b = max x,  zs_b = sum exp(x - ms_b),
+// from which decoupled_row() gives, in double precision, the loss
+//     l = w_mass KL([P_b] || [Q_b]) + w_strong KL(p^STRONG || q^STRONG) + w_rest KL(p^REST || q^REST),
+//     KL(p^b || q^b) = kt_b / zt_b - (log zt_b - log zs_b),
+// and per bin c_b = w_mass (Q_b - P_b) + w_b, so that g_j = (c_b q^b_j - w_b p^b_j) / T for j in bin b.
+#pragma once
+
+#include "row_math.h"
+
+// The codes of kdkernels/methods.py Partition and Bin, in their order.
+#define KDKERNELS_PARTITION_CODES(X) X(TARGET) X(TOPK) X(THRESHOLD)
+#define KDKERNELS_BIN_CODES(X) X(TOP1) X(STRONG) X(REST)
+// The fields of kdkernels/methods.py DecoupledParams, in its order.
+#define KDKERNELS_DECOUPLED_PARAMS(X)                                                                    \
+  X(int64_t, k) X(T, log_tau) X(bool, split_top1) X(bool, adaptive) X(T, w_mass) X(T, w_strong) X(T, w_rest) \
+  X(T, max_weight)
+
+namespace kdkernels {
+inline namespace KDKERNELS_MATH_NAMESPACE {
+
+enum Partition : int { KDKERNELS_PARTITION_CODES(KDKERNELS_ENUMERATOR) NUM_PARTITIONS };
+enum Bin : int { KDKERNELS_BIN_CODES(KDKERNELS_ENUMERATOR) NUM_BINS };
+
+KDKERNELS_DEFINE_PARAMS(DecoupledParams, KDKERNELS_DECOUPLED_PARAMS)
+
+// Ranking of the teacher's top-k: larger raw logit first, then the lower index (torch's stable sort).
+template <class T>
+KD_HD bool better(T v1, int64_t i1, T v2, int64_t i2) {
+  return v1 > v2 || (v1 == v2 && i1 < i2);
+}
+
+// What a row's partition needs besides the class's own raw teacher logit.
+template <class T>
+struct Membership {
+  int64_t target;  // TARGET: the label (-1 when there is none or it is out of range: the strong bin is then empty)
+  T kth_v;         // TOPK: the k-th best raw teacher logit and its index
+  int64_t kth_i;
+  int64_t top1_i;  // split_top1: the best teacher class
+  T t_max;         // THRESHOLD: max of t, and T log(tau)
+  T threshold;
+  bool split_top1;
+};
+
+// (in TOP1, in STRONG) of the classes of raw teacher logits t whose first lane is class `base`; iota holds the lane
+// indices 0, 1, ...
+template <int PARTITION, class O>
+KD_HD void membership(const Membership<typename O::Scalar>& mb, typename O::V t, typename O::V iota, int64_t base,
+                      typename O::Mask& in_top1, typename O::Mask& in_strong) {
+  using V = typename O::V;
+  if constexpr (PARTITION == TARGET) {
+    in_strong = O::index_eq(iota, mb.target - base);
+  } else if constexpr (PARTITION == TOPK) {  // better than or equal to the k-th (value, index)
+    const V kth(mb.kth_v);
+    in_strong = O::lor(O::lor(O::gt(t, kth), O::land(O::eq(t, kth), O::index_le(iota, mb.kth_i - base))),
+                       O::index_eq(iota, mb.kth_i - base));
+  } else {  // p_i >= tau max p  <=>  t_i - max t >= T log(tau)
+    in_strong = O::ge(t - V(mb.t_max), V(mb.threshold));
+  }
+  if (mb.split_top1) {
+    in_top1 = O::index_eq(iota, mb.top1_i - base);
+    in_strong = O::land(in_strong, O::lnot(in_top1));
+  } else {
+    in_top1 = O::none();
+  }
+}
+
+// The value of bin TOP1, STRONG or REST, per class.
+template <class O>
+KD_HD typename O::V pick(typename O::Mask in_top1, typename O::Mask in_strong, typename O::Scalar top1,
+                         typename O::Scalar strong, typename O::Scalar rest) {
+  using V = typename O::V;
+  return O::select(in_top1, V(top1), O::select(in_strong, V(strong), V(rest)));
+}
+
+// A class's term of kt_b, with e = exp(y - mt_b): e ((y - mt_b) - (x - ms_b)), 0 for a masked teacher class.
+template <class O>
+KD_HD typename O::V k_term(typename O::V e, typename O::V y, typename O::V x, typename O::V shift_t,
+                           typename O::V shift_s) {
+  using V = typename O::V;
+  using T = typename O::Scalar;
+  return O::select(O::eq(y, V(neg_inf<T>())), V(T(0)), e * ((y - shift_t) - (x - shift_s)));
+}
+
+template <class T>
+struct BinStats {
+  T m[NUM_BINS], z[NUM_BINS], k[NUM_BINS];  // k is used on the teacher side only
+};
+
+// A row's loss and its gradient coefficients, from the statistics of both sides.
+template <class T>
+struct DecoupledRow {
+  T loss;                  // before T^2; NaN for an out-of-range target
+  T c[NUM_BINS];           // g_j = scale (c_b q^b_j - w_b p^b_j)
+  T w[NUM_BINS];
+  // p^b_j = exp((y_j - mt_b) - lzt_b), q^b_j = exp((x_j - ms_b) - lzs_b): the max and the log-sum apart, since
+  // rounding their sum (near a logit of 500, say) would cost exp(x - shift) that sum's absolute rounding error.
+  T mt[NUM_BINS], lzt[NUM_BINS], ms[NUM_BINS], lzs[NUM_BINS];
+};
+
+// log of each bin's share of the row's mass (log_softmax over the bins of m_b + log z_b), in double; the largest
+// bin's as log1p(-(mass of the others)), so a bin holding nearly all the mass keeps the digits of its complement.
+template <class T>
+KD_HD void log_masses(const BinStats<T>& s, double out[NUM_BINS]) {
+  double m = neg_inf<double>();
+  for (int b = 0; b < NUM_BINS; ++b) m = nan_max(m, double(s.m[b]));
+  m = safe_shift(m);
+  double total = 0;
+  for (int b = 0; b < NUM_BINS; ++b) {
+    out[b] = (double(s.m[b]) - m) + log(double(s.z[b]));
+    total += exp(out[b]);
+  }
+  const double log_total = log(total);
+  int big = 0;
+  for (int b = 0; b < NUM_BINS; ++b) {
+    out[b] -= log_total;
+    if (out[b] > out[big]) big = b;
+  }
+  double others = 0;
+  for (int b = 0; b < NUM_BINS; ++b) others += b == big ? 0.0 : exp(out[b]);
+  if (out[big] == out[big]) out[big] = log1p(-others);
+}
+
+template <class T>
+KD_HD double in_bin_kl(const BinStats<T>& t, const BinStats<T>& s, int b) {
+  if (t.z[b] == T(0)) return 0.0;
+  return double(t.k[b]) / double(t.z[b]) - (log(double(t.z[b])) - log(double(s.z[b])));
+}
+
+template <class T>
+KD_HD DecoupledRow<T> decoupled_row(const BinStats<T>& t, const BinStats<T>& s, const DecoupledParams<double>& c,
+                                    bool bad_target) {
+  double lp[NUM_BINS], lq[NUM_BINS];
+  log_masses(t, lp);
+  log_masses(s, lq);
+  double weight = c.w_mass;
+  if (c.adaptive) {  // aekt: min(P_strong / Q_strong, max_weight), the strong bin being {target}
+    const double ratio = exp(lp[STRONG] - lq[STRONG]);
+    weight = ratio < c.max_weight ? ratio : c.max_weight;
+  }
+  const double w[NUM_BINS] = {0.0, c.w_strong, c.w_rest};  // a one-class bin has no in-bin KL
+  double mass_kl = 0;
+  for (int b = 0; b < NUM_BINS; ++b) mass_kl += is_neg_inf(lp[b]) ? 0.0 : exp(lp[b]) * (lp[b] - lq[b]);
+  DecoupledRow<T> row;
+  row.loss = T(weight * mass_kl + c.w_strong * in_bin_kl(t, s, STRONG) + c.w_rest * in_bin_kl(t, s, REST));
+  if (bad_target) row.loss = T(NAN);
+  for (int b = 0; b < NUM_BINS; ++b) {
+    row.w[b] = T(w[b]);
+    row.c[b] = T(weight * (exp(lq[b]) - exp(lp[b])) + w[b]);
+    row.mt[b] = safe_shift(t.m[b]);
+    row.lzt[b] = math_log(t.z[b]);
+    row.ms[b] = safe_shift(s.m[b]);
+    row.lzs[b] = math_log(s.z[b]);
+  }
+  return row;
+}
+
+// g_j = scale (c_b q^b_j - w_b p^b_j) for the classes of x, y (0 for masked ones).
+template <class O>
+KD_HD typename O::V decoupled_grad(const DecoupledRow<typename O::Scalar>& row, typename O::Mask in_top1,
+                                   typename O::Mask in_strong, typename O::V x, typename O::V y,
+                                   typename O::Scalar scale) {
+  using V = typename O::V;
+  using T = typename O::Scalar;
+  const V zero(T(0)), ninf(neg_inf<T>());
+  const V q_in = O::select(O::eq(x, ninf), zero,
+                           O::exp((x - pick<O>(in_top1, in_strong, row.ms[TOP1], row.ms[STRONG], row.ms[REST])) -
+                                  pick<O>(in_top1, in_strong, row.lzs[TOP1], row.lzs[STRONG], row.lzs[REST])));
+  const V p_in = O::select(O::eq(y, ninf), zero,
+                           O::exp((y - pick<O>(in_top1, in_strong, row.mt[TOP1], row.mt[STRONG], row.mt[REST])) -
+                                  pick<O>(in_top1, in_strong, row.lzt[TOP1], row.lzt[STRONG], row.lzt[REST])));
+  const V c = pick<O>(in_top1, in_strong, row.c[TOP1], row.c[STRONG], row.c[REST]);
+  const V w = pick<O>(in_top1, in_strong, row.w[TOP1], row.w[STRONG], row.w[REST]);
+  return (c * q_in - w * p_in) * V(scale);
+}
+
+}  // namespace KDKERNELS_MATH_NAMESPACE
+}  // namespace kdkernels

@@ -1,0 +1,180 @@
+"""The one argument-preparation path of every entry point (``distill_loss``, ``linear_distill_loss``,
+``kdkernels.parallel``): checks that name the argument and what was expected, defaults from the method table, the
+kernel plan, the rows that are not ignored and the batchmean denominator.
+
+Two steps, because the entry points learn the vocabulary size at different times: ``resolve`` checks everything
+that needs no tensor (method, hyperparameters, options) and gives ``Settings``; ``Settings.bind`` checks the
+target against the rows and the vocabulary and gives the ``LossCall`` that every backend receives. Each entry
+point checks its own tensors (logits, hidden states and weights, or vocabulary shards) in between.
+
+No host synchronisation on accelerators: the target's bounds are checked inside the opaque custom op
+``kdkernels::check_target`` (an IndexError on CPU tensors, compiled or not; ``torch._assert_async`` elsewhere),
+whose copy of the target is what the backends read, so no compiled kernel can index with an unchecked target.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+from .methods import REDUCTIONS, Plan, get_method
+
+Tensor = torch.Tensor
+INT64 = (-(2**63), 2**63 - 1)
+
+
+@torch.library.custom_op("kdkernels::check_target", mutates_args=())
+def check_target(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    """An int64 copy of ``target`` [N] once every entry is a class index in [0, num_classes) or ``ignore_index``.
+
+    Opaque to torch.compile, so that a compiled caller raises here instead of indexing out of bounds (which aborts
+    the process from generated code). CPU tensors raise IndexError; on accelerators the check runs on the device
+    (torch._assert_async: no host sync) and fails the stream asynchronously.
+    """
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if target.device.type == "cpu":
+        if bool(bad.any()):
+            raise IndexError(f"target must hold class indices in [0, {num_classes}) or ignore_index={ignore_index}, "
+                             f"found {target[bad][0].item()}")
+    else:
+        torch._assert_async(~bad.any(), f"target must hold class indices in [0, {num_classes}) or ignore_index")
+    return target.to(torch.int64, copy=True)
+
+
+@check_target.register_fake
+def _(target, num_classes, ignore_index):
+    return torch.empty_like(target, dtype=torch.int64)
+
+
+def check_options(temperature: object, reduction: object, normalizer: object, ignore_index: object) -> None:
+    """Checks of the options every method shares (also run by the modules at construction)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
+        raise TypeError(f"temperature must be a finite number, got {temperature!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, (bool, torch.Tensor)) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not INT64[0] <= ignore_index <= INT64[1]:
+        raise ValueError(f"ignore_index must fit in int64 [{INT64[0]}, {INT64[1]}], got {ignore_index}")
+    if normalizer is None:
+        return
+    if reduction != "batchmean":
+        raise ValueError(f"normalizer replaces the batchmean denominator; it needs reduction='batchmean', got "
+                         f"reduction={reduction!r}")
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.dim() != 0:
+            raise ValueError(f"normalizer must be a number or a 0-d tensor, got shape {tuple(normalizer.shape)}")
+        if normalizer.is_complex() or normalizer.dtype == torch.bool:
+            raise TypeError(f"normalizer must be a real number, got a tensor of dtype {normalizer.dtype}")
+        if normalizer.requires_grad:
+            raise ValueError("normalizer must not require grad: it is a constant of the loss (pass "
+                             "normalizer.detach())")
+    elif isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
+        raise TypeError(f"normalizer must be a positive number or a 0-d tensor, got {normalizer!r}")
+    elif not (math.isfinite(normalizer) and normalizer > 0):
+        raise ValueError(f"normalizer must be a finite number > 0, got {normalizer!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A call's method, hyperparameters, plan and options, checked; no tensor seen yet."""
+
+    method: str
+    hp: dict
+    plan: Plan
+    temperature: float
+    t2_scale: bool
+    reduction: str
+    ignore_index: int
+    normalizer: object
+
+    def bind(self, target: object, leading: torch.Size, num_classes: int | Tensor,
+             device: torch.device) -> "LossCall":
+        """The call on rows of ``leading`` shape over ``num_classes`` classes (an int, or for a sharded vocabulary
+        on an accelerator a 0-d device tensor, checked on the device) on ``device``: checks k < V and the target
+        (present where the plan indexes it, its shape, dtype, device and, where indexed, its bounds)."""
+        k = self.plan.top_k
+        if k and isinstance(num_classes, int) and k >= num_classes:
+            raise ValueError(f"k must be smaller than the number of classes V={num_classes}, got k={k}")
+        if k and not isinstance(num_classes, int):
+            torch._assert_async(num_classes > k, f"k must be smaller than the number of classes V, got k={k}")
+        if target is None:
+            if self.plan.needs_target:
+                raise ValueError(f"{self.method} needs target (class indices of shape {tuple(leading)})")
+        else:
+            target = self._checked_target(target, leading, num_classes, device)
+        n = leading.numel()
+        valid = torch.ones(n, dtype=torch.bool, device=device) if target is None else target != self.ignore_index
+        if self.reduction != "batchmean":
+            denominator = None
+        elif self.normalizer is not None:
+            if isinstance(self.normalizer, torch.Tensor) and self.normalizer.device != device:
+                raise ValueError(f"normalizer must be on the logits' device {device} (or a Python number), got a "
+                                 f"tensor on {self.normalizer.device}")
+            denominator = torch.as_tensor(self.normalizer, dtype=torch.float32, device=device)
+        else:
+            denominator = valid.sum().clamp(min=1).to(torch.float32)
+        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return LossCall(**fields, target=target, valid=valid, denominator=denominator)
+
+    def _checked_target(self, target: object, leading: torch.Size, num_classes, device) -> Tensor:
+        """The target flattened to [N] (a checked int64 copy where the plan indexes it)."""
+        if not isinstance(target, torch.Tensor):
+            raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
+        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+            raise TypeError(f"target must have an integer dtype, got {target.dtype}")
+        if target.shape != leading:
+            raise ValueError(f"target must have the logits' leading shape {tuple(leading)}, got {tuple(target.shape)}")
+        if target.device != device:
+            raise ValueError(f"target must be on the logits' device {device}, got {target.device}")
+        flat = target.reshape(-1)
+        if not self.plan.needs_target:
+            return flat  # it only marks the ignored rows
+        if isinstance(num_classes, int):
+            return check_target(flat, num_classes, self.ignore_index)
+        bad = (flat != self.ignore_index) & ((flat < 0) | (flat >= num_classes))
+        torch._assert_async(~bad.any(), "target must hold class indices in [0, V) or ignore_index")
+        return flat
+
+
+@dataclass(frozen=True)
+class LossCall(Settings):
+    """A checked loss call on N rows, as every backend receives it (the logits travel apart: they may be a chunk
+    or a vocabulary shard)."""
+
+    target: Optional[Tensor] = None  # [N], or None
+    valid: Optional[Tensor] = None  # [N] bool: rows not ignored
+    denominator: Optional[Tensor] = None  # 0-d float32 for batchmean, else None
+
+    def rows(self, start: int, stop: int) -> "LossCall":
+        """The rows [start, stop), reduced with the whole batch's denominator."""
+        return replace(self, target=None if self.target is None else self.target[start:stop],
+                       valid=self.valid[start:stop])
+
+
+def resolve(method: object, hyperparameters: dict, temperature=None, t2_scale=None, reduction: str = "batchmean",
+            ignore_index: int = -100, normalizer=None) -> Settings:
+    """Checks a call's method, hyperparameters and options; fills in the method's defaults."""
+    spec = get_method(method)
+    hp = spec.resolve(hyperparameters)
+    temperature = spec.temperature if temperature is None else temperature
+    t2_scale = spec.t2_scale if t2_scale is None else bool(t2_scale)
+    check_options(temperature, reduction, normalizer, ignore_index)
+    return Settings(spec.name, hp, spec.plan(hp), float(temperature), t2_scale, reduction, int(ignore_index),
+                    normalizer)
+
+
+def check_float_tensor(name: str, x: object, min_dim: int = 1) -> None:
+    """``x`` is a floating-point tensor of at least ``min_dim`` dimensions."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimension(s), got a {x.dim()}-d tensor")

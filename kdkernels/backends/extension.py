@@ -1,0 +1,57 @@
+"""The compiled extension kdkernels._C (csrc/): backends "cpu" (C++ kernels) and "cuda" (CUDA kernels).
+
+Importing kdkernels._C loads the op library: ``kdkernels::<family>_cpu`` and ``<family>_cuda`` and their in-place
+siblings (schema in ops.py), with a CPU kernel for the first and a CUDA kernel for the second when the build had a
+CUDA torch and nvcc, and ``kdkernels::scale_rows_`` (both kernels). The fused CPU kernels compute float64 logits in
+float64, so backend="cpu" also takes float64. When the extension is missing, both backends are registered as
+unavailable with the reason and the fix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..methods import FAMILIES
+from . import Backend, register
+from .ops import attach_family_ops, family_backend
+
+BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` in the repository (setup.py; needs a C++ "
+              "compiler, and nvcc with a CUDA torch for the CUDA kernels)")
+
+try:
+    from .. import _C  # noqa: F401  (loads the op library)
+except ImportError as error:
+    LOAD_ERROR: str | None = f"the compiled extension kdkernels._C could not be imported ({error}); {BUILD_HINT}"
+else:
+    LOAD_ERROR = None
+
+
+# Which devices the build has kernels for, read once (backend selection runs inside torch.compile traces).
+BUILT_FOR = {backend: LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    f"kdkernels::divergence_{backend}", backend.upper()) for backend in ("cpu", "cuda")}
+
+
+def _unavailable_on(backend: str):
+    def unavailable(device: torch.device) -> str | None:
+        if LOAD_ERROR is not None:
+            return LOAD_ERROR
+        if device.type != backend:
+            return f"backend={backend!r} runs {backend} tensors only"
+        if not BUILT_FOR[backend]:
+            return f"kdkernels._C was built without {backend.upper()} kernels; {BUILD_HINT}"
+        if backend == "cuda" and not torch.cuda.is_available():
+            return "CUDA is not available"
+        return None
+
+    return unavailable
+
+
+for _backend in ("cpu", "cuda"):
+    if LOAD_ERROR is None:
+        _scale = torch.ops.kdkernels.scale_rows_.default
+        _pairs = {family: attach_family_ops(family, _backend, _scale) for family in FAMILIES}
+        _ops = {family: pair[0] for family, pair in _pairs.items()}
+        register(Backend(_backend, family_backend(_ops), _unavailable_on(_backend), _ops,
+                         {family: pair[1] for family, pair in _pairs.items()}, _scale))
+    else:
+        register(Backend(_backend, None, _unavailable_on(_backend)))

@@ -1,0 +1,143 @@
+"""The custom ops of the fused backends: their schema, fake (meta) functions and autograd.
+
+Every fused backend ``<backend>`` ("cpu", "cuda": the C++ extension; "triton") exposes one op per family:
+
+    kdkernels::<family>_<backend>(student [N, V], teacher [N, V], target [N]?, denominator 0-d?, code, params,
+                                  temperature, t2_scale, ignore_index, reduce, with_grad) -> (loss, grad)
+    kdkernels::<family>_<backend>_(student [N, V] contiguous, ...the same but with_grad...) -> loss
+
+``code`` and ``params`` are a plan's (methods.Plan: a ``Divergence`` or ``Partition`` code and the family's named
+parameters, in their layout order). With ``reduce`` the loss is sum(rows) / denominator (sum when there is none)
+and the gradient rows are already scaled by 1 / denominator; otherwise the loss is the per-row vector [N]. ``grad``
+is d loss / d student in the student's dtype (written in the same launch as the loss), or an empty tensor when
+``with_grad`` is False. The in-place sibling overwrites the student logits with that gradient (the fused-linear
+path, which needs no logits afterwards) and has no autograd.
+
+Backward multiplies the saved gradient in place by grad_output with the backend's ``scale_rows``, which skips rows
+whose factor is exactly 1 on the device: ``loss.backward()`` on a reduced loss costs no pass over the gradient.
+The saved gradient is consumed by that, so a second backward through the same graph raises an error, and so does a
+double backward (create_graph=True), which the fused gradient cannot support. A traced backward (torch.compile)
+multiplies out of place instead.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+_FAMILY_ARGS = ("Tensor teacher, Tensor? target, Tensor? denominator, int code, float[] params, float temperature, "
+                "bool t2_scale, int ignore_index, bool reduce")
+# The schemas above, as csrc/kdkernels.cpp defines them for the extension's ops.
+SCHEMA = f"(Tensor student, {_FAMILY_ARGS}, bool with_grad) -> (Tensor, Tensor)"
+INPLACE_SCHEMA = f"(Tensor(a!) student, {_FAMILY_ARGS}) -> Tensor"
+NUM_INPUTS = 11  # of the out-of-place schema
+
+
+def _loss_like(student, teacher, reduce):
+    """The loss output: 0-d if reduced, else [N]; float64 when an input is float64 (C++ ops), else float32."""
+    dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    return student.new_empty(() if reduce else (student.shape[0],), dtype=dtype)
+
+
+def _fake(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce,
+          with_grad):
+    loss = _loss_like(student, teacher, reduce)
+    grad = torch.empty_like(student, memory_format=torch.contiguous_format) if with_grad else student.new_empty(0)
+    return loss, grad
+
+
+def _inplace_fake(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce):
+    return _loss_like(student, teacher, reduce)
+
+
+def _setup_context(ctx, inputs, output):
+    # The grad output is not differentiable: without this, autograd would fill an [N, V] tensor of zeros for its
+    # (absent) incoming gradient on every backward, a pass as costly as the kernel itself.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(output[1])
+    ctx.consumed = False
+
+
+def _autograd(backend: str, scale_rows: Callable[[Tensor, Tensor], None]) -> Callable:
+    """The backward of backend ``backend``'s family ops: the saved gradient times grad_output."""
+
+    def backward(ctx, grad_loss, _grad_grad):
+        grad, = ctx.saved_tensors
+        if grad_loss is None:  # only the (non-differentiable) grad output was used
+            return (None,) * NUM_INPUTS
+        if type(grad) is not torch.Tensor:
+            # Traced (torch.compile, AOTAutograd: fake or functional tensors): a forward output mutated in backward
+            # cannot be partitioned, so the traced graph multiplies out of place.
+            factor = grad_loss.to(grad.dtype)
+            return (grad * (factor.unsqueeze(-1) if factor.dim() else factor),) + (None,) * (NUM_INPUTS - 1)
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"kdkernels: backend={backend!r} computes the gradient inside its forward kernel, so it cannot be "
+                f"differentiated again (create_graph=True: double backward, gradient penalties, Hessian-vector "
+                f"products); use backend='reference', whose autograd graph supports it")
+        if ctx.consumed:
+            raise RuntimeError("kdkernels: the fused loss's saved gradient was already used; backward through the "
+                               "same fused loss twice (retain_graph=True) is not supported")
+        ctx.consumed = True
+        scale_rows(grad, grad_loss)
+        return (grad,) + (None,) * (NUM_INPUTS - 1)
+
+    return backward
+
+
+def define_family_ops(family: str, backend: str, launch: Callable, launch_inplace: Callable,
+                      scale_rows: Callable) -> tuple[Callable, Callable]:
+    """Defines ``kdkernels::<family>_<backend>`` and its in-place sibling in Python (the schema above), running
+    ``launch`` and ``launch_inplace``, with fake functions and autograd."""
+    name = f"kdkernels::{family}_{backend}"
+
+    def impl(student: Tensor, teacher: Tensor, target: Optional[Tensor], denominator: Optional[Tensor], code: int,
+             params: List[float], temperature: float, t2_scale: bool, ignore_index: int, reduce: bool,
+             with_grad: bool) -> Tuple[Tensor, Tensor]:
+        return launch(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index,
+                      reduce, with_grad)
+
+    def impl_inplace(student: Tensor, teacher: Tensor, target: Optional[Tensor], denominator: Optional[Tensor],
+                     code: int, params: List[float], temperature: float, t2_scale: bool, ignore_index: int,
+                     reduce: bool) -> Tensor:
+        return launch_inplace(student, teacher, target, denominator, code, params, temperature, t2_scale,
+                              ignore_index, reduce)
+
+    op = torch.library.custom_op(name, mutates_args=(), schema=SCHEMA)(impl)
+    op.register_fake(_fake)
+    op.register_autograd(_autograd(backend, scale_rows), setup_context=_setup_context)
+    op_inplace = torch.library.custom_op(name + "_", mutates_args=("student",), schema=INPLACE_SCHEMA)(impl_inplace)
+    op_inplace.register_fake(_inplace_fake)
+    return _overloads(family, backend)
+
+
+def attach_family_ops(family: str, backend: str, scale_rows: Callable) -> tuple[Callable, Callable]:
+    """Adds the fake functions and autograd to ``kdkernels::<family>_<backend>`` and its in-place sibling, whose
+    schemas and kernels come from C++ (csrc/kdkernels.cpp)."""
+    name = f"kdkernels::{family}_{backend}"
+    torch.library.register_fake(name)(_fake)
+    torch.library.register_autograd(name, _autograd(backend, scale_rows), setup_context=_setup_context)
+    torch.library.register_fake(name + "_")(_inplace_fake)
+    return _overloads(family, backend)
+
+
+def _overloads(family: str, backend: str) -> tuple[Callable, Callable]:
+    ops = torch.ops.kdkernels
+    return getattr(ops, f"{family}_{backend}").default, getattr(ops, f"{family}_{backend}_").default
+
+
+def family_backend(ops: dict) -> Callable:
+    """The impl of a fused backend (backends.Backend) calling its family ``ops`` ({"divergence": op, ...})."""
+
+    def impl(call, student: Tensor, teacher: Tensor) -> Tensor:
+        plan = call.plan
+        with_grad = student.requires_grad and torch.is_grad_enabled()
+        loss, _ = ops[plan.family](student, teacher, call.target, call.denominator, int(plan.code),
+                                   [float(x) for x in plan.params], call.temperature, call.t2_scale,
+                                   call.ignore_index, call.reduction != "none", with_grad)
+        return loss
+
+    return impl
+

@@ -1,0 +1,199 @@
+"""Pure-PyTorch reference of every plan of the method table (docs/losses.md): the ground truth of the tests and the
+benchmarks, and the backend of last resort.
+
+Written for clarity, not speed: it materialises [N, V] temporaries and gets its gradients from autograd. It
+computes in float64 when either input is float64 and in float32 otherwise.
+
+Masked classes (logit -inf) follow the limits of the definitions: a term x log(x / y) with x = 0 is 0, and a
+class whose teacher and student probabilities are both 0 contributes exactly 0. Every place where such a class
+would put -inf - -inf or 0 * inf into the forward values *or the autograd graph* first swaps in a finite dummy
+(`torch.where` on both sides), so gradients stay exact and finite. A row whose classes are all masked in both
+logits contributes 0, like an ignored row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..methods import ABKD_CODES, DIVERGENCE, Bin, Divergence, Partition, Plan
+
+NEG_INF = float("-inf")
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32: the precision every backend computes in."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+def kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """Elementwise a * (log a - log b), with 0 where a = 0 (also when b = 0), gradient-safe in both arguments: a
+    that underflows to 0 from a finite log a (near -1e38) is 0 too, whose gradient would be 0 * huge = NaN."""
+    zero_a = log_a.detach().exp() == 0
+    safe_a = torch.where(zero_a, 0.0, log_a)
+    safe_b = torch.where(zero_a, 0.0, log_b)
+    return torch.where(zero_a, 0.0, safe_a.exp() * (safe_a - safe_b))
+
+
+def scale_rows_(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    """grad [N, V] *= factor (0-d, or [N] per row), in the gradient's precision or better; a 0-d factor of exactly 1
+    on the CPU skips the pass (the fused backends' kernels skip it on the device too)."""
+    if factor.dim() == 0 and factor.device.type == "cpu" and bool(factor == 1):
+        return
+    factor = factor.reshape(-1, 1) if factor.dim() == 1 else factor
+    if grad.dtype in (torch.float32, torch.float64):
+        grad.mul_(factor.to(grad.dtype))
+    else:  # one rounding: multiply in float32, then store
+        grad.copy_(grad.float().mul_(factor.float()))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Divergence family: per-row loss from teacher log-probs lp and student log-probs lq, both [N, V].
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _log_mixture(lp: torch.Tensor, lq: torch.Tensor, params) -> torch.Tensor:
+    """log(mix_p p + mix_q q), as a logsumexp."""
+    return torch.logaddexp(lp + params.log_mix_p, lq + params.log_mix_q)
+
+
+def _abkd_terms(code: int, lp: torch.Tensor, lq: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    if code == Divergence.ABKD:
+        s = a + b
+        return -((a * lp + b * lq).exp() - a / s * (s * lp).exp() - b / s * (s * lq).exp()) / (a * b)
+    if code == Divergence.ABKD_ALPHA0:  # q^b log(q^b / p^b) as kl_terms: 0 where q = 0 < p (b > 0)
+        return (kl_terms(b * lq, b * lp) - (b * lq).exp() + (b * lp).exp()) / b**2
+    if code == Divergence.ABKD_BETA0:
+        return (kl_terms(a * lp, a * lq) - (a * lp).exp() + (a * lq).exp()) / a**2
+    if code == Divergence.ABKD_OPPOSITE:  # a = -b
+        return (a * (lq - lp) + (a * (lp - lq)).exp() - 1) / a**2
+    return 0.5 * (lp - lq) ** 2  # ABKD_ZERO
+
+
+def divergence_terms(plan: Plan, lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """Per-class terms [N, V] of a divergence-family plan (their row sum is the loss before the T^2 factor); a class
+    with p = q = 0 contributes 0."""
+    absent = torch.isneginf(lp) & torch.isneginf(lq)
+    lp = torch.where(absent, 0.0, lp)
+    lq = torch.where(absent, 0.0, lq)
+    code, params = plan.code, plan.params
+    if code == Divergence.KD:
+        terms = kl_terms(lp, lq)
+    elif code == Divergence.RKL:
+        terms = kl_terms(lq, lp)
+    elif code == Divergence.JSD:
+        lm = _log_mixture(lp, lq, params)
+        terms = params.mix_p * kl_terms(lp, lm) + params.mix_q * kl_terms(lq, lm)
+    elif code == Divergence.SKEW_FKL:
+        terms = kl_terms(lp, _log_mixture(lp, lq, params))
+    elif code == Divergence.SKEW_RKL:
+        terms = kl_terms(lq, _log_mixture(lp, lq, params))
+    elif code == Divergence.TVD:
+        terms = 0.5 * (lp.exp() - lq.exp()).abs()
+    elif code in ABKD_CODES:
+        terms = _abkd_terms(code, lp, lq, params.alpha, params.beta)
+    else:
+        raise ValueError(f"not a divergence code: {code!r}")
+    return torch.where(absent, 0.0, terms)
+
+
+def divergence_rows(plan: Plan, lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """Per-row loss [N] of a divergence-family plan (before the T^2 factor)."""
+    return divergence_terms(plan, lp, lq).sum(-1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoupled family: bins TOP1, STRONG, REST; the KL of the bin masses plus weighted in-bin KLs.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _bin_logsumexp(x: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    """log of the bin's mass; -inf for an empty bin or one whose classes are all masked (gradient-safe)."""
+    x = torch.where(member, x, NEG_INF)
+    dead = torch.isneginf(x).all(-1, keepdim=True)
+    safe = torch.where(dead & member, 0.0, x)
+    return torch.where(dead.squeeze(-1), NEG_INF, torch.logsumexp(safe, -1))
+
+
+def refine_largest(log_masses: torch.Tensor) -> torch.Tensor:
+    """Bin log-masses [..., B] with the largest one recomputed as log1p(-(mass of the others)): a bin holding nearly
+    all the mass keeps the digits of its small complement (its logsumexp, a difference of two numbers near log V,
+    would lose them in float32). NaN stays NaN."""
+    big = log_masses.argmax(-1, keepdim=True)
+    others = torch.logsumexp(log_masses.scatter(-1, big, NEG_INF), -1, keepdim=True)
+    largest = log_masses.gather(-1, big)
+    refined = torch.where(torch.isnan(largest), largest, torch.log1p(-others.exp()))
+    return log_masses.scatter(-1, big, refined)
+
+
+def top_k_indices(teacher: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, k] indices of each row's k largest raw teacher logits, ties to the lower class index (a stable
+    descending sort: torch.topk picks among ties in no documented order)."""
+    return torch.sort(teacher, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+def decoupled_bins(plan: Plan, teacher: torch.Tensor, target: torch.Tensor | None,
+                   temperature: float) -> torch.Tensor:
+    """Bin (Bin.TOP1, STRONG or REST) of every class [N, V], from the raw teacher logits and the target."""
+    n, v = teacher.shape
+    params = plan.params
+    if plan.code == Partition.TARGET:
+        strong = torch.arange(v, device=teacher.device) == target.unsqueeze(-1)
+    elif plan.code == Partition.THRESHOLD:  # p_i >= tau max p  <=>  t_i - max t >= T log(tau)
+        strong = (teacher - teacher.amax(-1, keepdim=True)) >= temperature * params.log_tau
+    else:
+        ranked = top_k_indices(teacher, params.k)
+        strong = torch.zeros_like(teacher, dtype=torch.bool).scatter_(-1, ranked, True)
+    bins = torch.where(strong, int(Bin.STRONG), int(Bin.REST))
+    if params.split_top1:
+        bins.scatter_(-1, ranked[:, :1], int(Bin.TOP1))
+    return bins
+
+
+def decoupled_rows(plan: Plan, lp: torch.Tensor, lq: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """l = w_mass KL([P_b] || [Q_b]) + w_strong KL(p^STRONG || q^STRONG) + w_rest KL(p^REST || q^REST) per row
+    (before T^2), from log-probabilities [N, V] and the bin of every class [N, V]."""
+    params = plan.params
+    log_p, log_q, inner = [], [], []
+    for b in Bin:
+        member = bins == b
+        log_pb, log_qb = _bin_logsumexp(lp, member), _bin_logsumexp(lq, member)
+        log_p.append(log_pb)
+        log_q.append(log_qb)
+        shift_p = torch.where(torch.isneginf(log_pb), 0.0, log_pb).unsqueeze(-1)
+        shift_q = torch.where(torch.isneginf(log_qb), 0.0, log_qb).unsqueeze(-1)
+        in_bin = kl_terms(torch.where(member, lp - shift_p, NEG_INF), torch.where(member, lq - shift_q, 0.0))
+        inner.append(in_bin.sum(-1))
+    log_p, log_q = refine_largest(torch.stack(log_p, -1)), refine_largest(torch.stack(log_q, -1))
+    if params.adaptive:  # min(P_strong / Q_strong, max_weight), not differentiated
+        w_mass = (log_p[:, Bin.STRONG] - log_q[:, Bin.STRONG]).detach().exp().clamp(max=params.max_weight)
+    else:
+        w_mass = params.w_mass
+    loss = w_mass * kl_terms(log_p, log_q).sum(-1)
+    return loss + params.w_strong * inner[Bin.STRONG] + params.w_rest * inner[Bin.REST]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry point.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def row_losses(call, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Per-row losses [N] of ``call`` (arguments.LossCall) on 2-D logits; rows that are ignored, or whose classes
+    are all masked in both logits, are exactly 0 (loss and gradient)."""
+    dtype = compute_dtype(student, teacher)
+    teacher = teacher.detach()
+    masked = torch.isneginf(student).all(-1) & torch.isneginf(teacher).all(-1)
+    keep = (call.valid & ~masked).unsqueeze(-1)
+    # Rows left out are replaced by zeros before any arithmetic, so a NaN there cannot leak into the gradient.
+    s = torch.where(keep, student.to(dtype), 0.0)
+    t = torch.where(keep, teacher.to(dtype), 0.0)
+    lq = torch.log_softmax(s / call.temperature, -1)
+    lp = torch.log_softmax(t / call.temperature, -1)
+    if call.plan.family == DIVERGENCE:
+        loss = divergence_rows(call.plan, lp, lq)
+    else:
+        target = None if call.target is None else torch.where(call.valid, call.target, 0)
+        loss = decoupled_rows(call.plan, lp, lq, decoupled_bins(call.plan, t, target, call.temperature))
+    if call.t2_scale:
+        loss = loss * call.temperature**2
+    return torch.where(keep.squeeze(-1), loss, 0.0)

@@ -1,0 +1,269 @@
+"""Triton kernel of the decoupled family (docs/losses.md, "Decoupled family": bins TOP1, STRONG, REST, the KL of
+the bin masses and the weighted in-bin KLs, their streaming form and the gradient g_j = (c_b q^b_j - w_b p^b_j) / T).
+
+Per bin b the kernel keeps online, with x = s / T and y = t / T, the teacher's (mt_b, zt_b, kt_b) and the student's
+(ms_b, zs_b), kt_b = sum_{i in b} exp(y_i - mt_b) ((y_i - mt_b) - (x_i - ms_b)) re-based as the maxes move (so it
+stays exact for logits offset by 1000); one exp per element and side. The row-level math (bin masses, their KL,
+the gradient coefficients) runs in float64: a bin holding nearly all the mass keeps the digits of its complement.
+
+Passes. The partition first needs the teacher alone: a running top-k of the raw teacher logits merged tile by tile
+(ties to the lower index), or their max (threshold); then one pass of bin statistics (walking back, so pass 1's
+last tiles are still in L2) and one pass writing the gradient. A row that fits one tile is loaded once.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ...methods import Partition
+from .common import NEG_INF, load_raw, row_block, safe_max, store_rows
+
+TARGET = tl.constexpr(int(Partition.TARGET))
+TOPK = tl.constexpr(int(Partition.TOPK))
+THRESHOLD = tl.constexpr(int(Partition.THRESHOLD))
+BIG_INDEX = tl.constexpr(2**31 - 1)
+
+
+@triton.jit
+def _better(v1, i1, v2, i2):
+    """Ranking of the teacher's top-k: larger logit first, then lower index (ties)."""
+    return (v1 > v2) | ((v1 == v2) & (i1 < i2))
+
+
+@triton.jit
+def _worst(vals, idxs):
+    wv = tl.min(vals, axis=1)
+    wi = tl.max(tl.where(vals == wv[:, None], idxs, -1), axis=1)
+    return wv, wi
+
+
+@triton.jit
+def _topk_update(vals, idxs, t, cols, eligible):
+    """Merge a tile into the running top-k [BLOCK_N, KPAD] of each row (padding slots hold +inf: never worst)."""
+    wv, wi = _worst(vals, idxs)
+    cand = eligible & _better(t, cols[None, :], wv[:, None], wi[:, None])
+    while tl.max(cand.to(tl.int32)) > 0:
+        cv = tl.max(tl.where(cand, t, NEG_INF), axis=1)
+        ci = tl.min(tl.where(cand & (t == cv[:, None]), cols[None, :], BIG_INDEX), axis=1)
+        slot = (vals == wv[:, None]) & (idxs == wi[:, None]) & (ci < BIG_INDEX)[:, None]
+        vals = tl.where(slot, cv[:, None], vals)
+        idxs = tl.where(slot, ci[:, None], idxs)
+        wv, wi = _worst(vals, idxs)
+        cand = cand & (cols[None, :] != ci[:, None]) & _better(t, cols[None, :], wv[:, None], wi[:, None])
+    return vals, idxs
+
+
+@triton.jit
+def _membership(t, cols, tgt, kth_v, kth_i, top1_i, t_max, threshold, PARTITION: tl.constexpr,
+                SPLIT_TOP1: tl.constexpr):
+    """(in TOP1, in STRONG) masks of a tile of raw teacher logits; REST is everything else."""
+    c = cols[None, :]
+    if PARTITION == TARGET:
+        in_strong = c == tgt[:, None]
+    elif PARTITION == TOPK:
+        in_strong = _better(t, c, kth_v[:, None], kth_i[:, None]) | (c == kth_i[:, None])
+    else:
+        in_strong = (t - t_max[:, None]) >= threshold
+    if SPLIT_TOP1:
+        in_top1 = c == top1_i[:, None]
+        in_strong = in_strong & (c != top1_i[:, None])
+    else:
+        in_top1 = c < 0
+    return in_top1, in_strong
+
+
+@triton.jit
+def _bins_max(v, in_top1, in_strong, in_rest, m_top1, m_strong, m_rest):
+    n_top1 = tl.maximum(m_top1, tl.max(tl.where(in_top1, v, NEG_INF), axis=1))
+    n_strong = tl.maximum(m_strong, tl.max(tl.where(in_strong, v, NEG_INF), axis=1))
+    n_rest = tl.maximum(m_rest, tl.max(tl.where(in_rest, v, NEG_INF), axis=1))
+    return n_top1, n_strong, n_rest
+
+
+@triton.jit
+def _pick(in_top1, in_strong, top1, strong, rest):
+    """The per-row value of each element's bin."""
+    return tl.where(in_top1, top1[:, None], tl.where(in_strong, strong[:, None], rest[:, None]))
+
+
+@triton.jit
+def _bin_sum(member, e):
+    return tl.sum(tl.where(member, e, 0.0), axis=1)
+
+
+@triton.jit
+def _kt_update(kt, zt, rescale, mt, nt, ms, ns, member, d):
+    # kt is relative to the current shifts (mt, ms); moving them to (nt, ns) subtracts zt * (dmt - dms).
+    moved = (safe_max(nt) - safe_max(mt)) - (safe_max(ns) - safe_max(ms))
+    return (kt - zt * moved) * rescale + _bin_sum(member, d)
+
+
+@triton.jit
+def _bins_update(x, y, in_top1, in_strong, t1, t2, t3, tz1, tz2, tz3, tk1, tk2, tk3, s1, s2, s3, sz1, sz2, sz3):
+    """Online per-bin statistics of a tile (bins 1, 2, 3 = TOP1, STRONG, REST): teacher (max t*, sum tz*, tk*),
+    student (max s*, sum sz*)."""
+    in_rest = ~(in_top1 | in_strong)
+    n1, n2, n3 = _bins_max(y, in_top1, in_strong, in_rest, t1, t2, t3)
+    ns1, ns2, ns3 = _bins_max(x, in_top1, in_strong, in_rest, s1, s2, s3)
+    shift_t = _pick(in_top1, in_strong, safe_max(n1), safe_max(n2), safe_max(n3))
+    shift_s = _pick(in_top1, in_strong, safe_max(ns1), safe_max(ns2), safe_max(ns3))
+    et = tl.exp(y - shift_t)
+    es = tl.exp(x - shift_s)
+    d = tl.where(y == NEG_INF, 0.0, et * ((y - shift_t) - (x - shift_s)))
+    r1, r2, r3 = tl.exp(t1 - safe_max(n1)), tl.exp(t2 - safe_max(n2)), tl.exp(t3 - safe_max(n3))
+    tk1 = _kt_update(tk1, tz1, r1, t1, n1, s1, ns1, in_top1, d)
+    tk2 = _kt_update(tk2, tz2, r2, t2, n2, s2, ns2, in_strong, d)
+    tk3 = _kt_update(tk3, tz3, r3, t3, n3, s3, ns3, in_rest, d)
+    tz1 = tz1 * r1 + _bin_sum(in_top1, et)
+    tz2 = tz2 * r2 + _bin_sum(in_strong, et)
+    tz3 = tz3 * r3 + _bin_sum(in_rest, et)
+    sz1 = sz1 * tl.exp(s1 - safe_max(ns1)) + _bin_sum(in_top1, es)
+    sz2 = sz2 * tl.exp(s2 - safe_max(ns2)) + _bin_sum(in_strong, es)
+    sz3 = sz3 * tl.exp(s3 - safe_max(ns3)) + _bin_sum(in_rest, es)
+    return n1, n2, n3, tz1, tz2, tz3, tk1, tk2, tk3, ns1, ns2, ns3, sz1, sz2, sz3
+
+
+@triton.jit
+def _refined(l_big, l_a, l_b, is_big):
+    """log of a bin's mass; the largest bin's as log(1 - (mass of the other two)), in float64."""
+    return tl.where(is_big & (l_big == l_big), tl.log(1.0 - (tl.exp(l_a) + tl.exp(l_b))), l_big)
+
+
+@triton.jit
+def _log_masses(m1, m2, m3, z1, z2, z3):
+    """float64 log of each bin's share of the row's mass (log_softmax over the bins of m_b + log z_b), the largest
+    bin's refined from the others'."""
+    m1, m2, m3 = m1.to(tl.float64), m2.to(tl.float64), m3.to(tl.float64)
+    m = safe_max(tl.maximum(m1, tl.maximum(m2, m3)))
+    l1 = (m1 - m) + tl.log(z1.to(tl.float64))
+    l2 = (m2 - m) + tl.log(z2.to(tl.float64))
+    l3 = (m3 - m) + tl.log(z3.to(tl.float64))
+    total = tl.log(tl.exp(l1) + tl.exp(l2) + tl.exp(l3))
+    l1, l2, l3 = l1 - total, l2 - total, l3 - total
+    big1 = (l1 >= l2) & (l1 >= l3)
+    big2 = ~big1 & (l2 >= l3)
+    return _refined(l1, l2, l3, big1), _refined(l2, l1, l3, big2), _refined(l3, l1, l2, ~(big1 | big2))
+
+
+@triton.jit
+def _mass_kl_term(log_p, log_q):
+    return tl.where(log_p == NEG_INF, 0.0, tl.exp(log_p) * (log_p - log_q))
+
+
+@triton.jit
+def _in_bin_kl(zt, kt, zs):
+    zt, kt, zs = zt.to(tl.float64), kt.to(tl.float64), zs.to(tl.float64)
+    return tl.where(zt == 0.0, 0.0, kt / zt - (tl.log(zt) - tl.log(zs)))
+
+
+@triton.jit
+def _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols, V, x, y, in_top1, in_strong,
+                c1, c2, c3, w_strong, w_rest, t1, t2, t3, tz1, tz2, tz3, s1, s2, s3, sz1, sz2, sz3, scale):
+    # g = scale * (c_b q^b - w_b p^b), b the element's bin (w_TOP1 = 0: a one-class bin has no in-bin KL).
+    c = _pick(in_top1, in_strong, c1, c2, c3)
+    w = tl.where(in_top1, 0.0, tl.where(in_strong, w_strong, w_rest))
+    q_in = tl.where(x == NEG_INF, 0.0,
+                    tl.exp(x - _pick(in_top1, in_strong, s1, s2, s3) - tl.log(_pick(in_top1, in_strong, sz1, sz2, sz3))))
+    p_in = tl.where(y == NEG_INF, 0.0,
+                    tl.exp(y - _pick(in_top1, in_strong, t1, t2, t3) - tl.log(_pick(in_top1, in_strong, tz1, tz2, tz3))))
+    g = (c * q_in - w * p_in) * scale[:, None]
+    store_rows(grad_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], g, 0.0))
+
+
+@triton.jit
+def decoupled_kernel(
+    s_ptr, t_ptr, target_ptr, denom_ptr, loss_ptr, grad_ptr,
+    N, V, s_stride, t_stride, g_stride, ignore_index,
+    temperature, t2, k, threshold, w_mass, w_strong, w_rest, max_weight,
+    PARTITION: tl.constexpr, SPLIT_TOP1: tl.constexpr, ADAPTIVE: tl.constexpr, HAS_TARGET: tl.constexpr,
+    HAS_DENOM: tl.constexpr, WITH_GRAD: tl.constexpr, SINGLE_TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, KPAD: tl.constexpr,
+):
+    rows, row_in, rows64, tgt, valid, g_scale = row_block(target_ptr, denom_ptr, N, ignore_index, temperature, t2,
+                                                          HAS_TARGET, HAS_DENOM, BLOCK_N)
+    bad_target = row_in & False
+    if HAS_TARGET and PARTITION == TARGET:
+        # An index outside [0, V) is never read (membership is a comparison): the row's loss becomes NaN.
+        bad_target = valid & ((tgt < 0) | (tgt >= V))
+    cols0 = tl.arange(0, BLOCK_V)
+    ninf = tl.full([BLOCK_N], NEG_INF, tl.float32)
+    zero = tl.zeros([BLOCK_N], tl.float32)
+
+    # Pass 1: what the partition needs from the raw teacher logits alone.
+    kth_v = ninf
+    kth_i = tl.zeros([BLOCK_N], tl.int32)
+    top1_i = tl.zeros([BLOCK_N], tl.int32)
+    t_max = ninf
+    if PARTITION != TARGET:
+        slots = tl.arange(0, KPAD)[None, :] + tl.zeros([BLOCK_N, KPAD], tl.int32)
+        vals = tl.where(slots < k, NEG_INF, float("inf"))
+        idxs = tl.where(slots < k, BIG_INDEX - 1 - slots, -1 - slots)
+        for start in range(0, V, BLOCK_V):
+            cols = start + cols0
+            t = load_raw(t_ptr, rows64, t_stride, valid, cols, V)
+            if PARTITION == TOPK:
+                vals, idxs = _topk_update(vals, idxs, t, cols, valid[:, None] & (cols[None, :] < V))
+            else:
+                t_max = tl.maximum(t_max, tl.max(t, axis=1))
+        if PARTITION == TOPK:
+            kth_v, kth_i = _worst(vals, idxs)
+            real = tl.where(slots < k, vals, NEG_INF)
+            top_v = tl.max(real, axis=1)
+            top1_i = tl.min(tl.where((slots < k) & (real == top_v[:, None]), idxs, BIG_INDEX), axis=1)
+
+    # Pass 2: per-bin statistics of teacher and student.
+    t1, t2_, t3, tz1, tz2, tz3, tk1, tk2, tk3 = ninf, ninf, ninf, zero, zero, zero, zero, zero, zero
+    s1, s2, s3, sz1, sz2, sz3 = ninf, ninf, ninf, zero, zero, zero
+    if SINGLE_TILE:
+        x = load_raw(s_ptr, rows64, s_stride, valid, cols0, V) / temperature
+        t = load_raw(t_ptr, rows64, t_stride, valid, cols0, V)
+        y = t / temperature
+        in_top1, in_strong = _membership(t, cols0, tgt, kth_v, kth_i, top1_i, t_max, threshold, PARTITION,
+                                         SPLIT_TOP1)
+        t1, t2_, t3, tz1, tz2, tz3, tk1, tk2, tk3, s1, s2, s3, sz1, sz2, sz3 = _bins_update(
+            x, y, in_top1, in_strong, t1, t2_, t3, tz1, tz2, tz3, tk1, tk2, tk3, s1, s2, s3, sz1, sz2, sz3)
+    else:
+        for i in range(0, tl.cdiv(V, BLOCK_V)):
+            cols = (tl.cdiv(V, BLOCK_V) - 1 - i) * BLOCK_V + cols0  # backwards: pass 1's last tiles are in L2
+            x = load_raw(s_ptr, rows64, s_stride, valid, cols, V) / temperature
+            t = load_raw(t_ptr, rows64, t_stride, valid, cols, V)
+            in_top1, in_strong = _membership(t, cols, tgt, kth_v, kth_i, top1_i, t_max, threshold, PARTITION,
+                                             SPLIT_TOP1)
+            t1, t2_, t3, tz1, tz2, tz3, tk1, tk2, tk3, s1, s2, s3, sz1, sz2, sz3 = _bins_update(
+                x, t / temperature, in_top1, in_strong, t1, t2_, t3, tz1, tz2, tz3, tk1, tk2, tk3, s1, s2, s3,
+                sz1, sz2, sz3)
+    # A row whose classes are all masked in both logits is left out like an ignored row.
+    kept = valid & ((tl.maximum(t1, tl.maximum(t2_, t3)) != NEG_INF) | (tl.maximum(s1, tl.maximum(s2, s3)) != NEG_INF))
+
+    # Row loss and gradient coefficients from the statistics, in float64.
+    lp1, lp2, lp3 = _log_masses(t1, t2_, t3, tz1, tz2, tz3)
+    lq1, lq2, lq3 = _log_masses(s1, s2, s3, sz1, sz2, sz3)
+    weight = zero.to(tl.float64) + w_mass
+    if ADAPTIVE:
+        ratio = tl.exp(lp2 - lq2)
+        weight = tl.where(ratio < max_weight, ratio, max_weight)
+    mass_kl = _mass_kl_term(lp1, lq1) + _mass_kl_term(lp2, lq2) + _mass_kl_term(lp3, lq3)
+    loss = weight * mass_kl + w_strong * _in_bin_kl(tz2, tk2, sz2) + w_rest * _in_bin_kl(tz3, tk3, sz3)
+    loss = tl.where(bad_target, float("nan"), loss)
+    tl.store(loss_ptr + rows, tl.where(kept, loss * t2, 0.0).to(tl.float32), mask=row_in)
+
+    # Pass 3: the gradient.
+    if WITH_GRAD:
+        g_scale = tl.where(bad_target, float("nan"), g_scale)
+        c1 = (weight * (tl.exp(lq1) - tl.exp(lp1))).to(tl.float32)
+        c2 = (weight * (tl.exp(lq2) - tl.exp(lp2)) + w_strong).to(tl.float32)
+        c3 = (weight * (tl.exp(lq3) - tl.exp(lp3)) + w_rest).to(tl.float32)
+        if SINGLE_TILE:
+            _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols0, V, x, y, in_top1, in_strong,
+                        c1, c2, c3, w_strong, w_rest, t1, t2_, t3, tz1, tz2, tz3, s1, s2, s3, sz1, sz2, sz3, g_scale)
+        else:
+            for start in range(0, V, BLOCK_V):
+                cols = start + cols0
+                x = load_raw(s_ptr, rows64, s_stride, valid, cols, V) / temperature
+                t = load_raw(t_ptr, rows64, t_stride, valid, cols, V)
+                in_top1, in_strong = _membership(t, cols, tgt, kth_v, kth_i, top1_i, t_max, threshold, PARTITION,
+                                                 SPLIT_TOP1)
+                _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols, V, x, t / temperature, in_top1,
+                            in_strong, c1, c2, c3, w_strong, w_rest, t1, t2_, t3, tz1, tz2, tz3, s1, s2, s3, sz1, sz2,
+                            sz3, g_scale)

@@ -1,0 +1,168 @@
+"""Triton kernel of the divergence family (docs/losses.md, "Divergence family": the per-class terms l_k and
+r_k = q_k dl/dq_k of every code, and g_j = (r_j - q_j sum_k r_k) / T).
+
+Passes. A row that fits one tile is loaded once (several short rows share a program). A longer row streams:
+(A) online max / sum of x = s / T and y = t / T, (B, walking back so the freshest tiles are still in L2) the row
+sums of l_k and r_k, (C) the gradient. kd knows sum r = -1 and folds its loss into (C); rkl gets its loss
+l = sum r in (A) from kq = sum exp(x - mx) ((x - mx) - (y - my)), re-based when a max moves; both read the row twice.
+A row whose classes are all masked in both logits is left out like an ignored row.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ...methods import Divergence
+from .common import NEG_INF, load_scaled, log_softmax_tile, logaddexp, online_lse, row_block, safe_max, store_rows
+
+KD = tl.constexpr(int(Divergence.KD))
+RKL = tl.constexpr(int(Divergence.RKL))
+JSD = tl.constexpr(int(Divergence.JSD))
+SKEW_FKL = tl.constexpr(int(Divergence.SKEW_FKL))
+SKEW_RKL = tl.constexpr(int(Divergence.SKEW_RKL))
+TVD = tl.constexpr(int(Divergence.TVD))
+ABKD = tl.constexpr(int(Divergence.ABKD))
+ABKD_ALPHA0 = tl.constexpr(int(Divergence.ABKD_ALPHA0))
+ABKD_BETA0 = tl.constexpr(int(Divergence.ABKD_BETA0))
+ABKD_OPPOSITE = tl.constexpr(int(Divergence.ABKD_OPPOSITE))
+ABKD_ZERO = tl.constexpr(int(Divergence.ABKD_ZERO))
+
+
+@triton.jit
+def _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, a, b, CODE: tl.constexpr):
+    """Per-class (l_k, r_k, q_k) of a tile, from the row statistics (max, log-sum) of x and y."""
+    lq = log_softmax_tile(x, mx, lzx)
+    lp = log_softmax_tile(y, my, lzy)
+    absent = (lq == NEG_INF) & (lp == NEG_INF)  # p = q = 0: masked, or below float32's range in both
+    lq = tl.where(absent, 0.0, lq)
+    lp = tl.where(absent, 0.0, lp)
+    q = tl.exp(lq)
+    p = tl.exp(lp)
+    if CODE == KD:
+        loss = tl.where(lp == NEG_INF, 0.0, p * (lp - lq))
+        r = -p
+    elif CODE == RKL:
+        loss = tl.where(lq == NEG_INF, 0.0, q * (lq - lp))
+        r = loss
+    elif CODE == JSD:
+        lm = logaddexp(lp + log_mix_p, lq + log_mix_q)
+        r = mix_q * tl.where(lq == NEG_INF, 0.0, q * (lq - lm))
+        loss = mix_p * tl.where(lp == NEG_INF, 0.0, p * (lp - lm)) + r
+    elif CODE == SKEW_FKL:
+        lm = logaddexp(lp + log_mix_p, lq + log_mix_q)
+        loss = tl.where(lp == NEG_INF, 0.0, p * (lp - lm))
+        r = -mix_q * tl.exp(lp + lq - lm)
+    elif CODE == SKEW_RKL:
+        lm = logaddexp(lp + log_mix_p, lq + log_mix_q)
+        loss = tl.where(lq == NEG_INF, 0.0, q * (lq - lm))
+        r = loss + q - mix_q * tl.exp(2.0 * lq - lm)
+    elif CODE == TVD:
+        loss = 0.5 * tl.abs(p - q)
+        r = 0.5 * q * tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0))
+    elif CODE == ABKD:
+        ab = a + b
+        mixed = tl.exp(a * lp + b * lq)
+        loss = -(mixed - a / ab * tl.exp(ab * lp) - b / ab * tl.exp(ab * lq)) / (a * b)
+        r = (tl.exp(ab * lq) - mixed) / a
+    elif CODE == ABKD_ALPHA0:
+        qb = tl.exp(b * lq)
+        loss = (qb * b * (lq - lp) - qb + tl.exp(b * lp)) / (b * b)
+        r = qb * (lq - lp)
+    elif CODE == ABKD_BETA0:
+        pa = tl.exp(a * lp)
+        loss = (pa * a * (lp - lq) - pa + tl.exp(a * lq)) / (a * a)
+        r = (tl.exp(a * lq) - pa) / a
+    elif CODE == ABKD_OPPOSITE:
+        ratio = tl.exp(a * (lp - lq))
+        loss = (a * (lq - lp) + ratio - 1.0) / (a * a)
+        r = (1.0 - ratio) / a
+    else:  # ABKD_ZERO
+        loss = 0.5 * (lp - lq) * (lp - lq)
+        r = lq - lp
+    return tl.where(absent, 0.0, loss), tl.where(absent, 0.0, r), tl.where(absent, 0.0, q)
+
+
+@triton.jit
+def _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols, V, r, q, sum_r, scale):
+    g = (r - q * sum_r[:, None]) * scale[:, None]
+    store_rows(grad_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], g, 0.0))
+
+
+@triton.jit
+def divergence_kernel(
+    s_ptr, t_ptr, target_ptr, denom_ptr, loss_ptr, grad_ptr,
+    N, V, s_stride, t_stride, g_stride, ignore_index,
+    temperature, t2, mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta,
+    CODE: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_DENOM: tl.constexpr, WITH_GRAD: tl.constexpr,
+    SINGLE_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    rows, row_in, rows64, _, valid, g_scale = row_block(target_ptr, denom_ptr, N, ignore_index, temperature, t2,
+                                                        HAS_TARGET, HAS_DENOM, BLOCK_N)
+    mx = tl.full([BLOCK_N], NEG_INF, tl.float32)
+    my = tl.full([BLOCK_N], NEG_INF, tl.float32)
+    zx = tl.zeros([BLOCK_N], tl.float32)
+    zy = tl.zeros([BLOCK_N], tl.float32)
+    sum_l = tl.zeros([BLOCK_N], tl.float32)
+    sum_r = tl.zeros([BLOCK_N], tl.float32)
+    cols0 = tl.arange(0, BLOCK_V)
+    if SINGLE_TILE:
+        x = load_scaled(s_ptr, rows64, s_stride, valid, cols0, V, temperature)
+        y = load_scaled(t_ptr, rows64, t_stride, valid, cols0, V, temperature)
+        mx, zx = online_lse(mx, zx, x)
+        my, zy = online_lse(my, zy, y)
+        kept = valid & ((mx != NEG_INF) | (my != NEG_INF))
+        loss, r, q = _terms(x, y, mx, tl.log(zx), my, tl.log(zy), mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta,
+                            CODE)
+        sum_l = tl.sum(loss, axis=1)
+        sum_r = tl.sum(r, axis=1)
+        if CODE == KD:
+            sum_r = tl.full([BLOCK_N], -1.0, tl.float32)
+        if WITH_GRAD:
+            _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols0, V, r, q, sum_r, g_scale)
+    else:
+        # rkl: kq = sum exp(x - mx) ((x - mx) - (y - my)), re-based as the maxes move, gives l in this pass.
+        kq = tl.zeros([BLOCK_N], tl.float32)
+        for start in range(0, V, BLOCK_V):
+            x = load_scaled(s_ptr, rows64, s_stride, valid, start + cols0, V, temperature)
+            y = load_scaled(t_ptr, rows64, t_stride, valid, start + cols0, V, temperature)
+            if CODE == RKL:
+                sx = safe_max(tl.maximum(mx, tl.max(x, axis=1)))
+                sy = safe_max(tl.maximum(my, tl.max(y, axis=1)))
+                e = tl.exp(x - sx[:, None])
+                d = tl.where(x == NEG_INF, 0.0, e * ((x - sx[:, None]) - (y - sy[:, None])))
+                rescale = tl.exp(mx - sx)
+                kq = (kq - zx * ((sx - safe_max(mx)) - (sy - safe_max(my)))) * rescale + tl.sum(d, axis=1)
+                zx = zx * rescale + tl.sum(e, axis=1)
+                mx = tl.maximum(mx, tl.max(x, axis=1))
+            else:
+                mx, zx = online_lse(mx, zx, x)
+            my, zy = online_lse(my, zy, y)
+        kept = valid & ((mx != NEG_INF) | (my != NEG_INF))
+        lzx = tl.log(zx)
+        lzy = tl.log(zy)
+        last = tl.cdiv(V, BLOCK_V) - 1
+        if CODE == KD:
+            sum_r = sum_r - 1.0
+        elif CODE == RKL:
+            sum_l = kq / zx - lzx + lzy
+            sum_r = sum_l
+        else:
+            for i in range(0, last + 1):
+                cols = (last - i) * BLOCK_V + cols0
+                x = load_scaled(s_ptr, rows64, s_stride, valid, cols, V, temperature)
+                y = load_scaled(t_ptr, rows64, t_stride, valid, cols, V, temperature)
+                loss, r, q = _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta, CODE)
+                sum_l += tl.sum(loss, axis=1)
+                sum_r += tl.sum(r, axis=1)
+        if WITH_GRAD or CODE == KD:
+            for start in range(0, V, BLOCK_V):
+                cols = start + cols0
+                x = load_scaled(s_ptr, rows64, s_stride, valid, cols, V, temperature)
+                y = load_scaled(t_ptr, rows64, t_stride, valid, cols, V, temperature)
+                loss, r, q = _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta, CODE)
+                if CODE == KD:
+                    sum_l += tl.sum(loss, axis=1)
+                if WITH_GRAD:
+                    _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols, V, r, q, sum_r, g_scale)
+    tl.store(loss_ptr + rows, tl.where(kept, sum_l * t2, 0.0), mask=row_in)
