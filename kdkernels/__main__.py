@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "torch.compile of the reference.",
     )
     bench.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    bench.add_argument("--shapes", nargs="+", help="subset of shapes (names as printed; default: all)")
+    from .bench import describe_shapes  # (the shape tables; the command itself still imports on use)
+
+    bench.add_argument("--shapes", nargs="+", metavar="SHAPE",
+                       help=f"subset of the device's shapes (default: all of them): {describe_shapes()}")
     bench.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="METHOD", help="subset of methods")
     bench.add_argument("--backends", nargs="+", help="backends to time: fused backend names, 'eager', 'compile'")
     bench.add_argument("--out", default="bench/out", help="folder for bench.csv and bench.png (default bench/out)")

@@ -136,7 +136,7 @@ def _measure(method, backend, s, t, y, device) -> tuple[float, float]:
 def run(device: str = "cuda", shapes=None, methods=None, backends=None, out: str = "bench/out",
         progress: bool = True) -> list[Row]:
     device = torch.device(device)
-    table = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+    table = shape_table(device.type, linear=False)
     shapes = shapes or list(table)
     methods = methods or list(METHODS)
     if backends is None:
@@ -222,17 +222,48 @@ def _plot(rows: list[Row], path: str, copy_gbps: float) -> None:
     plt.close(fig)
 
 
+def _cell(value: float, spec: str) -> str:
+    """A number, or "-" where it was not measured (the table's footnotes say why)."""
+    return "-" if math.isnan(value) else format(value, spec)
+
+
 def format_table(rows: list[Row]) -> str:
     head = ["shape", "method", "backend", "ms", "GB/s", "%copy", "peak MB", "peak/grad", "x eager", "x compile",
             "note"]
     lines = [head]
     for r in rows:
-        lines.append([r.shape, r.method, r.backend, f"{r.ms:.3f}", f"{r.gbps:.0f}", f"{100 * r.copy_share:.0f}",
-                      f"{r.peak_extra_mb:.0f}", f"{r.peak_extra_mb / r.grad_mb:.2f}", f"{r.vs_eager:.1f}",
-                      f"{r.vs_compile:.1f}", r.note])
+        lines.append([r.shape, r.method, r.backend, _cell(r.ms, ".3f"), _cell(r.gbps, ".0f"),
+                      _cell(100 * r.copy_share, ".0f"), _cell(r.peak_extra_mb, ".0f"),
+                      _cell(r.peak_extra_mb / r.grad_mb, ".2f"), _cell(r.vs_eager, ".1f"), _cell(r.vs_compile, ".1f"),
+                      r.note])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(str(c).rjust(w) if j not in (0, 1, 2, 10) else str(c).ljust(w)
-                               for j, (c, w) in enumerate(zip(line, widths))) for line in lines)
+    table = "\n".join("  ".join(str(c).rjust(w) if j not in (0, 1, 2, 10) else str(c).ljust(w)
+                                for j, (c, w) in enumerate(zip(line, widths))) for line in lines)
+    notes = []
+    if any(math.isnan(r.copy_share) for r in rows):
+        notes.append("%copy: measured on a GPU only (its copy bandwidth is this run's ceiling); '-' elsewhere")
+    if any(math.isnan(r.peak_extra_mb) for r in rows):
+        notes.append("peak MB, peak/grad: measured on a GPU only (torch.cuda peak memory); '-' elsewhere")
+    if any(math.isnan(r.vs_eager) or math.isnan(r.vs_compile) for r in rows):
+        notes.append("x eager, x compile: '-' where that baseline was not run (--backends)")
+    return "\n".join([table, *notes])
+
+
+def shape_table(device: str, linear: bool) -> dict:
+    """The shapes of ``python -m kdkernels bench`` on ``device`` ("cuda" or "cpu"), or of its --linear section."""
+    if linear:
+        return LINEAR_GPU_SHAPES if device == "cuda" else LINEAR_CPU_SHAPES
+    return GPU_SHAPES if device == "cuda" else CPU_SHAPES
+
+
+def describe_shapes() -> str:
+    """Every shape name with its size, for the command line's help."""
+    def listing(table):
+        return ", ".join(f"{name} ({' x '.join(map(str, shape[:-1]))} {str(shape[-1]).replace('torch.', '')})"
+                         for name, shape in table.items())
+
+    return (f"GPU: {listing(GPU_SHAPES)}; CPU: {listing(CPU_SHAPES)}; with --linear (N x H x V), GPU: "
+            f"{listing(LINEAR_GPU_SHAPES)}; CPU: {listing(LINEAR_CPU_SHAPES)}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -328,7 +359,7 @@ def run_linear(device: str, shapes=None, methods=None, out: str = "bench/out", r
     import subprocess
     import sys
 
-    table = table or (LINEAR_GPU_SHAPES if torch.device(device).type == "cuda" else LINEAR_CPU_SHAPES)
+    table = table or shape_table(torch.device(device).type, linear=True)
     rows = []
     for shape in shapes or list(table):
         n, h, v, dtype = table[shape]
@@ -372,6 +403,11 @@ def format_linear_table(rows: list[LinearRow], header: bool = True) -> str:
 
 def main(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    table = shape_table(torch.device(device).type, args.linear)
+    unknown = [shape for shape in args.shapes or () if shape not in table]
+    if unknown:
+        raise SystemExit(f"python -m kdkernels bench: error: unknown shape(s) {', '.join(unknown)} on {device}"
+                         f"{' with --linear' if args.linear else ''}; choose from: {', '.join(table)}")
     if args.linear:
         rows = run_linear(device, args.shapes, args.methods, args.out)
         print("\n" + format_linear_table(rows))

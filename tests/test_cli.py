@@ -3,6 +3,7 @@
 import csv
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -46,3 +47,54 @@ def test_linear_bench_compares_paths(tmp_path):
     assert "x net peak" in bench.format_linear_table(rows)
     with open(tmp_path / "linear.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
+
+
+def test_bench_shapes_are_listed_and_checked():
+    """--help names every shape of every table; an unknown one is refused with the names to choose from."""
+    helped = subprocess.run([sys.executable, "-m", "kdkernels", "bench", "--help"], capture_output=True, text=True)
+    text = " ".join(helped.stdout.split())
+    for table in (bench.GPU_SHAPES, bench.CPU_SHAPES, bench.LINEAR_GPU_SHAPES, bench.LINEAR_CPU_SHAPES):
+        assert all(name in text for name in table), text
+    done = subprocess.run([sys.executable, "-m", "kdkernels", "bench", "--device", "cpu", "--shapes", "vision-100",
+                           "llm-9k"], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert "unknown shape(s) llm-9k on cpu; choose from: vision-100, vision-1000, llm-32k" in done.stderr
+
+
+def test_bench_table_says_why_columns_are_empty():
+    row = bench.Row("tiny", "kd", "cpu", 4, 10, "float32", 1.0, 2.0, math.nan, math.nan, 1.0, vs_eager=3.0)
+    text = bench.format_table([row])
+    assert "nan" not in text
+    assert "%copy: measured on a GPU only" in text and "peak MB, peak/grad: measured on a GPU only" in text
+    assert "x eager, x compile: '-' where that baseline was not run" in text
+
+
+def test_setup_rebuilds_only_when_what_it_depends_on_changed(tmp_path):
+    """scripts/setup.sh's up-to-date test, in a copy of what the install depends on that shares this .venv:
+    KDKERNELS_SETUP_CHECK=1 reports without installing."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("scripts", "csrc"):
+        shutil.copytree(os.path.join(root, name), tmp_path / name)
+    for name in ("setup.py", "pyproject.toml"):
+        shutil.copy(os.path.join(root, name), tmp_path / name)
+    os.symlink(os.path.join(root, ".venv"), tmp_path / ".venv")
+
+    def check(**env):
+        done = subprocess.run(["bash", "scripts/setup.sh"], cwd=tmp_path, capture_output=True, text=True,
+                              env={**os.environ, "KDKERNELS_SETUP_CHECK": "1", **env}, timeout=60)
+        return done.returncode, done.stdout
+
+    code, out = check()
+    assert code == 1 and "out of date" in out, out  # never installed here
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "setup.stamp").write_text(out.split("(stamp ")[1].split(")")[0] + "\n")
+    assert check() == (0, "scripts/setup.sh: .venv is up to date (nothing the install depends on changed): not "
+                          "rebuilding\n")
+    assert check(KDKERNELS_CUDA_ARCHS="80")[0] == 1
+    assert check(KDKERNELS_TORCH="torch==2.99")[0] == 1
+    header = tmp_path / "csrc" / "row_math.h"
+    original = header.read_text()
+    header.write_text(original + "// edited\n")
+    assert check()[0] == 1
+    header.write_text(original)
+    assert check()[0] == 0
