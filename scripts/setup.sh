@@ -1,13 +1,39 @@
 #!/usr/bin/env bash
-# Creates .venv (once) and installs kdkernels into it with everything the demo, tests and benchmarks need.
-# torch is pinned: on these CPU machines torch==2.13.0 comes from a local CPU build (an unpinned torch would pull
-# GBs of CUDA packages). Set KDKERNELS_TORCH to another requirement (or to "" to keep the installed one).
+# Creates .venv (once) and installs kdkernels into it with everything the demo, tests and benchmarks need, building
+# the compiled extension kdkernels._C. torch is pinned: on these CPU machines torch==2.13.0 comes from a local CPU
+# build (an unpinned torch would pull GBs of CUDA packages). Set KDKERNELS_TORCH to another requirement (or to "" to
+# keep the installed one).
+#
+# A later run installs and builds nothing unless something the install depends on changed: a file of csrc/,
+# setup.py, pyproject.toml, the torch requirement or a build switch (KDKERNELS_NO_EXTENSION, KDKERNELS_NO_CUDA,
+# KDKERNELS_CUDA_ARCHS), or the package no longer imports. KDKERNELS_SETUP_CHECK=1 only says which: exit status 0
+# when up to date, 1 when a run would reinstall.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+torch_req=${KDKERNELS_TORCH-torch==2.13.0}
+stamp_file=build/setup.stamp
+stamp=$( {
+  echo "torch=$torch_req no_extension=${KDKERNELS_NO_EXTENSION:-} no_cuda=${KDKERNELS_NO_CUDA:-}" \
+       "archs=${KDKERNELS_CUDA_ARCHS:-}"
+  find csrc setup.py pyproject.toml -type f | LC_ALL=C sort | xargs sha256sum
+} | sha256sum | cut -d' ' -f1)
+module=kdkernels._C
+[ "${KDKERNELS_NO_EXTENSION:-}" != 1 ] || module=kdkernels
+if [ -x .venv/bin/python ] && [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp" ] \
+    && .venv/bin/python -c "import $module" 2>/dev/null; then
+  echo "scripts/setup.sh: .venv is up to date (nothing the install depends on changed): not rebuilding"
+  exit 0
+fi
+if [ "${KDKERNELS_SETUP_CHECK:-}" = 1 ]; then
+  echo "scripts/setup.sh: .venv is out of date (a source, the torch requirement or a build switch changed): a run" \
+       "would reinstall and rebuild (stamp $stamp)"
+  exit 1
+fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@"; }
-torch_req=${KDKERNELS_TORCH-torch==2.13.0}
 [ -z "$torch_req" ] || pip install "$torch_req"
 pip install setuptools wheel
 pip install --no-build-isolation -e ".[dev]"
+mkdir -p build
+echo "$stamp" > "$stamp_file"
