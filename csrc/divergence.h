@@ -9,10 +9,11 @@
 
 // The codes of kdkernels/methods.py Divergence, in its order.
 #define KDKERNELS_DIVERGENCE_CODES(X) \
-  X(KD) X(RKL) X(JSD) X(SKEW_FKL) X(SKEW_RKL) X(TVD) X(ABKD) X(ABKD_ALPHA0) X(ABKD_BETA0) X(ABKD_OPPOSITE) X(ABKD_ZERO)
+  X(KD) X(RKL) X(JSD) X(SKEW_FKL) X(SKEW_RKL) X(TVD) X(ABKD) X(ABKD_ALPHA0) X(ABKD_BETA0) X(ABKD_OPPOSITE) X(ABKD_ZERO) \
+  X(WSD)
 // The fields of kdkernels/methods.py DivergenceParams, in its order.
 #define KDKERNELS_DIVERGENCE_PARAMS(X) \
-  X(T, mix_p) X(T, mix_q) X(T, log_mix_p) X(T, log_mix_q) X(T, alpha) X(T, beta)
+  X(T, mix_p) X(T, mix_q) X(T, log_mix_p) X(T, log_mix_q) X(T, alpha) X(T, beta) X(T, w_fkl) X(T, w_rkl)
 
 namespace kdkernels {
 inline namespace KDKERNELS_MATH_NAMESPACE {
@@ -86,11 +87,15 @@ KD_HD void divergence_terms(const DivergenceParams<typename O::Scalar>& c, typen
     const V ratio = O::exp(V(a) * (lp - lq));
     l = (V(a) * (lq - lp) + ratio - V(T(1))) * V(T(1) / (a * a));
     r = (V(T(1)) - ratio) * V(T(1) / a);
-  } else {
-    static_assert(CODE == ABKD_ZERO, "a divergence code without a formula");
+  } else if constexpr (CODE == ABKD_ZERO) {
     const V d = lp - lq;
     l = V(T(0.5)) * d * d;
     r = lq - lp;
+  } else {
+    static_assert(CODE == WSD, "a divergence code without a formula");
+    const V rkl = kl_term<O>(q, lq, lp);
+    l = V(c.w_fkl) * kl_term<O>(p, lp, lq) + V(c.w_rkl) * rkl;
+    r = V(c.w_rkl) * rkl - V(c.w_fkl) * p;
   }
   l = O::select(absent, zero, l);
   r = O::select(absent, zero, r);

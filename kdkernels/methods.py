@@ -44,6 +44,7 @@ class Divergence(enum.IntEnum):
     ABKD_BETA0 = 8  # at beta = 0
     ABKD_OPPOSITE = 9  # at alpha = -beta
     ABKD_ZERO = 10  # at alpha = beta = 0
+    WSD = 11  # w_fkl KL(p || q) + w_rkl KL(q || p)
 
 
 ABKD_CODES = frozenset({Divergence.ABKD, Divergence.ABKD_ALPHA0, Divergence.ABKD_BETA0, Divergence.ABKD_OPPOSITE,
@@ -76,6 +77,8 @@ class DivergenceParams(NamedTuple):
     log_mix_q: float = 0.0
     alpha: float = 0.0  # abkd
     beta: float = 0.0
+    w_fkl: float = 0.0  # wsd: the weights of KL(p || q) and KL(q || p)
+    w_rkl: float = 0.0
 
 
 class DecoupledParams(NamedTuple):
@@ -186,6 +189,13 @@ def _abkd_plan(hp) -> Plan:
     return _divergence(code, alpha=a, beta=b)
 
 
+def _wsd_plan(hp) -> Plan:
+    lam = hp["lam"]
+    if lam in (0, 1):  # the endpoints are exactly the two KLs
+        return _divergence(Divergence.KD if lam == 0 else Divergence.RKL)
+    return _divergence(Divergence.WSD, w_fkl=1 - lam, w_rkl=lam)
+
+
 def _decoupled(partition: Partition, **params) -> Plan:
     return Plan(DECOUPLED, partition, DecoupledParams(**params))
 
@@ -253,6 +263,8 @@ METHODS: dict[str, Method] = {
                lambda hp: _divergence(Divergence.TVD)),
         Method("abkd", "ABKDLoss", "ABKD, alpha-beta divergence (Wang et al., ICML 2025, arXiv 2505.04560)",
                {"alpha": 0.5, "beta": 0.5}, {"alpha": _F("alpha"), "beta": _F("beta")}, 1.0, False, _abkd_plan),
+        Method("wsd", "WSDLoss", "weighted sum of forward and reverse KL, symmetric KL at lam = 0.5 (ABKD authors' "
+               "LLM code)", {"lam": 0.5}, {"lam": _in_range("lam", 0, 1, False, False)}, 1.0, False, _wsd_plan),
         Method("dkd", "DKDLoss", "DKD, Zhao et al. 2022 (mdistiller DKD.py)", {"alpha": 1.0, "beta": 8.0},
                {"alpha": _F("alpha"), "beta": _F("beta")}, 4.0, True,
                lambda hp: _decoupled(Partition.TARGET, w_mass=hp["alpha"], w_rest=hp["beta"])),
@@ -301,4 +313,6 @@ def finite_when_missing(plan: Plan, missing: str) -> bool:
     if plan.code in ABKD_CODES:
         a, b = (plan.params.alpha, plan.params.beta) if student else (plan.params.beta, plan.params.alpha)
         return b > 0 and a + b > 0
+    if plan.code == Divergence.WSD:
+        return (plan.params.w_fkl if student else plan.params.w_rkl) == 0
     return True  # jsd, skew_fkl, skew_rkl (the mixture is never 0 where its KL weights it), tvd

@@ -22,6 +22,9 @@ CASES = [
     ("abkd", {"alpha": 0.7, "beta": 0.0}),
     ("abkd", {"alpha": 0.8, "beta": -0.8}),  # alpha = -beta
     ("abkd", {"alpha": 0.0, "beta": 0.0}),
+    ("wsd", {}),  # symmetric KL
+    ("wsd", {"lam": 0.2}),
+    ("wsd", {"lam": 1.0}),  # KL(q || p)
     ("dkd", {}),
     ("dkd", {"alpha": 0.5, "beta": 2.0}),
     ("gdkd", {"k": 3}),

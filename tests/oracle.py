@@ -54,6 +54,11 @@ def _divergence(method: str, p, q, lp, lq, hp, temperature):
         m = (1 - lam) * p + lam * q
         G = lq - np.log(m) + 1 - lam * q / m
         return _xlogy_ratio(q, lq, np.log(m)).sum(), q * (G - (q * G).sum()) / T
+    if method == "wsd":  # (1 - lam) KL(p || q) + lam KL(q || p)
+        lam = hp["lam"]
+        forward, reverse = _xlogy_ratio(p, lp, lq).sum(), _xlogy_ratio(q, lq, lp).sum()
+        grad = (1 - lam) * (q - p) + lam * q * (lq - lp - reverse)
+        return (1 - lam) * forward + lam * reverse, grad / T
     if method == "tvd":
         G = 0.5 * np.sign(q - p)
         return 0.5 * np.abs(p - q).sum(), q * (G - (q * G).sum()) / T
@@ -152,7 +157,7 @@ def oracle(method, student, teacher, target, hp, temperature, t2_scale, reductio
         lq = (x - _logsumexp(x))[keep]
         lp = (y - _logsumexp(y))[keep]
         p, q = np.exp(lp), np.exp(lq)
-        if method in ("kd", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "abkd"):
+        if method in ("kd", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "abkd", "wsd"):
             loss, grad = _divergence(method, p, q, lp, lq, hp, temperature)
         else:
             label = None if labels is None else int(np.cumsum(keep)[labels[r]] - 1)

@@ -91,6 +91,8 @@ def divergence_terms(plan: Plan, lp: torch.Tensor, lq: torch.Tensor) -> torch.Te
         terms = 0.5 * (lp.exp() - lq.exp()).abs()
     elif code in ABKD_CODES:
         terms = _abkd_terms(code, lp, lq, params.alpha, params.beta)
+    elif code == Divergence.WSD:
+        terms = params.w_fkl * kl_terms(lp, lq) + params.w_rkl * kl_terms(lq, lp)
     else:
         raise ValueError(f"not a divergence code: {code!r}")
     return torch.where(absent, 0.0, terms)

@@ -27,10 +27,11 @@ ABKD_ALPHA0 = tl.constexpr(int(Divergence.ABKD_ALPHA0))
 ABKD_BETA0 = tl.constexpr(int(Divergence.ABKD_BETA0))
 ABKD_OPPOSITE = tl.constexpr(int(Divergence.ABKD_OPPOSITE))
 ABKD_ZERO = tl.constexpr(int(Divergence.ABKD_ZERO))
+WSD = tl.constexpr(int(Divergence.WSD))
 
 
 @triton.jit
-def _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, a, b, CODE: tl.constexpr):
+def _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, a, b, w_fkl, w_rkl, CODE: tl.constexpr):
     """Per-class (l_k, r_k, q_k) of a tile, from the row statistics (max, log-sum) of x and y."""
     lq = log_softmax_tile(x, mx, lzx)
     lp = log_softmax_tile(y, my, lzy)
@@ -77,9 +78,13 @@ def _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, a, b, COD
         ratio = tl.exp(a * (lp - lq))
         loss = (a * (lq - lp) + ratio - 1.0) / (a * a)
         r = (1.0 - ratio) / a
-    else:  # ABKD_ZERO
+    elif CODE == ABKD_ZERO:
         loss = 0.5 * (lp - lq) * (lp - lq)
         r = lq - lp
+    else:  # WSD
+        rkl = tl.where(lq == NEG_INF, 0.0, q * (lq - lp))
+        loss = w_fkl * tl.where(lp == NEG_INF, 0.0, p * (lp - lq)) + w_rkl * rkl
+        r = w_rkl * rkl - w_fkl * p
     return tl.where(absent, 0.0, loss), tl.where(absent, 0.0, r), tl.where(absent, 0.0, q)
 
 
@@ -93,7 +98,7 @@ def _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols, V, r, q, sum_r, 
 def divergence_kernel(
     s_ptr, t_ptr, target_ptr, denom_ptr, loss_ptr, grad_ptr,
     N, V, s_stride, t_stride, g_stride, ignore_index,
-    temperature, t2, mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta,
+    temperature, t2, mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta, w_fkl, w_rkl,
     CODE: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_DENOM: tl.constexpr, WITH_GRAD: tl.constexpr,
     SINGLE_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -113,7 +118,7 @@ def divergence_kernel(
         my, zy = online_lse(my, zy, y)
         kept = valid & ((mx != NEG_INF) | (my != NEG_INF))
         loss, r, q = _terms(x, y, mx, tl.log(zx), my, tl.log(zy), mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta,
-                            CODE)
+                            w_fkl, w_rkl, CODE)
         sum_l = tl.sum(loss, axis=1)
         sum_r = tl.sum(r, axis=1)
         if CODE == KD:
@@ -152,7 +157,8 @@ def divergence_kernel(
                 cols = (last - i) * BLOCK_V + cols0
                 x = load_scaled(s_ptr, rows64, s_stride, valid, cols, V, temperature)
                 y = load_scaled(t_ptr, rows64, t_stride, valid, cols, V, temperature)
-                loss, r, q = _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta, CODE)
+                loss, r, q = _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta, w_fkl,
+                                    w_rkl, CODE)
                 sum_l += tl.sum(loss, axis=1)
                 sum_r += tl.sum(r, axis=1)
         if WITH_GRAD or CODE == KD:
@@ -160,7 +166,8 @@ def divergence_kernel(
                 cols = start + cols0
                 x = load_scaled(s_ptr, rows64, s_stride, valid, cols, V, temperature)
                 y = load_scaled(t_ptr, rows64, t_stride, valid, cols, V, temperature)
-                loss, r, q = _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta, CODE)
+                loss, r, q = _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta, w_fkl,
+                                    w_rkl, CODE)
                 if CODE == KD:
                     sum_l += tl.sum(loss, axis=1)
                 if WITH_GRAD:
