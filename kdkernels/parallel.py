@@ -16,7 +16,8 @@ Collectives per call, all of O(N) or O(N k) numbers (N rows):
 
 - every method: an all-gather of (V_r, N) per rank (offset, V, and a check that N agrees across ranks).
 - divergence family: all-reduce MAX of the row maxes of s/T and t/T, then SUM of the sums of exp: the two
-  logsumexps; then SUM of the shard's loss terms and of the row sum the gradient needs. 4 in all.
+  logsumexps; then SUM of the shard's row sums of the loss's statistics, and with a gradient SUM of the row sum the
+  gradient needs. 4 without a gradient, 5 with one.
 - decoupled family: the partition first (teacher top-k: an all-gather of each shard's k largest teacher values,
   then of the counts of ties at the k-th value; threshold: all-reduce MAX of the teacher's row max; target: none,
   the rank that owns the class marks it); then all-reduce MAX of the bin maxes, SUM of the bins' sums of exp and
@@ -115,21 +116,26 @@ def _divergence(plan: Plan, s: Tensor, t: Tensor, temperature: float, with_grad:
     """Per-row losses [N] (before T^2), the shard's gradient [N, V_r] (or None) of a divergence-family plan, and
     the rows whose classes are all masked in both logits.
 
-    The loss is l = sum_k f(log p_k, log q_k) over the whole vocabulary, each class's term (the reference's,
-    reference.divergence_rows) depending on that class alone. So d_k = dl / d(log q_k) is the gradient of the
-    shard's own terms, which autograd gives locally, and the chain rule through log q = s/T - logsumexp(s/T)
-    gives g_j = (d_j - q_j sum_k d_k) / T: the only cross-rank quantity is the row sum of d.
+    The loss combines a few row sums of per-class statistics (reference.divergence_sums, divergence_combine), each
+    class's statistic depending on that class alone. The shard's part of each row sum is local; their all-reduce
+    gives the row's sums and loss. d_k = dl / d(log q_k) is then the gradient, through this shard's part of the
+    sums, of the combination of the whole row's sums, which autograd gives locally, and the chain rule through
+    log q = s/T - logsumexp(s/T) gives g_j = (d_j - q_j sum_k d_k) / T: sum_k d_k is the other cross-rank quantity.
     """
     lq, lp, masked = _log_softmax(s, t, group)
     with torch.enable_grad():
         lq.requires_grad_(with_grad)
-        terms = reference.divergence_rows(plan, lp, lq)
-        d = torch.autograd.grad(terms.sum(), lq)[0].contiguous() if with_grad else None
+        local = reference.divergence_sums(plan, lp, lq)
+    total = _all_reduce(local.detach(), dist.ReduceOp.SUM, group)
+    rows = reference.divergence_combine(plan, total)
     if not with_grad:
-        return _all_reduce(terms.detach(), dist.ReduceOp.SUM, group), None, masked
-    sums = _all_reduce(torch.stack([terms.detach(), d.sum(-1)], -1), dist.ReduceOp.SUM, group)
-    grad = d.addcmul_(lq.detach().exp_(), sums[:, 1:], value=-1).div_(temperature)
-    return sums[:, 0], grad, masked
+        return rows, None, masked
+    with torch.enable_grad():
+        whole = reference.divergence_combine(plan, local + (total - local.detach()))
+        d = torch.autograd.grad(whole.sum(), lq)[0].contiguous()
+    sum_d = _all_reduce(d.sum(-1, keepdim=True), dist.ReduceOp.SUM, group)
+    grad = d.addcmul_(lq.detach().exp_(), sum_d, value=-1).div_(temperature)
+    return rows, grad, masked
 
 
 # --------------------------------------------------------------------------------------------------------------

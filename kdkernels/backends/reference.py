@@ -98,9 +98,20 @@ def divergence_terms(plan: Plan, lp: torch.Tensor, lq: torch.Tensor) -> torch.Te
     return torch.where(absent, 0.0, terms)
 
 
+def divergence_sums(plan: Plan, lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """The row sums [N, S] of the per-class statistics a divergence-family plan's loss combines (its terms); over a
+    vocabulary shard they are the shard's part of the row's sums."""
+    return divergence_terms(plan, lp, lq).sum(-1, keepdim=True)
+
+
+def divergence_combine(plan: Plan, sums: torch.Tensor) -> torch.Tensor:
+    """Per-row loss [N] (before the T^2 factor) from the whole row's ``divergence_sums``."""
+    return sums[:, 0]
+
+
 def divergence_rows(plan: Plan, lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     """Per-row loss [N] of a divergence-family plan (before the T^2 factor)."""
-    return divergence_terms(plan, lp, lq).sum(-1)
+    return divergence_combine(plan, divergence_sums(plan, lp, lq))
 
 
 # --------------------------------------------------------------------------------------------------------------
