@@ -2,7 +2,9 @@
 // the CPU and CUDA kernels: with x = s / T, y = t / T, log q = (x - max x) - log sum exp(x - max x) and log p
 // likewise, each class has a loss term l_k and r_k = q_k dl/dq_k, and
 //     l = sum_k l_k,    g_j = (r_j - q_j sum_k r_k) / T.
-// A class with p = q = 0 (masked, or below float32's range in both) contributes 0.
+// bdkd's weights depend on the row's entropies: its l_k and r_k are those of its two KLs, e_k = q log q - p log p, and
+// divergence_row() weighs the row sums; its gradient then takes r_j = a r_j + b p_j. A class with p = q = 0 (masked,
+// or below float32's range in both) contributes 0.
 #pragma once
 
 #include "row_math.h"
@@ -10,7 +12,7 @@
 // The codes of kdkernels/methods.py Divergence, in its order.
 #define KDKERNELS_DIVERGENCE_CODES(X) \
   X(KD) X(RKL) X(JSD) X(SKEW_FKL) X(SKEW_RKL) X(TVD) X(ABKD) X(ABKD_ALPHA0) X(ABKD_BETA0) X(ABKD_OPPOSITE) X(ABKD_ZERO) \
-  X(WSD)
+  X(WSD) X(BDKD)
 // The fields of kdkernels/methods.py DivergenceParams, in its order.
 #define KDKERNELS_DIVERGENCE_PARAMS(X) \
   X(T, mix_p) X(T, mix_q) X(T, log_mix_p) X(T, log_mix_q) X(T, alpha) X(T, beta) X(T, w_fkl) X(T, w_rkl)
@@ -32,11 +34,21 @@ KD_HD typename O::V log_add_exp(typename O::V u, typename O::V v) {
   return shift + O::log(O::exp(u - shift) + O::exp(v - shift));
 }
 
-// (l_k, r_k, q_k) of the classes of x, y, given each row's max and log-sum: mx, lzx (student) and my, lzy (teacher).
+// Whether a code's row loss weighs its row sums by weights that depend on them (see divergence_row).
+template <int CODE>
+constexpr bool weighs_row_sums = CODE == BDKD;
+
+// A class's l_k, r_k, its probabilities and e_k (0 but for bdkd).
+template <class V>
+struct ClassTerms {
+  V l, r, q, p, e;
+};
+
+// The terms of the classes of x, y, given each row's max and log-sum: mx, lzx (student) and my, lzy (teacher).
 template <int CODE, class O>
-KD_HD void divergence_terms(const DivergenceParams<typename O::Scalar>& c, typename O::V x, typename O::V y,
-                            typename O::V mx, typename O::V lzx, typename O::V my, typename O::V lzy,
-                            typename O::V& l, typename O::V& r, typename O::V& q) {
+KD_HD ClassTerms<typename O::V> divergence_terms(const DivergenceParams<typename O::Scalar>& c, typename O::V x,
+                                                 typename O::V y, typename O::V mx, typename O::V lzx,
+                                                 typename O::V my, typename O::V lzy) {
   using V = typename O::V;
   using T = typename O::Scalar;
   const V zero(T(0)), ninf(neg_inf<T>());
@@ -45,8 +57,8 @@ KD_HD void divergence_terms(const DivergenceParams<typename O::Scalar>& c, typen
   const auto absent = O::land(O::eq(lq, ninf), O::eq(lp, ninf));
   lq = O::select(absent, zero, lq);
   lp = O::select(absent, zero, lp);
-  q = O::exp(lq);
-  const V p = O::exp(lp);
+  const V q = O::exp(lq), p = O::exp(lp);
+  V l, r, e = zero;
   const T a = c.alpha, b = c.beta;
   if constexpr (CODE == KD) {
     l = kl_term<O>(p, lp, lq);
@@ -91,23 +103,45 @@ KD_HD void divergence_terms(const DivergenceParams<typename O::Scalar>& c, typen
     const V d = lp - lq;
     l = V(T(0.5)) * d * d;
     r = lq - lp;
-  } else {
-    static_assert(CODE == WSD, "a divergence code without a formula");
+  } else if constexpr (CODE == WSD) {
     const V rkl = kl_term<O>(q, lq, lp);
     l = V(c.w_fkl) * kl_term<O>(p, lp, lq) + V(c.w_rkl) * rkl;
     r = V(c.w_rkl) * rkl - V(c.w_fkl) * p;
+  } else {
+    static_assert(CODE == BDKD, "a divergence code without a formula");
+    l = kl_term<O>(p, lp, lq);
+    r = kl_term<O>(q, lq, lp);
+    e = kl_term<O>(q, lq, zero) - kl_term<O>(p, lp, zero);
   }
-  l = O::select(absent, zero, l);
-  r = O::select(absent, zero, r);
-  q = O::select(absent, zero, q);
+  return {O::select(absent, zero, l), O::select(absent, zero, r), O::select(absent, zero, q),
+          O::select(absent, zero, p), O::select(absent, zero, e)};
 }
 
-// g_j = (r_j - q_j sum_k r_k) * scale, scale = (1/T) (T^2 if t2_scale) (1/denominator if reduced).
-template <class O>
-KD_HD typename O::V divergence_grad(typename O::V r, typename O::V q, typename O::Scalar sum_r,
+// A row's loss and what its gradient needs: g_j = (a r_j + b p_j - q_j sum_r) * scale.
+template <class T>
+struct DivergenceRow {
+  T loss, a, b, sum_r;
+};
+
+// From the row sums of l_k, r_k and e_k. bdkd weighs its KLs by w_fkl where H(p) > H(q) (sum e > 0), by w_rkl where
+// H(q) > H(p), else by 1; the weights are constants of the gradient.
+template <int CODE, class T>
+KD_HD DivergenceRow<T> divergence_row(const DivergenceParams<T>& c, T sum_l, T sum_r, T sum_e) {
+  if constexpr (weighs_row_sums<CODE>) {
+    const T w_fkl = sum_e > T(0) ? c.w_fkl : T(1), w_rkl = sum_e < T(0) ? c.w_rkl : T(1);
+    return {w_fkl * sum_l + w_rkl * sum_r, w_rkl, -w_fkl, w_rkl * sum_r - w_fkl};
+  } else {
+    return {sum_l, T(1), T(0), CODE == KD ? T(-1) : sum_r};
+  }
+}
+
+// g_j = (a r_j + b p_j - q_j sum_r) * scale, scale = (1/T) (T^2 if t2_scale) (1/denominator if reduced).
+template <int CODE, class O>
+KD_HD typename O::V divergence_grad(const ClassTerms<typename O::V>& k, const DivergenceRow<typename O::Scalar>& row,
                                     typename O::Scalar scale) {
   using V = typename O::V;
-  return (r - q * V(sum_r)) * V(scale);
+  const V r = weighs_row_sums<CODE> ? V(row.a) * k.r + V(row.b) * k.p : k.r;
+  return (r - k.q * V(row.sum_r)) * V(scale);
 }
 
 }  // namespace KDKERNELS_MATH_NAMESPACE

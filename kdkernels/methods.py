@@ -45,6 +45,7 @@ class Divergence(enum.IntEnum):
     ABKD_OPPOSITE = 9  # at alpha = -beta
     ABKD_ZERO = 10  # at alpha = beta = 0
     WSD = 11  # w_fkl KL(p || q) + w_rkl KL(q || p)
+    BDKD = 12  # the same, each weight applied only when its model's entropy is the larger (1 otherwise)
 
 
 ABKD_CODES = frozenset({Divergence.ABKD, Divergence.ABKD_ALPHA0, Divergence.ABKD_BETA0, Divergence.ABKD_OPPOSITE,
@@ -77,8 +78,8 @@ class DivergenceParams(NamedTuple):
     log_mix_q: float = 0.0
     alpha: float = 0.0  # abkd
     beta: float = 0.0
-    w_fkl: float = 0.0  # wsd: the weights of KL(p || q) and KL(q || p)
-    w_rkl: float = 0.0
+    w_fkl: float = 0.0  # wsd: the weights of KL(p || q) and KL(q || p); bdkd: their weights when the teacher's
+    w_rkl: float = 0.0  # (w_fkl), the student's (w_rkl) entropy is the larger, 1 otherwise
 
 
 class DecoupledParams(NamedTuple):
@@ -265,6 +266,8 @@ METHODS: dict[str, Method] = {
                {"alpha": 0.5, "beta": 0.5}, {"alpha": _F("alpha"), "beta": _F("beta")}, 1.0, False, _abkd_plan),
         Method("wsd", "WSDLoss", "weighted sum of forward and reverse KL, symmetric KL at lam = 0.5 (ABKD authors' "
                "LLM code)", {"lam": 0.5}, {"lam": _in_range("lam", 0, 1, False, False)}, 1.0, False, _wsd_plan),
+        Method("bdkd", "BDKDLoss", "entropy-weighted forward and reverse KL (ABKD authors' LLM code)", {}, {}, 1.0,
+               False, lambda hp: _divergence(Divergence.BDKD, w_fkl=3.0, w_rkl=3.0)),
         Method("dkd", "DKDLoss", "DKD, Zhao et al. 2022 (mdistiller DKD.py)", {"alpha": 1.0, "beta": 8.0},
                {"alpha": _F("alpha"), "beta": _F("beta")}, 4.0, True,
                lambda hp: _decoupled(Partition.TARGET, w_mass=hp["alpha"], w_rest=hp["beta"])),
@@ -313,6 +316,6 @@ def finite_when_missing(plan: Plan, missing: str) -> bool:
     if plan.code in ABKD_CODES:
         a, b = (plan.params.alpha, plan.params.beta) if student else (plan.params.beta, plan.params.alpha)
         return b > 0 and a + b > 0
-    if plan.code == Divergence.WSD:
+    if plan.code in (Divergence.WSD, Divergence.BDKD):
         return (plan.params.w_fkl if student else plan.params.w_rkl) == 0
     return True  # jsd, skew_fkl, skew_rkl (the mixture is never 0 where its KL weights it), tvd

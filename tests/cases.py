@@ -25,6 +25,7 @@ CASES = [
     ("wsd", {}),  # symmetric KL
     ("wsd", {"lam": 0.2}),
     ("wsd", {"lam": 1.0}),  # KL(q || p)
+    ("bdkd", {}),
     ("dkd", {}),
     ("dkd", {"alpha": 0.5, "beta": 2.0}),
     ("gdkd", {"k": 3}),

@@ -59,6 +59,12 @@ def _divergence(method: str, p, q, lp, lq, hp, temperature):
         forward, reverse = _xlogy_ratio(p, lp, lq).sum(), _xlogy_ratio(q, lq, lp).sum()
         grad = (1 - lam) * (q - p) + lam * q * (lq - lp - reverse)
         return (1 - lam) * forward + lam * reverse, grad / T
+    if method == "bdkd":  # 3 KL(p || q) + KL(q || p) if H(p) > H(q), KL(p || q) + 3 KL(q || p) if H(q) > H(p)
+        entropy_p, entropy_q = -_xlogy_ratio(p, lp, 0 * lp).sum(), -_xlogy_ratio(q, lq, 0 * lq).sum()
+        w_f, w_r = (3.0 if entropy_p > entropy_q else 1.0), (3.0 if entropy_q > entropy_p else 1.0)
+        forward, reverse = _xlogy_ratio(p, lp, lq).sum(), _xlogy_ratio(q, lq, lp).sum()
+        grad = w_f * (q - p) + w_r * q * (lq - lp - reverse)
+        return w_f * forward + w_r * reverse, grad / T
     if method == "tvd":
         G = 0.5 * np.sign(q - p)
         return 0.5 * np.abs(p - q).sum(), q * (G - (q * G).sum()) / T
@@ -157,7 +163,7 @@ def oracle(method, student, teacher, target, hp, temperature, t2_scale, reductio
         lq = (x - _logsumexp(x))[keep]
         lp = (y - _logsumexp(y))[keep]
         p, q = np.exp(lp), np.exp(lq)
-        if method in ("kd", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "abkd", "wsd"):
+        if method in ("kd", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "abkd", "wsd", "bdkd"):
             loss, grad = _divergence(method, p, q, lp, lq, hp, temperature)
         else:
             label = None if labels is None else int(np.cumsum(keep)[labels[r]] - 1)

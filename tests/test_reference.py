@@ -109,3 +109,50 @@ def test_float32_inputs_compute_in_float32_and_float64_in_float64():
     s, t, _ = make_inputs((4, 23), torch.float64, seed=10, ignored=0)
     assert kdkernels.kd_loss(s, t, backend="reference").dtype == torch.float64
     assert kdkernels.kd_loss(s.float(), t.bfloat16(), backend="reference").dtype == torch.float32
+
+
+def abkd_authors_two_kls(s, t, weights):
+    """The ABKD authors' LLM losses (distillm/losses.py: wsd, bdkd), per row at T = 1: their forward KL is the
+    cross-entropy -sum p log q (the teacher's entropy left out), their reverse KL the true KL(q || p).
+    ``weights(s, t)`` gives the per-row (forward, reverse) weights."""
+    p, lq, lp = torch.softmax(t, -1), torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    w_f, w_r = weights(s, t)
+    return w_f * -(p * lq).sum(-1) + w_r * (lq.exp() * (lq - lp)).sum(-1)
+
+
+def authors_bdkd_weights(s, t):
+    def entropy(logits):  # as published: log of the probabilities + 1e-9
+        probs = torch.softmax(logits, -1)
+        return -(probs * torch.log(probs + 1e-9)).sum(-1)
+
+    h_s, h_t = entropy(s).detach(), entropy(t)
+    return torch.where(h_t > h_s, 3.0, 1.0), torch.where(h_s > h_t, 3.0, 1.0)
+
+
+@pytest.mark.parametrize("method,hp,weights", [
+    ("wsd", {}, lambda s, t: (0.5, 0.5)), ("wsd", {"lam": 0.1}, lambda s, t: (0.9, 0.1)),
+    ("bdkd", {}, authors_bdkd_weights)])
+def test_two_kls_match_the_abkd_authors_code(method, hp, weights):
+    """Value up to the teacher-entropy constant w_f sum p log p, gradient exactly; bdkd's rows cover both
+    entropy orders."""
+    s, t, _ = make_inputs((16, 50), torch.float64, seed=11, ignored=0)
+    s = s * torch.linspace(0.2, 2.0, 16, dtype=torch.float64)[:, None]  # students sharper and flatter than the teacher
+    s.requires_grad_(True)
+    got = kdkernels.distill_loss(method, s, t, reduction="none", backend="reference", **hp)
+    theirs = abkd_authors_two_kls(s, t, weights)
+    w_f = torch.as_tensor(weights(s, t)[0], dtype=torch.float64)
+    teacher_term = w_f * (torch.softmax(t, -1) * torch.log_softmax(t, -1)).sum(-1)
+    torch.testing.assert_close(got, theirs + teacher_term, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), s)[0], torch.autograd.grad(theirs.sum(), s)[0],
+                               rtol=1e-10, atol=1e-13)
+    if method == "bdkd":
+        assert 0 < int((w_f == 3).sum()) < 16
+
+
+def test_bdkd_self_distillation_weighs_both_kls_once():
+    """Equal entropies (the student is the teacher): neither weight is raised, and the loss and gradient are 0."""
+    s, _, _ = make_inputs((4, 30), torch.float64, seed=12, ignored=0)
+    s.requires_grad_(True)
+    loss = kdkernels.bdkd_loss(s, s.detach().clone(), backend="reference", reduction="none")
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert torch.equal(torch.autograd.grad(loss.sum(), s)[0], torch.zeros_like(s))

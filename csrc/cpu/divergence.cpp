@@ -4,9 +4,9 @@
 //
 //   (1) row maxima of s and t, then their sums of exp(x - max); a row whose classes are all masked in both logits
 //       stops here (loss 0, gradient 0);
-//   (2) per-class terms l_k, r_k: the loss, and for kd (sum r = -1) the gradient;
+//   (2) per-class terms l_k, r_k (and e_k): the loss, and for kd (sum r = -1) the gradient;
 //   (3) for the other codes the gradient, from r_k and q_k that pass 2 kept in a row-sized buffer (so no exp is
-//       recomputed).
+//       recomputed); bdkd, whose r_k is weighted by its row sums, recomputes its terms here.
 #include "../divergence.h"
 #include "rows.h"
 
@@ -40,37 +40,44 @@ M divergence_row(const M* s, const M* t, M* g, M* r_buf, M* q_buf, int64_t v, co
     zy.add(O::exp(load(t + j, n) / T - shift_y));
   }
   const V vmx_row(mx), vmy_row(my), lzx(std::log(zx.sum())), lzy(std::log(zy.sum()));
+  auto terms = [&](int64_t j, int64_t n) {
+    return divergence_terms<CODE, O>(c, load(s + j, n) / T, load(t + j, n) / T, vmx_row, lzx, vmy_row, lzy);
+  };
   // (2) Per-class terms.
-  ChunkedSum<M> sum_l, sum_r;
+  ChunkedSum<M> sum_l, sum_r, sum_e;
+  const DivergenceRow<M> kd_row = divergence_row<CODE>(c, M(0), M(0), M(0));  // (kd's gradient needs no row sum)
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
-    V l, r, q;
-    divergence_terms<CODE, O>(c, load(s + j, n) / T, load(t + j, n) / T, vmx_row, lzx, vmy_row, lzy, l, r, q);
-    sum_l.add(l);
+    const ClassTerms<V> k = terms(j, n);
+    sum_l.add(k.l);
+    sum_r.add(k.r);
+    if constexpr (weighs_row_sums<CODE>) sum_e.add(k.e);
     if (g == nullptr) continue;
-    if constexpr (CODE == KD) {  // sum r = -1
-      divergence_grad<O>(r, q, M(-1), scale).store(g + j, n);
-    } else {
-      sum_r.add(r);
-      r.store(r_buf + j, n);
-      q.store(q_buf + j, n);
+    if constexpr (CODE == KD) {
+      divergence_grad<CODE, O>(k, kd_row, scale).store(g + j, n);
+    } else if constexpr (!weighs_row_sums<CODE>) {
+      k.r.store(r_buf + j, n);
+      k.q.store(q_buf + j, n);
     }
   }
-  // (3) The gradient, once sum r is known.
+  const DivergenceRow<M> row = divergence_row<CODE>(c, sum_l.sum(), sum_r.sum(), sum_e.sum());
+  // (3) The gradient, once the row sums are known.
   if (g != nullptr && CODE != KD) {
-    const M total_r = sum_r.sum();
     for (int64_t j = 0; j < v; j += L) {
       const int64_t n = std::min(L, v - j);
-      divergence_grad<O>(V::loadu(r_buf + j, n), V::loadu(q_buf + j, n), total_r, scale).store(g + j, n);
+      const ClassTerms<V> k = weighs_row_sums<CODE> ? terms(j, n)
+                                                    : ClassTerms<V>{V(0), V::loadu(r_buf + j, n), V::loadu(q_buf + j, n),
+                                                                    V(0), V(0)};
+      divergence_grad<CODE, O>(k, row, scale).store(g + j, n);
     }
   }
-  return sum_l.sum();
+  return row.loss;
 }
 
 template <int CODE, class M>
 void divergence_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
   const auto c = DivergenceParams<M>::from(a.params);
-  const bool keeps_terms = a.grad != nullptr && CODE != KD;
+  const bool keeps_terms = a.grad != nullptr && CODE != KD && !weighs_row_sums<CODE>;
   RowBuffers<M> buf(a, keeps_terms ? 2 : 0);
   M* r_buf = buf.extra;
   M* q_buf = buf.extra + a.v;

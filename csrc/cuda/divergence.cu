@@ -2,8 +2,8 @@
 // divergence.h's (l = sum_k l_k, g_j = (r_j - q_j sum_k r_k) / T, times T^2 with t2_scale, over the denominator).
 //
 // Passes: (1) online max and sum of exp of x = s / T and y = t / T; a row whose classes are all masked in both
-// logits stops here (loss 0, gradient 0); (2) sum l_k (and sum r_k); kd knows sum r = -1 and writes the gradient
-// here; (3) the other codes write the gradient once sum r is known.
+// logits stops here (loss 0, gradient 0); (2) the row sums of l_k, r_k (and e_k); kd knows sum r = -1 and writes
+// the gradient here; (3) the other codes write the gradient once the row sums are known.
 #include "common.cuh"
 
 namespace kdkernels::cuda {
@@ -35,24 +35,28 @@ __global__ void __launch_bounds__(512) divergence_kernel(Rows<T> r, LaunchArgs a
     return;
   }
   const float lzx = logf(lx.z), lzy = logf(ly.z), scale = grad_scale(a);
+  auto terms = [&](float sj, float tj) {
+    return divergence_terms<CODE, F>(c, sj / a.temperature, tj / a.temperature, lx.m, lzx, ly.m, lzy);
+  };
   // (2)
-  Sum sum_l, sum_r;
+  Sum sum_l, sum_r, sum_e;
+  const DivergenceRow<float> kd_row = divergence_row<CODE>(c, 0.f, 0.f, 0.f);  // (kd's gradient needs no row sum)
   walk_row(s, t, CODE == KD ? g : static_cast<T*>(nullptr), r.v, [&](int64_t, float sj, float tj) {
-    float l, rk, q;
-    divergence_terms<CODE, F>(c, sj / a.temperature, tj / a.temperature, lx.m, lzx, ly.m, lzy, l, rk, q);
-    sum_l.x += l;
-    sum_r.x += rk;
-    return divergence_grad<F>(rk, q, -1.f, scale);  // stored for kd only
+    const ClassTerms<float> k = terms(sj, tj);
+    sum_l.x += k.l;
+    sum_r.x += k.r;
+    sum_e.x += k.e;
+    return divergence_grad<CODE, F>(k, kd_row, scale);  // stored for kd only
   });
   sum_l = block_reduce(sum_l, sum_scratch);
-  if (threadIdx.x == 0) r.loss[row] = sum_l.x * a.t2;
+  if (CODE != KD) sum_r = block_reduce(sum_r, sum_scratch);
+  if (weighs_row_sums<CODE>) sum_e = block_reduce(sum_e, sum_scratch);
+  const DivergenceRow<float> row_sums = divergence_row<CODE>(c, sum_l.x, sum_r.x, sum_e.x);
+  if (threadIdx.x == 0) r.loss[row] = row_sums.loss * a.t2;
   // (3)
   if (CODE != KD && g != nullptr) {
-    sum_r = block_reduce(sum_r, sum_scratch);
     walk_row(s, t, g, r.v, [&](int64_t, float sj, float tj) {
-      float l, rk, q;
-      divergence_terms<CODE, F>(c, sj / a.temperature, tj / a.temperature, lx.m, lzx, ly.m, lzy, l, rk, q);
-      return divergence_grad<F>(rk, q, sum_r.x, scale);
+      return divergence_grad<CODE, F>(terms(sj, tj), row_sums, scale);
     });
   }
 }

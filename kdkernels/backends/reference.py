@@ -70,42 +70,51 @@ def _abkd_terms(code: int, lp: torch.Tensor, lq: torch.Tensor, a: float, b: floa
 
 
 def divergence_terms(plan: Plan, lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-    """Per-class terms [N, V] of a divergence-family plan (their row sum is the loss before the T^2 factor); a class
-    with p = q = 0 contributes 0."""
+    """Per-class statistics [N, V, S] of a divergence-family plan, whose row sums its loss combines: the loss terms
+    (S = 1), or for bdkd the terms of KL(p || q), of KL(q || p) and of H(p) - H(q) (S = 3). A class with p = q = 0
+    contributes 0."""
     absent = torch.isneginf(lp) & torch.isneginf(lq)
     lp = torch.where(absent, 0.0, lp)
     lq = torch.where(absent, 0.0, lq)
     code, params = plan.code, plan.params
     if code == Divergence.KD:
-        terms = kl_terms(lp, lq)
+        stats = [kl_terms(lp, lq)]
     elif code == Divergence.RKL:
-        terms = kl_terms(lq, lp)
+        stats = [kl_terms(lq, lp)]
     elif code == Divergence.JSD:
         lm = _log_mixture(lp, lq, params)
-        terms = params.mix_p * kl_terms(lp, lm) + params.mix_q * kl_terms(lq, lm)
+        stats = [params.mix_p * kl_terms(lp, lm) + params.mix_q * kl_terms(lq, lm)]
     elif code == Divergence.SKEW_FKL:
-        terms = kl_terms(lp, _log_mixture(lp, lq, params))
+        stats = [kl_terms(lp, _log_mixture(lp, lq, params))]
     elif code == Divergence.SKEW_RKL:
-        terms = kl_terms(lq, _log_mixture(lp, lq, params))
+        stats = [kl_terms(lq, _log_mixture(lp, lq, params))]
     elif code == Divergence.TVD:
-        terms = 0.5 * (lp.exp() - lq.exp()).abs()
+        stats = [0.5 * (lp.exp() - lq.exp()).abs()]
     elif code in ABKD_CODES:
-        terms = _abkd_terms(code, lp, lq, params.alpha, params.beta)
+        stats = [_abkd_terms(code, lp, lq, params.alpha, params.beta)]
     elif code == Divergence.WSD:
-        terms = params.w_fkl * kl_terms(lp, lq) + params.w_rkl * kl_terms(lq, lp)
+        stats = [params.w_fkl * kl_terms(lp, lq) + params.w_rkl * kl_terms(lq, lp)]
+    elif code == Divergence.BDKD:  # q log q - p log p, as kl_terms against log 1 = 0
+        zero = torch.zeros_like(lp)
+        stats = [kl_terms(lp, lq), kl_terms(lq, lp), kl_terms(lq, zero) - kl_terms(lp, zero)]
     else:
         raise ValueError(f"not a divergence code: {code!r}")
-    return torch.where(absent, 0.0, terms)
+    return torch.where(absent.unsqueeze(-1), 0.0, torch.stack(stats, -1))
 
 
 def divergence_sums(plan: Plan, lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     """The row sums [N, S] of the per-class statistics a divergence-family plan's loss combines (its terms); over a
     vocabulary shard they are the shard's part of the row's sums."""
-    return divergence_terms(plan, lp, lq).sum(-1, keepdim=True)
+    return divergence_terms(plan, lp, lq).sum(-2)
 
 
 def divergence_combine(plan: Plan, sums: torch.Tensor) -> torch.Tensor:
     """Per-row loss [N] (before the T^2 factor) from the whole row's ``divergence_sums``."""
+    if plan.code == Divergence.BDKD:  # the weights are not differentiated
+        forward, reverse, entropy_gap = sums.unbind(-1)
+        w_fkl = torch.where(entropy_gap.detach() > 0, plan.params.w_fkl, 1.0)
+        w_rkl = torch.where(entropy_gap.detach() < 0, plan.params.w_rkl, 1.0)
+        return w_fkl * forward + w_rkl * reverse
     return sums[:, 0]
 
 

@@ -3,9 +3,10 @@ r_k = q_k dl/dq_k of every code, and g_j = (r_j - q_j sum_k r_k) / T).
 
 Passes. A row that fits one tile is loaded once (several short rows share a program). A longer row streams:
 (A) online max / sum of x = s / T and y = t / T, (B, walking back so the freshest tiles are still in L2) the row
-sums of l_k and r_k, (C) the gradient. kd knows sum r = -1 and folds its loss into (C); rkl gets its loss
-l = sum r in (A) from kq = sum exp(x - mx) ((x - mx) - (y - my)), re-based when a max moves; both read the row twice.
-A row whose classes are all masked in both logits is left out like an ignored row.
+sums of l_k and r_k (and e_k for bdkd, whose weights depend on the row's entropies), (C) the gradient. kd knows
+sum r = -1 and folds its loss into (C); rkl gets its loss l = sum r in (A) from
+kq = sum exp(x - mx) ((x - mx) - (y - my)), re-based when a max moves; both read the row twice. A row whose classes
+are all masked in both logits is left out like an ignored row.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ ABKD_BETA0 = tl.constexpr(int(Divergence.ABKD_BETA0))
 ABKD_OPPOSITE = tl.constexpr(int(Divergence.ABKD_OPPOSITE))
 ABKD_ZERO = tl.constexpr(int(Divergence.ABKD_ZERO))
 WSD = tl.constexpr(int(Divergence.WSD))
+BDKD = tl.constexpr(int(Divergence.BDKD))
 
 
 @triton.jit
 def _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, a, b, w_fkl, w_rkl, CODE: tl.constexpr):
-    """Per-class (l_k, r_k, q_k) of a tile, from the row statistics (max, log-sum) of x and y."""
+    """Per-class (l_k, r_k, q_k, p_k, e_k) of a tile, from the row statistics (max, log-sum) of x and y; bdkd's
+    l_k and r_k are those of KL(p || q) and KL(q || p) (_row weighs them), e_k = q log q - p log p, 0 for the
+    others."""
     lq = log_softmax_tile(x, mx, lzx)
     lp = log_softmax_tile(y, my, lzy)
     absent = (lq == NEG_INF) & (lp == NEG_INF)  # p = q = 0: masked, or below float32's range in both
@@ -40,6 +44,7 @@ def _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, a, b, w_f
     lp = tl.where(absent, 0.0, lp)
     q = tl.exp(lq)
     p = tl.exp(lp)
+    e = tl.zeros_like(q)
     if CODE == KD:
         loss = tl.where(lp == NEG_INF, 0.0, p * (lp - lq))
         r = -p
@@ -81,11 +86,39 @@ def _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, a, b, w_f
     elif CODE == ABKD_ZERO:
         loss = 0.5 * (lp - lq) * (lp - lq)
         r = lq - lp
-    else:  # WSD
+    elif CODE == WSD:
         rkl = tl.where(lq == NEG_INF, 0.0, q * (lq - lp))
         loss = w_fkl * tl.where(lp == NEG_INF, 0.0, p * (lp - lq)) + w_rkl * rkl
         r = w_rkl * rkl - w_fkl * p
-    return tl.where(absent, 0.0, loss), tl.where(absent, 0.0, r), tl.where(absent, 0.0, q)
+    else:  # BDKD
+        loss = tl.where(lp == NEG_INF, 0.0, p * (lp - lq))
+        r = tl.where(lq == NEG_INF, 0.0, q * (lq - lp))
+        e = tl.where(lq == NEG_INF, 0.0, q * lq) - tl.where(lp == NEG_INF, 0.0, p * lp)
+    zero = tl.zeros_like(q)
+    return (tl.where(absent, zero, loss), tl.where(absent, zero, r), tl.where(absent, zero, q),
+            tl.where(absent, zero, p), tl.where(absent, zero, e))
+
+
+@triton.jit
+def _row(sum_l, sum_r, sum_e, w_fkl, w_rkl, CODE: tl.constexpr):
+    """(row loss, a, b): the gradient takes a r_k + b p_k for r_k, whose row sum is a sum_r + b. bdkd weighs its
+    two KLs by w_fkl where H(p) > H(q) (sum_e > 0), by w_rkl where H(q) > H(p), else by 1, the weights constant."""
+    a = tl.zeros_like(sum_l) + 1.0
+    b = tl.zeros_like(sum_l)
+    loss = sum_l
+    if CODE == BDKD:
+        a = tl.where(sum_e < 0, w_rkl, 1.0)
+        b = -tl.where(sum_e > 0, w_fkl, 1.0)
+        loss = a * sum_r - b * sum_l
+    return loss, a, b
+
+
+@triton.jit
+def _grad_terms(r, p, a, b, CODE: tl.constexpr):
+    """The gradient's r_k (see _row)."""
+    if CODE == BDKD:
+        r = a[:, None] * r + b[:, None] * p
+    return r
 
 
 @triton.jit
@@ -110,6 +143,7 @@ def divergence_kernel(
     zy = tl.zeros([BLOCK_N], tl.float32)
     sum_l = tl.zeros([BLOCK_N], tl.float32)
     sum_r = tl.zeros([BLOCK_N], tl.float32)
+    sum_e = tl.zeros([BLOCK_N], tl.float32)
     cols0 = tl.arange(0, BLOCK_V)
     if SINGLE_TILE:
         x = load_scaled(s_ptr, rows64, s_stride, valid, cols0, V, temperature)
@@ -117,14 +151,16 @@ def divergence_kernel(
         mx, zx = online_lse(mx, zx, x)
         my, zy = online_lse(my, zy, y)
         kept = valid & ((mx != NEG_INF) | (my != NEG_INF))
-        loss, r, q = _terms(x, y, mx, tl.log(zx), my, tl.log(zy), mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta,
-                            w_fkl, w_rkl, CODE)
-        sum_l = tl.sum(loss, axis=1)
+        loss, r, q, p, e = _terms(x, y, mx, tl.log(zx), my, tl.log(zy), mix_p, mix_q, log_mix_p, log_mix_q, alpha,
+                                  beta, w_fkl, w_rkl, CODE)
         sum_r = tl.sum(r, axis=1)
+        sum_l, a, b = _row(tl.sum(loss, axis=1), sum_r, tl.sum(e, axis=1), w_fkl, w_rkl, CODE)
+        sum_r = a * sum_r + b
         if CODE == KD:
             sum_r = tl.full([BLOCK_N], -1.0, tl.float32)
         if WITH_GRAD:
-            _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols0, V, r, q, sum_r, g_scale)
+            _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols0, V, _grad_terms(r, p, a, b, CODE), q, sum_r,
+                        g_scale)
     else:
         # rkl: kq = sum exp(x - mx) ((x - mx) - (y - my)), re-based as the maxes move, gives l in this pass.
         kq = tl.zeros([BLOCK_N], tl.float32)
@@ -134,11 +170,11 @@ def divergence_kernel(
             if CODE == RKL:
                 sx = safe_max(tl.maximum(mx, tl.max(x, axis=1)))
                 sy = safe_max(tl.maximum(my, tl.max(y, axis=1)))
-                e = tl.exp(x - sx[:, None])
-                d = tl.where(x == NEG_INF, 0.0, e * ((x - sx[:, None]) - (y - sy[:, None])))
+                ex = tl.exp(x - sx[:, None])
+                d = tl.where(x == NEG_INF, 0.0, ex * ((x - sx[:, None]) - (y - sy[:, None])))
                 rescale = tl.exp(mx - sx)
                 kq = (kq - zx * ((sx - safe_max(mx)) - (sy - safe_max(my)))) * rescale + tl.sum(d, axis=1)
-                zx = zx * rescale + tl.sum(e, axis=1)
+                zx = zx * rescale + tl.sum(ex, axis=1)
                 mx = tl.maximum(mx, tl.max(x, axis=1))
             else:
                 mx, zx = online_lse(mx, zx, x)
@@ -157,19 +193,23 @@ def divergence_kernel(
                 cols = (last - i) * BLOCK_V + cols0
                 x = load_scaled(s_ptr, rows64, s_stride, valid, cols, V, temperature)
                 y = load_scaled(t_ptr, rows64, t_stride, valid, cols, V, temperature)
-                loss, r, q = _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta, w_fkl,
-                                    w_rkl, CODE)
+                loss, r, q, p, e = _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta,
+                                          w_fkl, w_rkl, CODE)
                 sum_l += tl.sum(loss, axis=1)
                 sum_r += tl.sum(r, axis=1)
+                sum_e += tl.sum(e, axis=1)
+        sum_l, a, b = _row(sum_l, sum_r, sum_e, w_fkl, w_rkl, CODE)
+        sum_r = a * sum_r + b
         if WITH_GRAD or CODE == KD:
             for start in range(0, V, BLOCK_V):
                 cols = start + cols0
                 x = load_scaled(s_ptr, rows64, s_stride, valid, cols, V, temperature)
                 y = load_scaled(t_ptr, rows64, t_stride, valid, cols, V, temperature)
-                loss, r, q = _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta, w_fkl,
-                                    w_rkl, CODE)
+                loss, r, q, p, e = _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta,
+                                          w_fkl, w_rkl, CODE)
                 if CODE == KD:
                     sum_l += tl.sum(loss, axis=1)
                 if WITH_GRAD:
-                    _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols, V, r, q, sum_r, g_scale)
+                    _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols, V, _grad_terms(r, p, a, b, CODE), q,
+                                sum_r, g_scale)
     tl.store(loss_ptr + rows, tl.where(kept, sum_l * t2, 0.0), mask=row_in)
