@@ -7,9 +7,10 @@ that needs no tensor (method, hyperparameters, options) and gives ``Settings``; 
 target against the rows and the vocabulary and gives the ``LossCall`` that every backend receives. Each entry
 point checks its own tensors (logits, hidden states and weights, or vocabulary shards) in between.
 
-No host synchronisation on accelerators: the target's bounds are checked inside the opaque custom op
-``kdkernels::check_target`` (an IndexError on CPU tensors, compiled or not; ``torch._assert_async`` elsewhere),
-whose copy of the target is what the backends read, so no compiled kernel can index with an unchecked target.
+No host synchronisation on accelerators: the target's bounds are checked on the device there
+(``torch._assert_async``), and raise IndexError on CPU tensors. Under torch.compile the check runs inside the opaque
+custom op ``kdkernels::check_target``, whose copy of the target is what the backends read, so no compiled kernel can
+index with an unchecked target.
 """
 
 from __future__ import annotations
@@ -27,14 +28,10 @@ Tensor = torch.Tensor
 INT64 = (-(2**63), 2**63 - 1)
 
 
-@torch.library.custom_op("kdkernels::check_target", mutates_args=())
-def check_target(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
-    """An int64 copy of ``target`` [N] once every entry is a class index in [0, num_classes) or ``ignore_index``.
-
-    Opaque to torch.compile, so that a compiled caller raises here instead of indexing out of bounds (which aborts
-    the process from generated code). CPU tensors raise IndexError; on accelerators the check runs on the device
-    (torch._assert_async: no host sync) and fails the stream asynchronously.
-    """
+def _check_bounds(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Every entry of ``target`` is a class index in [0, num_classes) or ``ignore_index``: IndexError on CPU
+    tensors; on accelerators the check runs on the device (torch._assert_async: no host sync) and fails the stream
+    asynchronously."""
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if target.device.type == "cpu":
         if bool(bad.any()):
@@ -42,6 +39,14 @@ def check_target(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
                              f"found {target[bad][0].item()}")
     else:
         torch._assert_async(~bad.any(), f"target must hold class indices in [0, {num_classes}) or ignore_index")
+
+
+@torch.library.custom_op("kdkernels::check_target", mutates_args=())
+def check_target(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    """An int64 copy of ``target`` [N] once its bounds are checked (_check_bounds): opaque to torch.compile, so that
+    a compiled caller raises here instead of indexing out of bounds (which aborts the process from generated code),
+    and what the backends read, so that no compiled kernel runs on the unchecked target."""
+    _check_bounds(target, num_classes, ignore_index)
     return target.to(torch.int64, copy=True)
 
 
@@ -136,8 +141,11 @@ class Settings:
         flat = target.reshape(-1)
         if not self.plan.needs_target:
             return flat  # it only marks the ignored rows
-        if isinstance(num_classes, int):
+        if isinstance(num_classes, int) and torch.compiler.is_compiling():
             return check_target(flat, num_classes, self.ignore_index)
+        if isinstance(num_classes, int):  # eager: the same check without the op's dispatch (tens of us a call)
+            _check_bounds(flat, num_classes, self.ignore_index)
+            return flat
         bad = (flat != self.ignore_index) & ((flat < 0) | (flat >= num_classes))
         torch._assert_async(~bad.any(), "target must hold class indices in [0, V) or ignore_index")
         return flat
