@@ -15,6 +15,7 @@ from helpers import family_op_args, family_ops, make_inputs
 from kdkernels import backends
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PARAMS = [float(x) for x in kdkernels.methods.DivergenceParams()]  # a divergence plan's parameter list
 pytestmark = pytest.mark.skipif("cpu" not in kdkernels.available_backends("cpu"),
                                 reason="the C++ extension kdkernels._C is not built")
 
@@ -60,13 +61,12 @@ def test_codes_and_parameters_agree_in_every_language():
 def test_inplace_needs_contiguous_student():
     s, t, target = make_inputs((4, 66), torch.float32, seed=32)
     with pytest.raises(RuntimeError, match="must be contiguous"):
-        torch.ops.kdkernels.divergence_cpu_(s[:, ::2], t[:, ::2], target, None, 0, [0.0] * 6, 1.0, False, -100,
-                                            True)
+        torch.ops.kdkernels.divergence_cpu_(s[:, ::2], t[:, ::2], target, None, 0, PARAMS, 1.0, False, -100, True)
 
 
 @pytest.mark.parametrize("what,kwargs,match", [
     ("code", dict(code=99), "code must be in"),
-    ("params", dict(params=[0.0] * 3), "params must hold 6"),
+    ("params", dict(params=[0.0] * 3), f"params must hold {len(PARAMS)}"),
     ("temperature", dict(temperature=0.0), "temperature must be > 0"),
     ("shape", dict(teacher=torch.zeros(4, 5)), "same shape"),
     ("dtype", dict(teacher=torch.zeros(4, 6, dtype=torch.int32)), "logits must be float32"),
@@ -74,7 +74,7 @@ def test_inplace_needs_contiguous_student():
 ])
 def test_op_checks_its_arguments(what, kwargs, match):
     args = dict(student=torch.zeros(4, 6), teacher=torch.zeros(4, 6), target=None, denominator=None, code=0,
-                params=[0.0] * 6, temperature=1.0, t2_scale=False, ignore_index=-100, reduce=True, with_grad=True)
+                params=PARAMS, temperature=1.0, t2_scale=False, ignore_index=-100, reduce=True, with_grad=True)
     args.update(kwargs)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.kdkernels.divergence_cpu(*args.values())
@@ -124,3 +124,39 @@ def test_each_cpu_capability_build(capability):
                           "or extreme or masked or half)"],
                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env})
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+
+
+def test_every_cuda_op_has_its_cuda_kernel_in_csrc():
+    """Every op the extension defines for CUDA tensors (its <family>_cuda ops and the generic scale_rows_) is
+    implemented by a CUDA kernel under csrc/cuda/, read from the sources (no GPU or CUDA build needed)."""
+    import glob
+    import re
+
+    with open(os.path.join(ROOT, "csrc", "kdkernels.cpp")) as f:
+        schemas = f.read()
+    families = re.findall(r'"(\w+)"', re.findall(r"for \(const char\* family : \{([^}]*)\}", schemas)[0])
+    wanted = {f"{family}_cuda{suffix}" for family in families for suffix in ("", "_")}
+    wanted |= set(re.findall(r'm\.def\("(\w+)\(', schemas))
+    implemented = set()
+    for source in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")):
+        with open(source) as f:
+            text = f.read()
+        for block in re.findall(r"TORCH_LIBRARY_IMPL\(kdkernels, CUDA, m\) \{(.*?)\n\}", text, re.S):
+            implemented |= set(re.findall(r'm\.impl\("(\w+)"', block))
+    assert wanted == {"divergence_cuda", "divergence_cuda_", "decoupled_cuda", "decoupled_cuda_", "scale_rows_"}
+    assert wanted <= implemented, wanted - implemented
+
+
+def test_extension_backends_need_no_triton():
+    """Without the triton package the extension's backends register with the extension's own ops (the CUDA
+    backend's backward included), and backend='triton' says why it is missing."""
+    run = _run("import sys; sys.modules['triton'] = None\n"
+               "import torch, kdkernels\n"
+               "from kdkernels import backends\n"
+               "assert backends._REGISTRY['cuda'].scale_rows is torch.ops.kdkernels.scale_rows_.default\n"
+               "assert backends._REGISTRY['cpu'].impl is not None\n"
+               "s = torch.randn(3, 7, requires_grad=True)\n"
+               "kdkernels.kd_loss(s, torch.randn(3, 7), backend='cpu').backward(torch.tensor(2.0))\n"
+               "kdkernels.kd_loss(s, s, backend='triton')\n", env={"TRITON_INTERPRET": ""})
+    assert run.returncode != 0 and "backend='triton' cannot run on cpu tensors: the triton package could not be " \
+        "imported" in run.stderr, run.stderr
