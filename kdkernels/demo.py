@@ -12,14 +12,14 @@ One protocol is shared by every method; nothing is tuned per method or per seed.
   CE-only student has converged (400 epochs, or lr 1e-3 / 3e-3, leave it at 86-87%). The CE-only baseline minimises
   cross-entropy; each method minimises ``CE + distill_loss(method, student_logits, teacher_logits, target)``.
   For aekt the distillation loss is applied to ``SerialHead(10)(student_logits)`` and CE to the student's own
-  logits (LOSSES.md); the head is dropped at test time.
+  logits (docs/losses.md); the head is dropped at test time.
 - Hyperparameters: each method's defaults from ``METHODS`` (gdkd/cakd k=5 is fine with 10 classes), except the
   temperature. The divergences whose defaults are T=1 without T^2 scaling (rkl, jsd, skew_fkl, skew_rkl, tvd, abkd;
   LLM-distillation settings for vocabularies of 32K+) run with T=4 and T^2 scaling, the defaults of kd, dkd, gdkd,
   cakd and aekt. At T=1 the teacher's distribution on its own training images is one-hot in effect (mean top
   probability 0.9998), so it carries no more than the label: those six methods then land within 0.15 points of the
   CE-only student (+1.5 for rkl). ``--method-defaults`` runs every method at its ``METHODS`` defaults to show this.
-  cakd's default ``strong="target"`` makes it coincide with dkd (LOSSES.md), so their rows are equal.
+  cakd's default ``strong="target"`` makes it coincide with dkd (docs/losses.md), so their rows are equal.
 - Seeds: accuracies are averaged over 10 seeds. For each seed the baseline and every method start from the same
   initial weights and see the same labelled subset in the same batch order, so the comparison is paired; the table
   also says in how many seeds the distilled student beat the CE-only one. Accuracy is measured once, after the last

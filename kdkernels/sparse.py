@@ -10,8 +10,9 @@ distribution over k + 1 bins, the k classes and one tail bin holding the rest of
 
 The student's distribution q = softmax(s / T) is folded onto the same bins: Q_j = q_{i_j}, and Q_tail, the mass of
 every other class, is computed exactly as a logsumexp over those classes (never 1 - sum Q_j, which loses all its
-digits when the top-k hold nearly all the mass). Every divergence-family loss is then the loss of LOSSES.md between
-[P_1 .. P_k, P_tail] and [Q_1 .. Q_k, Q_tail], with its T^2 factor, reductions and ignored rows as usual.
+digits when the top-k hold nearly all the mass). Every divergence-family loss is then its definition
+(docs/losses.md) between [P_1 .. P_k, P_tail] and [Q_1 .. Q_k, Q_tail], with its T^2 factor, reductions and ignored
+rows as usual.
 
 A loss that is infinite when the teacher gives zero mass to a bin the student does not (rkl, jsd at beta = 1, abkd
 unless alpha > 0 and alpha + beta > 0: ``methods.finite_when_missing``) is undefined against a zero tail or a -inf

@@ -1,8 +1,8 @@
-"""An independent float64 NumPy implementation of LOSSES.md, with the gradients written out analytically.
+"""An independent float64 NumPy implementation of the definitions (docs/losses.md), with the gradients written out.
 
-kdkernels.backends.reference gets its gradients from autograd; this file uses the closed-form gradients of LOSSES.md, one
-row at a time, on the classes that are not masked in both inputs. Agreement of the two checks both the reference
-and the formulas. Tests compare every backend against it.
+kdkernels.backends.reference gets its gradients from autograd; this file uses the closed-form gradients of
+docs/losses.md, one row at a time, on the classes that are not masked in both inputs. Agreement of the two checks both
+the reference and the formulas. Tests compare every backend against it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Public API: names, modules, clear errors on bad input, and the edge cases of LOSSES.md on every backend."""
+"""Public API: names, modules, clear errors on bad input, and the edge cases of docs/losses.md on every backend."""
 
 import inspect
 import math

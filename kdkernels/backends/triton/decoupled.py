@@ -163,10 +163,10 @@ def _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols, V, x, y, in_top1
     # g = scale * (c_b q^b - w_b p^b), b the element's bin (w_TOP1 = 0: a one-class bin has no in-bin KL).
     c = _pick(in_top1, in_strong, c1, c2, c3)
     w = tl.where(in_top1, 0.0, tl.where(in_strong, w_strong, w_rest))
-    q_in = tl.where(x == NEG_INF, 0.0,
-                    tl.exp(x - _pick(in_top1, in_strong, s1, s2, s3) - tl.log(_pick(in_top1, in_strong, sz1, sz2, sz3))))
-    p_in = tl.where(y == NEG_INF, 0.0,
-                    tl.exp(y - _pick(in_top1, in_strong, t1, t2, t3) - tl.log(_pick(in_top1, in_strong, tz1, tz2, tz3))))
+    log_q = x - _pick(in_top1, in_strong, s1, s2, s3) - tl.log(_pick(in_top1, in_strong, sz1, sz2, sz3))
+    log_p = y - _pick(in_top1, in_strong, t1, t2, t3) - tl.log(_pick(in_top1, in_strong, tz1, tz2, tz3))
+    q_in = tl.where(x == NEG_INF, 0.0, tl.exp(log_q))
+    p_in = tl.where(y == NEG_INF, 0.0, tl.exp(log_p))
     g = (c * q_in - w * p_in) * scale[:, None]
     store_rows(grad_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], g, 0.0))
 
