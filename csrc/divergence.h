@@ -10,9 +10,9 @@
 #include "row_math.h"
 
 // The codes of kdkernels/methods.py Divergence, in its order.
-#define KDKERNELS_DIVERGENCE_CODES(X) \
-  X(KD) X(RKL) X(JSD) X(SKEW_FKL) X(SKEW_RKL) X(TVD) X(ABKD) X(ABKD_ALPHA0) X(ABKD_BETA0) X(ABKD_OPPOSITE) X(ABKD_ZERO) \
-  X(WSD) X(BDKD)
+#define KDKERNELS_DIVERGENCE_CODES(X)                                                                          \
+  X(KD) X(RKL) X(JSD) X(SKEW_FKL) X(SKEW_RKL) X(TVD) X(ABKD) X(ABKD_ALPHA0) X(ABKD_BETA0) X(ABKD_OPPOSITE) \
+  X(ABKD_ZERO) X(WSD) X(BDKD)
 // The fields of kdkernels/methods.py DivergenceParams, in its order.
 #define KDKERNELS_DIVERGENCE_PARAMS(X) \
   X(T, mix_p) X(T, mix_q) X(T, log_mix_p) X(T, log_mix_q) X(T, alpha) X(T, beta) X(T, w_fkl) X(T, w_rkl)

@@ -65,9 +65,9 @@ M divergence_row(const M* s, const M* t, M* g, M* r_buf, M* q_buf, int64_t v, co
   if (g != nullptr && CODE != KD) {
     for (int64_t j = 0; j < v; j += L) {
       const int64_t n = std::min(L, v - j);
-      const ClassTerms<V> k = weighs_row_sums<CODE> ? terms(j, n)
-                                                    : ClassTerms<V>{V(0), V::loadu(r_buf + j, n), V::loadu(q_buf + j, n),
-                                                                    V(0), V(0)};
+      const ClassTerms<V> k = weighs_row_sums<CODE>
+                                  ? terms(j, n)
+                                  : ClassTerms<V>{V(0), V::loadu(r_buf + j, n), V::loadu(q_buf + j, n), V(0), V(0)};
       divergence_grad<CODE, O>(k, row, scale).store(g + j, n);
     }
   }
