@@ -4,10 +4,14 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
 #include <cmath>
+#include <tuple>
 
 #include "decoupled.h"
 #include "divergence.h"
@@ -23,6 +27,7 @@ struct FamilyCall {
   at::Tensor student, teacher;  // [N, V]; rows may have any stride, the last dimension is contiguous
   at::Tensor target;            // [N] int64, contiguous; undefined when there is none
   at::Tensor loss_rows;         // [N] in the math type: float64 when an input is float64, else float32
+  at::Tensor ce_rows;           // [N] likewise, the cross-entropy term's rows; undefined without with_ce
   at::Tensor grad;              // [N, V] contiguous in the student's dtype (the student itself in place), or empty(0)
   int64_t n, v;
   bool math_double;
@@ -32,7 +37,8 @@ inline FamilyCall check_family_call(const char* op, const at::Tensor& student, c
                                     const c10::optional<at::Tensor>& target,
                                     const c10::optional<at::Tensor>& denominator, int64_t code,
                                     at::ArrayRef<double> params, int num_codes, int num_params, double temperature,
-                                    bool with_grad, bool in_place = false) {
+                                    double ce_weight, double distill_weight, bool with_ce, bool with_grad,
+                                    bool in_place = false) {
   TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(), op,
               ": student and teacher must be [N, V] logits of the same shape, got ", student.sizes(), " and ",
               teacher.sizes());
@@ -45,6 +51,8 @@ inline FamilyCall check_family_call(const char* op, const at::Tensor& student, c
   TORCH_CHECK(int(params.size()) == num_params, op, ": params must hold ", num_params, " numbers, got ",
               params.size());
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op, ": temperature must be > 0, got ", temperature);
+  TORCH_CHECK(std::isfinite(ce_weight) && std::isfinite(distill_weight), op, ": the weights must be finite");
+  TORCH_CHECK(!with_ce || target.has_value(), op, ": with_ce (the cross-entropy term) needs a target");
   FamilyCall call;
   call.n = student.size(0);
   call.v = student.size(1);
@@ -66,6 +74,7 @@ inline FamilyCall check_family_call(const char* op, const at::Tensor& student, c
   call.math_double = student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble;
   const auto options = student.options();
   call.loss_rows = at::empty({call.n}, options.dtype(call.math_double ? at::kDouble : at::kFloat));
+  if (with_ce) call.ce_rows = at::empty_like(call.loss_rows);
   if (in_place) {  // the gradient overwrites the student logits, row by row
     TORCH_CHECK(student.is_contiguous(), op, ": the student logits it overwrites must be contiguous");
     call.grad = student;
@@ -84,11 +93,24 @@ inline void check_decoupled_params(const FamilyCall& call, int64_t partition, at
   TORCH_CHECK(!c.adaptive || partition == TARGET, "decoupled: the adaptive weight needs the TARGET partition");
 }
 
-// reduce: sum(rows) / denominator (sum without one); else the per-row losses.
-inline at::Tensor finish_loss(const at::Tensor& rows, const c10::optional<at::Tensor>& denominator, bool reduce) {
-  if (!reduce) return rows;
-  at::Tensor total = rows.sum();
-  return denominator.has_value() ? total.div(denominator->reshape({}).to(total.scalar_type())) : total;
+// (loss, parts) from the two terms' rows: loss = distill_weight * distill + ce_weight * ce, parts = [distill, ce]
+// (ce 0 without with_ce); with reduce both are sum(rows) / denominator (sum without one), else per row.
+inline std::tuple<at::Tensor, at::Tensor> finish_losses(const FamilyCall& call,
+                                                        const c10::optional<at::Tensor>& denominator, bool reduce,
+                                                        double ce_weight, double distill_weight) {
+  const at::Tensor ce = call.ce_rows.defined() ? call.ce_rows : at::zeros_like(call.loss_rows);
+  at::Tensor loss = distill_weight == 1.0 ? call.loss_rows : call.loss_rows.mul(distill_weight);
+  if (call.ce_rows.defined() && ce_weight != 0.0) loss = loss.add(ce, ce_weight);
+  at::Tensor parts = at::stack({call.loss_rows, ce});
+  if (!reduce) return {loss, parts};
+  loss = loss.sum();
+  parts = parts.sum(-1);
+  if (denominator.has_value()) {
+    const at::Tensor d = denominator->reshape({}).to(loss.scalar_type());
+    loss = loss.div(d);
+    parts = parts.div(d);
+  }
+  return {loss, parts};
 }
 
 }  // namespace kdkernels

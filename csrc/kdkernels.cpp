@@ -2,16 +2,19 @@
 // cpu/ops.cpp and cuda/*.cu; fake (meta) functions and autograd are attached in Python (kdkernels/backends/ops.py).
 //
 //   <family>_<backend>(student [N, V], teacher [N, V], target [N]?, denominator 0-d?, code, params, temperature,
-//                      t2_scale, ignore_index, reduce, with_grad) -> (loss, grad)
-//   <family>_<backend>_(student [N, V] contiguous, ...the same but with_grad...) -> loss
+//                      t2_scale, ignore_index, reduce, ce_weight, distill_weight, with_ce, with_grad)
+//       -> (loss, parts, grad)
+//   <family>_<backend>_(student [N, V] contiguous, ...the same but with_grad...) -> (loss, parts)
 //
 // for family in {divergence, decoupled} and backend in {cpu, cuda} (a CPU kernel for the first, a CUDA kernel for
 // the second). code and params are a plan of kdkernels/methods.py (a code of divergence.h or decoupled.h and the
-// family's named parameters in their order). With reduce the loss is sum(rows) / denominator (sum without one) and
-// the gradient rows are already scaled by 1 / denominator; otherwise the loss is the per-row vector [N]. The loss is
-// float32, or float64 when an input is float64. grad is d loss / d student in the student's dtype, written in the
-// same pass as the loss, or an empty tensor when with_grad is false. The in-place sibling writes d loss / d student
-// over the student logits (each element is read before it is written) and has no autograd.
+// family's named parameters in their order). The loss is distill_weight * (the plan's loss) + ce_weight * (the
+// student's cross-entropy against the target at T = 1, computed with with_ce); parts holds the two terms,
+// unweighted: [distill, ce]. With reduce the loss and parts are sum(rows) / denominator (sum without one) and the
+// gradient rows are already scaled by 1 / denominator; otherwise they are per row ([N], [2, N]). They are float32,
+// or float64 when an input is float64. grad is d loss / d student in the student's dtype, written in the same pass
+// as the loss, or an empty tensor when with_grad is false. The in-place sibling writes d loss / d student over the
+// student logits (each element is read before it is written) and has no autograd.
 //
 //   scale_rows_(grad [N, V], factor 0-d or [N]): grad *= factor in place, rows whose factor is exactly 1 untouched
 //                                                (the backward of the family ops; CPU and CUDA kernels).
@@ -30,14 +33,14 @@
 
 #define KDKERNELS_FAMILY_ARGS                                                                               \
   "Tensor teacher, Tensor? target, Tensor? denominator, int code, float[] params, float temperature, " \
-  "bool t2_scale, int ignore_index, bool reduce"
+  "bool t2_scale, int ignore_index, bool reduce, float ce_weight, float distill_weight, bool with_ce"
 
 TORCH_LIBRARY(kdkernels, m) {
   for (const char* family : {"divergence", "decoupled"}) {
     for (const char* backend : {"cpu", "cuda"}) {
       const std::string name = std::string(family) + "_" + backend;
-      m.def((name + "(Tensor student, " KDKERNELS_FAMILY_ARGS ", bool with_grad) -> (Tensor, Tensor)").c_str());
-      m.def((name + "_(Tensor(a!) student, " KDKERNELS_FAMILY_ARGS ") -> Tensor").c_str());
+      m.def((name + "(Tensor student, " KDKERNELS_FAMILY_ARGS ", bool with_grad) -> (Tensor, Tensor, Tensor)").c_str());
+      m.def((name + "_(Tensor(a!) student, " KDKERNELS_FAMILY_ARGS ") -> (Tensor, Tensor)").c_str());
     }
   }
   m.def("scale_rows_(Tensor(a!) grad, Tensor factor) -> ()");

@@ -6,7 +6,7 @@ The per-method functions (``kd_loss`` ...) and modules (``KDLoss`` ...) are gene
 
 from . import backends
 from .backends import available_backends
-from .functional import LOSS_FUNCTIONS, cakd_feature_loss, distill_loss
+from .functional import LOSS_FUNCTIONS, LossParts, cakd_feature_loss, distill_loss
 from .linear import linear_distill_loss
 from .methods import METHODS
 from .modules import LOSS_MODULES, DistillLoss, LinearDistillLoss, SerialHead
@@ -27,5 +27,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS", "available_backends", "distill_loss", *LOSS_FUNCTIONS, "cakd_feature_loss", "DistillLoss",
-    *LOSS_MODULES, "SerialHead", "linear_distill_loss", "LinearDistillLoss", "SparseTeacher",
+    *LOSS_MODULES, "SerialHead", "linear_distill_loss", "LinearDistillLoss", "SparseTeacher", "LossParts",
 ]

@@ -55,8 +55,14 @@ def _(target, num_classes, ignore_index):
     return torch.empty_like(target, dtype=torch.int64)
 
 
-def check_options(temperature: object, reduction: object, normalizer: object, ignore_index: object) -> None:
+def check_options(temperature: object, reduction: object, normalizer: object, ignore_index: object,
+                  ce_weight: object = 0.0, distill_weight: object = 1.0) -> None:
     """Checks of the options every method shares (also run by the modules at construction)."""
+    for name, weight in (("ce_weight", ce_weight), ("distill_weight", distill_weight)):
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
+            raise TypeError(f"{name} must be a finite number, got {weight!r}")
+        if weight < 0:
+            raise ValueError(f"{name} must be >= 0, got {weight!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
         raise TypeError(f"temperature must be a finite number, got {temperature!r}")
     if temperature <= 0:
@@ -88,7 +94,8 @@ def check_options(temperature: object, reduction: object, normalizer: object, ig
 
 @dataclass(frozen=True)
 class Settings:
-    """A call's method, hyperparameters, plan and options, checked; no tensor seen yet."""
+    """A call's method, hyperparameters, plan and options, checked; no tensor seen yet. The loss is
+    distill_weight * (the method's loss) + ce_weight * (the student's cross-entropy against the target at T = 1)."""
 
     method: str
     hp: dict
@@ -98,6 +105,9 @@ class Settings:
     reduction: str
     ignore_index: int
     normalizer: object
+    ce_weight: float
+    distill_weight: float
+    return_parts: bool  # the caller wants the two terms' values too (LossParts)
 
     def bind(self, target: object, leading: torch.Size, num_classes: int | Tensor,
              device: torch.device) -> "LossCall":
@@ -112,6 +122,9 @@ class Settings:
         if target is None:
             if self.plan.needs_target:
                 raise ValueError(f"{self.method} needs target (class indices of shape {tuple(leading)})")
+            if self.ce_weight > 0:
+                raise ValueError(f"ce_weight > 0 (the cross-entropy term) needs target (class indices of shape "
+                                 f"{tuple(leading)})")
         else:
             target = self._checked_target(target, leading, num_classes, device)
         n = leading.numel()
@@ -128,8 +141,13 @@ class Settings:
         fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
         return LossCall(**fields, target=target, valid=valid, denominator=denominator)
 
+    @property
+    def indexes_target(self) -> bool:
+        """Whether the loss reads the target's class (its plan, or the cross-entropy term)."""
+        return self.plan.needs_target or self.ce_weight > 0
+
     def _checked_target(self, target: object, leading: torch.Size, num_classes, device) -> Tensor:
-        """The target flattened to [N] (a checked int64 copy where the plan indexes it)."""
+        """The target flattened to [N] (a checked int64 copy where the loss reads its class)."""
         if not isinstance(target, torch.Tensor):
             raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
         if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
@@ -139,7 +157,7 @@ class Settings:
         if target.device != device:
             raise ValueError(f"target must be on the logits' device {device}, got {target.device}")
         flat = target.reshape(-1)
-        if not self.plan.needs_target:
+        if not (self.indexes_target or self.return_parts):
             return flat  # it only marks the ignored rows
         if isinstance(num_classes, int) and torch.compiler.is_compiling():
             return check_target(flat, num_classes, self.ignore_index)
@@ -160,6 +178,11 @@ class LossCall(Settings):
     valid: Optional[Tensor] = None  # [N] bool: rows not ignored
     denominator: Optional[Tensor] = None  # 0-d float32 for batchmean, else None
 
+    @property
+    def with_ce(self) -> bool:
+        """Whether the cross-entropy term is computed: it weighs in the loss, or its value is asked for."""
+        return self.target is not None and (self.ce_weight != 0 or self.return_parts)
+
     def rows(self, start: int, stop: int) -> "LossCall":
         """The rows [start, stop), reduced with the whole batch's denominator."""
         return replace(self, target=None if self.target is None else self.target[start:stop],
@@ -167,15 +190,16 @@ class LossCall(Settings):
 
 
 def resolve(method: object, hyperparameters: dict, temperature=None, t2_scale=None, reduction: str = "batchmean",
-            ignore_index: int = -100, normalizer=None) -> Settings:
+            ignore_index: int = -100, normalizer=None, ce_weight: float = 0.0, distill_weight: float = 1.0,
+            return_parts: bool = False) -> Settings:
     """Checks a call's method, hyperparameters and options; fills in the method's defaults."""
     spec = get_method(method)
     hp = spec.resolve(hyperparameters)
     temperature = spec.temperature if temperature is None else temperature
     t2_scale = spec.t2_scale if t2_scale is None else bool(t2_scale)
-    check_options(temperature, reduction, normalizer, ignore_index)
+    check_options(temperature, reduction, normalizer, ignore_index, ce_weight, distill_weight)
     return Settings(spec.name, hp, spec.plan(hp), float(temperature), t2_scale, reduction, int(ignore_index),
-                    normalizer)
+                    normalizer, float(ce_weight), float(distill_weight), bool(return_parts))
 
 
 def check_float_tensor(name: str, x: object, min_dim: int = 1) -> None:

@@ -8,18 +8,29 @@ rows, picks a backend and reduces. No host synchronisation happens on accelerato
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Optional
+from dataclasses import replace
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from . import backends
 from .arguments import check_float_tensor, resolve
-from .backends.reference import compute_dtype
+from .backends.reference import compute_dtype, cross_entropy_rows
 from .methods import METHODS, get_method
 from .sparse import FoldStudent, SparseTeacher, teacher_bins
 from .sparse import check as check_sparse
 
 Tensor = torch.Tensor
+
+
+class LossParts(NamedTuple):
+    """What a loss call with ``return_parts=True`` returns: the loss (differentiable) and its two terms, unweighted and
+    reduced like it (not differentiable, for logging): loss = distill_weight * distill + ce_weight * ce. ``ce`` is
+    None without a target."""
+
+    loss: Tensor
+    distill: Tensor
+    ce: Optional[Tensor]
 
 
 def _check_logits(student_logits: object, teacher_logits: object) -> None:
@@ -49,10 +60,14 @@ def distill_loss(
     reduction: str = "batchmean",
     ignore_index: int = -100,
     normalizer=None,
+    ce_weight: float = 0.0,
+    distill_weight: float = 1.0,
+    return_parts: bool = False,
     backend: str = "auto",
     **hyperparameters,
-) -> Tensor:
-    """Distillation loss ``method`` (a name of ``kdkernels.METHODS``) between student and teacher logits.
+) -> Tensor | LossParts:
+    """Distillation loss ``method`` (a name of ``kdkernels.METHODS``) between student and teacher logits, plus the
+    hard-label term: ``distill_weight * (the method's loss) + ce_weight * CE``, computed in the same pass.
 
     Args:
         method: the method's name, e.g. "kd", "jsd", "dkd" (docs/losses.md has every definition).
@@ -66,28 +81,54 @@ def distill_loss(
         normalizer: a positive number, or a 0-d tensor on the logits' device, replacing the batchmean denominator
             (e.g. the tokens of a whole gradient-accumulation step). A tensor is used on the device as it is, never
             read on the host: its value is not checked (0 gives an infinite loss, NaN a NaN loss).
+        ce_weight: weight of CE, the student's cross-entropy against ``target`` at temperature 1 (never T^2-scaled),
+            over the same rows, reduction and normalizer; > 0 requires a target.
+        distill_weight: weight of the method's loss.
+        return_parts: return a ``LossParts`` (loss, distill, ce) for logging, at no extra pass.
         backend: "auto", "reference", or a compiled backend as listed by ``kdkernels.available_backends()``.
         **hyperparameters: the method's hyperparameters, e.g. ``beta=0.5`` for jsd.
 
     Returns:
-        float32 loss (float64 for float64 inputs): 0-d, or leading shape for reduction="none".
+        float32 loss (float64 for float64 inputs): 0-d, or leading shape for reduction="none"; a ``LossParts`` of
+        such tensors with ``return_parts``.
     """
-    settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index, normalizer)
+    settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index, normalizer,
+                       ce_weight, distill_weight, return_parts)
     _check_logits(student_logits, teacher_logits)
     leading, v = student_logits.shape[:-1], student_logits.shape[-1]
     call = settings.bind(target, leading, v, student_logits.device)
     impl = backends.select_backend(backend, student_logits).impl
     student = student_logits.reshape(-1, v)
     if isinstance(teacher_logits, SparseTeacher):
-        # Every backend computes the loss of the k + 1 bins: the student folded onto them as "bin logits".
-        sparse = check_sparse(teacher_logits, settings.method, settings.plan, leading, v, student.device, call.valid)
-        dtype = compute_dtype(student, sparse.values)
-        teacher = teacher_bins(sparse, call.temperature, dtype, v)
-        student = FoldStudent.apply(student, sparse.indices, call.valid, call.temperature, dtype)
+        loss, parts = _sparse_loss(impl, call, student, teacher_logits, leading)
     else:
-        teacher = teacher_logits.reshape(-1, v)
-    loss = impl(call, student, teacher)
-    return loss.reshape(leading) if reduction == "none" else loss
+        loss, parts = impl(call, student, teacher_logits.reshape(-1, v))
+    return finish(call, loss, parts, leading)
+
+
+def _sparse_loss(impl, call, student: Tensor, teacher: SparseTeacher, leading) -> tuple[Tensor, Tensor]:
+    """Every backend computes the method's loss of a sparse teacher's k + 1 bins, the student folded onto them as
+    "bin logits"; the cross-entropy needs the whole student row, so it is added here."""
+    v = student.shape[-1]
+    sparse = check_sparse(teacher, call.method, call.plan, leading, v, student.device, call.valid)
+    dtype = compute_dtype(student, sparse.values)
+    bins = FoldStudent.apply(student, sparse.indices, call.valid, call.temperature, dtype)
+    loss, parts = impl(replace(call, ce_weight=0.0, return_parts=False), bins,
+                       teacher_bins(sparse, call.temperature, dtype, v))
+    if not call.with_ce:
+        return loss, parts
+    kept = call.valid & ~torch.isneginf(student).all(-1)
+    ce = backends.reduce(cross_entropy_rows(student.to(dtype), call.target, kept), call.reduction, call.denominator)
+    return loss + call.ce_weight * ce if call.ce_weight else loss, torch.stack([parts[0], ce.detach()])
+
+
+def finish(call, loss: Tensor, parts: Tensor, leading) -> Tensor | LossParts:
+    """The result of a loss call: the loss in the leading shape for reduction="none", with its parts if asked."""
+    if call.reduction == "none":
+        loss, parts = loss.reshape(leading), parts.reshape(2, *leading)
+    if not call.return_parts:
+        return loss
+    return LossParts(loss, parts[0], parts[1] if call.target is not None else None)
 
 
 def loss_function(method: str, entry: Callable = distill_loss, options: dict | None = None) -> Callable:
@@ -102,7 +143,8 @@ def loss_function(method: str, entry: Callable = distill_loss, options: dict | N
 
     P = inspect.Parameter
     keyword = {**spec.hyperparameters, "temperature": spec.temperature, "t2_scale": spec.t2_scale,
-               "reduction": "batchmean", "ignore_index": -100, "normalizer": None, **options}
+               "reduction": "batchmean", "ignore_index": -100, "normalizer": None, "ce_weight": 0.0,
+               "distill_weight": 1.0, "return_parts": False, **options}
     loss.__signature__ = inspect.Signature(
         [P("student_logits", P.POSITIONAL_OR_KEYWORD), P("teacher_logits", P.POSITIONAL_OR_KEYWORD),
          P("target", P.POSITIONAL_OR_KEYWORD, default=None)]
@@ -153,4 +195,4 @@ def cakd_feature_loss(
     )
 
 
-__all__ = ["distill_loss", *LOSS_FUNCTIONS, "cakd_feature_loss"]
+__all__ = ["distill_loss", *LOSS_FUNCTIONS, "cakd_feature_loss", "LossParts"]

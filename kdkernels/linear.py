@@ -28,13 +28,15 @@ the shared classes instead.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
 from . import backends
 from .arguments import LossCall, check_float_tensor, resolve
+from .backends.ops import op_args
+from .functional import finish
 from .sparse import SparseTeacher, check as check_sparse, fold, teacher_bins, unfold_
 
 Tensor = torch.Tensor
@@ -166,8 +168,8 @@ class _Heads:
         return out
 
     def chunk(self, start: int, stop: int, student_hidden: Tensor, want_grad: bool):
-        """(loss of rows [start, stop) as reduced by the whole batch's denominator, or per row for "none";
-        d that loss / d student logits [rows, V_student] float32, or None)."""
+        """(loss of rows [start, stop) as reduced by the whole batch's denominator, or per row for "none"; its
+        parts; d that loss / d student logits [rows, V_student] float32, or None)."""
         v_s = self.student_weight.shape[0]
         call = self.call.rows(start, stop)
         temperature = call.temperature
@@ -183,60 +185,86 @@ class _Heads:
         s = self.logits(student_hidden[start:stop], self.student_weight, self.student_bias, self.softcap, v)
         capped = s.clone() if want_grad and self.softcap is not None else None
         if self.sparse:
-            bins, lse_tail = fold(s, teacher.indices, temperature, torch.float32)
-            loss, grad = self._loss(call, bins, teacher_bins(teacher, temperature, torch.float32, v_s), want_grad)
-            if want_grad:
-                grad = unfold_(grad, s, teacher.indices, lse_tail, temperature, call.valid)
+            loss, parts, grad = self._sparse_loss(call, s, teacher, want_grad)
         else:
-            loss, grad = self._loss(call, s, teacher, want_grad)
+            loss, parts, grad = self._loss(call, s, teacher, want_grad)
         del teacher
         if grad is None:
-            return loss, None
+            return loss, parts, None
         if capped is not None:  # d cap(z)/dz = 1 - (cap(z) / c)^2, in the capped logits' buffer
             grad.mul_(capped.div_(self.softcap).square_().neg_().add_(1))
-        return loss, grad[:, :v_s]
+        return loss, parts, grad[:, :v_s]
+
+    def _sparse_loss(self, call: LossCall, s: Tensor, teacher: SparseTeacher, want_grad: bool):
+        """A chunk against a sparse teacher: the method's loss on the k + 1 bins (sparse.py), then the
+        cross-entropy term, which needs the whole student row, from the chunk's logits ``s`` (overwritten by the
+        gradient)."""
+        bins, lse_tail = fold(s, teacher.indices, call.temperature, torch.float32)
+        ce_rows = ce_grad = None
+        if call.with_ce:
+            lse = torch.logsumexp(s, -1, keepdim=True)
+            index = torch.where(call.valid, call.target, 0).unsqueeze(-1)
+            ce_rows = torch.where(call.valid, (lse - s.gather(-1, index)).squeeze(-1), 0.0)
+            if want_grad and call.ce_weight:  # ce_weight (softmax(s) - onehot), over the denominator when reduced
+                factor = call.ce_weight / (call.denominator if call.denominator is not None else 1.0)
+                ce_grad = (s - lse).exp_().scatter_add_(-1, index, torch.full_like(lse, -1.0))
+                ce_grad.mul_(torch.where(call.valid, factor, 0.0).unsqueeze(-1))
+        loss, parts, grad = self._loss(replace(call, ce_weight=0.0, return_parts=False), bins,
+                                       teacher_bins(teacher, call.temperature, torch.float32, s.shape[-1]), want_grad)
+        if want_grad:
+            grad = unfold_(grad, s, teacher.indices, lse_tail, call.temperature, call.valid)
+            if ce_grad is not None:
+                grad += ce_grad
+        if ce_rows is not None:
+            ce = backends.reduce(ce_rows, call.reduction, call.denominator)
+            loss = loss + call.ce_weight * ce
+            parts = torch.stack([parts[0], ce])
+        return loss, parts, grad
 
     def _loss(self, call: LossCall, student: Tensor, teacher: Tensor, want_grad: bool):
-        """Loss of a chunk; with ``want_grad`` the contiguous float32 ``student`` is overwritten by its gradient."""
-        reduce = call.reduction != "none"
+        """(loss, parts, gradient or None) of a chunk; with ``want_grad`` the contiguous float32 ``student`` is
+        overwritten by its gradient."""
         if want_grad and self.inplace is not None:
-            plan = call.plan
-            loss = self.inplace(student, teacher, call.target, call.denominator if reduce else None, int(plan.code),
-                                [float(x) for x in plan.params], call.temperature, call.t2_scale, call.ignore_index,
-                                reduce)
-            return loss, student
-        losses = []
+            loss, parts = self.inplace(student, teacher, *op_args(call))
+            return loss, parts, student
+        losses, parts = [], []
         step = self.loss_rows if want_grad else student.shape[0]
         for start in range(0, student.shape[0], step):
             rows = slice(start, start + step)
             part = student[rows].detach().requires_grad_(want_grad)
             with torch.enable_grad() if want_grad else torch.no_grad():
-                loss = self.backend.impl(call.rows(rows.start, rows.stop), part, teacher[rows])
+                loss, loss_parts = self.backend.impl(call.rows(rows.start, rows.stop), part, teacher[rows])
             if want_grad:
                 grad, = torch.autograd.grad(loss, part, torch.ones_like(loss))
                 student[rows] = grad
             losses.append(loss.detach())
-        loss = torch.cat(losses) if call.reduction == "none" else torch.stack(losses).sum()
-        return loss, student if want_grad else None
+            parts.append(loss_parts)
+        return _total(losses, call.reduction), _total(parts, call.reduction), student if want_grad else None
+
+
+def _total(values: list, reduction: str) -> Tensor:
+    """The sum of reduced chunk values (losses [] or parts [2]), or their rows put together (reduction="none")."""
+    return torch.cat(values, -1) if reduction == "none" else torch.stack(values).sum(0)
 
 
 def _run(p: _Heads, hidden: Tensor, rows: int, need: tuple[bool, bool, bool], grad_rows: Tensor | None):
-    """Loss over all chunks and, when ``need`` asks, (grad_hidden, grad_weight, grad_bias); ``grad_rows`` [N]
-    scales each row's gradient (reduction="none")."""
+    """Loss and parts over all chunks and, when ``need`` asks, (grad_hidden, grad_weight, grad_bias);
+    ``grad_rows`` [N] scales each row's gradient (reduction="none")."""
     n = hidden.shape[0]
     weight = p.student_weight.detach()
     want_grad = any(need)
     grad_h = torch.empty_like(hidden) if need[0] else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need[2] else None
-    losses = []
+    losses, parts = [], []
     # Autocast would run the chunk matmuls in low precision: they already use the weights' dtype with float32
     # accumulation, as the fused kernels do.
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, n, rows):
             stop = min(start + rows, n)
-            loss, g = p.chunk(start, stop, hidden, want_grad)
+            loss, loss_parts, g = p.chunk(start, stop, hidden, want_grad)
             losses.append(loss)
+            parts.append(loss_parts)
             if g is None:
                 continue
             if grad_rows is not None:
@@ -253,10 +281,10 @@ def _run(p: _Heads, hidden: Tensor, rows: int, need: tuple[bool, bool, bool], gr
                 grad_b += g.sum(0)
             del g, g_mm  # this chunk's buffers go before the next chunk's are allocated
     if not losses:  # no rows
-        total = torch.zeros((0,) if p.call.reduction == "none" else (), device=hidden.device)
-    else:
-        total = torch.cat(losses) if p.call.reduction == "none" else torch.stack(losses).sum()
-    return total, grad_h, grad_w, grad_b
+        rows_shape = (0,) if p.call.reduction == "none" else ()
+        return (torch.zeros(rows_shape, device=hidden.device), torch.zeros((2, *rows_shape), device=hidden.device),
+                grad_h, grad_w, grad_b)
+    return _total(losses, p.call.reduction), _total(parts, p.call.reduction), grad_h, grad_w, grad_b
 
 
 class LinearDistillFunction(torch.autograd.Function):
@@ -267,20 +295,21 @@ class LinearDistillFunction(torch.autograd.Function):
         ctx.p, ctx.rows, ctx.need, ctx.consumed = p, rows, need, False
         hidden = student_hidden.detach()
         if p.call.reduction == "none":
-            loss, *_ = _run(p, hidden, rows, (False, False, False), None)
+            loss, parts, *_ = _run(p, hidden, rows, (False, False, False), None)
             # Saved so that autograd refuses a backward after any of them changed in place (backward recomputes).
             ctx.save_for_backward(hidden, *p.tensors())
-            return loss
-        loss, grad_h, grad_w, grad_b = _run(p, hidden, rows, need, None)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
-        return loss
+        else:
+            loss, parts, grad_h, grad_w, grad_b = _run(p, hidden, rows, need, None)
+            ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.mark_non_differentiable(parts)
+        return loss, parts
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_parts):
         p = ctx.p
         if p.call.reduction == "none":
             hidden = ctx.saved_tensors[0]
-            _, grad_h, grad_w, grad_b = _run(p, hidden, ctx.rows, ctx.need, grad_output.reshape(-1).float())
+            _, _, grad_h, grad_w, grad_b = _run(p, hidden, ctx.rows, ctx.need, grad_output.reshape(-1).float())
         else:
             if ctx.consumed:
                 raise RuntimeError("kdkernels: the fused-linear loss's saved gradients were already used; backward "
@@ -331,6 +360,9 @@ def linear_distill_loss(
     reduction: str = "batchmean",
     ignore_index: int = -100,
     normalizer=None,
+    ce_weight: float = 0.0,
+    distill_weight: float = 1.0,
+    return_parts: bool = False,
     backend: str = "auto",
     **hyperparameters,
 ) -> Tensor:
@@ -342,8 +374,9 @@ def linear_distill_loss(
         teacher_hidden: [..., H_t] with the student's leading shape; teacher_weight: [V_t, H_t] with V_t >= V
             (classes past V are the student's logit -inf: module docstring); teacher_bias: [V_t] or None. The
             teacher is a constant (computed under no_grad). Or a ``SparseTeacher`` with teacher_weight=None.
-        target, temperature, t2_scale, reduction, ignore_index, normalizer, backend, **hyperparameters: as in
-            ``distill_loss``; reductions and the batchmean denominator are those of the whole batch.
+        target, temperature, t2_scale, reduction, ignore_index, normalizer, ce_weight, distill_weight, return_parts,
+            backend, **hyperparameters: as in ``distill_loss`` (the cross-entropy term is the student head's, in the
+            same pass); reductions and the batchmean denominator are those of the whole batch.
         softcap: c applies c * tanh(logits / c) to the student's logits (Gemma-style), with its gradient;
             teacher_softcap (default: softcap) to the teacher's.
         memory_budget: bytes of chunk temporaries to size chunks from (default ``default_budget``);
@@ -352,7 +385,8 @@ def linear_distill_loss(
     Returns:
         float32 loss: 0-d, or the leading shape for reduction="none".
     """
-    settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index, normalizer)
+    settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index, normalizer,
+                       ce_weight, distill_weight, return_parts)
     sparse = isinstance(teacher_hidden, SparseTeacher)
     check_float_tensor("student_hidden", student_hidden)
     h_s = student_hidden.shape[-1]
@@ -409,6 +443,6 @@ def linear_distill_loss(
     grad_on = torch.is_grad_enabled()
     need = (grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
             grad_on and student_bias is not None and student_bias.requires_grad)
-    loss = LinearDistillFunction.apply(student_hidden.reshape(n, h_s), student_weight, student_bias, p,
-                                       max(1, min(chunk_size, n)), need)
-    return loss.reshape(leading) if reduction == "none" else loss
+    loss, parts = LinearDistillFunction.apply(student_hidden.reshape(n, h_s), student_weight, student_bias, p,
+                                              max(1, min(chunk_size, n)), need)
+    return finish(call, loss, parts, leading)

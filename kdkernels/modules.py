@@ -21,34 +21,44 @@ class DistillLoss(nn.Module):
     Args:
         method: a name of ``kdkernels.METHODS``.
         temperature, t2_scale: default to the method's.
-        reduction, ignore_index, backend: as in ``kdkernels.distill_loss``.
+        reduction, ignore_index, ce_weight, distill_weight, return_parts, backend: as in ``kdkernels.distill_loss``
+            (ce_weight > 0 adds the student's cross-entropy against the target, fused).
         **hyperparameters: the method's hyperparameters; the others keep their defaults.
 
     ``forward(student_logits, teacher_logits, target=None, *, normalizer=None)``.
     """
 
     def __init__(self, method: str, *, temperature=None, t2_scale=None, reduction: str = "batchmean",
-                 ignore_index: int = -100, backend: str = "auto", **hyperparameters):
+                 ignore_index: int = -100, ce_weight: float = 0.0, distill_weight: float = 1.0,
+                 return_parts: bool = False, backend: str = "auto", **hyperparameters):
         super().__init__()
-        settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index)
+        settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index, None, ce_weight,
+                           distill_weight, return_parts)
         self.method = settings.method
         self.hyperparameters = settings.hp
         self.temperature = settings.temperature
         self.t2_scale = settings.t2_scale
         self.reduction = reduction
         self.ignore_index = settings.ignore_index
+        self.ce_weight = settings.ce_weight
+        self.distill_weight = settings.distill_weight
+        self.return_parts = settings.return_parts
         self.backend = backend
 
+    def options(self) -> dict:
+        """The keyword arguments of this module's loss calls."""
+        return dict(temperature=self.temperature, t2_scale=self.t2_scale, reduction=self.reduction,
+                    ignore_index=self.ignore_index, ce_weight=self.ce_weight, distill_weight=self.distill_weight,
+                    return_parts=self.return_parts, backend=self.backend, **self.hyperparameters)
+
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target=None, *, normalizer=None):
-        return distill_loss(
-            self.method, student_logits, teacher_logits, target, temperature=self.temperature,
-            t2_scale=self.t2_scale, reduction=self.reduction, ignore_index=self.ignore_index,
-            normalizer=normalizer, backend=self.backend, **self.hyperparameters,
-        )
+        return distill_loss(self.method, student_logits, teacher_logits, target, normalizer=normalizer,
+                            **self.options())
 
     def extra_repr(self) -> str:
         hp = "".join(f", {k}={v!r}" for k, v in self.hyperparameters.items())
-        return f"{self.method!r}{hp}, temperature={self.temperature}, t2_scale={self.t2_scale}, " \
+        weights = f", ce_weight={self.ce_weight}, distill_weight={self.distill_weight}" if self.ce_weight else ""
+        return f"{self.method!r}{hp}, temperature={self.temperature}, t2_scale={self.t2_scale}{weights}, " \
                f"reduction={self.reduction!r}, backend={self.backend!r}"
 
 
@@ -70,9 +80,8 @@ class LinearDistillLoss(DistillLoss):
                 student_bias=None, teacher_bias=None, normalizer=None):
         return linear_distill_loss(
             self.method, student_hidden, student_weight, teacher_hidden, teacher_weight, target,
-            student_bias=student_bias, teacher_bias=teacher_bias, temperature=self.temperature,
-            t2_scale=self.t2_scale, reduction=self.reduction, ignore_index=self.ignore_index, normalizer=normalizer,
-            backend=self.backend, **self.linear_options, **self.hyperparameters,
+            student_bias=student_bias, teacher_bias=teacher_bias, normalizer=normalizer, **self.linear_options,
+            **self.options(),
         )
 
 
@@ -85,8 +94,8 @@ def method_module(method: str) -> type:
 
     hp = ", ".join(f"{k}={v!r}" for k, v in spec.hyperparameters.items())
     doc = (f"{spec.source} as a module: ``{spec.module}({hp + ', ' if hp else ''}temperature={spec.temperature}, "
-           f"t2_scale={spec.t2_scale}, reduction='batchmean', ignore_index=-100, backend='auto')`` (docs/losses.md, "
-           f"{method}).")
+           f"t2_scale={spec.t2_scale}, reduction='batchmean', ignore_index=-100, ce_weight=0.0, distill_weight=1.0, "
+           f"return_parts=False, backend='auto')`` (docs/losses.md, {method}).")
     return type(spec.module, (DistillLoss,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
 

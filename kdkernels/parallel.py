@@ -18,6 +18,8 @@ Collectives per call, all of O(N) or O(N k) numbers (N rows):
 - divergence family: all-reduce MAX of the row maxes of s/T and t/T, then SUM of the sums of exp: the two
   logsumexps; then SUM of the shard's row sums of the loss's statistics, and with a gradient SUM of the row sum the
   gradient needs. 4 without a gradient, 5 with one.
+- the cross-entropy term (ce_weight, return_parts): MAX of the raw logits' row max, SUM of their sums of exp and
+  the target's logit. 2 more.
 - decoupled family: the partition first (teacher top-k: an all-gather of each shard's k largest teacher values,
   then of the counts of ties at the k-th value; threshold: all-reduce MAX of the teacher's row max; target: none,
   the rank that owns the class marks it); then all-reduce MAX of the bin maxes, SUM of the bins' sums of exp and
@@ -40,7 +42,7 @@ import torch.distributed as dist
 from . import backends
 from .arguments import check_float_tensor, resolve
 from .backends import reference
-from .functional import loss_function
+from .functional import finish, loss_function
 from .methods import DIVERGENCE, METHODS, Bin, Partition, Plan
 
 Tensor = torch.Tensor
@@ -235,26 +237,51 @@ def _decoupled(plan: Plan, s: Tensor, t: Tensor, target: Optional[Tensor], tempe
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _cross_entropy(s: Tensor, target: Tensor, with_grad: bool, shard: Shard):
+    """Per-row cross-entropy at T = 1 over the whole vocabulary [N] (before masking) and its gradient on the shard
+    (softmax(s)_j - [j = target]) or None, from the raw logits of the shard: the row max, then the sum of exp and the
+    target's logit (on the rank that owns it) are all-reduced."""
+    maxes = _all_reduce(s.amax(-1), dist.ReduceOp.MAX, shard.group)
+    shift = torch.where(torch.isneginf(maxes), 0.0, maxes).unsqueeze(-1)
+    exp = (s - shift).exp_()
+    owner = shard.classes(s.shape[-1], s.device) == target.unsqueeze(-1)
+    sums = _all_reduce(torch.stack([exp.sum(-1), torch.where(owner, s, 0.0).sum(-1)], -1), dist.ReduceOp.SUM,
+                       shard.group)
+    ce = shift.squeeze(-1) + sums[:, 0].log() - sums[:, 1]
+    return ce, exp.div_(sums[:, :1]).sub_(owner.to(exp.dtype)) if with_grad else None
+
+
 def _shard_rows(call, student, teacher, with_grad, shard):
-    """Per-row losses [N] and (if with_grad) the shard's gradient of the row losses, in the student's dtype."""
+    """Per-row losses [N], their parts [2, N] ([distill, ce], ce 0 without the term) and (if with_grad) the shard's
+    gradient of the row losses, in the student's dtype."""
     dtype = reference.compute_dtype(student, teacher)
     temperature = call.temperature
     # As in the reference: ignored rows become zeros before any arithmetic (a NaN there cannot leak).
     valid = call.valid.unsqueeze(-1)
     s = torch.where(valid, student.detach().to(dtype), 0.0)
     t = torch.where(valid, teacher.detach().to(dtype), 0.0)
+    target = None if call.target is None else torch.where(call.valid, call.target, 0)
     if call.plan.family == DIVERGENCE:
         loss, grad, masked = _divergence(call.plan, s / temperature, t / temperature, temperature, with_grad,
                                          shard.group)
     else:
-        target = None if call.target is None else torch.where(call.valid, call.target, 0)
         loss, grad, masked = _decoupled(call.plan, s, t, target, temperature, with_grad, shard)
     kept = call.valid & ~masked  # a row masked in both logits on every shard is left out like an ignored one
     scale = temperature**2 if call.t2_scale else 1.0
     loss = torch.where(kept, loss * scale, 0.0)
+    rows = call.distill_weight * loss
+    ce = torch.zeros_like(loss)
     if grad is not None:
-        grad = torch.where(kept.unsqueeze(-1), grad * scale, 0.0).to(student.dtype)
-    return loss, grad
+        grad = grad * (scale * call.distill_weight)
+    if call.with_ce:
+        ce, ce_grad = _cross_entropy(s, target, with_grad and call.ce_weight != 0, shard)
+        ce = torch.where(kept, ce, 0.0)
+        rows = rows + call.ce_weight * ce
+        if ce_grad is not None:
+            grad = grad + call.ce_weight * ce_grad
+    if grad is not None:
+        grad = torch.where(kept.unsqueeze(-1), grad, 0.0).to(student.dtype)
+    return rows, torch.stack([loss, ce]), grad
 
 
 class _ShardLoss(torch.autograd.Function):
@@ -262,12 +289,13 @@ class _ShardLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, call, shard):
-        loss, grad = _shard_rows(call, student, teacher, True, shard)
+        rows, parts, grad = _shard_rows(call, student, teacher, True, shard)
         ctx.save_for_backward(grad)
-        return loss
+        ctx.mark_non_differentiable(parts)
+        return rows, parts
 
     @staticmethod
-    def backward(ctx, grad_rows):
+    def backward(ctx, grad_rows, _grad_parts):
         (grad,) = ctx.saved_tensors
         grad_student = (grad * grad_rows.unsqueeze(-1)).to(grad.dtype)
         return grad_student, None, None, None
@@ -285,13 +313,16 @@ def distill_loss(
     reduction: str = "batchmean",
     ignore_index: int = -100,
     normalizer=None,
+    ce_weight: float = 0.0,
+    distill_weight: float = 1.0,
+    return_parts: bool = False,
     **hyperparameters,
 ) -> Tensor:
     """``kdkernels.distill_loss`` with the vocabulary sharded across the ranks of ``group`` (module docstring).
 
     Args:
-        method, temperature, t2_scale, reduction, ignore_index, normalizer, **hyperparameters: as in
-            ``kdkernels.distill_loss``, the same on every rank.
+        method, temperature, t2_scale, reduction, ignore_index, normalizer, ce_weight, distill_weight, return_parts,
+            **hyperparameters: as in ``kdkernels.distill_loss``, the same on every rank.
         student_logits, teacher_logits: [..., V_r], this rank's contiguous shard of the classes (ranks in order).
         target: optional global class indices [...] in [0, V) (or ignore_index), the same on every rank.
         group: the process group (default: the default group); it must be initialised.
@@ -300,7 +331,8 @@ def distill_loss(
         The loss of the whole vocabulary, identical on every rank: float32 (float64 for float64 inputs), 0-d, or
         the leading shape for reduction="none". Its gradient reaches this rank's student_logits shard.
     """
-    settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index, normalizer)
+    settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index, normalizer,
+                       ce_weight, distill_weight, return_parts)
     check_float_tensor("student_logits", student_logits)
     check_float_tensor("teacher_logits", teacher_logits)
     if student_logits.shape != teacher_logits.shape:
@@ -315,11 +347,11 @@ def distill_loss(
     shard = shard_of(student, group)
     call = settings.bind(target, leading, shard.num_classes, student.device)
     if torch.is_grad_enabled() and student.requires_grad:
-        rows = _ShardLoss.apply(student, teacher, call, shard)
+        rows, parts = _ShardLoss.apply(student, teacher, call, shard)
     else:
-        rows, _ = _shard_rows(call, student, teacher, False, shard)
-    loss = backends.reduce(rows, reduction, call.denominator)
-    return loss.reshape(leading) if reduction == "none" else loss
+        rows, parts, _ = _shard_rows(call, student, teacher, False, shard)
+    return finish(call, backends.reduce(rows, reduction, call.denominator),
+                  backends.reduce(parts, reduction, call.denominator), leading)
 
 
 LOSS_FUNCTIONS = {spec.function: loss_function(name, distill_loss, {"group": None})

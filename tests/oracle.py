@@ -140,8 +140,9 @@ def _decoupled(method, p, q, lp, lq, y, hp, temperature, label):
 
 
 def oracle(method, student, teacher, target, hp, temperature, t2_scale, reduction="batchmean",
-           ignore_index=-100, normalizer=None, grad_output=1.0):
-    """Loss (reduced as asked) and d(grad_output . loss)/d student, both float64 NumPy arrays.
+           ignore_index=-100, normalizer=None, grad_output=1.0, ce_weight=0.0, distill_weight=1.0):
+    """Loss (reduced as asked) and d(grad_output . loss)/d student, both float64 NumPy arrays, of
+    distill_weight * (the method's loss) + ce_weight * (the student's cross-entropy against target at T = 1).
 
     student, teacher: arrays [..., V]; target: integer array [...] or None; grad_output: a number, or for
     reduction="none" an array of the leading shape.
@@ -169,8 +170,12 @@ def oracle(method, student, teacher, target, hp, temperature, t2_scale, reductio
             label = None if labels is None else int(np.cumsum(keep)[labels[r]] - 1)
             loss, grad = _decoupled(method, p, q, lp, lq, y[keep], hp, temperature, label)
         scale = temperature**2 if t2_scale else 1.0
-        rows[r] = loss * scale
-        grads[r, keep] = grad * scale
+        rows[r] = distill_weight * loss * scale
+        grads[r, keep] = distill_weight * grad * scale
+        if ce_weight and keep.any():  # -log softmax(s)_y at T = 1, gradient softmax(s) - onehot(y)
+            lse = _logsumexp(s[r])
+            rows[r] += ce_weight * (lse - s[r, labels[r]])
+            grads[r] += ce_weight * (np.exp(s[r] - lse) - (np.arange(v) == labels[r]))
     if reduction == "none":
         go = np.broadcast_to(np.asarray(grad_output, dtype=np.float64).reshape(-1), (n,))
         return rows.reshape(lead), (grads * go[:, None]).reshape(*lead, v)

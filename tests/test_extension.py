@@ -25,10 +25,10 @@ def test_inplace_opcheck(case):
     method, hp = case
     family, code, params = family_op_args(method, hp)
     s, t, target = make_inputs((4, 33), torch.float32, seed=31)
-    for reduce in (True, False):
+    for reduce, with_ce in ((True, False), (False, True)):
         torch.library.opcheck(family_ops("cpu")[family][1],
                               (s.clone(), t, target, torch.tensor(2.0) if reduce else None, code, params, 1.5,
-                               False, -100, reduce))
+                               False, -100, reduce, 0.5, 1.5, with_ce))
 
 
 def test_ops_are_registered_with_the_backends():
@@ -61,7 +61,8 @@ def test_codes_and_parameters_agree_in_every_language():
 def test_inplace_needs_contiguous_student():
     s, t, target = make_inputs((4, 66), torch.float32, seed=32)
     with pytest.raises(RuntimeError, match="must be contiguous"):
-        torch.ops.kdkernels.divergence_cpu_(s[:, ::2], t[:, ::2], target, None, 0, PARAMS, 1.0, False, -100, True)
+        torch.ops.kdkernels.divergence_cpu_(s[:, ::2], t[:, ::2], target, None, 0, PARAMS, 1.0, False, -100, True,
+                                            0.0, 1.0, False)
 
 
 @pytest.mark.parametrize("what,kwargs,match", [
@@ -71,10 +72,13 @@ def test_inplace_needs_contiguous_student():
     ("shape", dict(teacher=torch.zeros(4, 5)), "same shape"),
     ("dtype", dict(teacher=torch.zeros(4, 6, dtype=torch.int32)), "logits must be float32"),
     ("target", dict(target=torch.zeros(3, dtype=torch.long)), r"target must have shape \[N\]"),
+    ("with_ce", dict(with_ce=True), "with_ce .* needs a target"),
+    ("weights", dict(ce_weight=float("inf")), "weights must be finite"),
 ])
 def test_op_checks_its_arguments(what, kwargs, match):
     args = dict(student=torch.zeros(4, 6), teacher=torch.zeros(4, 6), target=None, denominator=None, code=0,
-                params=PARAMS, temperature=1.0, t2_scale=False, ignore_index=-100, reduce=True, with_grad=True)
+                params=PARAMS, temperature=1.0, t2_scale=False, ignore_index=-100, reduce=True, ce_weight=0.0,
+                distill_weight=1.0, with_ce=False, with_grad=True)
     args.update(kwargs)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.kdkernels.divergence_cpu(*args.values())

@@ -237,18 +237,59 @@ def test_inplace_ops_match_out_of_place(case, v, fused, device):
     for dtype in (torch.float32, torch.bfloat16) + ((torch.float64,) if fused == "cpu" else ()):
         s = (torch.randn(3, v, generator=g, dtype=torch.float64) * 3).to(dtype).to(device)
         t = (torch.randn(3, v, generator=g, dtype=torch.float64) * 3).to(dtype).to(device)
-        for reduce in (True, False):
-            args = (t, target, denom if reduce else None, code, params, 2.0, True, -100, reduce)
-            want_loss, want_grad = b.ops[family](s, *args, True)
+        for reduce, ce in ((True, (0.0, 1.0, False)), (False, (0.5, 0.8, True))):
+            args = (t, target, denom if reduce else None, code, params, 2.0, True, -100, reduce, *ce)
+            want_loss, want_parts, want_grad = b.ops[family](s, *args, True)
             buffer = s.clone()
-            loss = b.inplace[family](buffer, *args)
+            loss, parts = b.inplace[family](buffer, *args)
             assert loss.dtype == want_loss.dtype and torch.equal(loss, want_loss), (dtype, reduce)
+            assert torch.equal(parts, want_parts), (dtype, reduce)
             assert torch.equal(buffer, want_grad), (dtype, reduce)
             assert not buffer[1].any()
     if fused != "cpu":  # float32 math only: float64 logits are refused, not silently computed in float32
         s64 = torch.randn(3, v, dtype=torch.float64, device=device)
-        args = (s64.clone(), target, None, code, params, 2.0, True, -100, True)
+        args = (s64.clone(), target, None, code, params, 2.0, True, -100, True, 0.0, 1.0, False)
         with pytest.raises((TypeError, RuntimeError), match="float64"):
             b.ops[family](s64, *args, True)
         with pytest.raises((TypeError, RuntimeError), match="float64"):
             b.inplace[family](s64.clone(), *args)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+@pytest.mark.parametrize("case", [("kd", {}), ("jsd", {"beta": 0.3}), ("bdkd", {}), ("dkd", {}),
+                                  ("gdkd", {"k": 3, "partitions": 3})], ids=case_id)
+def test_hard_label_term(case, reduction, backend, device):
+    """ce_weight / distill_weight on the fused-linear path: the student head's cross-entropy in the same pass,
+    equal to distill_loss on the full logits (value and every gradient), T != 1, softcap, and its parts."""
+    method, hp = case
+    student, teacher, target = make_heads(device=device, ignored=2)
+    go = torch.linspace(-1.0, 2.0, N, device=device) if reduction == "none" else torch.tensor(1.4, device=device)
+    compare(method, hp, backend, student, teacher, target, grad_output=go, reduction=reduction, chunk_size=3,
+            ce_weight=0.6, distill_weight=0.5, temperature=2.0)
+    compare(method, hp, backend, student, teacher, target, grad_output=go, reduction=reduction, chunk_size=4,
+            softcap=2.5, ce_weight=1.0, distill_weight=0.0, temperature=1.0)
+    parts = linear_distill_loss(method, student["hidden"], student["weight"], teacher["hidden"], teacher["weight"],
+                                target, student_bias=student["bias"], teacher_bias=teacher["bias"], chunk_size=3,
+                                reduction=reduction, ce_weight=0.6, return_parts=True, backend=backend, **hp)
+    want = kdkernels.distill_loss(method, full_logits(student), full_logits(teacher), target, reduction=reduction,
+                                  ce_weight=0.6, return_parts=True, backend="reference", **hp)
+    for got, expected, name in zip(parts, want, parts._fields):
+        assert_close(got, expected.detach().cpu().numpy(), torch.float32, name)
+
+
+def test_hard_label_term_with_sparse_teacher(backend, device):
+    g = torch.Generator().manual_seed(9)
+    hidden = torch.randn(7, 5, generator=g).to(device).requires_grad_(True)
+    weight = torch.randn(12, 5, generator=g).to(device).requires_grad_(True)
+    top = torch.log_softmax(torch.randn(7, 12, generator=g) * 2, -1).topk(4, -1)
+    teacher = kdkernels.SparseTeacher(top.indices.to(device), top.values.to(device))
+    target = torch.tensor([0, 1, -100, 3, 4, 5, 6], device=device)
+    loss = kdkernels.linear_distill_loss("skew_rkl", hidden, weight, teacher, None, target, chunk_size=3,
+                                         ce_weight=0.8, distill_weight=0.3, backend=backend)
+    got = torch.autograd.grad(loss, (hidden, weight), torch.tensor(1.3, device=device))
+    want = kdkernels.distill_loss("skew_rkl", hidden @ weight.t(), teacher, target, ce_weight=0.8,
+                                  distill_weight=0.3, backend="reference")
+    want_grads = torch.autograd.grad(want, (hidden, weight), torch.tensor(1.3, device=device))
+    assert_close(loss, want.detach().cpu().numpy(), torch.float32, "loss")
+    for a, b in zip(got, want_grads):
+        assert_close(a, b.cpu().numpy(), torch.float32, "gradient")

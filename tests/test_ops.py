@@ -27,10 +27,15 @@ def test_ops_share_one_schema(fused):
             assert re.sub(r"Tensor\(a\d*!\)", "Tensor(a!)", schema) == want
 
 
-@pytest.mark.parametrize("reduce,with_grad,has_target", [(True, True, True), (False, True, False),
-                                                          (True, False, True)])
-@pytest.mark.parametrize("case", [CASES[4], CASES[11], CASES[20], CASES[22], CASES[25]], ids=case_id)
-def test_opcheck(fused, device, case, reduce, with_grad, has_target):
+OPCHECK_CASES = [c for c in CASES if case_id(c) in ("jsd-beta=0.5", "abkd-alpha=0.5-beta=0.5", "bdkd", "dkd",
+                                                    "gdkd-k=4-w0=0.5-w1=2.0-w2=6.0-partitions=3",
+                                                    "cakd-strong=threshold-tau=0.3")]
+
+
+@pytest.mark.parametrize("reduce,with_grad,has_target,with_ce", [(True, True, True, False), (False, True, False, False),
+                                                                  (True, False, True, True), (False, True, True, True)])
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=case_id)
+def test_opcheck(fused, device, case, reduce, with_grad, has_target, with_ce):
     method, hp = case
     family, code, params = family_op_args(method, hp)
     op = family_ops(fused)[family][0]
@@ -39,7 +44,7 @@ def test_opcheck(fused, device, case, reduce, with_grad, has_target):
         has_target = True
     s.requires_grad_(with_grad)
     args = (s, t, target if has_target else None, torch.tensor(3.0, device=device) if reduce else None, code,
-            params, 2.0, True, -100, reduce, with_grad)
+            params, 2.0, True, -100, reduce, 0.5 if with_ce else 0.0, 1.5, with_ce, with_grad)
     torch.library.opcheck(op, args)
 
 

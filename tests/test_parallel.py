@@ -61,6 +61,12 @@ def _scenarios():
             out.append(_scenario(f"{cid}-teacher-masked", method, hp, inputs="teacher_masked", grad_output=0.6))
     out += [
         _scenario("kd-bf16-student", "kd", dtype=torch.bfloat16, teacher_dtype=torch.float32),
+        # The hard-label term: the cross-entropy over the whole vocabulary, its target on one rank.
+        _scenario("jsd-ce", "jsd", reduction="none", grad_output="rows", temperature=2.0, ce_weight=0.6,
+                  distill_weight=0.5),
+        _scenario("bdkd-ce", "bdkd", ce_weight=0.6, distill_weight=0.5, normalizer=5.0),
+        _scenario("gdkd3-ce", "gdkd", {"partitions": 3}, reduction="sum", ce_weight=1.0, distill_weight=0.2),
+        _scenario("dkd-ce-masked", "dkd", inputs="masked", ce_weight=0.3),
         _scenario("dkd-bf16", "dkd", dtype=torch.bfloat16),
         _scenario("jsd-1d", "jsd", shape=(V,), reduction="none", grad_output="rows"),
         _scenario("gdkd-1d", "gdkd", shape=(V,), reduction="none", grad_output="rows"),
@@ -166,6 +172,17 @@ def _groups_and_function_per_loss(rank):
     return out
 
 
+PARTS_SCENARIO = "jsd-ce"
+
+
+def _parts(rank, world):
+    """return_parts on the shards: (loss, distill, ce), each the whole vocabulary's."""
+    s, t, target, _ = full_inputs(SCENARIOS[PARTS_SCENARIO])
+    lo, hi = _bounds(SPLITS[world], rank)
+    return tuple(parallel.distill_loss("jsd", s[..., lo:hi], t[..., lo:hi], target, ce_weight=0.6,
+                                       distill_weight=0.5, return_parts=True))
+
+
 def _rows_disagree(rank):
     """Leading shapes that disagree across ranks: every rank raises the same error."""
     s, t, _, _ = full_inputs(SCENARIOS["kd-no-grad"])
@@ -180,6 +197,7 @@ def _worker(rank, world, init_file, out_dir):
     parts = [(name, lambda sc=sc: ("ok",) + _run_scenario(sc, _bounds(SPLITS[world], rank), None))
              for name, sc in SCENARIOS.items()]
     parts.append(("rows-disagree", lambda: _rows_disagree(rank)))
+    parts.append(("parts", lambda: _parts(rank, world)))
     if world == 4:
         parts.append(("groups", lambda: _groups_and_function_per_loss(rank)))
     for name, part in parts:
@@ -275,6 +293,17 @@ def test_groups_and_function_per_loss(tmp_path_factory):
     want = kdkernels.distill_loss(sc["method"], s, t, target, reduction="none", **sc["hp"])
     for result in per_rank:
         assert_close(result["cakd_loss"], want, torch.float32, "parallel.cakd_loss")
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_parts(world, tmp_path_factory):
+    s, t, target, _ = full_inputs(SCENARIOS[PARTS_SCENARIO])
+    want = kdkernels.distill_loss("jsd", s, t, target, ce_weight=0.6, distill_weight=0.5, return_parts=True,
+                                  backend="reference")
+    for results in ranks_results(world, tmp_path_factory):
+        assert isinstance(results["parts"], tuple) and len(results["parts"]) == 3, results["parts"]
+        for got, expected in zip(results["parts"], want):
+            assert_close(got, expected.detach().numpy(), torch.float32, "parts")
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)

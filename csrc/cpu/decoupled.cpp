@@ -5,7 +5,8 @@
 //   (0) what the partition needs from the raw teacher logits: their top-k (a heap, with a vector test that skips
 //       the classes below the current k-th) or their max;
 //   (1) per-bin maxima of x and y; a row whose classes are all masked in both logits stops here (loss 0,
-//       gradient 0); then per-bin sums, each class shifted by its own bin's maxima (one exp per class and side);
+//       gradient 0); then per-bin sums, each class shifted by its own bin's maxima (one exp per class and side), and
+//       the sum of exp(s - max s) of the cross-entropy term;
 //   (2) the gradient.
 #include <array>
 #include <utility>
@@ -55,8 +56,8 @@ void teacher_top_k(const M* t, int64_t v, int64_t k, std::vector<std::pair<M, in
 }
 
 template <int PARTITION, class M>
-M decoupled_row(const M* s, const M* t, int64_t target, M* g, int64_t v, const DecoupledParams<double>& c,
-                M temperature, M threshold, M scale, std::vector<std::pair<M, int64_t>>& heap) {
+M decoupled_row(const M* s, const M* t, int64_t target, M* g, M* ce, int64_t v, const DecoupledParams<double>& c,
+                M temperature, M threshold, M scale, M ce_scale, std::vector<std::pair<M, int64_t>>& heap) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
@@ -82,15 +83,16 @@ M decoupled_row(const M* s, const M* t, int64_t target, M* g, int64_t v, const D
     return in;
   };
   // (1) Per-bin maxima, then per-bin sums.
-  V mt[NUM_BINS] = {ninf, ninf, ninf}, ms[NUM_BINS] = {ninf, ninf, ninf};
+  V mt[NUM_BINS] = {ninf, ninf, ninf}, ms[NUM_BINS] = {ninf, ninf, ninf}, vm1 = ninf;
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
-    const V traw = load(t + j, n), x = load(s + j, n) / T, y = traw / T;
+    const V sraw = load(s + j, n), traw = load(t + j, n), x = sraw / T, y = traw / T;
     const Masks in = bins_of(traw, j);
     for (int b = 0; b < NUM_BINS; ++b) {
       mt[b] = O::max(mt[b], O::select(in[b], y, ninf));
       ms[b] = O::max(ms[b], O::select(in[b], x, ninf));
     }
+    vm1 = O::max(vm1, sraw);
   }
   BinStats<M> st, ss;
   bool masked = true;
@@ -99,14 +101,14 @@ M decoupled_row(const M* s, const M* t, int64_t target, M* g, int64_t v, const D
     ss.m[b] = max_lanes(ms[b]);
     masked = masked && is_neg_inf(st.m[b]) && is_neg_inf(ss.m[b]);
   }
-  if (masked) {
-    zero_row(g, v);
-    return M(0);
-  }
-  ChunkedSum<M> zt[NUM_BINS], kt[NUM_BINS], zs[NUM_BINS];
+  if (masked) return skip_row(g, ce, v);
+  const M m1 = max_lanes(vm1);
+  const V shift_1(safe_shift(m1));
+  ChunkedSum<M> zt[NUM_BINS], kt[NUM_BINS], zs[NUM_BINS], z1;
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
-    const V traw = load(t + j, n), x = load(s + j, n) / T, y = traw / T;
+    const V sraw = load(s + j, n), traw = load(t + j, n), x = sraw / T, y = traw / T;
+    if (ce != nullptr) z1.add(O::exp(sraw - shift_1));
     const Masks in = bins_of(traw, j);
     const V st_j = pick<O>(in[TOP1], in[STRONG], safe_shift(st.m[TOP1]), safe_shift(st.m[STRONG]),
                            safe_shift(st.m[REST]));
@@ -126,14 +128,17 @@ M decoupled_row(const M* s, const M* t, int64_t target, M* g, int64_t v, const D
     ss.k[b] = M(0);
   }
   const DecoupledRow<M> row = decoupled_row(st, ss, c, bad_target);
-  // (2) The gradient.
+  const CrossEntropy<M> xent{m1, std::log(z1.sum()), ce_scale, target};
+  if (ce != nullptr) *ce = xent.loss(s, v);  // (before the gradient overwrites s in place)
+  // (2) The gradient: the method's, plus the cross-entropy's with the term.
   if (g != nullptr) {
     const M row_scale = bad_target ? M(NAN) : scale;
     for (int64_t j = 0; j < v; j += L) {
       const int64_t n = std::min(L, v - j);
-      const V traw = load(t + j, n);
+      const V sraw = load(s + j, n), traw = load(t + j, n);
       const Masks in = bins_of(traw, j);
-      decoupled_grad<O>(row, in[TOP1], in[STRONG], load(s + j, n) / T, traw / T, row_scale).store(g + j, n);
+      const V method_grad = decoupled_grad<O>(row, in[TOP1], in[STRONG], sraw / T, traw / T, row_scale);
+      (ce != nullptr ? method_grad + xent.grad(sraw, iota, j) : method_grad).store(g + j, n);
     }
   }
   return row.loss;
@@ -146,8 +151,9 @@ void decoupled_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
   std::vector<std::pair<M, int64_t>> heap;
   heap.reserve(PARTITION == TOPK ? size_t(c.k) : 0);
   const M threshold(a.temperature * c.log_tau);  // THRESHOLD: t_i - max t >= T log(tau), in double like the others
-  for_rows<M>(a, begin, end, buf, [&](const M* s, const M* t, int64_t target, M* g) {
-    return decoupled_row<PARTITION, M>(s, t, target, g, a.v, c, M(a.temperature), threshold, M(a.grad_scale), heap);
+  for_rows<M>(a, begin, end, buf, [&](const M* s, const M* t, int64_t target, M* g, M* ce) {
+    return decoupled_row<PARTITION, M>(s, t, target, g, ce, a.v, c, M(a.temperature), threshold, M(a.grad_scale),
+                                       M(a.ce_scale), heap);
   });
 }
 

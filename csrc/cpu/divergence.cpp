@@ -2,8 +2,8 @@
 // setup.py compiles this file once per CPU capability (at::vec::Vectorized is then 8 or 16 floats wide). The math is
 // divergence.h's; this file arranges the passes over a row:
 //
-//   (1) row maxima of s and t, then their sums of exp(x - max); a row whose classes are all masked in both logits
-//       stops here (loss 0, gradient 0);
+//   (1) row maxima of s and t, then their sums of exp(x - max) (and of exp(s - max s) for the cross-entropy term at
+//       T != 1); a row whose classes are all masked in both logits stops here (loss 0, gradient 0);
 //   (2) per-class terms l_k, r_k (and e_k): the loss, and for kd (sum r = -1) the gradient;
 //   (3) for the other codes the gradient, from r_k and q_k that pass 2 kept in a row-sized buffer (so no exp is
 //       recomputed); bdkd, whose r_k is weighted by its row sums, recomputes its terms here.
@@ -14,8 +14,8 @@ namespace kdkernels::cpu::CPU_CAPABILITY {
 namespace {
 
 template <int CODE, class M>
-M divergence_row(const M* s, const M* t, M* g, M* r_buf, M* q_buf, int64_t v, const DivergenceParams<M>& c,
-                 M temperature, M scale) {
+M divergence_row(const M* s, const M* t, int64_t target, M* g, M* ce, M* r_buf, M* q_buf, int64_t v,
+                 const DivergenceParams<M>& c, M temperature, M scale, M ce_scale) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
@@ -27,19 +27,26 @@ M divergence_row(const M* s, const M* t, M* g, M* r_buf, M* q_buf, int64_t v, co
     vmx = O::max(vmx, load(s + j, n));
     vmy = O::max(vmy, load(t + j, n));
   }
-  const M mx = max_lanes(vmx) / temperature, my = max_lanes(vmy) / temperature;
-  if (is_neg_inf(mx) && is_neg_inf(my)) {
-    zero_row(g, v);
-    return M(0);
-  }
-  const V shift_x(safe_shift(mx)), shift_y(safe_shift(my));
-  ChunkedSum<M> zx, zy;
+  const M ms = max_lanes(vmx), mx = ms / temperature, my = max_lanes(vmy) / temperature;
+  if (is_neg_inf(mx) && is_neg_inf(my)) return skip_row(g, ce, v);
+  const V shift_x(safe_shift(mx)), shift_y(safe_shift(my)), shift_s(safe_shift(ms));
+  const bool ce_apart = ce != nullptr && temperature != M(1);  // the cross-entropy's softmax is at T = 1
+  ChunkedSum<M> zx, zy, zs;
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
-    zx.add(O::exp(load(s + j, n) / T - shift_x));
+    const V sj = load(s + j, n);
+    zx.add(O::exp(sj / T - shift_x));
     zy.add(O::exp(load(t + j, n) / T - shift_y));
+    if (ce_apart) zs.add(O::exp(sj - shift_s));
   }
   const V vmx_row(mx), vmy_row(my), lzx(std::log(zx.sum())), lzy(std::log(zy.sum()));
+  const CrossEntropy<M> xent{ms, std::log(ce_apart ? zs.sum() : zx.sum()), ce_scale, target};
+  if (ce != nullptr) *ce = xent.loss(s, v);  // (before the gradient overwrites s in place)
+  const V iota = O::iota();
+  // The gradient of a vector of classes j..: the method's, plus the cross-entropy's with the term.
+  auto store_grad = [&](const V& method_grad, int64_t j, int64_t n) {
+    (ce != nullptr ? method_grad + xent.grad(load(s + j, n), iota, j) : method_grad).store(g + j, n);
+  };
   auto terms = [&](int64_t j, int64_t n) {
     return divergence_terms<CODE, O>(c, load(s + j, n) / T, load(t + j, n) / T, vmx_row, lzx, vmy_row, lzy);
   };
@@ -54,7 +61,7 @@ M divergence_row(const M* s, const M* t, M* g, M* r_buf, M* q_buf, int64_t v, co
     if constexpr (weighs_row_sums<CODE>) sum_e.add(k.e);
     if (g == nullptr) continue;
     if constexpr (CODE == KD) {
-      divergence_grad<CODE, O>(k, kd_row, scale).store(g + j, n);
+      store_grad(divergence_grad<CODE, O>(k, kd_row, scale), j, n);
     } else if constexpr (!weighs_row_sums<CODE>) {
       k.r.store(r_buf + j, n);
       k.q.store(q_buf + j, n);
@@ -68,7 +75,7 @@ M divergence_row(const M* s, const M* t, M* g, M* r_buf, M* q_buf, int64_t v, co
       const ClassTerms<V> k = weighs_row_sums<CODE>
                                   ? terms(j, n)
                                   : ClassTerms<V>{V(0), V::loadu(r_buf + j, n), V::loadu(q_buf + j, n), V(0), V(0)};
-      divergence_grad<CODE, O>(k, row, scale).store(g + j, n);
+      store_grad(divergence_grad<CODE, O>(k, row, scale), j, n);
     }
   }
   return row.loss;
@@ -81,8 +88,9 @@ void divergence_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
   RowBuffers<M> buf(a, keeps_terms ? 2 : 0);
   M* r_buf = buf.extra;
   M* q_buf = buf.extra + a.v;
-  for_rows<M>(a, begin, end, buf, [&](const M* s, const M* t, int64_t, M* g) {
-    return divergence_row<CODE, M>(s, t, g, r_buf, q_buf, a.v, c, M(a.temperature), M(a.grad_scale));
+  for_rows<M>(a, begin, end, buf, [&](const M* s, const M* t, int64_t target, M* g, M* ce) {
+    return divergence_row<CODE, M>(s, t, target, g, ce, r_buf, q_buf, a.v, c, M(a.temperature), M(a.grad_scale),
+                                   M(a.ce_scale));
   });
 }
 

@@ -20,13 +20,15 @@ struct RowsArgs {
   const int64_t* target;          // [N] or nullptr
   int64_t ignore_index;
   void* loss;                     // [N] per-row losses in the math type (double when math_double, else float)
+  void* ce_loss;                  // [N] the cross-entropy term's rows likewise, or nullptr without it
   void* grad;                     // [N, V] contiguous, or nullptr when no gradient is asked for
   int64_t n, v;
   int code;                       // the plan's code (divergence.h Divergence, decoupled.h Partition)
   const double* params;           // the plan's named parameters, in their order
   double temperature;
   double t2;                      // T^2 with t2_scale, else 1
-  double grad_scale;              // t2 / T / denominator (1 without one)
+  double grad_scale;              // distill_weight t2 / T / denominator (1 without one): the method's gradient factor
+  double ce_scale;                // ce_weight / denominator: the cross-entropy's gradient factor
   bool math_double;               // float64 math (when an input is float64)
 };
 

@@ -34,50 +34,57 @@ RowsFn kernel_for_this_cpu(Family family) {
 
 // Loss rows and, with a gradient, d loss / d student into call.grad (the student itself in place).
 template <Family FAMILY>
-std::tuple<at::Tensor, at::Tensor> run_family(const at::Tensor& student, const at::Tensor& teacher,
-                                              const std::optional<at::Tensor>& target,
-                                              const std::optional<at::Tensor>& denominator, int64_t code,
-                                              at::ArrayRef<double> params, double temperature, bool t2_scale,
-                                              int64_t ignore_index, bool reduce, bool with_grad, bool in_place) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
+    const std::optional<at::Tensor>& denominator, int64_t code, at::ArrayRef<double> params, double temperature,
+    bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
+    bool with_grad, bool in_place) {
   const bool divergence = FAMILY == DIVERGENCE_FAMILY;
   const std::string name = std::string("kdkernels::") + (divergence ? "divergence" : "decoupled") + "_cpu" +
                            (in_place ? "_" : "");
   FamilyCall call = check_family_call(name.c_str(), student, teacher, target, denominator, code, params,
                                       divergence ? int(NUM_DIVERGENCES) : int(NUM_PARTITIONS),
                                       divergence ? DivergenceParams<double>::size : DecoupledParams<double>::size,
-                                      temperature, with_grad, in_place);
+                                      temperature, ce_weight, distill_weight, with_ce, with_grad, in_place);
   if (!divergence) check_decoupled_params(call, code, params);
   const double t2 = t2_scale ? temperature * temperature : 1.0;
-  const bool scaled = reduce && denominator.has_value();
+  const double inv_denom = reduce && denominator.has_value() ? 1.0 / denominator->item<double>() : 1.0;
   RowsArgs args{call.student.data_ptr(), call.teacher.data_ptr(), call.student.scalar_type(),
                 call.teacher.scalar_type(), call.student.stride(0), call.teacher.stride(0),
                 call.target.defined() ? call.target.data_ptr<int64_t>() : nullptr, ignore_index,
-                call.loss_rows.data_ptr(), with_grad ? call.grad.data_ptr() : nullptr, call.n, call.v, int(code),
-                params.data(), temperature, t2,
-                t2 / temperature / (scaled ? denominator->item<double>() : 1.0), call.math_double};
+                call.loss_rows.data_ptr(), with_ce ? call.ce_rows.data_ptr() : nullptr,
+                with_grad ? call.grad.data_ptr() : nullptr, call.n, call.v, int(code), params.data(), temperature, t2,
+                distill_weight * t2 / temperature * inv_denom, ce_weight * inv_denom, call.math_double};
   const RowsFn rows = kernel_for_this_cpu(FAMILY);
   // Enough rows per task to amortise its start, and never fewer than one row.
   const int64_t grain = std::max<int64_t>(1, 32768 / call.v);
   at::parallel_for(0, call.n, grain, [&](int64_t begin, int64_t end) { rows(args, begin, end); });
-  return {finish_loss(call.loss_rows, denominator, reduce), call.grad};
+  auto [loss, parts] = finish_losses(call, denominator, reduce, ce_weight, distill_weight);
+  return {loss, parts, call.grad};
 }
 
 template <Family FAMILY>
-std::tuple<at::Tensor, at::Tensor> family_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                              const std::optional<at::Tensor>& target,
-                                              const std::optional<at::Tensor>& denominator, int64_t code,
-                                              at::ArrayRef<double> params, double temperature, bool t2_scale,
-                                              int64_t ignore_index, bool reduce, bool with_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> family_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
+    const std::optional<at::Tensor>& denominator, int64_t code, at::ArrayRef<double> params, double temperature,
+    bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
+    bool with_grad) {
   return run_family<FAMILY>(student, teacher, target, denominator, code, params, temperature, t2_scale,
-                            ignore_index, reduce, with_grad, /*in_place=*/false);
+                            ignore_index, reduce, ce_weight, distill_weight, with_ce, with_grad,
+                            /*in_place=*/false);
 }
 
 template <Family FAMILY>
-at::Tensor family_cpu_(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
-                       const std::optional<at::Tensor>& denominator, int64_t code, at::ArrayRef<double> params,
-                       double temperature, bool t2_scale, int64_t ignore_index, bool reduce) {
-  return std::get<0>(run_family<FAMILY>(student, teacher, target, denominator, code, params, temperature, t2_scale,
-                                        ignore_index, reduce, /*with_grad=*/true, /*in_place=*/true));
+std::tuple<at::Tensor, at::Tensor> family_cpu_(const at::Tensor& student, const at::Tensor& teacher,
+                                               const std::optional<at::Tensor>& target,
+                                               const std::optional<at::Tensor>& denominator, int64_t code,
+                                               at::ArrayRef<double> params, double temperature, bool t2_scale,
+                                               int64_t ignore_index, bool reduce, double ce_weight,
+                                               double distill_weight, bool with_ce) {
+  auto [loss, parts, grad] = run_family<FAMILY>(student, teacher, target, denominator, code, params, temperature,
+                                                t2_scale, ignore_index, reduce, ce_weight, distill_weight, with_ce,
+                                                /*with_grad=*/true, /*in_place=*/true);
+  return {loss, parts};
 }
 
 // grad *= factor: a 0-d factor of exactly 1 skips the pass (a host read: the factor is on the CPU); low-precision

@@ -134,31 +134,53 @@ struct RowBuffers {
   }
 };
 
-// Writes 0 over a gradient row (a row whose classes are all masked in both logits).
+// Writes 0 over a gradient row and its cross-entropy (a row whose classes are all masked in both logits).
 template <class M>
-void zero_row(M* g, int64_t v) {
+M skip_row(M* g, M* ce, int64_t v) {
   if (g != nullptr) std::fill(g, g + v, M(0));
+  if (ce != nullptr) *ce = M(0);
+  return M(0);
 }
 
-// Runs row(s, t, target, g) -> loss over the rows [begin, end): g is the gradient row in M (nullptr without a
-// gradient), written straight into the output when the student's dtype is M.
+// The cross-entropy term of one row at T = 1: -log softmax(s)_target = m1 + lz1 - s_target with m1 = max s and
+// lz1 = log sum exp(s - m1); its gradient ce_scale (exp(s_j - m1 - lz1) - [j = target]) joins the gradient row.
+template <class M>
+struct CrossEntropy {
+  M m1, lz1, scale;
+  int64_t target;
+
+  // (An index outside [0, V), which the op's callers never pass, gives NaN and is never read.)
+  M loss(const M* s, int64_t v) const { return target >= 0 && target < v ? m1 + lz1 - s[target] : M(NAN); }
+  at::vec::Vectorized<M> grad(const at::vec::Vectorized<M>& s, const at::vec::Vectorized<M>& iota, int64_t j) const {
+    using V = at::vec::Vectorized<M>;
+    const V onehot = Ops<M>::select(Ops<M>::index_eq(iota, target - j), V(M(1)), V(M(0)));
+    return (Ops<M>::exp(s - V(m1) - V(lz1)) - onehot) * V(scale);
+  }
+};
+
+// Runs row(s, t, target, g, ce) -> loss over the rows [begin, end): g is the gradient row in M (nullptr without a
+// gradient), written straight into the output when the student's dtype is M; ce is where the row's cross-entropy
+// goes (nullptr without the term).
 template <class M, class Row>
 void for_rows(const RowsArgs& a, int64_t begin, int64_t end, RowBuffers<M>& buf, Row&& row) {
   M* loss = static_cast<M*>(a.loss);
+  M* ce_loss = static_cast<M*>(a.ce_loss);
   const bool grad_in_place = a.student_dtype == math_dtype<M>();
   const size_t grad_row_bytes = size_t(a.v) * c10::elementSize(a.student_dtype);
   for (int64_t i = begin; i < end; ++i) {
     const int64_t target = a.target ? a.target[i] : 0;
     void* grad_row = a.grad ? static_cast<char*>(a.grad) + i * grad_row_bytes : nullptr;
+    M* ce = ce_loss == nullptr ? nullptr : ce_loss + i;
     if (a.target && target == a.ignore_index) {
       loss[i] = M(0);
+      if (ce) *ce = M(0);
       if (grad_row) std::memset(grad_row, 0, grad_row_bytes);
       continue;
     }
     const M* s = row_as<M>(a.student, a.student_dtype, a.student_stride, i, a.v, buf.s);
     const M* t = row_as<M>(a.teacher, a.teacher_dtype, a.teacher_stride, i, a.v, buf.t);
     M* g = grad_row == nullptr ? nullptr : grad_in_place ? static_cast<M*>(grad_row) : buf.g;
-    loss[i] = row(s, t, target, g) * M(a.t2);
+    loss[i] = row(s, t, target, g, ce) * M(a.t2);
     if (g != nullptr && !grad_in_place) store_row(g, a.v, a.student_dtype, grad_row);
   }
 }

@@ -164,6 +164,8 @@ struct LaunchArgs {
   const float* denominator;    // 0-d float32 or nullptr (the gradient is scaled by 1 / *denominator)
   float temperature, t2;
   int64_t ignore_index;
+  float ce_weight, distill_weight;
+  float* ce_loss;              // [N] the cross-entropy term's rows, or nullptr without it
 };
 
 // The CUDA kernels compute in float32 and read both inputs in one dtype. They run on the inputs' dtype when
@@ -180,12 +182,13 @@ inline CudaCall prepare_cuda_call(const char* op, const at::Tensor& student, con
                                   const std::optional<at::Tensor>& target,
                                   const std::optional<at::Tensor>& denominator, int64_t code,
                                   at::ArrayRef<double> params, int num_codes, int num_params, double temperature,
-                                  bool t2_scale, int64_t ignore_index, bool reduce, bool with_grad, bool in_place) {
+                                  bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight,
+                                  double distill_weight, bool with_ce, bool with_grad, bool in_place) {
   TORCH_CHECK_TYPE(student.scalar_type() != at::kDouble && teacher.scalar_type() != at::kDouble, op,
                    ": the CUDA kernels compute in float32 and take float32, bfloat16 or float16 logits, not float64 "
                    "(backend='reference' computes float64)");
   CudaCall c{check_family_call(op, student, teacher, target, denominator, code, params, num_codes, num_params,
-                               temperature, with_grad, in_place)};
+                               temperature, ce_weight, distill_weight, with_ce, with_grad, in_place)};
   c.student = c.call.student;
   c.teacher = c.call.teacher;
   c.grad = c.call.grad;
@@ -197,7 +200,8 @@ inline CudaCall prepare_cuda_call(const char* op, const at::Tensor& student, con
   if (reduce && denominator.has_value()) c.denominator = denominator->reshape({}).to(at::kFloat);
   c.args = {c.call.target.defined() ? c.call.target.data_ptr<int64_t>() : nullptr,
             c.denominator.defined() ? c.denominator.data_ptr<float>() : nullptr, float(temperature),
-            float(t2_scale ? temperature * temperature : 1.0), ignore_index};
+            float(t2_scale ? temperature * temperature : 1.0), ignore_index, float(ce_weight), float(distill_weight),
+            with_ce ? c.call.ce_rows.data_ptr<float>() : nullptr};
   c.temperature = temperature;
   return c;
 }
@@ -205,15 +209,15 @@ inline CudaCall prepare_cuda_call(const char* op, const at::Tensor& student, con
 // The family ops on CUDA tensors. Family supplies name, name_, num_codes, num_params, decoupled and
 // launch(CudaCall&, code, params, cudaStream_t), which launches one block per row.
 template <class Family>
-std::tuple<at::Tensor, at::Tensor> run_family(const at::Tensor& student, const at::Tensor& teacher,
-                                              const std::optional<at::Tensor>& target,
-                                              const std::optional<at::Tensor>& denominator, int64_t code,
-                                              at::ArrayRef<double> params, double temperature, bool t2_scale,
-                                              int64_t ignore_index, bool reduce, bool with_grad, bool in_place) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
+    const std::optional<at::Tensor>& denominator, int64_t code, at::ArrayRef<double> params, double temperature,
+    bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
+    bool with_grad, bool in_place) {
   const c10::cuda::CUDAGuard guard(student.device());
   CudaCall c = prepare_cuda_call(in_place ? Family::name_ : Family::name, student, teacher, target, denominator,
                                  code, params, Family::num_codes, Family::num_params, temperature, t2_scale,
-                                 ignore_index, reduce, with_grad, in_place);
+                                 ignore_index, reduce, ce_weight, distill_weight, with_ce, with_grad, in_place);
   if (Family::decoupled) check_decoupled_params(c.call, code, params);
   TORCH_CHECK(c.call.n <= INT32_MAX, Family::name, ": at most 2^31 - 1 rows, got ", c.call.n);
   if (c.call.n > 0) {
@@ -221,25 +225,31 @@ std::tuple<at::Tensor, at::Tensor> run_family(const at::Tensor& student, const a
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (with_grad && !c.grad.is_same(c.call.grad)) c.call.grad.copy_(c.grad);
-  return {finish_loss(c.call.loss_rows, denominator, reduce), c.call.grad};
+  auto [loss, parts] = finish_losses(c.call, denominator, reduce, ce_weight, distill_weight);
+  return {loss, parts, c.call.grad};
 }
 
 template <class Family>
-std::tuple<at::Tensor, at::Tensor> family_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                               const std::optional<at::Tensor>& target,
-                                               const std::optional<at::Tensor>& denominator, int64_t code,
-                                               at::ArrayRef<double> params, double temperature, bool t2_scale,
-                                               int64_t ignore_index, bool reduce, bool with_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> family_cuda(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
+    const std::optional<at::Tensor>& denominator, int64_t code, at::ArrayRef<double> params, double temperature,
+    bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
+    bool with_grad) {
   return run_family<Family>(student, teacher, target, denominator, code, params, temperature, t2_scale,
-                            ignore_index, reduce, with_grad, /*in_place=*/false);
+                            ignore_index, reduce, ce_weight, distill_weight, with_ce, with_grad, /*in_place=*/false);
 }
 
 template <class Family>
-at::Tensor family_cuda_(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
-                        const std::optional<at::Tensor>& denominator, int64_t code, at::ArrayRef<double> params,
-                        double temperature, bool t2_scale, int64_t ignore_index, bool reduce) {
-  return std::get<0>(run_family<Family>(student, teacher, target, denominator, code, params, temperature, t2_scale,
-                                        ignore_index, reduce, /*with_grad=*/true, /*in_place=*/true));
+std::tuple<at::Tensor, at::Tensor> family_cuda_(const at::Tensor& student, const at::Tensor& teacher,
+                                                const std::optional<at::Tensor>& target,
+                                                const std::optional<at::Tensor>& denominator, int64_t code,
+                                                at::ArrayRef<double> params, double temperature, bool t2_scale,
+                                                int64_t ignore_index, bool reduce, double ce_weight,
+                                                double distill_weight, bool with_ce) {
+  auto [loss, parts, grad] = run_family<Family>(student, teacher, target, denominator, code, params, temperature,
+                                                t2_scale, ignore_index, reduce, ce_weight, distill_weight, with_ce,
+                                                /*with_grad=*/true, /*in_place=*/true);
+  return {loss, parts};
 }
 
 // The rows of one launch, as the kernels see them.
@@ -258,18 +268,55 @@ struct Rows {
   }
 };
 
-// Thread 0 stores the row's loss; an ignored row gets loss 0 and a zero gradient. Returns whether it was ignored.
+// A row left out (ignored, or masked in both logits): thread 0 stores losses 0, the block a zero gradient.
+template <class T>
+__device__ __forceinline__ void skip_row(const Rows<T>& r, const LaunchArgs& a, int64_t row) {
+  if (threadIdx.x == 0) {
+    r.loss[row] = 0.f;
+    if (a.ce_loss != nullptr) a.ce_loss[row] = 0.f;
+  }
+  if (r.g != nullptr) zero_row(r.g + row * r.v, r.v);
+}
+
+// Skips an ignored row (skip_row). Returns whether it was ignored.
 template <class T>
 __device__ __forceinline__ bool skip_ignored_row(const Rows<T>& r, const LaunchArgs& a, int64_t row) {
   if (a.target == nullptr || a.target[row] != a.ignore_index) return false;
-  if (threadIdx.x == 0) r.loss[row] = 0.f;
-  if (r.g != nullptr) zero_row(r.g + row * r.v, r.v);
+  skip_row(r, a, row);
   return true;
 }
 
-// (1/T) (T^2 with t2_scale) (1/denominator when reduced): the factor of every gradient element.
+// distill_weight (1/T) (T^2 with t2_scale) (1/denominator when reduced): the factor of the method's gradient.
 __device__ __forceinline__ float grad_scale(const LaunchArgs& a) {
-  return a.t2 / a.temperature / (a.denominator != nullptr ? *a.denominator : 1.f);
+  return a.distill_weight * a.t2 / a.temperature / (a.denominator != nullptr ? *a.denominator : 1.f);
+}
+
+// The cross-entropy term of a row at T = 1: m1 = max s and lz1 = log sum exp(s - m1); its loss m1 + lz1 - s_target
+// and its gradient ce_weight / denominator (exp(s_j - m1 - lz1) - [j = target]).
+struct CrossEntropy {
+  float m1, lz1, scale;
+  int64_t target;
+
+  __device__ __forceinline__ float grad(int64_t j, float s) const {
+    return (expf(s - m1 - lz1) - (j == target ? 1.f : 0.f)) * scale;
+  }
+};
+
+// The student's logit of the row's target (NaN out of range, never read there; 0 without the term). Every thread
+// reads it before the block's next barrier, so an in-place gradient written after that barrier cannot replace it.
+template <class T>
+__device__ __forceinline__ float target_logit(const Rows<T>& r, const LaunchArgs& a, int64_t row, const T* s) {
+  if (a.ce_loss == nullptr) return 0.f;
+  const int64_t target = a.target[row];
+  return target >= 0 && target < r.v ? to_float(s[target]) : NAN;
+}
+
+// The row's cross-entropy from the online (max, sum) of its raw logits; thread 0 stores its loss.
+__device__ __forceinline__ CrossEntropy cross_entropy(const LaunchArgs& a, int64_t row, const Lse& raw, float s_y) {
+  if (a.ce_loss == nullptr) return {0.f, 0.f, 0.f, 0};
+  const float lz1 = logf(raw.z);
+  if (threadIdx.x == 0) a.ce_loss[row] = raw.m + lz1 - s_y;
+  return {raw.m, lz1, a.ce_weight / (a.denominator != nullptr ? *a.denominator : 1.f), a.target[row]};
 }
 
 // Calls f(T()) with T the C++ type of the kernel's input dtype.

@@ -3,8 +3,9 @@
 // x = s / T, from which decoupled_row() gives the loss and the coefficients of g_j = (c_b q^b_j - w_b p^b_j) / T.
 //
 // Passes: (0) what the partition needs from the raw teacher logits: k walks picking the next best (value, index)
-// each (top-k), or their max (threshold); (1) the per-bin statistics (a row whose classes are all masked in both
-// logits stops here: loss 0, gradient 0); (2) the gradient.
+// each (top-k), or their max (threshold); (1) the per-bin statistics (and the online max and sum of exp of s for
+// the cross-entropy term; a row whose classes are all masked in both logits stops here: loss 0, gradient 0); (2) the
+// gradient, with the cross-entropy's ce_weight (softmax(s)_j - [j = target]) term.
 #include "common.cuh"
 
 namespace kdkernels::cuda {
@@ -51,6 +52,7 @@ template <int PARTITION, class T>
 __global__ void __launch_bounds__(512) decoupled_kernel(Rows<T> r, LaunchArgs a, DecoupledParams<double> c,
                                                         float threshold) {
   __shared__ BinAccumulator bin_scratch[MAX_WARPS];
+  __shared__ Lse lse_scratch[MAX_WARPS];
   __shared__ Ranked ranked_scratch[MAX_WARPS];
   __shared__ Max max_scratch[MAX_WARPS];
   const int64_t row = blockIdx.x;
@@ -87,11 +89,15 @@ __global__ void __launch_bounds__(512) decoupled_kernel(Rows<T> r, LaunchArgs a,
     mb.t_max = block_reduce(t_max, max_scratch).x;
   }
   // (1)
+  const bool with_ce = a.ce_loss != nullptr;
+  const float s_y = target_logit(r, a, row, s);
   BinAccumulator bins[NUM_BINS];
+  Lse l1;
   walk_row(s, t, no_store, r.v, [&](int64_t j, float sj, float tj) {
     bool in_top1, in_strong;
     membership<PARTITION, F>(mb, tj, 0.f, j, in_top1, in_strong);
     bins[in_top1 ? TOP1 : in_strong ? STRONG : REST].add(tj / a.temperature, sj / a.temperature);
+    if (with_ce) l1.add(sj);
     return 0.f;
   });
   BinStats<float> st, ss;
@@ -107,11 +113,9 @@ __global__ void __launch_bounds__(512) decoupled_kernel(Rows<T> r, LaunchArgs a,
     ss.k[b] = 0.f;
     masked = masked && bin.mt == -INFINITY && bin.ms == -INFINITY;
   }
-  if (masked) {
-    if (threadIdx.x == 0) r.loss[row] = 0.f;
-    if (g != nullptr) zero_row(g, r.v);
-    return;
-  }
+  if (masked) return skip_row(r, a, row);
+  if (with_ce) l1 = block_reduce(l1, lse_scratch);
+  const CrossEntropy xent = cross_entropy(a, row, l1, s_y);
   const DecoupledRow<float> d = decoupled_row(st, ss, c, bad_target);
   if (threadIdx.x == 0) r.loss[row] = d.loss * a.t2;
   // (2)
@@ -120,7 +124,8 @@ __global__ void __launch_bounds__(512) decoupled_kernel(Rows<T> r, LaunchArgs a,
     walk_row(s, t, g, r.v, [&](int64_t j, float sj, float tj) {
       bool in_top1, in_strong;
       membership<PARTITION, F>(mb, tj, 0.f, j, in_top1, in_strong);
-      return decoupled_grad<F>(d, in_top1, in_strong, sj / a.temperature, tj / a.temperature, scale);
+      return decoupled_grad<F>(d, in_top1, in_strong, sj / a.temperature, tj / a.temperature, scale) +
+             (with_ce ? xent.grad(j, sj) : 0.f);
     });
   }
 }

@@ -1,9 +1,10 @@
 // CUDA kernel of the divergence family: one block per row, loss and gradient in one launch. The math is
 // divergence.h's (l = sum_k l_k, g_j = (r_j - q_j sum_k r_k) / T, times T^2 with t2_scale, over the denominator).
 //
-// Passes: (1) online max and sum of exp of x = s / T and y = t / T; a row whose classes are all masked in both
-// logits stops here (loss 0, gradient 0); (2) the row sums of l_k, r_k (and e_k); kd knows sum r = -1 and writes
-// the gradient here; (3) the other codes write the gradient once the row sums are known.
+// Passes: (1) online max and sum of exp of x = s / T and y = t / T (and of s, for the cross-entropy term); a row
+// whose classes are all masked in both logits stops here (loss 0, gradient 0); (2) the row sums of l_k, r_k (and
+// e_k); kd knows sum r = -1 and writes the gradient here; (3) the other codes write the gradient once the row sums
+// are known. With the cross-entropy term the gradient gains its ce_weight (softmax(s)_j - [j = target]) term.
 #include "common.cuh"
 
 namespace kdkernels::cuda {
@@ -20,20 +21,21 @@ __global__ void __launch_bounds__(512) divergence_kernel(Rows<T> r, LaunchArgs a
   const T* s = r.s + row * r.s_stride;
   const T* t = r.t + row * r.t_stride;
   T* g = r.g == nullptr ? nullptr : r.g + row * r.v;
+  const bool with_ce = a.ce_loss != nullptr;
+  const float s_y = target_logit(r, a, row, s);
   // (1)
-  Lse lx, ly;
+  Lse lx, ly, l1;
   walk_row(s, t, static_cast<T*>(nullptr), r.v, [&](int64_t, float sj, float tj) {
     lx.add(sj / a.temperature);
     ly.add(tj / a.temperature);
+    if (with_ce) l1.add(sj);
     return 0.f;
   });
   lx = block_reduce(lx, lse_scratch);
   ly = block_reduce(ly, lse_scratch);
-  if (lx.m == -INFINITY && ly.m == -INFINITY) {
-    if (threadIdx.x == 0) r.loss[row] = 0.f;
-    if (g != nullptr) zero_row(g, r.v);
-    return;
-  }
+  if (lx.m == -INFINITY && ly.m == -INFINITY) return skip_row(r, a, row);
+  if (with_ce) l1 = block_reduce(l1, lse_scratch);
+  const CrossEntropy xent = cross_entropy(a, row, l1, s_y);
   const float lzx = logf(lx.z), lzy = logf(ly.z), scale = grad_scale(a);
   auto terms = [&](float sj, float tj) {
     return divergence_terms<CODE, F>(c, sj / a.temperature, tj / a.temperature, lx.m, lzx, ly.m, lzy);
@@ -41,12 +43,13 @@ __global__ void __launch_bounds__(512) divergence_kernel(Rows<T> r, LaunchArgs a
   // (2)
   Sum sum_l, sum_r, sum_e;
   const DivergenceRow<float> kd_row = divergence_row<CODE>(c, 0.f, 0.f, 0.f);  // (kd's gradient needs no row sum)
-  walk_row(s, t, CODE == KD ? g : static_cast<T*>(nullptr), r.v, [&](int64_t, float sj, float tj) {
+  walk_row(s, t, CODE == KD ? g : static_cast<T*>(nullptr), r.v, [&](int64_t j, float sj, float tj) {
     const ClassTerms<float> k = terms(sj, tj);
     sum_l.x += k.l;
     sum_r.x += k.r;
     sum_e.x += k.e;
-    return divergence_grad<CODE, F>(k, kd_row, scale);  // stored for kd only
+    if (CODE != KD || g == nullptr) return 0.f;
+    return divergence_grad<CODE, F>(k, kd_row, scale) + (with_ce ? xent.grad(j, sj) : 0.f);  // stored for kd
   });
   sum_l = block_reduce(sum_l, sum_scratch);
   if (CODE != KD) sum_r = block_reduce(sum_r, sum_scratch);
@@ -55,8 +58,8 @@ __global__ void __launch_bounds__(512) divergence_kernel(Rows<T> r, LaunchArgs a
   if (threadIdx.x == 0) r.loss[row] = row_sums.loss * a.t2;
   // (3)
   if (CODE != KD && g != nullptr) {
-    walk_row(s, t, g, r.v, [&](int64_t, float sj, float tj) {
-      return divergence_grad<CODE, F>(terms(sj, tj), row_sums, scale);
+    walk_row(s, t, g, r.v, [&](int64_t j, float sj, float tj) {
+      return divergence_grad<CODE, F>(terms(sj, tj), row_sums, scale) + (with_ce ? xent.grad(j, sj) : 0.f);
     });
   }
 }

@@ -5,8 +5,9 @@
     extension.py   backends "cpu" and "cuda": the compiled extension kdkernels._C (csrc/)
     triton/        backend "triton": the Triton kernels
 
-A backend is registered with ``impl(call: LossCall, student [N, V], teacher [N, V]) -> loss`` (reduced, or [N] for
-reduction="none"), a test of the devices it runs on, and for a fused backend its family ops and their in-place
+A backend is registered with ``impl(call: LossCall, student [N, V], teacher [N, V]) -> (loss, parts)``: the loss
+(reduced, or [N] for reduction="none") and, not differentiable, its two terms unweighted, [distill, ce] reduced the
+same way ([2] or [2, N]; ce is 0 unless ``call.with_ce``), a test of the devices it runs on, and for a fused backend its family ops and their in-place
 siblings (schema in ops.py) and its ``scale_rows`` (grad [N, V] *= factor, in place, rows whose factor is exactly 1
 left untouched). ``backend="auto"`` takes the first available backend in the device's preference order; naming a
 backend that cannot run raises a RuntimeError that says why.
@@ -67,15 +68,28 @@ def select_backend(name: object, like: torch.Tensor) -> Backend:
 
 
 def reduce(rows: torch.Tensor, reduction: str, denominator: torch.Tensor | None) -> torch.Tensor:
-    """Per-row losses to the requested reduction (the denominator of arguments.LossCall)."""
+    """Per-row losses [..., N] to the requested reduction (the denominator of arguments.LossCall)."""
     if reduction == "none":
         return rows
-    total = rows.sum()
+    total = rows.sum(-1)
     return total if reduction == "sum" else total / denominator
 
 
-def _reference_impl(call, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    return reduce(reference.row_losses(call, student, teacher), call.reduction, call.denominator)
+def combine(distill_rows: torch.Tensor, ce_rows: torch.Tensor | None, reduction: str,
+            denominator: torch.Tensor | None, ce_weight: float, distill_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, parts) from the two terms' row losses [N] (ce_rows None without the term, which then counts 0)."""
+    loss = distill_rows if distill_weight == 1 else distill_weight * distill_rows
+    if ce_rows is None:
+        ce_rows = torch.zeros_like(distill_rows)
+    elif ce_weight != 0:
+        loss = loss + ce_weight * ce_rows
+    parts = torch.stack([distill_rows.detach(), ce_rows.detach()])
+    return reduce(loss, reduction, denominator), reduce(parts, reduction, denominator)
+
+
+def _reference_impl(call, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return combine(*reference.row_losses(call, student, teacher), call.reduction, call.denominator, call.ce_weight,
+                   call.distill_weight)
 
 
 register(Backend("reference", _reference_impl, lambda device: None))

@@ -3,15 +3,19 @@
 Every fused backend ``<backend>`` ("cpu", "cuda": the C++ extension; "triton") exposes one op per family:
 
     kdkernels::<family>_<backend>(student [N, V], teacher [N, V], target [N]?, denominator 0-d?, code, params,
-                                  temperature, t2_scale, ignore_index, reduce, with_grad) -> (loss, grad)
-    kdkernels::<family>_<backend>_(student [N, V] contiguous, ...the same but with_grad...) -> loss
+                                  temperature, t2_scale, ignore_index, reduce, ce_weight, distill_weight, with_ce,
+                                  with_grad) -> (loss, parts, grad)
+    kdkernels::<family>_<backend>_(student [N, V] contiguous, ...the same but with_grad...) -> (loss, parts)
 
 ``code`` and ``params`` are a plan's (methods.Plan: a ``Divergence`` or ``Partition`` code and the family's named
-parameters, in their layout order). With ``reduce`` the loss is sum(rows) / denominator (sum when there is none)
-and the gradient rows are already scaled by 1 / denominator; otherwise the loss is the per-row vector [N]. ``grad``
-is d loss / d student in the student's dtype (written in the same launch as the loss), or an empty tensor when
-``with_grad`` is False. The in-place sibling overwrites the student logits with that gradient (the fused-linear
-path, which needs no logits afterwards) and has no autograd.
+parameters, in their layout order). The loss is distill_weight * (the plan's loss) + ce_weight * (the student's
+cross-entropy against the target at T = 1), which is computed with ``with_ce`` (a target is then required).
+``parts`` holds the two terms unweighted, [distill, ce] (ce 0 without ``with_ce``), not differentiable. With
+``reduce`` the loss and parts are sum(rows) / denominator (sum when there is none) and the gradient rows are
+already scaled by 1 / denominator; otherwise they are per row ([N], [2, N]). ``grad`` is d loss / d student in the
+student's dtype (written in the same launch as the loss), or an empty tensor when ``with_grad`` is False. The
+in-place sibling overwrites the student logits with that gradient (the fused-linear path, which needs no logits
+afterwards) and has no autograd.
 
 Backward multiplies the saved gradient in place by grad_output with the backend's ``scale_rows``, which skips rows
 whose factor is exactly 1 on the device: ``loss.backward()`` on a reduced loss costs no pass over the gradient.
@@ -28,42 +32,45 @@ import torch
 from torch import Tensor
 
 _FAMILY_ARGS = ("Tensor teacher, Tensor? target, Tensor? denominator, int code, float[] params, float temperature, "
-                "bool t2_scale, int ignore_index, bool reduce")
+                "bool t2_scale, int ignore_index, bool reduce, float ce_weight, float distill_weight, bool with_ce")
 # The schemas above, as csrc/kdkernels.cpp defines them for the extension's ops.
-SCHEMA = f"(Tensor student, {_FAMILY_ARGS}, bool with_grad) -> (Tensor, Tensor)"
-INPLACE_SCHEMA = f"(Tensor(a!) student, {_FAMILY_ARGS}) -> Tensor"
-NUM_INPUTS = 11  # of the out-of-place schema
+SCHEMA = f"(Tensor student, {_FAMILY_ARGS}, bool with_grad) -> (Tensor, Tensor, Tensor)"
+INPLACE_SCHEMA = f"(Tensor(a!) student, {_FAMILY_ARGS}) -> (Tensor, Tensor)"
+NUM_INPUTS = 14  # of the out-of-place schema
 
 
-def _loss_like(student, teacher, reduce):
-    """The loss output: 0-d if reduced, else [N]; float64 when an input is float64 (C++ ops), else float32."""
+def _losses_like(student, teacher, reduce):
+    """The loss and parts outputs: 0-d and [2] if reduced, else [N] and [2, N]; float64 when an input is float64
+    (C++ ops), else float32."""
     dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
-    return student.new_empty(() if reduce else (student.shape[0],), dtype=dtype)
+    rows = () if reduce else (student.shape[0],)
+    return student.new_empty(rows, dtype=dtype), student.new_empty((2, *rows), dtype=dtype)
 
 
 def _fake(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce,
-          with_grad):
-    loss = _loss_like(student, teacher, reduce)
+          ce_weight, distill_weight, with_ce, with_grad):
     grad = torch.empty_like(student, memory_format=torch.contiguous_format) if with_grad else student.new_empty(0)
-    return loss, grad
+    return *_losses_like(student, teacher, reduce), grad
 
 
-def _inplace_fake(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce):
-    return _loss_like(student, teacher, reduce)
+def _inplace_fake(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce,
+                  ce_weight, distill_weight, with_ce):
+    return _losses_like(student, teacher, reduce)
 
 
 def _setup_context(ctx, inputs, output):
-    # The grad output is not differentiable: without this, autograd would fill an [N, V] tensor of zeros for its
-    # (absent) incoming gradient on every backward, a pass as costly as the kernel itself.
+    # The parts and the grad output are not differentiable: without this, autograd would fill an [N, V] tensor of
+    # zeros for the grad's (absent) incoming gradient on every backward, a pass as costly as the kernel itself.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(output[2])
     ctx.consumed = False
 
 
 def _autograd(backend: str, scale_rows: Callable[[Tensor, Tensor], None]) -> Callable:
     """The backward of backend ``backend``'s family ops: the saved gradient times grad_output."""
 
-    def backward(ctx, grad_loss, _grad_grad):
+    def backward(ctx, grad_loss, _grad_parts, _grad_grad):
         grad, = ctx.saved_tensors
         if grad_loss is None:  # only the (non-differentiable) grad output was used
             return (None,) * NUM_INPUTS
@@ -95,15 +102,15 @@ def define_family_ops(family: str, backend: str, launch: Callable, launch_inplac
 
     def impl(student: Tensor, teacher: Tensor, target: Optional[Tensor], denominator: Optional[Tensor], code: int,
              params: List[float], temperature: float, t2_scale: bool, ignore_index: int, reduce: bool,
-             with_grad: bool) -> Tuple[Tensor, Tensor]:
+             ce_weight: float, distill_weight: float, with_ce: bool, with_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
         return launch(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index,
-                      reduce, with_grad)
+                      reduce, ce_weight, distill_weight, with_ce, with_grad)
 
     def impl_inplace(student: Tensor, teacher: Tensor, target: Optional[Tensor], denominator: Optional[Tensor],
                      code: int, params: List[float], temperature: float, t2_scale: bool, ignore_index: int,
-                     reduce: bool) -> Tensor:
+                     reduce: bool, ce_weight: float, distill_weight: float, with_ce: bool) -> Tuple[Tensor, Tensor]:
         return launch_inplace(student, teacher, target, denominator, code, params, temperature, t2_scale,
-                              ignore_index, reduce)
+                              ignore_index, reduce, ce_weight, distill_weight, with_ce)
 
     op = torch.library.custom_op(name, mutates_args=(), schema=SCHEMA)(impl)
     op.register_fake(_fake)
@@ -128,16 +135,21 @@ def _overloads(family: str, backend: str) -> tuple[Callable, Callable]:
     return getattr(ops, f"{family}_{backend}").default, getattr(ops, f"{family}_{backend}_").default
 
 
+def op_args(call) -> tuple:
+    """The arguments of a family op after (student, teacher), for ``call`` (arguments.LossCall), with_grad aside."""
+    plan = call.plan
+    return (call.target, call.denominator, int(plan.code), [float(x) for x in plan.params], call.temperature,
+            call.t2_scale, call.ignore_index, call.reduction != "none", call.ce_weight, call.distill_weight,
+            call.with_ce)
+
+
 def family_backend(ops: dict) -> Callable:
     """The impl of a fused backend (backends.Backend) calling its family ``ops`` ({"divergence": op, ...})."""
 
-    def impl(call, student: Tensor, teacher: Tensor) -> Tensor:
-        plan = call.plan
+    def impl(call, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
         with_grad = student.requires_grad and torch.is_grad_enabled()
-        loss, _ = ops[plan.family](student, teacher, call.target, call.denominator, int(plan.code),
-                                   [float(x) for x in plan.params], call.temperature, call.t2_scale,
-                                   call.ignore_index, call.reduction != "none", with_grad)
-        return loss
+        loss, parts, _ = ops[call.plan.family](student, teacher, *op_args(call), with_grad)
+        return loss, parts
 
     return impl
 

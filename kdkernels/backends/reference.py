@@ -199,23 +199,34 @@ def decoupled_rows(plan: Plan, lp: torch.Tensor, lq: torch.Tensor, bins: torch.T
 # --------------------------------------------------------------------------------------------------------------
 
 
-def row_losses(call, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Per-row losses [N] of ``call`` (arguments.LossCall) on 2-D logits; rows that are ignored, or whose classes
-    are all masked in both logits, are exactly 0 (loss and gradient)."""
+def row_losses(call, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row losses [N] of ``call`` (arguments.LossCall) on 2-D logits: the method's loss (T^2 included) and,
+    with ``call.with_ce``, the student's cross-entropy against the target at T = 1 (else None). Rows that are
+    ignored, or whose classes are all masked in both logits, are exactly 0 (loss and gradient)."""
     dtype = compute_dtype(student, teacher)
     teacher = teacher.detach()
     masked = torch.isneginf(student).all(-1) & torch.isneginf(teacher).all(-1)
-    keep = (call.valid & ~masked).unsqueeze(-1)
+    kept = call.valid & ~masked
+    keep = kept.unsqueeze(-1)
     # Rows left out are replaced by zeros before any arithmetic, so a NaN there cannot leak into the gradient.
     s = torch.where(keep, student.to(dtype), 0.0)
     t = torch.where(keep, teacher.to(dtype), 0.0)
+    target = None if call.target is None else torch.where(call.valid, call.target, 0)
     lq = torch.log_softmax(s / call.temperature, -1)
     lp = torch.log_softmax(t / call.temperature, -1)
     if call.plan.family == DIVERGENCE:
         loss = divergence_rows(call.plan, lp, lq)
     else:
-        target = None if call.target is None else torch.where(call.valid, call.target, 0)
         loss = decoupled_rows(call.plan, lp, lq, decoupled_bins(call.plan, t, target, call.temperature))
     if call.t2_scale:
         loss = loss * call.temperature**2
-    return torch.where(keep.squeeze(-1), loss, 0.0)
+    ce = cross_entropy_rows(s, target, kept) if call.with_ce else None
+    return torch.where(kept, loss, 0.0), ce
+
+
+def cross_entropy_rows(student: torch.Tensor, target: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """-log softmax(student)_target per row [N] at T = 1; 0 on rows not ``kept`` (whose logits and target may hold
+    anything)."""
+    s = torch.where(kept.unsqueeze(-1), student, 0.0)
+    index = torch.where(kept, target, 0).unsqueeze(-1)
+    return torch.where(kept, torch.logsumexp(s, -1) - s.gather(-1, index).squeeze(-1), 0.0)

@@ -16,7 +16,7 @@ import torch
 import triton
 
 from ...methods import DIVERGENCE, FAMILIES, DecoupledParams, DivergenceParams
-from .. import Backend, register
+from .. import Backend, combine, register
 from ..ops import define_family_ops, family_backend
 from .common import launch_shape, scale_rows_
 from .decoupled import decoupled_kernel
@@ -26,9 +26,9 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _launch(family, student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce,
-            grad):
+            ce_weight, distill_weight, with_ce, grad):
     """Runs the family's kernel on 2-D logits; ``grad`` is the gradient output ([N, V] contiguous, possibly
-    ``student`` itself) or None for a forward-only call. Returns the loss (reduced or [N])."""
+    ``student`` itself) or None for a forward-only call. Returns (loss, parts), reduced or per row."""
     if torch.float64 in (student.dtype, teacher.dtype):
         raise TypeError("the Triton kernels compute in float32 and take float32, bfloat16 or float16 logits, not "
                         "float64 (backend='reference' computes float64)")
@@ -38,12 +38,13 @@ def _launch(family, student, teacher, target, denominator, code, params, tempera
     teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
     target = None if target is None else target.contiguous()
     rows = torch.empty(n, dtype=torch.float32, device=student.device)
+    ce_rows = torch.empty(n, dtype=torch.float32, device=student.device) if with_ce else None
     if n:
         block_n, block_v, warps, single = launch_shape(n, v)
         has_denom = reduce and denominator is not None
         if family == DIVERGENCE:
             kernel, named = divergence_kernel, DivergenceParams(*params)._asdict()
-            switches = dict(CODE=code)
+            switches = dict(CODE=code, CE_APART=with_ce and temperature != 1.0)
         else:
             p = DecoupledParams(*params)
             kernel = decoupled_kernel
@@ -53,34 +54,32 @@ def _launch(family, student, teacher, target, denominator, code, params, tempera
                             KPAD=triton.next_power_of_2(max(int(p.k), 1)))
         kernel[(triton.cdiv(n, block_n),)](
             student, teacher, target if target is not None else rows, denominator if has_denom else rows, rows,
-            grad if grad is not None else rows, n, v, student.stride(0), teacher.stride(0), v, ignore_index,
-            temperature, temperature**2 if t2_scale else 1.0, **named,
-            HAS_TARGET=target is not None, HAS_DENOM=has_denom, WITH_GRAD=grad is not None, SINGLE_TILE=single,
-            BLOCK_N=block_n, BLOCK_V=block_v, num_warps=warps, **switches,
+            ce_rows if with_ce else rows, grad if grad is not None else rows, n, v, student.stride(0),
+            teacher.stride(0), v, ignore_index, temperature, temperature**2 if t2_scale else 1.0,
+            ce_weight if with_ce else 0.0, distill_weight, **named,
+            HAS_TARGET=target is not None, HAS_DENOM=has_denom, WITH_CE=with_ce, WITH_GRAD=grad is not None,
+            SINGLE_TILE=single, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=warps, **switches,
         )
-    if not reduce:
-        return rows
-    return rows.sum() if denominator is None else rows.sum() / denominator
+    reduction = ("batchmean" if denominator is not None else "sum") if reduce else "none"
+    return combine(rows, ce_rows, reduction, denominator, ce_weight, distill_weight)
 
 
 def _out_of_place(family):
-    def launch(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce,
-               with_grad):
+    def launch(student, teacher, *args):
+        *args, with_grad = args
         grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if with_grad else None
-        loss = _launch(family, student, teacher, target, denominator, code, params, temperature, t2_scale,
-                       ignore_index, reduce, grad)
-        return loss, grad if with_grad else student.new_empty(0)
+        loss, parts = _launch(family, student, teacher, *args, grad)
+        return loss, parts, grad if with_grad else student.new_empty(0)
 
     return launch
 
 
 def _in_place(family):
-    def launch(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce):
+    def launch(student, teacher, *args):
         if not student.is_contiguous():
             raise ValueError(f"the in-place {family} op overwrites the student logits with their gradient: they "
                              f"must be contiguous, got strides {student.stride()}")
-        return _launch(family, student, teacher, target, denominator, code, params, temperature, t2_scale,
-                       ignore_index, reduce, student)
+        return _launch(family, student, teacher, *args, student)
 
     return launch
 

@@ -24,10 +24,11 @@ def launch_shape(n_rows: int, v: int) -> tuple[int, int, int, bool]:
 
 
 @triton.jit
-def row_block(target_ptr, denom_ptr, N, ignore_index, temperature, t2, HAS_TARGET: tl.constexpr,
-              HAS_DENOM: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's rows: (indices, in range, indices as int64, target (0 without one), not ignored, gradient
-    factor: 1/T from the softmax, T^2 if asked, 1/denominator for batchmean, read on the device)."""
+def row_block(target_ptr, denom_ptr, N, ignore_index, temperature, t2, ce_weight, distill_weight,
+              HAS_TARGET: tl.constexpr, HAS_DENOM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's rows: (indices, in range, indices as int64, target (0 without one), not ignored, the factor
+    of the method's gradient: distill_weight, 1/T from the softmax, T^2 if asked, 1/denominator for batchmean (read
+    on the device), and the factor of the cross-entropy's: ce_weight / denominator)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_in = rows < N
     target = tl.zeros([BLOCK_N], tl.int64)
@@ -35,10 +36,25 @@ def row_block(target_ptr, denom_ptr, N, ignore_index, temperature, t2, HAS_TARGE
     if HAS_TARGET:
         target = tl.load(target_ptr + rows, mask=row_in, other=ignore_index).to(tl.int64)
         valid = valid & (target != ignore_index)
-    g_scale = tl.zeros([BLOCK_N], tl.float32) + t2 / temperature
+    inv_denom = tl.zeros([BLOCK_N], tl.float32) + 1.0
     if HAS_DENOM:
-        g_scale = g_scale / tl.load(denom_ptr)
-    return rows, row_in, rows.to(tl.int64), target, valid, g_scale
+        inv_denom = inv_denom / tl.load(denom_ptr)
+    return rows, row_in, rows.to(tl.int64), target, valid, inv_denom * (distill_weight * t2 / temperature), \
+        inv_denom * ce_weight
+
+
+@triton.jit
+def target_logit(s_ptr, rows64, s_stride, target, ok, V):
+    """Per row, the student's raw logit of the target class (0 where not ok or out of range: never read there)."""
+    ok = ok & (target >= 0) & (target < V)
+    return tl.load(s_ptr + rows64 * s_stride + tl.where(ok, target, 0), mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def ce_grad(s, cols, target, m1, lz1, ce_scale):
+    """The cross-entropy's gradient on a tile of raw logits s: ce_scale (softmax(s)_j - [j = target])."""
+    onehot = (cols[None, :] == target[:, None]).to(tl.float32)
+    return (tl.exp(s - m1[:, None] - lz1[:, None]) - onehot) * ce_scale[:, None]
 
 
 @triton.jit

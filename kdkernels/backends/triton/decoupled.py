@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ...methods import Partition
-from .common import NEG_INF, load_raw, row_block, safe_max, store_rows
+from .common import NEG_INF, ce_grad, load_raw, online_lse, row_block, safe_max, store_rows, target_logit
 
 TARGET = tl.constexpr(int(Partition.TARGET))
 TOPK = tl.constexpr(int(Partition.TOPK))
@@ -159,29 +159,35 @@ def _in_bin_kl(zt, kt, zs):
 
 @triton.jit
 def _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols, V, x, y, in_top1, in_strong,
-                c1, c2, c3, w_strong, w_rest, t1, t2, t3, tz1, tz2, tz3, s1, s2, s3, sz1, sz2, sz3, scale):
-    # g = scale * (c_b q^b - w_b p^b), b the element's bin (w_TOP1 = 0: a one-class bin has no in-bin KL).
+                c1, c2, c3, w_strong, w_rest, t1, t2, t3, tz1, tz2, tz3, s1, s2, s3, sz1, sz2, sz3, scale, ce):
+    # g = scale * (c_b q^b - w_b p^b) + ce, b the element's bin (w_TOP1 = 0: a one-class bin has no in-bin KL), ce
+    # the cross-entropy's gradient (0 without it).
     c = _pick(in_top1, in_strong, c1, c2, c3)
     w = tl.where(in_top1, 0.0, tl.where(in_strong, w_strong, w_rest))
     log_q = x - _pick(in_top1, in_strong, s1, s2, s3) - tl.log(_pick(in_top1, in_strong, sz1, sz2, sz3))
     log_p = y - _pick(in_top1, in_strong, t1, t2, t3) - tl.log(_pick(in_top1, in_strong, tz1, tz2, tz3))
     q_in = tl.where(x == NEG_INF, 0.0, tl.exp(log_q))
     p_in = tl.where(y == NEG_INF, 0.0, tl.exp(log_p))
-    g = (c * q_in - w * p_in) * scale[:, None]
+    g = (c * q_in - w * p_in) * scale[:, None] + ce
     store_rows(grad_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], g, 0.0))
 
 
 @triton.jit
 def decoupled_kernel(
-    s_ptr, t_ptr, target_ptr, denom_ptr, loss_ptr, grad_ptr,
+    s_ptr, t_ptr, target_ptr, denom_ptr, loss_ptr, ce_ptr, grad_ptr,
     N, V, s_stride, t_stride, g_stride, ignore_index,
-    temperature, t2, k, threshold, w_mass, w_strong, w_rest, max_weight,
+    temperature, t2, ce_weight, distill_weight, k, threshold, w_mass, w_strong, w_rest, max_weight,
     PARTITION: tl.constexpr, SPLIT_TOP1: tl.constexpr, ADAPTIVE: tl.constexpr, HAS_TARGET: tl.constexpr,
-    HAS_DENOM: tl.constexpr, WITH_GRAD: tl.constexpr, SINGLE_TILE: tl.constexpr,
+    HAS_DENOM: tl.constexpr, WITH_CE: tl.constexpr, WITH_GRAD: tl.constexpr, SINGLE_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, KPAD: tl.constexpr,
 ):
-    rows, row_in, rows64, tgt, valid, g_scale = row_block(target_ptr, denom_ptr, N, ignore_index, temperature, t2,
-                                                          HAS_TARGET, HAS_DENOM, BLOCK_N)
+    # WITH_CE: the cross-entropy term (at T = 1), from a running (m1, z1) of the raw student logits in pass 2.
+    rows, row_in, rows64, tgt, valid, g_scale, ce_scale = row_block(
+        target_ptr, denom_ptr, N, ignore_index, temperature, t2, ce_weight, distill_weight, HAS_TARGET, HAS_DENOM,
+        BLOCK_N)
+    s_y = 0.0
+    if WITH_CE:  # (read before an in-place gradient replaces it)
+        s_y = target_logit(s_ptr, rows64, s_stride, tgt, valid, V)
     bad_target = row_in & False
     if HAS_TARGET and PARTITION == TARGET:
         # An index outside [0, V) is never read (membership is a comparison): the row's loss becomes NaN.
@@ -215,10 +221,14 @@ def decoupled_kernel(
     # Pass 2: per-bin statistics of teacher and student.
     t1, t2_, t3, tz1, tz2, tz3, tk1, tk2, tk3 = ninf, ninf, ninf, zero, zero, zero, zero, zero, zero
     s1, s2, s3, sz1, sz2, sz3 = ninf, ninf, ninf, zero, zero, zero
+    m1, z1 = ninf, zero
     if SINGLE_TILE:
-        x = load_raw(s_ptr, rows64, s_stride, valid, cols0, V) / temperature
+        s = load_raw(s_ptr, rows64, s_stride, valid, cols0, V)
+        x = s / temperature
         t = load_raw(t_ptr, rows64, t_stride, valid, cols0, V)
         y = t / temperature
+        if WITH_CE:
+            m1, z1 = online_lse(m1, z1, s)
         in_top1, in_strong = _membership(t, cols0, tgt, kth_v, kth_i, top1_i, t_max, threshold, PARTITION,
                                          SPLIT_TOP1)
         t1, t2_, t3, tz1, tz2, tz3, tk1, tk2, tk3, s1, s2, s3, sz1, sz2, sz3 = _bins_update(
@@ -226,8 +236,11 @@ def decoupled_kernel(
     else:
         for i in range(0, tl.cdiv(V, BLOCK_V)):
             cols = (tl.cdiv(V, BLOCK_V) - 1 - i) * BLOCK_V + cols0  # backwards: pass 1's last tiles are in L2
-            x = load_raw(s_ptr, rows64, s_stride, valid, cols, V) / temperature
+            s = load_raw(s_ptr, rows64, s_stride, valid, cols, V)
+            x = s / temperature
             t = load_raw(t_ptr, rows64, t_stride, valid, cols, V)
+            if WITH_CE:
+                m1, z1 = online_lse(m1, z1, s)
             in_top1, in_strong = _membership(t, cols, tgt, kth_v, kth_i, top1_i, t_max, threshold, PARTITION,
                                              SPLIT_TOP1)
             t1, t2_, t3, tz1, tz2, tz3, tk1, tk2, tk3, s1, s2, s3, sz1, sz2, sz3 = _bins_update(
@@ -247,6 +260,8 @@ def decoupled_kernel(
     loss = weight * mass_kl + w_strong * _in_bin_kl(tz2, tk2, sz2) + w_rest * _in_bin_kl(tz3, tk3, sz3)
     loss = tl.where(bad_target, float("nan"), loss)
     tl.store(loss_ptr + rows, tl.where(kept, loss * t2, 0.0).to(tl.float32), mask=row_in)
+    if WITH_CE:
+        tl.store(ce_ptr + rows, tl.where(kept, m1 + tl.log(z1) - s_y, 0.0), mask=row_in)
 
     # Pass 3: the gradient.
     if WITH_GRAD:
@@ -254,16 +269,24 @@ def decoupled_kernel(
         c1 = (weight * (tl.exp(lq1) - tl.exp(lp1))).to(tl.float32)
         c2 = (weight * (tl.exp(lq2) - tl.exp(lp2)) + w_strong).to(tl.float32)
         c3 = (weight * (tl.exp(lq3) - tl.exp(lp3)) + w_rest).to(tl.float32)
+        lz1 = tl.log(z1)
         if SINGLE_TILE:
+            ce = 0.0
+            if WITH_CE:
+                ce = ce_grad(s, cols0, tgt, m1, lz1, ce_scale)
             _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols0, V, x, y, in_top1, in_strong,
-                        c1, c2, c3, w_strong, w_rest, t1, t2_, t3, tz1, tz2, tz3, s1, s2, s3, sz1, sz2, sz3, g_scale)
+                        c1, c2, c3, w_strong, w_rest, t1, t2_, t3, tz1, tz2, tz3, s1, s2, s3, sz1, sz2, sz3, g_scale,
+                        ce)
         else:
             for start in range(0, V, BLOCK_V):
                 cols = start + cols0
-                x = load_raw(s_ptr, rows64, s_stride, valid, cols, V) / temperature
+                s = load_raw(s_ptr, rows64, s_stride, valid, cols, V)
                 t = load_raw(t_ptr, rows64, t_stride, valid, cols, V)
                 in_top1, in_strong = _membership(t, cols, tgt, kth_v, kth_i, top1_i, t_max, threshold, PARTITION,
                                                  SPLIT_TOP1)
-                _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols, V, x, t / temperature, in_top1,
-                            in_strong, c1, c2, c3, w_strong, w_rest, t1, t2_, t3, tz1, tz2, tz3, s1, s2, s3, sz1, sz2,
-                            sz3, g_scale)
+                ce = 0.0
+                if WITH_CE:
+                    ce = ce_grad(s, cols, tgt, m1, lz1, ce_scale)
+                _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols, V, s / temperature, t / temperature,
+                            in_top1, in_strong, c1, c2, c3, w_strong, w_rest, t1, t2_, t3, tz1, tz2, tz3, s1, s2, s3,
+                            sz1, sz2, sz3, g_scale, ce)

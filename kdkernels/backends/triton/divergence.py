@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from ...methods import Divergence
-from .common import NEG_INF, load_scaled, log_softmax_tile, logaddexp, online_lse, row_block, safe_max, store_rows
+from .common import (NEG_INF, ce_grad, load_raw, load_scaled, log_softmax_tile, logaddexp, online_lse, row_block,
+                     safe_max, store_rows, target_logit)
 
 KD = tl.constexpr(int(Divergence.KD))
 RKL = tl.constexpr(int(Divergence.RKL))
@@ -122,34 +123,48 @@ def _grad_terms(r, p, a, b, CODE: tl.constexpr):
 
 
 @triton.jit
-def _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols, V, r, q, sum_r, scale):
-    g = (r - q * sum_r[:, None]) * scale[:, None]
+def _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols, V, r, q, sum_r, scale, ce):
+    g = (r - q * sum_r[:, None]) * scale[:, None] + ce
     store_rows(grad_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], g, 0.0))
 
 
 @triton.jit
 def divergence_kernel(
-    s_ptr, t_ptr, target_ptr, denom_ptr, loss_ptr, grad_ptr,
+    s_ptr, t_ptr, target_ptr, denom_ptr, loss_ptr, ce_ptr, grad_ptr,
     N, V, s_stride, t_stride, g_stride, ignore_index,
-    temperature, t2, mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta, w_fkl, w_rkl,
-    CODE: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_DENOM: tl.constexpr, WITH_GRAD: tl.constexpr,
-    SINGLE_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    temperature, t2, ce_weight, distill_weight, mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta, w_fkl, w_rkl,
+    CODE: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_DENOM: tl.constexpr, WITH_CE: tl.constexpr,
+    CE_APART: tl.constexpr, WITH_GRAD: tl.constexpr, SINGLE_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
-    rows, row_in, rows64, _, valid, g_scale = row_block(target_ptr, denom_ptr, N, ignore_index, temperature, t2,
-                                                        HAS_TARGET, HAS_DENOM, BLOCK_N)
+    # WITH_CE: the cross-entropy term (at T = 1): its softmax is the method's one unless CE_APART (T != 1), which
+    # keeps a running (m1, z1) of the raw logits too.
+    rows, row_in, rows64, tgt, valid, g_scale, ce_scale = row_block(
+        target_ptr, denom_ptr, N, ignore_index, temperature, t2, ce_weight, distill_weight, HAS_TARGET, HAS_DENOM,
+        BLOCK_N)
+    s_y = 0.0
+    if WITH_CE:  # (read before an in-place gradient replaces it)
+        s_y = target_logit(s_ptr, rows64, s_stride, tgt, valid, V)
     mx = tl.full([BLOCK_N], NEG_INF, tl.float32)
     my = tl.full([BLOCK_N], NEG_INF, tl.float32)
     zx = tl.zeros([BLOCK_N], tl.float32)
     zy = tl.zeros([BLOCK_N], tl.float32)
+    m1 = tl.full([BLOCK_N], NEG_INF, tl.float32)
+    z1 = tl.zeros([BLOCK_N], tl.float32)
     sum_l = tl.zeros([BLOCK_N], tl.float32)
     sum_r = tl.zeros([BLOCK_N], tl.float32)
     sum_e = tl.zeros([BLOCK_N], tl.float32)
     cols0 = tl.arange(0, BLOCK_V)
     if SINGLE_TILE:
-        x = load_scaled(s_ptr, rows64, s_stride, valid, cols0, V, temperature)
+        s = load_raw(s_ptr, rows64, s_stride, valid, cols0, V)
+        x = s / temperature
         y = load_scaled(t_ptr, rows64, t_stride, valid, cols0, V, temperature)
         mx, zx = online_lse(mx, zx, x)
         my, zy = online_lse(my, zy, y)
+        if CE_APART:
+            m1, z1 = online_lse(m1, z1, s)
+        else:
+            m1, z1 = mx, zx
         kept = valid & ((mx != NEG_INF) | (my != NEG_INF))
         loss, r, q, p, e = _terms(x, y, mx, tl.log(zx), my, tl.log(zy), mix_p, mix_q, log_mix_p, log_mix_q, alpha,
                                   beta, w_fkl, w_rkl, CODE)
@@ -159,13 +174,17 @@ def divergence_kernel(
         if CODE == KD:
             sum_r = tl.full([BLOCK_N], -1.0, tl.float32)
         if WITH_GRAD:
+            ce = 0.0
+            if WITH_CE:
+                ce = ce_grad(s, cols0, tgt, m1, tl.log(z1), ce_scale)
             _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols0, V, _grad_terms(r, p, a, b, CODE), q, sum_r,
-                        g_scale)
+                        g_scale, ce)
     else:
         # rkl: kq = sum exp(x - mx) ((x - mx) - (y - my)), re-based as the maxes move, gives l in this pass.
         kq = tl.zeros([BLOCK_N], tl.float32)
         for start in range(0, V, BLOCK_V):
-            x = load_scaled(s_ptr, rows64, s_stride, valid, start + cols0, V, temperature)
+            s = load_raw(s_ptr, rows64, s_stride, valid, start + cols0, V)
+            x = s / temperature
             y = load_scaled(t_ptr, rows64, t_stride, valid, start + cols0, V, temperature)
             if CODE == RKL:
                 sx = safe_max(tl.maximum(mx, tl.max(x, axis=1)))
@@ -179,6 +198,10 @@ def divergence_kernel(
             else:
                 mx, zx = online_lse(mx, zx, x)
             my, zy = online_lse(my, zy, y)
+            if CE_APART:
+                m1, z1 = online_lse(m1, z1, s)
+        if not CE_APART:
+            m1, z1 = mx, zx
         kept = valid & ((mx != NEG_INF) | (my != NEG_INF))
         lzx = tl.log(zx)
         lzy = tl.log(zy)
@@ -203,13 +226,18 @@ def divergence_kernel(
         if WITH_GRAD or CODE == KD:
             for start in range(0, V, BLOCK_V):
                 cols = start + cols0
-                x = load_scaled(s_ptr, rows64, s_stride, valid, cols, V, temperature)
+                s = load_raw(s_ptr, rows64, s_stride, valid, cols, V)
                 y = load_scaled(t_ptr, rows64, t_stride, valid, cols, V, temperature)
-                loss, r, q, p, e = _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta,
-                                          w_fkl, w_rkl, CODE)
+                loss, r, q, p, e = _terms(s / temperature, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q,
+                                          alpha, beta, w_fkl, w_rkl, CODE)
                 if CODE == KD:
                     sum_l += tl.sum(loss, axis=1)
                 if WITH_GRAD:
+                    ce = 0.0
+                    if WITH_CE:
+                        ce = ce_grad(s, cols, tgt, m1, tl.log(z1), ce_scale)
                     _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols, V, _grad_terms(r, p, a, b, CODE), q,
-                                sum_r, g_scale)
+                                sum_r, g_scale, ce)
     tl.store(loss_ptr + rows, tl.where(kept, sum_l * t2, 0.0), mask=row_in)
+    if WITH_CE:
+        tl.store(ce_ptr + rows, tl.where(kept, m1 + tl.log(z1) - s_y, 0.0), mask=row_in)
