@@ -109,11 +109,13 @@ class Settings:
     distill_weight: float
     return_parts: bool  # the caller wants the two terms' values too (LossParts)
 
-    def bind(self, target: object, leading: torch.Size, num_classes: int | Tensor,
-             device: torch.device) -> "LossCall":
+    def bind(self, target: object, leading: torch.Size, num_classes: int | Tensor, device: torch.device,
+             mask: object = None) -> "LossCall":
         """The call on rows of ``leading`` shape over ``num_classes`` classes (an int, or for a sharded vocabulary
         on an accelerator a 0-d device tensor, checked on the device) on ``device``: checks k < V and the target
-        (present where the plan indexes it, its shape, dtype, device and, where indexed, its bounds)."""
+        (present where the plan indexes it, its shape, dtype, device and, where indexed, its bounds). ``mask``
+        (bool or 0/1 of the leading shape) leaves out the rows where it is 0, as ``ignore_index`` does: it is folded
+        into the target the kernels read (a target of ignore_index and 0 when there is none)."""
         k = self.plan.top_k
         if k and isinstance(num_classes, int) and k >= num_classes:
             raise ValueError(f"k must be smaller than the number of classes V={num_classes}, got k={k}")
@@ -127,6 +129,10 @@ class Settings:
                                  f"{tuple(leading)})")
         else:
             target = self._checked_target(target, leading, num_classes, device)
+        labels = target is not None
+        if mask is not None:
+            mask = _checked_mask(mask, leading, device)
+            target = torch.where(mask, target if labels else 0, self.ignore_index)
         n = leading.numel()
         valid = torch.ones(n, dtype=torch.bool, device=device) if target is None else target != self.ignore_index
         if self.reduction != "batchmean":
@@ -139,7 +145,7 @@ class Settings:
         else:
             denominator = valid.sum().clamp(min=1).to(torch.float32)
         fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        return LossCall(**fields, target=target, valid=valid, denominator=denominator)
+        return LossCall(**fields, target=target, labels=labels, valid=valid, denominator=denominator)
 
     @property
     def indexes_target(self) -> bool:
@@ -174,14 +180,15 @@ class LossCall(Settings):
     """A checked loss call on N rows, as every backend receives it (the logits travel apart: they may be a chunk
     or a vocabulary shard)."""
 
-    target: Optional[Tensor] = None  # [N], or None
+    target: Optional[Tensor] = None  # [N] (ignore_index on the rows left out), or None
+    labels: bool = False  # the target holds the caller's class labels (not only a mask's marks)
     valid: Optional[Tensor] = None  # [N] bool: rows not ignored
     denominator: Optional[Tensor] = None  # 0-d float32 for batchmean, else None
 
     @property
     def with_ce(self) -> bool:
         """Whether the cross-entropy term is computed: it weighs in the loss, or its value is asked for."""
-        return self.target is not None and (self.ce_weight != 0 or self.return_parts)
+        return self.labels and (self.ce_weight != 0 or self.return_parts)
 
     def rows(self, start: int, stop: int) -> "LossCall":
         """The rows [start, stop), reduced with the whole batch's denominator."""
@@ -200,6 +207,18 @@ def resolve(method: object, hyperparameters: dict, temperature=None, t2_scale=No
     check_options(temperature, reduction, normalizer, ignore_index, ce_weight, distill_weight)
     return Settings(spec.name, hp, spec.plan(hp), float(temperature), t2_scale, reduction, int(ignore_index),
                     normalizer, float(ce_weight), float(distill_weight), bool(return_parts))
+
+
+def _checked_mask(mask: object, leading: torch.Size, device: torch.device) -> Tensor:
+    """``mask`` flattened to [N] bool: a bool or integer tensor of the leading shape, on the logits' device."""
+    if not isinstance(mask, torch.Tensor) or mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"mask must be a bool or integer torch.Tensor (1 keeps a row), got "
+                        f"{getattr(mask, 'dtype', type(mask).__name__)}")
+    if mask.shape != leading:
+        raise ValueError(f"mask must have the logits' leading shape {tuple(leading)}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask must be on the logits' device {device}, got {mask.device}")
+    return mask.reshape(-1) != 0
 
 
 def check_float_tensor(name: str, x: object, min_dim: int = 1) -> None:

@@ -63,6 +63,7 @@ def distill_loss(
     ce_weight: float = 0.0,
     distill_weight: float = 1.0,
     return_parts: bool = False,
+    mask: Optional[Tensor] = None,
     backend: str = "auto",
     **hyperparameters,
 ) -> Tensor | LossParts:
@@ -85,6 +86,8 @@ def distill_loss(
             over the same rows, reduction and normalizer; > 0 requires a target.
         distill_weight: weight of the method's loss.
         return_parts: return a ``LossParts`` (loss, distill, ce) for logging, at no extra pass.
+        mask: optional bool or 0/1 tensor [...]: rows where it is 0 are left out, as ignored rows are (a token mask
+            besides ``target`` and ``ignore_index``).
         backend: "auto", "reference", or a compiled backend as listed by ``kdkernels.available_backends()``.
         **hyperparameters: the method's hyperparameters, e.g. ``beta=0.5`` for jsd.
 
@@ -96,7 +99,7 @@ def distill_loss(
                        ce_weight, distill_weight, return_parts)
     _check_logits(student_logits, teacher_logits)
     leading, v = student_logits.shape[:-1], student_logits.shape[-1]
-    call = settings.bind(target, leading, v, student_logits.device)
+    call = settings.bind(target, leading, v, student_logits.device, mask)
     impl = backends.select_backend(backend, student_logits).impl
     student = student_logits.reshape(-1, v)
     if isinstance(teacher_logits, SparseTeacher):
@@ -128,7 +131,7 @@ def finish(call, loss: Tensor, parts: Tensor, leading) -> Tensor | LossParts:
         loss, parts = loss.reshape(leading), parts.reshape(2, *leading)
     if not call.return_parts:
         return loss
-    return LossParts(loss, parts[0], parts[1] if call.target is not None else None)
+    return LossParts(loss, parts[0], parts[1] if call.labels else None)
 
 
 def loss_function(method: str, entry: Callable = distill_loss, options: dict | None = None) -> Callable:
@@ -144,7 +147,7 @@ def loss_function(method: str, entry: Callable = distill_loss, options: dict | N
     P = inspect.Parameter
     keyword = {**spec.hyperparameters, "temperature": spec.temperature, "t2_scale": spec.t2_scale,
                "reduction": "batchmean", "ignore_index": -100, "normalizer": None, "ce_weight": 0.0,
-               "distill_weight": 1.0, "return_parts": False, **options}
+               "distill_weight": 1.0, "return_parts": False, "mask": None, **options}
     loss.__signature__ = inspect.Signature(
         [P("student_logits", P.POSITIONAL_OR_KEYWORD), P("teacher_logits", P.POSITIONAL_OR_KEYWORD),
          P("target", P.POSITIONAL_OR_KEYWORD, default=None)]

@@ -132,18 +132,47 @@ def _accumulate_f32(acc: Tensor, a: Tensor, b: Tensor) -> None:
 
 
 @dataclass
+class _Head:
+    """One model's output layer: logits = cap(scale * (hidden @ weight.T + bias)), cap(z) = c tanh(z / c)."""
+
+    weight: Tensor  # [V, H]
+    bias: Tensor | None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def logits(self, hidden: Tensor, v: int) -> Tensor:
+        """float32 logits [rows, v] of ``hidden`` [rows, H], padded with -inf past the head's classes."""
+        out = _matmul_f32(hidden, self.weight.t())
+        if self.bias is not None:
+            out += self.bias
+        if self.scale != 1.0:
+            out.mul_(self.scale)
+        if self.softcap is not None:
+            out.div_(self.softcap).tanh_().mul_(self.softcap)
+        if out.shape[1] < v:
+            out = torch.cat([out, out.new_full((out.shape[0], v - out.shape[1]), float("-inf"))], 1)
+        return out
+
+    def backward_(self, grad: Tensor, logits: Tensor) -> Tensor:
+        """d loss / d (hidden @ weight.T + bias) from d loss / d logits ``grad``, in place; ``logits`` (the capped
+        ones, consumed) give the softcap's derivative 1 - (cap(z) / c)^2."""
+        if self.softcap is not None:
+            grad.mul_(logits.div_(self.softcap).square_().neg_().add_(1))
+        if self.scale != 1.0:
+            grad.mul_(self.scale)
+        return grad
+
+
+@dataclass
 class _Heads:
     """Everything the chunks share: the checked loss call over the whole batch, the two heads and the backend."""
 
     call: LossCall  # over all N rows (its denominator is the whole batch's)
     backend: backends.Backend
-    student_weight: Tensor
-    student_bias: Tensor | None
-    teacher_weight: Tensor | None
-    teacher_bias: Tensor | None
-    softcap: float | None
-    teacher_softcap: float | None
+    student: _Head
+    teacher: _Head | None  # None for a sparse teacher
     teacher_hidden: Tensor | SparseTeacher  # [N, H_t] or [N, k]
+    entropy: bool = False  # compute the student's per-row entropy at T (for logging)
 
     loss_rows: int = 0  # rows per loss call by autograd (backends without an in-place op)
 
@@ -153,47 +182,38 @@ class _Heads:
 
     def tensors(self) -> list:
         """The tensors besides the student's hidden states that a recomputation reads (None where absent)."""
-        teacher = [self.teacher_hidden.indices, self.teacher_hidden.values] if self.sparse else [self.teacher_hidden]
-        return [self.student_weight, self.student_bias, self.teacher_weight, self.teacher_bias, *teacher]
-
-    def logits(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, cap: float | None, v: int) -> Tensor:
-        """float32 logits [rows, v] of one head, capped, padded with -inf past the head's classes."""
-        out = _matmul_f32(hidden, weight.t())
-        if bias is not None:
-            out += bias
-        if cap is not None:
-            out.div_(cap).tanh_().mul_(cap)
-        if out.shape[1] < v:
-            out = torch.cat([out, out.new_full((out.shape[0], v - out.shape[1]), float("-inf"))], 1)
-        return out
+        teacher = [self.teacher_hidden.indices, self.teacher_hidden.values] if self.sparse else \
+            [self.teacher_hidden, self.teacher.weight, self.teacher.bias]
+        return [self.student.weight, self.student.bias, *teacher]
 
     def chunk(self, start: int, stop: int, student_hidden: Tensor, want_grad: bool):
         """(loss of rows [start, stop) as reduced by the whole batch's denominator, or per row for "none"; its
-        parts; d that loss / d student logits [rows, V_student] float32, or None)."""
-        v_s = self.student_weight.shape[0]
+        parts; the student's entropy per row or None; d that loss / d the student head's pre-activation
+        [rows, V_student] float32, or None)."""
+        v_s = self.student.weight.shape[0]
         call = self.call.rows(start, stop)
-        temperature = call.temperature
         if self.sparse:
             teacher = self.teacher_hidden.rows(start, stop)
             v = v_s
         else:
-            v = self.teacher_weight.shape[0]
+            v = self.teacher.weight.shape[0]
             with torch.no_grad():
-                teacher = self.logits(self.teacher_hidden[start:stop].detach(), self.teacher_weight.detach(),
-                                      None if self.teacher_bias is None else self.teacher_bias.detach(),
-                                      self.teacher_softcap, v)
-        s = self.logits(student_hidden[start:stop], self.student_weight, self.student_bias, self.softcap, v)
-        capped = s.clone() if want_grad and self.softcap is not None else None
+                teacher = _Head(self.teacher.weight.detach(), None if self.teacher.bias is None else
+                                self.teacher.bias.detach(), self.teacher.scale, self.teacher.softcap).logits(
+                    self.teacher_hidden[start:stop].detach(), v)
+        s = self.student.logits(student_hidden[start:stop], v)
+        entropy = None
+        if self.entropy:  # -sum q log q of q = softmax(s / T), before s becomes the gradient
+            entropy = torch.where(call.valid, torch.special.entr(torch.softmax(s / call.temperature, -1)).sum(-1), 0.0)
+        capped = s.clone() if want_grad and self.student.softcap is not None else None
         if self.sparse:
             loss, parts, grad = self._sparse_loss(call, s, teacher, want_grad)
         else:
             loss, parts, grad = self._loss(call, s, teacher, want_grad)
         del teacher
         if grad is None:
-            return loss, parts, None
-        if capped is not None:  # d cap(z)/dz = 1 - (cap(z) / c)^2, in the capped logits' buffer
-            grad.mul_(capped.div_(self.softcap).square_().neg_().add_(1))
-        return loss, parts, grad[:, :v_s]
+            return loss, parts, entropy, None
+        return loss, parts, entropy, self.student.backward_(grad, capped)[:, :v_s]
 
     def _sparse_loss(self, call: LossCall, s: Tensor, teacher: SparseTeacher, want_grad: bool):
         """A chunk against a sparse teacher: the method's loss on the k + 1 bins (sparse.py), then the
@@ -248,23 +268,24 @@ def _total(values: list, reduction: str) -> Tensor:
 
 
 def _run(p: _Heads, hidden: Tensor, rows: int, need: tuple[bool, bool, bool], grad_rows: Tensor | None):
-    """Loss and parts over all chunks and, when ``need`` asks, (grad_hidden, grad_weight, grad_bias);
-    ``grad_rows`` [N] scales each row's gradient (reduction="none")."""
+    """Loss, parts and the student's entropy per row (empty unless asked) over all chunks and, when ``need`` asks,
+    (grad_hidden, grad_weight, grad_bias); ``grad_rows`` [N] scales each row's gradient (reduction="none")."""
     n = hidden.shape[0]
-    weight = p.student_weight.detach()
+    weight = p.student.weight.detach()
     want_grad = any(need)
     grad_h = torch.empty_like(hidden) if need[0] else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need[2] else None
-    losses, parts = [], []
+    losses, parts, entropies = [], [], []
     # Autocast would run the chunk matmuls in low precision: they already use the weights' dtype with float32
     # accumulation, as the fused kernels do.
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, n, rows):
             stop = min(start + rows, n)
-            loss, loss_parts, g = p.chunk(start, stop, hidden, want_grad)
+            loss, loss_parts, entropy, g = p.chunk(start, stop, hidden, want_grad)
             losses.append(loss)
             parts.append(loss_parts)
+            entropies.append(entropy)
             if g is None:
                 continue
             if grad_rows is not None:
@@ -280,11 +301,12 @@ def _run(p: _Heads, hidden: Tensor, rows: int, need: tuple[bool, bool, bool], gr
             if grad_b is not None:
                 grad_b += g.sum(0)
             del g, g_mm  # this chunk's buffers go before the next chunk's are allocated
+    entropy = torch.cat(entropies) if p.entropy and entropies else hidden.new_zeros(0, dtype=torch.float32)
     if not losses:  # no rows
         rows_shape = (0,) if p.call.reduction == "none" else ()
         return (torch.zeros(rows_shape, device=hidden.device), torch.zeros((2, *rows_shape), device=hidden.device),
-                grad_h, grad_w, grad_b)
-    return _total(losses, p.call.reduction), _total(parts, p.call.reduction), grad_h, grad_w, grad_b
+                entropy, grad_h, grad_w, grad_b)
+    return _total(losses, p.call.reduction), _total(parts, p.call.reduction), entropy, grad_h, grad_w, grad_b
 
 
 class LinearDistillFunction(torch.autograd.Function):
@@ -295,21 +317,22 @@ class LinearDistillFunction(torch.autograd.Function):
         ctx.p, ctx.rows, ctx.need, ctx.consumed = p, rows, need, False
         hidden = student_hidden.detach()
         if p.call.reduction == "none":
-            loss, parts, *_ = _run(p, hidden, rows, (False, False, False), None)
+            loss, parts, entropy, *_ = _run(p, hidden, rows, (False, False, False), None)
             # Saved so that autograd refuses a backward after any of them changed in place (backward recomputes).
             ctx.save_for_backward(hidden, *p.tensors())
         else:
-            loss, parts, grad_h, grad_w, grad_b = _run(p, hidden, rows, need, None)
+            loss, parts, entropy, grad_h, grad_w, grad_b = _run(p, hidden, rows, need, None)
             ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.mark_non_differentiable(parts)
-        return loss, parts
+        ctx.mark_non_differentiable(parts, entropy)
+        return loss, parts, entropy
 
     @staticmethod
-    def backward(ctx, grad_output, _grad_parts):
+    def backward(ctx, grad_output, _grad_parts, _grad_entropy):
         p = ctx.p
         if p.call.reduction == "none":
             hidden = ctx.saved_tensors[0]
-            _, _, grad_h, grad_w, grad_b = _run(p, hidden, ctx.rows, ctx.need, grad_output.reshape(-1).float())
+            p = replace(p, entropy=False)  # (logging only: not recomputed)
+            _, _, _, grad_h, grad_w, grad_b = _run(p, hidden, ctx.rows, ctx.need, grad_output.reshape(-1).float())
         else:
             if ctx.consumed:
                 raise RuntimeError("kdkernels: the fused-linear loss's saved gradients were already used; backward "
@@ -321,8 +344,8 @@ class LinearDistillFunction(torch.autograd.Function):
                 if grad is not None:
                     p.backend.scale_rows(grad, grad_output)
             grad_b = None if grad_b is None else grad_b * grad_output
-        grad_w = None if grad_w is None else grad_w.to(p.student_weight.dtype)
-        grad_b = None if grad_b is None else grad_b.to(p.student_bias.dtype)
+        grad_w = None if grad_w is None else grad_w.to(p.student.weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(p.student.bias.dtype)
         return grad_h, grad_w, grad_b, None, None, None
 
 
@@ -355,6 +378,8 @@ def linear_distill_loss(
     memory_budget: Optional[int] = None,
     softcap: Optional[float] = None,
     teacher_softcap: Optional[float] = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
     temperature: Optional[float] = None,
     t2_scale: Optional[bool] = None,
     reduction: str = "batchmean",
@@ -363,6 +388,8 @@ def linear_distill_loss(
     ce_weight: float = 0.0,
     distill_weight: float = 1.0,
     return_parts: bool = False,
+    return_entropy: bool = False,
+    mask: Optional[Tensor] = None,
     backend: str = "auto",
     **hyperparameters,
 ) -> Tensor:
@@ -375,15 +402,20 @@ def linear_distill_loss(
             (classes past V are the student's logit -inf: module docstring); teacher_bias: [V_t] or None. The
             teacher is a constant (computed under no_grad). Or a ``SparseTeacher`` with teacher_weight=None.
         target, temperature, t2_scale, reduction, ignore_index, normalizer, ce_weight, distill_weight, return_parts,
-            backend, **hyperparameters: as in ``distill_loss`` (the cross-entropy term is the student head's, in the
-            same pass); reductions and the batchmean denominator are those of the whole batch.
-        softcap: c applies c * tanh(logits / c) to the student's logits (Gemma-style), with its gradient;
-            teacher_softcap (default: softcap) to the teacher's.
+            mask, backend, **hyperparameters: as in ``distill_loss`` (the cross-entropy term is the student head's,
+            in the same pass); reductions and the batchmean denominator are those of the whole batch.
+        student_logit_scale, teacher_logit_scale: each model's logits are ``scale * (hidden @ weight.T + bias)``
+            (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``), before the softcap.
+        softcap, teacher_softcap: c applies c * tanh(logits / c) to the student's, resp. the teacher's, logits
+            (Gemma's final-logit softcapping), with its gradient; None (default) leaves them uncapped.
+        return_entropy: also return the student's entropy at T per row (leading shape, float32, 0 on the rows left
+            out; not differentiable), for logging: ``(result, entropy)``. It costs one softmax over each chunk.
         memory_budget: bytes of chunk temporaries to size chunks from (default ``default_budget``);
             chunk_size: rows per chunk instead (the loss's autograd sub-chunks still follow the budget).
 
     Returns:
-        float32 loss: 0-d, or the leading shape for reduction="none".
+        float32 loss: 0-d, or the leading shape for reduction="none"; a ``LossParts`` with ``return_parts``;
+        ``(that, entropy)`` with ``return_entropy``.
     """
     settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index, normalizer,
                        ce_weight, distill_weight, return_parts)
@@ -417,32 +449,39 @@ def linear_distill_loss(
         tensors.append(teacher_hidden.values)
     if any(x.device != student_hidden.device for x in tensors):
         raise ValueError(f"all inputs must be on one device, got {sorted({str(x.device) for x in tensors})}")
-    teacher_softcap = softcap if teacher_softcap is None and not sparse else teacher_softcap
     for name, cap in (("softcap", softcap), ("teacher_softcap", teacher_softcap)):
         if cap is not None:
             _check_positive(name, cap)
+    for name, scale in (("student_logit_scale", student_logit_scale), ("teacher_logit_scale", teacher_logit_scale)):
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"{name} must be a finite number, got {scale!r}")
+    if sparse and teacher_logit_scale != 1.0:
+        raise ValueError("a SparseTeacher is the teacher's output: teacher_logit_scale does not apply to it")
     if chunk_size is not None:
         _check_positive("chunk_size", chunk_size, int)
     if memory_budget is not None:
         _check_positive("memory_budget", memory_budget, int)
-    call = settings.bind(target, leading, v, student_hidden.device)
+    call = settings.bind(target, leading, v, student_hidden.device, mask)
     n = leading.numel()
     if sparse:
         teacher_hidden = check_sparse(teacher_hidden, settings.method, settings.plan, leading, v,
                                       student_hidden.device, call.valid)
     else:
         teacher_hidden = teacher_hidden.reshape(n, teacher_hidden.shape[-1])
-    p = _Heads(call, backends.select_backend(backend, student_weight), student_weight, student_bias, teacher_weight,
-               teacher_bias, softcap, teacher_softcap, teacher_hidden)
+    p = _Heads(call, backends.select_backend(backend, student_weight),
+               _Head(student_weight, student_bias, float(student_logit_scale), softcap),
+               None if sparse else _Head(teacher_weight, teacher_bias, float(teacher_logit_scale), teacher_softcap),
+               teacher_hidden, return_entropy)
     budget = default_budget(student_hidden.device, p.inplace is not None) if memory_budget is None \
         else memory_budget
     rows, p.loss_rows = chunk_rows(budget, v, v_t, student_weight.dtype, p.inplace is not None,
-                                   softcap is not None, sparse)
+                                   softcap is not None or return_entropy, sparse)
     if chunk_size is None:  # the fewest chunks the budget allows, of equal size (no short last chunk)
         chunk_size = -(-n // -(-n // rows)) if n else rows
     grad_on = torch.is_grad_enabled()
     need = (grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
             grad_on and student_bias is not None and student_bias.requires_grad)
-    loss, parts = LinearDistillFunction.apply(student_hidden.reshape(n, h_s), student_weight, student_bias, p,
-                                              max(1, min(chunk_size, n)), need)
-    return finish(call, loss, parts, leading)
+    loss, parts, entropy = LinearDistillFunction.apply(student_hidden.reshape(n, h_s), student_weight, student_bias,
+                                                       p, max(1, min(chunk_size, n)), need)
+    result = finish(call, loss, parts, leading)
+    return (result, entropy.reshape(leading)) if return_entropy else result

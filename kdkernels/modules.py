@@ -25,7 +25,7 @@ class DistillLoss(nn.Module):
             (ce_weight > 0 adds the student's cross-entropy against the target, fused).
         **hyperparameters: the method's hyperparameters; the others keep their defaults.
 
-    ``forward(student_logits, teacher_logits, target=None, *, normalizer=None)``.
+    ``forward(student_logits, teacher_logits, target=None, *, normalizer=None, mask=None)``.
     """
 
     def __init__(self, method: str, *, temperature=None, t2_scale=None, reduction: str = "batchmean",
@@ -51,8 +51,9 @@ class DistillLoss(nn.Module):
                     ignore_index=self.ignore_index, ce_weight=self.ce_weight, distill_weight=self.distill_weight,
                     return_parts=self.return_parts, backend=self.backend, **self.hyperparameters)
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target=None, *, normalizer=None):
-        return distill_loss(self.method, student_logits, teacher_logits, target, normalizer=normalizer,
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target=None, *, normalizer=None,
+                mask=None):
+        return distill_loss(self.method, student_logits, teacher_logits, target, normalizer=normalizer, mask=mask,
                             **self.options())
 
     def extra_repr(self) -> str:
@@ -66,21 +67,24 @@ class LinearDistillLoss(DistillLoss):
     """Fused-linear distillation loss ``method`` as a module, e.g. ``LinearDistillLoss("kd", softcap=30.0)``.
 
     ``forward(student_hidden, student_weight, teacher_hidden, teacher_weight, target=None, *, student_bias=None,
-    teacher_bias=None, normalizer=None)`` is ``kdkernels.linear_distill_loss`` with this module's options; besides
-    DistillLoss's, it takes chunk_size, memory_budget, softcap and teacher_softcap.
+    teacher_bias=None, normalizer=None, mask=None)`` is ``kdkernels.linear_distill_loss`` with this module's
+    options; besides DistillLoss's, it takes chunk_size, memory_budget, softcap, teacher_softcap,
+    student_logit_scale and teacher_logit_scale.
     """
 
     def __init__(self, method: str, *, chunk_size=None, memory_budget=None, softcap=None, teacher_softcap=None,
-                 **kwargs):
+                 student_logit_scale=1.0, teacher_logit_scale=1.0, **kwargs):
         super().__init__(method, **kwargs)
         self.linear_options = {"chunk_size": chunk_size, "memory_budget": memory_budget, "softcap": softcap,
-                               "teacher_softcap": teacher_softcap}
+                               "teacher_softcap": teacher_softcap, "student_logit_scale": student_logit_scale,
+                               "teacher_logit_scale": teacher_logit_scale}
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, target=None, *,
-                student_bias=None, teacher_bias=None, normalizer=None):
+                student_bias=None, teacher_bias=None, normalizer=None, mask=None):
         return linear_distill_loss(
             self.method, student_hidden, student_weight, teacher_hidden, teacher_weight, target,
-            student_bias=student_bias, teacher_bias=teacher_bias, normalizer=normalizer, **self.linear_options,
+            student_bias=student_bias, teacher_bias=teacher_bias, normalizer=normalizer, mask=mask,
+            **self.linear_options,
             **self.options(),
         )
 

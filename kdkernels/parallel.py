@@ -316,13 +316,14 @@ def distill_loss(
     ce_weight: float = 0.0,
     distill_weight: float = 1.0,
     return_parts: bool = False,
+    mask: Optional[Tensor] = None,
     **hyperparameters,
 ) -> Tensor:
     """``kdkernels.distill_loss`` with the vocabulary sharded across the ranks of ``group`` (module docstring).
 
     Args:
         method, temperature, t2_scale, reduction, ignore_index, normalizer, ce_weight, distill_weight, return_parts,
-            **hyperparameters: as in ``kdkernels.distill_loss``, the same on every rank.
+            mask, **hyperparameters: as in ``kdkernels.distill_loss``, the same on every rank.
         student_logits, teacher_logits: [..., V_r], this rank's contiguous shard of the classes (ranks in order).
         target: optional global class indices [...] in [0, V) (or ignore_index), the same on every rank.
         group: the process group (default: the default group); it must be initialised.
@@ -345,7 +346,7 @@ def distill_loss(
     student = student_logits.reshape(-1, v_local)
     teacher = teacher_logits.reshape(-1, v_local)
     shard = shard_of(student, group)
-    call = settings.bind(target, leading, shard.num_classes, student.device)
+    call = settings.bind(target, leading, shard.num_classes, student.device, mask)
     if torch.is_grad_enabled() and student.requires_grad:
         rows, parts = _ShardLoss.apply(student, teacher, call, shard)
     else:

@@ -100,6 +100,9 @@ BAD = [
     ("normalizer with sum", dict(reduction="sum", normalizer=3.0), ValueError, "normalizer"),
     ("normalizer shape", dict(normalizer=torch.ones(2)), ValueError, "normalizer"),
     ("normalizer zero", dict(normalizer=0), ValueError, "normalizer"),
+    ("float mask", dict(mask=torch.ones(4)), TypeError, "mask must be a bool or integer"),
+    ("mask shape", dict(mask=torch.ones(3, dtype=torch.bool)), ValueError, "mask must have .* shape"),
+    ("mask not a tensor", dict(mask=[1, 1, 1, 1]), TypeError, "mask"),
 ]
 
 
@@ -152,6 +155,31 @@ def test_ignored_rows(backend, device, case):
     for reduction in ("batchmean", "sum", "none"):
         loss, grad = run_loss(method, s, t, target, hp, backend, reduction, ignore_index=-7)
         assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_row_mask_is_ignore_index(backend, device, case):
+    """mask=0 leaves a row out exactly as target=ignore_index does: loss, gradient, batchmean denominator and the
+    cross-entropy term; NaN in a masked row stays out. Without a target, rows are kept by the mask alone."""
+    method, hp = case
+    s, t, target = make_inputs((2, 3, 17), torch.float32, device, seed=15)
+    s[0, 1, 3] = math.nan
+    mask = torch.tensor([[1, 0, 1], [1, 1, 0]], device=device)
+    kept = mask.bool()
+    go = torch.linspace(-1.0, 2.0, 6, device=device).reshape(2, 3)
+    for reduction, grad_output in (("batchmean", 1.3), ("sum", 0.7), ("none", go)):
+        ce = 0.0 if reduction == "sum" else 0.4
+        options = dict(ce_weight=ce, distill_weight=0.8)
+        loss, grad = run_loss(method, s, t, target, hp, backend, reduction, grad_output, mask=mask, **options)
+        want, want_grad = run_loss(method, s, t, torch.where(kept, target, -100), hp, backend, reduction,
+                                   grad_output, **options)
+        assert torch.equal(loss, want) and torch.equal(grad, want_grad), reduction
+        assert not grad[~kept].any() and torch.isfinite(loss).all()
+    spec = kdkernels.METHODS[method]
+    if not spec.plan(spec.resolve(hp)).needs_target:
+        loss, grad = run_loss(method, s, t, None, hp, backend, "none", go, mask=mask.bool())
+        want, want_grad = run_loss(method, s, t, torch.where(kept, 0, -100), hp, backend, "none", go)
+        assert torch.equal(loss, want) and torch.equal(grad, want_grad)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

@@ -25,26 +25,27 @@ def make_heads(n=N, h_s=H_S, h_t=H_T, v=V, v_t=None, dtype=torch.float32, device
     return student, teacher, target.to(device)
 
 
-def full_logits(head, cap=None):
-    z = head["hidden"].float() @ head["weight"].float().t() + head["bias"].float()
+def full_logits(head, cap=None, scale=1.0):
+    """A head's logits as the model computes them: scale * (hidden @ weight.T + bias), then the softcap."""
+    z = scale * (head["hidden"] @ head["weight"].t() + head["bias"])
     return z if cap is None else cap * torch.tanh(z / cap)
 
 
 def compare(method, hp, backend, student, teacher, target, grad_output=None, tol_dtype=torch.float32,
-            softcap=None, chunk_size=None, memory_budget=None, **options):
+            softcap=None, teacher_softcap=None, student_logit_scale=1.0, teacher_logit_scale=1.0, chunk_size=None,
+            memory_budget=None, **options):
     """linear_distill_loss against distill_loss (reference) on the float64 full logits: loss and all gradients."""
     params = [student[k].detach().clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
     loss = linear_distill_loss(method, params[0], params[1], teacher["hidden"], teacher["weight"], target,
                                student_bias=params[2], teacher_bias=teacher["bias"], backend=backend,
-                               softcap=softcap, chunk_size=chunk_size, memory_budget=memory_budget, **hp,
-                               **options)
+                               softcap=softcap, teacher_softcap=teacher_softcap,
+                               student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+                               chunk_size=chunk_size, memory_budget=memory_budget, **hp, **options)
     go = torch.full_like(loss, 0.7) if grad_output is None else grad_output
     got = torch.autograd.grad(loss, params, go)
     ref = [student[k].detach().double().clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
-    s = ref[0] @ ref[1].t() + ref[2]
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
-    t = full_logits({k: x.double() for k, x in teacher.items()}, softcap)
+    s = full_logits(dict(zip(("hidden", "weight", "bias"), ref)), softcap, student_logit_scale)
+    t = full_logits({k: x.double() for k, x in teacher.items()}, teacher_softcap, teacher_logit_scale)
     if t.shape[-1] > s.shape[-1]:  # padded teacher vocabulary: the student's missing classes are -inf
         s = torch.cat([s, s.new_full((s.shape[0], t.shape[-1] - s.shape[-1]), float("-inf"))], -1)
     want = kdkernels.distill_loss(method, s, t, target, backend="reference", **hp, **options)
@@ -96,7 +97,20 @@ def test_softcap(method, hp, backend, device):
     student, teacher, target = make_heads(device=device)
     for head in (student, teacher):
         head["weight"] = head["weight"] * 4  # logits near and past the cap
+    compare(method, hp, backend, student, teacher, target, softcap=3.0, teacher_softcap=3.0, chunk_size=4)
+    # Each model its own cap, or none (a Gemma student distilled from an uncapped teacher, and the reverse).
     compare(method, hp, backend, student, teacher, target, softcap=3.0, chunk_size=4)
+    compare(method, hp, backend, student, teacher, target, teacher_softcap=2.0, chunk_size=4)
+
+
+@pytest.mark.parametrize("method,hp", [("kd", {}), ("jsd", {"beta": 0.3})])
+def test_logit_scales(method, hp, backend, device):
+    """student_logit_scale / teacher_logit_scale multiply each head's logits before its softcap."""
+    student, teacher, target = make_heads(device=device)
+    compare(method, hp, backend, student, teacher, target, student_logit_scale=0.5, teacher_logit_scale=1.75,
+            chunk_size=3)
+    compare(method, hp, backend, student, teacher, target, student_logit_scale=2.0, softcap=3.0,
+            teacher_logit_scale=0.25, teacher_softcap=1.5, chunk_size=4, temperature=2.0)
 
 
 @pytest.mark.parametrize("method,hp", [("rkl", {}), ("tvd", {}), ("jsd", {"beta": 0.5})])
@@ -293,3 +307,41 @@ def test_hard_label_term_with_sparse_teacher(backend, device):
     assert_close(loss, want.detach().cpu().numpy(), torch.float32, "loss")
     for a, b in zip(got, want_grads):
         assert_close(a, b.cpu().numpy(), torch.float32, "gradient")
+
+
+@pytest.mark.parametrize("case", [("jsd", {"beta": 0.3}), ("dkd", {})], ids=case_id)
+def test_row_mask(case, backend, device):
+    """mask leaves rows out of the fused-linear loss as it does out of distill_loss (and as ignore_index does)."""
+    method, hp = case
+    student, teacher, target = make_heads(device=device)
+    mask = torch.tensor([1, 1, 0, 1, 0, 1, 1], device=device)
+    compare(method, hp, backend, student, teacher, target, chunk_size=3, mask=mask, ce_weight=0.5)
+    compare(method, hp, backend, student, teacher, target, chunk_size=2, mask=mask.bool(), reduction="none")
+    with pytest.raises(ValueError, match="mask must have"):
+        linear_distill_loss(method, student["hidden"], student["weight"], teacher["hidden"], teacher["weight"],
+                            target, mask=mask[:3], backend=backend, **hp)
+
+
+def test_student_entropy(backend, device):
+    """return_entropy: the student's entropy at T per row (after scale and softcap), 0 on rows left out, and
+    the loss unchanged."""
+    student, teacher, target = make_heads(n=6, device=device)
+    mask = torch.tensor([1, 0, 1, 1, 1, 1], device=device)
+    options = dict(softcap=3.0, student_logit_scale=1.5, temperature=2.0, chunk_size=4, mask=mask.reshape(2, 3),
+                   student_bias=student["bias"], teacher_bias=teacher["bias"], backend=backend)
+    hidden = student["hidden"].reshape(2, 3, H_S).requires_grad_(True)
+    args = ("kd", hidden, student["weight"], teacher["hidden"].reshape(2, 3, H_T), teacher["weight"],
+            target.reshape(2, 3))
+    parts, entropy = linear_distill_loss(*args, return_parts=True, return_entropy=True, **options)
+    assert entropy.shape == (2, 3) and entropy.dtype == torch.float32 and not entropy.requires_grad
+    s = full_logits({k: x.double() for k, x in student.items()}, 3.0, 1.5)
+    want = torch.special.entr(torch.softmax(s / 2.0, -1)).sum(-1) * (target != -100) * mask
+    assert_close(entropy.reshape(-1), want.cpu().numpy(), torch.float32, "entropy")
+    loss = linear_distill_loss(*args, **options)
+    assert torch.equal(parts.loss, loss)
+    loss_none, entropy_none = linear_distill_loss(*args, reduction="none", return_entropy=True, **options)
+    assert torch.equal(entropy_none, entropy) and loss_none.shape == (2, 3)
+    # Logging only: the gradient is the loss's (the entropy output takes none).
+    grad, = torch.autograd.grad(parts.loss, hidden)
+    want_grad, = torch.autograd.grad(linear_distill_loss(*args, **options), hidden)
+    assert torch.equal(grad, want_grad)
