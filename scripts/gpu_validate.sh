@@ -28,6 +28,10 @@ if ! command -v nvcc >/dev/null && [ ! -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvc
   echo "no nvcc here: the extension is built without its CUDA kernels (KDKERNELS_NO_CUDA=1)" | tee -a "$results/env.txt"
   export KDKERNELS_NO_CUDA=1
 fi
+if ! python3 -c "import transformers, trl" 2>/dev/null; then
+  echo "no transformers / trl here: tests/test_integrations.py is skipped (KDKERNELS_NO_LLM=1)" | tee -a "$results/env.txt"
+  export KDKERNELS_NO_LLM=1
+fi
 if ls csrc/*.cpp >/dev/null 2>&1 && [ "${KDKERNELS_NO_EXTENSION:-0}" != 1 ]; then
   python3 setup.py -q build_ext --inplace 2>&1 | tail -5 | tee "$results/build.log"
 fi

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Creates .venv (once) and installs kdkernels into it with everything the demo, tests and benchmarks need, building
-# the compiled extension kdkernels._C. torch is pinned: on these CPU machines torch==2.13.0 comes from a local CPU
-# build (an unpinned torch would pull GBs of CUDA packages). Set KDKERNELS_TORCH to another requirement (or to "" to
-# keep the installed one).
+# Creates .venv (once) and installs kdkernels into it with everything the demos, tests and benchmarks need (the dev
+# and llm extras: transformers, trl, liger-kernel ...), building the compiled extension kdkernels._C. torch is
+# pinned: on these CPU machines torch==2.13.0 comes from a local CPU build (an unpinned torch would pull GBs of CUDA
+# packages). Set KDKERNELS_TORCH to another requirement (or to "" to keep the installed one).
 #
 # A later run installs and builds nothing unless something the install depends on changed: a file of csrc/,
 # setup.py, pyproject.toml, the torch requirement or a build switch (KDKERNELS_NO_EXTENSION, KDKERNELS_NO_CUDA,
@@ -34,6 +34,7 @@ fi
 pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@"; }
 [ -z "$torch_req" ] || pip install "$torch_req"
 pip install setuptools wheel
-pip install --no-build-isolation -e ".[dev]"
+# The torch requirement again: the extras' packages that depend on torch (trl, liger-kernel) keep the pinned build.
+pip install --no-build-isolation -e ".[dev,llm]" ${torch_req:+"$torch_req"}
 mkdir -p build
 echo "$stamp" > "$stamp_file"

@@ -1,0 +1,91 @@
+"""TRL's distillation trainers on kdkernels' fused-linear loss.
+
+- ``patch_trl()`` makes ``trl.DistillationTrainer`` compute its loss with ``chunked_divergence_loss``, which takes
+  and returns what TRL's own chunked loss (``trl.trainer.distillation_trainer._chunked_divergence_loss``) does:
+  the generalized JSD of TRL (beta = 0 forward KL, 1 reverse KL, mixture (1 - beta) p_student + beta p_teacher) at
+  ``temperature`` without T^2, summed over the completion tokens / their count (or / ``num_items_in_batch``),
+  with the student's entropy summed over them for logging.
+- ``GKDTrainer`` is ``trl.experimental.gkd.GKDTrainer`` whose ``compute_loss`` reads both models' final hidden
+  states and heads instead of their full logits: the same loss as TRL's ``generalized_jsd_loss`` on the shifted
+  logits (over the labels != -100, / their count or / ``num_items_in_batch``), value and gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from trl.experimental.gkd import GKDTrainer as _TRLGKDTrainer
+from transformers.modeling_outputs import CausalLMOutput
+from trl.trainer import distillation_trainer as _distillation
+
+from ..linear import linear_distill_loss
+from .transformers import whole_tensor, distill_in_forward
+
+Tensor = torch.Tensor
+
+_TRL_LOSS = _distillation._chunked_divergence_loss  # TRL's own, restored by the function patch_trl returns
+
+
+def chunked_divergence_loss(
+    student_hidden_states: Tensor,
+    teacher_hidden_states: Tensor,
+    student_lm_head_weight: Tensor,
+    teacher_lm_head_weight: Tensor,
+    completion_mask: Tensor,
+    beta: float,
+    num_items_in_batch: Tensor | int | None = None,
+    student_lm_head_bias: Optional[Tensor] = None,
+    teacher_lm_head_bias: Optional[Tensor] = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_final_logit_softcapping: Optional[float] = None,
+    teacher_final_logit_softcapping: Optional[float] = None,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """TRL's chunked generalized JSD on ``kdkernels.linear_distill_loss`` ("jsd"): (loss, the student's entropy at
+    ``temperature`` summed over the completion tokens, their count). Arguments as TRL's: hidden states [B, K, H_s]
+    and [B, K, H_t], heads [V, H], ``completion_mask`` [B, K] (1 = in the loss)."""
+    # An FSDP2 head (DTensor) is gathered once, as TRL does (kdkernels reads low-precision weights as they are).
+    student_lm_head_weight, student_lm_head_bias = whole_tensor(student_lm_head_weight), whole_tensor(student_lm_head_bias)
+    teacher_lm_head_weight, teacher_lm_head_bias = whole_tensor(teacher_lm_head_weight), whole_tensor(teacher_lm_head_bias)
+    mask = completion_mask != 0
+    normalizer = None
+    if num_items_in_batch is not None:
+        normalizer = torch.as_tensor(num_items_in_batch, device=student_hidden_states.device).float()
+    loss, entropy = linear_distill_loss(
+        "jsd", student_hidden_states, student_lm_head_weight, teacher_hidden_states, teacher_lm_head_weight,
+        student_bias=student_lm_head_bias, teacher_bias=teacher_lm_head_bias, beta=beta, temperature=temperature,
+        student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+        softcap=student_final_logit_softcapping, teacher_softcap=teacher_final_logit_softcapping, mask=mask,
+        normalizer=normalizer, return_entropy=True)
+    return loss, entropy.sum(), mask.sum()
+
+
+def patch_trl() -> Callable[[], None]:
+    """Makes ``trl.DistillationTrainer`` compute its loss with ``chunked_divergence_loss``; returns the function that
+    puts TRL's own back."""
+    _distillation._chunked_divergence_loss = chunked_divergence_loss
+
+    def unpatch() -> None:
+        _distillation._chunked_divergence_loss = _TRL_LOSS
+
+    return unpatch
+
+
+class GKDTrainer(_TRLGKDTrainer):
+    """``trl.experimental.gkd.GKDTrainer`` (same arguments, generation and schedule) with its loss on the
+    fused-linear path: neither model's [tokens, V] logits exist (unless ``return_outputs`` asks for the
+    student's, as evaluation with metrics does)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        normalizer = None
+        if num_items_in_batch is not None:
+            normalizer = torch.as_tensor(num_items_in_batch, device=inputs["input_ids"].device).float()
+        # Position i predicts token i + 1; the labels' -100 leave prompt and padding out (TRL's convention), and
+        # TRL's GKD loss is taken at temperature 1 (its temperature is the sampling one).
+        loss, logits = distill_in_forward(model, self.teacher_model, model_inputs, "jsd", inputs["labels"][:, 1:],
+                                          slice(None, -1), return_outputs, beta=self.beta, temperature=1.0,
+                                          normalizer=normalizer)
+        return (loss, CausalLMOutput(loss=loss, logits=logits)) if return_outputs else loss

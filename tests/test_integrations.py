@@ -1,0 +1,347 @@
+"""Trainer integrations on tiny random causal LMs: every loss equals the eager recipe a user would write (full logits
+from each model's own forward, then kdkernels' reference loss), value and gradients, and TRL's own losses.
+
+The integrations need the ``llm`` extra (transformers, trl), which scripts/setup.sh installs: a missing package is an
+error, not a skip, unless KDKERNELS_NO_LLM=1 says the environment has none (the GPU machine, which has no network).
+"""
+
+import copy
+import os
+
+import pytest
+import torch
+
+if os.environ.get("KDKERNELS_NO_LLM") == "1":
+    pytest.skip("KDKERNELS_NO_LLM=1: transformers / trl are not installed here", allow_module_level=True)
+
+import transformers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import kdkernels  # noqa: E402
+from helpers import assert_close  # noqa: E402
+from kdkernels.integrations.transformers import DistillationTrainer, LMHead, final_hidden_states  # noqa: E402
+
+V = 61
+SMALL = dict(intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+             max_position_embeddings=64, eos_token_id=None, bos_token_id=None, pad_token_id=None)
+
+
+def causal_lm(kind="llama", hidden=16, vocab=V, seed=0, **config):
+    """A tiny random causal LM: Llama, Gemma 2 (final softcap), Cohere (logit scale) or Granite (logits scaling)."""
+    classes = {"llama": "Llama", "gemma2": "Gemma2", "cohere": "Cohere", "granite": "Granite"}
+    name = classes[kind]
+    extra = {"head_dim": 8} if kind == "gemma2" else {}
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, f"{name}Config")(vocab_size=vocab, hidden_size=hidden, **SMALL, **extra, **config)
+    model = getattr(transformers, f"{name}ForCausalLM")(cfg)
+    with torch.no_grad():  # a head whose logits spread over several units (random init gives ~0.02)
+        model.get_output_embeddings().weight.mul_(40)
+    return model.float()
+
+
+def batch(n=2, length=9, seed=1, ignored=((0, 0), (0, 1), (1, 5))):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, V, (n, length), generator=g)
+    labels = input_ids.clone()
+    for row, col in ignored:
+        labels[row, col] = -100
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+def eager_loss(method, student, teacher, inputs, normalizer=None, reduction="batchmean", **options):
+    """What a user writes without kdkernels' fused-linear path: both models' full logits, shifted, then the loss."""
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    s = student(**model_inputs).logits[:, :-1]
+    with torch.no_grad():
+        t = teacher(**model_inputs).logits[:, :-1, :s.shape[-1]]
+    return kdkernels.distill_loss(method, s.double(), t.double(), inputs["labels"][:, 1:], normalizer=normalizer,
+                                  reduction=reduction, backend="reference", **options)
+
+
+def trainer(student, teacher, tmp_path, method="kd", loss_options=None, train_dataset=None, eval_dataset=None,
+            **args):
+    defaults = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no",
+                    per_device_train_batch_size=2, disable_tqdm=True)
+    return DistillationTrainer(model=student, teacher_model=teacher, method=method, loss_options=loss_options,
+                               args=transformers.TrainingArguments(**{**defaults, **args}),
+                               train_dataset=train_dataset, eval_dataset=eval_dataset)
+
+
+def grads(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("method,options", [("kd", {}), ("jsd", {"beta": 0.3, "ce_weight": 0.5}),
+                                            ("dkd", {"temperature": 2.0}), ("rkl", {"ce_weight": 1.0,
+                                                                                    "distill_weight": 0.2})])
+def test_compute_loss_equals_eager_recipe(method, options, tmp_path):
+    """The trainer's loss and every student gradient equal the eager recipe's; the teacher gets none."""
+    student, teacher = causal_lm(), causal_lm(hidden=24, seed=1)
+    inputs = batch()
+    tr = trainer(copy.deepcopy(student), teacher, tmp_path, method, options)
+    loss = tr.compute_loss(tr.model, inputs)
+    loss.backward()
+    want = eager_loss(method, student, teacher, inputs, **options)
+    want.backward()
+    assert_close(loss, want.detach().numpy(), torch.float32, "loss")
+    got, expected = grads(tr.model), grads(student)
+    assert got.keys() == expected.keys() and "lm_head.weight" in got
+    for name in expected:
+        assert_close(got[name], expected[name].numpy(), torch.float32, name)
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("student_kind,teacher_kind", [("gemma2", "llama"), ("llama", "gemma2"),
+                                                       ("cohere", "granite"), ("granite", "cohere")])
+def test_head_scaling_and_softcap_from_the_configs(student_kind, teacher_kind, tmp_path):
+    """Each model's logits as its own forward computes them: Gemma 2's final softcap, Cohere's logit_scale and
+    Granite's logits_scaling, read from each config (tied embeddings included: Gemma 2 and Cohere tie)."""
+    config = {"gemma2": {"final_logit_softcapping": 2.0}, "cohere": {"logit_scale": 0.5},
+              "granite": {"logits_scaling": 4.0}, "llama": {}}
+    student = causal_lm(student_kind, **config[student_kind])
+    teacher = causal_lm(teacher_kind, hidden=24, seed=1, **config[teacher_kind])
+    inputs = batch()
+    options = {"beta": 0.4, "ce_weight": 0.3, "temperature": 2.0}
+    tr = trainer(copy.deepcopy(student), teacher, tmp_path, "jsd", options)
+    loss = tr.compute_loss(tr.model, inputs)
+    loss.backward()
+    want = eager_loss("jsd", student, teacher, inputs, **options)
+    want.backward()
+    assert_close(loss, want.detach().numpy(), torch.float32, "loss")
+    for name, g in grads(student).items():
+        assert_close(grads(tr.model)[name], g.numpy(), torch.float32, name)
+    head = LMHead.of(student)
+    assert (head.softcap, head.logit_scale) == {"gemma2": (2.0, 1.0), "cohere": (None, 0.5),
+                                                "granite": (None, 0.25), "llama": (None, 1.0)}[student_kind]
+
+
+def test_padded_teacher_vocabulary_is_renormalised(tmp_path):
+    """A teacher with more vocabulary rows than the student (padded embeddings) is read on the student's classes."""
+    student, teacher = causal_lm(), causal_lm(hidden=24, vocab=V + 3, seed=1)
+    inputs = batch()
+    tr = trainer(copy.deepcopy(student), teacher, tmp_path, "kd")
+    loss = tr.compute_loss(tr.model, inputs)
+    assert_close(loss, eager_loss("kd", student, teacher, inputs).detach().numpy(), torch.float32, "loss")
+    with pytest.raises(ValueError, match="teacher's vocabulary"):
+        tr2 = trainer(causal_lm(vocab=V + 3), causal_lm(hidden=24, seed=1), tmp_path, "kd")
+        tr2.compute_loss(tr2.model, batch())
+
+
+def test_final_hidden_states_feed_the_head():
+    """The hidden states the loss reads are those the model's own head projects (after the final norm), and
+    LMHead's logits (scale, softcap) are the model's."""
+    for model in (causal_lm("gemma2", final_logit_softcapping=2.0), causal_lm("granite", logits_scaling=4.0)):
+        inputs = {k: v for k, v in batch().items() if k != "labels"}
+        logits = LMHead.of(model).logits(final_hidden_states(model, inputs))
+        torch.testing.assert_close(logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_train_with_gradient_accumulation_equals_one_full_batch(tmp_path):
+    """Trainer.train(): one optimizer step over 2 accumulated micro-batches of uneven token counts is one SGD step
+    on the loss of the 4 sequences, summed over their tokens / the tokens of the whole step (num_items_in_batch)."""
+    student, teacher = causal_lm(), causal_lm(hidden=24, seed=1)
+    rows = [batch(1, 9, seed=s, ignored=[(0, c) for c in range(s)]) for s in range(4)]  # 0..3 ignored labels each
+    dataset = [{k: v[0] for k, v in row.items()} for row in rows]
+    options = {"ce_weight": 0.5, "temperature": 2.0}
+    tr = trainer(copy.deepcopy(student), teacher, tmp_path, "kd", options, train_dataset=dataset,
+                 gradient_accumulation_steps=2, max_steps=1, learning_rate=0.5, optim="sgd",
+                 lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, logging_steps=1)
+    tr.train()
+    full = {k: torch.cat([row[k] for row in rows]) for k in rows[0]}
+    tokens = (full["labels"][:, 1:] != -100).sum()
+    eager_loss("kd", student, teacher, full, normalizer=float(tokens), **options).backward()
+    trained = dict(tr.model.named_parameters())
+    for name, p in student.named_parameters():
+        assert_close(trained[name].detach() - p.detach(), (-0.5 * p.grad).numpy(), torch.float32, name)
+    logged = tr.state.log_history[0]
+    assert {"loss", "distill", "ce"} <= logged.keys()
+
+
+def test_logged_terms_are_per_token_means(tmp_path):
+    student, teacher = causal_lm(), causal_lm(hidden=24, seed=1)
+    inputs = batch()
+    tr = trainer(student, teacher, tmp_path, "kd", {"ce_weight": 0.5})
+    tr.log_entropy = True
+    tr.compute_loss(tr.model, inputs, num_items_in_batch=torch.tensor(7))
+    logs = {}
+    tr.log(logs)
+    want = eager_loss("kd", student, teacher, inputs, ce_weight=0.5, return_parts=True)
+    assert_close(torch.tensor(logs["distill"]), want.distill.detach().numpy(), torch.float32, "distill")
+    assert_close(torch.tensor(logs["ce"]), want.ce.detach().numpy(), torch.float32, "ce")
+    s = student(input_ids=inputs["input_ids"]).logits[:, :-1].double() / 4.0
+    valid = inputs["labels"][:, 1:] != -100
+    entropy = torch.special.entr(torch.softmax(s, -1)).sum(-1)[valid].mean()
+    assert_close(torch.tensor(logs["entropy"]), entropy.detach().numpy(), torch.float32, "entropy")
+
+
+def test_evaluate_and_outputs(tmp_path):
+    """Trainer.evaluate() takes the same loss (and logs its terms); return_outputs gives the student's logits."""
+    student, teacher = causal_lm("gemma2", final_logit_softcapping=3.0), causal_lm(hidden=24, seed=1)
+    inputs = batch()
+    dataset = [{k: v[i] for k, v in inputs.items()} for i in range(2)]
+    tr = trainer(student, teacher, tmp_path, "dkd", {"ce_weight": 0.5}, eval_dataset=dataset,
+                 per_device_eval_batch_size=2)
+    metrics = tr.evaluate()
+    want = eager_loss("dkd", student, teacher, inputs, ce_weight=0.5, return_parts=True)
+    assert_close(torch.tensor(metrics["eval_loss"]), want.loss.detach().numpy(), torch.float32, "eval_loss")
+    assert_close(torch.tensor(metrics["eval_ce"]), want.ce.detach().numpy(), torch.float32, "eval_ce")
+    loss, outputs = tr.compute_loss(tr.model, inputs, return_outputs=True)
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    torch.testing.assert_close(outputs.logits, student(**model_inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments(tmp_path):
+    student = causal_lm()
+    with pytest.raises(ValueError, match="teacher_model"):
+        trainer(student, None, tmp_path)
+    with pytest.raises(ValueError, match="beta"):
+        trainer(student, causal_lm(seed=1), tmp_path, "jsd", {"beta": 2.0})
+    with pytest.raises(TypeError, match="unexpected hyperparameter"):
+        trainer(student, causal_lm(seed=1), tmp_path, "kd", {"beta": 0.5})
+    with pytest.raises(ValueError, match="set by the trainer"):
+        trainer(student, causal_lm(seed=1), tmp_path, "kd", {"softcap": 3.0})
+    tr = trainer(student, causal_lm(seed=1), tmp_path, "kd")
+    with pytest.raises(ValueError, match="labels"):
+        tr.compute_loss(tr.model, {k: v for k, v in batch().items() if k != "labels"})
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    """One DDP process (gloo): the trainer's step over its half of the batch; rank 0 saves the trained student."""
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    rows, options = _ddp_case()
+    student, teacher = causal_lm(), causal_lm(hidden=24, seed=1)
+    dataset = [{k: v[0] for k, v in row.items()} for row in rows]
+    tr = trainer(student, teacher, out_dir, "jsd", options, train_dataset=dataset, per_device_train_batch_size=1,
+                 gradient_accumulation_steps=2, max_steps=1, learning_rate=0.5, optim="sgd", ddp_backend="gloo",
+                 lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0)
+    assert tr.accelerator.num_processes == world
+    tr.train()
+    if rank == 0:
+        torch.save({name: p.detach() for name, p in tr.model.named_parameters()}, os.path.join(out_dir, "student.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _ddp_case():
+    rows = [batch(1, 9, seed=s, ignored=[(0, c) for c in range(2 * s)]) for s in range(4)]  # 0..6 ignored labels
+    return rows, {"beta": 0.3, "ce_weight": 0.5}
+
+
+def test_ddp_two_processes_equal_one_full_batch(tmp_path):
+    """Under DDP (2 gloo processes, 2 accumulated micro-batches each), one step is one SGD step on the 4
+    sequences' loss summed over their tokens / the tokens of all processes: the per-process normalizer is right."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    trained = torch.load(tmp_path / "student.pt")
+    rows, options = _ddp_case()
+    student, teacher = causal_lm(), causal_lm(hidden=24, seed=1)
+    full = {k: torch.cat([row[k] for row in rows]) for k in rows[0]}
+    tokens = (full["labels"][:, 1:] != -100).sum()
+    eager_loss("jsd", student, teacher, full, normalizer=float(tokens), **options).backward()
+    for name, p in student.named_parameters():
+        assert_close(trained[name] - p.detach(), (-0.5 * p.grad).numpy(), torch.float32, name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TRL.
+# ---------------------------------------------------------------------------------------------------------------
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+from trl.experimental.gkd import GKDConfig  # noqa: E402
+from trl.experimental.gkd import GKDTrainer as TRLGKDTrainer  # noqa: E402
+from trl.trainer import distillation_trainer  # noqa: E402
+
+from kdkernels.integrations.trl import GKDTrainer, chunked_divergence_loss, patch_trl  # noqa: E402
+
+TRL_LOSS = distillation_trainer._chunked_divergence_loss
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("temperature,caps,num_items", [(1.0, (None, None), None), (2.0, (3.0, None), 7),
+                                                        (0.7, (None, 2.5), None), (1.0, (2.0, 4.0), 5)])
+def test_trl_chunked_divergence_loss_equals_trls(beta, temperature, caps, num_items):
+    """chunked_divergence_loss returns what TRL's _chunked_divergence_loss returns (loss, entropy sum, token count)
+    and the same gradients of the student's hidden states, head weight and bias."""
+    g = torch.Generator().manual_seed(3)
+    b, k, h_s, h_t = 2, 5, 6, 4
+    student = [torch.randn(b, k, h_s, generator=g), torch.randn(V, h_s, generator=g) * 1.5,
+               torch.randn(V, generator=g)]
+    teacher = [torch.randn(b, k, h_t, generator=g), torch.randn(V, h_t, generator=g) * 1.5,
+               torch.randn(V, generator=g)]
+    mask = torch.ones(b, k, dtype=torch.long)
+    mask[0, :2] = mask[1, 4] = 0
+    results = []
+    for loss_fn in (TRL_LOSS, chunked_divergence_loss):
+        params = [x.clone().requires_grad_(True) for x in student]
+        loss, entropy, n = loss_fn(params[0], teacher[0], params[1], teacher[1], mask, beta, num_items, params[2],
+                                   teacher[2], 0.8, 1.3, caps[0], caps[1], temperature)
+        results.append((loss, entropy, n, torch.autograd.grad(loss * 1.7, params)))
+    (want, want_entropy, want_n, want_grads), (got, got_entropy, got_n, got_grads) = results
+    assert got_n == want_n == 7
+    assert_close(got, want.detach().numpy(), torch.float32, "loss")
+    assert_close(got_entropy, want_entropy.numpy(), torch.float32, "entropy sum")
+    for name, a, e in zip(("hidden", "weight", "bias"), got_grads, want_grads):
+        assert_close(a, e.numpy(), torch.float32, name)
+
+
+def test_patch_trl_swaps_the_loss_trl_calls():
+    unpatch = patch_trl()
+    try:
+        assert distillation_trainer._chunked_divergence_loss is chunked_divergence_loss
+        # The trainer looks the function up in its module at every step.
+        assert "_chunked_divergence_loss" in distillation_trainer.DistillationTrainer._compute_loss.__code__.co_names
+    finally:
+        unpatch()
+    assert distillation_trainer._chunked_divergence_loss is TRL_LOSS
+
+
+def _gkd(cls, tmp_path, **args):
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"t{i}": i for i in range(V)}
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), pad_token="t1", unk_token="t0")
+    rows = [{k: v[0].tolist() for k, v in batch(1, 9, seed=s, ignored=[(0, c) for c in range(s + 2)]).items()}
+            for s in range(4)]
+
+    def collate(rows):  # pre-tokenized rows, the first 3 tokens the prompt
+        out = {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
+        return {**out, "prompts": out["input_ids"][:, :3], "prompt_attention_mask": out["attention_mask"][:, :3]}
+
+    config = GKDConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no", bf16=False,
+                       per_device_train_batch_size=2, lmbda=0.0, beta=0.3, max_steps=1, learning_rate=0.5,
+                       optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+                       disable_tqdm=True, **args)
+    trainer = cls(model=causal_lm("gemma2", final_logit_softcapping=3.0), args=config, processing_class=tokenizer,
+                  teacher_model=causal_lm(hidden=24, seed=1), train_dataset=Dataset.from_list(rows),
+                  data_collator=collate)
+    return trainer, collate(rows[:2])
+
+
+def test_gkd_trainer_equals_trls(tmp_path):
+    """kdkernels' GKDTrainer: TRL's loss and gradients at a step, and the same parameters after Trainer.train()."""
+    ours, inputs = _gkd(GKDTrainer, tmp_path)
+    trl_trainer, _ = _gkd(TRLGKDTrainer, tmp_path)
+    for normalizer in (None, torch.tensor(9)):
+        got = ours.compute_loss(ours.model, inputs, num_items_in_batch=normalizer)
+        want = trl_trainer.compute_loss(trl_trainer.model, inputs, num_items_in_batch=normalizer)
+        assert_close(got, want.detach().numpy(), torch.float32, "loss")
+        got.backward()
+        want.backward()
+        for name, g in grads(trl_trainer.model).items():
+            assert_close(grads(ours.model)[name], g.numpy(), torch.float32, name)
+        ours.model.zero_grad()
+        trl_trainer.model.zero_grad()
+    ours.train()
+    trl_trainer.train()
+    trained = dict(ours.model.named_parameters())
+    for name, p in trl_trainer.model.named_parameters():
+        assert_close(trained[name].detach(), p.detach().numpy(), torch.float32, name)
