@@ -10,7 +10,8 @@ import importlib
 
 from .methods import METHODS
 
-# command -> module (relative to this package) whose main(args) runs it
+# command -> module (relative to this package) whose main(args) runs it; a command's task (``demo lm``) runs from
+# the module <command module>_<task>
 COMMANDS = {"demo": ".demo", "bench": ".bench"}
 
 
@@ -42,6 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
                            "abkd) instead of the demo's shared T=4")
     demo.add_argument("--timing-iters", type=_positive_int, help="iterations of each timed loop")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    tasks = demo.add_subparsers(dest="task", metavar="task")
+    lm = tasks.add_parser(
+        "lm", help="distil a causal LM on the standard library's source (transformers + kdkernels' trainer)",
+        description="Train a BPE tokenizer and a small Llama teacher on Python's standard library sources, then "
+                    "half-size students: CE only, and 0.5 CE + 0.5 method through DistillationTrainer (fused-"
+                    "linear); print held-out perplexities, and the peak memory and time of a distillation step on "
+                    "the fused-linear path against full logits. Needs the llm extra (scripts/setup.sh installs it).",
+    )
+    lm.add_argument("--quick", action="store_true", help="a small smoke run (tiny models, a few steps)")
+    lm.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
+                    help="methods of the distilled students (default: kd rkl jsd)")
+    lm.add_argument("--steps", type=_positive_int, help="student steps (the teacher trains twice as many)")
+    lm.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     bench = commands.add_parser(
         "bench", help="time forward + backward of every loss and backend; table, CSV and PNG",
         description="Forward + backward time, bandwidth on the minimal bytes (read student and teacher, write the "
@@ -66,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parses ``argv`` (default: sys.argv[1:]), runs the command and returns its exit code."""
     args = build_parser().parse_args(argv)
-    return importlib.import_module(COMMANDS[args.command], __package__).main(args)
+    module = COMMANDS[args.command]
+    if getattr(args, "task", None) is not None:
+        module = f"{module}_{args.task}"
+    return importlib.import_module(module, __package__).main(args)
 
 
 if __name__ == "__main__":

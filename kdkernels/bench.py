@@ -13,18 +13,19 @@ and reports each kernel's bandwidth as a share of it.
 
 Writes ``bench.csv`` and ``bench.png`` into ``--out`` and prints the table.
 
-``--linear`` runs the fused-linear section instead: ``linear_distill_loss`` against the unchunked path (both
-models' full logits ``hidden @ weight.T``, then ``distill_loss`` with the backend that backend="auto" picks, the
-fastest fused loss registered for the device), forward + backward, at LLM head shapes. It reports the median time
-and the peak memory that loss + backward add above the inputs and parameters (the gradients of the student's
-hidden states and weight included, in both paths). GPU: ``torch.cuda.max_memory_allocated`` above the allocated
-bytes before the step. CPU: each (path, method) runs in a fresh process and its first step is measured with the
-kernel's own resident-set high-water mark: freed heap is returned (malloc_trim), the mark is reset
-(``/proc/self/clear_refs``), and peak = VmHWM after the step - VmRSS before it. That counts every byte the step
-touches (PyTorch, BLAS and Python alike) and nothing it only reserves; timing uses later steps. Both paths
-return the same gradients (``grads_mb``: the student's hidden states and weight in their dtype), which training
-keeps anyway; the table also gives each peak net of them (the loss's own memory) and its ratio. Writes
-``linear.csv``.
+``--linear`` runs the fused-linear section instead: ``linear_distill_loss`` against the unchunked path (both models'
+full logits ``hidden @ weight.T``, then ``distill_loss`` with the backend that backend="auto" picks, the fastest
+fused loss registered for the device) and, on the jsd rows, Liger-Kernel's chunked ``LigerFusedLinearJSDLoss``
+(torch.compile'd PyTorch; its loss and gradients are first checked equal to kdkernels' on the same inputs), forward
++ backward, at LLM head shapes, for the losses of ``LINEAR_CASES`` (kd, jsd, and jsd with the hard-label term 0.5 CE
++ 0.5 jsd). It reports the median time and the peak memory that loss + backward add above the inputs and parameters
+(the gradients of the student's hidden states and weight included, in every path), on a step after a warm-up one
+(Liger compiles in it). GPU: ``torch.cuda.max_memory_allocated`` above the allocated bytes before the step. CPU:
+each (path, loss) runs in a fresh process and the step is measured with the kernel's own resident-set high-water
+mark (``peak_rss_bytes``). That counts every byte the step touches (PyTorch, BLAS and Python alike) and nothing it
+only reserves; timing uses later steps. Every path returns the same gradients (``grads_mb``: the student's hidden
+states and weight in their dtype), which training keeps anyway; the table also gives each peak net of them (the
+loss's own memory) and its ratio. Writes ``linear.csv``.
 """
 
 from __future__ import annotations
@@ -273,14 +274,21 @@ def describe_shapes() -> str:
 # name: (N, H, V, dtype of hidden states and weights); the teacher has the student's shapes.
 LINEAR_GPU_SHAPES = {"llama3-head": (8192, 4096, 128256, torch.bfloat16)}
 LINEAR_CPU_SHAPES = {"head-64k": (2048, 1024, 65536, torch.float32)}
-LINEAR_METHODS = ("kd", "jsd")
-UNCHUNKED, FUSED_LINEAR = "unchunked", "fused-linear"
+# The losses of the section: name -> (method, options). Liger-Kernel's chunked distillation loss is the generalized
+# JSD (beta, temperature, weight_hard_loss / weight_soft_loss), so it runs on the jsd rows, with and without the
+# hard-label term.
+LINEAR_CASES = {
+    "kd": ("kd", {}),
+    "jsd": ("jsd", {}),
+    "jsd+ce": ("jsd", {"ce_weight": 0.5, "distill_weight": 0.5}),
+}
+UNCHUNKED, FUSED_LINEAR, LIGER = "unchunked", "fused-linear", "liger"
 
 
 @dataclass
 class LinearRow:
     shape: str
-    method: str
+    case: str  # a name of LINEAR_CASES
     path: str
     backend: str  # the loss backend backend="auto" picked
     n: int
@@ -310,15 +318,46 @@ def _linear_inputs(n, h, v, dtype, device):
     return hs, ws, ht, wt, y
 
 
-def _linear_step(path, method, hs, ws, ht, wt, y):
-    hs.grad = ws.grad = None
+def _liger_loss(options: dict):
+    """Liger-Kernel's chunked jsd (torch.compile'd PyTorch) with the case's jsd options (beta at its default)."""
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    return LigerFusedLinearJSDLoss(weight_hard_loss=options.get("ce_weight", 0.0),
+                                   weight_soft_loss=options.get("distill_weight", 1.0),
+                                   beta=METHODS["jsd"].hyperparameters["beta"], temperature=METHODS["jsd"].temperature)
+
+
+def _linear_loss(path, case, hs, ws, ht, wt, y):
+    method, options = LINEAR_CASES[case]
     if path == UNCHUNKED:
         with torch.no_grad():
             teacher = ht @ wt.t()
-        loss = distill_loss(method, hs @ ws.t(), teacher, y)
-    else:
-        loss = linear_distill_loss(method, hs, ws, ht, wt, y)
-    loss.backward()
+        return distill_loss(method, hs @ ws.t(), teacher, y, **options)
+    if path == LIGER:
+        return _liger_loss(options)(hs, ws, ht, wt, y)
+    return linear_distill_loss(method, hs, ws, ht, wt, y, **options)
+
+
+def _linear_step(path, case, hs, ws, ht, wt, y):
+    hs.grad = ws.grad = None
+    _linear_loss(path, case, hs, ws, ht, wt, y).backward()
+
+
+def check_liger_agrees(case: str, inputs) -> None:
+    """Liger's loss and gradients (hidden states, weight) equal kdkernels' fused-linear ones on ``inputs``, within
+    the inputs' dtype's tolerance: the timings compare the same loss."""
+    hs, ws = inputs[:2]
+    results = []
+    for path in (FUSED_LINEAR, LIGER):
+        _linear_step(path, case, *inputs)
+        results.append([_linear_loss(path, case, *inputs).detach(), hs.grad, ws.grad])
+    tol = 1e-4 if hs.dtype == torch.float32 else 3e-2
+    for name, ours, liger in zip(("loss", "grad hidden", "grad weight"), *results):
+        scale = ours.abs().max().item()
+        err = (ours.float() - liger.float()).abs().max().item()
+        if not err <= tol * scale:
+            raise AssertionError(f"liger and kdkernels disagree on {case} {name}: max error {err:.3g} against "
+                                 f"max |value| {scale:.3g}")
 
 
 def _rss(field: str) -> int:
@@ -326,59 +365,83 @@ def _rss(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
-def linear_measure(n: int, h: int, v: int, dtype: str, method: str, path: str, device: str, reps: int) -> dict:
-    """One (shape, method, path): peak MB added by the first step, then the median ms of ``reps`` steps."""
+def peak_rss_bytes(fn) -> int:
+    """Bytes that ``fn()`` adds at its peak to this process's resident set, off-GPU: freed heap returned to the
+    system first (malloc_trim), then VmHWM reset to VmRSS (``/proc/self/clear_refs``), peak = VmHWM after - VmRSS
+    before. Run it in a fresh process for a clean allocator."""
     import ctypes
 
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base = _rss("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    fn()
+    return _rss("VmHWM") - base
+
+
+def linear_measure(n: int, h: int, v: int, dtype: str, case: str, path: str, device: str, reps: int) -> dict:
+    """One (shape, case, path): peak MB added by a step after a warm-up one (Liger's compiles), then the median ms
+    of ``reps`` steps; Liger's values are checked against kdkernels' first, on the same inputs."""
     from . import backends as registry
 
     device = torch.device(device)
     dtype = getattr(torch, dtype)
     inputs = _linear_inputs(n, h, v, dtype, device)
+    if path == LIGER:
+        check_liger_agrees(case, inputs)
+    _linear_step(path, case, *inputs)
     if device.type == "cuda":
+        inputs[0].grad = inputs[1].grad = None
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        _linear_step(path, method, *inputs)
+        _linear_step(path, case, *inputs)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        base = _rss("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-        _linear_step(path, method, *inputs)
-        peak = _rss("VmHWM") - base
-    ms = _median_ms(lambda: _linear_step(path, method, *inputs), device, reps)
-    return {"ms": ms, "peak_extra_mb": peak / 2**20, "backend": registry.select_backend("auto", inputs[0]).name}
+        inputs[0].grad = inputs[1].grad = None
+        peak = peak_rss_bytes(lambda: _linear_step(path, case, *inputs))
+    ms = _median_ms(lambda: _linear_step(path, case, *inputs), device, reps)
+    backend = "liger (compiled)" if path == LIGER else registry.select_backend("auto", inputs[0]).name
+    return {"ms": ms, "peak_extra_mb": peak / 2**20, "backend": backend}
+
+
+def liger_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
 
 
 def run_linear(device: str, shapes=None, methods=None, out: str = "bench/out", reps: int = 4,
-               table=None) -> list[LinearRow]:
+               table=None, liger: bool | None = None) -> list[LinearRow]:
+    """Every (shape, case, path) of the section; Liger's rows when ``liger`` (default: when it is installed)."""
     import json
     import subprocess
     import sys
 
+    liger = liger_available() if liger is None else liger
     table = table or shape_table(torch.device(device).type, linear=True)
     rows = []
     for shape in shapes or list(table):
         n, h, v, dtype = table[shape]
         name = str(dtype).replace("torch.", "")
-        for method in methods or LINEAR_METHODS:
-            for path in (UNCHUNKED, FUSED_LINEAR):
+        for case, (method, _) in LINEAR_CASES.items():
+            if methods and method not in methods:
+                continue
+            for path in (UNCHUNKED, FUSED_LINEAR) + ((LIGER,) if method == "jsd" and liger else ()):
                 # A fresh process per measurement: no allocator state carried over from the previous one.
                 code = (f"import json; from kdkernels.bench import linear_measure; print(json.dumps(linear_measure("
-                        f"{n}, {h}, {v}, {name!r}, {method!r}, {path!r}, {device!r}, {reps})))")
+                        f"{n}, {h}, {v}, {name!r}, {case!r}, {path!r}, {device!r}, {reps})))")
                 done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
                 if done.returncode != 0:
-                    raise RuntimeError(f"linear bench {shape} {method} {path} failed:\n{done.stderr[-3000:]}")
+                    raise RuntimeError(f"linear bench {shape} {case} {path} failed:\n{done.stderr[-3000:]}")
                 result = json.loads(done.stdout.strip().splitlines()[-1])
                 grads_mb = (n + v) * h * dtype.itemsize / 2**20
-                rows.append(LinearRow(shape, method, path, result["backend"], n, h, v, name, result["ms"],
+                rows.append(LinearRow(shape, case, path, result["backend"], n, h, v, name, result["ms"],
                                       result["peak_extra_mb"], grads_mb))
                 print(format_linear_table(rows[-1:], header=len(rows) == 1), flush=True)
     for row in rows:
-        base = next(r for r in rows if (r.shape, r.method, r.path) == (row.shape, row.method, UNCHUNKED))
+        base = next(r for r in rows if (r.shape, r.case, r.path) == (row.shape, row.case, UNCHUNKED))
         row.vs_unchunked_time = base.ms / row.ms
         row.vs_unchunked_peak = base.peak_extra_mb / row.peak_extra_mb
         row.vs_unchunked_net_peak = base.net_peak_mb / row.net_peak_mb
@@ -391,10 +454,10 @@ def run_linear(device: str, shapes=None, methods=None, out: str = "bench/out", r
 
 
 def format_linear_table(rows: list[LinearRow], header: bool = True) -> str:
-    lines = [["shape", "method", "path", "loss backend", "N", "H", "V", "dtype", "ms", "peak MB",
+    lines = [["shape", "loss", "path", "loss backend", "N", "H", "V", "dtype", "ms", "peak MB",
               "grads MB", "net peak MB", "x time", "x peak", "x net peak"]] if header else []
     for r in rows:
-        lines.append([r.shape, r.method, r.path, r.backend, r.n, r.h, r.v, r.dtype, f"{r.ms:.0f}",
+        lines.append([r.shape, r.case, r.path, r.backend, r.n, r.h, r.v, r.dtype, f"{r.ms:.0f}",
                       f"{r.peak_extra_mb:.0f}", f"{r.grads_mb:.0f}", f"{r.net_peak_mb:.0f}",
                       f"{r.vs_unchunked_time:.2f}", f"{r.vs_unchunked_peak:.2f}",
                       f"{r.vs_unchunked_net_peak:.2f}"])
@@ -409,6 +472,8 @@ def main(args) -> int:
         raise SystemExit(f"python -m kdkernels bench: error: unknown shape(s) {', '.join(unknown)} on {device}"
                          f"{' with --linear' if args.linear else ''}; choose from: {', '.join(table)}")
     if args.linear:
+        if not liger_available():
+            print("liger-kernel is not installed: no Liger rows (pip install liger-kernel, or the llm extra)")
         rows = run_linear(device, args.shapes, args.methods, args.out)
         print("\n" + format_linear_table(rows))
         print(f"\nwrote {os.path.join(args.out, 'linear.csv')}")

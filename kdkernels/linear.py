@@ -67,19 +67,19 @@ def default_budget(device: torch.device, inplace: bool) -> int:
 
 
 def chunk_rows(budget: int, v_student: int, v_teacher: int, weight_dtype: torch.dtype, inplace: bool,
-               softcap: bool, sparse: bool) -> tuple[int, int]:
+               extra: int, sparse: bool) -> tuple[int, int]:
     """(rows per chunk, rows per loss call) whose temporaries fit ``budget`` bytes.
 
     A chunk holds float32 logits of both models ([rows, V_teacher] each; a sparse teacher's fold copies the
-    student's instead), the capped logits for the softcap derivative, and the gradient cast to a low-precision
-    weight dtype for the matmuls. A backend with an in-place op turns the student's logits into the gradient
+    student's instead), ``extra`` more float32 [rows, V] buffers (the capped logits for the softcap derivative,
+    two for the student's entropy), and the gradient cast to a low-precision weight dtype for the matmuls. A backend with an in-place op turns the student's logits into the gradient
     with nothing more, so the whole budget goes to the chunk. Otherwise the loss runs by autograd on sub-chunks
     (REFERENCE_BUFFERS [rows, V] float32 each) that get three quarters of the budget and the chunk the rest:
     small sub-chunks are dominated by per-operation costs, and a few hundred rows already keep the matmuls
     efficient (on a 2-core CPU a 48-row chunk runs them at half the speed of a 512-row one).
     """
     v = v_student if sparse else v_teacher
-    per_row = 4 * v * (2 + softcap)
+    per_row = 4 * v * (2 + extra)
     if weight_dtype != torch.float32:
         per_row += v_student * torch.empty((), dtype=weight_dtype).element_size()
     if inplace:
@@ -203,8 +203,8 @@ class _Heads:
                     self.teacher_hidden[start:stop].detach(), v)
         s = self.student.logits(student_hidden[start:stop], v)
         entropy = None
-        if self.entropy:  # -sum q log q of q = softmax(s / T), before s becomes the gradient
-            entropy = torch.where(call.valid, torch.special.entr(torch.softmax(s / call.temperature, -1)).sum(-1), 0.0)
+        if self.entropy:  # before s becomes the gradient
+            entropy = torch.where(call.valid, _entropy(s, call.temperature), 0.0)
         capped = s.clone() if want_grad and self.student.softcap is not None else None
         if self.sparse:
             loss, parts, grad = self._sparse_loss(call, s, teacher, want_grad)
@@ -260,6 +260,15 @@ class _Heads:
             losses.append(loss.detach())
             parts.append(loss_parts)
         return _total(losses, call.reduction), _total(parts, call.reduction), student if want_grad else None
+
+
+def _entropy(s: Tensor, temperature: float) -> Tensor:
+    """-sum_j q_j log q_j of q = softmax(s / T) per row, as lse(z) - sum_j q_j z_j with z = s / T: two [rows, V]
+    buffers (z and q; the row dot products by bmm)."""
+    z = s / temperature
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    q = (z - lse).exp_()
+    return lse.squeeze(-1) - torch.bmm(q.unsqueeze(1), z.unsqueeze(2)).reshape(-1)
 
 
 def _total(values: list, reduction: str) -> Tensor:
@@ -475,7 +484,7 @@ def linear_distill_loss(
     budget = default_budget(student_hidden.device, p.inplace is not None) if memory_budget is None \
         else memory_budget
     rows, p.loss_rows = chunk_rows(budget, v, v_t, student_weight.dtype, p.inplace is not None,
-                                   softcap is not None or return_entropy, sparse)
+                                   (softcap is not None) + 2 * return_entropy, sparse)
     if chunk_size is None:  # the fewest chunks the budget allows, of equal size (no short last chunk)
         chunk_size = -(-n // -(-n // rows)) if n else rows
     grad_on = torch.is_grad_enabled()

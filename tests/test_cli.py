@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import kdkernels
@@ -20,6 +21,19 @@ def test_demo_quick_runs_and_reports_every_method():
     for method in kdkernels.METHODS:
         assert f"\n{method} " in done.stdout
     assert "distilled students beat the CE-only student for" in done.stdout
+
+
+def test_demo_lm_quick_trains_and_reports():
+    """``demo lm --quick``: tokenizer, teacher, the CE-only student and the distilled ones through the trainer, then
+    every step-cost path; the smoke run checks the pipeline and the report, not the perplexities."""
+    done = subprocess.run([sys.executable, "-m", "kdkernels", "demo", "lm", "--quick", "--no-progress",
+                           "--methods", "kd", "jsd"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "BPE vocabulary 4096" in out and "held-out perplexity (teacher" in out
+    for row in ("CE only", "kd", "jsd", "full logits + eager", "full logits + fused", "fused-linear"):
+        assert f"\n  {row} " in out, out
+    assert "for 2 methods" in out or "of 2 methods" in out
 
 
 def test_bench_writes_table_csv_and_plot(tmp_path):
@@ -36,8 +50,8 @@ def test_bench_writes_table_csv_and_plot(tmp_path):
 
 def test_linear_bench_compares_paths(tmp_path):
     rows = bench.run_linear("cpu", methods=["kd"], out=str(tmp_path), reps=1,
-                            table={"tiny": (64, 16, 300, torch.float32)})
-    assert [r.path for r in rows] == [bench.UNCHUNKED, bench.FUSED_LINEAR]
+                            table={"tiny": (64, 16, 300, torch.float32)}, liger=False)
+    assert [(r.case, r.path) for r in rows] == [("kd", bench.UNCHUNKED), ("kd", bench.FUSED_LINEAR)]
     auto = backends.select_backend("auto", torch.empty(1)).name
     assert all(r.ms > 0 and r.peak_extra_mb > 0 and r.backend == auto for r in rows)
     assert math.isclose(rows[1].vs_unchunked_time, rows[0].ms / rows[1].ms)
@@ -47,6 +61,17 @@ def test_linear_bench_compares_paths(tmp_path):
     assert "x net peak" in bench.format_linear_table(rows)
     with open(tmp_path / "linear.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
+
+
+def test_liger_rows_check_values_first(monkeypatch):
+    """The Liger rows time the same loss: its values and gradients are checked against kdkernels' first (with and
+    without the hard-label term), and a loss Liger does not compute is caught."""
+    inputs = bench._linear_inputs(96, 16, 300, torch.float32, "cpu")
+    for case in ("jsd", "jsd+ce"):
+        bench.check_liger_agrees(case, inputs)
+    monkeypatch.setitem(bench.LINEAR_CASES, "jsd-T2", ("jsd", {"temperature": 2.0}))
+    with pytest.raises(AssertionError, match="liger and kdkernels disagree on jsd-T2 loss"):
+        bench.check_liger_agrees("jsd-T2", inputs)
 
 
 def test_bench_shapes_are_listed_and_checked():

@@ -62,7 +62,7 @@ def trainer(student, teacher, tmp_path, method="kd", loss_options=None, train_da
             **args):
     defaults = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no",
                     per_device_train_batch_size=2, disable_tqdm=True)
-    return DistillationTrainer(model=student, teacher_model=teacher, method=method, loss_options=loss_options,
+    return DistillationTrainer(model=student, teacher_model=teacher, method=method, **(loss_options or {}),
                                args=transformers.TrainingArguments(**{**defaults, **args}),
                                train_dataset=train_dataset, eval_dataset=eval_dataset)
 
@@ -345,3 +345,48 @@ def test_gkd_trainer_equals_trls(tmp_path):
     trained = dict(ours.model.named_parameters())
     for name, p in trl_trainer.model.named_parameters():
         assert_close(trained[name].detach(), p.detach().numpy(), torch.float32, name)
+
+
+def _fsdp_worker(rank, world, init_file, out_dir):
+    """One FSDP2 process (gloo, CPU): the student sharded per layer and at the root, the loss of its half of the
+    batch run inside the student's forward; rank 0 saves the gathered gradients."""
+    import datetime
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from kdkernels.integrations.transformers import distill_in_forward
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    mesh = init_device_mesh("cpu", (world,))
+    student, teacher = causal_lm("gemma2", final_logit_softcapping=3.0), causal_lm(hidden=24, seed=1)
+    for layer in student.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(student, mesh=mesh)
+    inputs = batch(4, 9)
+    tokens = (inputs["labels"][:, 1:] != -100).sum().float()
+    mine = {k: v[2 * rank:2 * rank + 2] for k, v in inputs.items()}
+    loss, _ = distill_in_forward(student, teacher, {"input_ids": mine["input_ids"]}, "jsd", mine["labels"][:, 1:],
+                                 slice(None, -1), beta=0.3, ce_weight=0.5, normalizer=tokens / world)
+    loss.backward()  # FSDP2 averages the ranks' gradients: each divides by its share of the tokens
+    grads = {name: p.grad.full_tensor() for name, p in student.named_parameters()}
+    if rank == 0:
+        torch.save(grads, os.path.join(out_dir, "grads.pt"))
+    dist.destroy_process_group()
+
+
+def test_fsdp2_two_processes_equal_one_full_batch(tmp_path):
+    """Under FSDP2 (fully_shard, 2 gloo processes) the loss runs inside the sharded student's forward, its head
+    gathered there: the averaged gradients equal the eager recipe's on the whole batch."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    got = torch.load(tmp_path / "grads.pt")
+    student, teacher = causal_lm("gemma2", final_logit_softcapping=3.0), causal_lm(hidden=24, seed=1)
+    inputs = batch(4, 9)
+    tokens = float((inputs["labels"][:, 1:] != -100).sum())
+    eager_loss("jsd", student, teacher, inputs, normalizer=tokens, beta=0.3, ce_weight=0.5).backward()
+    for name, p in student.named_parameters():
+        assert_close(got[name], p.grad.numpy(), torch.float32, name)

@@ -84,12 +84,12 @@ def test_chunk_larger_than_batch_and_budget_sizing(backend, device):
 
 
 def test_chunk_rows_from_the_budget():
-    assert chunk_rows(10 * 4 * 100 * 2, 100, 100, torch.float32, True, False, False) == (10, 0)
-    assert chunk_rows(10 * 4 * 100 * 3, 100, 100, torch.float32, True, True, False) == (10, 0)  # softcap
-    assert chunk_rows(10 * (4 * 120 * 2 + 2 * 100), 100, 120, torch.bfloat16, True, False, False) == (10, 0)
+    assert chunk_rows(10 * 4 * 100 * 2, 100, 100, torch.float32, True, 0, False) == (10, 0)
+    assert chunk_rows(10 * 4 * 100 * 3, 100, 100, torch.float32, True, 1, False) == (10, 0)  # softcap
+    assert chunk_rows(10 * (4 * 120 * 2 + 2 * 100), 100, 120, torch.bfloat16, True, 0, False) == (10, 0)
     budget = 4 * 8 * 4 * 100 * REFERENCE_BUFFERS
-    assert chunk_rows(budget, 100, 100, torch.float32, False, False, False) == (budget // 4 // 800, 24)
-    assert chunk_rows(1, 100, 100, torch.float32, False, False, False) == (1, 1)
+    assert chunk_rows(budget, 100, 100, torch.float32, False, 0, False) == (budget // 4 // 800, 24)
+    assert chunk_rows(1, 100, 100, torch.float32, False, 0, False) == (1, 1)
 
 
 @pytest.mark.parametrize("method,hp", [("kd", {}), ("abkd", {"alpha": 0.3, "beta": 0.8}), ("cakd", {"strong": "topk"})])

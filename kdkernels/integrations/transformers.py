@@ -171,15 +171,21 @@ def lm_distill_loss(method: str, student: LMHead, teacher: LMHead, student_hidde
         softcap=student.softcap, teacher_softcap=teacher.softcap, **options)
 
 
-def check_loss_options(method: str, options: dict) -> None:
-    """Raises now, not at the first step, on a bad method, hyperparameter or option."""
+_TRAINER_ARGUMENTS = set(inspect.signature(transformers.Trainer.__init__).parameters)
+
+
+def split_loss_options(method: str, kwargs: dict) -> dict:
+    """Takes the loss's options out of a trainer's keyword arguments (every name ``transformers.Trainer`` does not
+    take) and checks them now, not at the first step: a bad method, hyperparameter or option raises here."""
+    options = {name: kwargs.pop(name) for name in list(kwargs) if name not in _TRAINER_ARGUMENTS}
     reserved = sorted(set(options) & {"target", "mask", "normalizer", "reduction", "return_parts", "softcap",
                                       "teacher_softcap", "student_logit_scale", "teacher_logit_scale"})
     if reserved:
-        raise ValueError(f"loss_options: {reserved} are set by the trainer (from the batch and the models' "
-                         "configs), not by the caller")
+        raise ValueError(f"{reserved} are set by the trainer (from the batch and the models' configs), not by the "
+                         "caller")
     hyperparameters = {k: v for k, v in options.items() if k not in LINEAR_OPTIONS + SETTINGS}
     resolve(method, hyperparameters, **{k: options[k] for k in SETTINGS if k in options})
+    return options
 
 
 def shifted_target(inputs: dict) -> tuple[dict, Tensor, slice]:
@@ -199,14 +205,15 @@ class DistillationTrainer(transformers.Trainer):
     """``transformers.Trainer`` distilling ``teacher_model`` into ``model`` with a fused kdkernels loss.
 
     Args:
-        model, args, **kwargs: as ``transformers.Trainer`` (the batches need ``labels``, or ``shift_labels``).
+        model, args and the other arguments of ``transformers.Trainer`` (the batches need ``labels``, or
+            ``shift_labels``).
         teacher_model: a causal LM on the student's tokenizer (its vocabulary may be padded past the student's:
             it is then renormalised over the student's classes). It is put in eval mode, frozen and moved to the
             training device unless it has a ``device_map``.
         method: a name of ``kdkernels.METHODS`` (default "kd").
-        loss_options: the method's hyperparameters and ``temperature``, ``t2_scale``, ``ce_weight``,
+        **loss_options: the method's hyperparameters and ``temperature``, ``t2_scale``, ``ce_weight``,
             ``distill_weight``, ``ignore_index``, ``chunk_size``, ``memory_budget``, ``backend`` of
-            ``kdkernels.linear_distill_loss``; e.g. ``{"beta": 0.5, "ce_weight": 0.5}`` for jsd.
+            ``kdkernels.linear_distill_loss``, e.g. ``method="jsd", beta=0.5, ce_weight=0.5``.
         log_entropy: also log the student's mean entropy at T (one softmax more per chunk).
 
     The loss is taken over every token whose shifted label is not ``ignore_index``, normalised as transformers
@@ -214,16 +221,16 @@ class DistillationTrainer(transformers.Trainer):
     across processes when ``average_tokens_across_devices``), else by the batch's tokens. Logged besides ``loss``:
     ``distill`` and ``ce`` (per-token means of the two terms, unweighted) and with ``log_entropy`` ``entropy``.
     Each model's logit scale and final softcap are read from its config (Gemma, Cohere, Granite, ...). Runs on
-    one device and under DDP; FSDP and DeepSpeed ZeRO-3 (sharded heads) raise NotImplementedError.
+    one device, under DDP and under FSDP2 (the loss runs inside the student's forward, a sharded head gathered
+    there); a DeepSpeed ZeRO-3 partitioned head raises NotImplementedError (ZeRO-1/2 run as DDP does).
     """
 
     def __init__(self, model=None, teacher_model: Optional[nn.Module] = None, args=None, *, method: str = "kd",
-                 loss_options: Optional[dict] = None, log_entropy: bool = False, **kwargs):
+                 log_entropy: bool = False, **kwargs):
         if teacher_model is None:
             raise ValueError("DistillationTrainer needs teacher_model (a causal LM on the student's tokenizer)")
         self.method = method
-        self.loss_options = dict(loss_options or {})
-        check_loss_options(method, self.loss_options)
+        self.loss_options = split_loss_options(method, kwargs)
         self.log_entropy = log_entropy
         super().__init__(model=model, args=args, **kwargs)
         teacher_model.eval().requires_grad_(False)

@@ -47,8 +47,8 @@ def chunked_divergence_loss(
     ``temperature`` summed over the completion tokens, their count). Arguments as TRL's: hidden states [B, K, H_s]
     and [B, K, H_t], heads [V, H], ``completion_mask`` [B, K] (1 = in the loss)."""
     # An FSDP2 head (DTensor) is gathered once, as TRL does (kdkernels reads low-precision weights as they are).
-    student_lm_head_weight, student_lm_head_bias = whole_tensor(student_lm_head_weight), whole_tensor(student_lm_head_bias)
-    teacher_lm_head_weight, teacher_lm_head_bias = whole_tensor(teacher_lm_head_weight), whole_tensor(teacher_lm_head_bias)
+    student_lm_head_weight, teacher_lm_head_weight = map(whole_tensor, (student_lm_head_weight, teacher_lm_head_weight))
+    student_lm_head_bias, teacher_lm_head_bias = map(whole_tensor, (student_lm_head_bias, teacher_lm_head_bias))
     mask = completion_mask != 0
     normalizer = None
     if num_items_in_batch is not None:
