@@ -47,13 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     lm = tasks.add_parser(
         "lm", help="distil a causal LM on the standard library's source (transformers + kdkernels' trainer)",
         description="Train a BPE tokenizer and a small Llama teacher on Python's standard library sources, then "
-                    "half-size students: CE only, and 0.5 CE + 0.5 method through DistillationTrainer (fused-"
+                    "half-size students: CE only, and 0.1 CE + 0.9 method through DistillationTrainer (fused-"
                     "linear); print held-out perplexities, and the peak memory and time of a distillation step on "
                     "the fused-linear path against full logits. Needs the llm extra (scripts/setup.sh installs it).",
     )
     lm.add_argument("--quick", action="store_true", help="a small smoke run (tiny models, a few steps)")
     lm.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
-                    help="methods of the distilled students (default: kd rkl jsd)")
+                    help="methods of the distilled students (default: kd wsd)")
     lm.add_argument("--steps", type=_positive_int, help="student steps (the teacher trains twice as many)")
     lm.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     bench = commands.add_parser(

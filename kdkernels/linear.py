@@ -16,7 +16,8 @@ accumulation whatever the autocast state.
 
 Chunk size: the rows whose temporaries (student and teacher logits, softcap derivative, the gradient cast for the
 matmul, the reference's autograd buffers) fit ``memory_budget`` bytes (``chunk_rows``), split into equal chunks;
-see ``default_budget``. ``chunk_size`` overrides the row count.
+the default budget (``default_budget``) gives them at least the rows the device's matmuls need to run at full speed
+(``MATMUL_ROWS``). ``chunk_size`` overrides the row count.
 
 Padded vocabularies: a teacher weight with more rows (classes) than the student's is read as the student giving
 those classes logit -inf (probability 0). Losses that are infinite where q = 0 < p (kd, the decoupled family,
@@ -41,10 +42,14 @@ from .sparse import SparseTeacher, check as check_sparse, fold, teacher_bins, un
 
 Tensor = torch.Tensor
 
-# Default chunk memory on CPU tensors, for a backend with an in-place op: enough rows that the matmuls run at the
-# BLAS's full speed (2-core CPU, N = 2048, H = 1024, V = 65536 float32: 256-row chunks take the unchunked path's
-# time, 6.9 s, with 1/9 of its memory net of the gradients).
+# Default chunk memory on CPU tensors, for a backend with an in-place op (chunks also get MATMUL_ROWS rows).
 DEFAULT_CPU_BUDGET = 128 << 20
+# Rows below which a chunk's matmuls lose speed, per device type. On CPU the BLAS packs the whole weight again for
+# every matmul call: at H = 1024, V = 65536 float32 on the 2-core CPU, the logits matmuls of 256-row chunks take
+# 1.28x, of 1024-row chunks 1.07x, the time of 2048-row ones, and a whole N = 2048 step 1.18x, 1.03x and 0.99x the
+# unchunked path's. The default budget's chunks get at least this many rows (all rows when there are fewer); an
+# explicit memory_budget or chunk_size is followed as it is. CUDA: none, as no GPU run has measured one yet.
+MATMUL_ROWS = {"cpu": 2048}
 # Without one (the reference by autograd): enough that its sub-chunks have tens of rows (on a 2-core CPU at
 # V = 65536, 6-row sub-chunks take 4x the time of 100-row ones), small next to the [N, V] logits and their
 # reference temporaries.
@@ -419,8 +424,8 @@ def linear_distill_loss(
             (Gemma's final-logit softcapping), with its gradient; None (default) leaves them uncapped.
         return_entropy: also return the student's entropy at T per row (leading shape, float32, 0 on the rows left
             out; not differentiable), for logging: ``(result, entropy)``. It costs one softmax over each chunk.
-        memory_budget: bytes of chunk temporaries to size chunks from (default ``default_budget``);
-            chunk_size: rows per chunk instead (the loss's autograd sub-chunks still follow the budget).
+        memory_budget: bytes of chunk temporaries to size chunks from (default ``default_budget``, in chunks of at
+            least ``MATMUL_ROWS`` rows); chunk_size: rows per chunk instead (the loss's autograd sub-chunks still follow the budget).
 
     Returns:
         float32 loss: 0-d, or the leading shape for reduction="none"; a ``LossParts`` with ``return_parts``;
@@ -485,6 +490,8 @@ def linear_distill_loss(
         else memory_budget
     rows, p.loss_rows = chunk_rows(budget, v, v_t, student_weight.dtype, p.inplace is not None,
                                    (softcap is not None) + 2 * return_entropy, sparse)
+    if memory_budget is None:
+        rows = max(rows, MATMUL_ROWS.get(student_hidden.device.type, 1))
     if chunk_size is None:  # the fewest chunks the budget allows, of equal size (no short last chunk)
         chunk_size = -(-n // -(-n // rows)) if n else rows
     grad_on = torch.is_grad_enabled()

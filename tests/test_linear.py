@@ -83,6 +83,26 @@ def test_chunk_larger_than_batch_and_budget_sizing(backend, device):
     compare("dkd", {}, backend, student, teacher, target, memory_budget=3 * 4 * 4 * V * (2 + REFERENCE_BUFFERS))
 
 
+def test_default_chunks_have_the_rows_the_matmuls_need(monkeypatch):
+    """The default budget's chunks get at least MATMUL_ROWS rows (equal chunks); an explicit budget is followed."""
+    import kdkernels.linear as linear
+
+    seen = []
+    chunk = linear._Heads.chunk
+    monkeypatch.setattr(linear._Heads, "chunk", lambda self, start, stop, *a: seen.append(stop - start) or
+                        chunk(self, start, stop, *a))
+    budget = 4 * 10 * 4 * V * 2  # the reference's chunk gets a quarter (chunk_rows): 10 rows of both logits
+    monkeypatch.setattr(linear, "DEFAULT_CPU_AUTOGRAD_BUDGET", budget)
+    monkeypatch.setitem(linear.MATMUL_ROWS, "cpu", 16)
+    student, teacher, target = make_heads(n=40)
+    args = (student["hidden"], student["weight"], teacher["hidden"], teacher["weight"], target)
+    linear_distill_loss("kd", *args, backend="reference")
+    assert seen == [14, 14, 12]
+    seen.clear()
+    linear_distill_loss("kd", *args, backend="reference", memory_budget=budget)
+    assert seen == [10] * 4
+
+
 def test_chunk_rows_from_the_budget():
     assert chunk_rows(10 * 4 * 100 * 2, 100, 100, torch.float32, True, 0, False) == (10, 0)
     assert chunk_rows(10 * 4 * 100 * 3, 100, 100, torch.float32, True, 1, False) == (10, 0)  # softcap
