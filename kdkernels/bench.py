@@ -13,19 +13,20 @@ and reports each kernel's bandwidth as a share of it.
 
 Writes ``bench.csv`` and ``bench.png`` into ``--out`` and prints the table.
 
-``--linear`` runs the fused-linear section instead: ``linear_distill_loss`` against the unchunked path (both models'
-full logits ``hidden @ weight.T``, then ``distill_loss`` with the backend that backend="auto" picks, the fastest
-fused loss registered for the device) and, on the jsd rows, Liger-Kernel's chunked ``LigerFusedLinearJSDLoss``
-(torch.compile'd PyTorch; its loss and gradients are first checked equal to kdkernels' on the same inputs), forward
-+ backward, at LLM head shapes, for the losses of ``LINEAR_CASES`` (kd, jsd, and jsd with the hard-label term 0.5 CE
-+ 0.5 jsd). It reports the median time and the peak memory that loss + backward add above the inputs and parameters
-(the gradients of the student's hidden states and weight included, in every path), on a step after a warm-up one
-(Liger compiles in it). GPU: ``torch.cuda.max_memory_allocated`` above the allocated bytes before the step. CPU:
-each (path, loss) runs in a fresh process and the step is measured with the kernel's own resident-set high-water
-mark (``peak_rss_bytes``). That counts every byte the step touches (PyTorch, BLAS and Python alike) and nothing it
-only reserves; timing uses later steps. Every path returns the same gradients (``grads_mb``: the student's hidden
-states and weight in their dtype), which training keeps anyway; the table also gives each peak net of them (the
-loss's own memory) and its ratio. Writes ``linear.csv``.
+``--linear`` runs the fused-linear section instead: ``linear_distill_loss`` (default chunks, and chunks of a 128 MiB
+``memory_budget``) against the unchunked path (both models' full logits ``hidden @ weight.T``, then ``distill_loss``
+with the backend that backend="auto" picks, the fastest fused loss registered for the device) and, on the jsd rows,
+Liger-Kernel's chunked ``LigerFusedLinearJSDLoss`` (torch.compile'd PyTorch; its loss and gradients are first
+checked equal to kdkernels' on the same inputs), forward + backward, at LLM head shapes, for the losses of
+``LINEAR_CASES`` (kd, jsd, and jsd with the hard-label term 0.5 CE + 0.5 jsd). It reports the median time and the
+peak memory that loss + backward add above the inputs and parameters (the gradients of the student's hidden states
+and weight included, in every path), on a step after a warm-up one (Liger compiles in it). GPU:
+``torch.cuda.max_memory_allocated`` above the allocated bytes before the step. CPU: each (path, loss) runs in a
+fresh process and the step is measured with the kernel's own resident-set high-water mark (``peak_rss_bytes``). That
+counts every byte the step touches (PyTorch, BLAS and Python alike) and nothing it only reserves; timing uses later
+steps. Every path returns the same gradients (``grads_mb``: the student's hidden states and weight in their dtype),
+which training keeps anyway; the table also gives each peak net of them (the loss's own memory) and its ratio.
+Writes ``linear.csv``.
 """
 
 from __future__ import annotations
@@ -282,7 +283,10 @@ LINEAR_CASES = {
     "jsd": ("jsd", {}),
     "jsd+ce": ("jsd", {"ce_weight": 0.5, "distill_weight": 0.5}),
 }
-UNCHUNKED, FUSED_LINEAR, LIGER = "unchunked", "fused-linear", "liger"
+UNCHUNKED, FUSED_LINEAR, FUSED_LINEAR_SMALL, LIGER = "unchunked", "fused-linear", "fused-linear-128M", "liger"
+# The memory_budget of the FUSED_LINEAR_SMALL path: smaller chunks than the default's (which get the rows the
+# matmuls need, linear.MATMUL_ROWS), trading time for memory.
+SMALL_BUDGET = 128 << 20
 
 
 @dataclass
@@ -335,7 +339,8 @@ def _linear_loss(path, case, hs, ws, ht, wt, y):
         return distill_loss(method, hs @ ws.t(), teacher, y, **options)
     if path == LIGER:
         return _liger_loss(options)(hs, ws, ht, wt, y)
-    return linear_distill_loss(method, hs, ws, ht, wt, y, **options)
+    budget = SMALL_BUDGET if path == FUSED_LINEAR_SMALL else None
+    return linear_distill_loss(method, hs, ws, ht, wt, y, memory_budget=budget, **options)
 
 
 def _linear_step(path, case, hs, ws, ht, wt, y):
@@ -428,7 +433,7 @@ def run_linear(device: str, shapes=None, methods=None, out: str = "bench/out", r
         for case, (method, _) in LINEAR_CASES.items():
             if methods and method not in methods:
                 continue
-            for path in (UNCHUNKED, FUSED_LINEAR) + ((LIGER,) if method == "jsd" and liger else ()):
+            for path in (UNCHUNKED, FUSED_LINEAR, FUSED_LINEAR_SMALL) + ((LIGER,) if method == "jsd" and liger else ()):
                 # A fresh process per measurement: no allocator state carried over from the previous one.
                 code = (f"import json; from kdkernels.bench import linear_measure; print(json.dumps(linear_measure("
                         f"{n}, {h}, {v}, {name!r}, {case!r}, {path!r}, {device!r}, {reps})))")
