@@ -3,11 +3,14 @@
 // set, chosen on the raw teacher logits by the partition) and REST. Per bin the kernels keep, with x = s / T and
 // y = t / T,
 //     mt_b = max y,  zt_b = sum exp(y - mt_b),  kt_b = sum exp(y - mt_b) ((y - mt_b) - (x - ms_b)),
-//     ms_b = max x,  zs_b = sum exp(x - ms_b),
+//     ms_b = max x,  zs_b = sum exp(x - ms_b),  ks_b = sum exp(x - ms_b) ((x - ms_b) - (y - mt_b)) (when w_rkl != 0),
 // from which decoupled_row() gives, in double precision, the loss
-//     l = w_mass KL([P_b] || [Q_b]) + w_strong KL(p^STRONG || q^STRONG) + w_rest KL(p^REST || q^REST),
-//     KL(p^b || q^b) = kt_b / zt_b - (log zt_b - log zs_b),
-// and per bin c_b = w_mass (Q_b - P_b) + w_b, so that g_j = (c_b q^b_j - w_b p^b_j) / T for j in bin b.
+//     l = w_mass KL([P_b] || [Q_b]) + w_strong D^STRONG + w_rest D^REST,
+//     D^b = w_fkl KL(p^b || q^b) + w_rkl KL(q^b || p^b),
+//     KL(p^b || q^b) = kt_b / zt_b - (log zt_b - log zs_b),  KL(q^b || p^b) = ks_b / zs_b - (log zs_b - log zt_b),
+// and per bin, with R_b = KL(q^b || p^b), the coefficients c_b = w_mass (Q_b - P_b) + w_b (w_fkl - w_rkl R_b),
+// f_b = w_b w_fkl, r_b = w_b w_rkl, so that for j in bin b
+//     g_j = (c_b q^b_j - f_b p^b_j + r_b q^b_j (log q^b_j - log p^b_j)) / T.
 #pragma once
 
 #include "row_math.h"
@@ -17,8 +20,8 @@
 #define KDKERNELS_BIN_CODES(X) X(TOP1) X(STRONG) X(REST)
 // The fields of kdkernels/methods.py DecoupledParams, in its order.
 #define KDKERNELS_DECOUPLED_PARAMS(X)                                                                    \
-  X(int64_t, k) X(T, log_tau) X(bool, split_top1) X(bool, adaptive) X(T, w_mass) X(T, w_strong) X(T, w_rest) \
-  X(T, max_weight)
+  X(int64_t, k) X(T, log_tau) X(bool, split_top1) X(bool, lowest) X(bool, adaptive) X(T, w_mass) X(T, w_strong) \
+  X(T, w_rest) X(T, w_fkl) X(T, w_rkl) X(T, max_weight)
 
 namespace kdkernels {
 inline namespace KDKERNELS_MATH_NAMESPACE {
@@ -34,16 +37,26 @@ KD_HD bool better(T v1, int64_t i1, T v2, int64_t i2) {
   return v1 > v2 || (v1 == v2 && i1 < i2);
 }
 
+// The top-k's ranking value of raw teacher logits t: t, or with `lowest` -t, masked classes (-inf) ranking last
+// either way (the k smallest *finite* logits: a masked class is absent, as everywhere).
+template <class O>
+KD_HD typename O::V top_k_rank(typename O::V t, bool lowest) {
+  using V = typename O::V;
+  using T = typename O::Scalar;
+  return lowest ? O::select(O::eq(t, V(neg_inf<T>())), t, V(T(0)) - t) : t;
+}
+
 // What a row's partition needs besides the class's own raw teacher logit.
 template <class T>
 struct Membership {
   int64_t target;  // TARGET: the label (-1 when there is none or it is out of range: the strong bin is then empty)
-  T kth_v;         // TOPK: the k-th best raw teacher logit and its index
+  T kth_v;         // TOPK: the k-th best ranking value (raw teacher logit, negated when lowest) and its index
   int64_t kth_i;
   int64_t top1_i;  // split_top1: the best teacher class
   T t_max;         // THRESHOLD: max of t, and T log(tau)
   T threshold;
   bool split_top1;
+  bool lowest;     // TOPK: rank on -t (the teacher's k smallest logits; top_k_rank)
 };
 
 // (in TOP1, in STRONG) of the classes of raw teacher logits t whose first lane is class `base`; iota holds the lane
@@ -55,8 +68,8 @@ KD_HD void membership(const Membership<typename O::Scalar>& mb, typename O::V t,
   if constexpr (PARTITION == TARGET) {
     in_strong = O::index_eq(iota, mb.target - base);
   } else if constexpr (PARTITION == TOPK) {  // better than or equal to the k-th (value, index)
-    const V kth(mb.kth_v);
-    in_strong = O::lor(O::lor(O::gt(t, kth), O::land(O::eq(t, kth), O::index_le(iota, mb.kth_i - base))),
+    const V kth(mb.kth_v), rank = top_k_rank<O>(t, mb.lowest);
+    in_strong = O::lor(O::lor(O::gt(rank, kth), O::land(O::eq(rank, kth), O::index_le(iota, mb.kth_i - base))),
                        O::index_eq(iota, mb.kth_i - base));
   } else {  // p_i >= tau max p  <=>  t_i - max t >= T log(tau)
     in_strong = O::ge(t - V(mb.t_max), V(mb.threshold));
@@ -77,7 +90,8 @@ KD_HD typename O::V pick(typename O::Mask in_top1, typename O::Mask in_strong, t
   return O::select(in_top1, V(top1), O::select(in_strong, V(strong), V(rest)));
 }
 
-// A class's term of kt_b, with e = exp(y - mt_b): e ((y - mt_b) - (x - ms_b)), 0 for a masked teacher class.
+// A class's term of kt_b, with e = exp(y - mt_b): e ((y - mt_b) - (x - ms_b)), 0 for a masked teacher class; the
+// sides swapped (e = exp(x - ms_b)), its term of ks_b.
 template <class O>
 KD_HD typename O::V k_term(typename O::V e, typename O::V y, typename O::V x, typename O::V shift_t,
                            typename O::V shift_s) {
@@ -88,15 +102,15 @@ KD_HD typename O::V k_term(typename O::V e, typename O::V y, typename O::V x, ty
 
 template <class T>
 struct BinStats {
-  T m[NUM_BINS], z[NUM_BINS], k[NUM_BINS];  // k is used on the teacher side only
+  T m[NUM_BINS], z[NUM_BINS], k[NUM_BINS];  // the side's max, sum and k term (kt_b or ks_b) per bin
 };
 
 // A row's loss and its gradient coefficients, from the statistics of both sides.
 template <class T>
 struct DecoupledRow {
   T loss;                  // before T^2; NaN for an out-of-range target
-  T c[NUM_BINS];           // g_j = scale (c_b q^b_j - w_b p^b_j)
-  T w[NUM_BINS];
+  T c[NUM_BINS];           // g_j = scale (c_b q^b_j - f_b p^b_j + r_b q^b_j (log q^b_j - log p^b_j))
+  T f[NUM_BINS], r[NUM_BINS];
   // p^b_j = exp((y_j - mt_b) - lzt_b), q^b_j = exp((x_j - ms_b) - lzs_b): the max and the log-sum apart, since
   // rounding their sum (near a logit of 500, say) would cost exp(x - shift) that sum's absolute rounding error.
   T mt[NUM_BINS], lzt[NUM_BINS], ms[NUM_BINS], lzs[NUM_BINS];
@@ -125,10 +139,12 @@ KD_HD void log_masses(const BinStats<T>& s, double out[NUM_BINS]) {
   if (out[big] == out[big]) out[big] = log1p(-others);
 }
 
+// KL(a^b || o^b) of bin b, a's k term taken against o (the teacher's kt_b for the forward KL, the student's ks_b for
+// the reverse one); 0 where a has no mass in the bin.
 template <class T>
-KD_HD double in_bin_kl(const BinStats<T>& t, const BinStats<T>& s, int b) {
-  if (t.z[b] == T(0)) return 0.0;
-  return double(t.k[b]) / double(t.z[b]) - (log(double(t.z[b])) - log(double(s.z[b])));
+KD_HD double in_bin_kl(const BinStats<T>& a, const BinStats<T>& o, int b) {
+  if (a.z[b] == T(0)) return 0.0;
+  return double(a.k[b]) / double(a.z[b]) - (log(double(a.z[b])) - log(double(o.z[b])));
 }
 
 template <class T>
@@ -143,23 +159,29 @@ KD_HD DecoupledRow<T> decoupled_row(const BinStats<T>& t, const BinStats<T>& s, 
     weight = ratio < c.max_weight ? ratio : c.max_weight;
   }
   const double w[NUM_BINS] = {0.0, c.w_strong, c.w_rest};  // a one-class bin has no in-bin KL
-  double mass_kl = 0;
-  for (int b = 0; b < NUM_BINS; ++b) mass_kl += is_neg_inf(lp[b]) ? 0.0 : exp(lp[b]) * (lp[b] - lq[b]);
+  double loss = 0;
+  for (int b = 0; b < NUM_BINS; ++b) loss += is_neg_inf(lp[b]) ? 0.0 : exp(lp[b]) * (lp[b] - lq[b]);
+  loss *= weight;
   DecoupledRow<T> row;
-  row.loss = T(weight * mass_kl + c.w_strong * in_bin_kl(t, s, STRONG) + c.w_rest * in_bin_kl(t, s, REST));
-  if (bad_target) row.loss = T(NAN);
   for (int b = 0; b < NUM_BINS; ++b) {
-    row.w[b] = T(w[b]);
-    row.c[b] = T(weight * (exp(lq[b]) - exp(lp[b])) + w[b]);
+    // (TOP1 has no in-bin term; ks_b is kept only when w_rkl != 0.)
+    const double fkl = b == TOP1 || c.w_fkl == 0.0 ? 0.0 : in_bin_kl(t, s, b);
+    const double rkl = b == TOP1 || c.w_rkl == 0.0 ? 0.0 : in_bin_kl(s, t, b);
+    loss += w[b] * (c.w_fkl * fkl + c.w_rkl * rkl);
+    row.f[b] = T(w[b] * c.w_fkl);
+    row.r[b] = T(w[b] * c.w_rkl);
+    row.c[b] = T(weight * (exp(lq[b]) - exp(lp[b])) + w[b] * (c.w_fkl - c.w_rkl * rkl));
     row.mt[b] = safe_shift(t.m[b]);
     row.lzt[b] = math_log(t.z[b]);
     row.ms[b] = safe_shift(s.m[b]);
     row.lzs[b] = math_log(s.z[b]);
   }
+  row.loss = bad_target ? T(NAN) : T(loss);
   return row;
 }
 
-// g_j = scale (c_b q^b_j - w_b p^b_j) for the classes of x, y (0 for masked ones).
+// g_j = scale (c_b q^b_j - f_b p^b_j + r_b q^b_j (log q^b_j - log p^b_j)) for the classes of x, y (0 for masked
+// ones); the last term only when w_rkl != 0.
 template <class O>
 KD_HD typename O::V decoupled_grad(const DecoupledRow<typename O::Scalar>& row, typename O::Mask in_top1,
                                    typename O::Mask in_strong, typename O::V x, typename O::V y,
@@ -167,15 +189,20 @@ KD_HD typename O::V decoupled_grad(const DecoupledRow<typename O::Scalar>& row, 
   using V = typename O::V;
   using T = typename O::Scalar;
   const V zero(T(0)), ninf(neg_inf<T>());
-  const V q_in = O::select(O::eq(x, ninf), zero,
-                           O::exp((x - pick<O>(in_top1, in_strong, row.ms[TOP1], row.ms[STRONG], row.ms[REST])) -
-                                  pick<O>(in_top1, in_strong, row.lzs[TOP1], row.lzs[STRONG], row.lzs[REST])));
-  const V p_in = O::select(O::eq(y, ninf), zero,
-                           O::exp((y - pick<O>(in_top1, in_strong, row.mt[TOP1], row.mt[STRONG], row.mt[REST])) -
-                                  pick<O>(in_top1, in_strong, row.lzt[TOP1], row.lzt[STRONG], row.lzt[REST])));
+  const V log_q = (x - pick<O>(in_top1, in_strong, row.ms[TOP1], row.ms[STRONG], row.ms[REST])) -
+                  pick<O>(in_top1, in_strong, row.lzs[TOP1], row.lzs[STRONG], row.lzs[REST]);
+  const V log_p = (y - pick<O>(in_top1, in_strong, row.mt[TOP1], row.mt[STRONG], row.mt[REST])) -
+                  pick<O>(in_top1, in_strong, row.lzt[TOP1], row.lzt[STRONG], row.lzt[REST]);
+  const V q_in = O::select(O::eq(x, ninf), zero, O::exp(log_q));
+  const V p_in = O::select(O::eq(y, ninf), zero, O::exp(log_p));
   const V c = pick<O>(in_top1, in_strong, row.c[TOP1], row.c[STRONG], row.c[REST]);
-  const V w = pick<O>(in_top1, in_strong, row.w[TOP1], row.w[STRONG], row.w[REST]);
-  return (c * q_in - w * p_in) * V(scale);
+  const V f = pick<O>(in_top1, in_strong, row.f[TOP1], row.f[STRONG], row.f[REST]);
+  V g = c * q_in - f * p_in;
+  if (row.r[STRONG] != T(0) || row.r[REST] != T(0)) {
+    const V r = pick<O>(in_top1, in_strong, row.r[TOP1], row.r[STRONG], row.r[REST]);
+    g = g + O::select(O::eq(x, ninf), zero, r * q_in * (log_q - log_p));
+  }
+  return g * V(scale);
 }
 
 }  // namespace KDKERNELS_MATH_NAMESPACE

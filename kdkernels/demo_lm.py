@@ -138,10 +138,11 @@ class _Advance(transformers.TrainerCallback):
 
 def causal_lm(s: Schedule, hidden: int, heads: int, seed: int):
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=s.vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 8 * 8,
-                         num_hidden_layers=s.layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=s.block, tie_word_embeddings=True, bos_token_id=None,
-                         eos_token_id=None, pad_token_id=None)
+    config = transformers.LlamaConfig(vocab_size=s.vocab, hidden_size=hidden,
+                                      intermediate_size=hidden * 8 // 3 // 8 * 8, num_hidden_layers=s.layers,
+                                      num_attention_heads=heads, num_key_value_heads=heads,
+                                      max_position_embeddings=s.block, tie_word_embeddings=True, bos_token_id=None,
+                                      eos_token_id=None, pad_token_id=None)
     return transformers.LlamaForCausalLM(config)
 
 

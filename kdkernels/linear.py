@@ -75,13 +75,13 @@ def chunk_rows(budget: int, v_student: int, v_teacher: int, weight_dtype: torch.
                extra: int, sparse: bool) -> tuple[int, int]:
     """(rows per chunk, rows per loss call) whose temporaries fit ``budget`` bytes.
 
-    A chunk holds float32 logits of both models ([rows, V_teacher] each; a sparse teacher's fold copies the
-    student's instead), ``extra`` more float32 [rows, V] buffers (the capped logits for the softcap derivative,
-    two for the student's entropy), and the gradient cast to a low-precision weight dtype for the matmuls. A backend with an in-place op turns the student's logits into the gradient
-    with nothing more, so the whole budget goes to the chunk. Otherwise the loss runs by autograd on sub-chunks
-    (REFERENCE_BUFFERS [rows, V] float32 each) that get three quarters of the budget and the chunk the rest:
-    small sub-chunks are dominated by per-operation costs, and a few hundred rows already keep the matmuls
-    efficient (on a 2-core CPU a 48-row chunk runs them at half the speed of a 512-row one).
+    A chunk holds float32 logits of both models ([rows, V_teacher] each; a sparse teacher's fold copies the student's
+    instead), ``extra`` more float32 [rows, V] buffers (the capped logits for the softcap derivative, two for the
+    student's entropy), and the gradient cast to a low-precision weight dtype for the matmuls. A backend with an
+    in-place op turns the student's logits into the gradient with nothing more, so the whole budget goes to the chunk.
+    Otherwise the loss runs by autograd on sub-chunks (REFERENCE_BUFFERS [rows, V] float32 each) that get three quarters
+    of the budget and the chunk the rest: small sub-chunks are dominated by per-operation costs, and a few hundred rows
+    already keep the matmuls efficient (on a 2-core CPU a 48-row chunk runs them at half the speed of a 512-row one).
     """
     v = v_student if sparse else v_teacher
     per_row = 4 * v * (2 + extra)
@@ -425,7 +425,8 @@ def linear_distill_loss(
         return_entropy: also return the student's entropy at T per row (leading shape, float32, 0 on the rows left
             out; not differentiable), for logging: ``(result, entropy)``. It costs one softmax over each chunk.
         memory_budget: bytes of chunk temporaries to size chunks from (default ``default_budget``, in chunks of at
-            least ``MATMUL_ROWS`` rows); chunk_size: rows per chunk instead (the loss's autograd sub-chunks still follow the budget).
+            least ``MATMUL_ROWS`` rows); chunk_size: rows per chunk instead (the loss's autograd sub-chunks still
+            follow the budget).
 
     Returns:
         float32 loss: 0-d, or the leading shape for reduction="none"; a ``LossParts`` with ``return_parts``;

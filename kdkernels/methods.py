@@ -28,6 +28,9 @@ DECOUPLED = "decoupled"
 FAMILIES = (DIVERGENCE, DECOUPLED)
 REDUCTIONS = ("batchmean", "sum", "none")
 CAKD_STRONG = ("target", "topk", "threshold")
+GDKD_STRATEGIES = ("best", "worst")
+# gdkd's in-bin KL: (weight of KL(p^b || q^b), weight of KL(q^b || p^b)) per kl_type, as ZaberKo/GDKD averages them.
+GDKD_KL_TYPES = {"forward": (1.0, 0.0), "reverse": (0.0, 1.0), "both": (0.5, 0.5)}
 
 
 class Divergence(enum.IntEnum):
@@ -56,7 +59,7 @@ class Partition(enum.IntEnum):
     """How the decoupled family picks the strong bin (docs/losses.md, "Decoupled family")."""
 
     TARGET = 0  # {target}
-    TOPK = 1  # the teacher's k largest raw logits
+    TOPK = 1  # the teacher's k largest raw logits (its k smallest with DecoupledParams.lowest)
     THRESHOLD = 2  # {i : t_i - max t >= T log(tau)}
 
 
@@ -88,10 +91,13 @@ class DecoupledParams(NamedTuple):
     k: int = 0  # TOPK: size of the strong set
     log_tau: float = 0.0  # THRESHOLD
     split_top1: bool = False  # TOPK: the teacher's top-1 is a bin of its own (gdkd partitions=3)
+    lowest: bool = False  # TOPK: the strong set is the teacher's k smallest raw logits (gdkd strategy="worst")
     adaptive: bool = False  # TARGET: w_mass is min(P_strong / Q_strong, max_weight), not differentiated (aekt)
     w_mass: float = 0.0  # weight of the KL of the bin masses
-    w_strong: float = 0.0  # weight of the in-bin KL of the strong bin
+    w_strong: float = 0.0  # weight of the in-bin divergence of the strong bin
     w_rest: float = 0.0  # and of the rest
+    w_fkl: float = 1.0  # the in-bin divergence: w_fkl KL(p^b || q^b) + w_rkl KL(q^b || p^b) (gdkd kl_type)
+    w_rkl: float = 0.0
     max_weight: float = 0.0  # adaptive: the cap of w_mass
 
 
@@ -201,6 +207,16 @@ def _decoupled(partition: Partition, **params) -> Plan:
     return Plan(DECOUPLED, partition, DecoupledParams(**params))
 
 
+def _gdkd_plan(hp) -> Plan:
+    split_top1, lowest = hp["partitions"] == 3, hp["strategy"] == "worst"
+    if split_top1 and lowest:  # ZaberKo/GDKD's 3-partition loss splits off the teacher's best class: no "worst"
+        raise ValueError("gdkd: strategy='worst' (the teacher's k smallest logits) needs partitions=2, got "
+                         "partitions=3 (its extra bin is the teacher's top-1)")
+    w_fkl, w_rkl = GDKD_KL_TYPES[hp["kl_type"]]
+    return _decoupled(Partition.TOPK, k=hp["k"], split_top1=split_top1, lowest=lowest, w_mass=hp["w0"],
+                      w_strong=hp["w1"], w_rest=hp["w2"], w_fkl=w_fkl, w_rkl=w_rkl)
+
+
 def _cakd_plan(hp) -> Plan:
     partition = {"target": Partition.TARGET, "topk": Partition.TOPK, "threshold": Partition.THRESHOLD}[hp["strong"]]
     return _decoupled(partition, k=hp["k"] if partition == Partition.TOPK else 0,
@@ -272,11 +288,10 @@ METHODS: dict[str, Method] = {
                {"alpha": _F("alpha"), "beta": _F("beta")}, 4.0, True,
                lambda hp: _decoupled(Partition.TARGET, w_mass=hp["alpha"], w_rest=hp["beta"])),
         Method("gdkd", "GDKDLoss", "GDKD (arXiv 2512.04625; ZaberKo/GDKD)",
-               {"k": 5, "w0": 1.0, "w1": 1.0, "w2": 8.0, "partitions": 2},
+               {"k": 5, "w0": 1.0, "w1": 1.0, "w2": 8.0, "partitions": 2, "strategy": "best", "kl_type": "forward"},
                {"k": _top_k, "w0": _F("w0"), "w1": _F("w1"), "w2": _F("w2"),
-                "partitions": _one_of("partitions", (2, 3))}, 4.0, True,
-               lambda hp: _decoupled(Partition.TOPK, k=hp["k"], split_top1=hp["partitions"] == 3, w_mass=hp["w0"],
-                                     w_strong=hp["w1"], w_rest=hp["w2"])),
+                "partitions": _one_of("partitions", (2, 3)), "strategy": _one_of("strategy", GDKD_STRATEGIES),
+                "kl_type": _one_of("kl_type", tuple(GDKD_KL_TYPES))}, 4.0, True, _gdkd_plan),
         Method("cakd", "CAKDLoss", "CAKD (arXiv 2410.14741)",
                {"alpha": 1.0, "beta": 8.0, "bcd_weight": 1.0, "strong": "target", "k": 5, "tau": 0.5},
                {"alpha": _F("alpha"), "beta": _F("beta"), "bcd_weight": _F("bcd_weight"),
@@ -304,12 +319,15 @@ def finite_when_missing(plan: Plan, missing: str) -> bool:
     (forward KLs) are; rkl, jsd, the skews and tvd stay finite; abkd's terms stay finite iff beta > 0 and
     alpha + beta > 0 (q^beta and q^(alpha+beta) -> 0; every log q is weighted by a power of q). With p_j = 0 < q_j
     (teacher missing) the roles swap: rkl is infinite, abkd is finite iff alpha > 0 and alpha + beta > 0, the
-    forward KLs stay finite.
+    forward KLs stay finite, and so does the decoupled family unless its in-bin divergence has a reverse KL (gdkd's
+    kl_type "reverse" or "both").
     """
     if missing not in ("student", "teacher"):
         raise ValueError(f"missing must be 'student' or 'teacher', got {missing!r}")
     student = missing == "student"
-    if plan.family == DECOUPLED or plan.code == Divergence.KD:
+    if plan.family == DECOUPLED:  # forward bin-mass KL; an in-bin reverse KL is infinite where p^b = 0 < q^b
+        return not student and plan.params.w_rkl == 0
+    if plan.code == Divergence.KD:
         return not student
     if plan.code == Divergence.RKL:
         return student

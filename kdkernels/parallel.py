@@ -184,12 +184,14 @@ def _bins(plan: Plan, t: Tensor, target: Optional[Tensor], temperature: float, s
         top1, strong = _top_k_masks(t, (1, params.k), shard)
         return torch.where(top1, int(Bin.TOP1), torch.where(strong, int(Bin.STRONG), int(Bin.REST)))
     else:
-        (strong,) = _top_k_masks(t, (params.k,), shard)
+        (strong,) = _top_k_masks(reference.lowest_first(t) if params.lowest else t, (params.k,), shard)
     return torch.where(strong, int(Bin.STRONG), int(Bin.REST))
 
 
-# For j in bin b (docs/losses.md): l = w_mass KL([P_b] || [Q_b]) + sum_b w_b KL(p^b || q^b) and
-#   g_j = (1/T) [w_mass (Q_b - P_b) q^b_j + w_b (q^b_j [P_b > 0] - p^b_j)]
+# For j in bin b (docs/losses.md): l = w_mass KL([P_b] || [Q_b]) + sum_b w_b (w_fkl F_b + w_rkl R_b), with
+# F_b = KL(p^b || q^b), R_b = KL(q^b || p^b), and
+#   g_j = (1/T) [w_mass (Q_b - P_b) q^b_j + w_b w_fkl (q^b_j [P_b > 0] - p^b_j)
+#                + w_b w_rkl q^b_j (log q^b_j - log p^b_j - R_b)]
 # ([P_b > 0]: a bin the teacher gives no mass has in-bin KL 0, so no gradient). Each bin's logsumexp of s/T and t/T
 # comes from all-reduced bin maxes and sums of exp; the in-bin log-probs log p^b_j = t_j/T - logsumexp_b(t/T)
 # are then local, and so are the in-bin KL terms, summed per bin across ranks.
@@ -213,8 +215,11 @@ def _decoupled(plan: Plan, s: Tensor, t: Tensor, target: Optional[Tensor], tempe
     # log P_b relative to the row max (exact for logits offset by 1000): (max_b - max) + log sum_b, normalised.
     log_masses = torch.where(dead, NEG_INF, maxes - maxes.amax(-1, keepdim=True) + log_sums)
     log_masses = reference.refine_largest(log_masses - torch.logsumexp(log_masses, -1, keepdim=True))
-    inner = torch.zeros_like(maxes[0]).scatter_add_(-1, bins, reference.kl_terms(in_bin[0], in_bin[1]))
-    inner = _all_reduce(inner, dist.ReduceOp.SUM, shard.group)
+    # [F_b, R_b] per row, each direction only when it is weighted.
+    inner = torch.zeros_like(maxes).scatter_add_(-1, index, torch.stack([
+        reference.kl_terms(in_bin[0], in_bin[1]) if params.w_fkl else torch.zeros_like(in_bin[0]),
+        reference.kl_terms(in_bin[1], in_bin[0]) if params.w_rkl else torch.zeros_like(in_bin[0])]))
+    fkl, rkl = _all_reduce(inner, dist.ReduceOp.SUM, shard.group)
     if params.adaptive:  # min(P_strong / Q_strong, max_weight), not differentiated
         strong = slice(Bin.STRONG, Bin.STRONG + 1)
         w_mass = (log_masses[0, :, strong] - log_masses[1, :, strong]).exp().clamp(max=params.max_weight)
@@ -222,14 +227,20 @@ def _decoupled(plan: Plan, s: Tensor, t: Tensor, target: Optional[Tensor], tempe
         w_mass = params.w_mass
     # (new_full, not torch.tensor: a host-to-device copy would sync with the stream.)
     weights = torch.stack([s.new_full((), w) for w in (0.0, params.w_strong, params.w_rest)])  # TOP1, STRONG, REST
-    loss = (w_mass * reference.kl_terms(log_masses[0], log_masses[1])).sum(-1) + (weights * inner).sum(-1)
+    divergence = ((params.w_fkl * fkl) if params.w_fkl else 0.0) + ((params.w_rkl * rkl) if params.w_rkl else 0.0)
+    loss = (w_mass * reference.kl_terms(log_masses[0], log_masses[1])).sum(-1) + (weights * divergence).sum(-1)
     if not with_grad:
         return loss, None, masked
     masses = log_masses.exp()
-    coef = w_mass * (masses[1] - masses[0]) + weights * ~dead[0]  # [N, bins]
+    coef = w_mass * (masses[1] - masses[0]) + weights * (params.w_fkl * ~dead[0] - params.w_rkl * rkl)  # [N, bins]
+    log_ratio = in_bin[1] - in_bin[0] if params.w_rkl else None  # log q^b_j - log p^b_j
     p_in, q_in = in_bin.exp_()
-    grad = q_in.mul_(coef.gather(-1, bins)).sub_(p_in.mul_(weights[bins])).div_(temperature)
-    return loss, grad, masked
+    if params.w_rkl:
+        log_ratio = torch.where(q_in == 0, 0.0, q_in * log_ratio).mul_((params.w_rkl * weights)[bins])
+    grad = q_in.mul_(coef.gather(-1, bins)).sub_(p_in.mul_((params.w_fkl * weights)[bins]))
+    if params.w_rkl:
+        grad.add_(log_ratio)
+    return loss, grad.div_(temperature), masked
 
 
 # --------------------------------------------------------------------------------------------------------------

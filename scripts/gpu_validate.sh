@@ -29,7 +29,8 @@ if ! command -v nvcc >/dev/null && [ ! -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvc
   export KDKERNELS_NO_CUDA=1
 fi
 if ! python3 -c "import transformers, trl" 2>/dev/null; then
-  echo "no transformers / trl here: tests/test_integrations.py is skipped (KDKERNELS_NO_LLM=1)" | tee -a "$results/env.txt"
+  echo "no transformers / trl here: tests/test_integrations.py is skipped (KDKERNELS_NO_LLM=1)" \
+    | tee -a "$results/env.txt"
   export KDKERNELS_NO_LLM=1
 fi
 if ls csrc/*.cpp >/dev/null 2>&1 && [ "${KDKERNELS_NO_EXTENSION:-0}" != 1 ]; then

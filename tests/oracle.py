@@ -106,6 +106,8 @@ def _partition(method, y, hp, label):
         bins[:] = 2
         bins[order[1:hp["k"]]] = 1
         bins[order[0]] = 0
+    elif method == "gdkd" and hp["strategy"] == "worst":  # the k smallest finite, ties to the lower index
+        bins[np.argsort(np.where(np.isneginf(y), np.inf, y), kind="stable")[:hp["k"]]] = 0
     else:
         bins[order[:hp["k"]]] = 0
     if method == "dkd":
@@ -122,6 +124,8 @@ def _partition(method, y, hp, label):
 def _decoupled(method, p, q, lp, lq, y, hp, temperature, label):
     T = temperature
     bins, (w0, wm) = _partition(method, y, hp, label)
+    # The in-bin divergence: gdkd's kl_type weighs KL(p^b || q^b) and KL(q^b || p^b) (ZaberKo/GDKD: "both" = mean).
+    fw, rw = {"forward": (1.0, 0.0), "reverse": (0.0, 1.0), "both": (0.5, 0.5)}[hp.get("kl_type", "forward")]
     if w0 is None:
         w0 = min(math.exp(lp[label] - lq[label]), hp["max_weight"])
     loss = 0.0
@@ -133,9 +137,13 @@ def _decoupled(method, p, q, lp, lq, y, hp, temperature, label):
         lP, lQ = _logsumexp(lp[member]), _logsumexp(lq[member])
         P, Q = math.exp(lP), math.exp(lQ)
         pm, qm = p[member] / P, q[member] / Q
-        in_bin = _xlogy_ratio(pm, lp[member] - lP, lq[member] - lQ).sum()
-        loss += w0 * (P * (lP - lQ) if P > 0 else 0.0) + w * in_bin
-        grad[member] = (w0 * (Q - P) * qm + w * (qm - pm)) / T
+        lpm, lqm = lp[member] - lP, lq[member] - lQ
+        fkl = _xlogy_ratio(pm, lpm, lqm).sum() if fw else 0.0
+        rkl = _xlogy_ratio(qm, lqm, lpm).sum() if rw else 0.0
+        loss += w0 * (P * (lP - lQ) if P > 0 else 0.0) + w * (fw * fkl + rw * rkl)
+        # d KL(q^b || p^b) / d x_j = q^b_j (log q^b_j - log p^b_j - KL(q^b || p^b)) for j in the bin
+        reverse = np.where(qm > 0, qm * (lqm - lpm - rkl), 0.0) if rw else 0.0
+        grad[member] = (w0 * (Q - P) * qm + w * (fw * (qm - pm) + rw * reverse)) / T
     return loss, grad
 
 

@@ -69,6 +69,40 @@ def test_dkd_matches_mdistiller(alpha, beta, T):
     torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0], rtol=1e-9, atol=1e-15)
 
 
+def zaberko_gdkd(s, t, k, w0, w1, w2, T, strategy, kl_type):
+    """GDKD as ZaberKo/GDKD writes it (2 partitions): the teacher's top-k ("best") or bottom-k ("worst") by
+    torch.topk, bin masses from summed softmaxes, in-bin distributions by a -1000 logit mask after / T, in-bin
+    divergence forward, reverse or the mean of both, each term batchmean and T^2-scaled."""
+    top = torch.zeros_like(t, dtype=torch.bool).scatter_(1, torch.topk(t, k, 1, largest=strategy == "best").indices,
+                                                         True)
+    ps, pt = F.softmax(s / T, 1), F.softmax(t / T, 1)
+    bs = torch.stack([(ps * top).sum(1), (ps * ~top).sum(1)], 1)
+    bt = torch.stack([(pt * top).sum(1), (pt * ~top).sum(1)], 1)
+    loss = w0 * F.kl_div(torch.log(bs), bt, reduction="batchmean") * T**2
+
+    def in_bin(mask_out):
+        ls = F.log_softmax(s / T - 1000.0 * mask_out, 1)
+        lt = F.log_softmax(t / T - 1000.0 * mask_out, 1)
+        forward = F.kl_div(ls, lt, reduction="batchmean", log_target=True)
+        reverse = F.kl_div(lt, ls, reduction="batchmean", log_target=True)
+        return {"forward": forward, "reverse": reverse, "both": 0.5 * (forward + reverse)}[kl_type] * T**2
+
+    return loss + w1 * in_bin(~top) + w2 * in_bin(top)
+
+
+@pytest.mark.parametrize("strategy,kl_type,T", [("best", "forward", 4.0), ("worst", "reverse", 4.0),
+                                                ("best", "both", 1.0), ("worst", "both", 2.0)])
+def test_gdkd_matches_zaberko(strategy, kl_type, T):
+    s, t, _ = make_inputs((8, 100), torch.float64, seed=11, ignored=0)
+    s.requires_grad_(True)
+    hp = dict(k=5, w0=0.5, w1=2.0, w2=6.0)
+    got = kdkernels.gdkd_loss(s, t, strategy=strategy, kl_type=kl_type, temperature=T, backend="reference", **hp)
+    want = zaberko_gdkd(s, t, T=T, strategy=strategy, kl_type=kl_type, **hp)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0], rtol=1e-8,
+                               atol=1e-15)
+
+
 def test_aekt_is_dkd_with_adaptive_weight():
     """With a_r clamped at max_weight everywhere, aekt equals dkd with alpha = max_weight."""
     s, t, target = make_inputs((8, 50), torch.float64, seed=6, ignored=0)

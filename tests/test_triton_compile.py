@@ -46,8 +46,9 @@ def compile_for_h200(kernel, pointer_types, constexprs):
 POINTERS = {"s_ptr": "*bf16", "t_ptr": "*fp32", "grad_ptr": "*bf16", "target_ptr": "*i64"}
 LAYOUTS = {"single": dict(SINGLE_TILE=True, BLOCK_N=4, BLOCK_V=1024), "stream": dict(SINGLE_TILE=False, BLOCK_N=1,
                                                                                     BLOCK_V=4096)}
-# (partition, split_top1, adaptive) of every decoupled plan the test cases reach.
-DECOUPLED = sorted({(int(plan.code), bool(plan.params.split_top1), bool(plan.params.adaptive)) for plan in (
+# The switches of every decoupled plan the test cases reach.
+DECOUPLED = sorted({(int(plan.code), bool(plan.params.split_top1), bool(plan.params.lowest), bool(plan.params.adaptive),
+                     plan.params.w_fkl != 0, plan.params.w_rkl != 0) for plan in (
     METHODS[method].plan(METHODS[method].resolve(hp)) for method, hp in CASES) if plan.family == DECOUPLED_FAMILY})
 
 
@@ -63,10 +64,10 @@ def compile_family(family: str) -> None:
                 compile_for_h200(divergence_kernel, POINTERS, dict(
                     CODE=int(code), HAS_TARGET=True, HAS_DENOM=True, WITH_GRAD=True, **layout))
         elif family == "decoupled":
-            for partition, split_top1, adaptive in DECOUPLED:
+            for partition, split_top1, lowest, adaptive, forward, reverse in DECOUPLED:
                 compile_for_h200(decoupled_kernel, POINTERS, dict(
-                    PARTITION=int(partition), SPLIT_TOP1=split_top1, ADAPTIVE=adaptive, HAS_TARGET=True,
-                    HAS_DENOM=False, WITH_GRAD=True, KPAD=8, **layout))
+                    PARTITION=partition, SPLIT_TOP1=split_top1, LOWEST=lowest, ADAPTIVE=adaptive, FORWARD=forward,
+                    REVERSE=reverse, HAS_TARGET=True, HAS_DENOM=False, WITH_GRAD=True, KPAD=8, **layout))
     if family == "scale":
         for per_row in (False, True):
             compile_for_h200(scale_rows_kernel, {"grad_ptr": "*bf16"}, dict(PER_ROW=per_row, BLOCK_V=4096))

@@ -3,7 +3,7 @@
 // a row:
 //
 //   (0) what the partition needs from the raw teacher logits: their top-k (a heap, with a vector test that skips
-//       the classes below the current k-th) or their max;
+//       the classes below the current k-th; on -t for the k smallest) or their max;
 //   (1) per-bin maxima of x and y; a row whose classes are all masked in both logits stops here (loss 0,
 //       gradient 0); then per-bin sums, each class shifted by its own bin's maxima (one exp per class and side), and
 //       the sum of exp(s - max s) of the cross-entropy term;
@@ -17,7 +17,8 @@
 namespace kdkernels::cpu::CPU_CAPABILITY {
 namespace {
 
-// The teacher's k best classes by (raw logit, lower index): kth_v / kth_i (the worst of them) and top1_i (the best).
+// The teacher's k best classes by (ranking value, lower index), the value being top_k_rank of the raw logit:
+// kth_v / kth_i (the worst of them) and top1_i (the best).
 template <class M>
 void teacher_top_k(const M* t, int64_t v, int64_t k, std::vector<std::pair<M, int64_t>>& heap, Membership<M>& mb) {
   using O = Ops<M>;
@@ -30,7 +31,7 @@ void teacher_top_k(const M* t, int64_t v, int64_t k, std::vector<std::pair<M, in
   M lanes[L];
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
-    const V y = load(t + j, n);
+    const V y = top_k_rank<O>(load(t + j, n), mb.lowest);
     // Classes come in index order: one that only ties the current k-th has a larger index and does not enter.
     if (int64_t(heap.size()) == k && !O::any(O::gt(y, V(heap.front().first)))) continue;
     y.store(lanes);
@@ -62,7 +63,7 @@ M decoupled_row(const M* s, const M* t, int64_t target, M* g, M* ce, int64_t v, 
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
   const V T(temperature), zero(M(0)), ninf(neg_inf<M>()), iota = O::iota();
-  Membership<M> mb{-1, M(0), 0, 0, M(0), threshold, c.split_top1};
+  Membership<M> mb{-1, M(0), 0, 0, M(0), threshold, c.split_top1, c.lowest};
   // An index outside [0, V) is never read (membership only compares indices): the row's loss becomes NaN.
   const bool bad_target = PARTITION == TARGET && (target < 0 || target >= v);
   if (PARTITION == TARGET && !bad_target) mb.target = target;
@@ -104,7 +105,8 @@ M decoupled_row(const M* s, const M* t, int64_t target, M* g, M* ce, int64_t v, 
   if (masked) return skip_row(g, ce, v);
   const M m1 = max_lanes(vm1);
   const V shift_1(safe_shift(m1));
-  ChunkedSum<M> zt[NUM_BINS], kt[NUM_BINS], zs[NUM_BINS], z1;
+  ChunkedSum<M> zt[NUM_BINS], kt[NUM_BINS], zs[NUM_BINS], ks[NUM_BINS], z1;
+  const bool reverse = c.w_rkl != 0.0;  // the student's ks_b: only for the in-bin reverse KL
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
     const V sraw = load(s + j, n), traw = load(t + j, n), x = sraw / T, y = traw / T;
@@ -120,12 +122,16 @@ M decoupled_row(const M* s, const M* t, int64_t target, M* g, M* ce, int64_t v, 
       kt[b].add(O::select(in[b], kv, zero));
       zs[b].add(O::select(in[b], es, zero));
     }
+    if (reverse) {
+      const V ksv = k_term<O>(es, x, y, ss_j, st_j);
+      for (int b = 0; b < NUM_BINS; ++b) ks[b].add(O::select(in[b], ksv, zero));
+    }
   }
   for (int b = 0; b < NUM_BINS; ++b) {
     st.z[b] = zt[b].sum();
     st.k[b] = kt[b].sum();
     ss.z[b] = zs[b].sum();
-    ss.k[b] = M(0);
+    ss.k[b] = ks[b].sum();
   }
   const DecoupledRow<M> row = decoupled_row(st, ss, c, bad_target);
   const CrossEntropy<M> xent{m1, std::log(z1.sum()), ce_scale, target};

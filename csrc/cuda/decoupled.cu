@@ -1,6 +1,6 @@
 // CUDA kernel of the decoupled family: one block per row, loss and gradient in one launch. The math is
-// decoupled.h's: per bin (TOP1, STRONG, REST) the online statistics (mt, zt, kt) of y = t / T and (ms, zs) of
-// x = s / T, from which decoupled_row() gives the loss and the coefficients of g_j = (c_b q^b_j - w_b p^b_j) / T.
+// decoupled.h's: per bin (TOP1, STRONG, REST) the online statistics (mt, zt, kt) of y = t / T and (ms, zs, ks) of
+// x = s / T, from which decoupled_row() gives the loss and the coefficients of the gradient.
 //
 // Passes: (0) what the partition needs from the raw teacher logits: k walks picking the next best (value, index)
 // each (top-k), or their max (threshold); (1) the per-bin statistics (and the online max and sum of exp of s for
@@ -14,14 +14,17 @@ namespace {
 using F = ScalarOps<float>;
 
 // Online statistics of one bin: the teacher's mt, zt = sum exp(y - mt), kt = sum exp(y - mt) ((y - mt) - (x - ms))
-// and the student's ms, zs = sum exp(x - ms). kt is kept relative to both maxes, so it stays exact for logits offset
-// by 1000; moving them rescales zt and kt (and subtracts zt times the moves from kt).
+// and the student's ms, zs = sum exp(x - ms), ks = sum exp(x - ms) ((x - ms) - (y - mt)) (used when w_rkl != 0).
+// kt and ks are kept relative to both maxes, so they stay exact for logits offset by 1000; moving them rescales the
+// sums (and subtracts z times the moves from k).
 struct BinAccumulator {
-  float mt = -INFINITY, zt = 0.f, kt = 0.f, ms = -INFINITY, zs = 0.f;
+  float mt = -INFINITY, zt = 0.f, kt = 0.f, ms = -INFINITY, zs = 0.f, ks = 0.f;
 
   __device__ __forceinline__ void rebase(float nt, float ns) {
     const float st = expf(mt - safe_shift(nt)), ss = expf(ms - safe_shift(ns));
-    kt = (kt - zt * ((safe_shift(nt) - safe_shift(mt)) - (safe_shift(ns) - safe_shift(ms)))) * st;
+    const float moved = (safe_shift(nt) - safe_shift(mt)) - (safe_shift(ns) - safe_shift(ms));
+    kt = (kt - zt * moved) * st;
+    ks = (ks + zs * moved) * ss;
     zt *= st;
     zs *= ss;
     mt = nt;
@@ -29,10 +32,12 @@ struct BinAccumulator {
   }
   __device__ __forceinline__ void add(float y, float x) {
     if (y > mt || y != y || x > ms || x != x) rebase(nan_max(mt, y), nan_max(ms, x));
-    const float et = expf(y - safe_shift(mt));
+    const float et = expf(y - safe_shift(mt)), es = expf(x - safe_shift(ms));
+    const float d = (y - safe_shift(mt)) - (x - safe_shift(ms));
     zt += et;
-    zs += expf(x - safe_shift(ms));
-    kt += y == -INFINITY ? 0.f : et * ((y - safe_shift(mt)) - (x - safe_shift(ms)));
+    zs += es;
+    kt += y == -INFINITY ? 0.f : et * d;
+    ks += x == -INFINITY ? 0.f : -es * d;
   }
   __device__ __forceinline__ void merge(BinAccumulator o) {
     const float nt = nan_max(mt, o.mt), ns = nan_max(ms, o.ms);
@@ -41,10 +46,11 @@ struct BinAccumulator {
     zt += o.zt;
     kt += o.kt;
     zs += o.zs;
+    ks += o.ks;
   }
   __device__ __forceinline__ BinAccumulator shuffled(int lane_mask) const {
     return {shfl_xor(mt, lane_mask), shfl_xor(zt, lane_mask), shfl_xor(kt, lane_mask), shfl_xor(ms, lane_mask),
-            shfl_xor(zs, lane_mask)};
+            shfl_xor(zs, lane_mask), shfl_xor(ks, lane_mask)};
   }
 };
 
@@ -64,14 +70,16 @@ __global__ void __launch_bounds__(512) decoupled_kernel(Rows<T> r, LaunchArgs a,
   const int64_t target = a.target != nullptr ? a.target[row] : 0;
   // An index outside [0, V) is never read (membership only compares indices): the row's loss becomes NaN.
   const bool bad_target = PARTITION == TARGET && (target < 0 || target >= r.v);
-  Membership<float> mb{PARTITION == TARGET && !bad_target ? target : -1, 0.f, 0, 0, 0.f, threshold, c.split_top1};
+  Membership<float> mb{PARTITION == TARGET && !bad_target ? target : -1, 0.f, 0, 0, 0.f, threshold, c.split_top1,
+                       c.lowest};
   // (0) The teacher-only walks pass t as both rows: the second read of each element is an L1 hit.
   if constexpr (PARTITION == TOPK) {
     Ranked prev{INFINITY, -1}, first;  // prev ranks above every class
     for (int64_t pick = 0; pick < c.k; ++pick) {
       Ranked best;
       walk_row(t, t, no_store, r.v, [&](int64_t j, float, float tj) {
-        if (better(prev.v, prev.i, tj, j)) best.merge(Ranked{tj, j});
+        const float rank = top_k_rank<F>(tj, c.lowest);  // (mb.kth_v is a ranking value too)
+        if (better(prev.v, prev.i, rank, j)) best.merge(Ranked{rank, j});
         return 0.f;
       });
       prev = block_reduce(best, ranked_scratch);
@@ -110,7 +118,7 @@ __global__ void __launch_bounds__(512) decoupled_kernel(Rows<T> r, LaunchArgs a,
     st.k[b] = bin.kt;
     ss.m[b] = bin.ms;
     ss.z[b] = bin.zs;
-    ss.k[b] = 0.f;
+    ss.k[b] = bin.ks;
     masked = masked && bin.mt == -INFINITY && bin.ms == -INFINITY;
   }
   if (masked) return skip_row(r, a, row);

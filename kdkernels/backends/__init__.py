@@ -6,11 +6,11 @@
     triton/        backend "triton": the Triton kernels
 
 A backend is registered with ``impl(call: LossCall, student [N, V], teacher [N, V]) -> (loss, parts)``: the loss
-(reduced, or [N] for reduction="none") and, not differentiable, its two terms unweighted, [distill, ce] reduced the
-same way ([2] or [2, N]; ce is 0 unless ``call.with_ce``), a test of the devices it runs on, and for a fused backend its family ops and their in-place
-siblings (schema in ops.py) and its ``scale_rows`` (grad [N, V] *= factor, in place, rows whose factor is exactly 1
-left untouched). ``backend="auto"`` takes the first available backend in the device's preference order; naming a
-backend that cannot run raises a RuntimeError that says why.
+(reduced, or [N] for reduction="none") and, not differentiable, its two terms unweighted, [distill, ce] reduced the same
+way ([2] or [2, N]; ce is 0 unless ``call.with_ce``), a test of the devices it runs on, and for a fused backend its
+family ops and their in-place siblings (schema in ops.py) and its ``scale_rows`` (grad [N, V] *= factor, in place, rows
+whose factor is exactly 1 left untouched). ``backend="auto"`` takes the first available backend in the device's
+preference order; naming a backend that cannot run raises a RuntimeError that says why.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def reduce(rows: torch.Tensor, reduction: str, denominator: torch.Tensor | None)
 
 
 def combine(distill_rows: torch.Tensor, ce_rows: torch.Tensor | None, reduction: str,
-            denominator: torch.Tensor | None, ce_weight: float, distill_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+            denominator: torch.Tensor | None, ce_weight: float,
+            distill_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, parts) from the two terms' row losses [N] (ce_rows None without the term, which then counts 0)."""
     loss = distill_rows if distill_weight == 1 else distill_weight * distill_rows
     if ce_rows is None:

@@ -153,6 +153,11 @@ def top_k_indices(teacher: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(teacher, dim=-1, descending=True, stable=True).indices[:, :k]
 
 
+def lowest_first(teacher: torch.Tensor) -> torch.Tensor:
+    """The ranking value of a top-k of the *smallest* teacher logits: -t, masked classes (-inf) still last."""
+    return torch.where(torch.isneginf(teacher), teacher, -teacher)
+
+
 def decoupled_bins(plan: Plan, teacher: torch.Tensor, target: torch.Tensor | None,
                    temperature: float) -> torch.Tensor:
     """Bin (Bin.TOP1, STRONG or REST) of every class [N, V], from the raw teacher logits and the target."""
@@ -163,7 +168,7 @@ def decoupled_bins(plan: Plan, teacher: torch.Tensor, target: torch.Tensor | Non
     elif plan.code == Partition.THRESHOLD:  # p_i >= tau max p  <=>  t_i - max t >= T log(tau)
         strong = (teacher - teacher.amax(-1, keepdim=True)) >= temperature * params.log_tau
     else:
-        ranked = top_k_indices(teacher, params.k)
+        ranked = top_k_indices(lowest_first(teacher) if params.lowest else teacher, params.k)
         strong = torch.zeros_like(teacher, dtype=torch.bool).scatter_(-1, ranked, True)
     bins = torch.where(strong, int(Bin.STRONG), int(Bin.REST))
     if params.split_top1:
@@ -172,8 +177,9 @@ def decoupled_bins(plan: Plan, teacher: torch.Tensor, target: torch.Tensor | Non
 
 
 def decoupled_rows(plan: Plan, lp: torch.Tensor, lq: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """l = w_mass KL([P_b] || [Q_b]) + w_strong KL(p^STRONG || q^STRONG) + w_rest KL(p^REST || q^REST) per row
-    (before T^2), from log-probabilities [N, V] and the bin of every class [N, V]."""
+    """l = w_mass KL([P_b] || [Q_b]) + w_strong D^STRONG + w_rest D^REST per row (before T^2), with the in-bin
+    divergence D^b = w_fkl KL(p^b || q^b) + w_rkl KL(q^b || p^b), from log-probabilities [N, V] and the bin of every
+    class [N, V]."""
     params = plan.params
     log_p, log_q, inner = [], [], []
     for b in Bin:
@@ -183,8 +189,13 @@ def decoupled_rows(plan: Plan, lp: torch.Tensor, lq: torch.Tensor, bins: torch.T
         log_q.append(log_qb)
         shift_p = torch.where(torch.isneginf(log_pb), 0.0, log_pb).unsqueeze(-1)
         shift_q = torch.where(torch.isneginf(log_qb), 0.0, log_qb).unsqueeze(-1)
-        in_bin = kl_terms(torch.where(member, lp - shift_p, NEG_INF), torch.where(member, lq - shift_q, 0.0))
-        inner.append(in_bin.sum(-1))
+        in_p, in_q = torch.where(member, lp - shift_p, NEG_INF), torch.where(member, lq - shift_q, NEG_INF)
+        divergence = 0.0
+        if params.w_fkl:  # (a direction of weight 0 is left out, not multiplied by 0: it may be infinite)
+            divergence = divergence + params.w_fkl * kl_terms(in_p, torch.where(member, in_q, 0.0)).sum(-1)
+        if params.w_rkl:
+            divergence = divergence + params.w_rkl * kl_terms(in_q, torch.where(member, in_p, 0.0)).sum(-1)
+        inner.append(divergence)
     log_p, log_q = refine_largest(torch.stack(log_p, -1)), refine_largest(torch.stack(log_q, -1))
     if params.adaptive:  # min(P_strong / Q_strong, max_weight), not differentiated
         w_mass = (log_p[:, Bin.STRONG] - log_q[:, Bin.STRONG]).detach().exp().clamp(max=params.max_weight)

@@ -49,8 +49,9 @@ def _launch(family, student, teacher, target, denominator, code, params, tempera
             p = DecoupledParams(*params)
             kernel = decoupled_kernel
             named = dict(k=int(p.k), threshold=temperature * p.log_tau, w_mass=p.w_mass, w_strong=p.w_strong,
-                         w_rest=p.w_rest, max_weight=p.max_weight)
-            switches = dict(PARTITION=code, SPLIT_TOP1=bool(p.split_top1), ADAPTIVE=bool(p.adaptive),
+                         w_rest=p.w_rest, w_fkl=p.w_fkl, w_rkl=p.w_rkl, max_weight=p.max_weight)
+            switches = dict(PARTITION=code, SPLIT_TOP1=bool(p.split_top1), LOWEST=bool(p.lowest),
+                            ADAPTIVE=bool(p.adaptive), FORWARD=p.w_fkl != 0, REVERSE=p.w_rkl != 0,
                             KPAD=triton.next_power_of_2(max(int(p.k), 1)))
         kernel[(triton.cdiv(n, block_n),)](
             student, teacher, target if target is not None else rows, denominator if has_denom else rows, rows,

@@ -1,14 +1,17 @@
 """Triton kernel of the decoupled family (docs/losses.md, "Decoupled family": bins TOP1, STRONG, REST, the KL of
-the bin masses and the weighted in-bin KLs, their streaming form and the gradient g_j = (c_b q^b_j - w_b p^b_j) / T).
+the bin masses and the weighted in-bin divergences w_fkl KL(p^b || q^b) + w_rkl KL(q^b || p^b), their streaming form
+and the gradient g_j = (c_b q^b_j - f_b p^b_j + r_b q^b_j (log q^b_j - log p^b_j)) / T).
 
 Per bin b the kernel keeps online, with x = s / T and y = t / T, the teacher's (mt_b, zt_b, kt_b) and the student's
-(ms_b, zs_b), kt_b = sum_{i in b} exp(y_i - mt_b) ((y_i - mt_b) - (x_i - ms_b)) re-based as the maxes move (so it
-stays exact for logits offset by 1000); one exp per element and side. The row-level math (bin masses, their KL,
-the gradient coefficients) runs in float64: a bin holding nearly all the mass keeps the digits of its complement.
+(ms_b, zs_b, ks_b), kt_b = sum_{i in b} exp(y_i - mt_b) ((y_i - mt_b) - (x_i - ms_b)) and ks_b the same with the sides
+swapped (only when REVERSE), re-based as the maxes move (so they stay exact for logits offset by 1000); one exp per
+element and side. The row-level math (bin masses, their KL, the gradient coefficients) runs in float64: a bin holding
+nearly all the mass keeps the digits of its complement.
 
-Passes. The partition first needs the teacher alone: a running top-k of the raw teacher logits merged tile by tile
-(ties to the lower index), or their max (threshold); then one pass of bin statistics (walking back, so pass 1's
-last tiles are still in L2) and one pass writing the gradient. A row that fits one tile is loaded once.
+Passes. The partition first needs the teacher alone: a running top-k of the raw teacher logits (of their negation with
+LOWEST) merged tile by tile (ties to the lower index), or their max (threshold); then one pass of bin statistics
+(walking back, so pass 1's last tiles are still in L2) and one pass writing the gradient. A row that fits one tile is
+loaded once.
 """
 
 from __future__ import annotations
@@ -55,14 +58,23 @@ def _topk_update(vals, idxs, t, cols, eligible):
 
 
 @triton.jit
+def _rank(t, LOWEST: tl.constexpr):
+    """The top-k's ranking value of raw teacher logits: t, or -t for the k smallest, masked classes (-inf)
+    ranking last either way."""
+    if LOWEST:
+        t = tl.where(t == NEG_INF, t, -t)
+    return t
+
+
+@triton.jit
 def _membership(t, cols, tgt, kth_v, kth_i, top1_i, t_max, threshold, PARTITION: tl.constexpr,
-                SPLIT_TOP1: tl.constexpr):
+                SPLIT_TOP1: tl.constexpr, LOWEST: tl.constexpr):
     """(in TOP1, in STRONG) masks of a tile of raw teacher logits; REST is everything else."""
     c = cols[None, :]
     if PARTITION == TARGET:
         in_strong = c == tgt[:, None]
     elif PARTITION == TOPK:
-        in_strong = _better(t, c, kth_v[:, None], kth_i[:, None]) | (c == kth_i[:, None])
+        in_strong = _better(_rank(t, LOWEST), c, kth_v[:, None], kth_i[:, None]) | (c == kth_i[:, None])
     else:
         in_strong = (t - t_max[:, None]) >= threshold
     if SPLIT_TOP1:
@@ -100,9 +112,24 @@ def _kt_update(kt, zt, rescale, mt, nt, ms, ns, member, d):
 
 
 @triton.jit
-def _bins_update(x, y, in_top1, in_strong, t1, t2, t3, tz1, tz2, tz3, tk1, tk2, tk3, s1, s2, s3, sz1, sz2, sz3):
+def _side_update(k1, k2, k3, z1, z2, z3, m1, m2, m3, n1, n2, n3, o1, o2, o3, on1, on2, on3, in_top1, in_strong,
+                 in_rest, e, d, WITH_K: tl.constexpr):
+    """One side's per-bin (k*, z*) moved from its maxes m* to n* (the other side's from o* to on*), plus a tile's e
+    = exp(v - shift) and k terms d; k* only WITH_K."""
+    r1, r2, r3 = tl.exp(m1 - safe_max(n1)), tl.exp(m2 - safe_max(n2)), tl.exp(m3 - safe_max(n3))
+    if WITH_K:
+        k1 = _kt_update(k1, z1, r1, m1, n1, o1, on1, in_top1, d)
+        k2 = _kt_update(k2, z2, r2, m2, n2, o2, on2, in_strong, d)
+        k3 = _kt_update(k3, z3, r3, m3, n3, o3, on3, in_rest, d)
+    return (k1, k2, k3, z1 * r1 + _bin_sum(in_top1, e), z2 * r2 + _bin_sum(in_strong, e),
+            z3 * r3 + _bin_sum(in_rest, e))
+
+
+@triton.jit
+def _bins_update(x, y, in_top1, in_strong, t1, t2, t3, tz1, tz2, tz3, tk1, tk2, tk3, s1, s2, s3, sz1, sz2, sz3,
+                 sk1, sk2, sk3, REVERSE: tl.constexpr):
     """Online per-bin statistics of a tile (bins 1, 2, 3 = TOP1, STRONG, REST): teacher (max t*, sum tz*, tk*),
-    student (max s*, sum sz*)."""
+    student (max s*, sum sz*, and sk* when REVERSE)."""
     in_rest = ~(in_top1 | in_strong)
     n1, n2, n3 = _bins_max(y, in_top1, in_strong, in_rest, t1, t2, t3)
     ns1, ns2, ns3 = _bins_max(x, in_top1, in_strong, in_rest, s1, s2, s3)
@@ -110,18 +137,13 @@ def _bins_update(x, y, in_top1, in_strong, t1, t2, t3, tz1, tz2, tz3, tk1, tk2, 
     shift_s = _pick(in_top1, in_strong, safe_max(ns1), safe_max(ns2), safe_max(ns3))
     et = tl.exp(y - shift_t)
     es = tl.exp(x - shift_s)
-    d = tl.where(y == NEG_INF, 0.0, et * ((y - shift_t) - (x - shift_s)))
-    r1, r2, r3 = tl.exp(t1 - safe_max(n1)), tl.exp(t2 - safe_max(n2)), tl.exp(t3 - safe_max(n3))
-    tk1 = _kt_update(tk1, tz1, r1, t1, n1, s1, ns1, in_top1, d)
-    tk2 = _kt_update(tk2, tz2, r2, t2, n2, s2, ns2, in_strong, d)
-    tk3 = _kt_update(tk3, tz3, r3, t3, n3, s3, ns3, in_rest, d)
-    tz1 = tz1 * r1 + _bin_sum(in_top1, et)
-    tz2 = tz2 * r2 + _bin_sum(in_strong, et)
-    tz3 = tz3 * r3 + _bin_sum(in_rest, et)
-    sz1 = sz1 * tl.exp(s1 - safe_max(ns1)) + _bin_sum(in_top1, es)
-    sz2 = sz2 * tl.exp(s2 - safe_max(ns2)) + _bin_sum(in_strong, es)
-    sz3 = sz3 * tl.exp(s3 - safe_max(ns3)) + _bin_sum(in_rest, es)
-    return n1, n2, n3, tz1, tz2, tz3, tk1, tk2, tk3, ns1, ns2, ns3, sz1, sz2, sz3
+    dt = tl.where(y == NEG_INF, 0.0, et * ((y - shift_t) - (x - shift_s)))
+    ds = tl.where(x == NEG_INF, 0.0, es * ((x - shift_s) - (y - shift_t)))
+    tk1, tk2, tk3, tz1, tz2, tz3 = _side_update(tk1, tk2, tk3, tz1, tz2, tz3, t1, t2, t3, n1, n2, n3, s1, s2, s3,
+                                                ns1, ns2, ns3, in_top1, in_strong, in_rest, et, dt, True)
+    sk1, sk2, sk3, sz1, sz2, sz3 = _side_update(sk1, sk2, sk3, sz1, sz2, sz3, s1, s2, s3, ns1, ns2, ns3, t1, t2, t3,
+                                                n1, n2, n3, in_top1, in_strong, in_rest, es, ds, REVERSE)
+    return n1, n2, n3, tz1, tz2, tz3, tk1, tk2, tk3, ns1, ns2, ns3, sz1, sz2, sz3, sk1, sk2, sk3
 
 
 @triton.jit
@@ -152,23 +174,43 @@ def _mass_kl_term(log_p, log_q):
 
 
 @triton.jit
-def _in_bin_kl(zt, kt, zs):
-    zt, kt, zs = zt.to(tl.float64), kt.to(tl.float64), zs.to(tl.float64)
-    return tl.where(zt == 0.0, 0.0, kt / zt - (tl.log(zt) - tl.log(zs)))
+def _in_bin_kl(za, ka, zo):
+    """KL(a^b || o^b) from a's sum and k term and o's sum (teacher's kt: forward; student's ks: reverse)."""
+    za, ka, zo = za.to(tl.float64), ka.to(tl.float64), zo.to(tl.float64)
+    return tl.where(za == 0.0, 0.0, ka / za - (tl.log(za) - tl.log(zo)))
+
+
+@triton.jit
+def _in_bin_divergence(tz, tk, sz, sk, w_fkl, w_rkl, FORWARD: tl.constexpr, REVERSE: tl.constexpr):
+    """(w_fkl KL(p^b || q^b) + w_rkl KL(q^b || p^b), KL(q^b || p^b)) of a bin, in float64; a direction of weight 0
+    is not computed."""
+    div = tl.zeros_like(tz).to(tl.float64)
+    rkl = tl.zeros_like(tz).to(tl.float64)
+    if FORWARD:
+        div += w_fkl * _in_bin_kl(tz, tk, sz)
+    if REVERSE:
+        rkl = _in_bin_kl(sz, sk, tz)
+        div += w_rkl * rkl
+    return div, rkl
 
 
 @triton.jit
 def _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols, V, x, y, in_top1, in_strong,
-                c1, c2, c3, w_strong, w_rest, t1, t2, t3, tz1, tz2, tz3, s1, s2, s3, sz1, sz2, sz3, scale, ce):
-    # g = scale * (c_b q^b - w_b p^b) + ce, b the element's bin (w_TOP1 = 0: a one-class bin has no in-bin KL), ce
-    # the cross-entropy's gradient (0 without it).
+                c1, c2, c3, f2, f3, r2, r3, t1, t2, t3, tz1, tz2, tz3, s1, s2, s3, sz1, sz2, sz3, scale, ce,
+                REVERSE: tl.constexpr):
+    # g = scale * (c_b q^b - f_b p^b + r_b q^b (log q^b - log p^b)) + ce, b the element's bin (f, r = 0 in TOP1: a
+    # one-class bin has no in-bin term), ce the cross-entropy's gradient (0 without it).
     c = _pick(in_top1, in_strong, c1, c2, c3)
-    w = tl.where(in_top1, 0.0, tl.where(in_strong, w_strong, w_rest))
+    f = tl.where(in_top1, 0.0, tl.where(in_strong, f2[:, None], f3[:, None]))
     log_q = x - _pick(in_top1, in_strong, s1, s2, s3) - tl.log(_pick(in_top1, in_strong, sz1, sz2, sz3))
     log_p = y - _pick(in_top1, in_strong, t1, t2, t3) - tl.log(_pick(in_top1, in_strong, tz1, tz2, tz3))
     q_in = tl.where(x == NEG_INF, 0.0, tl.exp(log_q))
     p_in = tl.where(y == NEG_INF, 0.0, tl.exp(log_p))
-    g = (c * q_in - w * p_in) * scale[:, None] + ce
+    g = c * q_in - f * p_in
+    if REVERSE:
+        r = tl.where(in_top1, 0.0, tl.where(in_strong, r2[:, None], r3[:, None]))
+        g += tl.where(x == NEG_INF, 0.0, r * q_in * (log_q - log_p))
+    g = g * scale[:, None] + ce
     store_rows(grad_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], g, 0.0))
 
 
@@ -176,8 +218,9 @@ def _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols, V, x, y, in_top1
 def decoupled_kernel(
     s_ptr, t_ptr, target_ptr, denom_ptr, loss_ptr, ce_ptr, grad_ptr,
     N, V, s_stride, t_stride, g_stride, ignore_index,
-    temperature, t2, ce_weight, distill_weight, k, threshold, w_mass, w_strong, w_rest, max_weight,
-    PARTITION: tl.constexpr, SPLIT_TOP1: tl.constexpr, ADAPTIVE: tl.constexpr, HAS_TARGET: tl.constexpr,
+    temperature, t2, ce_weight, distill_weight, k, threshold, w_mass, w_strong, w_rest, w_fkl, w_rkl, max_weight,
+    PARTITION: tl.constexpr, SPLIT_TOP1: tl.constexpr, LOWEST: tl.constexpr, ADAPTIVE: tl.constexpr,
+    FORWARD: tl.constexpr, REVERSE: tl.constexpr, HAS_TARGET: tl.constexpr,
     HAS_DENOM: tl.constexpr, WITH_CE: tl.constexpr, WITH_GRAD: tl.constexpr, SINGLE_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, KPAD: tl.constexpr,
 ):
@@ -209,7 +252,7 @@ def decoupled_kernel(
             cols = start + cols0
             t = load_raw(t_ptr, rows64, t_stride, valid, cols, V)
             if PARTITION == TOPK:
-                vals, idxs = _topk_update(vals, idxs, t, cols, valid[:, None] & (cols[None, :] < V))
+                vals, idxs = _topk_update(vals, idxs, _rank(t, LOWEST), cols, valid[:, None] & (cols[None, :] < V))
             else:
                 t_max = tl.maximum(t_max, tl.max(t, axis=1))
         if PARTITION == TOPK:
@@ -220,7 +263,7 @@ def decoupled_kernel(
 
     # Pass 2: per-bin statistics of teacher and student.
     t1, t2_, t3, tz1, tz2, tz3, tk1, tk2, tk3 = ninf, ninf, ninf, zero, zero, zero, zero, zero, zero
-    s1, s2, s3, sz1, sz2, sz3 = ninf, ninf, ninf, zero, zero, zero
+    s1, s2, s3, sz1, sz2, sz3, sk1, sk2, sk3 = ninf, ninf, ninf, zero, zero, zero, zero, zero, zero
     m1, z1 = ninf, zero
     if SINGLE_TILE:
         s = load_raw(s_ptr, rows64, s_stride, valid, cols0, V)
@@ -230,9 +273,10 @@ def decoupled_kernel(
         if WITH_CE:
             m1, z1 = online_lse(m1, z1, s)
         in_top1, in_strong = _membership(t, cols0, tgt, kth_v, kth_i, top1_i, t_max, threshold, PARTITION,
-                                         SPLIT_TOP1)
-        t1, t2_, t3, tz1, tz2, tz3, tk1, tk2, tk3, s1, s2, s3, sz1, sz2, sz3 = _bins_update(
-            x, y, in_top1, in_strong, t1, t2_, t3, tz1, tz2, tz3, tk1, tk2, tk3, s1, s2, s3, sz1, sz2, sz3)
+                                         SPLIT_TOP1, LOWEST)
+        t1, t2_, t3, tz1, tz2, tz3, tk1, tk2, tk3, s1, s2, s3, sz1, sz2, sz3, sk1, sk2, sk3 = _bins_update(
+            x, y, in_top1, in_strong, t1, t2_, t3, tz1, tz2, tz3, tk1, tk2, tk3, s1, s2, s3, sz1, sz2, sz3,
+            sk1, sk2, sk3, REVERSE)
     else:
         for i in range(0, tl.cdiv(V, BLOCK_V)):
             cols = (tl.cdiv(V, BLOCK_V) - 1 - i) * BLOCK_V + cols0  # backwards: pass 1's last tiles are in L2
@@ -242,10 +286,10 @@ def decoupled_kernel(
             if WITH_CE:
                 m1, z1 = online_lse(m1, z1, s)
             in_top1, in_strong = _membership(t, cols, tgt, kth_v, kth_i, top1_i, t_max, threshold, PARTITION,
-                                             SPLIT_TOP1)
-            t1, t2_, t3, tz1, tz2, tz3, tk1, tk2, tk3, s1, s2, s3, sz1, sz2, sz3 = _bins_update(
+                                             SPLIT_TOP1, LOWEST)
+            t1, t2_, t3, tz1, tz2, tz3, tk1, tk2, tk3, s1, s2, s3, sz1, sz2, sz3, sk1, sk2, sk3 = _bins_update(
                 x, t / temperature, in_top1, in_strong, t1, t2_, t3, tz1, tz2, tz3, tk1, tk2, tk3, s1, s2, s3,
-                sz1, sz2, sz3)
+                sz1, sz2, sz3, sk1, sk2, sk3, REVERSE)
     # A row whose classes are all masked in both logits is left out like an ignored row.
     kept = valid & ((tl.maximum(t1, tl.maximum(t2_, t3)) != NEG_INF) | (tl.maximum(s1, tl.maximum(s2, s3)) != NEG_INF))
 
@@ -257,7 +301,9 @@ def decoupled_kernel(
         ratio = tl.exp(lp2 - lq2)
         weight = tl.where(ratio < max_weight, ratio, max_weight)
     mass_kl = _mass_kl_term(lp1, lq1) + _mass_kl_term(lp2, lq2) + _mass_kl_term(lp3, lq3)
-    loss = weight * mass_kl + w_strong * _in_bin_kl(tz2, tk2, sz2) + w_rest * _in_bin_kl(tz3, tk3, sz3)
+    div2, rkl2 = _in_bin_divergence(tz2, tk2, sz2, sk2, w_fkl, w_rkl, FORWARD, REVERSE)
+    div3, rkl3 = _in_bin_divergence(tz3, tk3, sz3, sk3, w_fkl, w_rkl, FORWARD, REVERSE)
+    loss = weight * mass_kl + w_strong * div2 + w_rest * div3
     loss = tl.where(bad_target, float("nan"), loss)
     tl.store(loss_ptr + rows, tl.where(kept, loss * t2, 0.0).to(tl.float32), mask=row_in)
     if WITH_CE:
@@ -267,26 +313,30 @@ def decoupled_kernel(
     if WITH_GRAD:
         g_scale = tl.where(bad_target, float("nan"), g_scale)
         c1 = (weight * (tl.exp(lq1) - tl.exp(lp1))).to(tl.float32)
-        c2 = (weight * (tl.exp(lq2) - tl.exp(lp2)) + w_strong).to(tl.float32)
-        c3 = (weight * (tl.exp(lq3) - tl.exp(lp3)) + w_rest).to(tl.float32)
+        c2 = (weight * (tl.exp(lq2) - tl.exp(lp2)) + w_strong * (w_fkl - w_rkl * rkl2)).to(tl.float32)
+        c3 = (weight * (tl.exp(lq3) - tl.exp(lp3)) + w_rest * (w_fkl - w_rkl * rkl3)).to(tl.float32)
+        f2 = zero + w_strong * w_fkl
+        f3 = zero + w_rest * w_fkl
+        r2 = zero + w_strong * w_rkl
+        r3 = zero + w_rest * w_rkl
         lz1 = tl.log(z1)
         if SINGLE_TILE:
             ce = 0.0
             if WITH_CE:
                 ce = ce_grad(s, cols0, tgt, m1, lz1, ce_scale)
             _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols0, V, x, y, in_top1, in_strong,
-                        c1, c2, c3, w_strong, w_rest, t1, t2_, t3, tz1, tz2, tz3, s1, s2, s3, sz1, sz2, sz3, g_scale,
-                        ce)
+                        c1, c2, c3, f2, f3, r2, r3, t1, t2_, t3, tz1, tz2, tz3, s1, s2, s3, sz1, sz2, sz3, g_scale,
+                        ce, REVERSE)
         else:
             for start in range(0, V, BLOCK_V):
                 cols = start + cols0
                 s = load_raw(s_ptr, rows64, s_stride, valid, cols, V)
                 t = load_raw(t_ptr, rows64, t_stride, valid, cols, V)
                 in_top1, in_strong = _membership(t, cols, tgt, kth_v, kth_i, top1_i, t_max, threshold, PARTITION,
-                                                 SPLIT_TOP1)
+                                                 SPLIT_TOP1, LOWEST)
                 ce = 0.0
                 if WITH_CE:
                     ce = ce_grad(s, cols, tgt, m1, lz1, ce_scale)
                 _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols, V, s / temperature, t / temperature,
-                            in_top1, in_strong, c1, c2, c3, w_strong, w_rest, t1, t2_, t3, tz1, tz2, tz3, s1, s2, s3,
-                            sz1, sz2, sz3, g_scale, ce)
+                            in_top1, in_strong, c1, c2, c3, f2, f3, r2, r3, t1, t2_, t3, tz1, tz2, tz3, s1, s2,
+                            s3, sz1, sz2, sz3, g_scale, ce, REVERSE)
