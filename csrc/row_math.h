@@ -118,6 +118,27 @@ struct ScalarOps {
   static KD_HD Mask index_le(V, int64_t offset) { return offset >= 0; }
 };
 
+// Logit standardization (option standardize; docs/losses.md, "Logit standardization"): each row of both logits is
+// z-scored over its n unmasked classes, z = (x - mean) / sd with sd = std + STANDARDIZE_EPS and std =
+// sqrt(m2 / (n - 1)) (m2 the sum of squared deviations; 0 when n <= 1), before the temperature. Given the row sums of
+// the gradient G = dL/dz over the unmasked classes, sum_g = sum G and sum_gz = sum G z, the gradient of x is
+//     (G - sum_g / n) / sd - z coef,  coef = sum_gz / ((n - 1) std)  (0 when std = 0).
+constexpr double STANDARDIZE_EPS = 1e-7;  // kdkernels/methods.py STANDARDIZE_EPS
+
+KD_HD float math_sqrt(float x) { return sqrtf(x); }
+KD_HD double math_sqrt(double x) { return sqrt(x); }
+
+template <class T>
+struct ZScore {
+  T mean, sd, std, n;
+
+  KD_HD static ZScore of(T n, T mean, T m2) {
+    const T std = n > T(1) ? math_sqrt(m2 / (n - T(1))) : T(0);
+    return {mean, std + T(STANDARDIZE_EPS), std, n};
+  }
+  KD_HD T coef(T sum_gz) const { return std > T(0) ? sum_gz / ((n - T(1)) * std) : T(0); }
+};
+
 // a (log a - log b) from log a, with 0 where a = 0.
 template <class O>
 KD_HD typename O::V kl_term(typename O::V a, typename O::V log_a, typename O::V log_b) {

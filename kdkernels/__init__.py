@@ -11,6 +11,7 @@ from .linear import linear_distill_loss
 from .methods import METHODS
 from .modules import LOSS_MODULES, DistillLoss, LinearDistillLoss, SerialHead
 from .sparse import SparseTeacher
+from .sparse_store import SparseTeacherWriter, load_sparse_teachers, save_sparse_teachers
 
 globals().update(LOSS_FUNCTIONS)
 globals().update(LOSS_MODULES)
@@ -27,5 +28,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS", "available_backends", "distill_loss", *LOSS_FUNCTIONS, "cakd_feature_loss", "DistillLoss",
-    *LOSS_MODULES, "SerialHead", "linear_distill_loss", "LinearDistillLoss", "SparseTeacher", "LossParts",
+    *LOSS_MODULES, "SerialHead", "linear_distill_loss", "LinearDistillLoss", "SparseTeacher", "SparseTeacherWriter",
+    "save_sparse_teachers", "load_sparse_teachers", "LossParts",
 ]

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run every method at its METHODS defaults (T=1 for rkl, jsd, skew_fkl, skew_rkl, tvd and "
                            "abkd) instead of the demo's shared T=4")
     demo.add_argument("--timing-iters", type=_positive_int, help="iterations of each timed loop")
+    demo.add_argument("--standardize", action="store_true",
+                      help="also train each method with logit standardization (standardize=True): one more column")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     tasks = demo.add_subparsers(dest="task", metavar="task")
     lm = tasks.add_parser(

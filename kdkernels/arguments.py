@@ -56,8 +56,10 @@ def _(target, num_classes, ignore_index):
 
 
 def check_options(temperature: object, reduction: object, normalizer: object, ignore_index: object,
-                  ce_weight: object = 0.0, distill_weight: object = 1.0) -> None:
+                  ce_weight: object = 0.0, distill_weight: object = 1.0, standardize: object = False) -> None:
     """Checks of the options every method shares (also run by the modules at construction)."""
+    if not isinstance(standardize, bool):
+        raise TypeError(f"standardize must be True or False, got {standardize!r}")
     for name, weight in (("ce_weight", ce_weight), ("distill_weight", distill_weight)):
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
             raise TypeError(f"{name} must be a finite number, got {weight!r}")
@@ -108,6 +110,7 @@ class Settings:
     ce_weight: float
     distill_weight: float
     return_parts: bool  # the caller wants the two terms' values too (LossParts)
+    standardize: bool  # z-score each row of both logits before the temperature (logit standardization)
 
     def bind(self, target: object, leading: torch.Size, num_classes: int | Tensor, device: torch.device,
              mask: object = None) -> "LossCall":
@@ -198,15 +201,15 @@ class LossCall(Settings):
 
 def resolve(method: object, hyperparameters: dict, temperature=None, t2_scale=None, reduction: str = "batchmean",
             ignore_index: int = -100, normalizer=None, ce_weight: float = 0.0, distill_weight: float = 1.0,
-            return_parts: bool = False) -> Settings:
+            return_parts: bool = False, standardize: bool = False) -> Settings:
     """Checks a call's method, hyperparameters and options; fills in the method's defaults."""
     spec = get_method(method)
     hp = spec.resolve(hyperparameters)
     temperature = spec.temperature if temperature is None else temperature
     t2_scale = spec.t2_scale if t2_scale is None else bool(t2_scale)
-    check_options(temperature, reduction, normalizer, ignore_index, ce_weight, distill_weight)
+    check_options(temperature, reduction, normalizer, ignore_index, ce_weight, distill_weight, standardize)
     return Settings(spec.name, hp, spec.plan(hp), float(temperature), t2_scale, reduction, int(ignore_index),
-                    normalizer, float(ce_weight), float(distill_weight), bool(return_parts))
+                    normalizer, float(ce_weight), float(distill_weight), bool(return_parts), standardize)
 
 
 def _checked_mask(mask: object, leading: torch.Size, device: torch.device) -> Tensor:

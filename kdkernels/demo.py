@@ -27,6 +27,8 @@ One protocol is shared by every method; nothing is tuned per method or per seed.
 - Step time: forward + backward of the distillation loss alone, on a fixed batch (the teacher's and an untrained
   student's logits for one training batch, 64 x 10), for every backend in ``available_backends("cpu")``: a warm-up
   loop, then the best of 3 timed loops.
+- ``--standardize``: each method also trains a student with logit standardization (``standardize=True``, the same
+  temperature, seeds and data), reported in a column of its own.
 - ``--quick`` (the smoke run of the tests): 1 seed, teacher 10 epochs, students 40 epochs, short timed loops.
 """
 
@@ -196,6 +198,7 @@ class Row:
     accuracies: list[float]
     baseline: list[float]
     seconds: dict[str, float]
+    standardized: list[float] | None = None  # with --standardize: the accuracies with standardize=True
 
     @property
     def wins(self) -> int:
@@ -206,9 +209,10 @@ class Row:
         return float(np.mean(self.accuracies)) > float(np.mean(self.baseline))
 
 
-def run(schedule: Schedule, methods: Sequence[str], overrides: Mapping[str, dict],
-        progress: bool = True) -> tuple[list[Row], float, list[str]]:
-    """Trains the teacher, the CE-only students and one student per method and seed; times every backend.
+def run(schedule: Schedule, methods: Sequence[str], overrides: Mapping[str, dict], progress: bool = True,
+        standardize: bool = False) -> tuple[list[Row], float, list[str]]:
+    """Trains the teacher, the CE-only students and one student per method and seed (two with ``standardize``: also
+    with standardize=True); times every backend.
 
     Returns the table rows, the teacher's test accuracy and the backends timed.
     """
@@ -216,7 +220,7 @@ def run(schedule: Schedule, methods: Sequence[str], overrides: Mapping[str, dict
     backends = available_backends("cpu")
     seeds = range(schedule.seeds)
     subsets = [labelled_subset(data.y_train, schedule.per_class, seed) for seed in seeds]
-    total = schedule.teacher_epochs + schedule.epochs * schedule.seeds * (len(methods) + 1)
+    total = schedule.teacher_epochs + schedule.epochs * schedule.seeds * (len(methods) * (1 + standardize) + 1)
     with tqdm(total=total, desc="training", unit="epoch", disable=not progress) as bar:
         bar.set_postfix_str("teacher")
         teacher = train(mlp(TEACHER_HIDDEN, TEACHER_SEED), data.x_train, objective(data.y_train),
@@ -224,17 +228,20 @@ def run(schedule: Schedule, methods: Sequence[str], overrides: Mapping[str, dict
         with torch.no_grad():
             teacher_logits = teacher(data.x_train)
 
-        def student_accuracy(method: str | None, seed: int) -> float:
-            bar.set_postfix_str(f"{method or 'CE only'}, seed {seed}")
+        def student_accuracy(method: str | None, seed: int, standardized: bool = False) -> float:
+            bar.set_postfix_str(f"{method or 'CE only'}{', standardized' if standardized else ''}, seed {seed}")
             index = subsets[seed]
             head = SerialHead(NUM_CLASSES) if method == "aekt" else None
-            loss = objective(data.y_train[index], method, teacher_logits[index], overrides.get(method), head)
+            hp = {**overrides.get(method, {}), **({"standardize": True} if standardized else {})}
+            loss = objective(data.y_train[index], method, teacher_logits[index], hp, head)
             model = train(mlp(STUDENT_HIDDEN, seed), data.x_train[index], loss, schedule.epochs, STUDENT_LR, seed,
                           extra=() if head is None else (head,), progress=bar)
             return accuracy(model, data.x_test, data.y_test)
 
         baseline = [student_accuracy(None, seed) for seed in seeds]
         accuracies = {m: [student_accuracy(m, seed) for seed in seeds] for m in methods}
+        standardized = {m: [student_accuracy(m, seed, True) for seed in seeds] for m in methods} if standardize \
+            else {}
 
     index = subsets[0][:BATCH_SIZE]
     with torch.no_grad():
@@ -244,21 +251,23 @@ def run(schedule: Schedule, methods: Sequence[str], overrides: Mapping[str, dict
     for m in methods:
         hp = overrides.get(m, {})
         seconds = {b: step_time(m, hp, b, *batch, schedule.timing_iters) for b in backends}
-        rows.append(Row(m, hp, accuracies[m], baseline, seconds))
+        rows.append(Row(m, hp, accuracies[m], baseline, seconds, standardized.get(m)))
     return rows, accuracy(teacher, data.x_test, data.y_test), backends
 
 
 def format_table(rows: Sequence[Row], teacher: float, backends: Sequence[str]) -> str:
     """The results as an aligned plain-text table (one step-time column per backend) and a summary line."""
-    header = ["method", "overrides", "student acc", "CE-only acc", "teacher acc", "wins",
-              *(f"{b} us/step" for b in backends)]
+    standardized = rows and rows[0].standardized is not None
+    header = ["method", "overrides", "student acc", *(["standardized acc"] if standardized else []), "CE-only acc",
+              "teacher acc", "wins", *(f"{b} us/step" for b in backends)]
 
     def percent(values: Sequence[float]) -> str:
         return f"{100 * float(np.mean(values)):.2f}%"
 
     body = [
-        [r.method, ", ".join(f"{k}={v}" for k, v in r.hyperparameters.items()) or "-",
-         percent(r.accuracies), percent(r.baseline), percent([teacher]), f"{r.wins}/{len(r.accuracies)}",
+        [r.method, ", ".join(f"{k}={v}" for k, v in r.hyperparameters.items()) or "-", percent(r.accuracies),
+         *([percent(r.standardized)] if standardized else []), percent(r.baseline), percent([teacher]),
+         f"{r.wins}/{len(r.accuracies)}",
          *(f"{1e6 * r.seconds[b]:.1f}" for b in backends)]
         for r in rows
     ]
@@ -287,6 +296,7 @@ def main(args) -> int:
     print(f"digits ({TEST_FRACTION:.0%} held out): teacher {teacher_arch}, {schedule.teacher_epochs} epochs; "
           f"students {arch} on {schedule.per_class} labelled images per class, {schedule.epochs} epochs, "
           f"mean over {schedule.seeds} seed(s); loss = CE + distill_loss")
-    rows, teacher, backends = run(schedule, methods, overrides, progress=not args.no_progress)
+    rows, teacher, backends = run(schedule, methods, overrides, progress=not args.no_progress,
+                                  standardize=args.standardize)
     print(format_table(rows, teacher, backends))
     return 0

@@ -64,6 +64,7 @@ def distill_loss(
     distill_weight: float = 1.0,
     return_parts: bool = False,
     mask: Optional[Tensor] = None,
+    standardize: bool = False,
     backend: str = "auto",
     **hyperparameters,
 ) -> Tensor | LossParts:
@@ -88,6 +89,9 @@ def distill_loss(
         return_parts: return a ``LossParts`` (loss, distill, ce) for logging, at no extra pass.
         mask: optional bool or 0/1 tensor [...]: rows where it is 0 are left out, as ignored rows are (a token mask
             besides ``target`` and ``ignore_index``).
+        standardize: logit standardization (Sun et al., CVPR 2024): each row of both logits is z-scored over its
+            unmasked classes, (x - mean) / (std + 1e-7) with Bessel's correction, before the temperature; the
+            gradient flows through the z-score. The cross-entropy term keeps the raw logits. Dense teachers only.
         backend: "auto", "reference", or a compiled backend as listed by ``kdkernels.available_backends()``.
         **hyperparameters: the method's hyperparameters, e.g. ``beta=0.5`` for jsd.
 
@@ -96,7 +100,7 @@ def distill_loss(
         such tensors with ``return_parts``.
     """
     settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index, normalizer,
-                       ce_weight, distill_weight, return_parts)
+                       ce_weight, distill_weight, return_parts, standardize)
     _check_logits(student_logits, teacher_logits)
     leading, v = student_logits.shape[:-1], student_logits.shape[-1]
     call = settings.bind(target, leading, v, student_logits.device, mask)
@@ -113,9 +117,9 @@ def _sparse_loss(impl, call, student: Tensor, teacher: SparseTeacher, leading) -
     """Every backend computes the method's loss of a sparse teacher's k + 1 bins, the student folded onto them as
     "bin logits"; the cross-entropy needs the whole student row, so it is added here."""
     v = student.shape[-1]
-    sparse = check_sparse(teacher, call.method, call.plan, leading, v, student.device, call.valid)
+    sparse = check_sparse(teacher, call, leading, v, student.device, call.valid)
     dtype = compute_dtype(student, sparse.values)
-    bins = FoldStudent.apply(student, sparse.indices, call.valid, call.temperature, dtype)
+    bins = FoldStudent.apply(student, sparse.indices, call.valid, call.temperature, dtype, sparse.tail)
     loss, parts = impl(replace(call, ce_weight=0.0, return_parts=False), bins,
                        teacher_bins(sparse, call.temperature, dtype, v))
     if not call.with_ce:
@@ -147,7 +151,7 @@ def loss_function(method: str, entry: Callable = distill_loss, options: dict | N
     P = inspect.Parameter
     keyword = {**spec.hyperparameters, "temperature": spec.temperature, "t2_scale": spec.t2_scale,
                "reduction": "batchmean", "ignore_index": -100, "normalizer": None, "ce_weight": 0.0,
-               "distill_weight": 1.0, "return_parts": False, "mask": None, **options}
+               "distill_weight": 1.0, "return_parts": False, "mask": None, "standardize": False, **options}
     loss.__signature__ = inspect.Signature(
         [P("student_logits", P.POSITIONAL_OR_KEYWORD), P("teacher_logits", P.POSITIONAL_OR_KEYWORD),
          P("target", P.POSITIONAL_OR_KEYWORD, default=None)]

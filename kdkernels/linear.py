@@ -224,7 +224,7 @@ class _Heads:
         """A chunk against a sparse teacher: the method's loss on the k + 1 bins (sparse.py), then the
         cross-entropy term, which needs the whole student row, from the chunk's logits ``s`` (overwritten by the
         gradient)."""
-        bins, lse_tail = fold(s, teacher.indices, call.temperature, torch.float32)
+        bins, lse_tail = fold(s, teacher.indices, call.temperature, torch.float32, teacher.tail)
         ce_rows = ce_grad = None
         if call.with_ce:
             lse = torch.logsumexp(s, -1, keepdim=True)
@@ -237,7 +237,7 @@ class _Heads:
         loss, parts, grad = self._loss(replace(call, ce_weight=0.0, return_parts=False), bins,
                                        teacher_bins(teacher, call.temperature, torch.float32, s.shape[-1]), want_grad)
         if want_grad:
-            grad = unfold_(grad, s, teacher.indices, lse_tail, call.temperature, call.valid)
+            grad = unfold_(grad, s, teacher.indices, lse_tail, call.temperature, call.valid, teacher.tail)
             if ce_grad is not None:
                 grad += ce_grad
         if ce_rows is not None:
@@ -404,6 +404,7 @@ def linear_distill_loss(
     return_parts: bool = False,
     return_entropy: bool = False,
     mask: Optional[Tensor] = None,
+    standardize: bool = False,
     backend: str = "auto",
     **hyperparameters,
 ) -> Tensor:
@@ -416,7 +417,8 @@ def linear_distill_loss(
             (classes past V are the student's logit -inf: module docstring); teacher_bias: [V_t] or None. The
             teacher is a constant (computed under no_grad). Or a ``SparseTeacher`` with teacher_weight=None.
         target, temperature, t2_scale, reduction, ignore_index, normalizer, ce_weight, distill_weight, return_parts,
-            mask, backend, **hyperparameters: as in ``distill_loss`` (the cross-entropy term is the student head's,
+            mask, standardize, backend, **hyperparameters: as in ``distill_loss`` (standardize z-scores each model's
+            logits, after its logit scale and softcap) (the cross-entropy term is the student head's,
             in the same pass); reductions and the batchmean denominator are those of the whole batch.
         student_logit_scale, teacher_logit_scale: each model's logits are ``scale * (hidden @ weight.T + bias)``
             (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``), before the softcap.
@@ -433,7 +435,7 @@ def linear_distill_loss(
         ``(that, entropy)`` with ``return_entropy``.
     """
     settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index, normalizer,
-                       ce_weight, distill_weight, return_parts)
+                       ce_weight, distill_weight, return_parts, standardize)
     sparse = isinstance(teacher_hidden, SparseTeacher)
     check_float_tensor("student_hidden", student_hidden)
     h_s = student_hidden.shape[-1]
@@ -479,8 +481,7 @@ def linear_distill_loss(
     call = settings.bind(target, leading, v, student_hidden.device, mask)
     n = leading.numel()
     if sparse:
-        teacher_hidden = check_sparse(teacher_hidden, settings.method, settings.plan, leading, v,
-                                      student_hidden.device, call.valid)
+        teacher_hidden = check_sparse(teacher_hidden, settings, leading, v, student_hidden.device, call.valid)
     else:
         teacher_hidden = teacher_hidden.reshape(n, teacher_hidden.shape[-1])
     p = _Heads(call, backends.select_backend(backend, student_weight),

@@ -27,6 +27,9 @@ DIVERGENCE = "divergence"
 DECOUPLED = "decoupled"
 FAMILIES = (DIVERGENCE, DECOUPLED)
 REDUCTIONS = ("batchmean", "sum", "none")
+# The z-score of logit standardization (option standardize): (x - mean) / (std + STANDARDIZE_EPS), as Sun et al.'s
+# code (sunshangquan/logit-standardization-KD) writes it; the kernels take it from here (C++: csrc/row_math.h).
+STANDARDIZE_EPS = 1e-7
 CAKD_STRONG = ("target", "topk", "threshold")
 GDKD_STRATEGIES = ("best", "worst")
 # gdkd's in-bin KL: (weight of KL(p^b || q^b), weight of KL(q^b || p^b)) per kl_type, as ZaberKo/GDKD averages them.

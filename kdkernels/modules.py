@@ -21,7 +21,8 @@ class DistillLoss(nn.Module):
     Args:
         method: a name of ``kdkernels.METHODS``.
         temperature, t2_scale: default to the method's.
-        reduction, ignore_index, ce_weight, distill_weight, return_parts, backend: as in ``kdkernels.distill_loss``
+        reduction, ignore_index, ce_weight, distill_weight, return_parts, standardize, backend: as in
+            ``kdkernels.distill_loss``
             (ce_weight > 0 adds the student's cross-entropy against the target, fused).
         **hyperparameters: the method's hyperparameters; the others keep their defaults.
 
@@ -30,10 +31,10 @@ class DistillLoss(nn.Module):
 
     def __init__(self, method: str, *, temperature=None, t2_scale=None, reduction: str = "batchmean",
                  ignore_index: int = -100, ce_weight: float = 0.0, distill_weight: float = 1.0,
-                 return_parts: bool = False, backend: str = "auto", **hyperparameters):
+                 return_parts: bool = False, standardize: bool = False, backend: str = "auto", **hyperparameters):
         super().__init__()
         settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index, None, ce_weight,
-                           distill_weight, return_parts)
+                           distill_weight, return_parts, standardize)
         self.method = settings.method
         self.hyperparameters = settings.hp
         self.temperature = settings.temperature
@@ -43,13 +44,15 @@ class DistillLoss(nn.Module):
         self.ce_weight = settings.ce_weight
         self.distill_weight = settings.distill_weight
         self.return_parts = settings.return_parts
+        self.standardize = settings.standardize
         self.backend = backend
 
     def options(self) -> dict:
         """The keyword arguments of this module's loss calls."""
         return dict(temperature=self.temperature, t2_scale=self.t2_scale, reduction=self.reduction,
                     ignore_index=self.ignore_index, ce_weight=self.ce_weight, distill_weight=self.distill_weight,
-                    return_parts=self.return_parts, backend=self.backend, **self.hyperparameters)
+                    return_parts=self.return_parts, standardize=self.standardize, backend=self.backend,
+                    **self.hyperparameters)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target=None, *, normalizer=None,
                 mask=None):
@@ -59,6 +62,7 @@ class DistillLoss(nn.Module):
     def extra_repr(self) -> str:
         hp = "".join(f", {k}={v!r}" for k, v in self.hyperparameters.items())
         weights = f", ce_weight={self.ce_weight}, distill_weight={self.distill_weight}" if self.ce_weight else ""
+        weights += ", standardize=True" if self.standardize else ""
         return f"{self.method!r}{hp}, temperature={self.temperature}, t2_scale={self.t2_scale}{weights}, " \
                f"reduction={self.reduction!r}, backend={self.backend!r}"
 
@@ -99,7 +103,7 @@ def method_module(method: str) -> type:
     hp = ", ".join(f"{k}={v!r}" for k, v in spec.hyperparameters.items())
     doc = (f"{spec.source} as a module: ``{spec.module}({hp + ', ' if hp else ''}temperature={spec.temperature}, "
            f"t2_scale={spec.t2_scale}, reduction='batchmean', ignore_index=-100, ce_weight=0.0, distill_weight=1.0, "
-           f"return_parts=False, backend='auto')`` (docs/losses.md, {method}).")
+           f"return_parts=False, standardize=False, backend='auto')`` (docs/losses.md, {method}).")
     return type(spec.module, (DistillLoss,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
 

@@ -24,6 +24,9 @@ Collectives per call, all of O(N) or O(N k) numbers (N rows):
   then of the counts of ties at the k-th value; threshold: all-reduce MAX of the teacher's row max; target: none,
   the rank that owns the class marks it); then all-reduce MAX of the bin maxes, SUM of the bins' sums of exp and
   SUM of the in-bin KL terms. 4 (target), 5 (threshold) or 6 (top-k) in all.
+- standardize: SUM of both rows' counts and sums of their unmasked logits, then SUM of their squared deviations
+  from the mean (the z-scores over the whole vocabulary), and with a gradient SUM of the row sums of the z-score's
+  Jacobian. 2 more, 3 with a gradient.
 
 Works with any backend whose collectives take tensors on the logits' device (gloo for CPU, NCCL for CUDA). On
 accelerators nothing syncs with the host: the checks that need the global V (target in [0, V), k < V) and the
@@ -43,7 +46,7 @@ from . import backends
 from .arguments import check_float_tensor, resolve
 from .backends import reference
 from .functional import finish, loss_function
-from .methods import DIVERGENCE, METHODS, Bin, Partition, Plan
+from .methods import DIVERGENCE, METHODS, STANDARDIZE_EPS, Bin, Partition, Plan
 
 Tensor = torch.Tensor
 NEG_INF = float("-inf")
@@ -262,6 +265,32 @@ def _cross_entropy(s: Tensor, target: Tensor, with_grad: bool, shard: Shard):
     return ce, exp.div_(sums[:, :1]).sub_(owner.to(exp.dtype)) if with_grad else None
 
 
+def _zscores(s: Tensor, t: Tensor, group) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """Both shards' z-scores over the whole vocabulary (reference.standardized's definition), and the student's
+    (n, sd, std) per row [N, 1] for the Jacobian."""
+    x = torch.stack([s, t])
+    finite = ~torch.isneginf(x)
+    sums = _all_reduce(torch.stack([finite.sum(-1).to(x.dtype), torch.where(finite, x, 0.0).sum(-1)]),
+                       dist.ReduceOp.SUM, group)
+    n = sums[0].unsqueeze(-1)
+    centred = torch.where(finite, x - (sums[1].unsqueeze(-1) / n.clamp(min=1)), 0.0)
+    m2 = _all_reduce((centred * centred).sum(-1), dist.ReduceOp.SUM, group).unsqueeze(-1)
+    std = torch.where(n > 1, (m2 / (n - 1).clamp(min=1)).sqrt(), 0.0)
+    sd = std + STANDARDIZE_EPS
+    z = torch.where(finite, centred / sd, NEG_INF)
+    return z[0], z[1], (n[0], sd[0], std[0])
+
+
+def _through_zscore(grad: Tensor, z: Tensor, stats: tuple[Tensor, Tensor, Tensor], group) -> Tensor:
+    """d loss / d s from G = d loss / d z on the shard: (G - mean G) / sd - z coef (docs/losses.md)."""
+    n, sd, std = stats
+    finite = ~torch.isneginf(z)
+    sums = torch.stack([torch.where(finite, grad, 0.0).sum(-1), torch.where(finite, grad * z, 0.0).sum(-1)])
+    sums = _all_reduce(sums, dist.ReduceOp.SUM, group).unsqueeze(-1)
+    coef = torch.where(std > 0, sums[1] / ((n - 1) * std), 0.0)  # (std > 0 implies n > 1)
+    return torch.where(finite, (grad - sums[0] / n) / sd - z * coef, 0.0)
+
+
 def _shard_rows(call, student, teacher, with_grad, shard):
     """Per-row losses [N], their parts [2, N] ([distill, ce], ce 0 without the term) and (if with_grad) the shard's
     gradient of the row losses, in the student's dtype."""
@@ -272,11 +301,16 @@ def _shard_rows(call, student, teacher, with_grad, shard):
     s = torch.where(valid, student.detach().to(dtype), 0.0)
     t = torch.where(valid, teacher.detach().to(dtype), 0.0)
     target = None if call.target is None else torch.where(call.valid, call.target, 0)
+    zs, zt = s, t
+    if call.standardize:
+        zs, zt, stats = _zscores(s, t, shard.group)
     if call.plan.family == DIVERGENCE:
-        loss, grad, masked = _divergence(call.plan, s / temperature, t / temperature, temperature, with_grad,
+        loss, grad, masked = _divergence(call.plan, zs / temperature, zt / temperature, temperature, with_grad,
                                          shard.group)
     else:
-        loss, grad, masked = _decoupled(call.plan, s, t, target, temperature, with_grad, shard)
+        loss, grad, masked = _decoupled(call.plan, zs, zt, target, temperature, with_grad, shard)
+    if grad is not None and call.standardize:
+        grad = _through_zscore(grad, zs, stats, shard.group)
     kept = call.valid & ~masked  # a row masked in both logits on every shard is left out like an ignored one
     scale = temperature**2 if call.t2_scale else 1.0
     loss = torch.where(kept, loss * scale, 0.0)
@@ -328,13 +362,15 @@ def distill_loss(
     distill_weight: float = 1.0,
     return_parts: bool = False,
     mask: Optional[Tensor] = None,
+    standardize: bool = False,
     **hyperparameters,
 ) -> Tensor:
     """``kdkernels.distill_loss`` with the vocabulary sharded across the ranks of ``group`` (module docstring).
 
     Args:
         method, temperature, t2_scale, reduction, ignore_index, normalizer, ce_weight, distill_weight, return_parts,
-            mask, **hyperparameters: as in ``kdkernels.distill_loss``, the same on every rank.
+            mask, standardize, **hyperparameters: as in ``kdkernels.distill_loss``, the same on every rank
+            (standardize: the row statistics of the whole vocabulary, all-reduced).
         student_logits, teacher_logits: [..., V_r], this rank's contiguous shard of the classes (ranks in order).
         target: optional global class indices [...] in [0, V) (or ignore_index), the same on every rank.
         group: the process group (default: the default group); it must be initialised.
@@ -344,7 +380,7 @@ def distill_loss(
         the leading shape for reduction="none". Its gradient reaches this rank's student_logits shard.
     """
     settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index, normalizer,
-                       ce_weight, distill_weight, return_parts)
+                       ce_weight, distill_weight, return_parts, standardize)
     check_float_tensor("student_logits", student_logits)
     check_float_tensor("teacher_logits", teacher_logits)
     if student_logits.shape != teacher_logits.shape:

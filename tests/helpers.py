@@ -60,7 +60,7 @@ def check_against_oracle(method, hp, s, t, target, backend, reduction="batchmean
         options.get("ignore_index", -100), options.get("normalizer"),
         1.0 if grad_output is None else np.asarray(grad_output.cpu() if isinstance(grad_output, torch.Tensor)
                                                    else grad_output, dtype=np.float64),
-        options.get("ce_weight", 0.0), options.get("distill_weight", 1.0),
+        options.get("ce_weight", 0.0), options.get("distill_weight", 1.0), options.get("standardize", False),
     )
     dtype = tol_dtype or s.dtype
     assert loss.dtype == (torch.float64 if s.dtype == torch.float64 else torch.float32)

@@ -147,10 +147,35 @@ def _decoupled(method, p, q, lp, lq, y, hp, temperature, label):
     return loss, grad
 
 
+def _zscore(x):
+    """Logit standardization of one row as Sun et al.'s code writes it, (x - mean) / (std + 1e-7) with Bessel's
+    correction, over the classes that are not -inf (std 0 with one class); and the vector-Jacobian product
+    G -> G^T dz/dx of it, from dz_j/dx_k = (delta_jk - 1/n) / sd - (x_j - m)(x_k - m) / (sd^2 (n - 1) std)."""
+    finite = ~np.isneginf(x)
+    n = int(finite.sum())
+    z = np.full_like(x, -np.inf)
+    if n == 0:
+        return z, lambda g: np.zeros_like(g)
+    c = x[finite] - x[finite].mean()
+    std = np.sqrt((c * c).sum() / (n - 1)) if n > 1 else 0.0
+    sd = std + 1e-7
+    z[finite] = c / sd
+
+    def vjp(g):
+        out = np.zeros_like(g)
+        gf = g[finite]
+        out[finite] = (gf - gf.mean()) / sd - (c * (gf @ c) / (sd * sd * (n - 1) * std) if std > 0 else 0.0)
+        return out
+
+    return z, vjp
+
+
 def oracle(method, student, teacher, target, hp, temperature, t2_scale, reduction="batchmean",
-           ignore_index=-100, normalizer=None, grad_output=1.0, ce_weight=0.0, distill_weight=1.0):
+           ignore_index=-100, normalizer=None, grad_output=1.0, ce_weight=0.0, distill_weight=1.0,
+           standardize=False):
     """Loss (reduced as asked) and d(grad_output . loss)/d student, both float64 NumPy arrays, of
-    distill_weight * (the method's loss) + ce_weight * (the student's cross-entropy against target at T = 1).
+    distill_weight * (the method's loss) + ce_weight * (the student's cross-entropy against target at T = 1);
+    ``standardize``: the method's loss on both rows' z-scores (_zscore).
 
     student, teacher: arrays [..., V]; target: integer array [...] or None; grad_output: a number, or for
     reduction="none" an array of the leading shape.
@@ -167,7 +192,11 @@ def oracle(method, student, teacher, target, hp, temperature, t2_scale, reductio
     for r in range(n):
         if not valid[r]:
             continue
-        x, y = s[r] / temperature, t[r] / temperature
+        if not (np.isneginf(s[r]) & np.isneginf(t[r])).all() and standardize:
+            (zs, vjp), (zt, _) = _zscore(s[r]), _zscore(t[r])
+        else:
+            zs, zt, vjp = s[r], t[r], None
+        x, y = zs / temperature, zt / temperature
         keep = ~(np.isneginf(x) & np.isneginf(y))
         lq = (x - _logsumexp(x))[keep]
         lp = (y - _logsumexp(y))[keep]
@@ -180,6 +209,8 @@ def oracle(method, student, teacher, target, hp, temperature, t2_scale, reductio
         scale = temperature**2 if t2_scale else 1.0
         rows[r] = distill_weight * loss * scale
         grads[r, keep] = distill_weight * grad * scale
+        if vjp is not None:
+            grads[r] = vjp(grads[r])
         if ce_weight and keep.any():  # -log softmax(s)_y at T = 1, gradient softmax(s) - onehot(y)
             lse = _logsumexp(s[r])
             rows[r] += ce_weight * (lse - s[r, labels[r]])

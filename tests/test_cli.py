@@ -23,6 +23,17 @@ def test_demo_quick_runs_and_reports_every_method():
     assert "distilled students beat the CE-only student for" in done.stdout
 
 
+def test_demo_standardize_adds_a_column():
+    """``demo --standardize``: each method once more with logit standardization, in a column of its own."""
+    done = subprocess.run([sys.executable, "-m", "kdkernels", "demo", "--quick", "--no-progress", "--standardize",
+                           "--methods", "kd", "dkd"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    header, _, kd, dkd = done.stdout.splitlines()[1:5]
+    assert "standardized acc" in header and kd.startswith("kd ") and dkd.startswith("dkd ")
+    for row in (kd, dkd):  # student, standardized, CE-only and teacher accuracies
+        assert len([cell for cell in row.split() if cell.endswith("%")]) == 4
+
+
 def test_demo_lm_quick_trains_and_reports():
     """``demo lm --quick``: tokenizer, teacher, the CE-only student and the distilled ones through the trainer, then
     every step-cost path; the smoke run checks the pipeline and the report, not the perplexities."""

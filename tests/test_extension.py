@@ -25,10 +25,10 @@ def test_inplace_opcheck(case):
     method, hp = case
     family, code, params = family_op_args(method, hp)
     s, t, target = make_inputs((4, 33), torch.float32, seed=31)
-    for reduce, with_ce in ((True, False), (False, True)):
+    for reduce, with_ce, standardize in ((True, False, False), (False, True, True)):
         torch.library.opcheck(family_ops("cpu")[family][1],
                               (s.clone(), t, target, torch.tensor(2.0) if reduce else None, code, params, 1.5,
-                               False, -100, reduce, 0.5, 1.5, with_ce))
+                               False, -100, reduce, 0.5, 1.5, with_ce, standardize))
 
 
 def test_ops_are_registered_with_the_backends():
@@ -40,9 +40,11 @@ def test_ops_are_registered_with_the_backends():
 
 
 def test_codes_and_parameters_agree_in_every_language():
-    """The named codes and parameter layouts of the method table (methods.py) are those the C++ kernels were built
-    with (csrc/divergence.h, decoupled.h, exported by kdkernels._C) and the Triton kernels' constexprs."""
+    """The named codes and parameter layouts of the method table (methods.py), and the z-score's epsilon, are those
+    the C++ kernels were built with (csrc/divergence.h, decoupled.h, row_math.h, exported by kdkernels._C) and the
+    Triton kernels' constexprs."""
     from kdkernels import _C, methods
+    from kdkernels.backends.triton import common as triton_common
     from kdkernels.backends.triton import decoupled as triton_decoupled
     from kdkernels.backends.triton import divergence as triton_divergence
 
@@ -54,6 +56,7 @@ def test_codes_and_parameters_agree_in_every_language():
             assert {code.name: getattr(triton_module, code.name).value for code in python} == cpp
     assert _C.DIVERGENCE_PARAMS == methods.DivergenceParams._fields
     assert _C.DECOUPLED_PARAMS == methods.DecoupledParams._fields
+    assert _C.STANDARDIZE_EPS == methods.STANDARDIZE_EPS == triton_common.STANDARDIZE_EPS.value
     divergence_args = inspect.signature(triton_divergence.divergence_kernel.fn).parameters
     assert all(name in divergence_args for name in methods.DivergenceParams._fields)
 
@@ -62,7 +65,7 @@ def test_inplace_needs_contiguous_student():
     s, t, target = make_inputs((4, 66), torch.float32, seed=32)
     with pytest.raises(RuntimeError, match="must be contiguous"):
         torch.ops.kdkernels.divergence_cpu_(s[:, ::2], t[:, ::2], target, None, 0, PARAMS, 1.0, False, -100, True,
-                                            0.0, 1.0, False)
+                                            0.0, 1.0, False, False)
 
 
 @pytest.mark.parametrize("what,kwargs,match", [
@@ -78,7 +81,7 @@ def test_inplace_needs_contiguous_student():
 def test_op_checks_its_arguments(what, kwargs, match):
     args = dict(student=torch.zeros(4, 6), teacher=torch.zeros(4, 6), target=None, denominator=None, code=0,
                 params=PARAMS, temperature=1.0, t2_scale=False, ignore_index=-100, reduce=True, ce_weight=0.0,
-                distill_weight=1.0, with_ce=False, with_grad=True)
+                distill_weight=1.0, with_ce=False, standardize=False, with_grad=True)
     args.update(kwargs)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.kdkernels.divergence_cpu(*args.values())

@@ -32,10 +32,11 @@ OPCHECK_CASES = [c for c in CASES if case_id(c) in ("jsd-beta=0.5", "abkd-alpha=
                                                     "cakd-strong=threshold-tau=0.3")]
 
 
-@pytest.mark.parametrize("reduce,with_grad,has_target,with_ce", [(True, True, True, False), (False, True, False, False),
-                                                                  (True, False, True, True), (False, True, True, True)])
+@pytest.mark.parametrize("reduce,with_grad,has_target,with_ce,standardize", [
+    (True, True, True, False, False), (False, True, False, False, True), (True, False, True, True, True),
+    (False, True, True, True, False)])
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=case_id)
-def test_opcheck(fused, device, case, reduce, with_grad, has_target, with_ce):
+def test_opcheck(fused, device, case, reduce, with_grad, has_target, with_ce, standardize):
     method, hp = case
     family, code, params = family_op_args(method, hp)
     op = family_ops(fused)[family][0]
@@ -44,7 +45,7 @@ def test_opcheck(fused, device, case, reduce, with_grad, has_target, with_ce):
         has_target = True
     s.requires_grad_(with_grad)
     args = (s, t, target if has_target else None, torch.tensor(3.0, device=device) if reduce else None, code,
-            params, 2.0, True, -100, reduce, 0.5 if with_ce else 0.0, 1.5, with_ce, with_grad)
+            params, 2.0, True, -100, reduce, 0.5 if with_ce else 0.0, 1.5, with_ce, standardize, with_grad)
     torch.library.opcheck(op, args)
 
 

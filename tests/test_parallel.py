@@ -67,6 +67,14 @@ def _scenarios():
         _scenario("bdkd-ce", "bdkd", ce_weight=0.6, distill_weight=0.5, normalizer=5.0),
         _scenario("gdkd3-ce", "gdkd", {"partitions": 3}, reduction="sum", ce_weight=1.0, distill_weight=0.2),
         _scenario("dkd-ce-masked", "dkd", inputs="masked", ce_weight=0.3),
+        # Logit standardization: row statistics over the whole vocabulary.
+        _scenario("kd-standardize", "kd", standardize=True, temperature=2.0, ce_weight=0.3),
+        _scenario("jsd-standardize-masked", "jsd", inputs="masked", standardize=True, reduction="none",
+                  grad_output="rows"),
+        _scenario("dkd-standardize-extreme", "dkd", inputs="extreme", standardize=True),
+        _scenario("cakd-threshold-standardize", "cakd", {"strong": "threshold", "tau": 0.3}, standardize=True,
+                  want="oracle"),
+        _scenario("gdkd-both-standardize", "gdkd", {"k": 3, "kl_type": "both"}, standardize=True, want="oracle"),
         _scenario("jsd-ce-row-mask", "jsd", reduction="none", grad_output="rows", ce_weight=0.3,
                   mask=torch.tensor([1, 0, 1, 1, 0, 1, 1, 1, 1])),
         _scenario("kd-row-mask-no-target", "kd", inputs="no_target", mask=torch.tensor([0, 1, 1, 1, 0, 1, 1, 1, 1])),
@@ -240,7 +248,8 @@ def single_process(sc):
                "ignore_index": -100, "normalizer": None, **sc["options"]}
     return oracle(sc["method"], s.numpy(), t.numpy(), None if target is None else target.numpy(),
                   spec.resolve(sc["hp"]), options["temperature"], options["t2_scale"], options["reduction"],
-                  options["ignore_index"], options["normalizer"], np.asarray(go, dtype=np.float64))
+                  options["ignore_index"], options["normalizer"], np.asarray(go, dtype=np.float64),
+                  standardize=options.get("standardize", False))
 
 
 def single_process_error(sc):

@@ -9,7 +9,8 @@ import torch
 import kdkernels
 from cases import CASES, case_id
 from helpers import assert_close, make_inputs
-from kdkernels import SparseTeacher
+from kdkernels import SparseTeacher, SparseTeacherWriter, load_sparse_teachers, save_sparse_teachers
+from kdkernels.arguments import resolve
 from kdkernels.backends.reference import divergence_rows
 from kdkernels.methods import DIVERGENCE, finite_when_missing
 from kdkernels.sparse import check, teacher_bins
@@ -45,7 +46,7 @@ def reference_loss(method, hp, s, teacher, target, reduction="batchmean", grad_o
     temperature = options.get("temperature", spec.temperature)
     s = s.detach().double().requires_grad_(True)
     valid = torch.ones(s.shape[:-1], dtype=torch.bool) if target is None else target != -100
-    flat = check(teacher, method, plan, s.shape[:-1], s.shape[-1], s.device, valid.reshape(-1))
+    flat = check(teacher, resolve(method, hp), s.shape[:-1], s.shape[-1], s.device, valid.reshape(-1))
     rows = bin_row_losses(plan, s.reshape(-1, s.shape[-1]), flat, temperature, spec.t2_scale, valid.reshape(-1))
     loss = rows.reshape(s.shape[:-1]) if reduction == "none" else rows.sum() / valid.sum().clamp(min=1) \
         if reduction == "batchmean" else rows.sum()
@@ -171,3 +172,111 @@ def test_undefined_and_bad_teachers_raise(device):
     bad[1] = 99
     target = torch.tensor([0, -100, 2], device=device)
     kdkernels.distill_loss("kd", s, SparseTeacher(bad, teacher.values), target)
+
+
+@pytest.mark.parametrize("case", DIVERGENCE_CASES, ids=case_id)
+@pytest.mark.parametrize("kind", ["logprobs", "logits"])
+def test_without_tail_both_models_are_renormalised_over_the_k_classes(case, kind, backend, device):
+    """tail=False (TRL's loss_add_tail=False): the dense loss on the k gathered logits; no gradient outside K."""
+    method, hp = case
+    s, t, target = make_inputs((5, 11), seed=9)
+    teacher = top_k(t, kind=kind, temperature=2.0)
+    teacher = SparseTeacher(teacher.indices.to(device), teacher.values.to(device), kind, tail=False)
+    loss, grad = run(method, hp, s.to(device), teacher, target.to(device), backend, "none", temperature=2.0)
+    gathered_t = teacher.values.cpu() * (2.0 if kind == "logprobs" else 1.0)  # softmax(gathered / T) = renormalised
+    want, want_grad_k = run(method, hp, s.gather(-1, teacher.indices.cpu()), gathered_t, target, "reference",
+                            "none", temperature=2.0)
+    want_grad = torch.zeros_like(s).scatter_(-1, teacher.indices.cpu(), want_grad_k)
+    assert_close(loss, want.detach().numpy(), torch.float32, f"{method} {hp} loss")
+    assert_close(grad, want_grad.numpy(), torch.float32, f"{method} {hp} gradient")
+
+
+def test_from_logits_keeps_the_top_k_log_probabilities_at_t():
+    t = torch.tensor([[1.0, 3.0, 3.0, -2.0, 0.5], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    teacher = SparseTeacher.from_logits(t, 3, temperature=2.0)
+    assert teacher.indices.tolist() == [[1, 2, 0], [0, 1, 2]]  # equal logits: the lower class index first
+    torch.testing.assert_close(teacher.values, torch.log_softmax(t / 2.0, -1).gather(-1, teacher.indices))
+    assert (teacher.kind, teacher.tail) == ("logprobs", True)
+    with pytest.raises(ValueError, match=r"k must be an integer in \[1, V=5\]"):
+        SparseTeacher.from_logits(t, 6)
+    with pytest.raises(ValueError, match="temperature"):
+        SparseTeacher.from_logits(t, 2, temperature=0.0)
+
+
+def test_student_top_k_with_a_teacher_that_scores_token_ids(backend, device):
+    """verl's reverse KL on the student's top-k: the teacher's log-probabilities looked up on those classes."""
+    s, t, target = make_inputs((4, 3, 17), seed=10)
+    s, t = s.to(device), t.to(device)
+    asked = []
+
+    def score(indices):
+        asked.append(indices)
+        return torch.log_softmax(t, -1).gather(-1, indices)
+
+    teacher = SparseTeacher.at_student_top_k(s, 5, score)
+    assert torch.equal(asked[0], torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :5])
+    loss, grad = run("rkl", {}, s, teacher, None, backend, temperature=1.0)
+    want_loss, want_grad = reference_loss("rkl", {}, s.cpu(), SparseTeacher(teacher.indices.cpu(),
+                                          teacher.values.cpu()), None, temperature=1.0)
+    assert_close(loss, want_loss.numpy(), torch.float32, "loss")
+    assert_close(grad, want_grad.numpy(), torch.float32, "gradient")
+    # Without the tail: reverse KL between the two distributions renormalised over the student's top-k.
+    loss, grad = run("rkl", {}, s, SparseTeacher(teacher.indices, teacher.values, tail=False), None, backend)
+    indices = teacher.indices.cpu()
+    want_loss, want_grad_k = run("rkl", {}, s.cpu().gather(-1, indices), teacher.values.cpu(), None, "reference")
+    assert_close(loss, want_loss.detach().numpy(), torch.float32, "loss without the tail")
+    assert_close(grad, torch.zeros(s.shape).scatter_(-1, indices, want_grad_k).numpy(), torch.float32,
+                 "gradient without the tail")
+    with pytest.raises(ValueError, match="score.indices. must return"):
+        SparseTeacher.at_student_top_k(s, 5, lambda indices: indices[..., :2].float())
+
+
+@pytest.mark.parametrize("values", ["bfloat16", "float16"])
+def test_saved_teachers_round_trip(tmp_path, values):
+    """Batches of any leading shape, written in a stream and read back batch by batch, bit for bit."""
+    g = torch.Generator().manual_seed(11)
+    batches = [SparseTeacher.from_logits(torch.randn(*shape, 300, generator=g) * 3, 7)
+               for shape in ((4, 5), (3,), (2, 2, 2))]
+    path = tmp_path / "teacher.kds"
+    assert save_sparse_teachers(path, batches, values) == 20 + 3 + 8
+    loaded = list(load_sparse_teachers(path))
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[values]
+    assert len(loaded) == 3
+    for got, want in zip(loaded, batches):
+        assert torch.equal(got.indices, want.indices.reshape(-1, 7))
+        assert got.values.dtype == dtype and torch.equal(got.values, want.values.reshape(-1, 7).to(dtype))
+        assert (got.kind, got.tail) == ("logprobs", True)
+    # A loaded teacher is a teacher: the loss from it equals the loss from the rounded values.
+    s = torch.randn(20, 300, generator=g)
+    rounded = SparseTeacher(batches[0].indices.reshape(-1, 7), batches[0].values.reshape(-1, 7).to(dtype))
+    torch.testing.assert_close(kdkernels.kd_loss(s, loaded[0]), kdkernels.kd_loss(s, rounded))
+
+
+def test_corrupted_or_truncated_files_are_rejected(tmp_path):
+    teacher = SparseTeacher.from_logits(torch.randn(6, 50, generator=torch.Generator().manual_seed(12)), 4)
+    path = tmp_path / "teacher.kds"
+    with SparseTeacherWriter(path, 4, tail=True) as writer:
+        writer.write(teacher)
+        writer.write(teacher)
+        with pytest.raises(ValueError, match="this file holds k=4"):
+            writer.write(SparseTeacher(teacher.indices[:, :3], teacher.values[:, :3]))
+    data = path.read_bytes()
+    header, chunk, footer = 24, 16 + 6 * 4 * 6, 24  # (the layout of sparse_store.py: 6 rows of k = 4 a chunk)
+    assert len(data) == header + 2 * chunk + footer
+    cases = {
+        "flipped value byte": (data[:60] + bytes([data[60] ^ 1]) + data[61:], "chunk 0: checksum mismatch"),
+        "flipped header byte": (data[:12] + bytes([data[12] ^ 1]) + data[13:], "header checksum mismatch"),
+        "cut inside a chunk": (data[:100], "truncated .*chunk 0"),
+        "no footer": (data[:-footer], "truncated .*no footer"),
+        "footer cut": (data[:-5], "truncated .*footer"),
+        "one chunk dropped": (data[:header] + data[header + chunk:], "footer counts 2 chunks"),
+        "not ours": (b"PK\x03\x04" + data[4:], "not a sparse-teacher file"),
+    }
+    for name, (corrupt, match) in cases.items():
+        bad = tmp_path / f"{name}.kds"
+        bad.write_bytes(corrupt)
+        with pytest.raises(ValueError, match=match):
+            list(load_sparse_teachers(bad))
+    assert len(list(load_sparse_teachers(path))) == 2
+    with pytest.raises(ValueError, match="values must be one of"):
+        SparseTeacherWriter(tmp_path / "x.kds", 4, values="int8")

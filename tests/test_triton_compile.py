@@ -59,15 +59,18 @@ def compile_family(family: str) -> None:
     from kdkernels.backends.triton.divergence import divergence_kernel
 
     for layout in LAYOUTS.values():
-        if family == "divergence":
-            for code in Divergence:
-                compile_for_h200(divergence_kernel, POINTERS, dict(
-                    CODE=int(code), HAS_TARGET=True, HAS_DENOM=True, WITH_GRAD=True, **layout))
-        elif family == "decoupled":
-            for partition, split_top1, lowest, adaptive, forward, reverse in DECOUPLED:
-                compile_for_h200(decoupled_kernel, POINTERS, dict(
-                    PARTITION=partition, SPLIT_TOP1=split_top1, LOWEST=lowest, ADAPTIVE=adaptive, FORWARD=forward,
-                    REVERSE=reverse, HAS_TARGET=True, HAS_DENOM=False, WITH_GRAD=True, KPAD=8, **layout))
+        for standardize in (False, True):
+            if family == "divergence":
+                for code in Divergence:
+                    compile_for_h200(divergence_kernel, POINTERS, dict(
+                        CODE=int(code), HAS_TARGET=True, HAS_DENOM=True, WITH_CE=True, CE_APART=True,
+                        STANDARDIZE=standardize, WITH_GRAD=True, **layout))
+            elif family == "decoupled":
+                for partition, split_top1, lowest, adaptive, forward, reverse in DECOUPLED:
+                    compile_for_h200(decoupled_kernel, POINTERS, dict(
+                        PARTITION=partition, SPLIT_TOP1=split_top1, LOWEST=lowest, ADAPTIVE=adaptive,
+                        FORWARD=forward, REVERSE=reverse, HAS_TARGET=True, HAS_DENOM=False, WITH_CE=True,
+                        STANDARDIZE=standardize, WITH_GRAD=True, KPAD=8, **layout))
     if family == "scale":
         for per_row in (False, True):
             compile_for_h200(scale_rows_kernel, {"grad_ptr": "*bf16"}, dict(PER_ROW=per_row, BLOCK_V=4096))

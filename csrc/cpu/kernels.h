@@ -30,6 +30,7 @@ struct RowsArgs {
   double grad_scale;              // distill_weight t2 / T / denominator (1 without one): the method's gradient factor
   double ce_scale;                // ce_weight / denominator: the cross-entropy's gradient factor
   bool math_double;               // float64 math (when an input is float64)
+  bool standardize;               // z-score both rows first (logit standardization, row_math.h ZScore)
 };
 
 using RowsFn = void (*)(const RowsArgs&, int64_t begin, int64_t end);

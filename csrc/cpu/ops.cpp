@@ -38,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
     const std::optional<at::Tensor>& denominator, int64_t code, at::ArrayRef<double> params, double temperature,
     bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
-    bool with_grad, bool in_place) {
+    bool standardize, bool with_grad, bool in_place) {
   const bool divergence = FAMILY == DIVERGENCE_FAMILY;
   const std::string name = std::string("kdkernels::") + (divergence ? "divergence" : "decoupled") + "_cpu" +
                            (in_place ? "_" : "");
@@ -54,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(
                 call.target.defined() ? call.target.data_ptr<int64_t>() : nullptr, ignore_index,
                 call.loss_rows.data_ptr(), with_ce ? call.ce_rows.data_ptr() : nullptr,
                 with_grad ? call.grad.data_ptr() : nullptr, call.n, call.v, int(code), params.data(), temperature, t2,
-                distill_weight * t2 / temperature * inv_denom, ce_weight * inv_denom, call.math_double};
+                distill_weight * t2 / temperature * inv_denom, ce_weight * inv_denom, call.math_double, standardize};
   const RowsFn rows = kernel_for_this_cpu(FAMILY);
   // Enough rows per task to amortise its start, and never fewer than one row.
   const int64_t grain = std::max<int64_t>(1, 32768 / call.v);
@@ -68,9 +68,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> family_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
     const std::optional<at::Tensor>& denominator, int64_t code, at::ArrayRef<double> params, double temperature,
     bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
-    bool with_grad) {
+    bool standardize, bool with_grad) {
   return run_family<FAMILY>(student, teacher, target, denominator, code, params, temperature, t2_scale,
-                            ignore_index, reduce, ce_weight, distill_weight, with_ce, with_grad,
+                            ignore_index, reduce, ce_weight, distill_weight, with_ce, standardize, with_grad,
                             /*in_place=*/false);
 }
 
@@ -80,10 +80,10 @@ std::tuple<at::Tensor, at::Tensor> family_cpu_(const at::Tensor& student, const 
                                                const std::optional<at::Tensor>& denominator, int64_t code,
                                                at::ArrayRef<double> params, double temperature, bool t2_scale,
                                                int64_t ignore_index, bool reduce, double ce_weight,
-                                               double distill_weight, bool with_ce) {
+                                               double distill_weight, bool with_ce, bool standardize) {
   auto [loss, parts, grad] = run_family<FAMILY>(student, teacher, target, denominator, code, params, temperature,
                                                 t2_scale, ignore_index, reduce, ce_weight, distill_weight, with_ce,
-                                                /*with_grad=*/true, /*in_place=*/true);
+                                                standardize, /*with_grad=*/true, /*in_place=*/true);
   return {loss, parts};
 }
 

@@ -120,17 +120,22 @@ constexpr ScalarType math_dtype() {
   return std::is_same_v<M, double> ? ScalarType::Double : ScalarType::Float;
 }
 
-// Row-sized buffers of one worker: converted inputs, the gradient in M, and whatever the family keeps per class.
+// Row-sized buffers of one worker: converted inputs, the gradient in M, whatever the family keeps per class, and with
+// standardize both rows' z-scores and a copy of the raw student row.
 template <class M>
 struct RowBuffers {
   std::vector<M> memory;
-  M *s, *t, *g, *extra;
+  M *s, *t, *g, *extra, *zs, *zt, *raw;
 
-  RowBuffers(const RowsArgs& a, int extra_rows) : memory(size_t(a.v) * (3 + extra_rows)) {
+  RowBuffers(const RowsArgs& a, int extra_rows)
+      : memory(size_t(a.v) * (3 + extra_rows + (a.standardize ? 3 : 0))) {
     s = memory.data();
     t = s + a.v;
     g = t + a.v;
     extra = g + a.v;
+    zs = extra + size_t(a.v) * extra_rows;
+    zt = zs + a.v;
+    raw = zt + a.v;
   }
 };
 
@@ -158,9 +163,93 @@ struct CrossEntropy {
   }
 };
 
+// A row's z-score (row_math.h ZScore) over the classes that are not -inf (lanes past v load as -inf): the count and
+// sum, then the deviations from that mean and their squares (the row is in cache for the second pass), which correct
+// it: a float32 sum of logits near 1000 is off by more than the spread of a z-score can afford.
+template <class M>
+ZScore<M> row_zscore(const M* x, int64_t v) {
+  using O = Ops<M>;
+  using V = Vec<M>;
+  constexpr int64_t L = O::lanes;
+  const V ninf(neg_inf<M>()), zero(M(0));
+  ChunkedSum<M> count, sum, m2;
+  for (int64_t j = 0; j < v; j += L) {
+    const V xj = load(x + j, std::min(L, v - j));
+    const auto finite = O::lnot(O::eq(xj, ninf));
+    count.add(O::select(finite, V(M(1)), zero));
+    sum.add(O::select(finite, xj, zero));
+  }
+  const M n = count.sum(), rough = n > M(0) ? sum.sum() / n : M(0);
+  ChunkedSum<M> dev;
+  for (int64_t j = 0; j < v; j += L) {
+    const V xj = load(x + j, std::min(L, v - j)), d = O::select(O::eq(xj, ninf), zero, xj - V(rough));
+    dev.add(d);
+    m2.add(d * d);
+  }
+  const M shift = n > M(0) ? dev.sum() / n : M(0);
+  return ZScore<M>::of(n, rough + shift, m2.sum() - shift * shift * n);
+}
+
+// z = (x - mean) / sd over a row, -inf kept.
+template <class M>
+void write_zscore(const M* x, int64_t v, const ZScore<M>& zs, M* z) {
+  using O = Ops<M>;
+  using V = Vec<M>;
+  constexpr int64_t L = O::lanes;
+  const V ninf(neg_inf<M>());
+  for (int64_t j = 0; j < v; j += L) {
+    const int64_t n = std::min(L, v - j);
+    const V xj = load(x + j, n);
+    O::select(O::eq(xj, ninf), ninf, (xj - V(zs.mean)) / V(zs.sd)).store(z + j, n);
+  }
+}
+
+// One row of the option standardize: row(zs, zt, target, g, nullptr) -> loss runs the family on both rows' z-scores
+// and writes G = dL/dz into g; here g becomes dL/ds through the z-score's Jacobian (row_math.h ZScore), and the
+// cross-entropy term, which keeps the raw logits, is added. buf holds the z-scores and, when g overwrites s (in
+// place), a copy of s.
+template <class M, class Row>
+M standardized_row(const M* s, const M* t, int64_t target, M* g, M* ce, int64_t v, M ce_scale, RowBuffers<M>& buf,
+                   Row&& row) {
+  using O = Ops<M>;
+  using V = Vec<M>;
+  constexpr int64_t L = O::lanes;
+  const ZScore<M> student = row_zscore(s, v), teacher = row_zscore(t, v);
+  if (student.n == M(0) && teacher.n == M(0)) return skip_row(g, ce, v);  // all classes masked in both
+  write_zscore(s, v, student, buf.zs);
+  write_zscore(t, v, teacher, buf.zt);
+  if (g == s) s = static_cast<const M*>(std::memcpy(buf.raw, s, size_t(v) * sizeof(M)));
+  const V ninf(neg_inf<M>()), zero(M(0)), iota = O::iota();
+  V vm1 = ninf;
+  for (int64_t j = 0; j < v; j += L) vm1 = O::max(vm1, load(s + j, std::min(L, v - j)));
+  const M m1 = max_lanes(vm1);
+  ChunkedSum<M> z1;
+  for (int64_t j = 0; j < v; j += L) z1.add(O::exp(load(s + j, std::min(L, v - j)) - V(safe_shift(m1))));
+  const CrossEntropy<M> xent{m1, std::log(z1.sum()), ce_scale, target};
+  const M loss = row(buf.zs, buf.zt, target, g, nullptr);
+  if (ce != nullptr) *ce = xent.loss(s, v);
+  if (g == nullptr) return loss;
+  ChunkedSum<M> sum_g, sum_gz;
+  for (int64_t j = 0; j < v; j += L) {
+    const int64_t n = std::min(L, v - j);
+    const V gj = V::loadu(g + j, n), zj = load(buf.zs + j, n);
+    sum_g.add(gj);
+    sum_gz.add(O::select(O::eq(zj, ninf), zero, gj * zj));
+  }
+  const V mean_g(sum_g.sum() / student.n), inv_sd(M(1) / student.sd), coef(student.coef(sum_gz.sum()));
+  for (int64_t j = 0; j < v; j += L) {
+    const int64_t n = std::min(L, v - j);
+    const V zj = load(buf.zs + j, n);
+    V gj = O::select(O::eq(zj, ninf), zero, (V::loadu(g + j, n) - mean_g) * inv_sd - zj * coef);
+    if (ce != nullptr) gj = gj + xent.grad(load(s + j, n), iota, j);
+    gj.store(g + j, n);
+  }
+  return loss;
+}
+
 // Runs row(s, t, target, g, ce) -> loss over the rows [begin, end): g is the gradient row in M (nullptr without a
 // gradient), written straight into the output when the student's dtype is M; ce is where the row's cross-entropy
-// goes (nullptr without the term).
+// goes (nullptr without the term). With standardize the row runs through standardized_row.
 template <class M, class Row>
 void for_rows(const RowsArgs& a, int64_t begin, int64_t end, RowBuffers<M>& buf, Row&& row) {
   M* loss = static_cast<M*>(a.loss);
@@ -180,7 +269,9 @@ void for_rows(const RowsArgs& a, int64_t begin, int64_t end, RowBuffers<M>& buf,
     const M* s = row_as<M>(a.student, a.student_dtype, a.student_stride, i, a.v, buf.s);
     const M* t = row_as<M>(a.teacher, a.teacher_dtype, a.teacher_stride, i, a.v, buf.t);
     M* g = grad_row == nullptr ? nullptr : grad_in_place ? static_cast<M*>(grad_row) : buf.g;
-    loss[i] = row(s, t, target, g, ce) * M(a.t2);
+    loss[i] = (a.standardize ? standardized_row(s, t, target, g, ce, a.v, M(a.ce_scale), buf, row)
+                             : row(s, t, target, g, ce)) *
+              M(a.t2);
     if (g != nullptr && !grad_in_place) store_row(g, a.v, a.student_dtype, grad_row);
   }
 }

@@ -110,6 +110,40 @@ struct Sum {
   __device__ __forceinline__ Sum shuffled(int lane_mask) const { return {shfl_xor(x, lane_mask)}; }
 };
 
+// Two sums at once (the gradient's row sums of the option standardize).
+struct Sum2 {
+  float x = 0.f, y = 0.f;
+  __device__ __forceinline__ void merge(const Sum2& o) {
+    x += o.x;
+    y += o.y;
+  }
+  __device__ __forceinline__ Sum2 shuffled(int lane_mask) const {
+    return {shfl_xor(x, lane_mask), shfl_xor(y, lane_mask)};
+  }
+};
+
+// Count, mean and sum of squared deviations of the classes that are not -inf (Welford per thread, Chan's merge).
+struct Moments {
+  float n = 0.f, mean = 0.f, m2 = 0.f;
+  __device__ __forceinline__ void add(float x) {
+    if (x == -INFINITY) return;
+    n += 1.f;
+    const float d = x - mean;
+    mean += d / n;
+    m2 += d * (x - mean);
+  }
+  __device__ __forceinline__ void merge(const Moments& o) {
+    if (o.n == 0.f) return;
+    const float total = n + o.n, d = o.mean - mean;
+    mean += d * (o.n / total);
+    m2 += o.m2 + d * d * (n * o.n / total);
+    n = total;
+  }
+  __device__ __forceinline__ Moments shuffled(int lane_mask) const {
+    return {shfl_xor(n, lane_mask), shfl_xor(mean, lane_mask), shfl_xor(m2, lane_mask)};
+  }
+};
+
 struct Max {
   float x = -INFINITY;
   __device__ __forceinline__ void merge(const Max& o) { x = nan_max(x, o.x); }
@@ -166,6 +200,7 @@ struct LaunchArgs {
   int64_t ignore_index;
   float ce_weight, distill_weight;
   float* ce_loss;              // [N] the cross-entropy term's rows, or nullptr without it
+  bool standardize;            // z-score both rows first (row_math.h ZScore)
 };
 
 // The CUDA kernels compute in float32 and read both inputs in one dtype. They run on the inputs' dtype when
@@ -183,7 +218,8 @@ inline CudaCall prepare_cuda_call(const char* op, const at::Tensor& student, con
                                   const std::optional<at::Tensor>& denominator, int64_t code,
                                   at::ArrayRef<double> params, int num_codes, int num_params, double temperature,
                                   bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight,
-                                  double distill_weight, bool with_ce, bool with_grad, bool in_place) {
+                                  double distill_weight, bool with_ce, bool standardize, bool with_grad,
+                                  bool in_place) {
   TORCH_CHECK_TYPE(student.scalar_type() != at::kDouble && teacher.scalar_type() != at::kDouble, op,
                    ": the CUDA kernels compute in float32 and take float32, bfloat16 or float16 logits, not float64 "
                    "(backend='reference' computes float64)");
@@ -201,7 +237,7 @@ inline CudaCall prepare_cuda_call(const char* op, const at::Tensor& student, con
   c.args = {c.call.target.defined() ? c.call.target.data_ptr<int64_t>() : nullptr,
             c.denominator.defined() ? c.denominator.data_ptr<float>() : nullptr, float(temperature),
             float(t2_scale ? temperature * temperature : 1.0), ignore_index, float(ce_weight), float(distill_weight),
-            with_ce ? c.call.ce_rows.data_ptr<float>() : nullptr};
+            with_ce ? c.call.ce_rows.data_ptr<float>() : nullptr, standardize};
   c.temperature = temperature;
   return c;
 }
@@ -213,11 +249,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
     const std::optional<at::Tensor>& denominator, int64_t code, at::ArrayRef<double> params, double temperature,
     bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
-    bool with_grad, bool in_place) {
+    bool standardize, bool with_grad, bool in_place) {
   const c10::cuda::CUDAGuard guard(student.device());
   CudaCall c = prepare_cuda_call(in_place ? Family::name_ : Family::name, student, teacher, target, denominator,
                                  code, params, Family::num_codes, Family::num_params, temperature, t2_scale,
-                                 ignore_index, reduce, ce_weight, distill_weight, with_ce, with_grad, in_place);
+                                 ignore_index, reduce, ce_weight, distill_weight, with_ce, standardize, with_grad,
+                                 in_place);
   if (Family::decoupled) check_decoupled_params(c.call, code, params);
   TORCH_CHECK(c.call.n <= INT32_MAX, Family::name, ": at most 2^31 - 1 rows, got ", c.call.n);
   if (c.call.n > 0) {
@@ -234,9 +271,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> family_cuda(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
     const std::optional<at::Tensor>& denominator, int64_t code, at::ArrayRef<double> params, double temperature,
     bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
-    bool with_grad) {
+    bool standardize, bool with_grad) {
   return run_family<Family>(student, teacher, target, denominator, code, params, temperature, t2_scale,
-                            ignore_index, reduce, ce_weight, distill_weight, with_ce, with_grad, /*in_place=*/false);
+                            ignore_index, reduce, ce_weight, distill_weight, with_ce, standardize, with_grad,
+                            /*in_place=*/false);
 }
 
 template <class Family>
@@ -245,10 +283,10 @@ std::tuple<at::Tensor, at::Tensor> family_cuda_(const at::Tensor& student, const
                                                 const std::optional<at::Tensor>& denominator, int64_t code,
                                                 at::ArrayRef<double> params, double temperature, bool t2_scale,
                                                 int64_t ignore_index, bool reduce, double ce_weight,
-                                                double distill_weight, bool with_ce) {
+                                                double distill_weight, bool with_ce, bool standardize) {
   auto [loss, parts, grad] = run_family<Family>(student, teacher, target, denominator, code, params, temperature,
                                                 t2_scale, ignore_index, reduce, ce_weight, distill_weight, with_ce,
-                                                /*with_grad=*/true, /*in_place=*/true);
+                                                standardize, /*with_grad=*/true, /*in_place=*/true);
   return {loss, parts};
 }
 
@@ -289,6 +327,44 @@ __device__ __forceinline__ bool skip_ignored_row(const Rows<T>& r, const LaunchA
 // distill_weight (1/T) (T^2 with t2_scale) (1/denominator when reduced): the factor of the method's gradient.
 __device__ __forceinline__ float grad_scale(const LaunchArgs& a) {
   return a.distill_weight * a.t2 / a.temperature / (a.denominator != nullptr ? *a.denominator : 1.f);
+}
+
+// The option standardize on one row (row_math.h ZScore): both rows' z-scores, x = z / T for the family's math
+// (without the option: mean 0, sd 1, so x = s / T exactly), and the z-score's Jacobian applied to the family's
+// gradient G = dL/dz once the block knows its row sums. The walk and each reduction are the block's.
+struct RowZScores {
+  ZScore<float> s, t;
+  float mean_g = 0.f, coef = 0.f;
+
+  __device__ __forceinline__ float x(float sj, float temperature) const { return (sj - s.mean) / s.sd / temperature; }
+  __device__ __forceinline__ float y(float tj, float temperature) const { return (tj - t.mean) / t.sd / temperature; }
+  // From the row sums of G and G z over the student's unmasked classes.
+  __device__ __forceinline__ void set_sums(Sum2 sums) {
+    mean_g = sums.x / s.n;
+    coef = s.coef(sums.y);
+  }
+  __device__ __forceinline__ float z(float sj) const { return (sj - s.mean) / s.sd; }
+  __device__ __forceinline__ float grad(float g, float sj) const {
+    return sj == -INFINITY ? 0.f : (g - mean_g) / s.sd - z(sj) * coef;
+  }
+};
+
+template <class T>
+__device__ __forceinline__ RowZScores row_zscores(const T* s, const T* t, int64_t v, bool standardize,
+                                                  Moments* scratch) {
+  RowZScores out{{0.f, 1.f, 0.f, 0.f}, {0.f, 1.f, 0.f, 0.f}};
+  if (!standardize) return out;
+  Moments ms, mt;
+  walk_row(s, t, static_cast<T*>(nullptr), v, [&](int64_t, float sj, float tj) {
+    ms.add(sj);
+    mt.add(tj);
+    return 0.f;
+  });
+  ms = block_reduce(ms, scratch);
+  mt = block_reduce(mt, scratch);
+  out.s = ZScore<float>::of(ms.n, ms.mean, ms.m2);
+  out.t = ZScore<float>::of(mt.n, mt.mean, mt.m2);
+  return out;
 }
 
 // The cross-entropy term of a row at T = 1: m1 = max s and lz1 = log sum exp(s - m1); its loss m1 + lz1 - s_target

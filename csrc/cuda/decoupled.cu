@@ -3,9 +3,12 @@
 // x = s / T, from which decoupled_row() gives the loss and the coefficients of the gradient.
 //
 // Passes: (0) what the partition needs from the raw teacher logits: k walks picking the next best (value, index)
-// each (top-k), or their max (threshold); (1) the per-bin statistics (and the online max and sum of exp of s for
-// the cross-entropy term; a row whose classes are all masked in both logits stops here: loss 0, gradient 0); (2) the
-// gradient, with the cross-entropy's ce_weight (softmax(s)_j - [j = target]) term.
+// each (top-k), or their max (threshold), and with standardize both rows' moments (x and y are then the z-scores
+// over T; the raw teacher logits order and threshold the same way, the threshold scaled by the teacher's sd);
+// (1) the per-bin statistics (and the online max and sum of exp of s for the cross-entropy term; a row whose
+// classes are all masked in both logits stops here: loss 0, gradient 0); (2) the gradient, with the cross-entropy's
+// ce_weight (softmax(s)_j - [j = target]) term, with standardize after a read-only pass that sums the gradient for
+// the z-score's Jacobian.
 #include "common.cuh"
 
 namespace kdkernels::cuda {
@@ -61,6 +64,8 @@ __global__ void __launch_bounds__(512) decoupled_kernel(Rows<T> r, LaunchArgs a,
   __shared__ Lse lse_scratch[MAX_WARPS];
   __shared__ Ranked ranked_scratch[MAX_WARPS];
   __shared__ Max max_scratch[MAX_WARPS];
+  __shared__ Moments moment_scratch[MAX_WARPS];
+  __shared__ Sum2 sum2_scratch[MAX_WARPS];
   const int64_t row = blockIdx.x;
   if (skip_ignored_row(r, a, row)) return;
   const T* s = r.s + row * r.s_stride;
@@ -96,6 +101,8 @@ __global__ void __launch_bounds__(512) decoupled_kernel(Rows<T> r, LaunchArgs a,
     });
     mb.t_max = block_reduce(t_max, max_scratch).x;
   }
+  RowZScores zs = row_zscores(s, t, r.v, a.standardize, moment_scratch);
+  mb.threshold *= zs.t.sd;  // (z_i - max z >= T log(tau)  <=>  t_i - max t >= T log(tau) sd)
   // (1)
   const bool with_ce = a.ce_loss != nullptr;
   const float s_y = target_logit(r, a, row, s);
@@ -104,7 +111,7 @@ __global__ void __launch_bounds__(512) decoupled_kernel(Rows<T> r, LaunchArgs a,
   walk_row(s, t, no_store, r.v, [&](int64_t j, float sj, float tj) {
     bool in_top1, in_strong;
     membership<PARTITION, F>(mb, tj, 0.f, j, in_top1, in_strong);
-    bins[in_top1 ? TOP1 : in_strong ? STRONG : REST].add(tj / a.temperature, sj / a.temperature);
+    bins[in_top1 ? TOP1 : in_strong ? STRONG : REST].add(zs.y(tj, a.temperature), zs.x(sj, a.temperature));
     if (with_ce) l1.add(sj);
     return 0.f;
   });
@@ -129,11 +136,23 @@ __global__ void __launch_bounds__(512) decoupled_kernel(Rows<T> r, LaunchArgs a,
   // (2)
   if (g != nullptr) {
     const float scale = bad_target ? NAN : grad_scale(a);
-    walk_row(s, t, g, r.v, [&](int64_t j, float sj, float tj) {
+    auto method_grad = [&](int64_t j, float sj, float tj) {
       bool in_top1, in_strong;
       membership<PARTITION, F>(mb, tj, 0.f, j, in_top1, in_strong);
-      return decoupled_grad<F>(d, in_top1, in_strong, sj / a.temperature, tj / a.temperature, scale) +
-             (with_ce ? xent.grad(j, sj) : 0.f);
+      return decoupled_grad<F>(d, in_top1, in_strong, zs.x(sj, a.temperature), zs.y(tj, a.temperature), scale);
+    };
+    if (a.standardize) {
+      Sum2 sums;
+      walk_row(s, t, static_cast<T*>(nullptr), r.v, [&](int64_t j, float sj, float tj) {
+        const float gj = method_grad(j, sj, tj);
+        if (sj != -INFINITY) sums.merge({gj, gj * zs.z(sj)});
+        return 0.f;
+      });
+      zs.set_sums(block_reduce(sums, sum2_scratch));
+    }
+    walk_row(s, t, g, r.v, [&](int64_t j, float sj, float tj) {
+      const float gj = method_grad(j, sj, tj);
+      return (a.standardize ? zs.grad(gj, sj) : gj) + (with_ce ? xent.grad(j, sj) : 0.f);
     });
   }
 }

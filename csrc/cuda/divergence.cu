@@ -1,10 +1,12 @@
 // CUDA kernel of the divergence family: one block per row, loss and gradient in one launch. The math is
 // divergence.h's (l = sum_k l_k, g_j = (r_j - q_j sum_k r_k) / T, times T^2 with t2_scale, over the denominator).
 //
-// Passes: (1) online max and sum of exp of x = s / T and y = t / T (and of s, for the cross-entropy term); a row
+// Passes: (0) with standardize, both rows' moments (x = z / T and y below are then the z-scores' over T);
+// (1) online max and sum of exp of x = s / T and y = t / T (and of s, for the cross-entropy term); a row
 // whose classes are all masked in both logits stops here (loss 0, gradient 0); (2) the row sums of l_k, r_k (and
-// e_k); kd knows sum r = -1 and writes the gradient here; (3) the other codes write the gradient once the row sums
-// are known. With the cross-entropy term the gradient gains its ce_weight (softmax(s)_j - [j = target]) term.
+// e_k); kd knows sum r = -1 and writes the gradient here (unless standardize); (3) the other codes write the gradient
+// once the row sums are known, with standardize after a read-only pass that sums the gradient for the z-score's
+// Jacobian. With the cross-entropy term the gradient gains its ce_weight (softmax(s)_j - [j = target]) term.
 #include "common.cuh"
 
 namespace kdkernels::cuda {
@@ -16,6 +18,8 @@ template <int CODE, class T>
 __global__ void __launch_bounds__(512) divergence_kernel(Rows<T> r, LaunchArgs a, DivergenceParams<float> c) {
   __shared__ Lse lse_scratch[MAX_WARPS];
   __shared__ Sum sum_scratch[MAX_WARPS];
+  __shared__ Moments moment_scratch[MAX_WARPS];
+  __shared__ Sum2 sum2_scratch[MAX_WARPS];
   const int64_t row = blockIdx.x;
   if (skip_ignored_row(r, a, row)) return;
   const T* s = r.s + row * r.s_stride;
@@ -23,11 +27,12 @@ __global__ void __launch_bounds__(512) divergence_kernel(Rows<T> r, LaunchArgs a
   T* g = r.g == nullptr ? nullptr : r.g + row * r.v;
   const bool with_ce = a.ce_loss != nullptr;
   const float s_y = target_logit(r, a, row, s);
-  // (1)
+  // (0), (1)
+  RowZScores zs = row_zscores(s, t, r.v, a.standardize, moment_scratch);
   Lse lx, ly, l1;
   walk_row(s, t, static_cast<T*>(nullptr), r.v, [&](int64_t, float sj, float tj) {
-    lx.add(sj / a.temperature);
-    ly.add(tj / a.temperature);
+    lx.add(zs.x(sj, a.temperature));
+    ly.add(zs.y(tj, a.temperature));
     if (with_ce) l1.add(sj);
     return 0.f;
   });
@@ -38,17 +43,18 @@ __global__ void __launch_bounds__(512) divergence_kernel(Rows<T> r, LaunchArgs a
   const CrossEntropy xent = cross_entropy(a, row, l1, s_y);
   const float lzx = logf(lx.z), lzy = logf(ly.z), scale = grad_scale(a);
   auto terms = [&](float sj, float tj) {
-    return divergence_terms<CODE, F>(c, sj / a.temperature, tj / a.temperature, lx.m, lzx, ly.m, lzy);
+    return divergence_terms<CODE, F>(c, zs.x(sj, a.temperature), zs.y(tj, a.temperature), lx.m, lzx, ly.m, lzy);
   };
   // (2)
   Sum sum_l, sum_r, sum_e;
   const DivergenceRow<float> kd_row = divergence_row<CODE>(c, 0.f, 0.f, 0.f);  // (kd's gradient needs no row sum)
-  walk_row(s, t, CODE == KD ? g : static_cast<T*>(nullptr), r.v, [&](int64_t j, float sj, float tj) {
+  const bool kd_writes = CODE == KD && !a.standardize;
+  walk_row(s, t, kd_writes ? g : static_cast<T*>(nullptr), r.v, [&](int64_t j, float sj, float tj) {
     const ClassTerms<float> k = terms(sj, tj);
     sum_l.x += k.l;
     sum_r.x += k.r;
     sum_e.x += k.e;
-    if (CODE != KD || g == nullptr) return 0.f;
+    if (!kd_writes || g == nullptr) return 0.f;
     return divergence_grad<CODE, F>(k, kd_row, scale) + (with_ce ? xent.grad(j, sj) : 0.f);  // stored for kd
   });
   sum_l = block_reduce(sum_l, sum_scratch);
@@ -57,9 +63,20 @@ __global__ void __launch_bounds__(512) divergence_kernel(Rows<T> r, LaunchArgs a
   const DivergenceRow<float> row_sums = divergence_row<CODE>(c, sum_l.x, sum_r.x, sum_e.x);
   if (threadIdx.x == 0) r.loss[row] = row_sums.loss * a.t2;
   // (3)
-  if (CODE != KD && g != nullptr) {
+  const DivergenceRow<float>& grad_row = CODE == KD ? kd_row : row_sums;
+  if (a.standardize && g != nullptr) {
+    Sum2 sums;
+    walk_row(s, t, static_cast<T*>(nullptr), r.v, [&](int64_t, float sj, float tj) {
+      const float gj = divergence_grad<CODE, F>(terms(sj, tj), grad_row, scale);
+      if (sj != -INFINITY) sums.merge({gj, gj * zs.z(sj)});
+      return 0.f;
+    });
+    zs.set_sums(block_reduce(sums, sum2_scratch));
+  }
+  if (!kd_writes && g != nullptr) {
     walk_row(s, t, g, r.v, [&](int64_t j, float sj, float tj) {
-      return divergence_grad<CODE, F>(terms(sj, tj), row_sums, scale) + (with_ce ? xent.grad(j, sj) : 0.f);
+      const float gj = divergence_grad<CODE, F>(terms(sj, tj), grad_row, scale);
+      return (a.standardize ? zs.grad(gj, sj) : gj) + (with_ce ? xent.grad(j, sj) : 0.f);
     });
   }
 }

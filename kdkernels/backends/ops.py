@@ -4,12 +4,13 @@ Every fused backend ``<backend>`` ("cpu", "cuda": the C++ extension; "triton") e
 
     kdkernels::<family>_<backend>(student [N, V], teacher [N, V], target [N]?, denominator 0-d?, code, params,
                                   temperature, t2_scale, ignore_index, reduce, ce_weight, distill_weight, with_ce,
-                                  with_grad) -> (loss, parts, grad)
+                                  standardize, with_grad) -> (loss, parts, grad)
     kdkernels::<family>_<backend>_(student [N, V] contiguous, ...the same but with_grad...) -> (loss, parts)
 
 ``code`` and ``params`` are a plan's (methods.Plan: a ``Divergence`` or ``Partition`` code and the family's named
 parameters, in their layout order). The loss is distill_weight * (the plan's loss) + ce_weight * (the student's
-cross-entropy against the target at T = 1), which is computed with ``with_ce`` (a target is then required).
+cross-entropy against the target at T = 1), which is computed with ``with_ce`` (a target is then required); with
+``standardize`` both models' rows are z-scored before the temperature (the cross-entropy keeps the raw logits).
 ``parts`` holds the two terms unweighted, [distill, ce] (ce 0 without ``with_ce``), not differentiable. With
 ``reduce`` the loss and parts are sum(rows) / denominator (sum when there is none) and the gradient rows are
 already scaled by 1 / denominator; otherwise they are per row ([N], [2, N]). ``grad`` is d loss / d student in the
@@ -32,11 +33,12 @@ import torch
 from torch import Tensor
 
 _FAMILY_ARGS = ("Tensor teacher, Tensor? target, Tensor? denominator, int code, float[] params, float temperature, "
-                "bool t2_scale, int ignore_index, bool reduce, float ce_weight, float distill_weight, bool with_ce")
+                "bool t2_scale, int ignore_index, bool reduce, float ce_weight, float distill_weight, bool with_ce, "
+                "bool standardize")
 # The schemas above, as csrc/kdkernels.cpp defines them for the extension's ops.
 SCHEMA = f"(Tensor student, {_FAMILY_ARGS}, bool with_grad) -> (Tensor, Tensor, Tensor)"
 INPLACE_SCHEMA = f"(Tensor(a!) student, {_FAMILY_ARGS}) -> (Tensor, Tensor)"
-NUM_INPUTS = 14  # of the out-of-place schema
+NUM_INPUTS = 15  # of the out-of-place schema
 
 
 def _losses_like(student, teacher, reduce):
@@ -48,13 +50,13 @@ def _losses_like(student, teacher, reduce):
 
 
 def _fake(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce,
-          ce_weight, distill_weight, with_ce, with_grad):
+          ce_weight, distill_weight, with_ce, standardize, with_grad):
     grad = torch.empty_like(student, memory_format=torch.contiguous_format) if with_grad else student.new_empty(0)
     return *_losses_like(student, teacher, reduce), grad
 
 
 def _inplace_fake(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce,
-                  ce_weight, distill_weight, with_ce):
+                  ce_weight, distill_weight, with_ce, standardize):
     return _losses_like(student, teacher, reduce)
 
 
@@ -102,15 +104,17 @@ def define_family_ops(family: str, backend: str, launch: Callable, launch_inplac
 
     def impl(student: Tensor, teacher: Tensor, target: Optional[Tensor], denominator: Optional[Tensor], code: int,
              params: List[float], temperature: float, t2_scale: bool, ignore_index: int, reduce: bool,
-             ce_weight: float, distill_weight: float, with_ce: bool, with_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
+             ce_weight: float, distill_weight: float, with_ce: bool, standardize: bool,
+             with_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
         return launch(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index,
-                      reduce, ce_weight, distill_weight, with_ce, with_grad)
+                      reduce, ce_weight, distill_weight, with_ce, standardize, with_grad)
 
     def impl_inplace(student: Tensor, teacher: Tensor, target: Optional[Tensor], denominator: Optional[Tensor],
                      code: int, params: List[float], temperature: float, t2_scale: bool, ignore_index: int,
-                     reduce: bool, ce_weight: float, distill_weight: float, with_ce: bool) -> Tuple[Tensor, Tensor]:
+                     reduce: bool, ce_weight: float, distill_weight: float, with_ce: bool,
+                     standardize: bool) -> Tuple[Tensor, Tensor]:
         return launch_inplace(student, teacher, target, denominator, code, params, temperature, t2_scale,
-                              ignore_index, reduce, ce_weight, distill_weight, with_ce)
+                              ignore_index, reduce, ce_weight, distill_weight, with_ce, standardize)
 
     op = torch.library.custom_op(name, mutates_args=(), schema=SCHEMA)(impl)
     op.register_fake(_fake)
@@ -140,7 +144,7 @@ def op_args(call) -> tuple:
     plan = call.plan
     return (call.target, call.denominator, int(plan.code), [float(x) for x in plan.params], call.temperature,
             call.t2_scale, call.ignore_index, call.reduction != "none", call.ce_weight, call.distill_weight,
-            call.with_ce)
+            call.with_ce, call.standardize)
 
 
 def family_backend(ops: dict) -> Callable:

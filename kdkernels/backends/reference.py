@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..methods import ABKD_CODES, DIVERGENCE, Bin, Divergence, Partition, Plan
+from ..methods import ABKD_CODES, DIVERGENCE, STANDARDIZE_EPS, Bin, Divergence, Partition, Plan
 
 NEG_INF = float("-inf")
 
@@ -210,6 +210,19 @@ def decoupled_rows(plan: Plan, lp: torch.Tensor, lq: torch.Tensor, bins: torch.T
 # --------------------------------------------------------------------------------------------------------------
 
 
+def standardized(x: torch.Tensor) -> torch.Tensor:
+    """Each row's z-score over its unmasked classes: (x - mean) / (std + STANDARDIZE_EPS), std with Bessel's
+    correction (0 with one class), masked classes (-inf) left -inf; differentiable, the std's gradient taken as 0
+    where it is 0 (docs/losses.md, "Logit standardization")."""
+    finite = ~torch.isneginf(x)
+    n = finite.sum(-1, keepdim=True)
+    mean = torch.where(finite, x, 0.0).sum(-1, keepdim=True) / n.clamp(min=1)
+    centred = torch.where(finite, x - mean, 0.0)
+    var = (centred * centred).sum(-1, keepdim=True) / (n - 1).clamp(min=1)
+    std = torch.where(var > 0, torch.where(var > 0, var, 1.0).sqrt(), 0.0)
+    return torch.where(finite, centred / (std + STANDARDIZE_EPS), NEG_INF)
+
+
 def row_losses(call, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row losses [N] of ``call`` (arguments.LossCall) on 2-D logits: the method's loss (T^2 included) and,
     with ``call.with_ce``, the student's cross-entropy against the target at T = 1 (else None). Rows that are
@@ -223,12 +236,13 @@ def row_losses(call, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torc
     s = torch.where(keep, student.to(dtype), 0.0)
     t = torch.where(keep, teacher.to(dtype), 0.0)
     target = None if call.target is None else torch.where(call.valid, call.target, 0)
-    lq = torch.log_softmax(s / call.temperature, -1)
-    lp = torch.log_softmax(t / call.temperature, -1)
+    zs, zt = (standardized(s), standardized(t)) if call.standardize else (s, t)
+    lq = torch.log_softmax(zs / call.temperature, -1)
+    lp = torch.log_softmax(zt / call.temperature, -1)
     if call.plan.family == DIVERGENCE:
         loss = divergence_rows(call.plan, lp, lq)
     else:
-        loss = decoupled_rows(call.plan, lp, lq, decoupled_bins(call.plan, t, target, call.temperature))
+        loss = decoupled_rows(call.plan, lp, lq, decoupled_bins(call.plan, zt, target, call.temperature))
     if call.t2_scale:
         loss = loss * call.temperature**2
     ce = cross_entropy_rows(s, target, kept) if call.with_ce else None

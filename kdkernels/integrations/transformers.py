@@ -32,7 +32,7 @@ Tensor = torch.Tensor
 
 # linear_distill_loss options a trainer takes from the user; it sets the others (target, mask, normalizer, heads).
 LINEAR_OPTIONS = ("chunk_size", "memory_budget", "backend")
-SETTINGS = ("temperature", "t2_scale", "ignore_index", "ce_weight", "distill_weight")
+SETTINGS = ("temperature", "t2_scale", "ignore_index", "ce_weight", "distill_weight", "standardize")
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:

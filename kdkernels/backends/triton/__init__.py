@@ -26,7 +26,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _launch(family, student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce,
-            ce_weight, distill_weight, with_ce, grad):
+            ce_weight, distill_weight, with_ce, standardize, grad):
     """Runs the family's kernel on 2-D logits; ``grad`` is the gradient output ([N, V] contiguous, possibly
     ``student`` itself) or None for a forward-only call. Returns (loss, parts), reduced or per row."""
     if torch.float64 in (student.dtype, teacher.dtype):
@@ -44,7 +44,7 @@ def _launch(family, student, teacher, target, denominator, code, params, tempera
         has_denom = reduce and denominator is not None
         if family == DIVERGENCE:
             kernel, named = divergence_kernel, DivergenceParams(*params)._asdict()
-            switches = dict(CODE=code, CE_APART=with_ce and temperature != 1.0)
+            switches = dict(CODE=code, CE_APART=with_ce and (temperature != 1.0 or standardize))
         else:
             p = DecoupledParams(*params)
             kernel = decoupled_kernel
@@ -58,7 +58,8 @@ def _launch(family, student, teacher, target, denominator, code, params, tempera
             ce_rows if with_ce else rows, grad if grad is not None else rows, n, v, student.stride(0),
             teacher.stride(0), v, ignore_index, temperature, temperature**2 if t2_scale else 1.0,
             ce_weight if with_ce else 0.0, distill_weight, **named,
-            HAS_TARGET=target is not None, HAS_DENOM=has_denom, WITH_CE=with_ce, WITH_GRAD=grad is not None,
+            HAS_TARGET=target is not None, HAS_DENOM=has_denom, WITH_CE=with_ce, STANDARDIZE=standardize,
+            WITH_GRAD=grad is not None,
             SINGLE_TILE=single, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=warps, **switches,
         )
     reduction = ("batchmean" if denominator is not None else "sum") if reduce else "none"

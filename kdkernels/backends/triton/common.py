@@ -1,4 +1,5 @@
-"""Triton helpers shared by the two kernel families: tile loads, online logsumexp, launch shapes, grad scaling."""
+"""Triton helpers shared by the two kernel families: tile loads, online logsumexp, launch shapes, grad scaling, the
+z-score of the option standardize."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ...methods import STANDARDIZE_EPS as _EPS
+
 NEG_INF = tl.constexpr(float("-inf"))
+STANDARDIZE_EPS = tl.constexpr(_EPS)
 
 # Largest row tile held in registers; longer rows stream in tiles of this size (docs/losses.md, "Passes").
 MAX_TILE = 4096
@@ -65,9 +69,69 @@ def load_raw(ptr, rows64, row_stride, row_ok, cols, V):
 
 
 @triton.jit
-def load_scaled(ptr, rows64, row_stride, row_ok, cols, V, temperature):
-    """The tile of load_raw divided by the temperature."""
-    return load_raw(ptr, rows64, row_stride, row_ok, cols, V) / temperature
+def scaled(v, shift, tau):
+    """(v - shift) / tau per row: the family's x = s / T (shift 0, tau T: exactly s / T), or with standardize
+    z / T = (s - mean) / (sd T)."""
+    return (v - shift[:, None]) / tau[:, None]
+
+
+@triton.jit
+def load_scaled(ptr, rows64, row_stride, row_ok, cols, V, shift, tau):
+    """The tile of load_raw, scaled."""
+    return scaled(load_raw(ptr, rows64, row_stride, row_ok, cols, V), shift, tau)
+
+
+@triton.jit
+def row_zscore(ptr, rows64, row_stride, row_ok, V, temperature, STANDARDIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_V: tl.constexpr):
+    """Per row (mean, sd, std, n, tau) of the z-score of the option standardize (docs/losses.md, "Logit
+    standardization"): the classes that are not -inf, each tile's moments merged by Chan's formula; tau = sd T.
+    Without STANDARDIZE: (0, 1, 0, 0, T), so that scaled() gives s / T."""
+    zero = tl.zeros([BLOCK_N], tl.float32)
+    n, mean, m2 = zero, zero, zero
+    if STANDARDIZE:
+        cols0 = tl.arange(0, BLOCK_V)
+        for start in range(0, V, BLOCK_V):
+            v = load_raw(ptr, rows64, row_stride, row_ok, start + cols0, V)
+            finite = v != NEG_INF
+            count = tl.sum(finite.to(tl.float32), axis=1)
+            tile_mean = tl.sum(tl.where(finite, v, 0.0), axis=1) / tl.maximum(count, 1.0)
+            d = tl.where(finite, v - tile_mean[:, None], 0.0)
+            total = n + count
+            share = count / tl.maximum(total, 1.0)
+            delta = tile_mean - mean
+            mean = mean + delta * share
+            m2 = m2 + tl.sum(d * d, axis=1) + delta * delta * n * share
+            n = total
+    std = tl.where(n > 1.0, tl.sqrt(m2 / tl.maximum(n - 1.0, 1.0)), 0.0)
+    sd = zero + 1.0
+    if STANDARDIZE:
+        sd = std + STANDARDIZE_EPS
+    return mean, sd, std, n, sd * temperature
+
+
+@triton.jit
+def zscore_sums(g, s, mean, sd):
+    """A tile's (sum G, sum G z) over the unmasked classes, G = dL/dz the family's gradient, s the raw logits."""
+    finite = s != NEG_INF
+    z = (s - mean[:, None]) / sd[:, None]
+    return tl.sum(tl.where(finite, g, 0.0), axis=1), tl.sum(tl.where(finite, g * z, 0.0), axis=1)
+
+
+@triton.jit
+def zscore_jacobian(sum_g, sum_gz, std, n):
+    """(mean of G, coef) of the z-score's Jacobian from the row sums of zscore_sums (docs/losses.md)."""
+    return sum_g / n, tl.where(std > 0.0, sum_gz / ((n - 1.0) * std), 0.0)
+
+
+@triton.jit
+def unstandardize(g, s, mean, sd, mean_g, coef, STANDARDIZE: tl.constexpr):
+    """dL/ds from the family's gradient g = dL/dz of a tile of raw student logits s: (g - mean_g) / sd - z coef, 0 on
+    masked classes; g itself without STANDARDIZE."""
+    if STANDARDIZE:
+        z = (s - mean[:, None]) / sd[:, None]
+        g = tl.where(s == NEG_INF, 0.0, (g - mean_g[:, None]) / sd[:, None] - z * coef[:, None])
+    return g
 
 
 @triton.jit

@@ -11,7 +11,9 @@ nearly all the mass keeps the digits of its complement.
 Passes. The partition first needs the teacher alone: a running top-k of the raw teacher logits (of their negation with
 LOWEST) merged tile by tile (ties to the lower index), or their max (threshold); then one pass of bin statistics
 (walking back, so pass 1's last tiles are still in L2) and one pass writing the gradient. A row that fits one tile is
-loaded once.
+loaded once. With STANDARDIZE both rows' moments come first (x and y are then the z-scores over T; the raw teacher
+logits rank the same way and meet the threshold scaled by the teacher's sd), and before the gradient pass a read-only
+pass sums the gradient for the z-score's Jacobian (unless the row is one tile).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import triton
 import triton.language as tl
 
 from ...methods import Partition
-from .common import NEG_INF, ce_grad, load_raw, online_lse, row_block, safe_max, store_rows, target_logit
+from .common import (NEG_INF, ce_grad, load_raw, online_lse, row_block, row_zscore, safe_max, scaled, store_rows,
+                     target_logit, unstandardize, zscore_jacobian, zscore_sums)
 
 TARGET = tl.constexpr(int(Partition.TARGET))
 TOPK = tl.constexpr(int(Partition.TOPK))
@@ -76,7 +79,7 @@ def _membership(t, cols, tgt, kth_v, kth_i, top1_i, t_max, threshold, PARTITION:
     elif PARTITION == TOPK:
         in_strong = _better(_rank(t, LOWEST), c, kth_v[:, None], kth_i[:, None]) | (c == kth_i[:, None])
     else:
-        in_strong = (t - t_max[:, None]) >= threshold
+        in_strong = (t - t_max[:, None]) >= threshold[:, None]
     if SPLIT_TOP1:
         in_top1 = c == top1_i[:, None]
         in_strong = in_strong & (c != top1_i[:, None])
@@ -195,11 +198,10 @@ def _in_bin_divergence(tz, tk, sz, sk, w_fkl, w_rkl, FORWARD: tl.constexpr, REVE
 
 
 @triton.jit
-def _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols, V, x, y, in_top1, in_strong,
-                c1, c2, c3, f2, f3, r2, r3, t1, t2, t3, tz1, tz2, tz3, s1, s2, s3, sz1, sz2, sz3, scale, ce,
-                REVERSE: tl.constexpr):
-    # g = scale * (c_b q^b - f_b p^b + r_b q^b (log q^b - log p^b)) + ce, b the element's bin (f, r = 0 in TOP1: a
-    # one-class bin has no in-bin term), ce the cross-entropy's gradient (0 without it).
+def _method_grad(x, y, in_top1, in_strong, c1, c2, c3, f2, f3, r2, r3, t1, t2, t3, tz1, tz2, tz3, s1, s2, s3, sz1,
+                 sz2, sz3, scale, REVERSE: tl.constexpr):
+    """g = scale * (c_b q^b - f_b p^b + r_b q^b (log q^b - log p^b)) of a tile, b the element's bin (f, r = 0 in TOP1:
+    a one-class bin has no in-bin term)."""
     c = _pick(in_top1, in_strong, c1, c2, c3)
     f = tl.where(in_top1, 0.0, tl.where(in_strong, f2[:, None], f3[:, None]))
     log_q = x - _pick(in_top1, in_strong, s1, s2, s3) - tl.log(_pick(in_top1, in_strong, sz1, sz2, sz3))
@@ -210,8 +212,7 @@ def _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols, V, x, y, in_top1
     if REVERSE:
         r = tl.where(in_top1, 0.0, tl.where(in_strong, r2[:, None], r3[:, None]))
         g += tl.where(x == NEG_INF, 0.0, r * q_in * (log_q - log_p))
-    g = g * scale[:, None] + ce
-    store_rows(grad_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], g, 0.0))
+    return g * scale[:, None]
 
 
 @triton.jit
@@ -221,8 +222,8 @@ def decoupled_kernel(
     temperature, t2, ce_weight, distill_weight, k, threshold, w_mass, w_strong, w_rest, w_fkl, w_rkl, max_weight,
     PARTITION: tl.constexpr, SPLIT_TOP1: tl.constexpr, LOWEST: tl.constexpr, ADAPTIVE: tl.constexpr,
     FORWARD: tl.constexpr, REVERSE: tl.constexpr, HAS_TARGET: tl.constexpr,
-    HAS_DENOM: tl.constexpr, WITH_CE: tl.constexpr, WITH_GRAD: tl.constexpr, SINGLE_TILE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, KPAD: tl.constexpr,
+    HAS_DENOM: tl.constexpr, WITH_CE: tl.constexpr, STANDARDIZE: tl.constexpr, WITH_GRAD: tl.constexpr,
+    SINGLE_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, KPAD: tl.constexpr,
 ):
     # WITH_CE: the cross-entropy term (at T = 1), from a running (m1, z1) of the raw student logits in pass 2.
     rows, row_in, rows64, tgt, valid, g_scale, ce_scale = row_block(
@@ -261,15 +262,22 @@ def decoupled_kernel(
             top_v = tl.max(real, axis=1)
             top1_i = tl.min(tl.where((slots < k) & (real == top_v[:, None]), idxs, BIG_INDEX), axis=1)
 
+    # (x = s / T, y = t / T; with STANDARDIZE the z-scores over T.)
+    mean_s, sd_s, std_s, n_s, tau_s = row_zscore(s_ptr, rows64, s_stride, valid, V, temperature, STANDARDIZE,
+                                                 BLOCK_N, BLOCK_V)
+    mean_t, sd_t, std_t, n_t, tau_t = row_zscore(t_ptr, rows64, t_stride, valid, V, temperature, STANDARDIZE,
+                                                 BLOCK_N, BLOCK_V)
+    threshold = sd_t * threshold  # (z_i - max z >= T log(tau)  <=>  t_i - max t >= T log(tau) sd)
+
     # Pass 2: per-bin statistics of teacher and student.
     t1, t2_, t3, tz1, tz2, tz3, tk1, tk2, tk3 = ninf, ninf, ninf, zero, zero, zero, zero, zero, zero
     s1, s2, s3, sz1, sz2, sz3, sk1, sk2, sk3 = ninf, ninf, ninf, zero, zero, zero, zero, zero, zero
     m1, z1 = ninf, zero
     if SINGLE_TILE:
         s = load_raw(s_ptr, rows64, s_stride, valid, cols0, V)
-        x = s / temperature
+        x = scaled(s, mean_s, tau_s)
         t = load_raw(t_ptr, rows64, t_stride, valid, cols0, V)
-        y = t / temperature
+        y = scaled(t, mean_t, tau_t)
         if WITH_CE:
             m1, z1 = online_lse(m1, z1, s)
         in_top1, in_strong = _membership(t, cols0, tgt, kth_v, kth_i, top1_i, t_max, threshold, PARTITION,
@@ -281,14 +289,14 @@ def decoupled_kernel(
         for i in range(0, tl.cdiv(V, BLOCK_V)):
             cols = (tl.cdiv(V, BLOCK_V) - 1 - i) * BLOCK_V + cols0  # backwards: pass 1's last tiles are in L2
             s = load_raw(s_ptr, rows64, s_stride, valid, cols, V)
-            x = s / temperature
+            x = scaled(s, mean_s, tau_s)
             t = load_raw(t_ptr, rows64, t_stride, valid, cols, V)
             if WITH_CE:
                 m1, z1 = online_lse(m1, z1, s)
             in_top1, in_strong = _membership(t, cols, tgt, kth_v, kth_i, top1_i, t_max, threshold, PARTITION,
                                              SPLIT_TOP1, LOWEST)
             t1, t2_, t3, tz1, tz2, tz3, tk1, tk2, tk3, s1, s2, s3, sz1, sz2, sz3, sk1, sk2, sk3 = _bins_update(
-                x, t / temperature, in_top1, in_strong, t1, t2_, t3, tz1, tz2, tz3, tk1, tk2, tk3, s1, s2, s3,
+                x, scaled(t, mean_t, tau_t), in_top1, in_strong, t1, t2_, t3, tz1, tz2, tz3, tk1, tk2, tk3, s1, s2, s3,
                 sz1, sz2, sz3, sk1, sk2, sk3, REVERSE)
     # A row whose classes are all masked in both logits is left out like an ignored row.
     kept = valid & ((tl.maximum(t1, tl.maximum(t2_, t3)) != NEG_INF) | (tl.maximum(s1, tl.maximum(s2, s3)) != NEG_INF))
@@ -321,22 +329,43 @@ def decoupled_kernel(
         r3 = zero + w_rest * w_rkl
         lz1 = tl.log(z1)
         if SINGLE_TILE:
-            ce = 0.0
+            g = _method_grad(x, y, in_top1, in_strong, c1, c2, c3, f2, f3, r2, r3, t1, t2_, t3, tz1, tz2, tz3, s1,
+                             s2, s3, sz1, sz2, sz3, g_scale, REVERSE)
+            mean_g, coef = n_s, n_s
+            if STANDARDIZE:
+                sum_g, sum_gz = zscore_sums(g, s, mean_s, sd_s)
+                mean_g, coef = zscore_jacobian(sum_g, sum_gz, std_s, n_s)
+            g = unstandardize(g, s, mean_s, sd_s, mean_g, coef, STANDARDIZE)
             if WITH_CE:
-                ce = ce_grad(s, cols0, tgt, m1, lz1, ce_scale)
-            _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols0, V, x, y, in_top1, in_strong,
-                        c1, c2, c3, f2, f3, r2, r3, t1, t2_, t3, tz1, tz2, tz3, s1, s2, s3, sz1, sz2, sz3, g_scale,
-                        ce, REVERSE)
+                g += ce_grad(s, cols0, tgt, m1, lz1, ce_scale)
+            store_rows(grad_ptr, rows64, g_stride, row_in, cols0, V, tl.where(kept[:, None], g, 0.0))
         else:
+            mean_g, coef = n_s, n_s
+            if STANDARDIZE:  # the row sums of the z-score's Jacobian
+                sum_g, sum_gz = tl.zeros_like(n_s), tl.zeros_like(n_s)
+                for start in range(0, V, BLOCK_V):
+                    cols = start + cols0
+                    s = load_raw(s_ptr, rows64, s_stride, valid, cols, V)
+                    t = load_raw(t_ptr, rows64, t_stride, valid, cols, V)
+                    in_top1, in_strong = _membership(t, cols, tgt, kth_v, kth_i, top1_i, t_max, threshold,
+                                                     PARTITION, SPLIT_TOP1, LOWEST)
+                    g = _method_grad(scaled(s, mean_s, tau_s), scaled(t, mean_t, tau_t), in_top1, in_strong, c1, c2,
+                                     c3, f2, f3, r2, r3, t1, t2_, t3, tz1, tz2, tz3, s1, s2, s3, sz1, sz2, sz3,
+                                     g_scale, REVERSE)
+                    tile_g, tile_gz = zscore_sums(g, s, mean_s, sd_s)
+                    sum_g += tile_g
+                    sum_gz += tile_gz
+                mean_g, coef = zscore_jacobian(sum_g, sum_gz, std_s, n_s)
             for start in range(0, V, BLOCK_V):
                 cols = start + cols0
                 s = load_raw(s_ptr, rows64, s_stride, valid, cols, V)
                 t = load_raw(t_ptr, rows64, t_stride, valid, cols, V)
                 in_top1, in_strong = _membership(t, cols, tgt, kth_v, kth_i, top1_i, t_max, threshold, PARTITION,
                                                  SPLIT_TOP1, LOWEST)
-                ce = 0.0
+                g = _method_grad(scaled(s, mean_s, tau_s), scaled(t, mean_t, tau_t), in_top1, in_strong, c1, c2, c3,
+                                 f2, f3, r2, r3, t1, t2_, t3, tz1, tz2, tz3, s1, s2, s3, sz1, sz2, sz3, g_scale,
+                                 REVERSE)
+                g = unstandardize(g, s, mean_s, sd_s, mean_g, coef, STANDARDIZE)
                 if WITH_CE:
-                    ce = ce_grad(s, cols, tgt, m1, lz1, ce_scale)
-                _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols, V, s / temperature, t / temperature,
-                            in_top1, in_strong, c1, c2, c3, f2, f3, r2, r3, t1, t2_, t3, tz1, tz2, tz3, s1, s2,
-                            s3, sz1, sz2, sz3, g_scale, ce, REVERSE)
+                    g += ce_grad(s, cols, tgt, m1, lz1, ce_scale)
+                store_rows(grad_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], g, 0.0))

@@ -6,7 +6,9 @@ Passes. A row that fits one tile is loaded once (several short rows share a prog
 sums of l_k and r_k (and e_k for bdkd, whose weights depend on the row's entropies), (C) the gradient. kd knows
 sum r = -1 and folds its loss into (C); rkl gets its loss l = sum r in (A) from
 kq = sum exp(x - mx) ((x - mx) - (y - my)), re-based when a max moves; both read the row twice. A row whose classes
-are all masked in both logits is left out like an ignored row.
+are all masked in both logits is left out like an ignored row. With STANDARDIZE a first pass takes both rows'
+moments (x and y are then the z-scores over T), and before (C) a read-only pass sums the gradient for the z-score's
+Jacobian (unless the row is one tile).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import triton.language as tl
 
 from ...methods import Divergence
 from .common import (NEG_INF, ce_grad, load_raw, load_scaled, log_softmax_tile, logaddexp, online_lse, row_block,
-                     safe_max, store_rows, target_logit)
+                     row_zscore, safe_max, scaled, store_rows, target_logit, unstandardize, zscore_jacobian,
+                     zscore_sums)
 
 KD = tl.constexpr(int(Divergence.KD))
 RKL = tl.constexpr(int(Divergence.RKL))
@@ -123,9 +126,9 @@ def _grad_terms(r, p, a, b, CODE: tl.constexpr):
 
 
 @triton.jit
-def _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols, V, r, q, sum_r, scale, ce):
-    g = (r - q * sum_r[:, None]) * scale[:, None] + ce
-    store_rows(grad_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], g, 0.0))
+def _method_grad(r, q, sum_r, scale):
+    """The method's gradient g_j = (r_j - q_j sum_r) scale of a tile."""
+    return (r - q * sum_r[:, None]) * scale[:, None]
 
 
 @triton.jit
@@ -134,11 +137,11 @@ def divergence_kernel(
     N, V, s_stride, t_stride, g_stride, ignore_index,
     temperature, t2, ce_weight, distill_weight, mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta, w_fkl, w_rkl,
     CODE: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_DENOM: tl.constexpr, WITH_CE: tl.constexpr,
-    CE_APART: tl.constexpr, WITH_GRAD: tl.constexpr, SINGLE_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    CE_APART: tl.constexpr, STANDARDIZE: tl.constexpr, WITH_GRAD: tl.constexpr, SINGLE_TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    # WITH_CE: the cross-entropy term (at T = 1): its softmax is the method's one unless CE_APART (T != 1), which
-    # keeps a running (m1, z1) of the raw logits too.
+    # WITH_CE: the cross-entropy term (at T = 1): its softmax is the method's one unless CE_APART (T != 1 or
+    # STANDARDIZE), which keeps a running (m1, z1) of the raw logits too.
     rows, row_in, rows64, tgt, valid, g_scale, ce_scale = row_block(
         target_ptr, denom_ptr, N, ignore_index, temperature, t2, ce_weight, distill_weight, HAS_TARGET, HAS_DENOM,
         BLOCK_N)
@@ -155,10 +158,15 @@ def divergence_kernel(
     sum_r = tl.zeros([BLOCK_N], tl.float32)
     sum_e = tl.zeros([BLOCK_N], tl.float32)
     cols0 = tl.arange(0, BLOCK_V)
+    # (x = s / T, y = t / T; with STANDARDIZE the z-scores over T.)
+    mean_s, sd_s, std_s, n_s, tau_s = row_zscore(s_ptr, rows64, s_stride, valid, V, temperature, STANDARDIZE,
+                                                 BLOCK_N, BLOCK_V)
+    mean_t, sd_t, std_t, n_t, tau_t = row_zscore(t_ptr, rows64, t_stride, valid, V, temperature, STANDARDIZE,
+                                                 BLOCK_N, BLOCK_V)
     if SINGLE_TILE:
         s = load_raw(s_ptr, rows64, s_stride, valid, cols0, V)
-        x = s / temperature
-        y = load_scaled(t_ptr, rows64, t_stride, valid, cols0, V, temperature)
+        x = scaled(s, mean_s, tau_s)
+        y = load_scaled(t_ptr, rows64, t_stride, valid, cols0, V, mean_t, tau_t)
         mx, zx = online_lse(mx, zx, x)
         my, zy = online_lse(my, zy, y)
         if CE_APART:
@@ -174,18 +182,22 @@ def divergence_kernel(
         if CODE == KD:
             sum_r = tl.full([BLOCK_N], -1.0, tl.float32)
         if WITH_GRAD:
-            ce = 0.0
+            g = _method_grad(_grad_terms(r, p, a, b, CODE), q, sum_r, g_scale)
+            mean_g, coef = n_s, n_s
+            if STANDARDIZE:
+                sum_g, sum_gz = zscore_sums(g, s, mean_s, sd_s)
+                mean_g, coef = zscore_jacobian(sum_g, sum_gz, std_s, n_s)
+            g = unstandardize(g, s, mean_s, sd_s, mean_g, coef, STANDARDIZE)
             if WITH_CE:
-                ce = ce_grad(s, cols0, tgt, m1, tl.log(z1), ce_scale)
-            _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols0, V, _grad_terms(r, p, a, b, CODE), q, sum_r,
-                        g_scale, ce)
+                g += ce_grad(s, cols0, tgt, m1, tl.log(z1), ce_scale)
+            store_rows(grad_ptr, rows64, g_stride, row_in, cols0, V, tl.where(kept[:, None], g, 0.0))
     else:
         # rkl: kq = sum exp(x - mx) ((x - mx) - (y - my)), re-based as the maxes move, gives l in this pass.
         kq = tl.zeros([BLOCK_N], tl.float32)
         for start in range(0, V, BLOCK_V):
             s = load_raw(s_ptr, rows64, s_stride, valid, start + cols0, V)
-            x = s / temperature
-            y = load_scaled(t_ptr, rows64, t_stride, valid, start + cols0, V, temperature)
+            x = scaled(s, mean_s, tau_s)
+            y = load_scaled(t_ptr, rows64, t_stride, valid, start + cols0, V, mean_t, tau_t)
             if CODE == RKL:
                 sx = safe_max(tl.maximum(mx, tl.max(x, axis=1)))
                 sy = safe_max(tl.maximum(my, tl.max(y, axis=1)))
@@ -214,8 +226,8 @@ def divergence_kernel(
         else:
             for i in range(0, last + 1):
                 cols = (last - i) * BLOCK_V + cols0
-                x = load_scaled(s_ptr, rows64, s_stride, valid, cols, V, temperature)
-                y = load_scaled(t_ptr, rows64, t_stride, valid, cols, V, temperature)
+                x = load_scaled(s_ptr, rows64, s_stride, valid, cols, V, mean_s, tau_s)
+                y = load_scaled(t_ptr, rows64, t_stride, valid, cols, V, mean_t, tau_t)
                 loss, r, q, p, e = _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta,
                                           w_fkl, w_rkl, CODE)
                 sum_l += tl.sum(loss, axis=1)
@@ -223,21 +235,36 @@ def divergence_kernel(
                 sum_e += tl.sum(e, axis=1)
         sum_l, a, b = _row(sum_l, sum_r, sum_e, w_fkl, w_rkl, CODE)
         sum_r = a * sum_r + b
+        mean_g, coef = n_s, n_s
+        if STANDARDIZE and WITH_GRAD:  # the row sums of the z-score's Jacobian (kd's loss with them)
+            sum_g, sum_gz = tl.zeros_like(n_s), tl.zeros_like(n_s)
+            for start in range(0, V, BLOCK_V):
+                s = load_raw(s_ptr, rows64, s_stride, valid, start + cols0, V)
+                y = load_scaled(t_ptr, rows64, t_stride, valid, start + cols0, V, mean_t, tau_t)
+                loss, r, q, p, e = _terms(scaled(s, mean_s, tau_s), y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p,
+                                          log_mix_q, alpha, beta, w_fkl, w_rkl, CODE)
+                if CODE == KD:
+                    sum_l += tl.sum(loss, axis=1)
+                tile_g, tile_gz = zscore_sums(_method_grad(_grad_terms(r, p, a, b, CODE), q, sum_r, g_scale), s,
+                                              mean_s, sd_s)
+                sum_g += tile_g
+                sum_gz += tile_gz
+            mean_g, coef = zscore_jacobian(sum_g, sum_gz, std_s, n_s)
         if WITH_GRAD or CODE == KD:
             for start in range(0, V, BLOCK_V):
                 cols = start + cols0
                 s = load_raw(s_ptr, rows64, s_stride, valid, cols, V)
-                y = load_scaled(t_ptr, rows64, t_stride, valid, cols, V, temperature)
-                loss, r, q, p, e = _terms(s / temperature, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q,
-                                          alpha, beta, w_fkl, w_rkl, CODE)
-                if CODE == KD:
+                y = load_scaled(t_ptr, rows64, t_stride, valid, cols, V, mean_t, tau_t)
+                loss, r, q, p, e = _terms(scaled(s, mean_s, tau_s), y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p,
+                                          log_mix_q, alpha, beta, w_fkl, w_rkl, CODE)
+                if CODE == KD and not (STANDARDIZE and WITH_GRAD):
                     sum_l += tl.sum(loss, axis=1)
                 if WITH_GRAD:
-                    ce = 0.0
+                    g = unstandardize(_method_grad(_grad_terms(r, p, a, b, CODE), q, sum_r, g_scale), s, mean_s,
+                                      sd_s, mean_g, coef, STANDARDIZE)
                     if WITH_CE:
-                        ce = ce_grad(s, cols, tgt, m1, tl.log(z1), ce_scale)
-                    _store_grad(grad_ptr, rows64, g_stride, row_in, kept, cols, V, _grad_terms(r, p, a, b, CODE), q,
-                                sum_r, g_scale, ce)
+                        g += ce_grad(s, cols, tgt, m1, tl.log(z1), ce_scale)
+                    store_rows(grad_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], g, 0.0))
     tl.store(loss_ptr + rows, tl.where(kept, sum_l * t2, 0.0), mask=row_in)
     if WITH_CE:
         tl.store(ce_ptr + rows, tl.where(kept, m1 + tl.log(z1) - s_y, 0.0), mask=row_in)
