@@ -8,8 +8,8 @@
 //     l = w_mass KL([P_b] || [Q_b]) + w_strong D^STRONG + w_rest D^REST,
 //     D^b = w_fkl KL(p^b || q^b) + w_rkl KL(q^b || p^b),
 //     KL(p^b || q^b) = kt_b / zt_b - (log zt_b - log zs_b),  KL(q^b || p^b) = ks_b / zs_b - (log zs_b - log zt_b),
-// and per bin, with R_b = KL(q^b || p^b), the coefficients c_b = w_mass (Q_b - P_b) + w_b (w_fkl - w_rkl R_b),
-// f_b = w_b w_fkl, r_b = w_b w_rkl, so that for j in bin b
+// and per bin, with R_b = KL(q^b || p^b), the coefficients c_b = w_mass (Q_b - P_b) + f_b - r_b R_b,
+// f_b = w_b w_fkl [P_b > 0], r_b = w_b w_rkl, so that for j in bin b
 //     g_j = (c_b q^b_j - f_b p^b_j + r_b q^b_j (log q^b_j - log p^b_j)) / T.
 #pragma once
 
@@ -90,14 +90,15 @@ KD_HD typename O::V pick(typename O::Mask in_top1, typename O::Mask in_strong, t
   return O::select(in_top1, V(top1), O::select(in_strong, V(strong), V(rest)));
 }
 
-// A class's term of kt_b, with e = exp(y - mt_b): e ((y - mt_b) - (x - ms_b)), 0 for a masked teacher class; the
-// sides swapped (e = exp(x - ms_b)), its term of ks_b.
+// A class's term of kt_b, with e = exp(y - mt_b): e ((y - mt_b) - (x - ms_b)), 0 where e is 0 (a masked teacher
+// class, or one whose exp underflows: never 0 * inf when the student's is masked); the sides swapped
+// (e = exp(x - ms_b)), its term of ks_b.
 template <class O>
 KD_HD typename O::V k_term(typename O::V e, typename O::V y, typename O::V x, typename O::V shift_t,
                            typename O::V shift_s) {
   using V = typename O::V;
   using T = typename O::Scalar;
-  return O::select(O::eq(y, V(neg_inf<T>())), V(T(0)), e * ((y - shift_t) - (x - shift_s)));
+  return O::select(O::eq(e, V(T(0))), V(T(0)), e * ((y - shift_t) - (x - shift_s)));
 }
 
 template <class T>
@@ -168,9 +169,11 @@ KD_HD DecoupledRow<T> decoupled_row(const BinStats<T>& t, const BinStats<T>& s, 
     const double fkl = b == TOP1 || c.w_fkl == 0.0 ? 0.0 : in_bin_kl(t, s, b);
     const double rkl = b == TOP1 || c.w_rkl == 0.0 ? 0.0 : in_bin_kl(s, t, b);
     loss += w[b] * (c.w_fkl * fkl + c.w_rkl * rkl);
-    row.f[b] = T(w[b] * c.w_fkl);
+    // A bin the teacher gives no mass has in-bin forward KL 0 whatever the student does: no gradient from it.
+    const double f = t.z[b] > T(0) ? w[b] * c.w_fkl : 0.0;
+    row.f[b] = T(f);
     row.r[b] = T(w[b] * c.w_rkl);
-    row.c[b] = T(weight * (exp(lq[b]) - exp(lp[b])) + w[b] * (c.w_fkl - c.w_rkl * rkl));
+    row.c[b] = T(weight * (exp(lq[b]) - exp(lp[b])) + f - w[b] * c.w_rkl * rkl);
     row.mt[b] = safe_shift(t.m[b]);
     row.lzt[b] = math_log(t.z[b]);
     row.ms[b] = safe_shift(s.m[b]);
@@ -200,7 +203,7 @@ KD_HD typename O::V decoupled_grad(const DecoupledRow<typename O::Scalar>& row, 
   V g = c * q_in - f * p_in;
   if (row.r[STRONG] != T(0) || row.r[REST] != T(0)) {
     const V r = pick<O>(in_top1, in_strong, row.r[TOP1], row.r[STRONG], row.r[REST]);
-    g = g + O::select(O::eq(x, ninf), zero, r * q_in * (log_q - log_p));
+    g = g + O::select(O::eq(q_in, zero), zero, r * q_in * (log_q - log_p));  // (0 where q underflows, not 0 * inf)
   }
   return g * V(scale);
 }

@@ -174,9 +174,9 @@ def _top_k_masks(y: Tensor, ks: tuple[int, ...], shard: Shard) -> list[Tensor]:
     return masks
 
 
-def _bins(plan: Plan, t: Tensor, target: Optional[Tensor], temperature: float, shard: Shard) -> Tensor:
+def _bins(plan: Plan, t: Tensor, target: Optional[Tensor], temperature, shard: Shard) -> Tensor:
     """Bin of each class of the shard [N, V_r] from the raw teacher logits, as reference.decoupled_bins defines
-    them over the whole vocabulary."""
+    them over the whole vocabulary (``temperature`` scales the threshold: a number, or [N, 1])."""
     params = plan.params
     if plan.code == Partition.TARGET:
         strong = shard.classes(t.shape[-1], t.device) == target.unsqueeze(-1)
@@ -198,12 +198,11 @@ def _bins(plan: Plan, t: Tensor, target: Optional[Tensor], temperature: float, s
 # ([P_b > 0]: a bin the teacher gives no mass has in-bin KL 0, so no gradient). Each bin's logsumexp of s/T and t/T
 # comes from all-reduced bin maxes and sums of exp; the in-bin log-probs log p^b_j = t_j/T - logsumexp_b(t/T)
 # are then local, and so are the in-bin KL terms, summed per bin across ranks.
-def _decoupled(plan: Plan, s: Tensor, t: Tensor, target: Optional[Tensor], temperature: float, with_grad: bool,
-               shard: Shard):
+def _decoupled(plan: Plan, s: Tensor, t: Tensor, bins: Tensor, temperature: float, with_grad: bool, shard: Shard):
     """Per-row losses [N] (before T^2), the shard's gradient [N, V_r] (or None) of a decoupled-family plan, from
-    the raw logits of the shard, and the rows whose classes are all masked in both logits."""
+    the logits of the shard and the bin of each class (_bins), and the rows whose classes are all masked in both
+    logits."""
     params = plan.params
-    bins = _bins(plan, t, target, temperature, shard)
     x = torch.stack([t, s]) / temperature  # [2, N, V_r]: teacher, student
     index = bins.expand_as(x)
     maxes = x.new_full((2, s.shape[0], len(Bin)), NEG_INF).scatter_reduce_(-1, index, x, "amax")
@@ -265,20 +264,24 @@ def _cross_entropy(s: Tensor, target: Tensor, with_grad: bool, shard: Shard):
     return ce, exp.div_(sums[:, :1]).sub_(owner.to(exp.dtype)) if with_grad else None
 
 
-def _zscores(s: Tensor, t: Tensor, group) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
-    """Both shards' z-scores over the whole vocabulary (reference.standardized's definition), and the student's
-    (n, sd, std) per row [N, 1] for the Jacobian."""
+def _zscores(s: Tensor, t: Tensor, group) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor], Tensor]:
+    """Both shards' z-scores over the whole vocabulary (reference.standardized's definition), the student's
+    (n, sd, std) per row [N, 1] for the Jacobian, and the teacher's sd [N, 1]."""
     x = torch.stack([s, t])
     finite = ~torch.isneginf(x)
     sums = _all_reduce(torch.stack([finite.sum(-1).to(x.dtype), torch.where(finite, x, 0.0).sum(-1)]),
                        dist.ReduceOp.SUM, group)
     n = sums[0].unsqueeze(-1)
     centred = torch.where(finite, x - (sums[1].unsqueeze(-1) / n.clamp(min=1)), 0.0)
-    m2 = _all_reduce((centred * centred).sum(-1), dist.ReduceOp.SUM, group).unsqueeze(-1)
+    # The deviations' own mean corrects the rounded mean (as reference.standardized).
+    second = _all_reduce(torch.stack([centred.sum(-1), (centred * centred).sum(-1)]), dist.ReduceOp.SUM, group)
+    shift = second[0].unsqueeze(-1) / n.clamp(min=1)
+    m2 = (second[1].unsqueeze(-1) - n * shift * shift).clamp(min=0)
+    centred = torch.where(finite, centred - shift, 0.0)
     std = torch.where(n > 1, (m2 / (n - 1).clamp(min=1)).sqrt(), 0.0)
     sd = std + STANDARDIZE_EPS
     z = torch.where(finite, centred / sd, NEG_INF)
-    return z[0], z[1], (n[0], sd[0], std[0])
+    return z[0], z[1], (n[0], sd[0], std[0]), sd[1]
 
 
 def _through_zscore(grad: Tensor, z: Tensor, stats: tuple[Tensor, Tensor, Tensor], group) -> Tensor:
@@ -301,14 +304,15 @@ def _shard_rows(call, student, teacher, with_grad, shard):
     s = torch.where(valid, student.detach().to(dtype), 0.0)
     t = torch.where(valid, teacher.detach().to(dtype), 0.0)
     target = None if call.target is None else torch.where(call.valid, call.target, 0)
-    zs, zt = s, t
+    zs, zt, sd_t = s, t, 1.0
     if call.standardize:
-        zs, zt, stats = _zscores(s, t, shard.group)
+        zs, zt, stats, sd_t = _zscores(s, t, shard.group)
     if call.plan.family == DIVERGENCE:
         loss, grad, masked = _divergence(call.plan, zs / temperature, zt / temperature, temperature, with_grad,
                                          shard.group)
-    else:
-        loss, grad, masked = _decoupled(call.plan, zs, zt, target, temperature, with_grad, shard)
+    else:  # (the partition ranks the raw teacher logits; the z-score's threshold in their units)
+        bins = _bins(call.plan, t, target, temperature * sd_t, shard)
+        loss, grad, masked = _decoupled(call.plan, zs, zt, bins, temperature, with_grad, shard)
     if grad is not None and call.standardize:
         grad = _through_zscore(grad, zs, stats, shard.group)
     kept = call.valid & ~masked  # a row masked in both logits on every shard is left out like an ignored one

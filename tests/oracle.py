@@ -136,14 +136,16 @@ def _decoupled(method, p, q, lp, lq, y, hp, temperature, label):
             continue
         lP, lQ = _logsumexp(lp[member]), _logsumexp(lq[member])
         P, Q = math.exp(lP), math.exp(lQ)
-        pm, qm = p[member] / P, q[member] / Q
-        lpm, lqm = lp[member] - lP, lq[member] - lQ
-        fkl = _xlogy_ratio(pm, lpm, lqm).sum() if fw else 0.0
+        with np.errstate(invalid="ignore", divide="ignore"):  # (a bin one model gives no mass: its terms below)
+            pm, qm = p[member] / P, q[member] / Q
+            lpm, lqm = lp[member] - lP, lq[member] - lQ
+        fkl = _xlogy_ratio(pm, lpm, lqm).sum() if fw and P > 0 else 0.0
         rkl = _xlogy_ratio(qm, lqm, lpm).sum() if rw else 0.0
         loss += w0 * (P * (lP - lQ) if P > 0 else 0.0) + w * (fw * fkl + rw * rkl)
         # d KL(q^b || p^b) / d x_j = q^b_j (log q^b_j - log p^b_j - KL(q^b || p^b)) for j in the bin
         reverse = np.where(qm > 0, qm * (lqm - lpm - rkl), 0.0) if rw else 0.0
-        grad[member] = (w0 * (Q - P) * qm + w * (fw * (qm - pm) + rw * reverse)) / T
+        forward = fw * (qm - pm) if P > 0 else 0.0  # (a bin without teacher mass has in-bin KL 0: no gradient)
+        grad[member] = (w0 * (Q - P) * qm + w * (forward + rw * reverse)) / T
     return loss, grad
 
 

@@ -261,7 +261,8 @@ def test_bad_arguments(device):
                                   ("cakd", {"strong": "threshold"}), ("aekt", {})], ids=case_id)
 def test_inplace_ops_match_out_of_place(case, v, fused, device):
     """A backend's in-place op returns its out-of-place op's loss and leaves exactly its gradient in the student
-    (ignored rows zeroed), in every dtype the backend takes."""
+    (ignored rows zeroed), in every dtype the backend takes, with and without standardize (whose passes read the
+    student row again after the family's)."""
     b = kdkernels.backends.select_backend(fused, torch.empty(0, device=device))
     method, hp = case
     family, code, params = family_op_args(method, hp)
@@ -271,8 +272,9 @@ def test_inplace_ops_match_out_of_place(case, v, fused, device):
     for dtype in (torch.float32, torch.bfloat16) + ((torch.float64,) if fused == "cpu" else ()):
         s = (torch.randn(3, v, generator=g, dtype=torch.float64) * 3).to(dtype).to(device)
         t = (torch.randn(3, v, generator=g, dtype=torch.float64) * 3).to(dtype).to(device)
-        for reduce, ce in ((True, (0.0, 1.0, False)), (False, (0.5, 0.8, True))):
-            args = (t, target, denom if reduce else None, code, params, 2.0, True, -100, reduce, *ce)
+        for reduce, ce, standardize in ((True, (0.0, 1.0, False), False), (False, (0.5, 0.8, True), False),
+                                        (True, (0.3, 1.0, True), True)):
+            args = (t, target, denom if reduce else None, code, params, 2.0, True, -100, reduce, *ce, standardize)
             want_loss, want_parts, want_grad = b.ops[family](s, *args, True)
             buffer = s.clone()
             loss, parts = b.inplace[family](buffer, *args)
@@ -282,7 +284,7 @@ def test_inplace_ops_match_out_of_place(case, v, fused, device):
             assert not buffer[1].any()
     if fused != "cpu":  # float32 math only: float64 logits are refused, not silently computed in float32
         s64 = torch.randn(3, v, dtype=torch.float64, device=device)
-        args = (s64.clone(), target, None, code, params, 2.0, True, -100, True, 0.0, 1.0, False)
+        args = (s64.clone(), target, None, code, params, 2.0, True, -100, True, 0.0, 1.0, False, False)
         with pytest.raises((TypeError, RuntimeError), match="float64"):
             b.ops[family](s64, *args, True)
         with pytest.raises((TypeError, RuntimeError), match="float64"):

@@ -218,3 +218,31 @@ def test_double_backward_names_the_backend_that_supports_it(backend, device):
     with pytest.raises(RuntimeError, match=rf"backend='{backend}'.*create_graph=True.*backend='reference'"):
         grad, = torch.autograd.grad(loss, s, create_graph=True)
         grad.square().sum().backward()
+
+
+def test_in_bin_kl_terms_that_underflow_against_a_masked_class(backend, device):
+    """gdkd's in-bin KLs in both directions: a class the teacher masks whose student exp underflows (and the
+    other way round) contributes 0, as an underflow in both models does (never 0 * inf = NaN), on every backend
+    alike."""
+    s, t, target = make_inputs((3, 40), torch.float32, device, seed=41, ignored=0)
+    s[:, 7], t[:, 7] = -300.0, -math.inf  # student's exp(x - max) underflows in float32; teacher masked
+    s[:, 9], t[:, 9] = -math.inf, -300.0  # the other way round
+    for kl_type in ("reverse", "both"):
+        loss, grad = run_loss("gdkd", s, t, target, {"k": 3, "kl_type": kl_type}, backend, "none", temperature=1.0)
+        want, want_grad = run_loss("gdkd", s, t, target, {"k": 3, "kl_type": kl_type}, "reference", "none",
+                                   temperature=1.0)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+        assert_close(loss, want.detach().double().cpu().numpy(), torch.float32, "loss")
+        assert_close(grad, want_grad.double().cpu().numpy(), torch.float32, "gradient")
+
+
+def test_a_bin_the_teacher_gives_no_mass_has_no_in_bin_gradient(backend, device):
+    """gdkd's REST bin holds only classes the teacher masks: its in-bin KL is 0 whatever the student does, so the
+    student's gradient there is the bin-mass KL's alone (every backend against the oracle and the reference)."""
+    s, t, _ = make_inputs((3, 6), torch.float32, device, seed=42, ignored=0)
+    t[:, 2:] = -math.inf  # two finite teacher classes; k = 3 takes them and class 2, REST = {3, 4, 5}
+    check_against_oracle("gdkd", {"k": 3}, s, t, None, backend, "none", torch.ones(3, dtype=torch.float64))
+    loss, grad = run_loss("gdkd", s, t, None, {"k": 3}, backend, "none")
+    want, want_grad = run_loss("gdkd", s, t, None, {"k": 3}, "reference", "none")
+    assert_close(loss, want.detach().double().cpu().numpy(), torch.float32, "loss against the reference")
+    assert_close(grad, want_grad.double().cpu().numpy(), torch.float32, "gradient against the reference")

@@ -152,6 +152,25 @@ def test_constant_and_one_class_rows_are_finite(backend, device):
     assert_close(grad, want_grad, dtype, "gradient")
 
 
+def test_partition_ranks_the_raw_teacher_logits(backend, device):
+    """Two teacher logits one float32 ulp apart z-score to the same float32 value: every backend still ranks the
+    raw logits (as the float64 oracle's exact z-scores do), top-k and threshold alike."""
+    t = torch.tensor([[1.0, float(np.nextafter(np.float32(1.0), np.float32(2.0))), -1000.0, -1000.0]] * 2,
+                     device=device)
+    s = torch.tensor([[4.0, 0.0, 0.0, 0.0], [0.0, 4.0, 1.0, -2.0]], device=device)
+    for method, hp in (("gdkd", {"k": 1}), ("cakd", {"strong": "threshold", "tau": 0.999999})):
+        check_against_oracle(method, hp, s, t, None, backend, "none", torch.ones(2, dtype=torch.float64),
+                             standardize=True)
+
+
+def test_constant_rows_get_std_zero(backend, device):
+    """A constant row whose float32 mean is inexact (7.7): the mean is corrected, std = 0, z = 0 exactly."""
+    s, t, _ = make_inputs((2, 37), torch.float32, device, seed=31, ignored=0)
+    s[0] = 7.7
+    t[1] = -3.3
+    check_against_oracle("kd", {}, s, t, None, backend, "none", torch.tensor([1.0, 0.5]), standardize=True)
+
+
 def test_nan_is_not_hidden(backend, device):
     """A NaN logit, or +inf (whose row mean is infinite), makes its row's loss NaN; the other rows are untouched."""
     s, t, target = make_inputs((4, 17), torch.float32, device, seed=27, ignored=0)

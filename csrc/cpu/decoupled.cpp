@@ -56,9 +56,12 @@ void teacher_top_k(const M* t, int64_t v, int64_t k, std::vector<std::pair<M, in
   mb.top1_i = best.second;
 }
 
+// t_rank: the raw teacher row the partition ranks (t itself, or t's raw logits when t holds their z-scores), and
+// the threshold is in its units.
 template <int PARTITION, class M>
-M decoupled_row(const M* s, const M* t, int64_t target, M* g, M* ce, int64_t v, const DecoupledParams<double>& c,
-                M temperature, M threshold, M scale, M ce_scale, std::vector<std::pair<M, int64_t>>& heap) {
+M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M* ce, int64_t v,
+                const DecoupledParams<double>& c, M temperature, M threshold, M scale, M ce_scale,
+                std::vector<std::pair<M, int64_t>>& heap) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
@@ -69,17 +72,17 @@ M decoupled_row(const M* s, const M* t, int64_t target, M* g, M* ce, int64_t v, 
   if (PARTITION == TARGET && !bad_target) mb.target = target;
   // (0) What the partition needs from the raw teacher logits alone.
   if constexpr (PARTITION == TOPK) {
-    teacher_top_k<M>(t, v, c.k, heap, mb);
+    teacher_top_k<M>(t_rank, v, c.k, heap, mb);
   } else if constexpr (PARTITION == THRESHOLD) {
     V vmax = ninf;
-    for (int64_t j = 0; j < v; j += L) vmax = O::max(vmax, load(t + j, std::min(L, v - j)));
+    for (int64_t j = 0; j < v; j += L) vmax = O::max(vmax, load(t_rank + j, std::min(L, v - j)));
     mb.t_max = max_lanes(vmax);
   }
-  // The bins of the classes j.. (raw teacher logits traw): in[TOP1], in[STRONG], in[REST].
+  // The bins of the classes j..: in[TOP1], in[STRONG], in[REST].
   using Masks = std::array<typename O::Mask, NUM_BINS>;
-  auto bins_of = [&](const V& traw, int64_t j) {
+  auto bins_of = [&](int64_t j, int64_t n) {
     Masks in;
-    membership<PARTITION, O>(mb, traw, iota, j, in[TOP1], in[STRONG]);
+    membership<PARTITION, O>(mb, load(t_rank + j, n), iota, j, in[TOP1], in[STRONG]);
     in[REST] = O::lnot(O::lor(in[TOP1], in[STRONG]));
     return in;
   };
@@ -88,7 +91,7 @@ M decoupled_row(const M* s, const M* t, int64_t target, M* g, M* ce, int64_t v, 
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
     const V sraw = load(s + j, n), traw = load(t + j, n), x = sraw / T, y = traw / T;
-    const Masks in = bins_of(traw, j);
+    const Masks in = bins_of(j, n);
     for (int b = 0; b < NUM_BINS; ++b) {
       mt[b] = O::max(mt[b], O::select(in[b], y, ninf));
       ms[b] = O::max(ms[b], O::select(in[b], x, ninf));
@@ -111,7 +114,7 @@ M decoupled_row(const M* s, const M* t, int64_t target, M* g, M* ce, int64_t v, 
     const int64_t n = std::min(L, v - j);
     const V sraw = load(s + j, n), traw = load(t + j, n), x = sraw / T, y = traw / T;
     if (ce != nullptr) z1.add(O::exp(sraw - shift_1));
-    const Masks in = bins_of(traw, j);
+    const Masks in = bins_of(j, n);
     const V st_j = pick<O>(in[TOP1], in[STRONG], safe_shift(st.m[TOP1]), safe_shift(st.m[STRONG]),
                            safe_shift(st.m[REST]));
     const V ss_j = pick<O>(in[TOP1], in[STRONG], safe_shift(ss.m[TOP1]), safe_shift(ss.m[STRONG]),
@@ -142,7 +145,7 @@ M decoupled_row(const M* s, const M* t, int64_t target, M* g, M* ce, int64_t v, 
     for (int64_t j = 0; j < v; j += L) {
       const int64_t n = std::min(L, v - j);
       const V sraw = load(s + j, n), traw = load(t + j, n);
-      const Masks in = bins_of(traw, j);
+      const Masks in = bins_of(j, n);
       const V method_grad = decoupled_grad<O>(row, in[TOP1], in[STRONG], sraw / T, traw / T, row_scale);
       (ce != nullptr ? method_grad + xent.grad(sraw, iota, j) : method_grad).store(g + j, n);
     }
@@ -157,9 +160,10 @@ void decoupled_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
   std::vector<std::pair<M, int64_t>> heap;
   heap.reserve(PARTITION == TOPK ? size_t(c.k) : 0);
   const M threshold(a.temperature * c.log_tau);  // THRESHOLD: t_i - max t >= T log(tau), in double like the others
-  for_rows<M>(a, begin, end, buf, [&](const M* s, const M* t, int64_t target, M* g, M* ce) {
-    return decoupled_row<PARTITION, M>(s, t, target, g, ce, a.v, c, M(a.temperature), threshold, M(a.grad_scale),
-                                       M(a.ce_scale), heap);
+  for_rows<M>(a, begin, end, buf, [&](const M* s, const M* t, int64_t target, M* g, M* ce, const M* t_rank,
+                                      M rank_scale) {
+    return decoupled_row<PARTITION, M>(s, t, t_rank, target, g, ce, a.v, c, M(a.temperature),
+                                       threshold * rank_scale, M(a.grad_scale), M(a.ce_scale), heap);
   });
 }
 

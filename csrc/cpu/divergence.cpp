@@ -88,7 +88,7 @@ void divergence_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
   RowBuffers<M> buf(a, keeps_terms ? 2 : 0);
   M* r_buf = buf.extra;
   M* q_buf = buf.extra + a.v;
-  for_rows<M>(a, begin, end, buf, [&](const M* s, const M* t, int64_t target, M* g, M* ce) {
+  for_rows<M>(a, begin, end, buf, [&](const M* s, const M* t, int64_t target, M* g, M* ce, const M*, M) {
     return divergence_row<CODE, M>(s, t, target, g, ce, r_buf, q_buf, a.v, c, M(a.temperature), M(a.grad_scale),
                                    M(a.ce_scale));
   });

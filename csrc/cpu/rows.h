@@ -204,10 +204,11 @@ void write_zscore(const M* x, int64_t v, const ZScore<M>& zs, M* z) {
   }
 }
 
-// One row of the option standardize: row(zs, zt, target, g, nullptr) -> loss runs the family on both rows' z-scores
-// and writes G = dL/dz into g; here g becomes dL/ds through the z-score's Jacobian (row_math.h ZScore), and the
-// cross-entropy term, which keeps the raw logits, is added. buf holds the z-scores and, when g overwrites s (in
-// place), a copy of s.
+// One row of the option standardize: row(zs, zt, target, g, nullptr, t, sd_t) -> loss runs the family on both rows'
+// z-scores (a partition ranks the raw teacher row t, its threshold scaled by the teacher's sd) and writes
+// G = dL/dz into g; here g becomes dL/ds through the z-score's Jacobian (row_math.h ZScore), and the cross-entropy
+// term, which keeps the raw logits, is added. buf holds the z-scores and, when g overwrites s (in place), a copy
+// of s.
 template <class M, class Row>
 M standardized_row(const M* s, const M* t, int64_t target, M* g, M* ce, int64_t v, M ce_scale, RowBuffers<M>& buf,
                    Row&& row) {
@@ -226,15 +227,16 @@ M standardized_row(const M* s, const M* t, int64_t target, M* g, M* ce, int64_t 
   ChunkedSum<M> z1;
   for (int64_t j = 0; j < v; j += L) z1.add(O::exp(load(s + j, std::min(L, v - j)) - V(safe_shift(m1))));
   const CrossEntropy<M> xent{m1, std::log(z1.sum()), ce_scale, target};
-  const M loss = row(buf.zs, buf.zt, target, g, nullptr);
+  const M loss = row(buf.zs, buf.zt, target, g, nullptr, t, teacher.sd);
   if (ce != nullptr) *ce = xent.loss(s, v);
   if (g == nullptr) return loss;
   ChunkedSum<M> sum_g, sum_gz;
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
     const V gj = V::loadu(g + j, n), zj = load(buf.zs + j, n);
-    sum_g.add(gj);
-    sum_gz.add(O::select(O::eq(zj, ninf), zero, gj * zj));
+    const auto masked = O::eq(zj, ninf);
+    sum_g.add(O::select(masked, zero, gj));
+    sum_gz.add(O::select(masked, zero, gj * zj));
   }
   const V mean_g(sum_g.sum() / student.n), inv_sd(M(1) / student.sd), coef(student.coef(sum_gz.sum()));
   for (int64_t j = 0; j < v; j += L) {
@@ -247,9 +249,10 @@ M standardized_row(const M* s, const M* t, int64_t target, M* g, M* ce, int64_t 
   return loss;
 }
 
-// Runs row(s, t, target, g, ce) -> loss over the rows [begin, end): g is the gradient row in M (nullptr without a
-// gradient), written straight into the output when the student's dtype is M; ce is where the row's cross-entropy
-// goes (nullptr without the term). With standardize the row runs through standardized_row.
+// Runs row(s, t, target, g, ce, t_rank, rank_scale) -> loss over the rows [begin, end): g is the gradient row in M
+// (nullptr without a gradient), written straight into the output when the student's dtype is M; ce is where the
+// row's cross-entropy goes (nullptr without the term); a partition ranks t_rank (t itself) and scales its threshold
+// by rank_scale (1). With standardize the row runs through standardized_row.
 template <class M, class Row>
 void for_rows(const RowsArgs& a, int64_t begin, int64_t end, RowBuffers<M>& buf, Row&& row) {
   M* loss = static_cast<M*>(a.loss);
@@ -270,7 +273,7 @@ void for_rows(const RowsArgs& a, int64_t begin, int64_t end, RowBuffers<M>& buf,
     const M* t = row_as<M>(a.teacher, a.teacher_dtype, a.teacher_stride, i, a.v, buf.t);
     M* g = grad_row == nullptr ? nullptr : grad_in_place ? static_cast<M*>(grad_row) : buf.g;
     loss[i] = (a.standardize ? standardized_row(s, t, target, g, ce, a.v, M(a.ce_scale), buf, row)
-                             : row(s, t, target, g, ce)) *
+                             : row(s, t, target, g, ce, t, M(1))) *
               M(a.t2);
     if (g != nullptr && !grad_in_place) store_row(g, a.v, a.student_dtype, grad_row);
   }

@@ -39,8 +39,8 @@ struct BinAccumulator {
     const float d = (y - safe_shift(mt)) - (x - safe_shift(ms));
     zt += et;
     zs += es;
-    kt += y == -INFINITY ? 0.f : et * d;
-    ks += x == -INFINITY ? 0.f : -es * d;
+    kt += et == 0.f ? 0.f : et * d;  // (k_term of decoupled.h)
+    ks += es == 0.f ? 0.f : -es * d;
   }
   __device__ __forceinline__ void merge(BinAccumulator o) {
     const float nt = nan_max(mt, o.mt), ns = nan_max(ms, o.ms);

@@ -159,8 +159,10 @@ def lowest_first(teacher: torch.Tensor) -> torch.Tensor:
 
 
 def decoupled_bins(plan: Plan, teacher: torch.Tensor, target: torch.Tensor | None,
-                   temperature: float) -> torch.Tensor:
-    """Bin (Bin.TOP1, STRONG or REST) of every class [N, V], from the raw teacher logits and the target."""
+                   temperature: float | torch.Tensor) -> torch.Tensor:
+    """Bin (Bin.TOP1, STRONG or REST) of every class [N, V], from the raw teacher logits and the target;
+    ``temperature`` scales the threshold (with standardize, T sd per row [N, 1]: the z-score's threshold in raw
+    units)."""
     n, v = teacher.shape
     params = plan.params
     if plan.code == Partition.TARGET:
@@ -210,17 +212,20 @@ def decoupled_rows(plan: Plan, lp: torch.Tensor, lq: torch.Tensor, bins: torch.T
 # --------------------------------------------------------------------------------------------------------------
 
 
-def standardized(x: torch.Tensor) -> torch.Tensor:
-    """Each row's z-score over its unmasked classes: (x - mean) / (std + STANDARDIZE_EPS), std with Bessel's
-    correction (0 with one class), masked classes (-inf) left -inf; differentiable, the std's gradient taken as 0
-    where it is 0 (docs/losses.md, "Logit standardization")."""
+def standardized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, sd): each row's z-score over its unmasked classes, (x - mean) / sd with sd = std + STANDARDIZE_EPS, std
+    with Bessel's correction (0 with one class), masked classes (-inf) left -inf, and sd [N, 1]; differentiable, the
+    std's gradient taken as 0 where it is 0 (docs/losses.md, "Logit standardization"). The mean is corrected by the
+    mean of the deviations from it (a constant row gets std 0 exactly)."""
     finite = ~torch.isneginf(x)
-    n = finite.sum(-1, keepdim=True)
-    mean = torch.where(finite, x, 0.0).sum(-1, keepdim=True) / n.clamp(min=1)
+    n = finite.sum(-1, keepdim=True).clamp(min=1)
+    mean = torch.where(finite, x, 0.0).sum(-1, keepdim=True) / n
+    mean = mean + torch.where(finite, x - mean, 0.0).sum(-1, keepdim=True) / n
     centred = torch.where(finite, x - mean, 0.0)
     var = (centred * centred).sum(-1, keepdim=True) / (n - 1).clamp(min=1)
     std = torch.where(var > 0, torch.where(var > 0, var, 1.0).sqrt(), 0.0)
-    return torch.where(finite, centred / (std + STANDARDIZE_EPS), NEG_INF)
+    sd = std + STANDARDIZE_EPS
+    return torch.where(finite, centred / sd, NEG_INF), sd
 
 
 def row_losses(call, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -236,13 +241,15 @@ def row_losses(call, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torc
     s = torch.where(keep, student.to(dtype), 0.0)
     t = torch.where(keep, teacher.to(dtype), 0.0)
     target = None if call.target is None else torch.where(call.valid, call.target, 0)
-    zs, zt = (standardized(s), standardized(t)) if call.standardize else (s, t)
+    zs, zt, sd_t = s, t, 1.0
+    if call.standardize:
+        (zs, _), (zt, sd_t) = standardized(s), standardized(t)
     lq = torch.log_softmax(zs / call.temperature, -1)
     lp = torch.log_softmax(zt / call.temperature, -1)
     if call.plan.family == DIVERGENCE:
         loss = divergence_rows(call.plan, lp, lq)
     else:
-        loss = decoupled_rows(call.plan, lp, lq, decoupled_bins(call.plan, zt, target, call.temperature))
+        loss = decoupled_rows(call.plan, lp, lq, decoupled_bins(call.plan, t, target, call.temperature * sd_t))
     if call.t2_scale:
         loss = loss * call.temperature**2
     ce = cross_entropy_rows(s, target, kept) if call.with_ce else None

@@ -97,11 +97,15 @@ def row_zscore(ptr, rows64, row_stride, row_ok, V, temperature, STANDARDIZE: tl.
             count = tl.sum(finite.to(tl.float32), axis=1)
             tile_mean = tl.sum(tl.where(finite, v, 0.0), axis=1) / tl.maximum(count, 1.0)
             d = tl.where(finite, v - tile_mean[:, None], 0.0)
+            # The deviations' own mean corrects the rounded tile mean (a constant row gets std 0 exactly).
+            shift = tl.sum(d, axis=1) / tl.maximum(count, 1.0)
+            tile_mean = tile_mean + shift
+            tile_m2 = tl.maximum(tl.sum(d * d, axis=1) - count * shift * shift, 0.0)
             total = n + count
             share = count / tl.maximum(total, 1.0)
             delta = tile_mean - mean
             mean = mean + delta * share
-            m2 = m2 + tl.sum(d * d, axis=1) + delta * delta * n * share
+            m2 = m2 + tile_m2 + delta * delta * n * share
             n = total
     std = tl.where(n > 1.0, tl.sqrt(m2 / tl.maximum(n - 1.0, 1.0)), 0.0)
     sd = zero + 1.0

@@ -140,8 +140,9 @@ def _bins_update(x, y, in_top1, in_strong, t1, t2, t3, tz1, tz2, tz3, tk1, tk2, 
     shift_s = _pick(in_top1, in_strong, safe_max(ns1), safe_max(ns2), safe_max(ns3))
     et = tl.exp(y - shift_t)
     es = tl.exp(x - shift_s)
-    dt = tl.where(y == NEG_INF, 0.0, et * ((y - shift_t) - (x - shift_s)))
-    ds = tl.where(x == NEG_INF, 0.0, es * ((x - shift_s) - (y - shift_t)))
+    # (0 where the exp is 0: a masked class, or an underflow facing a masked class, never 0 * inf)
+    dt = tl.where(et == 0.0, 0.0, et * ((y - shift_t) - (x - shift_s)))
+    ds = tl.where(es == 0.0, 0.0, es * ((x - shift_s) - (y - shift_t)))
     tk1, tk2, tk3, tz1, tz2, tz3 = _side_update(tk1, tk2, tk3, tz1, tz2, tz3, t1, t2, t3, n1, n2, n3, s1, s2, s3,
                                                 ns1, ns2, ns3, in_top1, in_strong, in_rest, et, dt, True)
     sk1, sk2, sk3, sz1, sz2, sz3 = _side_update(sk1, sk2, sk3, sz1, sz2, sz3, s1, s2, s3, ns1, ns2, ns3, t1, t2, t3,
@@ -211,7 +212,7 @@ def _method_grad(x, y, in_top1, in_strong, c1, c2, c3, f2, f3, r2, r3, t1, t2, t
     g = c * q_in - f * p_in
     if REVERSE:
         r = tl.where(in_top1, 0.0, tl.where(in_strong, r2[:, None], r3[:, None]))
-        g += tl.where(x == NEG_INF, 0.0, r * q_in * (log_q - log_p))
+        g += tl.where(q_in == 0.0, 0.0, r * q_in * (log_q - log_p))  # (0 where q underflows, not 0 * inf)
     return g * scale[:, None]
 
 
@@ -321,10 +322,11 @@ def decoupled_kernel(
     if WITH_GRAD:
         g_scale = tl.where(bad_target, float("nan"), g_scale)
         c1 = (weight * (tl.exp(lq1) - tl.exp(lp1))).to(tl.float32)
-        c2 = (weight * (tl.exp(lq2) - tl.exp(lp2)) + w_strong * (w_fkl - w_rkl * rkl2)).to(tl.float32)
-        c3 = (weight * (tl.exp(lq3) - tl.exp(lp3)) + w_rest * (w_fkl - w_rkl * rkl3)).to(tl.float32)
-        f2 = zero + w_strong * w_fkl
-        f3 = zero + w_rest * w_fkl
+        # (f_b = 0 for a bin the teacher gives no mass: its in-bin forward KL is 0 whatever the student does)
+        f2 = tl.where(tz2 > 0.0, w_strong * w_fkl, 0.0)
+        f3 = tl.where(tz3 > 0.0, w_rest * w_fkl, 0.0)
+        c2 = (weight * (tl.exp(lq2) - tl.exp(lp2)) + f2 - w_strong * w_rkl * rkl2).to(tl.float32)
+        c3 = (weight * (tl.exp(lq3) - tl.exp(lp3)) + f3 - w_rest * w_rkl * rkl3).to(tl.float32)
         r2 = zero + w_strong * w_rkl
         r3 = zero + w_rest * w_rkl
         lz1 = tl.log(z1)
