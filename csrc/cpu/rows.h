@@ -221,12 +221,15 @@ M standardized_row(const M* s, const M* t, int64_t target, M* g, M* ce, int64_t 
   write_zscore(t, v, teacher, buf.zt);
   if (g == s) s = static_cast<const M*>(std::memcpy(buf.raw, s, size_t(v) * sizeof(M)));
   const V ninf(neg_inf<M>()), zero(M(0)), iota = O::iota();
-  V vm1 = ninf;
-  for (int64_t j = 0; j < v; j += L) vm1 = O::max(vm1, load(s + j, std::min(L, v - j)));
-  const M m1 = max_lanes(vm1);
-  ChunkedSum<M> z1;
-  for (int64_t j = 0; j < v; j += L) z1.add(O::exp(load(s + j, std::min(L, v - j)) - V(safe_shift(m1))));
-  const CrossEntropy<M> xent{m1, std::log(z1.sum()), ce_scale, target};
+  CrossEntropy<M> xent{M(0), M(0), ce_scale, target};  // (with the term: m1 = max s, lz1 = log sum exp(s - m1))
+  if (ce != nullptr) {
+    V vm1 = ninf;
+    for (int64_t j = 0; j < v; j += L) vm1 = O::max(vm1, load(s + j, std::min(L, v - j)));
+    xent.m1 = max_lanes(vm1);
+    ChunkedSum<M> z1;
+    for (int64_t j = 0; j < v; j += L) z1.add(O::exp(load(s + j, std::min(L, v - j)) - V(safe_shift(xent.m1))));
+    xent.lz1 = std::log(z1.sum());
+  }
   const M loss = row(buf.zs, buf.zt, target, g, nullptr, t, teacher.sd);
   if (ce != nullptr) *ce = xent.loss(s, v);
   if (g == nullptr) return loss;
