@@ -46,7 +46,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .methods import DIVERGENCE, Plan, finite_when_missing
+from .backends.reference import top_k_indices
+from .methods import DIVERGENCE, finite_when_missing
 
 Tensor = torch.Tensor
 KINDS = ("logprobs", "logits")
@@ -105,7 +106,7 @@ class SparseTeacher:
         with torch.no_grad():
             dtype = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
             logprobs = torch.log_softmax(teacher_logits.to(dtype) / temperature, -1)
-            indices = torch.sort(logprobs, dim=-1, descending=True, stable=True).indices[..., :k]
+            indices = top_k_indices(logprobs, k)
             return cls(indices, logprobs.gather(-1, indices), "logprobs", tail)
 
     @classmethod
@@ -115,7 +116,7 @@ class SparseTeacher:
         log-probabilities, or its logits with kind="logits")."""
         _check_k(k, student_logits)
         with torch.no_grad():
-            indices = torch.sort(student_logits.detach(), dim=-1, descending=True, stable=True).indices[..., :k]
+            indices = top_k_indices(student_logits.detach(), k)
         values = score(indices)
         if not isinstance(values, torch.Tensor) or values.shape != indices.shape:
             raise ValueError(f"score(indices) must return a tensor of the indices' shape {tuple(indices.shape)}, got "

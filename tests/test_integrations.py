@@ -15,7 +15,6 @@ if os.environ.get("KDKERNELS_NO_LLM") == "1":
     pytest.skip("KDKERNELS_NO_LLM=1: transformers / trl are not installed here", allow_module_level=True)
 
 import transformers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import kdkernels  # noqa: E402
 from helpers import assert_close  # noqa: E402

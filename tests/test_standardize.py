@@ -171,6 +171,20 @@ def test_constant_rows_get_std_zero(backend, device):
     check_against_oracle("kd", {}, s, t, None, backend, "none", torch.tensor([1.0, 0.5]), standardize=True)
 
 
+def test_a_class_only_the_student_masks_stays_out_of_the_jacobian(backend, device):
+    """kd where the student masks a class the teacher gives mass: the loss is infinite, but the gradient of the
+    other classes is finite and the same on every backend (the z-score's sums run over the unmasked classes only,
+    though the method's gradient there is -p_j, not 0)."""
+    s, t, _ = make_inputs((3, 29), torch.float64 if backend == "reference" else torch.float32, device, seed=32,
+                          ignored=0)
+    s[:, 4] = -math.inf
+    loss, grad = run_loss("kd", s, t, None, {}, backend, "none", standardize=True)
+    _, want = run_loss("kd", s.double(), t.double(), None, {}, "reference", "none", standardize=True)
+    keep = [j for j in range(29) if j != 4]
+    assert torch.isinf(loss).all() and torch.isfinite(grad[:, keep]).all() and not grad[:, 4].any()
+    assert_close(grad[:, keep], want[:, keep].cpu().numpy(), s.dtype, "gradient of the unmasked classes")
+
+
 def test_nan_is_not_hidden(backend, device):
     """A NaN logit, or +inf (whose row mean is infinite), makes its row's loss NaN; the other rows are untouched."""
     s, t, target = make_inputs((4, 17), torch.float32, device, seed=27, ignored=0)

@@ -78,11 +78,12 @@ M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M
     for (int64_t j = 0; j < v; j += L) vmax = O::max(vmax, load(t_rank + j, std::min(L, v - j)));
     mb.t_max = max_lanes(vmax);
   }
-  // The bins of the classes j..: in[TOP1], in[STRONG], in[REST].
+  // The bins of the classes j.. from their teacher logits traw: in[TOP1], in[STRONG], in[REST] (ranked on t_rank,
+  // which is traw itself unless t holds z-scores).
   using Masks = std::array<typename O::Mask, NUM_BINS>;
-  auto bins_of = [&](int64_t j, int64_t n) {
+  auto bins_of = [&](const V& traw, int64_t j, int64_t n) {
     Masks in;
-    membership<PARTITION, O>(mb, load(t_rank + j, n), iota, j, in[TOP1], in[STRONG]);
+    membership<PARTITION, O>(mb, t_rank == t ? traw : load(t_rank + j, n), iota, j, in[TOP1], in[STRONG]);
     in[REST] = O::lnot(O::lor(in[TOP1], in[STRONG]));
     return in;
   };
@@ -91,7 +92,7 @@ M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
     const V sraw = load(s + j, n), traw = load(t + j, n), x = sraw / T, y = traw / T;
-    const Masks in = bins_of(j, n);
+    const Masks in = bins_of(traw, j, n);
     for (int b = 0; b < NUM_BINS; ++b) {
       mt[b] = O::max(mt[b], O::select(in[b], y, ninf));
       ms[b] = O::max(ms[b], O::select(in[b], x, ninf));
@@ -114,7 +115,7 @@ M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M
     const int64_t n = std::min(L, v - j);
     const V sraw = load(s + j, n), traw = load(t + j, n), x = sraw / T, y = traw / T;
     if (ce != nullptr) z1.add(O::exp(sraw - shift_1));
-    const Masks in = bins_of(j, n);
+    const Masks in = bins_of(traw, j, n);
     const V st_j = pick<O>(in[TOP1], in[STRONG], safe_shift(st.m[TOP1]), safe_shift(st.m[STRONG]),
                            safe_shift(st.m[REST]));
     const V ss_j = pick<O>(in[TOP1], in[STRONG], safe_shift(ss.m[TOP1]), safe_shift(ss.m[STRONG]),
@@ -145,7 +146,7 @@ M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M
     for (int64_t j = 0; j < v; j += L) {
       const int64_t n = std::min(L, v - j);
       const V sraw = load(s + j, n), traw = load(t + j, n);
-      const Masks in = bins_of(j, n);
+      const Masks in = bins_of(traw, j, n);
       const V method_grad = decoupled_grad<O>(row, in[TOP1], in[STRONG], sraw / T, traw / T, row_scale);
       (ce != nullptr ? method_grad + xent.grad(sraw, iota, j) : method_grad).store(g + j, n);
     }

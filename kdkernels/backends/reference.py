@@ -148,9 +148,9 @@ def refine_largest(log_masses: torch.Tensor) -> torch.Tensor:
 
 
 def top_k_indices(teacher: torch.Tensor, k: int) -> torch.Tensor:
-    """[N, k] indices of each row's k largest raw teacher logits, ties to the lower class index (a stable
+    """[..., k] indices of each row's k largest raw teacher logits, ties to the lower class index (a stable
     descending sort: torch.topk picks among ties in no documented order)."""
-    return torch.sort(teacher, dim=-1, descending=True, stable=True).indices[:, :k]
+    return torch.sort(teacher, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 def lowest_first(teacher: torch.Tensor) -> torch.Tensor:
