@@ -225,6 +225,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
         torch.save({name: p.detach() for name, p in tr.model.named_parameters()}, os.path.join(out_dir, "student.pt"))
     dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)  # (as _fsdp_worker: skip the C++ teardown at interpreter exit)
 
 
 def _ddp_case():
@@ -373,7 +374,9 @@ def _fsdp_worker(rank, world, init_file, out_dir):
     grads = {name: p.grad.full_tensor() for name, p in student.named_parameters()}
     if rank == 0:
         torch.save(grads, os.path.join(out_dir, "grads.pt"))
+    dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)  # (C++ teardown of FSDP/gloo threads at interpreter exit aborts now and then: SIGABRT, no error)
 
 
 def test_fsdp2_two_processes_equal_one_full_batch(tmp_path):
