@@ -2,20 +2,23 @@
 // the CPU and CUDA kernels: with x = s / T, y = t / T, log q = (x - max x) - log sum exp(x - max x) and log p
 // likewise, each class has a loss term l_k and r_k = q_k dl/dq_k, and
 //     l = sum_k l_k,    g_j = (r_j - q_j sum_k r_k) / T.
-// bdkd's weights depend on the row's entropies: its l_k and r_k are those of its two KLs, e_k = q log q - p log p, and
-// divergence_row() weighs the row sums; its gradient then takes r_j = a r_j + b p_j. A class with p = q = 0 (masked,
-// or below float32's range in both) contributes 0.
+// bdkd's and akl's weights depend on row sums: their l_k and r_k are those of the two KLs, and e_k, f_k what sets the
+// weights (bdkd: e_k = q log q - p log p; akl: |p - q| on the teacher's head for e_k, off it for f_k); divergence_row()
+// weighs the row sums, and the gradient takes r_j = a r_j + b p_j. A class with p = q = 0 (masked, or below float32's
+// range in both) contributes 0. akl's head (AklHead below) is found before the terms, by bisection.
 #pragma once
+
+#include <string.h>
 
 #include "row_math.h"
 
 // The codes of kdkernels/methods.py Divergence, in its order.
 #define KDKERNELS_DIVERGENCE_CODES(X)                                                                          \
   X(KD) X(RKL) X(JSD) X(SKEW_FKL) X(SKEW_RKL) X(TVD) X(ABKD) X(ABKD_ALPHA0) X(ABKD_BETA0) X(ABKD_OPPOSITE) \
-  X(ABKD_ZERO) X(WSD) X(BDKD)
+  X(ABKD_ZERO) X(WSD) X(BDKD) X(AKL)
 // The fields of kdkernels/methods.py DivergenceParams, in its order.
 #define KDKERNELS_DIVERGENCE_PARAMS(X) \
-  X(T, mix_p) X(T, mix_q) X(T, log_mix_p) X(T, log_mix_q) X(T, alpha) X(T, beta) X(T, w_fkl) X(T, w_rkl)
+  X(T, mix_p) X(T, mix_q) X(T, log_mix_p) X(T, log_mix_q) X(T, alpha) X(T, beta) X(T, w_fkl) X(T, w_rkl) X(T, mu)
 
 namespace kdkernels {
 inline namespace KDKERNELS_MATH_NAMESPACE {
@@ -36,19 +39,76 @@ KD_HD typename O::V log_add_exp(typename O::V u, typename O::V v) {
 
 // Whether a code's row loss weighs its row sums by weights that depend on them (see divergence_row).
 template <int CODE>
-constexpr bool weighs_row_sums = CODE == BDKD;
+constexpr bool weighs_row_sums = CODE == BDKD || CODE == AKL;
 
-// A class's l_k, r_k, its probabilities and e_k (0 but for bdkd).
+// A class's l_k, r_k, its probabilities, e_k and f_k (0 but for bdkd and akl).
 template <class V>
 struct ClassTerms {
-  V l, r, q, p, e;
+  V l, r, q, p, e, f;
 };
 
-// The terms of the classes of x, y, given each row's max and log-sum: mx, lzx (student) and my, lzy (teacher).
+// akl's head (docs/losses.md, "AKL"): the classes ranked by raw teacher logit t, descending, ties to the lower index,
+// up to the last whose cumulative teacher probability is <= mu, and at least the first. Found without sorting, as
+// head = {t > value} + {t == value, index < end}:
+//   (a) bisection on the teacher-logit axis, over the order-preserving integer keys of the float type: the least
+//       value u with A(u) = sum of p over {t > u} <= mu (one pass per step, 32 steps in float32, 64 in float64);
+//   (b) one pass at u: A(u), the number of classes above u and in its tie group, and their (equal) probability p_u;
+//       the group's first c = floor((mu - A(u)) / p_u) classes are in the head (at least one if none is above u);
+//   (c) when 0 < c < the group's size, bisection on the class index for the end of its c-th class (one counting
+//       pass per step).
+template <class T>
+struct AklHead {
+  using Key = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  static constexpr Bits MAGNITUDE = ~Bits(0) >> 1;
+
+  static KD_HD Key key(T value) {  // order-preserving: negative floats' magnitude bits flipped
+    Key k;
+    memcpy(&k, &value, sizeof k);
+    return k < 0 ? Key(Bits(k) ^ MAGNITUDE) : k;
+  }
+  static KD_HD T value_of(Key k) {
+    k = k < 0 ? Key(Bits(k) ^ MAGNITUDE) : k;
+    T out;
+    memcpy(&out, &k, sizeof out);
+    return out;
+  }
+
+  // (a) A(lo) > mu (lo starts below -inf), A(hi) <= mu (nothing is above +inf); every probe is a value in [-inf, inf).
+  Key lo = Key(key(neg_inf<T>()) - 1), hi = key(-neg_inf<T>());
+  KD_HD Key mid() const { return Key(Bits(lo) + (Bits(hi) - Bits(lo)) / 2); }
+  KD_HD bool searching() const { return Bits(hi) - Bits(lo) > 1; }
+  KD_HD T probe() const { return value_of(mid()); }
+  KD_HD void narrow(T mass_above_probe, T mu) { (mass_above_probe <= mu ? hi : lo) = mid(); }
+  KD_HD T threshold() const { return value_of(hi); }
+
+  // (b) How many classes of the tie group at the threshold join the head (0: none; the group's size: all).
+  static KD_HD int64_t group_share(T mass_above, int64_t count_above, int64_t group, T p_group, T mu) {
+    int64_t share = group;
+    if (p_group > T(0)) {
+      const T room = (mu - mass_above) / p_group;
+      share = room < T(group) ? (room > T(0) ? int64_t(room) : int64_t(0)) : group;
+    }
+    return count_above == 0 && share == 0 ? int64_t(1) : share;
+  }
+};
+
+// Whether the classes of raw teacher logits t (first lane: class `base`) are in the head {t > value} + {t == value,
+// index < end}.
+template <class O>
+KD_HD typename O::Mask in_akl_head(typename O::V t, typename O::Scalar value, int64_t end, typename O::V iota,
+                                   int64_t base) {
+  using V = typename O::V;
+  return O::lor(O::gt(t, V(value)), O::land(O::eq(t, V(value)), O::index_le(iota, end - 1 - base)));
+}
+
+// The terms of the classes of x, y, given each row's max and log-sum: mx, lzx (student) and my, lzy (teacher); akl's
+// in_head says which classes are in its head (ignored by the other codes).
 template <int CODE, class O>
 KD_HD ClassTerms<typename O::V> divergence_terms(const DivergenceParams<typename O::Scalar>& c, typename O::V x,
                                                  typename O::V y, typename O::V mx, typename O::V lzx,
-                                                 typename O::V my, typename O::V lzy) {
+                                                 typename O::V my, typename O::V lzy,
+                                                 typename O::Mask in_head = typename O::Mask()) {
   using V = typename O::V;
   using T = typename O::Scalar;
   const V zero(T(0)), ninf(neg_inf<T>());
@@ -58,7 +118,7 @@ KD_HD ClassTerms<typename O::V> divergence_terms(const DivergenceParams<typename
   lq = O::select(absent, zero, lq);
   lp = O::select(absent, zero, lp);
   const V q = O::exp(lq), p = O::exp(lp);
-  V l, r, e = zero;
+  V l, r, e = zero, f = zero;
   const T a = c.alpha, b = c.beta;
   if constexpr (CODE == KD) {
     l = kl_term<O>(p, lp, lq);
@@ -107,14 +167,20 @@ KD_HD ClassTerms<typename O::V> divergence_terms(const DivergenceParams<typename
     const V rkl = kl_term<O>(q, lq, lp);
     l = V(c.w_fkl) * kl_term<O>(p, lp, lq) + V(c.w_rkl) * rkl;
     r = V(c.w_rkl) * rkl - V(c.w_fkl) * p;
-  } else {
-    static_assert(CODE == BDKD, "a divergence code without a formula");
+  } else if constexpr (CODE == BDKD) {
     l = kl_term<O>(p, lp, lq);
     r = kl_term<O>(q, lq, lp);
     e = kl_term<O>(q, lq, zero) - kl_term<O>(p, lp, zero);
+  } else {
+    static_assert(CODE == AKL, "a divergence code without a formula");
+    l = kl_term<O>(p, lp, lq);
+    r = kl_term<O>(q, lq, lp);
+    const V gap = O::abs(p - q);
+    e = O::select(in_head, gap, zero);
+    f = O::select(in_head, zero, gap);
   }
   return {O::select(absent, zero, l), O::select(absent, zero, r), O::select(absent, zero, q),
-          O::select(absent, zero, p), O::select(absent, zero, e)};
+          O::select(absent, zero, p), O::select(absent, zero, e), O::select(absent, zero, f)};
 }
 
 // A row's loss and what its gradient needs: g_j = (a r_j + b p_j - q_j sum_r) * scale.
@@ -123,11 +189,16 @@ struct DivergenceRow {
   T loss, a, b, sum_r;
 };
 
-// From the row sums of l_k, r_k and e_k. bdkd weighs its KLs by w_fkl where H(p) > H(q) (sum e > 0), by w_rkl where
-// H(q) > H(p), else by 1; the weights are constants of the gradient.
+// From the row sums of l_k, r_k, e_k and f_k. bdkd weighs its KLs by w_fkl where H(p) > H(q) (sum e > 0), by w_rkl
+// where H(q) > H(p), else by 1; akl by g_head / g and g_tail / g (g_head = sum e, g_tail = sum f, g their sum; 1/2
+// each where g = 0, that is p = q). The weights are constants of the gradient.
 template <int CODE, class T>
-KD_HD DivergenceRow<T> divergence_row(const DivergenceParams<T>& c, T sum_l, T sum_r, T sum_e) {
-  if constexpr (weighs_row_sums<CODE>) {
+KD_HD DivergenceRow<T> divergence_row(const DivergenceParams<T>& c, T sum_l, T sum_r, T sum_e, T sum_f) {
+  if constexpr (CODE == AKL) {
+    const T g = sum_e + sum_f;
+    const T w_fkl = g > T(0) ? sum_e / g : T(0.5), w_rkl = g > T(0) ? sum_f / g : T(0.5);
+    return {w_fkl * sum_l + w_rkl * sum_r, w_rkl, -w_fkl, w_rkl * sum_r - w_fkl};
+  } else if constexpr (weighs_row_sums<CODE>) {
     const T w_fkl = sum_e > T(0) ? c.w_fkl : T(1), w_rkl = sum_e < T(0) ? c.w_rkl : T(1);
     return {w_fkl * sum_l + w_rkl * sum_r, w_rkl, -w_fkl, w_rkl * sum_r - w_fkl};
   } else {

@@ -52,6 +52,7 @@ class Divergence(enum.IntEnum):
     ABKD_ZERO = 10  # at alpha = beta = 0
     WSD = 11  # w_fkl KL(p || q) + w_rkl KL(q || p)
     BDKD = 12  # the same, each weight applied only when its model's entropy is the larger (1 otherwise)
+    AKL = 13  # w_head KL(p || q) + w_tail KL(q || p), the weights from |p - q| on the teacher's head and tail
 
 
 ABKD_CODES = frozenset({Divergence.ABKD, Divergence.ABKD_ALPHA0, Divergence.ABKD_BETA0, Divergence.ABKD_OPPOSITE,
@@ -86,6 +87,7 @@ class DivergenceParams(NamedTuple):
     beta: float = 0.0
     w_fkl: float = 0.0  # wsd: the weights of KL(p || q) and KL(q || p); bdkd: their weights when the teacher's
     w_rkl: float = 0.0  # (w_fkl), the student's (w_rkl) entropy is the larger, 1 otherwise
+    mu: float = 0.0  # akl: the teacher's head is its top classes of cumulative probability <= mu (at least one)
 
 
 class DecoupledParams(NamedTuple):
@@ -287,6 +289,9 @@ METHODS: dict[str, Method] = {
                "LLM code)", {"lam": 0.5}, {"lam": _in_range("lam", 0, 1, False, False)}, 1.0, False, _wsd_plan),
         Method("bdkd", "BDKDLoss", "entropy-weighted forward and reverse KL (ABKD authors' LLM code)", {}, {}, 1.0,
                False, lambda hp: _divergence(Divergence.BDKD, w_fkl=3.0, w_rkl=3.0)),
+        Method("akl", "AKLLoss", "AKL, adaptive KL (Wu et al., COLING 2025; wutaiqiang/LLM_KD_AKL)", {"mu": 0.5},
+               {"mu": _in_range("mu", 0, 1, True, True)}, 1.0, False,
+               lambda hp: _divergence(Divergence.AKL, mu=hp["mu"])),
         Method("dkd", "DKDLoss", "DKD, Zhao et al. 2022 (mdistiller DKD.py)", {"alpha": 1.0, "beta": 8.0},
                {"alpha": _F("alpha"), "beta": _F("beta")}, 4.0, True,
                lambda hp: _decoupled(Partition.TARGET, w_mass=hp["alpha"], w_rest=hp["beta"])),
@@ -323,7 +328,7 @@ def finite_when_missing(plan: Plan, missing: str) -> bool:
     alpha + beta > 0 (q^beta and q^(alpha+beta) -> 0; every log q is weighted by a power of q). With p_j = 0 < q_j
     (teacher missing) the roles swap: rkl is infinite, abkd is finite iff alpha > 0 and alpha + beta > 0, the
     forward KLs stay finite, and so does the decoupled family unless its in-bin divergence has a reverse KL (gdkd's
-    kl_type "reverse" or "both").
+    kl_type "reverse" or "both"). akl is infinite either way.
     """
     if missing not in ("student", "teacher"):
         raise ValueError(f"missing must be 'student' or 'teacher', got {missing!r}")
@@ -337,6 +342,8 @@ def finite_when_missing(plan: Plan, missing: str) -> bool:
     if plan.code in ABKD_CODES:
         a, b = (plan.params.alpha, plan.params.beta) if student else (plan.params.beta, plan.params.alpha)
         return b > 0 and a + b > 0
+    if plan.code == Divergence.AKL:  # both KLs, with weights > 0 but where p = q on the head (or the tail)
+        return False
     if plan.code in (Divergence.WSD, Divergence.BDKD):
         return (plan.params.w_fkl if student else plan.params.w_rkl) == 0
     return True  # jsd, skew_fkl, skew_rkl (the mixture is never 0 where its KL weights it), tvd

@@ -24,6 +24,8 @@ Collectives per call, all of O(N) or O(N k) numbers (N rows):
   then of the counts of ties at the k-th value; threshold: all-reduce MAX of the teacher's row max; target: none,
   the rank that owns the class marks it); then all-reduce MAX of the bin maxes, SUM of the bins' sums of exp and
   SUM of the in-bin KL terms. 4 (target), 5 (threshold) or 6 (top-k) in all.
+- akl: its head first: 32 all-reduces SUM of [N] (64 in float64) for the bisection, then SUM and MAX at the
+  threshold and an all-gather of the tie counts. 35 more (67).
 - standardize: SUM of both rows' counts and sums of their unmasked logits, then SUM of their squared deviations
   from the mean (the z-scores over the whole vocabulary), and with a gradient SUM of the row sums of the z-score's
   Jacobian. 2 more, 3 with a gradient.
@@ -46,7 +48,7 @@ from . import backends
 from .arguments import check_float_tensor, resolve
 from .backends import reference
 from .functional import finish, loss_function
-from .methods import DIVERGENCE, METHODS, STANDARDIZE_EPS, Bin, Partition, Plan
+from .methods import DIVERGENCE, METHODS, STANDARDIZE_EPS, Bin, Divergence, Partition, Plan
 
 Tensor = torch.Tensor
 NEG_INF = float("-inf")
@@ -117,20 +119,67 @@ def _log_softmax(s: Tensor, t: Tensor, group) -> tuple[Tensor, Tensor, Tensor]:
     return (s - shift[:, :1]) - log_sums[:, :1], (t - shift[:, 1:]) - log_sums[:, 1:], torch.isneginf(maxes).all(-1)
 
 
-def _divergence(plan: Plan, s: Tensor, t: Tensor, temperature: float, with_grad: bool, group):
+def _akl_head(t: Tensor, lp: Tensor, mu: float, shard: Shard) -> Tensor:
+    """akl's head on the shard [N, V_r] (reference.akl_head over the whole vocabulary), found as the kernels find it
+    (csrc/divergence.h AklHead): bisection on the order-preserving integer keys of the raw teacher logits for the
+    least value u whose mass above, A(u) = sum of p over {t > u}, is <= mu (one all-reduce per step: 32 in float32,
+    64 in float64); then at u the group of ties, whose first floor((mu - A(u)) / p_u) classes in global order join
+    the head (at least one when no class is above u), placed as in _top_k_masks (an all-gather of the counts)."""
+    bits = torch.finfo(t.dtype).bits
+    ints = torch.int32 if bits == 32 else torch.int64
+    magnitude = (1 << (bits - 1)) - 1
+
+    def value_of(key: Tensor) -> Tensor:
+        key = key.to(ints)
+        return torch.where(key < 0, key ^ magnitude, key).view(t.dtype)
+
+    def key_of(value: float) -> int:
+        key = int(torch.tensor(value, dtype=t.dtype).view(ints))
+        return key ^ magnitude if key < 0 else key
+
+    p = lp.exp()
+    n = t.shape[0]
+    lo = torch.full((n,), key_of(NEG_INF) - 1, dtype=torch.int64, device=t.device)  # A(lo) > mu
+    hi = torch.full((n,), key_of(-NEG_INF), dtype=torch.int64, device=t.device)  # A(hi) <= mu
+    for _ in range(bits):
+        mid = (lo >> 1) + (hi >> 1) + (((lo & 1) + (hi & 1)) >> 1)  # floor((lo + hi) / 2) without overflow
+        above = torch.where(t > value_of(mid).unsqueeze(-1), p, 0.0).sum(-1)
+        low = _all_reduce(above, dist.ReduceOp.SUM, shard.group) <= mu
+        searching = hi > lo + 1  # (lo may still be the sentinel below -inf, never probed)
+        hi = torch.where(searching & low, mid, hi)
+        lo = torch.where(searching & ~low, mid, lo)
+    value = value_of(hi).unsqueeze(-1)
+    above, tie = t > value, t == value
+    sums = _all_reduce(torch.stack([torch.where(above, p, 0.0).sum(-1), above.sum(-1).to(p.dtype),
+                                    tie.sum(-1).to(p.dtype)]), dist.ReduceOp.SUM, shard.group)
+    p_group = _all_reduce(torch.where(tie, p, 0.0).amax(-1), dist.ReduceOp.MAX, shard.group)
+    mass, count_above, size = sums
+    room = (mu - mass) / torch.where(p_group > 0, p_group, 1.0)
+    share = torch.where((p_group > 0) & (room < size), room.clamp(min=0).floor(), size)
+    share = torch.where((count_above == 0) & (share == 0), 1.0, share)
+    counts = _all_gather(tie.sum(-1), shard.group)  # [world, N]
+    position = tie.cumsum(-1) + counts[:shard.rank].sum(0).unsqueeze(-1)  # 1-based, in global order
+    return above | (tie & (position <= share.unsqueeze(-1)))
+
+
+def _divergence(plan: Plan, s: Tensor, t: Tensor, t_rank: Tensor, temperature: float, with_grad: bool,
+                shard: Shard):
     """Per-row losses [N] (before T^2), the shard's gradient [N, V_r] (or None) of a divergence-family plan, and
-    the rows whose classes are all masked in both logits.
+    the rows whose classes are all masked in both logits; akl ranks the raw teacher logits ``t_rank``.
 
     The loss combines a few row sums of per-class statistics (reference.divergence_sums, divergence_combine), each
-    class's statistic depending on that class alone. The shard's part of each row sum is local; their all-reduce
-    gives the row's sums and loss. d_k = dl / d(log q_k) is then the gradient, through this shard's part of the
-    sums, of the combination of the whole row's sums, which autograd gives locally, and the chain rule through
-    log q = s/T - logsumexp(s/T) gives g_j = (d_j - q_j sum_k d_k) / T: sum_k d_k is the other cross-rank quantity.
+    class's statistic depending on that class alone (and for akl on its head, found first). The shard's part of each
+    row sum is local; their all-reduce gives the row's sums and loss. d_k = dl / d(log q_k) is then the gradient,
+    through this shard's part of the sums, of the combination of the whole row's sums, which autograd gives locally,
+    and the chain rule through log q = s/T - logsumexp(s/T) gives g_j = (d_j - q_j sum_k d_k) / T: sum_k d_k is the
+    other cross-rank quantity.
     """
+    group = shard.group
     lq, lp, masked = _log_softmax(s, t, group)
+    head = _akl_head(t_rank, lp, plan.params.mu, shard) if plan.code == Divergence.AKL else None
     with torch.enable_grad():
         lq.requires_grad_(with_grad)
-        local = reference.divergence_sums(plan, lp, lq)
+        local = reference.divergence_sums(plan, lp, lq, head)
     total = _all_reduce(local.detach(), dist.ReduceOp.SUM, group)
     rows = reference.divergence_combine(plan, total)
     if not with_grad:
@@ -308,8 +357,8 @@ def _shard_rows(call, student, teacher, with_grad, shard):
     if call.standardize:
         zs, zt, stats, sd_t = _zscores(s, t, shard.group)
     if call.plan.family == DIVERGENCE:
-        loss, grad, masked = _divergence(call.plan, zs / temperature, zt / temperature, temperature, with_grad,
-                                         shard.group)
+        loss, grad, masked = _divergence(call.plan, zs / temperature, zt / temperature, t, temperature, with_grad,
+                                         shard)
     else:  # (the partition ranks the raw teacher logits; the z-score's threshold in their units)
         bins = _bins(call.plan, t, target, temperature * sd_t, shard)
         loss, grad, masked = _decoupled(call.plan, zs, zt, bins, temperature, with_grad, shard)

@@ -28,7 +28,8 @@ A loss that is infinite when the teacher gives zero mass to a bin the student do
 unless alpha > 0 and alpha + beta > 0: ``methods.finite_when_missing``) is undefined against a zero tail or a -inf
 value: kind="logits" (tail always 0) raises at once, kind="logprobs" raises for the rows where it happens. The
 decoupled family is not defined on a sparse teacher: its partitions ({target} | rest, top-k | rest, a threshold)
-need the teacher's distribution inside the tail (the in-bin KL of "rest"), which a top-k teacher does not have.
+need the teacher's distribution inside the tail (the in-bin KL of "rest"), which a top-k teacher does not have; nor
+is akl with a tail bin (its weights sum |p - q| over each class of the tail).
 
 Fold as logits. The student side enters the fused kernels as k + 1 "bin logits" z = [s_{i_1} .. s_{i_k},
 T lse_{j not in K}(s_j / T)]: softmax(z / T) = [Q_1 .. Q_tail] exactly, so the unchanged kernels compute the loss and
@@ -47,7 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from .backends.reference import top_k_indices
-from .methods import DIVERGENCE, finite_when_missing
+from .methods import DIVERGENCE, Divergence, finite_when_missing
 
 Tensor = torch.Tensor
 KINDS = ("logprobs", "logits")
@@ -166,6 +167,10 @@ def check(teacher: SparseTeacher, settings, leading: torch.Size, v: int, device:
             f"distribution inside every bin, which a SparseTeacher (k classes plus one tail bin) does not have; use a "
             f"divergence-family method (kd, rkl, jsd, skew_fkl, skew_rkl, tvd, abkd) or dense teacher_logits"
         )
+    if plan.code == Divergence.AKL and teacher.tail:
+        raise ValueError("akl ranks the teacher's classes one by one (its head) and sums |p - q| over each of the "
+                         "others, which a SparseTeacher's tail bin lumps together; pass tail=False (both models "
+                         "renormalised over the k classes) or dense teacher_logits")
     if teacher.values.shape[:-1] != leading:
         raise ValueError(f"SparseTeacher must have the student's leading shape {tuple(leading)} + (k,), got "
                          f"{tuple(teacher.values.shape)}")

@@ -65,6 +65,17 @@ def _divergence(method: str, p, q, lp, lq, hp, temperature):
         forward, reverse = _xlogy_ratio(p, lp, lq).sum(), _xlogy_ratio(q, lq, lp).sum()
         grad = w_f * (q - p) + w_r * q * (lq - lp - reverse)
         return w_f * forward + w_r * reverse, grad / T
+    if method == "akl":  # wutaiqiang/LLM_KD_AKL: head = sorted p with cumsum <= mu, and the top one; ties: lower index
+        order = np.argsort(-p, kind="stable")
+        head = np.zeros(p.size, bool)
+        head[order] = np.cumsum(p[order]) <= hp["mu"]
+        head[order[0]] = True
+        gap = np.abs(p - q)
+        g_head, g_tail = gap[head].sum(), gap[~head].sum()
+        w_f, w_r = (g_head / (g_head + g_tail), g_tail / (g_head + g_tail)) if g_head + g_tail > 0 else (0.5, 0.5)
+        forward, reverse = _xlogy_ratio(p, lp, lq).sum(), _xlogy_ratio(q, lq, lp).sum()
+        grad = w_f * (q - p) + w_r * q * (lq - lp - reverse)
+        return w_f * forward + w_r * reverse, grad / T
     if method == "tvd":
         G = 0.5 * np.sign(q - p)
         return 0.5 * np.abs(p - q).sum(), q * (G - (q * G).sum()) / T
@@ -203,7 +214,7 @@ def oracle(method, student, teacher, target, hp, temperature, t2_scale, reductio
         lq = (x - _logsumexp(x))[keep]
         lp = (y - _logsumexp(y))[keep]
         p, q = np.exp(lp), np.exp(lq)
-        if method in ("kd", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "abkd", "wsd", "bdkd"):
+        if method in ("kd", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "abkd", "wsd", "bdkd", "akl"):
             loss, grad = _divergence(method, p, q, lp, lq, hp, temperature)
         else:
             label = None if labels is None else int(np.cumsum(keep)[labels[r]] - 1)

@@ -96,6 +96,10 @@ def _scenarios():
         _scenario("gdkd3-ties", "gdkd", {"k": 4, "partitions": 3}, inputs="ties", want="oracle"),
         _scenario("cakd-topk-ties", "cakd", {"strong": "topk", "k": 7}, inputs="ties", want="oracle"),
         _scenario("cakd-threshold-ties", "cakd", {"strong": "threshold", "tau": 0.4}, inputs="ties", want="oracle"),
+        # akl's head splits the tie group where the mass crosses mu by global class index, across shards.
+        _scenario("akl-ties", "akl", inputs="ties", want="oracle"),
+        _scenario("akl-ties-mu", "akl", {"mu": 0.8}, inputs="ties", want="oracle", reduction="none",
+                  grad_output="rows", standardize=True),
         # The single process's errors, with V the whole vocabulary (a target of 30 is fine, of 37 is not).
         _scenario("error-target-V", "dkd", inputs="target=37", error=True),
         _scenario("error-target-negative", "aekt", inputs="target=-5", error=True),

@@ -11,7 +11,9 @@ from cases import CASES, case_id
 from helpers import make_inputs
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+# (akl's weights are constants of its gradient by definition, so finite differences see more: the float64 oracle,
+# which writes that gradient out, checks it in test_kernels and test_losses.)
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] != "akl"], ids=case_id)
 def test_gradcheck(case):
     method, hp = case
     if method == "aekt":

@@ -3,8 +3,9 @@
 //
 // Passes: (0) with standardize, both rows' moments (x = z / T and y below are then the z-scores' over T);
 // (1) online max and sum of exp of x = s / T and y = t / T (and of s, for the cross-entropy term); a row
-// whose classes are all masked in both logits stops here (loss 0, gradient 0); (2) the row sums of l_k, r_k (and
-// e_k); kd knows sum r = -1 and writes the gradient here (unless standardize); (3) the other codes write the gradient
+// whose classes are all masked in both logits stops here (loss 0, gradient 0); (1b) akl: the bisections of its head
+// (divergence.h AklHead), each step a walk of the teacher row (in L2); (2) the row sums of l_k, r_k (and e_k, f_k); kd
+// knows sum r = -1 and writes the gradient here (unless standardize); (3) the other codes write the gradient
 // once the row sums are known, with standardize after a read-only pass that sums the gradient for the z-score's
 // Jacobian. With the cross-entropy term the gradient gains its ce_weight (softmax(s)_j - [j = target]) term.
 #include "common.cuh"
@@ -13,6 +14,49 @@ namespace kdkernels::cuda {
 namespace {
 
 using F = ScalarOps<float>;
+
+// akl's head of a row (divergence.h AklHead) as (value, end): head = {t > value} + {t == value, index < end} on the raw
+// teacher logits t; p(t_j) is the teacher's probability of a raw logit.
+template <class T, class P>
+__device__ AklHead<float> akl_head(const T* t, int64_t v, float mu, P&& p, int64_t* end, Sum* sum_scratch,
+                                   Sum2* sum2_scratch) {
+  AklHead<float> head;
+  while (head.searching()) {  // (a): the teacher row walked alone (as both rows)
+    const float probe = head.probe();
+    Sum above;
+    walk_row(t, t, static_cast<T*>(nullptr), v, [&](int64_t, float, float tj) {
+      if (tj > probe) above.x += p(tj);
+      return 0.f;
+    });
+    head.narrow(block_reduce(above, sum_scratch).x, mu);
+  }
+  const float value = head.threshold();  // (b)
+  Sum2 above;
+  Sum group;
+  walk_row(t, t, static_cast<T*>(nullptr), v, [&](int64_t, float, float tj) {
+    if (tj > value) above.merge({p(tj), 1.f});
+    if (tj == value) group.x += 1.f;
+    return 0.f;
+  });
+  above = block_reduce(above, sum2_scratch);
+  const int64_t size = int64_t(block_reduce(group, sum_scratch).x);
+  const int64_t share = AklHead<float>::group_share(above.x, int64_t(above.y), size, p(value), mu);
+  int64_t lo = 0, hi = v;  // (c) the least end with `share` ties before it
+  if (share == 0 || share >= size) {
+    lo = hi = share == 0 ? 0 : v;
+  }
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    Sum ties;
+    walk_row(t, t, static_cast<T*>(nullptr), mid, [&](int64_t, float, float tj) {
+      ties.x += tj == value ? 1.f : 0.f;
+      return 0.f;
+    });
+    (int64_t(block_reduce(ties, sum_scratch).x) >= share ? hi : lo) = mid;
+  }
+  *end = hi;
+  return head;
+}
 
 template <int CODE, class T>
 __global__ void __launch_bounds__(512) divergence_kernel(Rows<T> r, LaunchArgs a, DivergenceParams<float> c) {
@@ -42,32 +86,42 @@ __global__ void __launch_bounds__(512) divergence_kernel(Rows<T> r, LaunchArgs a
   if (with_ce) l1 = block_reduce(l1, lse_scratch);
   const CrossEntropy xent = cross_entropy(a, row, l1, s_y);
   const float lzx = logf(lx.z), lzy = logf(ly.z), scale = grad_scale(a);
-  auto terms = [&](float sj, float tj) {
-    return divergence_terms<CODE, F>(c, zs.x(sj, a.temperature), zs.y(tj, a.temperature), lx.m, lzx, ly.m, lzy);
+  // (1b)
+  float head_value = 0.f;
+  int64_t head_end = 0;
+  if constexpr (CODE == AKL) {
+    auto p = [&](float tj) { return expf((zs.y(tj, a.temperature) - ly.m) - lzy); };
+    head_value = akl_head(t, r.v, c.mu, p, &head_end, sum_scratch, sum2_scratch).threshold();
+  }
+  auto terms = [&](int64_t j, float sj, float tj) {
+    return divergence_terms<CODE, F>(c, zs.x(sj, a.temperature), zs.y(tj, a.temperature), lx.m, lzx, ly.m, lzy,
+                                     in_akl_head<F>(tj, head_value, head_end, 0.f, j));
   };
   // (2)
-  Sum sum_l, sum_r, sum_e;
-  const DivergenceRow<float> kd_row = divergence_row<CODE>(c, 0.f, 0.f, 0.f);  // (kd's gradient needs no row sum)
+  Sum sum_l, sum_r, sum_e, sum_f;
+  const DivergenceRow<float> kd_row = divergence_row<CODE>(c, 0.f, 0.f, 0.f, 0.f);  // (kd's gradient: no row sum)
   const bool kd_writes = CODE == KD && !a.standardize;
   walk_row(s, t, kd_writes ? g : static_cast<T*>(nullptr), r.v, [&](int64_t j, float sj, float tj) {
-    const ClassTerms<float> k = terms(sj, tj);
+    const ClassTerms<float> k = terms(j, sj, tj);
     sum_l.x += k.l;
     sum_r.x += k.r;
     sum_e.x += k.e;
+    sum_f.x += k.f;
     if (!kd_writes || g == nullptr) return 0.f;
     return divergence_grad<CODE, F>(k, kd_row, scale) + (with_ce ? xent.grad(j, sj) : 0.f);  // stored for kd
   });
   sum_l = block_reduce(sum_l, sum_scratch);
   if (CODE != KD) sum_r = block_reduce(sum_r, sum_scratch);
   if (weighs_row_sums<CODE>) sum_e = block_reduce(sum_e, sum_scratch);
-  const DivergenceRow<float> row_sums = divergence_row<CODE>(c, sum_l.x, sum_r.x, sum_e.x);
+  if (CODE == AKL) sum_f = block_reduce(sum_f, sum_scratch);
+  const DivergenceRow<float> row_sums = divergence_row<CODE>(c, sum_l.x, sum_r.x, sum_e.x, sum_f.x);
   if (threadIdx.x == 0) r.loss[row] = row_sums.loss * a.t2;
   // (3)
   const DivergenceRow<float>& grad_row = CODE == KD ? kd_row : row_sums;
   if (a.standardize && g != nullptr) {
     Sum2 sums;
-    walk_row(s, t, static_cast<T*>(nullptr), r.v, [&](int64_t, float sj, float tj) {
-      const float gj = divergence_grad<CODE, F>(terms(sj, tj), grad_row, scale);
+    walk_row(s, t, static_cast<T*>(nullptr), r.v, [&](int64_t j, float sj, float tj) {
+      const float gj = divergence_grad<CODE, F>(terms(j, sj, tj), grad_row, scale);
       if (sj != -INFINITY) sums.merge({gj, gj * zs.z(sj)});
       return 0.f;
     });
@@ -75,7 +129,7 @@ __global__ void __launch_bounds__(512) divergence_kernel(Rows<T> r, LaunchArgs a
   }
   if (!kd_writes && g != nullptr) {
     walk_row(s, t, g, r.v, [&](int64_t j, float sj, float tj) {
-      const float gj = divergence_grad<CODE, F>(terms(sj, tj), grad_row, scale);
+      const float gj = divergence_grad<CODE, F>(terms(j, sj, tj), grad_row, scale);
       return (a.standardize ? zs.grad(gj, sj) : gj) + (with_ce ? xent.grad(j, sj) : 0.f);
     });
   }

@@ -69,9 +69,21 @@ def _abkd_terms(code: int, lp: torch.Tensor, lq: torch.Tensor, a: float, b: floa
     return 0.5 * (lp - lq) ** 2  # ABKD_ZERO
 
 
-def divergence_terms(plan: Plan, lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+def akl_head(teacher: torch.Tensor, lp: torch.Tensor, mu: float) -> torch.Tensor:
+    """[N, V] bool, akl's head: the teacher's classes ranked by raw logit, descending, ties to the lower class index
+    (a stable sort; masked classes last), up to the last one whose cumulative probability is <= mu, and at least
+    the first (wutaiqiang/LLM_KD_AKL's get_ratio)."""
+    order = torch.sort(teacher, dim=-1, descending=True, stable=True).indices
+    in_head = lp.detach().exp().gather(-1, order).cumsum(-1) <= mu
+    in_head[..., 0] = True
+    return torch.zeros_like(in_head).scatter_(-1, order, in_head)
+
+
+def divergence_terms(plan: Plan, lp: torch.Tensor, lq: torch.Tensor,
+                     head: torch.Tensor | None = None) -> torch.Tensor:
     """Per-class statistics [N, V, S] of a divergence-family plan, whose row sums its loss combines: the loss terms
-    (S = 1), or for bdkd the terms of KL(p || q), of KL(q || p) and of H(p) - H(q) (S = 3). A class with p = q = 0
+    (S = 1); for bdkd the terms of KL(p || q), of KL(q || p) and of H(p) - H(q) (S = 3); for akl those of
+    KL(p || q), KL(q || p) and |p - q| on the ``head`` (akl_head) and off it (S = 4). A class with p = q = 0
     contributes 0."""
     absent = torch.isneginf(lp) & torch.isneginf(lq)
     lp = torch.where(absent, 0.0, lp)
@@ -97,15 +109,18 @@ def divergence_terms(plan: Plan, lp: torch.Tensor, lq: torch.Tensor) -> torch.Te
     elif code == Divergence.BDKD:  # q log q - p log p, as kl_terms against log 1 = 0
         zero = torch.zeros_like(lp)
         stats = [kl_terms(lp, lq), kl_terms(lq, lp), kl_terms(lq, zero) - kl_terms(lp, zero)]
+    elif code == Divergence.AKL:
+        gap = (lp.exp() - lq.exp()).abs()
+        stats = [kl_terms(lp, lq), kl_terms(lq, lp), torch.where(head, gap, 0.0), torch.where(head, 0.0, gap)]
     else:
         raise ValueError(f"not a divergence code: {code!r}")
     return torch.where(absent.unsqueeze(-1), 0.0, torch.stack(stats, -1))
 
 
-def divergence_sums(plan: Plan, lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+def divergence_sums(plan: Plan, lp: torch.Tensor, lq: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
     """The row sums [N, S] of the per-class statistics a divergence-family plan's loss combines (its terms); over a
     vocabulary shard they are the shard's part of the row's sums."""
-    return divergence_terms(plan, lp, lq).sum(-2)
+    return divergence_terms(plan, lp, lq, head).sum(-2)
 
 
 def divergence_combine(plan: Plan, sums: torch.Tensor) -> torch.Tensor:
@@ -115,12 +130,18 @@ def divergence_combine(plan: Plan, sums: torch.Tensor) -> torch.Tensor:
         w_fkl = torch.where(entropy_gap.detach() > 0, plan.params.w_fkl, 1.0)
         w_rkl = torch.where(entropy_gap.detach() < 0, plan.params.w_rkl, 1.0)
         return w_fkl * forward + w_rkl * reverse
+    if plan.code == Divergence.AKL:  # g_head / g and g_tail / g, not differentiated; 1/2 each where p = q (g = 0)
+        forward, reverse = sums[:, 0], sums[:, 1]
+        g_head, g_tail = sums[:, 2].detach(), sums[:, 3].detach()
+        g = g_head + g_tail
+        safe_g = torch.where(g > 0, g, 1.0)
+        return torch.where(g > 0, g_head / safe_g, 0.5) * forward + torch.where(g > 0, g_tail / safe_g, 0.5) * reverse
     return sums[:, 0]
 
 
-def divergence_rows(plan: Plan, lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-    """Per-row loss [N] of a divergence-family plan (before the T^2 factor)."""
-    return divergence_combine(plan, divergence_sums(plan, lp, lq))
+def divergence_rows(plan: Plan, lp: torch.Tensor, lq: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row loss [N] of a divergence-family plan (before the T^2 factor); akl needs its ``head``."""
+    return divergence_combine(plan, divergence_sums(plan, lp, lq, head))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -247,7 +268,8 @@ def row_losses(call, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torc
     lq = torch.log_softmax(zs / call.temperature, -1)
     lp = torch.log_softmax(zt / call.temperature, -1)
     if call.plan.family == DIVERGENCE:
-        loss = divergence_rows(call.plan, lp, lq)
+        head = akl_head(t, lp, call.plan.params.mu) if call.plan.code == Divergence.AKL else None
+        loss = divergence_rows(call.plan, lp, lq, head)
     else:
         loss = decoupled_rows(call.plan, lp, lq, decoupled_bins(call.plan, t, target, call.temperature * sd_t))
     if call.t2_scale:

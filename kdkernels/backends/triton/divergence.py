@@ -3,12 +3,13 @@ r_k = q_k dl/dq_k of every code, and g_j = (r_j - q_j sum_k r_k) / T).
 
 Passes. A row that fits one tile is loaded once (several short rows share a program). A longer row streams:
 (A) online max / sum of x = s / T and y = t / T, (B, walking back so the freshest tiles are still in L2) the row
-sums of l_k and r_k (and e_k for bdkd, whose weights depend on the row's entropies), (C) the gradient. kd knows
+sums of l_k and r_k (and e_k, f_k for bdkd and akl, whose weights depend on row sums), (C) the gradient. kd knows
 sum r = -1 and folds its loss into (C); rkl gets its loss l = sum r in (A) from
 kq = sum exp(x - mx) ((x - mx) - (y - my)), re-based when a max moves; both read the row twice. A row whose classes
 are all masked in both logits is left out like an ignored row. With STANDARDIZE a first pass takes both rows'
 moments (x and y are then the z-scores over T), and before (C) a read-only pass sums the gradient for the z-score's
-Jacobian (unless the row is one tile).
+Jacobian (unless the row is one tile). akl finds its head between (A) and (B) (_akl_head: 32 bisection passes over
+the teacher row, from registers when it is one tile).
 """
 
 from __future__ import annotations
@@ -34,13 +35,99 @@ ABKD_OPPOSITE = tl.constexpr(int(Divergence.ABKD_OPPOSITE))
 ABKD_ZERO = tl.constexpr(int(Divergence.ABKD_ZERO))
 WSD = tl.constexpr(int(Divergence.WSD))
 BDKD = tl.constexpr(int(Divergence.BDKD))
+AKL = tl.constexpr(int(Divergence.AKL))
+# akl's bisection on the teacher-logit axis (csrc/divergence.h AklHead): float32's order-preserving int32 keys, from
+# below -inf (lo) to +inf (hi); 32 halvings close the gap.
+KEY_BELOW_NEG_INF = tl.constexpr(-2139095042)
+KEY_POS_INF = tl.constexpr(2139095040)
+KEY_STEPS = tl.constexpr(32)
 
 
 @triton.jit
-def _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, a, b, w_fkl, w_rkl, CODE: tl.constexpr):
-    """Per-class (l_k, r_k, q_k, p_k, e_k) of a tile, from the row statistics (max, log-sum) of x and y; bdkd's
-    l_k and r_k are those of KL(p || q) and KL(q || p) (_row weighs them), e_k = q log q - p log p, 0 for the
-    others."""
+def _key_value(key):
+    """The float32 of an order-preserving key (negative floats have their magnitude bits flipped)."""
+    k = key.to(tl.int32)
+    return tl.where(k < 0, k ^ 0x7FFFFFFF, k).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _head_tile(t_ptr, rows64, t_stride, valid, cols, V, mean_t, tau_t, my, lzy, t, p, SINGLE_TILE: tl.constexpr):
+    """(raw teacher logits, teacher probabilities) of a tile: the registers' row when it is one tile, else loaded."""
+    if not SINGLE_TILE:
+        t = load_raw(t_ptr, rows64, t_stride, valid, cols, V)
+        p = tl.exp(log_softmax_tile(scaled(t, mean_t, tau_t), my, lzy))
+    return t, p
+
+
+@triton.jit
+def _akl_head(t_ptr, rows64, t_stride, valid, V, mean_t, tau_t, my, lzy, mu, t, p, SINGLE_TILE: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """akl's head per row as (value, end): head = {t > value} + {t == value, index < end} on the raw teacher logits
+    (docs/losses.md, "AKL"; csrc/divergence.h AklHead has the steps (a) to (c)). t and p: the row's tile when it is
+    one tile (else unused)."""
+    cols0 = tl.arange(0, BLOCK_V)
+    lo = tl.zeros([BLOCK_N], tl.int64) + KEY_BELOW_NEG_INF
+    hi = tl.zeros([BLOCK_N], tl.int64) + KEY_POS_INF
+    for _ in range(KEY_STEPS):  # (a) the least value u with A(u) = sum of p over {t > u} <= mu
+        mid = lo + (hi - lo) // 2
+        probe = _key_value(mid)[:, None]
+        above = tl.zeros([BLOCK_N], tl.float32)
+        for start in range(0, V, BLOCK_V):
+            tile_t, tile_p = _head_tile(t_ptr, rows64, t_stride, valid, start + cols0, V, mean_t, tau_t, my, lzy, t,
+                                        p, SINGLE_TILE)
+            above += tl.sum(tl.where(tile_t > probe, tile_p, 0.0), axis=1)
+        low = above <= mu
+        searching = hi - lo > 1  # (lo may still be the sentinel below -inf, never probed)
+        hi = tl.where(searching & low, mid, hi)
+        lo = tl.where(searching & ~low, mid, lo)
+    value = _key_value(hi)
+    mass = tl.zeros([BLOCK_N], tl.float32)  # (b) at u: A(u), the classes above, the tie group and its p
+    count_above = tl.zeros([BLOCK_N], tl.float32)
+    size = tl.zeros([BLOCK_N], tl.float32)
+    p_group = tl.zeros([BLOCK_N], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        tile_t, tile_p = _head_tile(t_ptr, rows64, t_stride, valid, start + cols0, V, mean_t, tau_t, my, lzy, t, p,
+                                    SINGLE_TILE)
+        above = tile_t > value[:, None]
+        tie = tile_t == value[:, None]
+        mass += tl.sum(tl.where(above, tile_p, 0.0), axis=1)
+        count_above += tl.sum(above.to(tl.float32), axis=1)
+        size += tl.sum(tie.to(tl.float32), axis=1)
+        p_group = tl.maximum(p_group, tl.max(tl.where(tie, tile_p, 0.0), axis=1))
+    room = (mu - mass) / tl.where(p_group > 0.0, p_group, 1.0)
+    share = tl.where((p_group > 0.0) & (room < size), tl.where(room > 0.0, tl.floor(room), 0.0), size)
+    share = tl.where((count_above == 0.0) & (share == 0.0), 1.0, share)
+    # (c) the least end with `share` ties before it, where the group is split
+    split = (share > 0.0) & (share < size)
+    lo = tl.zeros([BLOCK_N], tl.int64)
+    hi = tl.where(share > 0.0, V, 0).to(tl.int64)
+    lo = tl.where(split, lo, tl.maximum(hi - 1, 0))
+    while tl.max(hi - lo) > 1:
+        mid = lo + (hi - lo) // 2
+        ties = tl.zeros([BLOCK_N], tl.float32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + cols0
+            tile_t, tile_p = _head_tile(t_ptr, rows64, t_stride, valid, cols, V, mean_t, tau_t, my, lzy, t, p,
+                                        SINGLE_TILE)
+            ties += tl.sum(((tile_t == value[:, None]) & (cols[None, :] < mid[:, None])).to(tl.float32), axis=1)
+        enough = ties >= share
+        hi = tl.where(enough, mid, hi)
+        lo = tl.where(enough, lo, mid)
+    return value, hi
+
+
+@triton.jit
+def _in_head(t, cols, value, end):
+    """Whether the classes of a tile of raw teacher logits are in akl's head (_akl_head)."""
+    return (t > value[:, None]) | ((t == value[:, None]) & (cols[None, :] < end[:, None]))
+
+
+@triton.jit
+def _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, a, b, w_fkl, w_rkl, in_head,
+           CODE: tl.constexpr):
+    """Per-class (l_k, r_k, q_k, p_k, e_k, f_k) of a tile, from the row statistics (max, log-sum) of x and y; bdkd's
+    and akl's l_k and r_k are those of KL(p || q) and KL(q || p) (_row weighs them), bdkd's e_k = q log q - p log p,
+    akl's e_k and f_k = |p - q| on its head (in_head) and off it; 0 for the others."""
     lq = log_softmax_tile(x, mx, lzx)
     lp = log_softmax_tile(y, my, lzy)
     absent = (lq == NEG_INF) & (lp == NEG_INF)  # p = q = 0: masked, or below float32's range in both
@@ -49,6 +136,7 @@ def _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, a, b, w_f
     q = tl.exp(lq)
     p = tl.exp(lp)
     e = tl.zeros_like(q)
+    f = tl.zeros_like(q)
     if CODE == KD:
         loss = tl.where(lp == NEG_INF, 0.0, p * (lp - lq))
         r = -p
@@ -94,19 +182,24 @@ def _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, a, b, w_f
         rkl = tl.where(lq == NEG_INF, 0.0, q * (lq - lp))
         loss = w_fkl * tl.where(lp == NEG_INF, 0.0, p * (lp - lq)) + w_rkl * rkl
         r = w_rkl * rkl - w_fkl * p
-    else:  # BDKD
+    else:  # BDKD, AKL
         loss = tl.where(lp == NEG_INF, 0.0, p * (lp - lq))
         r = tl.where(lq == NEG_INF, 0.0, q * (lq - lp))
-        e = tl.where(lq == NEG_INF, 0.0, q * lq) - tl.where(lp == NEG_INF, 0.0, p * lp)
+        if CODE == BDKD:
+            e = tl.where(lq == NEG_INF, 0.0, q * lq) - tl.where(lp == NEG_INF, 0.0, p * lp)
+        else:
+            e = tl.where(in_head, tl.abs(p - q), 0.0)
+            f = tl.where(in_head, 0.0, tl.abs(p - q))
     zero = tl.zeros_like(q)
     return (tl.where(absent, zero, loss), tl.where(absent, zero, r), tl.where(absent, zero, q),
-            tl.where(absent, zero, p), tl.where(absent, zero, e))
+            tl.where(absent, zero, p), tl.where(absent, zero, e), tl.where(absent, zero, f))
 
 
 @triton.jit
-def _row(sum_l, sum_r, sum_e, w_fkl, w_rkl, CODE: tl.constexpr):
+def _row(sum_l, sum_r, sum_e, sum_f, w_fkl, w_rkl, CODE: tl.constexpr):
     """(row loss, a, b): the gradient takes a r_k + b p_k for r_k, whose row sum is a sum_r + b. bdkd weighs its
-    two KLs by w_fkl where H(p) > H(q) (sum_e > 0), by w_rkl where H(q) > H(p), else by 1, the weights constant."""
+    two KLs by w_fkl where H(p) > H(q) (sum_e > 0), by w_rkl where H(q) > H(p), else by 1; akl by g_head / g and
+    g_tail / g (sum_e, sum_f and their sum g; 1/2 each where g = 0); the weights are constant."""
     a = tl.zeros_like(sum_l) + 1.0
     b = tl.zeros_like(sum_l)
     loss = sum_l
@@ -114,13 +207,19 @@ def _row(sum_l, sum_r, sum_e, w_fkl, w_rkl, CODE: tl.constexpr):
         a = tl.where(sum_e < 0, w_rkl, 1.0)
         b = -tl.where(sum_e > 0, w_fkl, 1.0)
         loss = a * sum_r - b * sum_l
+    elif CODE == AKL:
+        g = sum_e + sum_f
+        safe_g = tl.where(g > 0, g, 1.0)
+        a = tl.where(g > 0, sum_f / safe_g, 0.5)
+        b = -tl.where(g > 0, sum_e / safe_g, 0.5)
+        loss = a * sum_r - b * sum_l
     return loss, a, b
 
 
 @triton.jit
 def _grad_terms(r, p, a, b, CODE: tl.constexpr):
     """The gradient's r_k (see _row)."""
-    if CODE == BDKD:
+    if CODE == BDKD or CODE == AKL:
         r = a[:, None] * r + b[:, None] * p
     return r
 
@@ -135,7 +234,7 @@ def _method_grad(r, q, sum_r, scale):
 def divergence_kernel(
     s_ptr, t_ptr, target_ptr, denom_ptr, loss_ptr, ce_ptr, grad_ptr,
     N, V, s_stride, t_stride, g_stride, ignore_index,
-    temperature, t2, ce_weight, distill_weight, mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta, w_fkl, w_rkl,
+    temperature, t2, ce_weight, distill_weight, mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta, w_fkl, w_rkl, mu,
     CODE: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_DENOM: tl.constexpr, WITH_CE: tl.constexpr,
     CE_APART: tl.constexpr, STANDARDIZE: tl.constexpr, WITH_GRAD: tl.constexpr, SINGLE_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -157,6 +256,9 @@ def divergence_kernel(
     sum_l = tl.zeros([BLOCK_N], tl.float32)
     sum_r = tl.zeros([BLOCK_N], tl.float32)
     sum_e = tl.zeros([BLOCK_N], tl.float32)
+    sum_f = tl.zeros([BLOCK_N], tl.float32)
+    head_value = tl.zeros([BLOCK_N], tl.float32)  # akl's head (_akl_head)
+    head_end = tl.zeros([BLOCK_N], tl.int64)
     cols0 = tl.arange(0, BLOCK_V)
     # (x = s / T, y = t / T; with STANDARDIZE the z-scores over T.)
     mean_s, sd_s, std_s, n_s, tau_s = row_zscore(s_ptr, rows64, s_stride, valid, V, temperature, STANDARDIZE,
@@ -166,7 +268,8 @@ def divergence_kernel(
     if SINGLE_TILE:
         s = load_raw(s_ptr, rows64, s_stride, valid, cols0, V)
         x = scaled(s, mean_s, tau_s)
-        y = load_scaled(t_ptr, rows64, t_stride, valid, cols0, V, mean_t, tau_t)
+        t = load_raw(t_ptr, rows64, t_stride, valid, cols0, V)
+        y = scaled(t, mean_t, tau_t)
         mx, zx = online_lse(mx, zx, x)
         my, zy = online_lse(my, zy, y)
         if CE_APART:
@@ -174,10 +277,13 @@ def divergence_kernel(
         else:
             m1, z1 = mx, zx
         kept = valid & ((mx != NEG_INF) | (my != NEG_INF))
-        loss, r, q, p, e = _terms(x, y, mx, tl.log(zx), my, tl.log(zy), mix_p, mix_q, log_mix_p, log_mix_q, alpha,
-                                  beta, w_fkl, w_rkl, CODE)
+        if CODE == AKL:
+            head_value, head_end = _akl_head(t_ptr, rows64, t_stride, valid, V, mean_t, tau_t, my, tl.log(zy), mu, t,
+                                             tl.exp(log_softmax_tile(y, my, tl.log(zy))), True, BLOCK_N, BLOCK_V)
+        loss, r, q, p, e, f = _terms(x, y, mx, tl.log(zx), my, tl.log(zy), mix_p, mix_q, log_mix_p, log_mix_q, alpha,
+                                     beta, w_fkl, w_rkl, _in_head(t, cols0, head_value, head_end), CODE)
         sum_r = tl.sum(r, axis=1)
-        sum_l, a, b = _row(tl.sum(loss, axis=1), sum_r, tl.sum(e, axis=1), w_fkl, w_rkl, CODE)
+        sum_l, a, b = _row(tl.sum(loss, axis=1), sum_r, tl.sum(e, axis=1), tl.sum(f, axis=1), w_fkl, w_rkl, CODE)
         sum_r = a * sum_r + b
         if CODE == KD:
             sum_r = tl.full([BLOCK_N], -1.0, tl.float32)
@@ -224,16 +330,21 @@ def divergence_kernel(
             sum_l = kq / zx - lzx + lzy
             sum_r = sum_l
         else:
+            if CODE == AKL:
+                head_value, head_end = _akl_head(t_ptr, rows64, t_stride, valid, V, mean_t, tau_t, my, lzy, mu, 0.0,
+                                                 0.0, False, BLOCK_N, BLOCK_V)
             for i in range(0, last + 1):
                 cols = (last - i) * BLOCK_V + cols0
                 x = load_scaled(s_ptr, rows64, s_stride, valid, cols, V, mean_s, tau_s)
-                y = load_scaled(t_ptr, rows64, t_stride, valid, cols, V, mean_t, tau_t)
-                loss, r, q, p, e = _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta,
-                                          w_fkl, w_rkl, CODE)
+                t = load_raw(t_ptr, rows64, t_stride, valid, cols, V)
+                loss, r, q, p, e, f = _terms(x, scaled(t, mean_t, tau_t), mx, lzx, my, lzy, mix_p, mix_q, log_mix_p,
+                                             log_mix_q, alpha, beta, w_fkl, w_rkl,
+                                             _in_head(t, cols, head_value, head_end), CODE)
                 sum_l += tl.sum(loss, axis=1)
                 sum_r += tl.sum(r, axis=1)
                 sum_e += tl.sum(e, axis=1)
-        sum_l, a, b = _row(sum_l, sum_r, sum_e, w_fkl, w_rkl, CODE)
+                sum_f += tl.sum(f, axis=1)
+        sum_l, a, b = _row(sum_l, sum_r, sum_e, sum_f, w_fkl, w_rkl, CODE)
         sum_r = a * sum_r + b
         mean_g, coef = n_s, n_s
         if STANDARDIZE and WITH_GRAD:  # the row sums of the z-score's Jacobian (kd's loss with them)
@@ -241,8 +352,8 @@ def divergence_kernel(
             for start in range(0, V, BLOCK_V):
                 s = load_raw(s_ptr, rows64, s_stride, valid, start + cols0, V)
                 y = load_scaled(t_ptr, rows64, t_stride, valid, start + cols0, V, mean_t, tau_t)
-                loss, r, q, p, e = _terms(scaled(s, mean_s, tau_s), y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p,
-                                          log_mix_q, alpha, beta, w_fkl, w_rkl, CODE)
+                loss, r, q, p, e, f = _terms(scaled(s, mean_s, tau_s), y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p,
+                                             log_mix_q, alpha, beta, w_fkl, w_rkl, s != s, CODE)
                 if CODE == KD:
                     sum_l += tl.sum(loss, axis=1)
                 tile_g, tile_gz = zscore_sums(_method_grad(_grad_terms(r, p, a, b, CODE), q, sum_r, g_scale), s,
@@ -255,8 +366,8 @@ def divergence_kernel(
                 cols = start + cols0
                 s = load_raw(s_ptr, rows64, s_stride, valid, cols, V)
                 y = load_scaled(t_ptr, rows64, t_stride, valid, cols, V, mean_t, tau_t)
-                loss, r, q, p, e = _terms(scaled(s, mean_s, tau_s), y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p,
-                                          log_mix_q, alpha, beta, w_fkl, w_rkl, CODE)
+                loss, r, q, p, e, f = _terms(scaled(s, mean_s, tau_s), y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p,
+                                             log_mix_q, alpha, beta, w_fkl, w_rkl, s != s, CODE)
                 if CODE == KD and not (STANDARDIZE and WITH_GRAD):
                     sum_l += tl.sum(loss, axis=1)
                 if WITH_GRAD:
