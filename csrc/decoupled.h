@@ -112,6 +112,7 @@ struct DecoupledRow {
   T loss;                  // before T^2; NaN for an out-of-range target
   T c[NUM_BINS];           // g_j = scale (c_b q^b_j - f_b p^b_j + r_b q^b_j (log q^b_j - log p^b_j))
   T f[NUM_BINS], r[NUM_BINS];
+  T ct[NUM_BINS];          // the teacher's: gt_j = scale (ct_b p^b_j + f_b p^b_j (log p^b_j - log q^b_j) - r_b q^b_j)
   // p^b_j = exp((y_j - mt_b) - lzt_b), q^b_j = exp((x_j - ms_b) - lzs_b): the max and the log-sum apart, since
   // rounding their sum (near a logit of 500, say) would cost exp(x - shift) that sum's absolute rounding error.
   T mt[NUM_BINS], lzt[NUM_BINS], ms[NUM_BINS], lzs[NUM_BINS];
@@ -160,9 +161,9 @@ KD_HD DecoupledRow<T> decoupled_row(const BinStats<T>& t, const BinStats<T>& s, 
     weight = ratio < c.max_weight ? ratio : c.max_weight;
   }
   const double w[NUM_BINS] = {0.0, c.w_strong, c.w_rest};  // a one-class bin has no in-bin KL
-  double loss = 0;
-  for (int b = 0; b < NUM_BINS; ++b) loss += is_neg_inf(lp[b]) ? 0.0 : exp(lp[b]) * (lp[b] - lq[b]);
-  loss *= weight;
+  double mass_kl = 0;
+  for (int b = 0; b < NUM_BINS; ++b) mass_kl += is_neg_inf(lp[b]) ? 0.0 : exp(lp[b]) * (lp[b] - lq[b]);
+  double loss = weight * mass_kl;
   DecoupledRow<T> row;
   for (int b = 0; b < NUM_BINS; ++b) {
     // (TOP1 has no in-bin term; ks_b is kept only when w_rkl != 0.)
@@ -174,6 +175,8 @@ KD_HD DecoupledRow<T> decoupled_row(const BinStats<T>& t, const BinStats<T>& s, 
     row.f[b] = T(f);
     row.r[b] = T(w[b] * c.w_rkl);
     row.c[b] = T(weight * (exp(lq[b]) - exp(lp[b])) + f - w[b] * c.w_rkl * rkl);
+    const double mass_term = is_neg_inf(lp[b]) ? 0.0 : weight * exp(lp[b]) * (lp[b] - lq[b] - mass_kl);
+    row.ct[b] = T(mass_term - f * fkl + w[b] * c.w_rkl);
     row.mt[b] = safe_shift(t.m[b]);
     row.lzt[b] = math_log(t.z[b]);
     row.ms[b] = safe_shift(s.m[b]);
@@ -181,6 +184,25 @@ KD_HD DecoupledRow<T> decoupled_row(const BinStats<T>& t, const BinStats<T>& s, 
   }
   row.loss = bad_target ? T(NAN) : T(loss);
   return row;
+}
+
+// The in-bin log-probabilities and probabilities of the classes of x, y (q^b, p^b 0 where x, y are masked).
+template <class V>
+struct InBin {
+  V log_q, log_p, q, p;
+};
+
+template <class O>
+KD_HD InBin<typename O::V> in_bin(const DecoupledRow<typename O::Scalar>& row, typename O::Mask in_top1,
+                                  typename O::Mask in_strong, typename O::V x, typename O::V y) {
+  using V = typename O::V;
+  using T = typename O::Scalar;
+  const V zero(T(0)), ninf(neg_inf<T>());
+  const V log_q = (x - pick<O>(in_top1, in_strong, row.ms[TOP1], row.ms[STRONG], row.ms[REST])) -
+                  pick<O>(in_top1, in_strong, row.lzs[TOP1], row.lzs[STRONG], row.lzs[REST]);
+  const V log_p = (y - pick<O>(in_top1, in_strong, row.mt[TOP1], row.mt[STRONG], row.mt[REST])) -
+                  pick<O>(in_top1, in_strong, row.lzt[TOP1], row.lzt[STRONG], row.lzt[REST]);
+  return {log_q, log_p, O::select(O::eq(x, ninf), zero, O::exp(log_q)), O::select(O::eq(y, ninf), zero, O::exp(log_p))};
 }
 
 // g_j = scale (c_b q^b_j - f_b p^b_j + r_b q^b_j (log q^b_j - log p^b_j)) for the classes of x, y (0 for masked
@@ -191,21 +213,35 @@ KD_HD typename O::V decoupled_grad(const DecoupledRow<typename O::Scalar>& row, 
                                    typename O::Scalar scale) {
   using V = typename O::V;
   using T = typename O::Scalar;
-  const V zero(T(0)), ninf(neg_inf<T>());
-  const V log_q = (x - pick<O>(in_top1, in_strong, row.ms[TOP1], row.ms[STRONG], row.ms[REST])) -
-                  pick<O>(in_top1, in_strong, row.lzs[TOP1], row.lzs[STRONG], row.lzs[REST]);
-  const V log_p = (y - pick<O>(in_top1, in_strong, row.mt[TOP1], row.mt[STRONG], row.mt[REST])) -
-                  pick<O>(in_top1, in_strong, row.lzt[TOP1], row.lzt[STRONG], row.lzt[REST]);
-  const V q_in = O::select(O::eq(x, ninf), zero, O::exp(log_q));
-  const V p_in = O::select(O::eq(y, ninf), zero, O::exp(log_p));
+  const V zero(T(0));
+  const InBin<V> b = in_bin<O>(row, in_top1, in_strong, x, y);
   const V c = pick<O>(in_top1, in_strong, row.c[TOP1], row.c[STRONG], row.c[REST]);
   const V f = pick<O>(in_top1, in_strong, row.f[TOP1], row.f[STRONG], row.f[REST]);
-  V g = c * q_in - f * p_in;
+  V g = c * b.q - f * b.p;
   if (row.r[STRONG] != T(0) || row.r[REST] != T(0)) {
     const V r = pick<O>(in_top1, in_strong, row.r[TOP1], row.r[STRONG], row.r[REST]);
-    g = g + O::select(O::eq(q_in, zero), zero, r * q_in * (log_q - log_p));  // (0 where q underflows, not 0 * inf)
+    g = g + O::select(O::eq(b.q, zero), zero, r * b.q * (b.log_q - b.log_p));  // (0 where q underflows, not 0 * inf)
   }
   return g * V(scale);
+}
+
+// The teacher's gradient gt_j = scale (ct_b p^b_j + f_b p^b_j (log p^b_j - log q^b_j) - r_b q^b_j) for the classes of
+// x, y (0 for the classes the teacher masks); the last term only when w_rkl != 0.
+template <class O>
+KD_HD typename O::V decoupled_teacher_grad(const DecoupledRow<typename O::Scalar>& row, typename O::Mask in_top1,
+                                           typename O::Mask in_strong, typename O::V x, typename O::V y,
+                                           typename O::Scalar scale) {
+  using V = typename O::V;
+  using T = typename O::Scalar;
+  const V zero(T(0));
+  const InBin<V> b = in_bin<O>(row, in_top1, in_strong, x, y);
+  const V ct = pick<O>(in_top1, in_strong, row.ct[TOP1], row.ct[STRONG], row.ct[REST]);
+  const V f = pick<O>(in_top1, in_strong, row.f[TOP1], row.f[STRONG], row.f[REST]);
+  V g = ct * b.p + O::select(O::eq(b.p, zero), zero, f * b.p * (b.log_p - b.log_q));
+  if (row.r[STRONG] != T(0) || row.r[REST] != T(0)) {
+    g = g - pick<O>(in_top1, in_strong, row.r[TOP1], row.r[STRONG], row.r[REST]) * b.q;
+  }
+  return O::select(O::eq(y, V(neg_inf<T>())), zero, g * V(scale));
 }
 
 }  // namespace KDKERNELS_MATH_NAMESPACE

@@ -41,10 +41,12 @@ KD_HD typename O::V log_add_exp(typename O::V u, typename O::V v) {
 template <int CODE>
 constexpr bool weighs_row_sums = CODE == BDKD || CODE == AKL;
 
-// A class's l_k, r_k, its probabilities, e_k and f_k (0 but for bdkd and akl).
+// A class's l_k, r_k, its probabilities, e_k and f_k (0 but for bdkd and akl), and rt_k = p_k dl/dp_k, the teacher's
+// counterpart of r_k (the gradient of the teacher's logits, docs/losses.md "Learnable temperature and the teacher's
+// gradient"); bdkd's and akl's rt_k is their forward KL's, l_k + p_k, weighed at the row (divergence_teacher_grad).
 template <class V>
 struct ClassTerms {
-  V l, r, q, p, e, f;
+  V l, r, q, p, e, f, rt;
 };
 
 // akl's head (docs/losses.md, "AKL"): the classes ranked by raw teacher logit t, descending, ties to the lower index,
@@ -118,72 +120,88 @@ KD_HD ClassTerms<typename O::V> divergence_terms(const DivergenceParams<typename
   lq = O::select(absent, zero, lq);
   lp = O::select(absent, zero, lp);
   const V q = O::exp(lq), p = O::exp(lp);
-  V l, r, e = zero, f = zero;
+  V l, r, rt, e = zero, f = zero;
   const T a = c.alpha, b = c.beta;
   if constexpr (CODE == KD) {
     l = kl_term<O>(p, lp, lq);
     r = zero - p;
+    rt = l + p;
   } else if constexpr (CODE == RKL) {
     l = kl_term<O>(q, lq, lp);
     r = l;
+    rt = zero - q;
   } else if constexpr (CODE == JSD) {
     const V lm = log_add_exp<O>(lp + V(c.log_mix_p), lq + V(c.log_mix_q));
     r = V(c.mix_q) * kl_term<O>(q, lq, lm);
-    l = V(c.mix_p) * kl_term<O>(p, lp, lm) + r;
+    rt = V(c.mix_p) * kl_term<O>(p, lp, lm);
+    l = rt + r;
   } else if constexpr (CODE == SKEW_FKL) {
     const V lm = log_add_exp<O>(lp + V(c.log_mix_p), lq + V(c.log_mix_q));
     l = kl_term<O>(p, lp, lm);
     r = zero - V(c.mix_q) * O::exp(lp + lq - lm);
+    rt = l - r;
   } else if constexpr (CODE == SKEW_RKL) {
     const V lm = log_add_exp<O>(lp + V(c.log_mix_p), lq + V(c.log_mix_q));
     l = kl_term<O>(q, lq, lm);
+    rt = zero - V(c.mix_p) * O::exp(lp + lq - lm);
     r = l + q - V(c.mix_q) * O::exp(lq + lq - lm);
   } else if constexpr (CODE == TVD) {
     l = V(T(0.5)) * O::abs(p - q);
     const V sign = O::select(O::gt(q, p), V(T(1)), O::select(O::lt(q, p), V(T(-1)), zero));
     r = V(T(0.5)) * q * sign;
+    rt = zero - V(T(0.5)) * p * sign;
   } else if constexpr (CODE == ABKD) {
     const T ab = a + b;
-    const V mixed = O::exp(V(a) * lp + V(b) * lq), q_ab = O::exp(V(ab) * lq);
-    l = (mixed - V(a / ab) * O::exp(V(ab) * lp) - V(b / ab) * q_ab) * V(T(-1) / (a * b));
+    const V mixed = O::exp(V(a) * lp + V(b) * lq), q_ab = O::exp(V(ab) * lq), p_ab = O::exp(V(ab) * lp);
+    l = (mixed - V(a / ab) * p_ab - V(b / ab) * q_ab) * V(T(-1) / (a * b));
     r = (q_ab - mixed) * V(T(1) / a);
+    rt = (p_ab - mixed) * V(T(1) / b);
   } else if constexpr (CODE == ABKD_ALPHA0) {
-    const V qb = O::exp(V(b) * lq);
-    l = (qb * V(b) * (lq - lp) - qb + O::exp(V(b) * lp)) * V(T(1) / (b * b));
+    const V qb = O::exp(V(b) * lq), pb = O::exp(V(b) * lp);
+    l = (qb * V(b) * (lq - lp) - qb + pb) * V(T(1) / (b * b));
     r = qb * (lq - lp);
+    rt = (pb - qb) * V(T(1) / b);
   } else if constexpr (CODE == ABKD_BETA0) {
     const V pa = O::exp(V(a) * lp), qa = O::exp(V(a) * lq);
     l = (pa * V(a) * (lp - lq) - pa + qa) * V(T(1) / (a * a));
     r = (qa - pa) * V(T(1) / a);
+    rt = O::select(O::eq(pa, zero), zero, pa * (lp - lq));
   } else if constexpr (CODE == ABKD_OPPOSITE) {
     const V ratio = O::exp(V(a) * (lp - lq));
     l = (V(a) * (lq - lp) + ratio - V(T(1))) * V(T(1) / (a * a));
     r = (V(T(1)) - ratio) * V(T(1) / a);
+    rt = zero - r;
   } else if constexpr (CODE == ABKD_ZERO) {
     const V d = lp - lq;
     l = V(T(0.5)) * d * d;
     r = lq - lp;
+    rt = d;
   } else if constexpr (CODE == WSD) {
-    const V rkl = kl_term<O>(q, lq, lp);
-    l = V(c.w_fkl) * kl_term<O>(p, lp, lq) + V(c.w_rkl) * rkl;
+    const V rkl = kl_term<O>(q, lq, lp), fkl = kl_term<O>(p, lp, lq);
+    l = V(c.w_fkl) * fkl + V(c.w_rkl) * rkl;
     r = V(c.w_rkl) * rkl - V(c.w_fkl) * p;
+    rt = V(c.w_fkl) * (fkl + p) - V(c.w_rkl) * q;
   } else if constexpr (CODE == BDKD) {
     l = kl_term<O>(p, lp, lq);
     r = kl_term<O>(q, lq, lp);
+    rt = l + p;
     e = kl_term<O>(q, lq, zero) - kl_term<O>(p, lp, zero);
   } else {
     static_assert(CODE == AKL, "a divergence code without a formula");
     l = kl_term<O>(p, lp, lq);
     r = kl_term<O>(q, lq, lp);
+    rt = l + p;
     const V gap = O::abs(p - q);
     e = O::select(in_head, gap, zero);
     f = O::select(in_head, zero, gap);
   }
   return {O::select(absent, zero, l), O::select(absent, zero, r), O::select(absent, zero, q),
-          O::select(absent, zero, p), O::select(absent, zero, e), O::select(absent, zero, f)};
+          O::select(absent, zero, p), O::select(absent, zero, e), O::select(absent, zero, f),
+          O::select(absent, zero, rt)};
 }
 
-// A row's loss and what its gradient needs: g_j = (a r_j + b p_j - q_j sum_r) * scale.
+// A row's loss and what its gradient needs: g_j = (a r_j + b p_j - q_j sum_r) * scale; the teacher's (with its row
+// sum of rt_k, sum_rt; divergence_teacher_grad) weighs bdkd's and akl's rt_k by -b and q_k by a.
 template <class T>
 struct DivergenceRow {
   T loss, a, b, sum_r;
@@ -204,6 +222,29 @@ KD_HD DivergenceRow<T> divergence_row(const DivergenceParams<T>& c, T sum_l, T s
   } else {
     return {sum_l, T(1), T(0), CODE == KD ? T(-1) : sum_r};
   }
+}
+
+// The teacher's rt_j (weighed for bdkd and akl, whose rt_k is their forward KL's: w_fkl rt_k - w_rkl q_k), and the row
+// sum of them from the sum of rt_k (sum q = 1).
+template <int CODE, class O>
+KD_HD typename O::V teacher_r(const ClassTerms<typename O::V>& k, const DivergenceRow<typename O::Scalar>& row) {
+  using V = typename O::V;
+  return weighs_row_sums<CODE> ? V(-row.b) * k.rt - V(row.a) * k.q : k.rt;
+}
+template <int CODE, class T>
+KD_HD T teacher_sum_r(const DivergenceRow<T>& row, T sum_rt) {
+  return weighs_row_sums<CODE> ? -row.b * sum_rt - row.a : sum_rt;
+}
+
+// The teacher's gradient gt_j = (rt_j - p_j sum_rt) * scale, rt_j and sum_rt from teacher_r / teacher_sum_r; 0 on the
+// classes the teacher masks (y = -inf: a mask, not a parameter).
+template <int CODE, class O>
+KD_HD typename O::V divergence_teacher_grad(const ClassTerms<typename O::V>& k,
+                                            const DivergenceRow<typename O::Scalar>& row,
+                                            typename O::Scalar sum_rt, typename O::V y, typename O::Scalar scale) {
+  using V = typename O::V;
+  using T = typename O::Scalar;
+  return O::select(O::eq(y, V(neg_inf<T>())), V(T(0)), (teacher_r<CODE, O>(k, row) - k.p * V(sum_rt)) * V(scale));
 }
 
 // g_j = (a r_j + b p_j - q_j sum_r) * scale, scale = (1/T) (T^2 if t2_scale) (1/denominator if reduced).

@@ -29,9 +29,19 @@ struct FamilyCall {
   at::Tensor loss_rows;         // [N] in the math type: float64 when an input is float64, else float32
   at::Tensor ce_rows;           // [N] likewise, the cross-entropy term's rows; undefined without with_ce
   at::Tensor grad;              // [N, V] contiguous in the student's dtype (the student itself in place), or empty(0)
+  // The full ops' outputs (add_full_outputs): the teacher's gradient, [N, V] contiguous in the teacher's dtype or
+  // empty(0), and d loss / d T per row, [N] in the math type; undefined for the other ops.
+  at::Tensor teacher_grad, temperature_grad;
   int64_t n, v;
   bool math_double;
 };
+
+// The outputs of a full op (a learnable temperature, a teacher that requires grad).
+inline void add_full_outputs(FamilyCall& call, bool teacher_grad) {
+  const auto options = call.teacher.options();
+  call.teacher_grad = teacher_grad ? at::empty({call.n, call.v}, options) : at::empty({0}, options);
+  call.temperature_grad = at::empty_like(call.loss_rows);
+}
 
 inline FamilyCall check_family_call(const char* op, const at::Tensor& student, const at::Tensor& teacher,
                                     const c10::optional<at::Tensor>& target,

@@ -17,6 +17,13 @@
 // as the loss, or an empty tensor when with_grad is false. The in-place sibling writes d loss / d student over the
 // student logits (each element is read before it is written) and has no autograd.
 //
+//   <family>_<backend>_full(student, ...the same but with_grad..., teacher_grad)
+//       -> (loss, parts, grad, teacher_grad, temperature_grad)
+//
+// is the full gradient (a learnable temperature, a teacher that requires grad): grad as with with_grad, the teacher's
+// gradient in the teacher's dtype (empty unless teacher_grad) and d loss / d T per row ([N], the math type), scaled
+// like grad, all from the same launch; no autograd (kdkernels/functional.py applies them).
+//
 //   scale_rows_(grad [N, V], factor 0-d or [N]): grad *= factor in place, rows whose factor is exactly 1 untouched
 //                                                (the backward of the family ops; CPU and CUDA kernels).
 //
@@ -43,6 +50,8 @@ TORCH_LIBRARY(kdkernels, m) {
       const std::string name = std::string(family) + "_" + backend;
       m.def((name + "(Tensor student, " KDKERNELS_FAMILY_ARGS ", bool with_grad) -> (Tensor, Tensor, Tensor)").c_str());
       m.def((name + "_(Tensor(a!) student, " KDKERNELS_FAMILY_ARGS ") -> (Tensor, Tensor)").c_str());
+      m.def((name + "_full(Tensor student, " KDKERNELS_FAMILY_ARGS
+             ", bool teacher_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)").c_str());
     }
   }
   m.def("scale_rows_(Tensor(a!) grad, Tensor factor) -> ()");

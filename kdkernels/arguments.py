@@ -65,6 +65,10 @@ def check_options(temperature: object, reduction: object, normalizer: object, ig
             raise TypeError(f"{name} must be a finite number, got {weight!r}")
         if weight < 0:
             raise ValueError(f"{name} must be >= 0, got {weight!r}")
+    if isinstance(temperature, torch.Tensor):
+        raise TypeError("temperature must be a number here: a 0-d tensor (a learnable temperature) is taken by "
+                        "distill_loss and the <method>_loss functions, not by linear_distill_loss, kdkernels.parallel "
+                        "or the loss modules")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
         raise TypeError(f"temperature must be a finite number, got {temperature!r}")
     if temperature <= 0:
@@ -210,6 +214,29 @@ def resolve(method: object, hyperparameters: dict, temperature=None, t2_scale=No
     check_options(temperature, reduction, normalizer, ignore_index, ce_weight, distill_weight, standardize)
     return Settings(spec.name, hp, spec.plan(hp), float(temperature), t2_scale, reduction, int(ignore_index),
                     normalizer, float(ce_weight), float(distill_weight), bool(return_parts), standardize)
+
+
+def split_temperature(temperature: object) -> tuple[object, Optional[Tensor]]:
+    """(the temperature's value, the tensor) of a 0-d floating-point tensor (read on the host), else (temperature,
+    None); its value is checked with the other options."""
+    if not isinstance(temperature, torch.Tensor):
+        return temperature, None
+    if temperature.dim() != 0 or not temperature.is_floating_point():
+        raise TypeError(f"temperature must be a number or a 0-d floating-point tensor, got a tensor of shape "
+                        f"{tuple(temperature.shape)} and dtype {temperature.dtype}")
+    return float(temperature.detach()), temperature
+
+
+def full_gradient(teacher: object, temperature: Optional[Tensor]) -> bool:
+    """Whether the loss needs the full gradient: the teacher's logits or the temperature require grad."""
+    wants = getattr(teacher, "requires_grad", False) or (temperature is not None and temperature.requires_grad)
+    return torch.is_grad_enabled() and wants
+
+
+def check_temperature_device(temperature: Optional[Tensor], device: torch.device) -> None:
+    if temperature is not None and temperature.device != device:
+        raise ValueError(f"temperature must be on the logits' device {device} (or a Python number), got a tensor "
+                         f"on {temperature.device}")
 
 
 def _checked_mask(mask: object, leading: torch.Size, device: torch.device) -> Tensor:

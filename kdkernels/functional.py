@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from . import backends
-from .arguments import check_float_tensor, resolve
+from .arguments import check_float_tensor, check_temperature_device, full_gradient, resolve, split_temperature
 from .backends.reference import compute_dtype, cross_entropy_rows
 from .methods import METHODS, get_method
 from .sparse import FoldStudent, SparseTeacher, teacher_bins
@@ -74,10 +74,13 @@ def distill_loss(
     Args:
         method: the method's name, e.g. "kd", "jsd", "dkd" (docs/losses.md has every definition).
         student_logits: [..., V] float tensor; the gradient flows to it.
-        teacher_logits: [..., V] float tensor (any float dtype); treated as a constant. Or a ``SparseTeacher``
+        teacher_logits: [..., V] float tensor (any float dtype); a constant unless it requires grad (online or
+            mutual distillation: the gradient then flows to it too, from the same kernel). Or a ``SparseTeacher``
             (the teacher's top-k; divergence family): the loss is then taken over its k + 1 bins (sparse.py).
         target: optional integer class indices [...]; rows equal to ``ignore_index`` are ignored.
-        temperature, t2_scale: default to the method's.
+        temperature, t2_scale: default to the method's. temperature may be a 0-d tensor that requires grad (a
+            learnable temperature, CTKD): d loss / d T then comes from the same kernel (its value is read on the
+            host once per call).
         reduction: "batchmean" (sum / number of rows not ignored), "sum" or "none" (per-row, leading shape).
         ignore_index: the target value of rows to ignore (an int).
         normalizer: a positive number, or a 0-d tensor on the logits' device, replacing the batchmean denominator
@@ -99,17 +102,29 @@ def distill_loss(
         float32 loss (float64 for float64 inputs): 0-d, or leading shape for reduction="none"; a ``LossParts`` of
         such tensors with ``return_parts``.
     """
+    temperature, temperature_tensor = split_temperature(temperature)
     settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index, normalizer,
                        ce_weight, distill_weight, return_parts, standardize)
     _check_logits(student_logits, teacher_logits)
     leading, v = student_logits.shape[:-1], student_logits.shape[-1]
     call = settings.bind(target, leading, v, student_logits.device, mask)
-    impl = backends.select_backend(backend, student_logits).impl
+    chosen = backends.select_backend(backend, student_logits)
     student = student_logits.reshape(-1, v)
+    full = full_gradient(teacher_logits, temperature_tensor)
     if isinstance(teacher_logits, SparseTeacher):
-        loss, parts = _sparse_loss(impl, call, student, teacher_logits, leading)
+        if full:
+            raise ValueError("a SparseTeacher is a constant and its temperature too: pass a number as temperature "
+                             "(or dense teacher_logits for a learnable temperature)")
+        loss, parts = _sparse_loss(chosen.impl, call, student, teacher_logits, leading)
+    elif full:
+        check_temperature_device(temperature_tensor, student_logits.device)
+        if chosen.full is None:
+            raise RuntimeError(f"backend={chosen.name!r} does not compute the teacher's gradient or d loss / d T yet "
+                               f"(a teacher that requires grad, a temperature tensor that requires grad); use "
+                               f"backend='triton' (CUDA) or 'cpu', or 'reference'")
+        loss, parts = chosen.full(call, student, teacher_logits.reshape(-1, v), temperature_tensor)
     else:
-        loss, parts = impl(call, student, teacher_logits.reshape(-1, v))
+        loss, parts = chosen.impl(call, student, teacher_logits.reshape(-1, v))
     return finish(call, loss, parts, leading)
 
 

@@ -432,6 +432,9 @@ def distill_loss(
         The loss of the whole vocabulary, identical on every rank: float32 (float64 for float64 inputs), 0-d, or
         the leading shape for reduction="none". Its gradient reaches this rank's student_logits shard.
     """
+    if torch.is_grad_enabled() and getattr(teacher_logits, "requires_grad", False):
+        raise ValueError("kdkernels.parallel treats the teacher as a constant: pass teacher_logits.detach() (the "
+                         "teacher's gradient is computed by kdkernels.distill_loss on whole rows)")
     settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index, normalizer,
                        ce_weight, distill_weight, return_parts, standardize)
     check_float_tensor("student_logits", student_logits)

@@ -43,7 +43,7 @@ def compile_for_h200(kernel, pointer_types, constexprs):
     assert "cubin" in compiled.asm or "ptx" in compiled.asm
 
 
-POINTERS = {"s_ptr": "*bf16", "t_ptr": "*fp32", "grad_ptr": "*bf16", "target_ptr": "*i64"}
+POINTERS = {"s_ptr": "*bf16", "t_ptr": "*fp32", "grad_ptr": "*bf16", "target_ptr": "*i64", "gt_ptr": "*fp32"}
 LAYOUTS = {"single": dict(SINGLE_TILE=True, BLOCK_N=4, BLOCK_V=1024), "stream": dict(SINGLE_TILE=False, BLOCK_N=1,
                                                                                     BLOCK_V=4096)}
 # The switches of every decoupled plan the test cases reach.
@@ -60,17 +60,19 @@ def compile_family(family: str) -> None:
 
     for layout in LAYOUTS.values():
         for standardize in (False, True):
+            # (the full gradient, whose teacher gradient goes through the z-score too, with standardize)
+            full = dict(FULL=standardize, TEACHER_GRAD=standardize, T2_SCALE=True)
             if family == "divergence":
                 for code in Divergence:
                     compile_for_h200(divergence_kernel, POINTERS, dict(
                         CODE=int(code), HAS_TARGET=True, HAS_DENOM=True, WITH_CE=True, CE_APART=True,
-                        STANDARDIZE=standardize, WITH_GRAD=True, **layout))
+                        STANDARDIZE=standardize, WITH_GRAD=True, **full, **layout))
             elif family == "decoupled":
                 for partition, split_top1, lowest, adaptive, forward, reverse in DECOUPLED:
                     compile_for_h200(decoupled_kernel, POINTERS, dict(
                         PARTITION=partition, SPLIT_TOP1=split_top1, LOWEST=lowest, ADAPTIVE=adaptive,
                         FORWARD=forward, REVERSE=reverse, HAS_TARGET=True, HAS_DENOM=False, WITH_CE=True,
-                        STANDARDIZE=standardize, WITH_GRAD=True, KPAD=8, **layout))
+                        STANDARDIZE=standardize, WITH_GRAD=True, KPAD=8, **full, **layout))
     if family == "scale":
         for per_row in (False, True):
             compile_for_h200(scale_rows_kernel, {"grad_ptr": "*bf16"}, dict(PER_ROW=per_row, BLOCK_V=4096))

@@ -7,7 +7,7 @@
 //   (1) per-bin maxima of x and y; a row whose classes are all masked in both logits stops here (loss 0,
 //       gradient 0); then per-bin sums, each class shifted by its own bin's maxima (one exp per class and side), and
 //       the sum of exp(s - max s) of the cross-entropy term;
-//   (2) the gradient.
+//   (2) the gradient (with the full gradient also the teacher's, and the row's d loss / d T).
 #include <array>
 #include <utility>
 
@@ -59,8 +59,8 @@ void teacher_top_k(const M* t, int64_t v, int64_t k, std::vector<std::pair<M, in
 // t_rank: the raw teacher row the partition ranks (t itself, or t's raw logits when t holds their z-scores), and
 // the threshold is in its units.
 template <int PARTITION, class M>
-M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M* ce, int64_t v,
-                const DecoupledParams<double>& c, M temperature, M threshold, M scale, M ce_scale,
+M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M* ce, M* gt, M* dtemp, int64_t v,
+                const DecoupledParams<double>& c, M temperature, M threshold, M scale, M ce_scale, bool t2_scale,
                 std::vector<std::pair<M, int64_t>>& heap) {
   using O = Ops<M>;
   using V = Vec<M>;
@@ -106,7 +106,7 @@ M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M
     ss.m[b] = max_lanes(ms[b]);
     masked = masked && is_neg_inf(st.m[b]) && is_neg_inf(ss.m[b]);
   }
-  if (masked) return skip_row(g, ce, v);
+  if (masked) return skip_row(g, ce, v, gt, dtemp);
   const M m1 = max_lanes(vm1);
   const V shift_1(safe_shift(m1));
   ChunkedSum<M> zt[NUM_BINS], kt[NUM_BINS], zs[NUM_BINS], ks[NUM_BINS], z1;
@@ -140,16 +140,26 @@ M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M
   const DecoupledRow<M> row = decoupled_row(st, ss, c, bad_target);
   const CrossEntropy<M> xent{m1, std::log(z1.sum()), ce_scale, target};
   if (ce != nullptr) *ce = xent.loss(s, v);  // (before the gradient overwrites s in place)
-  // (2) The gradient: the method's, plus the cross-entropy's with the term.
-  if (g != nullptr) {
+  // (2) The gradient: the method's, plus the cross-entropy's with the term; with the full gradient the teacher's too,
+  // and d loss / d T (the shifts: each model's largest bin max).
+  const bool full = dtemp != nullptr;
+  if (g != nullptr || full) {
     const M row_scale = bad_target ? M(NAN) : scale;
+    TemperatureGrad<M> dt{V(safe_shift(nan_max(nan_max(ss.m[TOP1], ss.m[STRONG]), ss.m[REST]))),
+                          V(safe_shift(nan_max(nan_max(st.m[TOP1], st.m[STRONG]), st.m[REST])))};
     for (int64_t j = 0; j < v; j += L) {
       const int64_t n = std::min(L, v - j);
-      const V sraw = load(s + j, n), traw = load(t + j, n);
+      const V sraw = load(s + j, n), traw = load(t + j, n), x = sraw / T, y = traw / T;
       const Masks in = bins_of(traw, j, n);
-      const V method_grad = decoupled_grad<O>(row, in[TOP1], in[STRONG], sraw / T, traw / T, row_scale);
-      (ce != nullptr ? method_grad + xent.grad(sraw, iota, j) : method_grad).store(g + j, n);
+      const V method_grad = decoupled_grad<O>(row, in[TOP1], in[STRONG], x, y, row_scale);
+      if (full) {
+        const V teacher_grad = decoupled_teacher_grad<O>(row, in[TOP1], in[STRONG], x, y, row_scale);
+        dt.add(x, method_grad, y, teacher_grad);
+        if (gt != nullptr) teacher_grad.store(gt + j, n);
+      }
+      if (g != nullptr) (ce != nullptr ? method_grad + xent.grad(sraw, iota, j) : method_grad).store(g + j, n);
     }
+    if (full) *dtemp = dt.value(t2_scale, row_scale, row.loss);
   }
   return row.loss;
 }
@@ -162,9 +172,9 @@ void decoupled_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
   heap.reserve(PARTITION == TOPK ? size_t(c.k) : 0);
   const M threshold(a.temperature * c.log_tau);  // THRESHOLD: t_i - max t >= T log(tau), in double like the others
   for_rows<M>(a, begin, end, buf, [&](const M* s, const M* t, int64_t target, M* g, M* ce, const M* t_rank,
-                                      M rank_scale) {
-    return decoupled_row<PARTITION, M>(s, t, t_rank, target, g, ce, a.v, c, M(a.temperature),
-                                       threshold * rank_scale, M(a.grad_scale), M(a.ce_scale), heap);
+                                      M rank_scale, M* gt, M* dtemp) {
+    return decoupled_row<PARTITION, M>(s, t, t_rank, target, g, ce, gt, dtemp, a.v, c, M(a.temperature),
+                                       threshold * rank_scale, M(a.grad_scale), M(a.ce_scale), a.t2_scale, heap);
   });
 }
 

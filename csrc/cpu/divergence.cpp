@@ -9,7 +9,9 @@
 //       log2(V) more to split a tie group;
 //   (2) per-class terms l_k, r_k (and e_k, f_k): the loss, and for kd (sum r = -1) the gradient;
 //   (3) for the other codes the gradient, from r_k and q_k that pass 2 kept in a row-sized buffer (so no exp is
-//       recomputed); bdkd and akl, whose r_k are weighted by their row sums, recompute their terms here.
+//       recomputed); bdkd and akl, whose r_k are weighted by their row sums, recompute their terms here. The full
+//       gradient (a learnable temperature, a teacher that requires grad) sums the teacher's rt_k in (2) and
+//       recomputes the terms in (3) for every code, writing the teacher's gradient and summing d loss / d T there.
 #include "../divergence.h"
 #include "rows.h"
 
@@ -61,8 +63,9 @@ std::pair<M, int64_t> akl_head(const M* t, const M* p, int64_t v, M mu) {
 }
 
 template <int CODE, class M>
-M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M* ce, M* r_buf, M* q_buf,
-                 int64_t v, const DivergenceParams<M>& c, M temperature, M scale, M ce_scale) {
+M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M* ce, M* gt, M* dtemp, M* r_buf,
+                 M* q_buf, int64_t v, const DivergenceParams<M>& c, M temperature, M scale, M ce_scale,
+                 bool t2_scale) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
@@ -75,7 +78,8 @@ M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, 
     vmy = O::max(vmy, load(t + j, n));
   }
   const M ms = max_lanes(vmx), mx = ms / temperature, my = max_lanes(vmy) / temperature;
-  if (is_neg_inf(mx) && is_neg_inf(my)) return skip_row(g, ce, v);
+  if (is_neg_inf(mx) && is_neg_inf(my)) return skip_row(g, ce, v, gt, dtemp);
+  const bool full = dtemp != nullptr;  // the full gradient: the teacher's (stored into gt unless null) and d / d T
   const V shift_x(safe_shift(mx)), shift_y(safe_shift(my)), shift_s(safe_shift(ms));
   const bool ce_apart = ce != nullptr && temperature != M(1);  // the cross-entropy's softmax is at T = 1
   ChunkedSum<M> zx, zy, zs;
@@ -109,7 +113,7 @@ M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, 
     return divergence_terms<CODE, O>(c, load(s + j, n) / T, load(t + j, n) / T, vmx_row, lzx, vmy_row, lzy, in_head);
   };
   // (2) Per-class terms.
-  ChunkedSum<M> sum_l, sum_r, sum_e, sum_f;
+  ChunkedSum<M> sum_l, sum_r, sum_e, sum_f, sum_rt;
   const DivergenceRow<M> kd_row = divergence_row<CODE>(c, M(0), M(0), M(0), M(0));  // (kd's gradient: no row sum)
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
@@ -118,7 +122,8 @@ M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, 
     sum_r.add(k.r);
     if constexpr (weighs_row_sums<CODE>) sum_e.add(k.e);
     if constexpr (CODE == AKL) sum_f.add(k.f);
-    if (g == nullptr) continue;
+    if (full) sum_rt.add(k.rt);
+    if (g == nullptr || full) continue;
     if constexpr (CODE == KD) {
       store_grad(divergence_grad<CODE, O>(k, kd_row, scale), j, n);
     } else if constexpr (!weighs_row_sums<CODE>) {
@@ -127,14 +132,28 @@ M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, 
     }
   }
   const DivergenceRow<M> row = divergence_row<CODE>(c, sum_l.sum(), sum_r.sum(), sum_e.sum(), sum_f.sum());
-  // (3) The gradient, once the row sums are known.
-  if (g != nullptr && CODE != KD) {
+  // (3) The gradient, once the row sums are known; the full gradient recomputes the terms (the teacher's rt_k, p_k).
+  if (full) {
+    const M sum_teacher_r = teacher_sum_r<CODE>(row, sum_rt.sum());
+    TemperatureGrad<M> dt{vmx_row, vmy_row};
+    for (int64_t j = 0; j < v; j += L) {
+      const int64_t n = std::min(L, v - j);
+      const ClassTerms<V> k = terms(j, n);
+      const V x = load(s + j, n) / T, y = load(t + j, n) / T;
+      const V method_grad = divergence_grad<CODE, O>(k, row, scale);
+      const V teacher_grad = divergence_teacher_grad<CODE, O>(k, row, sum_teacher_r, y, scale);
+      dt.add(x, method_grad, y, teacher_grad);
+      if (gt != nullptr) teacher_grad.store(gt + j, n);
+      if (g != nullptr) store_grad(method_grad, j, n);
+    }
+    *dtemp = dt.value(t2_scale, scale, row.loss);
+  } else if (g != nullptr && CODE != KD) {
     for (int64_t j = 0; j < v; j += L) {
       const int64_t n = std::min(L, v - j);
       const ClassTerms<V> k = weighs_row_sums<CODE>
                                   ? terms(j, n)
                                   : ClassTerms<V>{V(0), V::loadu(r_buf + j, n), V::loadu(q_buf + j, n), V(0), V(0),
-                                                  V(0)};
+                                                  V(0), V(0)};
       store_grad(divergence_grad<CODE, O>(k, row, scale), j, n);
     }
   }
@@ -144,13 +163,14 @@ M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, 
 template <int CODE, class M>
 void divergence_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
   const auto c = DivergenceParams<M>::from(a.params);
-  const bool keeps_terms = a.grad != nullptr && CODE != KD && !weighs_row_sums<CODE>;
+  const bool keeps_terms = a.grad != nullptr && a.temperature_grad == nullptr && CODE != KD && !weighs_row_sums<CODE>;
   RowBuffers<M> buf(a, keeps_terms ? 2 : CODE == AKL ? 1 : 0);  // (akl: the teacher's probabilities in r_buf)
   M* r_buf = buf.extra;
   M* q_buf = buf.extra + a.v;
-  for_rows<M>(a, begin, end, buf, [&](const M* s, const M* t, int64_t target, M* g, M* ce, const M* t_rank, M) {
-    return divergence_row<CODE, M>(s, t, t_rank, target, g, ce, r_buf, q_buf, a.v, c, M(a.temperature),
-                                   M(a.grad_scale), M(a.ce_scale));
+  for_rows<M>(a, begin, end, buf, [&](const M* s, const M* t, int64_t target, M* g, M* ce, const M* t_rank, M,
+                                      M* gt, M* dtemp) {
+    return divergence_row<CODE, M>(s, t, t_rank, target, g, ce, gt, dtemp, r_buf, q_buf, a.v, c, M(a.temperature),
+                                   M(a.grad_scale), M(a.ce_scale), a.t2_scale);
   });
 }
 

@@ -31,6 +31,12 @@ struct RowsArgs {
   double ce_scale;                // ce_weight / denominator: the cross-entropy's gradient factor
   bool math_double;               // float64 math (when an input is float64)
   bool standardize;               // z-score both rows first (logit standardization, row_math.h ZScore)
+  // The full gradient (a learnable temperature, a teacher that requires grad): with temperature_grad, the teacher's
+  // gradient too, stored into teacher_grad ([N, V] contiguous, the teacher's dtype) unless nullptr, and per row
+  // d loss / d T into temperature_grad ([N], the math type), both scaled like the student's.
+  void* teacher_grad = nullptr;
+  void* temperature_grad = nullptr;
+  bool t2_scale = false;
 };
 
 using RowsFn = void (*)(const RowsArgs&, int64_t begin, int64_t end);

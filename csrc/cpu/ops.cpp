@@ -38,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
     const std::optional<at::Tensor>& denominator, int64_t code, at::ArrayRef<double> params, double temperature,
     bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
-    bool standardize, bool with_grad, bool in_place) {
+    bool standardize, bool with_grad, bool in_place, FamilyCall* full = nullptr, bool teacher_grad = false) {
   const bool divergence = FAMILY == DIVERGENCE_FAMILY;
   const std::string name = std::string("kdkernels::") + (divergence ? "divergence" : "decoupled") + "_cpu" +
                            (in_place ? "_" : "");
@@ -47,6 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(
                                       divergence ? DivergenceParams<double>::size : DecoupledParams<double>::size,
                                       temperature, ce_weight, distill_weight, with_ce, with_grad, in_place);
   if (!divergence) check_decoupled_params(call, code, params);
+  if (full != nullptr) add_full_outputs(call, teacher_grad);
   const double t2 = t2_scale ? temperature * temperature : 1.0;
   const double inv_denom = reduce && denominator.has_value() ? 1.0 / denominator->item<double>() : 1.0;
   RowsArgs args{call.student.data_ptr(), call.teacher.data_ptr(), call.student.scalar_type(),
@@ -55,11 +56,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(
                 call.loss_rows.data_ptr(), with_ce ? call.ce_rows.data_ptr() : nullptr,
                 with_grad ? call.grad.data_ptr() : nullptr, call.n, call.v, int(code), params.data(), temperature, t2,
                 distill_weight * t2 / temperature * inv_denom, ce_weight * inv_denom, call.math_double, standardize};
+  if (full != nullptr) {
+    args.teacher_grad = teacher_grad ? call.teacher_grad.data_ptr() : nullptr;
+    args.temperature_grad = call.temperature_grad.data_ptr();
+    args.t2_scale = t2_scale;
+  }
   const RowsFn rows = kernel_for_this_cpu(FAMILY);
   // Enough rows per task to amortise its start, and never fewer than one row.
   const int64_t grain = std::max<int64_t>(1, 32768 / call.v);
   at::parallel_for(0, call.n, grain, [&](int64_t begin, int64_t end) { rows(args, begin, end); });
   auto [loss, parts] = finish_losses(call, denominator, reduce, ce_weight, distill_weight);
+  if (full != nullptr) *full = call;
   return {loss, parts, call.grad};
 }
 
@@ -87,6 +94,20 @@ std::tuple<at::Tensor, at::Tensor> family_cpu_(const at::Tensor& student, const 
   return {loss, parts};
 }
 
+template <Family FAMILY>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> family_cpu_full(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
+    const std::optional<at::Tensor>& denominator, int64_t code, at::ArrayRef<double> params, double temperature,
+    bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
+    bool standardize, bool teacher_grad) {
+  FamilyCall call;
+  auto [loss, parts, grad] = run_family<FAMILY>(student, teacher, target, denominator, code, params, temperature,
+                                                t2_scale, ignore_index, reduce, ce_weight, distill_weight, with_ce,
+                                                standardize, /*with_grad=*/true, /*in_place=*/false, &call,
+                                                teacher_grad);
+  return {loss, parts, grad, call.teacher_grad, call.temperature_grad};
+}
+
 // grad *= factor: a 0-d factor of exactly 1 skips the pass (a host read: the factor is on the CPU); low-precision
 // gradients are multiplied in float32 and rounded once.
 void scale_rows_cpu(const at::Tensor& grad, const at::Tensor& factor) {
@@ -111,6 +132,8 @@ TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
   m.impl("decoupled_cpu", &family_cpu<DECOUPLED_FAMILY>);
   m.impl("divergence_cpu_", &family_cpu_<DIVERGENCE_FAMILY>);
   m.impl("decoupled_cpu_", &family_cpu_<DECOUPLED_FAMILY>);
+  m.impl("divergence_cpu_full", &family_cpu_full<DIVERGENCE_FAMILY>);
+  m.impl("decoupled_cpu_full", &family_cpu_full<DECOUPLED_FAMILY>);
   m.impl("scale_rows_", &scale_rows_cpu);
 }
 

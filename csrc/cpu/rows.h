@@ -120,32 +120,54 @@ constexpr ScalarType math_dtype() {
   return std::is_same_v<M, double> ? ScalarType::Double : ScalarType::Float;
 }
 
-// Row-sized buffers of one worker: converted inputs, the gradient in M, whatever the family keeps per class, and with
-// standardize both rows' z-scores and a copy of the raw student row.
+// Row-sized buffers of one worker: converted inputs, the gradient in M, whatever the family keeps per class, with
+// standardize both rows' z-scores and a copy of the raw student row, and with the teacher's gradient its row in M.
 template <class M>
 struct RowBuffers {
   std::vector<M> memory;
-  M *s, *t, *g, *extra, *zs, *zt, *raw;
+  M *s, *t, *g, *extra, *zs, *zt, *raw, *gt;
 
   RowBuffers(const RowsArgs& a, int extra_rows)
-      : memory(size_t(a.v) * (3 + extra_rows + (a.standardize ? 3 : 0))) {
+      : memory(size_t(a.v) * (3 + extra_rows + (a.standardize ? 3 : 0) + (a.teacher_grad ? 1 : 0))) {
     s = memory.data();
     t = s + a.v;
     g = t + a.v;
     extra = g + a.v;
     zs = extra + size_t(a.v) * extra_rows;
-    zt = zs + a.v;
-    raw = zt + a.v;
+    zt = zs + (a.standardize ? a.v : 0);
+    raw = zt + (a.standardize ? a.v : 0);
+    gt = raw + (a.standardize ? a.v : 0);
   }
 };
 
-// Writes 0 over a gradient row and its cross-entropy (a row whose classes are all masked in both logits).
+// Writes 0 over a row's gradients, its cross-entropy and its d loss / d T (a row whose classes are all masked in both
+// logits).
 template <class M>
-M skip_row(M* g, M* ce, int64_t v) {
+M skip_row(M* g, M* ce, int64_t v, M* gt = nullptr, M* dtemp = nullptr) {
   if (g != nullptr) std::fill(g, g + v, M(0));
+  if (gt != nullptr) std::fill(gt, gt + v, M(0));
   if (ce != nullptr) *ce = M(0);
+  if (dtemp != nullptr) *dtemp = M(0);
   return M(0);
 }
+
+// A row's part of d loss / d T (docs/losses.md, "Learnable temperature"): -sum_j ((x_j - mx) g_j + (y_j - my) gt_j)
+// over vectors of classes (x = s / T and y = t / T, or the z-scores over T; the gradients before the z-score's
+// Jacobian), plus 2 scale l with T^2 scaling; masked classes add 0.
+template <class M>
+struct TemperatureGrad {
+  at::vec::Vectorized<M> shift_x, shift_y;
+  ChunkedSum<M> sum;
+
+  void add(const at::vec::Vectorized<M>& x, const at::vec::Vectorized<M>& g, const at::vec::Vectorized<M>& y,
+           const at::vec::Vectorized<M>& gt) {
+    using O = Ops<M>;
+    using V = Vec<M>;
+    const V ninf(neg_inf<M>()), zero(M(0));
+    sum.add(O::select(O::eq(x, ninf), zero, (x - shift_x) * g) + O::select(O::eq(y, ninf), zero, (y - shift_y) * gt));
+  }
+  M value(bool t2_scale, M scale, M loss) const { return (t2_scale ? M(2) * scale * loss : M(0)) - sum.sum(); }
+};
 
 // The cross-entropy term of one row at T = 1: -log softmax(s)_target = m1 + lz1 - s_target with m1 = max s and
 // lz1 = log sum exp(s - m1); its gradient ce_scale (exp(s_j - m1 - lz1) - [j = target]) joins the gradient row.
@@ -204,23 +226,47 @@ void write_zscore(const M* x, int64_t v, const ZScore<M>& zs, M* z) {
   }
 }
 
-// One row of the option standardize: row(zs, zt, target, g, nullptr, t, sd_t) -> loss runs the family on both rows'
-// z-scores (a partition ranks the raw teacher row t, its threshold scaled by the teacher's sd) and writes
-// G = dL/dz into g; here g becomes dL/ds through the z-score's Jacobian (row_math.h ZScore), and the cross-entropy
-// term, which keeps the raw logits, is added. buf holds the z-scores and, when g overwrites s (in place), a copy
-// of s.
+// g = dL/dz over a row becomes dL/dx through the z-score z of x (row_math.h ZScore), plus extra(j, n) (a vector).
+template <class M, class Extra>
+void through_zscore(M* g, const M* z, const ZScore<M>& zs, int64_t v, Extra&& extra) {
+  using O = Ops<M>;
+  using V = Vec<M>;
+  constexpr int64_t L = O::lanes;
+  const V ninf(neg_inf<M>()), zero(M(0));
+  ChunkedSum<M> sum_g, sum_gz;
+  for (int64_t j = 0; j < v; j += L) {
+    const int64_t n = std::min(L, v - j);
+    const V gj = V::loadu(g + j, n), zj = load(z + j, n);
+    const auto masked = O::eq(zj, ninf);
+    sum_g.add(O::select(masked, zero, gj));
+    sum_gz.add(O::select(masked, zero, gj * zj));
+  }
+  const V mean_g(sum_g.sum() / zs.n), inv_sd(M(1) / zs.sd), coef(zs.coef(sum_gz.sum()));
+  for (int64_t j = 0; j < v; j += L) {
+    const int64_t n = std::min(L, v - j);
+    const V zj = load(z + j, n);
+    (O::select(O::eq(zj, ninf), zero, (V::loadu(g + j, n) - mean_g) * inv_sd - zj * coef) + extra(j, n))
+        .store(g + j, n);
+  }
+}
+
+// One row of the option standardize: row(zs, zt, target, g, nullptr, t, sd_t, gt, dtemp) -> loss runs the family on
+// both rows' z-scores (a partition ranks the raw teacher row t, its threshold scaled by the teacher's sd) and writes
+// G = dL/dz into g (and the teacher's into gt; dtemp is d loss / d T, which the z-score does not change); here they
+// become dL/ds (dL/dt) through the z-scores' Jacobians (row_math.h ZScore), and the cross-entropy term, which keeps
+// the raw logits, is added. buf holds the z-scores and, when g overwrites s (in place), a copy of s.
 template <class M, class Row>
 M standardized_row(const M* s, const M* t, int64_t target, M* g, M* ce, int64_t v, M ce_scale, RowBuffers<M>& buf,
-                   Row&& row) {
+                   M* gt, M* dtemp, Row&& row) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
   const ZScore<M> student = row_zscore(s, v), teacher = row_zscore(t, v);
-  if (student.n == M(0) && teacher.n == M(0)) return skip_row(g, ce, v);  // all classes masked in both
+  if (student.n == M(0) && teacher.n == M(0)) return skip_row(g, ce, v, gt, dtemp);  // all classes masked in both
   write_zscore(s, v, student, buf.zs);
   write_zscore(t, v, teacher, buf.zt);
   if (g == s) s = static_cast<const M*>(std::memcpy(buf.raw, s, size_t(v) * sizeof(M)));
-  const V ninf(neg_inf<M>()), zero(M(0)), iota = O::iota();
+  const V ninf(neg_inf<M>()), iota = O::iota();
   CrossEntropy<M> xent{M(0), M(0), ce_scale, target};  // (with the term: m1 = max s, lz1 = log sum exp(s - m1))
   if (ce != nullptr) {
     V vm1 = ninf;
@@ -230,55 +276,56 @@ M standardized_row(const M* s, const M* t, int64_t target, M* g, M* ce, int64_t 
     for (int64_t j = 0; j < v; j += L) z1.add(O::exp(load(s + j, std::min(L, v - j)) - V(safe_shift(xent.m1))));
     xent.lz1 = std::log(z1.sum());
   }
-  const M loss = row(buf.zs, buf.zt, target, g, nullptr, t, teacher.sd);
+  const M loss = row(buf.zs, buf.zt, target, g, nullptr, t, teacher.sd, gt, dtemp);
   if (ce != nullptr) *ce = xent.loss(s, v);
-  if (g == nullptr) return loss;
-  ChunkedSum<M> sum_g, sum_gz;
-  for (int64_t j = 0; j < v; j += L) {
-    const int64_t n = std::min(L, v - j);
-    const V gj = V::loadu(g + j, n), zj = load(buf.zs + j, n);
-    const auto masked = O::eq(zj, ninf);
-    sum_g.add(O::select(masked, zero, gj));
-    sum_gz.add(O::select(masked, zero, gj * zj));
+  if (g != nullptr) {
+    through_zscore(g, buf.zs, student, v, [&](int64_t j, int64_t n) {
+      return ce != nullptr ? xent.grad(load(s + j, n), iota, j) : V(M(0));
+    });
   }
-  const V mean_g(sum_g.sum() / student.n), inv_sd(M(1) / student.sd), coef(student.coef(sum_gz.sum()));
-  for (int64_t j = 0; j < v; j += L) {
-    const int64_t n = std::min(L, v - j);
-    const V zj = load(buf.zs + j, n);
-    V gj = O::select(O::eq(zj, ninf), zero, (V::loadu(g + j, n) - mean_g) * inv_sd - zj * coef);
-    if (ce != nullptr) gj = gj + xent.grad(load(s + j, n), iota, j);
-    gj.store(g + j, n);
-  }
+  if (gt != nullptr) through_zscore(gt, buf.zt, teacher, v, [](int64_t, int64_t) { return V(M(0)); });
   return loss;
 }
 
-// Runs row(s, t, target, g, ce, t_rank, rank_scale) -> loss over the rows [begin, end): g is the gradient row in M
-// (nullptr without a gradient), written straight into the output when the student's dtype is M; ce is where the
-// row's cross-entropy goes (nullptr without the term); a partition ranks t_rank (t itself) and scales its threshold
-// by rank_scale (1). With standardize the row runs through standardized_row.
+// Runs row(s, t, target, g, ce, t_rank, rank_scale, gt, dtemp) -> loss over the rows [begin, end): g is the gradient
+// row in M (nullptr without a gradient), written straight into the output when the student's dtype is M; ce is where
+// the row's cross-entropy goes (nullptr without the term); a partition ranks t_rank (t itself) and scales its
+// threshold by rank_scale (1); gt is the teacher's gradient row in M (nullptr unless stored) and dtemp where the
+// row's d loss / d T goes (nullptr unless the full gradient is asked for). With standardize the row runs through
+// standardized_row.
 template <class M, class Row>
 void for_rows(const RowsArgs& a, int64_t begin, int64_t end, RowBuffers<M>& buf, Row&& row) {
   M* loss = static_cast<M*>(a.loss);
   M* ce_loss = static_cast<M*>(a.ce_loss);
+  M* temperature_grad = static_cast<M*>(a.temperature_grad);
   const bool grad_in_place = a.student_dtype == math_dtype<M>();
+  const bool teacher_grad_in_place = a.teacher_dtype == math_dtype<M>();
   const size_t grad_row_bytes = size_t(a.v) * c10::elementSize(a.student_dtype);
+  const size_t teacher_grad_row_bytes = size_t(a.v) * c10::elementSize(a.teacher_dtype);
   for (int64_t i = begin; i < end; ++i) {
     const int64_t target = a.target ? a.target[i] : 0;
     void* grad_row = a.grad ? static_cast<char*>(a.grad) + i * grad_row_bytes : nullptr;
+    void* teacher_grad_row = a.teacher_grad ? static_cast<char*>(a.teacher_grad) + i * teacher_grad_row_bytes
+                                            : nullptr;
     M* ce = ce_loss == nullptr ? nullptr : ce_loss + i;
+    M* dtemp = temperature_grad == nullptr ? nullptr : temperature_grad + i;
     if (a.target && target == a.ignore_index) {
       loss[i] = M(0);
       if (ce) *ce = M(0);
+      if (dtemp) *dtemp = M(0);
       if (grad_row) std::memset(grad_row, 0, grad_row_bytes);
+      if (teacher_grad_row) std::memset(teacher_grad_row, 0, teacher_grad_row_bytes);
       continue;
     }
     const M* s = row_as<M>(a.student, a.student_dtype, a.student_stride, i, a.v, buf.s);
     const M* t = row_as<M>(a.teacher, a.teacher_dtype, a.teacher_stride, i, a.v, buf.t);
     M* g = grad_row == nullptr ? nullptr : grad_in_place ? static_cast<M*>(grad_row) : buf.g;
-    loss[i] = (a.standardize ? standardized_row(s, t, target, g, ce, a.v, M(a.ce_scale), buf, row)
-                             : row(s, t, target, g, ce, t, M(1))) *
+    M* gt = teacher_grad_row == nullptr ? nullptr : teacher_grad_in_place ? static_cast<M*>(teacher_grad_row) : buf.gt;
+    loss[i] = (a.standardize ? standardized_row(s, t, target, g, ce, a.v, M(a.ce_scale), buf, gt, dtemp, row)
+                             : row(s, t, target, g, ce, t, M(1), gt, dtemp)) *
               M(a.t2);
     if (g != nullptr && !grad_in_place) store_row(g, a.v, a.student_dtype, grad_row);
+    if (gt != nullptr && !teacher_grad_in_place) store_row(gt, a.v, a.teacher_dtype, teacher_grad_row);
   }
 }
 

@@ -7,7 +7,9 @@
 
 A backend is registered with ``impl(call: LossCall, student [N, V], teacher [N, V]) -> (loss, parts)``: the loss
 (reduced, or [N] for reduction="none") and, not differentiable, its two terms unweighted, [distill, ce] reduced the same
-way ([2] or [2, N]; ce is 0 unless ``call.with_ce``), a test of the devices it runs on, and for a fused backend its
+way ([2] or [2, N]; ce is 0 unless ``call.with_ce``), with ``full(call, student, teacher, temperature)`` the same
+differentiable in the teacher and a 0-d ``temperature`` tensor too (the full gradient), a test of the devices it runs
+on, and for a fused backend its
 family ops and their in-place siblings (schema in ops.py) and its ``scale_rows`` (grad [N, V] *= factor, in place, rows
 whose factor is exactly 1 left untouched). ``backend="auto"`` takes the first available backend in the device's
 preference order; naming a backend that cannot run raises a RuntimeError that says why.
@@ -28,6 +30,7 @@ class Backend:
     name: str
     impl: Callable | None
     unavailable: Callable[[torch.device], str | None]  # None when it can run on that device, else the reason
+    full: Callable | None = None  # the full gradient: impl differentiable in the teacher and temperature too
     # Fused backends: {"divergence": op, "decoupled": op} (ops.py), their in-place siblings that overwrite the
     # student logits with d loss / d student and return the loss, and the in-place row scaling of gradients.
     ops: dict | None = None
@@ -93,4 +96,10 @@ def _reference_impl(call, student: torch.Tensor, teacher: torch.Tensor) -> tuple
                    call.distill_weight)
 
 
-register(Backend("reference", _reference_impl, lambda device: None))
+def _reference_full(call, student: torch.Tensor, teacher: torch.Tensor,
+                    temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return combine(*reference.row_losses(call, student, teacher, temperature), call.reduction, call.denominator,
+                   call.ce_weight, call.distill_weight)
+
+
+register(Backend("reference", _reference_impl, lambda device: None, full=_reference_full))

@@ -13,7 +13,7 @@ import torch
 
 from ..methods import FAMILIES
 from . import Backend, register
-from .ops import attach_family_ops, family_backend
+from .ops import attach_family_ops, family_backend, full_backend
 
 BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` in the repository (setup.py; needs a C++ "
               "compiler, and nvcc with a CUDA torch for the CUDA kernels)")
@@ -49,9 +49,12 @@ def _unavailable_on(backend: str):
 for _backend in ("cpu", "cuda"):
     if LOAD_ERROR is None:
         _scale = torch.ops.kdkernels.scale_rows_.default
-        _pairs = {family: attach_family_ops(family, _backend, _scale) for family in FAMILIES}
-        _ops = {family: pair[0] for family, pair in _pairs.items()}
-        register(Backend(_backend, family_backend(_ops), _unavailable_on(_backend), _ops,
-                         {family: pair[1] for family, pair in _pairs.items()}, _scale))
+        _triples = {family: attach_family_ops(family, _backend, _scale) for family in FAMILIES}
+        _ops = {family: ops[0] for family, ops in _triples.items()}
+        register(Backend(_backend, family_backend(_ops), _unavailable_on(_backend),
+                         # (the CUDA kernels have no full gradient yet: functional.py says so)
+                         full_backend({family: ops[2] for family, ops in _triples.items()}) if _backend == "cpu"
+                         else None, _ops,
+                         {family: ops[1] for family, ops in _triples.items()}, _scale))
     else:
         register(Backend(_backend, None, _unavailable_on(_backend)))

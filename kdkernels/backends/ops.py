@@ -16,7 +16,15 @@ cross-entropy against the target at T = 1), which is computed with ``with_ce`` (
 already scaled by 1 / denominator; otherwise they are per row ([N], [2, N]). ``grad`` is d loss / d student in the
 student's dtype (written in the same launch as the loss), or an empty tensor when ``with_grad`` is False. The
 in-place sibling overwrites the student logits with that gradient (the fused-linear path, which needs no logits
-afterwards) and has no autograd.
+afterwards) and has no autograd. The full sibling
+
+    kdkernels::<family>_<backend>_full(student, ...the same but with_grad..., teacher_grad)
+        -> (loss, parts, grad, teacher_grad, temperature_grad)
+
+is the full gradient (a learnable temperature, a teacher that requires grad: docs/losses.md, "Learnable temperature
+and the teacher's gradient"): from the same launch, grad, d loss / d teacher in the teacher's dtype (an empty tensor
+unless ``teacher_grad``) and d loss / d T per row ([N], float32 or float64), all scaled like grad; ``full_backend``
+applies them in an autograd Function.
 
 Backward multiplies the saved gradient in place by grad_output with the backend's ``scale_rows``, which skips rows
 whose factor is exactly 1 on the device: ``loss.backward()`` on a reduced loss costs no pass over the gradient.
@@ -38,6 +46,7 @@ _FAMILY_ARGS = ("Tensor teacher, Tensor? target, Tensor? denominator, int code, 
 # The schemas above, as csrc/kdkernels.cpp defines them for the extension's ops.
 SCHEMA = f"(Tensor student, {_FAMILY_ARGS}, bool with_grad) -> (Tensor, Tensor, Tensor)"
 INPLACE_SCHEMA = f"(Tensor(a!) student, {_FAMILY_ARGS}) -> (Tensor, Tensor)"
+FULL_SCHEMA = f"(Tensor student, {_FAMILY_ARGS}, bool teacher_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 NUM_INPUTS = 15  # of the out-of-place schema
 
 
@@ -58,6 +67,14 @@ def _fake(student, teacher, target, denominator, code, params, temperature, t2_s
 def _inplace_fake(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce,
                   ce_weight, distill_weight, with_ce, standardize):
     return _losses_like(student, teacher, reduce)
+
+
+def _full_fake(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce,
+               ce_weight, distill_weight, with_ce, standardize, teacher_grad):
+    loss, parts = _losses_like(student, teacher, reduce)
+    grad = torch.empty_like(student, memory_format=torch.contiguous_format)
+    grad_t = torch.empty_like(teacher, memory_format=torch.contiguous_format) if teacher_grad else teacher.new_empty(0)
+    return loss, parts, grad, grad_t, student.new_empty((student.shape[0],), dtype=loss.dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -96,10 +113,10 @@ def _autograd(backend: str, scale_rows: Callable[[Tensor, Tensor], None]) -> Cal
     return backward
 
 
-def define_family_ops(family: str, backend: str, launch: Callable, launch_inplace: Callable,
-                      scale_rows: Callable) -> tuple[Callable, Callable]:
-    """Defines ``kdkernels::<family>_<backend>`` and its in-place sibling in Python (the schema above), running
-    ``launch`` and ``launch_inplace``, with fake functions and autograd."""
+def define_family_ops(family: str, backend: str, launch: Callable, launch_inplace: Callable, launch_full: Callable,
+                      scale_rows: Callable) -> tuple[Callable, Callable, Callable]:
+    """Defines ``kdkernels::<family>_<backend>`` and its in-place and full siblings in Python (the schemas above),
+    running ``launch``, ``launch_inplace`` and ``launch_full``, with fake functions and autograd."""
     name = f"kdkernels::{family}_{backend}"
 
     def impl(student: Tensor, teacher: Tensor, target: Optional[Tensor], denominator: Optional[Tensor], code: int,
@@ -116,27 +133,37 @@ def define_family_ops(family: str, backend: str, launch: Callable, launch_inplac
         return launch_inplace(student, teacher, target, denominator, code, params, temperature, t2_scale,
                               ignore_index, reduce, ce_weight, distill_weight, with_ce, standardize)
 
+    def impl_full(student: Tensor, teacher: Tensor, target: Optional[Tensor], denominator: Optional[Tensor],
+                  code: int, params: List[float], temperature: float, t2_scale: bool, ignore_index: int,
+                  reduce: bool, ce_weight: float, distill_weight: float, with_ce: bool, standardize: bool,
+                  teacher_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return launch_full(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index,
+                           reduce, ce_weight, distill_weight, with_ce, standardize, teacher_grad)
+
     op = torch.library.custom_op(name, mutates_args=(), schema=SCHEMA)(impl)
     op.register_fake(_fake)
     op.register_autograd(_autograd(backend, scale_rows), setup_context=_setup_context)
     op_inplace = torch.library.custom_op(name + "_", mutates_args=("student",), schema=INPLACE_SCHEMA)(impl_inplace)
     op_inplace.register_fake(_inplace_fake)
+    torch.library.custom_op(name + "_full", mutates_args=(), schema=FULL_SCHEMA)(impl_full).register_fake(_full_fake)
     return _overloads(family, backend)
 
 
-def attach_family_ops(family: str, backend: str, scale_rows: Callable) -> tuple[Callable, Callable]:
-    """Adds the fake functions and autograd to ``kdkernels::<family>_<backend>`` and its in-place sibling, whose
-    schemas and kernels come from C++ (csrc/kdkernels.cpp)."""
+def attach_family_ops(family: str, backend: str, scale_rows: Callable) -> tuple[Callable, Callable, Callable]:
+    """Adds the fake functions and autograd to ``kdkernels::<family>_<backend>`` and its in-place and full
+    siblings, whose schemas and kernels come from C++ (csrc/kdkernels.cpp)."""
     name = f"kdkernels::{family}_{backend}"
     torch.library.register_fake(name)(_fake)
     torch.library.register_autograd(name, _autograd(backend, scale_rows), setup_context=_setup_context)
     torch.library.register_fake(name + "_")(_inplace_fake)
+    torch.library.register_fake(name + "_full")(_full_fake)
     return _overloads(family, backend)
 
 
-def _overloads(family: str, backend: str) -> tuple[Callable, Callable]:
+def _overloads(family: str, backend: str) -> tuple[Callable, Callable, Callable]:
     ops = torch.ops.kdkernels
-    return getattr(ops, f"{family}_{backend}").default, getattr(ops, f"{family}_{backend}_").default
+    return (getattr(ops, f"{family}_{backend}").default, getattr(ops, f"{family}_{backend}_").default,
+            getattr(ops, f"{family}_{backend}_full").default)
 
 
 def op_args(call) -> tuple:
@@ -157,3 +184,39 @@ def family_backend(ops: dict) -> Callable:
 
     return impl
 
+
+
+class _FullGradient(torch.autograd.Function):
+    """A full op's loss and parts, differentiable in the student, the teacher and the temperature (a 0-d tensor):
+    backward scales the gradients the op computed with the loss (rows by grad_output; d loss / d T summed over rows
+    with it)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, temperature, op, args):
+        loss, parts, grad, grad_teacher, grad_temperature = op(student.detach(), teacher.detach(), *args,
+                                                               teacher.requires_grad)
+        ctx.save_for_backward(grad, grad_teacher, grad_temperature)
+        ctx.teacher_grad = teacher.requires_grad
+        ctx.temperature_dtype = None if temperature is None else temperature.dtype
+        ctx.mark_non_differentiable(parts)
+        return loss, parts
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_parts):
+        grad, grad_teacher, grad_temperature = ctx.saved_tensors
+        factor = grad_loss.unsqueeze(-1) if grad_loss.dim() else grad_loss
+        d_temperature = None
+        if ctx.temperature_dtype is not None:
+            d_temperature = (grad_temperature * grad_loss.to(grad_temperature.dtype)).sum()
+            d_temperature = d_temperature.to(ctx.temperature_dtype)
+        d_teacher = grad_teacher * factor.to(grad_teacher.dtype) if ctx.teacher_grad else None
+        return grad * factor.to(grad.dtype), d_teacher, d_temperature, None, None
+
+
+def full_backend(full_ops: dict) -> Callable:
+    """The full-gradient impl of a fused backend (backends.Backend.full) calling its family ``full_ops``."""
+
+    def full(call, student: Tensor, teacher: Tensor, temperature: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        return _FullGradient.apply(student, teacher, temperature, full_ops[call.plan.family], op_args(call))
+
+    return full

@@ -249,12 +249,16 @@ def standardized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(finite, centred / sd, NEG_INF), sd
 
 
-def row_losses(call, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def row_losses(call, student: torch.Tensor, teacher: torch.Tensor,
+               temperature: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row losses [N] of ``call`` (arguments.LossCall) on 2-D logits: the method's loss (T^2 included) and,
     with ``call.with_ce``, the student's cross-entropy against the target at T = 1 (else None). Rows that are
-    ignored, or whose classes are all masked in both logits, are exactly 0 (loss and gradient)."""
+    ignored, or whose classes are all masked in both logits, are exactly 0 (loss and gradient). The teacher is a
+    constant unless it requires grad (then its classes masked by -inf stay constants); ``temperature``, a 0-d
+    tensor, replaces call.temperature where the loss is differentiated (the partitions use the number)."""
     dtype = compute_dtype(student, teacher)
-    teacher = teacher.detach()
+    teacher = torch.where(torch.isneginf(teacher), teacher.detach(), teacher) if teacher.requires_grad else teacher
+    T = call.temperature if temperature is None else temperature.to(dtype)
     masked = torch.isneginf(student).all(-1) & torch.isneginf(teacher).all(-1)
     kept = call.valid & ~masked
     keep = kept.unsqueeze(-1)
@@ -265,15 +269,17 @@ def row_losses(call, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torc
     zs, zt, sd_t = s, t, 1.0
     if call.standardize:
         (zs, _), (zt, sd_t) = standardized(s), standardized(t)
-    lq = torch.log_softmax(zs / call.temperature, -1)
-    lp = torch.log_softmax(zt / call.temperature, -1)
+    lq = torch.log_softmax(zs / T, -1)
+    lp = torch.log_softmax(zt / T, -1)
     if call.plan.family == DIVERGENCE:
-        head = akl_head(t, lp, call.plan.params.mu) if call.plan.code == Divergence.AKL else None
+        head = akl_head(t.detach(), lp, call.plan.params.mu) if call.plan.code == Divergence.AKL else None
         loss = divergence_rows(call.plan, lp, lq, head)
     else:
-        loss = decoupled_rows(call.plan, lp, lq, decoupled_bins(call.plan, t, target, call.temperature * sd_t))
+        bins = decoupled_bins(call.plan, t.detach(), target, call.temperature * sd_t.detach() if call.standardize
+                              else call.temperature)
+        loss = decoupled_rows(call.plan, lp, lq, bins)
     if call.t2_scale:
-        loss = loss * call.temperature**2
+        loss = loss * T**2
     ce = cross_entropy_rows(s, target, kept) if call.with_ce else None
     return torch.where(kept, loss, 0.0), ce
 

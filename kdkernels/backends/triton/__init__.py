@@ -17,7 +17,7 @@ import triton
 
 from ...methods import DIVERGENCE, FAMILIES, DecoupledParams, DivergenceParams
 from .. import Backend, combine, register
-from ..ops import define_family_ops, family_backend
+from ..ops import define_family_ops, family_backend, full_backend
 from .common import launch_shape, scale_rows_
 from .decoupled import decoupled_kernel
 from .divergence import divergence_kernel
@@ -26,9 +26,11 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _launch(family, student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce,
-            ce_weight, distill_weight, with_ce, standardize, grad):
+            ce_weight, distill_weight, with_ce, standardize, grad, teacher_grad=None, temperature_grad=None):
     """Runs the family's kernel on 2-D logits; ``grad`` is the gradient output ([N, V] contiguous, possibly
-    ``student`` itself) or None for a forward-only call. Returns (loss, parts), reduced or per row."""
+    ``student`` itself) or None for a forward-only call; the full gradient also writes ``temperature_grad`` ([N]
+    float32, d loss / d T per row) and, unless None, ``teacher_grad`` ([N, V] contiguous). Returns (loss, parts),
+    reduced or per row."""
     if torch.float64 in (student.dtype, teacher.dtype):
         raise TypeError("the Triton kernels compute in float32 and take float32, bfloat16 or float16 logits, not "
                         "float64 (backend='reference' computes float64)")
@@ -58,8 +60,11 @@ def _launch(family, student, teacher, target, denominator, code, params, tempera
             ce_rows if with_ce else rows, grad if grad is not None else rows, n, v, student.stride(0),
             teacher.stride(0), v, ignore_index, temperature, temperature**2 if t2_scale else 1.0,
             ce_weight if with_ce else 0.0, distill_weight, **named,
+            gt_ptr=teacher_grad if teacher_grad is not None else rows,
+            dtemp_ptr=temperature_grad if temperature_grad is not None else rows,
             HAS_TARGET=target is not None, HAS_DENOM=has_denom, WITH_CE=with_ce, STANDARDIZE=standardize,
-            WITH_GRAD=grad is not None,
+            WITH_GRAD=grad is not None, FULL=temperature_grad is not None, TEACHER_GRAD=teacher_grad is not None,
+            T2_SCALE=bool(t2_scale),
             SINGLE_TILE=single, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=warps, **switches,
         )
     reduction = ("batchmean" if denominator is not None else "sum") if reduce else "none"
@@ -86,6 +91,18 @@ def _in_place(family):
     return launch
 
 
+def _full(family):
+    def launch(student, teacher, *args):
+        *args, teacher_grad = args
+        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+        grad_t = torch.empty(teacher.shape, dtype=teacher.dtype, device=teacher.device) if teacher_grad else None
+        grad_temperature = torch.empty(student.shape[0], dtype=torch.float32, device=student.device)
+        loss, parts = _launch(family, student, teacher, *args, grad, grad_t, grad_temperature)
+        return loss, parts, grad, grad_t if teacher_grad else teacher.new_empty(0), grad_temperature
+
+    return launch
+
+
 def _unavailable(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None if torch.cuda.is_available() else "CUDA is not available"
@@ -94,8 +111,8 @@ def _unavailable(device: torch.device) -> str | None:
     return f"no Triton support for {device.type} tensors"
 
 
-_pairs = {family: define_family_ops(family, "triton", _out_of_place(family), _in_place(family), scale_rows_)
-          for family in FAMILIES}
-_ops = {family: pair[0] for family, pair in _pairs.items()}
-register(Backend("triton", family_backend(_ops), _unavailable, _ops, {family: pair[1] for family, pair in
-                                                                      _pairs.items()}, scale_rows_))
+_triples = {family: define_family_ops(family, "triton", _out_of_place(family), _in_place(family), _full(family),
+                                      scale_rows_) for family in FAMILIES}
+_ops = {family: ops[0] for family, ops in _triples.items()}
+register(Backend("triton", family_backend(_ops), _unavailable, full_backend({f: ops[2] for f, ops in _triples.items()}),
+                 _ops, {family: ops[1] for family, ops in _triples.items()}, scale_rows_))

@@ -139,6 +139,28 @@ def unstandardize(g, s, mean, sd, mean_g, coef, STANDARDIZE: tl.constexpr):
 
 
 @triton.jit
+def temperature_terms(x, mx, g, y, my, gt):
+    """A tile's part of -d loss / d T before the T^2 term (the full gradient; docs/losses.md): sum_j (x_j - mx) g_j +
+    (y_j - my) gt_j, g and gt the student's and teacher's gradients before the z-score's Jacobian, mx and my the
+    rows' maxes; masked classes add 0."""
+    return tl.sum(tl.where(x == NEG_INF, 0.0, (x - safe_max(mx)[:, None]) * g) +
+                  tl.where(y == NEG_INF, 0.0, (y - safe_max(my)[:, None]) * gt), axis=1)
+
+
+@triton.jit
+def store_teacher_tile(gt_ptr, rows64, g_stride, row_in, cols, V, gt, t, mean_t, sd_t, std_t, n_t, kept,
+                       STANDARDIZE: tl.constexpr):
+    """Stores the teacher's gradient of a row that is one tile (through the teacher's z-score with STANDARDIZE; 0 on
+    rows not kept)."""
+    mean_gt, coef_t = n_t, n_t
+    if STANDARDIZE:
+        sum_gt, sum_gtz = zscore_sums(gt, t, mean_t, sd_t)
+        mean_gt, coef_t = zscore_jacobian(sum_gt, sum_gtz, std_t, n_t)
+    gt = unstandardize(gt, t, mean_t, sd_t, mean_gt, coef_t, STANDARDIZE)
+    store_rows(gt_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], gt, 0.0))
+
+
+@triton.jit
 def store_rows(ptr, rows64, row_stride, row_ok, cols, V, value):
     """Stores a float32 tile in ptr's dtype. bfloat16 is rounded to nearest-even by hand: Triton's interpreter
     truncates that cast, which would make CPU-tested gradients a rounding step worse than the GPU's."""

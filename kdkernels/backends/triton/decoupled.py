@@ -23,7 +23,8 @@ import triton.language as tl
 
 from ...methods import Partition
 from .common import (NEG_INF, ce_grad, load_raw, online_lse, row_block, row_zscore, safe_max, scaled, store_rows,
-                     target_logit, unstandardize, zscore_jacobian, zscore_sums)
+                     store_teacher_tile, target_logit, temperature_terms, unstandardize, zscore_jacobian,
+                     zscore_sums)
 
 TARGET = tl.constexpr(int(Partition.TARGET))
 TOPK = tl.constexpr(int(Partition.TOPK))
@@ -199,16 +200,20 @@ def _in_bin_divergence(tz, tk, sz, sk, w_fkl, w_rkl, FORWARD: tl.constexpr, REVE
 
 
 @triton.jit
-def _method_grad(x, y, in_top1, in_strong, c1, c2, c3, f2, f3, r2, r3, t1, t2, t3, tz1, tz2, tz3, s1, s2, s3, sz1,
-                 sz2, sz3, scale, REVERSE: tl.constexpr):
-    """g = scale * (c_b q^b - f_b p^b + r_b q^b (log q^b - log p^b)) of a tile, b the element's bin (f, r = 0 in TOP1:
-    a one-class bin has no in-bin term)."""
-    c = _pick(in_top1, in_strong, c1, c2, c3)
-    f = tl.where(in_top1, 0.0, tl.where(in_strong, f2[:, None], f3[:, None]))
+def _in_bin(x, y, in_top1, in_strong, t1, t2, t3, tz1, tz2, tz3, s1, s2, s3, sz1, sz2, sz3):
+    """(log q^b, log p^b, q^b, p^b) of a tile, b the element's bin; q^b (p^b) is 0 where x (y) is masked."""
     log_q = x - _pick(in_top1, in_strong, s1, s2, s3) - tl.log(_pick(in_top1, in_strong, sz1, sz2, sz3))
     log_p = y - _pick(in_top1, in_strong, t1, t2, t3) - tl.log(_pick(in_top1, in_strong, tz1, tz2, tz3))
-    q_in = tl.where(x == NEG_INF, 0.0, tl.exp(log_q))
-    p_in = tl.where(y == NEG_INF, 0.0, tl.exp(log_p))
+    return log_q, log_p, tl.where(x == NEG_INF, 0.0, tl.exp(log_q)), tl.where(y == NEG_INF, 0.0, tl.exp(log_p))
+
+
+@triton.jit
+def _method_grad(in_top1, in_strong, log_q, log_p, q_in, p_in, c1, c2, c3, f2, f3, r2, r3, scale,
+                 REVERSE: tl.constexpr):
+    """g = scale * (c_b q^b - f_b p^b + r_b q^b (log q^b - log p^b)) of a tile (_in_bin), b the element's bin (f, r = 0
+    in TOP1: a one-class bin has no in-bin term)."""
+    c = _pick(in_top1, in_strong, c1, c2, c3)
+    f = tl.where(in_top1, 0.0, tl.where(in_strong, f2[:, None], f3[:, None]))
     g = c * q_in - f * p_in
     if REVERSE:
         r = tl.where(in_top1, 0.0, tl.where(in_strong, r2[:, None], r3[:, None]))
@@ -217,16 +222,39 @@ def _method_grad(x, y, in_top1, in_strong, c1, c2, c3, f2, f3, r2, r3, t1, t2, t
 
 
 @triton.jit
+def _teacher_grad(y, in_top1, in_strong, log_q, log_p, q_in, p_in, ct1, ct2, ct3, f2, f3, r2, r3, scale,
+                  REVERSE: tl.constexpr):
+    """The teacher's gt = scale * (ct_b p^b + f_b p^b (log p^b - log q^b) - r_b q^b) of a tile (the full gradient),
+    0 on the classes the teacher masks."""
+    ct = _pick(in_top1, in_strong, ct1, ct2, ct3)
+    f = tl.where(in_top1, 0.0, tl.where(in_strong, f2[:, None], f3[:, None]))
+    g = ct * p_in + tl.where(p_in == 0.0, 0.0, f * p_in * (log_p - log_q))
+    if REVERSE:
+        g -= tl.where(in_top1, 0.0, tl.where(in_strong, r2[:, None], r3[:, None])) * q_in
+    return tl.where(y == NEG_INF, 0.0, g * scale[:, None])
+
+
+@triton.jit
+def _teacher_coefficient(weight, lp, lq, mass_kl, f, fkl, r):
+    """ct_b = w P_b (log P_b - log Q_b - KL(P || Q)) - f_b KL(p^b || q^b) + r_b, in float32."""
+    mass = tl.where(lp == NEG_INF, 0.0, weight * tl.exp(lp) * (lp - lq - mass_kl))
+    return (mass - f * fkl + r).to(tl.float32)
+
+
+@triton.jit
 def decoupled_kernel(
     s_ptr, t_ptr, target_ptr, denom_ptr, loss_ptr, ce_ptr, grad_ptr,
     N, V, s_stride, t_stride, g_stride, ignore_index,
     temperature, t2, ce_weight, distill_weight, k, threshold, w_mass, w_strong, w_rest, w_fkl, w_rkl, max_weight,
-    PARTITION: tl.constexpr, SPLIT_TOP1: tl.constexpr, LOWEST: tl.constexpr, ADAPTIVE: tl.constexpr,
+    gt_ptr, dtemp_ptr, PARTITION: tl.constexpr, SPLIT_TOP1: tl.constexpr, LOWEST: tl.constexpr, ADAPTIVE: tl.constexpr,
     FORWARD: tl.constexpr, REVERSE: tl.constexpr, HAS_TARGET: tl.constexpr,
     HAS_DENOM: tl.constexpr, WITH_CE: tl.constexpr, STANDARDIZE: tl.constexpr, WITH_GRAD: tl.constexpr,
+    FULL: tl.constexpr, TEACHER_GRAD: tl.constexpr, T2_SCALE: tl.constexpr,
     SINGLE_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, KPAD: tl.constexpr,
 ):
-    # WITH_CE: the cross-entropy term (at T = 1), from a running (m1, z1) of the raw student logits in pass 2.
+    # WITH_CE: the cross-entropy term (at T = 1), from a running (m1, z1) of the raw student logits in pass 2. FULL
+    # (with WITH_GRAD): the teacher's gradient too (stored into gt_ptr with TEACHER_GRAD) and d loss / d T per row
+    # into dtemp_ptr, in pass 3.
     rows, row_in, rows64, tgt, valid, g_scale, ce_scale = row_block(
         target_ptr, denom_ptr, N, ignore_index, temperature, t2, ce_weight, distill_weight, HAS_TARGET, HAS_DENOM,
         BLOCK_N)
@@ -330,9 +358,30 @@ def decoupled_kernel(
         r2 = zero + w_strong * w_rkl
         r3 = zero + w_rest * w_rkl
         lz1 = tl.log(z1)
+        # The full gradient: the teacher's coefficients, and -d loss / d T before its T^2 term, shifted by the maxes.
+        fkl2 = zero.to(tl.float64)
+        fkl3 = zero.to(tl.float64)
+        if FORWARD:
+            fkl2 = _in_bin_kl(tz2, tk2, sz2)
+            fkl3 = _in_bin_kl(tz3, tk3, sz3)
+        ct1 = _teacher_coefficient(weight, lp1, lq1, mass_kl, 0.0, 0.0, 0.0)
+        ct2 = _teacher_coefficient(weight, lp2, lq2, mass_kl, f2, fkl2, r2)
+        ct3 = _teacher_coefficient(weight, lp3, lq3, mass_kl, f3, fkl3, r3)
+        mx = tl.maximum(s1, tl.maximum(s2, s3))
+        my = tl.maximum(t1, tl.maximum(t2_, t3))
+        dtemp = zero
         if SINGLE_TILE:
-            g = _method_grad(x, y, in_top1, in_strong, c1, c2, c3, f2, f3, r2, r3, t1, t2_, t3, tz1, tz2, tz3, s1,
-                             s2, s3, sz1, sz2, sz3, g_scale, REVERSE)
+            log_q, log_p, q_in, p_in = _in_bin(x, y, in_top1, in_strong, t1, t2_, t3, tz1, tz2, tz3, s1, s2, s3, sz1,
+                                               sz2, sz3)
+            g = _method_grad(in_top1, in_strong, log_q, log_p, q_in, p_in, c1, c2, c3, f2, f3, r2, r3, g_scale,
+                             REVERSE)
+            if FULL:
+                gt = _teacher_grad(y, in_top1, in_strong, log_q, log_p, q_in, p_in, ct1, ct2, ct3, f2, f3, r2, r3,
+                                   g_scale, REVERSE)
+                dtemp = temperature_terms(x, mx, g, y, my, gt)
+                if TEACHER_GRAD:
+                    store_teacher_tile(gt_ptr, rows64, g_stride, row_in, cols0, V, gt, t, mean_t, sd_t, std_t, n_t,
+                                       kept, STANDARDIZE)
             mean_g, coef = n_s, n_s
             if STANDARDIZE:
                 sum_g, sum_gz = zscore_sums(g, s, mean_s, sd_s)
@@ -343,31 +392,56 @@ def decoupled_kernel(
             store_rows(grad_ptr, rows64, g_stride, row_in, cols0, V, tl.where(kept[:, None], g, 0.0))
         else:
             mean_g, coef = n_s, n_s
-            if STANDARDIZE:  # the row sums of the z-score's Jacobian
+            mean_gt, coef_t = n_t, n_t
+            if STANDARDIZE:  # the row sums of the z-scores' Jacobians
                 sum_g, sum_gz = tl.zeros_like(n_s), tl.zeros_like(n_s)
+                sum_gt, sum_gtz = tl.zeros_like(n_t), tl.zeros_like(n_t)
                 for start in range(0, V, BLOCK_V):
                     cols = start + cols0
                     s = load_raw(s_ptr, rows64, s_stride, valid, cols, V)
                     t = load_raw(t_ptr, rows64, t_stride, valid, cols, V)
+                    y = scaled(t, mean_t, tau_t)
                     in_top1, in_strong = _membership(t, cols, tgt, kth_v, kth_i, top1_i, t_max, threshold,
                                                      PARTITION, SPLIT_TOP1, LOWEST)
-                    g = _method_grad(scaled(s, mean_s, tau_s), scaled(t, mean_t, tau_t), in_top1, in_strong, c1, c2,
-                                     c3, f2, f3, r2, r3, t1, t2_, t3, tz1, tz2, tz3, s1, s2, s3, sz1, sz2, sz3,
+                    log_q, log_p, q_in, p_in = _in_bin(scaled(s, mean_s, tau_s), y, in_top1, in_strong, t1, t2_, t3,
+                                                       tz1, tz2, tz3, s1, s2, s3, sz1, sz2, sz3)
+                    g = _method_grad(in_top1, in_strong, log_q, log_p, q_in, p_in, c1, c2, c3, f2, f3, r2, r3,
                                      g_scale, REVERSE)
                     tile_g, tile_gz = zscore_sums(g, s, mean_s, sd_s)
                     sum_g += tile_g
                     sum_gz += tile_gz
+                    if TEACHER_GRAD:
+                        gt = _teacher_grad(y, in_top1, in_strong, log_q, log_p, q_in, p_in, ct1, ct2, ct3, f2, f3,
+                                           r2, r3, g_scale, REVERSE)
+                        tile_g, tile_gz = zscore_sums(gt, t, mean_t, sd_t)
+                        sum_gt += tile_g
+                        sum_gtz += tile_gz
                 mean_g, coef = zscore_jacobian(sum_g, sum_gz, std_s, n_s)
+                mean_gt, coef_t = zscore_jacobian(sum_gt, sum_gtz, std_t, n_t)
             for start in range(0, V, BLOCK_V):
                 cols = start + cols0
                 s = load_raw(s_ptr, rows64, s_stride, valid, cols, V)
+                x = scaled(s, mean_s, tau_s)
                 t = load_raw(t_ptr, rows64, t_stride, valid, cols, V)
+                y = scaled(t, mean_t, tau_t)
                 in_top1, in_strong = _membership(t, cols, tgt, kth_v, kth_i, top1_i, t_max, threshold, PARTITION,
                                                  SPLIT_TOP1, LOWEST)
-                g = _method_grad(scaled(s, mean_s, tau_s), scaled(t, mean_t, tau_t), in_top1, in_strong, c1, c2, c3,
-                                 f2, f3, r2, r3, t1, t2_, t3, tz1, tz2, tz3, s1, s2, s3, sz1, sz2, sz3, g_scale,
+                log_q, log_p, q_in, p_in = _in_bin(x, y, in_top1, in_strong, t1, t2_, t3, tz1, tz2, tz3, s1, s2, s3,
+                                                   sz1, sz2, sz3)
+                g = _method_grad(in_top1, in_strong, log_q, log_p, q_in, p_in, c1, c2, c3, f2, f3, r2, r3, g_scale,
                                  REVERSE)
+                if FULL:
+                    gt = _teacher_grad(y, in_top1, in_strong, log_q, log_p, q_in, p_in, ct1, ct2, ct3, f2, f3, r2,
+                                       r3, g_scale, REVERSE)
+                    dtemp += temperature_terms(x, mx, g, y, my, gt)
+                    if TEACHER_GRAD:
+                        gt = unstandardize(gt, t, mean_t, sd_t, mean_gt, coef_t, STANDARDIZE)
+                        store_rows(gt_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], gt, 0.0))
                 g = unstandardize(g, s, mean_s, sd_s, mean_g, coef, STANDARDIZE)
                 if WITH_CE:
                     g += ce_grad(s, cols, tgt, m1, lz1, ce_scale)
                 store_rows(grad_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], g, 0.0))
+        if FULL:  # d loss / d T = 2 L / T (with T^2 scaling) - sum_j ((x_j - mx) g_j + (y_j - my) gt_j)
+            if T2_SCALE:
+                dtemp -= (2.0 * g_scale * loss).to(tl.float32)
+            tl.store(dtemp_ptr + rows, tl.where(kept, -dtemp, 0.0), mask=row_in)

@@ -19,8 +19,8 @@ import triton.language as tl
 
 from ...methods import Divergence
 from .common import (NEG_INF, ce_grad, load_raw, load_scaled, log_softmax_tile, logaddexp, online_lse, row_block,
-                     row_zscore, safe_max, scaled, store_rows, target_logit, unstandardize, zscore_jacobian,
-                     zscore_sums)
+                     row_zscore, safe_max, scaled, store_rows, store_teacher_tile, target_logit, temperature_terms,
+                     unstandardize, zscore_jacobian, zscore_sums)
 
 KD = tl.constexpr(int(Divergence.KD))
 RKL = tl.constexpr(int(Divergence.RKL))
@@ -125,9 +125,10 @@ def _in_head(t, cols, value, end):
 @triton.jit
 def _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, a, b, w_fkl, w_rkl, in_head,
            CODE: tl.constexpr):
-    """Per-class (l_k, r_k, q_k, p_k, e_k, f_k) of a tile, from the row statistics (max, log-sum) of x and y; bdkd's
-    and akl's l_k and r_k are those of KL(p || q) and KL(q || p) (_row weighs them), bdkd's e_k = q log q - p log p,
-    akl's e_k and f_k = |p - q| on its head (in_head) and off it; 0 for the others."""
+    """Per-class (l_k, r_k, q_k, p_k, e_k, f_k, rt_k) of a tile, from the row statistics (max, log-sum) of x and y;
+    bdkd's and akl's l_k and r_k are those of KL(p || q) and KL(q || p) (_row weighs them), bdkd's
+    e_k = q log q - p log p, akl's e_k and f_k = |p - q| on its head (in_head) and off it, 0 for the others; rt_k =
+    p_k dl/dp_k, the teacher's r_k (bdkd's and akl's: their forward KL's, weighed in _teacher_r)."""
     lq = log_softmax_tile(x, mx, lzx)
     lp = log_softmax_tile(y, my, lzy)
     absent = (lq == NEG_INF) & (lp == NEG_INF)  # p = q = 0: masked, or below float32's range in both
@@ -140,51 +141,66 @@ def _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, a, b, w_f
     if CODE == KD:
         loss = tl.where(lp == NEG_INF, 0.0, p * (lp - lq))
         r = -p
+        rt = loss + p
     elif CODE == RKL:
         loss = tl.where(lq == NEG_INF, 0.0, q * (lq - lp))
         r = loss
+        rt = -q
     elif CODE == JSD:
         lm = logaddexp(lp + log_mix_p, lq + log_mix_q)
         r = mix_q * tl.where(lq == NEG_INF, 0.0, q * (lq - lm))
-        loss = mix_p * tl.where(lp == NEG_INF, 0.0, p * (lp - lm)) + r
+        rt = mix_p * tl.where(lp == NEG_INF, 0.0, p * (lp - lm))
+        loss = rt + r
     elif CODE == SKEW_FKL:
         lm = logaddexp(lp + log_mix_p, lq + log_mix_q)
         loss = tl.where(lp == NEG_INF, 0.0, p * (lp - lm))
         r = -mix_q * tl.exp(lp + lq - lm)
+        rt = loss - r
     elif CODE == SKEW_RKL:
         lm = logaddexp(lp + log_mix_p, lq + log_mix_q)
         loss = tl.where(lq == NEG_INF, 0.0, q * (lq - lm))
         r = loss + q - mix_q * tl.exp(2.0 * lq - lm)
+        rt = -mix_p * tl.exp(lp + lq - lm)
     elif CODE == TVD:
         loss = 0.5 * tl.abs(p - q)
-        r = 0.5 * q * tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0))
+        sign = tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0))
+        r = 0.5 * q * sign
+        rt = -0.5 * p * sign
     elif CODE == ABKD:
         ab = a + b
         mixed = tl.exp(a * lp + b * lq)
         loss = -(mixed - a / ab * tl.exp(ab * lp) - b / ab * tl.exp(ab * lq)) / (a * b)
         r = (tl.exp(ab * lq) - mixed) / a
+        rt = (tl.exp(ab * lp) - mixed) / b
     elif CODE == ABKD_ALPHA0:
         qb = tl.exp(b * lq)
         loss = (qb * b * (lq - lp) - qb + tl.exp(b * lp)) / (b * b)
         r = qb * (lq - lp)
+        rt = (tl.exp(b * lp) - qb) / b
     elif CODE == ABKD_BETA0:
         pa = tl.exp(a * lp)
         loss = (pa * a * (lp - lq) - pa + tl.exp(a * lq)) / (a * a)
         r = (tl.exp(a * lq) - pa) / a
+        rt = tl.where(pa == 0.0, 0.0, pa * (lp - lq))
     elif CODE == ABKD_OPPOSITE:
         ratio = tl.exp(a * (lp - lq))
         loss = (a * (lq - lp) + ratio - 1.0) / (a * a)
         r = (1.0 - ratio) / a
+        rt = -r
     elif CODE == ABKD_ZERO:
         loss = 0.5 * (lp - lq) * (lp - lq)
         r = lq - lp
+        rt = lp - lq
     elif CODE == WSD:
         rkl = tl.where(lq == NEG_INF, 0.0, q * (lq - lp))
-        loss = w_fkl * tl.where(lp == NEG_INF, 0.0, p * (lp - lq)) + w_rkl * rkl
+        fkl = tl.where(lp == NEG_INF, 0.0, p * (lp - lq))
+        loss = w_fkl * fkl + w_rkl * rkl
         r = w_rkl * rkl - w_fkl * p
+        rt = w_fkl * (fkl + p) - w_rkl * q
     else:  # BDKD, AKL
         loss = tl.where(lp == NEG_INF, 0.0, p * (lp - lq))
         r = tl.where(lq == NEG_INF, 0.0, q * (lq - lp))
+        rt = loss + p
         if CODE == BDKD:
             e = tl.where(lq == NEG_INF, 0.0, q * lq) - tl.where(lp == NEG_INF, 0.0, p * lp)
         else:
@@ -192,7 +208,7 @@ def _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, a, b, w_f
             f = tl.where(in_head, 0.0, tl.abs(p - q))
     zero = tl.zeros_like(q)
     return (tl.where(absent, zero, loss), tl.where(absent, zero, r), tl.where(absent, zero, q),
-            tl.where(absent, zero, p), tl.where(absent, zero, e), tl.where(absent, zero, f))
+            tl.where(absent, zero, p), tl.where(absent, zero, e), tl.where(absent, zero, f), tl.where(absent, zero, rt))
 
 
 @triton.jit
@@ -231,16 +247,38 @@ def _method_grad(r, q, sum_r, scale):
 
 
 @triton.jit
+def _teacher_sum_r(sum_rt, a, b, CODE: tl.constexpr):
+    """The row sum of the teacher's rt_k: bdkd's and akl's weigh their forward KL's by w_fkl = -b and q by
+    w_rkl = a (sum q = 1)."""
+    if CODE == BDKD or CODE == AKL:
+        sum_rt = -b * sum_rt - a
+    return sum_rt
+
+
+@triton.jit
+def _teacher_grad(rt, q, p, y, a, b, sum_rt, scale, CODE: tl.constexpr):
+    """The teacher's gradient gt_j = (rt_j - p_j sum_rt) scale of a tile (sum_rt from _teacher_sum_r), 0 on the
+    classes the teacher masks."""
+    if CODE == BDKD or CODE == AKL:
+        rt = -b[:, None] * rt - a[:, None] * q
+    return tl.where(y == NEG_INF, 0.0, (rt - p * sum_rt[:, None]) * scale[:, None])
+
+
+@triton.jit
 def divergence_kernel(
     s_ptr, t_ptr, target_ptr, denom_ptr, loss_ptr, ce_ptr, grad_ptr,
     N, V, s_stride, t_stride, g_stride, ignore_index,
     temperature, t2, ce_weight, distill_weight, mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta, w_fkl, w_rkl, mu,
+    gt_ptr, dtemp_ptr,
     CODE: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_DENOM: tl.constexpr, WITH_CE: tl.constexpr,
-    CE_APART: tl.constexpr, STANDARDIZE: tl.constexpr, WITH_GRAD: tl.constexpr, SINGLE_TILE: tl.constexpr,
+    CE_APART: tl.constexpr, STANDARDIZE: tl.constexpr, WITH_GRAD: tl.constexpr, FULL: tl.constexpr,
+    TEACHER_GRAD: tl.constexpr, T2_SCALE: tl.constexpr, SINGLE_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # WITH_CE: the cross-entropy term (at T = 1): its softmax is the method's one unless CE_APART (T != 1 or
-    # STANDARDIZE), which keeps a running (m1, z1) of the raw logits too.
+    # STANDARDIZE), which keeps a running (m1, z1) of the raw logits too. FULL (with WITH_GRAD): the teacher's
+    # gradient too (stored into gt_ptr with TEACHER_GRAD) and d loss / d T per row into dtemp_ptr; kd and rkl then
+    # take the streamed pass (B) like the others.
     rows, row_in, rows64, tgt, valid, g_scale, ce_scale = row_block(
         target_ptr, denom_ptr, N, ignore_index, temperature, t2, ce_weight, distill_weight, HAS_TARGET, HAS_DENOM,
         BLOCK_N)
@@ -257,6 +295,8 @@ def divergence_kernel(
     sum_r = tl.zeros([BLOCK_N], tl.float32)
     sum_e = tl.zeros([BLOCK_N], tl.float32)
     sum_f = tl.zeros([BLOCK_N], tl.float32)
+    sum_rt = tl.zeros([BLOCK_N], tl.float32)
+    dtemp = tl.zeros([BLOCK_N], tl.float32)  # FULL: -sum_j (x_j - mx) g_j + (y_j - my) gt_j
     head_value = tl.zeros([BLOCK_N], tl.float32)  # akl's head (_akl_head)
     head_end = tl.zeros([BLOCK_N], tl.int64)
     cols0 = tl.arange(0, BLOCK_V)
@@ -280,8 +320,8 @@ def divergence_kernel(
         if CODE == AKL:
             head_value, head_end = _akl_head(t_ptr, rows64, t_stride, valid, V, mean_t, tau_t, my, tl.log(zy), mu, t,
                                              tl.exp(log_softmax_tile(y, my, tl.log(zy))), True, BLOCK_N, BLOCK_V)
-        loss, r, q, p, e, f = _terms(x, y, mx, tl.log(zx), my, tl.log(zy), mix_p, mix_q, log_mix_p, log_mix_q, alpha,
-                                     beta, w_fkl, w_rkl, _in_head(t, cols0, head_value, head_end), CODE)
+        loss, r, q, p, e, f, rt = _terms(x, y, mx, tl.log(zx), my, tl.log(zy), mix_p, mix_q, log_mix_p, log_mix_q,
+                                         alpha, beta, w_fkl, w_rkl, _in_head(t, cols0, head_value, head_end), CODE)
         sum_r = tl.sum(r, axis=1)
         sum_l, a, b = _row(tl.sum(loss, axis=1), sum_r, tl.sum(e, axis=1), tl.sum(f, axis=1), w_fkl, w_rkl, CODE)
         sum_r = a * sum_r + b
@@ -289,6 +329,12 @@ def divergence_kernel(
             sum_r = tl.full([BLOCK_N], -1.0, tl.float32)
         if WITH_GRAD:
             g = _method_grad(_grad_terms(r, p, a, b, CODE), q, sum_r, g_scale)
+            if FULL:
+                gt = _teacher_grad(rt, q, p, y, a, b, _teacher_sum_r(tl.sum(rt, axis=1), a, b, CODE), g_scale, CODE)
+                dtemp = temperature_terms(x, mx, g, y, my, gt)
+                if TEACHER_GRAD:
+                    store_teacher_tile(gt_ptr, rows64, g_stride, row_in, cols0, V, gt, t, mean_t, sd_t, std_t, n_t,
+                                       kept, STANDARDIZE)
             mean_g, coef = n_s, n_s
             if STANDARDIZE:
                 sum_g, sum_gz = zscore_sums(g, s, mean_s, sd_s)
@@ -304,7 +350,7 @@ def divergence_kernel(
             s = load_raw(s_ptr, rows64, s_stride, valid, start + cols0, V)
             x = scaled(s, mean_s, tau_s)
             y = load_scaled(t_ptr, rows64, t_stride, valid, start + cols0, V, mean_t, tau_t)
-            if CODE == RKL:
+            if CODE == RKL and not FULL:
                 sx = safe_max(tl.maximum(mx, tl.max(x, axis=1)))
                 sy = safe_max(tl.maximum(my, tl.max(y, axis=1)))
                 ex = tl.exp(x - sx[:, None])
@@ -324,9 +370,9 @@ def divergence_kernel(
         lzx = tl.log(zx)
         lzy = tl.log(zy)
         last = tl.cdiv(V, BLOCK_V) - 1
-        if CODE == KD:
+        if CODE == KD and not FULL:
             sum_r = sum_r - 1.0
-        elif CODE == RKL:
+        elif CODE == RKL and not FULL:
             sum_l = kq / zx - lzx + lzy
             sum_r = sum_l
         else:
@@ -337,45 +383,70 @@ def divergence_kernel(
                 cols = (last - i) * BLOCK_V + cols0
                 x = load_scaled(s_ptr, rows64, s_stride, valid, cols, V, mean_s, tau_s)
                 t = load_raw(t_ptr, rows64, t_stride, valid, cols, V)
-                loss, r, q, p, e, f = _terms(x, scaled(t, mean_t, tau_t), mx, lzx, my, lzy, mix_p, mix_q, log_mix_p,
-                                             log_mix_q, alpha, beta, w_fkl, w_rkl,
-                                             _in_head(t, cols, head_value, head_end), CODE)
+                loss, r, q, p, e, f, rt = _terms(x, scaled(t, mean_t, tau_t), mx, lzx, my, lzy, mix_p, mix_q,
+                                                 log_mix_p, log_mix_q, alpha, beta, w_fkl, w_rkl,
+                                                 _in_head(t, cols, head_value, head_end), CODE)
                 sum_l += tl.sum(loss, axis=1)
                 sum_r += tl.sum(r, axis=1)
                 sum_e += tl.sum(e, axis=1)
                 sum_f += tl.sum(f, axis=1)
+                sum_rt += tl.sum(rt, axis=1)
         sum_l, a, b = _row(sum_l, sum_r, sum_e, sum_f, w_fkl, w_rkl, CODE)
         sum_r = a * sum_r + b
+        if CODE == KD:
+            sum_r = tl.full([BLOCK_N], -1.0, tl.float32)
+        sum_rt = _teacher_sum_r(sum_rt, a, b, CODE)
         mean_g, coef = n_s, n_s
-        if STANDARDIZE and WITH_GRAD:  # the row sums of the z-score's Jacobian (kd's loss with them)
+        mean_gt, coef_t = n_t, n_t
+        if STANDARDIZE and WITH_GRAD:  # the row sums of the z-scores' Jacobians (kd's loss with them)
             sum_g, sum_gz = tl.zeros_like(n_s), tl.zeros_like(n_s)
+            sum_gt, sum_gtz = tl.zeros_like(n_t), tl.zeros_like(n_t)
             for start in range(0, V, BLOCK_V):
                 s = load_raw(s_ptr, rows64, s_stride, valid, start + cols0, V)
-                y = load_scaled(t_ptr, rows64, t_stride, valid, start + cols0, V, mean_t, tau_t)
-                loss, r, q, p, e, f = _terms(scaled(s, mean_s, tau_s), y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p,
-                                             log_mix_q, alpha, beta, w_fkl, w_rkl, s != s, CODE)
-                if CODE == KD:
+                t = load_raw(t_ptr, rows64, t_stride, valid, start + cols0, V)
+                y = scaled(t, mean_t, tau_t)
+                loss, r, q, p, e, f, rt = _terms(scaled(s, mean_s, tau_s), y, mx, lzx, my, lzy, mix_p, mix_q,
+                                                 log_mix_p, log_mix_q, alpha, beta, w_fkl, w_rkl, s != s, CODE)
+                if CODE == KD and not FULL:
                     sum_l += tl.sum(loss, axis=1)
                 tile_g, tile_gz = zscore_sums(_method_grad(_grad_terms(r, p, a, b, CODE), q, sum_r, g_scale), s,
                                               mean_s, sd_s)
                 sum_g += tile_g
                 sum_gz += tile_gz
+                if TEACHER_GRAD:
+                    tile_g, tile_gz = zscore_sums(_teacher_grad(rt, q, p, y, a, b, sum_rt, g_scale, CODE), t, mean_t,
+                                                  sd_t)
+                    sum_gt += tile_g
+                    sum_gtz += tile_gz
             mean_g, coef = zscore_jacobian(sum_g, sum_gz, std_s, n_s)
+            mean_gt, coef_t = zscore_jacobian(sum_gt, sum_gtz, std_t, n_t)
         if WITH_GRAD or CODE == KD:
             for start in range(0, V, BLOCK_V):
                 cols = start + cols0
                 s = load_raw(s_ptr, rows64, s_stride, valid, cols, V)
-                y = load_scaled(t_ptr, rows64, t_stride, valid, cols, V, mean_t, tau_t)
-                loss, r, q, p, e, f = _terms(scaled(s, mean_s, tau_s), y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p,
-                                             log_mix_q, alpha, beta, w_fkl, w_rkl, s != s, CODE)
-                if CODE == KD and not (STANDARDIZE and WITH_GRAD):
+                x = scaled(s, mean_s, tau_s)
+                t = load_raw(t_ptr, rows64, t_stride, valid, cols, V)
+                y = scaled(t, mean_t, tau_t)
+                loss, r, q, p, e, f, rt = _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, alpha,
+                                                 beta, w_fkl, w_rkl, s != s, CODE)
+                if CODE == KD and not FULL and not (STANDARDIZE and WITH_GRAD):
                     sum_l += tl.sum(loss, axis=1)
                 if WITH_GRAD:
-                    g = unstandardize(_method_grad(_grad_terms(r, p, a, b, CODE), q, sum_r, g_scale), s, mean_s,
-                                      sd_s, mean_g, coef, STANDARDIZE)
+                    g = _method_grad(_grad_terms(r, p, a, b, CODE), q, sum_r, g_scale)
+                    if FULL:
+                        gt = _teacher_grad(rt, q, p, y, a, b, sum_rt, g_scale, CODE)
+                        dtemp += temperature_terms(x, mx, g, y, my, gt)
+                        if TEACHER_GRAD:
+                            gt = unstandardize(gt, t, mean_t, sd_t, mean_gt, coef_t, STANDARDIZE)
+                            store_rows(gt_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], gt, 0.0))
+                    g = unstandardize(g, s, mean_s, sd_s, mean_g, coef, STANDARDIZE)
                     if WITH_CE:
                         g += ce_grad(s, cols, tgt, m1, tl.log(z1), ce_scale)
                     store_rows(grad_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], g, 0.0))
     tl.store(loss_ptr + rows, tl.where(kept, sum_l * t2, 0.0), mask=row_in)
     if WITH_CE:
         tl.store(ce_ptr + rows, tl.where(kept, m1 + tl.log(z1) - s_y, 0.0), mask=row_in)
+    if FULL:  # d loss / d T = 2 L / T (with T^2 scaling, L = g_scale T l) - sum_j ((x_j - mx) g_j + (y_j - my) gt_j)
+        if T2_SCALE:
+            dtemp -= 2.0 * g_scale * sum_l
+        tl.store(dtemp_ptr + rows, tl.where(kept, -dtemp, 0.0), mask=row_in)
