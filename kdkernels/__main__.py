@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--timing-iters", type=_positive_int, help="iterations of each timed loop")
     demo.add_argument("--standardize", action="store_true",
                       help="also train each method with logit standardization (standardize=True): one more column")
+    demo.add_argument("--learn-temperature", action="store_true",
+                      help="also train each method with a learned temperature (CTKD: adversarial, through a gradient "
+                           "reversal): one more column, with the mean learned T")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     tasks = demo.add_subparsers(dest="task", metavar="task")
     lm = tasks.add_parser(

@@ -29,6 +29,11 @@ One protocol is shared by every method; nothing is tuned per method or per seed.
   loop, then the best of 3 timed loops.
 - ``--standardize``: each method also trains a student with logit standardization (``standardize=True``, the same
   temperature, seeds and data), reported in a column of its own.
+- ``--learn-temperature``: each method also trains a student whose temperature is learned as CTKD does (Li et al.,
+  AAAI 2023): T = 1 + 19 sigmoid(theta), theta a parameter starting at T = 4 (the method's T where it is not 4),
+  trained adversarially through a gradient reversal (it ascends the distillation loss while the student descends it,
+  at the same Adam learning rate), d loss / d T from the fused kernel; its column reports the accuracy and the mean
+  learned T.
 - ``--quick`` (the smoke run of the tests): 1 seed, teacher 10 epochs, students 40 epochs, short timed loops.
 """
 
@@ -130,11 +135,28 @@ def mlp(hidden: Sequence[int], seed: int) -> nn.Sequential:
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class LearnedTemperature(nn.Module):
+    """CTKD's global temperature: T = low + span sigmoid(theta), trained adversarially (its gradient reversed, so
+    the optimiser's descent step ascends the loss in T)."""
+
+    def __init__(self, initial: float, low: float = 1.0, span: float = 19.0):
+        super().__init__()
+        self.low, self.span = low, span
+        share = (initial - low) / span
+        self.theta = nn.Parameter(torch.tensor(float(np.log(share / (1 - share)))))
+        self.theta.register_hook(torch.neg)
+
+    def forward(self) -> torch.Tensor:
+        return self.low + self.span * torch.sigmoid(self.theta)
+
+
 def objective(y: torch.Tensor, method: str | None = None, teacher_logits: torch.Tensor | None = None,
-              hyperparameters: Mapping[str, object] | None = None, head: nn.Module | None = None) -> Objective:
+              hyperparameters: Mapping[str, object] | None = None, head: nn.Module | None = None,
+              temperature: LearnedTemperature | None = None) -> Objective:
     """loss(logits, batch indices into ``y``): CE, plus the distillation loss ``method`` when one is given.
 
-    The distillation loss sees ``head(logits)`` when a head is given (aekt's SerialHead), CE the raw logits.
+    The distillation loss sees ``head(logits)`` when a head is given (aekt's SerialHead), CE the raw logits; a
+    learned ``temperature`` replaces the hyperparameters' one.
     """
 
     def loss(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -143,7 +165,10 @@ def objective(y: torch.Tensor, method: str | None = None, teacher_logits: torch.
         if method is None:
             return ce
         distilled = logits if head is None else head(logits)
-        return ce + distill_loss(method, distilled, teacher_logits[index], target, **(hyperparameters or {}))
+        hp = dict(hyperparameters or {})
+        if temperature is not None:
+            hp["temperature"] = temperature()
+        return ce + distill_loss(method, distilled, teacher_logits[index], target, **hp)
 
     return loss
 
@@ -199,6 +224,8 @@ class Row:
     baseline: list[float]
     seconds: dict[str, float]
     standardized: list[float] | None = None  # with --standardize: the accuracies with standardize=True
+    learned: list[float] | None = None  # with --learn-temperature: the accuracies with a learned T
+    learned_temperatures: list[float] | None = None  # and the final T of each seed
 
     @property
     def wins(self) -> int:
@@ -210,9 +237,10 @@ class Row:
 
 
 def run(schedule: Schedule, methods: Sequence[str], overrides: Mapping[str, dict], progress: bool = True,
-        standardize: bool = False) -> tuple[list[Row], float, list[str]]:
-    """Trains the teacher, the CE-only students and one student per method and seed (two with ``standardize``: also
-    with standardize=True); times every backend.
+        standardize: bool = False, learn_temperature: bool = False) -> tuple[list[Row], float, list[str]]:
+    """Trains the teacher, the CE-only students and one student per method and seed (one more with
+    ``standardize``: with standardize=True; one more with ``learn_temperature``: with a learned T); times every
+    backend.
 
     Returns the table rows, the teacher's test accuracy and the backends timed.
     """
@@ -220,7 +248,8 @@ def run(schedule: Schedule, methods: Sequence[str], overrides: Mapping[str, dict
     backends = available_backends("cpu")
     seeds = range(schedule.seeds)
     subsets = [labelled_subset(data.y_train, schedule.per_class, seed) for seed in seeds]
-    total = schedule.teacher_epochs + schedule.epochs * schedule.seeds * (len(methods) * (1 + standardize) + 1)
+    variants = 1 + standardize + learn_temperature
+    total = schedule.teacher_epochs + schedule.epochs * schedule.seeds * (len(methods) * variants + 1)
     with tqdm(total=total, desc="training", unit="epoch", disable=not progress) as bar:
         bar.set_postfix_str("teacher")
         teacher = train(mlp(TEACHER_HIDDEN, TEACHER_SEED), data.x_train, objective(data.y_train),
@@ -228,20 +257,29 @@ def run(schedule: Schedule, methods: Sequence[str], overrides: Mapping[str, dict
         with torch.no_grad():
             teacher_logits = teacher(data.x_train)
 
-        def student_accuracy(method: str | None, seed: int, standardized: bool = False) -> float:
-            bar.set_postfix_str(f"{method or 'CE only'}{', standardized' if standardized else ''}, seed {seed}")
+        learned_temperatures: dict[str, list[float]] = {}
+
+        def student_accuracy(method: str | None, seed: int, standardized: bool = False, learned: bool = False) -> float:
+            variant = ", standardized" if standardized else ", learned T" if learned else ""
+            bar.set_postfix_str(f"{method or 'CE only'}{variant}, seed {seed}")
             index = subsets[seed]
             head = SerialHead(NUM_CLASSES) if method == "aekt" else None
             hp = {**overrides.get(method, {}), **({"standardize": True} if standardized else {})}
-            loss = objective(data.y_train[index], method, teacher_logits[index], hp, head)
+            temperature = LearnedTemperature(hp.get("temperature", METHODS[method].temperature)) if learned else None
+            loss = objective(data.y_train[index], method, teacher_logits[index], hp, head, temperature)
+            extra = tuple(m for m in (head, temperature) if m is not None)
             model = train(mlp(STUDENT_HIDDEN, seed), data.x_train[index], loss, schedule.epochs, STUDENT_LR, seed,
-                          extra=() if head is None else (head,), progress=bar)
+                          extra=extra, progress=bar)
+            if learned:
+                learned_temperatures.setdefault(method, []).append(float(temperature().detach()))
             return accuracy(model, data.x_test, data.y_test)
 
         baseline = [student_accuracy(None, seed) for seed in seeds]
         accuracies = {m: [student_accuracy(m, seed) for seed in seeds] for m in methods}
         standardized = {m: [student_accuracy(m, seed, True) for seed in seeds] for m in methods} if standardize \
             else {}
+        learned = {m: [student_accuracy(m, seed, learned=True) for seed in seeds] for m in methods} \
+            if learn_temperature else {}
 
     index = subsets[0][:BATCH_SIZE]
     with torch.no_grad():
@@ -251,22 +289,27 @@ def run(schedule: Schedule, methods: Sequence[str], overrides: Mapping[str, dict
     for m in methods:
         hp = overrides.get(m, {})
         seconds = {b: step_time(m, hp, b, *batch, schedule.timing_iters) for b in backends}
-        rows.append(Row(m, hp, accuracies[m], baseline, seconds, standardized.get(m)))
+        rows.append(Row(m, hp, accuracies[m], baseline, seconds, standardized.get(m), learned.get(m),
+                        learned_temperatures.get(m)))
     return rows, accuracy(teacher, data.x_test, data.y_test), backends
 
 
 def format_table(rows: Sequence[Row], teacher: float, backends: Sequence[str]) -> str:
     """The results as an aligned plain-text table (one step-time column per backend) and a summary line."""
     standardized = rows and rows[0].standardized is not None
-    header = ["method", "overrides", "student acc", *(["standardized acc"] if standardized else []), "CE-only acc",
-              "teacher acc", "wins", *(f"{b} us/step" for b in backends)]
+    learned = rows and rows[0].learned is not None
+    header = ["method", "overrides", "student acc", *(["standardized acc"] if standardized else []),
+              *(["learned-T acc", "learned T"] if learned else []), "CE-only acc", "teacher acc", "wins",
+              *(f"{b} us/step" for b in backends)]
 
     def percent(values: Sequence[float]) -> str:
         return f"{100 * float(np.mean(values)):.2f}%"
 
     body = [
         [r.method, ", ".join(f"{k}={v}" for k, v in r.hyperparameters.items()) or "-", percent(r.accuracies),
-         *([percent(r.standardized)] if standardized else []), percent(r.baseline), percent([teacher]),
+         *([percent(r.standardized)] if standardized else []),
+         *([percent(r.learned), f"{float(np.mean(r.learned_temperatures)):.2f}"] if learned else []),
+         percent(r.baseline), percent([teacher]),
          f"{r.wins}/{len(r.accuracies)}",
          *(f"{1e6 * r.seconds[b]:.1f}" for b in backends)]
         for r in rows
@@ -297,6 +340,6 @@ def main(args) -> int:
           f"students {arch} on {schedule.per_class} labelled images per class, {schedule.epochs} epochs, "
           f"mean over {schedule.seeds} seed(s); loss = CE + distill_loss")
     rows, teacher, backends = run(schedule, methods, overrides, progress=not args.no_progress,
-                                  standardize=args.standardize)
+                                  standardize=args.standardize, learn_temperature=args.learn_temperature)
     print(format_table(rows, teacher, backends))
     return 0

@@ -118,10 +118,6 @@ def distill_loss(
         loss, parts = _sparse_loss(chosen.impl, call, student, teacher_logits, leading)
     elif full:
         check_temperature_device(temperature_tensor, student_logits.device)
-        if chosen.full is None:
-            raise RuntimeError(f"backend={chosen.name!r} does not compute the teacher's gradient or d loss / d T yet "
-                               f"(a teacher that requires grad, a temperature tensor that requires grad); use "
-                               f"backend='triton' (CUDA) or 'cpu', or 'reference'")
         loss, parts = chosen.full(call, student, teacher_logits.reshape(-1, v), temperature_tensor)
     else:
         loss, parts = chosen.impl(call, student, teacher_logits.reshape(-1, v))

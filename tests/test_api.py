@@ -222,12 +222,18 @@ def test_tvd_ties_give_zero_gradient(backend, device):
     assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(grad, torch.zeros_like(grad))
 
 
-def test_teacher_gets_no_gradient(backend, device):
+def test_teacher_gets_a_gradient_only_when_it_requires_one(backend, device):
+    """A teacher that requires grad gets d loss / d teacher (tests/test_full_gradient.py checks its values); a
+    detached one gets none and the student's gradient is the same."""
     s, t, target = make_inputs((3, 12), torch.float32, device, seed=17)
-    t.requires_grad_(True)
-    s.requires_grad_(True)
-    kdkernels.dkd_loss(s, t, target, backend=backend).backward()
-    assert t.grad is None and s.grad is not None
+    grads = []
+    for teacher_grad in (False, True):
+        tt = t.clone().requires_grad_(teacher_grad)
+        ss = s.clone().requires_grad_(True)
+        kdkernels.dkd_loss(ss, tt, target, backend=backend).backward()
+        assert (tt.grad is not None) == teacher_grad and ss.grad is not None
+        grads.append(ss.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-7)
 
 
 def test_cakd_feature_loss_is_rows_of_positions(backend, device):

@@ -34,6 +34,23 @@ def test_demo_standardize_adds_a_column():
         assert len([cell for cell in row.split() if cell.endswith("%")]) == 4
 
 
+def test_demo_learn_temperature_adds_a_column():
+    """``demo --learn-temperature``: each method once more with a learned temperature (CTKD), its accuracy and the
+    mean learned T, which has moved from its start (4)."""
+    done = subprocess.run([sys.executable, "-m", "kdkernels", "demo", "--quick", "--no-progress",
+                           "--learn-temperature", "--methods", "kd", "jsd"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    header, _, kd, jsd = done.stdout.splitlines()[1:5]
+    assert "learned-T acc" in header and "learned T" in header
+    for row in (kd, jsd):  # student, learned-T, CE-only and teacher accuracies, then the learned T
+        cells = row.split()
+        assert len([cell for cell in cells if cell.endswith("%")]) == 4
+        first = next(i for i, cell in enumerate(cells) if cell.endswith("%"))  # the student's accuracy
+        learned = float(cells[first + 2])
+        assert 1.0 < learned < 20.0 and learned != 4.0
+
+
 def test_demo_lm_quick_trains_and_reports():
     """``demo lm --quick``: tokenizer, teacher, the CE-only student and the distilled ones through the trainer, then
     every step-cost path; the smoke run checks the pipeline and the report, not the perplexities."""

@@ -32,6 +32,18 @@ def test_inplace_opcheck(case):
                                False, -100, reduce, 0.5, 1.5, with_ce, standardize))
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if case_id(c) in ("kd", "akl", "dkd")], ids=case_id)
+def test_full_opcheck(case):
+    """The full ops (teacher gradient, d loss / d T): schema, fake function and dispatch agree."""
+    method, hp = case
+    family, code, params = family_op_args(method, hp)
+    s, t, target = make_inputs((4, 33), torch.float32, seed=32)
+    op = getattr(torch.ops.kdkernels, f"{family}_cpu_full").default
+    for reduce, with_ce, standardize, teacher_grad in ((True, False, False, True), (False, True, True, False)):
+        torch.library.opcheck(op, (s, t, target, torch.tensor(2.0) if reduce else None, code, params, 1.5, True,
+                                   -100, reduce, 0.5, 1.5, with_ce, standardize, teacher_grad))
+
+
 def test_ops_are_registered_with_the_backends():
     for name in ("cpu", "cuda"):
         registered = backends._REGISTRY[name]

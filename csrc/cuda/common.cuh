@@ -41,30 +41,42 @@ struct alignas(16) Pack {
 
 __device__ __forceinline__ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Calls f(j, s_j, t_j) -> g_j for every class j this thread owns, with the raw logits in float32, and stores g_j into
-// g when g is not null (a read-only walk returns anything, e.g. 0, and nothing is stored).
+// Calls f(j, s_j, t_j) -> (g_j, gt_j) (a float2) for every class j this thread owns, with the raw logits in float32,
+// and stores g_j into g and gt_j into gt where they are not null (the full gradient writes both).
 template <class T, class F>
-__device__ __forceinline__ void walk_row(const T* s, const T* t, T* g, int64_t v, F&& f) {
+__device__ __forceinline__ void walk_row_pair(const T* s, const T* t, T* g, T* gt, int64_t v, F&& f) {
   using P = Pack<T>;
   int64_t start = 0;
-  if (aligned16(s) && aligned16(t) && (g == nullptr || aligned16(g))) {
+  if (aligned16(s) && aligned16(t) && (g == nullptr || aligned16(g)) && (gt == nullptr || aligned16(gt))) {
     const int64_t packs = v / P::N;
     for (int64_t c = threadIdx.x; c < packs; c += blockDim.x) {
       const P ps = reinterpret_cast<const P*>(s)[c];
       const P pt = reinterpret_cast<const P*>(t)[c];
-      P out;
+      P out, out_t;
 #pragma unroll
       for (int e = 0; e < P::N; ++e) {
-        out.v[e] = from_float<T>(f(c * P::N + e, to_float(ps.v[e]), to_float(pt.v[e])));
+        const float2 o = f(c * P::N + e, to_float(ps.v[e]), to_float(pt.v[e]));
+        out.v[e] = from_float<T>(o.x);
+        out_t.v[e] = from_float<T>(o.y);
       }
       if (g != nullptr) reinterpret_cast<P*>(g)[c] = out;
+      if (gt != nullptr) reinterpret_cast<P*>(gt)[c] = out_t;
     }
     start = packs * P::N;
   }
   for (int64_t j = start + threadIdx.x; j < v; j += blockDim.x) {
-    const float out = f(j, to_float(s[j]), to_float(t[j]));
-    if (g != nullptr) g[j] = from_float<T>(out);
+    const float2 o = f(j, to_float(s[j]), to_float(t[j]));
+    if (g != nullptr) g[j] = from_float<T>(o.x);
+    if (gt != nullptr) gt[j] = from_float<T>(o.y);
   }
+}
+
+// Calls f(j, s_j, t_j) -> g_j for every class j this thread owns, with the raw logits in float32, and stores g_j into
+// g when g is not null (a read-only walk returns anything, e.g. 0, and nothing is stored).
+template <class T, class F>
+__device__ __forceinline__ void walk_row(const T* s, const T* t, T* g, int64_t v, F&& f) {
+  walk_row_pair(s, t, g, static_cast<T*>(nullptr), v,
+                [&](int64_t j, float sj, float tj) { return make_float2(f(j, sj, tj), 0.f); });
 }
 
 // Writes 0 over a gradient row (an ignored row).
@@ -201,6 +213,10 @@ struct LaunchArgs {
   float ce_weight, distill_weight;
   float* ce_loss;              // [N] the cross-entropy term's rows, or nullptr without it
   bool standardize;            // z-score both rows first (row_math.h ZScore)
+  // The full gradient (the *_full ops): d loss / d T per row ([N]), else nullptr; the teacher's gradient goes to
+  // Rows::gt.
+  float* temperature_grad = nullptr;
+  bool t2_scale = false;
 };
 
 // The CUDA kernels compute in float32 and read both inputs in one dtype. They run on the inputs' dtype when
@@ -208,6 +224,7 @@ struct LaunchArgs {
 struct CudaCall {
   FamilyCall call;
   at::Tensor student, teacher, grad;  // what the kernel reads and writes
+  at::Tensor teacher_grad;            // the full ops' teacher gradient as the kernel writes it, or undefined
   at::Tensor denominator;             // float32 on the device, or undefined
   LaunchArgs args;
   double temperature;                 // in double, for host-side constants such as T log(tau)
@@ -243,27 +260,54 @@ inline CudaCall prepare_cuda_call(const char* op, const at::Tensor& student, con
 }
 
 // The family ops on CUDA tensors. Family supplies name, name_, num_codes, num_params, decoupled and
-// launch(CudaCall&, code, params, cudaStream_t), which launches one block per row.
+// launch(CudaCall&, code, params, cudaStream_t), which launches one block per row. With `full` (the *_full ops) the
+// call's full outputs are added and *full receives it.
 template <class Family>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
     const std::optional<at::Tensor>& denominator, int64_t code, at::ArrayRef<double> params, double temperature,
     bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
-    bool standardize, bool with_grad, bool in_place) {
+    bool standardize, bool with_grad, bool in_place, FamilyCall* full = nullptr, bool teacher_grad = false) {
   const c10::cuda::CUDAGuard guard(student.device());
   CudaCall c = prepare_cuda_call(in_place ? Family::name_ : Family::name, student, teacher, target, denominator,
                                  code, params, Family::num_codes, Family::num_params, temperature, t2_scale,
                                  ignore_index, reduce, ce_weight, distill_weight, with_ce, standardize, with_grad,
                                  in_place);
   if (Family::decoupled) check_decoupled_params(c.call, code, params);
+  if (full != nullptr) {
+    add_full_outputs(c.call, teacher_grad);
+    c.teacher_grad = !teacher_grad || c.teacher.scalar_type() == c.call.teacher_grad.scalar_type()
+                         ? c.call.teacher_grad
+                         : at::empty({c.call.n, c.call.v}, c.teacher.options());
+    c.args.temperature_grad = c.call.temperature_grad.data_ptr<float>();
+    c.args.t2_scale = t2_scale;
+  }
   TORCH_CHECK(c.call.n <= INT32_MAX, Family::name, ": at most 2^31 - 1 rows, got ", c.call.n);
   if (c.call.n > 0) {
     Family::launch(c, code, params, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (with_grad && !c.grad.is_same(c.call.grad)) c.call.grad.copy_(c.grad);
+  if (full != nullptr && teacher_grad && !c.teacher_grad.is_same(c.call.teacher_grad)) {
+    c.call.teacher_grad.copy_(c.teacher_grad);
+  }
   auto [loss, parts] = finish_losses(c.call, denominator, reduce, ce_weight, distill_weight);
+  if (full != nullptr) *full = c.call;
   return {loss, parts, c.call.grad};
+}
+
+template <class Family>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> family_cuda_full(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
+    const std::optional<at::Tensor>& denominator, int64_t code, at::ArrayRef<double> params, double temperature,
+    bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
+    bool standardize, bool teacher_grad) {
+  FamilyCall call;
+  auto [loss, parts, grad] = run_family<Family>(student, teacher, target, denominator, code, params, temperature,
+                                                t2_scale, ignore_index, reduce, ce_weight, distill_weight, with_ce,
+                                                standardize, /*with_grad=*/true, /*in_place=*/false, &call,
+                                                teacher_grad);
+  return {loss, parts, grad, call.teacher_grad, call.temperature_grad};
 }
 
 template <class Family>
@@ -295,14 +339,16 @@ template <class T>
 struct Rows {
   const T* s;
   const T* t;
-  T* g;  // nullptr without a gradient
+  T* g;   // nullptr without a gradient
+  T* gt;  // the teacher's gradient (the full ops with teacher_grad), else nullptr
   float* loss;
   int64_t v, s_stride, t_stride;
 
   static Rows of(CudaCall& c) {
     return {static_cast<const T*>(c.student.const_data_ptr()), static_cast<const T*>(c.teacher.const_data_ptr()),
-            c.grad.numel() ? static_cast<T*>(c.grad.data_ptr()) : nullptr, c.call.loss_rows.data_ptr<float>(),
-            c.call.v, c.student.stride(0), c.teacher.stride(0)};
+            c.grad.numel() ? static_cast<T*>(c.grad.data_ptr()) : nullptr,
+            c.teacher_grad.defined() && c.teacher_grad.numel() ? static_cast<T*>(c.teacher_grad.data_ptr()) : nullptr,
+            c.call.loss_rows.data_ptr<float>(), c.call.v, c.student.stride(0), c.teacher.stride(0)};
   }
 };
 
@@ -312,8 +358,10 @@ __device__ __forceinline__ void skip_row(const Rows<T>& r, const LaunchArgs& a, 
   if (threadIdx.x == 0) {
     r.loss[row] = 0.f;
     if (a.ce_loss != nullptr) a.ce_loss[row] = 0.f;
+    if (a.temperature_grad != nullptr) a.temperature_grad[row] = 0.f;
   }
   if (r.g != nullptr) zero_row(r.g + row * r.v, r.v);
+  if (r.gt != nullptr) zero_row(r.gt + row * r.v, r.v);
 }
 
 // Skips an ignored row (skip_row). Returns whether it was ignored.
@@ -329,30 +377,49 @@ __device__ __forceinline__ float grad_scale(const LaunchArgs& a) {
   return a.distill_weight * a.t2 / a.temperature / (a.denominator != nullptr ? *a.denominator : 1.f);
 }
 
-// The option standardize on one row (row_math.h ZScore): both rows' z-scores, x = z / T for the family's math
-// (without the option: mean 0, sd 1, so x = s / T exactly), and the z-score's Jacobian applied to the family's
-// gradient G = dL/dz once the block knows its row sums. The walk and each reduction are the block's.
-struct RowZScores {
-  ZScore<float> s, t;
+// One row's z-score (row_math.h ZScore) and its Jacobian applied to the family's gradient G = dL/dz once the block
+// knows its row sums over the unmasked classes (set_sums).
+struct ZScoreSide {
+  ZScore<float> stats;
   float mean_g = 0.f, coef = 0.f;
 
-  __device__ __forceinline__ float x(float sj, float temperature) const { return (sj - s.mean) / s.sd / temperature; }
-  __device__ __forceinline__ float y(float tj, float temperature) const { return (tj - t.mean) / t.sd / temperature; }
-  // From the row sums of G and G z over the student's unmasked classes.
+  __device__ __forceinline__ float z(float v) const { return (v - stats.mean) / stats.sd; }
   __device__ __forceinline__ void set_sums(Sum2 sums) {
-    mean_g = sums.x / s.n;
-    coef = s.coef(sums.y);
+    mean_g = sums.x / stats.n;
+    coef = stats.coef(sums.y);
   }
-  __device__ __forceinline__ float z(float sj) const { return (sj - s.mean) / s.sd; }
-  __device__ __forceinline__ float grad(float g, float sj) const {
-    return sj == -INFINITY ? 0.f : (g - mean_g) / s.sd - z(sj) * coef;
+  __device__ __forceinline__ float grad(float g, float v) const {
+    return v == -INFINITY ? 0.f : (g - mean_g) / stats.sd - z(v) * coef;
+  }
+};
+
+// The option standardize on one row: both rows' z-scores (the student's s, the teacher's t, whose Jacobian the full
+// gradient uses), x = z / T for the family's math (without the option: mean 0, sd 1, so x = s / T exactly). The walk
+// and each reduction are the block's.
+struct RowZScores {
+  ZScoreSide s, t;
+
+  __device__ __forceinline__ float x(float sj, float temperature) const { return s.z(sj) / temperature; }
+  __device__ __forceinline__ float y(float tj, float temperature) const { return t.z(tj) / temperature; }
+};
+
+// A row's d loss / d T (the full gradient): thread sums of (x_j - mx) g_j + (y_j - my) gt_j over its classes (the
+// gradients before the z-score's Jacobian), then value() = 2 scale l (with T^2 scaling) - their block sum.
+struct TemperatureGrad {
+  float mx, my;
+  Sum sum;
+  __device__ __forceinline__ void add(float x, float g, float y, float gt) {
+    sum.x += (x == -INFINITY ? 0.f : (x - safe_shift(mx)) * g) + (y == -INFINITY ? 0.f : (y - safe_shift(my)) * gt);
+  }
+  __device__ __forceinline__ float value(bool t2_scale, float scale, float loss, Sum* scratch) const {
+    return (t2_scale ? 2.f * scale * loss : 0.f) - block_reduce(sum, scratch).x;
   }
 };
 
 template <class T>
 __device__ __forceinline__ RowZScores row_zscores(const T* s, const T* t, int64_t v, bool standardize,
                                                   Moments* scratch) {
-  RowZScores out{{0.f, 1.f, 0.f, 0.f}, {0.f, 1.f, 0.f, 0.f}};
+  RowZScores out{{{0.f, 1.f, 0.f, 0.f}}, {{0.f, 1.f, 0.f, 0.f}}};
   if (!standardize) return out;
   Moments ms, mt;
   walk_row(s, t, static_cast<T*>(nullptr), v, [&](int64_t, float sj, float tj) {
@@ -362,8 +429,8 @@ __device__ __forceinline__ RowZScores row_zscores(const T* s, const T* t, int64_
   });
   ms = block_reduce(ms, scratch);
   mt = block_reduce(mt, scratch);
-  out.s = ZScore<float>::of(ms.n, ms.mean, ms.m2);
-  out.t = ZScore<float>::of(mt.n, mt.mean, mt.m2);
+  out.s.stats = ZScore<float>::of(ms.n, ms.mean, ms.m2);
+  out.t.stats = ZScore<float>::of(mt.n, mt.mean, mt.m2);
   return out;
 }
 

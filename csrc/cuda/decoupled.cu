@@ -8,7 +8,8 @@
 // (1) the per-bin statistics (and the online max and sum of exp of s for the cross-entropy term; a row whose
 // classes are all masked in both logits stops here: loss 0, gradient 0); (2) the gradient, with the cross-entropy's
 // ce_weight (softmax(s)_j - [j = target]) term, with standardize after a read-only pass that sums the gradient for
-// the z-score's Jacobian.
+// the z-score's Jacobian; with the full gradient (the _full op) the teacher's gradient is written with the student's
+// and d loss / d T summed in the same walk.
 #include "common.cuh"
 
 namespace kdkernels::cuda {
@@ -66,6 +67,7 @@ __global__ void __launch_bounds__(512) decoupled_kernel(Rows<T> r, LaunchArgs a,
   __shared__ Max max_scratch[MAX_WARPS];
   __shared__ Moments moment_scratch[MAX_WARPS];
   __shared__ Sum2 sum2_scratch[MAX_WARPS];
+  __shared__ Sum sum_scratch[MAX_WARPS];
   const int64_t row = blockIdx.x;
   if (skip_ignored_row(r, a, row)) return;
   const T* s = r.s + row * r.s_stride;
@@ -102,7 +104,7 @@ __global__ void __launch_bounds__(512) decoupled_kernel(Rows<T> r, LaunchArgs a,
     mb.t_max = block_reduce(t_max, max_scratch).x;
   }
   RowZScores zs = row_zscores(s, t, r.v, a.standardize, moment_scratch);
-  mb.threshold *= zs.t.sd;  // (z_i - max z >= T log(tau)  <=>  t_i - max t >= T log(tau) sd)
+  mb.threshold *= zs.t.stats.sd;  // (z_i - max z >= T log(tau)  <=>  t_i - max t >= T log(tau) sd)
   // (1)
   const bool with_ce = a.ce_loss != nullptr;
   const float s_y = target_logit(r, a, row, s);
@@ -133,27 +135,43 @@ __global__ void __launch_bounds__(512) decoupled_kernel(Rows<T> r, LaunchArgs a,
   const CrossEntropy xent = cross_entropy(a, row, l1, s_y);
   const DecoupledRow<float> d = decoupled_row(st, ss, c, bad_target);
   if (threadIdx.x == 0) r.loss[row] = d.loss * a.t2;
-  // (2)
+  // (2) (with the full gradient: the teacher's too, into gt, and d loss / d T)
+  T* gt = r.gt == nullptr ? nullptr : r.gt + row * r.v;
   if (g != nullptr) {
     const float scale = bad_target ? NAN : grad_scale(a);
-    auto method_grad = [&](int64_t j, float sj, float tj) {
+    // The student's and the teacher's gradients of a class (the teacher's only with the full gradient).
+    auto grads = [&](int64_t j, float sj, float tj) {
       bool in_top1, in_strong;
       membership<PARTITION, F>(mb, tj, 0.f, j, in_top1, in_strong);
-      return decoupled_grad<F>(d, in_top1, in_strong, zs.x(sj, a.temperature), zs.y(tj, a.temperature), scale);
+      const float x = zs.x(sj, a.temperature), y = zs.y(tj, a.temperature);
+      return make_float2(decoupled_grad<F>(d, in_top1, in_strong, x, y, scale),
+                         a.temperature_grad != nullptr ? decoupled_teacher_grad<F>(d, in_top1, in_strong, x, y, scale)
+                                                       : 0.f);
     };
     if (a.standardize) {
-      Sum2 sums;
+      Sum2 sums, teacher_sums;
       walk_row(s, t, static_cast<T*>(nullptr), r.v, [&](int64_t j, float sj, float tj) {
-        const float gj = method_grad(j, sj, tj);
-        if (sj != -INFINITY) sums.merge({gj, gj * zs.z(sj)});
+        const float2 gj = grads(j, sj, tj);
+        if (sj != -INFINITY) sums.merge({gj.x, gj.x * zs.s.z(sj)});
+        if (gt != nullptr && tj != -INFINITY) teacher_sums.merge({gj.y, gj.y * zs.t.z(tj)});
         return 0.f;
       });
-      zs.set_sums(block_reduce(sums, sum2_scratch));
+      zs.s.set_sums(block_reduce(sums, sum2_scratch));
+      if (gt != nullptr) zs.t.set_sums(block_reduce(teacher_sums, sum2_scratch));
     }
-    walk_row(s, t, g, r.v, [&](int64_t j, float sj, float tj) {
-      const float gj = method_grad(j, sj, tj);
-      return (a.standardize ? zs.grad(gj, sj) : gj) + (with_ce ? xent.grad(j, sj) : 0.f);
+    // (the shifts of d loss / d T: each side's largest bin max)
+    TemperatureGrad dt{nan_max(nan_max(ss.m[TOP1], ss.m[STRONG]), ss.m[REST]),
+                       nan_max(nan_max(st.m[TOP1], st.m[STRONG]), st.m[REST])};
+    walk_row_pair(s, t, g, gt, r.v, [&](int64_t j, float sj, float tj) {
+      const float2 gj = grads(j, sj, tj);
+      if (a.temperature_grad != nullptr) dt.add(zs.x(sj, a.temperature), gj.x, zs.y(tj, a.temperature), gj.y);
+      return make_float2((a.standardize ? zs.s.grad(gj.x, sj) : gj.x) + (with_ce ? xent.grad(j, sj) : 0.f),
+                         a.standardize ? zs.t.grad(gj.y, tj) : gj.y);
     });
+    if (a.temperature_grad != nullptr) {
+      const float dtemp = dt.value(a.t2_scale, scale, d.loss, sum_scratch);
+      if (threadIdx.x == 0) a.temperature_grad[row] = dtemp;
+    }
   }
 }
 
@@ -182,6 +200,7 @@ struct DecoupledFamily {
 TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {
   m.impl("decoupled_cuda", &family_cuda<DecoupledFamily>);
   m.impl("decoupled_cuda_", &family_cuda_<DecoupledFamily>);
+  m.impl("decoupled_cuda_full", &family_cuda_full<DecoupledFamily>);
 }
 
 }  // namespace kdkernels::cuda

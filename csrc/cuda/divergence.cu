@@ -7,7 +7,9 @@
 // (divergence.h AklHead), each step a walk of the teacher row (in L2); (2) the row sums of l_k, r_k (and e_k, f_k); kd
 // knows sum r = -1 and writes the gradient here (unless standardize); (3) the other codes write the gradient
 // once the row sums are known, with standardize after a read-only pass that sums the gradient for the z-score's
-// Jacobian. With the cross-entropy term the gradient gains its ce_weight (softmax(s)_j - [j = target]) term.
+// Jacobian. With the cross-entropy term the gradient gains its ce_weight (softmax(s)_j - [j = target]) term. The full
+// gradient (the _full op) sums the teacher's rt_k in (2) and writes the teacher's gradient with the student's in (3),
+// summing d loss / d T there.
 #include "common.cuh"
 
 namespace kdkernels::cuda {
@@ -98,15 +100,18 @@ __global__ void __launch_bounds__(512) divergence_kernel(Rows<T> r, LaunchArgs a
                                      in_akl_head<F>(tj, head_value, head_end, 0.f, j));
   };
   // (2)
-  Sum sum_l, sum_r, sum_e, sum_f;
+  const bool full = a.temperature_grad != nullptr;  // the full gradient: the teacher's (into gt) and d loss / d T
+  T* gt = r.gt == nullptr ? nullptr : r.gt + row * r.v;
+  Sum sum_l, sum_r, sum_e, sum_f, sum_rt;
   const DivergenceRow<float> kd_row = divergence_row<CODE>(c, 0.f, 0.f, 0.f, 0.f);  // (kd's gradient: no row sum)
-  const bool kd_writes = CODE == KD && !a.standardize;
+  const bool kd_writes = CODE == KD && !a.standardize && !full;
   walk_row(s, t, kd_writes ? g : static_cast<T*>(nullptr), r.v, [&](int64_t j, float sj, float tj) {
     const ClassTerms<float> k = terms(j, sj, tj);
     sum_l.x += k.l;
     sum_r.x += k.r;
     sum_e.x += k.e;
     sum_f.x += k.f;
+    sum_rt.x += k.rt;
     if (!kd_writes || g == nullptr) return 0.f;
     return divergence_grad<CODE, F>(k, kd_row, scale) + (with_ce ? xent.grad(j, sj) : 0.f);  // stored for kd
   });
@@ -114,23 +119,45 @@ __global__ void __launch_bounds__(512) divergence_kernel(Rows<T> r, LaunchArgs a
   if (CODE != KD) sum_r = block_reduce(sum_r, sum_scratch);
   if (weighs_row_sums<CODE>) sum_e = block_reduce(sum_e, sum_scratch);
   if (CODE == AKL) sum_f = block_reduce(sum_f, sum_scratch);
+  if (full) sum_rt = block_reduce(sum_rt, sum_scratch);
   const DivergenceRow<float> row_sums = divergence_row<CODE>(c, sum_l.x, sum_r.x, sum_e.x, sum_f.x);
   if (threadIdx.x == 0) r.loss[row] = row_sums.loss * a.t2;
   // (3)
   const DivergenceRow<float>& grad_row = CODE == KD ? kd_row : row_sums;
+  const float sum_teacher_r = teacher_sum_r<CODE>(row_sums, sum_rt.x);
+  auto teacher_grad = [&](const ClassTerms<float>& k, float tj) {
+    return divergence_teacher_grad<CODE, F>(k, row_sums, sum_teacher_r, zs.y(tj, a.temperature), scale);
+  };
   if (a.standardize && g != nullptr) {
-    Sum2 sums;
+    Sum2 sums, teacher_sums;
     walk_row(s, t, static_cast<T*>(nullptr), r.v, [&](int64_t j, float sj, float tj) {
-      const float gj = divergence_grad<CODE, F>(terms(j, sj, tj), grad_row, scale);
-      if (sj != -INFINITY) sums.merge({gj, gj * zs.z(sj)});
+      const ClassTerms<float> k = terms(j, sj, tj);
+      const float gj = divergence_grad<CODE, F>(k, grad_row, scale);
+      if (sj != -INFINITY) sums.merge({gj, gj * zs.s.z(sj)});
+      if (gt != nullptr && tj != -INFINITY) {
+        const float gtj = teacher_grad(k, tj);
+        teacher_sums.merge({gtj, gtj * zs.t.z(tj)});
+      }
       return 0.f;
     });
-    zs.set_sums(block_reduce(sums, sum2_scratch));
+    zs.s.set_sums(block_reduce(sums, sum2_scratch));
+    if (gt != nullptr) zs.t.set_sums(block_reduce(teacher_sums, sum2_scratch));
   }
-  if (!kd_writes && g != nullptr) {
+  if (full) {
+    TemperatureGrad dt{lx.m, ly.m};
+    walk_row_pair(s, t, g, gt, r.v, [&](int64_t j, float sj, float tj) {
+      const ClassTerms<float> k = terms(j, sj, tj);
+      const float gj = divergence_grad<CODE, F>(k, grad_row, scale), gtj = teacher_grad(k, tj);
+      dt.add(zs.x(sj, a.temperature), gj, zs.y(tj, a.temperature), gtj);
+      return make_float2((a.standardize ? zs.s.grad(gj, sj) : gj) + (with_ce ? xent.grad(j, sj) : 0.f),
+                         a.standardize ? zs.t.grad(gtj, tj) : gtj);
+    });
+    const float dtemp = dt.value(a.t2_scale, scale, row_sums.loss, sum_scratch);
+    if (threadIdx.x == 0) a.temperature_grad[row] = dtemp;
+  } else if (!kd_writes && g != nullptr) {
     walk_row(s, t, g, r.v, [&](int64_t j, float sj, float tj) {
       const float gj = divergence_grad<CODE, F>(terms(j, sj, tj), grad_row, scale);
-      return (a.standardize ? zs.grad(gj, sj) : gj) + (with_ce ? xent.grad(j, sj) : 0.f);
+      return (a.standardize ? zs.s.grad(gj, sj) : gj) + (with_ce ? xent.grad(j, sj) : 0.f);
     });
   }
 }
@@ -159,6 +186,7 @@ struct DivergenceFamily {
 TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {
   m.impl("divergence_cuda", &family_cuda<DivergenceFamily>);
   m.impl("divergence_cuda_", &family_cuda_<DivergenceFamily>);
+  m.impl("divergence_cuda_full", &family_cuda_full<DivergenceFamily>);
 }
 
 }  // namespace kdkernels::cuda

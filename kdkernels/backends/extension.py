@@ -52,9 +52,7 @@ for _backend in ("cpu", "cuda"):
         _triples = {family: attach_family_ops(family, _backend, _scale) for family in FAMILIES}
         _ops = {family: ops[0] for family, ops in _triples.items()}
         register(Backend(_backend, family_backend(_ops), _unavailable_on(_backend),
-                         # (the CUDA kernels have no full gradient yet: functional.py says so)
-                         full_backend({family: ops[2] for family, ops in _triples.items()}) if _backend == "cpu"
-                         else None, _ops,
+                         full_backend({family: ops[2] for family, ops in _triples.items()}), _ops,
                          {family: ops[1] for family, ops in _triples.items()}, _scale))
     else:
         register(Backend(_backend, None, _unavailable_on(_backend)))
