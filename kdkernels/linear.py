@@ -437,6 +437,10 @@ def linear_distill_loss(
     settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index, normalizer,
                        ce_weight, distill_weight, return_parts, standardize)
     sparse = isinstance(teacher_hidden, SparseTeacher)
+    if not sparse and torch.is_grad_enabled() and getattr(teacher_hidden, "requires_grad", False):
+        raise ValueError("linear_distill_loss computes the teacher's logits under no_grad, so no gradient would reach "
+                         "teacher_hidden: run the teacher under torch.no_grad() (or pass teacher_hidden.detach()); for "
+                         "a teacher that learns, compute both models' logits and call kdkernels.distill_loss")
     check_float_tensor("student_hidden", student_hidden)
     h_s = student_hidden.shape[-1]
     leading = student_hidden.shape[:-1]

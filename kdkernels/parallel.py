@@ -26,6 +26,10 @@ Collectives per call, all of O(N) or O(N k) numbers (N rows):
   SUM of the in-bin KL terms. 4 (target), 5 (threshold) or 6 (top-k) in all.
 - akl: its head first: 32 all-reduces SUM of [N] (64 in float64) for the bisection, then SUM and MAX at the
   threshold and an all-gather of the tie counts. 35 more (67).
+- the full gradient (a teacher that requires grad, a temperature tensor): SUM of the teacher's part of the row sum
+  its gradient needs (divergence family), MAX of both rows' maxes and SUM of the terms of d loss / d T; with
+  standardize SUM of the row sums of the teacher's z-score Jacobian. 3 more (2 for the decoupled family), 4 with
+  standardize.
 - standardize: SUM of both rows' counts and sums of their unmasked logits, then SUM of their squared deviations
   from the mean (the z-scores over the whole vocabulary), and with a gradient SUM of the row sums of the z-score's
   Jacobian. 2 more, 3 with a gradient.
@@ -45,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from . import backends
-from .arguments import check_float_tensor, resolve
+from .arguments import check_float_tensor, check_temperature_device, full_gradient, resolve, split_temperature
 from .backends import reference
 from .functional import finish, loss_function
 from .methods import DIVERGENCE, METHODS, STANDARDIZE_EPS, Bin, Divergence, Partition, Plan
@@ -163,33 +167,38 @@ def _akl_head(t: Tensor, lp: Tensor, mu: float, shard: Shard) -> Tensor:
 
 
 def _divergence(plan: Plan, s: Tensor, t: Tensor, t_rank: Tensor, temperature: float, with_grad: bool,
-                shard: Shard):
-    """Per-row losses [N] (before T^2), the shard's gradient [N, V_r] (or None) of a divergence-family plan, and
-    the rows whose classes are all masked in both logits; akl ranks the raw teacher logits ``t_rank``.
+                shard: Shard, full: bool = False):
+    """Per-row losses [N] (before T^2), the shard's gradients [N, V_r] of the student and (with ``full``) the teacher
+    (or None), and the rows whose classes are all masked in both logits; akl ranks the raw teacher logits
+    ``t_rank``.
 
     The loss combines a few row sums of per-class statistics (reference.divergence_sums, divergence_combine), each
     class's statistic depending on that class alone (and for akl on its head, found first). The shard's part of each
     row sum is local; their all-reduce gives the row's sums and loss. d_k = dl / d(log q_k) is then the gradient,
     through this shard's part of the sums, of the combination of the whole row's sums, which autograd gives locally,
     and the chain rule through log q = s/T - logsumexp(s/T) gives g_j = (d_j - q_j sum_k d_k) / T: sum_k d_k is the
-    other cross-rank quantity.
+    other cross-rank quantity. The teacher's gradient is the same through log p (0 on the classes it masks).
     """
     group = shard.group
     lq, lp, masked = _log_softmax(s, t, group)
     head = _akl_head(t_rank, lp, plan.params.mu, shard) if plan.code == Divergence.AKL else None
     with torch.enable_grad():
         lq.requires_grad_(with_grad)
+        lp.requires_grad_(full)
         local = reference.divergence_sums(plan, lp, lq, head)
     total = _all_reduce(local.detach(), dist.ReduceOp.SUM, group)
     rows = reference.divergence_combine(plan, total)
     if not with_grad:
-        return rows, None, masked
+        return rows, None, None, masked
     with torch.enable_grad():
         whole = reference.divergence_combine(plan, local + (total - local.detach()))
-        d = torch.autograd.grad(whole.sum(), lq)[0].contiguous()
+        grads = torch.autograd.grad(whole.sum(), [lq, lp] if full else [lq])
+    d = torch.stack([g.contiguous() for g in grads])  # [1 or 2, N, V_r]
     sum_d = _all_reduce(d.sum(-1, keepdim=True), dist.ReduceOp.SUM, group)
-    grad = d.addcmul_(lq.detach().exp_(), sum_d, value=-1).div_(temperature)
-    return rows, grad, masked
+    probs = torch.stack([lq.detach(), lp.detach()][:len(grads)]).exp_()
+    grad = d.addcmul_(probs, sum_d, value=-1).div_(temperature)
+    teacher_grad = torch.where(torch.isneginf(t), 0.0, grad[1]) if full else None
+    return rows, grad[0], teacher_grad, masked
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -247,10 +256,11 @@ def _bins(plan: Plan, t: Tensor, target: Optional[Tensor], temperature, shard: S
 # ([P_b > 0]: a bin the teacher gives no mass has in-bin KL 0, so no gradient). Each bin's logsumexp of s/T and t/T
 # comes from all-reduced bin maxes and sums of exp; the in-bin log-probs log p^b_j = t_j/T - logsumexp_b(t/T)
 # are then local, and so are the in-bin KL terms, summed per bin across ranks.
-def _decoupled(plan: Plan, s: Tensor, t: Tensor, bins: Tensor, temperature: float, with_grad: bool, shard: Shard):
-    """Per-row losses [N] (before T^2), the shard's gradient [N, V_r] (or None) of a decoupled-family plan, from
-    the logits of the shard and the bin of each class (_bins), and the rows whose classes are all masked in both
-    logits."""
+def _decoupled(plan: Plan, s: Tensor, t: Tensor, bins: Tensor, temperature: float, with_grad: bool, shard: Shard,
+               full: bool = False):
+    """Per-row losses [N] (before T^2), the shard's gradients [N, V_r] of the student and (with ``full``) the
+    teacher (or None) of a decoupled-family plan, from the logits of the shard and the bin of each class (_bins), and
+    the rows whose classes are all masked in both logits."""
     params = plan.params
     x = torch.stack([t, s]) / temperature  # [2, N, V_r]: teacher, student
     index = bins.expand_as(x)
@@ -281,8 +291,17 @@ def _decoupled(plan: Plan, s: Tensor, t: Tensor, bins: Tensor, temperature: floa
     divergence = ((params.w_fkl * fkl) if params.w_fkl else 0.0) + ((params.w_rkl * rkl) if params.w_rkl else 0.0)
     loss = (w_mass * reference.kl_terms(log_masses[0], log_masses[1])).sum(-1) + (weights * divergence).sum(-1)
     if not with_grad:
-        return loss, None, masked
+        return loss, None, None, masked
     masses = log_masses.exp()
+    f = params.w_fkl * weights * ~dead[0]  # [N, bins]: f_b (0 for a bin the teacher gives no mass), r_b
+    r = params.w_rkl * weights  # [bins]
+    teacher_grad = None
+    if full:  # gt_j = (ct_b p^b_j + f_b p^b_j (log p^b_j - log q^b_j) - r_b q^b_j) / T (docs/losses.md)
+        mass_kl = reference.kl_terms(log_masses[0], log_masses[1])
+        ct = w_mass * (mass_kl - masses[0] * mass_kl.sum(-1, keepdim=True)) - f * fkl + r
+        p_b, q_b = in_bin.exp()
+        teacher_grad = p_b * ct.gather(-1, bins) + f.gather(-1, bins) * reference.kl_terms(in_bin[0], in_bin[1])
+        teacher_grad = torch.where(torch.isneginf(t), 0.0, teacher_grad - r[bins] * q_b) / temperature
     coef = w_mass * (masses[1] - masses[0]) + weights * (params.w_fkl * ~dead[0] - params.w_rkl * rkl)  # [N, bins]
     log_ratio = in_bin[1] - in_bin[0] if params.w_rkl else None  # log q^b_j - log p^b_j
     p_in, q_in = in_bin.exp_()
@@ -291,7 +310,7 @@ def _decoupled(plan: Plan, s: Tensor, t: Tensor, bins: Tensor, temperature: floa
     grad = q_in.mul_(coef.gather(-1, bins)).sub_(p_in.mul_((params.w_fkl * weights)[bins]))
     if params.w_rkl:
         grad.add_(log_ratio)
-    return loss, grad.div_(temperature), masked
+    return loss, grad.div_(temperature), teacher_grad, masked
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -313,9 +332,10 @@ def _cross_entropy(s: Tensor, target: Tensor, with_grad: bool, shard: Shard):
     return ce, exp.div_(sums[:, :1]).sub_(owner.to(exp.dtype)) if with_grad else None
 
 
-def _zscores(s: Tensor, t: Tensor, group) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor], Tensor]:
-    """Both shards' z-scores over the whole vocabulary (reference.standardized's definition), the student's
-    (n, sd, std) per row [N, 1] for the Jacobian, and the teacher's sd [N, 1]."""
+def _zscores(s: Tensor, t: Tensor, group) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor],
+                                                  tuple[Tensor, Tensor, Tensor]]:
+    """Both shards' z-scores over the whole vocabulary (reference.standardized's definition) and each one's
+    (n, sd, std) per row [N, 1] for its Jacobian (the teacher's sd also scales a threshold)."""
     x = torch.stack([s, t])
     finite = ~torch.isneginf(x)
     sums = _all_reduce(torch.stack([finite.sum(-1).to(x.dtype), torch.where(finite, x, 0.0).sum(-1)]),
@@ -330,7 +350,7 @@ def _zscores(s: Tensor, t: Tensor, group) -> tuple[Tensor, Tensor, tuple[Tensor,
     std = torch.where(n > 1, (m2 / (n - 1).clamp(min=1)).sqrt(), 0.0)
     sd = std + STANDARDIZE_EPS
     z = torch.where(finite, centred / sd, NEG_INF)
-    return z[0], z[1], (n[0], sd[0], std[0]), sd[1]
+    return z[0], z[1], (n[0], sd[0], std[0]), (n[1], sd[1], std[1])
 
 
 def _through_zscore(grad: Tensor, z: Tensor, stats: tuple[Tensor, Tensor, Tensor], group) -> Tensor:
@@ -343,9 +363,10 @@ def _through_zscore(grad: Tensor, z: Tensor, stats: tuple[Tensor, Tensor, Tensor
     return torch.where(finite, (grad - sums[0] / n) / sd - z * coef, 0.0)
 
 
-def _shard_rows(call, student, teacher, with_grad, shard):
+def _shard_rows(call, student, teacher, with_grad, shard, full=False):
     """Per-row losses [N], their parts [2, N] ([distill, ce], ce 0 without the term) and (if with_grad) the shard's
-    gradient of the row losses, in the student's dtype."""
+    gradient of the row losses, in the student's dtype; with ``full`` also the teacher's (in its dtype) and
+    d loss / d T per row (docs/losses.md, "Learnable temperature and the teacher's gradient"), else None."""
     dtype = reference.compute_dtype(student, teacher)
     temperature = call.temperature
     # As in the reference: ignored rows become zeros before any arithmetic (a NaN there cannot leak).
@@ -355,17 +376,31 @@ def _shard_rows(call, student, teacher, with_grad, shard):
     target = None if call.target is None else torch.where(call.valid, call.target, 0)
     zs, zt, sd_t = s, t, 1.0
     if call.standardize:
-        zs, zt, stats, sd_t = _zscores(s, t, shard.group)
+        zs, zt, stats, teacher_stats = _zscores(s, t, shard.group)
+        sd_t = teacher_stats[1]
     if call.plan.family == DIVERGENCE:
-        loss, grad, masked = _divergence(call.plan, zs / temperature, zt / temperature, t, temperature, with_grad,
-                                         shard)
+        loss, grad, teacher_grad, masked = _divergence(call.plan, zs / temperature, zt / temperature, t, temperature,
+                                                       with_grad, shard, full)
     else:  # (the partition ranks the raw teacher logits; the z-score's threshold in their units)
         bins = _bins(call.plan, t, target, temperature * sd_t, shard)
-        loss, grad, masked = _decoupled(call.plan, zs, zt, bins, temperature, with_grad, shard)
-    if grad is not None and call.standardize:
-        grad = _through_zscore(grad, zs, stats, shard.group)
+        loss, grad, teacher_grad, masked = _decoupled(call.plan, zs, zt, bins, temperature, with_grad, shard, full)
     kept = call.valid & ~masked  # a row masked in both logits on every shard is left out like an ignored one
     scale = temperature**2 if call.t2_scale else 1.0
+    dtemp = None
+    if full:  # -sum_j (x_j g_j + y_j gt_j) before the Jacobians, each shifted by its row max (sum_j g_j = 0)
+        x, y = zs / temperature, zt / temperature
+        shifts = _all_reduce(torch.stack([x.amax(-1), y.amax(-1)]), dist.ReduceOp.MAX, shard.group)
+        shifts = torch.where(torch.isneginf(shifts), 0.0, shifts).unsqueeze(-1)
+        terms = (torch.where(torch.isneginf(x), 0.0, (x - shifts[0]) * grad) +
+                 torch.where(torch.isneginf(y), 0.0, (y - shifts[1]) * teacher_grad)).sum(-1)
+        dtemp = -scale * _all_reduce(terms, dist.ReduceOp.SUM, shard.group)
+        if call.t2_scale:
+            dtemp = dtemp + 2 * temperature * loss
+        dtemp = torch.where(kept, call.distill_weight * dtemp, 0.0)
+    if grad is not None and call.standardize:
+        grad = _through_zscore(grad, zs, stats, shard.group)
+        if teacher_grad is not None:
+            teacher_grad = _through_zscore(teacher_grad, zt, teacher_stats, shard.group)
     loss = torch.where(kept, loss * scale, 0.0)
     rows = call.distill_weight * loss
     ce = torch.zeros_like(loss)
@@ -379,24 +414,36 @@ def _shard_rows(call, student, teacher, with_grad, shard):
             grad = grad + call.ce_weight * ce_grad
     if grad is not None:
         grad = torch.where(kept.unsqueeze(-1), grad, 0.0).to(student.dtype)
-    return rows, torch.stack([loss, ce]), grad
+    if teacher_grad is not None:
+        teacher_grad = torch.where(kept.unsqueeze(-1), teacher_grad * (scale * call.distill_weight), 0.0)
+        teacher_grad = teacher_grad.to(teacher.dtype)
+    return rows, torch.stack([loss, ce]), grad, teacher_grad, dtemp
 
 
 class _ShardLoss(torch.autograd.Function):
-    """Row losses whose gradient for this rank's shard is computed with them; backward scales it, locally."""
+    """Row losses whose gradients for this rank's shard (the student's; with a teacher that requires grad or a
+    temperature tensor, the teacher's and d loss / d T too) are computed with them; backward scales them,
+    locally."""
 
     @staticmethod
-    def forward(ctx, student, teacher, call, shard):
-        rows, parts, grad = _shard_rows(call, student, teacher, True, shard)
-        ctx.save_for_backward(grad)
+    def forward(ctx, student, teacher, temperature, call, shard):
+        full = teacher.requires_grad or (temperature is not None and temperature.requires_grad)
+        rows, parts, grad, teacher_grad, dtemp = _shard_rows(call, student, teacher, True, shard, full)
+        ctx.save_for_backward(grad, teacher_grad, dtemp)
+        ctx.temperature_dtype = None if temperature is None else temperature.dtype
         ctx.mark_non_differentiable(parts)
         return rows, parts
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_parts):
-        (grad,) = ctx.saved_tensors
-        grad_student = (grad * grad_rows.unsqueeze(-1)).to(grad.dtype)
-        return grad_student, None, None, None
+        grad, teacher_grad, dtemp = ctx.saved_tensors
+        factor = grad_rows.unsqueeze(-1)
+        grad_student = (grad * factor).to(grad.dtype)
+        grad_teacher = None if teacher_grad is None else (teacher_grad * factor).to(teacher_grad.dtype)
+        grad_temperature = None
+        if ctx.temperature_dtype is not None and dtemp is not None:
+            grad_temperature = (dtemp * grad_rows.to(dtemp.dtype)).sum().to(ctx.temperature_dtype)
+        return grad_student, grad_teacher, grad_temperature, None, None
 
 
 def distill_loss(
@@ -432,9 +479,7 @@ def distill_loss(
         The loss of the whole vocabulary, identical on every rank: float32 (float64 for float64 inputs), 0-d, or
         the leading shape for reduction="none". Its gradient reaches this rank's student_logits shard.
     """
-    if torch.is_grad_enabled() and getattr(teacher_logits, "requires_grad", False):
-        raise ValueError("kdkernels.parallel treats the teacher as a constant: pass teacher_logits.detach() (the "
-                         "teacher's gradient is computed by kdkernels.distill_loss on whole rows)")
+    temperature, temperature_tensor = split_temperature(temperature)
     settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index, normalizer,
                        ce_weight, distill_weight, return_parts, standardize)
     check_float_tensor("student_logits", student_logits)
@@ -450,10 +495,11 @@ def distill_loss(
     teacher = teacher_logits.reshape(-1, v_local)
     shard = shard_of(student, group)
     call = settings.bind(target, leading, shard.num_classes, student.device, mask)
-    if torch.is_grad_enabled() and student.requires_grad:
-        rows, parts = _ShardLoss.apply(student, teacher, call, shard)
+    if torch.is_grad_enabled() and student.requires_grad or full_gradient(teacher, temperature_tensor):
+        check_temperature_device(temperature_tensor, student.device)
+        rows, parts = _ShardLoss.apply(student, teacher, temperature_tensor, call, shard)
     else:
-        rows, parts, _ = _shard_rows(call, student, teacher, False, shard)
+        rows, parts = _shard_rows(call, student, teacher, False, shard)[:2]
     return finish(call, backends.reduce(rows, reduction, call.denominator),
                   backends.reduce(parts, reduction, call.denominator), leading)
 

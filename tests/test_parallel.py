@@ -198,6 +198,40 @@ def _parts(rank, world):
                                        distill_weight=0.5, return_parts=True))
 
 
+# The full gradient (a teacher that requires grad and a temperature tensor): loss, the student's and the teacher's
+# gradient shards and d loss / d T on the shards, against the single process's.
+FULL_GRADIENT = [("kd", {}, {}), ("jsd", {}, {"standardize": True, "ce_weight": 0.4}), ("bdkd", {}, {}),
+                 ("akl", {}, {}), ("abkd", {"alpha": 0.3, "beta": 0.9}, {"standardize": True}),
+                 ("dkd", {}, {"standardize": True}), ("gdkd", {"k": 3, "partitions": 3, "kl_type": "both"}, {}),
+                 ("cakd", {"strong": "threshold", "tau": 0.3}, {}), ("aekt", {}, {"reduction": "none"})]
+
+
+def _full_gradient_inputs(i):
+    s, t, target = make_inputs((9, V), torch.float64, seed=90 + i, ignored=2)
+    s[..., MASKED] = t[..., MASKED] = float("-inf")
+    target[torch.isin(target, torch.tensor(MASKED))] = 5
+    return s, t, target, torch.linspace(-1.5, 2.0, 9, dtype=torch.float64)
+
+
+def _full_gradient(method, hp, options, s, t, target, go, call):
+    """(loss, student grad, teacher grad, d loss / d T) of ``call`` (parallel.distill_loss or the reference)."""
+    s, t = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    temperature = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    loss = call(method, s, t, target, temperature=temperature, **hp, **options)
+    loss.backward(go if loss.dim() else go.sum())
+    return loss.detach(), s.grad, t.grad, temperature.grad
+
+
+def _full_gradients(rank, world):
+    lo, hi = _bounds(SPLITS[world], rank)
+    out = []
+    for i, (method, hp, options) in enumerate(FULL_GRADIENT):
+        s, t, target, go = _full_gradient_inputs(i)
+        out.append(_full_gradient(method, hp, options, s[..., lo:hi], t[..., lo:hi], target, go,
+                                  parallel.distill_loss))
+    return out
+
+
 def _rows_disagree(rank):
     """Leading shapes that disagree across ranks: every rank raises the same error."""
     s, t, _, _ = full_inputs(SCENARIOS["kd-no-grad"])
@@ -213,6 +247,7 @@ def _worker(rank, world, init_file, out_dir):
              for name, sc in SCENARIOS.items()]
     parts.append(("rows-disagree", lambda: _rows_disagree(rank)))
     parts.append(("parts", lambda: _parts(rank, world)))
+    parts.append(("full-gradient", lambda: _full_gradients(rank, world)))
     if world == 4:
         parts.append(("groups", lambda: _groups_and_function_per_loss(rank)))
     for name, part in parts:
@@ -352,3 +387,23 @@ def test_needs_initialized_process_group():
         parallel.kd_loss(s, t)
     with pytest.raises(ValueError, match="reduction"):  # the argument checks come first
         parallel.kd_loss(s, t, reduction="mean")
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_full_gradient_matches_single_process(world, tmp_path_factory):
+    """A teacher that requires grad and a temperature tensor: every rank's loss and d loss / d T equal the single
+    process's, and its student and teacher gradient shards put together equal the single process's gradients."""
+    results = [r["full-gradient"] for r in ranks_results(world, tmp_path_factory)]
+    assert all(r[0] != "error" for r in results), results
+    for i, (method, hp, options) in enumerate(FULL_GRADIENT):
+        s, t, target, go = _full_gradient_inputs(i)
+        want = _full_gradient(method, hp, options, s, t, target, go,
+                              lambda *a, **k: kdkernels.distill_loss(*a, backend="reference", **k))
+        what = f"{method} {hp} {options}"
+        for rank in range(world):
+            loss, _, _, d_temperature = results[rank][i]
+            assert_close(loss, want[0].numpy(), torch.float64, f"{what} loss, rank {rank}")
+            assert_close(d_temperature, want[3].numpy(), torch.float64, f"{what} d loss / d T, rank {rank}")
+        for k, name in ((1, "student"), (2, "teacher")):
+            whole = torch.cat([results[rank][i][k] for rank in range(world)], -1)
+            assert_close(whole, want[k].numpy(), torch.float64, f"{what} {name} gradient")

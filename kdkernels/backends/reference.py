@@ -249,6 +249,15 @@ def standardized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(finite, centred / sd, NEG_INF), sd
 
 
+def _tempered(z: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """z / T, with masked classes (-inf) kept out of the division: d(z / T) / dT = -z / T^2 would put 0 * inf = NaN
+    into a temperature tensor's gradient."""
+    if not isinstance(temperature, torch.Tensor):
+        return z / temperature
+    masked = torch.isneginf(z)
+    return torch.where(masked, z, torch.where(masked, 0.0, z) / temperature)
+
+
 def row_losses(call, student: torch.Tensor, teacher: torch.Tensor,
                temperature: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row losses [N] of ``call`` (arguments.LossCall) on 2-D logits: the method's loss (T^2 included) and,
@@ -269,8 +278,8 @@ def row_losses(call, student: torch.Tensor, teacher: torch.Tensor,
     zs, zt, sd_t = s, t, 1.0
     if call.standardize:
         (zs, _), (zt, sd_t) = standardized(s), standardized(t)
-    lq = torch.log_softmax(zs / T, -1)
-    lp = torch.log_softmax(zt / T, -1)
+    lq = torch.log_softmax(_tempered(zs, T), -1)
+    lp = torch.log_softmax(_tempered(zt, T), -1)
     if call.plan.family == DIVERGENCE:
         head = akl_head(t.detach(), lp, call.plan.params.mu) if call.plan.code == Divergence.AKL else None
         loss = divergence_rows(call.plan, lp, lq, head)
