@@ -67,8 +67,8 @@ def check_options(temperature: object, reduction: object, normalizer: object, ig
             raise ValueError(f"{name} must be >= 0, got {weight!r}")
     if isinstance(temperature, torch.Tensor):
         raise TypeError("temperature must be a number here: a 0-d tensor (a learnable temperature) is taken by "
-                        "distill_loss, the <method>_loss functions and kdkernels.parallel, not by linear_distill_loss "
-                        "or the loss modules")
+                        "the loss functions (distill_loss, <method>_loss, linear_distill_loss, kdkernels.parallel), "
+                        "not by the loss modules")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
         raise TypeError(f"temperature must be a finite number, got {temperature!r}")
     if temperature <= 0:

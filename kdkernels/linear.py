@@ -35,7 +35,8 @@ from typing import Optional
 import torch
 
 from . import backends
-from .arguments import LossCall, check_float_tensor, resolve
+from .arguments import (LossCall, check_float_tensor, check_temperature_device, full_gradient, resolve,
+                        split_temperature)
 from .backends.ops import op_args
 from .functional import finish
 from .sparse import SparseTeacher, check as check_sparse, fold, teacher_bins, unfold_
@@ -178,6 +179,7 @@ class _Heads:
     teacher: _Head | None  # None for a sparse teacher
     teacher_hidden: Tensor | SparseTeacher  # [N, H_t] or [N, k]
     entropy: bool = False  # compute the student's per-row entropy at T (for logging)
+    temperature_grad: bool = False  # a learnable temperature: d loss / d T per row from the full ops
 
     loss_rows: int = 0  # rows per loss call by autograd (backends without an in-place op)
 
@@ -194,7 +196,7 @@ class _Heads:
     def chunk(self, start: int, stop: int, student_hidden: Tensor, want_grad: bool):
         """(loss of rows [start, stop) as reduced by the whole batch's denominator, or per row for "none"; its
         parts; the student's entropy per row or None; d that loss / d the student head's pre-activation
-        [rows, V_student] float32, or None)."""
+        [rows, V_student] float32, or None; d that loss / d T per row with temperature_grad, else None)."""
         v_s = self.student.weight.shape[0]
         call = self.call.rows(start, stop)
         if self.sparse:
@@ -211,14 +213,17 @@ class _Heads:
         if self.entropy:  # before s becomes the gradient
             entropy = torch.where(call.valid, _entropy(s, call.temperature), 0.0)
         capped = s.clone() if want_grad and self.student.softcap is not None else None
+        dtemp = None
         if self.sparse:
             loss, parts, grad = self._sparse_loss(call, s, teacher, want_grad)
+        elif want_grad and self.temperature_grad:  # the full op (not in place): d loss / d T per row too
+            loss, parts, grad, _, dtemp = self.backend.full_ops[call.plan.family](s, teacher, *op_args(call), False)
         else:
             loss, parts, grad = self._loss(call, s, teacher, want_grad)
-        del teacher
+        del teacher, s
         if grad is None:
-            return loss, parts, entropy, None
-        return loss, parts, entropy, self.student.backward_(grad, capped)[:, :v_s]
+            return loss, parts, entropy, None, None
+        return loss, parts, entropy, self.student.backward_(grad, capped)[:, :v_s], dtemp
 
     def _sparse_loss(self, call: LossCall, s: Tensor, teacher: SparseTeacher, want_grad: bool):
         """A chunk against a sparse teacher: the method's loss on the k + 1 bins (sparse.py), then the
@@ -281,27 +286,31 @@ def _total(values: list, reduction: str) -> Tensor:
     return torch.cat(values, -1) if reduction == "none" else torch.stack(values).sum(0)
 
 
-def _run(p: _Heads, hidden: Tensor, rows: int, need: tuple[bool, bool, bool], grad_rows: Tensor | None):
+def _run(p: _Heads, hidden: Tensor, rows: int, need: tuple[bool, bool, bool, bool], grad_rows: Tensor | None):
     """Loss, parts and the student's entropy per row (empty unless asked) over all chunks and, when ``need`` asks,
-    (grad_hidden, grad_weight, grad_bias); ``grad_rows`` [N] scales each row's gradient (reduction="none")."""
+    (grad_hidden, grad_weight, grad_bias, grad_temperature); ``grad_rows`` [N] scales each row's gradient
+    (reduction="none")."""
     n = hidden.shape[0]
     weight = p.student.weight.detach()
     want_grad = any(need)
     grad_h = torch.empty_like(hidden) if need[0] else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need[2] else None
+    grad_t = torch.zeros((), dtype=torch.float32, device=weight.device) if need[3] else None
     losses, parts, entropies = [], [], []
     # Autocast would run the chunk matmuls in low precision: they already use the weights' dtype with float32
     # accumulation, as the fused kernels do.
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, n, rows):
             stop = min(start + rows, n)
-            loss, loss_parts, entropy, g = p.chunk(start, stop, hidden, want_grad)
+            loss, loss_parts, entropy, g, dtemp = p.chunk(start, stop, hidden, want_grad)
             losses.append(loss)
             parts.append(loss_parts)
             entropies.append(entropy)
             if g is None:
                 continue
+            if grad_t is not None:
+                grad_t += (dtemp * grad_rows[start:stop]).sum() if grad_rows is not None else dtemp.sum()
             if grad_rows is not None:
                 g.mul_(grad_rows[start:stop, None])
             # Low-precision weights: the matmuls take the gradient in their dtype (one cast, counted by chunk_rows).
@@ -319,24 +328,26 @@ def _run(p: _Heads, hidden: Tensor, rows: int, need: tuple[bool, bool, bool], gr
     if not losses:  # no rows
         rows_shape = (0,) if p.call.reduction == "none" else ()
         return (torch.zeros(rows_shape, device=hidden.device), torch.zeros((2, *rows_shape), device=hidden.device),
-                entropy, grad_h, grad_w, grad_b)
-    return _total(losses, p.call.reduction), _total(parts, p.call.reduction), entropy, grad_h, grad_w, grad_b
+                entropy, grad_h, grad_w, grad_b, grad_t)
+    return (_total(losses, p.call.reduction), _total(parts, p.call.reduction), entropy, grad_h, grad_w, grad_b,
+            grad_t)
 
 
 class LinearDistillFunction(torch.autograd.Function):
     """Forward: the loss and (reduction != "none") every needed gradient; backward: scale them by grad_output."""
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, p, rows, need):
+    def forward(ctx, student_hidden, student_weight, student_bias, temperature, p, rows, need):
         ctx.p, ctx.rows, ctx.need, ctx.consumed = p, rows, need, False
+        ctx.temperature_dtype = None if temperature is None else temperature.dtype
         hidden = student_hidden.detach()
         if p.call.reduction == "none":
-            loss, parts, entropy, *_ = _run(p, hidden, rows, (False, False, False), None)
+            loss, parts, entropy, *_ = _run(p, hidden, rows, (False, False, False, False), None)
             # Saved so that autograd refuses a backward after any of them changed in place (backward recomputes).
             ctx.save_for_backward(hidden, *p.tensors())
         else:
-            loss, parts, entropy, grad_h, grad_w, grad_b = _run(p, hidden, rows, need, None)
-            ctx.save_for_backward(grad_h, grad_w, grad_b)
+            loss, parts, entropy, *grads = _run(p, hidden, rows, need, None)
+            ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(parts, entropy)
         return loss, parts, entropy
 
@@ -346,21 +357,24 @@ class LinearDistillFunction(torch.autograd.Function):
         if p.call.reduction == "none":
             hidden = ctx.saved_tensors[0]
             p = replace(p, entropy=False)  # (logging only: not recomputed)
-            _, _, _, grad_h, grad_w, grad_b = _run(p, hidden, ctx.rows, ctx.need, grad_output.reshape(-1).float())
+            _, _, _, grad_h, grad_w, grad_b, grad_t = _run(p, hidden, ctx.rows, ctx.need,
+                                                           grad_output.reshape(-1).float())
         else:
             if ctx.consumed:
                 raise RuntimeError("kdkernels: the fused-linear loss's saved gradients were already used; backward "
                                    "through it twice (retain_graph=True) is not supported")
             ctx.consumed = True
-            grad_h, grad_w, grad_b = ctx.saved_tensors
+            grad_h, grad_w, grad_b, grad_t = ctx.saved_tensors
             # In place, skipped when grad_output is exactly 1 (no device sync on CUDA): no copy of grad_weight.
             for grad in (grad_h, grad_w):
                 if grad is not None:
                     p.backend.scale_rows(grad, grad_output)
             grad_b = None if grad_b is None else grad_b * grad_output
+            grad_t = None if grad_t is None else grad_t * grad_output
         grad_w = None if grad_w is None else grad_w.to(p.student.weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(p.student.bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None
+        grad_t = None if grad_t is None else grad_t.to(ctx.temperature_dtype)
+        return grad_h, grad_w, grad_b, grad_t, None, None, None
 
 
 def _check_matrix(name: str, x: object, rows: int | None, cols: int | None) -> None:
@@ -417,8 +431,9 @@ def linear_distill_loss(
             (classes past V are the student's logit -inf: module docstring); teacher_bias: [V_t] or None. The
             teacher is a constant (computed under no_grad). Or a ``SparseTeacher`` with teacher_weight=None.
         target, temperature, t2_scale, reduction, ignore_index, normalizer, ce_weight, distill_weight, return_parts,
-            mask, standardize, backend, **hyperparameters: as in ``distill_loss`` (standardize z-scores each model's
-            logits, after its logit scale and softcap) (the cross-entropy term is the student head's,
+            mask, standardize, backend, **hyperparameters: as in ``distill_loss`` (a learnable temperature, a 0-d
+            tensor that requires grad, gets d loss / d T from the fused backends' full ops; standardize z-scores
+            each model's logits, after its logit scale and softcap; the cross-entropy term is the student head's,
             in the same pass); reductions and the batchmean denominator are those of the whole batch.
         student_logit_scale, teacher_logit_scale: each model's logits are ``scale * (hidden @ weight.T + bias)``
             (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``), before the softcap.
@@ -434,9 +449,14 @@ def linear_distill_loss(
         float32 loss: 0-d, or the leading shape for reduction="none"; a ``LossParts`` with ``return_parts``;
         ``(that, entropy)`` with ``return_entropy``.
     """
+    temperature, temperature_tensor = split_temperature(temperature)
     settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index, normalizer,
                        ce_weight, distill_weight, return_parts, standardize)
     sparse = isinstance(teacher_hidden, SparseTeacher)
+    learn_temperature = full_gradient(None, temperature_tensor)
+    if learn_temperature and sparse:
+        raise ValueError("a SparseTeacher is a constant and its temperature too: pass a number as temperature "
+                         "(or the teacher's hidden states and weight for a learnable temperature)")
     if not sparse and torch.is_grad_enabled() and getattr(teacher_hidden, "requires_grad", False):
         raise ValueError("linear_distill_loss computes the teacher's logits under no_grad, so no gradient would reach "
                          "teacher_hidden: run the teacher under torch.no_grad() (or pass teacher_hidden.detach()); for "
@@ -491,19 +511,26 @@ def linear_distill_loss(
     p = _Heads(call, backends.select_backend(backend, student_weight),
                _Head(student_weight, student_bias, float(student_logit_scale), softcap),
                None if sparse else _Head(teacher_weight, teacher_bias, float(teacher_logit_scale), teacher_softcap),
-               teacher_hidden, return_entropy)
+               teacher_hidden, return_entropy, learn_temperature)
+    if learn_temperature:
+        check_temperature_device(temperature_tensor, student_hidden.device)
+        if p.backend.full_ops is None:
+            raise ValueError(f"a learnable temperature in linear_distill_loss needs a fused backend (its full ops), "
+                             f"got backend={p.backend.name!r}; use backend='auto' or a name from "
+                             f"kdkernels.available_backends()")
     budget = default_budget(student_hidden.device, p.inplace is not None) if memory_budget is None \
         else memory_budget
+    # (a learnable temperature runs the full op, which writes the gradient beside the logits: one more buffer)
     rows, p.loss_rows = chunk_rows(budget, v, v_t, student_weight.dtype, p.inplace is not None,
-                                   (softcap is not None) + 2 * return_entropy, sparse)
+                                   (softcap is not None) + 2 * return_entropy + learn_temperature, sparse)
     if memory_budget is None:
         rows = max(rows, MATMUL_ROWS.get(student_hidden.device.type, 1))
     if chunk_size is None:  # the fewest chunks the budget allows, of equal size (no short last chunk)
         chunk_size = -(-n // -(-n // rows)) if n else rows
     grad_on = torch.is_grad_enabled()
     need = (grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
-            grad_on and student_bias is not None and student_bias.requires_grad)
+            grad_on and student_bias is not None and student_bias.requires_grad, learn_temperature)
     loss, parts, entropy = LinearDistillFunction.apply(student_hidden.reshape(n, h_s), student_weight, student_bias,
-                                                       p, max(1, min(chunk_size, n)), need)
+                                                       temperature_tensor, p, max(1, min(chunk_size, n)), need)
     result = finish(call, loss, parts, leading)
     return (result, entropy.reshape(leading)) if return_entropy else result

@@ -134,6 +134,44 @@ def test_bad_temperatures_and_unsupported_paths_raise(device):
     sparse = kdkernels.SparseTeacher.from_logits(t, 3)
     with pytest.raises(ValueError, match="SparseTeacher is a constant"):
         kdkernels.kd_loss(s, sparse, temperature=torch.tensor(2.0, device=device, requires_grad=True))
-    with pytest.raises(TypeError, match="not by linear_distill_loss"):
-        kdkernels.linear_distill_loss("kd", s, torch.eye(8, device=device), s, torch.eye(8, device=device),
+    with pytest.raises(TypeError, match="not by the loss modules"):
+        kdkernels.KDLoss(temperature=torch.tensor(2.0, device=device))
+    with pytest.raises(ValueError, match="SparseTeacher is a constant"):
+        kdkernels.linear_distill_loss("kd", s, torch.eye(8, device=device), sparse, None,
                                       temperature=torch.tensor(2.0, device=device, requires_grad=True))
+    with pytest.raises(ValueError, match="needs a fused backend"):
+        kdkernels.linear_distill_loss("kd", s, torch.eye(8, device=device), s, torch.eye(8, device=device),
+                                      temperature=torch.tensor(2.0, device=device, requires_grad=True),
+                                      backend="reference")
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+@pytest.mark.parametrize("case", [("kd", {}), ("jsd", {"beta": 0.3}), ("dkd", {})], ids=case_id)
+def test_learnable_temperature_in_fused_linear(case, reduction, fused, device):
+    """linear_distill_loss with a temperature tensor: d loss / d T (and the student's gradients) equal
+    distill_loss on the full logits, over several chunks, with a softcap and the hard-label term."""
+    method, hp = case
+    g = torch.Generator().manual_seed(26)
+    hidden, weight = torch.randn(11, 6, generator=g), torch.randn(40, 6, generator=g)
+    t_hidden, t_weight = torch.randn(11, 5, generator=g), torch.randn(40, 5, generator=g)
+    target = torch.randint(0, 40, (11,), generator=g)
+    target[3] = -100
+    go = torch.linspace(0.5, 2.0, 11) if reduction == "none" else torch.tensor(1.3)
+    options = dict(reduction=reduction, ce_weight=0.2, **hp)
+    results = []
+    for linear in (True, False):
+        h, w = hidden.clone().to(device).requires_grad_(True), weight.clone().to(device).requires_grad_(True)
+        temperature = torch.tensor(2.5, device=device, requires_grad=True)
+        if linear:
+            loss = kdkernels.linear_distill_loss(method, h, w, t_hidden.to(device), t_weight.to(device),
+                                                 target.to(device), temperature=temperature, softcap=5.0,
+                                                 chunk_size=4, backend=fused, **options)
+        else:
+            capped = 5.0 * torch.tanh(h @ w.t() / 5.0)
+            loss = kdkernels.distill_loss(method, capped, t_hidden.to(device) @ t_weight.to(device).t(),
+                                          target.to(device), temperature=temperature, backend="reference",
+                                          **options)
+        loss.backward(go.to(device))
+        results.append((loss.detach(), h.grad, w.grad, temperature.grad))
+    for got, want, what in zip(results[0], results[1], ("loss", "hidden grad", "weight grad", "d loss / d T")):
+        torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5, msg=f"{method} {reduction} {what}")

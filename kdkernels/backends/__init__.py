@@ -36,6 +36,7 @@ class Backend:
     ops: dict | None = None
     inplace: dict | None = None
     scale_rows: Callable[[torch.Tensor, torch.Tensor], None] = reference.scale_rows_
+    full_ops: dict | None = None  # fused backends: the family ops of the full gradient (ops.py FULL_SCHEMA)
 
 
 _REGISTRY: dict[str, Backend] = {}
