@@ -180,6 +180,7 @@ class _Heads:
     teacher_hidden: Tensor | SparseTeacher  # [N, H_t] or [N, k]
     entropy: bool = False  # compute the student's per-row entropy at T (for logging)
     temperature_grad: bool = False  # a learnable temperature: d loss / d T per row from the full ops
+    teacher_grad: bool = False  # a teacher that learns (its hidden states require grad): its head's gradients too
 
     loss_rows: int = 0  # rows per loss call by autograd (backends without an in-place op)
 
@@ -196,7 +197,8 @@ class _Heads:
     def chunk(self, start: int, stop: int, student_hidden: Tensor, want_grad: bool):
         """(loss of rows [start, stop) as reduced by the whole batch's denominator, or per row for "none"; its
         parts; the student's entropy per row or None; d that loss / d the student head's pre-activation
-        [rows, V_student] float32, or None; d that loss / d T per row with temperature_grad, else None)."""
+        [rows, V_student] float32, or None; d that loss / d T per row with the full gradient, else None; d that loss
+        / d the teacher head's pre-activation [rows, V_teacher] with teacher_grad, else None)."""
         v_s = self.student.weight.shape[0]
         call = self.call.rows(start, stop)
         if self.sparse:
@@ -208,22 +210,26 @@ class _Heads:
                 teacher = _Head(self.teacher.weight.detach(), None if self.teacher.bias is None else
                                 self.teacher.bias.detach(), self.teacher.scale, self.teacher.softcap).logits(
                     self.teacher_hidden[start:stop].detach(), v)
+        full = want_grad and (self.temperature_grad or self.teacher_grad)
+        capped_t = teacher.clone() if full and self.teacher_grad and self.teacher.softcap is not None else None
         s = self.student.logits(student_hidden[start:stop], v)
         entropy = None
         if self.entropy:  # before s becomes the gradient
             entropy = torch.where(call.valid, _entropy(s, call.temperature), 0.0)
         capped = s.clone() if want_grad and self.student.softcap is not None else None
-        dtemp = None
+        dtemp = grad_t = None
         if self.sparse:
             loss, parts, grad = self._sparse_loss(call, s, teacher, want_grad)
-        elif want_grad and self.temperature_grad:  # the full op (not in place): d loss / d T per row too
-            loss, parts, grad, _, dtemp = self.backend.full_ops[call.plan.family](s, teacher, *op_args(call), False)
+        elif full:  # the full op (not in place): d loss / d T per row and the teacher's gradient too
+            loss, parts, grad, grad_t, dtemp = self.backend.full_ops[call.plan.family](s, teacher, *op_args(call),
+                                                                                       self.teacher_grad)
+            grad_t = self.teacher.backward_(grad_t, capped_t) if self.teacher_grad else None
         else:
             loss, parts, grad = self._loss(call, s, teacher, want_grad)
         del teacher, s
         if grad is None:
-            return loss, parts, entropy, None, None
-        return loss, parts, entropy, self.student.backward_(grad, capped)[:, :v_s], dtemp
+            return loss, parts, entropy, None, None, None
+        return loss, parts, entropy, self.student.backward_(grad, capped)[:, :v_s], dtemp, grad_t
 
     def _sparse_loss(self, call: LossCall, s: Tensor, teacher: SparseTeacher, want_grad: bool):
         """A chunk against a sparse teacher: the method's loss on the k + 1 bins (sparse.py), then the
@@ -286,16 +292,44 @@ def _total(values: list, reduction: str) -> Tensor:
     return torch.cat(values, -1) if reduction == "none" else torch.stack(values).sum(0)
 
 
-def _run(p: _Heads, hidden: Tensor, rows: int, need: tuple[bool, bool, bool, bool], grad_rows: Tensor | None):
+class _HeadGrads:
+    """One head's gradients over the chunks: hidden states (per chunk), weight and bias (accumulated in float32),
+    each where ``need`` asks for it."""
+
+    def __init__(self, hidden: Tensor, head: _Head, need: tuple[bool, bool, bool]):
+        self.hidden, self.weight = hidden, head.weight.detach()
+        device = self.weight.device
+        self.h = torch.empty_like(hidden) if need[0] else None
+        self.w = torch.zeros(self.weight.shape, dtype=torch.float32, device=device) if need[1] else None
+        self.b = torch.zeros(self.weight.shape[0], dtype=torch.float32, device=device) if need[2] else None
+
+    def add(self, g: Tensor, start: int, stop: int) -> None:
+        """Rows [start, stop) of d loss / d (hidden @ weight.T + bias), ``g`` (float32)."""
+        weight, hidden = self.weight, self.hidden
+        # Low-precision weights: the matmuls take the gradient in their dtype (one cast, counted by chunk_rows).
+        g_mm = g if weight.dtype == torch.float32 else g.to(weight.dtype)
+        if self.h is not None and weight.dtype == hidden.dtype:
+            torch.mm(g_mm, weight, out=self.h[start:stop])
+        elif self.h is not None:
+            self.h[start:stop] = torch.mm(g_mm, weight).to(hidden.dtype)
+        if self.w is not None:
+            _accumulate_f32(self.w, (g_mm if _out_dtype_matmul(g.device) else g).t(), hidden[start:stop])
+        if self.b is not None:
+            self.b += g.sum(0)
+
+    def grads(self) -> list:
+        return [self.h, self.w, self.b]
+
+
+def _run(p: _Heads, hidden: Tensor, rows: int, need: tuple[bool, ...], grad_rows: Tensor | None):
     """Loss, parts and the student's entropy per row (empty unless asked) over all chunks and, when ``need`` asks,
-    (grad_hidden, grad_weight, grad_bias, grad_temperature); ``grad_rows`` [N] scales each row's gradient
-    (reduction="none")."""
+    (grad_hidden, grad_weight, grad_bias, grad_temperature, grad_teacher_hidden, grad_teacher_weight,
+    grad_teacher_bias); ``grad_rows`` [N] scales each row's gradient (reduction="none")."""
     n = hidden.shape[0]
     weight = p.student.weight.detach()
     want_grad = any(need)
-    grad_h = torch.empty_like(hidden) if need[0] else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
-    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need[2] else None
+    student = _HeadGrads(hidden, p.student, need[:3])
+    teacher = _HeadGrads(p.teacher_hidden, p.teacher, need[4:]) if any(need[4:]) else None
     grad_t = torch.zeros((), dtype=torch.float32, device=weight.device) if need[3] else None
     losses, parts, entropies = [], [], []
     # Autocast would run the chunk matmuls in low precision: they already use the weights' dtype with float32
@@ -303,7 +337,7 @@ def _run(p: _Heads, hidden: Tensor, rows: int, need: tuple[bool, bool, bool, boo
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, n, rows):
             stop = min(start + rows, n)
-            loss, loss_parts, entropy, g, dtemp = p.chunk(start, stop, hidden, want_grad)
+            loss, loss_parts, entropy, g, dtemp, g_teacher = p.chunk(start, stop, hidden, want_grad)
             losses.append(loss)
             parts.append(loss_parts)
             entropies.append(entropy)
@@ -311,38 +345,32 @@ def _run(p: _Heads, hidden: Tensor, rows: int, need: tuple[bool, bool, bool, boo
                 continue
             if grad_t is not None:
                 grad_t += (dtemp * grad_rows[start:stop]).sum() if grad_rows is not None else dtemp.sum()
-            if grad_rows is not None:
-                g.mul_(grad_rows[start:stop, None])
-            # Low-precision weights: the matmuls take the gradient in their dtype (one cast, counted by chunk_rows).
-            g_mm = g if weight.dtype == torch.float32 else g.to(weight.dtype)
-            if grad_h is not None and weight.dtype == hidden.dtype:
-                torch.mm(g_mm, weight, out=grad_h[start:stop])
-            elif grad_h is not None:
-                grad_h[start:stop] = torch.mm(g_mm, weight).to(hidden.dtype)
-            if grad_w is not None:
-                _accumulate_f32(grad_w, (g_mm if _out_dtype_matmul(g.device) else g).t(), hidden[start:stop])
-            if grad_b is not None:
-                grad_b += g.sum(0)
-            del g, g_mm  # this chunk's buffers go before the next chunk's are allocated
+            for head, grad in ((student, g), (teacher, g_teacher)):
+                if head is not None:
+                    if grad_rows is not None:
+                        grad.mul_(grad_rows[start:stop, None])
+                    head.add(grad, start, stop)
+            del g, g_teacher  # this chunk's buffers go before the next chunk's are allocated
     entropy = torch.cat(entropies) if p.entropy and entropies else hidden.new_zeros(0, dtype=torch.float32)
     if not losses:  # no rows
         rows_shape = (0,) if p.call.reduction == "none" else ()
         return (torch.zeros(rows_shape, device=hidden.device), torch.zeros((2, *rows_shape), device=hidden.device),
-                entropy, grad_h, grad_w, grad_b, grad_t)
-    return (_total(losses, p.call.reduction), _total(parts, p.call.reduction), entropy, grad_h, grad_w, grad_b,
-            grad_t)
+                entropy, *student.grads(), grad_t, *(teacher.grads() if teacher else [None] * 3))
+    return (_total(losses, p.call.reduction), _total(parts, p.call.reduction), entropy, *student.grads(), grad_t,
+            *(teacher.grads() if teacher else [None] * 3))
 
 
 class LinearDistillFunction(torch.autograd.Function):
     """Forward: the loss and (reduction != "none") every needed gradient; backward: scale them by grad_output."""
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, temperature, p, rows, need):
+    def forward(ctx, student_hidden, student_weight, student_bias, temperature, teacher_hidden, teacher_weight,
+                teacher_bias, p, rows, need):
         ctx.p, ctx.rows, ctx.need, ctx.consumed = p, rows, need, False
         ctx.temperature_dtype = None if temperature is None else temperature.dtype
         hidden = student_hidden.detach()
         if p.call.reduction == "none":
-            loss, parts, entropy, *_ = _run(p, hidden, rows, (False, False, False, False), None)
+            loss, parts, entropy, *_ = _run(p, hidden, rows, (False,) * len(need), None)
             # Saved so that autograd refuses a backward after any of them changed in place (backward recomputes).
             ctx.save_for_backward(hidden, *p.tensors())
         else:
@@ -357,24 +385,26 @@ class LinearDistillFunction(torch.autograd.Function):
         if p.call.reduction == "none":
             hidden = ctx.saved_tensors[0]
             p = replace(p, entropy=False)  # (logging only: not recomputed)
-            _, _, _, grad_h, grad_w, grad_b, grad_t = _run(p, hidden, ctx.rows, ctx.need,
-                                                           grad_output.reshape(-1).float())
+            grads = _run(p, hidden, ctx.rows, ctx.need, grad_output.reshape(-1).float())[3:]
         else:
             if ctx.consumed:
                 raise RuntimeError("kdkernels: the fused-linear loss's saved gradients were already used; backward "
                                    "through it twice (retain_graph=True) is not supported")
             ctx.consumed = True
-            grad_h, grad_w, grad_b, grad_t = ctx.saved_tensors
-            # In place, skipped when grad_output is exactly 1 (no device sync on CUDA): no copy of grad_weight.
-            for grad in (grad_h, grad_w):
-                if grad is not None:
+            grads = list(ctx.saved_tensors)
+            # In place, skipped when grad_output is exactly 1 (no device sync on CUDA): no copy of a weight's grad.
+            for i, grad in enumerate(grads):
+                if grad is not None and grad.dim() == 2:
                     p.backend.scale_rows(grad, grad_output)
-            grad_b = None if grad_b is None else grad_b * grad_output
-            grad_t = None if grad_t is None else grad_t * grad_output
-        grad_w = None if grad_w is None else grad_w.to(p.student.weight.dtype)
-        grad_b = None if grad_b is None else grad_b.to(p.student.bias.dtype)
-        grad_t = None if grad_t is None else grad_t.to(ctx.temperature_dtype)
-        return grad_h, grad_w, grad_b, grad_t, None, None, None
+                elif grad is not None:
+                    grads[i] = grad * grad_output
+        # (hidden, weight, bias, T, teacher hidden, weight, bias), each in its input's dtype
+        like = (None, p.student.weight, p.student.bias, None, None,
+                None if p.teacher is None else p.teacher.weight, None if p.teacher is None else p.teacher.bias)
+        grads = [g if g is None or x is None else g.to(x.dtype) for g, x in zip(grads, like)]
+        if grads[3] is not None:
+            grads[3] = grads[3].to(ctx.temperature_dtype)
+        return (*grads, None, None, None)
 
 
 def _check_matrix(name: str, x: object, rows: int | None, cols: int | None) -> None:
@@ -429,7 +459,9 @@ def linear_distill_loss(
         student_hidden: [..., H_s]; student_weight: [V, H_s]; student_bias: [V] or None. Gradients flow to all three.
         teacher_hidden: [..., H_t] with the student's leading shape; teacher_weight: [V_t, H_t] with V_t >= V
             (classes past V are the student's logit -inf: module docstring); teacher_bias: [V_t] or None. The
-            teacher is a constant (computed under no_grad). Or a ``SparseTeacher`` with teacher_weight=None.
+            teacher is a constant unless teacher_hidden requires grad (a teacher that learns): then the gradient
+            reaches teacher_hidden and, where they require grad, teacher_weight and teacher_bias, from the fused
+            backends' full ops. Or a ``SparseTeacher`` with teacher_weight=None.
         target, temperature, t2_scale, reduction, ignore_index, normalizer, ce_weight, distill_weight, return_parts,
             mask, standardize, backend, **hyperparameters: as in ``distill_loss`` (a learnable temperature, a 0-d
             tensor that requires grad, gets d loss / d T from the fused backends' full ops; standardize z-scores
@@ -457,10 +489,8 @@ def linear_distill_loss(
     if learn_temperature and sparse:
         raise ValueError("a SparseTeacher is a constant and its temperature too: pass a number as temperature "
                          "(or the teacher's hidden states and weight for a learnable temperature)")
-    if not sparse and torch.is_grad_enabled() and getattr(teacher_hidden, "requires_grad", False):
-        raise ValueError("linear_distill_loss computes the teacher's logits under no_grad, so no gradient would reach "
-                         "teacher_hidden: run the teacher under torch.no_grad() (or pass teacher_hidden.detach()); for "
-                         "a teacher that learns, compute both models' logits and call kdkernels.distill_loss")
+    # A teacher that learns: its hidden states require grad (its weight alone, a frozen head's, does not decide).
+    teacher_grad = not sparse and full_gradient(teacher_hidden, None)
     check_float_tensor("student_hidden", student_hidden)
     h_s = student_hidden.shape[-1]
     leading = student_hidden.shape[:-1]
@@ -511,26 +541,32 @@ def linear_distill_loss(
     p = _Heads(call, backends.select_backend(backend, student_weight),
                _Head(student_weight, student_bias, float(student_logit_scale), softcap),
                None if sparse else _Head(teacher_weight, teacher_bias, float(teacher_logit_scale), teacher_softcap),
-               teacher_hidden, return_entropy, learn_temperature)
-    if learn_temperature:
+               teacher_hidden, return_entropy, learn_temperature, teacher_grad)
+    if learn_temperature or teacher_grad:
         check_temperature_device(temperature_tensor, student_hidden.device)
         if p.backend.full_ops is None:
-            raise ValueError(f"a learnable temperature in linear_distill_loss needs a fused backend (its full ops), "
-                             f"got backend={p.backend.name!r}; use backend='auto' or a name from "
+            raise ValueError(f"a learnable temperature or teacher in linear_distill_loss needs a fused backend (its "
+                             f"full ops), got backend={p.backend.name!r}; use backend='auto' or a name from "
                              f"kdkernels.available_backends()")
     budget = default_budget(student_hidden.device, p.inplace is not None) if memory_budget is None \
         else memory_budget
-    # (a learnable temperature runs the full op, which writes the gradient beside the logits: one more buffer)
+    # (the full op writes the gradient beside the logits: one more buffer; the teacher's gradient one more, and its
+    # capped logits with a teacher softcap)
+    full_buffers = (learn_temperature or teacher_grad) + teacher_grad * (1 + (teacher_softcap is not None))
     rows, p.loss_rows = chunk_rows(budget, v, v_t, student_weight.dtype, p.inplace is not None,
-                                   (softcap is not None) + 2 * return_entropy + learn_temperature, sparse)
+                                   (softcap is not None) + 2 * return_entropy + full_buffers, sparse)
     if memory_budget is None:
         rows = max(rows, MATMUL_ROWS.get(student_hidden.device.type, 1))
     if chunk_size is None:  # the fewest chunks the budget allows, of equal size (no short last chunk)
         chunk_size = -(-n // -(-n // rows)) if n else rows
     grad_on = torch.is_grad_enabled()
     need = (grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
-            grad_on and student_bias is not None and student_bias.requires_grad, learn_temperature)
+            grad_on and student_bias is not None and student_bias.requires_grad, learn_temperature, teacher_grad,
+            teacher_grad and teacher_weight.requires_grad,
+            teacher_grad and teacher_bias is not None and teacher_bias.requires_grad)
+    teachers = (None, None, None) if sparse else (teacher_hidden, teacher_weight, teacher_bias)
     loss, parts, entropy = LinearDistillFunction.apply(student_hidden.reshape(n, h_s), student_weight, student_bias,
-                                                       temperature_tensor, p, max(1, min(chunk_size, n)), need)
+                                                       temperature_tensor, *teachers, p, max(1, min(chunk_size, n)),
+                                                       need)
     result = finish(call, loss, parts, leading)
     return (result, entropy.reshape(leading)) if return_entropy else result

@@ -145,33 +145,42 @@ def test_bad_temperatures_and_unsupported_paths_raise(device):
                                       backend="reference")
 
 
+@pytest.mark.parametrize("learns", ["temperature", "teacher", "both"])
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 @pytest.mark.parametrize("case", [("kd", {}), ("jsd", {"beta": 0.3}), ("dkd", {})], ids=case_id)
-def test_learnable_temperature_in_fused_linear(case, reduction, fused, device):
-    """linear_distill_loss with a temperature tensor: d loss / d T (and the student's gradients) equal
-    distill_loss on the full logits, over several chunks, with a softcap and the hard-label term."""
+def test_full_gradient_in_fused_linear(case, reduction, learns, fused, device):
+    """linear_distill_loss with a temperature tensor and/or a teacher whose hidden states require grad: the loss,
+    d loss / d T and every gradient of both heads equal distill_loss on the full logits, over several chunks, with
+    softcaps, a teacher logit scale, biases and the hard-label term."""
     method, hp = case
     g = torch.Generator().manual_seed(26)
     hidden, weight = torch.randn(11, 6, generator=g), torch.randn(40, 6, generator=g)
-    t_hidden, t_weight = torch.randn(11, 5, generator=g), torch.randn(40, 5, generator=g)
+    t_hidden, t_weight, t_bias = torch.randn(11, 5, generator=g), torch.randn(40, 5, generator=g), torch.randn(40)
     target = torch.randint(0, 40, (11,), generator=g)
     target[3] = -100
     go = torch.linspace(0.5, 2.0, 11) if reduction == "none" else torch.tensor(1.3)
     options = dict(reduction=reduction, ce_weight=0.2, **hp)
+    learn_t, learn_teacher = learns in ("temperature", "both"), learns in ("teacher", "both")
     results = []
     for linear in (True, False):
-        h, w = hidden.clone().to(device).requires_grad_(True), weight.clone().to(device).requires_grad_(True)
-        temperature = torch.tensor(2.5, device=device, requires_grad=True)
+        leaves = [x.clone().to(device).requires_grad_(True) for x in (hidden, weight)]
+        teacher = [x.clone().to(device).requires_grad_(learn_teacher) for x in (t_hidden, t_weight, t_bias)]
+        temperature = torch.tensor(2.5, device=device, requires_grad=learn_t)
         if linear:
-            loss = kdkernels.linear_distill_loss(method, h, w, t_hidden.to(device), t_weight.to(device),
-                                                 target.to(device), temperature=temperature, softcap=5.0,
-                                                 chunk_size=4, backend=fused, **options)
+            loss = kdkernels.linear_distill_loss(method, *leaves, *teacher[:2], target.to(device),
+                                                 teacher_bias=teacher[2], temperature=temperature, softcap=5.0,
+                                                 teacher_softcap=7.0, teacher_logit_scale=1.5, chunk_size=4,
+                                                 backend=fused, **options)
         else:
-            capped = 5.0 * torch.tanh(h @ w.t() / 5.0)
-            loss = kdkernels.distill_loss(method, capped, t_hidden.to(device) @ t_weight.to(device).t(),
-                                          target.to(device), temperature=temperature, backend="reference",
-                                          **options)
+            student_logits = 5.0 * torch.tanh(leaves[0] @ leaves[1].t() / 5.0)
+            teacher_logits = 7.0 * torch.tanh(1.5 * (teacher[0] @ teacher[1].t() + teacher[2]) / 7.0)
+            loss = kdkernels.distill_loss(method, student_logits, teacher_logits, target.to(device),
+                                          temperature=temperature, backend="reference", **options)
         loss.backward(go.to(device))
-        results.append((loss.detach(), h.grad, w.grad, temperature.grad))
-    for got, want, what in zip(results[0], results[1], ("loss", "hidden grad", "weight grad", "d loss / d T")):
-        torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5, msg=f"{method} {reduction} {what}")
+        results.append([loss.detach(), *(x.grad for x in leaves), *(x.grad for x in teacher), temperature.grad])
+    names = ("loss", "hidden grad", "weight grad", "teacher hidden grad", "teacher weight grad", "teacher bias grad",
+             "d loss / d T")
+    for got, want, what in zip(*results, names):
+        assert (got is None) == (want is None), what
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5, msg=f"{method} {reduction} {learns} {what}")
