@@ -7,8 +7,11 @@ in-place op, else by autograd on the chunk), and accumulates
 
     grad_hidden[chunk] = G @ W_s        grad_weight += G.T @ hidden[chunk]  (float32)      grad_bias += sum_rows G
 
-so the peak memory is that of one chunk plus the gradients. The forward does all of it (the teacher under no_grad);
-backward only scales the saved gradients by grad_output. With reduction="none" the per-row grad_output is not
+so the peak memory is that of one chunk plus the gradients. The forward does all of it (the teacher's logits under
+no_grad); backward only scales the saved gradients by grad_output. A learnable temperature (a 0-d tensor that
+requires grad) or a teacher that learns (teacher_hidden requires grad) runs each chunk through the backend's full op
+instead, which also gives d loss / d T per row and the teacher's d loss / d logits; the teacher head's gradients are
+then accumulated as the student's. With reduction="none" the per-row grad_output is not
 known in the forward and a row's share of grad_weight cannot be rescaled afterwards: the forward then computes the
 loss only and backward recomputes the chunks (twice the matmuls), refusing (as autograd does) inputs changed in
 place since the forward. Autocast does not reach the chunks: their matmuls run in the weights' dtype with float32

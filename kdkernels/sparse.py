@@ -158,6 +158,9 @@ def check(teacher: SparseTeacher, settings, leading: torch.Size, v: int, device:
     asynchronously instead of synchronising with the host.
     """
     method, plan = settings.method, settings.plan
+    if torch.is_grad_enabled() and teacher.values.requires_grad:
+        raise ValueError("a SparseTeacher is a constant: its values must not require grad (pass values.detach(); for "
+                         "a teacher that learns, pass dense teacher_logits)")
     if settings.standardize:
         raise ValueError("standardize z-scores the teacher's whole row of logits, which a SparseTeacher (k classes "
                          "plus one tail bin) does not have; pass dense teacher_logits")

@@ -134,6 +134,9 @@ def test_bad_temperatures_and_unsupported_paths_raise(device):
     sparse = kdkernels.SparseTeacher.from_logits(t, 3)
     with pytest.raises(ValueError, match="SparseTeacher is a constant"):
         kdkernels.kd_loss(s, sparse, temperature=torch.tensor(2.0, device=device, requires_grad=True))
+    learning = kdkernels.SparseTeacher(sparse.indices, sparse.values.clone().requires_grad_(True))
+    with pytest.raises(ValueError, match="SparseTeacher is a constant: its values must not require grad"):
+        kdkernels.kd_loss(s, learning)
     with pytest.raises(TypeError, match="not by the loss modules"):
         kdkernels.KDLoss(temperature=torch.tensor(2.0, device=device))
     with pytest.raises(ValueError, match="SparseTeacher is a constant"):

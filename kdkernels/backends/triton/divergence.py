@@ -124,11 +124,12 @@ def _in_head(t, cols, value, end):
 
 @triton.jit
 def _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, a, b, w_fkl, w_rkl, in_head,
-           CODE: tl.constexpr):
+           CODE: tl.constexpr, FULL: tl.constexpr):
     """Per-class (l_k, r_k, q_k, p_k, e_k, f_k, rt_k) of a tile, from the row statistics (max, log-sum) of x and y;
     bdkd's and akl's l_k and r_k are those of KL(p || q) and KL(q || p) (_row weighs them), bdkd's
     e_k = q log q - p log p, akl's e_k and f_k = |p - q| on its head (in_head) and off it, 0 for the others; rt_k =
-    p_k dl/dp_k, the teacher's r_k (bdkd's and akl's: their forward KL's, weighed in _teacher_r)."""
+    p_k dl/dp_k, the teacher's r_k (bdkd's and akl's: their forward KL's, weighed in _teacher_r), only with FULL
+    (what a code does not need is not computed: Triton's interpreter, which runs the tests, computes everything)."""
     lq = log_softmax_tile(x, mx, lzx)
     lp = log_softmax_tile(y, my, lzy)
     absent = (lq == NEG_INF) & (lp == NEG_INF)  # p = q = 0: masked, or below float32's range in both
@@ -136,79 +137,99 @@ def _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, a, b, w_f
     lp = tl.where(absent, 0.0, lp)
     q = tl.exp(lq)
     p = tl.exp(lp)
-    e = tl.zeros_like(q)
-    f = tl.zeros_like(q)
+    e = q  # (placeholders of the terms a code does not compute, never read)
+    f = q
+    rt = q
     if CODE == KD:
         loss = tl.where(lp == NEG_INF, 0.0, p * (lp - lq))
         r = -p
-        rt = loss + p
+        if FULL:
+            rt = loss + p
     elif CODE == RKL:
         loss = tl.where(lq == NEG_INF, 0.0, q * (lq - lp))
         r = loss
-        rt = -q
+        if FULL:
+            rt = -q
     elif CODE == JSD:
         lm = logaddexp(lp + log_mix_p, lq + log_mix_q)
         r = mix_q * tl.where(lq == NEG_INF, 0.0, q * (lq - lm))
-        rt = mix_p * tl.where(lp == NEG_INF, 0.0, p * (lp - lm))
-        loss = rt + r
+        forward = mix_p * tl.where(lp == NEG_INF, 0.0, p * (lp - lm))
+        loss = forward + r
+        if FULL:
+            rt = forward
     elif CODE == SKEW_FKL:
         lm = logaddexp(lp + log_mix_p, lq + log_mix_q)
         loss = tl.where(lp == NEG_INF, 0.0, p * (lp - lm))
         r = -mix_q * tl.exp(lp + lq - lm)
-        rt = loss - r
+        if FULL:
+            rt = loss - r
     elif CODE == SKEW_RKL:
         lm = logaddexp(lp + log_mix_p, lq + log_mix_q)
         loss = tl.where(lq == NEG_INF, 0.0, q * (lq - lm))
         r = loss + q - mix_q * tl.exp(2.0 * lq - lm)
-        rt = -mix_p * tl.exp(lp + lq - lm)
+        if FULL:
+            rt = -mix_p * tl.exp(lp + lq - lm)
     elif CODE == TVD:
         loss = 0.5 * tl.abs(p - q)
         sign = tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0))
         r = 0.5 * q * sign
-        rt = -0.5 * p * sign
+        if FULL:
+            rt = -0.5 * p * sign
     elif CODE == ABKD:
         ab = a + b
         mixed = tl.exp(a * lp + b * lq)
         loss = -(mixed - a / ab * tl.exp(ab * lp) - b / ab * tl.exp(ab * lq)) / (a * b)
         r = (tl.exp(ab * lq) - mixed) / a
-        rt = (tl.exp(ab * lp) - mixed) / b
+        if FULL:
+            rt = (tl.exp(ab * lp) - mixed) / b
     elif CODE == ABKD_ALPHA0:
         qb = tl.exp(b * lq)
         loss = (qb * b * (lq - lp) - qb + tl.exp(b * lp)) / (b * b)
         r = qb * (lq - lp)
-        rt = (tl.exp(b * lp) - qb) / b
+        if FULL:
+            rt = (tl.exp(b * lp) - qb) / b
     elif CODE == ABKD_BETA0:
         pa = tl.exp(a * lp)
         loss = (pa * a * (lp - lq) - pa + tl.exp(a * lq)) / (a * a)
         r = (tl.exp(a * lq) - pa) / a
-        rt = tl.where(pa == 0.0, 0.0, pa * (lp - lq))
+        if FULL:
+            rt = tl.where(pa == 0.0, 0.0, pa * (lp - lq))
     elif CODE == ABKD_OPPOSITE:
         ratio = tl.exp(a * (lp - lq))
         loss = (a * (lq - lp) + ratio - 1.0) / (a * a)
         r = (1.0 - ratio) / a
-        rt = -r
+        if FULL:
+            rt = -r
     elif CODE == ABKD_ZERO:
         loss = 0.5 * (lp - lq) * (lp - lq)
         r = lq - lp
-        rt = lp - lq
+        if FULL:
+            rt = lp - lq
     elif CODE == WSD:
         rkl = tl.where(lq == NEG_INF, 0.0, q * (lq - lp))
         fkl = tl.where(lp == NEG_INF, 0.0, p * (lp - lq))
         loss = w_fkl * fkl + w_rkl * rkl
         r = w_rkl * rkl - w_fkl * p
-        rt = w_fkl * (fkl + p) - w_rkl * q
+        if FULL:
+            rt = w_fkl * (fkl + p) - w_rkl * q
     else:  # BDKD, AKL
         loss = tl.where(lp == NEG_INF, 0.0, p * (lp - lq))
         r = tl.where(lq == NEG_INF, 0.0, q * (lq - lp))
-        rt = loss + p
+        if FULL:
+            rt = loss + p
         if CODE == BDKD:
             e = tl.where(lq == NEG_INF, 0.0, q * lq) - tl.where(lp == NEG_INF, 0.0, p * lp)
         else:
             e = tl.where(in_head, tl.abs(p - q), 0.0)
             f = tl.where(in_head, 0.0, tl.abs(p - q))
     zero = tl.zeros_like(q)
+    if CODE == BDKD or CODE == AKL:
+        e = tl.where(absent, zero, e)
+        f = tl.where(absent, zero, f)
+    if FULL:
+        rt = tl.where(absent, zero, rt)
     return (tl.where(absent, zero, loss), tl.where(absent, zero, r), tl.where(absent, zero, q),
-            tl.where(absent, zero, p), tl.where(absent, zero, e), tl.where(absent, zero, f), tl.where(absent, zero, rt))
+            tl.where(absent, zero, p), e, f, rt)
 
 
 @triton.jit
@@ -320,10 +341,16 @@ def divergence_kernel(
         if CODE == AKL:
             head_value, head_end = _akl_head(t_ptr, rows64, t_stride, valid, V, mean_t, tau_t, my, tl.log(zy), mu, t,
                                              tl.exp(log_softmax_tile(y, my, tl.log(zy))), True, BLOCK_N, BLOCK_V)
+        in_head = False
+        if CODE == AKL:
+            in_head = _in_head(t, cols0, head_value, head_end)
         loss, r, q, p, e, f, rt = _terms(x, y, mx, tl.log(zx), my, tl.log(zy), mix_p, mix_q, log_mix_p, log_mix_q,
-                                         alpha, beta, w_fkl, w_rkl, _in_head(t, cols0, head_value, head_end), CODE)
+                                         alpha, beta, w_fkl, w_rkl, in_head, CODE, FULL)
         sum_r = tl.sum(r, axis=1)
-        sum_l, a, b = _row(tl.sum(loss, axis=1), sum_r, tl.sum(e, axis=1), tl.sum(f, axis=1), w_fkl, w_rkl, CODE)
+        if CODE == BDKD or CODE == AKL:
+            sum_e = tl.sum(e, axis=1)
+            sum_f = tl.sum(f, axis=1)
+        sum_l, a, b = _row(tl.sum(loss, axis=1), sum_r, sum_e, sum_f, w_fkl, w_rkl, CODE)
         sum_r = a * sum_r + b
         if CODE == KD:
             sum_r = tl.full([BLOCK_N], -1.0, tl.float32)
@@ -383,14 +410,18 @@ def divergence_kernel(
                 cols = (last - i) * BLOCK_V + cols0
                 x = load_scaled(s_ptr, rows64, s_stride, valid, cols, V, mean_s, tau_s)
                 t = load_raw(t_ptr, rows64, t_stride, valid, cols, V)
+                in_head = False
+                if CODE == AKL:
+                    in_head = _in_head(t, cols, head_value, head_end)
                 loss, r, q, p, e, f, rt = _terms(x, scaled(t, mean_t, tau_t), mx, lzx, my, lzy, mix_p, mix_q,
-                                                 log_mix_p, log_mix_q, alpha, beta, w_fkl, w_rkl,
-                                                 _in_head(t, cols, head_value, head_end), CODE)
+                                                 log_mix_p, log_mix_q, alpha, beta, w_fkl, w_rkl, in_head, CODE, FULL)
                 sum_l += tl.sum(loss, axis=1)
                 sum_r += tl.sum(r, axis=1)
-                sum_e += tl.sum(e, axis=1)
-                sum_f += tl.sum(f, axis=1)
-                sum_rt += tl.sum(rt, axis=1)
+                if CODE == BDKD or CODE == AKL:
+                    sum_e += tl.sum(e, axis=1)
+                    sum_f += tl.sum(f, axis=1)
+                if FULL:
+                    sum_rt += tl.sum(rt, axis=1)
         sum_l, a, b = _row(sum_l, sum_r, sum_e, sum_f, w_fkl, w_rkl, CODE)
         sum_r = a * sum_r + b
         if CODE == KD:
@@ -406,7 +437,7 @@ def divergence_kernel(
                 t = load_raw(t_ptr, rows64, t_stride, valid, start + cols0, V)
                 y = scaled(t, mean_t, tau_t)
                 loss, r, q, p, e, f, rt = _terms(scaled(s, mean_s, tau_s), y, mx, lzx, my, lzy, mix_p, mix_q,
-                                                 log_mix_p, log_mix_q, alpha, beta, w_fkl, w_rkl, s != s, CODE)
+                                                 log_mix_p, log_mix_q, alpha, beta, w_fkl, w_rkl, False, CODE, FULL)
                 if CODE == KD and not FULL:
                     sum_l += tl.sum(loss, axis=1)
                 tile_g, tile_gz = zscore_sums(_method_grad(_grad_terms(r, p, a, b, CODE), q, sum_r, g_scale), s,
@@ -428,7 +459,7 @@ def divergence_kernel(
                 t = load_raw(t_ptr, rows64, t_stride, valid, cols, V)
                 y = scaled(t, mean_t, tau_t)
                 loss, r, q, p, e, f, rt = _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, alpha,
-                                                 beta, w_fkl, w_rkl, s != s, CODE)
+                                                 beta, w_fkl, w_rkl, False, CODE, FULL)
                 if CODE == KD and not FULL and not (STANDARDIZE and WITH_GRAD):
                     sum_l += tl.sum(loss, axis=1)
                 if WITH_GRAD:
