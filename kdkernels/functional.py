@@ -2,7 +2,8 @@
 generated from it, plus ``cakd_feature_loss``.
 
 Every call checks its arguments (arguments.py: errors name the argument), flattens the leading dimensions into
-rows, picks a backend and reduces. No host synchronisation happens on accelerator tensors.
+rows, picks a backend and reduces. No host synchronisation happens on accelerator tensors, but for a temperature
+tensor, whose value is read once per call.
 """
 
 from __future__ import annotations
