@@ -205,16 +205,15 @@ KD_HD InBin<typename O::V> in_bin(const DecoupledRow<typename O::Scalar>& row, t
   return {log_q, log_p, O::select(O::eq(x, ninf), zero, O::exp(log_q)), O::select(O::eq(y, ninf), zero, O::exp(log_p))};
 }
 
-// g_j = scale (c_b q^b_j - f_b p^b_j + r_b q^b_j (log q^b_j - log p^b_j)) for the classes of x, y (0 for masked
-// ones); the last term only when w_rkl != 0.
+// g_j = scale (c_b q^b_j - f_b p^b_j + r_b q^b_j (log q^b_j - log p^b_j)) for classes whose in-bin probabilities
+// are b (in_bin; 0 for masked ones); the last term only when w_rkl != 0.
 template <class O>
 KD_HD typename O::V decoupled_grad(const DecoupledRow<typename O::Scalar>& row, typename O::Mask in_top1,
-                                   typename O::Mask in_strong, typename O::V x, typename O::V y,
+                                   typename O::Mask in_strong, const InBin<typename O::V>& b,
                                    typename O::Scalar scale) {
   using V = typename O::V;
   using T = typename O::Scalar;
   const V zero(T(0));
-  const InBin<V> b = in_bin<O>(row, in_top1, in_strong, x, y);
   const V c = pick<O>(in_top1, in_strong, row.c[TOP1], row.c[STRONG], row.c[REST]);
   const V f = pick<O>(in_top1, in_strong, row.f[TOP1], row.f[STRONG], row.f[REST]);
   V g = c * b.q - f * b.p;
@@ -225,16 +224,15 @@ KD_HD typename O::V decoupled_grad(const DecoupledRow<typename O::Scalar>& row, 
   return g * V(scale);
 }
 
-// The teacher's gradient gt_j = scale (ct_b p^b_j + f_b p^b_j (log p^b_j - log q^b_j) - r_b q^b_j) for the classes of
-// x, y (0 for the classes the teacher masks); the last term only when w_rkl != 0.
+// The teacher's gradient gt_j = scale (ct_b p^b_j + f_b p^b_j (log p^b_j - log q^b_j) - r_b q^b_j) for the same classes
+// (0 where the teacher masks them, y = -inf); the last term only when w_rkl != 0.
 template <class O>
 KD_HD typename O::V decoupled_teacher_grad(const DecoupledRow<typename O::Scalar>& row, typename O::Mask in_top1,
-                                           typename O::Mask in_strong, typename O::V x, typename O::V y,
-                                           typename O::Scalar scale) {
+                                           typename O::Mask in_strong, const InBin<typename O::V>& b,
+                                           typename O::V y, typename O::Scalar scale) {
   using V = typename O::V;
   using T = typename O::Scalar;
   const V zero(T(0));
-  const InBin<V> b = in_bin<O>(row, in_top1, in_strong, x, y);
   const V ct = pick<O>(in_top1, in_strong, row.ct[TOP1], row.ct[STRONG], row.ct[REST]);
   const V f = pick<O>(in_top1, in_strong, row.f[TOP1], row.f[STRONG], row.f[REST]);
   V g = ct * b.p + O::select(O::eq(b.p, zero), zero, f * b.p * (b.log_p - b.log_q));

@@ -51,6 +51,7 @@ import torch.distributed as dist
 from . import backends
 from .arguments import check_float_tensor, check_temperature_device, full_gradient, resolve, split_temperature
 from .backends import reference
+from .backends.ops import scale_full_gradients
 from .functional import finish, loss_function
 from .methods import DIVERGENCE, METHODS, STANDARDIZE_EPS, Bin, Divergence, Partition, Plan
 
@@ -436,14 +437,7 @@ class _ShardLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_parts):
-        grad, teacher_grad, dtemp = ctx.saved_tensors
-        factor = grad_rows.unsqueeze(-1)
-        grad_student = (grad * factor).to(grad.dtype)
-        grad_teacher = None if teacher_grad is None else (teacher_grad * factor).to(teacher_grad.dtype)
-        grad_temperature = None
-        if ctx.temperature_dtype is not None and dtemp is not None:
-            grad_temperature = (dtemp * grad_rows.to(dtemp.dtype)).sum().to(ctx.temperature_dtype)
-        return grad_student, grad_teacher, grad_temperature, None, None
+        return (*scale_full_gradients(grad_rows, *ctx.saved_tensors, ctx.temperature_dtype), None, None)
 
 
 def distill_loss(

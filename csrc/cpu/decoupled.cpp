@@ -151,9 +151,10 @@ M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M
       const int64_t n = std::min(L, v - j);
       const V sraw = load(s + j, n), traw = load(t + j, n), x = sraw / T, y = traw / T;
       const Masks in = bins_of(traw, j, n);
-      const V method_grad = decoupled_grad<O>(row, in[TOP1], in[STRONG], x, y, row_scale);
+      const InBin<V> b = in_bin<O>(row, in[TOP1], in[STRONG], x, y);
+      const V method_grad = decoupled_grad<O>(row, in[TOP1], in[STRONG], b, row_scale);
       if (full) {
-        const V teacher_grad = decoupled_teacher_grad<O>(row, in[TOP1], in[STRONG], x, y, row_scale);
+        const V teacher_grad = decoupled_teacher_grad<O>(row, in[TOP1], in[STRONG], b, y, row_scale);
         dt.add(x, method_grad, y, teacher_grad);
         if (gt != nullptr) teacher_grad.store(gt + j, n);
       }

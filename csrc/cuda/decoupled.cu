@@ -143,9 +143,10 @@ __global__ void __launch_bounds__(512) decoupled_kernel(Rows<T> r, LaunchArgs a,
     auto grads = [&](int64_t j, float sj, float tj) {
       bool in_top1, in_strong;
       membership<PARTITION, F>(mb, tj, 0.f, j, in_top1, in_strong);
-      const float x = zs.x(sj, a.temperature), y = zs.y(tj, a.temperature);
-      return make_float2(decoupled_grad<F>(d, in_top1, in_strong, x, y, scale),
-                         a.temperature_grad != nullptr ? decoupled_teacher_grad<F>(d, in_top1, in_strong, x, y, scale)
+      const float y = zs.y(tj, a.temperature);
+      const InBin<float> b = in_bin<F>(d, in_top1, in_strong, zs.x(sj, a.temperature), y);
+      return make_float2(decoupled_grad<F>(d, in_top1, in_strong, b, scale),
+                         a.temperature_grad != nullptr ? decoupled_teacher_grad<F>(d, in_top1, in_strong, b, y, scale)
                                                        : 0.f);
     };
     if (a.standardize) {

@@ -185,6 +185,19 @@ def family_backend(ops: dict) -> Callable:
     return impl
 
 
+def scale_full_gradients(grad_loss: Tensor, grad: Tensor, grad_teacher: Optional[Tensor],
+                         grad_temperature: Optional[Tensor],
+                         temperature_dtype: Optional[torch.dtype]) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Backward of a full gradient (_FullGradient, and kdkernels.parallel's): the saved d loss / d student and
+    d loss / d teacher (None when the teacher does not learn) times grad_output (0-d, or per row [N]), each rounded
+    once to its dtype, and d loss / d T, the rows' d loss / d T summed with it (None without a temperature tensor)."""
+    factor = grad_loss.unsqueeze(-1) if grad_loss.dim() else grad_loss
+    d_teacher = None if grad_teacher is None else (grad_teacher * factor).to(grad_teacher.dtype)
+    d_temperature = None
+    if temperature_dtype is not None and grad_temperature is not None:
+        d_temperature = (grad_temperature * grad_loss.to(grad_temperature.dtype)).sum().to(temperature_dtype)
+    return (grad * factor).to(grad.dtype), d_teacher, d_temperature
+
 
 class _FullGradient(torch.autograd.Function):
     """A full op's loss and parts, differentiable in the student, the teacher and the temperature (a 0-d tensor):
@@ -195,22 +208,14 @@ class _FullGradient(torch.autograd.Function):
     def forward(ctx, student, teacher, temperature, op, args):
         loss, parts, grad, grad_teacher, grad_temperature = op(student.detach(), teacher.detach(), *args,
                                                                teacher.requires_grad)
-        ctx.save_for_backward(grad, grad_teacher, grad_temperature)
-        ctx.teacher_grad = teacher.requires_grad
+        ctx.save_for_backward(grad, grad_teacher if teacher.requires_grad else None, grad_temperature)
         ctx.temperature_dtype = None if temperature is None else temperature.dtype
         ctx.mark_non_differentiable(parts)
         return loss, parts
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_parts):
-        grad, grad_teacher, grad_temperature = ctx.saved_tensors
-        factor = grad_loss.unsqueeze(-1) if grad_loss.dim() else grad_loss
-        d_temperature = None
-        if ctx.temperature_dtype is not None:
-            d_temperature = (grad_temperature * grad_loss.to(grad_temperature.dtype)).sum()
-            d_temperature = d_temperature.to(ctx.temperature_dtype)
-        d_teacher = grad_teacher * factor.to(grad_teacher.dtype) if ctx.teacher_grad else None
-        return grad * factor.to(grad.dtype), d_teacher, d_temperature, None, None
+        return (*scale_full_gradients(grad_loss, *ctx.saved_tensors, ctx.temperature_dtype), None, None)
 
 
 def full_backend(full_ops: dict) -> Callable:
