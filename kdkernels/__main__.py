@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--shapes", nargs="+", metavar="SHAPE",
                        help=f"subset of the device's shapes (default: all of them): {describe_shapes()}")
     bench.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="METHOD", help="subset of methods")
-    bench.add_argument("--backends", nargs="+", help="backends to time: fused backend names, 'eager', 'compile'")
+    bench.add_argument("--backends", nargs="+",
+                       help="backends to time: fused backend names, 'eager' (idiomatic code), 'compile', 'reference'")
     bench.add_argument("--out", default="bench/out", help="folder for bench.csv and bench.png (default bench/out)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     bench.add_argument("--linear", action="store_true",

@@ -1,15 +1,18 @@
 """Microbenchmark of every loss and backend (``python -m kdkernels bench``).
 
 For each shape, method and backend it times forward + backward of the loss (median of repeated runs, CUDA events on
-a GPU), and reports the achieved bandwidth on the minimal bytes, the peak memory added by loss + backward (GPU),
-and the speed-up over the eager reference and over ``torch.compile`` of the reference. The minimal bytes of one
-forward + backward are
+a GPU) against what a user would run instead: the method's idiomatic eager code (kdkernels/baselines.py, written as
+its official code writes it) and ``torch.compile`` of that code (static shapes), and the eager reference
+(kdkernels/backends/reference.py). The minimal bytes of one forward + backward are
 
     bytes = N * V * (itemsize(student) + itemsize(teacher) + itemsize(student))
 
 that is: read the student once, read the teacher once, write the gradient once (O(N) target and loss terms are
-left out). A GPU run also measures the card's copy bandwidth (a large device-to-device copy, bytes read + written)
-and reports each kernel's bandwidth as a share of it.
+left out). Every run first measures the device's copy bandwidth (a large copy, bytes read + written, on all of the
+CPU's threads or on the GPU); the **byte floor** of a shape is its minimal bytes at that bandwidth, the least time a
+memory-bound kernel can take. The table gives each backend's ms, its bandwidth on the minimal bytes, that as a share
+of the copy bandwidth (= floor / ms), its time as a multiple of the floor, the peak memory added by loss + backward
+(GPU), and the speed-up over the idiomatic eager code, over ``torch.compile`` of it and over the eager reference.
 
 Writes ``bench.csv`` and ``bench.png`` into ``--out`` and prints the table.
 
@@ -42,6 +45,7 @@ import torch
 from tqdm import tqdm
 
 from . import METHODS, available_backends, distill_loss, linear_distill_loss
+from .baselines import BASELINES
 
 # name: (N, V, student and teacher dtype)
 GPU_SHAPES = {
@@ -51,13 +55,17 @@ GPU_SHAPES = {
     "llm-128k": (8192, 128256, torch.bfloat16),
     "llm-256k": (8192, 262144, torch.bfloat16),
 }
-# The same families of shapes, sized for a CPU (the eager reference materialises several [N, V] float32 tensors).
+# The same families of shapes, sized for a CPU, each in float32 and bfloat16, and one small batch ("call": the fixed
+# cost of a call, validation and autograd included, which vision batches of a few rows pay every step).
 CPU_SHAPES = {
+    "call": (8, 100, torch.float32),
     "vision-100": (8192, 100, torch.float32),
-    "vision-1000": (8192, 1000, torch.float32),
+    "vision-1000": (4096, 1000, torch.float32),
+    "vision-1000-bf16": (4096, 1000, torch.bfloat16),
     "llm-32k": (1024, 32000, torch.float32),
+    "llm-32k-bf16": (1024, 32000, torch.bfloat16),
 }
-EAGER, COMPILED = "eager", "compile"
+EAGER, COMPILED, REFERENCE = "eager", "compile", "reference"
 
 
 @dataclass
@@ -70,11 +78,13 @@ class Row:
     dtype: str
     ms: float  # median forward + backward time; NaN when it could not run (see note)
     gbps: float  # minimal bytes / time
-    copy_share: float  # gbps / measured copy bandwidth (GPU), else NaN
+    copy_share: float  # gbps / measured copy bandwidth = byte floor / ms
     peak_extra_mb: float  # peak memory added by forward + backward above the inputs (GPU), else NaN
     grad_mb: float  # size of the gradient tensor, the floor of peak_extra_mb
+    floor_ms: float = math.nan  # minimal bytes / measured copy bandwidth
     vs_eager: float = math.nan
     vs_compile: float = math.nan
+    vs_reference: float = math.nan
     note: str = ""
 
 
@@ -84,11 +94,12 @@ def minimal_bytes(n: int, v: int, dtype: torch.dtype) -> int:
 
 
 def copy_bandwidth_gbps(device: torch.device, nbytes: int = 2 << 30) -> float:
-    """Device-to-device copy bandwidth (bytes read + written), the ceiling a memory-bound kernel can reach."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).uniform_()
+    """Copy bandwidth of ``device`` (bytes read + written, a copy of nbytes / 2 on all threads of a CPU), the ceiling
+    a memory-bound kernel can reach."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
     ms = _median_ms(lambda: dst.copy_(src), device)
-    return 2 * nbytes / ms / 1e6
+    return nbytes / ms / 1e6
 
 
 def _median_ms(fn, device: torch.device, reps: int = 20) -> float:
@@ -106,12 +117,15 @@ def _median_ms(fn, device: torch.device, reps: int = 20) -> float:
 
 
 def _loss_fn(method: str, backend: str):
-    kwargs = {"backend": "reference" if backend in (EAGER, COMPILED) else backend}
+    if backend == EAGER:
+        return BASELINES[method]
+    if backend == COMPILED:
+        return torch.compile(BASELINES[method], dynamic=False)
 
     def loss(s, t, y):
-        return distill_loss(method, s, t, y, **kwargs)
+        return distill_loss(method, s, t, y, backend=backend)
 
-    return torch.compile(loss, dynamic=True) if backend == COMPILED else loss
+    return loss
 
 
 def _measure(method, backend, s, t, y, device) -> tuple[float, float]:
@@ -132,7 +146,8 @@ def _measure(method, backend, s, t, y, device) -> tuple[float, float]:
         fn(s, t, y).backward()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    return _median_ms(step, device), peak
+    reps = 200 if s.numel() < 1 << 16 else 20  # (a small call: more runs for a steady median)
+    return _median_ms(step, device, reps), peak
 
 
 def run(device: str = "cuda", shapes=None, methods=None, backends=None, out: str = "bench/out",
@@ -143,10 +158,10 @@ def run(device: str = "cuda", shapes=None, methods=None, backends=None, out: str
     methods = methods or list(METHODS)
     if backends is None:
         # Triton on CPU tensors means its interpreter: far too slow to time.
-        fused = [b for b in available_backends(device) if b != "reference" and not (b == "triton" and
-                                                                                     device.type == "cpu")]
-        backends = fused + [EAGER, COMPILED]
-    copy_gbps = copy_bandwidth_gbps(device) if device.type == "cuda" else math.nan
+        fused = [b for b in available_backends(device) if b != REFERENCE and not (b == "triton" and
+                                                                                  device.type == "cpu")]
+        backends = fused + [EAGER, COMPILED, REFERENCE]
+    copy_gbps = copy_bandwidth_gbps(device)
     rows: list[Row] = []
     jobs = [(sh, m, b) for sh in shapes for m in methods for b in backends]
     bar = tqdm(jobs, desc="bench", disable=not progress, file=None)
@@ -175,13 +190,15 @@ def run(device: str = "cuda", shapes=None, methods=None, backends=None, out: str
             ms, peak, note = math.nan, math.nan, "out of memory"
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        gbps = minimal_bytes(n, v, dtype) / ms / 1e6
+        nbytes = minimal_bytes(n, v, dtype)
+        gbps = nbytes / ms / 1e6
         rows.append(Row(shape, method, backend, n, v, str(dtype).replace("torch.", ""), ms, gbps,
-                        gbps / copy_gbps, peak, grad_mb, note=note))
+                        gbps / copy_gbps, peak, grad_mb, floor_ms=nbytes / copy_gbps / 1e6, note=note))
     for row in rows:
         base = {r.backend: r.ms for r in rows if (r.shape, r.method) == (row.shape, row.method)}
         row.vs_eager = base.get(EAGER, math.nan) / row.ms
         row.vs_compile = base.get(COMPILED, math.nan) / row.ms
+        row.vs_reference = base.get(REFERENCE, math.nan) / row.ms
     os.makedirs(out, exist_ok=True)
     _write_csv(rows, os.path.join(out, "bench.csv"), copy_gbps)
     _plot(rows, os.path.join(out, "bench.png"), copy_gbps)
@@ -230,24 +247,25 @@ def _cell(value: float, spec: str) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ["shape", "method", "backend", "ms", "GB/s", "%copy", "peak MB", "peak/grad", "x eager", "x compile",
-            "note"]
+    head = ["shape", "method", "backend", "ms", "GB/s", "%copy", "x floor", "peak MB", "peak/grad", "x eager",
+            "x compile", "x ref", "note"]
     lines = [head]
     for r in rows:
         lines.append([r.shape, r.method, r.backend, _cell(r.ms, ".3f"), _cell(r.gbps, ".0f"),
-                      _cell(100 * r.copy_share, ".0f"), _cell(r.peak_extra_mb, ".0f"),
-                      _cell(r.peak_extra_mb / r.grad_mb, ".2f"), _cell(r.vs_eager, ".1f"), _cell(r.vs_compile, ".1f"),
-                      r.note])
+                      _cell(100 * r.copy_share, ".0f"), _cell(r.ms / r.floor_ms, ".1f"), _cell(r.peak_extra_mb, ".0f"),
+                      _cell(r.peak_extra_mb / r.grad_mb, ".2f"), _cell(r.vs_eager, ".2f"), _cell(r.vs_compile, ".2f"),
+                      _cell(r.vs_reference, ".1f"), r.note])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
-    table = "\n".join("  ".join(str(c).rjust(w) if j not in (0, 1, 2, 10) else str(c).ljust(w)
+    table = "\n".join("  ".join(str(c).rjust(w) if j not in (0, 1, 2, len(head) - 1) else str(c).ljust(w)
                                 for j, (c, w) in enumerate(zip(line, widths))) for line in lines)
-    notes = []
-    if any(math.isnan(r.copy_share) for r in rows):
-        notes.append("%copy: measured on a GPU only (its copy bandwidth is this run's ceiling); '-' elsewhere")
+    copy_gbps = next((r.gbps / r.copy_share for r in rows if r.copy_share > 0), math.nan)
+    notes = [f"copy bandwidth (read + write) measured in this run: {copy_gbps:.1f} GB/s; x floor = ms / (minimal "
+             "bytes / copy bandwidth); x eager, x compile, x ref = their ms / this ms (eager: the method's idiomatic "
+             "code, compile: torch.compile of it, ref: the eager reference)"]
     if any(math.isnan(r.peak_extra_mb) for r in rows):
         notes.append("peak MB, peak/grad: measured on a GPU only (torch.cuda peak memory); '-' elsewhere")
-    if any(math.isnan(r.vs_eager) or math.isnan(r.vs_compile) for r in rows):
-        notes.append("x eager, x compile: '-' where that baseline was not run (--backends)")
+    if any(math.isnan(r.vs_eager) or math.isnan(r.vs_compile) or math.isnan(r.vs_reference) for r in rows):
+        notes.append("x eager, x compile, x ref: '-' where that baseline was not run (--backends)")
     return "\n".join([table, *notes])
 
 

@@ -70,6 +70,7 @@ def test_bench_writes_table_csv_and_plot(tmp_path):
     assert [(r.method, r.backend) for r in rows] == [("kd", "eager"), ("gdkd", "eager")]
     assert all(r.ms > 0 and math.isclose(r.gbps, bench.minimal_bytes(r.n, r.v, torch.float32) / r.ms / 1e6)
                for r in rows)
+    assert all(r.floor_ms > 0 and math.isclose(r.copy_share, r.floor_ms / r.ms) for r in rows)  # (the byte floor)
     with open(tmp_path / "bench.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
     assert os.path.getsize(tmp_path / "bench.png") > 1000
@@ -112,15 +113,16 @@ def test_bench_shapes_are_listed_and_checked():
     done = subprocess.run([sys.executable, "-m", "kdkernels", "bench", "--device", "cpu", "--shapes", "vision-100",
                            "llm-9k"], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
-    assert "unknown shape(s) llm-9k on cpu; choose from: vision-100, vision-1000, llm-32k" in done.stderr
+    assert f"unknown shape(s) llm-9k on cpu; choose from: {', '.join(bench.CPU_SHAPES)}" in done.stderr
 
 
 def test_bench_table_says_why_columns_are_empty():
-    row = bench.Row("tiny", "kd", "cpu", 4, 10, "float32", 1.0, 2.0, math.nan, math.nan, 1.0, vs_eager=3.0)
+    row = bench.Row("tiny", "kd", "cpu", 4, 10, "float32", 1.0, 2.0, 0.5, math.nan, 1.0, floor_ms=0.5, vs_eager=3.0)
     text = bench.format_table([row])
     assert "nan" not in text
-    assert "%copy: measured on a GPU only" in text and "peak MB, peak/grad: measured on a GPU only" in text
-    assert "x eager, x compile: '-' where that baseline was not run" in text
+    assert "copy bandwidth (read + write) measured in this run: 4.0 GB/s" in text
+    assert "peak MB, peak/grad: measured on a GPU only" in text
+    assert "x eager, x compile, x ref: '-' where that baseline was not run" in text
 
 
 def test_setup_rebuilds_only_when_what_it_depends_on_changed(tmp_path):
