@@ -192,17 +192,28 @@ struct InBin {
   V log_q, log_p, q, p;
 };
 
+// The same from probabilities q, p that the caller kept (the CPU kernel: exp(x - bin max) / bin sum).
+template <class O>
+KD_HD InBin<typename O::V> in_bin_of(const DecoupledRow<typename O::Scalar>& row, typename O::Mask in_top1,
+                                     typename O::Mask in_strong, typename O::V x, typename O::V y, typename O::V q,
+                                     typename O::V p) {
+  const typename O::V log_q = (x - pick<O>(in_top1, in_strong, row.ms[TOP1], row.ms[STRONG], row.ms[REST])) -
+                              pick<O>(in_top1, in_strong, row.lzs[TOP1], row.lzs[STRONG], row.lzs[REST]);
+  const typename O::V log_p = (y - pick<O>(in_top1, in_strong, row.mt[TOP1], row.mt[STRONG], row.mt[REST])) -
+                              pick<O>(in_top1, in_strong, row.lzt[TOP1], row.lzt[STRONG], row.lzt[REST]);
+  return {log_q, log_p, q, p};
+}
+
 template <class O>
 KD_HD InBin<typename O::V> in_bin(const DecoupledRow<typename O::Scalar>& row, typename O::Mask in_top1,
                                   typename O::Mask in_strong, typename O::V x, typename O::V y) {
   using V = typename O::V;
   using T = typename O::Scalar;
   const V zero(T(0)), ninf(neg_inf<T>());
-  const V log_q = (x - pick<O>(in_top1, in_strong, row.ms[TOP1], row.ms[STRONG], row.ms[REST])) -
-                  pick<O>(in_top1, in_strong, row.lzs[TOP1], row.lzs[STRONG], row.lzs[REST]);
-  const V log_p = (y - pick<O>(in_top1, in_strong, row.mt[TOP1], row.mt[STRONG], row.mt[REST])) -
-                  pick<O>(in_top1, in_strong, row.lzt[TOP1], row.lzt[STRONG], row.lzt[REST]);
-  return {log_q, log_p, O::select(O::eq(x, ninf), zero, O::exp(log_q)), O::select(O::eq(y, ninf), zero, O::exp(log_p))};
+  InBin<V> b = in_bin_of<O>(row, in_top1, in_strong, x, y, zero, zero);
+  b.q = O::select(O::eq(x, ninf), zero, O::exp(b.log_q));
+  b.p = O::select(O::eq(y, ninf), zero, O::exp(b.log_p));
+  return b;
 }
 
 // g_j = scale (c_b q^b_j - f_b p^b_j + r_b q^b_j (log q^b_j - log p^b_j)) for classes whose in-bin probabilities

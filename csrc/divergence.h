@@ -27,14 +27,18 @@ enum Divergence : int { KDKERNELS_DIVERGENCE_CODES(KDKERNELS_ENUMERATOR) NUM_DIV
 
 KDKERNELS_DEFINE_PARAMS(DivergenceParams, KDKERNELS_DIVERGENCE_PARAMS)
 
-// log(exp(u) + exp(v)), exact for large arguments and 0-safe: both -inf gives -inf.
+// The mixture m = mix_p p + mix_q q and its log, from the probabilities, m clamped to the least normal number: where
+// both underflow, p and q are 0 and every term that multiplies them stays 0 (never 0 * inf). One log per class.
+template <class V>
+struct Mixture {
+  V m, log_m;
+};
 template <class O>
-KD_HD typename O::V log_add_exp(typename O::V u, typename O::V v) {
+KD_HD Mixture<typename O::V> mixture(const DivergenceParams<typename O::Scalar>& c, typename O::V p,
+                                     typename O::V q) {
   using V = typename O::V;
-  using T = typename O::Scalar;
-  V mx = O::max(u, v);
-  V shift = O::select(O::eq(mx, V(neg_inf<T>())), V(T(0)), mx);
-  return shift + O::log(O::exp(u - shift) + O::exp(v - shift));
+  const V m = O::max(V(c.mix_p) * p + V(c.mix_q) * q, V(min_normal<typename O::Scalar>()));
+  return {m, O::log(m)};
 }
 
 // Whether a code's row loss weighs its row sums by weights that depend on them (see divergence_row).
@@ -104,22 +108,20 @@ KD_HD typename O::Mask in_akl_head(typename O::V t, typename O::Scalar value, in
   return O::lor(O::gt(t, V(value)), O::land(O::eq(t, V(value)), O::index_le(iota, end - 1 - base)));
 }
 
-// The terms of the classes of x, y, given each row's max and log-sum: mx, lzx (student) and my, lzy (teacher); akl's
-// in_head says which classes are in its head (ignored by the other codes).
+// The terms of classes given their log-probabilities lq, lp and probabilities q, p (exp of them, or
+// exp(x - max) / sum that a caller has kept); akl's in_head says which classes are in its head (ignored by the other
+// codes).
 template <int CODE, class O>
-KD_HD ClassTerms<typename O::V> divergence_terms(const DivergenceParams<typename O::Scalar>& c, typename O::V x,
-                                                 typename O::V y, typename O::V mx, typename O::V lzx,
-                                                 typename O::V my, typename O::V lzy,
-                                                 typename O::Mask in_head = typename O::Mask()) {
+KD_HD ClassTerms<typename O::V> divergence_terms_of(const DivergenceParams<typename O::Scalar>& c, typename O::V lq,
+                                                    typename O::V lp, typename O::V q, typename O::V p,
+                                                    typename O::Mask in_head = typename O::Mask()) {
   using V = typename O::V;
   using T = typename O::Scalar;
   const V zero(T(0)), ninf(neg_inf<T>());
-  // log softmax as (x - m) - log z: exact for large logits.
-  V lq = (x - mx) - lzx, lp = (y - my) - lzy;
+  // A class masked in both (q = p = 0) gets finite logs here, so no formula meets inf - inf; its terms are 0.
   const auto absent = O::land(O::eq(lq, ninf), O::eq(lp, ninf));
   lq = O::select(absent, zero, lq);
   lp = O::select(absent, zero, lp);
-  const V q = O::exp(lq), p = O::exp(lp);
   V l, r, rt, e = zero, f = zero;
   const T a = c.alpha, b = c.beta;
   if constexpr (CODE == KD) {
@@ -131,20 +133,20 @@ KD_HD ClassTerms<typename O::V> divergence_terms(const DivergenceParams<typename
     r = l;
     rt = zero - q;
   } else if constexpr (CODE == JSD) {
-    const V lm = log_add_exp<O>(lp + V(c.log_mix_p), lq + V(c.log_mix_q));
+    const V lm = mixture<O>(c, p, q).log_m;
     r = V(c.mix_q) * kl_term<O>(q, lq, lm);
     rt = V(c.mix_p) * kl_term<O>(p, lp, lm);
     l = rt + r;
   } else if constexpr (CODE == SKEW_FKL) {
-    const V lm = log_add_exp<O>(lp + V(c.log_mix_p), lq + V(c.log_mix_q));
-    l = kl_term<O>(p, lp, lm);
-    r = zero - V(c.mix_q) * O::exp(lp + lq - lm);
+    const Mixture<V> m = mixture<O>(c, p, q);
+    l = kl_term<O>(p, lp, m.log_m);
+    r = zero - V(c.mix_q) * p * (q / m.m);
     rt = l - r;
   } else if constexpr (CODE == SKEW_RKL) {
-    const V lm = log_add_exp<O>(lp + V(c.log_mix_p), lq + V(c.log_mix_q));
-    l = kl_term<O>(q, lq, lm);
-    rt = zero - V(c.mix_p) * O::exp(lp + lq - lm);
-    r = l + q - V(c.mix_q) * O::exp(lq + lq - lm);
+    const Mixture<V> m = mixture<O>(c, p, q);
+    l = kl_term<O>(q, lq, m.log_m);
+    rt = zero - V(c.mix_p) * p * (q / m.m);
+    r = l + q - V(c.mix_q) * q * (q / m.m);
   } else if constexpr (CODE == TVD) {
     l = V(T(0.5)) * O::abs(p - q);
     const V sign = O::select(O::gt(q, p), V(T(1)), O::select(O::lt(q, p), V(T(-1)), zero));
@@ -198,6 +200,17 @@ KD_HD ClassTerms<typename O::V> divergence_terms(const DivergenceParams<typename
   return {O::select(absent, zero, l), O::select(absent, zero, r), O::select(absent, zero, q),
           O::select(absent, zero, p), O::select(absent, zero, e), O::select(absent, zero, f),
           O::select(absent, zero, rt)};
+}
+
+// The terms of the classes of x, y, given each row's max and log-sum: mx, lzx (student) and my, lzy (teacher), with
+// log softmax as (x - m) - log z (exact for large logits).
+template <int CODE, class O>
+KD_HD ClassTerms<typename O::V> divergence_terms(const DivergenceParams<typename O::Scalar>& c, typename O::V x,
+                                                 typename O::V y, typename O::V mx, typename O::V lzx,
+                                                 typename O::V my, typename O::V lzy,
+                                                 typename O::Mask in_head = typename O::Mask()) {
+  const typename O::V lq = (x - mx) - lzx, lp = (y - my) - lzy;
+  return divergence_terms_of<CODE, O>(c, lq, lp, O::exp(lq), O::exp(lp), in_head);
 }
 
 // A row's loss and what its gradient needs: g_j = (a r_j + b p_j - q_j sum_r) * scale; the teacher's (with its row

@@ -58,6 +58,12 @@ KD_HD T neg_inf() {
   return T(-INFINITY);
 }
 
+// The least positive normal number of T.
+template <class T>
+KD_HD T min_normal() {
+  return sizeof(T) == 4 ? T(1.17549435e-38f) : T(2.2250738585072014e-308);
+}
+
 template <class T>
 KD_HD bool is_neg_inf(T x) {
   return x == neg_inf<T>();

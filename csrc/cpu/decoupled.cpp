@@ -59,13 +59,14 @@ void teacher_top_k(const M* t, int64_t v, int64_t k, std::vector<std::pair<M, in
 // t_rank: the raw teacher row the partition ranks (t itself, or t's raw logits when t holds their z-scores), and
 // the threshold is in its units.
 template <int PARTITION, class M>
-M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M* ce, M* gt, M* dtemp, int64_t v,
-                const DecoupledParams<double>& c, M temperature, M threshold, M scale, M ce_scale, bool t2_scale,
-                std::vector<std::pair<M, int64_t>>& heap) {
+M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M* ce, M* gt, M* dtemp, M* es_row,
+                M* et_row, const RowBuffers<M>& rows, int64_t v, const DecoupledParams<double>& c, M temperature,
+                M threshold, M scale, M ce_scale, bool t2_scale, std::vector<std::pair<M, int64_t>>& heap) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
-  const V T(temperature), zero(M(0)), ninf(neg_inf<M>()), iota = O::iota();
+  // x = s / T as s * (1 / T) (one rounding more than a division, far cheaper), likewise y.
+  const V inv_T(M(1) / temperature), zero(M(0)), ninf(neg_inf<M>()), iota = O::iota();
   Membership<M> mb{-1, M(0), 0, 0, M(0), threshold, c.split_top1, c.lowest};
   // An index outside [0, V) is never read (membership only compares indices): the row's loss becomes NaN.
   const bool bad_target = PARTITION == TARGET && (target < 0 || target >= v);
@@ -91,7 +92,7 @@ M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M
   V mt[NUM_BINS] = {ninf, ninf, ninf}, ms[NUM_BINS] = {ninf, ninf, ninf}, vm1 = ninf;
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
-    const V sraw = load(s + j, n), traw = load(t + j, n), x = sraw / T, y = traw / T;
+    const V sraw = load(s + j, n), traw = load(t + j, n), x = sraw * inv_T, y = traw * inv_T;
     const Masks in = bins_of(traw, j, n);
     for (int b = 0; b < NUM_BINS; ++b) {
       mt[b] = O::max(mt[b], O::select(in[b], y, ninf));
@@ -113,7 +114,8 @@ M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M
   const bool reverse = c.w_rkl != 0.0;  // the student's ks_b: only for the in-bin reverse KL
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
-    const V sraw = load(s + j, n), traw = load(t + j, n), x = sraw / T, y = traw / T;
+    prefetch_next_row(rows, j, n);
+    const V sraw = load(s + j, n), traw = load(t + j, n), x = sraw * inv_T, y = traw * inv_T;
     if (ce != nullptr) z1.add(O::exp(sraw - shift_1));
     const Masks in = bins_of(traw, j, n);
     const V st_j = pick<O>(in[TOP1], in[STRONG], safe_shift(st.m[TOP1]), safe_shift(st.m[STRONG]),
@@ -121,6 +123,8 @@ M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M
     const V ss_j = pick<O>(in[TOP1], in[STRONG], safe_shift(ss.m[TOP1]), safe_shift(ss.m[STRONG]),
                            safe_shift(ss.m[REST]));
     const V et = O::exp(y - st_j), es = O::exp(x - ss_j), kv = k_term<O>(et, y, x, st_j, ss_j);
+    es.store(es_row + j, n);
+    et.store(et_row + j, n);
     for (int b = 0; b < NUM_BINS; ++b) {
       zt[b].add(O::select(in[b], et, zero));
       kt[b].add(O::select(in[b], kv, zero));
@@ -138,6 +142,11 @@ M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M
     ss.k[b] = ks[b].sum();
   }
   const DecoupledRow<M> row = decoupled_row(st, ss, c, bad_target);
+  M inv_zs[NUM_BINS], inv_zt[NUM_BINS];  // (0 for an empty bin, whose kept exps are 0)
+  for (int b = 0; b < NUM_BINS; ++b) {
+    inv_zs[b] = ss.z[b] > M(0) ? M(1) / ss.z[b] : M(0);
+    inv_zt[b] = st.z[b] > M(0) ? M(1) / st.z[b] : M(0);
+  }
   const CrossEntropy<M> xent{m1, std::log(z1.sum()), ce_scale, target};
   if (ce != nullptr) *ce = xent.loss(s, v);  // (before the gradient overwrites s in place)
   // (2) The gradient: the method's, plus the cross-entropy's with the term; with the full gradient the teacher's too,
@@ -149,16 +158,20 @@ M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M
                           V(safe_shift(nan_max(nan_max(st.m[TOP1], st.m[STRONG]), st.m[REST])))};
     for (int64_t j = 0; j < v; j += L) {
       const int64_t n = std::min(L, v - j);
-      const V sraw = load(s + j, n), traw = load(t + j, n), x = sraw / T, y = traw / T;
+      const V sraw = load(s + j, n), traw = load(t + j, n), x = sraw * inv_T, y = traw * inv_T;
       const Masks in = bins_of(traw, j, n);
-      const InBin<V> b = in_bin<O>(row, in[TOP1], in[STRONG], x, y);
+      const V q = V::loadu(es_row + j, n) * pick<O>(in[TOP1], in[STRONG], inv_zs[TOP1], inv_zs[STRONG], inv_zs[REST]);
+      const V p = V::loadu(et_row + j, n) * pick<O>(in[TOP1], in[STRONG], inv_zt[TOP1], inv_zt[STRONG], inv_zt[REST]);
+      const InBin<V> b = in_bin_of<O>(row, in[TOP1], in[STRONG], x, y, q, p);
       const V method_grad = decoupled_grad<O>(row, in[TOP1], in[STRONG], b, row_scale);
       if (full) {
         const V teacher_grad = decoupled_teacher_grad<O>(row, in[TOP1], in[STRONG], b, y, row_scale);
         dt.add(x, method_grad, y, teacher_grad);
         if (gt != nullptr) teacher_grad.store(gt + j, n);
       }
-      if (g != nullptr) (ce != nullptr ? method_grad + xent.grad(sraw, iota, j) : method_grad).store(g + j, n);
+      if (g != nullptr) {
+        store_grad_vector(rows, ce != nullptr ? method_grad + xent.grad(sraw, iota, j) : method_grad, g, j, n);
+      }
     }
     if (full) *dtemp = dt.value(t2_scale, row_scale, row.loss);
   }
@@ -168,14 +181,15 @@ M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M
 template <int PARTITION, class M>
 void decoupled_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
   const auto c = DecoupledParams<double>::from(a.params);
-  RowBuffers<M> buf(a, 0);
+  RowBuffers<M> buf(a, 2);  // exp(x - bin max) and exp(y - bin max) of every class
   std::vector<std::pair<M, int64_t>> heap;
   heap.reserve(PARTITION == TOPK ? size_t(c.k) : 0);
   const M threshold(a.temperature * c.log_tau);  // THRESHOLD: t_i - max t >= T log(tau), in double like the others
   for_rows<M>(a, begin, end, buf, [&](const M* s, const M* t, int64_t target, M* g, M* ce, const M* t_rank,
                                       M rank_scale, M* gt, M* dtemp) {
-    return decoupled_row<PARTITION, M>(s, t, t_rank, target, g, ce, gt, dtemp, a.v, c, M(a.temperature),
-                                       threshold * rank_scale, M(a.grad_scale), M(a.ce_scale), a.t2_scale, heap);
+    return decoupled_row<PARTITION, M>(s, t, t_rank, target, g, ce, gt, dtemp, buf.extra, buf.extra + a.v, buf, a.v, c,
+                                       M(a.temperature), threshold * rank_scale, M(a.grad_scale), M(a.ce_scale),
+                                       a.t2_scale, heap);
   });
 }
 

@@ -1,17 +1,24 @@
 // Fused CPU kernel of the divergence family: loss rows and gradient rows in one call, one row at a time per thread.
 // setup.py compiles this file once per CPU capability (at::vec::Vectorized is then 8 or 16 floats wide). The math is
-// divergence.h's; this file arranges the passes over a row:
+// divergence.h's; this file arranges the passes over a row, each class's exps computed once (pass 2) and kept in
+// row buffers that stay in L2 with the row (docs/losses.md, "Streaming forms and passes"):
 //
-//   (1) row maxima of s and t, then their sums of exp(x - max) (and of exp(s - max s) for the cross-entropy term at
-//       T != 1); a row whose classes are all masked in both logits stops here (loss 0, gradient 0);
-//   (1b) akl: the teacher's probabilities into a row buffer, then the bisections of its head (divergence.h AklHead)
-//       over that buffer and the raw teacher row (in cache): 32 passes in float32, 64 in float64, and rarely about
-//       log2(V) more to split a tie group;
-//   (2) per-class terms l_k, r_k (and e_k, f_k): the loss, and for kd (sum r = -1) the gradient;
-//   (3) for the other codes the gradient, from r_k and q_k that pass 2 kept in a row-sized buffer (so no exp is
-//       recomputed); bdkd and akl, whose r_k are weighted by their row sums, recompute their terms here. The full
-//       gradient (a learnable temperature, a teacher that requires grad) sums the teacher's rt_k in (2) and
-//       recomputes the terms in (3) for every code, writing the teacher's gradient and summing d loss / d T there.
+//   (1) row maxima of s and t (the only pass that reads the row from memory); a row whose classes are all masked in
+//       both logits stops here (loss 0, gradient 0);
+//   (2) es = exp(x - max x) and et = exp(y - max y) into the row buffers, their sums (and that of exp(s - max s) for
+//       the cross-entropy term at T != 1);
+//   (2b) akl: the teacher's probabilities et / sum into a row buffer, then the bisections of its head
+//       (divergence.h AklHead) over that buffer and the raw teacher row: 32 passes in float32, 64 in float64, and
+//       rarely about log2(V) more to split a tie group;
+//   (3) per-class terms l_k, r_k (and e_k, f_k) from q = es / sum and p = et / sum and the logs (x - max x) - log sum:
+//       the loss, and for kd (sum r = -1) the gradient; the other codes keep r_k in a row buffer;
+//   (4) their gradient from r_k and q_k; bdkd and akl, whose r_k are weighted by their row sums, recompute their
+//       terms from the kept exps here. The full gradient (a learnable temperature, a teacher that requires grad)
+//       sums the teacher's rt_k in (3) and recomputes the terms in (4) for every code, writing the teacher's
+//       gradient and summing d loss / d T there.
+//
+// No exp is computed twice but those of a code's own terms (jsd's and the skew KLs' mixtures, abkd's powers) when
+// (4) recomputes them.
 #include "../divergence.h"
 #include "rows.h"
 
@@ -62,64 +69,81 @@ std::pair<M, int64_t> akl_head(const M* t, const M* p, int64_t v, M mu) {
   return {value, hi};
 }
 
+// The row buffers of divergence_row: exp(x - max x) and exp(y - max y) of every class (pass 2), what pass 4 reads back
+// (r_k of pass 3, or akl's teacher probabilities p_k for its head search).
+template <class M>
+struct ExpRows {
+  M *es, *et, *kept;
+};
+
 template <int CODE, class M>
-M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M* ce, M* gt, M* dtemp, M* r_buf,
-                 M* q_buf, int64_t v, const DivergenceParams<M>& c, M temperature, M scale, M ce_scale,
-                 bool t2_scale) {
+M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M* ce, M* gt, M* dtemp,
+                 const ExpRows<M>& buf, const RowBuffers<M>& rows, int64_t v, const DivergenceParams<M>& c,
+                 M temperature, M scale, M ce_scale, bool t2_scale) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
-  const V T(temperature);
-  // (1) Row maxima (max(s / T) = max(s) / T: division by T > 0 keeps the order), then the sums of exp(x - max).
+  // x = s / T as s * (1 / T): one rounding more than a division, far cheaper; max(x) = max(s) / T keeps the order.
+  const M inv_temperature = M(1) / temperature;
+  const V inv_T(inv_temperature);
+  // (1) Row maxima.
   V vmx(neg_inf<M>()), vmy(neg_inf<M>());
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
     vmx = O::max(vmx, load(s + j, n));
     vmy = O::max(vmy, load(t + j, n));
   }
-  const M ms = max_lanes(vmx), mx = ms / temperature, my = max_lanes(vmy) / temperature;
+  const M ms = max_lanes(vmx), mx = ms * inv_temperature, my = max_lanes(vmy) * inv_temperature;
   if (is_neg_inf(mx) && is_neg_inf(my)) return skip_row(g, ce, v, gt, dtemp);
   const bool full = dtemp != nullptr;  // the full gradient: the teacher's (stored into gt unless null) and d / d T
   const V shift_x(safe_shift(mx)), shift_y(safe_shift(my)), shift_s(safe_shift(ms));
   const bool ce_apart = ce != nullptr && temperature != M(1);  // the cross-entropy's softmax is at T = 1
+  // (2) The exps of both rows, kept, and their sums.
   ChunkedSum<M> zx, zy, zs;
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
-    const V sj = load(s + j, n);
-    zx.add(O::exp(sj / T - shift_x));
-    zy.add(O::exp(load(t + j, n) / T - shift_y));
+    const V sj = load(s + j, n), es = O::exp(sj * inv_T - shift_x), et = O::exp(load(t + j, n) * inv_T - shift_y);
+    es.store(buf.es + j, n);
+    et.store(buf.et + j, n);
+    zx.add(es);
+    zy.add(et);
     if (ce_apart) zs.add(O::exp(sj - shift_s));
   }
   const V vmx_row(mx), vmy_row(my), lzx(std::log(zx.sum())), lzy(std::log(zy.sum()));
-  const CrossEntropy<M> xent{ms, std::log(ce_apart ? zs.sum() : zx.sum()), ce_scale, target};
+  const V inv_zx(M(1) / zx.sum()), inv_zy(M(1) / zy.sum());
+  const CrossEntropy<M> xent{ms, ce != nullptr ? std::log(ce_apart ? zs.sum() : zx.sum()) : M(0), ce_scale, target};
   if (ce != nullptr) *ce = xent.loss(s, v);  // (before the gradient overwrites s in place)
   const V iota = O::iota();
-  // (1b)
+  // (2b) akl: the teacher's probabilities, then its head.
   std::pair<M, int64_t> head{M(0), 0};
   if constexpr (CODE == AKL) {
     for (int64_t j = 0; j < v; j += L) {
       const int64_t n = std::min(L, v - j);
-      O::exp((load(t + j, n) / T - vmy_row) - lzy).store(r_buf + j, n);
+      (V::loadu(buf.et + j, n) * inv_zy).store(buf.kept + j, n);
     }
-    head = akl_head(t_rank, r_buf, v, c.mu);
+    head = akl_head(t_rank, buf.kept, v, c.mu);
   }
   // The gradient of a vector of classes j..: the method's, plus the cross-entropy's with the term.
   auto store_grad = [&](const V& method_grad, int64_t j, int64_t n) {
-    (ce != nullptr ? method_grad + xent.grad(load(s + j, n), iota, j) : method_grad).store(g + j, n);
+    store_grad_vector(rows, ce != nullptr ? method_grad + xent.grad(load(s + j, n), iota, j) : method_grad, g, j, n);
   };
+  // The terms of the classes j..: logs from the logits, probabilities from the kept exps.
   auto terms = [&](int64_t j, int64_t n) {
     typename O::Mask in_head{};
     if constexpr (CODE == AKL) in_head = in_akl_head<O>(load(t_rank + j, n), head.first, head.second, iota, j);
-    return divergence_terms<CODE, O>(c, load(s + j, n) / T, load(t + j, n) / T, vmx_row, lzx, vmy_row, lzy, in_head);
+    const V lq = (load(s + j, n) * inv_T - vmx_row) - lzx, lp = (load(t + j, n) * inv_T - vmy_row) - lzy;
+    return divergence_terms_of<CODE, O>(c, lq, lp, V::loadu(buf.es + j, n) * inv_zx, V::loadu(buf.et + j, n) * inv_zy,
+                                        in_head);
   };
-  // (2) Per-class terms.
+  // (3) Per-class terms.
   ChunkedSum<M> sum_l, sum_r, sum_e, sum_f, sum_rt;
   const DivergenceRow<M> kd_row = divergence_row<CODE>(c, M(0), M(0), M(0), M(0));  // (kd's gradient: no row sum)
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
+    prefetch_next_row(rows, j, n);
     const ClassTerms<V> k = terms(j, n);
     sum_l.add(k.l);
-    sum_r.add(k.r);
+    if constexpr (CODE != KD) sum_r.add(k.r);  // (kd: sum r = -1)
     if constexpr (weighs_row_sums<CODE>) sum_e.add(k.e);
     if constexpr (CODE == AKL) sum_f.add(k.f);
     if (full) sum_rt.add(k.rt);
@@ -127,19 +151,21 @@ M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, 
     if constexpr (CODE == KD) {
       store_grad(divergence_grad<CODE, O>(k, kd_row, scale), j, n);
     } else if constexpr (!weighs_row_sums<CODE>) {
-      k.r.store(r_buf + j, n);
-      k.q.store(q_buf + j, n);
+      k.r.store(buf.kept + j, n);
     }
   }
-  const DivergenceRow<M> row = divergence_row<CODE>(c, sum_l.sum(), sum_r.sum(), sum_e.sum(), sum_f.sum());
-  // (3) The gradient, once the row sums are known; the full gradient recomputes the terms (the teacher's rt_k, p_k).
+  const DivergenceRow<M> row = divergence_row<CODE>(c, sum_l.sum(), CODE == KD ? M(-1) : sum_r.sum(),
+                                                    weighs_row_sums<CODE> ? sum_e.sum() : M(0),
+                                                    CODE == AKL ? sum_f.sum() : M(0));
+  // (4) The gradient, once the row sums are known; bdkd, akl and the full gradient (the teacher's rt_k, p_k)
+  // recompute the terms from the kept exps.
   if (full) {
     const M sum_teacher_r = teacher_sum_r<CODE>(row, sum_rt.sum());
     TemperatureGrad<M> dt{vmx_row, vmy_row};
     for (int64_t j = 0; j < v; j += L) {
       const int64_t n = std::min(L, v - j);
       const ClassTerms<V> k = terms(j, n);
-      const V x = load(s + j, n) / T, y = load(t + j, n) / T;
+      const V x = load(s + j, n) * inv_T, y = load(t + j, n) * inv_T;
       const V method_grad = divergence_grad<CODE, O>(k, row, scale);
       const V teacher_grad = divergence_teacher_grad<CODE, O>(k, row, sum_teacher_r, y, scale);
       dt.add(x, method_grad, y, teacher_grad);
@@ -152,8 +178,8 @@ M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, 
       const int64_t n = std::min(L, v - j);
       const ClassTerms<V> k = weighs_row_sums<CODE>
                                   ? terms(j, n)
-                                  : ClassTerms<V>{V(0), V::loadu(r_buf + j, n), V::loadu(q_buf + j, n), V(0), V(0),
-                                                  V(0), V(0)};
+                                  : ClassTerms<V>{V(0), V::loadu(buf.kept + j, n), V::loadu(buf.es + j, n) * inv_zx,
+                                                  V(0), V(0), V(0), V(0)};
       store_grad(divergence_grad<CODE, O>(k, row, scale), j, n);
     }
   }
@@ -163,13 +189,12 @@ M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, 
 template <int CODE, class M>
 void divergence_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
   const auto c = DivergenceParams<M>::from(a.params);
-  const bool keeps_terms = a.grad != nullptr && a.temperature_grad == nullptr && CODE != KD && !weighs_row_sums<CODE>;
-  RowBuffers<M> buf(a, keeps_terms ? 2 : CODE == AKL ? 1 : 0);  // (akl: the teacher's probabilities in r_buf)
-  M* r_buf = buf.extra;
-  M* q_buf = buf.extra + a.v;
-  for_rows<M>(a, begin, end, buf, [&](const M* s, const M* t, int64_t target, M* g, M* ce, const M* t_rank, M,
-                                      M* gt, M* dtemp) {
-    return divergence_row<CODE, M>(s, t, t_rank, target, g, ce, gt, dtemp, r_buf, q_buf, a.v, c, M(a.temperature),
+  const bool keeps_r = a.grad != nullptr && a.temperature_grad == nullptr && CODE != KD && !weighs_row_sums<CODE>;
+  RowBuffers<M> rows(a, keeps_r || CODE == AKL ? 3 : 2);
+  const ExpRows<M> buf{rows.extra, rows.extra + a.v, rows.extra + 2 * a.v};
+  for_rows<M>(a, begin, end, rows, [&](const M* s, const M* t, int64_t target, M* g, M* ce, const M* t_rank, M,
+                                       M* gt, M* dtemp) {
+    return divergence_row<CODE, M>(s, t, t_rank, target, g, ce, gt, dtemp, buf, rows, a.v, c, M(a.temperature),
                                    M(a.grad_scale), M(a.ce_scale), a.t2_scale);
   });
 }

@@ -6,6 +6,7 @@
 // first read a row (2 x 4 bytes x V: 256 KB at V = 32000) stays in L2 for the passes that follow.
 #pragma once
 
+#include <ATen/cpu/vec/functional.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -38,22 +39,15 @@ at::vec::Vectorized<M> load(const M* p, int64_t n) {
   return Vec<M>::set(Vec<M>(neg_inf<M>()), Vec<M>::loadu(p, n), n);
 }
 
+// A vector's lanes reduced by shuffles (a few instructions for float on AVX2 / AVX-512); max propagates NaN.
 template <class M>
 M sum_lanes(const at::vec::Vectorized<M>& v) {
-  M lanes[Ops<M>::lanes];
-  v.store(lanes);
-  M total = M(0);
-  for (M x : lanes) total += x;
-  return total;
+  return at::vec::vec_reduce_all<M>([](const Vec<M>& a, const Vec<M>& b) { return a + b; }, v);
 }
 
 template <class M>
 M max_lanes(const at::vec::Vectorized<M>& v) {
-  M lanes[Ops<M>::lanes];
-  v.store(lanes);
-  M m = neg_inf<M>();
-  for (M x : lanes) m = nan_max(m, x);
-  return m;
+  return at::vec::vec_reduce_all<M>([](const Vec<M>& a, const Vec<M>& b) { return Ops<M>::max(a, b); }, v);
 }
 
 // A per-lane sum over a row, added up in chunks of 64 vectors: each lane then rounds about 64 + V / (64 L) partial
@@ -127,6 +121,13 @@ struct RowBuffers {
   std::vector<M> memory;
   M *s, *t, *g, *extra, *zs, *zt, *raw, *gt;
 
+  // Set by for_rows for the row at hand: the next row's inputs (nullptr at the last), which the kernel's passes over
+  // the cached row prefetch a slice at a time (prefetch_next_row), and whether the gradient row is the output itself
+  // and large enough to be written with streaming stores (store_grad).
+  const char *next_s = nullptr, *next_t = nullptr;
+  int64_t s_item = 0, t_item = 0;
+  bool stream_grad = false;
+
   RowBuffers(const RowsArgs& a, int extra_rows)
       : memory(size_t(a.v) * (3 + extra_rows + (a.standardize ? 3 : 0) + (a.teacher_grad ? 1 : 0))) {
     s = memory.data();
@@ -139,6 +140,26 @@ struct RowBuffers {
     gt = raw + (a.standardize ? a.v : 0);
   }
 };
+
+// Gradients of at least this many bytes in all are written with streaming stores: they do not fit any cache, so a
+// plain store's read of each line before writing it is only a wasted pass over memory.
+constexpr int64_t STREAM_GRAD_BYTES = int64_t(8) << 20;
+
+// Prefetches into L2 the part of the next row's inputs that matches classes [j, j + n) of a pass over the row at hand:
+// the pass computes from the cached row while the next one comes in from memory.
+template <class M>
+void prefetch_next_row(const RowBuffers<M>& buf, int64_t j, int64_t n) {
+  if (buf.next_s == nullptr) return;
+  for (int64_t b = j * buf.s_item; b < (j + n) * buf.s_item; b += 64) __builtin_prefetch(buf.next_s + b, 0, 2);
+  for (int64_t b = j * buf.t_item; b < (j + n) * buf.t_item; b += 64) __builtin_prefetch(buf.next_t + b, 0, 2);
+}
+
+// Stores the gradient of classes [j, j + n) of a row: whole vectors streamed when buf.stream_grad.
+template <class M>
+void store_grad_vector(const RowBuffers<M>& buf, const Vec<M>& x, M* g, int64_t j, int64_t n) {
+  if (buf.stream_grad && n == Ops<M>::lanes) return Ops<M>::store_streamed(x, g + j);
+  x.store(g + j, n);
+}
 
 // Writes 0 over a row's gradients, its cross-entropy and its d loss / d T (a row whose classes are all masked in both
 // logits).
@@ -302,7 +323,13 @@ void for_rows(const RowsArgs& a, int64_t begin, int64_t end, RowBuffers<M>& buf,
   const bool teacher_grad_in_place = a.teacher_dtype == math_dtype<M>();
   const size_t grad_row_bytes = size_t(a.v) * c10::elementSize(a.student_dtype);
   const size_t teacher_grad_row_bytes = size_t(a.v) * c10::elementSize(a.teacher_dtype);
+  // (Not with standardize, which reads the gradient row back through the z-score's Jacobian.)
+  buf.stream_grad = grad_in_place && !a.standardize && int64_t(grad_row_bytes) * a.n >= STREAM_GRAD_BYTES;
+  buf.s_item = int64_t(c10::elementSize(a.student_dtype));
+  buf.t_item = int64_t(c10::elementSize(a.teacher_dtype));
   for (int64_t i = begin; i < end; ++i) {
+    buf.next_s = i + 1 < end ? static_cast<const char*>(a.student) + (i + 1) * a.student_stride * buf.s_item : nullptr;
+    buf.next_t = i + 1 < end ? static_cast<const char*>(a.teacher) + (i + 1) * a.teacher_stride * buf.t_item : nullptr;
     const int64_t target = a.target ? a.target[i] : 0;
     void* grad_row = a.grad ? static_cast<char*>(a.grad) + i * grad_row_bytes : nullptr;
     void* teacher_grad_row = a.teacher_grad ? static_cast<char*>(a.teacher_grad) + i * teacher_grad_row_bytes
@@ -327,6 +354,7 @@ void for_rows(const RowsArgs& a, int64_t begin, int64_t end, RowBuffers<M>& buf,
     if (g != nullptr && !grad_in_place) store_row(g, a.v, a.student_dtype, grad_row);
     if (gt != nullptr && !teacher_grad_in_place) store_row(gt, a.v, a.teacher_dtype, teacher_grad_row);
   }
+  fence_streamed_stores();
 }
 
 // Calls f(std::integral_constant<int, code>(), M()) for the call's code and math type M (float, or double when an

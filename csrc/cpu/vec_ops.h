@@ -5,6 +5,12 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 #include "../row_math.h"
 
@@ -40,6 +46,31 @@ struct VecOps {
   static T clamp_offset(int64_t offset) { return T(std::min<int64_t>(std::max<int64_t>(offset, -1), lanes)); }
   // Whether any lane of the mask is set.
   static bool any(const Mask& m) { return m.zero_mask() != (1 << lanes) - 1; }
+
+  // Stores a whole vector at p with a non-temporal hint where the instruction set has one and p is aligned to the
+  // vector: the line goes to memory without first being read into the cache (a plain store reads it, one more
+  // pass over the output's bytes). Callers fence (fence_streamed_stores) before other threads may read.
+  static void store_streamed(const V& x, T* p) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if (reinterpret_cast<uintptr_t>(p) % sizeof(V) == 0) {
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<T, float>) return _mm512_stream_ps(p, x);
+      if constexpr (std::is_same_v<T, double>) return _mm512_stream_pd(p, x);
+#else
+      if constexpr (std::is_same_v<T, float>) return _mm256_stream_ps(p, x);
+      if constexpr (std::is_same_v<T, double>) return _mm256_stream_pd(p, x);
+#endif
+    }
+#endif
+    x.store(p);
+  }
 };
+
+// Orders the non-temporal stores of this thread before whatever follows (the end of a worker's rows).
+inline void fence_streamed_stores() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
 
 }  // namespace kdkernels::cpu::CPU_CAPABILITY

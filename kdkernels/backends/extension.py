@@ -52,7 +52,8 @@ for _backend in ("cpu", "cuda"):
         _triples = {family: attach_family_ops(family, _backend, _scale) for family in FAMILIES}
         _ops = {family: ops[0] for family, ops in _triples.items()}
         _full_ops = {family: ops[2] for family, ops in _triples.items()}
-        register(Backend(_backend, family_backend(_ops), _unavailable_on(_backend), full_backend(_full_ops), _ops,
-                         {family: ops[1] for family, ops in _triples.items()}, _scale, _full_ops))
+        register(Backend(_backend, family_backend(_backend, _ops, _scale), _unavailable_on(_backend),
+                         full_backend(_full_ops), _ops, {family: ops[1] for family, ops in _triples.items()}, _scale,
+                         _full_ops))
     else:
         register(Backend(_backend, None, _unavailable_on(_backend)))

@@ -174,12 +174,42 @@ def op_args(call) -> tuple:
             call.with_ce, call.standardize)
 
 
-def family_backend(ops: dict) -> Callable:
-    """The impl of a fused backend (backends.Backend) calling its family ``ops`` ({"divergence": op, ...})."""
+class _EagerFamilyOp(torch.autograd.Function):
+    """A family op with its gradient, run eagerly: the op's kernel called below autograd (one dispatcher call) and
+    the op's own backward (``_autograd``). The op's registered autograd (torch.library's Python wrapper) costs as much
+    again as the whole rest of a call at vision batch sizes; torch.compile traces the op itself."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, op, args, op_backward):
+        with torch._C._AutoDispatchBelowAutograd():
+            loss, parts, grad = op(student, teacher, *args, True)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(parts)
+        ctx.save_for_backward(grad)
+        ctx.consumed = False
+        ctx.op_backward = op_backward
+        return loss, parts
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_parts):
+        return ctx.op_backward(ctx, grad_loss, None, None)[0], None, None, None, None
+
+
+def family_backend(backend: str, ops: dict, scale_rows: Callable) -> Callable:
+    """The impl of a fused backend (backends.Backend) calling its family ``ops`` ({"divergence": op, ...}), whose
+    gradients ``scale_rows`` scales in backward."""
+    op_backward = _autograd(backend, scale_rows)
 
     def impl(call, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+        op, args = ops[call.plan.family], op_args(call)
         with_grad = student.requires_grad and torch.is_grad_enabled()
-        loss, parts, _ = ops[call.plan.family](student, teacher, *op_args(call), with_grad)
+        if torch.compiler.is_compiling():
+            loss, parts, _ = op(student, teacher, *args, with_grad)
+        elif with_grad:
+            loss, parts = _EagerFamilyOp.apply(student, teacher, op, args, op_backward)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                loss, parts, _ = op(student, teacher, *args, False)
         return loss, parts
 
     return impl

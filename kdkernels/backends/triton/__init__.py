@@ -115,5 +115,5 @@ _triples = {family: define_family_ops(family, "triton", _out_of_place(family), _
                                       scale_rows_) for family in FAMILIES}
 _ops = {family: ops[0] for family, ops in _triples.items()}
 _full_ops = {family: ops[2] for family, ops in _triples.items()}
-register(Backend("triton", family_backend(_ops), _unavailable, full_backend(_full_ops), _ops,
-                 {family: ops[1] for family, ops in _triples.items()}, scale_rows_, _full_ops))
+register(Backend("triton", family_backend("triton", _ops, scale_rows_), _unavailable, full_backend(_full_ops),
+                 _ops, {family: ops[1] for family, ops in _triples.items()}, scale_rows_, _full_ops))
