@@ -8,6 +8,10 @@
 # setup.py, pyproject.toml, the torch requirement or a build switch (KDKERNELS_NO_EXTENSION, KDKERNELS_NO_CUDA,
 # KDKERNELS_CUDA_ARCHS), or the package no longer imports. KDKERNELS_SETUP_CHECK=1 only says which: exit status 0
 # when up to date, 1 when a run would reinstall.
+#
+# It also makes .venv-triton36: the GPU machine's Triton (3.6.0) with the same torch, nothing else (kdkernels comes
+# from the checkout, on PYTHONPATH), under which tests/test_triton_compile.py compiles the Triton kernels a second
+# time, so that an API that only one of the two Triton versions has fails here rather than on the GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -18,6 +22,18 @@ stamp=$( {
        "archs=${KDKERNELS_CUDA_ARCHS:-}"
   find csrc setup.py pyproject.toml -type f | LC_ALL=C sort | xargs sha256sum
 } | sha256sum | cut -d' ' -f1)
+triton_gpu_reqs=("${torch_req:-torch==2.13.0}" triton==3.6.0)
+if [ "$(cat build/setup-triton36.stamp 2>/dev/null)" != "${triton_gpu_reqs[*]}" ] \
+    || ! .venv-triton36/bin/python -c "import torch, triton" 2>/dev/null; then
+  if [ "${KDKERNELS_SETUP_CHECK:-}" = 1 ]; then
+    echo "scripts/setup.sh: .venv-triton36 is out of date: a run would install ${triton_gpu_reqs[*]} into it"
+    exit 1
+  fi
+  [ -x .venv-triton36/bin/python ] || "$PYTHON" -m venv .venv-triton36
+  .venv-triton36/bin/python -m pip -q --disable-pip-version-check install "${triton_gpu_reqs[@]}"
+  mkdir -p build
+  echo "${triton_gpu_reqs[*]}" > build/setup-triton36.stamp
+fi
 module=kdkernels._C
 [ "${KDKERNELS_NO_EXTENSION:-}" != 1 ] || module=kdkernels
 if [ -x .venv/bin/python ] && [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp" ] \

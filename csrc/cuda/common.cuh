@@ -1,10 +1,12 @@
-// What the CUDA kernels of both families share: one thread block per row, row walks with 16-byte loads and stores,
+// What the CUDA kernels of both families share: one thread block per row, row walks with vector loads and stores,
 // block reductions through warp shuffles, and the host-side launch setup (checks, dtypes, stream).
 //
-// Each pass over a row is a walk: thread i takes the 16-byte packs i, i + blockDim, ... (then the tail one element
-// at a time), so a warp reads 512 contiguous bytes per step. After the first walk the row (2 x V x itemsize bytes)
-// is served from L2 for the passes that follow. The pass that writes the gradient is always the row's last one and
-// each thread writes only the elements it has just read, so the in-place ops may pass the student as the gradient.
+// Each pass over a row is a walk: thread i takes the packs i, i + blockDim, ... (then the tail one element at a time),
+// 16 bytes each by default, so a warp reads 512 contiguous bytes per step; a walk may take fewer classes per pack
+// (walk_row<4>: 8-byte packs of bfloat16 / float16), so that fewer of them are in registers at once. After the first
+// walk the row (2 x V x itemsize bytes) is served from L2 for the passes that follow. The pass that writes the
+// gradient is always the row's last one, after a block barrier, and each thread writes only the elements it has just
+// read, so the in-place ops may pass the student as the gradient.
 #pragma once
 
 #include <c10/cuda/CUDAStream.h>
@@ -33,21 +35,31 @@ __device__ __forceinline__ T from_float(float x) {
   return T(x);  // round to nearest even (c10::Half and c10::BFloat16 both round so)
 }
 
-template <class T>
-struct alignas(16) Pack {
-  static constexpr int N = 16 / sizeof(T);
+// N classes of dtype T, loaded and stored as one vector.
+template <class T, int N_>
+struct alignas(N_ * sizeof(T)) Pack {
+  static constexpr int N = N_;
   T v[N];
 };
 
-__device__ __forceinline__ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+// The classes per pack of a walk that asks for PACK of them: at most 16 bytes' worth, which PACK = 0 takes.
+template <class T, int PACK>
+constexpr int pack_classes = PACK > 0 && PACK < 16 / int(sizeof(T)) ? PACK : 16 / int(sizeof(T));
+
+__device__ __forceinline__ bool aligned(const void* p, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
 
 // Calls f(j, s_j, t_j) -> (g_j, gt_j) (a float2) for every class j this thread owns, with the raw logits in float32,
-// and stores g_j into g and gt_j into gt where they are not null (the full gradient writes both).
-template <class T, class F>
+// and stores g_j into g and gt_j into gt where they are not null (the full gradient writes both). PACK: the classes
+// per pack (0: 16 bytes' worth).
+template <int PACK = 0, class T, class F>
 __device__ __forceinline__ void walk_row_pair(const T* s, const T* t, T* g, T* gt, int64_t v, F&& f) {
-  using P = Pack<T>;
+  using P = Pack<T, pack_classes<T, PACK>>;
+  constexpr size_t bytes = sizeof(P);
   int64_t start = 0;
-  if (aligned16(s) && aligned16(t) && (g == nullptr || aligned16(g)) && (gt == nullptr || aligned16(gt))) {
+  if (aligned(s, bytes) && aligned(t, bytes) && (g == nullptr || aligned(g, bytes)) &&
+      (gt == nullptr || aligned(gt, bytes))) {
     const int64_t packs = v / P::N;
     for (int64_t c = threadIdx.x; c < packs; c += blockDim.x) {
       const P ps = reinterpret_cast<const P*>(s)[c];
@@ -72,10 +84,10 @@ __device__ __forceinline__ void walk_row_pair(const T* s, const T* t, T* g, T* g
 }
 
 // Calls f(j, s_j, t_j) -> g_j for every class j this thread owns, with the raw logits in float32, and stores g_j into
-// g when g is not null (a read-only walk returns anything, e.g. 0, and nothing is stored).
-template <class T, class F>
+// g when g is not null (a read-only walk returns anything, e.g. 0, and nothing is stored). PACK as walk_row_pair's.
+template <int PACK = 0, class T, class F>
 __device__ __forceinline__ void walk_row(const T* s, const T* t, T* g, int64_t v, F&& f) {
-  walk_row_pair(s, t, g, static_cast<T*>(nullptr), v,
+  walk_row_pair<PACK>(s, t, g, static_cast<T*>(nullptr), v,
                 [&](int64_t j, float sj, float tj) { return make_float2(f(j, sj, tj), 0.f); });
 }
 

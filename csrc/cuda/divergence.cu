@@ -10,12 +10,21 @@
 // Jacobian. With the cross-entropy term the gradient gains its ce_weight (softmax(s)_j - [j = target]) term. The full
 // gradient (the _full op) sums the teacher's rt_k in (2) and writes the teacher's gradient with the student's in (3),
 // summing d loss / d T there.
+//
+// Registers: a block of 512 threads, two per SM (__launch_bounds__(512, 2): at most 64 registers per thread), so
+// that a long row's walks keep 32 warps' loads in flight per SM and one block's reductions overlap the other's walk.
+// The passes that compute the codes' terms walk 4 classes per thread and step (TERMS_PACK: 16-byte packs of float32,
+// 8-byte packs of bfloat16 / float16), which fits 64 registers; 8 classes of a 16-byte bfloat16 pack did not (ptxas
+// spilled, or took up to 94 registers, one block per SM). The first walk, which reads the row from memory, and the
+// teacher-only walks keep 16-byte packs.
 #include "common.cuh"
 
 namespace kdkernels::cuda {
 namespace {
 
 using F = ScalarOps<float>;
+
+constexpr int TERMS_PACK = 4;
 
 // akl's head of a row (divergence.h AklHead) as (value, end): head = {t > value} + {t == value, index < end} on the raw
 // teacher logits t; p(t_j) is the teacher's probability of a raw logit.
@@ -61,7 +70,7 @@ __device__ AklHead<float> akl_head(const T* t, int64_t v, float mu, P&& p, int64
 }
 
 template <int CODE, class T>
-__global__ void __launch_bounds__(512) divergence_kernel(Rows<T> r, LaunchArgs a, DivergenceParams<float> c) {
+__global__ void __launch_bounds__(512, 2) divergence_kernel(Rows<T> r, LaunchArgs a, DivergenceParams<float> c) {
   __shared__ Lse lse_scratch[MAX_WARPS];
   __shared__ Sum sum_scratch[MAX_WARPS];
   __shared__ Moments moment_scratch[MAX_WARPS];
@@ -105,7 +114,7 @@ __global__ void __launch_bounds__(512) divergence_kernel(Rows<T> r, LaunchArgs a
   Sum sum_l, sum_r, sum_e, sum_f, sum_rt;
   const DivergenceRow<float> kd_row = divergence_row<CODE>(c, 0.f, 0.f, 0.f, 0.f);  // (kd's gradient: no row sum)
   const bool kd_writes = CODE == KD && !a.standardize && !full;
-  walk_row(s, t, kd_writes ? g : static_cast<T*>(nullptr), r.v, [&](int64_t j, float sj, float tj) {
+  walk_row<TERMS_PACK>(s, t, kd_writes ? g : static_cast<T*>(nullptr), r.v, [&](int64_t j, float sj, float tj) {
     const ClassTerms<float> k = terms(j, sj, tj);
     sum_l.x += k.l;
     sum_r.x += k.r;
@@ -130,7 +139,7 @@ __global__ void __launch_bounds__(512) divergence_kernel(Rows<T> r, LaunchArgs a
   };
   if (a.standardize && g != nullptr) {
     Sum2 sums, teacher_sums;
-    walk_row(s, t, static_cast<T*>(nullptr), r.v, [&](int64_t j, float sj, float tj) {
+    walk_row<TERMS_PACK>(s, t, static_cast<T*>(nullptr), r.v, [&](int64_t j, float sj, float tj) {
       const ClassTerms<float> k = terms(j, sj, tj);
       const float gj = divergence_grad<CODE, F>(k, grad_row, scale);
       if (sj != -INFINITY) sums.merge({gj, gj * zs.s.z(sj)});
@@ -145,7 +154,7 @@ __global__ void __launch_bounds__(512) divergence_kernel(Rows<T> r, LaunchArgs a
   }
   if (full) {
     TemperatureGrad dt{lx.m, ly.m};
-    walk_row_pair(s, t, g, gt, r.v, [&](int64_t j, float sj, float tj) {
+    walk_row_pair<TERMS_PACK>(s, t, g, gt, r.v, [&](int64_t j, float sj, float tj) {
       const ClassTerms<float> k = terms(j, sj, tj);
       const float gj = divergence_grad<CODE, F>(k, grad_row, scale), gtj = teacher_grad(k, tj);
       dt.add(zs.x(sj, a.temperature), gj, zs.y(tj, a.temperature), gtj);
@@ -155,7 +164,7 @@ __global__ void __launch_bounds__(512) divergence_kernel(Rows<T> r, LaunchArgs a
     const float dtemp = dt.value(a.t2_scale, scale, row_sums.loss, sum_scratch);
     if (threadIdx.x == 0) a.temperature_grad[row] = dtemp;
   } else if (!kd_writes && g != nullptr) {
-    walk_row(s, t, g, r.v, [&](int64_t j, float sj, float tj) {
+    walk_row<TERMS_PACK>(s, t, g, r.v, [&](int64_t j, float sj, float tj) {
       const float gj = divergence_grad<CODE, F>(terms(j, sj, tj), grad_row, scale);
       return (a.standardize ? zs.s.grad(gj, sj) : gj) + (with_ce ? xent.grad(j, sj) : 0.f);
     });

@@ -42,7 +42,7 @@ def _launch(family, student, teacher, target, denominator, code, params, tempera
     rows = torch.empty(n, dtype=torch.float32, device=student.device)
     ce_rows = torch.empty(n, dtype=torch.float32, device=student.device) if with_ce else None
     if n:
-        block_n, block_v, warps, single = launch_shape(n, v)
+        block_n, block_v, warps, single, maxnreg = launch_shape(family, n, v, full=temperature_grad is not None)
         has_denom = reduce and denominator is not None
         if family == DIVERGENCE:
             kernel, named = divergence_kernel, DivergenceParams(*params)._asdict()
@@ -65,7 +65,7 @@ def _launch(family, student, teacher, target, denominator, code, params, tempera
             HAS_TARGET=target is not None, HAS_DENOM=has_denom, WITH_CE=with_ce, STANDARDIZE=standardize,
             WITH_GRAD=grad is not None, FULL=temperature_grad is not None, TEACHER_GRAD=teacher_grad is not None,
             T2_SCALE=bool(t2_scale),
-            SINGLE_TILE=single, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=warps, **switches,
+            SINGLE_TILE=single, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=warps, maxnreg=maxnreg, **switches,
         )
     reduction = ("batchmean" if denominator is not None else "sum") if reduce else "none"
     return combine(rows, ce_rows, reduction, denominator, ce_weight, distill_weight)

@@ -7,24 +7,44 @@ import torch
 import triton
 import triton.language as tl
 
+from ...methods import DIVERGENCE
 from ...methods import STANDARDIZE_EPS as _EPS
 
 NEG_INF = tl.constexpr(float("-inf"))
 STANDARDIZE_EPS = tl.constexpr(_EPS)
 
-# Largest row tile held in registers; longer rows stream in tiles of this size (docs/losses.md, "Passes").
+# Largest tile of a program, in elements ([rows, columns]): a row of up to this many classes is one tile, read once;
+# longer rows stream in tiles of this size (docs/losses.md, "Passes"); short rows share a program up to this many
+# elements (vision vocabularies). A tile takes one warp per 256 elements, so that each tile-shaped value holds 8
+# elements per thread. The divergence family's kernel takes tiles of 4096 (16 warps: at most 128 registers per thread,
+# as the SM's 64K registers are shared by 512 threads); the decoupled family's, which keeps more tile-shaped values
+# live (its bins), and the full gradient of either (the teacher's gradient, the z-scores' terms) need up to about 250
+# registers per thread with 8 elements each: tiles of 2048 (8 warps, at most 255 registers). Larger tiles spill
+# registers on sm_90, whatever the warps (tests/test_triton_compile.py).
 MAX_TILE = 4096
-# Elements of one program's [rows, columns] tile when several short rows share a program (vision vocabularies).
-ROWS_TILE_ELEMENTS = 4096
+SMALL_TILE = 2048
+TILE_ELEMENTS_PER_WARP = 256
+SM_REGISTERS = 65536
 
 
-def launch_shape(n_rows: int, v: int) -> tuple[int, int, int, bool]:
-    """(rows per program, column tile, warps, whole row in one tile) for a [n_rows, v] problem."""
-    block_v = min(triton.next_power_of_2(max(v, 1)), MAX_TILE)
+def launch_shape(family: str, n_rows: int, v: int, full: bool = False) -> tuple[int, int, int, bool, int | None]:
+    """(rows per program, column tile, warps, whole row in one tile, most registers per thread or None) of the family's
+    kernel on a [n_rows, v] problem, `full` for the full gradient (FULL).
+
+    The registers (Triton's maxnreg, ptxas's .maxnreg) of the divergence family are what one program per SM may
+    take. Without that cap ptxas chooses a kernel's registers itself and, to fit more programs per SM, may give it
+    fewer than it needs and spill the rest: it did so for some divergence codes (to 64 registers with 16 warps, to 80
+    or 128 with 8). The decoupled family is left to ptxas (None), which fits two programs per SM of its streamed
+    tiles without spilling, where a cap lets it spend up to 160 registers on scheduling (one program per SM), and
+    keeps its full gradient further below 255.
+    """
+    tile = MAX_TILE if family == DIVERGENCE and not full else SMALL_TILE
+    block_v = min(triton.next_power_of_2(max(v, 1)), tile)
     single = v <= block_v
-    block_n = max(1, min(ROWS_TILE_ELEMENTS // block_v, 16, triton.next_power_of_2(max(n_rows, 1)))) if single else 1
-    warps = 4 if block_n * block_v <= 1024 else 8
-    return block_n, block_v, warps, single
+    block_n = max(1, min(tile // block_v, 16, triton.next_power_of_2(max(n_rows, 1)))) if single else 1
+    warps = max(block_n * block_v // TILE_ELEMENTS_PER_WARP, 4)
+    maxnreg = min(SM_REGISTERS // (32 * warps), 255) if family == DIVERGENCE else None
+    return block_n, block_v, warps, single, maxnreg
 
 
 @triton.jit

@@ -278,13 +278,19 @@ def decoupled_kernel(
         slots = tl.arange(0, KPAD)[None, :] + tl.zeros([BLOCK_N, KPAD], tl.int32)
         vals = tl.where(slots < k, NEG_INF, float("inf"))
         idxs = tl.where(slots < k, BIG_INDEX - 1 - slots, -1 - slots)
+        # threshold: an elementwise running max over the tiles, reduced once after the loop (a row max carried by
+        # the loop and used more than once after it fails Triton 3.6.0's OptimizeThreadLocality pass:
+        # "Assertion loopResult.hasOneUse()").
+        t_run = tl.full([BLOCK_N, BLOCK_V], NEG_INF, tl.float32)
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
             t = load_raw(t_ptr, rows64, t_stride, valid, cols, V)
             if PARTITION == TOPK:
                 vals, idxs = _topk_update(vals, idxs, _rank(t, LOWEST), cols, valid[:, None] & (cols[None, :] < V))
             else:
-                t_max = tl.maximum(t_max, tl.max(t, axis=1))
+                t_run = tl.maximum(t_run, t)
+        if PARTITION == THRESHOLD:
+            t_max = tl.max(t_run, axis=1)
         if PARTITION == TOPK:
             kth_v, kth_i = _worst(vals, idxs)
             real = tl.where(slots < k, vals, NEG_INF)
