@@ -10,6 +10,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import kdkernels  # noqa: E402
+from cases import GPU_CASES, case_id  # noqa: E402
 
 DEVICE = os.environ.get("KDKERNELS_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -37,3 +38,38 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("backend", backends_under_test())
     if "fused" in metafunc.fixturenames:
         metafunc.parametrize("fused", [b for b in backends_under_test() if b != "reference"])
+
+
+# KDKERNELS_GPU_QUICK=1: only the tests below, the GPU check of scripts/gpu_validate.sh, which must fit a few minutes
+# of an H200. Triton compiles each kernel specialisation (code, tile layout, dtype) on first use, a few seconds each,
+# and that is what sets its time, so it is every method once (cases.GPU_CASES) and every fused backend, forward +
+# backward against the float64 oracle, at a row of one tile (V = 1000) and a streamed one (V = 70000), in float32 and
+# bf16, and the fused-linear path with bf16 heads. Test (file::function) -> {parameter: values kept}.
+GPU_QUICK = {
+    "test_kernels.py::test_float32_any_vocabulary": {"v": (1000, 70000)},
+    "test_kernels.py::test_half_precision_no_worse_than_eager": {"v": (1000, 70000), "dtype": (torch.bfloat16,)},
+    "test_linear.py::test_bfloat16_heads": {},
+    "test_linear.py::test_bfloat16_hidden_float32_weight": {},
+}
+
+
+def pytest_ignore_collect(collection_path, config):
+    """With KDKERNELS_GPU_QUICK=1 the other test files are not even imported (collecting them all takes seconds)."""
+    if os.environ.get("KDKERNELS_GPU_QUICK") == "1" and collection_path.name.startswith("test_") \
+            and collection_path.name not in {test.split("::")[0] for test in GPU_QUICK}:
+        return True
+    return None
+
+
+def in_gpu_quick(item) -> bool:
+    kept = GPU_QUICK.get(f"{item.path.name}::{item.originalname}")
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    return (kept is not None and all(params[name] in values for name, values in kept.items())
+            and ("case" not in params or case_id(params["case"]) in GPU_CASES))
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("KDKERNELS_GPU_QUICK") != "1":
+        return
+    config.hook.pytest_deselected(items=[item for item in items if not in_gpu_quick(item)])
+    items[:] = [item for item in items if in_gpu_quick(item)]
