@@ -11,7 +11,8 @@
 #
 # It also makes .venv-triton36: the GPU machine's Triton (3.6.0) with the same torch, nothing else (kdkernels comes
 # from the checkout, on PYTHONPATH), under which tests/test_triton_compile.py compiles the Triton kernels a second
-# time, so that an API that only one of the two Triton versions has fails here rather than on the GPU.
+# time, so that an API that only one of the two Triton versions has fails here rather than on the GPU (compiled, never
+# interpreted: its Triton imports without numpy, which only the interpreter needs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -24,7 +25,7 @@ stamp=$( {
 } | sha256sum | cut -d' ' -f1)
 triton_gpu_reqs=("${torch_req:-torch==2.13.0}" triton==3.6.0)
 if [ "$(cat build/setup-triton36.stamp 2>/dev/null)" != "${triton_gpu_reqs[*]}" ] \
-    || ! .venv-triton36/bin/python -c "import torch, triton" 2>/dev/null; then
+    || ! env -u TRITON_INTERPRET .venv-triton36/bin/python -c "import torch, triton" 2>/dev/null; then
   if [ "${KDKERNELS_SETUP_CHECK:-}" = 1 ]; then
     echo "scripts/setup.sh: .venv-triton36 is out of date: a run would install ${triton_gpu_reqs[*]} into it"
     exit 1

@@ -134,6 +134,10 @@ def test_setup_rebuilds_only_when_what_it_depends_on_changed(tmp_path):
     for name in ("setup.py", "pyproject.toml"):
         shutil.copy(os.path.join(root, name), tmp_path / name)
     os.symlink(os.path.join(root, ".venv"), tmp_path / ".venv")
+    os.symlink(os.path.join(root, ".venv-triton36"), tmp_path / ".venv-triton36")
+    (tmp_path / "build").mkdir()
+    triton_stamp = tmp_path / "build" / "setup-triton36.stamp"
+    shutil.copy(os.path.join(root, "build", "setup-triton36.stamp"), triton_stamp)
 
     def check(**env):
         done = subprocess.run(["bash", "scripts/setup.sh"], cwd=tmp_path, capture_output=True, text=True,
@@ -142,7 +146,6 @@ def test_setup_rebuilds_only_when_what_it_depends_on_changed(tmp_path):
 
     code, out = check()
     assert code == 1 and "out of date" in out, out  # never installed here
-    (tmp_path / "build").mkdir()
     (tmp_path / "build" / "setup.stamp").write_text(out.split("(stamp ")[1].split(")")[0] + "\n")
     assert check() == (0, "scripts/setup.sh: .venv is up to date (nothing the install depends on changed): not "
                           "rebuilding\n")
@@ -154,3 +157,6 @@ def test_setup_rebuilds_only_when_what_it_depends_on_changed(tmp_path):
     assert check()[0] == 1
     header.write_text(original)
     assert check()[0] == 0
+    triton_stamp.write_text("torch==2.13.0 triton==3.5.0\n")  # the Triton 3.6.0 venv holds another version
+    code, out = check()
+    assert code == 1 and ".venv-triton36 is out of date" in out, out
