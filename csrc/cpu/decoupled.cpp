@@ -59,12 +59,15 @@ void teacher_top_k(const M* t, int64_t v, int64_t k, std::vector<std::pair<M, in
 // t_rank: the raw teacher row the partition ranks (t itself, or t's raw logits when t holds their z-scores), and
 // the threshold is in its units.
 template <int PARTITION, class M>
-M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M* ce, M* gt, M* dtemp, M* es_row,
-                M* et_row, const RowBuffers<M>& rows, int64_t v, const DecoupledParams<double>& c, M temperature,
-                M threshold, M scale, M ce_scale, bool t2_scale, std::vector<std::pair<M, int64_t>>& heap) {
+M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M* ce, M* gt, M* dtemp,
+                const RowBuffers<M>& rows, int64_t v, const DecoupledParams<double>& c, M temperature, M threshold,
+                M scale, M ce_scale, bool t2_scale, std::vector<std::pair<M, int64_t>>& heap) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
+  // The worker's extra row buffers: exp(x - bin max) and exp(y - bin max) of every class, from pass (1) for (2).
+  M* const es_row = rows.extra;
+  M* const et_row = es_row + v;
   // x = s / T as s * (1 / T) (one rounding more than a division, far cheaper), likewise y.
   const V inv_T(M(1) / temperature), zero(M(0)), ninf(neg_inf<M>()), iota = O::iota();
   Membership<M> mb{-1, M(0), 0, 0, M(0), threshold, c.split_top1, c.lowest};
@@ -181,15 +184,14 @@ M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M
 template <int PARTITION, class M>
 void decoupled_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
   const auto c = DecoupledParams<double>::from(a.params);
-  RowBuffers<M> buf(a, 2);  // exp(x - bin max) and exp(y - bin max) of every class
+  RowBuffers<M> buf(a, 2);  // (decoupled_row's es_row and et_row)
   std::vector<std::pair<M, int64_t>> heap;
   heap.reserve(PARTITION == TOPK ? size_t(c.k) : 0);
   const M threshold(a.temperature * c.log_tau);  // THRESHOLD: t_i - max t >= T log(tau), in double like the others
   for_rows<M>(a, begin, end, buf, [&](const M* s, const M* t, int64_t target, M* g, M* ce, const M* t_rank,
                                       M rank_scale, M* gt, M* dtemp) {
-    return decoupled_row<PARTITION, M>(s, t, t_rank, target, g, ce, gt, dtemp, buf.extra, buf.extra + a.v, buf, a.v, c,
-                                       M(a.temperature), threshold * rank_scale, M(a.grad_scale), M(a.ce_scale),
-                                       a.t2_scale, heap);
+    return decoupled_row<PARTITION, M>(s, t, t_rank, target, g, ce, gt, dtemp, buf, a.v, c, M(a.temperature),
+                                       threshold * rank_scale, M(a.grad_scale), M(a.ce_scale), a.t2_scale, heap);
   });
 }
 

@@ -69,20 +69,18 @@ std::pair<M, int64_t> akl_head(const M* t, const M* p, int64_t v, M mu) {
   return {value, hi};
 }
 
-// The row buffers of divergence_row: exp(x - max x) and exp(y - max y) of every class (pass 2), what pass 4 reads back
-// (r_k of pass 3, or akl's teacher probabilities p_k for its head search).
-template <class M>
-struct ExpRows {
-  M *es, *et, *kept;
-};
-
 template <int CODE, class M>
 M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M* ce, M* gt, M* dtemp,
-                 const ExpRows<M>& buf, const RowBuffers<M>& rows, int64_t v, const DivergenceParams<M>& c,
-                 M temperature, M scale, M ce_scale, bool t2_scale) {
+                 const RowBuffers<M>& rows, int64_t v, const DivergenceParams<M>& c, M temperature, M scale,
+                 M ce_scale, bool t2_scale) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
+  // The worker's extra row buffers: exp(x - max x) and exp(y - max y) of every class (pass 2), and what pass 4 reads
+  // back (r_k of pass 3, or akl's teacher probabilities p_k for its head search).
+  M* const es_row = rows.extra;
+  M* const et_row = es_row + v;
+  M* const kept = et_row + v;
   // x = s / T as s * (1 / T): one rounding more than a division, far cheaper; max(x) = max(s) / T keeps the order.
   const M inv_temperature = M(1) / temperature;
   const V inv_T(inv_temperature);
@@ -103,8 +101,8 @@ M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, 
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
     const V sj = load(s + j, n), es = O::exp(sj * inv_T - shift_x), et = O::exp(load(t + j, n) * inv_T - shift_y);
-    es.store(buf.es + j, n);
-    et.store(buf.et + j, n);
+    es.store(es_row + j, n);
+    et.store(et_row + j, n);
     zx.add(es);
     zy.add(et);
     if (ce_apart) zs.add(O::exp(sj - shift_s));
@@ -119,9 +117,9 @@ M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, 
   if constexpr (CODE == AKL) {
     for (int64_t j = 0; j < v; j += L) {
       const int64_t n = std::min(L, v - j);
-      (V::loadu(buf.et + j, n) * inv_zy).store(buf.kept + j, n);
+      (V::loadu(et_row + j, n) * inv_zy).store(kept + j, n);
     }
-    head = akl_head(t_rank, buf.kept, v, c.mu);
+    head = akl_head(t_rank, kept, v, c.mu);
   }
   // The gradient of a vector of classes j..: the method's, plus the cross-entropy's with the term.
   auto store_grad = [&](const V& method_grad, int64_t j, int64_t n) {
@@ -132,7 +130,7 @@ M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, 
     typename O::Mask in_head{};
     if constexpr (CODE == AKL) in_head = in_akl_head<O>(load(t_rank + j, n), head.first, head.second, iota, j);
     const V lq = (load(s + j, n) * inv_T - vmx_row) - lzx, lp = (load(t + j, n) * inv_T - vmy_row) - lzy;
-    return divergence_terms_of<CODE, O>(c, lq, lp, V::loadu(buf.es + j, n) * inv_zx, V::loadu(buf.et + j, n) * inv_zy,
+    return divergence_terms_of<CODE, O>(c, lq, lp, V::loadu(es_row + j, n) * inv_zx, V::loadu(et_row + j, n) * inv_zy,
                                         in_head);
   };
   // (3) Per-class terms.
@@ -151,7 +149,7 @@ M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, 
     if constexpr (CODE == KD) {
       store_grad(divergence_grad<CODE, O>(k, kd_row, scale), j, n);
     } else if constexpr (!weighs_row_sums<CODE>) {
-      k.r.store(buf.kept + j, n);
+      k.r.store(kept + j, n);
     }
   }
   const DivergenceRow<M> row = divergence_row<CODE>(c, sum_l.sum(), CODE == KD ? M(-1) : sum_r.sum(),
@@ -178,7 +176,7 @@ M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, 
       const int64_t n = std::min(L, v - j);
       const ClassTerms<V> k = weighs_row_sums<CODE>
                                   ? terms(j, n)
-                                  : ClassTerms<V>{V(0), V::loadu(buf.kept + j, n), V::loadu(buf.es + j, n) * inv_zx,
+                                  : ClassTerms<V>{V(0), V::loadu(kept + j, n), V::loadu(es_row + j, n) * inv_zx,
                                                   V(0), V(0), V(0), V(0)};
       store_grad(divergence_grad<CODE, O>(k, row, scale), j, n);
     }
@@ -190,11 +188,10 @@ template <int CODE, class M>
 void divergence_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
   const auto c = DivergenceParams<M>::from(a.params);
   const bool keeps_r = a.grad != nullptr && a.temperature_grad == nullptr && CODE != KD && !weighs_row_sums<CODE>;
-  RowBuffers<M> rows(a, keeps_r || CODE == AKL ? 3 : 2);
-  const ExpRows<M> buf{rows.extra, rows.extra + a.v, rows.extra + 2 * a.v};
+  RowBuffers<M> rows(a, keeps_r || CODE == AKL ? 3 : 2);  // (divergence_row's es_row, et_row and kept)
   for_rows<M>(a, begin, end, rows, [&](const M* s, const M* t, int64_t target, M* g, M* ce, const M* t_rank, M,
                                        M* gt, M* dtemp) {
-    return divergence_row<CODE, M>(s, t, t_rank, target, g, ce, gt, dtemp, buf, rows, a.v, c, M(a.temperature),
+    return divergence_row<CODE, M>(s, t, t_rank, target, g, ce, gt, dtemp, rows, a.v, c, M(a.temperature),
                                    M(a.grad_scale), M(a.ce_scale), a.t2_scale);
   });
 }

@@ -77,13 +77,18 @@ def _full_fake(student, teacher, target, denominator, code, params, temperature,
     return loss, parts, grad, grad_t, student.new_empty((student.shape[0],), dtype=loss.dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    # The parts and the grad output are not differentiable: without this, autograd would fill an [N, V] tensor of
-    # zeros for the grad's (absent) incoming gradient on every backward, a pass as costly as the kernel itself.
+def _keep_gradient(ctx, grad):
+    """What ``_autograd``'s backward reads: the op's gradient, not yet consumed. Gradients of the outputs that are not
+    used stay None: autograd would otherwise fill tensors of zeros for them on every backward (for the op's [N, V]
+    grad output, a pass as costly as the kernel itself)."""
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(output[1], output[2])
-    ctx.save_for_backward(output[2])
+    ctx.save_for_backward(grad)
     ctx.consumed = False
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1], output[2])  # the parts and the grad output
+    _keep_gradient(ctx, output[2])
 
 
 def _autograd(backend: str, scale_rows: Callable[[Tensor, Tensor], None]) -> Callable:
@@ -183,10 +188,8 @@ class _EagerFamilyOp(torch.autograd.Function):
     def forward(ctx, student, teacher, op, args, op_backward):
         with torch._C._AutoDispatchBelowAutograd():
             loss, parts, grad = op(student, teacher, *args, True)
-        ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(parts)
-        ctx.save_for_backward(grad)
-        ctx.consumed = False
+        _keep_gradient(ctx, grad)
         ctx.op_backward = op_backward
         return loss, parts
 
