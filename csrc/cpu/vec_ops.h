@@ -5,6 +5,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cstdint>
 #include <type_traits>
 
@@ -18,48 +19,123 @@
 namespace kdkernels::cpu::CPU_CAPABILITY {
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-// exp of float lanes, inline (SLEEF's is an out-of-line call, around which the kernel's loops save their vector
-// registers): x clamped to [ln FLT_MIN, 89] (the clamps let NaN through), n = round(x / ln 2), r = x - n ln 2 in two
-// parts (|r| <= ln 2 / 2), exp(r) = 1 + r + r^2 P(r) with P of degree 5 (Cephes' expf coefficients), times 2^n
-// (AVX2: 2^(n - n/2) and then 2^(n/2), both normal numbers). Results below FLT_MIN are 0: lanes past a row's end and
-// masked classes (-inf) would otherwise compute denormals, each a microcode assist of about a hundred cycles (V = 100
-// ran 1.5x slower), and a class 87 below the row's maximum is 0 to every float32 sum anyway. At most 1.01 ulp from
-// exp over every float in [ln FLT_MIN, 89] (0.06 ulp on average); inf above.
-inline at::vec::Vectorized<float> exp_float(const at::vec::Vectorized<float>& v) {
-  constexpr float LN_FLT_MIN = -87.33654f;
+// The float lanes of one instruction set, as much of them as exp_float and log_float need.
+struct FloatLanes {
 #if defined(CPU_CAPABILITY_AVX512)
   using R = __m512;
-  auto set = [](float c) { return _mm512_set1_ps(c); };
-  auto fma = [](R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); };
-  R x = _mm512_min_ps(set(89.0f), _mm512_max_ps(set(LN_FLT_MIN), v));
-  const R n = _mm512_roundscale_ps(_mm512_mul_ps(x, set(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
-  R r = _mm512_fnmadd_ps(n, set(0.693359375f), x);
+  using I = __m512i;
+  using Mask = __mmask16;
+  static R set(float c) { return _mm512_set1_ps(c); }
+  static I set(int32_t c) { return _mm512_set1_epi32(c); }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static R fnma(R a, R b, R c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
+  // min / max return b where either is NaN (so NaN in b passes through).
+  static R min(R a, R b) { return _mm512_min_ps(a, b); }
+  static R max(R a, R b) { return _mm512_max_ps(a, b); }
+  static R round(R a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT); }
+  static Mask cmp_gt(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  static Mask cmp_not_ge(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_NGE_UQ); }  // a < b, or NaN
+  static Mask cmp_not_le(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_NLE_UQ); }  // a > b, or NaN
+  static bool any(Mask m) { return m != 0; }
+  static R select(Mask m, R a, R b) { return _mm512_mask_blend_ps(m, b, a); }
+  static R zero_where(Mask m, R a) { return _mm512_maskz_mov_ps(Mask(~m), a); }
+  // p 2^n for integral n in [-126, 128] (scalef rounds once, inf past the range).
+  static R scale(R p, R n) { return _mm512_scalef_ps(p, n); }
+  static I bits(R a) { return _mm512_castps_si512(a); }
+  static R from_bits(I a) { return _mm512_castsi512_ps(a); }
+  static I and_bits(I a, I b) { return _mm512_and_si512(a, b); }
+  static I or_bits(I a, I b) { return _mm512_or_si512(a, b); }
+  static I shift_right(I a, int k) { return _mm512_srli_epi32(a, k); }
+  static I sub_int(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static R to_float(I a) { return _mm512_cvtepi32_ps(a); }
 #else
   using R = __m256;
-  auto set = [](float c) { return _mm256_set1_ps(c); };
-  auto fma = [](R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); };
-  R x = _mm256_min_ps(set(89.0f), _mm256_max_ps(set(LN_FLT_MIN), v));
-  const R n = _mm256_round_ps(_mm256_mul_ps(x, set(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
-  R r = _mm256_fnmadd_ps(n, set(0.693359375f), x);
+  using I = __m256i;
+  using Mask = __m256;
+  static R set(float c) { return _mm256_set1_ps(c); }
+  static I set(int32_t c) { return _mm256_set1_epi32(c); }
+  static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static R fnma(R a, R b, R c) { return _mm256_fnmadd_ps(a, b, c); }
+  static R min(R a, R b) { return _mm256_min_ps(a, b); }
+  static R max(R a, R b) { return _mm256_max_ps(a, b); }
+  static R round(R a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT); }
+  static Mask cmp_gt(R a, R b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+  static Mask cmp_not_ge(R a, R b) { return _mm256_cmp_ps(a, b, _CMP_NGE_UQ); }
+  static Mask cmp_not_le(R a, R b) { return _mm256_cmp_ps(a, b, _CMP_NLE_UQ); }
+  static bool any(Mask m) { return _mm256_movemask_ps(m) != 0; }
+  static R select(Mask m, R a, R b) { return _mm256_blendv_ps(b, a, m); }
+  static R zero_where(Mask m, R a) { return _mm256_andnot_ps(m, a); }
+  // p 2^n as p 2^(n - n/2) 2^(n/2), both factors normal numbers: only the last product rounds.
+  static R scale(R p, R n) {
+    const I k = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(k, 1);
+    auto pow2 = [](I e) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, set(127)), 23)); };
+    return _mm256_mul_ps(_mm256_mul_ps(p, pow2(_mm256_sub_epi32(k, half))), pow2(half));
+  }
+  static I bits(R a) { return _mm256_castps_si256(a); }
+  static R from_bits(I a) { return _mm256_castsi256_ps(a); }
+  static I and_bits(I a, I b) { return _mm256_and_si256(a, b); }
+  static I or_bits(I a, I b) { return _mm256_or_si256(a, b); }
+  static I shift_right(I a, int k) { return _mm256_srli_epi32(a, k); }
+  static I sub_int(I a, I b) { return _mm256_sub_epi32(a, b); }
+  static R to_float(I a) { return _mm256_cvtepi32_ps(a); }
 #endif
-  r = fma(n, set(2.12194440e-4f), r);  // ln 2 = 0.693359375 - 2.12194440e-4, the first part exact in n * it
-  R p = fma(set(1.9875691500e-4f), r, set(1.3981999507e-3f));
-  p = fma(p, r, set(8.3334519073e-3f));
-  p = fma(p, r, set(4.1665795894e-2f));
-  p = fma(p, r, set(1.6666665459e-1f));
-  p = fma(p, r, set(5.0000001201e-1f));
-#if defined(CPU_CAPABILITY_AVX512)
-  p = _mm512_add_ps(fma(p, _mm512_mul_ps(r, r), r), set(1.0f));
-  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(v, set(LN_FLT_MIN), _CMP_NLT_UQ), p, n);
-#else
-  p = _mm256_add_ps(fma(p, _mm256_mul_ps(r, r), r), set(1.0f));
-  const __m256i k = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(k, 1);
-  auto pow2 = [](__m256i e) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
-  };
-  const R kept = _mm256_cmp_ps(v, set(LN_FLT_MIN), _CMP_NLT_UQ);
-  return _mm256_and_ps(kept, _mm256_mul_ps(_mm256_mul_ps(p, pow2(_mm256_sub_epi32(k, half))), pow2(half)));
-#endif
+};
+
+// ln 2 in two parts: the first exact in n * it for every exponent n a float has.
+constexpr float LN2_HI = 0.693359375f, LN2_LO = -2.12194440e-4f;
+
+// exp of float lanes, inline (SLEEF's is an out-of-line call, around which the kernel's loops save their vector
+// registers): x clamped to [ln FLT_MIN, 89] (the clamps let NaN through), n = round(x / ln 2), r = x - n ln 2
+// (|r| <= ln 2 / 2), exp(r) = 1 + r + r^2 P(r) with P of degree 5 (Cephes' expf coefficients), times 2^n. Results
+// below FLT_MIN are 0: lanes past a row's end and masked classes (-inf) would otherwise compute denormals, each a
+// microcode assist of about a hundred cycles (V = 100 ran 1.5x slower), and a class 87 below the row's maximum is 0
+// to every float32 sum anyway. At most 1.01 ulp from exp over every float in [ln FLT_MIN, 89] (0.06 ulp on
+// average); inf above.
+inline at::vec::Vectorized<float> exp_float(const at::vec::Vectorized<float>& v) {
+  using F = FloatLanes;
+  constexpr float LN_FLT_MIN = -87.33654f;
+  const F::R x = F::min(F::set(89.0f), F::max(F::set(LN_FLT_MIN), v));
+  const F::R n = F::round(F::mul(x, F::set(1.44269504088896341f)));
+  const F::R r = F::fnma(n, F::set(LN2_LO), F::fnma(n, F::set(LN2_HI), x));
+  F::R p = F::fma(F::set(1.9875691500e-4f), r, F::set(1.3981999507e-3f));
+  p = F::fma(p, r, F::set(8.3334519073e-3f));
+  p = F::fma(p, r, F::set(4.1665795894e-2f));
+  p = F::fma(p, r, F::set(1.6666665459e-1f));
+  p = F::fma(p, r, F::set(5.0000001201e-1f));
+  p = F::add(F::fma(p, F::mul(r, r), r), F::set(1.0f));
+  return F::zero_where(F::cmp_gt(F::set(LN_FLT_MIN), v), F::scale(p, n));  // (an ordered compare: NaN stays)
+}
+
+// log of float lanes, inline, when every lane is a normal positive number (a row's mixtures, clamped to FLT_MIN):
+// x = m 2^e with m in (sqrt(1/2), sqrt(2)] from the bits, log x = e ln 2 + log(1 + f), f = m - 1, with
+// log(1 + f) = f - f^2 / 2 + f^3 P(f), P of degree 8 (Cephes' logf coefficients). At most 0.83 ulp from log over every
+// float in [FLT_MIN, FLT_MAX]. A vector with any other lane (0, a denormal, a negative number, inf, NaN) goes to
+// SLEEF's log instead, which gives -inf, NaN and inf where they belong.
+inline at::vec::Vectorized<float> log_float(const at::vec::Vectorized<float>& v) {
+  using F = FloatLanes;
+  const F::R x = v;
+  if (F::any(F::cmp_not_ge(x, F::set(FLT_MIN))) || F::any(F::cmp_not_le(x, F::set(FLT_MAX)))) return v.log();
+  const F::I bits = F::bits(x);
+  F::R e = F::to_float(F::sub_int(F::shift_right(bits, 23), F::set(int32_t(127))));
+  F::R m = F::from_bits(F::or_bits(F::and_bits(bits, F::set(int32_t(0x007fffff))), F::set(int32_t(0x3f800000))));
+  const F::Mask high = F::cmp_gt(m, F::set(1.41421356f));  // m in [1, 2) to (sqrt(1/2), sqrt(2)]
+  m = F::select(high, F::mul(m, F::set(0.5f)), m);
+  e = F::select(high, F::add(e, F::set(1.0f)), e);
+  const F::R f = F::add(m, F::set(-1.0f)), f2 = F::mul(f, f);
+  F::R p = F::fma(F::set(7.0376836292e-2f), f, F::set(-1.1514610310e-1f));
+  p = F::fma(p, f, F::set(1.1676998740e-1f));
+  p = F::fma(p, f, F::set(-1.2420140846e-1f));
+  p = F::fma(p, f, F::set(1.4249322787e-1f));
+  p = F::fma(p, f, F::set(-1.6668057665e-1f));
+  p = F::fma(p, f, F::set(2.0000714765e-1f));
+  p = F::fma(p, f, F::set(-2.4999993993e-1f));
+  p = F::fma(p, f, F::set(3.3333331174e-1f));
+  const F::R y = F::fma(f2, F::set(-0.5f), F::fma(e, F::set(LN2_LO), F::mul(F::mul(p, f), f2)));
+  return F::fma(e, F::set(LN2_HI), F::add(f, y));
 }
 #endif
 
@@ -70,15 +146,20 @@ struct VecOps {
   using Mask = V;
   static constexpr int64_t lanes = V::size();
 
-  // float: exp_float above, inline; double (and builds without AVX2): SLEEF's, 1 ulp. Both give exp(-inf) = 0 and
-  // keep NaN.
+  // exp and log: float's inline above; double's (and those of builds without AVX2) SLEEF's, 1 ulp. All give
+  // exp(-inf) = 0 and keep NaN.
   static V exp(const V& x) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     if constexpr (std::is_same_v<T, float>) return exp_float(x);
 #endif
     return x.exp();
   }
-  static V log(const V& x) { return x.log(); }
+  static V log(const V& x) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, float>) return log_float(x);
+#endif
+    return x.log();
+  }
   static V abs(const V& x) { return x.abs(); }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
   static V select(const Mask& m, const V& a, const V& b) { return V::blendv(b, a, m); }
