@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="time forward + backward of every loss and backend; table, CSV and PNG",
         description="Forward + backward time, bandwidth on the minimal bytes (read student and teacher, write the "
-                    "gradient) and peak memory of every loss for each fused backend, the eager reference and "
-                    "torch.compile of the reference.",
+                    "gradient), time as a multiple of the byte floor, and peak memory of every loss for each fused "
+                    "backend, the method's idiomatic eager code, torch.compile of that code and the eager reference.",
     )
     bench.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     from .bench import describe_shapes  # (the shape tables; the command itself still imports on use)

@@ -151,8 +151,7 @@ class Settings:
             denominator = torch.as_tensor(self.normalizer, dtype=torch.float32, device=device)
         else:
             denominator = valid.sum().clamp(min=1).to(torch.float32)
-        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        return LossCall(**fields, target=target, labels=labels, valid=valid, denominator=denominator)
+        return LossCall(**self.__dict__, target=target, labels=labels, valid=valid, denominator=denominator)
 
     @property
     def indexes_target(self) -> bool:
