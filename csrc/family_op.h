@@ -2,6 +2,7 @@
 // checks of the arguments of the schema in kdkernels.cpp, the outputs, and the final reduction.
 #pragma once
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -36,10 +37,17 @@ struct FamilyCall {
   bool math_double;
 };
 
+// A new [n, v] gradient: from `allocator` (a CPU allocator: the CPU ops' gradient cache) when given, else at::empty.
+inline at::Tensor new_gradient(int64_t n, int64_t v, const at::TensorOptions& options, c10::Allocator* allocator) {
+  if (allocator == nullptr) return at::empty({n, v}, options);
+  return at::detail::empty_generic({n, v}, allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   options.dtype().toScalarType(), c10::MemoryFormat::Contiguous);
+}
+
 // The outputs of a full op (a learnable temperature, a teacher that requires grad).
-inline void add_full_outputs(FamilyCall& call, bool teacher_grad) {
+inline void add_full_outputs(FamilyCall& call, bool teacher_grad, c10::Allocator* grad_allocator = nullptr) {
   const auto options = call.teacher.options();
-  call.teacher_grad = teacher_grad ? at::empty({call.n, call.v}, options) : at::empty({0}, options);
+  call.teacher_grad = teacher_grad ? new_gradient(call.n, call.v, options, grad_allocator) : at::empty({0}, options);
   call.temperature_grad = at::empty_like(call.loss_rows);
 }
 
@@ -48,7 +56,7 @@ inline FamilyCall check_family_call(const char* op, const at::Tensor& student, c
                                     const c10::optional<at::Tensor>& denominator, int64_t code,
                                     at::ArrayRef<double> params, int num_codes, int num_params, double temperature,
                                     double ce_weight, double distill_weight, bool with_ce, bool with_grad,
-                                    bool in_place = false) {
+                                    bool in_place = false, c10::Allocator* grad_allocator = nullptr) {
   TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(), op,
               ": student and teacher must be [N, V] logits of the same shape, got ", student.sizes(), " and ",
               teacher.sizes());
@@ -89,7 +97,7 @@ inline FamilyCall check_family_call(const char* op, const at::Tensor& student, c
     TORCH_CHECK(student.is_contiguous(), op, ": the student logits it overwrites must be contiguous");
     call.grad = student;
   } else {
-    call.grad = with_grad ? at::empty({call.n, call.v}, options) : at::empty({0}, options);
+    call.grad = with_grad ? new_gradient(call.n, call.v, options, grad_allocator) : at::empty({0}, options);
   }
   return call;
 }

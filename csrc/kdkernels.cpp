@@ -28,7 +28,8 @@
 //                                                (the backward of the family ops; CPU and CUDA kernels).
 //
 // The Python module kdkernels._C exports the codes, parameter layouts and standardization epsilon the kernels were
-// built with, which the tests compare with kdkernels/methods.py.
+// built with, which the tests compare with kdkernels/methods.py, and the CPU gradient cache's release_cached_gradients()
+// and cached_gradient_bytes().
 #include <Python.h>
 #include <torch/library.h>
 
@@ -36,6 +37,7 @@
 #include <string>
 #include <utility>
 
+#include "cpu/gradient_cache.h"
 #include "decoupled.h"
 #include "divergence.h"
 
@@ -98,6 +100,20 @@ bool add(PyObject* module, const char* name, PyObject* value) {
   return true;
 }
 
+PyObject* release_cached_gradients(PyObject*, PyObject*) {
+  return PyLong_FromSize_t(kdkernels::cpu::release_cached_gradients());
+}
+
+PyObject* cached_gradient_bytes(PyObject*, PyObject*) {
+  return PyLong_FromSize_t(kdkernels::cpu::cached_gradient_bytes());
+}
+
+PyMethodDef methods[] = {
+    {"release_cached_gradients", release_cached_gradients, METH_NOARGS,
+     "Frees the CPU gradient buffers kept for reuse (csrc/cpu/gradient_cache.h); returns their bytes."},
+    {"cached_gradient_bytes", cached_gradient_bytes, METH_NOARGS, "The bytes of the CPU gradient buffers kept now."},
+    {nullptr, nullptr, 0, nullptr}};
+
 }  // namespace
 
 #define KDKERNELS_CODE_ITEM(name) {#name, kdkernels::name},
@@ -106,7 +122,7 @@ bool add(PyObject* module, const char* name, PyObject* value) {
 // The Python module kdkernels._C: importing it loads this library and its kernels.
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef definition = {PyModuleDef_HEAD_INIT, "_C", "kdkernels' compiled operators (torch.ops.kdkernels)",
-                                   -1, nullptr};
+                                   -1, methods};
   PyObject* module = PyModule_Create(&definition);
   if (module == nullptr) return nullptr;
   const bool ok =

@@ -22,12 +22,14 @@ except ImportError as error:  # triton is optional: CPU-only installs run the re
     backends.register(backends.Backend("triton", None, lambda device, reason=(
         f"the triton package could not be imported ({error}); pip install triton"): reason))
 
-from .backends import extension as _extension  # noqa: E402,F401  (registers "cpu" and "cuda", or why they are missing)
+from .backends import extension as _extension  # noqa: E402  (registers "cpu" and "cuda", or why they are missing)
+
+release_cached_gradients = _extension.release_cached_gradients
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS", "available_backends", "distill_loss", *LOSS_FUNCTIONS, "cakd_feature_loss", "DistillLoss",
     *LOSS_MODULES, "SerialHead", "linear_distill_loss", "LinearDistillLoss", "SparseTeacher", "SparseTeacherWriter",
-    "save_sparse_teachers", "load_sparse_teachers", "LossParts",
+    "save_sparse_teachers", "load_sparse_teachers", "LossParts", "release_cached_gradients",
 ]

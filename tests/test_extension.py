@@ -66,6 +66,70 @@ def test_cpu_streamed_gradient_rows_equal_small_batches(method, v, dtype):
     assert torch.equal(whole[1], torch.cat([p[1] for p in parts]))
 
 
+@pytest.mark.parametrize("method,dtype,full", [("kd", torch.float32, False), ("dkd", torch.bfloat16, False),
+                                               ("jsd", torch.float32, True)])
+def test_cpu_gradient_buffers_are_reused_and_fully_rewritten(method, dtype, full):
+    """A freed CPU gradient of 1 MiB or more is kept (csrc/cpu/gradient_cache.h) and the next gradient of its size
+    gets the same buffer, here poisoned with NaN first: every element is written again (ignored rows and rows masked
+    in both logits included), giving the bits a fresh buffer gets. With full, the teacher's gradient too."""
+    family, code, params = family_op_args(method, {})
+    s, t, target = make_inputs((96, 6000), dtype, seed=77, ignored=3)
+    s[7], t[7] = float("-inf"), float("-inf")
+    op = getattr(torch.ops.kdkernels, f"{family}_cpu" + ("_full" if full else "")).default
+
+    def gradients():
+        outputs = op(s, t, target, torch.tensor(95.0), code, params, 2.0, True, -100, True, 0.5, 1.0, True, False,
+                     True)
+        return list(outputs[2:4] if full else outputs[2:3])
+
+    kdkernels.release_cached_gradients()
+    fresh = gradients()
+    expected = [g.clone() for g in fresh]
+    pointers = {g.data_ptr() for g in fresh}
+    assert kdkernels._C.cached_gradient_bytes() == 0  # (the gradients are alive)
+    for g in fresh:
+        g.fill_(float("nan"))
+    del fresh, g
+    assert kdkernels._C.cached_gradient_bytes() == len(pointers) * s.numel() * s.element_size()
+    again = gradients()
+    assert {g.data_ptr() for g in again} == pointers
+    for want, got in zip(expected, again):
+        assert torch.equal(got, want)
+
+
+def test_release_cached_gradients_frees_what_is_kept():
+    kdkernels.release_cached_gradients()
+    student = torch.randn(64, 8192, requires_grad=True)  # a 2 MiB gradient
+    kdkernels.distill_loss("kd", student, torch.randn(64, 8192), backend="cpu").backward()
+    student.grad = None
+    assert kdkernels._C.cached_gradient_bytes() == 64 * 8192 * 4
+    assert kdkernels.release_cached_gradients() == 64 * 8192 * 4
+    assert kdkernels._C.cached_gradient_bytes() == 0
+    small = torch.randn(8, 100, requires_grad=True)  # below 1 MiB: the CPU allocator's, never kept
+    kdkernels.distill_loss("kd", small, torch.randn(8, 100), backend="cpu").backward()
+    small.grad = None
+    assert kdkernels._C.cached_gradient_bytes() == 0
+
+
+@pytest.mark.parametrize("limit_mb,kept_mb", [("0", 0), ("5", 4)])
+def test_gradient_cache_keeps_at_most_its_limit(limit_mb, kept_mb):
+    """KDKERNELS_GRADIENT_CACHE_MB caps the kept bytes (0 keeps nothing); the oldest buffers make room."""
+    code = ("import torch, kdkernels\n"
+            "grads = []\n"
+            "for v in (8192, 16384, 8192, 8192):  # gradients of 2, 4, 2 and 2 MiB, all alive at once\n"
+            "    s = torch.randn(64, v, requires_grad=True)\n"
+            "    kdkernels.distill_loss('kd', s, torch.randn(64, v), backend='cpu').backward()\n"
+            "    grads.append(s.grad)\n"
+            "del s\n"
+            "while grads:  # freed in the order they were made\n"
+            "    grads.pop(0)\n"
+            "print(kdkernels._C.cached_gradient_bytes())\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "KDKERNELS_GRADIENT_CACHE_MB": limit_mb})
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) == kept_mb << 20
+
+
 def test_ops_are_registered_with_the_backends():
     for name in ("cpu", "cuda"):
         registered = backends._REGISTRY[name]

@@ -1,6 +1,7 @@
-// CPU implementations of the ops (schemas in kdkernels.cpp): the family ops' checks (family_op.h), then the rows in
-// parallel (at::parallel_for) through the kernels built for the best capability this CPU has (divergence.cpp and
-// decoupled.cpp, compiled once per capability); and scale_rows_.
+// CPU implementations of the ops (schemas in kdkernels.cpp): the family ops' checks (family_op.h), their gradients
+// from the gradient cache (gradient_cache.h), then the rows in parallel (at::parallel_for) through the kernels built
+// for the best capability this CPU has (divergence.cpp and decoupled.cpp, compiled once per capability); and
+// scale_rows_.
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
@@ -10,11 +11,8 @@
 #include <string>
 #include <tuple>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #include "../family_op.h"
+#include "gradient_cache.h"
 #include "kernels.h"
 
 namespace kdkernels::cpu {
@@ -35,21 +33,6 @@ RowsFn kernel_for_this_cpu(Family family) {
   }
 #endif
   return family == DIVERGENCE_FAMILY ? DEFAULT::divergence_rows : DEFAULT::decoupled_rows;
-}
-
-// Asks the kernel for transparent huge pages under a fresh [N, V] output before the kernel first writes it: a large
-// allocation is fresh memory from the system on every call, and faulting it in 4 KB pages costs about as much as
-// writing it (at [1024, 32000] float32, 131 MB: twice the time of a write into memory already mapped). Only with
-// transparent huge pages in "madvise" mode (the usual default) does this change anything; torch's allocator does the
-// same for all its allocations with THP_MEM_ALLOC_ENABLE=1.
-void advise_huge_pages(const at::Tensor& out) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t HUGE_PAGE = uintptr_t(2) << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t first = (begin + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
-  const uintptr_t last = (begin + out.nbytes()) & ~(HUGE_PAGE - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
 }
 
 // finish_losses (family_op.h) for the CPU: with reduce, the rows are summed here in double (the loss rows are on the
@@ -86,11 +69,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(
   FamilyCall call = check_family_call(name.c_str(), student, teacher, target, denominator, code, params,
                                       divergence ? int(NUM_DIVERGENCES) : int(NUM_PARTITIONS),
                                       divergence ? DivergenceParams<double>::size : DecoupledParams<double>::size,
-                                      temperature, ce_weight, distill_weight, with_ce, with_grad, in_place);
+                                      temperature, ce_weight, distill_weight, with_ce, with_grad, in_place,
+                                      gradient_allocator());
   if (!divergence) check_decoupled_params(call, code, params);
-  if (full != nullptr) add_full_outputs(call, teacher_grad);
-  if (with_grad && !in_place) advise_huge_pages(call.grad);
-  if (full != nullptr && teacher_grad) advise_huge_pages(call.teacher_grad);
+  if (full != nullptr) add_full_outputs(call, teacher_grad, gradient_allocator());
   const double t2 = t2_scale ? temperature * temperature : 1.0;
   const double inv_denom = reduce && denominator.has_value() ? 1.0 / denominator->item<double>() : 1.0;
   RowsArgs args{call.student.data_ptr(), call.teacher.data_ptr(), call.student.scalar_type(),

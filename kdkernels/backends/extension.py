@@ -19,11 +19,19 @@ BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` in the repo
               "compiler, and nvcc with a CUDA torch for the CUDA kernels)")
 
 try:
-    from .. import _C  # noqa: F401  (loads the op library)
+    from .. import _C  # (loads the op library)
 except ImportError as error:
     LOAD_ERROR: str | None = f"the compiled extension kdkernels._C could not be imported ({error}); {BUILD_HINT}"
 else:
     LOAD_ERROR = None
+
+
+def release_cached_gradients() -> int:
+    """Frees the gradient buffers that the CPU ops keep for reuse once their tensors are freed, and returns their
+    bytes (0 without the extension). The ops keep a freed [N, V] gradient of 1 MiB or more for the next call of the
+    same size, up to KDKERNELS_GRADIENT_CACHE_MB (read at the first call; default 2048, 0 keeps none): fresh memory
+    costs a page fault and the operating system's zeroing of every page."""
+    return _C.release_cached_gradients() if LOAD_ERROR is None else 0
 
 
 # Which devices the build has kernels for, read once (backend selection runs inside torch.compile traces).
