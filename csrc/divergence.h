@@ -108,20 +108,31 @@ KD_HD typename O::Mask in_akl_head(typename O::V t, typename O::Scalar value, in
   return O::lor(O::gt(t, V(value)), O::land(O::eq(t, V(value)), O::index_le(iota, end - 1 - base)));
 }
 
+// Whether a class is masked in both rows: lq = lp = -inf (then q = p = 0).
+template <class O>
+KD_HD typename O::Mask absent_in_both(typename O::V lq, typename O::V lp) {
+  const typename O::V ninf(neg_inf<typename O::Scalar>());
+  return O::land(O::eq(lq, ninf), O::eq(lp, ninf));
+}
+
 // The terms of classes given their log-probabilities lq, lp and probabilities q, p (exp of them, or
 // exp(x - max) / sum that a caller has kept); akl's in_head says which classes are in its head (ignored by the other
-// codes).
-template <int CODE, class O>
+// codes). MAY_BE_ABSENT false: the caller has checked that no class is absent in both (absent_in_both), which skips
+// their masking.
+template <int CODE, class O, bool MAY_BE_ABSENT = true>
 KD_HD ClassTerms<typename O::V> divergence_terms_of(const DivergenceParams<typename O::Scalar>& c, typename O::V lq,
                                                     typename O::V lp, typename O::V q, typename O::V p,
                                                     typename O::Mask in_head = typename O::Mask()) {
   using V = typename O::V;
   using T = typename O::Scalar;
-  const V zero(T(0)), ninf(neg_inf<T>());
+  const V zero(T(0));
   // A class masked in both (q = p = 0) gets finite logs here, so no formula meets inf - inf; its terms are 0.
-  const auto absent = O::land(O::eq(lq, ninf), O::eq(lp, ninf));
-  lq = O::select(absent, zero, lq);
-  lp = O::select(absent, zero, lp);
+  typename O::Mask absent{};
+  if constexpr (MAY_BE_ABSENT) {
+    absent = absent_in_both<O>(lq, lp);
+    lq = O::select(absent, zero, lq);
+    lp = O::select(absent, zero, lp);
+  }
   V l, r, rt, e = zero, f = zero;
   const T a = c.alpha, b = c.beta;
   if constexpr (CODE == KD) {
@@ -197,6 +208,7 @@ KD_HD ClassTerms<typename O::V> divergence_terms_of(const DivergenceParams<typen
     e = O::select(in_head, gap, zero);
     f = O::select(in_head, zero, gap);
   }
+  if constexpr (!MAY_BE_ABSENT) return {l, r, q, p, e, f, rt};
   return {O::select(absent, zero, l), O::select(absent, zero, r), O::select(absent, zero, q),
           O::select(absent, zero, p), O::select(absent, zero, e), O::select(absent, zero, f),
           O::select(absent, zero, rt)};

@@ -28,8 +28,8 @@
 //                                                (the backward of the family ops; CPU and CUDA kernels).
 //
 // The Python module kdkernels._C exports the codes, parameter layouts and standardization epsilon the kernels were
-// built with, which the tests compare with kdkernels/methods.py, and the CPU gradient cache's release_cached_gradients()
-// and cached_gradient_bytes().
+// built with, which the tests compare with kdkernels/methods.py, and the CPU gradient cache's
+// release_cached_gradients() and cached_gradient_bytes().
 #include <Python.h>
 #include <torch/library.h>
 

@@ -125,13 +125,15 @@ M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, 
   auto store_grad = [&](const V& method_grad, int64_t j, int64_t n) {
     store_grad_vector(rows, ce != nullptr ? method_grad + xent.grad(load(s + j, n), iota, j) : method_grad, g, j, n);
   };
-  // The terms of the classes j..: logs from the logits, probabilities from the kept exps.
+  // The terms of the classes j..: logs from the logits, probabilities from the kept exps; the masking of classes
+  // absent in both rows only for a vector that has one (lanes past the row's end are).
   auto terms = [&](int64_t j, int64_t n) {
     typename O::Mask in_head{};
     if constexpr (CODE == AKL) in_head = in_akl_head<O>(load(t_rank + j, n), head.first, head.second, iota, j);
     const V lq = (load(s + j, n) * inv_T - vmx_row) - lzx, lp = (load(t + j, n) * inv_T - vmy_row) - lzy;
-    return divergence_terms_of<CODE, O>(c, lq, lp, V::loadu(es_row + j, n) * inv_zx, V::loadu(et_row + j, n) * inv_zy,
-                                        in_head);
+    const V q = V::loadu(es_row + j, n) * inv_zx, p = V::loadu(et_row + j, n) * inv_zy;
+    if (O::any(absent_in_both<O>(lq, lp))) return divergence_terms_of<CODE, O>(c, lq, lp, q, p, in_head);
+    return divergence_terms_of<CODE, O, false>(c, lq, lp, q, p, in_head);
   };
   // (3) Per-class terms.
   ChunkedSum<M> sum_l, sum_r, sum_e, sum_f, sum_rt;
