@@ -67,7 +67,8 @@ def extension_modules() -> tuple[list, dict]:
         torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
         and os.environ.get("KDKERNELS_NO_CUDA") != "1"
     )
-    sources = ["csrc/kdkernels.cpp", "csrc/cpu/ops.cpp", "csrc/cpu/gradient_cache.cpp"] + (sorted(glob.glob("csrc/cuda/*.cu")) if with_cuda else [])
+    sources = ["csrc/kdkernels.cpp", "csrc/cpu/ops.cpp", "csrc/cpu/gradient_cache.cpp"]
+    sources += sorted(glob.glob("csrc/cuda/*.cu")) if with_cuda else []
     cxx = ["-O3", "-fopenmp", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
     cxx += [f"-DKDKERNELS_CPU_{c}" for c in CPU_CAPABILITIES]  # which capability builds ops.cpp may call
     kind = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
