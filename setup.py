@@ -54,8 +54,10 @@ def extension_modules() -> tuple[list, dict]:
                 # of one capability in parallel).
                 flags = [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
                 return self.compiler.compile(
-                    CPU_KERNELS, output_dir=os.path.join(self.build_temp, capability.lower()),
-                    include_dirs=ext.include_dirs, depends=ext.depends,
+                    CPU_KERNELS,
+                    output_dir=os.path.join(self.build_temp, capability.lower()),
+                    include_dirs=ext.include_dirs,
+                    depends=ext.depends,
                     extra_postargs={"cxx": cxx + flags + CPU_CAPABILITIES[capability], "nvcc": []},
                 )
 
@@ -64,7 +66,8 @@ def extension_modules() -> tuple[list, dict]:
             super().build_extension(ext)
 
     with_cuda = (
-        torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+        torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
         and os.environ.get("KDKERNELS_NO_CUDA") != "1"
     )
     sources = ["csrc/kdkernels.cpp", "csrc/cpu/ops.cpp", "csrc/cpu/gradient_cache.cpp"]

@@ -32,8 +32,9 @@ def op_ms(method: str, n: int, v: int, dtype: torch.dtype, reps: int = 30) -> fl
     s = (torch.randn(n, v, generator=g) * 3).to(dtype)
     t = (torch.randn(n, v, generator=g) * 3).to(dtype)
     y = torch.randint(0, v, (n,), generator=g)
-    call = resolve(method, {}, None, None, "batchmean", -100, None, 0.0, 1.0, False, False).bind(y, s.shape[:-1], v,
-                                                                                                 s.device)
+    call = resolve(method, {}, None, None, "batchmean", -100, None, 0.0, 1.0, False, False).bind(
+        y, s.shape[:-1], v, s.device
+    )
     op = getattr(torch.ops.kdkernels, f"{call.plan.family}_cpu").default
     args = op_args(call)
     best = float("inf")
@@ -54,16 +55,20 @@ def main() -> None:
     # The time the byte floor leaves each class on each of two cores: the floor of N V classes, N V / 2 per core.
     floor_ns = 2 * minimal_bytes(1, 1, dtype) / bandwidth
     torch.set_num_threads(1)
-    print(f"one thread, {opts.dtype}; copy bandwidth {bandwidth:.1f} GB/s: at the byte floor two cores have "
-          f"{floor_ns:.2f} ns per class each (at 2.5x the floor: {2.5 * floor_ns:.2f})")
+    print(
+        f"one thread, {opts.dtype}; copy bandwidth {bandwidth:.1f} GB/s: at the byte floor two cores have "
+        f"{floor_ns:.2f} ns per class each (at 2.5x the floor: {2.5 * floor_ns:.2f})"
+    )
     print(f"{'method':9s} {'row ns':>7s} {'vector ns':>9s} {'row share V=100':>15s} {'ns/class V=32000':>16s}")
     for method in opts.methods:
-        per_row = [op_ms(method, 4096 if v < 1000 else 1024, v, dtype) * 1e6 / (4096 if v < 1000 else 1024)
-                   for v in WIDTHS]
+        per_row = [
+            op_ms(method, 4096 if v < 1000 else 1024, v, dtype) * 1e6 / (4096 if v < 1000 else 1024) for v in WIDTHS
+        ]
         vectors = [v / LANES for v in WIDTHS]
         mean_x, mean_y = sum(vectors) / 3, sum(per_row) / 3
-        slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(vectors, per_row)) / \
-            sum((x - mean_x) ** 2 for x in vectors)
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(vectors, per_row)) / sum(
+            (x - mean_x) ** 2 for x in vectors
+        )
         row = mean_y - slope * mean_x
         share = row / (row + slope * 100 / LANES)
         llm = op_ms(method, 256, 32000, dtype, reps=8) * 1e6 / (256 * 32000)

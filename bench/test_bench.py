@@ -10,8 +10,11 @@ import torch
 import kdkernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SHAPES = {"vision": (4096, 1000), "llm": (256, 32000)} if DEVICE == "cpu" else \
-    {"vision": (65536, 1000), "llm": (8192, 32000)}
+SHAPES = (
+    {"vision": (4096, 1000), "llm": (256, 32000)}
+    if DEVICE == "cpu"
+    else {"vision": (65536, 1000), "llm": (8192, 32000)}
+)
 BACKENDS = [b for b in kdkernels.available_backends(DEVICE) if not (b == "triton" and DEVICE == "cpu")]
 
 

@@ -16,12 +16,15 @@
 #include "row_math.h"
 
 // The codes of kdkernels/methods.py Partition and Bin, in their order.
+// X-macro item lists, laid out by hand:
+// clang-format off
 #define KDKERNELS_PARTITION_CODES(X) X(TARGET) X(TOPK) X(THRESHOLD)
 #define KDKERNELS_BIN_CODES(X) X(TOP1) X(STRONG) X(REST)
 // The fields of kdkernels/methods.py DecoupledParams, in its order.
 #define KDKERNELS_DECOUPLED_PARAMS(X)                                                                    \
   X(int64_t, k) X(T, log_tau) X(bool, split_top1) X(bool, lowest) X(bool, adaptive) X(T, w_mass) X(T, w_strong) \
   X(T, w_rest) X(T, w_fkl) X(T, w_rkl) X(T, max_weight)
+// clang-format on
 
 namespace kdkernels {
 inline namespace KDKERNELS_MATH_NAMESPACE {
@@ -56,7 +59,7 @@ struct Membership {
   T t_max;         // THRESHOLD: max of t, and T log(tau)
   T threshold;
   bool split_top1;
-  bool lowest;     // TOPK: rank on -t (the teacher's k smallest logits; top_k_rank)
+  bool lowest;  // TOPK: rank on -t (the teacher's k smallest logits; top_k_rank)
 };
 
 // (in TOP1, in STRONG) of the classes of raw teacher logits t whose first lane is class `base`; iota holds the lane
@@ -109,10 +112,10 @@ struct BinStats {
 // A row's loss and its gradient coefficients, from the statistics of both sides.
 template <class T>
 struct DecoupledRow {
-  T loss;                  // before T^2; NaN for an out-of-range target
-  T c[NUM_BINS];           // g_j = scale (c_b q^b_j - f_b p^b_j + r_b q^b_j (log q^b_j - log p^b_j))
+  T loss;         // before T^2; NaN for an out-of-range target
+  T c[NUM_BINS];  // g_j = scale (c_b q^b_j - f_b p^b_j + r_b q^b_j (log q^b_j - log p^b_j))
   T f[NUM_BINS], r[NUM_BINS];
-  T ct[NUM_BINS];          // the teacher's: gt_j = scale (ct_b p^b_j + f_b p^b_j (log p^b_j - log q^b_j) - r_b q^b_j)
+  T ct[NUM_BINS];  // the teacher's: gt_j = scale (ct_b p^b_j + f_b p^b_j (log p^b_j - log q^b_j) - r_b q^b_j)
   // p^b_j = exp((y_j - mt_b) - lzt_b), q^b_j = exp((x_j - ms_b) - lzs_b): the max and the log-sum apart, since
   // rounding their sum (near a logit of 500, say) would cost exp(x - shift) that sum's absolute rounding error.
   T mt[NUM_BINS], lzt[NUM_BINS], ms[NUM_BINS], lzs[NUM_BINS];
@@ -239,8 +242,8 @@ KD_HD typename O::V decoupled_grad(const DecoupledRow<typename O::Scalar>& row, 
 // (0 where the teacher masks them, y = -inf); the last term only when w_rkl != 0.
 template <class O>
 KD_HD typename O::V decoupled_teacher_grad(const DecoupledRow<typename O::Scalar>& row, typename O::Mask in_top1,
-                                           typename O::Mask in_strong, const InBin<typename O::V>& b,
-                                           typename O::V y, typename O::Scalar scale) {
+                                           typename O::Mask in_strong, const InBin<typename O::V>& b, typename O::V y,
+                                           typename O::Scalar scale) {
   using V = typename O::V;
   using T = typename O::Scalar;
   const V zero(T(0));

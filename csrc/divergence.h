@@ -13,12 +13,15 @@
 #include "row_math.h"
 
 // The codes of kdkernels/methods.py Divergence, in its order.
+// X-macro item lists, laid out by hand:
+// clang-format off
 #define KDKERNELS_DIVERGENCE_CODES(X)                                                                          \
   X(KD) X(RKL) X(JSD) X(SKEW_FKL) X(SKEW_RKL) X(TVD) X(ABKD) X(ABKD_ALPHA0) X(ABKD_BETA0) X(ABKD_OPPOSITE) \
   X(ABKD_ZERO) X(WSD) X(BDKD) X(AKL)
 // The fields of kdkernels/methods.py DivergenceParams, in its order.
 #define KDKERNELS_DIVERGENCE_PARAMS(X) \
   X(T, mix_p) X(T, mix_q) X(T, log_mix_p) X(T, log_mix_q) X(T, alpha) X(T, beta) X(T, w_fkl) X(T, w_rkl) X(T, mu)
+// clang-format on
 
 namespace kdkernels {
 inline namespace KDKERNELS_MATH_NAMESPACE {
@@ -34,8 +37,7 @@ struct Mixture {
   V m, log_m;
 };
 template <class O>
-KD_HD Mixture<typename O::V> mixture(const DivergenceParams<typename O::Scalar>& c, typename O::V p,
-                                     typename O::V q) {
+KD_HD Mixture<typename O::V> mixture(const DivergenceParams<typename O::Scalar>& c, typename O::V p, typename O::V q) {
   using V = typename O::V;
   const V m = O::max(V(c.mix_p) * p + V(c.mix_q) * q, V(min_normal<typename O::Scalar>()));
   return {m, O::log(m)};
@@ -218,9 +220,8 @@ KD_HD ClassTerms<typename O::V> divergence_terms_of(const DivergenceParams<typen
 // log softmax as (x - m) - log z (exact for large logits).
 template <int CODE, class O>
 KD_HD ClassTerms<typename O::V> divergence_terms(const DivergenceParams<typename O::Scalar>& c, typename O::V x,
-                                                 typename O::V y, typename O::V mx, typename O::V lzx,
-                                                 typename O::V my, typename O::V lzy,
-                                                 typename O::Mask in_head = typename O::Mask()) {
+                                                 typename O::V y, typename O::V mx, typename O::V lzx, typename O::V my,
+                                                 typename O::V lzy, typename O::Mask in_head = typename O::Mask()) {
   const typename O::V lq = (x - mx) - lzx, lp = (y - my) - lzy;
   return divergence_terms_of<CODE, O>(c, lq, lp, O::exp(lq), O::exp(lp), in_head);
 }
@@ -265,8 +266,8 @@ KD_HD T teacher_sum_r(const DivergenceRow<T>& row, T sum_rt) {
 // classes the teacher masks (y = -inf: a mask, not a parameter).
 template <int CODE, class O>
 KD_HD typename O::V divergence_teacher_grad(const ClassTerms<typename O::V>& k,
-                                            const DivergenceRow<typename O::Scalar>& row,
-                                            typename O::Scalar sum_rt, typename O::V y, typename O::Scalar scale) {
+                                            const DivergenceRow<typename O::Scalar>& row, typename O::Scalar sum_rt,
+                                            typename O::V y, typename O::Scalar scale) {
   using V = typename O::V;
   using T = typename O::Scalar;
   return O::select(O::eq(y, V(neg_inf<T>())), V(T(0)), (teacher_r<CODE, O>(k, row) - k.p * V(sum_rt)) * V(scale));

@@ -66,8 +66,7 @@ inline FamilyCall check_family_call(const char* op, const at::Tensor& student, c
   TORCH_CHECK(teacher.device() == student.device(), op, ": student and teacher must be on the same device");
   TORCH_CHECK(student.size(1) >= 1, op, ": the logits need at least one class");
   TORCH_CHECK(code >= 0 && code < num_codes, op, ": code must be in [0, ", num_codes, "), got ", code);
-  TORCH_CHECK(int(params.size()) == num_params, op, ": params must hold ", num_params, " numbers, got ",
-              params.size());
+  TORCH_CHECK(int(params.size()) == num_params, op, ": params must hold ", num_params, " numbers, got ", params.size());
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op, ": temperature must be > 0, got ", temperature);
   TORCH_CHECK(std::isfinite(ce_weight) && std::isfinite(distill_weight), op, ": the weights must be finite");
   TORCH_CHECK(!with_ce || target.has_value(), op, ": with_ce (the cross-entropy term) needs a target");

@@ -41,9 +41,9 @@
 #include "decoupled.h"
 #include "divergence.h"
 
-#define KDKERNELS_FAMILY_ARGS                                                                               \
-  "Tensor teacher, Tensor? target, Tensor? denominator, int code, float[] params, float temperature, " \
-  "bool t2_scale, int ignore_index, bool reduce, float ce_weight, float distill_weight, bool with_ce, "   \
+#define KDKERNELS_FAMILY_ARGS                                                                           \
+  "Tensor teacher, Tensor? target, Tensor? denominator, int code, float[] params, float temperature, "  \
+  "bool t2_scale, int ignore_index, bool reduce, float ce_weight, float distill_weight, bool with_ce, " \
   "bool standardize"
 
 TORCH_LIBRARY(kdkernels, m) {
@@ -53,7 +53,8 @@ TORCH_LIBRARY(kdkernels, m) {
       m.def((name + "(Tensor student, " KDKERNELS_FAMILY_ARGS ", bool with_grad) -> (Tensor, Tensor, Tensor)").c_str());
       m.def((name + "_(Tensor(a!) student, " KDKERNELS_FAMILY_ARGS ") -> (Tensor, Tensor)").c_str());
       m.def((name + "_full(Tensor student, " KDKERNELS_FAMILY_ARGS
-             ", bool teacher_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)").c_str());
+                    ", bool teacher_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+                .c_str());
     }
   }
   m.def("scale_rows_(Tensor(a!) grad, Tensor factor) -> ()");
@@ -125,13 +126,12 @@ PyMODINIT_FUNC PyInit__C(void) {
                                    -1, methods};
   PyObject* module = PyModule_Create(&definition);
   if (module == nullptr) return nullptr;
-  const bool ok =
-      add(module, "DIVERGENCE_CODES", codes_dict({KDKERNELS_DIVERGENCE_CODES(KDKERNELS_CODE_ITEM)})) &&
-      add(module, "PARTITION_CODES", codes_dict({KDKERNELS_PARTITION_CODES(KDKERNELS_CODE_ITEM)})) &&
-      add(module, "BIN_CODES", codes_dict({KDKERNELS_BIN_CODES(KDKERNELS_CODE_ITEM)})) &&
-      add(module, "DIVERGENCE_PARAMS", names_tuple({KDKERNELS_DIVERGENCE_PARAMS(KDKERNELS_NAME_ITEM)})) &&
-      add(module, "DECOUPLED_PARAMS", names_tuple({KDKERNELS_DECOUPLED_PARAMS(KDKERNELS_NAME_ITEM)})) &&
-      add(module, "STANDARDIZE_EPS", PyFloat_FromDouble(kdkernels::STANDARDIZE_EPS));
+  const bool ok = add(module, "DIVERGENCE_CODES", codes_dict({KDKERNELS_DIVERGENCE_CODES(KDKERNELS_CODE_ITEM)})) &&
+                  add(module, "PARTITION_CODES", codes_dict({KDKERNELS_PARTITION_CODES(KDKERNELS_CODE_ITEM)})) &&
+                  add(module, "BIN_CODES", codes_dict({KDKERNELS_BIN_CODES(KDKERNELS_CODE_ITEM)})) &&
+                  add(module, "DIVERGENCE_PARAMS", names_tuple({KDKERNELS_DIVERGENCE_PARAMS(KDKERNELS_NAME_ITEM)})) &&
+                  add(module, "DECOUPLED_PARAMS", names_tuple({KDKERNELS_DECOUPLED_PARAMS(KDKERNELS_NAME_ITEM)})) &&
+                  add(module, "STANDARDIZE_EPS", PyFloat_FromDouble(kdkernels::STANDARDIZE_EPS));
   if (!ok) {
     Py_DECREF(module);
     return nullptr;

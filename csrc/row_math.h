@@ -95,10 +95,18 @@ void dispatch_code(int code, F&& f) {
 
 // ---- The scalar policy (CUDA threads; also valid host code) ----------------------------------------------------
 
-KD_HD float math_exp(float x) { return expf(x); }
-KD_HD double math_exp(double x) { return exp(x); }
-KD_HD float math_log(float x) { return logf(x); }
-KD_HD double math_log(double x) { return log(x); }
+KD_HD float math_exp(float x) {
+  return expf(x);
+}
+KD_HD double math_exp(double x) {
+  return exp(x);
+}
+KD_HD float math_log(float x) {
+  return logf(x);
+}
+KD_HD double math_log(double x) {
+  return log(x);
+}
 
 template <class T>
 struct ScalarOps {
@@ -131,8 +139,12 @@ struct ScalarOps {
 //     (G - sum_g / n) / sd - z coef,  coef = sum_gz / ((n - 1) std)  (0 when std = 0).
 constexpr double STANDARDIZE_EPS = 1e-7;  // kdkernels/methods.py STANDARDIZE_EPS
 
-KD_HD float math_sqrt(float x) { return sqrtf(x); }
-KD_HD double math_sqrt(double x) { return sqrt(x); }
+KD_HD float math_sqrt(float x) {
+  return sqrtf(x);
+}
+KD_HD double math_sqrt(double x) {
+  return sqrt(x);
+}
 
 template <class T>
 struct ZScore {

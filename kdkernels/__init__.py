@@ -19,8 +19,13 @@ globals().update(LOSS_MODULES)
 try:
     from .backends import triton as _triton_backend  # noqa: F401  (registers backend "triton")
 except ImportError as error:  # triton is optional: CPU-only installs run the reference (and the C++ extension)
-    backends.register(backends.Backend("triton", None, lambda device, reason=(
-        f"the triton package could not be imported ({error}); pip install triton"): reason))
+    backends.register(
+        backends.Backend(
+            "triton",
+            None,
+            lambda device, reason=(f"the triton package could not be imported ({error}); pip install triton"): reason,
+        )
+    )
 
 from .backends import extension as _extension  # noqa: E402  (registers "cpu" and "cuda", or why they are missing)
 
@@ -29,7 +34,20 @@ release_cached_gradients = _extension.release_cached_gradients
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "available_backends", "distill_loss", *LOSS_FUNCTIONS, "cakd_feature_loss", "DistillLoss",
-    *LOSS_MODULES, "SerialHead", "linear_distill_loss", "LinearDistillLoss", "SparseTeacher", "SparseTeacherWriter",
-    "save_sparse_teachers", "load_sparse_teachers", "LossParts", "release_cached_gradients",
+    "METHODS",
+    "available_backends",
+    "distill_loss",
+    *LOSS_FUNCTIONS,
+    "cakd_feature_loss",
+    "DistillLoss",
+    *LOSS_MODULES,
+    "SerialHead",
+    "linear_distill_loss",
+    "LinearDistillLoss",
+    "SparseTeacher",
+    "SparseTeacherWriter",
+    "save_sparse_teachers",
+    "load_sparse_teachers",
+    "LossParts",
+    "release_cached_gradients",
 ]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, replace
-from typing import Optional
 
 import torch
 
@@ -35,8 +34,10 @@ def _check_bounds(target: Tensor, num_classes: int, ignore_index: int) -> None:
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if target.device.type == "cpu":
         if bool(bad.any()):
-            raise IndexError(f"target must hold class indices in [0, {num_classes}) or ignore_index={ignore_index}, "
-                             f"found {target[bad][0].item()}")
+            raise IndexError(
+                f"target must hold class indices in [0, {num_classes}) or ignore_index={ignore_index}, "
+                f"found {target[bad][0].item()}"
+            )
     else:
         torch._assert_async(~bad.any(), f"target must hold class indices in [0, {num_classes}) or ignore_index")
 
@@ -55,8 +56,15 @@ def _(target, num_classes, ignore_index):
     return torch.empty_like(target, dtype=torch.int64)
 
 
-def check_options(temperature: object, reduction: object, normalizer: object, ignore_index: object,
-                  ce_weight: object = 0.0, distill_weight: object = 1.0, standardize: object = False) -> None:
+def check_options(
+    temperature: object,
+    reduction: object,
+    normalizer: object,
+    ignore_index: object,
+    ce_weight: object = 0.0,
+    distill_weight: object = 1.0,
+    standardize: object = False,
+) -> None:
     """Checks of the options every method shares (also run by the modules at construction)."""
     if not isinstance(standardize, bool):
         raise TypeError(f"standardize must be True or False, got {standardize!r}")
@@ -66,9 +74,11 @@ def check_options(temperature: object, reduction: object, normalizer: object, ig
         if weight < 0:
             raise ValueError(f"{name} must be >= 0, got {weight!r}")
     if isinstance(temperature, torch.Tensor):
-        raise TypeError("temperature must be a number here: a 0-d tensor (a learnable temperature) is taken by "
-                        "the loss functions (distill_loss, <method>_loss, linear_distill_loss, kdkernels.parallel), "
-                        "not by the loss modules")
+        raise TypeError(
+            "temperature must be a number here: a 0-d tensor (a learnable temperature) is taken by "
+            "the loss functions (distill_loss, <method>_loss, linear_distill_loss, kdkernels.parallel), "
+            "not by the loss modules"
+        )
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
         raise TypeError(f"temperature must be a finite number, got {temperature!r}")
     if temperature <= 0:
@@ -82,16 +92,19 @@ def check_options(temperature: object, reduction: object, normalizer: object, ig
     if normalizer is None:
         return
     if reduction != "batchmean":
-        raise ValueError(f"normalizer replaces the batchmean denominator; it needs reduction='batchmean', got "
-                         f"reduction={reduction!r}")
+        raise ValueError(
+            f"normalizer replaces the batchmean denominator; it needs reduction='batchmean', got "
+            f"reduction={reduction!r}"
+        )
     if isinstance(normalizer, torch.Tensor):
         if normalizer.dim() != 0:
             raise ValueError(f"normalizer must be a number or a 0-d tensor, got shape {tuple(normalizer.shape)}")
         if normalizer.is_complex() or normalizer.dtype == torch.bool:
             raise TypeError(f"normalizer must be a real number, got a tensor of dtype {normalizer.dtype}")
         if normalizer.requires_grad:
-            raise ValueError("normalizer must not require grad: it is a constant of the loss (pass "
-                             "normalizer.detach())")
+            raise ValueError(
+                "normalizer must not require grad: it is a constant of the loss (pass normalizer.detach())"
+            )
     elif isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
         raise TypeError(f"normalizer must be a positive number or a 0-d tensor, got {normalizer!r}")
     elif not (math.isfinite(normalizer) and normalizer > 0):
@@ -116,8 +129,9 @@ class Settings:
     return_parts: bool  # the caller wants the two terms' values too (LossParts)
     standardize: bool  # z-score each row of both logits before the temperature (logit standardization)
 
-    def bind(self, target: object, leading: torch.Size, num_classes: int | Tensor, device: torch.device,
-             mask: object = None) -> "LossCall":
+    def bind(
+        self, target: object, leading: torch.Size, num_classes: int | Tensor, device: torch.device, mask: object = None
+    ) -> LossCall:
         """The call on rows of ``leading`` shape over ``num_classes`` classes (an int, or for a sharded vocabulary
         on an accelerator a 0-d device tensor, checked on the device) on ``device``: checks k < V and the target
         (present where the plan indexes it, its shape, dtype, device and, where indexed, its bounds). ``mask``
@@ -132,8 +146,9 @@ class Settings:
             if self.plan.needs_target:
                 raise ValueError(f"{self.method} needs target (class indices of shape {tuple(leading)})")
             if self.ce_weight > 0:
-                raise ValueError(f"ce_weight > 0 (the cross-entropy term) needs target (class indices of shape "
-                                 f"{tuple(leading)})")
+                raise ValueError(
+                    f"ce_weight > 0 (the cross-entropy term) needs target (class indices of shape {tuple(leading)})"
+                )
         else:
             target = self._checked_target(target, leading, num_classes, device)
         labels = target is not None
@@ -146,8 +161,10 @@ class Settings:
             denominator = None
         elif self.normalizer is not None:
             if isinstance(self.normalizer, torch.Tensor) and self.normalizer.device != device:
-                raise ValueError(f"normalizer must be on the logits' device {device} (or a Python number), got a "
-                                 f"tensor on {self.normalizer.device}")
+                raise ValueError(
+                    f"normalizer must be on the logits' device {device} (or a Python number), got a "
+                    f"tensor on {self.normalizer.device}"
+                )
             denominator = torch.as_tensor(self.normalizer, dtype=torch.float32, device=device)
         else:
             denominator = valid.sum().clamp(min=1).to(torch.float32)
@@ -186,63 +203,92 @@ class LossCall(Settings):
     """A checked loss call on N rows, as every backend receives it (the logits travel apart: they may be a chunk
     or a vocabulary shard)."""
 
-    target: Optional[Tensor] = None  # [N] (ignore_index on the rows left out), or None
+    target: Tensor | None = None  # [N] (ignore_index on the rows left out), or None
     labels: bool = False  # the target holds the caller's class labels (not only a mask's marks)
-    valid: Optional[Tensor] = None  # [N] bool: rows not ignored
-    denominator: Optional[Tensor] = None  # 0-d float32 for batchmean, else None
+    valid: Tensor | None = None  # [N] bool: rows not ignored
+    denominator: Tensor | None = None  # 0-d float32 for batchmean, else None
 
     @property
     def with_ce(self) -> bool:
         """Whether the cross-entropy term is computed: it weighs in the loss, or its value is asked for."""
         return self.labels and (self.ce_weight != 0 or self.return_parts)
 
-    def rows(self, start: int, stop: int) -> "LossCall":
+    def rows(self, start: int, stop: int) -> LossCall:
         """The rows [start, stop), reduced with the whole batch's denominator."""
-        return replace(self, target=None if self.target is None else self.target[start:stop],
-                       valid=self.valid[start:stop])
+        return replace(
+            self, target=None if self.target is None else self.target[start:stop], valid=self.valid[start:stop]
+        )
 
 
-def resolve(method: object, hyperparameters: dict, temperature=None, t2_scale=None, reduction: str = "batchmean",
-            ignore_index: int = -100, normalizer=None, ce_weight: float = 0.0, distill_weight: float = 1.0,
-            return_parts: bool = False, standardize: bool = False) -> Settings:
+def resolve(
+    method: object,
+    hyperparameters: dict,
+    temperature=None,
+    t2_scale=None,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    normalizer=None,
+    ce_weight: float = 0.0,
+    distill_weight: float = 1.0,
+    return_parts: bool = False,
+    standardize: bool = False,
+) -> Settings:
     """Checks a call's method, hyperparameters and options; fills in the method's defaults."""
     spec = get_method(method)
     hp = spec.resolve(hyperparameters)
     temperature = spec.temperature if temperature is None else temperature
     t2_scale = spec.t2_scale if t2_scale is None else bool(t2_scale)
     check_options(temperature, reduction, normalizer, ignore_index, ce_weight, distill_weight, standardize)
-    return Settings(spec.name, hp, spec.plan(hp), float(temperature), t2_scale, reduction, int(ignore_index),
-                    normalizer, float(ce_weight), float(distill_weight), bool(return_parts), standardize)
+    return Settings(
+        spec.name,
+        hp,
+        spec.plan(hp),
+        float(temperature),
+        t2_scale,
+        reduction,
+        int(ignore_index),
+        normalizer,
+        float(ce_weight),
+        float(distill_weight),
+        bool(return_parts),
+        standardize,
+    )
 
 
-def split_temperature(temperature: object) -> tuple[object, Optional[Tensor]]:
+def split_temperature(temperature: object) -> tuple[object, Tensor | None]:
     """(the temperature's value, the tensor) of a 0-d floating-point tensor (read on the host), else (temperature,
     None); its value is checked with the other options."""
     if not isinstance(temperature, torch.Tensor):
         return temperature, None
     if temperature.dim() != 0 or not temperature.is_floating_point():
-        raise TypeError(f"temperature must be a number or a 0-d floating-point tensor, got a tensor of shape "
-                        f"{tuple(temperature.shape)} and dtype {temperature.dtype}")
+        raise TypeError(
+            f"temperature must be a number or a 0-d floating-point tensor, got a tensor of shape "
+            f"{tuple(temperature.shape)} and dtype {temperature.dtype}"
+        )
     return float(temperature.detach()), temperature
 
 
-def full_gradient(teacher: object, temperature: Optional[Tensor]) -> bool:
+def full_gradient(teacher: object, temperature: Tensor | None) -> bool:
     """Whether the loss needs the full gradient: the teacher's logits or the temperature require grad."""
     wants = getattr(teacher, "requires_grad", False) or (temperature is not None and temperature.requires_grad)
     return torch.is_grad_enabled() and wants
 
 
-def check_temperature_device(temperature: Optional[Tensor], device: torch.device) -> None:
+def check_temperature_device(temperature: Tensor | None, device: torch.device) -> None:
     if temperature is not None and temperature.device != device:
-        raise ValueError(f"temperature must be on the logits' device {device} (or a Python number), got a tensor "
-                         f"on {temperature.device}")
+        raise ValueError(
+            f"temperature must be on the logits' device {device} (or a Python number), got a tensor "
+            f"on {temperature.device}"
+        )
 
 
 def _checked_mask(mask: object, leading: torch.Size, device: torch.device) -> Tensor:
     """``mask`` flattened to [N] bool: a bool or integer tensor of the leading shape, on the logits' device."""
     if not isinstance(mask, torch.Tensor) or mask.is_floating_point() or mask.is_complex():
-        raise TypeError(f"mask must be a bool or integer torch.Tensor (1 keeps a row), got "
-                        f"{getattr(mask, 'dtype', type(mask).__name__)}")
+        raise TypeError(
+            f"mask must be a bool or integer torch.Tensor (1 keeps a row), got "
+            f"{getattr(mask, 'dtype', type(mask).__name__)}"
+        )
     if mask.shape != leading:
         raise ValueError(f"mask must have the logits' leading shape {tuple(leading)}, got {tuple(mask.shape)}")
     if mask.device != device:

@@ -148,8 +148,9 @@ def _target_mask(student, target):
 
 def dkd(student, teacher, target, alpha=1.0, beta=8.0, temperature=4.0):
     """mdistiller's DKD: alpha TCKD + beta NCKD."""
-    return _batchmean(_decoupled(student, teacher, _target_mask(student, target), temperature, alpha, 0.0, beta),
-                      target)
+    return _batchmean(
+        _decoupled(student, teacher, _target_mask(student, target), temperature, alpha, 0.0, beta), target
+    )
 
 
 def gdkd(student, teacher, target, k=5, w0=1.0, w1=1.0, w2=8.0, temperature=4.0):
@@ -160,16 +161,35 @@ def gdkd(student, teacher, target, k=5, w0=1.0, w1=1.0, w2=8.0, temperature=4.0)
 
 def cakd(student, teacher, target, alpha=1.0, beta=8.0, bcd_weight=1.0, temperature=4.0):
     """CAKD with the labelled class as the strong set: bcd_weight BCD + alpha SCD + beta WCD."""
-    return _batchmean(_decoupled(student, teacher, _target_mask(student, target), temperature, bcd_weight, alpha,
-                                 beta), target)
+    return _batchmean(
+        _decoupled(student, teacher, _target_mask(student, target), temperature, bcd_weight, alpha, beta), target
+    )
 
 
 def aekt(student, teacher, target, beta=8.0, max_weight=5.0, temperature=4.0):
     """AEKT: min(p_y / q_y, max_weight) TCKD + beta NCKD."""
-    return _batchmean(_decoupled(student, teacher, _target_mask(student, target), temperature, None, 0.0, beta,
-                                 adaptive_max=max_weight), target)
+    return _batchmean(
+        _decoupled(
+            student, teacher, _target_mask(student, target), temperature, None, 0.0, beta, adaptive_max=max_weight
+        ),
+        target,
+    )
 
 
 # Every method of kdkernels.METHODS, at its defaults.
-BASELINES = {"kd": kd, "rkl": rkl, "jsd": jsd, "skew_fkl": skew_fkl, "skew_rkl": skew_rkl, "tvd": tvd, "abkd": abkd,
-             "wsd": wsd, "bdkd": bdkd, "akl": akl, "dkd": dkd, "gdkd": gdkd, "cakd": cakd, "aekt": aekt}
+BASELINES = {
+    "kd": kd,
+    "rkl": rkl,
+    "jsd": jsd,
+    "skew_fkl": skew_fkl,
+    "skew_rkl": skew_rkl,
+    "tvd": tvd,
+    "abkd": abkd,
+    "wsd": wsd,
+    "bdkd": bdkd,
+    "akl": akl,
+    "dkd": dkd,
+    "gdkd": gdkd,
+    "cakd": cakd,
+    "aekt": aekt,
+}

@@ -150,16 +150,18 @@ def _measure(method, backend, s, t, y, device) -> tuple[float, float]:
     return _median_ms(step, device, reps), peak
 
 
-def run(device: str = "cuda", shapes=None, methods=None, backends=None, out: str = "bench/out",
-        progress: bool = True) -> list[Row]:
+def run(
+    device: str = "cuda", shapes=None, methods=None, backends=None, out: str = "bench/out", progress: bool = True
+) -> list[Row]:
     device = torch.device(device)
     table = shape_table(device.type, linear=False)
     shapes = shapes or list(table)
     methods = methods or list(METHODS)
     if backends is None:
         # Triton on CPU tensors means its interpreter: far too slow to time.
-        fused = [b for b in available_backends(device) if b != REFERENCE and not (b == "triton" and
-                                                                                  device.type == "cpu")]
+        fused = [
+            b for b in available_backends(device) if b != REFERENCE and not (b == "triton" and device.type == "cpu")
+        ]
         backends = fused + [EAGER, COMPILED, REFERENCE]
     copy_gbps = copy_bandwidth_gbps(device)
     rows: list[Row] = []
@@ -192,8 +194,23 @@ def run(device: str = "cuda", shapes=None, methods=None, backends=None, out: str
                 torch.cuda.empty_cache()
         nbytes = minimal_bytes(n, v, dtype)
         gbps = nbytes / ms / 1e6
-        rows.append(Row(shape, method, backend, n, v, str(dtype).replace("torch.", ""), ms, gbps,
-                        gbps / copy_gbps, peak, grad_mb, floor_ms=nbytes / copy_gbps / 1e6, note=note))
+        rows.append(
+            Row(
+                shape,
+                method,
+                backend,
+                n,
+                v,
+                str(dtype).replace("torch.", ""),
+                ms,
+                gbps,
+                gbps / copy_gbps,
+                peak,
+                grad_mb,
+                floor_ms=nbytes / copy_gbps / 1e6,
+                note=note,
+            )
+        )
     for row in rows:
         base = {r.backend: r.ms for r in rows if (r.shape, r.method) == (row.shape, row.method)}
         row.vs_eager = base.get(EAGER, math.nan) / row.ms
@@ -226,8 +243,10 @@ def _plot(rows: list[Row], path: str, copy_gbps: float) -> None:
     width = 0.8 / len(backends)
     for ax, shape in zip(axes[:, 0], shapes):
         for i, backend in enumerate(backends):
-            vals = [next((r.gbps for r in rows if (r.shape, r.method, r.backend) == (shape, m, backend)), math.nan)
-                    for m in methods]
+            vals = [
+                next((r.gbps for r in rows if (r.shape, r.method, r.backend) == (shape, m, backend)), math.nan)
+                for m in methods
+            ]
             ax.bar([j + i * width for j in range(len(methods))], vals, width, label=backend)
         if not math.isnan(copy_gbps):
             ax.axhline(copy_gbps, color="k", linestyle="--", linewidth=1, label="copy bandwidth")
@@ -247,21 +266,54 @@ def _cell(value: float, spec: str) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ["shape", "method", "backend", "ms", "GB/s", "%copy", "x floor", "peak MB", "peak/grad", "x eager",
-            "x compile", "x ref", "note"]
+    head = [
+        "shape",
+        "method",
+        "backend",
+        "ms",
+        "GB/s",
+        "%copy",
+        "x floor",
+        "peak MB",
+        "peak/grad",
+        "x eager",
+        "x compile",
+        "x ref",
+        "note",
+    ]
     lines = [head]
     for r in rows:
-        lines.append([r.shape, r.method, r.backend, _cell(r.ms, ".3f"), _cell(r.gbps, ".0f"),
-                      _cell(100 * r.copy_share, ".0f"), _cell(r.ms / r.floor_ms, ".1f"), _cell(r.peak_extra_mb, ".0f"),
-                      _cell(r.peak_extra_mb / r.grad_mb, ".2f"), _cell(r.vs_eager, ".2f"), _cell(r.vs_compile, ".2f"),
-                      _cell(r.vs_reference, ".1f"), r.note])
+        lines.append(
+            [
+                r.shape,
+                r.method,
+                r.backend,
+                _cell(r.ms, ".3f"),
+                _cell(r.gbps, ".0f"),
+                _cell(100 * r.copy_share, ".0f"),
+                _cell(r.ms / r.floor_ms, ".1f"),
+                _cell(r.peak_extra_mb, ".0f"),
+                _cell(r.peak_extra_mb / r.grad_mb, ".2f"),
+                _cell(r.vs_eager, ".2f"),
+                _cell(r.vs_compile, ".2f"),
+                _cell(r.vs_reference, ".1f"),
+                r.note,
+            ]
+        )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
-    table = "\n".join("  ".join(str(c).rjust(w) if j not in (0, 1, 2, len(head) - 1) else str(c).ljust(w)
-                                for j, (c, w) in enumerate(zip(line, widths))) for line in lines)
+    table = "\n".join(
+        "  ".join(
+            str(c).rjust(w) if j not in (0, 1, 2, len(head) - 1) else str(c).ljust(w)
+            for j, (c, w) in enumerate(zip(line, widths))
+        )
+        for line in lines
+    )
     copy_gbps = next((r.gbps / r.copy_share for r in rows if r.copy_share > 0), math.nan)
-    notes = [f"copy bandwidth (read + write) measured in this run: {copy_gbps:.1f} GB/s; x floor = ms / (minimal "
-             "bytes / copy bandwidth); x eager, x compile, x ref = their ms / this ms (eager: the method's idiomatic "
-             "code, compile: torch.compile of it, ref: the eager reference)"]
+    notes = [
+        f"copy bandwidth (read + write) measured in this run: {copy_gbps:.1f} GB/s; x floor = ms / (minimal "
+        "bytes / copy bandwidth); x eager, x compile, x ref = their ms / this ms (eager: the method's idiomatic "
+        "code, compile: torch.compile of it, ref: the eager reference)"
+    ]
     if any(math.isnan(r.peak_extra_mb) for r in rows):
         notes.append("peak MB, peak/grad: measured on a GPU only (torch.cuda peak memory); '-' elsewhere")
     if any(math.isnan(r.vs_eager) or math.isnan(r.vs_compile) or math.isnan(r.vs_reference) for r in rows):
@@ -278,12 +330,17 @@ def shape_table(device: str, linear: bool) -> dict:
 
 def describe_shapes() -> str:
     """Every shape name with its size, for the command line's help."""
-    def listing(table):
-        return ", ".join(f"{name} ({' x '.join(map(str, shape[:-1]))} {str(shape[-1]).replace('torch.', '')})"
-                         for name, shape in table.items())
 
-    return (f"GPU: {listing(GPU_SHAPES)}; CPU: {listing(CPU_SHAPES)}; with --linear (N x H x V), GPU: "
-            f"{listing(LINEAR_GPU_SHAPES)}; CPU: {listing(LINEAR_CPU_SHAPES)}")
+    def listing(table):
+        return ", ".join(
+            f"{name} ({' x '.join(map(str, shape[:-1]))} {str(shape[-1]).replace('torch.', '')})"
+            for name, shape in table.items()
+        )
+
+    return (
+        f"GPU: {listing(GPU_SHAPES)}; CPU: {listing(CPU_SHAPES)}; with --linear (N x H x V), GPU: "
+        f"{listing(LINEAR_GPU_SHAPES)}; CPU: {listing(LINEAR_CPU_SHAPES)}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -344,9 +401,12 @@ def _liger_loss(options: dict):
     """Liger-Kernel's chunked jsd (torch.compile'd PyTorch) with the case's jsd options (beta at its default)."""
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-    return LigerFusedLinearJSDLoss(weight_hard_loss=options.get("ce_weight", 0.0),
-                                   weight_soft_loss=options.get("distill_weight", 1.0),
-                                   beta=METHODS["jsd"].hyperparameters["beta"], temperature=METHODS["jsd"].temperature)
+    return LigerFusedLinearJSDLoss(
+        weight_hard_loss=options.get("ce_weight", 0.0),
+        weight_soft_loss=options.get("distill_weight", 1.0),
+        beta=METHODS["jsd"].hyperparameters["beta"],
+        temperature=METHODS["jsd"].temperature,
+    )
 
 
 def _linear_loss(path, case, hs, ws, ht, wt, y):
@@ -379,8 +439,9 @@ def check_liger_agrees(case: str, inputs) -> None:
         scale = ours.abs().max().item()
         err = (ours.float() - liger.float()).abs().max().item()
         if not err <= tol * scale:
-            raise AssertionError(f"liger and kdkernels disagree on {case} {name}: max error {err:.3g} against "
-                                 f"max |value| {scale:.3g}")
+            raise AssertionError(
+                f"liger and kdkernels disagree on {case} {name}: max error {err:.3g} against max |value| {scale:.3g}"
+            )
 
 
 def _rss(field: str) -> int:
@@ -435,8 +496,9 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def run_linear(device: str, shapes=None, methods=None, out: str = "bench/out", reps: int = 4,
-               table=None, liger: bool | None = None) -> list[LinearRow]:
+def run_linear(
+    device: str, shapes=None, methods=None, out: str = "bench/out", reps: int = 4, table=None, liger: bool | None = None
+) -> list[LinearRow]:
     """Every (shape, case, path) of the section; Liger's rows when ``liger`` (default: when it is installed)."""
     import json
     import subprocess
@@ -453,15 +515,30 @@ def run_linear(device: str, shapes=None, methods=None, out: str = "bench/out", r
                 continue
             for path in (UNCHUNKED, FUSED_LINEAR, FUSED_LINEAR_SMALL) + ((LIGER,) if method == "jsd" and liger else ()):
                 # A fresh process per measurement: no allocator state carried over from the previous one.
-                code = (f"import json; from kdkernels.bench import linear_measure; print(json.dumps(linear_measure("
-                        f"{n}, {h}, {v}, {name!r}, {case!r}, {path!r}, {device!r}, {reps})))")
+                code = (
+                    f"import json; from kdkernels.bench import linear_measure; print(json.dumps(linear_measure("
+                    f"{n}, {h}, {v}, {name!r}, {case!r}, {path!r}, {device!r}, {reps})))"
+                )
                 done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
                 if done.returncode != 0:
                     raise RuntimeError(f"linear bench {shape} {case} {path} failed:\n{done.stderr[-3000:]}")
                 result = json.loads(done.stdout.strip().splitlines()[-1])
                 grads_mb = (n + v) * h * dtype.itemsize / 2**20
-                rows.append(LinearRow(shape, case, path, result["backend"], n, h, v, name, result["ms"],
-                                      result["peak_extra_mb"], grads_mb))
+                rows.append(
+                    LinearRow(
+                        shape,
+                        case,
+                        path,
+                        result["backend"],
+                        n,
+                        h,
+                        v,
+                        name,
+                        result["ms"],
+                        result["peak_extra_mb"],
+                        grads_mb,
+                    )
+                )
                 print(format_linear_table(rows[-1:], header=len(rows) == 1), flush=True)
     for row in rows:
         base = next(r for r in rows if (r.shape, r.case, r.path) == (row.shape, row.case, UNCHUNKED))
@@ -477,13 +554,49 @@ def run_linear(device: str, shapes=None, methods=None, out: str = "bench/out", r
 
 
 def format_linear_table(rows: list[LinearRow], header: bool = True) -> str:
-    lines = [["shape", "loss", "path", "loss backend", "N", "H", "V", "dtype", "ms", "peak MB",
-              "grads MB", "net peak MB", "x time", "x peak", "x net peak"]] if header else []
+    lines = (
+        [
+            [
+                "shape",
+                "loss",
+                "path",
+                "loss backend",
+                "N",
+                "H",
+                "V",
+                "dtype",
+                "ms",
+                "peak MB",
+                "grads MB",
+                "net peak MB",
+                "x time",
+                "x peak",
+                "x net peak",
+            ]
+        ]
+        if header
+        else []
+    )
     for r in rows:
-        lines.append([r.shape, r.case, r.path, r.backend, r.n, r.h, r.v, r.dtype, f"{r.ms:.0f}",
-                      f"{r.peak_extra_mb:.0f}", f"{r.grads_mb:.0f}", f"{r.net_peak_mb:.0f}",
-                      f"{r.vs_unchunked_time:.2f}", f"{r.vs_unchunked_peak:.2f}",
-                      f"{r.vs_unchunked_net_peak:.2f}"])
+        lines.append(
+            [
+                r.shape,
+                r.case,
+                r.path,
+                r.backend,
+                r.n,
+                r.h,
+                r.v,
+                r.dtype,
+                f"{r.ms:.0f}",
+                f"{r.peak_extra_mb:.0f}",
+                f"{r.grads_mb:.0f}",
+                f"{r.net_peak_mb:.0f}",
+                f"{r.vs_unchunked_time:.2f}",
+                f"{r.vs_unchunked_peak:.2f}",
+                f"{r.vs_unchunked_net_peak:.2f}",
+            ]
+        )
     return "\n".join("  ".join(str(c).ljust(13) for c in line) for line in lines)
 
 
@@ -492,8 +605,10 @@ def main(args) -> int:
     table = shape_table(torch.device(device).type, args.linear)
     unknown = [shape for shape in args.shapes or () if shape not in table]
     if unknown:
-        raise SystemExit(f"python -m kdkernels bench: error: unknown shape(s) {', '.join(unknown)} on {device}"
-                         f"{' with --linear' if args.linear else ''}; choose from: {', '.join(table)}")
+        raise SystemExit(
+            f"python -m kdkernels bench: error: unknown shape(s) {', '.join(unknown)} on {device}"
+            f"{' with --linear' if args.linear else ''}; choose from: {', '.join(table)}"
+        )
     if args.linear:
         if not liger_available():
             print("liger-kernel is not installed: no Liger rows (pip install liger-kernel, or the llm extra)")

@@ -40,8 +40,8 @@ One protocol is shared by every method; nothing is tuned per method or per seed.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -150,9 +150,14 @@ class LearnedTemperature(nn.Module):
         return self.low + self.span * torch.sigmoid(self.theta)
 
 
-def objective(y: torch.Tensor, method: str | None = None, teacher_logits: torch.Tensor | None = None,
-              hyperparameters: Mapping[str, object] | None = None, head: nn.Module | None = None,
-              temperature: LearnedTemperature | None = None) -> Objective:
+def objective(
+    y: torch.Tensor,
+    method: str | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    hyperparameters: Mapping[str, object] | None = None,
+    head: nn.Module | None = None,
+    temperature: LearnedTemperature | None = None,
+) -> Objective:
     """loss(logits, batch indices into ``y``): CE, plus the distillation loss ``method`` when one is given.
 
     The distillation loss sees ``head(logits)`` when a head is given (aekt's SerialHead), CE the raw logits; a
@@ -173,8 +178,16 @@ def objective(y: torch.Tensor, method: str | None = None, teacher_logits: torch.
     return loss
 
 
-def train(model: nn.Module, x: torch.Tensor, loss: Objective, epochs: int, lr: float, seed: int,
-          extra: Sequence[nn.Module] = (), progress: tqdm | None = None) -> nn.Module:
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    loss: Objective,
+    epochs: int,
+    lr: float,
+    seed: int,
+    extra: Sequence[nn.Module] = (),
+    progress: tqdm | None = None,
+) -> nn.Module:
     """Adam on shuffled minibatches of ``x`` (batch order fixed by ``seed``); ``extra`` modules train along.
 
     Used for the teacher, the CE-only students and the distilled students alike; ``progress`` ticks once per epoch.
@@ -199,8 +212,16 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (model(x).argmax(-1) == y).float().mean().item()
 
 
-def step_time(method: str, hyperparameters: Mapping[str, object], backend: str, student: torch.Tensor,
-              teacher: torch.Tensor, target: torch.Tensor, iters: int, repeats: int = 3) -> float:
+def step_time(
+    method: str,
+    hyperparameters: Mapping[str, object],
+    backend: str,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor,
+    iters: int,
+    repeats: int = 3,
+) -> float:
     """Seconds per forward + backward of the distillation loss on a fixed batch (best of ``repeats`` loops)."""
     student = student.detach().requires_grad_()
 
@@ -236,8 +257,14 @@ class Row:
         return float(np.mean(self.accuracies)) > float(np.mean(self.baseline))
 
 
-def run(schedule: Schedule, methods: Sequence[str], overrides: Mapping[str, dict], progress: bool = True,
-        standardize: bool = False, learn_temperature: bool = False) -> tuple[list[Row], float, list[str]]:
+def run(
+    schedule: Schedule,
+    methods: Sequence[str],
+    overrides: Mapping[str, dict],
+    progress: bool = True,
+    standardize: bool = False,
+    learn_temperature: bool = False,
+) -> tuple[list[Row], float, list[str]]:
     """Trains the teacher, the CE-only students and one student per method and seed (one more with
     ``standardize``: with standardize=True; one more with ``learn_temperature``: with a learned T); times every
     backend.
@@ -252,8 +279,15 @@ def run(schedule: Schedule, methods: Sequence[str], overrides: Mapping[str, dict
     total = schedule.teacher_epochs + schedule.epochs * schedule.seeds * (len(methods) * variants + 1)
     with tqdm(total=total, desc="training", unit="epoch", disable=not progress) as bar:
         bar.set_postfix_str("teacher")
-        teacher = train(mlp(TEACHER_HIDDEN, TEACHER_SEED), data.x_train, objective(data.y_train),
-                        schedule.teacher_epochs, TEACHER_LR, TEACHER_SEED, progress=bar)
+        teacher = train(
+            mlp(TEACHER_HIDDEN, TEACHER_SEED),
+            data.x_train,
+            objective(data.y_train),
+            schedule.teacher_epochs,
+            TEACHER_LR,
+            TEACHER_SEED,
+            progress=bar,
+        )
         with torch.no_grad():
             teacher_logits = teacher(data.x_train)
 
@@ -268,18 +302,28 @@ def run(schedule: Schedule, methods: Sequence[str], overrides: Mapping[str, dict
             temperature = LearnedTemperature(hp.get("temperature", METHODS[method].temperature)) if learned else None
             loss = objective(data.y_train[index], method, teacher_logits[index], hp, head, temperature)
             extra = tuple(m for m in (head, temperature) if m is not None)
-            model = train(mlp(STUDENT_HIDDEN, seed), data.x_train[index], loss, schedule.epochs, STUDENT_LR, seed,
-                          extra=extra, progress=bar)
+            model = train(
+                mlp(STUDENT_HIDDEN, seed),
+                data.x_train[index],
+                loss,
+                schedule.epochs,
+                STUDENT_LR,
+                seed,
+                extra=extra,
+                progress=bar,
+            )
             if learned:
                 learned_temperatures.setdefault(method, []).append(float(temperature().detach()))
             return accuracy(model, data.x_test, data.y_test)
 
         baseline = [student_accuracy(None, seed) for seed in seeds]
         accuracies = {m: [student_accuracy(m, seed) for seed in seeds] for m in methods}
-        standardized = {m: [student_accuracy(m, seed, True) for seed in seeds] for m in methods} if standardize \
+        standardized = {m: [student_accuracy(m, seed, True) for seed in seeds] for m in methods} if standardize else {}
+        learned = (
+            {m: [student_accuracy(m, seed, learned=True) for seed in seeds] for m in methods}
+            if learn_temperature
             else {}
-        learned = {m: [student_accuracy(m, seed, learned=True) for seed in seeds] for m in methods} \
-            if learn_temperature else {}
+        )
 
     index = subsets[0][:BATCH_SIZE]
     with torch.no_grad():
@@ -289,8 +333,18 @@ def run(schedule: Schedule, methods: Sequence[str], overrides: Mapping[str, dict
     for m in methods:
         hp = overrides.get(m, {})
         seconds = {b: step_time(m, hp, b, *batch, schedule.timing_iters) for b in backends}
-        rows.append(Row(m, hp, accuracies[m], baseline, seconds, standardized.get(m), learned.get(m),
-                        learned_temperatures.get(m)))
+        rows.append(
+            Row(
+                m,
+                hp,
+                accuracies[m],
+                baseline,
+                seconds,
+                standardized.get(m),
+                learned.get(m),
+                learned_temperatures.get(m),
+            )
+        )
     return rows, accuracy(teacher, data.x_test, data.y_test), backends
 
 
@@ -298,20 +352,33 @@ def format_table(rows: Sequence[Row], teacher: float, backends: Sequence[str]) -
     """The results as an aligned plain-text table (one step-time column per backend) and a summary line."""
     standardized = rows and rows[0].standardized is not None
     learned = rows and rows[0].learned is not None
-    header = ["method", "overrides", "student acc", *(["standardized acc"] if standardized else []),
-              *(["learned-T acc", "learned T"] if learned else []), "CE-only acc", "teacher acc", "wins",
-              *(f"{b} us/step" for b in backends)]
+    header = [
+        "method",
+        "overrides",
+        "student acc",
+        *(["standardized acc"] if standardized else []),
+        *(["learned-T acc", "learned T"] if learned else []),
+        "CE-only acc",
+        "teacher acc",
+        "wins",
+        *(f"{b} us/step" for b in backends),
+    ]
 
     def percent(values: Sequence[float]) -> str:
         return f"{100 * float(np.mean(values)):.2f}%"
 
     body = [
-        [r.method, ", ".join(f"{k}={v}" for k, v in r.hyperparameters.items()) or "-", percent(r.accuracies),
-         *([percent(r.standardized)] if standardized else []),
-         *([percent(r.learned), f"{float(np.mean(r.learned_temperatures)):.2f}"] if learned else []),
-         percent(r.baseline), percent([teacher]),
-         f"{r.wins}/{len(r.accuracies)}",
-         *(f"{1e6 * r.seconds[b]:.1f}" for b in backends)]
+        [
+            r.method,
+            ", ".join(f"{k}={v}" for k, v in r.hyperparameters.items()) or "-",
+            percent(r.accuracies),
+            *([percent(r.standardized)] if standardized else []),
+            *([percent(r.learned), f"{float(np.mean(r.learned_temperatures)):.2f}"] if learned else []),
+            percent(r.baseline),
+            percent([teacher]),
+            f"{r.wins}/{len(r.accuracies)}",
+            *(f"{1e6 * r.seconds[b]:.1f}" for b in backends),
+        ]
         for r in rows
     ]
     widths = [max(len(cells[i]) for cells in [header, *body]) for i in range(len(header))]
@@ -320,11 +387,16 @@ def format_table(rows: Sequence[Row], teacher: float, backends: Sequence[str]) -
         return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     beat = sum(r.beats_baseline for r in rows)
-    return "\n".join([
-        line(header), line(["-" * w for w in widths]), *map(line, body), "",
-        "wins: seeds where the distilled student beat the CE-only student (same initial weights and data)",
-        f"distilled students beat the CE-only student for {beat} of {len(rows)} methods",
-    ])
+    return "\n".join(
+        [
+            line(header),
+            line(["-" * w for w in widths]),
+            *map(line, body),
+            "",
+            "wins: seeds where the distilled student beat the CE-only student (same initial weights and data)",
+            f"distilled students beat the CE-only student for {beat} of {len(rows)} methods",
+        ]
+    )
 
 
 def main(args) -> int:
@@ -336,10 +408,18 @@ def main(args) -> int:
     overrides = {} if args.method_defaults else OVERRIDES
     arch = "-".join(map(str, (NUM_FEATURES, *STUDENT_HIDDEN, NUM_CLASSES)))
     teacher_arch = "-".join(map(str, (NUM_FEATURES, *TEACHER_HIDDEN, NUM_CLASSES)))
-    print(f"digits ({TEST_FRACTION:.0%} held out): teacher {teacher_arch}, {schedule.teacher_epochs} epochs; "
-          f"students {arch} on {schedule.per_class} labelled images per class, {schedule.epochs} epochs, "
-          f"mean over {schedule.seeds} seed(s); loss = CE + distill_loss")
-    rows, teacher, backends = run(schedule, methods, overrides, progress=not args.no_progress,
-                                  standardize=args.standardize, learn_temperature=args.learn_temperature)
+    print(
+        f"digits ({TEST_FRACTION:.0%} held out): teacher {teacher_arch}, {schedule.teacher_epochs} epochs; "
+        f"students {arch} on {schedule.per_class} labelled images per class, {schedule.epochs} epochs, "
+        f"mean over {schedule.seeds} seed(s); loss = CE + distill_loss"
+    )
+    rows, teacher, backends = run(
+        schedule,
+        methods,
+        overrides,
+        progress=not args.no_progress,
+        standardize=args.standardize,
+        learn_temperature=args.learn_temperature,
+    )
     print(format_table(rows, teacher, backends))
     return 0

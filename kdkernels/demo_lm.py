@@ -37,8 +37,8 @@ import sysconfig
 import tempfile
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Sequence
 
 import torch
 import transformers
@@ -74,9 +74,21 @@ class Schedule:
     corpus_bytes: int = 0  # 0: the whole library
 
 
-QUICK = Schedule(vocab=4096, block=64, batch=8, teacher_hidden=64, teacher_heads=2, student_hidden=32,
-                 student_heads=1, layers=2, teacher_steps=12, student_steps=6, eval_blocks=8, timing_steps=1,
-                 corpus_bytes=600_000)
+QUICK = Schedule(
+    vocab=4096,
+    block=64,
+    batch=8,
+    teacher_hidden=64,
+    teacher_heads=2,
+    student_hidden=32,
+    student_heads=1,
+    layers=2,
+    teacher_steps=12,
+    student_steps=6,
+    eval_blocks=8,
+    timing_steps=1,
+    corpus_bytes=600_000,
+)
 
 
 def corpus(limit: int = 0) -> tuple[list[str], list[str]]:
@@ -86,7 +98,7 @@ def corpus(limit: int = 0) -> tuple[list[str], list[str]]:
     skip = {"site-packages", "test", "tests", "idlelib"}
     files = sorted(f for f in root.rglob("*.py") if not skip & set(f.relative_to(root).parts))
     if limit:
-        files = files[::max(1, math.ceil(sum(f.stat().st_size for f in files) / limit))]
+        files = files[:: max(1, math.ceil(sum(f.stat().st_size for f in files) / limit))]
     train, held_out = [], []
     for f in files:
         split = held_out if zlib.crc32(str(f.relative_to(root)).encode()) % 10 == 0 else train
@@ -99,8 +111,12 @@ def tokenizer(texts: Sequence[str], vocab: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[END_OF_TEXT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=[END_OF_TEXT],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     return tok
 
@@ -112,7 +128,7 @@ def blocks(tok, texts: Sequence[str], block: int) -> torch.Tensor:
     for encoding in tok.encode_batch(list(texts)):
         ids += encoding.ids + [eot]
     n = len(ids) // block
-    return torch.tensor(ids[:n * block]).reshape(n, block)
+    return torch.tensor(ids[: n * block]).reshape(n, block)
 
 
 class Blocks(torch.utils.data.Dataset):
@@ -138,27 +154,47 @@ class _Advance(transformers.TrainerCallback):
 
 def causal_lm(s: Schedule, hidden: int, heads: int, seed: int):
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=s.vocab, hidden_size=hidden,
-                                      intermediate_size=hidden * 8 // 3 // 8 * 8, num_hidden_layers=s.layers,
-                                      num_attention_heads=heads, num_key_value_heads=heads,
-                                      max_position_embeddings=s.block, tie_word_embeddings=True, bos_token_id=None,
-                                      eos_token_id=None, pad_token_id=None)
+    config = transformers.LlamaConfig(
+        vocab_size=s.vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3 // 8 * 8,
+        num_hidden_layers=s.layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=s.block,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     return transformers.LlamaForCausalLM(config)
 
 
-def train(model, s: Schedule, data: torch.Tensor, steps: int, out: str, bar, method: str | None = None,
-          teacher=None):
+def train(model, s: Schedule, data: torch.Tensor, steps: int, out: str, bar, method: str | None = None, teacher=None):
     """``steps`` AdamW steps (warm-up then cosine decay) of ``model`` on ``data``, with transformers.Trainer (CE)
     or, with a ``method``, DistillationTrainer against ``teacher``."""
     args = transformers.TrainingArguments(
-        output_dir=out, report_to="none", use_cpu=True, save_strategy="no", logging_strategy="no", seed=SEED,
-        data_seed=SEED, per_device_train_batch_size=s.batch, max_steps=steps, learning_rate=s.lr,
-        lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10), weight_decay=0.01, disable_tqdm=True)
+        output_dir=out,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        seed=SEED,
+        data_seed=SEED,
+        per_device_train_batch_size=s.batch,
+        max_steps=steps,
+        learning_rate=s.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 10),
+        weight_decay=0.01,
+        disable_tqdm=True,
+    )
     if method is None:
         trainer = transformers.Trainer(model=model, args=args, train_dataset=Blocks(data))
     else:
-        trainer = DistillationTrainer(model=model, teacher_model=teacher, args=args, train_dataset=Blocks(data),
-                                      method=method, **LOSS_OPTIONS)
+        trainer = DistillationTrainer(
+            model=model, teacher_model=teacher, args=args, train_dataset=Blocks(data), method=method, **LOSS_OPTIONS
+        )
     trainer.remove_callback(transformers.PrinterCallback)  # (the demo's own bar instead of the logs)
     trainer.add_callback(_Advance(bar))
     trainer.train()
@@ -169,7 +205,7 @@ def train(model, s: Schedule, data: torch.Tensor, steps: int, out: str, bar, met
 def perplexity(model, data: torch.Tensor, batch: int) -> float:
     total, tokens = 0.0, 0
     for start in range(0, data.shape[0], batch):
-        x = data[start:start + batch]
+        x = data[start : start + batch]
         logits = model(input_ids=x).logits[:, :-1].float()
         total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
         tokens += x[:, 1:].numel()
@@ -188,8 +224,9 @@ def step_cost(s: Schedule, path: str) -> dict:
     def step():
         student.zero_grad(set_to_none=True)
         if path == "fused-linear":
-            loss, _ = distill_in_forward(student, teacher, {"input_ids": x}, "kd", x[:, 1:], slice(None, -1),
-                                         **LOSS_OPTIONS)
+            loss, _ = distill_in_forward(
+                student, teacher, {"input_ids": x}, "kd", x[:, 1:], slice(None, -1), **LOSS_OPTIONS
+            )
         else:
             logits = student(input_ids=x).logits[:, :-1]
             with torch.no_grad():
@@ -215,8 +252,10 @@ def measure_paths(s: Schedule) -> list[dict]:
     """step_cost of every path, each in a fresh process (no allocator state carried over)."""
     results = []
     for path in PATHS:
-        code = (f"import json; from kdkernels.demo_lm import step_cost, Schedule; "
-                f"print(json.dumps(step_cost(Schedule(**{json.dumps(asdict(s))}), {path!r})))")
+        code = (
+            f"import json; from kdkernels.demo_lm import step_cost, Schedule; "
+            f"print(json.dumps(step_cost(Schedule(**{json.dumps(asdict(s))}), {path!r})))"
+        )
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"demo lm: measuring {path} failed:\n{done.stderr[-3000:]}")
@@ -229,47 +268,68 @@ def run(s: Schedule, methods: Sequence[str], out: str, progress: bool = True) ->
     started = time.perf_counter()
     train_texts, held_texts = corpus(s.corpus_bytes)
     tok = tokenizer(train_texts, s.vocab)
-    train_data, held_out = blocks(tok, train_texts, s.block), blocks(tok, held_texts, s.block)[:s.eval_blocks]
-    print(f"corpus: {len(train_texts)} training files ({train_data.numel():,} tokens), {len(held_texts)} held-out "
-          f"files ({held_out.numel():,} tokens evaluated); BPE vocabulary {tok.get_vocab_size()}", flush=True)
+    train_data, held_out = blocks(tok, train_texts, s.block), blocks(tok, held_texts, s.block)[: s.eval_blocks]
+    print(
+        f"corpus: {len(train_texts)} training files ({train_data.numel():,} tokens), {len(held_texts)} held-out "
+        f"files ({held_out.numel():,} tokens evaluated); BPE vocabulary {tok.get_vocab_size()}",
+        flush=True,
+    )
     total = s.teacher_steps + s.student_steps * (len(methods) + 1)
     with tqdm(total=total, desc="training", unit="step", disable=not progress) as bar:
         bar.set_postfix_str("teacher")
-        teacher = train(causal_lm(s, s.teacher_hidden, s.teacher_heads, SEED), s, train_data, s.teacher_steps,
-                        os.path.join(out, "teacher"), bar)
+        teacher = train(
+            causal_lm(s, s.teacher_hidden, s.teacher_heads, SEED),
+            s,
+            train_data,
+            s.teacher_steps,
+            os.path.join(out, "teacher"),
+            bar,
+        )
         result = {"teacher": perplexity(teacher, held_out, s.batch), "students": {}}
         teacher.requires_grad_(False)
         for method in [None, *methods]:
             bar.set_postfix_str(method or "CE only")
             student = causal_lm(s, s.student_hidden, s.student_heads, SEED + 1)
-            student = train(student, s, train_data, s.student_steps, os.path.join(out, method or "ce"), bar,
-                            method, teacher)
+            student = train(
+                student, s, train_data, s.student_steps, os.path.join(out, method or "ce"), bar, method, teacher
+            )
             result["students"][method or "CE only"] = perplexity(student, held_out, s.batch)
     result["paths"] = measure_paths(s)
     result["minutes"] = (time.perf_counter() - started) / 60
-    result["parameters"] = {"teacher": sum(p.numel() for p in teacher.parameters()),
-                            "student": sum(p.numel() for p in student.parameters())}
+    result["parameters"] = {
+        "teacher": sum(p.numel() for p in teacher.parameters()),
+        "student": sum(p.numel() for p in student.parameters()),
+    }
     return result
 
 
 def format_result(s: Schedule, result: dict) -> str:
     ce = result["students"]["CE only"]
-    lines = [f"held-out perplexity (teacher {result['teacher']:.2f}, {result['parameters']['teacher'] / 1e6:.1f}M "
-             f"parameters; students {result['parameters']['student'] / 1e6:.1f}M):",
-             f"  {'student':<10}{'perplexity':>12}{'vs CE only':>12}"]
+    lines = [
+        f"held-out perplexity (teacher {result['teacher']:.2f}, {result['parameters']['teacher'] / 1e6:.1f}M "
+        f"parameters; students {result['parameters']['student'] / 1e6:.1f}M):",
+        f"  {'student':<10}{'perplexity':>12}{'vs CE only':>12}",
+    ]
     for name, ppl in result["students"].items():
         lines.append(f"  {name:<10}{ppl:>12.2f}{ppl / ce - 1:>+12.1%}")
     tokens = s.batch * (s.block - 1)
     base = next(p for p in result["paths"] if p["path"] == "full logits + eager")
-    lines += ["", f"one distillation step of the student ({tokens} tokens, V = {s.vocab}, kd with the hard-label "
-                  "term; fresh process each):",
-              f"  {'path':<22}{'peak MB':>10}{'ms':>10}{'x time':>10}"]
+    lines += [
+        "",
+        f"one distillation step of the student ({tokens} tokens, V = {s.vocab}, kd with the hard-label "
+        "term; fresh process each):",
+        f"  {'path':<22}{'peak MB':>10}{'ms':>10}{'x time':>10}",
+    ]
     for p in result["paths"]:
-        lines.append(f"  {p['path']:<22}{p['peak_mb']:>10.0f}{1e3 * p['seconds']:>10.0f}"
-                     f"{base['seconds'] / p['seconds']:>10.2f}")
+        lines.append(
+            f"  {p['path']:<22}{p['peak_mb']:>10.0f}{1e3 * p['seconds']:>10.0f}{base['seconds'] / p['seconds']:>10.2f}"
+        )
     beat = sum(ppl < ce for name, ppl in result["students"].items() if name != "CE only")
-    lines += ["", f"distilled students beat the CE-only student on held-out perplexity for {beat} of "
-                  f"{len(result['students']) - 1} methods ({result['minutes']:.1f} minutes in all)"]
+    lines += [
+        "",
+        f"distilled students beat the CE-only student on held-out perplexity for {beat} of "
+        f"{len(result['students']) - 1} methods ({result['minutes']:.1f} minutes in all)",
+    ]
     return "\n".join(lines)
 
 
@@ -279,10 +339,13 @@ def main(args) -> int:
     if args.steps is not None:
         s = replace(s, student_steps=args.steps, teacher_steps=2 * args.steps)
     methods = list(dict.fromkeys(args.methods or DEFAULT_METHODS))
-    print(f"teacher hidden {s.teacher_hidden} x {s.layers} layers, {s.teacher_steps} steps; students hidden "
-          f"{s.student_hidden}, {s.student_steps} steps; batches of {s.batch} x {s.block} tokens; loss = "
-          f"{LOSS_OPTIONS['ce_weight']} CE + {LOSS_OPTIONS['distill_weight']} method (T = 1) on the fused-linear "
-          "path", flush=True)
+    print(
+        f"teacher hidden {s.teacher_hidden} x {s.layers} layers, {s.teacher_steps} steps; students hidden "
+        f"{s.student_hidden}, {s.student_steps} steps; batches of {s.batch} x {s.block} tokens; loss = "
+        f"{LOSS_OPTIONS['ce_weight']} CE + {LOSS_OPTIONS['distill_weight']} method (T = 1) on the fused-linear "
+        "path",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as out:
         result = run(s, methods, out, progress=not args.no_progress)
     print(format_result(s, result))

@@ -9,8 +9,9 @@ tensor, whose value is read once per call.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -31,7 +32,7 @@ class LossParts(NamedTuple):
 
     loss: Tensor
     distill: Tensor
-    ce: Optional[Tensor]
+    ce: Tensor | None
 
 
 def _check_logits(student_logits: object, teacher_logits: object) -> None:
@@ -41,11 +42,15 @@ def _check_logits(student_logits: object, teacher_logits: object) -> None:
         return
     check_float_tensor("teacher_logits", teacher_logits)
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student_logits and teacher_logits must have the same shape, got "
-                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+        raise ValueError(
+            f"student_logits and teacher_logits must have the same shape, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
     if student_logits.device != teacher_logits.device:
-        raise ValueError(f"student_logits and teacher_logits must be on the same device, got {student_logits.device} "
-                         f"and {teacher_logits.device}")
+        raise ValueError(
+            f"student_logits and teacher_logits must be on the same device, got {student_logits.device} "
+            f"and {teacher_logits.device}"
+        )
     if student_logits.shape[-1] < 1:
         raise ValueError("student_logits must have at least one class (V >= 1)")
 
@@ -54,17 +59,17 @@ def distill_loss(
     method: str,
     student_logits: Tensor,
     teacher_logits: Tensor | SparseTeacher,
-    target: Optional[Tensor] = None,
+    target: Tensor | None = None,
     *,
-    temperature: Optional[float] = None,
-    t2_scale: Optional[bool] = None,
+    temperature: float | None = None,
+    t2_scale: bool | None = None,
     reduction: str = "batchmean",
     ignore_index: int = -100,
     normalizer=None,
     ce_weight: float = 0.0,
     distill_weight: float = 1.0,
     return_parts: bool = False,
-    mask: Optional[Tensor] = None,
+    mask: Tensor | None = None,
     standardize: bool = False,
     backend: str = "auto",
     **hyperparameters,
@@ -104,8 +109,19 @@ def distill_loss(
         such tensors with ``return_parts``.
     """
     temperature, temperature_tensor = split_temperature(temperature)
-    settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index, normalizer,
-                       ce_weight, distill_weight, return_parts, standardize)
+    settings = resolve(
+        method,
+        hyperparameters,
+        temperature,
+        t2_scale,
+        reduction,
+        ignore_index,
+        normalizer,
+        ce_weight,
+        distill_weight,
+        return_parts,
+        standardize,
+    )
     _check_logits(student_logits, teacher_logits)
     leading, v = student_logits.shape[:-1], student_logits.shape[-1]
     call = settings.bind(target, leading, v, student_logits.device, mask)
@@ -114,8 +130,10 @@ def distill_loss(
     full = full_gradient(teacher_logits, temperature_tensor)
     if isinstance(teacher_logits, SparseTeacher):
         if full:
-            raise ValueError("a SparseTeacher is a constant and its temperature too: pass a number as temperature "
-                             "(or dense teacher_logits for a learnable temperature)")
+            raise ValueError(
+                "a SparseTeacher is a constant and its temperature too: pass a number as temperature "
+                "(or dense teacher_logits for a learnable temperature)"
+            )
         loss, parts = _sparse_loss(chosen.impl, call, student, teacher_logits, leading)
     elif full:
         check_temperature_device(temperature_tensor, student_logits.device)
@@ -132,8 +150,9 @@ def _sparse_loss(impl, call, student: Tensor, teacher: SparseTeacher, leading) -
     sparse = check_sparse(teacher, call, leading, v, student.device, call.valid)
     dtype = compute_dtype(student, sparse.values)
     bins = FoldStudent.apply(student, sparse.indices, call.valid, call.temperature, dtype, sparse.tail)
-    loss, parts = impl(replace(call, ce_weight=0.0, return_parts=False), bins,
-                       teacher_bins(sparse, call.temperature, dtype, v))
+    loss, parts = impl(
+        replace(call, ce_weight=0.0, return_parts=False), bins, teacher_bins(sparse, call.temperature, dtype, v)
+    )
     if not call.with_ce:
         return loss, parts
     kept = call.valid & ~torch.isneginf(student).all(-1)
@@ -161,18 +180,34 @@ def loss_function(method: str, entry: Callable = distill_loss, options: dict | N
         return entry(method, student_logits, teacher_logits, target, **kwargs)
 
     P = inspect.Parameter
-    keyword = {**spec.hyperparameters, "temperature": spec.temperature, "t2_scale": spec.t2_scale,
-               "reduction": "batchmean", "ignore_index": -100, "normalizer": None, "ce_weight": 0.0,
-               "distill_weight": 1.0, "return_parts": False, "mask": None, "standardize": False, **options}
+    keyword = {
+        **spec.hyperparameters,
+        "temperature": spec.temperature,
+        "t2_scale": spec.t2_scale,
+        "reduction": "batchmean",
+        "ignore_index": -100,
+        "normalizer": None,
+        "ce_weight": 0.0,
+        "distill_weight": 1.0,
+        "return_parts": False,
+        "mask": None,
+        "standardize": False,
+        **options,
+    }
     loss.__signature__ = inspect.Signature(
-        [P("student_logits", P.POSITIONAL_OR_KEYWORD), P("teacher_logits", P.POSITIONAL_OR_KEYWORD),
-         P("target", P.POSITIONAL_OR_KEYWORD, default=None)]
+        [
+            P("student_logits", P.POSITIONAL_OR_KEYWORD),
+            P("teacher_logits", P.POSITIONAL_OR_KEYWORD),
+            P("target", P.POSITIONAL_OR_KEYWORD, default=None),
+        ]
         + [P(name, P.KEYWORD_ONLY, default=value) for name, value in keyword.items()]
     )
     loss.__name__ = loss.__qualname__ = spec.function
     loss.__module__ = entry.__module__
-    loss.__doc__ = (f"{spec.source}: ``{entry.__module__}.{entry.__name__}('{method}', ...)`` with this method's "
-                    f"defaults in the signature (docs/losses.md, {method}).")
+    loss.__doc__ = (
+        f"{spec.source}: ``{entry.__module__}.{entry.__name__}('{method}', ...)`` with this method's "
+        f"defaults in the signature (docs/losses.md, {method})."
+    )
     return loss
 
 
@@ -203,14 +238,28 @@ def cakd_feature_loss(
     """
     for name, x in (("student_feat", student_feat), ("teacher_feat", teacher_feat)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{name} must be a 4-d tensor [B, C, H, W], got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+            raise ValueError(
+                f"{name} must be a 4-d tensor [B, C, H, W], got "
+                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+            )
     if strong not in ("topk", "threshold"):
         raise ValueError(f"strong must be 'topk' or 'threshold' for feature maps, got {strong!r}")
     return distill_loss(
-        "cakd", student_feat.flatten(2), teacher_feat.flatten(2), None, strong=strong, k=k, tau=tau, alpha=alpha,
-        beta=beta, bcd_weight=bcd_weight, temperature=temperature, t2_scale=t2_scale, reduction=reduction,
-        normalizer=normalizer, backend=backend,
+        "cakd",
+        student_feat.flatten(2),
+        teacher_feat.flatten(2),
+        None,
+        strong=strong,
+        k=k,
+        tau=tau,
+        alpha=alpha,
+        beta=beta,
+        bcd_weight=bcd_weight,
+        temperature=temperature,
+        t2_scale=t2_scale,
+        reduction=reduction,
+        normalizer=normalizer,
+        backend=backend,
     )
 
 

@@ -33,16 +33,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional
 
 import torch
 
 from . import backends
-from .arguments import (LossCall, check_float_tensor, check_temperature_device, full_gradient, resolve,
-                        split_temperature)
+from .arguments import LossCall, check_float_tensor, check_temperature_device, full_gradient, resolve, split_temperature
 from .backends.ops import op_args
 from .functional import finish
-from .sparse import SparseTeacher, check as check_sparse, fold, teacher_bins, unfold_
+from .sparse import SparseTeacher, fold, teacher_bins, unfold_
+from .sparse import check as check_sparse
 
 Tensor = torch.Tensor
 
@@ -75,8 +74,9 @@ def default_budget(device: torch.device, inplace: bool) -> int:
     return DEFAULT_CPU_BUDGET if inplace else DEFAULT_CPU_AUTOGRAD_BUDGET
 
 
-def chunk_rows(budget: int, v_student: int, v_teacher: int, weight_dtype: torch.dtype, inplace: bool,
-               extra: int, sparse: bool) -> tuple[int, int]:
+def chunk_rows(
+    budget: int, v_student: int, v_teacher: int, weight_dtype: torch.dtype, inplace: bool, extra: int, sparse: bool
+) -> tuple[int, int]:
     """(rows per chunk, rows per loss call) whose temporaries fit ``budget`` bytes.
 
     A chunk holds float32 logits of both models ([rows, V_teacher] each; a sparse teacher's fold copies the student's
@@ -193,8 +193,11 @@ class _Heads:
 
     def tensors(self) -> list:
         """The tensors besides the student's hidden states that a recomputation reads (None where absent)."""
-        teacher = [self.teacher_hidden.indices, self.teacher_hidden.values] if self.sparse else \
-            [self.teacher_hidden, self.teacher.weight, self.teacher.bias]
+        teacher = (
+            [self.teacher_hidden.indices, self.teacher_hidden.values]
+            if self.sparse
+            else [self.teacher_hidden, self.teacher.weight, self.teacher.bias]
+        )
         return [self.student.weight, self.student.bias, *teacher]
 
     def chunk(self, start: int, stop: int, student_hidden: Tensor, want_grad: bool):
@@ -210,9 +213,12 @@ class _Heads:
         else:
             v = self.teacher.weight.shape[0]
             with torch.no_grad():
-                teacher = _Head(self.teacher.weight.detach(), None if self.teacher.bias is None else
-                                self.teacher.bias.detach(), self.teacher.scale, self.teacher.softcap).logits(
-                    self.teacher_hidden[start:stop].detach(), v)
+                teacher = _Head(
+                    self.teacher.weight.detach(),
+                    None if self.teacher.bias is None else self.teacher.bias.detach(),
+                    self.teacher.scale,
+                    self.teacher.softcap,
+                ).logits(self.teacher_hidden[start:stop].detach(), v)
         full = want_grad and (self.temperature_grad or self.teacher_grad)
         capped_t = teacher.clone() if full and self.teacher_grad and self.teacher.softcap is not None else None
         s = self.student.logits(student_hidden[start:stop], v)
@@ -224,8 +230,9 @@ class _Heads:
         if self.sparse:
             loss, parts, grad = self._sparse_loss(call, s, teacher, want_grad)
         elif full:  # the full op (not in place): d loss / d T per row and the teacher's gradient too
-            loss, parts, grad, grad_t, dtemp = self.backend.full_ops[call.plan.family](s, teacher, *op_args(call),
-                                                                                       self.teacher_grad)
+            loss, parts, grad, grad_t, dtemp = self.backend.full_ops[call.plan.family](
+                s, teacher, *op_args(call), self.teacher_grad
+            )
             grad_t = self.teacher.backward_(grad_t, capped_t) if self.teacher_grad else None
         else:
             loss, parts, grad = self._loss(call, s, teacher, want_grad)
@@ -248,8 +255,12 @@ class _Heads:
                 factor = call.ce_weight / (call.denominator if call.denominator is not None else 1.0)
                 ce_grad = (s - lse).exp_().scatter_add_(-1, index, torch.full_like(lse, -1.0))
                 ce_grad.mul_(torch.where(call.valid, factor, 0.0).unsqueeze(-1))
-        loss, parts, grad = self._loss(replace(call, ce_weight=0.0, return_parts=False), bins,
-                                       teacher_bins(teacher, call.temperature, torch.float32, s.shape[-1]), want_grad)
+        loss, parts, grad = self._loss(
+            replace(call, ce_weight=0.0, return_parts=False),
+            bins,
+            teacher_bins(teacher, call.temperature, torch.float32, s.shape[-1]),
+            want_grad,
+        )
         if want_grad:
             grad = unfold_(grad, s, teacher.indices, lse_tail, call.temperature, call.valid, teacher.tail)
             if ce_grad is not None:
@@ -274,7 +285,7 @@ class _Heads:
             with torch.enable_grad() if want_grad else torch.no_grad():
                 loss, loss_parts = self.backend.impl(call.rows(rows.start, rows.stop), part, teacher[rows])
             if want_grad:
-                grad, = torch.autograd.grad(loss, part, torch.ones_like(loss))
+                (grad,) = torch.autograd.grad(loss, part, torch.ones_like(loss))
                 student[rows] = grad
             losses.append(loss.detach())
             parts.append(loss_parts)
@@ -357,18 +368,41 @@ def _run(p: _Heads, hidden: Tensor, rows: int, need: tuple[bool, ...], grad_rows
     entropy = torch.cat(entropies) if p.entropy and entropies else hidden.new_zeros(0, dtype=torch.float32)
     if not losses:  # no rows
         rows_shape = (0,) if p.call.reduction == "none" else ()
-        return (torch.zeros(rows_shape, device=hidden.device), torch.zeros((2, *rows_shape), device=hidden.device),
-                entropy, *student.grads(), grad_t, *(teacher.grads() if teacher else [None] * 3))
-    return (_total(losses, p.call.reduction), _total(parts, p.call.reduction), entropy, *student.grads(), grad_t,
-            *(teacher.grads() if teacher else [None] * 3))
+        return (
+            torch.zeros(rows_shape, device=hidden.device),
+            torch.zeros((2, *rows_shape), device=hidden.device),
+            entropy,
+            *student.grads(),
+            grad_t,
+            *(teacher.grads() if teacher else [None] * 3),
+        )
+    return (
+        _total(losses, p.call.reduction),
+        _total(parts, p.call.reduction),
+        entropy,
+        *student.grads(),
+        grad_t,
+        *(teacher.grads() if teacher else [None] * 3),
+    )
 
 
 class LinearDistillFunction(torch.autograd.Function):
     """Forward: the loss and (reduction != "none") every needed gradient; backward: scale them by grad_output."""
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, temperature, teacher_hidden, teacher_weight,
-                teacher_bias, p, rows, need):
+    def forward(
+        ctx,
+        student_hidden,
+        student_weight,
+        student_bias,
+        temperature,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        p,
+        rows,
+        need,
+    ):
         ctx.p, ctx.rows, ctx.need, ctx.consumed = p, rows, need, False
         ctx.temperature_dtype = None if temperature is None else temperature.dtype
         hidden = student_hidden.detach()
@@ -391,8 +425,10 @@ class LinearDistillFunction(torch.autograd.Function):
             grads = _run(p, hidden, ctx.rows, ctx.need, grad_output.reshape(-1).float())[3:]
         else:
             if ctx.consumed:
-                raise RuntimeError("kdkernels: the fused-linear loss's saved gradients were already used; backward "
-                                   "through it twice (retain_graph=True) is not supported")
+                raise RuntimeError(
+                    "kdkernels: the fused-linear loss's saved gradients were already used; backward "
+                    "through it twice (retain_graph=True) is not supported"
+                )
             ctx.consumed = True
             grads = list(ctx.saved_tensors)
             # In place, skipped when grad_output is exactly 1 (no device sync on CUDA): no copy of a weight's grad.
@@ -402,8 +438,15 @@ class LinearDistillFunction(torch.autograd.Function):
                 elif grad is not None:
                     grads[i] = grad * grad_output
         # (hidden, weight, bias, T, teacher hidden, weight, bias), each in its input's dtype
-        like = (None, p.student.weight, p.student.bias, None, None,
-                None if p.teacher is None else p.teacher.weight, None if p.teacher is None else p.teacher.bias)
+        like = (
+            None,
+            p.student.weight,
+            p.student.bias,
+            None,
+            None,
+            None if p.teacher is None else p.teacher.weight,
+            None if p.teacher is None else p.teacher.bias,
+        )
         grads = [g if g is None or x is None else g.to(x.dtype) for g, x in zip(grads, like)]
         if grads[3] is not None:
             grads[3] = grads[3].to(ctx.temperature_dtype)
@@ -412,8 +455,7 @@ class LinearDistillFunction(torch.autograd.Function):
 
 def _check_matrix(name: str, x: object, rows: int | None, cols: int | None) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point torch.Tensor, got "
-                        f"{getattr(x, 'dtype', type(x).__name__)}")
+        raise TypeError(f"{name} must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     want = [d for d in (rows, cols) if d is not None]
     if x.dim() != len(want) or any(a != b for a, b in zip(x.shape, want) if b != -1):
         shape = ", ".join("?" if d == -1 else str(d) for d in want)
@@ -430,19 +472,19 @@ def linear_distill_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
     teacher_hidden: Tensor | SparseTeacher,
-    teacher_weight: Optional[Tensor],
-    target: Optional[Tensor] = None,
+    teacher_weight: Tensor | None,
+    target: Tensor | None = None,
     *,
-    student_bias: Optional[Tensor] = None,
-    teacher_bias: Optional[Tensor] = None,
-    chunk_size: Optional[int] = None,
-    memory_budget: Optional[int] = None,
-    softcap: Optional[float] = None,
-    teacher_softcap: Optional[float] = None,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    softcap: float | None = None,
+    teacher_softcap: float | None = None,
     student_logit_scale: float = 1.0,
     teacher_logit_scale: float = 1.0,
-    temperature: Optional[float] = None,
-    t2_scale: Optional[bool] = None,
+    temperature: float | None = None,
+    t2_scale: bool | None = None,
     reduction: str = "batchmean",
     ignore_index: int = -100,
     normalizer=None,
@@ -450,7 +492,7 @@ def linear_distill_loss(
     distill_weight: float = 1.0,
     return_parts: bool = False,
     return_entropy: bool = False,
-    mask: Optional[Tensor] = None,
+    mask: Tensor | None = None,
     standardize: bool = False,
     backend: str = "auto",
     **hyperparameters,
@@ -485,13 +527,26 @@ def linear_distill_loss(
         ``(that, entropy)`` with ``return_entropy``.
     """
     temperature, temperature_tensor = split_temperature(temperature)
-    settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index, normalizer,
-                       ce_weight, distill_weight, return_parts, standardize)
+    settings = resolve(
+        method,
+        hyperparameters,
+        temperature,
+        t2_scale,
+        reduction,
+        ignore_index,
+        normalizer,
+        ce_weight,
+        distill_weight,
+        return_parts,
+        standardize,
+    )
     sparse = isinstance(teacher_hidden, SparseTeacher)
     learn_temperature = full_gradient(None, temperature_tensor)
     if learn_temperature and sparse:
-        raise ValueError("a SparseTeacher is a constant and its temperature too: pass a number as temperature "
-                         "(or the teacher's hidden states and weight for a learnable temperature)")
+        raise ValueError(
+            "a SparseTeacher is a constant and its temperature too: pass a number as temperature "
+            "(or the teacher's hidden states and weight for a learnable temperature)"
+        )
     # A teacher that learns: its hidden states require grad (its weight alone, a frozen head's, does not decide).
     teacher_grad = not sparse and full_gradient(teacher_hidden, None)
     check_float_tensor("student_hidden", student_hidden)
@@ -503,22 +558,29 @@ def linear_distill_loss(
         _check_matrix("student_bias", student_bias, v, None)
     if sparse:
         if teacher_weight is not None or teacher_bias is not None or teacher_softcap is not None:
-            raise ValueError("a SparseTeacher is the teacher's output: pass teacher_weight=None (and no "
-                             "teacher_bias or teacher_softcap)")
+            raise ValueError(
+                "a SparseTeacher is the teacher's output: pass teacher_weight=None (and no "
+                "teacher_bias or teacher_softcap)"
+            )
         v_t = v
     else:
         check_float_tensor("teacher_hidden", teacher_hidden)
         if teacher_hidden.shape[:-1] != leading:
-            raise ValueError(f"teacher_hidden must have the student's leading shape {tuple(leading)} + (H_t,), got "
-                             f"{tuple(teacher_hidden.shape)}")
+            raise ValueError(
+                f"teacher_hidden must have the student's leading shape {tuple(leading)} + (H_t,), got "
+                f"{tuple(teacher_hidden.shape)}"
+            )
         _check_matrix("teacher_weight", teacher_weight, -1, teacher_hidden.shape[-1])
         v_t = teacher_weight.shape[0]
         if v_t < v:
             raise ValueError(f"teacher_weight must have at least the student's V={v} rows (classes), got {v_t}")
         if teacher_bias is not None:
             _check_matrix("teacher_bias", teacher_bias, v_t, None)
-    tensors = [x for x in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                           teacher_bias) if isinstance(x, torch.Tensor)]
+    tensors = [
+        x
+        for x in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
+        if isinstance(x, torch.Tensor)
+    ]
     if sparse:
         tensors.append(teacher_hidden.values)
     if any(x.device != student_hidden.device for x in tensors):
@@ -541,35 +603,61 @@ def linear_distill_loss(
         teacher_hidden = check_sparse(teacher_hidden, settings, leading, v, student_hidden.device, call.valid)
     else:
         teacher_hidden = teacher_hidden.reshape(n, teacher_hidden.shape[-1])
-    p = _Heads(call, backends.select_backend(backend, student_weight),
-               _Head(student_weight, student_bias, float(student_logit_scale), softcap),
-               None if sparse else _Head(teacher_weight, teacher_bias, float(teacher_logit_scale), teacher_softcap),
-               teacher_hidden, return_entropy, learn_temperature, teacher_grad)
+    p = _Heads(
+        call,
+        backends.select_backend(backend, student_weight),
+        _Head(student_weight, student_bias, float(student_logit_scale), softcap),
+        None if sparse else _Head(teacher_weight, teacher_bias, float(teacher_logit_scale), teacher_softcap),
+        teacher_hidden,
+        return_entropy,
+        learn_temperature,
+        teacher_grad,
+    )
     if learn_temperature or teacher_grad:
         check_temperature_device(temperature_tensor, student_hidden.device)
         if p.backend.full_ops is None:
-            raise ValueError(f"a learnable temperature or teacher in linear_distill_loss needs a fused backend (its "
-                             f"full ops), got backend={p.backend.name!r}; use backend='auto' or a name from "
-                             f"kdkernels.available_backends()")
-    budget = default_budget(student_hidden.device, p.inplace is not None) if memory_budget is None \
-        else memory_budget
+            raise ValueError(
+                f"a learnable temperature or teacher in linear_distill_loss needs a fused backend (its "
+                f"full ops), got backend={p.backend.name!r}; use backend='auto' or a name from "
+                f"kdkernels.available_backends()"
+            )
+    budget = default_budget(student_hidden.device, p.inplace is not None) if memory_budget is None else memory_budget
     # (the full op writes the gradient beside the logits: one more buffer; the teacher's gradient one more, and its
     # capped logits with a teacher softcap)
     full_buffers = (learn_temperature or teacher_grad) + teacher_grad * (1 + (teacher_softcap is not None))
-    rows, p.loss_rows = chunk_rows(budget, v, v_t, student_weight.dtype, p.inplace is not None,
-                                   (softcap is not None) + 2 * return_entropy + full_buffers, sparse)
+    rows, p.loss_rows = chunk_rows(
+        budget,
+        v,
+        v_t,
+        student_weight.dtype,
+        p.inplace is not None,
+        (softcap is not None) + 2 * return_entropy + full_buffers,
+        sparse,
+    )
     if memory_budget is None:
         rows = max(rows, MATMUL_ROWS.get(student_hidden.device.type, 1))
     if chunk_size is None:  # the fewest chunks the budget allows, of equal size (no short last chunk)
         chunk_size = -(-n // -(-n // rows)) if n else rows
     grad_on = torch.is_grad_enabled()
-    need = (grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
-            grad_on and student_bias is not None and student_bias.requires_grad, learn_temperature, teacher_grad,
-            teacher_grad and teacher_weight.requires_grad,
-            teacher_grad and teacher_bias is not None and teacher_bias.requires_grad)
+    need = (
+        grad_on and student_hidden.requires_grad,
+        grad_on and student_weight.requires_grad,
+        grad_on and student_bias is not None and student_bias.requires_grad,
+        learn_temperature,
+        teacher_grad,
+        teacher_grad and teacher_weight.requires_grad,
+        teacher_grad and teacher_bias is not None and teacher_bias.requires_grad,
+    )
     teachers = (None, None, None) if sparse else (teacher_hidden, teacher_weight, teacher_bias)
-    loss, parts, entropy = LinearDistillFunction.apply(student_hidden.reshape(n, h_s), student_weight, student_bias,
-                                                       temperature_tensor, *teachers, p, max(1, min(chunk_size, n)),
-                                                       need)
+    loss, parts, entropy = LinearDistillFunction.apply(
+        student_hidden.reshape(n, h_s),
+        student_weight,
+        student_bias,
+        temperature_tensor,
+        *teachers,
+        p,
+        max(1, min(chunk_size, n)),
+        need,
+    )
     result = finish(call, loss, parts, leading)
     return (result, entropy.reshape(leading)) if return_entropy else result

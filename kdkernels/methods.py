@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping, NamedTuple
+from typing import NamedTuple
 
 DIVERGENCE = "divergence"
 DECOUPLED = "decoupled"
@@ -55,8 +56,9 @@ class Divergence(enum.IntEnum):
     AKL = 13  # w_head KL(p || q) + w_tail KL(q || p), the weights from |p - q| on the teacher's head and tail
 
 
-ABKD_CODES = frozenset({Divergence.ABKD, Divergence.ABKD_ALPHA0, Divergence.ABKD_BETA0, Divergence.ABKD_OPPOSITE,
-                        Divergence.ABKD_ZERO})
+ABKD_CODES = frozenset(
+    {Divergence.ABKD, Divergence.ABKD_ALPHA0, Divergence.ABKD_BETA0, Divergence.ABKD_OPPOSITE, Divergence.ABKD_ZERO}
+)
 
 
 class Partition(enum.IntEnum):
@@ -215,18 +217,34 @@ def _decoupled(partition: Partition, **params) -> Plan:
 def _gdkd_plan(hp) -> Plan:
     split_top1, lowest = hp["partitions"] == 3, hp["strategy"] == "worst"
     if split_top1 and lowest:  # ZaberKo/GDKD's 3-partition loss splits off the teacher's best class: no "worst"
-        raise ValueError("gdkd: strategy='worst' (the teacher's k smallest logits) needs partitions=2, got "
-                         "partitions=3 (its extra bin is the teacher's top-1)")
+        raise ValueError(
+            "gdkd: strategy='worst' (the teacher's k smallest logits) needs partitions=2, got "
+            "partitions=3 (its extra bin is the teacher's top-1)"
+        )
     w_fkl, w_rkl = GDKD_KL_TYPES[hp["kl_type"]]
-    return _decoupled(Partition.TOPK, k=hp["k"], split_top1=split_top1, lowest=lowest, w_mass=hp["w0"],
-                      w_strong=hp["w1"], w_rest=hp["w2"], w_fkl=w_fkl, w_rkl=w_rkl)
+    return _decoupled(
+        Partition.TOPK,
+        k=hp["k"],
+        split_top1=split_top1,
+        lowest=lowest,
+        w_mass=hp["w0"],
+        w_strong=hp["w1"],
+        w_rest=hp["w2"],
+        w_fkl=w_fkl,
+        w_rkl=w_rkl,
+    )
 
 
 def _cakd_plan(hp) -> Plan:
     partition = {"target": Partition.TARGET, "topk": Partition.TOPK, "threshold": Partition.THRESHOLD}[hp["strong"]]
-    return _decoupled(partition, k=hp["k"] if partition == Partition.TOPK else 0,
-                      log_tau=math.log(hp["tau"]) if partition == Partition.THRESHOLD else 0.0,
-                      w_mass=hp["bcd_weight"], w_strong=hp["alpha"], w_rest=hp["beta"])
+    return _decoupled(
+        partition,
+        k=hp["k"] if partition == Partition.TOPK else 0,
+        log_tau=math.log(hp["tau"]) if partition == Partition.THRESHOLD else 0.0,
+        w_mass=hp["bcd_weight"],
+        w_strong=hp["alpha"],
+        w_rest=hp["beta"],
+    )
 
 
 # ---- the table --------------------------------------------------------------------------------------------------
@@ -270,45 +288,145 @@ _F = _finite
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("kd", "KDLoss", "Hinton et al. 2015, forward KL (mdistiller KD)", {}, {}, 4.0, True,
-               lambda hp: _divergence(Divergence.KD)),
+        Method(
+            "kd",
+            "KDLoss",
+            "Hinton et al. 2015, forward KL (mdistiller KD)",
+            {},
+            {},
+            4.0,
+            True,
+            lambda hp: _divergence(Divergence.KD),
+        ),
         Method("rkl", "RKLLoss", "reverse KL", {}, {}, 1.0, False, lambda hp: _divergence(Divergence.RKL)),
-        Method("jsd", "JSDLoss", "generalized JSD (TRL GKD, Liger)", {"beta": 0.5},
-               {"beta": _in_range("beta", 0, 1, False, False)}, 1.0, False, _jsd_plan),
-        Method("skew_fkl", "SkewFKLLoss", "skew forward KL (DistiLLM)", {"skew": 0.1},
-               {"skew": _in_range("skew", 0, 1, True, True)}, 1.0, False,
-               lambda hp: _divergence(Divergence.SKEW_FKL, **_mixture(hp["skew"]))),
-        Method("skew_rkl", "SkewRKLLoss", "skew reverse KL (DistiLLM)", {"skew": 0.1},
-               {"skew": _in_range("skew", 0, 1, True, True)}, 1.0, False,
-               lambda hp: _divergence(Divergence.SKEW_RKL, **_mixture(1 - hp["skew"]))),
-        Method("tvd", "TVDLoss", "total variation distance", {}, {}, 1.0, False,
-               lambda hp: _divergence(Divergence.TVD)),
-        Method("abkd", "ABKDLoss", "ABKD, alpha-beta divergence (Wang et al., ICML 2025, arXiv 2505.04560)",
-               {"alpha": 0.5, "beta": 0.5}, {"alpha": _F("alpha"), "beta": _F("beta")}, 1.0, False, _abkd_plan),
-        Method("wsd", "WSDLoss", "weighted sum of forward and reverse KL, symmetric KL at lam = 0.5 (ABKD authors' "
-               "LLM code)", {"lam": 0.5}, {"lam": _in_range("lam", 0, 1, False, False)}, 1.0, False, _wsd_plan),
-        Method("bdkd", "BDKDLoss", "entropy-weighted forward and reverse KL (ABKD authors' LLM code)", {}, {}, 1.0,
-               False, lambda hp: _divergence(Divergence.BDKD, w_fkl=3.0, w_rkl=3.0)),
-        Method("akl", "AKLLoss", "AKL, adaptive KL (Wu et al., COLING 2025; wutaiqiang/LLM_KD_AKL)", {"mu": 0.5},
-               {"mu": _in_range("mu", 0, 1, True, True)}, 1.0, False,
-               lambda hp: _divergence(Divergence.AKL, mu=hp["mu"])),
-        Method("dkd", "DKDLoss", "DKD, Zhao et al. 2022 (mdistiller DKD.py)", {"alpha": 1.0, "beta": 8.0},
-               {"alpha": _F("alpha"), "beta": _F("beta")}, 4.0, True,
-               lambda hp: _decoupled(Partition.TARGET, w_mass=hp["alpha"], w_rest=hp["beta"])),
-        Method("gdkd", "GDKDLoss", "GDKD (arXiv 2512.04625; ZaberKo/GDKD)",
-               {"k": 5, "w0": 1.0, "w1": 1.0, "w2": 8.0, "partitions": 2, "strategy": "best", "kl_type": "forward"},
-               {"k": _top_k, "w0": _F("w0"), "w1": _F("w1"), "w2": _F("w2"),
-                "partitions": _one_of("partitions", (2, 3)), "strategy": _one_of("strategy", GDKD_STRATEGIES),
-                "kl_type": _one_of("kl_type", tuple(GDKD_KL_TYPES))}, 4.0, True, _gdkd_plan),
-        Method("cakd", "CAKDLoss", "CAKD (arXiv 2410.14741)",
-               {"alpha": 1.0, "beta": 8.0, "bcd_weight": 1.0, "strong": "target", "k": 5, "tau": 0.5},
-               {"alpha": _F("alpha"), "beta": _F("beta"), "bcd_weight": _F("bcd_weight"),
-                "strong": _one_of("strong", CAKD_STRONG), "k": _top_k, "tau": _in_range("tau", 0, 1, True, False)},
-               4.0, True, _cakd_plan),
-        Method("aekt", "AEKTLoss", "AEKT (arXiv 2409.01679)", {"beta": 8.0, "max_weight": 5.0},
-               {"beta": _F("beta"), "max_weight": _positive("max_weight")}, 4.0, True,
-               lambda hp: _decoupled(Partition.TARGET, adaptive=True, w_rest=hp["beta"],
-                                     max_weight=hp["max_weight"])),
+        Method(
+            "jsd",
+            "JSDLoss",
+            "generalized JSD (TRL GKD, Liger)",
+            {"beta": 0.5},
+            {"beta": _in_range("beta", 0, 1, False, False)},
+            1.0,
+            False,
+            _jsd_plan,
+        ),
+        Method(
+            "skew_fkl",
+            "SkewFKLLoss",
+            "skew forward KL (DistiLLM)",
+            {"skew": 0.1},
+            {"skew": _in_range("skew", 0, 1, True, True)},
+            1.0,
+            False,
+            lambda hp: _divergence(Divergence.SKEW_FKL, **_mixture(hp["skew"])),
+        ),
+        Method(
+            "skew_rkl",
+            "SkewRKLLoss",
+            "skew reverse KL (DistiLLM)",
+            {"skew": 0.1},
+            {"skew": _in_range("skew", 0, 1, True, True)},
+            1.0,
+            False,
+            lambda hp: _divergence(Divergence.SKEW_RKL, **_mixture(1 - hp["skew"])),
+        ),
+        Method(
+            "tvd", "TVDLoss", "total variation distance", {}, {}, 1.0, False, lambda hp: _divergence(Divergence.TVD)
+        ),
+        Method(
+            "abkd",
+            "ABKDLoss",
+            "ABKD, alpha-beta divergence (Wang et al., ICML 2025, arXiv 2505.04560)",
+            {"alpha": 0.5, "beta": 0.5},
+            {"alpha": _F("alpha"), "beta": _F("beta")},
+            1.0,
+            False,
+            _abkd_plan,
+        ),
+        Method(
+            "wsd",
+            "WSDLoss",
+            "weighted sum of forward and reverse KL, symmetric KL at lam = 0.5 (ABKD authors' LLM code)",
+            {"lam": 0.5},
+            {"lam": _in_range("lam", 0, 1, False, False)},
+            1.0,
+            False,
+            _wsd_plan,
+        ),
+        Method(
+            "bdkd",
+            "BDKDLoss",
+            "entropy-weighted forward and reverse KL (ABKD authors' LLM code)",
+            {},
+            {},
+            1.0,
+            False,
+            lambda hp: _divergence(Divergence.BDKD, w_fkl=3.0, w_rkl=3.0),
+        ),
+        Method(
+            "akl",
+            "AKLLoss",
+            "AKL, adaptive KL (Wu et al., COLING 2025; wutaiqiang/LLM_KD_AKL)",
+            {"mu": 0.5},
+            {"mu": _in_range("mu", 0, 1, True, True)},
+            1.0,
+            False,
+            lambda hp: _divergence(Divergence.AKL, mu=hp["mu"]),
+        ),
+        Method(
+            "dkd",
+            "DKDLoss",
+            "DKD, Zhao et al. 2022 (mdistiller DKD.py)",
+            {"alpha": 1.0, "beta": 8.0},
+            {"alpha": _F("alpha"), "beta": _F("beta")},
+            4.0,
+            True,
+            lambda hp: _decoupled(Partition.TARGET, w_mass=hp["alpha"], w_rest=hp["beta"]),
+        ),
+        Method(
+            "gdkd",
+            "GDKDLoss",
+            "GDKD (arXiv 2512.04625; ZaberKo/GDKD)",
+            {"k": 5, "w0": 1.0, "w1": 1.0, "w2": 8.0, "partitions": 2, "strategy": "best", "kl_type": "forward"},
+            {
+                "k": _top_k,
+                "w0": _F("w0"),
+                "w1": _F("w1"),
+                "w2": _F("w2"),
+                "partitions": _one_of("partitions", (2, 3)),
+                "strategy": _one_of("strategy", GDKD_STRATEGIES),
+                "kl_type": _one_of("kl_type", tuple(GDKD_KL_TYPES)),
+            },
+            4.0,
+            True,
+            _gdkd_plan,
+        ),
+        Method(
+            "cakd",
+            "CAKDLoss",
+            "CAKD (arXiv 2410.14741)",
+            {"alpha": 1.0, "beta": 8.0, "bcd_weight": 1.0, "strong": "target", "k": 5, "tau": 0.5},
+            {
+                "alpha": _F("alpha"),
+                "beta": _F("beta"),
+                "bcd_weight": _F("bcd_weight"),
+                "strong": _one_of("strong", CAKD_STRONG),
+                "k": _top_k,
+                "tau": _in_range("tau", 0, 1, True, False),
+            },
+            4.0,
+            True,
+            _cakd_plan,
+        ),
+        Method(
+            "aekt",
+            "AEKTLoss",
+            "AEKT (arXiv 2409.01679)",
+            {"beta": 8.0, "max_weight": 5.0},
+            {"beta": _F("beta"), "max_weight": _positive("max_weight")},
+            4.0,
+            True,
+            lambda hp: _decoupled(Partition.TARGET, adaptive=True, w_rest=hp["beta"], max_weight=hp["max_weight"]),
+        ),
     ]
 }
 

@@ -29,12 +29,35 @@ class DistillLoss(nn.Module):
     ``forward(student_logits, teacher_logits, target=None, *, normalizer=None, mask=None)``.
     """
 
-    def __init__(self, method: str, *, temperature=None, t2_scale=None, reduction: str = "batchmean",
-                 ignore_index: int = -100, ce_weight: float = 0.0, distill_weight: float = 1.0,
-                 return_parts: bool = False, standardize: bool = False, backend: str = "auto", **hyperparameters):
+    def __init__(
+        self,
+        method: str,
+        *,
+        temperature=None,
+        t2_scale=None,
+        reduction: str = "batchmean",
+        ignore_index: int = -100,
+        ce_weight: float = 0.0,
+        distill_weight: float = 1.0,
+        return_parts: bool = False,
+        standardize: bool = False,
+        backend: str = "auto",
+        **hyperparameters,
+    ):
         super().__init__()
-        settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index, None, ce_weight,
-                           distill_weight, return_parts, standardize)
+        settings = resolve(
+            method,
+            hyperparameters,
+            temperature,
+            t2_scale,
+            reduction,
+            ignore_index,
+            None,
+            ce_weight,
+            distill_weight,
+            return_parts,
+            standardize,
+        )
         self.method = settings.method
         self.hyperparameters = settings.hp
         self.temperature = settings.temperature
@@ -49,22 +72,34 @@ class DistillLoss(nn.Module):
 
     def options(self) -> dict:
         """The keyword arguments of this module's loss calls."""
-        return dict(temperature=self.temperature, t2_scale=self.t2_scale, reduction=self.reduction,
-                    ignore_index=self.ignore_index, ce_weight=self.ce_weight, distill_weight=self.distill_weight,
-                    return_parts=self.return_parts, standardize=self.standardize, backend=self.backend,
-                    **self.hyperparameters)
+        return dict(
+            temperature=self.temperature,
+            t2_scale=self.t2_scale,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            ce_weight=self.ce_weight,
+            distill_weight=self.distill_weight,
+            return_parts=self.return_parts,
+            standardize=self.standardize,
+            backend=self.backend,
+            **self.hyperparameters,
+        )
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target=None, *, normalizer=None,
-                mask=None):
-        return distill_loss(self.method, student_logits, teacher_logits, target, normalizer=normalizer, mask=mask,
-                            **self.options())
+    def forward(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target=None, *, normalizer=None, mask=None
+    ):
+        return distill_loss(
+            self.method, student_logits, teacher_logits, target, normalizer=normalizer, mask=mask, **self.options()
+        )
 
     def extra_repr(self) -> str:
         hp = "".join(f", {k}={v!r}" for k, v in self.hyperparameters.items())
         weights = f", ce_weight={self.ce_weight}, distill_weight={self.distill_weight}" if self.ce_weight else ""
         weights += ", standardize=True" if self.standardize else ""
-        return f"{self.method!r}{hp}, temperature={self.temperature}, t2_scale={self.t2_scale}{weights}, " \
-               f"reduction={self.reduction!r}, backend={self.backend!r}"
+        return (
+            f"{self.method!r}{hp}, temperature={self.temperature}, t2_scale={self.t2_scale}{weights}, "
+            f"reduction={self.reduction!r}, backend={self.backend!r}"
+        )
 
 
 class LinearDistillLoss(DistillLoss):
@@ -76,18 +111,52 @@ class LinearDistillLoss(DistillLoss):
     student_logit_scale and teacher_logit_scale.
     """
 
-    def __init__(self, method: str, *, chunk_size=None, memory_budget=None, softcap=None, teacher_softcap=None,
-                 student_logit_scale=1.0, teacher_logit_scale=1.0, **kwargs):
+    def __init__(
+        self,
+        method: str,
+        *,
+        chunk_size=None,
+        memory_budget=None,
+        softcap=None,
+        teacher_softcap=None,
+        student_logit_scale=1.0,
+        teacher_logit_scale=1.0,
+        **kwargs,
+    ):
         super().__init__(method, **kwargs)
-        self.linear_options = {"chunk_size": chunk_size, "memory_budget": memory_budget, "softcap": softcap,
-                               "teacher_softcap": teacher_softcap, "student_logit_scale": student_logit_scale,
-                               "teacher_logit_scale": teacher_logit_scale}
+        self.linear_options = {
+            "chunk_size": chunk_size,
+            "memory_budget": memory_budget,
+            "softcap": softcap,
+            "teacher_softcap": teacher_softcap,
+            "student_logit_scale": student_logit_scale,
+            "teacher_logit_scale": teacher_logit_scale,
+        }
 
-    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, target=None, *,
-                student_bias=None, teacher_bias=None, normalizer=None, mask=None):
+    def forward(
+        self,
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        target=None,
+        *,
+        student_bias=None,
+        teacher_bias=None,
+        normalizer=None,
+        mask=None,
+    ):
         return linear_distill_loss(
-            self.method, student_hidden, student_weight, teacher_hidden, teacher_weight, target,
-            student_bias=student_bias, teacher_bias=teacher_bias, normalizer=normalizer, mask=mask,
+            self.method,
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            target,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            normalizer=normalizer,
+            mask=mask,
             **self.linear_options,
             **self.options(),
         )
@@ -101,9 +170,11 @@ def method_module(method: str) -> type:
         DistillLoss.__init__(self, method, **kwargs)
 
     hp = ", ".join(f"{k}={v!r}" for k, v in spec.hyperparameters.items())
-    doc = (f"{spec.source} as a module: ``{spec.module}({hp + ', ' if hp else ''}temperature={spec.temperature}, "
-           f"t2_scale={spec.t2_scale}, reduction='batchmean', ignore_index=-100, ce_weight=0.0, distill_weight=1.0, "
-           f"return_parts=False, standardize=False, backend='auto')`` (docs/losses.md, {method}).")
+    doc = (
+        f"{spec.source} as a module: ``{spec.module}({hp + ', ' if hp else ''}temperature={spec.temperature}, "
+        f"t2_scale={spec.t2_scale}, reduction='batchmean', ignore_index=-100, ce_weight=0.0, distill_weight=1.0, "
+        f"return_parts=False, standardize=False, backend='auto')`` (docs/losses.md, {method})."
+    )
     return type(spec.module, (DistillLoss,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
 

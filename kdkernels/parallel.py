@@ -43,7 +43,6 @@ arguments; a check that fails fails on every rank alike, before or right after t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -80,7 +79,7 @@ def _all_gather(x: Tensor, group) -> Tensor:
 class Shard:
     """This rank's place in the vocabulary: ints on CPU, 0-d device tensors on accelerators (no host sync)."""
 
-    group: Optional[dist.ProcessGroup]
+    group: dist.ProcessGroup | None
     rank: int  # in the group
     offset: int | Tensor  # global index of the shard's first class
     num_classes: int | Tensor  # V, the whole vocabulary
@@ -94,8 +93,10 @@ def shard_of(student: Tensor, group) -> Shard:
     """The layout of ``student`` [N, V_r] in ``group``: one all-gather of (V_r, N)."""
     n, v_local = student.shape
     # (new_full, not torch.tensor: a host-to-device copy would sync with the stream.)
-    sizes = _all_gather(torch.cat([student.new_full((1,), v_local, dtype=torch.int64),
-                                   student.new_full((1,), n, dtype=torch.int64)]), group)
+    sizes = _all_gather(
+        torch.cat([student.new_full((1,), v_local, dtype=torch.int64), student.new_full((1,), n, dtype=torch.int64)]),
+        group,
+    )
     rank = dist.get_rank(group)
     message = "student_logits must have the same number of rows (leading shape) on every rank of the group"
     if student.device.type == "cpu":
@@ -117,8 +118,9 @@ def _log_softmax(s: Tensor, t: Tensor, group) -> tuple[Tensor, Tensor, Tensor]:
     are masked in both on every shard."""
     maxes = _all_reduce(torch.stack([s.amax(-1), t.amax(-1)], -1), dist.ReduceOp.MAX, group)
     shift = torch.where(torch.isneginf(maxes), 0.0, maxes)  # a fully masked row: keep -inf - 0, not -inf - -inf
-    sums = _all_reduce(torch.stack([(s - shift[:, :1]).exp().sum(-1), (t - shift[:, 1:]).exp().sum(-1)], -1),
-                       dist.ReduceOp.SUM, group)
+    sums = _all_reduce(
+        torch.stack([(s - shift[:, :1]).exp().sum(-1), (t - shift[:, 1:]).exp().sum(-1)], -1), dist.ReduceOp.SUM, group
+    )
     # (x - max) - log(sum): the same rounding as torch.log_softmax, exact for logits offset by 1000.
     log_sums = sums.log()
     return (s - shift[:, :1]) - log_sums[:, :1], (t - shift[:, 1:]) - log_sums[:, 1:], torch.isneginf(maxes).all(-1)
@@ -155,20 +157,31 @@ def _akl_head(t: Tensor, lp: Tensor, mu: float, shard: Shard) -> Tensor:
         lo = torch.where(searching & ~low, mid, lo)
     value = value_of(hi).unsqueeze(-1)
     above, tie = t > value, t == value
-    sums = _all_reduce(torch.stack([torch.where(above, p, 0.0).sum(-1), above.sum(-1).to(p.dtype),
-                                    tie.sum(-1).to(p.dtype)]), dist.ReduceOp.SUM, shard.group)
+    sums = _all_reduce(
+        torch.stack([torch.where(above, p, 0.0).sum(-1), above.sum(-1).to(p.dtype), tie.sum(-1).to(p.dtype)]),
+        dist.ReduceOp.SUM,
+        shard.group,
+    )
     p_group = _all_reduce(torch.where(tie, p, 0.0).amax(-1), dist.ReduceOp.MAX, shard.group)
     mass, count_above, size = sums
     room = (mu - mass) / torch.where(p_group > 0, p_group, 1.0)
     share = torch.where((p_group > 0) & (room < size), room.clamp(min=0).floor(), size)
     share = torch.where((count_above == 0) & (share == 0), 1.0, share)
     counts = _all_gather(tie.sum(-1), shard.group)  # [world, N]
-    position = tie.cumsum(-1) + counts[:shard.rank].sum(0).unsqueeze(-1)  # 1-based, in global order
+    position = tie.cumsum(-1) + counts[: shard.rank].sum(0).unsqueeze(-1)  # 1-based, in global order
     return above | (tie & (position <= share.unsqueeze(-1)))
 
 
-def _divergence(plan: Plan, s: Tensor, t: Tensor, t_rank: Tensor, temperature: float, with_grad: bool,
-                shard: Shard, full: bool = False):
+def _divergence(
+    plan: Plan,
+    s: Tensor,
+    t: Tensor,
+    t_rank: Tensor,
+    temperature: float,
+    with_grad: bool,
+    shard: Shard,
+    full: bool = False,
+):
     """Per-row losses [N] (before T^2), the shard's gradients [N, V_r] of the student and (with ``full``) the teacher
     (or None), and the rows whose classes are all masked in both logits; akl ranks the raw teacher logits
     ``t_rank``.
@@ -196,7 +209,7 @@ def _divergence(plan: Plan, s: Tensor, t: Tensor, t_rank: Tensor, temperature: f
         grads = torch.autograd.grad(whole.sum(), [lq, lp] if full else [lq])
     d = torch.stack([g.contiguous() for g in grads])  # [1 or 2, N, V_r]
     sum_d = _all_reduce(d.sum(-1, keepdim=True), dist.ReduceOp.SUM, group)
-    probs = torch.stack([lq.detach(), lp.detach()][:len(grads)]).exp_()
+    probs = torch.stack([lq.detach(), lp.detach()][: len(grads)]).exp_()
     grad = d.addcmul_(probs, sum_d, value=-1).div_(temperature)
     teacher_grad = torch.where(torch.isneginf(t), 0.0, grad[1]) if full else None
     return rows, grad[0], teacher_grad, masked
@@ -223,17 +236,17 @@ def _top_k_masks(y: Tensor, ks: tuple[int, ...], shard: Shard) -> list[Tensor]:
     ranked = torch.topk(candidates, k_max, dim=-1).values
     kth = torch.stack([ranked[:, k - 1] for k in ks], -1)  # [N, len(ks)]
     above = (candidates.unsqueeze(-1) > kth.unsqueeze(1)).sum(1)  # [N, len(ks)], all among the candidates
-    ties = [y == kth[:, i:i + 1] for i in range(len(ks))]
+    ties = [y == kth[:, i : i + 1] for i in range(len(ks))]
     counts = _all_gather(torch.stack([tie.sum(-1) for tie in ties], -1), shard.group)  # [world, N, len(ks)]
-    before = counts[:shard.rank].sum(0)
+    before = counts[: shard.rank].sum(0)
     masks = []
     for i, (k, tie) in enumerate(zip(ks, ties)):
-        position = tie.cumsum(-1) + before[:, i:i + 1]  # 1-based position of each tie among the row's ties
-        masks.append((y > kth[:, i:i + 1]) | (tie & (position <= k - above[:, i:i + 1])))
+        position = tie.cumsum(-1) + before[:, i : i + 1]  # 1-based position of each tie among the row's ties
+        masks.append((y > kth[:, i : i + 1]) | (tie & (position <= k - above[:, i : i + 1])))
     return masks
 
 
-def _bins(plan: Plan, t: Tensor, target: Optional[Tensor], temperature, shard: Shard) -> Tensor:
+def _bins(plan: Plan, t: Tensor, target: Tensor | None, temperature, shard: Shard) -> Tensor:
     """Bin of each class of the shard [N, V_r] from the raw teacher logits, as reference.decoupled_bins defines
     them over the whole vocabulary (``temperature`` scales the threshold: a number, or [N, 1])."""
     params = plan.params
@@ -257,8 +270,16 @@ def _bins(plan: Plan, t: Tensor, target: Optional[Tensor], temperature, shard: S
 # ([P_b > 0]: a bin the teacher gives no mass has in-bin KL 0, so no gradient). Each bin's logsumexp of s/T and t/T
 # comes from all-reduced bin maxes and sums of exp; the in-bin log-probs log p^b_j = t_j/T - logsumexp_b(t/T)
 # are then local, and so are the in-bin KL terms, summed per bin across ranks.
-def _decoupled(plan: Plan, s: Tensor, t: Tensor, bins: Tensor, temperature: float, with_grad: bool, shard: Shard,
-               full: bool = False):
+def _decoupled(
+    plan: Plan,
+    s: Tensor,
+    t: Tensor,
+    bins: Tensor,
+    temperature: float,
+    with_grad: bool,
+    shard: Shard,
+    full: bool = False,
+):
     """Per-row losses [N] (before T^2), the shard's gradients [N, V_r] of the student and (with ``full``) the
     teacher (or None) of a decoupled-family plan, from the logits of the shard and the bin of each class (_bins), and
     the rows whose classes are all masked in both logits."""
@@ -270,17 +291,23 @@ def _decoupled(plan: Plan, s: Tensor, t: Tensor, bins: Tensor, temperature: floa
     dead = torch.isneginf(maxes)  # an empty bin, or all its classes masked
     masked = dead.all(-1).all(0)
     in_bin = x.sub_(torch.where(dead, 0.0, maxes).gather(-1, index))  # x - bin max
-    sums = _all_reduce(torch.zeros_like(maxes).scatter_add_(-1, index, in_bin.exp()), dist.ReduceOp.SUM,
-                       shard.group)
+    sums = _all_reduce(torch.zeros_like(maxes).scatter_add_(-1, index, in_bin.exp()), dist.ReduceOp.SUM, shard.group)
     log_sums = torch.where(dead, 0.0, sums.log())
     in_bin.sub_(log_sums.gather(-1, index))  # [log p^b_j, log q^b_j]; -inf for masked classes
     # log P_b relative to the row max (exact for logits offset by 1000): (max_b - max) + log sum_b, normalised.
     log_masses = torch.where(dead, NEG_INF, maxes - maxes.amax(-1, keepdim=True) + log_sums)
     log_masses = reference.refine_largest(log_masses - torch.logsumexp(log_masses, -1, keepdim=True))
     # [F_b, R_b] per row, each direction only when it is weighted.
-    inner = torch.zeros_like(maxes).scatter_add_(-1, index, torch.stack([
-        reference.kl_terms(in_bin[0], in_bin[1]) if params.w_fkl else torch.zeros_like(in_bin[0]),
-        reference.kl_terms(in_bin[1], in_bin[0]) if params.w_rkl else torch.zeros_like(in_bin[0])]))
+    inner = torch.zeros_like(maxes).scatter_add_(
+        -1,
+        index,
+        torch.stack(
+            [
+                reference.kl_terms(in_bin[0], in_bin[1]) if params.w_fkl else torch.zeros_like(in_bin[0]),
+                reference.kl_terms(in_bin[1], in_bin[0]) if params.w_rkl else torch.zeros_like(in_bin[0]),
+            ]
+        ),
+    )
     fkl, rkl = _all_reduce(inner, dist.ReduceOp.SUM, shard.group)
     if params.adaptive:  # min(P_strong / Q_strong, max_weight), not differentiated
         strong = slice(Bin.STRONG, Bin.STRONG + 1)
@@ -327,20 +354,23 @@ def _cross_entropy(s: Tensor, target: Tensor, with_grad: bool, shard: Shard):
     shift = torch.where(torch.isneginf(maxes), 0.0, maxes).unsqueeze(-1)
     exp = (s - shift).exp_()
     owner = shard.classes(s.shape[-1], s.device) == target.unsqueeze(-1)
-    sums = _all_reduce(torch.stack([exp.sum(-1), torch.where(owner, s, 0.0).sum(-1)], -1), dist.ReduceOp.SUM,
-                       shard.group)
+    sums = _all_reduce(
+        torch.stack([exp.sum(-1), torch.where(owner, s, 0.0).sum(-1)], -1), dist.ReduceOp.SUM, shard.group
+    )
     ce = shift.squeeze(-1) + sums[:, 0].log() - sums[:, 1]
     return ce, exp.div_(sums[:, :1]).sub_(owner.to(exp.dtype)) if with_grad else None
 
 
-def _zscores(s: Tensor, t: Tensor, group) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor],
-                                                  tuple[Tensor, Tensor, Tensor]]:
+def _zscores(
+    s: Tensor, t: Tensor, group
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
     """Both shards' z-scores over the whole vocabulary (reference.standardized's definition) and each one's
     (n, sd, std) per row [N, 1] for its Jacobian (the teacher's sd also scales a threshold)."""
     x = torch.stack([s, t])
     finite = ~torch.isneginf(x)
-    sums = _all_reduce(torch.stack([finite.sum(-1).to(x.dtype), torch.where(finite, x, 0.0).sum(-1)]),
-                       dist.ReduceOp.SUM, group)
+    sums = _all_reduce(
+        torch.stack([finite.sum(-1).to(x.dtype), torch.where(finite, x, 0.0).sum(-1)]), dist.ReduceOp.SUM, group
+    )
     n = sums[0].unsqueeze(-1)
     centred = torch.where(finite, x - (sums[1].unsqueeze(-1) / n.clamp(min=1)), 0.0)
     # The deviations' own mean corrects the rounded mean (as reference.standardized).
@@ -380,8 +410,9 @@ def _shard_rows(call, student, teacher, with_grad, shard, full=False):
         zs, zt, stats, teacher_stats = _zscores(s, t, shard.group)
         sd_t = teacher_stats[1]
     if call.plan.family == DIVERGENCE:
-        loss, grad, teacher_grad, masked = _divergence(call.plan, zs / temperature, zt / temperature, t, temperature,
-                                                       with_grad, shard, full)
+        loss, grad, teacher_grad, masked = _divergence(
+            call.plan, zs / temperature, zt / temperature, t, temperature, with_grad, shard, full
+        )
     else:  # (the partition ranks the raw teacher logits; the z-score's threshold in their units)
         bins = _bins(call.plan, t, target, temperature * sd_t, shard)
         loss, grad, teacher_grad, masked = _decoupled(call.plan, zs, zt, bins, temperature, with_grad, shard, full)
@@ -392,8 +423,10 @@ def _shard_rows(call, student, teacher, with_grad, shard, full=False):
         x, y = zs / temperature, zt / temperature
         shifts = _all_reduce(torch.stack([x.amax(-1), y.amax(-1)]), dist.ReduceOp.MAX, shard.group)
         shifts = torch.where(torch.isneginf(shifts), 0.0, shifts).unsqueeze(-1)
-        terms = (torch.where(torch.isneginf(x), 0.0, (x - shifts[0]) * grad) +
-                 torch.where(torch.isneginf(y), 0.0, (y - shifts[1]) * teacher_grad)).sum(-1)
+        terms = (
+            torch.where(torch.isneginf(x), 0.0, (x - shifts[0]) * grad)
+            + torch.where(torch.isneginf(y), 0.0, (y - shifts[1]) * teacher_grad)
+        ).sum(-1)
         dtemp = -scale * _all_reduce(terms, dist.ReduceOp.SUM, shard.group)
         if call.t2_scale:
             dtemp = dtemp + 2 * temperature * loss
@@ -444,18 +477,18 @@ def distill_loss(
     method: str,
     student_logits: Tensor,
     teacher_logits: Tensor,
-    target: Optional[Tensor] = None,
+    target: Tensor | None = None,
     *,
-    group: Optional[dist.ProcessGroup] = None,
-    temperature: Optional[float] = None,
-    t2_scale: Optional[bool] = None,
+    group: dist.ProcessGroup | None = None,
+    temperature: float | None = None,
+    t2_scale: bool | None = None,
     reduction: str = "batchmean",
     ignore_index: int = -100,
     normalizer=None,
     ce_weight: float = 0.0,
     distill_weight: float = 1.0,
     return_parts: bool = False,
-    mask: Optional[Tensor] = None,
+    mask: Tensor | None = None,
     standardize: bool = False,
     **hyperparameters,
 ) -> Tensor:
@@ -474,16 +507,30 @@ def distill_loss(
         the leading shape for reduction="none". Its gradient reaches this rank's student_logits shard.
     """
     temperature, temperature_tensor = split_temperature(temperature)
-    settings = resolve(method, hyperparameters, temperature, t2_scale, reduction, ignore_index, normalizer,
-                       ce_weight, distill_weight, return_parts, standardize)
+    settings = resolve(
+        method,
+        hyperparameters,
+        temperature,
+        t2_scale,
+        reduction,
+        ignore_index,
+        normalizer,
+        ce_weight,
+        distill_weight,
+        return_parts,
+        standardize,
+    )
     check_float_tensor("student_logits", student_logits)
     check_float_tensor("teacher_logits", teacher_logits)
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student_logits and teacher_logits must have the same shape, got "
-                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+        raise ValueError(
+            f"student_logits and teacher_logits must have the same shape, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("kdkernels.parallel needs torch.distributed: call torch.distributed.init_process_group "
-                           "first")
+        raise RuntimeError(
+            "kdkernels.parallel needs torch.distributed: call torch.distributed.init_process_group first"
+        )
     leading, v_local = student_logits.shape[:-1], student_logits.shape[-1]
     student = student_logits.reshape(-1, v_local)
     teacher = teacher_logits.reshape(-1, v_local)
@@ -494,12 +541,15 @@ def distill_loss(
         rows, parts = _ShardLoss.apply(student, teacher, temperature_tensor, call, shard)
     else:
         rows, parts = _shard_rows(call, student, teacher, False, shard)[:2]
-    return finish(call, backends.reduce(rows, reduction, call.denominator),
-                  backends.reduce(parts, reduction, call.denominator), leading)
+    return finish(
+        call,
+        backends.reduce(rows, reduction, call.denominator),
+        backends.reduce(parts, reduction, call.denominator),
+        leading,
+    )
 
 
-LOSS_FUNCTIONS = {spec.function: loss_function(name, distill_loss, {"group": None})
-                  for name, spec in METHODS.items()}
+LOSS_FUNCTIONS = {spec.function: loss_function(name, distill_loss, {"group": None}) for name, spec in METHODS.items()}
 globals().update(LOSS_FUNCTIONS)
 
 __all__ = ["distill_loss", *LOSS_FUNCTIONS]

@@ -79,19 +79,31 @@ class SparseTeacher:
     tail: bool = True
 
     def __post_init__(self):
-        if not isinstance(self.indices, torch.Tensor) or self.indices.is_floating_point() \
-                or self.indices.is_complex() or self.indices.dtype == torch.bool:
-            raise TypeError(f"SparseTeacher indices must be an integer torch.Tensor, got "
-                            f"{getattr(self.indices, 'dtype', type(self.indices).__name__)}")
+        if (
+            not isinstance(self.indices, torch.Tensor)
+            or self.indices.is_floating_point()
+            or self.indices.is_complex()
+            or self.indices.dtype == torch.bool
+        ):
+            raise TypeError(
+                f"SparseTeacher indices must be an integer torch.Tensor, got "
+                f"{getattr(self.indices, 'dtype', type(self.indices).__name__)}"
+            )
         if not isinstance(self.values, torch.Tensor) or not self.values.is_floating_point():
-            raise TypeError(f"SparseTeacher values must be a floating-point torch.Tensor, got "
-                            f"{getattr(self.values, 'dtype', type(self.values).__name__)}")
+            raise TypeError(
+                f"SparseTeacher values must be a floating-point torch.Tensor, got "
+                f"{getattr(self.values, 'dtype', type(self.values).__name__)}"
+            )
         if self.indices.shape != self.values.shape or self.values.dim() < 1 or self.values.shape[-1] < 1:
-            raise ValueError(f"SparseTeacher indices and values must have the same shape [..., k] with k >= 1, got "
-                             f"{tuple(self.indices.shape)} and {tuple(self.values.shape)}")
+            raise ValueError(
+                f"SparseTeacher indices and values must have the same shape [..., k] with k >= 1, got "
+                f"{tuple(self.indices.shape)} and {tuple(self.values.shape)}"
+            )
         if self.indices.device != self.values.device:
-            raise ValueError(f"SparseTeacher indices and values must be on one device, got {self.indices.device} "
-                             f"and {self.values.device}")
+            raise ValueError(
+                f"SparseTeacher indices and values must be on one device, got {self.indices.device} "
+                f"and {self.values.device}"
+            )
         if self.kind not in KINDS:
             raise ValueError(f"SparseTeacher kind must be one of {KINDS}, got {self.kind!r}")
         if not isinstance(self.tail, bool):
@@ -120,8 +132,10 @@ class SparseTeacher:
             indices = top_k_indices(student_logits.detach(), k)
         values = score(indices)
         if not isinstance(values, torch.Tensor) or values.shape != indices.shape:
-            raise ValueError(f"score(indices) must return a tensor of the indices' shape {tuple(indices.shape)}, got "
-                             f"{tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__}")
+            raise ValueError(
+                f"score(indices) must return a tensor of the indices' shape {tuple(indices.shape)}, got "
+                f"{tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__}"
+            )
         return cls(indices, values.detach(), kind, tail)
 
     @property
@@ -132,23 +146,26 @@ class SparseTeacher:
     def device(self) -> torch.device:
         return self.values.device
 
-    def rows(self, start: int | None = None, stop: int | None = None) -> "SparseTeacher":
+    def rows(self, start: int | None = None, stop: int | None = None) -> SparseTeacher:
         """Rows [start, stop) of the flattened [N, k] teacher."""
         k = self.k
-        return SparseTeacher(self.indices.reshape(-1, k)[start:stop], self.values.reshape(-1, k)[start:stop],
-                             self.kind, self.tail)
+        return SparseTeacher(
+            self.indices.reshape(-1, k)[start:stop], self.values.reshape(-1, k)[start:stop], self.kind, self.tail
+        )
 
 
 def _check_k(k: object, logits: object) -> None:
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() < 1:
-        raise TypeError(f"logits must be a floating-point tensor [..., V], got "
-                        f"{getattr(logits, 'dtype', type(logits).__name__)}")
+        raise TypeError(
+            f"logits must be a floating-point tensor [..., V], got {getattr(logits, 'dtype', type(logits).__name__)}"
+        )
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"k must be an integer in [1, V={logits.shape[-1]}], got {k!r}")
 
 
-def check(teacher: SparseTeacher, settings, leading: torch.Size, v: int, device: torch.device,
-          valid: Tensor) -> SparseTeacher:
+def check(
+    teacher: SparseTeacher, settings, leading: torch.Size, v: int, device: torch.device, valid: Tensor
+) -> SparseTeacher:
     """Checks a sparse teacher against the student ([*leading, V] logits on ``device``) and the call's settings
     (arguments.Settings: method, plan, standardize), and returns it flattened to [N, k] with the ignored rows
     (``valid`` False) made harmless (indices 0..k-1).
@@ -159,11 +176,15 @@ def check(teacher: SparseTeacher, settings, leading: torch.Size, v: int, device:
     """
     method, plan = settings.method, settings.plan
     if torch.is_grad_enabled() and teacher.values.requires_grad:
-        raise ValueError("a SparseTeacher is a constant: its values must not require grad (pass values.detach(); for "
-                         "a teacher that learns, pass dense teacher_logits)")
+        raise ValueError(
+            "a SparseTeacher is a constant: its values must not require grad (pass values.detach(); for "
+            "a teacher that learns, pass dense teacher_logits)"
+        )
     if settings.standardize:
-        raise ValueError("standardize z-scores the teacher's whole row of logits, which a SparseTeacher (k classes "
-                         "plus one tail bin) does not have; pass dense teacher_logits")
+        raise ValueError(
+            "standardize z-scores the teacher's whole row of logits, which a SparseTeacher (k classes "
+            "plus one tail bin) does not have; pass dense teacher_logits"
+        )
     if plan.family != DIVERGENCE:
         raise ValueError(
             f"{method} is a decoupled-family loss: it partitions the teacher's full distribution and needs its "
@@ -171,12 +192,16 @@ def check(teacher: SparseTeacher, settings, leading: torch.Size, v: int, device:
             f"divergence-family method (kd, rkl, jsd, skew_fkl, skew_rkl, tvd, abkd) or dense teacher_logits"
         )
     if plan.code == Divergence.AKL and teacher.tail:
-        raise ValueError("akl ranks the teacher's classes one by one (its head) and sums |p - q| over each of the "
-                         "others, which a SparseTeacher's tail bin lumps together; pass tail=False (both models "
-                         "renormalised over the k classes) or dense teacher_logits")
+        raise ValueError(
+            "akl ranks the teacher's classes one by one (its head) and sums |p - q| over each of the "
+            "others, which a SparseTeacher's tail bin lumps together; pass tail=False (both models "
+            "renormalised over the k classes) or dense teacher_logits"
+        )
     if teacher.values.shape[:-1] != leading:
-        raise ValueError(f"SparseTeacher must have the student's leading shape {tuple(leading)} + (k,), got "
-                         f"{tuple(teacher.values.shape)}")
+        raise ValueError(
+            f"SparseTeacher must have the student's leading shape {tuple(leading)} + (k,), got "
+            f"{tuple(teacher.values.shape)}"
+        )
     if teacher.device != device:
         raise ValueError(f"SparseTeacher must be on the student's device {device}, got {teacher.device}")
     if teacher.k > v:
@@ -199,14 +224,24 @@ def check(teacher: SparseTeacher, settings, leading: torch.Size, v: int, device:
     ]
     if flat.kind == "logprobs":
         mass = values.double().exp().sum(-1)
-        problems.append((mass > 1 + LOGPROB_SUM_SLACK, "SparseTeacher values of kind='logprobs' must be "
-                         "log-probabilities (sum of exp at most 1); pass kind='logits' for logits"))
+        problems.append(
+            (
+                mass > 1 + LOGPROB_SUM_SLACK,
+                "SparseTeacher values of kind='logprobs' must be "
+                "log-probabilities (sum of exp at most 1); pass kind='logits' for logits",
+            )
+        )
     if needs_support:  # (without a tail bin, only a -inf value leaves a teacher bin empty)
         zero_bin = torch.isneginf(values).any(-1)
         if flat.kind == "logprobs" and flat.tail:
             zero_bin = zero_bin | ((mass >= 1) & (flat.k < v))
-        problems.append((zero_bin, f"{method} is undefined (infinite) against a teacher bin of zero mass (a "
-                                   f"-inf value, or a tail 1 - sum exp(values) <= 0) where the student has mass"))
+        problems.append(
+            (
+                zero_bin,
+                f"{method} is undefined (infinite) against a teacher bin of zero mass (a "
+                f"-inf value, or a tail 1 - sum exp(values) <= 0) where the student has mass",
+            )
+        )
     for bad, message in problems:
         bad = bad & valid
         if device.type == "cpu" and not torch.compiler.is_compiling():
@@ -227,13 +262,17 @@ def teacher_bins(teacher: SparseTeacher, temperature: float, dtype: torch.dtype,
     if teacher.kind == "logits":
         return torch.cat([values, empty], -1)
     # In float64, as check() decides which tails are 0: a float32 sum would round some tails near 0 to exactly 0.
-    tail = empty if teacher.k == num_classes or not teacher.tail else \
-        (1 - teacher.values.double().exp().sum(-1, keepdim=True)).clamp(min=0).log().to(dtype)
+    tail = (
+        empty
+        if teacher.k == num_classes or not teacher.tail
+        else (1 - teacher.values.double().exp().sum(-1, keepdim=True)).clamp(min=0).log().to(dtype)
+    )
     return torch.cat([values, tail], -1) * temperature
 
 
-def fold(student: Tensor, indices: Tensor, temperature: float, dtype: torch.dtype,
-         tail: bool = True) -> tuple[Tensor, Tensor]:
+def fold(
+    student: Tensor, indices: Tensor, temperature: float, dtype: torch.dtype, tail: bool = True
+) -> tuple[Tensor, Tensor]:
     """(student bin logits z [N, k + 1], lse_tail [N]): z = [s_K, T lse_tail], lse_tail = lse_{j not in K} s_j / T.
 
     A class-wide tail with no finite logit (k = V, or the rest masked) has lse_tail = -inf: an empty bin; so has
@@ -249,8 +288,15 @@ def fold(student: Tensor, indices: Tensor, temperature: float, dtype: torch.dtyp
     return torch.cat([bins, (lse_tail * temperature).unsqueeze(-1)], -1), lse_tail
 
 
-def unfold_(grad_bins: Tensor, buffer: Tensor, indices: Tensor, lse_tail: Tensor, temperature: float,
-            valid: Tensor, tail: bool = True) -> Tensor:
+def unfold_(
+    grad_bins: Tensor,
+    buffer: Tensor,
+    indices: Tensor,
+    lse_tail: Tensor,
+    temperature: float,
+    valid: Tensor,
+    tail: bool = True,
+) -> Tensor:
     """Overwrites ``buffer`` [N, V], which holds the student's logits, with dl/ds from dl/dz = ``grad_bins``
     [N, k + 1] (module docstring); rows not ``valid`` become exactly 0 (even if their logits hold NaN).
 

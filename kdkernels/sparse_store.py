@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import struct
 import zlib
-from typing import BinaryIO, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 import torch
 
@@ -60,15 +61,19 @@ class SparseTeacherWriter:
         if not isinstance(teacher, SparseTeacher):
             raise TypeError(f"teacher must be a SparseTeacher, got {type(teacher).__name__}")
         if (teacher.k, teacher.kind, teacher.tail) != (self.k, self.kind, self.tail):
-            raise ValueError(f"this file holds k={self.k}, kind={self.kind!r}, tail={self.tail}; got k={teacher.k}, "
-                             f"kind={teacher.kind!r}, tail={teacher.tail}")
+            raise ValueError(
+                f"this file holds k={self.k}, kind={self.kind!r}, tail={self.tail}; got k={teacher.k}, "
+                f"kind={teacher.kind!r}, tail={teacher.tail}"
+            )
         flat = teacher.rows()
         indices = flat.indices.detach().cpu()
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= 2**31):
             raise ValueError("SparseTeacher indices must be in [0, 2^31) to be stored as int32")
         values = flat.values.detach().cpu().to(self.dtype)
-        payload = indices.to(torch.int32).contiguous().numpy().tobytes() + \
-            values.contiguous().view(torch.int16).numpy().tobytes()
+        payload = (
+            indices.to(torch.int32).contiguous().numpy().tobytes()
+            + values.contiguous().view(torch.int16).numpy().tobytes()
+        )
         crc = zlib.crc32(payload)
         self._file.write(_CHUNK.pack(b"CHNK", flat.values.shape[0], crc) + payload)
         self._crcs = zlib.crc32(_CRC.pack(crc), self._crcs)
@@ -82,7 +87,7 @@ class SparseTeacherWriter:
         self._file.write(footer)
         self._file.close()
 
-    def __enter__(self) -> "SparseTeacherWriter":
+    def __enter__(self) -> SparseTeacherWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -124,18 +129,23 @@ def load_sparse_teachers(path, device: torch.device | str = "cpu") -> Iterator[S
         if _CRC.unpack(_read(f, _CRC.size, path, "header checksum"))[0] != zlib.crc32(header):
             raise ValueError(f"{path}: corrupted sparse-teacher file (header checksum mismatch)")
         if version != VERSION or dtype_code >= len(VALUE_DTYPES) or kind_code >= len(KINDS) or tail > 1:
-            raise ValueError(f"{path}: unsupported sparse-teacher file (version {version}, value dtype {dtype_code}, "
-                             f"kind {kind_code}, tail {tail})")
+            raise ValueError(
+                f"{path}: unsupported sparse-teacher file (version {version}, value dtype {dtype_code}, "
+                f"kind {kind_code}, tail {tail})"
+            )
         dtype = list(VALUE_DTYPES.values())[dtype_code]
         chunks = rows = crcs = 0
         while True:
             tag = _read(f, 4, path, f"chunk {chunks} (no footer)")
             if tag == b"END!":
-                _, total_chunks, total_rows, total_crc = _FOOTER.unpack(tag + _read(f, _FOOTER.size - 4, path,
-                                                                                    "footer"))
+                _, total_chunks, total_rows, total_crc = _FOOTER.unpack(
+                    tag + _read(f, _FOOTER.size - 4, path, "footer")
+                )
                 if (total_chunks, total_rows, total_crc) != (chunks, rows, crcs) or f.read(1):
-                    raise ValueError(f"{path}: corrupted sparse-teacher file (the footer counts {total_chunks} chunks "
-                                     f"and {total_rows} rows, {chunks} and {rows} were read)")
+                    raise ValueError(
+                        f"{path}: corrupted sparse-teacher file (the footer counts {total_chunks} chunks "
+                        f"and {total_rows} rows, {chunks} and {rows} were read)"
+                    )
                 return
             if tag != b"CHNK":
                 raise ValueError(f"{path}: corrupted sparse-teacher file (chunk {chunks}: bad tag {tag!r})")
@@ -143,8 +153,8 @@ def load_sparse_teachers(path, device: torch.device | str = "cpu") -> Iterator[S
             payload = _read(f, n * k * 6, path, f"chunk {chunks} ({n} rows)")
             if zlib.crc32(payload) != crc:
                 raise ValueError(f"{path}: corrupted sparse-teacher file (chunk {chunks}: checksum mismatch)")
-            indices = torch.frombuffer(bytearray(payload[:n * k * 4]), dtype=torch.int32).reshape(n, k)
-            values = torch.frombuffer(bytearray(payload[n * k * 4:]), dtype=torch.int16).view(dtype).reshape(n, k)
+            indices = torch.frombuffer(bytearray(payload[: n * k * 4]), dtype=torch.int32).reshape(n, k)
+            values = torch.frombuffer(bytearray(payload[n * k * 4 :]), dtype=torch.int16).view(dtype).reshape(n, k)
             crcs = zlib.crc32(_CRC.pack(crc), crcs)
             chunks += 1
             rows += n

@@ -45,8 +45,22 @@ CASES = [
 # One case per method for the GPU check (KDKERNELS_GPU_QUICK=1, tests/conftest.py): each method at its defaults where
 # CASES has them; gdkd at k = 3 (CASES lacks its default k = 5), and cakd with a top-k strong set, since its default
 # (strong="target") runs the kernel specialisation of dkd's case.
-GPU_CASES = ("kd", "rkl", "jsd-beta=0.5", "skew_fkl-skew=0.1", "skew_rkl-skew=0.1", "tvd", "abkd-alpha=0.5-beta=0.5",
-             "wsd", "bdkd", "akl", "dkd", "gdkd-k=3", "cakd-strong=topk-k=3-alpha=0.5-bcd_weight=2.0", "aekt")
+GPU_CASES = (
+    "kd",
+    "rkl",
+    "jsd-beta=0.5",
+    "skew_fkl-skew=0.1",
+    "skew_rkl-skew=0.1",
+    "tvd",
+    "abkd-alpha=0.5-beta=0.5",
+    "wsd",
+    "bdkd",
+    "akl",
+    "dkd",
+    "gdkd-k=3",
+    "cakd-strong=topk-k=3-alpha=0.5-bcd_weight=2.0",
+    "aekt",
+)
 
 
 def case_id(case) -> str:

@@ -9,8 +9,9 @@ if not torch.cuda.is_available():
     # No GPU: the Triton kernels run on CPU tensors through Triton's interpreter (must be set before the import).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import kdkernels  # noqa: E402
 from cases import GPU_CASES, case_id  # noqa: E402
+
+import kdkernels  # noqa: E402
 
 DEVICE = os.environ.get("KDKERNELS_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -22,8 +23,10 @@ def backends_under_test() -> list[str]:
     if os.environ.get("KDKERNELS_NO_EXTENSION") != "1" and DEVICE == "cpu" and "cpu" not in names:
         from kdkernels.backends.extension import LOAD_ERROR
 
-        raise RuntimeError(f"backend 'cpu' (the C++ extension) is unavailable: {LOAD_ERROR}; build it "
-                           "(pip install --no-build-isolation -e .) or set KDKERNELS_NO_EXTENSION=1 to test without")
+        raise RuntimeError(
+            f"backend 'cpu' (the C++ extension) is unavailable: {LOAD_ERROR}; build it "
+            "(pip install --no-build-isolation -e .) or set KDKERNELS_NO_EXTENSION=1 to test without"
+        )
     return names
 
 
@@ -55,8 +58,11 @@ GPU_QUICK = {
 
 def pytest_ignore_collect(collection_path, config):
     """With KDKERNELS_GPU_QUICK=1 the other test files are not even imported (collecting them all takes seconds)."""
-    if os.environ.get("KDKERNELS_GPU_QUICK") == "1" and collection_path.name.startswith("test_") \
-            and collection_path.name not in {test.split("::")[0] for test in GPU_QUICK}:
+    if (
+        os.environ.get("KDKERNELS_GPU_QUICK") == "1"
+        and collection_path.name.startswith("test_")
+        and collection_path.name not in {test.split("::")[0] for test in GPU_QUICK}
+    ):
         return True
     return None
 
@@ -64,8 +70,11 @@ def pytest_ignore_collect(collection_path, config):
 def in_gpu_quick(item) -> bool:
     kept = GPU_QUICK.get(f"{item.path.name}::{item.originalname}")
     params = item.callspec.params if hasattr(item, "callspec") else {}
-    return (kept is not None and all(params[name] in values for name, values in kept.items())
-            and ("case" not in params or case_id(params["case"]) in GPU_CASES))
+    return (
+        kept is not None
+        and all(params[name] in values for name, values in kept.items())
+        and ("case" not in params or case_id(params["case"]) in GPU_CASES)
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from oracle import oracle
 
 import kdkernels
-from oracle import oracle
 
 # Relative tolerance per input dtype, applied as |got - want| <= tol * (|want| + max|want|) (loss and gradient).
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -42,25 +42,39 @@ def run_loss(method, s, t, target, hp, backend, reduction="batchmean", grad_outp
     """Loss and student gradient from kdkernels for d(grad_output . loss)/ds."""
     s = s.detach().clone().requires_grad_(True)
     loss = kdkernels.distill_loss(method, s, t, target, backend=backend, reduction=reduction, **hp, **options)
-    go = torch.ones_like(loss) if grad_output is None else torch.as_tensor(grad_output, dtype=loss.dtype,
-                                                                          device=loss.device)
+    go = (
+        torch.ones_like(loss)
+        if grad_output is None
+        else torch.as_tensor(grad_output, dtype=loss.dtype, device=loss.device)
+    )
     loss.backward(go)
     return loss, s.grad
 
 
-def check_against_oracle(method, hp, s, t, target, backend, reduction="batchmean", grad_output=None,
-                         tol_dtype=None, **options):
+def check_against_oracle(
+    method, hp, s, t, target, backend, reduction="batchmean", grad_output=None, tol_dtype=None, **options
+):
     loss, grad = run_loss(method, s, t, target, hp, backend, reduction, grad_output, **options)
     spec = kdkernels.METHODS[method]
     T = options.get("temperature", spec.temperature)
     t2 = options.get("t2_scale", spec.t2_scale)
     want_loss, want_grad = oracle(
-        method, s.double().cpu().numpy(), t.double().cpu().numpy(),
-        None if target is None else target.cpu().numpy(), spec.resolve(hp), T, t2, reduction,
-        options.get("ignore_index", -100), options.get("normalizer"),
-        1.0 if grad_output is None else np.asarray(grad_output.cpu() if isinstance(grad_output, torch.Tensor)
-                                                   else grad_output, dtype=np.float64),
-        options.get("ce_weight", 0.0), options.get("distill_weight", 1.0), options.get("standardize", False),
+        method,
+        s.double().cpu().numpy(),
+        t.double().cpu().numpy(),
+        None if target is None else target.cpu().numpy(),
+        spec.resolve(hp),
+        T,
+        t2,
+        reduction,
+        options.get("ignore_index", -100),
+        options.get("normalizer"),
+        1.0
+        if grad_output is None
+        else np.asarray(grad_output.cpu() if isinstance(grad_output, torch.Tensor) else grad_output, dtype=np.float64),
+        options.get("ce_weight", 0.0),
+        options.get("distill_weight", 1.0),
+        options.get("standardize", False),
     )
     dtype = tol_dtype or s.dtype
     assert loss.dtype == (torch.float64 if s.dtype == torch.float64 else torch.float32)
@@ -77,6 +91,10 @@ def family_op_args(method, hp):
 
 def family_ops(backend):
     """{family: (op, in-place op)} of a fused backend: kdkernels::<family>_<backend> and its sibling."""
-    return {family: (getattr(torch.ops.kdkernels, f"{family}_{backend}").default,
-                     getattr(torch.ops.kdkernels, f"{family}_{backend}_").default)
-            for family in ("divergence", "decoupled")}
+    return {
+        family: (
+            getattr(torch.ops.kdkernels, f"{family}_{backend}").default,
+            getattr(torch.ops.kdkernels, f"{family}_{backend}_").default,
+        )
+        for family in ("divergence", "decoupled")
+    }

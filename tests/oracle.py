@@ -115,12 +115,12 @@ def _partition(method, y, hp, label):
         bins[p >= hp["tau"] * p.max()] = 0
     elif method == "gdkd" and hp["partitions"] == 3:
         bins[:] = 2
-        bins[order[1:hp["k"]]] = 1
+        bins[order[1 : hp["k"]]] = 1
         bins[order[0]] = 0
     elif method == "gdkd" and hp["strategy"] == "worst":  # the k smallest finite, ties to the lower index
-        bins[np.argsort(np.where(np.isneginf(y), np.inf, y), kind="stable")[:hp["k"]]] = 0
+        bins[np.argsort(np.where(np.isneginf(y), np.inf, y), kind="stable")[: hp["k"]]] = 0
     else:
-        bins[order[:hp["k"]]] = 0
+        bins[order[: hp["k"]]] = 0
     if method == "dkd":
         weights = (hp["alpha"], [0.0, hp["beta"]])
     elif method == "gdkd":
@@ -183,9 +183,22 @@ def _zscore(x):
     return z, vjp
 
 
-def oracle(method, student, teacher, target, hp, temperature, t2_scale, reduction="batchmean",
-           ignore_index=-100, normalizer=None, grad_output=1.0, ce_weight=0.0, distill_weight=1.0,
-           standardize=False):
+def oracle(
+    method,
+    student,
+    teacher,
+    target,
+    hp,
+    temperature,
+    t2_scale,
+    reduction="batchmean",
+    ignore_index=-100,
+    normalizer=None,
+    grad_output=1.0,
+    ce_weight=0.0,
+    distill_weight=1.0,
+    standardize=False,
+):
     """Loss (reduced as asked) and d(grad_output . loss)/d student, both float64 NumPy arrays, of
     distill_weight * (the method's loss) + ce_weight * (the student's cross-entropy against target at T = 1);
     ``standardize``: the method's loss on both rows' z-scores (_zscore).

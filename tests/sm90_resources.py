@@ -69,20 +69,34 @@ def parse_ptxas(log: str) -> dict[str, dict]:
 def table(records: list[Resources]) -> str:
     """The records as aligned text columns, one kernel a line."""
     head = ("kernel", "registers", "stack", "spill st", "spill ld", "smem", "specialisation")
-    rows = [head] + [(r.kernel, "-" if r.registers is None else str(r.registers), str(r.stack), str(r.spill_stores),
-                      str(r.spill_loads), str(r.smem), r.specialisation) for r in records]
+    rows = [head] + [
+        (
+            r.kernel,
+            "-" if r.registers is None else str(r.registers),
+            str(r.stack),
+            str(r.spill_stores),
+            str(r.spill_loads),
+            str(r.smem),
+            r.specialisation,
+        )
+        for r in records
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(head) - 1)]
-    return "\n".join("  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:-1], widths[1:])]
-                               + [row[-1]]).rstrip() for row in rows)
+    return "\n".join(
+        "  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:-1], widths[1:])] + [row[-1]]).rstrip()
+        for row in rows
+    )
 
 
 def summary(records: list[Resources], failures: list) -> str:
     """One line: how many kernels, the most registers, stack and smem of any, how many spill and how many failed to
     compile."""
     regs = [r.registers for r in records if r.registers is not None]
-    return (f"{len(records)} kernels: max {max(regs, default=0)} registers, max stack "
-            f"{max((r.stack for r in records), default=0)} B, max smem {max((r.smem for r in records), default=0)} B, "
-            f"{sum(r.spills for r in records)} spilling" + (f", {len(failures)} failed to compile" if failures else ""))
+    return (
+        f"{len(records)} kernels: max {max(regs, default=0)} registers, max stack "
+        f"{max((r.stack for r in records), default=0)} B, max smem {max((r.smem for r in records), default=0)} B, "
+        f"{sum(r.spills for r in records)} spilling" + (f", {len(failures)} failed to compile" if failures else "")
+    )
 
 
 def spill_message(what: str, records: list[Resources]) -> str:
@@ -107,13 +121,15 @@ def report(name: str, title: str, section: str, records: list[Resources], failur
         store.seek(0)
         store.truncate()
         json.dump(sections, store, indent=1)
-        parsed = {key: ([Resources(**r) for r in part["records"]], part["failures"])
-                  for key, part in sorted(sections.items())}
+        parsed = {
+            key: ([Resources(**r) for r in part["records"]], part["failures"]) for key, part in sorted(sections.items())
+        }
         everything = summary([r for rs, _ in parsed.values() for r in rs], [f for _, fs in parsed.values() for f in fs])
         parts = [f"{title}\n{everything}"]
         for key, (rs, fs) in parsed.items():
-            failed = "".join(f"\nFAILED TO COMPILE: {label}\n  " + "\n  ".join(error.splitlines())
-                             for label, error in fs)
+            failed = "".join(
+                f"\nFAILED TO COMPILE: {label}\n  " + "\n  ".join(error.splitlines()) for label, error in fs
+            )
             parts.append(f"== {key}: {summary(rs, fs)}\n{table(rs)}{failed}")
         with open(os.path.join(REPORT_DIR, name + ".txt"), "w") as text:
             text.write("\n\n".join(parts) + "\n")

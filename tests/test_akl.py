@@ -14,9 +14,9 @@ import sys
 
 import pytest
 import torch
+from helpers import assert_close, check_against_oracle, make_inputs
 
 import kdkernels
-from helpers import assert_close, check_against_oracle, make_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,8 +69,7 @@ TIES = [
     # a uniform row: the first floor(mu V) classes by index
     ("uniform", torch.zeros(2, 20), 0.47),
     # -0.0 and +0.0 are one value (one tie group)
-    ("signed-zeros", torch.stack([_row(12, [-0.0, 0.0, 0.0, -0.0], -2.0), _row(12, [0.0, -0.0, -0.0], -2.0)]),
-     0.4),
+    ("signed-zeros", torch.stack([_row(12, [-0.0, 0.0, 0.0, -0.0], -2.0), _row(12, [0.0, -0.0, -0.0], -2.0)]), 0.4),
 ]
 
 
@@ -82,8 +81,16 @@ def test_tie_groups_at_the_head_boundary(name, teacher, mu, backend, device):
     s, _, target = make_inputs((n, v), seed=12, ignored=0)
     dtypes = [torch.float32] if backend == "triton" else [torch.float32, torch.float64]
     for dtype in dtypes:
-        check_against_oracle("akl", {"mu": mu}, s.to(device, dtype), teacher.to(device, dtype), target.to(device),
-                             backend, "none", torch.linspace(0.5, 2.0, n, device=device))
+        check_against_oracle(
+            "akl",
+            {"mu": mu},
+            s.to(device, dtype),
+            teacher.to(device, dtype),
+            target.to(device),
+            backend,
+            "none",
+            torch.linspace(0.5, 2.0, n, device=device),
+        )
 
 
 def test_streamed_rows_with_many_ties(backend, device):
@@ -91,8 +98,18 @@ def test_streamed_rows_with_many_ties(backend, device):
     s, t, target = make_inputs((4, 6000), seed=13, ignored=1)
     teacher = (t * 0.2).to(torch.bfloat16)
     for mu in (0.05, 0.5, 0.95):
-        check_against_oracle("akl", {"mu": mu}, s.to(device), teacher.to(device), target.to(device), backend,
-                             "sum", 1.5, tol_dtype=torch.float32, temperature=2.0)
+        check_against_oracle(
+            "akl",
+            {"mu": mu},
+            s.to(device),
+            teacher.to(device),
+            target.to(device),
+            backend,
+            "sum",
+            1.5,
+            tol_dtype=torch.float32,
+            temperature=2.0,
+        )
 
 
 def test_mu_is_checked():
@@ -127,8 +144,13 @@ print(json.dumps({"peak": peak_rss_bytes(step), "grad": s.numel() * s.element_si
 
 
 def _peak(path: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, path, os.path.dirname(os.path.abspath(__file__))],
-                         capture_output=True, text=True, check=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, path, os.path.dirname(os.path.abspath(__file__))],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -5,13 +5,16 @@ import math
 
 import pytest
 import torch
-
-import kdkernels
 from cases import CASES, case_id
 from helpers import assert_close, make_inputs, run_loss
 
-FUNCTIONS = [spec.function for spec in kdkernels.METHODS.values()] + ["cakd_feature_loss", "distill_loss",
-                                                                      "linear_distill_loss"]
+import kdkernels
+
+FUNCTIONS = [spec.function for spec in kdkernels.METHODS.values()] + [
+    "cakd_feature_loss",
+    "distill_loss",
+    "linear_distill_loss",
+]
 MODULES = [spec.module for spec in kdkernels.METHODS.values()] + ["DistillLoss", "LinearDistillLoss", "SerialHead"]
 
 
@@ -54,10 +57,17 @@ def test_serial_head_starts_as_identity():
 # Bad input: the error names the argument.
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _call(backend, method="kd", s=None, t=None, target=None, **kwargs):
     s0, t0, y0 = make_inputs((4, 10), torch.float32, seed=12, ignored=0)
-    return kdkernels.distill_loss(method, s0 if s is None else s, t0 if t is None else t,
-                                  y0 if target == "default" else target, backend=backend, **kwargs)
+    return kdkernels.distill_loss(
+        method,
+        s0 if s is None else s,
+        t0 if t is None else t,
+        y0 if target == "default" else target,
+        backend=backend,
+        **kwargs,
+    )
 
 
 BAD = [
@@ -74,8 +84,12 @@ BAD = [
     ("float target", dict(method="dkd", target=torch.zeros(4)), TypeError, "target.*integer"),
     ("target too big", dict(method="dkd", target=torch.tensor([0, 1, 10, 2])), IndexError, r"target.*\[0, 10\)"),
     ("target negative", dict(method="aekt", target=torch.tensor([0, -1, 1, 2])), IndexError, "target"),
-    ("target other ignore", dict(method="cakd", target=torch.tensor([0, -100, 1, 2]), ignore_index=-1),
-     IndexError, "ignore_index=-1"),
+    (
+        "target other ignore",
+        dict(method="cakd", target=torch.tensor([0, -100, 1, 2]), ignore_index=-1),
+        IndexError,
+        "ignore_index=-1",
+    ),
     ("temperature 0", dict(temperature=0.0), ValueError, "temperature"),
     ("temperature negative", dict(temperature=-1.0), ValueError, "temperature"),
     ("temperature nan", dict(temperature=math.nan), TypeError, "temperature"),
@@ -137,6 +151,7 @@ def test_module_checks_at_construction():
 # Edge cases.
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_nan_propagates(backend, device, case):
     method, hp = case
@@ -174,8 +189,9 @@ def test_row_mask_is_ignore_index(backend, device, case):
         ce = 0.0 if reduction == "sum" else 0.4
         options = dict(ce_weight=ce, distill_weight=0.8)
         loss, grad = run_loss(method, s, t, target, hp, backend, reduction, grad_output, mask=mask, **options)
-        want, want_grad = run_loss(method, s, t, torch.where(kept, target, -100), hp, backend, reduction,
-                                   grad_output, **options)
+        want, want_grad = run_loss(
+            method, s, t, torch.where(kept, target, -100), hp, backend, reduction, grad_output, **options
+        )
         assert torch.equal(loss, want) and torch.equal(grad, want_grad), reduction
         assert not grad[~kept].any() and torch.isfinite(loss).all()
     spec = kdkernels.METHODS[method]
@@ -199,8 +215,9 @@ def test_empty_batch(backend, device, case):
 def test_masked_classes_contribute_nothing(backend, device, case):
     """-inf in both logits (a padded vocabulary) is the same as removing the class; its gradient is exactly 0."""
     method, hp = case
-    s, t, target = make_inputs((4, 23), torch.float64 if backend == "reference" else torch.float32, device,
-                               seed=15, ignored=1)
+    s, t, target = make_inputs(
+        (4, 23), torch.float64 if backend == "reference" else torch.float32, device, seed=15, ignored=1
+    )
     masked = torch.tensor([1, 5, 6, 22], device=device)
     keep = torch.tensor([i for i in range(23) if i not in masked.tolist()], device=device)
     target = torch.where(target == -100, target, keep[torch.arange(4, device=device) % keep.numel()])
@@ -240,7 +257,8 @@ def test_cakd_feature_loss_is_rows_of_positions(backend, device):
     g = torch.Generator().manual_seed(18)
     fs, ft = torch.randn(2, 3, 4, 5, generator=g).to(device), torch.randn(2, 3, 4, 5, generator=g).to(device)
     got = kdkernels.cakd_feature_loss(fs, ft, strong="threshold", tau=0.4, reduction="none", backend=backend)
-    want = kdkernels.cakd_loss(fs.reshape(2, 3, 20), ft.reshape(2, 3, 20), strong="threshold", tau=0.4,
-                               reduction="none", backend=backend)
+    want = kdkernels.cakd_loss(
+        fs.reshape(2, 3, 20), ft.reshape(2, 3, 20), strong="threshold", tau=0.4, reduction="none", backend=backend
+    )
     assert got.shape == (2, 3)
     torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -15,8 +15,12 @@ from kdkernels import backends, bench
 
 
 def test_demo_quick_runs_and_reports_every_method():
-    done = subprocess.run([sys.executable, "-m", "kdkernels", "demo", "--quick", "--no-progress"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "kdkernels", "demo", "--quick", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     for method in kdkernels.METHODS:
         assert f"\n{method} " in done.stdout
@@ -25,8 +29,23 @@ def test_demo_quick_runs_and_reports_every_method():
 
 def test_demo_standardize_adds_a_column():
     """``demo --standardize``: each method once more with logit standardization, in a column of its own."""
-    done = subprocess.run([sys.executable, "-m", "kdkernels", "demo", "--quick", "--no-progress", "--standardize",
-                           "--methods", "kd", "dkd"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kdkernels",
+            "demo",
+            "--quick",
+            "--no-progress",
+            "--standardize",
+            "--methods",
+            "kd",
+            "dkd",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     header, _, kd, dkd = done.stdout.splitlines()[1:5]
     assert "standardized acc" in header and kd.startswith("kd ") and dkd.startswith("dkd ")
@@ -37,9 +56,23 @@ def test_demo_standardize_adds_a_column():
 def test_demo_learn_temperature_adds_a_column():
     """``demo --learn-temperature``: each method once more with a learned temperature (CTKD), its accuracy and the
     mean learned T, which has moved from its start (4)."""
-    done = subprocess.run([sys.executable, "-m", "kdkernels", "demo", "--quick", "--no-progress",
-                           "--learn-temperature", "--methods", "kd", "jsd"], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kdkernels",
+            "demo",
+            "--quick",
+            "--no-progress",
+            "--learn-temperature",
+            "--methods",
+            "kd",
+            "jsd",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     header, _, kd, jsd = done.stdout.splitlines()[1:5]
     assert "learned-T acc" in header and "learned T" in header
@@ -54,8 +87,12 @@ def test_demo_learn_temperature_adds_a_column():
 def test_demo_lm_quick_trains_and_reports():
     """``demo lm --quick``: tokenizer, teacher, the CE-only student and the distilled ones through the trainer, then
     every step-cost path; the smoke run checks the pipeline and the report, not the perplexities."""
-    done = subprocess.run([sys.executable, "-m", "kdkernels", "demo", "lm", "--quick", "--no-progress",
-                           "--methods", "kd", "jsd"], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "kdkernels", "demo", "lm", "--quick", "--no-progress", "--methods", "kd", "jsd"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert "BPE vocabulary 4096" in out and "held-out perplexity (teacher" in out
@@ -65,11 +102,13 @@ def test_demo_lm_quick_trains_and_reports():
 
 
 def test_bench_writes_table_csv_and_plot(tmp_path):
-    rows = bench.run("cpu", shapes=["vision-100"], methods=["kd", "gdkd"], backends=[bench.EAGER],
-                     out=str(tmp_path), progress=False)
+    rows = bench.run(
+        "cpu", shapes=["vision-100"], methods=["kd", "gdkd"], backends=[bench.EAGER], out=str(tmp_path), progress=False
+    )
     assert [(r.method, r.backend) for r in rows] == [("kd", "eager"), ("gdkd", "eager")]
-    assert all(r.ms > 0 and math.isclose(r.gbps, bench.minimal_bytes(r.n, r.v, torch.float32) / r.ms / 1e6)
-               for r in rows)
+    assert all(
+        r.ms > 0 and math.isclose(r.gbps, bench.minimal_bytes(r.n, r.v, torch.float32) / r.ms / 1e6) for r in rows
+    )
     assert all(r.floor_ms > 0 and math.isclose(r.copy_share, r.floor_ms / r.ms) for r in rows)  # (the byte floor)
     with open(tmp_path / "bench.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
@@ -78,10 +117,12 @@ def test_bench_writes_table_csv_and_plot(tmp_path):
 
 
 def test_linear_bench_compares_paths(tmp_path):
-    rows = bench.run_linear("cpu", methods=["kd"], out=str(tmp_path), reps=1,
-                            table={"tiny": (64, 16, 300, torch.float32)}, liger=False)
-    assert [(r.case, r.path) for r in rows] == [("kd", p) for p in (bench.UNCHUNKED, bench.FUSED_LINEAR,
-                                                                     bench.FUSED_LINEAR_SMALL)]
+    rows = bench.run_linear(
+        "cpu", methods=["kd"], out=str(tmp_path), reps=1, table={"tiny": (64, 16, 300, torch.float32)}, liger=False
+    )
+    assert [(r.case, r.path) for r in rows] == [
+        ("kd", p) for p in (bench.UNCHUNKED, bench.FUSED_LINEAR, bench.FUSED_LINEAR_SMALL)
+    ]
     auto = backends.select_backend("auto", torch.empty(1)).name
     assert all(r.ms > 0 and r.peak_extra_mb > 0 and r.backend == auto for r in rows)
     assert math.isclose(rows[1].vs_unchunked_time, rows[0].ms / rows[1].ms)
@@ -110,8 +151,12 @@ def test_bench_shapes_are_listed_and_checked():
     text = " ".join(helped.stdout.split())
     for table in (bench.GPU_SHAPES, bench.CPU_SHAPES, bench.LINEAR_GPU_SHAPES, bench.LINEAR_CPU_SHAPES):
         assert all(name in text for name in table), text
-    done = subprocess.run([sys.executable, "-m", "kdkernels", "bench", "--device", "cpu", "--shapes", "vision-100",
-                           "llm-9k"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "kdkernels", "bench", "--device", "cpu", "--shapes", "vision-100", "llm-9k"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
     assert f"unknown shape(s) llm-9k on cpu; choose from: {', '.join(bench.CPU_SHAPES)}" in done.stderr
 
@@ -140,15 +185,23 @@ def test_setup_rebuilds_only_when_what_it_depends_on_changed(tmp_path):
     shutil.copy(os.path.join(root, "build", "setup-triton36.stamp"), triton_stamp)
 
     def check(**env):
-        done = subprocess.run(["bash", "scripts/setup.sh"], cwd=tmp_path, capture_output=True, text=True,
-                              env={**os.environ, "KDKERNELS_SETUP_CHECK": "1", **env}, timeout=60)
+        done = subprocess.run(
+            ["bash", "scripts/setup.sh"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "KDKERNELS_SETUP_CHECK": "1", **env},
+            timeout=60,
+        )
         return done.returncode, done.stdout
 
     code, out = check()
     assert code == 1 and "out of date" in out, out  # never installed here
     (tmp_path / "build" / "setup.stamp").write_text(out.split("(stamp ")[1].split(")")[0] + "\n")
-    assert check() == (0, "scripts/setup.sh: .venv is up to date (nothing the install depends on changed): not "
-                          "rebuilding\n")
+    assert check() == (
+        0,
+        "scripts/setup.sh: .venv is up to date (nothing the install depends on changed): not rebuilding\n",
+    )
     assert check(KDKERNELS_CUDA_ARCHS="80")[0] == 1
     assert check(KDKERNELS_TORCH="torch==2.99")[0] == 1
     header = tmp_path / "csrc" / "row_math.h"

@@ -19,10 +19,9 @@ import subprocess
 import sysconfig
 
 import pytest
-from torch.utils import cpp_extension
-
 import sm90_resources
 from sm90_resources import Resources, parse_ptxas
+from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
@@ -49,8 +48,16 @@ def nvcc_command(tmp_path_factory) -> list[str]:
         os.makedirs(scratch / os.path.dirname(MACROS))
         (scratch / MACROS).write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
         includes.append(str(scratch))
-    flags = ["-std=c++20", "-O3", "-gencode=arch=compute_90,code=sm_90", "-DTORCH_EXTENSION_NAME=_C",
-             "-DTORCH_API_INCLUDE_EXTENSION_H", "-Werror=all-warnings", "-Xptxas=-v", *cpp_extension.COMMON_NVCC_FLAGS]
+    flags = [
+        "-std=c++20",
+        "-O3",
+        "-gencode=arch=compute_90,code=sm_90",
+        "-DTORCH_EXTENSION_NAME=_C",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        "-Werror=all-warnings",
+        "-Xptxas=-v",
+        *cpp_extension.COMMON_NVCC_FLAGS,
+    ]
     return [nvcc, *flags, *(f"-I{d}" for d in includes)]
 
 
@@ -58,8 +65,9 @@ def resources(log: str) -> list[Resources]:
     """The records of ptxas's -v log: a function named by its demangled name without namespaces, return type and
     parameter list, its template arguments as the specialisation."""
     functions = parse_ptxas(log)
-    names = subprocess.run(["c++filt"], input="\n".join(functions), capture_output=True, text=True,
-                           check=True).stdout.splitlines()
+    names = subprocess.run(
+        ["c++filt"], input="\n".join(functions), capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     records = []
     for name, fields in zip(names, functions.values()):
         name = name.removeprefix("void ").replace("(anonymous namespace)::", "").split("(")[0]
@@ -80,8 +88,13 @@ def test_compiles_for_sm90(nvcc_command, source, tmp_path):
     assert run.returncode == 0, f"nvcc failed on {name}:\n{output[-6000:]}"
     records = resources(output)
     assert records, f"no ptxas -v record in nvcc's output on {name}:\n{output[-2000:]}"
-    sm90_resources.report("cuda", "CUDA kernels of csrc/cuda/*.cu, nvcc -gencode=arch=compute_90,code=sm_90 -O3 "
-                          "-Xptxas=-v, tests/test_cuda_compile.py: registers per thread, stack and spills in bytes per "
-                          "thread, smem in bytes per block (static)", os.path.basename(source), records)
+    sm90_resources.report(
+        "cuda",
+        "CUDA kernels of csrc/cuda/*.cu, nvcc -gencode=arch=compute_90,code=sm_90 -O3 "
+        "-Xptxas=-v, tests/test_cuda_compile.py: registers per thread, stack and spills in bytes per "
+        "thread, smem in bytes per block (static)",
+        os.path.basename(source),
+        records,
+    )
     spills = sm90_resources.spill_message(name, records)
     assert not spills, spills

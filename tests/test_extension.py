@@ -8,28 +8,46 @@ import sys
 
 import pytest
 import torch
-
-import kdkernels
 from cases import CASES, case_id
 from helpers import family_op_args, family_ops, make_inputs
+
+import kdkernels
 from kdkernels import backends
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARAMS = [float(x) for x in kdkernels.methods.DivergenceParams()]  # a divergence plan's parameter list
-pytestmark = pytest.mark.skipif("cpu" not in kdkernels.available_backends("cpu"),
-                                reason="the C++ extension kdkernels._C is not built")
+pytestmark = pytest.mark.skipif(
+    "cpu" not in kdkernels.available_backends("cpu"), reason="the C++ extension kdkernels._C is not built"
+)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if case_id(c) in ("kd", "jsd-beta=0.5", "wsd-lam=1.0", "akl",
-                                                                     "gdkd-k=3")], ids=case_id)
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if case_id(c) in ("kd", "jsd-beta=0.5", "wsd-lam=1.0", "akl", "gdkd-k=3")], ids=case_id
+)
 def test_inplace_opcheck(case):
     method, hp = case
     family, code, params = family_op_args(method, hp)
     s, t, target = make_inputs((4, 33), torch.float32, seed=31)
     for reduce, with_ce, standardize in ((True, False, False), (False, True, True)):
-        torch.library.opcheck(family_ops("cpu")[family][1],
-                              (s.clone(), t, target, torch.tensor(2.0) if reduce else None, code, params, 1.5,
-                               False, -100, reduce, 0.5, 1.5, with_ce, standardize))
+        torch.library.opcheck(
+            family_ops("cpu")[family][1],
+            (
+                s.clone(),
+                t,
+                target,
+                torch.tensor(2.0) if reduce else None,
+                code,
+                params,
+                1.5,
+                False,
+                -100,
+                reduce,
+                0.5,
+                1.5,
+                with_ce,
+                standardize,
+            ),
+        )
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if case_id(c) in ("kd", "akl", "dkd")], ids=case_id)
@@ -40,8 +58,26 @@ def test_full_opcheck(case):
     s, t, target = make_inputs((4, 33), torch.float32, seed=32)
     op = getattr(torch.ops.kdkernels, f"{family}_cpu_full").default
     for reduce, with_ce, standardize, teacher_grad in ((True, False, False, True), (False, True, True, False)):
-        torch.library.opcheck(op, (s, t, target, torch.tensor(2.0) if reduce else None, code, params, 1.5, True,
-                                   -100, reduce, 0.5, 1.5, with_ce, standardize, teacher_grad))
+        torch.library.opcheck(
+            op,
+            (
+                s,
+                t,
+                target,
+                torch.tensor(2.0) if reduce else None,
+                code,
+                params,
+                1.5,
+                True,
+                -100,
+                reduce,
+                0.5,
+                1.5,
+                with_ce,
+                standardize,
+                teacher_grad,
+            ),
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -66,8 +102,9 @@ def test_cpu_streamed_gradient_rows_equal_small_batches(method, v, dtype):
     assert torch.equal(whole[1], torch.cat([p[1] for p in parts]))
 
 
-@pytest.mark.parametrize("method,dtype,full", [("kd", torch.float32, False), ("dkd", torch.bfloat16, False),
-                                               ("jsd", torch.float32, True)])
+@pytest.mark.parametrize(
+    "method,dtype,full", [("kd", torch.float32, False), ("dkd", torch.bfloat16, False), ("jsd", torch.float32, True)]
+)
 def test_cpu_gradient_buffers_are_reused_and_fully_rewritten(method, dtype, full):
     """A freed CPU gradient of 1 MiB or more is kept (csrc/cpu/gradient_cache.h) and the next gradient of its size
     gets the same buffer, here poisoned with NaN first: every element is written again (ignored rows and rows masked
@@ -78,8 +115,7 @@ def test_cpu_gradient_buffers_are_reused_and_fully_rewritten(method, dtype, full
     op = getattr(torch.ops.kdkernels, f"{family}_cpu" + ("_full" if full else "")).default
 
     def gradients():
-        outputs = op(s, t, target, torch.tensor(95.0), code, params, 2.0, True, -100, True, 0.5, 1.0, True, False,
-                     True)
+        outputs = op(s, t, target, torch.tensor(95.0), code, params, 2.0, True, -100, True, 0.5, 1.0, True, False, True)
         return list(outputs[2:4] if full else outputs[2:3])
 
     kdkernels.release_cached_gradients()
@@ -114,18 +150,25 @@ def test_release_cached_gradients_frees_what_is_kept():
 @pytest.mark.parametrize("limit_mb,kept_mb", [("0", 0), ("5", 4)])
 def test_gradient_cache_keeps_at_most_its_limit(limit_mb, kept_mb):
     """KDKERNELS_GRADIENT_CACHE_MB caps the kept bytes (0 keeps nothing); the oldest buffers make room."""
-    code = ("import torch, kdkernels\n"
-            "grads = []\n"
-            "for v in (8192, 16384, 8192, 8192):  # gradients of 2, 4, 2 and 2 MiB, all alive at once\n"
-            "    s = torch.randn(64, v, requires_grad=True)\n"
-            "    kdkernels.distill_loss('kd', s, torch.randn(64, v), backend='cpu').backward()\n"
-            "    grads.append(s.grad)\n"
-            "del s\n"
-            "while grads:  # freed in the order they were made\n"
-            "    grads.pop(0)\n"
-            "print(kdkernels._C.cached_gradient_bytes())\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "KDKERNELS_GRADIENT_CACHE_MB": limit_mb})
+    code = (
+        "import torch, kdkernels\n"
+        "grads = []\n"
+        "for v in (8192, 16384, 8192, 8192):  # gradients of 2, 4, 2 and 2 MiB, all alive at once\n"
+        "    s = torch.randn(64, v, requires_grad=True)\n"
+        "    kdkernels.distill_loss('kd', s, torch.randn(64, v), backend='cpu').backward()\n"
+        "    grads.append(s.grad)\n"
+        "del s\n"
+        "while grads:  # freed in the order they were made\n"
+        "    grads.pop(0)\n"
+        "print(kdkernels._C.cached_gradient_bytes())\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "KDKERNELS_GRADIENT_CACHE_MB": limit_mb},
+    )
     assert run.returncode == 0, run.stderr
     assert int(run.stdout) == kept_mb << 20
 
@@ -147,9 +190,11 @@ def test_codes_and_parameters_agree_in_every_language():
     from kdkernels.backends.triton import decoupled as triton_decoupled
     from kdkernels.backends.triton import divergence as triton_divergence
 
-    for python, cpp, triton_module in ((methods.Divergence, _C.DIVERGENCE_CODES, triton_divergence),
-                                       (methods.Partition, _C.PARTITION_CODES, triton_decoupled),
-                                       (methods.Bin, _C.BIN_CODES, None)):
+    for python, cpp, triton_module in (
+        (methods.Divergence, _C.DIVERGENCE_CODES, triton_divergence),
+        (methods.Partition, _C.PARTITION_CODES, triton_decoupled),
+        (methods.Bin, _C.BIN_CODES, None),
+    ):
         assert cpp == {code.name: int(code) for code in python}, python.__name__
         if triton_module is not None:
             assert {code.name: getattr(triton_module, code.name).value for code in python} == cpp
@@ -163,24 +208,42 @@ def test_codes_and_parameters_agree_in_every_language():
 def test_inplace_needs_contiguous_student():
     s, t, target = make_inputs((4, 66), torch.float32, seed=32)
     with pytest.raises(RuntimeError, match="must be contiguous"):
-        torch.ops.kdkernels.divergence_cpu_(s[:, ::2], t[:, ::2], target, None, 0, PARAMS, 1.0, False, -100, True,
-                                            0.0, 1.0, False, False)
+        torch.ops.kdkernels.divergence_cpu_(
+            s[:, ::2], t[:, ::2], target, None, 0, PARAMS, 1.0, False, -100, True, 0.0, 1.0, False, False
+        )
 
 
-@pytest.mark.parametrize("what,kwargs,match", [
-    ("code", dict(code=99), "code must be in"),
-    ("params", dict(params=[0.0] * 3), f"params must hold {len(PARAMS)}"),
-    ("temperature", dict(temperature=0.0), "temperature must be > 0"),
-    ("shape", dict(teacher=torch.zeros(4, 5)), "same shape"),
-    ("dtype", dict(teacher=torch.zeros(4, 6, dtype=torch.int32)), "logits must be float32"),
-    ("target", dict(target=torch.zeros(3, dtype=torch.long)), r"target must have shape \[N\]"),
-    ("with_ce", dict(with_ce=True), "with_ce .* needs a target"),
-    ("weights", dict(ce_weight=float("inf")), "weights must be finite"),
-])
+@pytest.mark.parametrize(
+    "what,kwargs,match",
+    [
+        ("code", dict(code=99), "code must be in"),
+        ("params", dict(params=[0.0] * 3), f"params must hold {len(PARAMS)}"),
+        ("temperature", dict(temperature=0.0), "temperature must be > 0"),
+        ("shape", dict(teacher=torch.zeros(4, 5)), "same shape"),
+        ("dtype", dict(teacher=torch.zeros(4, 6, dtype=torch.int32)), "logits must be float32"),
+        ("target", dict(target=torch.zeros(3, dtype=torch.long)), r"target must have shape \[N\]"),
+        ("with_ce", dict(with_ce=True), "with_ce .* needs a target"),
+        ("weights", dict(ce_weight=float("inf")), "weights must be finite"),
+    ],
+)
 def test_op_checks_its_arguments(what, kwargs, match):
-    args = dict(student=torch.zeros(4, 6), teacher=torch.zeros(4, 6), target=None, denominator=None, code=0,
-                params=PARAMS, temperature=1.0, t2_scale=False, ignore_index=-100, reduce=True, ce_weight=0.0,
-                distill_weight=1.0, with_ce=False, standardize=False, with_grad=True)
+    args = dict(
+        student=torch.zeros(4, 6),
+        teacher=torch.zeros(4, 6),
+        target=None,
+        denominator=None,
+        code=0,
+        params=PARAMS,
+        temperature=1.0,
+        t2_scale=False,
+        ignore_index=-100,
+        reduce=True,
+        ce_weight=0.0,
+        distill_weight=1.0,
+        with_ce=False,
+        standardize=False,
+        with_grad=True,
+    )
     args.update(kwargs)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.kdkernels.divergence_cpu(*args.values())
@@ -196,26 +259,37 @@ def test_auto_picks_the_extension_on_cpu_and_cuda_is_refused_with_a_reason():
 
 
 def _run(code, env=None):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": ROOT, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT, **(env or {})},
+    )
 
 
 def test_missing_extension_is_explained():
     """Without kdkernels._C the package imports, "auto" falls back to the reference, and backend="cpu" says why
     and how to build it."""
-    run = _run("import sys; sys.modules['kdkernels._C'] = None\n"
-               "import torch, kdkernels\n"
-               "assert 'cpu' not in kdkernels.available_backends('cpu')\n"
-               "s = torch.randn(3, 7)\n"
-               "kdkernels.kd_loss(s, s)\n"
-               "kdkernels.kd_loss(s, s, backend='cpu')\n")
+    run = _run(
+        "import sys; sys.modules['kdkernels._C'] = None\n"
+        "import torch, kdkernels\n"
+        "assert 'cpu' not in kdkernels.available_backends('cpu')\n"
+        "s = torch.randn(3, 7)\n"
+        "kdkernels.kd_loss(s, s)\n"
+        "kdkernels.kd_loss(s, s, backend='cpu')\n"
+    )
     assert run.returncode != 0 and "RuntimeError" in run.stderr, run.stderr
-    assert "backend='cpu' cannot run on cpu tensors: the compiled extension kdkernels._C could not be imported" \
-        in run.stderr and "pip install --no-build-isolation -e ." in run.stderr, run.stderr
+    assert (
+        "backend='cpu' cannot run on cpu tensors: the compiled extension kdkernels._C could not be imported"
+        in run.stderr
+        and "pip install --no-build-isolation -e ." in run.stderr
+    ), run.stderr
 
 
-LOWER_CAPABILITIES = {"AVX512": ["default", "avx2"], "AVX2": ["default"]}.get(torch.backends.cpu.get_cpu_capability(),
-                                                                            [])
+LOWER_CAPABILITIES = {"AVX512": ["default", "avx2"], "AVX2": ["default"]}.get(
+    torch.backends.cpu.get_cpu_capability(), []
+)
 
 
 @pytest.mark.parametrize("capability", LOWER_CAPABILITIES)
@@ -225,10 +299,26 @@ def test_each_cpu_capability_build(capability):
     env = {"ATEN_CPU_CAPABILITY": capability}
     seen = _run("import torch; print(torch.backends.cpu.get_cpu_capability())", env)
     assert seen.stdout.strip().lower() == capability, seen.stdout + seen.stderr
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                          "tests/test_losses.py", "tests/test_kernels.py", "tests/test_extension.py", "-k",
-                          "cpu and (oracle or any_vocabulary or extreme or masked or half or streamed)"],
-                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env})
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_losses.py",
+            "tests/test_kernels.py",
+            "tests/test_extension.py",
+            "-k",
+            "cpu and (oracle or any_vocabulary or extreme or masked or half or streamed)",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **env},
+    )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
 
 
@@ -256,13 +346,18 @@ def test_every_cuda_op_has_its_cuda_kernel_in_csrc():
 def test_extension_backends_need_no_triton():
     """Without the triton package the extension's backends register with the extension's own ops (the CUDA
     backend's backward included), and backend='triton' says why it is missing."""
-    run = _run("import sys; sys.modules['triton'] = None\n"
-               "import torch, kdkernels\n"
-               "from kdkernels import backends\n"
-               "assert backends._REGISTRY['cuda'].scale_rows is torch.ops.kdkernels.scale_rows_.default\n"
-               "assert backends._REGISTRY['cpu'].impl is not None\n"
-               "s = torch.randn(3, 7, requires_grad=True)\n"
-               "kdkernels.kd_loss(s, torch.randn(3, 7), backend='cpu').backward(torch.tensor(2.0))\n"
-               "kdkernels.kd_loss(s, s, backend='triton')\n", env={"TRITON_INTERPRET": ""})
-    assert run.returncode != 0 and "backend='triton' cannot run on cpu tensors: the triton package could not be " \
-        "imported" in run.stderr, run.stderr
+    run = _run(
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, kdkernels\n"
+        "from kdkernels import backends\n"
+        "assert backends._REGISTRY['cuda'].scale_rows is torch.ops.kdkernels.scale_rows_.default\n"
+        "assert backends._REGISTRY['cpu'].impl is not None\n"
+        "s = torch.randn(3, 7, requires_grad=True)\n"
+        "kdkernels.kd_loss(s, torch.randn(3, 7), backend='cpu').backward(torch.tensor(2.0))\n"
+        "kdkernels.kd_loss(s, s, backend='triton')\n",
+        env={"TRITON_INTERPRET": ""},
+    )
+    assert (
+        run.returncode != 0
+        and "backend='triton' cannot run on cpu tensors: the triton package could not be imported" in run.stderr
+    ), run.stderr

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import kdkernels
 from cases import CASES, case_id
 from helpers import assert_close, make_inputs
+
+import kdkernels
 
 # akl's weights are constants of its gradient by definition: finite differences see more (its full gradient is
 # compared with the reference's autograd below, which holds them constant too).
@@ -30,8 +30,13 @@ def _loss(method, hp, s, t, temperature, target, backend, **options):
 
 @pytest.mark.parametrize("standardize", [False, True])
 @pytest.mark.parametrize("case", GRADCHECK_CASES, ids=case_id)
-@pytest.mark.parametrize("float64_backend", ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
-    not CPU_BUILT, reason="the C++ extension is not built"))])
+@pytest.mark.parametrize(
+    "float64_backend",
+    [
+        "reference",
+        pytest.param("cpu", marks=pytest.mark.skipif(not CPU_BUILT, reason="the C++ extension is not built")),
+    ],
+)
 def test_gradcheck_teacher_and_temperature(float64_backend, case, standardize):
     method, hp = case
     if method == "aekt":  # its weight min(P / Q, max_weight) is a constant by definition: keep it at its clamp
@@ -41,8 +46,7 @@ def test_gradcheck_teacher_and_temperature(float64_backend, case, standardize):
     temperature = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
 
     def f(s, t, temperature):
-        return _loss(method, hp, s, t, temperature, target, float64_backend, reduction="none",
-                     standardize=standardize)
+        return _loss(method, hp, s, t, temperature, target, float64_backend, reduction="none", standardize=standardize)
 
     assert torch.autograd.gradcheck(f, (s, t, temperature), eps=1e-6, atol=1e-6)
 
@@ -71,15 +75,27 @@ def test_fused_backends_match_the_reference(case, fused, device):
         options = dict(reduction="none", standardize=standardize, ce_weight=0.3, grad_output=go)
         want = _grads(method, hp, s.double(), t.double(), temperature.double(), target, "reference", **options)
         eager = _grads(method, hp, s, t, temperature, target, "reference", **options)
-        got = _grads(method, hp, s.to(device), t.to(device), temperature.to(device), target.to(device), fused,
-                     **{**options, "grad_output": go.to(device)})
+        got = _grads(
+            method,
+            hp,
+            s.to(device),
+            t.to(device),
+            temperature.to(device),
+            target.to(device),
+            fused,
+            **{**options, "grad_output": go.to(device)},
+        )
         what = f"{method} {hp} V={v} standardize={standardize}"
         assert_close(got[0], want[0].numpy(), torch.float32, f"{what} loss")
         assert_close(got[1], want[1].numpy(), torch.float32, f"{what} student gradient")
         assert_close(got[2], want[2].numpy(), torch.float32, f"{what} teacher gradient")
         error, eager_error = (abs(float(x[3]) - float(want[3])) for x in (got, eager))
-        assert error <= 4 * eager_error + 1e-4 * abs(float(want[3])) + 1e-7, (what, float(got[3]), float(want[3]),
-                                                                              float(eager[3]))
+        assert error <= 4 * eager_error + 1e-4 * abs(float(want[3])) + 1e-7, (
+            what,
+            float(got[3]),
+            float(want[3]),
+            float(eager[3]),
+        )
 
 
 def test_teacher_or_temperature_alone_and_reductions(backend, device):
@@ -94,8 +110,9 @@ def test_teacher_or_temperature_alone_and_reductions(backend, device):
         loss.backward()
         t64 = t.double().clone().requires_grad_(teacher_grad)
         temperature64 = torch.tensor(2.5, dtype=torch.float64, requires_grad=temperature_grad)
-        want = kdkernels.dkd_loss(s.double().cpu(), t64.cpu(), target.cpu(), temperature=temperature64,
-                                  normalizer=7.0, backend="reference")
+        want = kdkernels.dkd_loss(
+            s.double().cpu(), t64.cpu(), target.cpu(), temperature=temperature64, normalizer=7.0, backend="reference"
+        )
         want.backward()
         assert_close(loss, want.detach().numpy(), torch.float32, "loss")
         assert (tt.grad is None) != teacher_grad and (temperature.grad is None) != temperature_grad
@@ -140,12 +157,24 @@ def test_bad_temperatures_and_unsupported_paths_raise(device):
     with pytest.raises(TypeError, match="not by the loss modules"):
         kdkernels.KDLoss(temperature=torch.tensor(2.0, device=device))
     with pytest.raises(ValueError, match="SparseTeacher is a constant"):
-        kdkernels.linear_distill_loss("kd", s, torch.eye(8, device=device), sparse, None,
-                                      temperature=torch.tensor(2.0, device=device, requires_grad=True))
+        kdkernels.linear_distill_loss(
+            "kd",
+            s,
+            torch.eye(8, device=device),
+            sparse,
+            None,
+            temperature=torch.tensor(2.0, device=device, requires_grad=True),
+        )
     with pytest.raises(ValueError, match="needs a fused backend"):
-        kdkernels.linear_distill_loss("kd", s, torch.eye(8, device=device), s, torch.eye(8, device=device),
-                                      temperature=torch.tensor(2.0, device=device, requires_grad=True),
-                                      backend="reference")
+        kdkernels.linear_distill_loss(
+            "kd",
+            s,
+            torch.eye(8, device=device),
+            s,
+            torch.eye(8, device=device),
+            temperature=torch.tensor(2.0, device=device, requires_grad=True),
+            backend="reference",
+        )
 
 
 @pytest.mark.parametrize("learns", ["temperature", "teacher", "both"])
@@ -170,19 +199,43 @@ def test_full_gradient_in_fused_linear(case, reduction, learns, fused, device):
         teacher = [x.clone().to(device).requires_grad_(learn_teacher) for x in (t_hidden, t_weight, t_bias)]
         temperature = torch.tensor(2.5, device=device, requires_grad=learn_t)
         if linear:
-            loss = kdkernels.linear_distill_loss(method, *leaves, *teacher[:2], target.to(device),
-                                                 teacher_bias=teacher[2], temperature=temperature, softcap=5.0,
-                                                 teacher_softcap=7.0, teacher_logit_scale=1.5, chunk_size=4,
-                                                 backend=fused, **options)
+            loss = kdkernels.linear_distill_loss(
+                method,
+                *leaves,
+                *teacher[:2],
+                target.to(device),
+                teacher_bias=teacher[2],
+                temperature=temperature,
+                softcap=5.0,
+                teacher_softcap=7.0,
+                teacher_logit_scale=1.5,
+                chunk_size=4,
+                backend=fused,
+                **options,
+            )
         else:
             student_logits = 5.0 * torch.tanh(leaves[0] @ leaves[1].t() / 5.0)
             teacher_logits = 7.0 * torch.tanh(1.5 * (teacher[0] @ teacher[1].t() + teacher[2]) / 7.0)
-            loss = kdkernels.distill_loss(method, student_logits, teacher_logits, target.to(device),
-                                          temperature=temperature, backend="reference", **options)
+            loss = kdkernels.distill_loss(
+                method,
+                student_logits,
+                teacher_logits,
+                target.to(device),
+                temperature=temperature,
+                backend="reference",
+                **options,
+            )
         loss.backward(go.to(device))
         results.append([loss.detach(), *(x.grad for x in leaves), *(x.grad for x in teacher), temperature.grad])
-    names = ("loss", "hidden grad", "weight grad", "teacher hidden grad", "teacher weight grad", "teacher bias grad",
-             "d loss / d T")
+    names = (
+        "loss",
+        "hidden grad",
+        "weight grad",
+        "teacher hidden grad",
+        "teacher weight grad",
+        "teacher bias grad",
+        "d loss / d T",
+    )
     for got, want, what in zip(*results, names):
         assert (got is None) == (want is None), what
         if got is not None:

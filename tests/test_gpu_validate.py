@@ -10,8 +10,9 @@ import subprocess
 import sys
 from collections import Counter
 
-import kdkernels
 from conftest import backends_under_test
+
+import kdkernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_validate.sh")
@@ -51,8 +52,13 @@ def run_stubbed(tmp_path, *args, **env):
     (stubs / "python3").chmod(stat.S_IRWXU)
     results = tmp_path / "results"
     environ = {k: v for k, v in os.environ.items() if k not in ("OUT", "KDKERNELS_NO_EXTENSION")}
-    done = subprocess.run(["bash", SCRIPT, args[0], str(results), *args[1:]], capture_output=True, text=True,
-                          env={**environ, "PATH": f"{stubs}:{os.environ['PATH']}", **env}, timeout=60)
+    done = subprocess.run(
+        ["bash", SCRIPT, args[0], str(results), *args[1:]],
+        capture_output=True,
+        text=True,
+        env={**environ, "PATH": f"{stubs}:{os.environ['PATH']}", **env},
+        timeout=60,
+    )
     return done, results
 
 
@@ -78,9 +84,14 @@ def test_unknown_step_is_refused_before_anything_runs(tmp_path):
 
 def test_gpu_subset():
     """Every method x fused backend once per (V, dtype) of the kernel tests, and every backend in the linear ones."""
-    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
-                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "KDKERNELS_GPU_QUICK": "1"},
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "KDKERNELS_GPU_QUICK": "1"},
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ids = [line for line in done.stdout.splitlines() if "::" in line]
     fused = [b for b in backends_under_test() if b != "reference"]
@@ -92,10 +103,16 @@ def test_gpu_subset():
             backend, *case, v = params.removesuffix("-bf16").split("-")
             kernels[function, backend, case[0], v, params.endswith("-bf16")] += 1
         else:
-            assert path == "tests/test_linear.py" and function in ("test_bfloat16_heads",
-                                                                   "test_bfloat16_hidden_float32_weight"), node
-    want = {(function, backend, method, v, function.startswith("test_half"))
-            for function in ("test_float32_any_vocabulary", "test_half_precision_no_worse_than_eager")
-            for backend in fused for method in kdkernels.METHODS for v in ("1000", "70000")}
+            assert path == "tests/test_linear.py" and function in (
+                "test_bfloat16_heads",
+                "test_bfloat16_hidden_float32_weight",
+            ), node
+    want = {
+        (function, backend, method, v, function.startswith("test_half"))
+        for function in ("test_float32_any_vocabulary", "test_half_precision_no_worse_than_eager")
+        for backend in fused
+        for method in kdkernels.METHODS
+        for v in ("1000", "70000")
+    }
     assert set(kernels) == want and set(kernels.values()) == {1}
     assert len(ids) == len(want) + 2 * (len(fused) + 1)

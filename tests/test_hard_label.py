@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-
-import kdkernels
 from cases import CASES, case_id
 from helpers import assert_close, check_against_oracle, make_inputs, run_loss
+
+import kdkernels
 
 WEIGHTS = {"ce_weight": 0.7, "distill_weight": 0.4}
 
@@ -31,8 +31,19 @@ def test_temperature_one_sum_and_normalizer(backend, device, case):
     method, hp = case
     s, t, target = make_inputs((2, 3, 41), torch.float32, device, seed=3, ignored=2)
     check_against_oracle(method, hp, s, t, target, backend, "sum", 1.3, temperature=1.0, **WEIGHTS)
-    check_against_oracle(method, hp, s, t, target, backend, "batchmean", -0.6, temperature=1.0, ce_weight=1.0,
-                         normalizer=torch.tensor(9.0, device=device))
+    check_against_oracle(
+        method,
+        hp,
+        s,
+        t,
+        target,
+        backend,
+        "batchmean",
+        -0.6,
+        temperature=1.0,
+        ce_weight=1.0,
+        normalizer=torch.tensor(9.0, device=device),
+    )
 
 
 def test_parts_are_the_terms(backend, device):
@@ -68,8 +79,12 @@ def test_bad_weights_and_missing_target(backend, device):
     s, t, target = make_inputs((3, 10), torch.float32, device, seed=6)
     with pytest.raises(ValueError, match="ce_weight > 0 .* needs target"):
         kdkernels.kd_loss(s, t, ce_weight=0.5, backend=backend)
-    for name, value, error in (("ce_weight", -0.1, ValueError), ("distill_weight", math.nan, TypeError),
-                               ("ce_weight", "1", TypeError), ("distill_weight", True, TypeError)):
+    for name, value, error in (
+        ("ce_weight", -0.1, ValueError),
+        ("distill_weight", math.nan, TypeError),
+        ("ce_weight", "1", TypeError),
+        ("distill_weight", True, TypeError),
+    ):
         with pytest.raises(error, match=name):
             kdkernels.kd_loss(s, t, target, backend=backend, **{name: value})
         with pytest.raises(error, match=name):

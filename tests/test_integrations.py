@@ -15,14 +15,22 @@ if os.environ.get("KDKERNELS_NO_LLM") == "1":
     pytest.skip("KDKERNELS_NO_LLM=1: transformers / trl are not installed here", allow_module_level=True)
 
 import transformers  # noqa: E402
+from helpers import assert_close  # noqa: E402
 
 import kdkernels  # noqa: E402
-from helpers import assert_close  # noqa: E402
 from kdkernels.integrations.transformers import DistillationTrainer, LMHead, final_hidden_states  # noqa: E402
 
 V = 61
-SMALL = dict(intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-             max_position_embeddings=64, eos_token_id=None, bos_token_id=None, pad_token_id=None)
+SMALL = dict(
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=64,
+    eos_token_id=None,
+    bos_token_id=None,
+    pad_token_id=None,
+)
 
 
 def causal_lm(kind="llama", hidden=16, vocab=V, seed=0, **config):
@@ -52,27 +60,52 @@ def eager_loss(method, student, teacher, inputs, normalizer=None, reduction="bat
     model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
     s = student(**model_inputs).logits[:, :-1]
     with torch.no_grad():
-        t = teacher(**model_inputs).logits[:, :-1, :s.shape[-1]]
-    return kdkernels.distill_loss(method, s.double(), t.double(), inputs["labels"][:, 1:], normalizer=normalizer,
-                                  reduction=reduction, backend="reference", **options)
+        t = teacher(**model_inputs).logits[:, :-1, : s.shape[-1]]
+    return kdkernels.distill_loss(
+        method,
+        s.double(),
+        t.double(),
+        inputs["labels"][:, 1:],
+        normalizer=normalizer,
+        reduction=reduction,
+        backend="reference",
+        **options,
+    )
 
 
-def trainer(student, teacher, tmp_path, method="kd", loss_options=None, train_dataset=None, eval_dataset=None,
-            **args):
-    defaults = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no",
-                    per_device_train_batch_size=2, disable_tqdm=True)
-    return DistillationTrainer(model=student, teacher_model=teacher, method=method, **(loss_options or {}),
-                               args=transformers.TrainingArguments(**{**defaults, **args}),
-                               train_dataset=train_dataset, eval_dataset=eval_dataset)
+def trainer(student, teacher, tmp_path, method="kd", loss_options=None, train_dataset=None, eval_dataset=None, **args):
+    defaults = dict(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        per_device_train_batch_size=2,
+        disable_tqdm=True,
+    )
+    return DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        method=method,
+        **(loss_options or {}),
+        args=transformers.TrainingArguments(**{**defaults, **args}),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+    )
 
 
 def grads(model):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("method,options", [("kd", {}), ("jsd", {"beta": 0.3, "ce_weight": 0.5}),
-                                            ("dkd", {"temperature": 2.0}), ("rkl", {"ce_weight": 1.0,
-                                                                                    "distill_weight": 0.2})])
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("kd", {}),
+        ("jsd", {"beta": 0.3, "ce_weight": 0.5}),
+        ("dkd", {"temperature": 2.0}),
+        ("rkl", {"ce_weight": 1.0, "distill_weight": 0.2}),
+    ],
+)
 def test_compute_loss_equals_eager_recipe(method, options, tmp_path):
     """The trainer's loss and every student gradient equal the eager recipe's; the teacher gets none."""
     student, teacher = causal_lm(), causal_lm(hidden=24, seed=1)
@@ -90,13 +123,19 @@ def test_compute_loss_equals_eager_recipe(method, options, tmp_path):
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
 
 
-@pytest.mark.parametrize("student_kind,teacher_kind", [("gemma2", "llama"), ("llama", "gemma2"),
-                                                       ("cohere", "granite"), ("granite", "cohere")])
+@pytest.mark.parametrize(
+    "student_kind,teacher_kind",
+    [("gemma2", "llama"), ("llama", "gemma2"), ("cohere", "granite"), ("granite", "cohere")],
+)
 def test_head_scaling_and_softcap_from_the_configs(student_kind, teacher_kind, tmp_path):
     """Each model's logits as its own forward computes them: Gemma 2's final softcap, Cohere's logit_scale and
     Granite's logits_scaling, read from each config (tied embeddings included: Gemma 2 and Cohere tie)."""
-    config = {"gemma2": {"final_logit_softcapping": 2.0}, "cohere": {"logit_scale": 0.5},
-              "granite": {"logits_scaling": 4.0}, "llama": {}}
+    config = {
+        "gemma2": {"final_logit_softcapping": 2.0},
+        "cohere": {"logit_scale": 0.5},
+        "granite": {"logits_scaling": 4.0},
+        "llama": {},
+    }
     student = causal_lm(student_kind, **config[student_kind])
     teacher = causal_lm(teacher_kind, hidden=24, seed=1, **config[teacher_kind])
     inputs = batch()
@@ -110,8 +149,12 @@ def test_head_scaling_and_softcap_from_the_configs(student_kind, teacher_kind, t
     for name, g in grads(student).items():
         assert_close(grads(tr.model)[name], g.numpy(), torch.float32, name)
     head = LMHead.of(student)
-    assert (head.softcap, head.logit_scale) == {"gemma2": (2.0, 1.0), "cohere": (None, 0.5),
-                                                "granite": (None, 0.25), "llama": (None, 1.0)}[student_kind]
+    assert (head.softcap, head.logit_scale) == {
+        "gemma2": (2.0, 1.0),
+        "cohere": (None, 0.5),
+        "granite": (None, 0.25),
+        "llama": (None, 1.0),
+    }[student_kind]
 
 
 def test_padded_teacher_vocabulary_is_renormalised(tmp_path):
@@ -142,9 +185,22 @@ def test_train_with_gradient_accumulation_equals_one_full_batch(tmp_path):
     rows = [batch(1, 9, seed=s, ignored=[(0, c) for c in range(s)]) for s in range(4)]  # 0..3 ignored labels each
     dataset = [{k: v[0] for k, v in row.items()} for row in rows]
     options = {"ce_weight": 0.5, "temperature": 2.0}
-    tr = trainer(copy.deepcopy(student), teacher, tmp_path, "kd", options, train_dataset=dataset,
-                 gradient_accumulation_steps=2, max_steps=1, learning_rate=0.5, optim="sgd",
-                 lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, logging_steps=1)
+    tr = trainer(
+        copy.deepcopy(student),
+        teacher,
+        tmp_path,
+        "kd",
+        options,
+        train_dataset=dataset,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+    )
     tr.train()
     full = {k: torch.cat([row[k] for row in rows]) for k in rows[0]}
     tokens = (full["labels"][:, 1:] != -100).sum()
@@ -178,8 +234,9 @@ def test_evaluate_and_outputs(tmp_path):
     student, teacher = causal_lm("gemma2", final_logit_softcapping=3.0), causal_lm(hidden=24, seed=1)
     inputs = batch()
     dataset = [{k: v[i] for k, v in inputs.items()} for i in range(2)]
-    tr = trainer(student, teacher, tmp_path, "dkd", {"ce_weight": 0.5}, eval_dataset=dataset,
-                 per_device_eval_batch_size=2)
+    tr = trainer(
+        student, teacher, tmp_path, "dkd", {"ce_weight": 0.5}, eval_dataset=dataset, per_device_eval_batch_size=2
+    )
     metrics = tr.evaluate()
     want = eager_loss("dkd", student, teacher, inputs, ce_weight=0.5, return_parts=True)
     assert_close(torch.tensor(metrics["eval_loss"]), want.loss.detach().numpy(), torch.float32, "eval_loss")
@@ -211,14 +268,29 @@ def _ddp_worker(rank, world, init_file, out_dir):
     import torch.distributed as dist
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+    )
     rows, options = _ddp_case()
     student, teacher = causal_lm(), causal_lm(hidden=24, seed=1)
     dataset = [{k: v[0] for k, v in row.items()} for row in rows]
-    tr = trainer(student, teacher, out_dir, "jsd", options, train_dataset=dataset, per_device_train_batch_size=1,
-                 gradient_accumulation_steps=2, max_steps=1, learning_rate=0.5, optim="sgd", ddp_backend="gloo",
-                 lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0)
+    tr = trainer(
+        student,
+        teacher,
+        out_dir,
+        "jsd",
+        options,
+        train_dataset=dataset,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+        learning_rate=0.5,
+        optim="sgd",
+        ddp_backend="gloo",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+    )
     assert tr.accelerator.num_processes == world
     tr.train()
     if rank == 0:
@@ -264,24 +336,38 @@ TRL_LOSS = distillation_trainer._chunked_divergence_loss
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
-@pytest.mark.parametrize("temperature,caps,num_items", [(1.0, (None, None), None), (2.0, (3.0, None), 7),
-                                                        (0.7, (None, 2.5), None), (1.0, (2.0, 4.0), 5)])
+@pytest.mark.parametrize(
+    "temperature,caps,num_items",
+    [(1.0, (None, None), None), (2.0, (3.0, None), 7), (0.7, (None, 2.5), None), (1.0, (2.0, 4.0), 5)],
+)
 def test_trl_chunked_divergence_loss_equals_trls(beta, temperature, caps, num_items):
     """chunked_divergence_loss returns what TRL's _chunked_divergence_loss returns (loss, entropy sum, token count)
     and the same gradients of the student's hidden states, head weight and bias."""
     g = torch.Generator().manual_seed(3)
     b, k, h_s, h_t = 2, 5, 6, 4
-    student = [torch.randn(b, k, h_s, generator=g), torch.randn(V, h_s, generator=g) * 1.5,
-               torch.randn(V, generator=g)]
-    teacher = [torch.randn(b, k, h_t, generator=g), torch.randn(V, h_t, generator=g) * 1.5,
-               torch.randn(V, generator=g)]
+    student = [torch.randn(b, k, h_s, generator=g), torch.randn(V, h_s, generator=g) * 1.5, torch.randn(V, generator=g)]
+    teacher = [torch.randn(b, k, h_t, generator=g), torch.randn(V, h_t, generator=g) * 1.5, torch.randn(V, generator=g)]
     mask = torch.ones(b, k, dtype=torch.long)
     mask[0, :2] = mask[1, 4] = 0
     results = []
     for loss_fn in (TRL_LOSS, chunked_divergence_loss):
         params = [x.clone().requires_grad_(True) for x in student]
-        loss, entropy, n = loss_fn(params[0], teacher[0], params[1], teacher[1], mask, beta, num_items, params[2],
-                                   teacher[2], 0.8, 1.3, caps[0], caps[1], temperature)
+        loss, entropy, n = loss_fn(
+            params[0],
+            teacher[0],
+            params[1],
+            teacher[1],
+            mask,
+            beta,
+            num_items,
+            params[2],
+            teacher[2],
+            0.8,
+            1.3,
+            caps[0],
+            caps[1],
+            temperature,
+        )
         results.append((loss, entropy, n, torch.autograd.grad(loss * 1.7, params)))
     (want, want_entropy, want_n, want_grads), (got, got_entropy, got_n, got_grads) = results
     assert got_n == want_n == 7
@@ -308,21 +394,43 @@ def _gkd(cls, tmp_path, **args):
 
     vocab = {f"t{i}": i for i in range(V)}
     tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), pad_token="t1", unk_token="t0")
-    rows = [{k: v[0].tolist() for k, v in batch(1, 9, seed=s, ignored=[(0, c) for c in range(s + 2)]).items()}
-            for s in range(4)]
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), pad_token="t1", unk_token="t0"
+    )
+    rows = [
+        {k: v[0].tolist() for k, v in batch(1, 9, seed=s, ignored=[(0, c) for c in range(s + 2)]).items()}
+        for s in range(4)
+    ]
 
     def collate(rows):  # pre-tokenized rows, the first 3 tokens the prompt
         out = {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
         return {**out, "prompts": out["input_ids"][:, :3], "prompt_attention_mask": out["attention_mask"][:, :3]}
 
-    config = GKDConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no", bf16=False,
-                       per_device_train_batch_size=2, lmbda=0.0, beta=0.3, max_steps=1, learning_rate=0.5,
-                       optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
-                       disable_tqdm=True, **args)
-    trainer = cls(model=causal_lm("gemma2", final_logit_softcapping=3.0), args=config, processing_class=tokenizer,
-                  teacher_model=causal_lm(hidden=24, seed=1), train_dataset=Dataset.from_list(rows),
-                  data_collator=collate)
+    config = GKDConfig(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        bf16=False,
+        per_device_train_batch_size=2,
+        lmbda=0.0,
+        beta=0.3,
+        max_steps=1,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        disable_tqdm=True,
+        **args,
+    )
+    trainer = cls(
+        model=causal_lm("gemma2", final_logit_softcapping=3.0),
+        args=config,
+        processing_class=tokenizer,
+        teacher_model=causal_lm(hidden=24, seed=1),
+        train_dataset=Dataset.from_list(rows),
+        data_collator=collate,
+    )
     return trainer, collate(rows[:2])
 
 
@@ -358,8 +466,9 @@ def _fsdp_worker(rank, world, init_file, out_dir):
 
     from kdkernels.integrations.transformers import distill_in_forward
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+    )
     mesh = init_device_mesh("cpu", (world,))
     student, teacher = causal_lm("gemma2", final_logit_softcapping=3.0), causal_lm(hidden=24, seed=1)
     for layer in student.model.layers:
@@ -367,9 +476,18 @@ def _fsdp_worker(rank, world, init_file, out_dir):
     fully_shard(student, mesh=mesh)
     inputs = batch(4, 9)
     tokens = (inputs["labels"][:, 1:] != -100).sum().float()
-    mine = {k: v[2 * rank:2 * rank + 2] for k, v in inputs.items()}
-    loss, _ = distill_in_forward(student, teacher, {"input_ids": mine["input_ids"]}, "jsd", mine["labels"][:, 1:],
-                                 slice(None, -1), beta=0.3, ce_weight=0.5, normalizer=tokens / world)
+    mine = {k: v[2 * rank : 2 * rank + 2] for k, v in inputs.items()}
+    loss, _ = distill_in_forward(
+        student,
+        teacher,
+        {"input_ids": mine["input_ids"]},
+        "jsd",
+        mine["labels"][:, 1:],
+        slice(None, -1),
+        beta=0.3,
+        ce_weight=0.5,
+        normalizer=tokens / world,
+    )
     loss.backward()  # FSDP2 averages the ranks' gradients: each divides by its share of the tokens
     grads = {name: p.grad.full_tensor() for name, p in student.named_parameters()}
     if rank == 0:

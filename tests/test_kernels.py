@@ -6,11 +6,11 @@ import math
 import numpy as np
 import pytest
 import torch
-
-import kdkernels
 from cases import CASES, case_id
 from helpers import TOLERANCE, assert_close, check_against_oracle, make_inputs, run_loss
 from oracle import oracle
+
+import kdkernels
 
 
 def _grad_output(reduction, n):
@@ -32,10 +32,20 @@ def _errors(method, hp, s, t, target, backend, temperature=None):
     spec = kdkernels.METHODS[method]
     temperature = temperature or spec.temperature
     loss, grad = run_loss(method, s, t, target, hp, backend, "none", temperature=temperature)
-    want_loss, want_grad = oracle(method, s.double().cpu().numpy(), t.double().cpu().numpy(),
-                                  target.cpu().numpy(), spec.resolve(hp), temperature, spec.t2_scale, "none")
-    err = [np.abs(got.detach().double().cpu().numpy() - want).max() / np.abs(want).max()
-           for got, want in ((loss, want_loss), (grad, want_grad))]
+    want_loss, want_grad = oracle(
+        method,
+        s.double().cpu().numpy(),
+        t.double().cpu().numpy(),
+        target.cpu().numpy(),
+        spec.resolve(hp),
+        temperature,
+        spec.t2_scale,
+        "none",
+    )
+    err = [
+        np.abs(got.detach().double().cpu().numpy() - want).max() / np.abs(want).max()
+        for got, want in ((loss, want_loss), (grad, want_grad))
+    ]
     return err
 
 
@@ -55,9 +65,16 @@ def test_half_precision_no_worse_than_eager(fused, device, case, v, dtype):
         assert k <= e + 2.0**-8, f"{what}: kernel error {k:.3e} worse than the eager reference's {e:.3e}"
 
 
-@pytest.mark.parametrize("dtypes", [(torch.float16, torch.float16), (torch.bfloat16, torch.float32),
-                                    (torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16)],
-                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.float16, torch.bfloat16),
+    ],
+    ids=lambda d: str(d).replace("torch.", ""),
+)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_mixed_and_half_dtypes(fused, device, case, dtypes):
     method, hp = case
@@ -119,8 +136,9 @@ def test_gradient_accumulates_over_two_losses(fused, device):
     (kdkernels.kd_loss(s, t, target, backend=fused) + 2 * kdkernels.dkd_loss(s, t, target, backend=fused)).backward()
     want = s.grad.clone()
     s.grad = None
-    (kdkernels.kd_loss(s, t, target, backend="reference") + 2 * kdkernels.dkd_loss(s, t, target, backend="reference")
-     ).backward()
+    (
+        kdkernels.kd_loss(s, t, target, backend="reference") + 2 * kdkernels.dkd_loss(s, t, target, backend="reference")
+    ).backward()
     assert_close(want, s.grad.double().cpu().numpy(), torch.float32, "accumulated gradient")
 
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-import kdkernels
 from cases import CASES, case_id
 from helpers import assert_close, family_op_args
+
+import kdkernels
 from kdkernels.linear import REFERENCE_BUFFERS, chunk_rows, linear_distill_loss
 
 N, H_S, H_T, V = 7, 5, 4, 11
@@ -31,16 +31,44 @@ def full_logits(head, cap=None, scale=1.0):
     return z if cap is None else cap * torch.tanh(z / cap)
 
 
-def compare(method, hp, backend, student, teacher, target, grad_output=None, tol_dtype=torch.float32,
-            softcap=None, teacher_softcap=None, student_logit_scale=1.0, teacher_logit_scale=1.0, chunk_size=None,
-            memory_budget=None, **options):
+def compare(
+    method,
+    hp,
+    backend,
+    student,
+    teacher,
+    target,
+    grad_output=None,
+    tol_dtype=torch.float32,
+    softcap=None,
+    teacher_softcap=None,
+    student_logit_scale=1.0,
+    teacher_logit_scale=1.0,
+    chunk_size=None,
+    memory_budget=None,
+    **options,
+):
     """linear_distill_loss against distill_loss (reference) on the float64 full logits: loss and all gradients."""
     params = [student[k].detach().clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
-    loss = linear_distill_loss(method, params[0], params[1], teacher["hidden"], teacher["weight"], target,
-                               student_bias=params[2], teacher_bias=teacher["bias"], backend=backend,
-                               softcap=softcap, teacher_softcap=teacher_softcap,
-                               student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
-                               chunk_size=chunk_size, memory_budget=memory_budget, **hp, **options)
+    loss = linear_distill_loss(
+        method,
+        params[0],
+        params[1],
+        teacher["hidden"],
+        teacher["weight"],
+        target,
+        student_bias=params[2],
+        teacher_bias=teacher["bias"],
+        backend=backend,
+        softcap=softcap,
+        teacher_softcap=teacher_softcap,
+        student_logit_scale=student_logit_scale,
+        teacher_logit_scale=teacher_logit_scale,
+        chunk_size=chunk_size,
+        memory_budget=memory_budget,
+        **hp,
+        **options,
+    )
     go = torch.full_like(loss, 0.7) if grad_output is None else grad_output
     got = torch.autograd.grad(loss, params, go)
     ref = [student[k].detach().double().clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
@@ -89,8 +117,9 @@ def test_default_chunks_have_the_rows_the_matmuls_need(monkeypatch):
 
     seen = []
     chunk = linear._Heads.chunk
-    monkeypatch.setattr(linear._Heads, "chunk", lambda self, start, stop, *a: seen.append(stop - start) or
-                        chunk(self, start, stop, *a))
+    monkeypatch.setattr(
+        linear._Heads, "chunk", lambda self, start, stop, *a: seen.append(stop - start) or chunk(self, start, stop, *a)
+    )
     budget = 4 * 10 * 4 * V * 2  # the reference's chunk gets a quarter (chunk_rows): 10 rows of both logits
     monkeypatch.setattr(linear, "DEFAULT_CPU_AUTOGRAD_BUDGET", budget)
     monkeypatch.setitem(linear.MATMUL_ROWS, "cpu", 16)
@@ -127,10 +156,23 @@ def test_softcap(method, hp, backend, device):
 def test_logit_scales(method, hp, backend, device):
     """student_logit_scale / teacher_logit_scale multiply each head's logits before its softcap."""
     student, teacher, target = make_heads(device=device)
-    compare(method, hp, backend, student, teacher, target, student_logit_scale=0.5, teacher_logit_scale=1.75,
-            chunk_size=3)
-    compare(method, hp, backend, student, teacher, target, student_logit_scale=2.0, softcap=3.0,
-            teacher_logit_scale=0.25, teacher_softcap=1.5, chunk_size=4, temperature=2.0)
+    compare(
+        method, hp, backend, student, teacher, target, student_logit_scale=0.5, teacher_logit_scale=1.75, chunk_size=3
+    )
+    compare(
+        method,
+        hp,
+        backend,
+        student,
+        teacher,
+        target,
+        student_logit_scale=2.0,
+        softcap=3.0,
+        teacher_logit_scale=0.25,
+        teacher_softcap=1.5,
+        chunk_size=4,
+        temperature=2.0,
+    )
 
 
 @pytest.mark.parametrize("method,hp", [("rkl", {}), ("tvd", {}), ("jsd", {"beta": 0.5})])
@@ -142,8 +184,9 @@ def test_padded_teacher_vocabulary(method, hp, backend, device):
 def test_padded_teacher_vocabulary_forward_kl(backend, device):
     student, teacher, target = make_heads(v_t=V + 3, device=device)
     # kd is infinite wherever the teacher gives mass to a class the student lacks...
-    loss = linear_distill_loss("kd", student["hidden"], student["weight"], teacher["hidden"], teacher["weight"],
-                               target, backend=backend)
+    loss = linear_distill_loss(
+        "kd", student["hidden"], student["weight"], teacher["hidden"], teacher["weight"], target, backend=backend
+    )
     assert loss.item() == float("inf")
     # ...and exact when the padded classes are masked in the teacher too.
     teacher["bias"][V:] = float("-inf")
@@ -167,16 +210,32 @@ def test_leading_dims_module_and_no_grad(backend, device):
     student, teacher, target = make_heads(n=6, device=device)
     module = kdkernels.LinearDistillLoss("jsd", beta=0.2, chunk_size=4, backend=backend)
     hidden = student["hidden"].reshape(2, 3, H_S)
-    loss = module(hidden, student["weight"], teacher["hidden"].reshape(2, 3, H_T), teacher["weight"],
-                  target.reshape(2, 3), student_bias=student["bias"], teacher_bias=teacher["bias"])
-    want = kdkernels.distill_loss("jsd", full_logits(student), full_logits(teacher), target, beta=0.2,
-                                  backend="reference")
+    loss = module(
+        hidden,
+        student["weight"],
+        teacher["hidden"].reshape(2, 3, H_T),
+        teacher["weight"],
+        target.reshape(2, 3),
+        student_bias=student["bias"],
+        teacher_bias=teacher["bias"],
+    )
+    want = kdkernels.distill_loss(
+        "jsd", full_logits(student), full_logits(teacher), target, beta=0.2, backend="reference"
+    )
     assert_close(loss, want.numpy(), torch.float32, "module")
     with torch.no_grad():
-        again = linear_distill_loss("jsd", hidden.requires_grad_(True), student["weight"],
-                                    teacher["hidden"].reshape(2, 3, H_T), teacher["weight"], target.reshape(2, 3),
-                                    student_bias=student["bias"], teacher_bias=teacher["bias"], beta=0.2,
-                                    backend=backend)
+        again = linear_distill_loss(
+            "jsd",
+            hidden.requires_grad_(True),
+            student["weight"],
+            teacher["hidden"].reshape(2, 3, H_T),
+            teacher["weight"],
+            target.reshape(2, 3),
+            student_bias=student["bias"],
+            teacher_bias=teacher["bias"],
+            beta=0.2,
+            backend=backend,
+        )
     assert again.grad_fn is None
     assert_close(again, loss.detach().numpy(), torch.float32, "forward only")
 
@@ -210,9 +269,19 @@ def test_autocast_leaves_the_chunks_in_float32(reduction, backend, device):
     for autocast in (False, True):
         params = [student[k].detach().clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
         with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-            loss = linear_distill_loss("kd", params[0], params[1], teacher["hidden"], teacher["weight"], target,
-                                       student_bias=params[2], teacher_bias=teacher["bias"], backend=backend,
-                                       chunk_size=3, reduction=reduction)
+            loss = linear_distill_loss(
+                "kd",
+                params[0],
+                params[1],
+                teacher["hidden"],
+                teacher["weight"],
+                target,
+                student_bias=params[2],
+                teacher_bias=teacher["bias"],
+                backend=backend,
+                chunk_size=3,
+                reduction=reduction,
+            )
             loss.sum().backward()
         results.append([loss.detach()] + [p.grad for p in params])
     for got, want in zip(*results):
@@ -256,9 +325,20 @@ def test_bad_arguments(device):
 
 
 @pytest.mark.parametrize("v", [37, 4500])  # one tile per row, and streaming passes
-@pytest.mark.parametrize("case", [("kd", {}), ("rkl", {}), ("jsd", {"beta": 0.4}), ("abkd", {"alpha": 0.3}),
-                                  ("dkd", {}), ("gdkd", {"k": 3, "partitions": 3}),
-                                  ("cakd", {"strong": "threshold"}), ("aekt", {})], ids=case_id)
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("kd", {}),
+        ("rkl", {}),
+        ("jsd", {"beta": 0.4}),
+        ("abkd", {"alpha": 0.3}),
+        ("dkd", {}),
+        ("gdkd", {"k": 3, "partitions": 3}),
+        ("cakd", {"strong": "threshold"}),
+        ("aekt", {}),
+    ],
+    ids=case_id,
+)
 def test_inplace_ops_match_out_of_place(case, v, fused, device):
     """A backend's in-place op returns its out-of-place op's loss and leaves exactly its gradient in the student
     (ignored rows zeroed), in every dtype the backend takes, with and without standardize (whose passes read the
@@ -272,8 +352,11 @@ def test_inplace_ops_match_out_of_place(case, v, fused, device):
     for dtype in (torch.float32, torch.bfloat16) + ((torch.float64,) if fused == "cpu" else ()):
         s = (torch.randn(3, v, generator=g, dtype=torch.float64) * 3).to(dtype).to(device)
         t = (torch.randn(3, v, generator=g, dtype=torch.float64) * 3).to(dtype).to(device)
-        for reduce, ce, standardize in ((True, (0.0, 1.0, False), False), (False, (0.5, 0.8, True), False),
-                                        (True, (0.3, 1.0, True), True)):
+        for reduce, ce, standardize in (
+            (True, (0.0, 1.0, False), False),
+            (False, (0.5, 0.8, True), False),
+            (True, (0.3, 1.0, True), True),
+        ):
             args = (t, target, denom if reduce else None, code, params, 2.0, True, -100, reduce, *ce, standardize)
             want_loss, want_parts, want_grad = b.ops[family](s, *args, True)
             buffer = s.clone()
@@ -292,23 +375,73 @@ def test_inplace_ops_match_out_of_place(case, v, fused, device):
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
-@pytest.mark.parametrize("case", [("kd", {}), ("jsd", {"beta": 0.3}), ("bdkd", {}), ("dkd", {}),
-                                  ("gdkd", {"k": 3, "partitions": 3})], ids=case_id)
+@pytest.mark.parametrize(
+    "case",
+    [("kd", {}), ("jsd", {"beta": 0.3}), ("bdkd", {}), ("dkd", {}), ("gdkd", {"k": 3, "partitions": 3})],
+    ids=case_id,
+)
 def test_hard_label_term(case, reduction, backend, device):
     """ce_weight / distill_weight on the fused-linear path: the student head's cross-entropy in the same pass,
     equal to distill_loss on the full logits (value and every gradient), T != 1, softcap, and its parts."""
     method, hp = case
     student, teacher, target = make_heads(device=device, ignored=2)
     go = torch.linspace(-1.0, 2.0, N, device=device) if reduction == "none" else torch.tensor(1.4, device=device)
-    compare(method, hp, backend, student, teacher, target, grad_output=go, reduction=reduction, chunk_size=3,
-            ce_weight=0.6, distill_weight=0.5, temperature=2.0)
-    compare(method, hp, backend, student, teacher, target, grad_output=go, reduction=reduction, chunk_size=4,
-            softcap=2.5, ce_weight=1.0, distill_weight=0.0, temperature=1.0)
-    parts = linear_distill_loss(method, student["hidden"], student["weight"], teacher["hidden"], teacher["weight"],
-                                target, student_bias=student["bias"], teacher_bias=teacher["bias"], chunk_size=3,
-                                reduction=reduction, ce_weight=0.6, return_parts=True, backend=backend, **hp)
-    want = kdkernels.distill_loss(method, full_logits(student), full_logits(teacher), target, reduction=reduction,
-                                  ce_weight=0.6, return_parts=True, backend="reference", **hp)
+    compare(
+        method,
+        hp,
+        backend,
+        student,
+        teacher,
+        target,
+        grad_output=go,
+        reduction=reduction,
+        chunk_size=3,
+        ce_weight=0.6,
+        distill_weight=0.5,
+        temperature=2.0,
+    )
+    compare(
+        method,
+        hp,
+        backend,
+        student,
+        teacher,
+        target,
+        grad_output=go,
+        reduction=reduction,
+        chunk_size=4,
+        softcap=2.5,
+        ce_weight=1.0,
+        distill_weight=0.0,
+        temperature=1.0,
+    )
+    parts = linear_distill_loss(
+        method,
+        student["hidden"],
+        student["weight"],
+        teacher["hidden"],
+        teacher["weight"],
+        target,
+        student_bias=student["bias"],
+        teacher_bias=teacher["bias"],
+        chunk_size=3,
+        reduction=reduction,
+        ce_weight=0.6,
+        return_parts=True,
+        backend=backend,
+        **hp,
+    )
+    want = kdkernels.distill_loss(
+        method,
+        full_logits(student),
+        full_logits(teacher),
+        target,
+        reduction=reduction,
+        ce_weight=0.6,
+        return_parts=True,
+        backend="reference",
+        **hp,
+    )
     for got, expected, name in zip(parts, want, parts._fields):
         assert_close(got, expected.detach().cpu().numpy(), torch.float32, name)
 
@@ -320,11 +453,22 @@ def test_hard_label_term_with_sparse_teacher(backend, device):
     top = torch.log_softmax(torch.randn(7, 12, generator=g) * 2, -1).topk(4, -1)
     teacher = kdkernels.SparseTeacher(top.indices.to(device), top.values.to(device))
     target = torch.tensor([0, 1, -100, 3, 4, 5, 6], device=device)
-    loss = kdkernels.linear_distill_loss("skew_rkl", hidden, weight, teacher, None, target, chunk_size=3,
-                                         ce_weight=0.8, distill_weight=0.3, backend=backend)
+    loss = kdkernels.linear_distill_loss(
+        "skew_rkl",
+        hidden,
+        weight,
+        teacher,
+        None,
+        target,
+        chunk_size=3,
+        ce_weight=0.8,
+        distill_weight=0.3,
+        backend=backend,
+    )
     got = torch.autograd.grad(loss, (hidden, weight), torch.tensor(1.3, device=device))
-    want = kdkernels.distill_loss("skew_rkl", hidden @ weight.t(), teacher, target, ce_weight=0.8,
-                                  distill_weight=0.3, backend="reference")
+    want = kdkernels.distill_loss(
+        "skew_rkl", hidden @ weight.t(), teacher, target, ce_weight=0.8, distill_weight=0.3, backend="reference"
+    )
     want_grads = torch.autograd.grad(want, (hidden, weight), torch.tensor(1.3, device=device))
     assert_close(loss, want.detach().cpu().numpy(), torch.float32, "loss")
     for a, b in zip(got, want_grads):
@@ -340,8 +484,17 @@ def test_row_mask(case, backend, device):
     compare(method, hp, backend, student, teacher, target, chunk_size=3, mask=mask, ce_weight=0.5)
     compare(method, hp, backend, student, teacher, target, chunk_size=2, mask=mask.bool(), reduction="none")
     with pytest.raises(ValueError, match="mask must have"):
-        linear_distill_loss(method, student["hidden"], student["weight"], teacher["hidden"], teacher["weight"],
-                            target, mask=mask[:3], backend=backend, **hp)
+        linear_distill_loss(
+            method,
+            student["hidden"],
+            student["weight"],
+            teacher["hidden"],
+            teacher["weight"],
+            target,
+            mask=mask[:3],
+            backend=backend,
+            **hp,
+        )
 
 
 def test_student_entropy(backend, device):
@@ -349,11 +502,25 @@ def test_student_entropy(backend, device):
     the loss unchanged."""
     student, teacher, target = make_heads(n=6, device=device)
     mask = torch.tensor([1, 0, 1, 1, 1, 1], device=device)
-    options = dict(softcap=3.0, student_logit_scale=1.5, temperature=2.0, chunk_size=4, mask=mask.reshape(2, 3),
-                   student_bias=student["bias"], teacher_bias=teacher["bias"], backend=backend)
+    options = dict(
+        softcap=3.0,
+        student_logit_scale=1.5,
+        temperature=2.0,
+        chunk_size=4,
+        mask=mask.reshape(2, 3),
+        student_bias=student["bias"],
+        teacher_bias=teacher["bias"],
+        backend=backend,
+    )
     hidden = student["hidden"].reshape(2, 3, H_S).requires_grad_(True)
-    args = ("kd", hidden, student["weight"], teacher["hidden"].reshape(2, 3, H_T), teacher["weight"],
-            target.reshape(2, 3))
+    args = (
+        "kd",
+        hidden,
+        student["weight"],
+        teacher["hidden"].reshape(2, 3, H_T),
+        teacher["weight"],
+        target.reshape(2, 3),
+    )
     parts, entropy = linear_distill_loss(*args, return_parts=True, return_entropy=True, **options)
     assert entropy.shape == (2, 3) and entropy.dtype == torch.float32 and not entropy.requires_grad
     s = full_logits({k: x.double() for k, x in student.items()}, 3.0, 1.5)
@@ -364,6 +531,6 @@ def test_student_entropy(backend, device):
     loss_none, entropy_none = linear_distill_loss(*args, reduction="none", return_entropy=True, **options)
     assert torch.equal(entropy_none, entropy) and loss_none.shape == (2, 3)
     # Logging only: the gradient is the loss's (the entropy output takes none).
-    grad, = torch.autograd.grad(parts.loss, hidden)
-    want_grad, = torch.autograd.grad(linear_distill_loss(*args, **options), hidden)
+    (grad,) = torch.autograd.grad(parts.loss, hidden)
+    (want_grad,) = torch.autograd.grad(linear_distill_loss(*args, **options), hidden)
     assert torch.equal(grad, want_grad)

@@ -9,11 +9,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-import kdkernels
 from cases import CASES, case_id
 from helpers import TOLERANCE, assert_close, check_against_oracle, make_inputs, run_loss
 from oracle import oracle
+
+import kdkernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DECOUPLED_CASES = [c for c in CASES if kdkernels.METHODS[c[0]].family == "decoupled"]
@@ -24,11 +24,20 @@ def errors(method, hp, s, t, target, backend, **options):
     spec = kdkernels.METHODS[method]
     temperature = options.get("temperature", spec.temperature)
     loss, grad = run_loss(method, s, t, target, hp, backend, "none", **options)
-    want_loss, want_grad = oracle(method, s.double().cpu().numpy(), t.double().cpu().numpy(),
-                                  None if target is None else target.cpu().numpy(), spec.resolve(hp), temperature,
-                                  spec.t2_scale, "none")
-    return [np.abs(got.detach().double().cpu().numpy() - want).max() / np.abs(want).max()
-            for got, want in ((loss, want_loss), (grad, want_grad))]
+    want_loss, want_grad = oracle(
+        method,
+        s.double().cpu().numpy(),
+        t.double().cpu().numpy(),
+        None if target is None else target.cpu().numpy(),
+        spec.resolve(hp),
+        temperature,
+        spec.t2_scale,
+        "none",
+    )
+    return [
+        np.abs(got.detach().double().cpu().numpy() - want).max() / np.abs(want).max()
+        for got, want in ((loss, want_loss), (grad, want_grad))
+    ]
 
 
 def assert_no_worse_than_eager(method, hp, s, t, target, backend, **options):
@@ -55,8 +64,9 @@ def test_dkd_tiny_target_masses_at_large_vocabulary(backend, device, alpha):
     the digits of 1 - P, which log1p keeps (float32 logsumexp differences lost tens of percent)."""
     s, t, target = make_inputs((4, 60000), torch.float32, device, seed=22, scale=1.0, ignored=0)
     hp = {"alpha": alpha, "beta": 0.0}
-    check_against_oracle("dkd", hp, s, t, target, backend, "none", torch.tensor([1.0, -0.5, 2.0, 0.25],
-                                                                                dtype=torch.float64))
+    check_against_oracle(
+        "dkd", hp, s, t, target, backend, "none", torch.tensor([1.0, -0.5, 2.0, 0.25], dtype=torch.float64)
+    )
 
 
 def _ulp_ties(device):
@@ -71,8 +81,9 @@ def _ulp_ties(device):
     return s, t, target
 
 
-@pytest.mark.parametrize("method,hp", [("gdkd", {"k": 1}), ("gdkd", {"k": 2, "partitions": 3}),
-                                       ("cakd", {"strong": "topk", "k": 1})])
+@pytest.mark.parametrize(
+    "method,hp", [("gdkd", {"k": 1}), ("gdkd", {"k": 2, "partitions": 3}), ("cakd", {"strong": "topk", "k": 1})]
+)
 def test_top_k_ranks_raw_teacher_logits(backend, device, method, hp):
     s, t, target = _ulp_ties(device)
     check_against_oracle(method, hp, s, t, target, backend, "none", temperature=3.0)
@@ -117,8 +128,7 @@ for backend in backends:
         raise AssertionError("no error on " + backend)
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=600)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "raised reference" in done.stdout
 
@@ -130,8 +140,12 @@ BAD_OPTIONS = [
     ("normalizer negative", dict(normalizer=-3), ValueError, "normalizer must be a finite number > 0"),
     ("normalizer string", dict(normalizer="7"), TypeError, "normalizer must be"),
     ("normalizer bool", dict(normalizer=True), TypeError, "normalizer must be"),
-    ("normalizer requires grad", dict(normalizer=torch.tensor(3.0, requires_grad=True)), ValueError,
-     "normalizer must not require grad"),
+    (
+        "normalizer requires grad",
+        dict(normalizer=torch.tensor(3.0, requires_grad=True)),
+        ValueError,
+        "normalizer must not require grad",
+    ),
     ("normalizer complex", dict(normalizer=torch.tensor(3.0 + 0j)), TypeError, "normalizer must be a real"),
     ("ignore_index None", dict(ignore_index=None), TypeError, "ignore_index must be an int"),
     ("ignore_index string", dict(ignore_index="-100"), TypeError, "ignore_index must be an int"),
@@ -148,7 +162,8 @@ def test_bad_options(backend, device, name, kwargs, error, match):
         kdkernels.dkd_loss(s, t, target, backend=backend, **kwargs)
     with pytest.raises(error, match=match):
         kdkernels.KDLoss(backend=backend, **{k: v for k, v in kwargs.items() if k != "normalizer"})(
-            s, t, target, **{k: v for k, v in kwargs.items() if k == "normalizer"})
+            s, t, target, **{k: v for k, v in kwargs.items() if k == "normalizer"}
+        )
 
 
 def test_tensor_normalizer_is_used_on_the_device_as_it_is(backend, device):
@@ -156,13 +171,16 @@ def test_tensor_normalizer_is_used_on_the_device_as_it_is(backend, device):
     tensor works, and a compiled training step with it has no graph break."""
     s, t, target = make_inputs((4, 10), torch.float32, device, seed=26)
     want = kdkernels.kd_loss(s, t, target, backend=backend, reduction="sum") / 7
-    assert_close(kdkernels.kd_loss(s, t, target, backend=backend, normalizer=torch.tensor(7, device=device)),
-                 want.item(), torch.float32, "integer normalizer")
+    assert_close(
+        kdkernels.kd_loss(s, t, target, backend=backend, normalizer=torch.tensor(7, device=device)),
+        want.item(),
+        torch.float32,
+        "integer normalizer",
+    )
     assert kdkernels.kd_loss(s, t, target, backend=backend, normalizer=torch.tensor(0.0, device=device)).isinf()
     assert kdkernels.kd_loss(s, t, target, backend=backend, normalizer=torch.tensor(math.nan, device=device)).isnan()
     torch._dynamo.reset()
-    step = torch.compile(lambda s, t, y, n: kdkernels.jsd_loss(s, t, y, backend=backend, normalizer=n),
-                         fullgraph=True)
+    step = torch.compile(lambda s, t, y, n: kdkernels.jsd_loss(s, t, y, backend=backend, normalizer=n), fullgraph=True)
     got = step(s.requires_grad_(True), t, target, torch.tensor(5.0, device=device))
     got.backward()
     want = kdkernels.jsd_loss(s, t, target, backend=backend, reduction="sum") / 5
@@ -197,8 +215,7 @@ def test_finite_loss_comes_with_finite_gradient_on_overflowing_logits(backend, d
     t = torch.randn(64, 8, generator=g) * torch.tensor([1e38, 1.0, 1e30])[torch.arange(64) % 3, None]
     extreme = torch.tensor([3.4e38, -3.4e38, math.inf, -math.inf])
     for x in (s, t):
-        x[torch.arange(64), torch.randint(0, 8, (64,), generator=g)] = extreme[torch.randint(0, 4, (64,),
-                                                                                          generator=g)]
+        x[torch.arange(64), torch.randint(0, 8, (64,), generator=g)] = extreme[torch.randint(0, 4, (64,), generator=g)]
     loss, grad = run_loss(method, s.to(device), t.to(device), None, hp, backend, "none", temperature=temperature)
     finite = loss.abs() < 3e36
     assert torch.isfinite(grad[finite]).all(), grad[finite & ~torch.isfinite(grad).all(-1)]
@@ -211,12 +228,12 @@ def test_double_backward_names_the_backend_that_supports_it(backend, device):
     s.requires_grad_(True)
     loss = kdkernels.dkd_loss(s, t, target, backend=backend)
     if backend == "reference":
-        grad, = torch.autograd.grad(loss, s, create_graph=True)
+        (grad,) = torch.autograd.grad(loss, s, create_graph=True)
         grad.square().sum().backward()
         assert s.grad is not None and torch.isfinite(s.grad).all()
         return
     with pytest.raises(RuntimeError, match=rf"backend='{backend}'.*create_graph=True.*backend='reference'"):
-        grad, = torch.autograd.grad(loss, s, create_graph=True)
+        (grad,) = torch.autograd.grad(loss, s, create_graph=True)
         grad.square().sum().backward()
 
 
@@ -229,8 +246,9 @@ def test_in_bin_kl_terms_that_underflow_against_a_masked_class(backend, device):
     s[:, 9], t[:, 9] = -math.inf, -300.0  # the other way round
     for kl_type in ("reverse", "both"):
         loss, grad = run_loss("gdkd", s, t, target, {"k": 3, "kl_type": kl_type}, backend, "none", temperature=1.0)
-        want, want_grad = run_loss("gdkd", s, t, target, {"k": 3, "kl_type": kl_type}, "reference", "none",
-                                   temperature=1.0)
+        want, want_grad = run_loss(
+            "gdkd", s, t, target, {"k": 3, "kl_type": kl_type}, "reference", "none", temperature=1.0
+        )
         assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
         assert_close(loss, want.detach().double().cpu().numpy(), torch.float32, "loss")
         assert_close(grad, want_grad.double().cpu().numpy(), torch.float32, "gradient")

@@ -5,10 +5,10 @@ import re
 
 import pytest
 import torch
-
-import kdkernels
 from cases import CASES, case_id
 from helpers import assert_close, family_op_args, family_ops, make_inputs
+
+import kdkernels
 from kdkernels.backends import ops
 
 
@@ -21,20 +21,36 @@ def test_ops_are_registered_with_their_backend(fused):
 
 def test_ops_share_one_schema(fused):
     """The Triton ops (defined in Python) and the extension's (defined in C++) have the schema of ops.py."""
-    for family, (op, inplace) in family_ops(fused).items():
+    for op, inplace in family_ops(fused).values():
         for got, want in ((op, ops.SCHEMA), (inplace, ops.INPLACE_SCHEMA)):
             schema = re.sub(r"^kdkernels::\w+", "", str(got._schema))
             assert re.sub(r"Tensor\(a\d*!\)", "Tensor(a!)", schema) == want
 
 
-OPCHECK_CASES = [c for c in CASES if case_id(c) in ("jsd-beta=0.5", "abkd-alpha=0.5-beta=0.5", "bdkd", "dkd",
-                                                    "gdkd-k=4-w0=0.5-w1=2.0-w2=6.0-partitions=3",
-                                                    "cakd-strong=threshold-tau=0.3")]
+OPCHECK_CASES = [
+    c
+    for c in CASES
+    if case_id(c)
+    in (
+        "jsd-beta=0.5",
+        "abkd-alpha=0.5-beta=0.5",
+        "bdkd",
+        "dkd",
+        "gdkd-k=4-w0=0.5-w1=2.0-w2=6.0-partitions=3",
+        "cakd-strong=threshold-tau=0.3",
+    )
+]
 
 
-@pytest.mark.parametrize("reduce,with_grad,has_target,with_ce,standardize", [
-    (True, True, True, False, False), (False, True, False, False, True), (True, False, True, True, True),
-    (False, True, True, True, False)])
+@pytest.mark.parametrize(
+    "reduce,with_grad,has_target,with_ce,standardize",
+    [
+        (True, True, True, False, False),
+        (False, True, False, False, True),
+        (True, False, True, True, True),
+        (False, True, True, True, False),
+    ],
+)
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=case_id)
 def test_opcheck(fused, device, case, reduce, with_grad, has_target, with_ce, standardize):
     method, hp = case
@@ -44,8 +60,23 @@ def test_opcheck(fused, device, case, reduce, with_grad, has_target, with_ce, st
     if method == "dkd":
         has_target = True
     s.requires_grad_(with_grad)
-    args = (s, t, target if has_target else None, torch.tensor(3.0, device=device) if reduce else None, code,
-            params, 2.0, True, -100, reduce, 0.5 if with_ce else 0.0, 1.5, with_ce, standardize, with_grad)
+    args = (
+        s,
+        t,
+        target if has_target else None,
+        torch.tensor(3.0, device=device) if reduce else None,
+        code,
+        params,
+        2.0,
+        True,
+        -100,
+        reduce,
+        0.5 if with_ce else 0.0,
+        1.5,
+        with_ce,
+        standardize,
+        with_grad,
+    )
     torch.library.opcheck(op, args)
 
 
@@ -86,8 +117,10 @@ def test_compile_fullgraph_training_step(fused, device):
 
     def step(x, teacher, target):
         s = head(x)
-        return (kdkernels.dkd_loss(s, teacher, target, backend=fused)
-                + kdkernels.jsd_loss(s, teacher, target, beta=0.3, backend=fused, reduction="none").sum())
+        return (
+            kdkernels.dkd_loss(s, teacher, target, backend=fused)
+            + kdkernels.jsd_loss(s, teacher, target, beta=0.3, backend=fused, reduction="none").sum()
+        )
 
     compiled = torch.compile(step, fullgraph=True)
     loss = compiled(x, teacher, target)

@@ -18,13 +18,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from cases import CASES, case_id
+from helpers import assert_close, make_inputs, run_loss
+from oracle import oracle
 
 import kdkernels
 import kdkernels.parallel as parallel
-from cases import CASES, case_id
-from helpers import assert_close, make_inputs, run_loss
 from kdkernels.methods import finite_when_missing
-from oracle import oracle
 
 V = 37
 # Shard sizes per world size: unequal, and on 4 ranks one shard (3 classes) smaller than the top-k's k.
@@ -35,10 +35,32 @@ TEACHER_MASKED = (13, 30)
 NON_DEFAULT_T2 = {name: not spec.t2_scale for name, spec in kdkernels.METHODS.items()}
 
 
-def _scenario(name, method, hp=None, shape=(9, V), dtype=torch.float32, teacher_dtype=None, inputs="random",
-              grad_output=1.0, want="reference", error=False, **options):
-    return dict(name=name, method=method, hp=hp or {}, shape=shape, dtype=dtype, teacher_dtype=teacher_dtype,
-                inputs=inputs, grad_output=grad_output, want=want, error=error, options=options)
+def _scenario(
+    name,
+    method,
+    hp=None,
+    shape=(9, V),
+    dtype=torch.float32,
+    teacher_dtype=None,
+    inputs="random",
+    grad_output=1.0,
+    want="reference",
+    error=False,
+    **options,
+):
+    return dict(
+        name=name,
+        method=method,
+        hp=hp or {},
+        shape=shape,
+        dtype=dtype,
+        teacher_dtype=teacher_dtype,
+        inputs=inputs,
+        grad_output=grad_output,
+        want=want,
+        error=error,
+        options=options,
+    )
 
 
 def _scenarios():
@@ -48,8 +70,16 @@ def _scenarios():
         cid = case_id(case)
         out += [
             _scenario(f"{cid}-none-3d", method, hp, shape=(3, 5, V), reduction="none", grad_output="rows"),
-            _scenario(f"{cid}-sum-options", method, hp, reduction="sum", grad_output=0.7, temperature=2.0,
-                      t2_scale=NON_DEFAULT_T2[method], ignore_index=-1),
+            _scenario(
+                f"{cid}-sum-options",
+                method,
+                hp,
+                reduction="sum",
+                grad_output=0.7,
+                temperature=2.0,
+                t2_scale=NON_DEFAULT_T2[method],
+                ignore_index=-1,
+            ),
             _scenario(f"{cid}-batchmean-f64", method, hp, dtype=torch.float64, grad_output=-1.3),
             _scenario(f"{cid}-normalizer", method, hp, normalizer=7.0),
             _scenario(f"{cid}-extreme", method, hp, inputs="extreme", reduction="sum"),
@@ -62,21 +92,30 @@ def _scenarios():
     out += [
         _scenario("kd-bf16-student", "kd", dtype=torch.bfloat16, teacher_dtype=torch.float32),
         # The hard-label term: the cross-entropy over the whole vocabulary, its target on one rank.
-        _scenario("jsd-ce", "jsd", reduction="none", grad_output="rows", temperature=2.0, ce_weight=0.6,
-                  distill_weight=0.5),
+        _scenario(
+            "jsd-ce", "jsd", reduction="none", grad_output="rows", temperature=2.0, ce_weight=0.6, distill_weight=0.5
+        ),
         _scenario("bdkd-ce", "bdkd", ce_weight=0.6, distill_weight=0.5, normalizer=5.0),
         _scenario("gdkd3-ce", "gdkd", {"partitions": 3}, reduction="sum", ce_weight=1.0, distill_weight=0.2),
         _scenario("dkd-ce-masked", "dkd", inputs="masked", ce_weight=0.3),
         # Logit standardization: row statistics over the whole vocabulary.
         _scenario("kd-standardize", "kd", standardize=True, temperature=2.0, ce_weight=0.3),
-        _scenario("jsd-standardize-masked", "jsd", inputs="masked", standardize=True, reduction="none",
-                  grad_output="rows"),
+        _scenario(
+            "jsd-standardize-masked", "jsd", inputs="masked", standardize=True, reduction="none", grad_output="rows"
+        ),
         _scenario("dkd-standardize-extreme", "dkd", inputs="extreme", standardize=True),
-        _scenario("cakd-threshold-standardize", "cakd", {"strong": "threshold", "tau": 0.3}, standardize=True,
-                  want="oracle"),
+        _scenario(
+            "cakd-threshold-standardize", "cakd", {"strong": "threshold", "tau": 0.3}, standardize=True, want="oracle"
+        ),
         _scenario("gdkd-both-standardize", "gdkd", {"k": 3, "kl_type": "both"}, standardize=True, want="oracle"),
-        _scenario("jsd-ce-row-mask", "jsd", reduction="none", grad_output="rows", ce_weight=0.3,
-                  mask=torch.tensor([1, 0, 1, 1, 0, 1, 1, 1, 1])),
+        _scenario(
+            "jsd-ce-row-mask",
+            "jsd",
+            reduction="none",
+            grad_output="rows",
+            ce_weight=0.3,
+            mask=torch.tensor([1, 0, 1, 1, 0, 1, 1, 1, 1]),
+        ),
         _scenario("kd-row-mask-no-target", "kd", inputs="no_target", mask=torch.tensor([0, 1, 1, 1, 0, 1, 1, 1, 1])),
         _scenario("dkd-bf16", "dkd", dtype=torch.bfloat16),
         _scenario("jsd-1d", "jsd", shape=(V,), reduction="none", grad_output="rows"),
@@ -98,8 +137,16 @@ def _scenarios():
         _scenario("cakd-threshold-ties", "cakd", {"strong": "threshold", "tau": 0.4}, inputs="ties", want="oracle"),
         # akl's head splits the tie group where the mass crosses mu by global class index, across shards.
         _scenario("akl-ties", "akl", inputs="ties", want="oracle"),
-        _scenario("akl-ties-mu", "akl", {"mu": 0.8}, inputs="ties", want="oracle", reduction="none",
-                  grad_output="rows", standardize=True),
+        _scenario(
+            "akl-ties-mu",
+            "akl",
+            {"mu": 0.8},
+            inputs="ties",
+            want="oracle",
+            reduction="none",
+            grad_output="rows",
+            standardize=True,
+        ),
         # The single process's errors, with V the whole vocabulary (a target of 30 is fine, of 37 is not).
         _scenario("error-target-V", "dkd", inputs="target=37", error=True),
         _scenario("error-target-negative", "aekt", inputs="target=-5", error=True),
@@ -172,7 +219,7 @@ def _run_scenario(sc, bounds, group):
 
 
 def _bounds(split, rank):
-    return sum(split[:rank]), sum(split[:rank + 1])
+    return sum(split[:rank]), sum(split[: rank + 1])
 
 
 def _groups_and_function_per_loss(rank):
@@ -194,16 +241,26 @@ def _parts(rank, world):
     """return_parts on the shards: (loss, distill, ce), each the whole vocabulary's."""
     s, t, target, _ = full_inputs(SCENARIOS[PARTS_SCENARIO])
     lo, hi = _bounds(SPLITS[world], rank)
-    return tuple(parallel.distill_loss("jsd", s[..., lo:hi], t[..., lo:hi], target, ce_weight=0.6,
-                                       distill_weight=0.5, return_parts=True))
+    return tuple(
+        parallel.distill_loss(
+            "jsd", s[..., lo:hi], t[..., lo:hi], target, ce_weight=0.6, distill_weight=0.5, return_parts=True
+        )
+    )
 
 
 # The full gradient (a teacher that requires grad and a temperature tensor): loss, the student's and the teacher's
 # gradient shards and d loss / d T on the shards, against the single process's.
-FULL_GRADIENT = [("kd", {}, {}), ("jsd", {}, {"standardize": True, "ce_weight": 0.4}), ("bdkd", {}, {}),
-                 ("akl", {}, {}), ("abkd", {"alpha": 0.3, "beta": 0.9}, {"standardize": True}),
-                 ("dkd", {}, {"standardize": True}), ("gdkd", {"k": 3, "partitions": 3, "kl_type": "both"}, {}),
-                 ("cakd", {"strong": "threshold", "tau": 0.3}, {}), ("aekt", {}, {"reduction": "none"})]
+FULL_GRADIENT = [
+    ("kd", {}, {}),
+    ("jsd", {}, {"standardize": True, "ce_weight": 0.4}),
+    ("bdkd", {}, {}),
+    ("akl", {}, {}),
+    ("abkd", {"alpha": 0.3, "beta": 0.9}, {"standardize": True}),
+    ("dkd", {}, {"standardize": True}),
+    ("gdkd", {"k": 3, "partitions": 3, "kl_type": "both"}, {}),
+    ("cakd", {"strong": "threshold", "tau": 0.3}, {}),
+    ("aekt", {}, {"reduction": "none"}),
+]
 
 
 def _full_gradient_inputs(i):
@@ -227,8 +284,7 @@ def _full_gradients(rank, world):
     out = []
     for i, (method, hp, options) in enumerate(FULL_GRADIENT):
         s, t, target, go = _full_gradient_inputs(i)
-        out.append(_full_gradient(method, hp, options, s[..., lo:hi], t[..., lo:hi], target, go,
-                                  parallel.distill_loss))
+        out.append(_full_gradient(method, hp, options, s[..., lo:hi], t[..., lo:hi], target, go, parallel.distill_loss))
     return out
 
 
@@ -240,11 +296,14 @@ def _rows_disagree(rank):
 
 
 def _worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
     results = {}
-    parts = [(name, lambda sc=sc: ("ok",) + _run_scenario(sc, _bounds(SPLITS[world], rank), None))
-             for name, sc in SCENARIOS.items()]
+    parts = [
+        (name, lambda sc=sc: ("ok",) + _run_scenario(sc, _bounds(SPLITS[world], rank), None))
+        for name, sc in SCENARIOS.items()
+    ]
     parts.append(("rows-disagree", lambda: _rows_disagree(rank)))
     parts.append(("parts", lambda: _parts(rank, world)))
     parts.append(("full-gradient", lambda: _full_gradients(rank, world)))
@@ -283,12 +342,28 @@ def single_process(sc):
         loss, grad = run_loss(sc["method"], s, t, target, sc["hp"], "reference", grad_output=go, **sc["options"])
         return loss.detach(), grad.double()
     spec = kdkernels.METHODS[sc["method"]]
-    options = {"reduction": "batchmean", "temperature": spec.temperature, "t2_scale": spec.t2_scale,
-               "ignore_index": -100, "normalizer": None, **sc["options"]}
-    return oracle(sc["method"], s.numpy(), t.numpy(), None if target is None else target.numpy(),
-                  spec.resolve(sc["hp"]), options["temperature"], options["t2_scale"], options["reduction"],
-                  options["ignore_index"], options["normalizer"], np.asarray(go, dtype=np.float64),
-                  standardize=options.get("standardize", False))
+    options = {
+        "reduction": "batchmean",
+        "temperature": spec.temperature,
+        "t2_scale": spec.t2_scale,
+        "ignore_index": -100,
+        "normalizer": None,
+        **sc["options"],
+    }
+    return oracle(
+        sc["method"],
+        s.numpy(),
+        t.numpy(),
+        None if target is None else target.numpy(),
+        spec.resolve(sc["hp"]),
+        options["temperature"],
+        options["t2_scale"],
+        options["reduction"],
+        options["ignore_index"],
+        options["normalizer"],
+        np.asarray(go, dtype=np.float64),
+        standardize=options.get("standardize", False),
+    )
 
 
 def single_process_error(sc):
@@ -304,8 +379,14 @@ def check_ranks(sc, per_rank):
         assert result[0] == "ok", f"rank {rank} raised {result[1]}: {result[2]}"
     losses = [result[1] for result in per_rank]
     for rank, loss in enumerate(losses[1:], 1):
-        torch.testing.assert_close(loss, losses[0], rtol=0, atol=0, equal_nan=True,
-                                   msg=f"rank {rank}'s loss differs from rank 0's: {loss} vs {losses[0]}")
+        torch.testing.assert_close(
+            loss,
+            losses[0],
+            rtol=0,
+            atol=0,
+            equal_nan=True,
+            msg=f"rank {rank}'s loss differs from rank 0's: {loss} vs {losses[0]}",
+        )
     want_loss, want_grad = single_process(sc)
     tol = torch.bfloat16 if torch.bfloat16 in (sc["dtype"], sc["teacher_dtype"]) else sc["dtype"]
     assert losses[0].dtype == (torch.float64 if sc["dtype"] == torch.float64 else torch.float32)
@@ -316,8 +397,9 @@ def check_ranks(sc, per_rank):
     if per_rank[0][2] is not None:
         grads = [result[2] for result in per_rank]
         assert all(g.dtype == sc["dtype"] for g in grads)
-        assert_close(torch.cat(grads, -1)[~nan_rows], torch.as_tensor(want_grad)[~nan_rows], tol,
-                     f"{sc['name']} gradient")
+        assert_close(
+            torch.cat(grads, -1)[~nan_rows], torch.as_tensor(want_grad)[~nan_rows], tol, f"{sc['name']} gradient"
+        )
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
@@ -349,8 +431,9 @@ def test_groups_and_function_per_loss(tmp_path_factory):
 @pytest.mark.parametrize("world", WORLD_SIZES)
 def test_parts(world, tmp_path_factory):
     s, t, target, _ = full_inputs(SCENARIOS[PARTS_SCENARIO])
-    want = kdkernels.distill_loss("jsd", s, t, target, ce_weight=0.6, distill_weight=0.5, return_parts=True,
-                                  backend="reference")
+    want = kdkernels.distill_loss(
+        "jsd", s, t, target, ce_weight=0.6, distill_weight=0.5, return_parts=True, backend="reference"
+    )
     for results in ranks_results(world, tmp_path_factory):
         assert isinstance(results["parts"], tuple) and len(results["parts"]) == 3, results["parts"]
         for got, expected in zip(results["parts"], want):
@@ -397,8 +480,9 @@ def test_full_gradient_matches_single_process(world, tmp_path_factory):
     assert all(r[0] != "error" for r in results), results
     for i, (method, hp, options) in enumerate(FULL_GRADIENT):
         s, t, target, go = _full_gradient_inputs(i)
-        want = _full_gradient(method, hp, options, s, t, target, go,
-                              lambda *a, **k: kdkernels.distill_loss(*a, backend="reference", **k))
+        want = _full_gradient(
+            method, hp, options, s, t, target, go, lambda *a, **k: kdkernels.distill_loss(*a, backend="reference", **k)
+        )
         what = f"{method} {hp} {options}"
         for rank in range(world):
             loss, _, _, d_temperature = results[rank][i]

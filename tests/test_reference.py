@@ -3,12 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import CASES, case_id
+from helpers import make_inputs
 
 import kdkernels
 from kdkernels.backends import reference
 from kdkernels.methods import DECOUPLED, Bin, DecoupledParams, Partition, Plan
-from cases import CASES, case_id
-from helpers import make_inputs
 
 
 # (akl's weights are constants of its gradient by definition, so finite differences see more: the float64 oracle,
@@ -39,13 +39,14 @@ def test_decoupled_chain_rule_identity(split_top1):
     if split_top1:
         bins[:, 0] = Bin.TOP1  # a bin of one class: no in-bin KL
     masses = [torch.where(bins == b, lp.exp(), 0.0).sum(-1) for b in Bin]
-    plan = Plan(DECOUPLED, Partition.TOPK, DecoupledParams(w_mass=1.0, w_strong=masses[Bin.STRONG],
-                                                           w_rest=masses[Bin.REST]))
+    plan = Plan(
+        DECOUPLED, Partition.TOPK, DecoupledParams(w_mass=1.0, w_strong=masses[Bin.STRONG], w_rest=masses[Bin.REST])
+    )
     got = reference.decoupled_rows(plan, lp, lq, bins)
     want = (lp.exp() * (lp - lq)).sum(-1)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    g_got, = torch.autograd.grad(got.sum(), s, retain_graph=True)
-    g_want, = torch.autograd.grad(want.sum(), s)
+    (g_got,) = torch.autograd.grad(got.sum(), s, retain_graph=True)
+    (g_want,) = torch.autograd.grad(want.sum(), s)
     torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
 
 
@@ -75,8 +76,9 @@ def zaberko_gdkd(s, t, k, w0, w1, w2, T, strategy, kl_type):
     """GDKD as ZaberKo/GDKD writes it (2 partitions): the teacher's top-k ("best") or bottom-k ("worst") by
     torch.topk, bin masses from summed softmaxes, in-bin distributions by a -1000 logit mask after / T, in-bin
     divergence forward, reverse or the mean of both, each term batchmean and T^2-scaled."""
-    top = torch.zeros_like(t, dtype=torch.bool).scatter_(1, torch.topk(t, k, 1, largest=strategy == "best").indices,
-                                                         True)
+    top = torch.zeros_like(t, dtype=torch.bool).scatter_(
+        1, torch.topk(t, k, 1, largest=strategy == "best").indices, True
+    )
     ps, pt = F.softmax(s / T, 1), F.softmax(t / T, 1)
     bs = torch.stack([(ps * top).sum(1), (ps * ~top).sum(1)], 1)
     bt = torch.stack([(pt * top).sum(1), (pt * ~top).sum(1)], 1)
@@ -92,8 +94,10 @@ def zaberko_gdkd(s, t, k, w0, w1, w2, T, strategy, kl_type):
     return loss + w1 * in_bin(~top) + w2 * in_bin(top)
 
 
-@pytest.mark.parametrize("strategy,kl_type,T", [("best", "forward", 4.0), ("worst", "reverse", 4.0),
-                                                ("best", "both", 1.0), ("worst", "both", 2.0)])
+@pytest.mark.parametrize(
+    "strategy,kl_type,T",
+    [("best", "forward", 4.0), ("worst", "reverse", 4.0), ("best", "both", 1.0), ("worst", "both", 2.0)],
+)
 def test_gdkd_matches_zaberko(strategy, kl_type, T):
     s, t, _ = make_inputs((8, 100), torch.float64, seed=11, ignored=0)
     s.requires_grad_(True)
@@ -101,8 +105,7 @@ def test_gdkd_matches_zaberko(strategy, kl_type, T):
     got = kdkernels.gdkd_loss(s, t, strategy=strategy, kl_type=kl_type, temperature=T, backend="reference", **hp)
     want = zaberko_gdkd(s, t, T=T, strategy=strategy, kl_type=kl_type, **hp)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
-    torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0], rtol=1e-8,
-                               atol=1e-15)
+    torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0], rtol=1e-8, atol=1e-15)
 
 
 def test_aekt_is_dkd_with_adaptive_weight():
@@ -114,10 +117,15 @@ def test_aekt_is_dkd_with_adaptive_weight():
 
 
 # The general formula divides by alpha * beta * (alpha + beta): near (0, 0) float64 cancellation needs a larger step.
-@pytest.mark.parametrize("alpha,beta,near,rtol", [
-    (0.0, 0.6, (1e-7, 0.6), 1e-5), (0.7, 0.0, (0.7, 1e-7), 1e-5), (0.8, -0.8, (0.8, -0.8 + 1e-7), 1e-5),
-    (0.0, 0.0, (1e-6, 2e-6), 1e-3),
-])
+@pytest.mark.parametrize(
+    "alpha,beta,near,rtol",
+    [
+        (0.0, 0.6, (1e-7, 0.6), 1e-5),
+        (0.7, 0.0, (0.7, 1e-7), 1e-5),
+        (0.8, -0.8, (0.8, -0.8 + 1e-7), 1e-5),
+        (0.0, 0.0, (1e-6, 2e-6), 1e-3),
+    ],
+)
 def test_abkd_special_cases_are_limits(alpha, beta, near, rtol):
     s, t, _ = make_inputs((4, 23), torch.float64, seed=7, ignored=0)
     exact = kdkernels.abkd_loss(s, t, alpha=alpha, beta=beta, reduction="none", backend="reference")
@@ -165,9 +173,14 @@ def authors_bdkd_weights(s, t):
     return torch.where(h_t > h_s, 3.0, 1.0), torch.where(h_s > h_t, 3.0, 1.0)
 
 
-@pytest.mark.parametrize("method,hp,weights", [
-    ("wsd", {}, lambda s, t: (0.5, 0.5)), ("wsd", {"lam": 0.1}, lambda s, t: (0.9, 0.1)),
-    ("bdkd", {}, authors_bdkd_weights)])
+@pytest.mark.parametrize(
+    "method,hp,weights",
+    [
+        ("wsd", {}, lambda s, t: (0.5, 0.5)),
+        ("wsd", {"lam": 0.1}, lambda s, t: (0.9, 0.1)),
+        ("bdkd", {}, authors_bdkd_weights),
+    ],
+)
 def test_two_kls_match_the_abkd_authors_code(method, hp, weights):
     """Value up to the teacher-entropy constant w_f sum p log p, gradient exactly; bdkd's rows cover both
     entropy orders."""
@@ -179,8 +192,9 @@ def test_two_kls_match_the_abkd_authors_code(method, hp, weights):
     w_f = torch.as_tensor(weights(s, t)[0], dtype=torch.float64)
     teacher_term = w_f * (torch.softmax(t, -1) * torch.log_softmax(t, -1)).sum(-1)
     torch.testing.assert_close(got, theirs + teacher_term, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(torch.autograd.grad(got.sum(), s)[0], torch.autograd.grad(theirs.sum(), s)[0],
-                               rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(
+        torch.autograd.grad(got.sum(), s)[0], torch.autograd.grad(theirs.sum(), s)[0], rtol=1e-10, atol=1e-13
+    )
     if method == "bdkd":
         assert 0 < int((w_f == 3).sum()) < 16
 

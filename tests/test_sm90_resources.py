@@ -42,7 +42,13 @@ def test_report_merges_the_sections_of_separate_tests(tmp_path, monkeypatch):
     sm90_resources.report("cuda", "title", "b.cu", records[1:])
     sm90_resources.report("cuda", "title", "a.cu", records[:1], [["A=1", "RuntimeError: boom"]])
     text = (tmp_path / "cuda.txt").read_text()
-    assert text.startswith("title\n3 kernels: max 40 registers, max stack 12464 B, max smem 1024 B, 1 spilling, "
-                           "1 failed to compile\n")
-    assert text.index("== a.cu") < text.index("_Z5heavyPfPKfi") < text.index("FAILED TO COMPILE: A=1") \
-        < text.index("== b.cu") < text.index("light")
+    assert text.startswith(
+        "title\n3 kernels: max 40 registers, max stack 12464 B, max smem 1024 B, 1 spilling, 1 failed to compile\n"
+    )
+    assert (
+        text.index("== a.cu")
+        < text.index("_Z5heavyPfPKfi")
+        < text.index("FAILED TO COMPILE: A=1")
+        < text.index("== b.cu")
+        < text.index("light")
+    )

@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 import torch
-
-import kdkernels
 from cases import CASES, case_id
 from helpers import assert_close, make_inputs
+
+import kdkernels
 from kdkernels import SparseTeacher, SparseTeacherWriter, load_sparse_teachers, save_sparse_teachers
 from kdkernels.arguments import resolve
 from kdkernels.backends.reference import divergence_rows
@@ -48,8 +48,13 @@ def reference_loss(method, hp, s, teacher, target, reduction="batchmean", grad_o
     valid = torch.ones(s.shape[:-1], dtype=torch.bool) if target is None else target != -100
     flat = check(teacher, resolve(method, hp), s.shape[:-1], s.shape[-1], s.device, valid.reshape(-1))
     rows = bin_row_losses(plan, s.reshape(-1, s.shape[-1]), flat, temperature, spec.t2_scale, valid.reshape(-1))
-    loss = rows.reshape(s.shape[:-1]) if reduction == "none" else rows.sum() / valid.sum().clamp(min=1) \
-        if reduction == "batchmean" else rows.sum()
+    loss = (
+        rows.reshape(s.shape[:-1])
+        if reduction == "none"
+        else rows.sum() / valid.sum().clamp(min=1)
+        if reduction == "batchmean"
+        else rows.sum()
+    )
     loss.backward(torch.ones_like(loss) if grad_output is None else grad_output.double())
     return loss.detach(), s.grad
 
@@ -68,11 +73,18 @@ def test_every_divergence_against_reference_bins(case, backend, device):
     teacher = top_k(t)
     go = torch.linspace(-1, 2, 6).reshape(3, 2)
     for reduction, grad_output in (("batchmean", None), ("none", go)):
-        loss, grad = run(method, hp, s.to(device), SparseTeacher(teacher.indices.to(device),
-                         teacher.values.to(device)), target.to(device), backend, reduction,
-                         None if grad_output is None else grad_output.to(device), temperature=2.0)
-        want_loss, want_grad = reference_loss(method, hp, s, teacher, target, reduction, grad_output,
-                                              temperature=2.0)
+        loss, grad = run(
+            method,
+            hp,
+            s.to(device),
+            SparseTeacher(teacher.indices.to(device), teacher.values.to(device)),
+            target.to(device),
+            backend,
+            reduction,
+            None if grad_output is None else grad_output.to(device),
+            temperature=2.0,
+        )
+        want_loss, want_grad = reference_loss(method, hp, s, teacher, target, reduction, grad_output, temperature=2.0)
         assert_close(loss, want_loss.numpy(), torch.float32, f"{method} {hp} loss")
         assert_close(grad, want_grad.numpy(), torch.float32, f"{method} {hp} gradient")
 
@@ -80,8 +92,16 @@ def test_every_divergence_against_reference_bins(case, backend, device):
 def test_kd_closed_form_on_bins(backend, device):
     s, t, _ = make_inputs((5, 9), seed=4)
     teacher = top_k(t, kind="logprobs")
-    loss, _ = run("kd", {}, s.to(device), SparseTeacher(teacher.indices.to(device), teacher.values.to(device)),
-                  None, backend, temperature=1.0, t2_scale=False)
+    loss, _ = run(
+        "kd",
+        {},
+        s.to(device),
+        SparseTeacher(teacher.indices.to(device), teacher.values.to(device)),
+        None,
+        backend,
+        temperature=1.0,
+        t2_scale=False,
+    )
     q = torch.softmax(s.double(), -1).numpy()
     want = 0.0
     for r in range(5):
@@ -127,8 +147,9 @@ def test_fused_linear_with_sparse_teacher(backend, device):
     teacher = SparseTeacher(teacher.indices.to(device), teacher.values.to(device))
     target = torch.tensor([0, 1, -100, 3, 4, 5, 6], device=device)
     for method, hp in (("kd", {}), ("abkd", {"alpha": 0.6, "beta": 0.5}), ("skew_fkl", {"skew": 0.2})):
-        loss = kdkernels.linear_distill_loss(method, hidden, weight, teacher, None, target, chunk_size=3,
-                                             softcap=4.0, backend=backend, **hp)
+        loss = kdkernels.linear_distill_loss(
+            method, hidden, weight, teacher, None, target, chunk_size=3, softcap=4.0, backend=backend, **hp
+        )
         got = torch.autograd.grad(loss, (hidden, weight), torch.tensor(1.3, device=device))
         logits = 4.0 * torch.tanh(hidden @ weight.t() / 4.0)
         want = kdkernels.distill_loss(method, logits, teacher, target, backend="reference", **hp)
@@ -186,8 +207,9 @@ def test_without_tail_both_models_are_renormalised_over_the_k_classes(case, kind
     teacher = SparseTeacher(teacher.indices.to(device), teacher.values.to(device), kind, tail=False)
     loss, grad = run(method, hp, s.to(device), teacher, target.to(device), backend, "none", temperature=2.0)
     gathered_t = teacher.values.cpu() * (2.0 if kind == "logprobs" else 1.0)  # softmax(gathered / T) = renormalised
-    want, want_grad_k = run(method, hp, s.gather(-1, teacher.indices.cpu()), gathered_t, target, "reference",
-                            "none", temperature=2.0)
+    want, want_grad_k = run(
+        method, hp, s.gather(-1, teacher.indices.cpu()), gathered_t, target, "reference", "none", temperature=2.0
+    )
     want_grad = torch.zeros_like(s).scatter_(-1, teacher.indices.cpu(), want_grad_k)
     assert_close(loss, want.detach().numpy(), torch.float32, f"{method} {hp} loss")
     assert_close(grad, want_grad.numpy(), torch.float32, f"{method} {hp} gradient")
@@ -218,8 +240,9 @@ def test_student_top_k_with_a_teacher_that_scores_token_ids(backend, device):
     teacher = SparseTeacher.at_student_top_k(s, 5, score)
     assert torch.equal(asked[0], torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :5])
     loss, grad = run("rkl", {}, s, teacher, None, backend, temperature=1.0)
-    want_loss, want_grad = reference_loss("rkl", {}, s.cpu(), SparseTeacher(teacher.indices.cpu(),
-                                          teacher.values.cpu()), None, temperature=1.0)
+    want_loss, want_grad = reference_loss(
+        "rkl", {}, s.cpu(), SparseTeacher(teacher.indices.cpu(), teacher.values.cpu()), None, temperature=1.0
+    )
     assert_close(loss, want_loss.numpy(), torch.float32, "loss")
     assert_close(grad, want_grad.numpy(), torch.float32, "gradient")
     # Without the tail: reverse KL between the two distributions renormalised over the student's top-k.
@@ -227,8 +250,12 @@ def test_student_top_k_with_a_teacher_that_scores_token_ids(backend, device):
     indices = teacher.indices.cpu()
     want_loss, want_grad_k = run("rkl", {}, s.cpu().gather(-1, indices), teacher.values.cpu(), None, "reference")
     assert_close(loss, want_loss.detach().numpy(), torch.float32, "loss without the tail")
-    assert_close(grad, torch.zeros(s.shape).scatter_(-1, indices, want_grad_k).numpy(), torch.float32,
-                 "gradient without the tail")
+    assert_close(
+        grad,
+        torch.zeros(s.shape).scatter_(-1, indices, want_grad_k).numpy(),
+        torch.float32,
+        "gradient without the tail",
+    )
     with pytest.raises(ValueError, match="score.indices. must return"):
         SparseTeacher.at_student_top_k(s, 5, lambda indices: indices[..., :2].float())
 
@@ -237,8 +264,9 @@ def test_student_top_k_with_a_teacher_that_scores_token_ids(backend, device):
 def test_saved_teachers_round_trip(tmp_path, values):
     """Batches of any leading shape, written in a stream and read back batch by batch, bit for bit."""
     g = torch.Generator().manual_seed(11)
-    batches = [SparseTeacher.from_logits(torch.randn(*shape, 300, generator=g) * 3, 7)
-               for shape in ((4, 5), (3,), (2, 2, 2))]
+    batches = [
+        SparseTeacher.from_logits(torch.randn(*shape, 300, generator=g) * 3, 7) for shape in ((4, 5), (3,), (2, 2, 2))
+    ]
     path = tmp_path / "teacher.kds"
     assert save_sparse_teachers(path, batches, values) == 20 + 3 + 8
     loaded = list(load_sparse_teachers(path))
@@ -271,7 +299,7 @@ def test_corrupted_or_truncated_files_are_rejected(tmp_path):
         "cut inside a chunk": (data[:100], "truncated .*chunk 0"),
         "no footer": (data[:-footer], "truncated .*no footer"),
         "footer cut": (data[:-5], "truncated .*footer"),
-        "one chunk dropped": (data[:header] + data[header + chunk:], "footer counts 2 chunks"),
+        "one chunk dropped": (data[:header] + data[header + chunk :], "footer counts 2 chunks"),
         "not ours": (b"PK\x03\x04" + data[4:], "not a sparse-teacher file"),
     }
     for name, (corrupt, match) in cases.items():

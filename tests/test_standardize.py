@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-import kdkernels
 from cases import CASES, case_id
 from helpers import assert_close, check_against_oracle, make_inputs, run_loss
 from oracle import oracle
+
+import kdkernels
 
 
 def normalize(logit):
@@ -52,8 +52,7 @@ def test_kd_matches_the_authors_code(name, T):
     got = kdkernels.kd_loss(s, t, temperature=T, standardize=True, backend=name)
     want = authors_kd(s, t, T)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
-    torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0], rtol=1e-8,
-                               atol=1e-14)
+    torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0], rtol=1e-8, atol=1e-14)
 
 
 @pytest.mark.parametrize("name", FLOAT64_BACKENDS)
@@ -64,8 +63,7 @@ def test_dkd_matches_the_authors_code(name):
     got = kdkernels.dkd_loss(s, t, target, alpha=9.0, beta=72.0, temperature=2.0, standardize=True, backend=name)
     want = authors_dkd(s, t, target, 9.0, 72.0, 2.0)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
-    torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0], rtol=1e-7,
-                               atol=1e-14)
+    torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0], rtol=1e-7, atol=1e-14)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -76,15 +74,26 @@ def test_matches_oracle(backend, device, case, reduction):
     dtypes = [torch.float64, torch.float32] if backend in ("reference", "cpu") else [torch.float32]
     for dtype in dtypes:
         s, t, target = make_inputs((2, 3, 37), dtype, device, seed=hash(case_id(case)) % 997, ignored=1)
-        grad_output = torch.linspace(-1.5, 2.0, 6, dtype=torch.float64).reshape(2, 3) if reduction == "none" \
-            else 0.7
-        check_against_oracle(method, hp, s, t, target, backend, reduction, grad_output, standardize=True,
-                             temperature=2.0, ce_weight=0.4)
+        grad_output = torch.linspace(-1.5, 2.0, 6, dtype=torch.float64).reshape(2, 3) if reduction == "none" else 0.7
+        check_against_oracle(
+            method, hp, s, t, target, backend, reduction, grad_output, standardize=True, temperature=2.0, ce_weight=0.4
+        )
 
 
-STREAMED = [c for c in CASES if c in (("kd", {}), ("rkl", {}), ("jsd", {"beta": 0.3}), ("bdkd", {}), ("dkd", {}),
-                                      ("gdkd", {"k": 2, "w1": 2.0, "kl_type": "both"}),
-                                      ("cakd", {"strong": "threshold", "tau": 0.3}))]
+STREAMED = [
+    c
+    for c in CASES
+    if c
+    in (
+        ("kd", {}),
+        ("rkl", {}),
+        ("jsd", {"beta": 0.3}),
+        ("bdkd", {}),
+        ("dkd", {}),
+        ("gdkd", {"k": 2, "w1": 2.0, "kl_type": "both"}),
+        ("cakd", {"strong": "threshold", "tau": 0.3}),
+    )
+]
 
 
 @pytest.mark.parametrize("case", STREAMED, ids=case_id)
@@ -102,26 +111,36 @@ def test_offset_logits_no_worse_than_eager(backend, device, method, hp):
     s, t, target = make_inputs((4, 300), torch.float64, device, seed=24, ignored=0)
     s32, t32 = (s * 0.5 + 1000).float(), (t * 2 - 1000).float()
     spec = kdkernels.METHODS[method]
-    want_loss, want_grad = oracle(method, s32.double().cpu().numpy(), t32.double().cpu().numpy(),
-                                  target.cpu().numpy(), spec.resolve(hp), spec.temperature, spec.t2_scale, "none",
-                                  standardize=True)
+    want_loss, want_grad = oracle(
+        method,
+        s32.double().cpu().numpy(),
+        t32.double().cpu().numpy(),
+        target.cpu().numpy(),
+        spec.resolve(hp),
+        spec.temperature,
+        spec.t2_scale,
+        "none",
+        standardize=True,
+    )
     errors = {}
     for name in {backend, "reference"}:
         loss, grad = run_loss(method, s32, t32, target, hp, name, "none", standardize=True)
-        errors[name] = [np.abs(got.detach().double().cpu().numpy() - want).max() / np.abs(want).max()
-                        for got, want in ((loss, want_loss), (grad, want_grad))]
+        errors[name] = [
+            np.abs(got.detach().double().cpu().numpy() - want).max() / np.abs(want).max()
+            for got, want in ((loss, want_loss), (grad, want_grad))
+        ]
     for what, k, e in zip(("loss", "gradient"), errors[backend], errors["reference"]):
         assert k <= 1e-3, f"{what}: error {k:.3e}"
         assert k <= 2 * e + 1e-5, f"{what}: {backend} error {k:.3e} worse than the eager reference's {e:.3e}"
 
 
-@pytest.mark.parametrize("case", [("kd", {}), ("jsd", {"beta": 0.3}), ("dkd", {}), ("gdkd", {"k": 3})],
-                         ids=case_id)
+@pytest.mark.parametrize("case", [("kd", {}), ("jsd", {"beta": 0.3}), ("dkd", {}), ("gdkd", {"k": 3})], ids=case_id)
 def test_masked_classes_are_left_out_of_the_statistics(backend, device, case):
     """-inf in both logits is the same as removing the class, row statistics included; its gradient is 0."""
     method, hp = case
-    s, t, target = make_inputs((4, 23), torch.float64 if backend == "reference" else torch.float32, device,
-                               seed=25, ignored=1)
+    s, t, target = make_inputs(
+        (4, 23), torch.float64 if backend == "reference" else torch.float32, device, seed=25, ignored=1
+    )
     masked = [1, 5, 6, 22]
     keep = torch.tensor([i for i in range(23) if i not in masked], device=device)
     target = torch.where(target == -100, target, keep[torch.arange(4, device=device) % keep.numel()])
@@ -129,8 +148,9 @@ def test_masked_classes_are_left_out_of_the_statistics(backend, device, case):
     s_masked[:, masked] = t_masked[:, masked] = -math.inf
     loss, grad = run_loss(method, s_masked, t_masked, target, hp, backend, "none", standardize=True, ce_weight=0.5)
     compact = torch.where(target == -100, target, torch.searchsorted(keep, target))
-    want, want_grad = run_loss(method, s[:, keep], t[:, keep], compact, hp, backend, "none", standardize=True,
-                               ce_weight=0.5)
+    want, want_grad = run_loss(
+        method, s[:, keep], t[:, keep], compact, hp, backend, "none", standardize=True, ce_weight=0.5
+    )
     assert_close(loss, want.detach().double().cpu().numpy(), s.dtype, "loss")
     assert torch.equal(grad[:, masked], torch.zeros_like(grad[:, masked]))
     assert_close(grad[:, keep], want_grad.double().cpu().numpy(), s.dtype, "gradient")
@@ -146,8 +166,9 @@ def test_constant_and_one_class_rows_are_finite(backend, device):
     t[1, 1:] = -math.inf
     loss, grad = run_loss("kd", s, t, target, {}, backend, "none", standardize=True)
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
-    want_loss, want_grad = oracle("kd", s.double().cpu().numpy(), t.double().cpu().numpy(), None, {}, 4.0, True,
-                                  "none", standardize=True)
+    want_loss, want_grad = oracle(
+        "kd", s.double().cpu().numpy(), t.double().cpu().numpy(), None, {}, 4.0, True, "none", standardize=True
+    )
     assert_close(loss, want_loss, dtype, "loss")
     assert_close(grad, want_grad, dtype, "gradient")
 
@@ -155,12 +176,14 @@ def test_constant_and_one_class_rows_are_finite(backend, device):
 def test_partition_ranks_the_raw_teacher_logits(backend, device):
     """Two teacher logits one float32 ulp apart z-score to the same float32 value: every backend still ranks the
     raw logits (as the float64 oracle's exact z-scores do), top-k and threshold alike."""
-    t = torch.tensor([[1.0, float(np.nextafter(np.float32(1.0), np.float32(2.0))), -1000.0, -1000.0]] * 2,
-                     device=device)
+    t = torch.tensor(
+        [[1.0, float(np.nextafter(np.float32(1.0), np.float32(2.0))), -1000.0, -1000.0]] * 2, device=device
+    )
     s = torch.tensor([[4.0, 0.0, 0.0, 0.0], [0.0, 4.0, 1.0, -2.0]], device=device)
     for method, hp in (("gdkd", {"k": 1}), ("cakd", {"strong": "threshold", "tau": 0.999999})):
-        check_against_oracle(method, hp, s, t, None, backend, "none", torch.ones(2, dtype=torch.float64),
-                             standardize=True)
+        check_against_oracle(
+            method, hp, s, t, None, backend, "none", torch.ones(2, dtype=torch.float64), standardize=True
+        )
 
 
 def test_constant_rows_get_std_zero(backend, device):
@@ -175,8 +198,9 @@ def test_a_class_only_the_student_masks_stays_out_of_the_jacobian(backend, devic
     """kd where the student masks a class the teacher gives mass: the loss is infinite, but the gradient of the
     other classes is finite and the same on every backend (the z-score's sums run over the unmasked classes only,
     though the method's gradient there is -p_j, not 0)."""
-    s, t, _ = make_inputs((3, 29), torch.float64 if backend == "reference" else torch.float32, device, seed=32,
-                          ignored=0)
+    s, t, _ = make_inputs(
+        (3, 29), torch.float64 if backend == "reference" else torch.float32, device, seed=32, ignored=0
+    )
     s[:, 4] = -math.inf
     loss, grad = run_loss("kd", s, t, None, {}, backend, "none", standardize=True)
     _, want = run_loss("kd", s.double(), t.double(), None, {}, "reference", "none", standardize=True)
@@ -204,12 +228,24 @@ def test_linear_path_equals_full_logits():
     for linear in (True, False):
         h, w = hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
         if linear:
-            loss = kdkernels.linear_distill_loss("dkd", h, w, ht, wt, target, standardize=True, chunk_size=8,
-                                                 softcap=5.0, teacher_softcap=5.0, ce_weight=0.3)
+            loss = kdkernels.linear_distill_loss(
+                "dkd",
+                h,
+                w,
+                ht,
+                wt,
+                target,
+                standardize=True,
+                chunk_size=8,
+                softcap=5.0,
+                teacher_softcap=5.0,
+                ce_weight=0.3,
+            )
         else:
             logits = 5.0 * torch.tanh(h @ w.T / 5.0)
-            loss = kdkernels.dkd_loss(logits, 5.0 * torch.tanh(ht @ wt.T / 5.0), target, standardize=True,
-                                      ce_weight=0.3)
+            loss = kdkernels.dkd_loss(
+                logits, 5.0 * torch.tanh(ht @ wt.T / 5.0), target, standardize=True, ce_weight=0.3
+            )
         loss.backward()
         grads.append((loss.detach(), h.grad, w.grad))
     for got, want in zip(*grads):

@@ -17,19 +17,21 @@ import subprocess
 import sys
 
 import pytest
-import torch
-
 import sm90_resources
+import torch
 from sm90_resources import Resources
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
-                                reason="with a GPU the kernels are compiled by running them (every other test file)")
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="with a GPU the kernels are compiled by running them (every other test file)"
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 # (interpreter, the Triton version it must have: None for whichever this venv has)
-TRITONS = {"venv": (sys.executable, None),
-           "triton-3.6.0": (os.path.join(ROOT, ".venv-triton36", "bin", "python"), "3.6.0")}
+TRITONS = {
+    "venv": (sys.executable, None),
+    "triton-3.6.0": (os.path.join(ROOT, ".venv-triton36", "bin", "python"), "3.6.0"),
+}
 
 
 @pytest.mark.parametrize("family", ["divergence", "decoupled", "scale"])
@@ -39,17 +41,27 @@ def test_kernels_compile_for_sm90(triton, family, tmp_path):
     assert os.path.exists(python), f"{python} not found: run scripts/setup.sh (it makes the Triton {version} venv)"
     out = tmp_path / "records.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, HERE]))
-    done = subprocess.run([python, os.path.join(HERE, "triton_sm90.py"), family, str(out)], env=env,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [python, os.path.join(HERE, "triton_sm90.py"), family, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(out.read_text())
     assert version is None or result["triton"] == version, f"{python} has Triton {result['triton']}, not {version}"
     records = [Resources(**r) for r in result["records"]]
     result["failures"] = [[label, error.replace(ROOT + os.sep, "")] for label, error in result["failures"]]
-    sm90_resources.report(f"triton-{result['triton']}", f"Triton {result['triton']}, sm_90 (GPUTarget('cuda', 90, "
-                          "32)), tests/triton_sm90.py: registers per thread, stack and spills in bytes per thread, "
-                          "smem in bytes per block (Triton's dynamic + ptxas's static)", family, records,
-                          result["failures"])
+    sm90_resources.report(
+        f"triton-{result['triton']}",
+        f"Triton {result['triton']}, sm_90 (GPUTarget('cuda', 90, "
+        "32)), tests/triton_sm90.py: registers per thread, stack and spills in bytes per thread, "
+        "smem in bytes per block (Triton's dynamic + ptxas's static)",
+        family,
+        records,
+        result["failures"],
+    )
     failed = "".join(f"\n{label}\n  {error}" for label, error in result["failures"])
     assert not failed, f"Triton {result['triton']}, {family}: failed to compile:{failed}"
     spills = sm90_resources.spill_message(f"Triton {result['triton']}, {family}", records)

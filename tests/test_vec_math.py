@@ -36,11 +36,25 @@ def test_inline_exp_and_log_are_within_their_ulp_bounds(capability, tmp_path):
     includes = cpp_extension.include_paths() + [sysconfig.get_paths()["include"]]
     libs = cpp_extension.library_paths()
     compile_ = subprocess.run(
-        ["g++", "-O2", "-std=c++17", f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}",
-         *capability_flags(capability), *[f"-I{p}" for p in includes],
-         os.path.join(ROOT, "tests", "vec_math_check.cpp"), "-o", str(binary),
-         *[f"-L{p}" for p in libs], *[f"-Wl,-rpath,{p}" for p in libs], "-lc10", "-ltorch_cpu"],
-        capture_output=True, text=True)
+        [
+            "g++",
+            "-O2",
+            "-std=c++17",
+            f"-DCPU_CAPABILITY={capability}",
+            f"-DCPU_CAPABILITY_{capability}",
+            *capability_flags(capability),
+            *[f"-I{p}" for p in includes],
+            os.path.join(ROOT, "tests", "vec_math_check.cpp"),
+            "-o",
+            str(binary),
+            *[f"-L{p}" for p in libs],
+            *[f"-Wl,-rpath,{p}" for p in libs],
+            "-lc10",
+            "-ltorch_cpu",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert compile_.returncode == 0, compile_.stderr[-4000:]
     run = subprocess.run([str(binary), str(STEP)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr

@@ -24,8 +24,16 @@ from dataclasses import asdict
 
 from sm90_resources import Resources, parse_ptxas
 
-INTS = {"N": "i32", "V": "i32", "k": "i32", "ignore_index": "i32", "s_stride": "i64", "t_stride": "i64",
-        "g_stride": "i32", "row_stride": "i64"}
+INTS = {
+    "N": "i32",
+    "V": "i32",
+    "k": "i32",
+    "ignore_index": "i32",
+    "s_stride": "i64",
+    "t_stride": "i64",
+    "g_stride": "i32",
+    "row_stride": "i64",
+}
 POINTERS = {"s_ptr": "*bf16", "t_ptr": "*fp32", "grad_ptr": "*bf16", "target_ptr": "*i64", "gt_ptr": "*fp32"}
 # The launch shapes (tile, warps and register cap as kdkernels launches them) of a short row, in one tile with several
 # rows per program (a vision vocabulary), and of a long one, streamed in tiles (an LLM's).
@@ -55,8 +63,9 @@ def compile_for_h200(kernel, pointer_types: dict, constexprs: dict, options: dic
     assert "cubin" in compiled.asm, f"{label}: no cubin"
     functions = parse_ptxas(log.getvalue())
     name = compiled.metadata.name
-    assert name in functions and functions[name]["registers"] is not None, \
+    assert name in functions and functions[name]["registers"] is not None, (
         f"{label}: no ptxas -v record of {name} in the compile's output:\n{log.getvalue()[-2000:]}"
+    )
     records = []
     for function, fields in functions.items():
         # Triton's kernels take their shared memory dynamically (metadata.shared); ptxas counts only static smem.
@@ -73,12 +82,23 @@ def describe(constexprs: dict, options: dict) -> str:
 def decoupled_plans() -> list[tuple]:
     """The switches of every decoupled plan the test cases reach."""
     from cases import CASES
+
     from kdkernels.methods import DECOUPLED, METHODS
 
-    return sorted({(int(plan.code), bool(plan.params.split_top1), bool(plan.params.lowest),
-                    bool(plan.params.adaptive), plan.params.w_fkl != 0, plan.params.w_rkl != 0)
-                   for plan in (METHODS[method].plan(METHODS[method].resolve(hp)) for method, hp in CASES)
-                   if plan.family == DECOUPLED})
+    return sorted(
+        {
+            (
+                int(plan.code),
+                bool(plan.params.split_top1),
+                bool(plan.params.lowest),
+                bool(plan.params.adaptive),
+                plan.params.w_fkl != 0,
+                plan.params.w_rkl != 0,
+            )
+            for plan in (METHODS[method].plan(METHODS[method].resolve(hp)) for method, hp in CASES)
+            if plan.family == DECOUPLED
+        }
+    )
 
 
 def specialisations(family: str) -> list[tuple]:
@@ -92,8 +112,16 @@ def specialisations(family: str) -> list[tuple]:
     from kdkernels.methods import Divergence, Partition
 
     if family == "scale":
-        return [(scale_rows_kernel, {"grad_ptr": "*bf16"}, dict(PER_ROW=per_row, BLOCK_V=4096), dict(num_warps=4),
-                 describe(dict(PER_ROW=per_row, BLOCK_V=4096), dict(num_warps=4))) for per_row in (False, True)]
+        return [
+            (
+                scale_rows_kernel,
+                {"grad_ptr": "*bf16"},
+                dict(PER_ROW=per_row, BLOCK_V=4096),
+                dict(num_warps=4),
+                describe(dict(PER_ROW=per_row, BLOCK_V=4096), dict(num_warps=4)),
+            )
+            for per_row in (False, True)
+        ]
     # (code, its name in the label, whether its full gradient is compiled on one tile too)
     if family == "divergence":
         codes = [(int(code), code.name, code in (Divergence.KD, Divergence.AKL)) for code in Divergence]
@@ -105,18 +133,39 @@ def specialisations(family: str) -> list[tuple]:
             full = standardize and (layout == "stream" or full_on_one_tile)
             block_n, block_v, warps, single, maxnreg = launch_shape(family, *LAYOUT_ROWS[layout], full=full)
             options = dict(num_warps=warps, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
-            switches = dict(FULL=full, TEACHER_GRAD=full, T2_SCALE=True, SINGLE_TILE=single, BLOCK_N=block_n,
-                            BLOCK_V=block_v)
+            switches = dict(
+                FULL=full, TEACHER_GRAD=full, T2_SCALE=True, SINGLE_TILE=single, BLOCK_N=block_n, BLOCK_V=block_v
+            )
             if family == "divergence":
-                constexprs = dict(CODE=code, HAS_TARGET=True, HAS_DENOM=True, WITH_CE=True, CE_APART=True,
-                                  STANDARDIZE=standardize, WITH_GRAD=True, **switches)
+                constexprs = dict(
+                    CODE=code,
+                    HAS_TARGET=True,
+                    HAS_DENOM=True,
+                    WITH_CE=True,
+                    CE_APART=True,
+                    STANDARDIZE=standardize,
+                    WITH_GRAD=True,
+                    **switches,
+                )
                 label = describe(dict(constexprs, CODE=code_name), options)
                 out.append((divergence_kernel, POINTERS, constexprs, options, label))
             else:
                 partition, split_top1, lowest, adaptive, forward, reverse = code
-                constexprs = dict(PARTITION=partition, SPLIT_TOP1=split_top1, LOWEST=lowest, ADAPTIVE=adaptive,
-                                  FORWARD=forward, REVERSE=reverse, HAS_TARGET=True, HAS_DENOM=False,
-                                  WITH_CE=True, STANDARDIZE=standardize, WITH_GRAD=True, KPAD=8, **switches)
+                constexprs = dict(
+                    PARTITION=partition,
+                    SPLIT_TOP1=split_top1,
+                    LOWEST=lowest,
+                    ADAPTIVE=adaptive,
+                    FORWARD=forward,
+                    REVERSE=reverse,
+                    HAS_TARGET=True,
+                    HAS_DENOM=False,
+                    WITH_CE=True,
+                    STANDARDIZE=standardize,
+                    WITH_GRAD=True,
+                    KPAD=8,
+                    **switches,
+                )
                 label = describe(dict(constexprs, PARTITION=code_name), options)
                 out.append((decoupled_kernel, POINTERS, constexprs, options, label))
     return out

@@ -8,10 +8,11 @@
 //       gradient 0); then per-bin sums, each class shifted by its own bin's maxima (one exp per class and side), and
 //       the sum of exp(s - max s) of the cross-entropy term;
 //   (2) the gradient (with the full gradient also the teacher's, and the row's d loss / d T).
+#include "../decoupled.h"
+
 #include <array>
 #include <utility>
 
-#include "../decoupled.h"
 #include "rows.h"
 
 namespace kdkernels::cpu::CPU_CAPABILITY {
@@ -121,10 +122,10 @@ M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M
     const V sraw = load(s + j, n), traw = load(t + j, n), x = sraw * inv_T, y = traw * inv_T;
     if (ce != nullptr) z1.add(O::exp(sraw - shift_1));
     const Masks in = bins_of(traw, j, n);
-    const V st_j = pick<O>(in[TOP1], in[STRONG], safe_shift(st.m[TOP1]), safe_shift(st.m[STRONG]),
-                           safe_shift(st.m[REST]));
-    const V ss_j = pick<O>(in[TOP1], in[STRONG], safe_shift(ss.m[TOP1]), safe_shift(ss.m[STRONG]),
-                           safe_shift(ss.m[REST]));
+    const V st_j =
+        pick<O>(in[TOP1], in[STRONG], safe_shift(st.m[TOP1]), safe_shift(st.m[STRONG]), safe_shift(st.m[REST]));
+    const V ss_j =
+        pick<O>(in[TOP1], in[STRONG], safe_shift(ss.m[TOP1]), safe_shift(ss.m[STRONG]), safe_shift(ss.m[REST]));
     const V et = O::exp(y - st_j), es = O::exp(x - ss_j), kv = k_term<O>(et, y, x, st_j, ss_j);
     es.store(es_row + j, n);
     et.store(et_row + j, n);
@@ -188,11 +189,12 @@ void decoupled_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
   std::vector<std::pair<M, int64_t>> heap;
   heap.reserve(PARTITION == TOPK ? size_t(c.k) : 0);
   const M threshold(a.temperature * c.log_tau);  // THRESHOLD: t_i - max t >= T log(tau), in double like the others
-  for_rows<M>(a, begin, end, buf, [&](const M* s, const M* t, int64_t target, M* g, M* ce, const M* t_rank,
-                                      M rank_scale, M* gt, M* dtemp) {
-    return decoupled_row<PARTITION, M>(s, t, t_rank, target, g, ce, gt, dtemp, buf, a.v, c, M(a.temperature),
-                                       threshold * rank_scale, M(a.grad_scale), M(a.ce_scale), a.t2_scale, heap);
-  });
+  for_rows<M>(a, begin, end, buf,
+              [&](const M* s, const M* t, int64_t target, M* g, M* ce, const M* t_rank, M rank_scale, M* gt, M* dtemp) {
+                return decoupled_row<PARTITION, M>(s, t, t_rank, target, g, ce, gt, dtemp, buf, a.v, c,
+                                                   M(a.temperature), threshold * rank_scale, M(a.grad_scale),
+                                                   M(a.ce_scale), a.t2_scale, heap);
+              });
 }
 
 }  // namespace

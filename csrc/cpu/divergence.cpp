@@ -20,6 +20,7 @@
 // No exp is computed twice but those of a code's own terms (jsd's and the skew KLs' mixtures, abkd's powers) when
 // (4) recomputes them.
 #include "../divergence.h"
+
 #include "rows.h"
 
 namespace kdkernels::cpu::CPU_CAPABILITY {
@@ -71,8 +72,8 @@ std::pair<M, int64_t> akl_head(const M* t, const M* p, int64_t v, M mu) {
 
 template <int CODE, class M>
 M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M* ce, M* gt, M* dtemp,
-                 const RowBuffers<M>& rows, int64_t v, const DivergenceParams<M>& c, M temperature, M scale,
-                 M ce_scale, bool t2_scale) {
+                 const RowBuffers<M>& rows, int64_t v, const DivergenceParams<M>& c, M temperature, M scale, M ce_scale,
+                 bool t2_scale) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
@@ -154,9 +155,9 @@ M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, 
       k.r.store(kept + j, n);
     }
   }
-  const DivergenceRow<M> row = divergence_row<CODE>(c, sum_l.sum(), CODE == KD ? M(-1) : sum_r.sum(),
-                                                    weighs_row_sums<CODE> ? sum_e.sum() : M(0),
-                                                    CODE == AKL ? sum_f.sum() : M(0));
+  const DivergenceRow<M> row =
+      divergence_row<CODE>(c, sum_l.sum(), CODE == KD ? M(-1) : sum_r.sum(), weighs_row_sums<CODE> ? sum_e.sum() : M(0),
+                           CODE == AKL ? sum_f.sum() : M(0));
   // (4) The gradient, once the row sums are known; bdkd, akl and the full gradient (the teacher's rt_k, p_k)
   // recompute the terms from the kept exps.
   if (full) {
@@ -176,10 +177,10 @@ M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, 
   } else if (g != nullptr && CODE != KD) {
     for (int64_t j = 0; j < v; j += L) {
       const int64_t n = std::min(L, v - j);
-      const ClassTerms<V> k = weighs_row_sums<CODE>
-                                  ? terms(j, n)
-                                  : ClassTerms<V>{V(0), V::loadu(kept + j, n), V::loadu(es_row + j, n) * inv_zx,
-                                                  V(0), V(0), V(0), V(0)};
+      const ClassTerms<V> k =
+          weighs_row_sums<CODE>
+              ? terms(j, n)
+              : ClassTerms<V>{V(0), V::loadu(kept + j, n), V::loadu(es_row + j, n) * inv_zx, V(0), V(0), V(0), V(0)};
       store_grad(divergence_grad<CODE, O>(k, row, scale), j, n);
     }
   }
@@ -191,19 +192,18 @@ void divergence_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
   const auto c = DivergenceParams<M>::from(a.params);
   const bool keeps_r = a.grad != nullptr && a.temperature_grad == nullptr && CODE != KD && !weighs_row_sums<CODE>;
   RowBuffers<M> rows(a, keeps_r || CODE == AKL ? 3 : 2);  // (divergence_row's es_row, et_row and kept)
-  for_rows<M>(a, begin, end, rows, [&](const M* s, const M* t, int64_t target, M* g, M* ce, const M* t_rank, M,
-                                       M* gt, M* dtemp) {
-    return divergence_row<CODE, M>(s, t, t_rank, target, g, ce, gt, dtemp, rows, a.v, c, M(a.temperature),
-                                   M(a.grad_scale), M(a.ce_scale), a.t2_scale);
-  });
+  for_rows<M>(a, begin, end, rows,
+              [&](const M* s, const M* t, int64_t target, M* g, M* ce, const M* t_rank, M, M* gt, M* dtemp) {
+                return divergence_row<CODE, M>(s, t, t_rank, target, g, ce, gt, dtemp, rows, a.v, c, M(a.temperature),
+                                               M(a.grad_scale), M(a.ce_scale), a.t2_scale);
+              });
 }
 
 }  // namespace
 
 void divergence_rows(const RowsArgs& a, int64_t begin, int64_t end) {
-  dispatch_rows<NUM_DIVERGENCES>(a, [&](auto code, auto math) {
-    divergence_rows_of<decltype(code)::value, decltype(math)>(a, begin, end);
-  });
+  dispatch_rows<NUM_DIVERGENCES>(
+      a, [&](auto code, auto math) { divergence_rows_of<decltype(code)::value, decltype(math)>(a, begin, end); });
 }
 
 }  // namespace kdkernels::cpu::CPU_CAPABILITY

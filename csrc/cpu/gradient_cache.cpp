@@ -63,9 +63,7 @@ class GradientCache final : public c10::Allocator {
 
   c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
 
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    default_copy_data(dest, src, count);
-  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
 
   size_t release() {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -125,10 +123,16 @@ GradientCache& instance() {
 
 }  // namespace
 
-c10::Allocator* gradient_allocator() { return &instance(); }
+c10::Allocator* gradient_allocator() {
+  return &instance();
+}
 
-size_t release_cached_gradients() { return instance().release(); }
+size_t release_cached_gradients() {
+  return instance().release();
+}
 
-size_t cached_gradient_bytes() { return instance().kept_bytes(); }
+size_t cached_gradient_bytes() {
+  return instance().kept_bytes();
+}
 
 }  // namespace kdkernels::cpu

@@ -64,23 +64,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(
     bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
     bool standardize, bool with_grad, bool in_place, FamilyCall* full = nullptr, bool teacher_grad = false) {
   const bool divergence = FAMILY == DIVERGENCE_FAMILY;
-  const std::string name = std::string("kdkernels::") + (divergence ? "divergence" : "decoupled") + "_cpu" +
-                           (in_place ? "_" : "");
-  FamilyCall call = check_family_call(name.c_str(), student, teacher, target, denominator, code, params,
-                                      divergence ? int(NUM_DIVERGENCES) : int(NUM_PARTITIONS),
-                                      divergence ? DivergenceParams<double>::size : DecoupledParams<double>::size,
-                                      temperature, ce_weight, distill_weight, with_ce, with_grad, in_place,
-                                      gradient_allocator());
+  const std::string name =
+      std::string("kdkernels::") + (divergence ? "divergence" : "decoupled") + "_cpu" + (in_place ? "_" : "");
+  FamilyCall call =
+      check_family_call(name.c_str(), student, teacher, target, denominator, code, params,
+                        divergence ? int(NUM_DIVERGENCES) : int(NUM_PARTITIONS),
+                        divergence ? DivergenceParams<double>::size : DecoupledParams<double>::size, temperature,
+                        ce_weight, distill_weight, with_ce, with_grad, in_place, gradient_allocator());
   if (!divergence) check_decoupled_params(call, code, params);
   if (full != nullptr) add_full_outputs(call, teacher_grad, gradient_allocator());
   const double t2 = t2_scale ? temperature * temperature : 1.0;
   const double inv_denom = reduce && denominator.has_value() ? 1.0 / denominator->item<double>() : 1.0;
-  RowsArgs args{call.student.data_ptr(), call.teacher.data_ptr(), call.student.scalar_type(),
-                call.teacher.scalar_type(), call.student.stride(0), call.teacher.stride(0),
-                call.target.defined() ? call.target.data_ptr<int64_t>() : nullptr, ignore_index,
-                call.loss_rows.data_ptr(), with_ce ? call.ce_rows.data_ptr() : nullptr,
-                with_grad ? call.grad.data_ptr() : nullptr, call.n, call.v, int(code), params.data(), temperature, t2,
-                distill_weight * t2 / temperature * inv_denom, ce_weight * inv_denom, call.math_double, standardize};
+  RowsArgs args{call.student.data_ptr(),
+                call.teacher.data_ptr(),
+                call.student.scalar_type(),
+                call.teacher.scalar_type(),
+                call.student.stride(0),
+                call.teacher.stride(0),
+                call.target.defined() ? call.target.data_ptr<int64_t>() : nullptr,
+                ignore_index,
+                call.loss_rows.data_ptr(),
+                with_ce ? call.ce_rows.data_ptr() : nullptr,
+                with_grad ? call.grad.data_ptr() : nullptr,
+                call.n,
+                call.v,
+                int(code),
+                params.data(),
+                temperature,
+                t2,
+                distill_weight * t2 / temperature * inv_denom,
+                ce_weight * inv_denom,
+                call.math_double,
+                standardize};
   if (full != nullptr) {
     args.teacher_grad = teacher_grad ? call.teacher_grad.data_ptr() : nullptr;
     args.temperature_grad = call.temperature_grad.data_ptr();
@@ -90,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(
   // Enough rows per task to amortise its start, and never fewer than one row.
   const int64_t grain = std::max<int64_t>(1, 32768 / call.v);
   at::parallel_for(0, call.n, grain, [&](int64_t begin, int64_t end) { rows(args, begin, end); });
-  auto [loss, parts] = !reduce ? finish_losses(call, denominator, reduce, ce_weight, distill_weight)
+  auto [loss, parts] = !reduce            ? finish_losses(call, denominator, reduce, ce_weight, distill_weight)
                        : call.math_double ? reduce_losses<double>(call, inv_denom, ce_weight, distill_weight)
                                           : reduce_losses<float>(call, inv_denom, ce_weight, distill_weight);
   if (full != nullptr) *full = call;
@@ -98,13 +113,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(
 }
 
 template <Family FAMILY>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> family_cpu(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
-    const std::optional<at::Tensor>& denominator, int64_t code, at::ArrayRef<double> params, double temperature,
-    bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
-    bool standardize, bool with_grad) {
-  return run_family<FAMILY>(student, teacher, target, denominator, code, params, temperature, t2_scale,
-                            ignore_index, reduce, ce_weight, distill_weight, with_ce, standardize, with_grad,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> family_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                          const std::optional<at::Tensor>& target,
+                                                          const std::optional<at::Tensor>& denominator, int64_t code,
+                                                          at::ArrayRef<double> params, double temperature,
+                                                          bool t2_scale, int64_t ignore_index, bool reduce,
+                                                          double ce_weight, double distill_weight, bool with_ce,
+                                                          bool standardize, bool with_grad) {
+  return run_family<FAMILY>(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index,
+                            reduce, ce_weight, distill_weight, with_ce, standardize, with_grad,
                             /*in_place=*/false);
 }
 
@@ -128,10 +145,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> family_cp
     bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
     bool standardize, bool teacher_grad) {
   FamilyCall call;
-  auto [loss, parts, grad] = run_family<FAMILY>(student, teacher, target, denominator, code, params, temperature,
-                                                t2_scale, ignore_index, reduce, ce_weight, distill_weight, with_ce,
-                                                standardize, /*with_grad=*/true, /*in_place=*/false, &call,
-                                                teacher_grad);
+  auto [loss, parts, grad] = run_family<FAMILY>(
+      student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce, ce_weight,
+      distill_weight, with_ce, standardize, /*with_grad=*/true, /*in_place=*/false, &call, teacher_grad);
   return {loss, parts, grad, call.teacher_grad, call.temperature_grad};
 }
 

@@ -300,9 +300,8 @@ M standardized_row(const M* s, const M* t, int64_t target, M* g, M* ce, int64_t 
   const M loss = row(buf.zs, buf.zt, target, g, nullptr, t, teacher.sd, gt, dtemp);
   if (ce != nullptr) *ce = xent.loss(s, v);
   if (g != nullptr) {
-    through_zscore(g, buf.zs, student, v, [&](int64_t j, int64_t n) {
-      return ce != nullptr ? xent.grad(load(s + j, n), iota, j) : V(M(0));
-    });
+    through_zscore(g, buf.zs, student, v,
+                   [&](int64_t j, int64_t n) { return ce != nullptr ? xent.grad(load(s + j, n), iota, j) : V(M(0)); });
   }
   if (gt != nullptr) through_zscore(gt, buf.zt, teacher, v, [](int64_t, int64_t) { return V(M(0)); });
   return loss;
@@ -332,8 +331,7 @@ void for_rows(const RowsArgs& a, int64_t begin, int64_t end, RowBuffers<M>& buf,
     buf.next_t = i + 1 < end ? static_cast<const char*>(a.teacher) + (i + 1) * a.teacher_stride * buf.t_item : nullptr;
     const int64_t target = a.target ? a.target[i] : 0;
     void* grad_row = a.grad ? static_cast<char*>(a.grad) + i * grad_row_bytes : nullptr;
-    void* teacher_grad_row = a.teacher_grad ? static_cast<char*>(a.teacher_grad) + i * teacher_grad_row_bytes
-                                            : nullptr;
+    void* teacher_grad_row = a.teacher_grad ? static_cast<char*>(a.teacher_grad) + i * teacher_grad_row_bytes : nullptr;
     M* ce = ce_loss == nullptr ? nullptr : ce_loss + i;
     M* dtemp = temperature_grad == nullptr ? nullptr : temperature_grad + i;
     if (a.target && target == a.ignore_index) {

@@ -9,9 +9,9 @@
 // read, so the in-place ops may pass the student as the gradient.
 #pragma once
 
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -26,9 +26,15 @@ namespace kdkernels::cuda {
 constexpr unsigned FULL_MASK = 0xffffffffu;
 constexpr int MAX_WARPS = 32;
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(c10::Half x) { return float(x); }
-__device__ __forceinline__ float to_float(c10::BFloat16 x) { return float(x); }
+__device__ __forceinline__ float to_float(float x) {
+  return x;
+}
+__device__ __forceinline__ float to_float(c10::Half x) {
+  return float(x);
+}
+__device__ __forceinline__ float to_float(c10::BFloat16 x) {
+  return float(x);
+}
 
 template <class T>
 __device__ __forceinline__ T from_float(float x) {
@@ -88,7 +94,7 @@ __device__ __forceinline__ void walk_row_pair(const T* s, const T* t, T* g, T* g
 template <int PACK = 0, class T, class F>
 __device__ __forceinline__ void walk_row(const T* s, const T* t, T* g, int64_t v, F&& f) {
   walk_row_pair<PACK>(s, t, g, static_cast<T*>(nullptr), v,
-                [&](int64_t j, float sj, float tj) { return make_float2(f(j, sj, tj), 0.f); });
+                      [&](int64_t j, float sj, float tj) { return make_float2(f(j, sj, tj), 0.f); });
 }
 
 // Writes 0 over a gradient row (an ignored row).
@@ -99,7 +105,9 @@ __device__ __forceinline__ void zero_row(T* g, int64_t v) {
 
 // ---- Block reductions ------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ float shfl_xor(float x, int lane_mask) { return __shfl_xor_sync(FULL_MASK, x, lane_mask); }
+__device__ __forceinline__ float shfl_xor(float x, int lane_mask) {
+  return __shfl_xor_sync(FULL_MASK, x, lane_mask);
+}
 __device__ __forceinline__ int64_t shfl_xor(int64_t x, int lane_mask) {
   return __shfl_xor_sync(FULL_MASK, static_cast<long long>(x), lane_mask);
 }
@@ -218,13 +226,13 @@ inline int threads_for(int64_t v) {
 
 // What a launch needs besides the checked call: scalars of the schema and the pointers of its optional tensors.
 struct LaunchArgs {
-  const int64_t* target;       // [N] or nullptr
-  const float* denominator;    // 0-d float32 or nullptr (the gradient is scaled by 1 / *denominator)
+  const int64_t* target;     // [N] or nullptr
+  const float* denominator;  // 0-d float32 or nullptr (the gradient is scaled by 1 / *denominator)
   float temperature, t2;
   int64_t ignore_index;
   float ce_weight, distill_weight;
-  float* ce_loss;              // [N] the cross-entropy term's rows, or nullptr without it
-  bool standardize;            // z-score both rows first (row_math.h ZScore)
+  float* ce_loss;    // [N] the cross-entropy term's rows, or nullptr without it
+  bool standardize;  // z-score both rows first (row_math.h ZScore)
   // The full gradient (the *_full ops): d loss / d T per row ([N]), else nullptr; the teacher's gradient goes to
   // Rows::gt.
   float* temperature_grad = nullptr;
@@ -239,16 +247,15 @@ struct CudaCall {
   at::Tensor teacher_grad;            // the full ops' teacher gradient as the kernel writes it, or undefined
   at::Tensor denominator;             // float32 on the device, or undefined
   LaunchArgs args;
-  double temperature;                 // in double, for host-side constants such as T log(tau)
+  double temperature;  // in double, for host-side constants such as T log(tau)
 };
 
 inline CudaCall prepare_cuda_call(const char* op, const at::Tensor& student, const at::Tensor& teacher,
-                                  const std::optional<at::Tensor>& target,
-                                  const std::optional<at::Tensor>& denominator, int64_t code,
-                                  at::ArrayRef<double> params, int num_codes, int num_params, double temperature,
-                                  bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight,
-                                  double distill_weight, bool with_ce, bool standardize, bool with_grad,
-                                  bool in_place) {
+                                  const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& denominator,
+                                  int64_t code, at::ArrayRef<double> params, int num_codes, int num_params,
+                                  double temperature, bool t2_scale, int64_t ignore_index, bool reduce,
+                                  double ce_weight, double distill_weight, bool with_ce, bool standardize,
+                                  bool with_grad, bool in_place) {
   TORCH_CHECK_TYPE(student.scalar_type() != at::kDouble && teacher.scalar_type() != at::kDouble, op,
                    ": the CUDA kernels compute in float32 and take float32, bfloat16 or float16 logits, not float64 "
                    "(backend='reference' computes float64)");
@@ -264,9 +271,14 @@ inline CudaCall prepare_cuda_call(const char* op, const at::Tensor& student, con
   }
   if (reduce && denominator.has_value()) c.denominator = denominator->reshape({}).to(at::kFloat);
   c.args = {c.call.target.defined() ? c.call.target.data_ptr<int64_t>() : nullptr,
-            c.denominator.defined() ? c.denominator.data_ptr<float>() : nullptr, float(temperature),
-            float(t2_scale ? temperature * temperature : 1.0), ignore_index, float(ce_weight), float(distill_weight),
-            with_ce ? c.call.ce_rows.data_ptr<float>() : nullptr, standardize};
+            c.denominator.defined() ? c.denominator.data_ptr<float>() : nullptr,
+            float(temperature),
+            float(t2_scale ? temperature * temperature : 1.0),
+            ignore_index,
+            float(ce_weight),
+            float(distill_weight),
+            with_ce ? c.call.ce_rows.data_ptr<float>() : nullptr,
+            standardize};
   c.temperature = temperature;
   return c;
 }
@@ -281,10 +293,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(
     bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
     bool standardize, bool with_grad, bool in_place, FamilyCall* full = nullptr, bool teacher_grad = false) {
   const c10::cuda::CUDAGuard guard(student.device());
-  CudaCall c = prepare_cuda_call(in_place ? Family::name_ : Family::name, student, teacher, target, denominator,
-                                 code, params, Family::num_codes, Family::num_params, temperature, t2_scale,
-                                 ignore_index, reduce, ce_weight, distill_weight, with_ce, standardize, with_grad,
-                                 in_place);
+  CudaCall c = prepare_cuda_call(in_place ? Family::name_ : Family::name, student, teacher, target, denominator, code,
+                                 params, Family::num_codes, Family::num_params, temperature, t2_scale, ignore_index,
+                                 reduce, ce_weight, distill_weight, with_ce, standardize, with_grad, in_place);
   if (Family::decoupled) check_decoupled_params(c.call, code, params);
   if (full != nullptr) {
     add_full_outputs(c.call, teacher_grad);
@@ -315,21 +326,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> family_cu
     bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
     bool standardize, bool teacher_grad) {
   FamilyCall call;
-  auto [loss, parts, grad] = run_family<Family>(student, teacher, target, denominator, code, params, temperature,
-                                                t2_scale, ignore_index, reduce, ce_weight, distill_weight, with_ce,
-                                                standardize, /*with_grad=*/true, /*in_place=*/false, &call,
-                                                teacher_grad);
+  auto [loss, parts, grad] = run_family<Family>(
+      student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce, ce_weight,
+      distill_weight, with_ce, standardize, /*with_grad=*/true, /*in_place=*/false, &call, teacher_grad);
   return {loss, parts, grad, call.teacher_grad, call.temperature_grad};
 }
 
 template <class Family>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> family_cuda(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
-    const std::optional<at::Tensor>& denominator, int64_t code, at::ArrayRef<double> params, double temperature,
-    bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
-    bool standardize, bool with_grad) {
-  return run_family<Family>(student, teacher, target, denominator, code, params, temperature, t2_scale,
-                            ignore_index, reduce, ce_weight, distill_weight, with_ce, standardize, with_grad,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> family_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                                           const std::optional<at::Tensor>& target,
+                                                           const std::optional<at::Tensor>& denominator, int64_t code,
+                                                           at::ArrayRef<double> params, double temperature,
+                                                           bool t2_scale, int64_t ignore_index, bool reduce,
+                                                           double ce_weight, double distill_weight, bool with_ce,
+                                                           bool standardize, bool with_grad) {
+  return run_family<Family>(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index,
+                            reduce, ce_weight, distill_weight, with_ce, standardize, with_grad,
                             /*in_place=*/false);
 }
 
@@ -357,10 +369,14 @@ struct Rows {
   int64_t v, s_stride, t_stride;
 
   static Rows of(CudaCall& c) {
-    return {static_cast<const T*>(c.student.const_data_ptr()), static_cast<const T*>(c.teacher.const_data_ptr()),
+    return {static_cast<const T*>(c.student.const_data_ptr()),
+            static_cast<const T*>(c.teacher.const_data_ptr()),
             c.grad.numel() ? static_cast<T*>(c.grad.data_ptr()) : nullptr,
             c.teacher_grad.defined() && c.teacher_grad.numel() ? static_cast<T*>(c.teacher_grad.data_ptr()) : nullptr,
-            c.call.loss_rows.data_ptr<float>(), c.call.v, c.student.stride(0), c.teacher.stride(0)};
+            c.call.loss_rows.data_ptr<float>(),
+            c.call.v,
+            c.student.stride(0),
+            c.teacher.stride(0)};
   }
 };
 

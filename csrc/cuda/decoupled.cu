@@ -53,14 +53,14 @@ struct BinAccumulator {
     ks += o.ks;
   }
   __device__ __forceinline__ BinAccumulator shuffled(int lane_mask) const {
-    return {shfl_xor(mt, lane_mask), shfl_xor(zt, lane_mask), shfl_xor(kt, lane_mask), shfl_xor(ms, lane_mask),
-            shfl_xor(zs, lane_mask), shfl_xor(ks, lane_mask)};
+    return {shfl_xor(mt, lane_mask), shfl_xor(zt, lane_mask), shfl_xor(kt, lane_mask),
+            shfl_xor(ms, lane_mask), shfl_xor(zs, lane_mask), shfl_xor(ks, lane_mask)};
   }
 };
 
 template <int PARTITION, class T>
-__global__ void __launch_bounds__(512) decoupled_kernel(Rows<T> r, LaunchArgs a, DecoupledParams<double> c,
-                                                        float threshold) {
+__global__ void __launch_bounds__(512)
+    decoupled_kernel(Rows<T> r, LaunchArgs a, DecoupledParams<double> c, float threshold) {
   __shared__ BinAccumulator bin_scratch[MAX_WARPS];
   __shared__ Lse lse_scratch[MAX_WARPS];
   __shared__ Ranked ranked_scratch[MAX_WARPS];
@@ -77,8 +77,8 @@ __global__ void __launch_bounds__(512) decoupled_kernel(Rows<T> r, LaunchArgs a,
   const int64_t target = a.target != nullptr ? a.target[row] : 0;
   // An index outside [0, V) is never read (membership only compares indices): the row's loss becomes NaN.
   const bool bad_target = PARTITION == TARGET && (target < 0 || target >= r.v);
-  Membership<float> mb{PARTITION == TARGET && !bad_target ? target : -1, 0.f, 0, 0, 0.f, threshold, c.split_top1,
-                       c.lowest};
+  Membership<float> mb{
+      PARTITION == TARGET && !bad_target ? target : -1, 0.f, 0, 0, 0.f, threshold, c.split_top1, c.lowest};
   // (0) The teacher-only walks pass t as both rows: the second read of each element is an L1 hit.
   if constexpr (PARTITION == TOPK) {
     Ranked prev{INFINITY, -1}, first;  // prev ranks above every class
@@ -145,9 +145,9 @@ __global__ void __launch_bounds__(512) decoupled_kernel(Rows<T> r, LaunchArgs a,
       membership<PARTITION, F>(mb, tj, 0.f, j, in_top1, in_strong);
       const float y = zs.y(tj, a.temperature);
       const InBin<float> b = in_bin<F>(d, in_top1, in_strong, zs.x(sj, a.temperature), y);
-      return make_float2(decoupled_grad<F>(d, in_top1, in_strong, b, scale),
-                         a.temperature_grad != nullptr ? decoupled_teacher_grad<F>(d, in_top1, in_strong, b, y, scale)
-                                                       : 0.f);
+      return make_float2(
+          decoupled_grad<F>(d, in_top1, in_strong, b, scale),
+          a.temperature_grad != nullptr ? decoupled_teacher_grad<F>(d, in_top1, in_strong, b, y, scale) : 0.f);
     };
     if (a.standardize) {
       Sum2 sums, teacher_sums;

@@ -41,13 +41,13 @@ void scale_rows_cuda(const at::Tensor& grad, const at::Tensor& factor) {
     const unsigned rows = unsigned(std::min<int64_t>(n - start, 65535));
     const float* factor_ptr = f.data_ptr<float>() + (f.dim() == 1 ? start : 0);
     if (grad.scalar_type() == at::kDouble) {
-      scale_rows_kernel<double><<<dim3(blocks_x, rows), threads, 0, stream>>>(
-          grad.data_ptr<double>() + start * v, factor_ptr, v, f.dim() == 1);
+      scale_rows_kernel<double><<<dim3(blocks_x, rows), threads, 0, stream>>>(grad.data_ptr<double>() + start * v,
+                                                                              factor_ptr, v, f.dim() == 1);
     } else {
       dispatch_dtype(grad.scalar_type(), [&](auto zero) {
         using T = decltype(zero);
-        scale_rows_kernel<T><<<dim3(blocks_x, rows), threads, 0, stream>>>(
-            static_cast<T*>(grad.data_ptr()) + start * v, factor_ptr, v, f.dim() == 1);
+        scale_rows_kernel<T><<<dim3(blocks_x, rows), threads, 0, stream>>>(static_cast<T*>(grad.data_ptr()) + start * v,
+                                                                           factor_ptr, v, f.dim() == 1);
       });
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -56,6 +56,8 @@ void scale_rows_cuda(const at::Tensor& grad, const at::Tensor& factor) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) { m.impl("scale_rows_", &scale_rows_cuda); }
+TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {
+  m.impl("scale_rows_", &scale_rows_cuda);
+}
 
 }  // namespace kdkernels::cuda

@@ -17,8 +17,8 @@ preference order; naming a backend that cannot run raises a RuntimeError that sa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -79,9 +79,14 @@ def reduce(rows: torch.Tensor, reduction: str, denominator: torch.Tensor | None)
     return total if reduction == "sum" else total / denominator
 
 
-def combine(distill_rows: torch.Tensor, ce_rows: torch.Tensor | None, reduction: str,
-            denominator: torch.Tensor | None, ce_weight: float,
-            distill_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+def combine(
+    distill_rows: torch.Tensor,
+    ce_rows: torch.Tensor | None,
+    reduction: str,
+    denominator: torch.Tensor | None,
+    ce_weight: float,
+    distill_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, parts) from the two terms' row losses [N] (ce_rows None without the term, which then counts 0)."""
     loss = distill_rows if distill_weight == 1 else distill_weight * distill_rows
     if ce_rows is None:
@@ -93,14 +98,25 @@ def combine(distill_rows: torch.Tensor, ce_rows: torch.Tensor | None, reduction:
 
 
 def _reference_impl(call, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return combine(*reference.row_losses(call, student, teacher), call.reduction, call.denominator, call.ce_weight,
-                   call.distill_weight)
+    return combine(
+        *reference.row_losses(call, student, teacher),
+        call.reduction,
+        call.denominator,
+        call.ce_weight,
+        call.distill_weight,
+    )
 
 
-def _reference_full(call, student: torch.Tensor, teacher: torch.Tensor,
-                    temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return combine(*reference.row_losses(call, student, teacher, temperature), call.reduction, call.denominator,
-                   call.ce_weight, call.distill_weight)
+def _reference_full(
+    call, student: torch.Tensor, teacher: torch.Tensor, temperature: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return combine(
+        *reference.row_losses(call, student, teacher, temperature),
+        call.reduction,
+        call.denominator,
+        call.ce_weight,
+        call.distill_weight,
+    )
 
 
 register(Backend("reference", _reference_impl, lambda device: None, full=_reference_full))

@@ -15,8 +15,10 @@ from ..methods import FAMILIES
 from . import Backend, register
 from .ops import attach_family_ops, family_backend, full_backend
 
-BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` in the repository (setup.py; needs a C++ "
-              "compiler, and nvcc with a CUDA torch for the CUDA kernels)")
+BUILD_HINT = (
+    "build it with `pip install --no-build-isolation -e .` in the repository (setup.py; needs a C++ "
+    "compiler, and nvcc with a CUDA torch for the CUDA kernels)"
+)
 
 try:
     from .. import _C  # (loads the op library)
@@ -35,8 +37,11 @@ def release_cached_gradients() -> int:
 
 
 # Which devices the build has kernels for, read once (backend selection runs inside torch.compile traces).
-BUILT_FOR = {backend: LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-    f"kdkernels::divergence_{backend}", backend.upper()) for backend in ("cpu", "cuda")}
+BUILT_FOR = {
+    backend: LOAD_ERROR is None
+    and torch._C._dispatch_has_kernel_for_dispatch_key(f"kdkernels::divergence_{backend}", backend.upper())
+    for backend in ("cpu", "cuda")
+}
 
 
 def _unavailable_on(backend: str):
@@ -60,8 +65,17 @@ for _backend in ("cpu", "cuda"):
         _triples = {family: attach_family_ops(family, _backend, _scale) for family in FAMILIES}
         _ops = {family: ops[0] for family, ops in _triples.items()}
         _full_ops = {family: ops[2] for family, ops in _triples.items()}
-        register(Backend(_backend, family_backend(_backend, _ops, _scale), _unavailable_on(_backend),
-                         full_backend(_full_ops), _ops, {family: ops[1] for family, ops in _triples.items()}, _scale,
-                         _full_ops))
+        register(
+            Backend(
+                _backend,
+                family_backend(_backend, _ops, _scale),
+                _unavailable_on(_backend),
+                full_backend(_full_ops),
+                _ops,
+                {family: ops[1] for family, ops in _triples.items()},
+                _scale,
+                _full_ops,
+            )
+        )
     else:
         register(Backend(_backend, None, _unavailable_on(_backend)))

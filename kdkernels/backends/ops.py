@@ -35,14 +35,16 @@ multiplies out of place instead.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-_FAMILY_ARGS = ("Tensor teacher, Tensor? target, Tensor? denominator, int code, float[] params, float temperature, "
-                "bool t2_scale, int ignore_index, bool reduce, float ce_weight, float distill_weight, bool with_ce, "
-                "bool standardize")
+_FAMILY_ARGS = (
+    "Tensor teacher, Tensor? target, Tensor? denominator, int code, float[] params, float temperature, "
+    "bool t2_scale, int ignore_index, bool reduce, float ce_weight, float distill_weight, bool with_ce, "
+    "bool standardize"
+)
 # The schemas above, as csrc/kdkernels.cpp defines them for the extension's ops.
 SCHEMA = f"(Tensor student, {_FAMILY_ARGS}, bool with_grad) -> (Tensor, Tensor, Tensor)"
 INPLACE_SCHEMA = f"(Tensor(a!) student, {_FAMILY_ARGS}) -> (Tensor, Tensor)"
@@ -58,19 +60,63 @@ def _losses_like(student, teacher, reduce):
     return student.new_empty(rows, dtype=dtype), student.new_empty((2, *rows), dtype=dtype)
 
 
-def _fake(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce,
-          ce_weight, distill_weight, with_ce, standardize, with_grad):
+def _fake(
+    student,
+    teacher,
+    target,
+    denominator,
+    code,
+    params,
+    temperature,
+    t2_scale,
+    ignore_index,
+    reduce,
+    ce_weight,
+    distill_weight,
+    with_ce,
+    standardize,
+    with_grad,
+):
     grad = torch.empty_like(student, memory_format=torch.contiguous_format) if with_grad else student.new_empty(0)
     return *_losses_like(student, teacher, reduce), grad
 
 
-def _inplace_fake(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce,
-                  ce_weight, distill_weight, with_ce, standardize):
+def _inplace_fake(
+    student,
+    teacher,
+    target,
+    denominator,
+    code,
+    params,
+    temperature,
+    t2_scale,
+    ignore_index,
+    reduce,
+    ce_weight,
+    distill_weight,
+    with_ce,
+    standardize,
+):
     return _losses_like(student, teacher, reduce)
 
 
-def _full_fake(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce,
-               ce_weight, distill_weight, with_ce, standardize, teacher_grad):
+def _full_fake(
+    student,
+    teacher,
+    target,
+    denominator,
+    code,
+    params,
+    temperature,
+    t2_scale,
+    ignore_index,
+    reduce,
+    ce_weight,
+    distill_weight,
+    with_ce,
+    standardize,
+    teacher_grad,
+):
     loss, parts = _losses_like(student, teacher, reduce)
     grad = torch.empty_like(student, memory_format=torch.contiguous_format)
     grad_t = torch.empty_like(teacher, memory_format=torch.contiguous_format) if teacher_grad else teacher.new_empty(0)
@@ -95,7 +141,7 @@ def _autograd(backend: str, scale_rows: Callable[[Tensor, Tensor], None]) -> Cal
     """The backward of backend ``backend``'s family ops: the saved gradient times grad_output."""
 
     def backward(ctx, grad_loss, _grad_parts, _grad_grad):
-        grad, = ctx.saved_tensors
+        (grad,) = ctx.saved_tensors
         if grad_loss is None:  # only the (non-differentiable) grad output was used
             return (None,) * NUM_INPUTS
         if type(grad) is not torch.Tensor:
@@ -107,10 +153,13 @@ def _autograd(backend: str, scale_rows: Callable[[Tensor, Tensor], None]) -> Cal
             raise RuntimeError(
                 f"kdkernels: backend={backend!r} computes the gradient inside its forward kernel, so it cannot be "
                 f"differentiated again (create_graph=True: double backward, gradient penalties, Hessian-vector "
-                f"products); use backend='reference', whose autograd graph supports it")
+                f"products); use backend='reference', whose autograd graph supports it"
+            )
         if ctx.consumed:
-            raise RuntimeError("kdkernels: the fused loss's saved gradient was already used; backward through the "
-                               "same fused loss twice (retain_graph=True) is not supported")
+            raise RuntimeError(
+                "kdkernels: the fused loss's saved gradient was already used; backward through the "
+                "same fused loss twice (retain_graph=True) is not supported"
+            )
         ctx.consumed = True
         scale_rows(grad, grad_loss)
         return (grad,) + (None,) * (NUM_INPUTS - 1)
@@ -118,32 +167,115 @@ def _autograd(backend: str, scale_rows: Callable[[Tensor, Tensor], None]) -> Cal
     return backward
 
 
-def define_family_ops(family: str, backend: str, launch: Callable, launch_inplace: Callable, launch_full: Callable,
-                      scale_rows: Callable) -> tuple[Callable, Callable, Callable]:
+def define_family_ops(
+    family: str, backend: str, launch: Callable, launch_inplace: Callable, launch_full: Callable, scale_rows: Callable
+) -> tuple[Callable, Callable, Callable]:
     """Defines ``kdkernels::<family>_<backend>`` and its in-place and full siblings in Python (the schemas above),
     running ``launch``, ``launch_inplace`` and ``launch_full``, with fake functions and autograd."""
     name = f"kdkernels::{family}_{backend}"
 
-    def impl(student: Tensor, teacher: Tensor, target: Optional[Tensor], denominator: Optional[Tensor], code: int,
-             params: List[float], temperature: float, t2_scale: bool, ignore_index: int, reduce: bool,
-             ce_weight: float, distill_weight: float, with_ce: bool, standardize: bool,
-             with_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
-        return launch(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index,
-                      reduce, ce_weight, distill_weight, with_ce, standardize, with_grad)
+    def impl(
+        student: Tensor,
+        teacher: Tensor,
+        target: Tensor | None,
+        denominator: Tensor | None,
+        code: int,
+        params: list[float],
+        temperature: float,
+        t2_scale: bool,
+        ignore_index: int,
+        reduce: bool,
+        ce_weight: float,
+        distill_weight: float,
+        with_ce: bool,
+        standardize: bool,
+        with_grad: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return launch(
+            student,
+            teacher,
+            target,
+            denominator,
+            code,
+            params,
+            temperature,
+            t2_scale,
+            ignore_index,
+            reduce,
+            ce_weight,
+            distill_weight,
+            with_ce,
+            standardize,
+            with_grad,
+        )
 
-    def impl_inplace(student: Tensor, teacher: Tensor, target: Optional[Tensor], denominator: Optional[Tensor],
-                     code: int, params: List[float], temperature: float, t2_scale: bool, ignore_index: int,
-                     reduce: bool, ce_weight: float, distill_weight: float, with_ce: bool,
-                     standardize: bool) -> Tuple[Tensor, Tensor]:
-        return launch_inplace(student, teacher, target, denominator, code, params, temperature, t2_scale,
-                              ignore_index, reduce, ce_weight, distill_weight, with_ce, standardize)
+    def impl_inplace(
+        student: Tensor,
+        teacher: Tensor,
+        target: Tensor | None,
+        denominator: Tensor | None,
+        code: int,
+        params: list[float],
+        temperature: float,
+        t2_scale: bool,
+        ignore_index: int,
+        reduce: bool,
+        ce_weight: float,
+        distill_weight: float,
+        with_ce: bool,
+        standardize: bool,
+    ) -> tuple[Tensor, Tensor]:
+        return launch_inplace(
+            student,
+            teacher,
+            target,
+            denominator,
+            code,
+            params,
+            temperature,
+            t2_scale,
+            ignore_index,
+            reduce,
+            ce_weight,
+            distill_weight,
+            with_ce,
+            standardize,
+        )
 
-    def impl_full(student: Tensor, teacher: Tensor, target: Optional[Tensor], denominator: Optional[Tensor],
-                  code: int, params: List[float], temperature: float, t2_scale: bool, ignore_index: int,
-                  reduce: bool, ce_weight: float, distill_weight: float, with_ce: bool, standardize: bool,
-                  teacher_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return launch_full(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index,
-                           reduce, ce_weight, distill_weight, with_ce, standardize, teacher_grad)
+    def impl_full(
+        student: Tensor,
+        teacher: Tensor,
+        target: Tensor | None,
+        denominator: Tensor | None,
+        code: int,
+        params: list[float],
+        temperature: float,
+        t2_scale: bool,
+        ignore_index: int,
+        reduce: bool,
+        ce_weight: float,
+        distill_weight: float,
+        with_ce: bool,
+        standardize: bool,
+        teacher_grad: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return launch_full(
+            student,
+            teacher,
+            target,
+            denominator,
+            code,
+            params,
+            temperature,
+            t2_scale,
+            ignore_index,
+            reduce,
+            ce_weight,
+            distill_weight,
+            with_ce,
+            standardize,
+            teacher_grad,
+        )
 
     op = torch.library.custom_op(name, mutates_args=(), schema=SCHEMA)(impl)
     op.register_fake(_fake)
@@ -167,16 +299,30 @@ def attach_family_ops(family: str, backend: str, scale_rows: Callable) -> tuple[
 
 def _overloads(family: str, backend: str) -> tuple[Callable, Callable, Callable]:
     ops = torch.ops.kdkernels
-    return (getattr(ops, f"{family}_{backend}").default, getattr(ops, f"{family}_{backend}_").default,
-            getattr(ops, f"{family}_{backend}_full").default)
+    return (
+        getattr(ops, f"{family}_{backend}").default,
+        getattr(ops, f"{family}_{backend}_").default,
+        getattr(ops, f"{family}_{backend}_full").default,
+    )
 
 
 def op_args(call) -> tuple:
     """The arguments of a family op after (student, teacher), for ``call`` (arguments.LossCall), with_grad aside."""
     plan = call.plan
-    return (call.target, call.denominator, int(plan.code), [float(x) for x in plan.params], call.temperature,
-            call.t2_scale, call.ignore_index, call.reduction != "none", call.ce_weight, call.distill_weight,
-            call.with_ce, call.standardize)
+    return (
+        call.target,
+        call.denominator,
+        int(plan.code),
+        [float(x) for x in plan.params],
+        call.temperature,
+        call.t2_scale,
+        call.ignore_index,
+        call.reduction != "none",
+        call.ce_weight,
+        call.distill_weight,
+        call.with_ce,
+        call.standardize,
+    )
 
 
 class _EagerFamilyOp(torch.autograd.Function):
@@ -218,9 +364,13 @@ def family_backend(backend: str, ops: dict, scale_rows: Callable) -> Callable:
     return impl
 
 
-def scale_full_gradients(grad_loss: Tensor, grad: Tensor, grad_teacher: Optional[Tensor],
-                         grad_temperature: Optional[Tensor],
-                         temperature_dtype: Optional[torch.dtype]) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+def scale_full_gradients(
+    grad_loss: Tensor,
+    grad: Tensor,
+    grad_teacher: Tensor | None,
+    grad_temperature: Tensor | None,
+    temperature_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Backward of a full gradient (_FullGradient, and kdkernels.parallel's): the saved d loss / d student and
     d loss / d teacher (None when the teacher does not learn) times grad_output (0-d, or per row [N]), each rounded
     once to its dtype, and d loss / d T, the rows' d loss / d T summed with it (None without a temperature tensor)."""
@@ -239,8 +389,9 @@ class _FullGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, temperature, op, args):
-        loss, parts, grad, grad_teacher, grad_temperature = op(student.detach(), teacher.detach(), *args,
-                                                               teacher.requires_grad)
+        loss, parts, grad, grad_teacher, grad_temperature = op(
+            student.detach(), teacher.detach(), *args, teacher.requires_grad
+        )
         ctx.save_for_backward(grad, grad_teacher if teacher.requires_grad else None, grad_temperature)
         ctx.temperature_dtype = None if temperature is None else temperature.dtype
         ctx.mark_non_differentiable(parts)
@@ -254,7 +405,7 @@ class _FullGradient(torch.autograd.Function):
 def full_backend(full_ops: dict) -> Callable:
     """The full-gradient impl of a fused backend (backends.Backend.full) calling its family ``full_ops``."""
 
-    def full(call, student: Tensor, teacher: Tensor, temperature: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def full(call, student: Tensor, teacher: Tensor, temperature: Tensor | None) -> tuple[Tensor, Tensor]:
         return _FullGradient.apply(student, teacher, temperature, full_ops[call.plan.family], op_args(call))
 
     return full

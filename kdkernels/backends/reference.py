@@ -79,8 +79,7 @@ def akl_head(teacher: torch.Tensor, lp: torch.Tensor, mu: float) -> torch.Tensor
     return torch.zeros_like(in_head).scatter_(-1, order, in_head)
 
 
-def divergence_terms(plan: Plan, lp: torch.Tensor, lq: torch.Tensor,
-                     head: torch.Tensor | None = None) -> torch.Tensor:
+def divergence_terms(plan: Plan, lp: torch.Tensor, lq: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
     """Per-class statistics [N, V, S] of a divergence-family plan, whose row sums its loss combines: the loss terms
     (S = 1); for bdkd the terms of KL(p || q), of KL(q || p) and of H(p) - H(q) (S = 3); for akl those of
     KL(p || q), KL(q || p) and |p - q| on the ``head`` (akl_head) and off it (S = 4). A class with p = q = 0
@@ -179,8 +178,9 @@ def lowest_first(teacher: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isneginf(teacher), teacher, -teacher)
 
 
-def decoupled_bins(plan: Plan, teacher: torch.Tensor, target: torch.Tensor | None,
-                   temperature: float | torch.Tensor) -> torch.Tensor:
+def decoupled_bins(
+    plan: Plan, teacher: torch.Tensor, target: torch.Tensor | None, temperature: float | torch.Tensor
+) -> torch.Tensor:
     """Bin (Bin.TOP1, STRONG or REST) of every class [N, V], from the raw teacher logits and the target;
     ``temperature`` scales the threshold (with standardize, T sd per row [N, 1]: the z-score's threshold in raw
     units)."""
@@ -258,8 +258,9 @@ def _tempered(z: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tenso
     return torch.where(masked, z, torch.where(masked, 0.0, z) / temperature)
 
 
-def row_losses(call, student: torch.Tensor, teacher: torch.Tensor,
-               temperature: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def row_losses(
+    call, student: torch.Tensor, teacher: torch.Tensor, temperature: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row losses [N] of ``call`` (arguments.LossCall) on 2-D logits: the method's loss (T^2 included) and,
     with ``call.with_ce``, the student's cross-entropy against the target at T = 1 (else None). Rows that are
     ignored, or whose classes are all masked in both logits, are exactly 0 (loss and gradient). The teacher is a
@@ -284,8 +285,9 @@ def row_losses(call, student: torch.Tensor, teacher: torch.Tensor,
         head = akl_head(t.detach(), lp, call.plan.params.mu) if call.plan.code == Divergence.AKL else None
         loss = divergence_rows(call.plan, lp, lq, head)
     else:
-        bins = decoupled_bins(call.plan, t.detach(), target, call.temperature * sd_t.detach() if call.standardize
-                              else call.temperature)
+        bins = decoupled_bins(
+            call.plan, t.detach(), target, call.temperature * sd_t.detach() if call.standardize else call.temperature
+        )
         loss = decoupled_rows(call.plan, lp, lq, bins)
     if call.t2_scale:
         loss = loss * T**2

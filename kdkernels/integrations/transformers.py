@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import inspect
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import transformers
@@ -88,9 +88,9 @@ class LMHead:
     softcap * tanh(logits / softcap) when softcap is set."""
 
     weight: Tensor  # [V, H]
-    bias: Optional[Tensor]  # [V] or None
+    bias: Tensor | None  # [V] or None
     logit_scale: float
-    softcap: Optional[float]
+    softcap: float | None
 
     def logits(self, hidden: Tensor) -> Tensor:
         """The full logits (for evaluation metrics only: the losses never form them)."""
@@ -98,22 +98,26 @@ class LMHead:
         return z if self.softcap is None else self.softcap * torch.tanh(z / self.softcap)
 
     @classmethod
-    def of(cls, model: nn.Module) -> "LMHead":
+    def of(cls, model: nn.Module) -> LMHead:
         """The output layer of ``model`` (unwrapped from DDP; tied embeddings included) and its config's scaling."""
         model = _unwrapped(model)
         head = model.get_output_embeddings()
         if head is None or not isinstance(getattr(head, "weight", None), Tensor):
-            raise ValueError(f"{type(model).__name__} has no output embedding layer (get_output_embeddings() is "
-                             "None): the fused-linear loss needs a causal LM head")
+            raise ValueError(
+                f"{type(model).__name__} has no output embedding layer (get_output_embeddings() is "
+                "None): the fused-linear loss needs a causal LM head"
+            )
         weight, bias = whole_tensor(head.weight), whole_tensor(getattr(head, "bias", None))
         if hasattr(weight, "ds_id") and weight.dim() != 2:
-            raise NotImplementedError(f"the lm_head weight of {type(model).__name__} is a DeepSpeed ZeRO-3 "
-                                      "partition outside the layer's forward: use ZeRO-1/2, DDP or FSDP2")
+            raise NotImplementedError(
+                f"the lm_head weight of {type(model).__name__} is a DeepSpeed ZeRO-3 "
+                "partition outside the layer's forward: use ZeRO-1/2, DDP or FSDP2"
+            )
         config = model.config.get_text_config()
         return cls(weight, bias, logit_scale(config), getattr(config, "final_logit_softcapping", None))
 
 
-def whole_tensor(weight: Optional[Tensor]) -> Optional[Tensor]:
+def whole_tensor(weight: Tensor | None) -> Tensor | None:
     """A DTensor (FSDP2) gathered once into a plain tensor, its gradient reduced back by autograd (as TRL does);
     other tensors as they are."""
     dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
@@ -132,8 +136,16 @@ def final_hidden_states(model: nn.Module, inputs: dict) -> Tensor:
     return backbone(**inputs, use_cache=False).last_hidden_state
 
 
-def distill_in_forward(model: nn.Module, teacher: nn.Module, inputs: dict, method: str, target: Tensor,
-                       rows: slice, with_logits: bool = False, **options):
+def distill_in_forward(
+    model: nn.Module,
+    teacher: nn.Module,
+    inputs: dict,
+    method: str,
+    target: Tensor,
+    rows: slice,
+    with_logits: bool = False,
+    **options,
+):
     """(``lm_distill_loss`` of the student ``model`` against ``teacher`` on positions ``rows`` of ``inputs``; the
     student's full logits when ``with_logits``, else None). Runs inside the student's forward, each backbone inside
     its own model's (``through_forward``), the teacher under no_grad: a wrapped model is never bypassed."""
@@ -144,31 +156,56 @@ def distill_in_forward(model: nn.Module, teacher: nn.Module, inputs: dict, metho
         with torch.no_grad():
             teacher_hidden = through_forward(teacher, final_hidden_states, teacher, inputs)
         head = LMHead.of(model)
-        result = lm_distill_loss(method, head, LMHead.of(teacher), student_hidden[:, rows],
-                                 teacher_hidden[:, rows], target.to(student_hidden.device), **options)
+        result = lm_distill_loss(
+            method,
+            head,
+            LMHead.of(teacher),
+            student_hidden[:, rows],
+            teacher_hidden[:, rows],
+            target.to(student_hidden.device),
+            **options,
+        )
         return result, head.logits(student_hidden.detach()) if with_logits else None
 
     return through_forward(model, loss)
 
 
-def lm_distill_loss(method: str, student: LMHead, teacher: LMHead, student_hidden: Tensor, teacher_hidden: Tensor,
-                    target: Optional[Tensor], **options):
+def lm_distill_loss(
+    method: str,
+    student: LMHead,
+    teacher: LMHead,
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    target: Tensor | None,
+    **options,
+):
     """``linear_distill_loss`` between two LM heads. A teacher whose vocabulary is padded past the student's (more
     rows in its lm_head) is read on the student's V classes, i.e. renormalised over the shared vocabulary."""
     v = student.weight.shape[0]
     teacher_weight, teacher_bias = teacher.weight, teacher.bias
     if teacher_weight.shape[0] < v:
-        raise ValueError(f"the teacher's vocabulary ({teacher_weight.shape[0]} classes) is smaller than the "
-                         f"student's ({v}): the two models must share a tokenizer")
+        raise ValueError(
+            f"the teacher's vocabulary ({teacher_weight.shape[0]} classes) is smaller than the "
+            f"student's ({v}): the two models must share a tokenizer"
+        )
     if teacher_weight.shape[0] > v:
         teacher_weight = teacher_weight[:v]
         teacher_bias = None if teacher_bias is None else teacher_bias[:v]
     return linear_distill_loss(
-        method, student_hidden, student.weight, teacher_hidden.to(student_hidden.device),
-        teacher_weight.to(student.weight.device), target, student_bias=student.bias,
+        method,
+        student_hidden,
+        student.weight,
+        teacher_hidden.to(student_hidden.device),
+        teacher_weight.to(student.weight.device),
+        target,
+        student_bias=student.bias,
         teacher_bias=None if teacher_bias is None else teacher_bias.to(student.weight.device),
-        student_logit_scale=student.logit_scale, teacher_logit_scale=teacher.logit_scale,
-        softcap=student.softcap, teacher_softcap=teacher.softcap, **options)
+        student_logit_scale=student.logit_scale,
+        teacher_logit_scale=teacher.logit_scale,
+        softcap=student.softcap,
+        teacher_softcap=teacher.softcap,
+        **options,
+    )
 
 
 _TRAINER_ARGUMENTS = set(inspect.signature(transformers.Trainer.__init__).parameters)
@@ -178,11 +215,24 @@ def split_loss_options(method: str, kwargs: dict) -> dict:
     """Takes the loss's options out of a trainer's keyword arguments (every name ``transformers.Trainer`` does not
     take) and checks them now, not at the first step: a bad method, hyperparameter or option raises here."""
     options = {name: kwargs.pop(name) for name in list(kwargs) if name not in _TRAINER_ARGUMENTS}
-    reserved = sorted(set(options) & {"target", "mask", "normalizer", "reduction", "return_parts", "softcap",
-                                      "teacher_softcap", "student_logit_scale", "teacher_logit_scale"})
+    reserved = sorted(
+        set(options)
+        & {
+            "target",
+            "mask",
+            "normalizer",
+            "reduction",
+            "return_parts",
+            "softcap",
+            "teacher_softcap",
+            "student_logit_scale",
+            "teacher_logit_scale",
+        }
+    )
     if reserved:
-        raise ValueError(f"{reserved} are set by the trainer (from the batch and the models' configs), not by the "
-                         "caller")
+        raise ValueError(
+            f"{reserved} are set by the trainer (from the batch and the models' configs), not by the caller"
+        )
     hyperparameters = {k: v for k, v in options.items() if k not in LINEAR_OPTIONS + SETTINGS}
     resolve(method, hyperparameters, **{k: options[k] for k in SETTINGS if k in options})
     return options
@@ -196,8 +246,10 @@ def shifted_target(inputs: dict) -> tuple[dict, Tensor, slice]:
     if shift_labels is not None:
         return inputs, shift_labels, slice(None)
     if labels is None:
-        raise ValueError("the batch has no `labels` (token ids, -100 on the tokens left out of the loss), e.g. "
-                         "from DataCollatorForLanguageModeling(tokenizer, mlm=False)")
+        raise ValueError(
+            "the batch has no `labels` (token ids, -100 on the tokens left out of the loss), e.g. "
+            "from DataCollatorForLanguageModeling(tokenizer, mlm=False)"
+        )
     return inputs, labels[..., 1:], slice(None, -1)
 
 
@@ -225,8 +277,16 @@ class DistillationTrainer(transformers.Trainer):
     there); a DeepSpeed ZeRO-3 partitioned head raises NotImplementedError (ZeRO-1/2 run as DDP does).
     """
 
-    def __init__(self, model=None, teacher_model: Optional[nn.Module] = None, args=None, *, method: str = "kd",
-                 log_entropy: bool = False, **kwargs):
+    def __init__(
+        self,
+        model=None,
+        teacher_model: nn.Module | None = None,
+        args=None,
+        *,
+        method: str = "kd",
+        log_entropy: bool = False,
+        **kwargs,
+    ):
         if teacher_model is None:
             raise ValueError("DistillationTrainer needs teacher_model (a causal LM on the student's tokenizer)")
         self.method = method
@@ -250,16 +310,26 @@ class DistillationTrainer(transformers.Trainer):
             normalizer = normalizer.clamp(min=1.0)
         # The loss is normalised for gradient accumulation when it divides by the step's tokens.
         self.loss_is_scaled_for_ga = normalizer is not None
-        result, logits = distill_in_forward(model, self.teacher_model, inputs, self.method, target, rows,
-                                            return_outputs, normalizer=normalizer, return_parts=True,
-                                            return_entropy=self.log_entropy, **self.loss_options)
+        result, logits = distill_in_forward(
+            model,
+            self.teacher_model,
+            inputs,
+            self.method,
+            target,
+            rows,
+            return_outputs,
+            normalizer=normalizer,
+            return_parts=True,
+            return_entropy=self.log_entropy,
+            **self.loss_options,
+        )
         parts, entropy = result if self.log_entropy else (result, None)
         self._record("train" if model.training else "eval", parts, entropy, target, normalizer)
         if return_outputs:
             return parts.loss, CausalLMOutput(loss=parts.loss, logits=logits)
         return parts.loss
 
-    def _record(self, mode: str, parts, entropy: Optional[Tensor], target: Tensor, normalizer) -> None:
+    def _record(self, mode: str, parts, entropy: Tensor | None, target: Tensor, normalizer) -> None:
         """Adds this batch's token sums of the logged terms (the parts are per-token sums / the denominator)."""
         sums = self._sums[mode]
         tokens = (target != self.loss_options.get("ignore_index", -100)).sum()
@@ -271,7 +341,7 @@ class DistillationTrainer(transformers.Trainer):
         if entropy is not None:
             sums["entropy"] += entropy.sum().detach()
 
-    def log(self, logs: dict, start_time: Optional[float] = None) -> None:
+    def log(self, logs: dict, start_time: float | None = None) -> None:
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         sums = self._sums[mode]
         if "tokens" in sums:

@@ -12,15 +12,15 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
-from trl.experimental.gkd import GKDTrainer as _TRLGKDTrainer
 from transformers.modeling_outputs import CausalLMOutput
+from trl.experimental.gkd import GKDTrainer as _TRLGKDTrainer
 from trl.trainer import distillation_trainer as _distillation
 
 from ..linear import linear_distill_loss
-from .transformers import whole_tensor, distill_in_forward
+from .transformers import distill_in_forward, whole_tensor
 
 Tensor = torch.Tensor
 
@@ -35,12 +35,12 @@ def chunked_divergence_loss(
     completion_mask: Tensor,
     beta: float,
     num_items_in_batch: Tensor | int | None = None,
-    student_lm_head_bias: Optional[Tensor] = None,
-    teacher_lm_head_bias: Optional[Tensor] = None,
+    student_lm_head_bias: Tensor | None = None,
+    teacher_lm_head_bias: Tensor | None = None,
     student_logit_scale: float = 1.0,
     teacher_logit_scale: float = 1.0,
-    student_final_logit_softcapping: Optional[float] = None,
-    teacher_final_logit_softcapping: Optional[float] = None,
+    student_final_logit_softcapping: float | None = None,
+    teacher_final_logit_softcapping: float | None = None,
     temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """TRL's chunked generalized JSD on ``kdkernels.linear_distill_loss`` ("jsd"): (loss, the student's entropy at
@@ -54,11 +54,23 @@ def chunked_divergence_loss(
     if num_items_in_batch is not None:
         normalizer = torch.as_tensor(num_items_in_batch, device=student_hidden_states.device).float()
     loss, entropy = linear_distill_loss(
-        "jsd", student_hidden_states, student_lm_head_weight, teacher_hidden_states, teacher_lm_head_weight,
-        student_bias=student_lm_head_bias, teacher_bias=teacher_lm_head_bias, beta=beta, temperature=temperature,
-        student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
-        softcap=student_final_logit_softcapping, teacher_softcap=teacher_final_logit_softcapping, mask=mask,
-        normalizer=normalizer, return_entropy=True)
+        "jsd",
+        student_hidden_states,
+        student_lm_head_weight,
+        teacher_hidden_states,
+        teacher_lm_head_weight,
+        student_bias=student_lm_head_bias,
+        teacher_bias=teacher_lm_head_bias,
+        beta=beta,
+        temperature=temperature,
+        student_logit_scale=student_logit_scale,
+        teacher_logit_scale=teacher_logit_scale,
+        softcap=student_final_logit_softcapping,
+        teacher_softcap=teacher_final_logit_softcapping,
+        mask=mask,
+        normalizer=normalizer,
+        return_entropy=True,
+    )
     return loss, entropy.sum(), mask.sum()
 
 
@@ -85,7 +97,16 @@ class GKDTrainer(_TRLGKDTrainer):
             normalizer = torch.as_tensor(num_items_in_batch, device=inputs["input_ids"].device).float()
         # Position i predicts token i + 1; the labels' -100 leave prompt and padding out (TRL's convention), and
         # TRL's GKD loss is taken at temperature 1 (its temperature is the sampling one).
-        loss, logits = distill_in_forward(model, self.teacher_model, model_inputs, "jsd", inputs["labels"][:, 1:],
-                                          slice(None, -1), return_outputs, beta=self.beta, temperature=1.0,
-                                          normalizer=normalizer)
+        loss, logits = distill_in_forward(
+            model,
+            self.teacher_model,
+            model_inputs,
+            "jsd",
+            inputs["labels"][:, 1:],
+            slice(None, -1),
+            return_outputs,
+            beta=self.beta,
+            temperature=1.0,
+            normalizer=normalizer,
+        )
         return (loss, CausalLMOutput(loss=loss, logits=logits)) if return_outputs else loss

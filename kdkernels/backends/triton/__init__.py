@@ -25,15 +25,35 @@ from .divergence import divergence_kernel
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _launch(family, student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce,
-            ce_weight, distill_weight, with_ce, standardize, grad, teacher_grad=None, temperature_grad=None):
+def _launch(
+    family,
+    student,
+    teacher,
+    target,
+    denominator,
+    code,
+    params,
+    temperature,
+    t2_scale,
+    ignore_index,
+    reduce,
+    ce_weight,
+    distill_weight,
+    with_ce,
+    standardize,
+    grad,
+    teacher_grad=None,
+    temperature_grad=None,
+):
     """Runs the family's kernel on 2-D logits; ``grad`` is the gradient output ([N, V] contiguous, possibly
     ``student`` itself) or None for a forward-only call; the full gradient also writes ``temperature_grad`` ([N]
     float32, d loss / d T per row) and, unless None, ``teacher_grad`` ([N, V] contiguous). Returns (loss, parts),
     reduced or per row."""
     if torch.float64 in (student.dtype, teacher.dtype):
-        raise TypeError("the Triton kernels compute in float32 and take float32, bfloat16 or float16 logits, not "
-                        "float64 (backend='reference' computes float64)")
+        raise TypeError(
+            "the Triton kernels compute in float32 and take float32, bfloat16 or float16 logits, not "
+            "float64 (backend='reference' computes float64)"
+        )
     n, v = student.shape
     # Columns must be contiguous (vector loads); rows may have any stride.
     student = student if student.stride(-1) == 1 else student.contiguous()
@@ -50,22 +70,60 @@ def _launch(family, student, teacher, target, denominator, code, params, tempera
         else:
             p = DecoupledParams(*params)
             kernel = decoupled_kernel
-            named = dict(k=int(p.k), threshold=temperature * p.log_tau, w_mass=p.w_mass, w_strong=p.w_strong,
-                         w_rest=p.w_rest, w_fkl=p.w_fkl, w_rkl=p.w_rkl, max_weight=p.max_weight)
-            switches = dict(PARTITION=code, SPLIT_TOP1=bool(p.split_top1), LOWEST=bool(p.lowest),
-                            ADAPTIVE=bool(p.adaptive), FORWARD=p.w_fkl != 0, REVERSE=p.w_rkl != 0,
-                            KPAD=triton.next_power_of_2(max(int(p.k), 1)))
+            named = dict(
+                k=int(p.k),
+                threshold=temperature * p.log_tau,
+                w_mass=p.w_mass,
+                w_strong=p.w_strong,
+                w_rest=p.w_rest,
+                w_fkl=p.w_fkl,
+                w_rkl=p.w_rkl,
+                max_weight=p.max_weight,
+            )
+            switches = dict(
+                PARTITION=code,
+                SPLIT_TOP1=bool(p.split_top1),
+                LOWEST=bool(p.lowest),
+                ADAPTIVE=bool(p.adaptive),
+                FORWARD=p.w_fkl != 0,
+                REVERSE=p.w_rkl != 0,
+                KPAD=triton.next_power_of_2(max(int(p.k), 1)),
+            )
         kernel[(triton.cdiv(n, block_n),)](
-            student, teacher, target if target is not None else rows, denominator if has_denom else rows, rows,
-            ce_rows if with_ce else rows, grad if grad is not None else rows, n, v, student.stride(0),
-            teacher.stride(0), v, ignore_index, temperature, temperature**2 if t2_scale else 1.0,
-            ce_weight if with_ce else 0.0, distill_weight, **named,
+            student,
+            teacher,
+            target if target is not None else rows,
+            denominator if has_denom else rows,
+            rows,
+            ce_rows if with_ce else rows,
+            grad if grad is not None else rows,
+            n,
+            v,
+            student.stride(0),
+            teacher.stride(0),
+            v,
+            ignore_index,
+            temperature,
+            temperature**2 if t2_scale else 1.0,
+            ce_weight if with_ce else 0.0,
+            distill_weight,
+            **named,
             gt_ptr=teacher_grad if teacher_grad is not None else rows,
             dtemp_ptr=temperature_grad if temperature_grad is not None else rows,
-            HAS_TARGET=target is not None, HAS_DENOM=has_denom, WITH_CE=with_ce, STANDARDIZE=standardize,
-            WITH_GRAD=grad is not None, FULL=temperature_grad is not None, TEACHER_GRAD=teacher_grad is not None,
+            HAS_TARGET=target is not None,
+            HAS_DENOM=has_denom,
+            WITH_CE=with_ce,
+            STANDARDIZE=standardize,
+            WITH_GRAD=grad is not None,
+            FULL=temperature_grad is not None,
+            TEACHER_GRAD=teacher_grad is not None,
             T2_SCALE=bool(t2_scale),
-            SINGLE_TILE=single, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=warps, maxnreg=maxnreg, **switches,
+            SINGLE_TILE=single,
+            BLOCK_N=block_n,
+            BLOCK_V=block_v,
+            num_warps=warps,
+            maxnreg=maxnreg,
+            **switches,
         )
     reduction = ("batchmean" if denominator is not None else "sum") if reduce else "none"
     return combine(rows, ce_rows, reduction, denominator, ce_weight, distill_weight)
@@ -84,8 +142,10 @@ def _out_of_place(family):
 def _in_place(family):
     def launch(student, teacher, *args):
         if not student.is_contiguous():
-            raise ValueError(f"the in-place {family} op overwrites the student logits with their gradient: they "
-                             f"must be contiguous, got strides {student.stride()}")
+            raise ValueError(
+                f"the in-place {family} op overwrites the student logits with their gradient: they "
+                f"must be contiguous, got strides {student.stride()}"
+            )
         return _launch(family, student, teacher, *args, student)
 
     return launch
@@ -111,9 +171,21 @@ def _unavailable(device: torch.device) -> str | None:
     return f"no Triton support for {device.type} tensors"
 
 
-_triples = {family: define_family_ops(family, "triton", _out_of_place(family), _in_place(family), _full(family),
-                                      scale_rows_) for family in FAMILIES}
+_triples = {
+    family: define_family_ops(family, "triton", _out_of_place(family), _in_place(family), _full(family), scale_rows_)
+    for family in FAMILIES
+}
 _ops = {family: ops[0] for family, ops in _triples.items()}
 _full_ops = {family: ops[2] for family, ops in _triples.items()}
-register(Backend("triton", family_backend("triton", _ops, scale_rows_), _unavailable, full_backend(_full_ops),
-                 _ops, {family: ops[1] for family, ops in _triples.items()}, scale_rows_, _full_ops))
+register(
+    Backend(
+        "triton",
+        family_backend("triton", _ops, scale_rows_),
+        _unavailable,
+        full_backend(_full_ops),
+        _ops,
+        {family: ops[1] for family, ops in _triples.items()},
+        scale_rows_,
+        _full_ops,
+    )
+)

@@ -48,8 +48,19 @@ def launch_shape(family: str, n_rows: int, v: int, full: bool = False) -> tuple[
 
 
 @triton.jit
-def row_block(target_ptr, denom_ptr, N, ignore_index, temperature, t2, ce_weight, distill_weight,
-              HAS_TARGET: tl.constexpr, HAS_DENOM: tl.constexpr, BLOCK_N: tl.constexpr):
+def row_block(
+    target_ptr,
+    denom_ptr,
+    N,
+    ignore_index,
+    temperature,
+    t2,
+    ce_weight,
+    distill_weight,
+    HAS_TARGET: tl.constexpr,
+    HAS_DENOM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """This program's rows: (indices, in range, indices as int64, target (0 without one), not ignored, the factor
     of the method's gradient: distill_weight, 1/T from the softmax, T^2 if asked, 1/denominator for batchmean (read
     on the device), and the factor of the cross-entropy's: ce_weight / denominator)."""
@@ -63,8 +74,15 @@ def row_block(target_ptr, denom_ptr, N, ignore_index, temperature, t2, ce_weight
     inv_denom = tl.zeros([BLOCK_N], tl.float32) + 1.0
     if HAS_DENOM:
         inv_denom = inv_denom / tl.load(denom_ptr)
-    return rows, row_in, rows.to(tl.int64), target, valid, inv_denom * (distill_weight * t2 / temperature), \
-        inv_denom * ce_weight
+    return (
+        rows,
+        row_in,
+        rows.to(tl.int64),
+        target,
+        valid,
+        inv_denom * (distill_weight * t2 / temperature),
+        inv_denom * ce_weight,
+    )
 
 
 @triton.jit
@@ -102,8 +120,17 @@ def load_scaled(ptr, rows64, row_stride, row_ok, cols, V, shift, tau):
 
 
 @triton.jit
-def row_zscore(ptr, rows64, row_stride, row_ok, V, temperature, STANDARDIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_V: tl.constexpr):
+def row_zscore(
+    ptr,
+    rows64,
+    row_stride,
+    row_ok,
+    V,
+    temperature,
+    STANDARDIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     """Per row (mean, sd, std, n, tau) of the z-score of the option standardize (docs/losses.md, "Logit
     standardization"): the classes that are not -inf, each tile's moments merged by Chan's formula; tau = sd T.
     Without STANDARDIZE: (0, 1, 0, 0, T), so that scaled() gives s / T."""
@@ -163,13 +190,17 @@ def temperature_terms(x, mx, g, y, my, gt):
     """A tile's part of -d loss / d T before the T^2 term (the full gradient; docs/losses.md): sum_j (x_j - mx) g_j +
     (y_j - my) gt_j, g and gt the student's and teacher's gradients before the z-score's Jacobian, mx and my the
     rows' maxes; masked classes add 0."""
-    return tl.sum(tl.where(x == NEG_INF, 0.0, (x - safe_max(mx)[:, None]) * g) +
-                  tl.where(y == NEG_INF, 0.0, (y - safe_max(my)[:, None]) * gt), axis=1)
+    return tl.sum(
+        tl.where(x == NEG_INF, 0.0, (x - safe_max(mx)[:, None]) * g)
+        + tl.where(y == NEG_INF, 0.0, (y - safe_max(my)[:, None]) * gt),
+        axis=1,
+    )
 
 
 @triton.jit
-def store_teacher_tile(gt_ptr, rows64, g_stride, row_in, cols, V, gt, t, mean_t, sd_t, std_t, n_t, kept,
-                       STANDARDIZE: tl.constexpr):
+def store_teacher_tile(
+    gt_ptr, rows64, g_stride, row_in, cols, V, gt, t, mean_t, sd_t, std_t, n_t, kept, STANDARDIZE: tl.constexpr
+):
     """Stores the teacher's gradient of a row that is one tile (through the teacher's z-score with STANDARDIZE; 0 on
     rows not kept)."""
     mean_gt, coef_t = n_t, n_t

@@ -22,9 +22,23 @@ import triton
 import triton.language as tl
 
 from ...methods import Partition
-from .common import (NEG_INF, ce_grad, load_raw, online_lse, row_block, row_zscore, safe_max, scaled, store_rows,
-                     store_teacher_tile, target_logit, temperature_terms, unstandardize, zscore_jacobian,
-                     zscore_sums)
+from .common import (
+    NEG_INF,
+    ce_grad,
+    load_raw,
+    online_lse,
+    row_block,
+    row_zscore,
+    safe_max,
+    scaled,
+    store_rows,
+    store_teacher_tile,
+    target_logit,
+    temperature_terms,
+    unstandardize,
+    zscore_jacobian,
+    zscore_sums,
+)
 
 TARGET = tl.constexpr(int(Partition.TARGET))
 TOPK = tl.constexpr(int(Partition.TOPK))
@@ -71,8 +85,19 @@ def _rank(t, LOWEST: tl.constexpr):
 
 
 @triton.jit
-def _membership(t, cols, tgt, kth_v, kth_i, top1_i, t_max, threshold, PARTITION: tl.constexpr,
-                SPLIT_TOP1: tl.constexpr, LOWEST: tl.constexpr):
+def _membership(
+    t,
+    cols,
+    tgt,
+    kth_v,
+    kth_i,
+    top1_i,
+    t_max,
+    threshold,
+    PARTITION: tl.constexpr,
+    SPLIT_TOP1: tl.constexpr,
+    LOWEST: tl.constexpr,
+):
     """(in TOP1, in STRONG) masks of a tile of raw teacher logits; REST is everything else."""
     c = cols[None, :]
     if PARTITION == TARGET:
@@ -116,8 +141,32 @@ def _kt_update(kt, zt, rescale, mt, nt, ms, ns, member, d):
 
 
 @triton.jit
-def _side_update(k1, k2, k3, z1, z2, z3, m1, m2, m3, n1, n2, n3, o1, o2, o3, on1, on2, on3, in_top1, in_strong,
-                 in_rest, e, d, WITH_K: tl.constexpr):
+def _side_update(
+    k1,
+    k2,
+    k3,
+    z1,
+    z2,
+    z3,
+    m1,
+    m2,
+    m3,
+    n1,
+    n2,
+    n3,
+    o1,
+    o2,
+    o3,
+    on1,
+    on2,
+    on3,
+    in_top1,
+    in_strong,
+    in_rest,
+    e,
+    d,
+    WITH_K: tl.constexpr,
+):
     """One side's per-bin (k*, z*) moved from its maxes m* to n* (the other side's from o* to on*), plus a tile's e
     = exp(v - shift) and k terms d; k* only WITH_K."""
     r1, r2, r3 = tl.exp(m1 - safe_max(n1)), tl.exp(m2 - safe_max(n2)), tl.exp(m3 - safe_max(n3))
@@ -125,13 +174,42 @@ def _side_update(k1, k2, k3, z1, z2, z3, m1, m2, m3, n1, n2, n3, o1, o2, o3, on1
         k1 = _kt_update(k1, z1, r1, m1, n1, o1, on1, in_top1, d)
         k2 = _kt_update(k2, z2, r2, m2, n2, o2, on2, in_strong, d)
         k3 = _kt_update(k3, z3, r3, m3, n3, o3, on3, in_rest, d)
-    return (k1, k2, k3, z1 * r1 + _bin_sum(in_top1, e), z2 * r2 + _bin_sum(in_strong, e),
-            z3 * r3 + _bin_sum(in_rest, e))
+    return (
+        k1,
+        k2,
+        k3,
+        z1 * r1 + _bin_sum(in_top1, e),
+        z2 * r2 + _bin_sum(in_strong, e),
+        z3 * r3 + _bin_sum(in_rest, e),
+    )
 
 
 @triton.jit
-def _bins_update(x, y, in_top1, in_strong, t1, t2, t3, tz1, tz2, tz3, tk1, tk2, tk3, s1, s2, s3, sz1, sz2, sz3,
-                 sk1, sk2, sk3, REVERSE: tl.constexpr):
+def _bins_update(
+    x,
+    y,
+    in_top1,
+    in_strong,
+    t1,
+    t2,
+    t3,
+    tz1,
+    tz2,
+    tz3,
+    tk1,
+    tk2,
+    tk3,
+    s1,
+    s2,
+    s3,
+    sz1,
+    sz2,
+    sz3,
+    sk1,
+    sk2,
+    sk3,
+    REVERSE: tl.constexpr,
+):
     """Online per-bin statistics of a tile (bins 1, 2, 3 = TOP1, STRONG, REST): teacher (max t*, sum tz*, tk*),
     student (max s*, sum sz*, and sk* when REVERSE)."""
     in_rest = ~(in_top1 | in_strong)
@@ -144,10 +222,58 @@ def _bins_update(x, y, in_top1, in_strong, t1, t2, t3, tz1, tz2, tz3, tk1, tk2, 
     # (0 where the exp is 0: a masked class, or an underflow facing a masked class, never 0 * inf)
     dt = tl.where(et == 0.0, 0.0, et * ((y - shift_t) - (x - shift_s)))
     ds = tl.where(es == 0.0, 0.0, es * ((x - shift_s) - (y - shift_t)))
-    tk1, tk2, tk3, tz1, tz2, tz3 = _side_update(tk1, tk2, tk3, tz1, tz2, tz3, t1, t2, t3, n1, n2, n3, s1, s2, s3,
-                                                ns1, ns2, ns3, in_top1, in_strong, in_rest, et, dt, True)
-    sk1, sk2, sk3, sz1, sz2, sz3 = _side_update(sk1, sk2, sk3, sz1, sz2, sz3, s1, s2, s3, ns1, ns2, ns3, t1, t2, t3,
-                                                n1, n2, n3, in_top1, in_strong, in_rest, es, ds, REVERSE)
+    tk1, tk2, tk3, tz1, tz2, tz3 = _side_update(
+        tk1,
+        tk2,
+        tk3,
+        tz1,
+        tz2,
+        tz3,
+        t1,
+        t2,
+        t3,
+        n1,
+        n2,
+        n3,
+        s1,
+        s2,
+        s3,
+        ns1,
+        ns2,
+        ns3,
+        in_top1,
+        in_strong,
+        in_rest,
+        et,
+        dt,
+        True,
+    )
+    sk1, sk2, sk3, sz1, sz2, sz3 = _side_update(
+        sk1,
+        sk2,
+        sk3,
+        sz1,
+        sz2,
+        sz3,
+        s1,
+        s2,
+        s3,
+        ns1,
+        ns2,
+        ns3,
+        t1,
+        t2,
+        t3,
+        n1,
+        n2,
+        n3,
+        in_top1,
+        in_strong,
+        in_rest,
+        es,
+        ds,
+        REVERSE,
+    )
     return n1, n2, n3, tz1, tz2, tz3, tk1, tk2, tk3, ns1, ns2, ns3, sz1, sz2, sz3, sk1, sk2, sk3
 
 
@@ -208,8 +334,9 @@ def _in_bin(x, y, in_top1, in_strong, t1, t2, t3, tz1, tz2, tz3, s1, s2, s3, sz1
 
 
 @triton.jit
-def _method_grad(in_top1, in_strong, log_q, log_p, q_in, p_in, c1, c2, c3, f2, f3, r2, r3, scale,
-                 REVERSE: tl.constexpr):
+def _method_grad(
+    in_top1, in_strong, log_q, log_p, q_in, p_in, c1, c2, c3, f2, f3, r2, r3, scale, REVERSE: tl.constexpr
+):
     """g = scale * (c_b q^b - f_b p^b + r_b q^b (log q^b - log p^b)) of a tile (_in_bin), b the element's bin (f, r = 0
     in TOP1: a one-class bin has no in-bin term)."""
     c = _pick(in_top1, in_strong, c1, c2, c3)
@@ -222,8 +349,9 @@ def _method_grad(in_top1, in_strong, log_q, log_p, q_in, p_in, c1, c2, c3, f2, f
 
 
 @triton.jit
-def _teacher_grad(y, in_top1, in_strong, log_q, log_p, q_in, p_in, ct1, ct2, ct3, f2, f3, r2, r3, scale,
-                  REVERSE: tl.constexpr):
+def _teacher_grad(
+    y, in_top1, in_strong, log_q, log_p, q_in, p_in, ct1, ct2, ct3, f2, f3, r2, r3, scale, REVERSE: tl.constexpr
+):
     """The teacher's gt = scale * (ct_b p^b + f_b p^b (log p^b - log q^b) - r_b q^b) of a tile (the full gradient),
     0 on the classes the teacher masks."""
     ct = _pick(in_top1, in_strong, ct1, ct2, ct3)
@@ -243,21 +371,68 @@ def _teacher_coefficient(weight, lp, lq, mass_kl, f, fkl, r):
 
 @triton.jit
 def decoupled_kernel(
-    s_ptr, t_ptr, target_ptr, denom_ptr, loss_ptr, ce_ptr, grad_ptr,
-    N, V, s_stride, t_stride, g_stride, ignore_index,
-    temperature, t2, ce_weight, distill_weight, k, threshold, w_mass, w_strong, w_rest, w_fkl, w_rkl, max_weight,
-    gt_ptr, dtemp_ptr, PARTITION: tl.constexpr, SPLIT_TOP1: tl.constexpr, LOWEST: tl.constexpr, ADAPTIVE: tl.constexpr,
-    FORWARD: tl.constexpr, REVERSE: tl.constexpr, HAS_TARGET: tl.constexpr,
-    HAS_DENOM: tl.constexpr, WITH_CE: tl.constexpr, STANDARDIZE: tl.constexpr, WITH_GRAD: tl.constexpr,
-    FULL: tl.constexpr, TEACHER_GRAD: tl.constexpr, T2_SCALE: tl.constexpr,
-    SINGLE_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, KPAD: tl.constexpr,
+    s_ptr,
+    t_ptr,
+    target_ptr,
+    denom_ptr,
+    loss_ptr,
+    ce_ptr,
+    grad_ptr,
+    N,
+    V,
+    s_stride,
+    t_stride,
+    g_stride,
+    ignore_index,
+    temperature,
+    t2,
+    ce_weight,
+    distill_weight,
+    k,
+    threshold,
+    w_mass,
+    w_strong,
+    w_rest,
+    w_fkl,
+    w_rkl,
+    max_weight,
+    gt_ptr,
+    dtemp_ptr,
+    PARTITION: tl.constexpr,
+    SPLIT_TOP1: tl.constexpr,
+    LOWEST: tl.constexpr,
+    ADAPTIVE: tl.constexpr,
+    FORWARD: tl.constexpr,
+    REVERSE: tl.constexpr,
+    HAS_TARGET: tl.constexpr,
+    HAS_DENOM: tl.constexpr,
+    WITH_CE: tl.constexpr,
+    STANDARDIZE: tl.constexpr,
+    WITH_GRAD: tl.constexpr,
+    FULL: tl.constexpr,
+    TEACHER_GRAD: tl.constexpr,
+    T2_SCALE: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    KPAD: tl.constexpr,
 ):
     # WITH_CE: the cross-entropy term (at T = 1), from a running (m1, z1) of the raw student logits in pass 2. FULL
     # (with WITH_GRAD): the teacher's gradient too (stored into gt_ptr with TEACHER_GRAD) and d loss / d T per row
     # into dtemp_ptr, in pass 3.
     rows, row_in, rows64, tgt, valid, g_scale, ce_scale = row_block(
-        target_ptr, denom_ptr, N, ignore_index, temperature, t2, ce_weight, distill_weight, HAS_TARGET, HAS_DENOM,
-        BLOCK_N)
+        target_ptr,
+        denom_ptr,
+        N,
+        ignore_index,
+        temperature,
+        t2,
+        ce_weight,
+        distill_weight,
+        HAS_TARGET,
+        HAS_DENOM,
+        BLOCK_N,
+    )
     s_y = 0.0
     if WITH_CE:  # (read before an in-place gradient replaces it)
         s_y = target_logit(s_ptr, rows64, s_stride, tgt, valid, V)
@@ -298,10 +473,12 @@ def decoupled_kernel(
             top1_i = tl.min(tl.where((slots < k) & (real == top_v[:, None]), idxs, BIG_INDEX), axis=1)
 
     # (x = s / T, y = t / T; with STANDARDIZE the z-scores over T.)
-    mean_s, sd_s, std_s, n_s, tau_s = row_zscore(s_ptr, rows64, s_stride, valid, V, temperature, STANDARDIZE,
-                                                 BLOCK_N, BLOCK_V)
-    mean_t, sd_t, std_t, n_t, tau_t = row_zscore(t_ptr, rows64, t_stride, valid, V, temperature, STANDARDIZE,
-                                                 BLOCK_N, BLOCK_V)
+    mean_s, sd_s, std_s, n_s, tau_s = row_zscore(
+        s_ptr, rows64, s_stride, valid, V, temperature, STANDARDIZE, BLOCK_N, BLOCK_V
+    )
+    mean_t, sd_t, std_t, n_t, tau_t = row_zscore(
+        t_ptr, rows64, t_stride, valid, V, temperature, STANDARDIZE, BLOCK_N, BLOCK_V
+    )
     threshold = sd_t * threshold  # (z_i - max z >= T log(tau)  <=>  t_i - max t >= T log(tau) sd)
 
     # Pass 2: per-bin statistics of teacher and student.
@@ -315,11 +492,34 @@ def decoupled_kernel(
         y = scaled(t, mean_t, tau_t)
         if WITH_CE:
             m1, z1 = online_lse(m1, z1, s)
-        in_top1, in_strong = _membership(t, cols0, tgt, kth_v, kth_i, top1_i, t_max, threshold, PARTITION,
-                                         SPLIT_TOP1, LOWEST)
+        in_top1, in_strong = _membership(
+            t, cols0, tgt, kth_v, kth_i, top1_i, t_max, threshold, PARTITION, SPLIT_TOP1, LOWEST
+        )
         t1, t2_, t3, tz1, tz2, tz3, tk1, tk2, tk3, s1, s2, s3, sz1, sz2, sz3, sk1, sk2, sk3 = _bins_update(
-            x, y, in_top1, in_strong, t1, t2_, t3, tz1, tz2, tz3, tk1, tk2, tk3, s1, s2, s3, sz1, sz2, sz3,
-            sk1, sk2, sk3, REVERSE)
+            x,
+            y,
+            in_top1,
+            in_strong,
+            t1,
+            t2_,
+            t3,
+            tz1,
+            tz2,
+            tz3,
+            tk1,
+            tk2,
+            tk3,
+            s1,
+            s2,
+            s3,
+            sz1,
+            sz2,
+            sz3,
+            sk1,
+            sk2,
+            sk3,
+            REVERSE,
+        )
     else:
         for i in range(0, tl.cdiv(V, BLOCK_V)):
             cols = (tl.cdiv(V, BLOCK_V) - 1 - i) * BLOCK_V + cols0  # backwards: pass 1's last tiles are in L2
@@ -328,11 +528,34 @@ def decoupled_kernel(
             t = load_raw(t_ptr, rows64, t_stride, valid, cols, V)
             if WITH_CE:
                 m1, z1 = online_lse(m1, z1, s)
-            in_top1, in_strong = _membership(t, cols, tgt, kth_v, kth_i, top1_i, t_max, threshold, PARTITION,
-                                             SPLIT_TOP1, LOWEST)
+            in_top1, in_strong = _membership(
+                t, cols, tgt, kth_v, kth_i, top1_i, t_max, threshold, PARTITION, SPLIT_TOP1, LOWEST
+            )
             t1, t2_, t3, tz1, tz2, tz3, tk1, tk2, tk3, s1, s2, s3, sz1, sz2, sz3, sk1, sk2, sk3 = _bins_update(
-                x, scaled(t, mean_t, tau_t), in_top1, in_strong, t1, t2_, t3, tz1, tz2, tz3, tk1, tk2, tk3, s1, s2, s3,
-                sz1, sz2, sz3, sk1, sk2, sk3, REVERSE)
+                x,
+                scaled(t, mean_t, tau_t),
+                in_top1,
+                in_strong,
+                t1,
+                t2_,
+                t3,
+                tz1,
+                tz2,
+                tz3,
+                tk1,
+                tk2,
+                tk3,
+                s1,
+                s2,
+                s3,
+                sz1,
+                sz2,
+                sz3,
+                sk1,
+                sk2,
+                sk3,
+                REVERSE,
+            )
     # A row whose classes are all masked in both logits is left out like an ignored row.
     kept = valid & ((tl.maximum(t1, tl.maximum(t2_, t3)) != NEG_INF) | (tl.maximum(s1, tl.maximum(s2, s3)) != NEG_INF))
 
@@ -377,17 +600,19 @@ def decoupled_kernel(
         my = tl.maximum(t1, tl.maximum(t2_, t3))
         dtemp = zero
         if SINGLE_TILE:
-            log_q, log_p, q_in, p_in = _in_bin(x, y, in_top1, in_strong, t1, t2_, t3, tz1, tz2, tz3, s1, s2, s3, sz1,
-                                               sz2, sz3)
-            g = _method_grad(in_top1, in_strong, log_q, log_p, q_in, p_in, c1, c2, c3, f2, f3, r2, r3, g_scale,
-                             REVERSE)
+            log_q, log_p, q_in, p_in = _in_bin(
+                x, y, in_top1, in_strong, t1, t2_, t3, tz1, tz2, tz3, s1, s2, s3, sz1, sz2, sz3
+            )
+            g = _method_grad(in_top1, in_strong, log_q, log_p, q_in, p_in, c1, c2, c3, f2, f3, r2, r3, g_scale, REVERSE)
             if FULL:
-                gt = _teacher_grad(y, in_top1, in_strong, log_q, log_p, q_in, p_in, ct1, ct2, ct3, f2, f3, r2, r3,
-                                   g_scale, REVERSE)
+                gt = _teacher_grad(
+                    y, in_top1, in_strong, log_q, log_p, q_in, p_in, ct1, ct2, ct3, f2, f3, r2, r3, g_scale, REVERSE
+                )
                 dtemp = temperature_terms(x, mx, g, y, my, gt)
                 if TEACHER_GRAD:
-                    store_teacher_tile(gt_ptr, rows64, g_stride, row_in, cols0, V, gt, t, mean_t, sd_t, std_t, n_t,
-                                       kept, STANDARDIZE)
+                    store_teacher_tile(
+                        gt_ptr, rows64, g_stride, row_in, cols0, V, gt, t, mean_t, sd_t, std_t, n_t, kept, STANDARDIZE
+                    )
             mean_g, coef = n_s, n_s
             if STANDARDIZE:
                 sum_g, sum_gz = zscore_sums(g, s, mean_s, sd_s)
@@ -407,18 +632,52 @@ def decoupled_kernel(
                     s = load_raw(s_ptr, rows64, s_stride, valid, cols, V)
                     t = load_raw(t_ptr, rows64, t_stride, valid, cols, V)
                     y = scaled(t, mean_t, tau_t)
-                    in_top1, in_strong = _membership(t, cols, tgt, kth_v, kth_i, top1_i, t_max, threshold,
-                                                     PARTITION, SPLIT_TOP1, LOWEST)
-                    log_q, log_p, q_in, p_in = _in_bin(scaled(s, mean_s, tau_s), y, in_top1, in_strong, t1, t2_, t3,
-                                                       tz1, tz2, tz3, s1, s2, s3, sz1, sz2, sz3)
-                    g = _method_grad(in_top1, in_strong, log_q, log_p, q_in, p_in, c1, c2, c3, f2, f3, r2, r3,
-                                     g_scale, REVERSE)
+                    in_top1, in_strong = _membership(
+                        t, cols, tgt, kth_v, kth_i, top1_i, t_max, threshold, PARTITION, SPLIT_TOP1, LOWEST
+                    )
+                    log_q, log_p, q_in, p_in = _in_bin(
+                        scaled(s, mean_s, tau_s),
+                        y,
+                        in_top1,
+                        in_strong,
+                        t1,
+                        t2_,
+                        t3,
+                        tz1,
+                        tz2,
+                        tz3,
+                        s1,
+                        s2,
+                        s3,
+                        sz1,
+                        sz2,
+                        sz3,
+                    )
+                    g = _method_grad(
+                        in_top1, in_strong, log_q, log_p, q_in, p_in, c1, c2, c3, f2, f3, r2, r3, g_scale, REVERSE
+                    )
                     tile_g, tile_gz = zscore_sums(g, s, mean_s, sd_s)
                     sum_g += tile_g
                     sum_gz += tile_gz
                     if TEACHER_GRAD:
-                        gt = _teacher_grad(y, in_top1, in_strong, log_q, log_p, q_in, p_in, ct1, ct2, ct3, f2, f3,
-                                           r2, r3, g_scale, REVERSE)
+                        gt = _teacher_grad(
+                            y,
+                            in_top1,
+                            in_strong,
+                            log_q,
+                            log_p,
+                            q_in,
+                            p_in,
+                            ct1,
+                            ct2,
+                            ct3,
+                            f2,
+                            f3,
+                            r2,
+                            r3,
+                            g_scale,
+                            REVERSE,
+                        )
                         tile_g, tile_gz = zscore_sums(gt, t, mean_t, sd_t)
                         sum_gt += tile_g
                         sum_gtz += tile_gz
@@ -430,15 +689,19 @@ def decoupled_kernel(
                 x = scaled(s, mean_s, tau_s)
                 t = load_raw(t_ptr, rows64, t_stride, valid, cols, V)
                 y = scaled(t, mean_t, tau_t)
-                in_top1, in_strong = _membership(t, cols, tgt, kth_v, kth_i, top1_i, t_max, threshold, PARTITION,
-                                                 SPLIT_TOP1, LOWEST)
-                log_q, log_p, q_in, p_in = _in_bin(x, y, in_top1, in_strong, t1, t2_, t3, tz1, tz2, tz3, s1, s2, s3,
-                                                   sz1, sz2, sz3)
-                g = _method_grad(in_top1, in_strong, log_q, log_p, q_in, p_in, c1, c2, c3, f2, f3, r2, r3, g_scale,
-                                 REVERSE)
+                in_top1, in_strong = _membership(
+                    t, cols, tgt, kth_v, kth_i, top1_i, t_max, threshold, PARTITION, SPLIT_TOP1, LOWEST
+                )
+                log_q, log_p, q_in, p_in = _in_bin(
+                    x, y, in_top1, in_strong, t1, t2_, t3, tz1, tz2, tz3, s1, s2, s3, sz1, sz2, sz3
+                )
+                g = _method_grad(
+                    in_top1, in_strong, log_q, log_p, q_in, p_in, c1, c2, c3, f2, f3, r2, r3, g_scale, REVERSE
+                )
                 if FULL:
-                    gt = _teacher_grad(y, in_top1, in_strong, log_q, log_p, q_in, p_in, ct1, ct2, ct3, f2, f3, r2,
-                                       r3, g_scale, REVERSE)
+                    gt = _teacher_grad(
+                        y, in_top1, in_strong, log_q, log_p, q_in, p_in, ct1, ct2, ct3, f2, f3, r2, r3, g_scale, REVERSE
+                    )
                     dtemp += temperature_terms(x, mx, g, y, my, gt)
                     if TEACHER_GRAD:
                         gt = unstandardize(gt, t, mean_t, sd_t, mean_gt, coef_t, STANDARDIZE)

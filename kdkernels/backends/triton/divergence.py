@@ -18,9 +18,26 @@ import triton
 import triton.language as tl
 
 from ...methods import Divergence
-from .common import (NEG_INF, ce_grad, load_raw, load_scaled, log_softmax_tile, logaddexp, online_lse, row_block,
-                     row_zscore, safe_max, scaled, store_rows, store_teacher_tile, target_logit, temperature_terms,
-                     unstandardize, zscore_jacobian, zscore_sums)
+from .common import (
+    NEG_INF,
+    ce_grad,
+    load_raw,
+    load_scaled,
+    log_softmax_tile,
+    logaddexp,
+    online_lse,
+    row_block,
+    row_zscore,
+    safe_max,
+    scaled,
+    store_rows,
+    store_teacher_tile,
+    target_logit,
+    temperature_terms,
+    unstandardize,
+    zscore_jacobian,
+    zscore_sums,
+)
 
 KD = tl.constexpr(int(Divergence.KD))
 RKL = tl.constexpr(int(Divergence.RKL))
@@ -60,8 +77,23 @@ def _head_tile(t_ptr, rows64, t_stride, valid, cols, V, mean_t, tau_t, my, lzy, 
 
 
 @triton.jit
-def _akl_head(t_ptr, rows64, t_stride, valid, V, mean_t, tau_t, my, lzy, mu, t, p, SINGLE_TILE: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+def _akl_head(
+    t_ptr,
+    rows64,
+    t_stride,
+    valid,
+    V,
+    mean_t,
+    tau_t,
+    my,
+    lzy,
+    mu,
+    t,
+    p,
+    SINGLE_TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     """akl's head per row as (value, end): head = {t > value} + {t == value, index < end} on the raw teacher logits
     (docs/losses.md, "AKL"; csrc/divergence.h AklHead has the steps (a) to (c)). t and p: the row's tile when it is
     one tile (else unused)."""
@@ -73,8 +105,9 @@ def _akl_head(t_ptr, rows64, t_stride, valid, V, mean_t, tau_t, my, lzy, mu, t, 
         probe = _key_value(mid)[:, None]
         above = tl.zeros([BLOCK_N], tl.float32)
         for start in range(0, V, BLOCK_V):
-            tile_t, tile_p = _head_tile(t_ptr, rows64, t_stride, valid, start + cols0, V, mean_t, tau_t, my, lzy, t,
-                                        p, SINGLE_TILE)
+            tile_t, tile_p = _head_tile(
+                t_ptr, rows64, t_stride, valid, start + cols0, V, mean_t, tau_t, my, lzy, t, p, SINGLE_TILE
+            )
             above += tl.sum(tl.where(tile_t > probe, tile_p, 0.0), axis=1)
         low = above <= mu
         searching = hi - lo > 1  # (lo may still be the sentinel below -inf, never probed)
@@ -86,8 +119,9 @@ def _akl_head(t_ptr, rows64, t_stride, valid, V, mean_t, tau_t, my, lzy, mu, t, 
     size = tl.zeros([BLOCK_N], tl.float32)
     p_group = tl.zeros([BLOCK_N], tl.float32)
     for start in range(0, V, BLOCK_V):
-        tile_t, tile_p = _head_tile(t_ptr, rows64, t_stride, valid, start + cols0, V, mean_t, tau_t, my, lzy, t, p,
-                                    SINGLE_TILE)
+        tile_t, tile_p = _head_tile(
+            t_ptr, rows64, t_stride, valid, start + cols0, V, mean_t, tau_t, my, lzy, t, p, SINGLE_TILE
+        )
         above = tile_t > value[:, None]
         tie = tile_t == value[:, None]
         mass += tl.sum(tl.where(above, tile_p, 0.0), axis=1)
@@ -107,8 +141,9 @@ def _akl_head(t_ptr, rows64, t_stride, valid, V, mean_t, tau_t, my, lzy, mu, t, 
         ties = tl.zeros([BLOCK_N], tl.float32)
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
-            tile_t, tile_p = _head_tile(t_ptr, rows64, t_stride, valid, cols, V, mean_t, tau_t, my, lzy, t, p,
-                                        SINGLE_TILE)
+            tile_t, tile_p = _head_tile(
+                t_ptr, rows64, t_stride, valid, cols, V, mean_t, tau_t, my, lzy, t, p, SINGLE_TILE
+            )
             ties += tl.sum(((tile_t == value[:, None]) & (cols[None, :] < mid[:, None])).to(tl.float32), axis=1)
         enough = ties >= share
         hi = tl.where(enough, mid, hi)
@@ -123,8 +158,25 @@ def _in_head(t, cols, value, end):
 
 
 @triton.jit
-def _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, a, b, w_fkl, w_rkl, in_head,
-           CODE: tl.constexpr, FULL: tl.constexpr):
+def _terms(
+    x,
+    y,
+    mx,
+    lzx,
+    my,
+    lzy,
+    mix_p,
+    mix_q,
+    log_mix_p,
+    log_mix_q,
+    a,
+    b,
+    w_fkl,
+    w_rkl,
+    in_head,
+    CODE: tl.constexpr,
+    FULL: tl.constexpr,
+):
     """Per-class (l_k, r_k, q_k, p_k, e_k, f_k, rt_k) of a tile, from the row statistics (max, log-sum) of x and y;
     bdkd's and akl's l_k and r_k are those of KL(p || q) and KL(q || p) (_row weighs them), bdkd's
     e_k = q log q - p log p, akl's e_k and f_k = |p - q| on its head (in_head) and off it, 0 for the others; rt_k =
@@ -228,8 +280,15 @@ def _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, a, b, w_f
         f = tl.where(absent, zero, f)
     if FULL:
         rt = tl.where(absent, zero, rt)
-    return (tl.where(absent, zero, loss), tl.where(absent, zero, r), tl.where(absent, zero, q),
-            tl.where(absent, zero, p), e, f, rt)
+    return (
+        tl.where(absent, zero, loss),
+        tl.where(absent, zero, r),
+        tl.where(absent, zero, q),
+        tl.where(absent, zero, p),
+        e,
+        f,
+        rt,
+    )
 
 
 @triton.jit
@@ -287,22 +346,65 @@ def _teacher_grad(rt, q, p, y, a, b, sum_rt, scale, CODE: tl.constexpr):
 
 @triton.jit
 def divergence_kernel(
-    s_ptr, t_ptr, target_ptr, denom_ptr, loss_ptr, ce_ptr, grad_ptr,
-    N, V, s_stride, t_stride, g_stride, ignore_index,
-    temperature, t2, ce_weight, distill_weight, mix_p, mix_q, log_mix_p, log_mix_q, alpha, beta, w_fkl, w_rkl, mu,
-    gt_ptr, dtemp_ptr,
-    CODE: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_DENOM: tl.constexpr, WITH_CE: tl.constexpr,
-    CE_APART: tl.constexpr, STANDARDIZE: tl.constexpr, WITH_GRAD: tl.constexpr, FULL: tl.constexpr,
-    TEACHER_GRAD: tl.constexpr, T2_SCALE: tl.constexpr, SINGLE_TILE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    s_ptr,
+    t_ptr,
+    target_ptr,
+    denom_ptr,
+    loss_ptr,
+    ce_ptr,
+    grad_ptr,
+    N,
+    V,
+    s_stride,
+    t_stride,
+    g_stride,
+    ignore_index,
+    temperature,
+    t2,
+    ce_weight,
+    distill_weight,
+    mix_p,
+    mix_q,
+    log_mix_p,
+    log_mix_q,
+    alpha,
+    beta,
+    w_fkl,
+    w_rkl,
+    mu,
+    gt_ptr,
+    dtemp_ptr,
+    CODE: tl.constexpr,
+    HAS_TARGET: tl.constexpr,
+    HAS_DENOM: tl.constexpr,
+    WITH_CE: tl.constexpr,
+    CE_APART: tl.constexpr,
+    STANDARDIZE: tl.constexpr,
+    WITH_GRAD: tl.constexpr,
+    FULL: tl.constexpr,
+    TEACHER_GRAD: tl.constexpr,
+    T2_SCALE: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     # WITH_CE: the cross-entropy term (at T = 1): its softmax is the method's one unless CE_APART (T != 1 or
     # STANDARDIZE), which keeps a running (m1, z1) of the raw logits too. FULL (with WITH_GRAD): the teacher's
     # gradient too (stored into gt_ptr with TEACHER_GRAD) and d loss / d T per row into dtemp_ptr; kd and rkl then
     # take the streamed pass (B) like the others.
     rows, row_in, rows64, tgt, valid, g_scale, ce_scale = row_block(
-        target_ptr, denom_ptr, N, ignore_index, temperature, t2, ce_weight, distill_weight, HAS_TARGET, HAS_DENOM,
-        BLOCK_N)
+        target_ptr,
+        denom_ptr,
+        N,
+        ignore_index,
+        temperature,
+        t2,
+        ce_weight,
+        distill_weight,
+        HAS_TARGET,
+        HAS_DENOM,
+        BLOCK_N,
+    )
     s_y = 0.0
     if WITH_CE:  # (read before an in-place gradient replaces it)
         s_y = target_logit(s_ptr, rows64, s_stride, tgt, valid, V)
@@ -322,10 +424,12 @@ def divergence_kernel(
     head_end = tl.zeros([BLOCK_N], tl.int64)
     cols0 = tl.arange(0, BLOCK_V)
     # (x = s / T, y = t / T; with STANDARDIZE the z-scores over T.)
-    mean_s, sd_s, std_s, n_s, tau_s = row_zscore(s_ptr, rows64, s_stride, valid, V, temperature, STANDARDIZE,
-                                                 BLOCK_N, BLOCK_V)
-    mean_t, sd_t, std_t, n_t, tau_t = row_zscore(t_ptr, rows64, t_stride, valid, V, temperature, STANDARDIZE,
-                                                 BLOCK_N, BLOCK_V)
+    mean_s, sd_s, std_s, n_s, tau_s = row_zscore(
+        s_ptr, rows64, s_stride, valid, V, temperature, STANDARDIZE, BLOCK_N, BLOCK_V
+    )
+    mean_t, sd_t, std_t, n_t, tau_t = row_zscore(
+        t_ptr, rows64, t_stride, valid, V, temperature, STANDARDIZE, BLOCK_N, BLOCK_V
+    )
     if SINGLE_TILE:
         s = load_raw(s_ptr, rows64, s_stride, valid, cols0, V)
         x = scaled(s, mean_s, tau_s)
@@ -339,13 +443,45 @@ def divergence_kernel(
             m1, z1 = mx, zx
         kept = valid & ((mx != NEG_INF) | (my != NEG_INF))
         if CODE == AKL:
-            head_value, head_end = _akl_head(t_ptr, rows64, t_stride, valid, V, mean_t, tau_t, my, tl.log(zy), mu, t,
-                                             tl.exp(log_softmax_tile(y, my, tl.log(zy))), True, BLOCK_N, BLOCK_V)
+            head_value, head_end = _akl_head(
+                t_ptr,
+                rows64,
+                t_stride,
+                valid,
+                V,
+                mean_t,
+                tau_t,
+                my,
+                tl.log(zy),
+                mu,
+                t,
+                tl.exp(log_softmax_tile(y, my, tl.log(zy))),
+                True,
+                BLOCK_N,
+                BLOCK_V,
+            )
         in_head = False
         if CODE == AKL:
             in_head = _in_head(t, cols0, head_value, head_end)
-        loss, r, q, p, e, f, rt = _terms(x, y, mx, tl.log(zx), my, tl.log(zy), mix_p, mix_q, log_mix_p, log_mix_q,
-                                         alpha, beta, w_fkl, w_rkl, in_head, CODE, FULL)
+        loss, r, q, p, e, f, rt = _terms(
+            x,
+            y,
+            mx,
+            tl.log(zx),
+            my,
+            tl.log(zy),
+            mix_p,
+            mix_q,
+            log_mix_p,
+            log_mix_q,
+            alpha,
+            beta,
+            w_fkl,
+            w_rkl,
+            in_head,
+            CODE,
+            FULL,
+        )
         sum_r = tl.sum(r, axis=1)
         if CODE == BDKD or CODE == AKL:
             sum_e = tl.sum(e, axis=1)
@@ -360,8 +496,9 @@ def divergence_kernel(
                 gt = _teacher_grad(rt, q, p, y, a, b, _teacher_sum_r(tl.sum(rt, axis=1), a, b, CODE), g_scale, CODE)
                 dtemp = temperature_terms(x, mx, g, y, my, gt)
                 if TEACHER_GRAD:
-                    store_teacher_tile(gt_ptr, rows64, g_stride, row_in, cols0, V, gt, t, mean_t, sd_t, std_t, n_t,
-                                       kept, STANDARDIZE)
+                    store_teacher_tile(
+                        gt_ptr, rows64, g_stride, row_in, cols0, V, gt, t, mean_t, sd_t, std_t, n_t, kept, STANDARDIZE
+                    )
             mean_g, coef = n_s, n_s
             if STANDARDIZE:
                 sum_g, sum_gz = zscore_sums(g, s, mean_s, sd_s)
@@ -404,8 +541,9 @@ def divergence_kernel(
             sum_r = sum_l
         else:
             if CODE == AKL:
-                head_value, head_end = _akl_head(t_ptr, rows64, t_stride, valid, V, mean_t, tau_t, my, lzy, mu, 0.0,
-                                                 0.0, False, BLOCK_N, BLOCK_V)
+                head_value, head_end = _akl_head(
+                    t_ptr, rows64, t_stride, valid, V, mean_t, tau_t, my, lzy, mu, 0.0, 0.0, False, BLOCK_N, BLOCK_V
+                )
             for i in range(0, last + 1):
                 cols = (last - i) * BLOCK_V + cols0
                 x = load_scaled(s_ptr, rows64, s_stride, valid, cols, V, mean_s, tau_s)
@@ -413,8 +551,25 @@ def divergence_kernel(
                 in_head = False
                 if CODE == AKL:
                     in_head = _in_head(t, cols, head_value, head_end)
-                loss, r, q, p, e, f, rt = _terms(x, scaled(t, mean_t, tau_t), mx, lzx, my, lzy, mix_p, mix_q,
-                                                 log_mix_p, log_mix_q, alpha, beta, w_fkl, w_rkl, in_head, CODE, FULL)
+                loss, r, q, p, e, f, rt = _terms(
+                    x,
+                    scaled(t, mean_t, tau_t),
+                    mx,
+                    lzx,
+                    my,
+                    lzy,
+                    mix_p,
+                    mix_q,
+                    log_mix_p,
+                    log_mix_q,
+                    alpha,
+                    beta,
+                    w_fkl,
+                    w_rkl,
+                    in_head,
+                    CODE,
+                    FULL,
+                )
                 sum_l += tl.sum(loss, axis=1)
                 sum_r += tl.sum(r, axis=1)
                 if CODE == BDKD or CODE == AKL:
@@ -436,17 +591,36 @@ def divergence_kernel(
                 s = load_raw(s_ptr, rows64, s_stride, valid, start + cols0, V)
                 t = load_raw(t_ptr, rows64, t_stride, valid, start + cols0, V)
                 y = scaled(t, mean_t, tau_t)
-                loss, r, q, p, e, f, rt = _terms(scaled(s, mean_s, tau_s), y, mx, lzx, my, lzy, mix_p, mix_q,
-                                                 log_mix_p, log_mix_q, alpha, beta, w_fkl, w_rkl, False, CODE, FULL)
+                loss, r, q, p, e, f, rt = _terms(
+                    scaled(s, mean_s, tau_s),
+                    y,
+                    mx,
+                    lzx,
+                    my,
+                    lzy,
+                    mix_p,
+                    mix_q,
+                    log_mix_p,
+                    log_mix_q,
+                    alpha,
+                    beta,
+                    w_fkl,
+                    w_rkl,
+                    False,
+                    CODE,
+                    FULL,
+                )
                 if CODE == KD and not FULL:
                     sum_l += tl.sum(loss, axis=1)
-                tile_g, tile_gz = zscore_sums(_method_grad(_grad_terms(r, p, a, b, CODE), q, sum_r, g_scale), s,
-                                              mean_s, sd_s)
+                tile_g, tile_gz = zscore_sums(
+                    _method_grad(_grad_terms(r, p, a, b, CODE), q, sum_r, g_scale), s, mean_s, sd_s
+                )
                 sum_g += tile_g
                 sum_gz += tile_gz
                 if TEACHER_GRAD:
-                    tile_g, tile_gz = zscore_sums(_teacher_grad(rt, q, p, y, a, b, sum_rt, g_scale, CODE), t, mean_t,
-                                                  sd_t)
+                    tile_g, tile_gz = zscore_sums(
+                        _teacher_grad(rt, q, p, y, a, b, sum_rt, g_scale, CODE), t, mean_t, sd_t
+                    )
                     sum_gt += tile_g
                     sum_gtz += tile_gz
             mean_g, coef = zscore_jacobian(sum_g, sum_gz, std_s, n_s)
@@ -458,8 +632,25 @@ def divergence_kernel(
                 x = scaled(s, mean_s, tau_s)
                 t = load_raw(t_ptr, rows64, t_stride, valid, cols, V)
                 y = scaled(t, mean_t, tau_t)
-                loss, r, q, p, e, f, rt = _terms(x, y, mx, lzx, my, lzy, mix_p, mix_q, log_mix_p, log_mix_q, alpha,
-                                                 beta, w_fkl, w_rkl, False, CODE, FULL)
+                loss, r, q, p, e, f, rt = _terms(
+                    x,
+                    y,
+                    mx,
+                    lzx,
+                    my,
+                    lzy,
+                    mix_p,
+                    mix_q,
+                    log_mix_p,
+                    log_mix_q,
+                    alpha,
+                    beta,
+                    w_fkl,
+                    w_rkl,
+                    False,
+                    CODE,
+                    FULL,
+                )
                 if CODE == KD and not FULL and not (STANDARDIZE and WITH_GRAD):
                     sum_l += tl.sum(loss, axis=1)
                 if WITH_GRAD:
