@@ -4,6 +4,8 @@ The per-method functions (``kd_loss`` ...) and modules (``KDLoss`` ...) are gene
 ``METHODS`` (methods.py).
 """
 
+from importlib import metadata as _metadata
+
 from . import backends
 from .backends import available_backends
 from .functional import LOSS_FUNCTIONS, LossParts, cakd_feature_loss, distill_loss
@@ -31,7 +33,10 @@ from .backends import extension as _extension  # noqa: E402  (registers "cpu" an
 
 release_cached_gradients = _extension.release_cached_gradients
 
-__version__ = "0.1.0"
+try:  # the one version is pyproject.toml's, read from the installed package's metadata
+    __version__ = _metadata.version("kdkernels")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "METHODS",
