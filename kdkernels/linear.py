@@ -47,15 +47,13 @@ Tensor = torch.Tensor
 
 # Default chunk memory on CPU tensors, for a backend with an in-place op (chunks also get MATMUL_ROWS rows).
 DEFAULT_CPU_BUDGET = 128 << 20
-# Rows below which a chunk's matmuls lose speed, per device type. On CPU the BLAS packs the whole weight again for
-# every matmul call: at H = 1024, V = 65536 float32 on the 2-core CPU, the logits matmuls of 256-row chunks take
-# 1.28x, of 1024-row chunks 1.07x, the time of 2048-row ones, and a whole N = 2048 step 1.18x, 1.03x and 0.99x the
-# unchunked path's. The default budget's chunks get at least this many rows (all rows when there are fewer); an
-# explicit memory_budget or chunk_size is followed as it is. CUDA: none, as no GPU run has measured one yet.
+# Rows below which a chunk's matmuls lose speed, per device type: on CPU the BLAS packs the whole weight again for
+# every matmul call, which small chunks pay again and again (docs/benchmarks.md, "Fused-linear"). The default
+# budget's chunks get at least this many rows (all rows when there are fewer); an explicit memory_budget or
+# chunk_size is followed as it is. CUDA: none, as no GPU run has measured one yet.
 MATMUL_ROWS = {"cpu": 2048}
-# Without one (the reference by autograd): enough that its sub-chunks have tens of rows (on a 2-core CPU at
-# V = 65536, 6-row sub-chunks take 4x the time of 100-row ones), small next to the [N, V] logits and their
-# reference temporaries.
+# Without one (the reference by autograd): enough that its sub-chunks have tens of rows (a few rows per sub-chunk
+# are dominated by per-operation costs), small next to the [N, V] logits and their reference temporaries.
 DEFAULT_CPU_AUTOGRAD_BUDGET = 768 << 20
 # On CUDA: this share of the free device memory, at most CUDA_BUDGET_MAX.
 CUDA_BUDGET_FRACTION = 1 / 8
