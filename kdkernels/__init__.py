@@ -4,7 +4,7 @@ The per-method functions (``kd_loss`` ...) and modules (``KDLoss`` ...) are gene
 ``METHODS`` (methods.py).
 """
 
-from . import backends
+from . import alignment, backends
 from .backends import available_backends
 from .cross_vocab import VocabMap, cross_vocab_loss, vocab_map
 from .functional import LOSS_FUNCTIONS, LossParts, cakd_feature_loss, distill_loss
@@ -55,4 +55,5 @@ __all__ = [
     "CrossVocabLoss",
     "VocabMap",
     "vocab_map",
+    "alignment",
 ]
