@@ -6,14 +6,15 @@ not a skip, unless KDKERNELS_NO_LLM=1 says the environment has none.
 """
 
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import gold_config
 
 if os.environ.get("KDKERNELS_NO_LLM") == "1":
     pytest.skip("KDKERNELS_NO_LLM=1: tokenizers / trl are not installed here", allow_module_level=True)
 
+from tokenizers import normalizers  # noqa: E402
 from trl.experimental.gold.gold_trainer import ULDLoss  # noqa: E402
 from trl.experimental.utils import encode_with_byte_offsets  # noqa: E402
 
@@ -80,19 +81,12 @@ def test_groups_cover_the_same_bytes_and_equal_golds(corpus, pair):
 
 
 def _gold(strategy: str, hybrid: bool, student, teacher, temperatures=(1.0, 1.0)) -> ULDLoss:
-    config = SimpleNamespace(
-        uld_crossentropy_weight=0.0,
-        uld_distillation_weight=1.0,
+    config = gold_config(
         uld_student_temperature=temperatures[0],
         uld_teacher_temperature=temperatures[1],
-        uld_skip_student_eos=False,
-        uld_skip_teacher_eos=False,
         use_extended_uld=True,
         uld_token_merge_strategy=strategy,
         uld_use_hybrid_loss=hybrid,
-        uld_hybrid_matched_weight=None,
-        uld_hybrid_unmatched_weight=None,
-        beta=0.5,
     )
     return ULDLoss(config, student, teacher)
 
@@ -198,3 +192,17 @@ def test_vocab_map_of_the_trained_tokenizers(corpus):
     # The 16384 BPE extends the 4096 one (same text, same merges first): the smaller vocabulary is all shared.
     shared = kdkernels.vocab_map(tokenizers["4096"], tokenizers["16384"])
     assert len(shared) == 4096 and shared.summary().endswith("the teacher's of 16384 (25.0%)")
+
+
+def test_bad_input_names_the_argument():
+    tokens = alignment.Tokens([5, 6], [(0, 1), (1, 3)], 0)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        alignment.build_alignment([tokens], [tokens], "first")
+    with pytest.raises(ValueError, match=r"teacher\[0\]: ids and offsets must have one entry per token"):
+        alignment.build_alignment([tokens], [tokens._replace(ids=[5])])
+    with pytest.raises(ValueError, match="student and teacher must hold the same examples"):
+        alignment.build_alignment([tokens], [])
+    lossy = demo_lm.tokenizer(["ab ab"], 300)
+    lossy.normalizer = normalizers.Lowercase()
+    with pytest.raises(ValueError, match="tokens' bytes do not spell the text"):
+        alignment.byte_offsets(lossy, "AB")

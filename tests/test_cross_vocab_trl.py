@@ -6,10 +6,10 @@ KDKERNELS_NO_LLM=1 says the environment has none.
 """
 
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import gold_config
 
 if os.environ.get("KDKERNELS_NO_LLM") == "1":
     pytest.skip("KDKERNELS_NO_LLM=1: trl is not installed here", allow_module_level=True)
@@ -40,24 +40,6 @@ def _vocabularies(vs: int, vt: int, seed: int) -> tuple[Vocabulary, Vocabulary]:
     return Vocabulary(student), Vocabulary(teacher)
 
 
-def _config(**options) -> SimpleNamespace:
-    defaults = dict(
-        uld_crossentropy_weight=0.0,
-        uld_distillation_weight=1.0,
-        uld_student_temperature=1.0,
-        uld_teacher_temperature=1.0,
-        uld_skip_student_eos=False,
-        uld_skip_teacher_eos=False,
-        use_extended_uld=False,
-        uld_token_merge_strategy="observed",
-        uld_use_hybrid_loss=False,
-        uld_hybrid_matched_weight=None,
-        uld_hybrid_unmatched_weight=None,
-        beta=0.5,
-    )
-    return SimpleNamespace(**{**defaults, **options})
-
-
 @pytest.mark.parametrize(
     "vs, vt, options",
     [
@@ -76,7 +58,7 @@ def _config(**options) -> SimpleNamespace:
 def test_uld_loss_equals_trls(vs, vt, options):
     """Examples of different lengths (TRL averages each example's rows, then the examples: reduction="none" averaged
     the same way); logits of moderate spread, so that no matched probability falls below TRL's 1e-8 clamp."""
-    config = _config(**options)
+    config = gold_config(**options)
     student_vocab, teacher_vocab = _vocabularies(vs, vt, seed=vs + vt)
     trl_loss = ULDLoss(config, student_vocab, teacher_vocab)
     g = torch.Generator().manual_seed(vs)
@@ -120,7 +102,7 @@ def test_uld_loss_equals_trls(vs, vt, options):
 
 def test_vocab_map_equals_trls():
     student_vocab, teacher_vocab = _vocabularies(120, 75, seed=4)
-    trl = ULDLoss(_config(uld_use_hybrid_loss=True), student_vocab, teacher_vocab)
+    trl = ULDLoss(gold_config(uld_use_hybrid_loss=True), student_vocab, teacher_vocab)
     shared = kdkernels.vocab_map(student_vocab, teacher_vocab)
     assert dict(zip(shared.teacher_ids.tolist(), shared.student_ids.tolist())) == trl._vocab_mapping
     assert len(shared) == 25 and shared.summary().startswith("25 shared token strings: the student's of 120 (20.8%)")
