@@ -6,12 +6,13 @@ The per-method functions (``kd_loss`` ...) and modules (``KDLoss`` ...) are gene
 
 from importlib import metadata as _metadata
 
-from . import backends
+from . import alignment, backends
 from .backends import available_backends
+from .cross_vocab import VocabMap, cross_vocab_loss, vocab_map
 from .functional import LOSS_FUNCTIONS, LossParts, cakd_feature_loss, distill_loss
 from .linear import linear_distill_loss
 from .methods import METHODS
-from .modules import LOSS_MODULES, DistillLoss, LinearDistillLoss, SerialHead
+from .modules import LOSS_MODULES, CrossVocabLoss, DistillLoss, LinearDistillLoss, SerialHead
 from .sparse import SparseTeacher
 from .sparse_store import SparseTeacherWriter, load_sparse_teachers, save_sparse_teachers
 
@@ -55,4 +56,9 @@ __all__ = [
     "load_sparse_teachers",
     "LossParts",
     "release_cached_gradients",
+    "cross_vocab_loss",
+    "CrossVocabLoss",
+    "VocabMap",
+    "vocab_map",
+    "alignment",
 ]

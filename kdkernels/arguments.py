@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
 
-from .methods import REDUCTIONS, Plan, get_method
+from .methods import METHODS, REDUCTIONS, Method, Plan, get_method
 
 Tensor = torch.Tensor
 INT64 = (-(2**63), 2**63 - 1)
@@ -232,9 +233,10 @@ def resolve(
     distill_weight: float = 1.0,
     return_parts: bool = False,
     standardize: bool = False,
+    table: Mapping[str, Method] = METHODS,
 ) -> Settings:
-    """Checks a call's method, hyperparameters and options; fills in the method's defaults."""
-    spec = get_method(method)
+    """Checks a call's method (a name of ``table``), hyperparameters and options; fills in the method's defaults."""
+    spec = get_method(method, table)
     hp = spec.resolve(hyperparameters)
     temperature = spec.temperature if temperature is None else temperature
     t2_scale = spec.t2_scale if t2_scale is None else bool(t2_scale)

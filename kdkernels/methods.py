@@ -27,6 +27,7 @@ from typing import NamedTuple
 DIVERGENCE = "divergence"
 DECOUPLED = "decoupled"
 FAMILIES = (DIVERGENCE, DECOUPLED)
+CROSS_VOCAB = "cross_vocab"  # the family of the losses between two vocabularies (CROSS_VOCAB_METHODS)
 REDUCTIONS = ("batchmean", "sum", "none")
 # The z-score of logit standardization (option standardize): (x - mean) / (std + STANDARDIZE_EPS), as Sun et al.'s
 # code (sunshangquan/logit-standardization-KD) writes it; the kernels take it from here (C++: csrc/row_math.h).
@@ -431,10 +432,104 @@ METHODS: dict[str, Method] = {
 }
 
 
-def get_method(name: object) -> Method:
-    if not isinstance(name, str) or name not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}")
-    return METHODS[name]
+def get_method(name: object, table: Mapping[str, Method] = METHODS) -> Method:
+    if not isinstance(name, str) or name not in table:
+        raise ValueError(f"method must be one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
+# ---- two vocabularies (docs/losses.md, section 11) ----------------------------------------------------------------
+
+
+class CrossVocab(enum.IntEnum):
+    """The losses between a student and a teacher of different vocabularies (``kdkernels.cross_vocab_loss``)."""
+
+    ULD = 0  # the sorted L1 of the two rows' probabilities
+    HYBRID = 1  # GOLD: a divergence on the classes of shared token strings, the sorted L1 on the others
+
+
+class CrossVocabParams(NamedTuple):
+    """Named parameters of a cross-vocabulary plan (the order is the kernels' layout)."""
+
+    teacher_temperature: float = 1.0  # T_t (the student's is the call's temperature)
+    # hybrid: the matched classes' divergence, a divergence-family code (JSD, or KD / RKL at beta = 0 / 1) with its
+    # mixture, and the weights of the two terms (None until the call knows M and Vt: TRL's adaptive M / Vt)
+    matched_code: int = Divergence.JSD
+    mix_p: float = 0.0
+    mix_q: float = 0.0
+    log_mix_p: float = 0.0
+    log_mix_q: float = 0.0
+    matched_weight: float | None = None
+    unmatched_weight: float | None = None
+
+    def matched_plan(self) -> Plan:
+        """The divergence-family plan of the matched classes' terms."""
+        mixture = {k: getattr(self, k) for k in ("mix_p", "mix_q", "log_mix_p", "log_mix_q")}
+        return _divergence(Divergence(self.matched_code), **mixture)
+
+
+def _optional_weight(name: str) -> Callable[[object], None]:
+    def check(value: object) -> None:
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be None or a finite number >= 0, got {value!r}")
+
+    return check
+
+
+def _hybrid_plan(hp) -> Plan:
+    if (hp["matched_weight"] is None) != (hp["unmatched_weight"] is None):
+        raise ValueError(
+            "matched_weight and unmatched_weight go together: give both, or neither for TRL's adaptive weights "
+            f"(M / Vt and 1 - M / Vt), got matched_weight={hp['matched_weight']!r}, "
+            f"unmatched_weight={hp['unmatched_weight']!r}"
+        )
+    matched = _jsd_plan(hp)
+    return Plan(
+        CROSS_VOCAB,
+        CrossVocab.HYBRID,
+        CrossVocabParams(
+            matched_code=matched.code,
+            mix_p=matched.params.mix_p,
+            mix_q=matched.params.mix_q,
+            log_mix_p=matched.params.log_mix_p,
+            log_mix_q=matched.params.log_mix_q,
+            matched_weight=hp["matched_weight"],
+            unmatched_weight=hp["unmatched_weight"],
+        ),
+    )
+
+
+CROSS_VOCAB_METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method(
+            "uld",
+            "CrossVocabLoss",
+            "ULD, Universal Logit Distillation (Boizard et al. 2024, arXiv 2402.12030)",
+            {},
+            {},
+            1.0,
+            False,
+            lambda hp: Plan(CROSS_VOCAB, CrossVocab.ULD, CrossVocabParams()),
+        ),
+        Method(
+            "hybrid",
+            "CrossVocabLoss",
+            "GOLD's hybrid ULD (TRL uld_use_hybrid_loss)",
+            {"beta": 0.5, "matched_weight": None, "unmatched_weight": None},
+            {
+                "beta": _in_range("beta", 0, 1, False, False),
+                "matched_weight": _optional_weight("matched_weight"),
+                "unmatched_weight": _optional_weight("unmatched_weight"),
+            },
+            1.0,
+            False,
+            _hybrid_plan,
+        ),
+    ]
+}
 
 
 def finite_when_missing(plan: Plan, missing: str) -> bool:

@@ -11,8 +11,10 @@ way ([2] or [2, N]; ce is 0 unless ``call.with_ce``), with ``full(call, student,
 differentiable in the teacher and a 0-d ``temperature`` tensor too (the full gradient), a test of the devices it runs
 on, and for a fused backend its
 family ops and their in-place siblings (schema in ops.py) and its ``scale_rows`` (grad [N, V] *= factor, in place, rows
-whose factor is exactly 1 left untouched). ``backend="auto"`` takes the first available backend in the device's
-preference order; naming a backend that cannot run raises a RuntimeError that says why.
+whose factor is exactly 1 left untouched), and for the losses between two vocabularies its ``cross_vocab`` (None
+where it has none; kdkernels/cross_vocab.py). ``backend="auto"`` takes the first available backend in the device's
+preference order that has the entry point asked for; naming a backend that cannot run raises a RuntimeError that
+says why.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class Backend:
     inplace: dict | None = None
     scale_rows: Callable[[torch.Tensor, torch.Tensor], None] = reference.scale_rows_
     full_ops: dict | None = None  # fused backends: the family ops of the full gradient (ops.py FULL_SCHEMA)
+    # The losses between two vocabularies (kdkernels.cross_vocab): cross_vocab(call, student [N, Vs],
+    # teacher [N, Vt], log_scales, classes) -> (loss, parts) as impl; None where the backend has none yet.
+    cross_vocab: Callable | None = None
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -55,19 +60,24 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [name for name, b in _REGISTRY.items() if b.unavailable(device) is None]
 
 
-def select_backend(name: object, like: torch.Tensor) -> Backend:
-    """The backend ``name`` ("auto" or a registered name) for tensors like ``like``; raises when it cannot run."""
+def select_backend(name: object, like: torch.Tensor, entry: str = "impl") -> Backend:
+    """The backend ``name`` ("auto" or a registered name) for tensors like ``like``, one that has the entry point
+    ``entry`` (a field of Backend: "impl", or "cross_vocab" for the losses between two vocabularies); raises when it
+    cannot run."""
     device = like.device
     if name == "auto":
         for candidate in AUTO_ORDER.get(device.type, ()) + ("reference",):
             b = _REGISTRY.get(candidate)
-            if b is not None and b.unavailable(device) is None:
+            if b is not None and b.unavailable(device) is None and getattr(b, entry) is not None:
                 return b
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"backend must be 'auto' or one of {sorted(_REGISTRY)}, got {name!r}")
     reason = _REGISTRY[name].unavailable(device)
     if reason is not None:
         raise RuntimeError(f"backend={name!r} cannot run on {device} tensors: {reason}")
+    if getattr(_REGISTRY[name], entry) is None:
+        having = sorted(n for n, b in _REGISTRY.items() if getattr(b, entry) is not None)
+        raise RuntimeError(f"backend={name!r} has no {entry} kernels yet; use 'auto' or one of {having}")
     return _REGISTRY[name]
 
 
@@ -97,26 +107,27 @@ def combine(
     return reduce(loss, reduction, denominator), reduce(parts, reduction, denominator)
 
 
+def _combined(call, rows: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, parts) of ``call`` from the reference's (distill rows, ce rows)."""
+    return combine(*rows, call.reduction, call.denominator, call.ce_weight, call.distill_weight)
+
+
 def _reference_impl(call, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return combine(
-        *reference.row_losses(call, student, teacher),
-        call.reduction,
-        call.denominator,
-        call.ce_weight,
-        call.distill_weight,
-    )
+    return _combined(call, reference.row_losses(call, student, teacher))
 
 
 def _reference_full(
     call, student: torch.Tensor, teacher: torch.Tensor, temperature: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return combine(
-        *reference.row_losses(call, student, teacher, temperature),
-        call.reduction,
-        call.denominator,
-        call.ce_weight,
-        call.distill_weight,
-    )
+    return _combined(call, reference.row_losses(call, student, teacher, temperature))
 
 
-register(Backend("reference", _reference_impl, lambda device: None, full=_reference_full))
+def _reference_cross_vocab(
+    call, student: torch.Tensor, teacher: torch.Tensor, log_scales, classes
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _combined(call, reference.cross_vocab_rows(call, student, teacher, log_scales, classes))
+
+
+register(
+    Backend("reference", _reference_impl, lambda device: None, full=_reference_full, cross_vocab=_reference_cross_vocab)
+)
