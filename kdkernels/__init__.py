@@ -5,6 +5,7 @@ The per-method functions (``kd_loss`` ...) and modules (``KDLoss`` ...) are gene
 """
 
 from . import backends
+from .arguments import TEMPERATURE_RANGE
 from .backends import available_backends
 from .functional import LOSS_FUNCTIONS, LossParts, cakd_feature_loss, distill_loss
 from .linear import linear_distill_loss
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "TEMPERATURE_RANGE",
     "available_backends",
     "distill_loss",
     *LOSS_FUNCTIONS,

@@ -21,10 +21,28 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .methods import REDUCTIONS, Plan, get_method
+from .methods import REDUCTIONS, Plan, as_number, get_method
 
 Tensor = torch.Tensor
 INT64 = (-(2**63), 2**63 - 1)
+# The temperatures the losses take, both ends included (docs/losses.md, "Temperature", says why these).
+TEMPERATURE_RANGE = (1e-4, 1e4)
+# What is checked: the ends as float32 rounds them (1e-4 as a float32 tensor reads back a little below 1e-4).
+_CHECKED_RANGE = tuple(float(torch.tensor(end, dtype=torch.float32)) for end in TEMPERATURE_RANGE)
+_RANGE_TEXT = "the supported range [{:g}, {:g}]".format(*TEMPERATURE_RANGE)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # of logits, hidden states, weights
+
+
+def temperature_error(value: float) -> Exception | None:
+    """The error of a temperature value outside TEMPERATURE_RANGE, or None: TypeError when it is not finite (as for
+    the other options), ValueError when it is <= 0 or outside the range."""
+    if not math.isfinite(value):
+        return TypeError(f"temperature must be a finite number, got {value!r}")
+    if value <= 0:
+        return ValueError(f"temperature must be > 0, got {value!r}")
+    if not _CHECKED_RANGE[0] <= value <= _CHECKED_RANGE[1]:
+        return ValueError(f"temperature must be in {_RANGE_TEXT}, got {value!r}")
+    return None
 
 
 def _check_bounds(target: Tensor, num_classes: int, ignore_index: int) -> None:
@@ -69,6 +87,7 @@ def check_options(
     if not isinstance(standardize, bool):
         raise TypeError(f"standardize must be True or False, got {standardize!r}")
     for name, weight in (("ce_weight", ce_weight), ("distill_weight", distill_weight)):
+        weight = as_number(weight)
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
             raise TypeError(f"{name} must be a finite number, got {weight!r}")
         if weight < 0:
@@ -79,10 +98,7 @@ def check_options(
             "the loss functions (distill_loss, <method>_loss, linear_distill_loss, kdkernels.parallel), "
             "not by the loss modules"
         )
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
-        raise TypeError(f"temperature must be a finite number, got {temperature!r}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    check_temperature_number(temperature)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, (bool, torch.Tensor)) or not isinstance(ignore_index, numbers.Integral):
@@ -109,6 +125,17 @@ def check_options(
         raise TypeError(f"normalizer must be a positive number or a 0-d tensor, got {normalizer!r}")
     elif not (math.isfinite(normalizer) and normalizer > 0):
         raise ValueError(f"normalizer must be a finite number > 0, got {normalizer!r}")
+
+
+def check_temperature_number(temperature: object) -> float:
+    """The temperature, a number (NumPy's too) in TEMPERATURE_RANGE, as a float."""
+    temperature = as_number(temperature)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a number, got {temperature!r}")
+    error = temperature_error(temperature)
+    if error is not None:
+        raise error
+    return float(temperature)
 
 
 @dataclass(frozen=True)
@@ -243,27 +270,32 @@ def resolve(
         spec.name,
         hp,
         spec.plan(hp),
-        float(temperature),
+        float(as_number(temperature)),
         t2_scale,
         reduction,
         int(ignore_index),
         normalizer,
-        float(ce_weight),
-        float(distill_weight),
+        float(as_number(ce_weight)),
+        float(as_number(distill_weight)),
         bool(return_parts),
         standardize,
     )
 
 
 def split_temperature(temperature: object) -> tuple[object, Tensor | None]:
-    """(the temperature's value, the tensor) of a 0-d floating-point tensor (read on the host), else (temperature,
-    None); its value is checked with the other options."""
+    """(the temperature's value, the tensor) of a 0-d floating-point tensor, else (temperature, None); its value is
+    checked with the other options."""
     if not isinstance(temperature, torch.Tensor):
         return temperature, None
     if temperature.dim() != 0 or not temperature.is_floating_point():
         raise TypeError(
             f"temperature must be a number or a 0-d floating-point tensor, got a tensor of shape "
             f"{tuple(temperature.shape)} and dtype {temperature.dtype}"
+        )
+    if temperature.device.type == "meta":
+        raise ValueError(
+            "temperature must be a number or a tensor on the logits' device, got a tensor on the meta device "
+            "(which holds no value)"
         )
     return float(temperature.detach()), temperature
 
@@ -300,7 +332,9 @@ def check_float_tensor(name: str, x: object, min_dim: int = 1) -> None:
     """``x`` is a floating-point tensor of at least ``min_dim`` dimensions."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must have a floating-point dtype (float32, bfloat16, float16 or float64), got {x.dtype}"
+        )
     if x.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dimension(s), got a {x.dim()}-d tensor")

@@ -96,12 +96,18 @@ def test_scale_rows_multiplies_in_float32_and_skips_ones(backend, device, dtype)
     assert torch.equal(g, before)
 
 
-def test_backward_twice_is_an_error(fused, device):
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_backward_twice_is_an_error(fused, device, reduction):
+    """A second backward through a fused loss (retain_graph=True) raises the project's message, also after a first
+    backward that scaled the saved gradient in place (per-row grad_output, reduction="none"), where torch's own
+    check of the saved tensor would otherwise speak first."""
     s, t, target = make_inputs((3, 20), torch.float32, device, seed=11)
     s.requires_grad_(True)
-    loss = kdkernels.kd_loss(s, t, target, backend=fused)
+    loss = kdkernels.kd_loss(s, t, target, backend=fused, reduction=reduction)
+    if reduction == "none":
+        loss = (loss * torch.tensor([0.5, 2.0, 1.0], device=device)).sum()
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="twice"):
+    with pytest.raises(RuntimeError, match="kdkernels: the fused loss's saved gradient was already used"):
         loss.backward()
 
 

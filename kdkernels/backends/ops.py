@@ -141,9 +141,14 @@ def _autograd(backend: str, scale_rows: Callable[[Tensor, Tensor], None]) -> Cal
     """The backward of backend ``backend``'s family ops: the saved gradient times grad_output."""
 
     def backward(ctx, grad_loss, _grad_parts, _grad_grad):
-        (grad,) = ctx.saved_tensors
         if grad_loss is None:  # only the (non-differentiable) grad output was used
             return (None,) * NUM_INPUTS
+        if ctx.consumed:  # (before saved_tensors, which the first backward's in-place scaling made stale)
+            raise RuntimeError(
+                "kdkernels: the fused loss's saved gradient was already used; backward through the "
+                "same fused loss twice (retain_graph=True) is not supported"
+            )
+        (grad,) = ctx.saved_tensors
         if type(grad) is not torch.Tensor:
             # Traced (torch.compile, AOTAutograd: fake or functional tensors): a forward output mutated in backward
             # cannot be partitioned, so the traced graph multiplies out of place.
@@ -154,11 +159,6 @@ def _autograd(backend: str, scale_rows: Callable[[Tensor, Tensor], None]) -> Cal
                 f"kdkernels: backend={backend!r} computes the gradient inside its forward kernel, so it cannot be "
                 f"differentiated again (create_graph=True: double backward, gradient penalties, Hessian-vector "
                 f"products); use backend='reference', whose autograd graph supports it"
-            )
-        if ctx.consumed:
-            raise RuntimeError(
-                "kdkernels: the fused loss's saved gradient was already used; backward through the "
-                "same fused loss twice (retain_graph=True) is not supported"
             )
         ctx.consumed = True
         scale_rows(grad, grad_loss)
