@@ -48,7 +48,7 @@ from .arguments import (
     resolve,
     split_temperature,
 )
-from .backends.ops import op_args
+from .backends.ops import op_args, run_op
 from .functional import finish
 from .sparse import SparseTeacher, fold, teacher_bins, unfold_
 from .sparse import check as check_sparse
@@ -240,8 +240,8 @@ class _Heads:
         if self.sparse:
             loss, parts, grad = self._sparse_loss(call, s, teacher, want_grad)
         elif full:  # the full op (not in place): d loss / d T per row and the teacher's gradient too
-            loss, parts, grad, grad_t, dtemp = self.backend.full_ops[call.plan.family](
-                s, teacher, *op_args(call), self.teacher_grad
+            loss, parts, grad, grad_t, dtemp = run_op(
+                self.backend.full_ops[call.plan.family], s, teacher, op_args(call), self.teacher_grad
             )
             grad_t = self.teacher.backward_(grad_t, capped_t) if self.teacher_grad else None
         else:
@@ -285,7 +285,7 @@ class _Heads:
         """(loss, parts, gradient or None) of a chunk; with ``want_grad`` the contiguous float32 ``student`` is
         overwritten by its gradient."""
         if want_grad and self.inplace is not None:
-            loss, parts = self.inplace(student, teacher, *op_args(call))
+            loss, parts = run_op(self.inplace, student, teacher, op_args(call))
             return loss, parts, student
         losses, parts = [], []
         step = self.loss_rows if want_grad else student.shape[0]
