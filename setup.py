@@ -8,9 +8,9 @@ visible, so a GPU-less build machine still builds them). Environment switches:
     KDKERNELS_NO_CUDA=1          build the CPU kernels only, even with a CUDA torch and nvcc
     KDKERNELS_CUDA_ARCHS="90"    CUDA architectures besides sm_90, e.g. "80 90 100" (space or ; separated)
 
-The CPU kernels (csrc/cpu/divergence.cpp, decoupled.cpp) are compiled once per CPU capability (at::vec is as wide as
-the flags it is compiled with) and the library picks at run time the widest one the CPU supports, as torch's own CPU
-kernels do.
+The CPU kernels (csrc/cpu/divergence.cpp, decoupled.cpp, cross_vocab.cpp) are compiled once per CPU capability
+(at::vec is as wide as the flags it is compiled with) and the library picks at run time the widest one the CPU
+supports, as torch's own CPU kernels do.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ CPU_CAPABILITIES = {"DEFAULT": []}
 if platform.machine().lower() in ("x86_64", "amd64"):
     CPU_CAPABILITIES["AVX2"] = ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt"]
     CPU_CAPABILITIES["AVX512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
-CPU_KERNELS = ["csrc/cpu/divergence.cpp", "csrc/cpu/decoupled.cpp"]
+CPU_KERNELS = ["csrc/cpu/divergence.cpp", "csrc/cpu/decoupled.cpp", "csrc/cpu/cross_vocab.cpp"]
 
 
 def cuda_arch_flags() -> list[str]:

@@ -24,6 +24,15 @@
 // gradient in the teacher's dtype (empty unless teacher_grad) and d loss / d T per row ([N], the math type), scaled
 // like grad, all from the same launch; no autograd (kdkernels/functional.py applies them).
 //
+//   cross_vocab_cpu(student [N, Vs], teacher [N, Vt], student_log_scale [N]?, teacher_log_scale [N]?, target [N]?,
+//                   denominator 0-d?, classes, code, params, temperature, ignore_index, reduce, ce_weight,
+//                   distill_weight, with_ce, with_grad) -> (loss, parts, grad, scale_grad)
+//
+// is uld or hybrid (cross_vocab.h; code and params a plan of kdkernels/methods.py CROSS_VOCAB_METHODS; classes, for
+// hybrid, the vocabulary map's student ids, teacher ids and the unmatched classes of each model), the loss and parts
+// as the family ops', grad d loss / d student [N, Vs] and scale_grad d loss / d student_log_scale [N] (math type),
+// scaled like the loss (empty without with_grad). The teacher is a constant.
+//
 //   scale_rows_(grad [N, V], factor 0-d or [N]): grad *= factor in place, rows whose factor is exactly 1 untouched
 //                                                (the backward of the family ops; CPU and CUDA kernels).
 //
@@ -38,6 +47,7 @@
 #include <utility>
 
 #include "cpu/gradient_cache.h"
+#include "cross_vocab.h"
 #include "decoupled.h"
 #include "divergence.h"
 
@@ -57,6 +67,11 @@ TORCH_LIBRARY(kdkernels, m) {
                 .c_str());
     }
   }
+  m.def(
+      "cross_vocab_cpu(Tensor student, Tensor teacher, Tensor? student_log_scale, Tensor? teacher_log_scale, "
+      "Tensor? target, Tensor? denominator, Tensor[] classes, int code, float[] params, float temperature, "
+      "int ignore_index, bool reduce, float ce_weight, float distill_weight, bool with_ce, bool with_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("scale_rows_(Tensor(a!) grad, Tensor factor) -> ()");
 }
 
@@ -131,6 +146,8 @@ PyMODINIT_FUNC PyInit__C(void) {
                   add(module, "BIN_CODES", codes_dict({KDKERNELS_BIN_CODES(KDKERNELS_CODE_ITEM)})) &&
                   add(module, "DIVERGENCE_PARAMS", names_tuple({KDKERNELS_DIVERGENCE_PARAMS(KDKERNELS_NAME_ITEM)})) &&
                   add(module, "DECOUPLED_PARAMS", names_tuple({KDKERNELS_DECOUPLED_PARAMS(KDKERNELS_NAME_ITEM)})) &&
+                  add(module, "CROSS_VOCAB_CODES", codes_dict({KDKERNELS_CROSS_VOCAB_CODES(KDKERNELS_CODE_ITEM)})) &&
+                  add(module, "CROSS_VOCAB_PARAMS", names_tuple({KDKERNELS_CROSS_VOCAB_PARAMS(KDKERNELS_NAME_ITEM)})) &&
                   add(module, "STANDARDIZE_EPS", PyFloat_FromDouble(kdkernels::STANDARDIZE_EPS));
   if (!ok) {
     Py_DECREF(module);

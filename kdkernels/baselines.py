@@ -12,6 +12,8 @@ upcast, not softmaxed in bf16).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 
@@ -193,3 +195,47 @@ BASELINES = {
     "cakd": cakd,
     "aekt": aekt,
 }
+
+
+# ---- two vocabularies: TRL's ULDLoss (GOLD), which tests/test_cross_vocab_trl.py and bench/cross_vocab.py run -----
+
+
+def gold_config(**options) -> SimpleNamespace:
+    """The fields of TRL's GOLDConfig that its ULDLoss reads, at GOLD's defaults but for no cross-entropy, no EOS
+    skipped and positional rows (use_extended_uld=False); ``options`` override them."""
+    defaults = dict(
+        uld_crossentropy_weight=0.0,
+        uld_distillation_weight=1.0,
+        uld_student_temperature=1.0,
+        uld_teacher_temperature=1.0,
+        uld_skip_student_eos=False,
+        uld_skip_teacher_eos=False,
+        use_extended_uld=False,
+        uld_token_merge_strategy="observed",
+        uld_use_hybrid_loss=False,
+        uld_hybrid_matched_weight=None,
+        uld_hybrid_unmatched_weight=None,
+        beta=0.5,
+    )
+    return SimpleNamespace(**{**defaults, **options})
+
+
+class Vocabulary:
+    """A tokenizer as TRL's and kdkernels' vocabulary maps see it: get_vocab() only."""
+
+    def __init__(self, tokens: list[str]):
+        self.tokens = tokens
+
+    def get_vocab(self) -> dict[str, int]:
+        return {token: i for i, token in enumerate(self.tokens)}
+
+
+def shared_vocabularies(vs: int, vt: int, shared: int, seed: int) -> tuple[Vocabulary, Vocabulary]:
+    """Two vocabularies of vs and vt strings, ``shared`` of them in both, at unrelated ids."""
+    g = torch.Generator().manual_seed(seed)
+    student = [f"s{i}" for i in range(vs)]
+    teacher = [f"t{i}" for i in range(vt)]
+    pairs = zip(torch.randperm(vs, generator=g)[:shared].tolist(), torch.randperm(vt, generator=g)[:shared].tolist())
+    for k, (a, b) in enumerate(pairs):
+        student[a] = teacher[b] = f"shared{k}"
+    return Vocabulary(student), Vocabulary(teacher)

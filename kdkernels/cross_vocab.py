@@ -12,15 +12,16 @@ batchmean denominator), and the backend chosen by ``backends.select_backend(...,
         -> (loss, parts)
 
 like a backend's ``impl``; ``classes`` is the map's (student ids, teacher ids, unmatched student ids, unmatched
-teacher ids) on the device, None for uld. Only the reference registers one today; a fused backend sets
-``Backend.cross_vocab`` and "auto" takes it. Per row its kernel does (docs/losses.md section 11.5): the two
-logsumexps at T_s and T_t; q~ = exp(c_s) q and p~ = exp(c_t) p into row buffers; a stable descending sort of both
-(the probabilities are >= 0, so a radix sort of their float bits; the student's with its class indices, the
-teacher's without: it is a constant); one pass over the ranks summing |q~_(i) - p~_(i)| and writing
-G = sign(q~_(i) - p~_(i)) at the student's class pi(i) (past the shorter row, the longer one's values alone); then
-r = q~ G, sum r, the gradient row (r - q sum r) / T_s and dl/dc_s = sum r. For hybrid the matched pairs take the
-divergence family's JSD / KD / RKL terms (a gather of p~ at the teacher ids), and the sort runs over the unmatched
-classes only. The gradient of the log scales then flows on by autograd (into the merged groups' token rows).
+teacher ids) on the device, None for uld. The reference and backend "cpu" (csrc/cpu/cross_vocab.cpp, through
+backends/ops.py ``cross_vocab_backend``) register one; "auto" takes the first backend of the device's order that has
+one. Per row the fused kernel does (docs/losses.md section 11.5): the two logsumexps at T_s and T_t;
+q~ = exp(c_s) q and p~ = exp(c_t) p into row buffers; a stable descending sort of both (the probabilities are >= 0,
+so a radix sort of their float bits; the student's with its class indices, the teacher's without: it is a constant);
+one pass over the ranks summing |q~_(i) - p~_(i)| and writing G = sign(q~_(i) - p~_(i)) at the student's class pi(i)
+(past the shorter row, the longer one's values alone); then r = q~ G, sum r, the gradient row (r - q sum r) / T_s and
+dl/dc_s = sum r. For hybrid the matched pairs take the divergence family's JSD / KD / RKL terms (a gather of p~ at
+the teacher ids), and the sort runs over the unmatched classes only. The gradient of the log scales then flows on by
+autograd (into the merged groups' token rows).
 """
 
 from __future__ import annotations
@@ -230,8 +231,8 @@ def cross_vocab_loss(
             the gradient flows to them.
         reduction, ignore_index, normalizer, ce_weight, distill_weight, return_parts, mask: as in
             ``kdkernels.distill_loss`` (ce_weight: the student's cross-entropy at T = 1 against ``target``).
-        backend: "auto" or "reference" (the fused backends come later: a backend without cross-vocabulary kernels
-            raises).
+        backend: "auto", "reference" or "cpu" (the fused C++ kernel; a teacher that requires grad goes to the
+            reference); a backend without cross-vocabulary kernels raises.
         **hyperparameters: hybrid: beta=0.5 (TRL's generalized JSD: 0 forward KL, 1 reverse KL),
             matched_weight=None, unmatched_weight=None (both, or neither for TRL's adaptive M / Vt and 1 - M / Vt).
 

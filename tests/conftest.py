@@ -35,12 +35,24 @@ def device() -> str:
     return DEVICE
 
 
+def cross_vocab_backends() -> list[str]:
+    """The backends runnable here that have kernels of the losses between two vocabularies (Backend.cross_vocab)."""
+    from kdkernels import backends
+
+    return [b for b in backends_under_test() if backends._REGISTRY[b].cross_vocab is not None]
+
+
 def pytest_generate_tests(metafunc):
-    """``backend``: every backend runnable here; ``fused``: the same without the reference (kernel tests)."""
+    """``backend``: every backend runnable here; ``fused``: the same without the reference (kernel tests);
+    ``cross_vocab_backend`` and ``cross_vocab_fused``: the same of those with cross-vocabulary kernels."""
     if "backend" in metafunc.fixturenames:
         metafunc.parametrize("backend", backends_under_test())
     if "fused" in metafunc.fixturenames:
         metafunc.parametrize("fused", [b for b in backends_under_test() if b != "reference"])
+    if "cross_vocab_backend" in metafunc.fixturenames:
+        metafunc.parametrize("cross_vocab_backend", cross_vocab_backends())
+    if "cross_vocab_fused" in metafunc.fixturenames:
+        metafunc.parametrize("cross_vocab_fused", [b for b in cross_vocab_backends() if b != "reference"])
 
 
 # Three selections of the suite. The quick tier is the default (the README's test command, at most 5 minutes on two

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import torch
 from oracle import oracle
@@ -100,23 +98,3 @@ def family_ops(backend):
         )
         for family in ("divergence", "decoupled")
     }
-
-
-def gold_config(**options) -> SimpleNamespace:
-    """The fields of TRL's GOLDConfig that its ULDLoss reads, at GOLD's defaults but for no cross-entropy, no EOS
-    skipped and positional rows (use_extended_uld=False); ``options`` override them."""
-    defaults = dict(
-        uld_crossentropy_weight=0.0,
-        uld_distillation_weight=1.0,
-        uld_student_temperature=1.0,
-        uld_teacher_temperature=1.0,
-        uld_skip_student_eos=False,
-        uld_skip_teacher_eos=False,
-        use_extended_uld=False,
-        uld_token_merge_strategy="observed",
-        uld_use_hybrid_loss=False,
-        uld_hybrid_matched_weight=None,
-        uld_hybrid_unmatched_weight=None,
-        beta=0.5,
-    )
-    return SimpleNamespace(**{**defaults, **options})

@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-from helpers import gold_config
 
 if os.environ.get("KDKERNELS_NO_LLM") == "1":
     pytest.skip("KDKERNELS_NO_LLM=1: tokenizers / trl are not installed here", allow_module_level=True)
@@ -20,6 +19,7 @@ from trl.experimental.utils import encode_with_byte_offsets  # noqa: E402
 
 import kdkernels  # noqa: E402
 from kdkernels import alignment, demo_lm  # noqa: E402
+from kdkernels.baselines import gold_config  # noqa: E402
 
 NON_ASCII = "def naïve_café(x):  # 日本語, ünïcödé and 🎉 split across byte-level tokens\n    return x ** 2  # ≥ 0\n"
 

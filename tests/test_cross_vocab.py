@@ -1,5 +1,6 @@
-"""The losses between two vocabularies (docs/losses.md, section 11): the reference against the float64 oracle
-(values, the student's gradient and the log scales' gradient), ties, masked classes and rows, and bad input."""
+"""The losses between two vocabularies (docs/losses.md, section 11): every backend with cross-vocabulary kernels
+against the float64 oracle (values, the student's gradient and the log scales' gradient), ties, masked classes and
+rows, and bad input."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import cross_vocab_backends
 from helpers import assert_close
 from oracle import cross_vocab_oracle
 
@@ -48,7 +50,7 @@ CASES = [
 ]
 
 
-def _run(case, dtype, reduction="batchmean", grad_output=None, seed=0):
+def _run(case, dtype, reduction="batchmean", grad_output=None, seed=0, backend="reference"):
     s, t, target, pairs, scales = _inputs(
         case["lead"], case["vs"], case["vt"], dtype, seed, case.get("masked", False), case.get("log_scale", False)
     )
@@ -74,7 +76,7 @@ def _run(case, dtype, reduction="batchmean", grad_output=None, seed=0):
         target,
         student_log_scale=scale,
         teacher_log_scale=teacher_scale,
-        backend="reference",
+        backend=backend,
         **hp,
         **options,
     )
@@ -98,8 +100,12 @@ def _run(case, dtype, reduction="batchmean", grad_output=None, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items() if k != "lead"))
-def test_reference_against_oracle(case, dtype):
-    (loss, grad, scale_grad), (want_loss, want_grad, want_scale_grad) = _run(case, dtype)
+def test_against_oracle(case, dtype, cross_vocab_backend):
+    if cross_vocab_backend == "triton" and dtype == torch.float64:
+        with pytest.raises(TypeError, match="compute in float32"):
+            _run(case, dtype, backend=cross_vocab_backend)
+        return
+    (loss, grad, scale_grad), (want_loss, want_grad, want_scale_grad) = _run(case, dtype, backend=cross_vocab_backend)
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_close(loss, want_loss, dtype, "loss")
     assert_close(grad, want_grad, dtype, "gradient")
@@ -109,16 +115,16 @@ def test_reference_against_oracle(case, dtype):
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 @pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=["uld", "hybrid"])
-def test_reductions_and_grad_output(case, reduction):
+def test_reductions_and_grad_output(case, reduction, cross_vocab_backend):
     grad_output = torch.tensor(2.5) if reduction == "sum" else torch.randn(case["lead"], dtype=torch.float64)
-    got, want = _run(case, torch.float32, reduction, grad_output)
+    got, want = _run(case, torch.float32, reduction, grad_output, backend=cross_vocab_backend)
     assert got[0].shape == (() if reduction == "sum" else case["lead"])
     for x, y, what in zip(got, want, ("loss", "gradient", "log scale's gradient")):
         assert_close(x, y, torch.float32, what)
 
 
 @pytest.mark.parametrize("method", ["uld", "hybrid"])
-def test_ties_follow_the_documented_rule(method):
+def test_ties_follow_the_documented_rule(method, cross_vocab_backend):
     """Logits drawn from five values tie often; the gradient at ties is the oracle's (the lower class index ranked
     first, sign(0) = 0), not merely some subgradient."""
     g = torch.Generator().manual_seed(3)
@@ -126,9 +132,9 @@ def test_ties_follow_the_documented_rule(method):
     t = torch.randint(-2, 3, (6, 45), generator=g).double()
     pairs = (torch.arange(0, 30, 2), torch.arange(1, 45, 3)[:15])
     kwargs = {} if method == "uld" else {"vocab_map": pairs}
-    for dtype in (torch.float64, torch.float32):
+    for dtype in (torch.float32,) if cross_vocab_backend == "triton" else (torch.float64, torch.float32):
         student = s.to(dtype).clone().requires_grad_(True)
-        loss = kdkernels.cross_vocab_loss(method, student, t.to(dtype), backend="reference", **kwargs)
+        loss = kdkernels.cross_vocab_loss(method, student, t.to(dtype), backend=cross_vocab_backend, **kwargs)
         loss.backward()
         want_loss, want_grad, _ = cross_vocab_oracle(
             method, s.numpy(), t.numpy(), vocab_map=None if method == "uld" else [x.numpy() for x in pairs]
@@ -146,15 +152,15 @@ def test_ties_follow_the_documented_rule(method):
     assert not np.allclose(flipped_grad[:, ::-1], want_grad)
 
 
-def test_identical_rows_have_zero_loss_and_gradient():
+def test_identical_rows_have_zero_loss_and_gradient(cross_vocab_backend):
     s = torch.randn(4, 50, dtype=torch.float32)
     student = s.clone().requires_grad_(True)
-    loss = kdkernels.cross_vocab_loss("uld", student, s.clone(), reduction="sum")
+    loss = kdkernels.cross_vocab_loss("uld", student, s.clone(), reduction="sum", backend=cross_vocab_backend)
     loss.backward()
     assert loss.item() == 0 and torch.equal(student.grad, torch.zeros_like(s))
 
 
-def test_masked_and_left_out_rows():
+def test_masked_and_left_out_rows(cross_vocab_backend):
     s, t = torch.randn(5, 20), torch.randn(5, 30)
     s[1], t[1] = -math.inf, -math.inf  # masked in both: 0, counted
     s[2] = -math.inf  # masked in the student only: NaN
@@ -162,12 +168,16 @@ def test_masked_and_left_out_rows():
     mask = torch.tensor([1, 1, 1, 0, 1])
     for method, kwargs in (("uld", {}), ("hybrid", {"vocab_map": (torch.arange(5), torch.arange(5, 10))})):
         student = s.clone().requires_grad_(True)
-        rows = kdkernels.cross_vocab_loss(method, student, t, mask=mask, reduction="none", **kwargs)
+        rows = kdkernels.cross_vocab_loss(
+            method, student, t, mask=mask, reduction="none", backend=cross_vocab_backend, **kwargs
+        )
         assert rows[1] == 0 and rows[3] == 0 and torch.isnan(rows[2]) and torch.isfinite(rows[[0, 4]]).all()
         rows[[0, 1, 3, 4]].sum().backward()
         assert torch.isfinite(student.grad[[0, 1, 3, 4]]).all() and (student.grad[[1, 3]] == 0).all()
         kept = [0, 4]
-        batchmean = kdkernels.cross_vocab_loss(method, s[kept + [1]], t[kept + [1]], **kwargs)
+        batchmean = kdkernels.cross_vocab_loss(
+            method, s[kept + [1]], t[kept + [1]], backend=cross_vocab_backend, **kwargs
+        )
         assert torch.allclose(batchmean, rows[kept].sum() / 3)
 
 
@@ -179,9 +189,23 @@ def test_teacher_gradient_by_autograd():
     for method, kwargs in (("uld", {}), ("hybrid", {"vocab_map": pairs, "beta": 0.3})):
 
         def loss(teacher, method=method, kwargs=kwargs):
-            return kdkernels.cross_vocab_loss(method, s, teacher, **kwargs)
+            return kdkernels.cross_vocab_loss(method, s, teacher, backend="reference", **kwargs)
 
         torch.autograd.gradcheck(loss, (t,))
+
+
+def test_a_teacher_that_learns_goes_to_the_reference(cross_vocab_fused):
+    """A fused backend leaves a teacher (or teacher log scale) that requires grad to the reference's autograd."""
+    g = torch.Generator().manual_seed(6)
+    s = torch.randn(4, 20, generator=g, requires_grad=True)
+    scale = torch.rand(4, generator=g).neg().requires_grad_(True)
+    grads = []
+    for backend in ("reference", cross_vocab_fused):
+        t = torch.randn(4, 30, generator=torch.Generator().manual_seed(7), requires_grad=True)
+        loss = kdkernels.cross_vocab_loss("uld", s, t, teacher_log_scale=scale, backend=backend)
+        grads.append(torch.autograd.grad(loss, (s, t, scale)))
+    for got, want in zip(grads[1], grads[0]):
+        assert torch.equal(got, want)
 
 
 def test_module_equals_the_function():
@@ -262,10 +286,50 @@ def test_bad_input_names_the_argument(kwargs, error, match):
 
 
 def test_a_backend_without_cross_vocabulary_kernels_says_so():
-    fused = [b for b in kdkernels.available_backends("cpu") if b != "reference"]
+    without = [b for b in kdkernels.available_backends("cpu") if b not in cross_vocab_backends()]
     s, t = torch.randn(2, 4), torch.randn(2, 6)
     want = kdkernels.cross_vocab_loss("uld", s, t, backend="reference")
-    assert torch.equal(kdkernels.cross_vocab_loss("uld", s, t), want)
-    for name in fused:
+    assert torch.allclose(kdkernels.cross_vocab_loss("uld", s, t), want, rtol=1e-6)
+    for name in without:
         with pytest.raises(RuntimeError, match=f"backend='{name}' has no cross_vocab kernels yet"):
             kdkernels.cross_vocab_loss("uld", s, t, backend=name)
+
+
+@pytest.mark.parametrize("method", ["uld", "hybrid"])
+def test_fused_wide_rows_against_oracle(method, cross_vocab_fused):
+    """Rows of thousands of classes (hundreds under Triton's interpreter) whose probabilities span dozens of binades
+    (every digit of the CPU's radix sort moves), with ties among them (logits rounded to a coarse grid), a bf16
+    teacher and a float32 student."""
+    vs, vt = (3001, 4999) if cross_vocab_fused == "cpu" else (301, 499)
+    g = torch.Generator().manual_seed(11)
+    s = (torch.randn(3, vs, generator=g, dtype=torch.float64) * 6).mul(4).round().div(4)
+    t = (torch.randn(3, vt, generator=g, dtype=torch.float64) * 5 - 30).to(torch.bfloat16)
+    pairs = (torch.randperm(vs, generator=g)[: vs * 2 // 5], torch.randperm(vt, generator=g)[: vs * 2 // 5])
+    kwargs = {} if method == "uld" else {"vocab_map": pairs, "beta": 0.4}
+    student = s.float().requires_grad_(True)
+    loss = kdkernels.cross_vocab_loss(method, student, t, backend=cross_vocab_fused, temperature=1.3, **kwargs)
+    loss.backward()
+    want_loss, want_grad, _ = cross_vocab_oracle(
+        method,
+        s.float().double().numpy(),
+        t.double().numpy(),
+        vocab_map=None if method == "uld" else [x.numpy() for x in pairs],
+        temperature=1.3,
+        **({} if method == "uld" else {"beta": 0.4}),
+    )
+    assert_close(loss, want_loss, torch.float32, "loss")
+    assert_close(student.grad, want_grad, torch.float32, "gradient")
+
+
+def test_cpu_op_checks_the_classes():
+    """The C++ op reads the classes as indices: it checks them (the Python front's VocabMap checked them already)."""
+    assert "cpu" in cross_vocab_backends()
+    op = torch.ops.kdkernels.cross_vocab_cpu
+    s, t = torch.randn(2, 5), torch.randn(2, 7)
+    classes = [torch.tensor([0]), torch.tensor([9]), torch.arange(1, 5), torch.arange(1, 7)]
+    params = [1.0, 2, 0.5, 0.5, math.log(0.5), math.log(0.5), 0.5, 0.5]
+    args = (None, None, classes, 1, params, 1.0, -100, True, 0.0, 1.0, False, True)
+    with pytest.raises(RuntimeError, match=r"class id 9 outside \[0, 7\)"):
+        op(s, t, None, None, *args)
+    with pytest.raises(RuntimeError, match="hybrid needs 4 class tensors"):
+        op(s, t, None, None, None, None, [], *args[3:])

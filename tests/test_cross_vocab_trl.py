@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-from helpers import gold_config
 
 if os.environ.get("KDKERNELS_NO_LLM") == "1":
     pytest.skip("KDKERNELS_NO_LLM=1: trl is not installed here", allow_module_level=True)
@@ -17,27 +16,12 @@ if os.environ.get("KDKERNELS_NO_LLM") == "1":
 from trl.experimental.gold.gold_trainer import ULDLoss  # noqa: E402
 
 import kdkernels  # noqa: E402
+from kdkernels.baselines import gold_config, shared_vocabularies  # noqa: E402
 
 
-class Vocabulary:
-    """A tokenizer as TRL's and kdkernels' vocabulary maps see it: get_vocab() only."""
-
-    def __init__(self, tokens: list[str]):
-        self.tokens = tokens
-
-    def get_vocab(self) -> dict[str, int]:
-        return {token: i for i, token in enumerate(self.tokens)}
-
-
-def _vocabularies(vs: int, vt: int, seed: int) -> tuple[Vocabulary, Vocabulary]:
+def _vocabularies(vs: int, vt: int, seed: int):
     """Two vocabularies of vs and vt strings that share about a third of the smaller one, at unrelated ids."""
-    g = torch.Generator().manual_seed(seed)
-    student = [f"s{i}" for i in range(vs)]
-    teacher = [f"t{i}" for i in range(vt)]
-    shared = min(vs, vt) // 3
-    for k, (a, b) in enumerate(zip(torch.randperm(vs, generator=g)[:shared], torch.randperm(vt, generator=g)[:shared])):
-        student[a] = teacher[b] = f"shared{k}"
-    return Vocabulary(student), Vocabulary(teacher)
+    return shared_vocabularies(vs, vt, min(vs, vt) // 3, seed)
 
 
 @pytest.mark.parametrize(

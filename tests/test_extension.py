@@ -260,12 +260,14 @@ def test_codes_and_parameters_agree_in_every_language():
         (methods.Divergence, _C.DIVERGENCE_CODES, triton_divergence),
         (methods.Partition, _C.PARTITION_CODES, triton_decoupled),
         (methods.Bin, _C.BIN_CODES, None),
+        (methods.CrossVocab, _C.CROSS_VOCAB_CODES, None),
     ):
         assert cpp == {code.name: int(code) for code in python}, python.__name__
         if triton_module is not None:
             assert {code.name: getattr(triton_module, code.name).value for code in python} == cpp
     assert _C.DIVERGENCE_PARAMS == methods.DivergenceParams._fields
     assert _C.DECOUPLED_PARAMS == methods.DecoupledParams._fields
+    assert _C.CROSS_VOCAB_PARAMS == methods.CrossVocabParams._fields
     assert _C.STANDARDIZE_EPS == methods.STANDARDIZE_EPS == triton_common.STANDARDIZE_EPS.value
     divergence_args = inspect.signature(triton_divergence.divergence_kernel.fn).parameters
     assert all(name in divergence_args for name in methods.DivergenceParams._fields)

@@ -10,7 +10,9 @@
 #include <cstdint>
 #include <string>
 #include <tuple>
+#include <vector>
 
+#include "../cross_vocab.h"
 #include "../family_op.h"
 #include "gradient_cache.h"
 #include "kernels.h"
@@ -20,19 +22,25 @@ namespace {
 
 enum Family { DIVERGENCE_FAMILY, DECOUPLED_FAMILY };
 
-// The kernels of the widest instruction set both this build and this CPU have (at::get_cpu_capability() also
-// honours the ATEN_CPU_CAPABILITY environment variable, as torch's own kernels do).
-RowsFn kernel_for_this_cpu(Family family) {
+// Of a kernel's builds (DEFAULT, AVX2, AVX512), that of the widest instruction set both this build and this CPU have
+// (at::get_cpu_capability() also honours the ATEN_CPU_CAPABILITY environment variable, as torch's own kernels do).
+template <class Fn>
+Fn for_this_cpu(Fn default_build, [[maybe_unused]] Fn avx2_build, [[maybe_unused]] Fn avx512_build) {
   static const std::string capability = at::get_cpu_capability();
 #ifdef KDKERNELS_CPU_AVX512
-  if (capability == "AVX512") return family == DIVERGENCE_FAMILY ? AVX512::divergence_rows : AVX512::decoupled_rows;
+  if (capability == "AVX512") return avx512_build;
 #endif
 #ifdef KDKERNELS_CPU_AVX2
-  if (capability == "AVX2" || capability == "AVX512") {
-    return family == DIVERGENCE_FAMILY ? AVX2::divergence_rows : AVX2::decoupled_rows;
-  }
+  if (capability == "AVX2" || capability == "AVX512") return avx2_build;
 #endif
-  return family == DIVERGENCE_FAMILY ? DEFAULT::divergence_rows : DEFAULT::decoupled_rows;
+  return default_build;
+}
+
+RowsFn kernel_for_this_cpu(Family family) {
+  if (family == DIVERGENCE_FAMILY) {
+    return for_this_cpu(&DEFAULT::divergence_rows, &AVX2::divergence_rows, &AVX512::divergence_rows);
+  }
+  return for_this_cpu(&DEFAULT::decoupled_rows, &AVX2::decoupled_rows, &AVX512::decoupled_rows);
 }
 
 // finish_losses (family_op.h) for the CPU: with reduce, the rows are summed here in double (the loss rows are on the
@@ -151,6 +159,119 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> family_cp
   return {loss, parts, grad, call.teacher_grad, call.temperature_grad};
 }
 
+// The checked classes of a hybrid call into args: (student ids, teacher ids, unmatched student ids, unmatched
+// teacher ids), int64 on the CPU, each id in range and the unmatched ones completing the pairs on each side.
+void set_hybrid_classes(CrossVocabArgs& args, at::TensorList classes, std::vector<at::Tensor>& kept) {
+  TORCH_CHECK(classes.size() == 4,
+              "kdkernels::cross_vocab_cpu: hybrid needs 4 class tensors (student ids, teacher "
+              "ids, unmatched student ids, unmatched teacher ids), got ",
+              classes.size());
+  const int64_t widths[4] = {args.vs, args.vt, args.vs, args.vt};
+  for (int k = 0; k < 4; ++k) {
+    const at::Tensor& ids = classes[k];
+    TORCH_CHECK(ids.dim() == 1 && ids.device().is_cpu() && ids.scalar_type() == at::kLong,
+                "kdkernels::cross_vocab_cpu: the class tensors must be 1-D int64 CPU tensors");
+    kept.push_back(ids.contiguous());
+    const int64_t* x = kept.back().data_ptr<int64_t>();
+    for (int64_t m = 0; m < ids.numel(); ++m) {
+      TORCH_CHECK(x[m] >= 0 && x[m] < widths[k], "kdkernels::cross_vocab_cpu: class id ", x[m], " outside [0, ",
+                  widths[k], ")");
+    }
+  }
+  TORCH_CHECK(classes[0].numel() == classes[1].numel() && classes[0].numel() + classes[2].numel() == args.vs &&
+                  classes[1].numel() + classes[3].numel() == args.vt,
+              "kdkernels::cross_vocab_cpu: the pairs and the unmatched classes must cover each vocabulary once");
+  args.student_ids = kept[0].data_ptr<int64_t>();
+  args.teacher_ids = kept[1].data_ptr<int64_t>();
+  args.free_student = kept[2].data_ptr<int64_t>();
+  args.free_teacher = kept[3].data_ptr<int64_t>();
+  args.num_pairs = classes[0].numel();
+  args.num_free_student = classes[2].numel();
+  args.num_free_teacher = classes[3].numel();
+}
+
+// A log scale [N] in the math type, contiguous (undefined when there is none).
+at::Tensor checked_log_scale(const std::optional<at::Tensor>& scale, const char* name, int64_t n, at::ScalarType math) {
+  if (!scale.has_value()) return at::Tensor();
+  TORCH_CHECK(scale->dim() == 1 && scale->size(0) == n && scale->device().is_cpu(),
+              "kdkernels::cross_vocab_cpu: ", name, " must be a CPU tensor of shape [N] = [", n, "], got ",
+              scale->sizes());
+  return scale->to(math).contiguous();
+}
+
+// uld and hybrid (cross_vocab.h): (loss, parts, grad [N, Vs] or empty, dl/dc_s [N] in the math type or empty),
+// reduced as the family ops.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_vocab_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& student_log_scale,
+    const std::optional<at::Tensor>& teacher_log_scale, const std::optional<at::Tensor>& target,
+    const std::optional<at::Tensor>& denominator, at::TensorList classes, int64_t code, at::ArrayRef<double> params,
+    double temperature, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
+    bool with_grad) {
+  const char* op = "kdkernels::cross_vocab_cpu";
+  TORCH_CHECK(student.dim() == 2 && teacher.dim() == 2 && student.size(0) == teacher.size(0), op,
+              ": student [N, Vs] and teacher [N, Vt] must be 2-D with the same rows, got ", student.sizes(), " and ",
+              teacher.sizes());
+  TORCH_CHECK(teacher.size(1) >= 1, op, ": the teacher logits need at least one class");
+  TORCH_CHECK(student.size(1) < (int64_t(1) << 31), op, ": at most 2^31 - 1 student classes");
+  TORCH_CHECK(code >= 0 && code < NUM_CROSS_VOCAB, op, ": code must be in [0, ", int(NUM_CROSS_VOCAB), "), got ", code);
+  TORCH_CHECK(int(params.size()) == CrossVocabParams<double>::size, op, ": params must hold ",
+              CrossVocabParams<double>::size, " numbers, got ", params.size());
+  const auto c = CrossVocabParams<double>::from(params.data());
+  TORCH_CHECK(std::isfinite(c.teacher_temperature) && c.teacher_temperature > 0, op,
+              ": teacher_temperature must be > 0, got ", c.teacher_temperature);
+  TORCH_CHECK(c.matched_code == KD || c.matched_code == RKL || c.matched_code == JSD, op,
+              ": matched_code must be KD, RKL or JSD, got ", c.matched_code);
+  // The checks the family ops make (the same shape for both models aside): a student [N, Vs] checked as if [N, V].
+  FamilyCall call = check_family_call(op, student, student, target, denominator, 0, {}, 1, 0, temperature, ce_weight,
+                                      distill_weight, with_ce, with_grad, false, gradient_allocator());
+  TORCH_CHECK(is_logit_dtype(teacher.scalar_type()) && teacher.device().is_cpu(), op,
+              ": teacher logits must be float32, float64, bfloat16 or float16 on the CPU, got ", teacher.scalar_type(),
+              " on ", teacher.device());
+  call.teacher = teacher.stride(1) == 1 ? teacher : teacher.contiguous();
+  call.math_double = call.math_double || teacher.scalar_type() == at::kDouble;
+  const at::ScalarType math = call.math_double ? at::kDouble : at::kFloat;
+  call.loss_rows = call.loss_rows.to(math);
+  if (with_ce) call.ce_rows = at::empty_like(call.loss_rows);
+  const at::Tensor scales[2] = {checked_log_scale(student_log_scale, "student_log_scale", call.n, math),
+                                checked_log_scale(teacher_log_scale, "teacher_log_scale", call.n, math)};
+  at::Tensor scale_grad = with_grad ? at::empty_like(call.loss_rows) : at::empty({0}, call.loss_rows.options());
+  const double inv_denom = reduce && denominator.has_value() ? 1.0 / denominator->item<double>() : 1.0;
+  CrossVocabArgs args{call.student.data_ptr(),
+                      call.teacher.data_ptr(),
+                      call.student.scalar_type(),
+                      call.teacher.scalar_type(),
+                      call.student.stride(0),
+                      call.teacher.stride(0),
+                      scales[0].defined() ? scales[0].data_ptr() : nullptr,
+                      scales[1].defined() ? scales[1].data_ptr() : nullptr,
+                      call.target.defined() ? call.target.data_ptr<int64_t>() : nullptr,
+                      ignore_index,
+                      call.loss_rows.data_ptr(),
+                      with_ce ? call.ce_rows.data_ptr() : nullptr,
+                      with_grad ? call.grad.data_ptr() : nullptr,
+                      with_grad ? scale_grad.data_ptr() : nullptr,
+                      call.n,
+                      student.size(1),
+                      teacher.size(1),
+                      int(code),
+                      params.data()};
+  std::vector<at::Tensor> kept;
+  if (code == HYBRID) set_hybrid_classes(args, classes, kept);
+  args.temperature = temperature;
+  args.grad_scale = distill_weight / temperature * inv_denom;
+  args.scale_grad_scale = distill_weight * inv_denom;
+  args.ce_scale = ce_weight * inv_denom;
+  args.math_double = call.math_double;
+  const CrossVocabFn rows =
+      for_this_cpu(&DEFAULT::cross_vocab_rows, &AVX2::cross_vocab_rows, &AVX512::cross_vocab_rows);
+  // A row is sorted in its worker's buffers: one row per task is enough to amortise a task's start.
+  at::parallel_for(0, call.n, 1, [&](int64_t begin, int64_t end) { rows(args, begin, end); });
+  auto [loss, parts] = !reduce            ? finish_losses(call, denominator, reduce, ce_weight, distill_weight)
+                       : call.math_double ? reduce_losses<double>(call, inv_denom, ce_weight, distill_weight)
+                                          : reduce_losses<float>(call, inv_denom, ce_weight, distill_weight);
+  return {loss, parts, call.grad, scale_grad};
+}
+
 // grad *= factor: a 0-d factor of exactly 1 skips the pass (a host read: the factor is on the CPU); low-precision
 // gradients are multiplied in float32 and rounded once.
 void scale_rows_cpu(const at::Tensor& grad, const at::Tensor& factor) {
@@ -177,6 +298,7 @@ TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
   m.impl("decoupled_cpu_", &family_cpu_<DECOUPLED_FAMILY>);
   m.impl("divergence_cpu_full", &family_cpu_full<DIVERGENCE_FAMILY>);
   m.impl("decoupled_cpu_full", &family_cpu_full<DECOUPLED_FAMILY>);
+  m.impl("cross_vocab_cpu", &cross_vocab_cpu);
   m.impl("scale_rows_", &scale_rows_cpu);
 }
 

@@ -122,12 +122,12 @@ def _reference_full(
     return _combined(call, reference.row_losses(call, student, teacher, temperature))
 
 
-def _reference_cross_vocab(
+def reference_cross_vocab(
     call, student: torch.Tensor, teacher: torch.Tensor, log_scales, classes
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _combined(call, reference.cross_vocab_rows(call, student, teacher, log_scales, classes))
 
 
 register(
-    Backend("reference", _reference_impl, lambda device: None, full=_reference_full, cross_vocab=_reference_cross_vocab)
+    Backend("reference", _reference_impl, lambda device: None, full=_reference_full, cross_vocab=reference_cross_vocab)
 )

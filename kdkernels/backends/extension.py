@@ -2,7 +2,8 @@
 
 Importing kdkernels._C loads the op library: ``kdkernels::<family>_cpu`` and ``<family>_cuda`` and their in-place
 siblings (schema in ops.py), with a CPU kernel for the first and a CUDA kernel for the second when the build had a
-CUDA torch and nvcc, and ``kdkernels::scale_rows_`` (both kernels). The fused CPU kernels compute float64 logits in
+CUDA torch and nvcc, ``kdkernels::cross_vocab_cpu`` (the losses between two vocabularies; CPU only so far) and
+``kdkernels::scale_rows_`` (both kernels). The fused CPU kernels compute float64 logits in
 float64, so backend="cpu" also takes float64. When the extension is missing, both backends are registered as
 unavailable with the reason and the fix.
 """
@@ -12,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from ..methods import FAMILIES
-from . import Backend, register
-from .ops import attach_family_ops, family_backend, full_backend
+from . import Backend, reference_cross_vocab, register
+from .ops import attach_cross_vocab_op, attach_family_ops, cross_vocab_backend, family_backend, full_backend
 
 BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` in the repository (setup.py; needs a C++ "
@@ -76,6 +77,10 @@ for _backend in ("cpu", "cuda"):
                 {family: ops[1] for family, ops in _triples.items()},
                 _scale,
                 _full_ops,
+                # (the losses between two vocabularies: a CPU kernel so far)
+                cross_vocab_backend(_backend, attach_cross_vocab_op(_backend), _scale, reference_cross_vocab)
+                if _backend == "cpu"
+                else None,
             )
         )
     else:

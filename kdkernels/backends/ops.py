@@ -466,3 +466,117 @@ def full_backend(full_ops: dict) -> Callable:
         return _FullGradient.apply(student, teacher, temperature, full_ops[call.plan.family], op_args(call))
 
     return full
+
+
+# ---- the losses between two vocabularies (kdkernels/cross_vocab.py) ----------------------------------------------
+#
+#   kdkernels::cross_vocab_<backend>(student [N, Vs], teacher [N, Vt], student_log_scale [N]?, teacher_log_scale [N]?,
+#                                    target [N]?, denominator 0-d?, classes, code, params, temperature, ignore_index,
+#                                    reduce, ce_weight, distill_weight, with_ce, with_grad)
+#       -> (loss, parts, grad, scale_grad)
+#
+# ``code`` and ``params``: a plan of methods.CROSS_VOCAB_METHODS (uld's weights as (0, 1)); ``classes``: hybrid's
+# (student ids, teacher ids, unmatched student ids, unmatched teacher ids), int64, or []. The loss and parts are those
+# of the family ops; ``grad`` is d loss / d student and ``scale_grad`` d loss / d student_log_scale per row ([N], the
+# loss's dtype), both scaled like the loss and written by the same call (empty without ``with_grad``). The teacher is
+# a constant.
+
+
+# The schema above, as csrc/kdkernels.cpp defines it for the extension's op.
+CROSS_VOCAB_SCHEMA = (
+    "(Tensor student, Tensor teacher, Tensor? student_log_scale, Tensor? teacher_log_scale, Tensor? target, "
+    "Tensor? denominator, Tensor[] classes, int code, float[] params, float temperature, int ignore_index, "
+    "bool reduce, float ce_weight, float distill_weight, bool with_ce, bool with_grad) -> (Tensor, Tensor, Tensor, "
+    "Tensor)"
+)
+
+
+def _cross_vocab_fake(student, teacher, student_log_scale, teacher_log_scale, target, denominator, classes, *rest):
+    reduce, with_grad = rest[4], rest[-1]
+    loss, parts = _losses_like(student, teacher, reduce)
+    if not with_grad:
+        return loss, parts, student.new_empty(0), loss.new_empty(0)
+    grad = torch.empty_like(student, memory_format=torch.contiguous_format)
+    return loss, parts, grad, loss.new_empty((student.shape[0],))
+
+
+def attach_cross_vocab_op(backend: str) -> Callable:
+    """``kdkernels::cross_vocab_<backend>`` (schema and kernel from C++), with its fake function."""
+    torch.library.register_fake(f"kdkernels::cross_vocab_{backend}")(_cross_vocab_fake)
+    return getattr(torch.ops.kdkernels, f"cross_vocab_{backend}").default
+
+
+def define_cross_vocab_op(backend: str, launch: Callable) -> Callable:
+    """Defines ``kdkernels::cross_vocab_<backend>`` in Python (CROSS_VOCAB_SCHEMA), running ``launch``, with its fake
+    function."""
+    name = f"kdkernels::cross_vocab_{backend}"
+    torch.library.define(name, CROSS_VOCAB_SCHEMA)
+    torch.library.impl(name, "CompositeExplicitAutograd")(launch)
+    torch.library.register_fake(name)(_cross_vocab_fake)
+    return getattr(torch.ops.kdkernels, f"cross_vocab_{backend}").default
+
+
+def cross_vocab_args(call, classes) -> tuple:
+    """The arguments of a cross-vocabulary op after (student, teacher, the two log scales), with_grad aside."""
+    params = call.plan.params
+    if params.matched_weight is None:  # uld: the sorted L1 of every class, alone
+        params = params._replace(matched_weight=0.0, unmatched_weight=1.0)
+    return (
+        call.target,
+        call.denominator,
+        list(classes or ()),
+        int(call.plan.code),
+        [float(x) for x in params],
+        float(call.temperature),
+        call.ignore_index,
+        call.reduction != "none",
+        call.ce_weight,
+        call.distill_weight,
+        call.with_ce,
+    )
+
+
+class _CrossVocabFunction(torch.autograd.Function):
+    """A cross-vocabulary op's loss and parts, differentiable in the student and its log scale: backward scales the
+    gradients the op computed by grad_output (the student's in place, as the family ops')."""
+
+    @staticmethod
+    def forward(ctx, student, student_log_scale, teacher, teacher_log_scale, op, args, op_backward):
+        with torch._C._AutoDispatchBelowAutograd():
+            loss, parts, grad, scale_grad = op(student, teacher, student_log_scale, teacher_log_scale, *args, True)
+        ctx.mark_non_differentiable(parts)
+        _keep_gradient(ctx, grad)
+        ctx.scale_grad = scale_grad
+        ctx.scale_dtype = None if student_log_scale is None else student_log_scale.dtype
+        ctx.op_backward = op_backward
+        return loss, parts
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_parts):
+        d_scale = None
+        if grad_loss is not None and ctx.scale_dtype is not None:
+            factor = grad_loss.to(ctx.scale_grad.dtype)
+            d_scale = (ctx.scale_grad * factor).to(ctx.scale_dtype)
+        d_student = ctx.op_backward(ctx, grad_loss, None, None)[0]
+        return d_student, d_scale, None, None, None, None, None
+
+
+def cross_vocab_backend(backend: str, op: Callable, scale_rows: Callable, fallback: Callable) -> Callable:
+    """The ``cross_vocab`` entry of fused backend ``backend`` (backends.Backend) calling its op ``op``, whose
+    gradient ``scale_rows`` scales in backward; a teacher (or teacher log scale) that requires grad goes to
+    ``fallback`` (the reference, whose autograd differentiates it)."""
+    op_backward = _autograd(backend, scale_rows)
+
+    def cross_vocab(call, student: Tensor, teacher: Tensor, log_scales, classes) -> tuple[Tensor, Tensor]:
+        scale, teacher_scale = log_scales
+        if teacher.requires_grad or (teacher_scale is not None and teacher_scale.requires_grad):
+            return fallback(call, student, teacher, log_scales, classes)
+        args = cross_vocab_args(call, classes)
+        learns = student.requires_grad or (scale is not None and scale.requires_grad)
+        if learns and torch.is_grad_enabled():
+            return _CrossVocabFunction.apply(student, scale, teacher, teacher_scale, op, args, op_backward)
+        with torch._C._AutoDispatchBelowAutograd():
+            loss, parts, _, _ = op(student, teacher, scale, teacher_scale, *args, False)
+        return loss, parts
+
+    return cross_vocab
