@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import cross_vocab_backends
+from conftest import DEVICE, cross_vocab_backends
 from helpers import assert_close
 from oracle import cross_vocab_oracle
 
@@ -333,3 +333,30 @@ def test_cpu_op_checks_the_classes():
         op(s, t, None, None, *args)
     with pytest.raises(RuntimeError, match="hybrid needs 4 class tensors"):
         op(s, t, None, None, None, None, [], *args[3:])
+
+
+def test_triton_rows_wider_than_its_block_say_so():
+    """(The op's launcher refuses before any launch: no GPU or interpreter needed.)"""
+    from kdkernels.backends.triton.cross_vocab import MAX_BLOCK
+
+    s, t = torch.randn(2, 7), torch.randn(2, MAX_BLOCK + 1)
+    params = [1.0, 2, 0.5, 0.5, math.log(0.5), math.log(0.5), 0.0, 1.0]
+    with pytest.raises(ValueError, match=r"up to 4096 classes a side .* use backend='reference'"):
+        torch.ops.kdkernels.cross_vocab_triton(
+            s, t, None, None, None, None, [], 0, params, 1.0, -100, True, 0.0, 1.0, False, True
+        )
+
+
+def test_rows_wider_than_a_backends_kernel_go_to_the_reference():
+    """backend="triton" (which "auto" takes for CUDA tensors) leaves rows wider than its on-chip sort to the
+    reference: an LLM's vocabulary still trains."""
+    from kdkernels.backends.triton.cross_vocab import MAX_BLOCK
+
+    g = torch.Generator().manual_seed(8)
+    s, t = torch.randn(2, 5, generator=g).to(DEVICE), torch.randn(2, MAX_BLOCK + 3, generator=g).to(DEVICE)
+    grads = []
+    for backend in ("reference", "triton"):
+        student = s.clone().requires_grad_(True)
+        loss = kdkernels.cross_vocab_loss("uld", student, t, backend=backend)
+        grads.append((loss, *torch.autograd.grad(loss, student)))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

@@ -34,7 +34,7 @@ TRITONS = {
 }
 
 
-@pytest.mark.parametrize("family", ["divergence", "decoupled", "scale"])
+@pytest.mark.parametrize("family", ["divergence", "decoupled", "scale", "cross_vocab"])
 @pytest.mark.parametrize("triton", list(TRITONS))
 def test_kernels_compile_for_sm90(triton, family, tmp_path):
     python, version = TRITONS[triton]

@@ -26,6 +26,12 @@ from sm90_resources import Resources, parse_ptxas
 
 INTS = {
     "N": "i32",
+    "Vs": "i32",
+    "Vt": "i32",
+    "ns": "i32",
+    "nt": "i32",
+    "num_pairs": "i32",
+    "matched_code": "i32",
     "V": "i32",
     "k": "i32",
     "ignore_index": "i32",
@@ -35,6 +41,11 @@ INTS = {
     "row_stride": "i64",
 }
 POINTERS = {"s_ptr": "*bf16", "t_ptr": "*fp32", "grad_ptr": "*bf16", "target_ptr": "*i64", "gt_ptr": "*fp32"}
+CROSS_VOCAB_POINTERS = {
+    **POINTERS,
+    "g_ptr": "*bf16",
+    **{name: "*i64" for name in ("free_s_ptr", "free_t_ptr", "pair_s_ptr", "pair_t_ptr")},
+}
 # The launch shapes (tile, warps and register cap as kdkernels launches them) of a short row, in one tile with several
 # rows per program (a vision vocabulary), and of a long one, streamed in tiles (an LLM's).
 LAYOUT_ROWS = {"single": (64, 1000), "stream": (64, 32000)}
@@ -111,6 +122,8 @@ def specialisations(family: str) -> list[tuple]:
     from kdkernels.backends.triton.divergence import divergence_kernel
     from kdkernels.methods import Divergence, Partition
 
+    if family == "cross_vocab":
+        return cross_vocab_specialisations()
     if family == "scale":
         return [
             (
@@ -168,6 +181,32 @@ def specialisations(family: str) -> list[tuple]:
                 )
                 label = describe(dict(constexprs, PARTITION=code_name), options)
                 out.append((decoupled_kernel, POINTERS, constexprs, options, label))
+    return out
+
+
+def cross_vocab_specialisations() -> list[tuple]:
+    """The cross-vocabulary kernel with every switch on, launched as launch_cross_vocab does: uld at a short row and
+    hybrid (uld's code and the matched pairs') at the widest row it sorts on chip (triton.cross_vocab.MAX_BLOCK; each
+    takes minutes to compile here)."""
+    from kdkernels.backends.triton.cross_vocab import MAX_BLOCK, cross_vocab_kernel, launch_options
+
+    out = []
+    for hybrid, block in ((False, 1024), (True, MAX_BLOCK)):
+        constexprs = dict(
+            HAS_TARGET=True,
+            HAS_DENOM=True,
+            HAS_CS=True,
+            HAS_CT=True,
+            HYBRID=hybrid,
+            WITH_CE=True,
+            WITH_GRAD=True,
+            BLOCK_S=block,
+            BLOCK_T=block // 2,
+            BLOCK=block,
+            BLOCK_M=block // 4 if hybrid else 1,
+        )
+        options = launch_options(block)
+        out.append((cross_vocab_kernel, CROSS_VOCAB_POINTERS, constexprs, options, describe(constexprs, options)))
     return out
 
 

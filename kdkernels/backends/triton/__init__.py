@@ -3,7 +3,8 @@
 CUDA tensors run the compiled kernels. With the environment variable TRITON_INTERPRET=1 (set before Triton is
 imported) the same kernels run on CPU tensors through Triton's interpreter: slow, used to test them without a GPU.
 
-Each family has the ops ``kdkernels::<family>_triton`` and the in-place ``<family>_triton_`` (ops.py). In-place is
+Each family has the ops ``kdkernels::<family>_triton`` and the in-place ``<family>_triton_`` (ops.py), and the losses
+between two vocabularies ``kdkernels::cross_vocab_triton`` (cross_vocab.py). In-place is
 safe because every kernel pass that writes a gradient tile first loads that same tile of the student in the same
 program and computes each written element from the element it read; no other program touches those rows.
 """
@@ -16,9 +17,10 @@ import torch
 import triton
 
 from ...methods import DIVERGENCE, FAMILIES, DecoupledParams, DivergenceParams
-from .. import Backend, combine, register
-from ..ops import define_family_ops, family_backend, full_backend
+from .. import Backend, combine, reference_cross_vocab, register
+from ..ops import cross_vocab_backend, define_cross_vocab_op, define_family_ops, family_backend, full_backend
 from .common import launch_shape, scale_rows_
+from .cross_vocab import MAX_BLOCK, launch_cross_vocab
 from .decoupled import decoupled_kernel
 from .divergence import divergence_kernel
 
@@ -187,5 +189,12 @@ register(
         {family: ops[1] for family, ops in _triples.items()},
         scale_rows_,
         _full_ops,
+        cross_vocab_backend(
+            "triton",
+            define_cross_vocab_op("triton", launch_cross_vocab),
+            scale_rows_,
+            reference_cross_vocab,
+            max_width=MAX_BLOCK,
+        ),
     )
 )
