@@ -6,6 +6,7 @@ error, not a skip, unless KDKERNELS_NO_LLM=1 says the environment has none (the 
 """
 
 import copy
+import json
 import os
 
 import pytest
@@ -18,7 +19,7 @@ import transformers  # noqa: E402
 from helpers import assert_close  # noqa: E402
 
 import kdkernels  # noqa: E402
-from kdkernels.integrations.transformers import DistillationTrainer, LMHead, final_hidden_states  # noqa: E402
+from kdkernels.integrations.transformers import KDConfig, KDTrainer, LMHead, final_hidden_states  # noqa: E402
 
 V = 61
 SMALL = dict(
@@ -55,6 +56,10 @@ def batch(n=2, length=9, seed=1, ignored=((0, 0), (0, 1), (1, 5))):
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
 
 
+# The trainer's defaults (TRL / Liger's convention), where a method's own defaults differ (kd: T = 4 with T^2).
+TRAINER_DEFAULTS = {"temperature": 1.0, "t2_scale": False}
+
+
 def eager_loss(method, student, teacher, inputs, normalizer=None, reduction="batchmean", **options):
     """What a user writes without kdkernels' fused-linear path: both models' full logits, shifted, then the loss."""
     model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
@@ -69,11 +74,17 @@ def eager_loss(method, student, teacher, inputs, normalizer=None, reduction="bat
         normalizer=normalizer,
         reduction=reduction,
         backend="reference",
-        **options,
+        **{**TRAINER_DEFAULTS, **options},
     )
 
 
-def trainer(student, teacher, tmp_path, method="kd", loss_options=None, train_dataset=None, eval_dataset=None, **args):
+CONFIG_FIELDS = {"temperature", "t2_scale", "ce_weight", "distill_weight", "standardize", "log_entropy", "backend"}
+
+
+def config(tmp_path, method="kd", loss_options=None, **args):
+    """A KDConfig for the tests: ``loss_options`` holds KDConfig's loss fields and the method's hyperparameters."""
+    options = dict(loss_options or {})
+    fields = {k: options.pop(k) for k in list(options) if k in CONFIG_FIELDS}
     defaults = dict(
         output_dir=str(tmp_path),
         report_to="none",
@@ -82,12 +93,14 @@ def trainer(student, teacher, tmp_path, method="kd", loss_options=None, train_da
         per_device_train_batch_size=2,
         disable_tqdm=True,
     )
-    return DistillationTrainer(
+    return KDConfig(**{**defaults, **args}, method=method, method_kwargs=options, **fields)
+
+
+def trainer(student, teacher, tmp_path, method="kd", loss_options=None, train_dataset=None, eval_dataset=None, **args):
+    return KDTrainer(
         model=student,
         teacher_model=teacher,
-        method=method,
-        **(loss_options or {}),
-        args=transformers.TrainingArguments(**{**defaults, **args}),
+        args=config(tmp_path, method, loss_options, **args),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
     )
@@ -215,15 +228,14 @@ def test_train_with_gradient_accumulation_equals_one_full_batch(tmp_path):
 def test_logged_terms_are_per_token_means(tmp_path):
     student, teacher = causal_lm(), causal_lm(hidden=24, seed=1)
     inputs = batch()
-    tr = trainer(student, teacher, tmp_path, "kd", {"ce_weight": 0.5})
-    tr.log_entropy = True
+    tr = trainer(student, teacher, tmp_path, "kd", {"ce_weight": 0.5, "log_entropy": True})
     tr.compute_loss(tr.model, inputs, num_items_in_batch=torch.tensor(7))
     logs = {}
     tr.log(logs)
     want = eager_loss("kd", student, teacher, inputs, ce_weight=0.5, return_parts=True)
     assert_close(torch.tensor(logs["distill"]), want.distill.detach().numpy(), torch.float32, "distill")
     assert_close(torch.tensor(logs["ce"]), want.ce.detach().numpy(), torch.float32, "ce")
-    s = student(input_ids=inputs["input_ids"]).logits[:, :-1].double() / 4.0
+    s = student(input_ids=inputs["input_ids"]).logits[:, :-1].double()
     valid = inputs["labels"][:, 1:] != -100
     entropy = torch.special.entr(torch.softmax(s, -1)).sum(-1)[valid].mean()
     assert_close(torch.tensor(logs["entropy"]), entropy.detach().numpy(), torch.float32, "entropy")
@@ -247,18 +259,57 @@ def test_evaluate_and_outputs(tmp_path):
 
 
 def test_bad_arguments(tmp_path):
-    student = causal_lm()
+    """Every refused configuration raises at construction (KDConfig's or the trainer's), naming the argument."""
+    student, teacher = causal_lm(), causal_lm(seed=1)
     with pytest.raises(ValueError, match="teacher_model"):
         trainer(student, None, tmp_path)
     with pytest.raises(ValueError, match="beta"):
-        trainer(student, causal_lm(seed=1), tmp_path, "jsd", {"beta": 2.0})
+        config(tmp_path, "jsd", {"beta": 2.0})
     with pytest.raises(TypeError, match="unexpected hyperparameter"):
-        trainer(student, causal_lm(seed=1), tmp_path, "kd", {"beta": 0.5})
-    with pytest.raises(ValueError, match="set by the trainer"):
-        trainer(student, causal_lm(seed=1), tmp_path, "kd", {"softcap": 3.0})
-    tr = trainer(student, causal_lm(seed=1), tmp_path, "kd")
+        config(tmp_path, "kd", {"beta": 0.5})
+    with pytest.raises(TypeError, match="unexpected hyperparameter.*softcap"):  # (the trainer reads it from the config)
+        config(tmp_path, "kd", {"softcap": 3.0})
+    with pytest.raises(ValueError, match="method must be one of"):
+        config(tmp_path, "kl")
+    with pytest.raises(ValueError, match="chunk_size"):
+        KDConfig(output_dir=str(tmp_path), chunk_size=0)
+    with pytest.raises(ValueError, match="method_kwargs"):
+        KDConfig(output_dir=str(tmp_path), method="jsd", method_kwargs="beta=0.5")
+    with pytest.raises(TypeError, match="linear_distill_loss.*0-d tensor"):  # a learnable temperature
+        KDConfig(output_dir=str(tmp_path), temperature=torch.tensor(2.0, requires_grad=True))
+    with pytest.raises(TypeError, match="args must be a kdkernels KDConfig"):
+        KDTrainer(student, teacher, transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
+    with pytest.raises(ValueError, match="backend must be"):
+        trainer(student, teacher, tmp_path, "kd", {"backend": "fast"})
+    tr = trainer(student, teacher, tmp_path, "kd")
     with pytest.raises(ValueError, match="labels"):
         tr.compute_loss(tr.model, {k: v for k, v in batch().items() if k != "labels"})
+
+
+def test_kd_config_round_trips_through_a_checkpoint(tmp_path):
+    """The loss options live in KDConfig: saved in every checkpoint's training_args.bin and its JSON, printed with
+    the arguments, parsed from the command line (method_kwargs as a JSON object); defaults T = 1 without T^2."""
+    defaults = KDConfig(output_dir=str(tmp_path))
+    assert (defaults.method, defaults.temperature, defaults.t2_scale, defaults.method_kwargs) == ("kd", 1.0, False, {})
+    (parsed,) = transformers.HfArgumentParser(KDConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--method", "jsd", "--method_kwargs", '{"beta": 0.3}', "--ce_weight", "0.5"]
+    )
+    assert (parsed.method, parsed.method_kwargs, parsed.ce_weight) == ("jsd", {"beta": 0.3}, 0.5)
+    options = {"beta": 0.3, "ce_weight": 0.5, "temperature": 2.0, "t2_scale": True, "distill_weight": 0.7}
+    dataset = [{k: v[0] for k, v in batch(1, 9, seed=s, ignored=[(0, 0)]).items()} for s in range(2)]
+    tr = trainer(
+        causal_lm(), causal_lm(seed=1), tmp_path, "jsd", options, train_dataset=dataset, max_steps=1,
+        save_strategy="steps", save_steps=1, chunk_size=5, per_device_train_batch_size=1,
+    )  # fmt: skip
+    tr.train()
+    saved = torch.load(tmp_path / "checkpoint-1" / "training_args.bin", weights_only=False)
+    assert isinstance(saved, KDConfig)
+    as_json = json.loads(saved.to_json_string())
+    for name, value in {**{k: v for k, v in options.items() if k != "beta"}, "chunk_size": 5}.items():
+        assert getattr(saved, name) == as_json[name] == value, name
+    assert saved.method == as_json["method"] == "jsd"
+    assert saved.method_kwargs == as_json["method_kwargs"] == {"beta": 0.3}
+    assert "method_kwargs={'beta': 0.3}" in str(tr.args)
 
 
 def _ddp_worker(rank, world, init_file, out_dir):

@@ -1,10 +1,10 @@
 """Distillation of ``transformers`` causal LMs on the fused-linear path.
 
-``DistillationTrainer`` is a ``transformers.Trainer`` whose loss, per token of the shifted labels, is
+``KDTrainer`` is a ``transformers.Trainer`` whose loss, per token of the shifted labels, is
 ``ce_weight * CE(student, label) + distill_weight * (method's loss between the student and the teacher)``, the
-method any of ``kdkernels.METHODS``. Each model runs its backbone once (the teacher under no_grad) and the loss
-reads the two final hidden states and ``lm_head`` weights through ``kdkernels.linear_distill_loss``: neither
-model's [tokens, V] logits tensor exists.
+method any of ``kdkernels.METHODS``, its options in ``KDConfig`` (a ``TrainingArguments``). Each model runs its
+backbone once (the teacher under no_grad) and the loss reads the two final hidden states and ``lm_head`` weights
+through ``kdkernels.linear_distill_loss``: neither model's [tokens, V] logits tensor exists.
 
 The pieces the trainer is made of serve other trainers too (``kdkernels.integrations.trl``): ``distill_in_forward``
 runs both backbones and the loss inside the student's forward (``through_forward``: DDP, FSDP and DeepSpeed hooks
@@ -14,10 +14,10 @@ run around it), ``LMHead.of`` reads a model's output layer with its config's log
 
 from __future__ import annotations
 
-import inspect
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import transformers
@@ -26,13 +26,12 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
 from ..arguments import resolve
+from ..backends import select_backend
 from ..linear import linear_distill_loss
 
 Tensor = torch.Tensor
 
-# linear_distill_loss options a trainer takes from the user; it sets the others (target, mask, normalizer, heads).
-LINEAR_OPTIONS = ("chunk_size", "memory_budget", "backend")
-SETTINGS = ("temperature", "t2_scale", "ignore_index", "ce_weight", "distill_weight", "standardize")
+IGNORE_INDEX = -100  # transformers' label of the tokens left out of the loss
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -208,36 +207,6 @@ def lm_distill_loss(
     )
 
 
-_TRAINER_ARGUMENTS = set(inspect.signature(transformers.Trainer.__init__).parameters)
-
-
-def split_loss_options(method: str, kwargs: dict) -> dict:
-    """Takes the loss's options out of a trainer's keyword arguments (every name ``transformers.Trainer`` does not
-    take) and checks them now, not at the first step: a bad method, hyperparameter or option raises here."""
-    options = {name: kwargs.pop(name) for name in list(kwargs) if name not in _TRAINER_ARGUMENTS}
-    reserved = sorted(
-        set(options)
-        & {
-            "target",
-            "mask",
-            "normalizer",
-            "reduction",
-            "return_parts",
-            "softcap",
-            "teacher_softcap",
-            "student_logit_scale",
-            "teacher_logit_scale",
-        }
-    )
-    if reserved:
-        raise ValueError(
-            f"{reserved} are set by the trainer (from the batch and the models' configs), not by the caller"
-        )
-    hyperparameters = {k: v for k, v in options.items() if k not in LINEAR_OPTIONS + SETTINGS}
-    resolve(method, hyperparameters, **{k: options[k] for k in SETTINGS if k in options})
-    return options
-
-
 def shifted_target(inputs: dict) -> tuple[dict, Tensor, slice]:
     """(the model inputs without labels, the target of each position, the positions that have one): a collator's
     ``shift_labels`` as they are, or ``labels[:, 1:]`` for positions ``[:-1]`` (position i predicts token i + 1)."""
@@ -253,22 +222,92 @@ def shifted_target(inputs: dict) -> tuple[dict, Tensor, slice]:
     return inputs, labels[..., 1:], slice(None, -1)
 
 
-class DistillationTrainer(transformers.Trainer):
+LEARNABLE_TEMPERATURE = (
+    "KDConfig.temperature must be a number: a learnable temperature needs an adversarial schedule (plain descent "
+    "drives T up until both distributions are uniform), which the trainer does not run. Use the functional API in "
+    "your own training step: kdkernels.linear_distill_loss(..., temperature=<a 0-d tensor that requires grad>) "
+    "gives d loss / d T (`python -m kdkernels demo --learn-temperature` ascends it through a gradient reversal)"
+)
+
+
+@dataclass
+class KDConfig(transformers.TrainingArguments):
+    """``transformers.TrainingArguments`` with the loss options of ``KDTrainer``, saved with every checkpoint
+    (``training_args.bin``, ``to_json_string()``) and printed with the others.
+
+    The defaults are those of LLM distillation (TRL, Liger): temperature 1 and no T^2 factor for every method,
+    whatever the method's own defaults in ``kdkernels.distill_loss`` (kd's vision convention is T = 4 with T^2).
+
+    Args:
+        method: a name of ``kdkernels.METHODS`` (default "kd", the forward KL).
+        method_kwargs: the method's hyperparameters, e.g. ``{"beta": 0.5}`` for jsd (a JSON string on the command
+            line); checked with the method now, not at the first step.
+        temperature: T of both softmaxes (a number: see ``LEARNABLE_TEMPERATURE`` for a learnable one).
+        t2_scale: multiply the distillation term by T^2.
+        ce_weight, distill_weight: loss = ce_weight * CE(student, label) + distill_weight * method, per token.
+        standardize: z-score each model's logits before the loss.
+        log_entropy: also log the student's mean entropy at T.
+        chunk_size, memory_budget, backend: those of ``kdkernels.linear_distill_loss``.
+    """
+
+    _VALID_DICT_FIELDS = transformers.TrainingArguments._VALID_DICT_FIELDS + ["method_kwargs"]
+
+    method: str = field(default="kd", metadata={"help": "The distillation loss: a name of kdkernels.METHODS."})
+    method_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": 'The method\'s hyperparameters, e.g. {"beta": 0.5} for jsd.'}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the distillation loss."})
+    t2_scale: bool = field(default=False, metadata={"help": "Multiply the distillation term by T^2."})
+    ce_weight: float = field(default=0.0, metadata={"help": "Weight of the cross-entropy on the labels."})
+    distill_weight: float = field(default=1.0, metadata={"help": "Weight of the distillation term."})
+    standardize: bool = field(default=False, metadata={"help": "Z-score each model's logits before the loss."})
+    log_entropy: bool = field(default=False, metadata={"help": "Also log the student's mean entropy at T."})
+    chunk_size: int | None = field(default=None, metadata={"help": "Rows per chunk of the fused-linear loss."})
+    memory_budget: int | None = field(
+        default=None, metadata={"help": "Bytes of chunk temporaries of the fused-linear loss."}
+    )
+    backend: str = field(default="auto", metadata={"help": "kdkernels backend of the loss (auto, cpu, triton ...)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.temperature, torch.Tensor):
+            raise TypeError(LEARNABLE_TEMPERATURE)
+        if isinstance(self.method_kwargs, str):  # (a non-JSON string: the parent only parses "{...}")
+            raise ValueError(f"method_kwargs must be a dict or a JSON object string, got {self.method_kwargs!r}")
+        self.method_kwargs = dict(self.method_kwargs or {})
+        resolve(
+            self.method,
+            self.method_kwargs,
+            self.temperature,
+            self.t2_scale,
+            ce_weight=self.ce_weight,
+            distill_weight=self.distill_weight,
+            standardize=self.standardize,
+        )
+        for name in ("chunk_size", "memory_budget"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+
+    def loss_options(self) -> dict:
+        """The keyword arguments of ``linear_distill_loss`` that this configuration sets."""
+        names = ("temperature", "t2_scale", "ce_weight", "distill_weight", "standardize", "chunk_size")
+        options = {name: getattr(self, name) for name in (*names, "memory_budget", "backend")}
+        return {**options, **self.method_kwargs}
+
+
+class KDTrainer(transformers.Trainer):
     """``transformers.Trainer`` distilling ``teacher_model`` into ``model`` with a fused kdkernels loss.
 
     Args:
-        model, args and the other arguments of ``transformers.Trainer`` (the batches need ``labels``, or
+        model, and the other arguments of ``transformers.Trainer`` (the batches need ``labels``, or
             ``shift_labels``).
         teacher_model: a causal LM on the student's tokenizer (its vocabulary may be padded past the student's:
             it is then renormalised over the student's classes). It is put in eval mode, frozen and moved to the
             training device unless it has a ``device_map``.
-        method: a name of ``kdkernels.METHODS`` (default "kd").
-        **loss_options: the method's hyperparameters and ``temperature``, ``t2_scale``, ``ce_weight``,
-            ``distill_weight``, ``ignore_index``, ``chunk_size``, ``memory_budget``, ``backend`` of
-            ``kdkernels.linear_distill_loss``, e.g. ``method="jsd", beta=0.5, ce_weight=0.5``.
-        log_entropy: also log the student's mean entropy at T (one softmax more per chunk).
+        args: a ``KDConfig`` (the loss options with the training arguments; default ``KDConfig()``).
 
-    The loss is taken over every token whose shifted label is not ``ignore_index``, normalised as transformers
+    The loss is taken over every token whose shifted label is not -100, normalised as transformers
     normalises its causal LM loss: by the tokens of the whole gradient-accumulation step (``num_items_in_batch``,
     across processes when ``average_tokens_across_devices``), else by the batch's tokens. Logged besides ``loss``:
     ``distill`` and ``ce`` (per-token means of the two terms, unweighted) and with ``log_entropy`` ``entropy``.
@@ -277,22 +316,17 @@ class DistillationTrainer(transformers.Trainer):
     there); a DeepSpeed ZeRO-3 partitioned head raises NotImplementedError (ZeRO-1/2 run as DDP does).
     """
 
-    def __init__(
-        self,
-        model=None,
-        teacher_model: nn.Module | None = None,
-        args=None,
-        *,
-        method: str = "kd",
-        log_entropy: bool = False,
-        **kwargs,
-    ):
+    def __init__(self, model=None, teacher_model: nn.Module | None = None, args: KDConfig | None = None, **kwargs):
         if teacher_model is None:
-            raise ValueError("DistillationTrainer needs teacher_model (a causal LM on the student's tokenizer)")
-        self.method = method
-        self.loss_options = split_loss_options(method, kwargs)
-        self.log_entropy = log_entropy
+            raise ValueError("KDTrainer needs teacher_model (a causal LM on the student's tokenizer)")
+        args = KDConfig() if args is None else args
+        if not isinstance(args, KDConfig):
+            raise TypeError(
+                f"args must be a kdkernels KDConfig (TrainingArguments with the loss options), got "
+                f"{type(args).__name__}: KDConfig(**training_arguments.to_dict(), method=...) converts one"
+            )
         super().__init__(model=model, args=args, **kwargs)
+        select_backend(args.backend, torch.empty(0, device=args.device))
         teacher_model.eval().requires_grad_(False)
         if not getattr(teacher_model, "hf_device_map", None):
             teacher_model.to(self.args.device)
@@ -314,16 +348,16 @@ class DistillationTrainer(transformers.Trainer):
             model,
             self.teacher_model,
             inputs,
-            self.method,
+            self.args.method,
             target,
             rows,
             return_outputs,
             normalizer=normalizer,
             return_parts=True,
-            return_entropy=self.log_entropy,
-            **self.loss_options,
+            return_entropy=self.args.log_entropy,
+            **self.args.loss_options(),
         )
-        parts, entropy = result if self.log_entropy else (result, None)
+        parts, entropy = result if self.args.log_entropy else (result, None)
         self._record("train" if model.training else "eval", parts, entropy, target, normalizer)
         if return_outputs:
             return parts.loss, CausalLMOutput(loss=parts.loss, logits=logits)
@@ -332,7 +366,7 @@ class DistillationTrainer(transformers.Trainer):
     def _record(self, mode: str, parts, entropy: Tensor | None, target: Tensor, normalizer) -> None:
         """Adds this batch's token sums of the logged terms (the parts are per-token sums / the denominator)."""
         sums = self._sums[mode]
-        tokens = (target != self.loss_options.get("ignore_index", -100)).sum()
+        tokens = (target != IGNORE_INDEX).sum()
         denominator = tokens.clamp(min=1) if normalizer is None else normalizer
         sums["tokens"] += tokens.detach()
         sums["distill"] += (parts.distill * denominator).detach()
