@@ -19,7 +19,13 @@ import transformers  # noqa: E402
 from helpers import assert_close  # noqa: E402
 
 import kdkernels  # noqa: E402
-from kdkernels.integrations.transformers import KDConfig, KDTrainer, LMHead, final_hidden_states  # noqa: E402
+from kdkernels.integrations.transformers import (  # noqa: E402
+    KDConfig,
+    KDTrainer,
+    LMHead,
+    distill_in_forward,
+    final_hidden_states,
+)
 
 V = 61
 SMALL = dict(
@@ -256,6 +262,118 @@ def test_evaluate_and_outputs(tmp_path):
     loss, outputs = tr.compute_loss(tr.model, inputs, return_outputs=True)
     model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
     torch.testing.assert_close(outputs.logits, student(**model_inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def one_step_args(**args):
+    """Training arguments of one plain SGD step (a parameter moves by -lr * its gradient)."""
+    return dict(
+        max_steps=1, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
+        max_grad_norm=0.0, **args,
+    )  # fmt: skip
+
+
+def dataset_of(inputs):
+    return [{k: v[i] for k, v in inputs.items()} for i in range(inputs["input_ids"].shape[0])]
+
+
+def record_dtype(model, seen, name):
+    """Records the output dtype of the first layer's MLP down projection at each forward."""
+    layer = model.get_decoder().layers[0].mlp.down_proj
+    layer.register_forward_hook(lambda module, args, out: seen.setdefault(name, []).append(out.dtype))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_runs_the_layers_as_a_plain_trainer(precision, tmp_path):
+    """Under bf16=True / fp16=True the student's layers compute in the dtype a plain transformers.Trainer's do
+    (bfloat16 under bf16; on CPU accelerate has no fp16 autocast, so float32 there), the teacher's under the same
+    autocast, and the loss is the eager recipe's under that autocast."""
+    student, teacher = causal_lm(), causal_lm(hidden=24, seed=1)
+    inputs = batch()
+    seen = {}
+    plain_student = copy.deepcopy(student)
+    record_dtype(plain_student, seen, "plain")
+    plain_args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+        per_device_train_batch_size=2, **one_step_args(**{precision: True}),
+    )  # fmt: skip
+    transformers.Trainer(model=plain_student, args=plain_args, train_dataset=dataset_of(inputs)).train()
+    record_dtype(student, seen, "student")
+    record_dtype(teacher, seen, "teacher")
+    args = one_step_args(**{precision: True})
+    tr = trainer(student, teacher, tmp_path, "kd", {"ce_weight": 0.5}, dataset_of(inputs), **args)
+    tr.train()
+    half = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert seen["plain"] == seen["student"] == seen["teacher"] == [half]
+    with tr.compute_loss_context_manager():
+        loss = tr.compute_loss(tr.model, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        want = eager_loss("kd", tr.model, teacher, inputs, ce_weight=0.5)
+    assert_close(loss, want.detach().numpy(), half, "loss")
+
+
+def test_half_precision_models_and_heads_as_they_come(tmp_path):
+    """A bfloat16 student against a float32 teacher (and the reverse): the fused-linear loss reads each model's
+    hidden states and head in its own dtype; loss and gradients are the eager recipe's at bfloat16 precision."""
+    for student_dtype, teacher_dtype in ((torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)):
+        student, teacher = causal_lm().to(student_dtype), causal_lm(hidden=24, seed=1).to(teacher_dtype)
+        inputs = batch()
+        tr = trainer(copy.deepcopy(student), teacher, tmp_path, "jsd", {"beta": 0.3, "ce_weight": 0.5})
+        loss = tr.compute_loss(tr.model, inputs)
+        loss.backward()
+        want = eager_loss("jsd", student, teacher, inputs, beta=0.3, ce_weight=0.5)
+        want.backward()
+        assert_close(loss, want.detach().numpy(), torch.bfloat16, "loss")
+        got = grads(tr.model)
+        for name in ("lm_head.weight", "model.layers.0.mlp.down_proj.weight"):
+            assert got[name].dtype == student_dtype
+            assert_close(got[name].float(), grads(student)[name].float().numpy(), torch.bfloat16, name)
+
+
+def test_torch_compile_compiles_the_students_forward(tmp_path):
+    """torch_compile=True: dynamo compiles the student's forward with the loss (frames compiled, no graph break),
+    and the step is the uncompiled trainer's."""
+    import torch._dynamo
+
+    student, teacher = causal_lm("gemma2", final_logit_softcapping=3.0), causal_lm(hidden=24, seed=1)
+    inputs = batch()
+    trained = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        args = one_step_args(torch_compile=compiled, torch_compile_backend="aot_eager" if compiled else None)
+        tr = trainer(copy.deepcopy(student), teacher, tmp_path, "dkd", {"ce_weight": 0.5}, dataset_of(inputs), **args)
+        tr.train()
+        trained.append(dict(tr.model.named_parameters()))
+    counters = torch._dynamo.utils.counters
+    assert counters["frames"]["ok"] >= 1 and counters["stats"]["unique_graphs"] >= 1, dict(counters["frames"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    for name, p in trained[0].items():
+        assert_close(trained[1][name].detach(), p.detach().numpy(), torch.float32, name)
+
+
+def test_loss_path_compiles_fullgraph():
+    """distill_in_forward (both backbones, heads and the fused-linear loss) compiles with fullgraph=True: no graph
+    break; loss and gradients are the eager call's."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    student, teacher = causal_lm("gemma2", final_logit_softcapping=3.0), causal_lm(hidden=24, seed=1)
+    inputs = batch()
+
+    def loss(input_ids):
+        target, options = inputs["labels"][:, 1:], {"ce_weight": 0.5, "temperature": 2.0}
+        model_inputs = {"input_ids": input_ids}
+        return distill_in_forward(student, teacher, model_inputs, "wsd", target, slice(None, -1), **options)[0]
+
+    got = torch.compile(loss, fullgraph=True, backend="aot_eager")(inputs["input_ids"])
+    got.backward()
+    compiled = grads(student)
+    student.zero_grad()
+    want = loss(inputs["input_ids"])
+    want.backward()
+    assert_close(got, want.detach().numpy(), torch.float32, "loss")
+    for name, g in grads(student).items():
+        assert_close(compiled[name], g.numpy(), torch.float32, name)
 
 
 def test_bad_arguments(tmp_path):

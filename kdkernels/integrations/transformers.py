@@ -36,7 +36,7 @@ IGNORE_INDEX = -100  # transformers' label of the tokens left out of the loss
 
 def _unwrapped(model: nn.Module) -> nn.Module:
     """The model inside its DDP / DeepSpeed / FSDP / torch.compile wrappers; a PEFT model's underlying model."""
-    model = extract_model_from_parallel(model)
+    model = extract_model_from_parallel(model, keep_torch_compile=False)
     if hasattr(model, "peft_config") and hasattr(getattr(model, "base_model", None), "model"):
         model = model.base_model.model
     return model
@@ -45,8 +45,12 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 def through_forward(wrapper: nn.Module, fn: Callable, *args, **kwargs):
     """``fn(*args, **kwargs)`` run as the forward of the model inside ``wrapper``: the wrapper is called, so its
     forward hooks (DDP's, FSDP's parameter gathering, DeepSpeed's) run around the loss, and its ``forward`` is
-    redirected to ``fn`` for that one call."""
-    inner = extract_model_from_parallel(wrapper)
+    redirected to ``fn`` for that one call. A ``torch.compile`` wrapper compiles ``fn``: the innermost module's
+    forward is the one redirected (the compiled wrapper's own forward is the compiled call of that module).
+
+    The forward that accelerate wraps in autocast under ``bf16`` / ``fp16`` is the one replaced: the caller runs
+    ``fn`` under the same autocast (``KDTrainer`` does, by ``autocast_smart_context_manager``)."""
+    inner = extract_model_from_parallel(wrapper, keep_torch_compile=False)
     shadowed = "forward" in inner.__dict__
 
     def redirected(*a, **k):
@@ -149,9 +153,10 @@ def distill_in_forward(
     student's full logits when ``with_logits``, else None). Runs inside the student's forward, each backbone inside
     its own model's (``through_forward``), the teacher under no_grad: a wrapped model is never bypassed."""
 
+    teacher.eval()  # (here, not in loss(): a compiled student's forward traces loss() and nothing else)
+
     def loss():
         student_hidden = final_hidden_states(model, inputs)
-        teacher.eval()
         with torch.no_grad():
             teacher_hidden = through_forward(teacher, final_hidden_states, teacher, inputs)
         head = LMHead.of(model)
@@ -296,7 +301,17 @@ class KDConfig(transformers.TrainingArguments):
         return {**options, **self.method_kwargs}
 
 
-class KDTrainer(transformers.Trainer):
+class AutocastLoss:
+    """A ``transformers.Trainer`` mixin for a loss that runs the student's layers in a redirected forward
+    (``through_forward``), not the forward accelerate wraps in autocast under ``bf16`` / ``fp16``: ``compute_loss``
+    runs under that autocast instead (transformers' own context is empty: it leaves autocast to the wrapper), so
+    the layers compute in the half dtype as a plain Trainer's do. The fused-linear loss inside ignores autocast."""
+
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+        return self.accelerator.autocast()
+
+
+class KDTrainer(AutocastLoss, transformers.Trainer):
     """``transformers.Trainer`` distilling ``teacher_model`` into ``model`` with a fused kdkernels loss.
 
     Args:
@@ -311,7 +326,10 @@ class KDTrainer(transformers.Trainer):
     normalises its causal LM loss: by the tokens of the whole gradient-accumulation step (``num_items_in_batch``,
     across processes when ``average_tokens_across_devices``), else by the batch's tokens. Logged besides ``loss``:
     ``distill`` and ``ce`` (per-token means of the two terms, unweighted) and with ``log_entropy`` ``entropy``.
-    Each model's logit scale and final softcap are read from its config (Gemma, Cohere, Granite, ...). Runs on
+    Each model's logit scale and final softcap are read from its config (Gemma, Cohere, Granite, ...). Under
+    ``bf16`` / ``fp16`` both models run under accelerate's autocast as a plain Trainer's model does (the
+    fused-linear loss reads the hidden states and heads in their dtypes, accumulating in float32);
+    ``torch_compile`` compiles the student's forward with the loss in it (one graph). Runs on
     one device, under DDP and under FSDP2 (the loss runs inside the student's forward, a sharded head gathered
     there); a DeepSpeed ZeRO-3 partitioned head raises NotImplementedError (ZeRO-1/2 run as DDP does).
     """

@@ -20,7 +20,7 @@ from trl.experimental.gkd import GKDTrainer as _TRLGKDTrainer
 from trl.trainer import distillation_trainer as _distillation
 
 from ..linear import linear_distill_loss
-from .transformers import distill_in_forward, whole_tensor
+from .transformers import AutocastLoss, distill_in_forward, whole_tensor
 
 Tensor = torch.Tensor
 
@@ -85,7 +85,7 @@ def patch_trl() -> Callable[[], None]:
     return unpatch
 
 
-class GKDTrainer(_TRLGKDTrainer):
+class GKDTrainer(AutocastLoss, _TRLGKDTrainer):
     """``trl.experimental.gkd.GKDTrainer`` (same arguments, generation and schedule) with its loss on the
     fused-linear path: neither model's [tokens, V] logits exist (unless ``return_outputs`` asks for the
     student's, as evaluation with metrics does)."""
