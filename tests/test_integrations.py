@@ -116,6 +116,26 @@ def grads(model):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+def assert_step_is_eager(tr, student, teacher, inputs, method, seed=None, **options):
+    """The trainer's loss on ``inputs`` and every gradient of its model equal the eager recipe's on ``student``
+    (a copy of the trainer's model), both run from RNG state ``seed`` when given (dropout); returns the eager
+    gradients."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    loss = tr.compute_loss(tr.model, inputs)
+    loss.backward()
+    if seed is not None:
+        torch.manual_seed(seed)
+    want = eager_loss(method, student, teacher, inputs, **options)
+    want.backward()
+    assert_close(loss, want.detach().numpy(), torch.float32, "loss")
+    got, expected = grads(tr.model), grads(student)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert_close(got[name], expected[name].numpy(), torch.float32, name)
+    return expected
+
+
 @pytest.mark.parametrize(
     "method,options",
     [
@@ -130,15 +150,7 @@ def test_compute_loss_equals_eager_recipe(method, options, tmp_path):
     student, teacher = causal_lm(), causal_lm(hidden=24, seed=1)
     inputs = batch()
     tr = trainer(copy.deepcopy(student), teacher, tmp_path, method, options)
-    loss = tr.compute_loss(tr.model, inputs)
-    loss.backward()
-    want = eager_loss(method, student, teacher, inputs, **options)
-    want.backward()
-    assert_close(loss, want.detach().numpy(), torch.float32, "loss")
-    got, expected = grads(tr.model), grads(student)
-    assert got.keys() == expected.keys() and "lm_head.weight" in got
-    for name in expected:
-        assert_close(got[name], expected[name].numpy(), torch.float32, name)
+    assert "lm_head.weight" in assert_step_is_eager(tr, student, teacher, inputs, method, **options)
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
 
 
@@ -374,6 +386,73 @@ def test_loss_path_compiles_fullgraph():
     assert_close(got, want.detach().numpy(), torch.float32, "loss")
     for name, g in grads(student).items():
         assert_close(compiled[name], g.numpy(), torch.float32, name)
+
+
+def peft_causal_lm(seed=0, **lora):
+    """A tiny Llama wrapped by peft LoRA, its B matrices random (peft starts them at 0: no effect to test)."""
+    import peft
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **lora)
+    torch.manual_seed(seed + 10)
+    return peft.get_peft_model(causal_lm(seed=seed), config)
+
+
+def lora_parameters(model, module):
+    return {name: p for name, p in model.named_parameters() if module in name and "lora_" in name}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lora_on_lm_head_enters_the_loss(dropout, tmp_path):
+    """LoRA on q_proj and lm_head: the loss is the eager recipe's on the PeftModel's own logits (W x + scaling
+    B A dropout(x), the dropout drawn as peft draws it), every adapter's gradient too, and a step moves the head's
+    adapter."""
+    student, teacher = peft_causal_lm(target_modules=["q_proj", "lm_head"], lora_dropout=dropout), causal_lm(seed=1)
+    inputs = batch()
+    tr = trainer(student, teacher, tmp_path, "akl", {"ce_weight": 0.5}, dataset_of(inputs), **one_step_args())
+    expected = assert_step_is_eager(tr, copy.deepcopy(student), teacher, inputs, "akl", seed=7, ce_weight=0.5)
+    assert any("lm_head.lora_B" in name for name in expected)
+    tr.model.zero_grad()
+    before = {name: p.detach().clone() for name, p in lora_parameters(tr.model, "lm_head").items()}
+    tr.train()
+    assert len(before) == 2
+    for name, p in lora_parameters(tr.model, "lm_head").items():
+        assert not torch.equal(p.detach(), before[name]), name
+
+
+def test_peft_modules_to_save_and_peft_config(tmp_path):
+    """modules_to_save=["lm_head"] trains peft's copy of the head on the PeftModel's own logits; peft_config=
+    wraps a plain student as TRL's trainers do."""
+    import peft
+
+    student, teacher = peft_causal_lm(target_modules=["q_proj"], modules_to_save=["lm_head"]), causal_lm(seed=1)
+    inputs = batch()
+    tr = trainer(copy.deepcopy(student), teacher, tmp_path, "kd")
+    assert any("modules_to_save" in name for name in assert_step_is_eager(tr, student, teacher, inputs, "kd"))
+
+    lora = peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"])
+    wrapped = KDTrainer(causal_lm(), causal_lm(seed=1), config(tmp_path), peft_config=lora)
+    assert isinstance(wrapped.model, peft.PeftModel)
+    trainable = {name for name, p in wrapped.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+
+
+def test_peft_refusals(tmp_path):
+    """Prompt learning (its virtual tokens come from PeftModel.forward, which the loss replaces) and LoRA variants
+    on the head (not one linear map) are refused at construction, naming what to use instead."""
+    import peft
+
+    teacher = causal_lm(seed=1)
+    prompt_tuning = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    with pytest.raises(ValueError, match="prompt learning \\(PROMPT_TUNING\\)"):
+        KDTrainer(causal_lm(), teacher, config(tmp_path), peft_config=prompt_tuning)
+    prefix = peft.get_peft_model(causal_lm(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with pytest.raises(ValueError, match="prompt learning \\(PREFIX_TUNING\\)"):
+        KDTrainer(prefix, teacher, config(tmp_path))
+    with pytest.raises(ValueError, match="peft_config: the model already has peft adapters"):
+        KDTrainer(peft_causal_lm(target_modules=["q_proj"]), teacher, config(tmp_path), peft_config=prompt_tuning)
+    dora = peft_causal_lm(target_modules=["lm_head"], use_dora=True)
+    with pytest.raises(ValueError, match="DoraLinearVariant.*LoRA variant.*use_dora=False"):
+        KDTrainer(dora, teacher, config(tmp_path))
 
 
 def test_bad_arguments(tmp_path):

@@ -87,28 +87,47 @@ def logit_scale(config) -> float:
 
 @dataclass
 class LMHead:
-    """A causal LM's output layer as the loss reads it: logits = logit_scale * (hidden @ weight.T + bias), then
-    softcap * tanh(logits / softcap) when softcap is set."""
+    """A causal LM's output layer as the loss reads it: logits = logit_scale * (inputs @ weight.T + bias), then
+    softcap * tanh(logits / softcap) when softcap is set, the inputs being the final hidden states (``inputs``).
 
-    weight: Tensor  # [V, H]
+    A peft LoRA head is one such linear map of extended inputs: its base weight and each active adapter's
+    ``lora_B`` side by side ([V, H + r_1 + ...]), read by the hidden states and each adapter's
+    ``scaling * lora_A(lora_dropout(hidden))`` side by side, which is peft's ``W x + scaling * B A dropout(x)``
+    exactly, dropout included (``lora_bias``: ``scaling * lora_B.bias`` joins the bias)."""
+
+    weight: Tensor  # [V, H], or [V, H + r_1 + ...] for a LoRA head
     bias: Tensor | None  # [V] or None
     logit_scale: float
     softcap: float | None
+    lora: nn.Module | None = None  # the peft LoRA layer whose active adapters extend the inputs
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        """The full logits (for evaluation metrics only: the losses never form them)."""
-        z = self.logit_scale * nn.functional.linear(hidden, self.weight, self.bias)
+    def inputs(self, hidden: Tensor) -> Tensor:
+        """What the weight reads: the hidden states [..., H], with a LoRA head each adapter's scaled low-rank
+        projection of them beside them (its dropout drawn here, as peft's forward draws it)."""
+        if self.lora is None:
+            return hidden
+        layer = self.lora
+        extra = []
+        for name in _active_lora(layer):
+            a = layer.lora_A[name]
+            extra.append((a(layer.lora_dropout[name](hidden.to(a.weight.dtype))) * layer.scaling[name]).to(hidden))
+        return torch.cat([hidden, *extra], -1)
+
+    def logits(self, inputs: Tensor) -> Tensor:
+        """The full logits of ``inputs(hidden)`` (for evaluation metrics only: the losses never form them)."""
+        z = self.logit_scale * nn.functional.linear(inputs.to(self.weight.dtype), self.weight, self.bias)
         return z if self.softcap is None else self.softcap * torch.tanh(z / self.softcap)
 
     @classmethod
     def of(cls, model: nn.Module) -> LMHead:
-        """The output layer of ``model`` (unwrapped from DDP; tied embeddings included) and its config's scaling."""
+        """The output layer of ``model`` (unwrapped from DDP; tied embeddings included; a peft LoRA head or a
+        ``modules_to_save`` copy as peft runs it) and its config's scaling."""
         model = _unwrapped(model)
         head = model.get_output_embeddings()
         if head is None or not isinstance(getattr(head, "weight", None), Tensor):
             raise ValueError(
                 f"{type(model).__name__} has no output embedding layer (get_output_embeddings() is "
-                "None): the fused-linear loss needs a causal LM head"
+                "None): the fused-linear loss needs a causal LM head, e.g. an AutoModelForCausalLM"
             )
         weight, bias = whole_tensor(head.weight), whole_tensor(getattr(head, "bias", None))
         if hasattr(weight, "ds_id") and weight.dim() != 2:
@@ -117,7 +136,42 @@ class LMHead:
                 "partition outside the layer's forward: use ZeRO-1/2, DDP or FSDP2"
             )
         config = model.config.get_text_config()
-        return cls(weight, bias, logit_scale(config), getattr(config, "final_logit_softcapping", None))
+        lora = head if _active_lora(head) else None
+        if lora is not None:
+            weight, bias = _lora_weight(lora, weight, bias)
+        return cls(weight, bias, logit_scale(config), getattr(config, "final_logit_softcapping", None), lora)
+
+
+def _active_lora(layer: nn.Module) -> list[str]:
+    """The adapters of a peft LoRA layer that its forward adds to the base layer's output (none when the layer is
+    not one, its adapters are disabled or merged into the base weight)."""
+    if not hasattr(layer, "lora_A") or not hasattr(layer, "get_base_layer"):
+        return []
+    if layer.disable_adapters and layer.merged:
+        layer.unmerge()  # (as peft's forward does with disabled adapters)
+    if layer.disable_adapters or layer.merged:
+        return []
+    return [name for name in layer.active_adapters if name in layer.lora_A]
+
+
+def _lora_weight(layer: nn.Module, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The LoRA head's weight [V, H + r_1 + ...] and bias (LMHead's docstring); refuses the LoRA variants (DoRA,
+    aLoRA, ...), which are not one linear map of the hidden states."""
+    names = _active_lora(layer)
+    variants = {name: type(layer.lora_variant[name]).__name__ for name in names if name in layer.lora_variant}
+    if variants:
+        raise ValueError(
+            f"the LoRA adapter(s) {variants} on the LM head are a LoRA variant (DoRA, aLoRA, ...), which the "
+            "fused-linear loss cannot read as one linear head: use plain LoRA on lm_head (use_dora=False), "
+            "modules_to_save=['lm_head'], or leave lm_head out of target_modules"
+        )
+    blocks = [weight]
+    for name in names:
+        b = layer.lora_B[name]
+        blocks.append(whole_tensor(b.weight).to(weight.dtype))
+        if b.bias is not None:
+            bias = bias + layer.scaling[name] * whole_tensor(b.bias).to(bias.dtype)
+    return torch.cat(blocks, 1), bias
 
 
 def whole_tensor(weight: Tensor | None) -> Tensor | None:
@@ -156,20 +210,21 @@ def distill_in_forward(
     teacher.eval()  # (here, not in loss(): a compiled student's forward traces loss() and nothing else)
 
     def loss():
-        student_hidden = final_hidden_states(model, inputs)
+        head, teacher_head = LMHead.of(model), LMHead.of(teacher)
+        # The head's inputs over the whole sequence: a LoRA head's dropout draws what peft's forward would.
+        student_inputs = head.inputs(final_hidden_states(model, inputs))
         with torch.no_grad():
-            teacher_hidden = through_forward(teacher, final_hidden_states, teacher, inputs)
-        head = LMHead.of(model)
+            teacher_inputs = teacher_head.inputs(through_forward(teacher, final_hidden_states, teacher, inputs))
         result = lm_distill_loss(
             method,
             head,
-            LMHead.of(teacher),
-            student_hidden[:, rows],
-            teacher_hidden[:, rows],
-            target.to(student_hidden.device),
+            teacher_head,
+            student_inputs[:, rows],
+            teacher_inputs[:, rows],
+            target.to(student_inputs.device),
             **options,
         )
-        return result, head.logits(student_hidden.detach()) if with_logits else None
+        return result, head.logits(student_inputs.detach()) if with_logits else None
 
     return through_forward(model, loss)
 
@@ -183,8 +238,9 @@ def lm_distill_loss(
     target: Tensor | None,
     **options,
 ):
-    """``linear_distill_loss`` between two LM heads. A teacher whose vocabulary is padded past the student's (more
-    rows in its lm_head) is read on the student's V classes, i.e. renormalised over the shared vocabulary."""
+    """``linear_distill_loss`` between two LM heads, of their inputs (``LMHead.inputs``). A teacher whose
+    vocabulary is padded past the student's (more rows in its lm_head) is read on the student's V classes, i.e.
+    renormalised over the shared vocabulary."""
     v = student.weight.shape[0]
     teacher_weight, teacher_bias = teacher.weight, teacher.bias
     if teacher_weight.shape[0] < v:
@@ -301,6 +357,34 @@ class KDConfig(transformers.TrainingArguments):
         return {**options, **self.method_kwargs}
 
 
+def peft_student(model: nn.Module, peft_config=None) -> nn.Module:
+    """``model``, wrapped by ``peft_config`` when one is given (``peft.get_peft_model``, as TRL's trainers do).
+    Refuses prompt learning: ``PeftModel.forward`` adds its virtual tokens, and the loss replaces that forward by
+    the backbone's (``final_hidden_states``)."""
+    if peft_config is not None:
+        if getattr(model, "peft_config", None):
+            raise ValueError(
+                "peft_config: the model already has peft adapters (a PeftModel); pass the base model with "
+                "peft_config, or the PeftModel without it"
+            )
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config)
+    configs = getattr(model, "peft_config", None)
+    prompt = sorted(
+        str(getattr(c.peft_type, "value", c.peft_type))
+        for c in (configs.values() if isinstance(configs, dict) else ())
+        if getattr(c, "is_prompt_learning", False)
+    )
+    if prompt:
+        raise ValueError(
+            f"peft prompt learning ({', '.join(prompt)}) is not supported by the fused-linear loss: PeftModel's "
+            "forward adds its virtual tokens, and the loss runs the backbone instead. Use LoRA (any module, "
+            "lm_head included) or another adapter that lives in the layers"
+        )
+    return model
+
+
 class AutocastLoss:
     """A ``transformers.Trainer`` mixin for a loss that runs the student's layers in a redirected forward
     (``through_forward``), not the forward accelerate wraps in autocast under ``bf16`` / ``fp16``: ``compute_loss``
@@ -321,6 +405,11 @@ class KDTrainer(AutocastLoss, transformers.Trainer):
             it is then renormalised over the student's classes). It is put in eval mode, frozen and moved to the
             training device unless it has a ``device_map``.
         args: a ``KDConfig`` (the loss options with the training arguments; default ``KDConfig()``).
+        peft_config: a ``peft.PeftConfig`` to wrap ``model`` with (``peft.get_peft_model``), as TRL's trainers do.
+            A ``PeftModel`` student may also be passed as ``model``: LoRA on any module, ``lm_head`` included
+            (its adapters enter the fused-linear loss: ``LMHead``), and ``modules_to_save``; prompt learning
+            (prompt tuning, prefix tuning, p-tuning) is refused, as the loss replaces the forward that adds its
+            virtual tokens.
 
     The loss is taken over every token whose shifted label is not -100, normalised as transformers
     normalises its causal LM loss: by the tokens of the whole gradient-accumulation step (``num_items_in_batch``,
@@ -334,7 +423,14 @@ class KDTrainer(AutocastLoss, transformers.Trainer):
     there); a DeepSpeed ZeRO-3 partitioned head raises NotImplementedError (ZeRO-1/2 run as DDP does).
     """
 
-    def __init__(self, model=None, teacher_model: nn.Module | None = None, args: KDConfig | None = None, **kwargs):
+    def __init__(
+        self,
+        model=None,
+        teacher_model: nn.Module | None = None,
+        args: KDConfig | None = None,
+        peft_config=None,
+        **kwargs,
+    ):
         if teacher_model is None:
             raise ValueError("KDTrainer needs teacher_model (a causal LM on the student's tokenizer)")
         args = KDConfig() if args is None else args
@@ -343,8 +439,9 @@ class KDTrainer(AutocastLoss, transformers.Trainer):
                 f"args must be a kdkernels KDConfig (TrainingArguments with the loss options), got "
                 f"{type(args).__name__}: KDConfig(**training_arguments.to_dict(), method=...) converts one"
             )
-        super().__init__(model=model, args=args, **kwargs)
+        super().__init__(model=peft_student(model, peft_config), args=args, **kwargs)
         select_backend(args.backend, torch.empty(0, device=args.device))
+        LMHead.of(self.model)  # (a student without a head, or a LoRA variant on it, raises now)
         teacher_model.eval().requires_grad_(False)
         if not getattr(teacher_model, "hf_device_map", None):
             teacher_model.to(self.args.device)
