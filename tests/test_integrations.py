@@ -195,9 +195,8 @@ def test_padded_teacher_vocabulary_is_renormalised(tmp_path):
     tr = trainer(copy.deepcopy(student), teacher, tmp_path, "kd")
     loss = tr.compute_loss(tr.model, inputs)
     assert_close(loss, eager_loss("kd", student, teacher, inputs).detach().numpy(), torch.float32, "loss")
-    with pytest.raises(ValueError, match="teacher's vocabulary"):
-        tr2 = trainer(causal_lm(vocab=V + 3), causal_lm(hidden=24, seed=1), tmp_path, "kd")
-        tr2.compute_loss(tr2.model, batch())
+    with pytest.raises(ValueError, match="teacher_model: its vocabulary \\(61 classes\\) is smaller.*\\(64\\)"):
+        trainer(causal_lm(vocab=V + 3), causal_lm(hidden=24, seed=1), tmp_path, "kd")  # (at construction)
 
 
 def test_final_hidden_states_feed_the_head():
@@ -309,10 +308,10 @@ def test_half_precision_runs_the_layers_as_a_plain_trainer(precision, tmp_path):
         per_device_train_batch_size=2, **one_step_args(**{precision: True}),
     )  # fmt: skip
     transformers.Trainer(model=plain_student, args=plain_args, train_dataset=dataset_of(inputs)).train()
-    record_dtype(student, seen, "student")
-    record_dtype(teacher, seen, "teacher")
     args = one_step_args(**{precision: True})
     tr = trainer(student, teacher, tmp_path, "kd", {"ce_weight": 0.5}, dataset_of(inputs), **args)
+    record_dtype(student, seen, "student")  # (after the construction, which runs one token through each model)
+    record_dtype(teacher, seen, "teacher")
     tr.train()
     half = torch.bfloat16 if precision == "bf16" else torch.float32
     assert seen["plain"] == seen["student"] == seen["teacher"] == [half]
@@ -453,6 +452,39 @@ def test_peft_refusals(tmp_path):
     dora = peft_causal_lm(target_modules=["lm_head"], use_dora=True)
     with pytest.raises(ValueError, match="DoraLinearVariant.*LoRA variant.*use_dora=False"):
         KDTrainer(dora, teacher, config(tmp_path))
+
+
+def test_teacher_from_a_local_directory(tmp_path):
+    """teacher_model as a local path is loaded by AutoModelForCausalLM.from_pretrained with
+    teacher_model_init_kwargs (no download): the loss is the eager recipe's with that teacher, in its dtype."""
+    student, teacher = causal_lm(), causal_lm(hidden=24, seed=1)
+    teacher.save_pretrained(tmp_path / "teacher")
+    inputs = batch()
+    tr = trainer(copy.deepcopy(student), str(tmp_path / "teacher"), tmp_path, "wsd", {"ce_weight": 0.5})
+    assert type(tr.teacher_model) is type(teacher) and not tr.teacher_model.training
+    assert_step_is_eager(tr, student, teacher, inputs, "wsd", ce_weight=0.5)
+    tr = trainer(student, str(tmp_path / "teacher"), tmp_path, teacher_model_init_kwargs={"dtype": "bfloat16"})
+    assert tr.teacher_model.dtype == torch.bfloat16
+    assert torch.isfinite(tr.compute_loss(tr.model, inputs))
+
+
+def test_teacher_and_student_refusals(tmp_path):
+    """At construction, a ValueError naming the argument, the models and sizes, and what to do: a model without an
+    LM head, hidden states that cannot reach the head, a smaller teacher vocabulary, init kwargs for a model."""
+    student, teacher = causal_lm(), causal_lm(hidden=24, seed=1)
+    backbone = transformers.LlamaModel(teacher.config)
+    with pytest.raises(ValueError, match="teacher_model: LlamaModel has no output embedding.*AutoModelForCausalLM"):
+        trainer(student, backbone, tmp_path)
+    with pytest.raises(ValueError, match="model: LlamaModel has no output embedding"):
+        trainer(transformers.LlamaModel(student.config), teacher, tmp_path)
+    with pytest.raises(ValueError, match="teacher_model: its vocabulary \\(58 classes\\) is smaller.*\\(61\\)"):
+        trainer(student, causal_lm(vocab=V - 3, seed=1), tmp_path)
+    wide = causal_lm(hidden=24, seed=1)
+    wide.lm_head = torch.nn.Linear(32, V, bias=False)
+    with pytest.raises(ValueError, match="teacher_model: the hidden states of LlamaForCausalLM.*24 wide.*reads 32"):
+        trainer(student, wide, tmp_path)
+    with pytest.raises(ValueError, match="teacher_model_init_kwargs apply to a teacher_model given by model id"):
+        trainer(student, teacher, tmp_path, teacher_model_init_kwargs={"dtype": "bfloat16"})
 
 
 def test_bad_arguments(tmp_path):

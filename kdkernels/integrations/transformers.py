@@ -193,6 +193,68 @@ def final_hidden_states(model: nn.Module, inputs: dict) -> Tensor:
     return backbone(**inputs, use_cache=False).last_hidden_state
 
 
+def check_models(student: nn.Module, teacher: nn.Module) -> None:
+    """Refuses, before any step, a student and teacher the loss cannot run, naming the argument and what to do:
+    a model without a causal LM head, a model whose backbone's hidden states do not have its head's width (one
+    token is run through each backbone to see), a teacher vocabulary smaller than the student's."""
+    vocabularies = []
+    for role, model in (("model", student), ("teacher_model", teacher)):
+        name = type(_unwrapped(model)).__name__
+        try:
+            LMHead.of(model)
+        except ValueError as error:
+            raise ValueError(f"{role}: {error}") from None
+        vocabulary, width = _unwrapped(model).get_output_embeddings().weight.shape
+        hidden = _hidden_width(model)
+        if hidden is not None and hidden != width:
+            raise ValueError(
+                f"{role}: the hidden states of {name}'s backbone (base_model) are {hidden} wide and its lm_head "
+                f"reads {width}: they cannot reach the head, which the fused-linear loss feeds them to; pass a "
+                "causal LM whose head reads its backbone's last_hidden_state"
+            )
+        vocabularies.append(vocabulary)
+    if vocabularies[1] < vocabularies[0]:
+        raise ValueError(
+            f"teacher_model: its vocabulary ({vocabularies[1]} classes) is smaller than the student's "
+            f"({vocabularies[0]}): the two models must share a tokenizer (a teacher padded past the student's "
+            "vocabulary is read on the student's classes)"
+        )
+
+
+def _hidden_width(model: nn.Module) -> int | None:
+    """The width of the final hidden states, from one token run through the backbone in eval mode; None where the
+    model cannot run before training (meta or DeepSpeed-partitioned parameters)."""
+    inner = _unwrapped(model)
+    if any(p.is_meta or hasattr(p, "ds_id") for p in inner.parameters()):
+        return None
+    token = torch.zeros(1, 1, dtype=torch.long, device=next(inner.parameters()).device)
+    training = inner.training
+    inner.eval()
+    try:
+        with torch.no_grad():
+            return final_hidden_states(model, {"input_ids": token}).shape[-1]
+    except Exception as error:
+        raise ValueError(
+            f"{type(inner).__name__}: its backbone (base_model) did not run on one token ({error}); the "
+            "fused-linear loss needs a causal LM whose base_model returns last_hidden_state"
+        ) from error
+    finally:
+        inner.train(training)
+
+
+def load_teacher(teacher: nn.Module | str, init_kwargs: dict | None) -> nn.Module:
+    """The teacher, loaded as TRL loads one given by model id or local path:
+    ``AutoModelForCausalLM.from_pretrained(teacher, **init_kwargs)``."""
+    if isinstance(teacher, str):
+        return transformers.AutoModelForCausalLM.from_pretrained(teacher, **(init_kwargs or {}))
+    if init_kwargs:
+        raise ValueError(
+            "teacher_model_init_kwargs apply to a teacher_model given by model id or path; this teacher_model is "
+            "already a model (load it with those arguments yourself)"
+        )
+    return teacher
+
+
 def distill_in_forward(
     model: nn.Module,
     teacher: nn.Module,
@@ -309,9 +371,15 @@ class KDConfig(transformers.TrainingArguments):
         standardize: z-score each model's logits before the loss.
         log_entropy: also log the student's mean entropy at T.
         chunk_size, memory_budget, backend: those of ``kdkernels.linear_distill_loss``.
+        teacher_model_init_kwargs: keyword arguments of ``AutoModelForCausalLM.from_pretrained`` for a teacher
+            given by model id or path (e.g. ``{"dtype": "bfloat16"}``), as TRL's ``teacher_model_init_kwargs``.
     """
 
-    _VALID_DICT_FIELDS = transformers.TrainingArguments._VALID_DICT_FIELDS + ["method_kwargs"]
+    _VALID_DICT_FIELDS = [
+        *transformers.TrainingArguments._VALID_DICT_FIELDS,
+        "method_kwargs",
+        "teacher_model_init_kwargs",
+    ]
 
     method: str = field(default="kd", metadata={"help": "The distillation loss: a name of kdkernels.METHODS."})
     method_kwargs: dict[str, Any] | str | None = field(
@@ -328,13 +396,18 @@ class KDConfig(transformers.TrainingArguments):
         default=None, metadata={"help": "Bytes of chunk temporaries of the fused-linear loss."}
     )
     backend: str = field(default="auto", metadata={"help": "kdkernels backend of the loss (auto, cpu, triton ...)."})
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments of AutoModelForCausalLM.from_pretrained for a teacher given by name."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if isinstance(self.temperature, torch.Tensor):
             raise TypeError(LEARNABLE_TEMPERATURE)
-        if isinstance(self.method_kwargs, str):  # (a non-JSON string: the parent only parses "{...}")
-            raise ValueError(f"method_kwargs must be a dict or a JSON object string, got {self.method_kwargs!r}")
+        for name in ("method_kwargs", "teacher_model_init_kwargs"):
+            if isinstance(getattr(self, name), str):  # (a non-JSON string: the parent only parses "{...}")
+                raise ValueError(f"{name} must be a dict or a JSON object string, got {getattr(self, name)!r}")
         self.method_kwargs = dict(self.method_kwargs or {})
         resolve(
             self.method,
@@ -402,8 +475,9 @@ class KDTrainer(AutocastLoss, transformers.Trainer):
         model, and the other arguments of ``transformers.Trainer`` (the batches need ``labels``, or
             ``shift_labels``).
         teacher_model: a causal LM on the student's tokenizer (its vocabulary may be padded past the student's:
-            it is then renormalised over the student's classes). It is put in eval mode, frozen and moved to the
-            training device unless it has a ``device_map``.
+            it is then renormalised over the student's classes), or its model id or local path (loaded with
+            ``args.teacher_model_init_kwargs``). It is put in eval mode, frozen and moved to the training device
+            unless it has a ``device_map``; it may have another dtype than the student's.
         args: a ``KDConfig`` (the loss options with the training arguments; default ``KDConfig()``).
         peft_config: a ``peft.PeftConfig`` to wrap ``model`` with (``peft.get_peft_model``), as TRL's trainers do.
             A ``PeftModel`` student may also be passed as ``model``: LoRA on any module, ``lm_head`` included
@@ -441,10 +515,11 @@ class KDTrainer(AutocastLoss, transformers.Trainer):
             )
         super().__init__(model=peft_student(model, peft_config), args=args, **kwargs)
         select_backend(args.backend, torch.empty(0, device=args.device))
-        LMHead.of(self.model)  # (a student without a head, or a LoRA variant on it, raises now)
+        teacher_model = load_teacher(teacher_model, args.teacher_model_init_kwargs)
         teacher_model.eval().requires_grad_(False)
         if not getattr(teacher_model, "hf_device_map", None):
             teacher_model.to(self.args.device)
+        check_models(self.model, teacher_model)
         self.teacher_model = teacher_model
         self._sums = {"train": defaultdict(float), "eval": defaultdict(float)}  # name -> sum over tokens
 
