@@ -8,6 +8,7 @@ error, not a skip, unless KDKERNELS_NO_LLM=1 says the environment has none (the 
 import copy
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -242,20 +243,57 @@ def test_train_with_gradient_accumulation_equals_one_full_batch(tmp_path):
     assert {"loss", "distill", "ce"} <= logged.keys()
 
 
-def test_logged_terms_are_per_token_means(tmp_path):
+def test_logged_terms_are_the_losss_parts(tmp_path):
+    """The logged distill and ce of a batch are its terms as they enter the loss (here over num_items_in_batch
+    tokens); the entropy is the student's mean over the batch's tokens."""
     student, teacher = causal_lm(), causal_lm(hidden=24, seed=1)
     inputs = batch()
     tr = trainer(student, teacher, tmp_path, "kd", {"ce_weight": 0.5, "log_entropy": True})
     tr.compute_loss(tr.model, inputs, num_items_in_batch=torch.tensor(7))
     logs = {}
     tr.log(logs)
-    want = eager_loss("kd", student, teacher, inputs, ce_weight=0.5, return_parts=True)
+    want = eager_loss("kd", student, teacher, inputs, ce_weight=0.5, normalizer=7.0, return_parts=True)
     assert_close(torch.tensor(logs["distill"]), want.distill.detach().numpy(), torch.float32, "distill")
     assert_close(torch.tensor(logs["ce"]), want.ce.detach().numpy(), torch.float32, "ce")
     s = student(input_ids=inputs["input_ids"]).logits[:, :-1].double()
     valid = inputs["labels"][:, 1:] != -100
     entropy = torch.special.entr(torch.softmax(s, -1)).sum(-1)[valid].mean()
     assert_close(torch.tensor(logs["entropy"]), entropy.detach().numpy(), torch.float32, "entropy")
+
+
+@pytest.mark.parametrize("step_normalised", [True, False])
+def test_logged_loss_adds_up(step_normalised, tmp_path):
+    """Over a logging window of 2 steps of 2 accumulated batches with uneven token counts (and in evaluation,
+    batches of uneven token counts), the logs keep loss = ce_weight * ce + distill_weight * distill, whether the
+    loss divides by the step's tokens (num_items_in_batch) or by each batch's (the Trainer then divides by the
+    accumulation steps)."""
+    rows = [batch(1, 9, seed=s, ignored=[(0, c) for c in range(2 * s)]) for s in range(4)]  # 8, 7, 5, 3 labels
+    data = [{k: v[0] for k, v in row.items()} for row in rows]
+    options = {"ce_weight": 0.3, "distill_weight": 0.7, "beta": 0.4}
+    args = dict(per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=2, logging_steps=2)
+    tr = trainer(causal_lm(), causal_lm(hidden=24, seed=1), tmp_path, "jsd", options, data, data, **args)
+    tr.model_accepts_loss_kwargs = step_normalised  # (False: the Trainer passes no num_items_in_batch)
+    tr.train()
+    metrics = tr.evaluate(eval_dataset=data)
+    (logged,) = [log for log in tr.state.log_history if "loss" in log]
+    for prefix, log in (("", logged), ("eval_", metrics)):
+        parts = 0.3 * log[prefix + "ce"] + 0.7 * log[prefix + "distill"]
+        assert abs(log[prefix + "loss"] - parts) <= 1e-5 * abs(parts), (prefix, log)
+
+
+def test_a_batch_without_labels_warns_once(tmp_path):
+    """A batch whose labels are all -100 trains nothing: the first log after it warns, once."""
+    rows = [batch(1, 9, seed=s, ignored=[(0, c) for c in range(9 if s == 1 else 0)]) for s in range(4)]
+    data = [{k: v[0] for k, v in row.items()} for row in rows]
+    args = dict(per_device_train_batch_size=1, max_steps=4, logging_steps=1)
+    tr = trainer(causal_lm(), causal_lm(hidden=24, seed=1), tmp_path, "kd", train_dataset=data, **args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.train()
+    messages = [str(w.message) for w in caught if "no token with a label" in str(w.message)]
+    assert messages == ["KDTrainer: 1 batch(es) had no token with a label (every label -100): their loss is 0 and "
+                        "they train nothing. Check the collator's labels (prompt masking, truncation to max_length, "
+                        "padding)"]  # fmt: skip
 
 
 def test_evaluate_and_outputs(tmp_path):

@@ -14,6 +14,7 @@ run around it), ``LMHead.of`` reads a model's output layer with its config's log
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -488,7 +489,10 @@ class KDTrainer(AutocastLoss, transformers.Trainer):
     The loss is taken over every token whose shifted label is not -100, normalised as transformers
     normalises its causal LM loss: by the tokens of the whole gradient-accumulation step (``num_items_in_batch``,
     across processes when ``average_tokens_across_devices``), else by the batch's tokens. Logged besides ``loss``:
-    ``distill`` and ``ce`` (per-token means of the two terms, unweighted) and with ``log_entropy`` ``entropy``.
+    ``distill`` and ``ce``, the two terms unweighted and averaged as ``loss`` is (per token of each step, steps
+    averaged; in evaluation per token of each batch, batches averaged), so that loss = ce_weight * ce +
+    distill_weight * distill in the logs; with ``log_entropy`` ``entropy``, the student's mean over the tokens.
+    Batches whose labels are all -100 train nothing: the first log after one warns (once).
     Each model's logit scale and final softcap are read from its config (Gemma, Cohere, Granite, ...). Under
     ``bf16`` / ``fp16`` both models run under accelerate's autocast as a plain Trainer's model does (the
     fused-linear loss reads the hidden states and heads in their dtypes, accumulating in float32);
@@ -521,7 +525,8 @@ class KDTrainer(AutocastLoss, transformers.Trainer):
             teacher_model.to(self.args.device)
         check_models(self.model, teacher_model)
         self.teacher_model = teacher_model
-        self._sums = {"train": defaultdict(float), "eval": defaultdict(float)}  # name -> sum over tokens
+        self._sums = {"train": defaultdict(float), "eval": defaultdict(float)}  # name -> sum (_record)
+        self._warned_empty = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs, target, rows = shifted_target(inputs)
@@ -554,26 +559,45 @@ class KDTrainer(AutocastLoss, transformers.Trainer):
         return parts.loss
 
     def _record(self, mode: str, parts, entropy: Tensor | None, target: Tensor, normalizer) -> None:
-        """Adds this batch's token sums of the logged terms (the parts are per-token sums / the denominator)."""
+        """Adds this batch's terms as its loss enters the logged ``loss``, so that the logs keep
+        loss = ce_weight * ce + distill_weight * distill: in training the batch's share of its step's per-token
+        mean (over the step's tokens, or over its own tokens / the accumulation steps, as the Trainer divides
+        such a loss), in evaluation its per-token mean (``eval_loss`` is the batches' mean). ``units`` counts
+        optimiser steps (a batch adds 1 / the accumulation steps) or evaluation batches."""
         sums = self._sums[mode]
         tokens = (target != IGNORE_INDEX).sum()
-        denominator = tokens.clamp(min=1) if normalizer is None else normalizer
-        sums["tokens"] += tokens.detach()
-        sums["distill"] += (parts.distill * denominator).detach()
+        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        unit = 1.0 / steps if mode == "train" else 1.0
+        share = unit if normalizer is None else 1.0
+        sums["units"] += unit
+        sums["distill"] += parts.distill.detach() * share
         if parts.ce is not None:
-            sums["ce"] += (parts.ce * denominator).detach()
-        if entropy is not None:
+            sums["ce"] += parts.ce.detach() * share
+        if entropy is not None:  # (a per-token mean over all the tokens)
             sums["entropy"] += entropy.sum().detach()
+            sums["tokens"] += tokens.detach()
+        sums["empty"] += (tokens == 0).detach()  # (checked when logging: no host sync per batch)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         sums = self._sums[mode]
-        if "tokens" in sums:
-            names = [name for name in sums if name != "tokens"]
-            totals = torch.stack([torch.as_tensor(sums[name], dtype=torch.float64) for name in ["tokens", *names]])
-            totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum").cpu()
+        if "units" in sums:
+            names = list(sums)
+            totals = torch.stack([torch.as_tensor(sums[name], dtype=torch.float64) for name in names])
+            totals = dict(zip(names, self.accelerator.reduce(totals.to(self.args.device), reduction="sum").tolist()))
             prefix = "eval_" if mode == "eval" else ""
-            for name, total in zip(names, totals[1:]):
-                logs[prefix + name] = (total / totals[0].clamp(min=1)).item()
+            for name in ("distill", "ce"):
+                if name in totals:
+                    logs[prefix + name] = totals[name] / totals["units"]
+            if "entropy" in totals:
+                logs[prefix + "entropy"] = totals["entropy"] / max(totals["tokens"], 1.0)
+            if totals["empty"] and not self._warned_empty:
+                self._warned_empty = True
+                warnings.warn(
+                    f"KDTrainer: {int(totals['empty'])} batch(es) had no token with a label (every label -100): "
+                    "their loss is 0 and they train nothing. Check the collator's labels (prompt masking, "
+                    "truncation to max_length, padding)",
+                    stacklevel=2,
+                )
             sums.clear()
         super().log(logs, start_time)
