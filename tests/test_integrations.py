@@ -7,6 +7,7 @@ error, not a skip, unless KDKERNELS_NO_LLM=1 says the environment has none (the 
 
 import copy
 import json
+import math
 import os
 import warnings
 
@@ -26,6 +27,7 @@ from kdkernels.integrations.transformers import (  # noqa: E402
     LMHead,
     distill_in_forward,
     final_hidden_states,
+    prompts_of,
 )
 
 V = 61
@@ -525,6 +527,85 @@ def test_teacher_and_student_refusals(tmp_path):
         trainer(student, teacher, tmp_path, teacher_model_init_kwargs={"dtype": "bfloat16"})
 
 
+def test_prompts_of_a_batch():
+    """A batch's prompts: each row's tokens before its first label (at least the first token), left-padded, its
+    padding left out; a collator's prompts as they are."""
+    ids = torch.tensor([[5, 6, 7, 8, 9, 0], [5, 6, 7, 8, 0, 0], [3, 4, 5, 6, 7, 8]])
+    labels = torch.tensor([[-100, -100, -100, 8, 9, -100], [-100, 6, 7, 8, -100, -100], [3, 4, 5, 6, 7, 8]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    prompts, prompt_mask = prompts_of({"input_ids": ids, "labels": labels, "attention_mask": mask}, pad_token_id=1)
+    assert prompts.tolist() == [[5, 6, 7], [1, 1, 5], [1, 1, 3]]
+    assert prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 1]]
+    left = {"input_ids": torch.tensor([[0, 0, 5, 6, 7]]), "attention_mask": torch.tensor([[0, 0, 1, 1, 1]])}
+    shift_labels = torch.tensor([[-100, -100, -100, 7, -100]])  # (labels 6 and 7 of tokens 3 and 4)
+    assert prompts_of({**left, "shift_labels": shift_labels}, 1)[0].tolist() == [[5, 6]]
+    given = {"prompts": ids[:, :2], "prompt_attention_mask": mask[:, :2]}
+    assert prompts_of({**given, "input_ids": ids, "labels": labels}, 1)[0] is given["prompts"]
+
+
+def recorded_batches(tr):
+    """Records each batch compute_loss receives in training, with the source of its completions."""
+    seen = []
+    compute_loss = tr.compute_loss
+
+    def recording(model, inputs, *args, **kwargs):
+        if model.training:
+            seen.append((getattr(tr, "_source", None), {k: v.clone() for k, v in inputs.items()}))
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    tr.compute_loss = recording
+    return seen
+
+
+@pytest.mark.parametrize("method,options", [("akl", {"temperature": 2.0}), ("wsd", {}), ("dkd", {"ce_weight": 0.5})])
+def test_on_policy_step(method, options, tmp_path):
+    """lmbda=1: the step trains on the student's own completions of the batch's prompts (max_new_tokens tokens),
+    the loss on those tokens only (dkd's target: the sampled token), and the update is one SGD step on the eager
+    recipe's loss of that batch."""
+    student, teacher = causal_lm(), causal_lm(hidden=24, seed=1)
+    inputs = batch(ignored=((0, 0), (0, 1), (0, 2), (1, 0), (1, 5)))  # prompts of 3 and 1 tokens
+    args = one_step_args(lmbda=1.0, max_new_tokens=4, sampling_temperature=0.7)
+    tr = trainer(copy.deepcopy(student), teacher, tmp_path, method, options, dataset_of(inputs), **args)
+    seen = recorded_batches(tr)
+    tr.train()
+    ((source, sampled),) = seen
+    assert source == "student"
+    prompts, prompt_mask = prompts_of(inputs, tr.generation_config.pad_token_id)
+    assert torch.equal(sampled["input_ids"][:, :3], prompts) and sampled["input_ids"].shape == (2, 3 + 4)
+    assert torch.equal(sampled["attention_mask"], torch.cat([prompt_mask, torch.ones(2, 4, dtype=torch.long)], 1))
+    assert (sampled["labels"][:, :3] == -100).all()
+    assert torch.equal(sampled["labels"][:, 3:], sampled["input_ids"][:, 3:])
+    eager_loss(method, student, teacher, sampled, **options).backward()
+    trained = dict(tr.model.named_parameters())
+    for name, p in student.named_parameters():
+        assert_close(trained[name].detach() - p.detach(), (-0.5 * p.grad).numpy(), torch.float32, name)
+
+
+def test_sampled_completions_and_the_schedule(tmp_path):
+    """The completions are the student's (or with seq_kd the teacher's) samples at sampling_temperature, as
+    model.generate draws them; lmbda draws once per optimiser step (both accumulated batches alike), the other
+    steps train on the teacher's samples with seq_kd."""
+    student, teacher = causal_lm(), causal_lm(hidden=24, seed=1)
+    inputs = batch(4, 6, ignored=((0, 0), (1, 0), (1, 1), (2, 0), (3, 0)))
+    args = dict(lmbda=0.5, seq_kd=True, max_new_tokens=3, sampling_temperature=0.7, max_steps=6)
+    tr = trainer(student, teacher, tmp_path, "kd", {}, dataset_of(inputs), per_device_train_batch_size=1,
+                 gradient_accumulation_steps=2, **args)  # fmt: skip
+    prompts, prompt_mask = prompts_of(inputs, tr.generation_config.pad_token_id)
+    for model in (student, teacher):
+        torch.manual_seed(3)
+        got = tr.sampled_batch(model, inputs)
+        torch.manual_seed(3)
+        want = model.generate(
+            input_ids=prompts, attention_mask=prompt_mask, do_sample=True, temperature=0.7, top_k=0, top_p=1.0,
+            max_new_tokens=3, pad_token_id=tr.generation_config.pad_token_id,
+        )  # fmt: skip
+        assert torch.equal(got["input_ids"], want)
+    seen = recorded_batches(tr)
+    tr.train()
+    sources = [source for source, _ in seen]
+    assert sources[::2] == sources[1::2] and set(sources) == {"student", "teacher"}, sources
+
+
 def test_bad_arguments(tmp_path):
     """Every refused configuration raises at construction (KDConfig's or the trainer's), naming the argument."""
     student, teacher = causal_lm(), causal_lm(seed=1)
@@ -698,7 +779,7 @@ def test_trl_chunked_divergence_loss_equals_trls(beta, temperature, caps, num_it
 def test_patch_trl_swaps_the_loss_trl_calls():
     unpatch = patch_trl()
     try:
-        assert distillation_trainer._chunked_divergence_loss is chunked_divergence_loss
+        assert distillation_trainer._chunked_divergence_loss.func is chunked_divergence_loss
         # The trainer looks the function up in its module at every step.
         assert "_chunked_divergence_loss" in distillation_trainer.DistillationTrainer._compute_loss.__code__.co_names
     finally:
@@ -706,7 +787,45 @@ def test_patch_trl_swaps_the_loss_trl_calls():
     assert distillation_trainer._chunked_divergence_loss is TRL_LOSS
 
 
-def _gkd(cls, tmp_path, **args):
+def test_patch_trl_with_another_method():
+    """patch_trl(method="akl", ...): the loss TRL's DistillationTrainer calls is akl at TRL's temperature without
+    T^2 over the completion tokens (TRL's beta ignored), with its entropy sum and token count; methods that read
+    the labels TRL does not pass, jsd with a beta of its own, and bad hyperparameters are refused."""
+    g = torch.Generator().manual_seed(5)
+    b, k, h_s, h_t = 2, 5, 6, 4
+    hidden_s, weight_s = torch.randn(b, k, h_s, generator=g).requires_grad_(True), torch.randn(V, h_s, generator=g)
+    hidden_t, weight_t = torch.randn(b, k, h_t, generator=g), torch.randn(V, h_t, generator=g) * 2
+    mask = torch.ones(b, k, dtype=torch.long)
+    mask[0, :2] = 0
+    unpatch = patch_trl(method="akl", mu=0.4)
+    try:
+        loss, entropy, n = distillation_trainer._chunked_divergence_loss(
+            hidden_s, hidden_t, weight_s, weight_t, mask, 0.9, temperature=1.5
+        )
+    finally:
+        unpatch()
+    s, t = (hidden_s @ weight_s.T).double(), (hidden_t @ weight_t.T).double()
+    rows = kdkernels.distill_loss(
+        "akl", s, t, reduction="none", temperature=1.5, t2_scale=False, mu=0.4, backend="reference"
+    )
+    want = rows[mask.bool()].sum() / mask.sum()
+    assert n == 8
+    assert_close(loss, want.detach().numpy(), torch.float32, "loss")
+    (got_grad,) = torch.autograd.grad(loss, hidden_s)
+    (want_grad,) = torch.autograd.grad(want, hidden_s)
+    assert_close(got_grad, want_grad.numpy(), torch.float32, "hidden grad")
+    entropies = torch.special.entr(torch.softmax(s / 1.5, -1)).sum(-1)[mask.bool()].sum()
+    assert_close(entropy, entropies.detach().numpy(), torch.float32, "entropy")
+    with pytest.raises(ValueError, match="method='dkd' reads each token's label"):
+        patch_trl(method="dkd")
+    with pytest.raises(ValueError, match="jsd's beta is the TRL config's beta"):
+        patch_trl(method="jsd", beta=0.3)
+    with pytest.raises(TypeError, match="unexpected hyperparameter"):
+        patch_trl(method="akl", beta=0.3)
+    assert distillation_trainer._chunked_divergence_loss is TRL_LOSS
+
+
+def _gkd(cls, tmp_path, trainer_kwargs=None, **args):
     from datasets import Dataset
     from tokenizers import Tokenizer, models
 
@@ -730,7 +849,6 @@ def _gkd(cls, tmp_path, **args):
         save_strategy="no",
         bf16=False,
         per_device_train_batch_size=2,
-        lmbda=0.0,
         beta=0.3,
         max_steps=1,
         learning_rate=0.5,
@@ -739,7 +857,7 @@ def _gkd(cls, tmp_path, **args):
         weight_decay=0.0,
         max_grad_norm=0.0,
         disable_tqdm=True,
-        **args,
+        **{"lmbda": 0.0, **args},
     )
     trainer = cls(
         model=causal_lm("gemma2", final_logit_softcapping=3.0),
@@ -748,6 +866,7 @@ def _gkd(cls, tmp_path, **args):
         teacher_model=causal_lm(hidden=24, seed=1),
         train_dataset=Dataset.from_list(rows),
         data_collator=collate,
+        **(trainer_kwargs or {}),
     )
     return trainer, collate(rows[:2])
 
@@ -771,6 +890,22 @@ def test_gkd_trainer_equals_trls(tmp_path):
     trained = dict(ours.model.named_parameters())
     for name, p in trl_trainer.model.named_parameters():
         assert_close(trained[name].detach(), p.detach().numpy(), torch.float32, name)
+
+
+def test_gkd_trainer_with_another_method(tmp_path):
+    """GKDTrainer(method=...): the method's loss at T = 1 without T^2 on the labels' tokens (dkd's target: the
+    label), off-policy and at an on-policy step; jsd with a beta of its own is refused."""
+    ours, inputs = _gkd(GKDTrainer, tmp_path, {"method": "dkd", "method_kwargs": {"beta": 2.0}})
+    student = causal_lm("gemma2", final_logit_softcapping=3.0)  # (_gkd's; a deep copy of ours.model runs ours)
+    model_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
+    assert_step_is_eager(ours, student, ours.teacher_model, model_inputs, "dkd", beta=2.0)
+    on_policy, _ = _gkd(GKDTrainer, tmp_path, {"method": "wsd"}, lmbda=1.0, max_new_tokens=3)
+    seen = recorded_batches(on_policy)
+    on_policy.train()
+    assert seen[0][1]["input_ids"].shape[1] == 3 + 3
+    assert math.isfinite(on_policy.state.log_history[-1]["train_loss"])
+    with pytest.raises(ValueError, match="jsd's beta is the TRL config's beta"):
+        _gkd(GKDTrainer, tmp_path, {"method": "jsd", "method_kwargs": {"beta": 0.2}})
 
 
 def _fsdp_worker(rank, world, init_file, out_dir):

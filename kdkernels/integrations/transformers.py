@@ -14,6 +14,8 @@ run around it), ``LMHead.of`` reads a model's output layer with its config's log
 
 from __future__ import annotations
 
+import math
+import random
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
@@ -334,7 +336,7 @@ def lm_distill_loss(
 def shifted_target(inputs: dict) -> tuple[dict, Tensor, slice]:
     """(the model inputs without labels, the target of each position, the positions that have one): a collator's
     ``shift_labels`` as they are, or ``labels[:, 1:]`` for positions ``[:-1]`` (position i predicts token i + 1)."""
-    inputs = dict(inputs)
+    inputs = {k: v for k, v in inputs.items() if k not in PROMPT_KEYS}
     labels, shift_labels = inputs.pop("labels", None), inputs.pop("shift_labels", None)
     if shift_labels is not None:
         return inputs, shift_labels, slice(None)
@@ -344,6 +346,74 @@ def shifted_target(inputs: dict) -> tuple[dict, Tensor, slice]:
             "from DataCollatorForLanguageModeling(tokenizer, mlm=False)"
         )
     return inputs, labels[..., 1:], slice(None, -1)
+
+
+PROMPT_KEYS = ("prompts", "prompt_attention_mask")  # a collator's prompts (TRL GKD's), for generation only
+
+
+def prompts_of(inputs: dict, pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """(prompts [B, P] left-padded with ``pad_token_id``, their attention mask) of a batch: a collator's
+    ``prompts`` and ``prompt_attention_mask`` (TRL GKD's convention), else each row's tokens before its first
+    labelled one (at least its first token: a row labelled throughout, plain language modelling, is prompted by
+    it), its padding (attention mask 0) left out."""
+    if "prompts" in inputs:
+        prompts = inputs["prompts"]
+        return prompts, inputs.get("prompt_attention_mask", torch.ones_like(prompts))
+    ids = inputs["input_ids"]
+    if inputs.get("labels") is not None:
+        labelled = inputs["labels"] != IGNORE_INDEX
+    else:  # shift_labels[:, j] is the label of token j + 1
+        shifted = inputs["shift_labels"] != IGNORE_INDEX
+        labelled = torch.cat([torch.zeros_like(shifted[:, :1]), shifted[:, :-1]], 1)
+    first = torch.where(labelled.any(-1), labelled.int().argmax(-1), ids.shape[1]).clamp(min=1)
+    mask = inputs.get("attention_mask", torch.ones_like(ids)).bool()
+    keep = (torch.arange(ids.shape[1], device=ids.device) < first[:, None]) & mask
+    lengths = keep.sum(-1).tolist()
+    prompts = ids.new_full((ids.shape[0], max(lengths)), pad_token_id)
+    prompt_mask = torch.zeros_like(prompts)
+    for row, length in enumerate(lengths):
+        prompts[row, prompts.shape[1] - length :] = ids[row][keep[row]]
+        prompt_mask[row, prompts.shape[1] - length :] = 1
+    return prompts, prompt_mask
+
+
+def completions(model: nn.Module, prompts: Tensor, prompt_mask: Tensor, config) -> dict:
+    """The batch of ``prompts`` followed by ``model``'s sampled completions (``model.generate`` with the
+    ``transformers.GenerationConfig`` ``config``): ``input_ids``, ``attention_mask`` (a completion ends at its
+    first end-of-sequence token, included), ``position_ids`` counted from the mask as generate counts them, and
+    ``labels``: the completions' tokens, -100 on the prompts and past each end."""
+    sequences = model.generate(input_ids=prompts, attention_mask=prompt_mask, generation_config=config)
+    completion = sequences[:, prompts.shape[1] :]
+    done = torch.ones_like(completion, dtype=torch.bool)
+    if config.eos_token_id is not None:
+        eos = torch.isin(completion, torch.as_tensor(config.eos_token_id, device=completion.device))
+        done = (eos.int().cumsum(-1) - eos.int()) == 0  # up to the first end-of-sequence token, included
+    attention_mask = torch.cat([prompt_mask, done.to(prompt_mask.dtype)], 1)
+    labels = sequences.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    labels[:, : prompts.shape[1]] = IGNORE_INDEX
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": sequences, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
+
+
+def sampling_config(args, model: nn.Module, processing_class=None) -> transformers.GenerationConfig:
+    """The on-policy sampling (GKD's): ``args.max_new_tokens`` tokens at ``args.sampling_temperature``, plain
+    sampling (no top-k / top-p), the student's end-of-sequence tokens, the tokenizer's padding."""
+    generation = getattr(_unwrapped(model), "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None)
+    pad = getattr(processing_class, "pad_token_id", None)
+    pad = next((p for p in (pad, getattr(generation, "pad_token_id", None)) if p is not None), None)
+    if pad is None:
+        pad = eos[0] if isinstance(eos, list) else (eos if eos is not None else 0)
+    return transformers.GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=True,
+        temperature=args.sampling_temperature,
+        top_k=0,
+        top_p=1.0,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        use_cache=not args.gradient_checkpointing,
+    )
 
 
 LEARNABLE_TEMPERATURE = (
@@ -372,6 +442,12 @@ class KDConfig(transformers.TrainingArguments):
         standardize: z-score each model's logits before the loss.
         log_entropy: also log the student's mean entropy at T.
         chunk_size, memory_budget, backend: those of ``kdkernels.linear_distill_loss``.
+        lmbda: the probability that a step trains on the student's own samples (on-policy, GKD's schedule: drawn
+            once per optimiser step): each batch's completions are replaced by the student's, sampled at
+            ``sampling_temperature`` (not the loss's ``temperature``) for ``max_new_tokens`` tokens after its
+            prompt, and the loss is taken on those tokens (the decoupled methods' target: the sampled token).
+        seq_kd: steps that are not on-policy train on the teacher's samples instead of the dataset's (sequence-level
+            KD).
         teacher_model_init_kwargs: keyword arguments of ``AutoModelForCausalLM.from_pretrained`` for a teacher
             given by model id or path (e.g. ``{"dtype": "bfloat16"}``), as TRL's ``teacher_model_init_kwargs``.
     """
@@ -401,6 +477,16 @@ class KDConfig(transformers.TrainingArguments):
         default=None,
         metadata={"help": "Keyword arguments of AutoModelForCausalLM.from_pretrained for a teacher given by name."},
     )
+    lmbda: float = field(
+        default=0.0, metadata={"help": "Probability that a step's completions are the student's own samples (GKD)."}
+    )
+    max_new_tokens: int = field(default=128, metadata={"help": "Tokens sampled per on-policy completion."})
+    sampling_temperature: float = field(
+        default=1.0, metadata={"help": "Temperature of the sampling (not the loss's temperature)."}
+    )
+    seq_kd: bool = field(
+        default=False, metadata={"help": "Steps that are not on-policy train on the teacher's samples."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -419,10 +505,15 @@ class KDConfig(transformers.TrainingArguments):
             distill_weight=self.distill_weight,
             standardize=self.standardize,
         )
-        for name in ("chunk_size", "memory_budget"):
+        for name in ("chunk_size", "memory_budget", "max_new_tokens"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.lmbda, bool) or not isinstance(self.lmbda, (int, float)) or not 0 <= self.lmbda <= 1:
+            raise ValueError(f"lmbda must be a probability in [0, 1], got {self.lmbda!r}")
+        temperature = self.sampling_temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+            raise ValueError(f"sampling_temperature must be a finite number > 0, got {temperature!r}")
 
     def loss_options(self) -> dict:
         """The keyword arguments of ``linear_distill_loss`` that this configuration sets."""
@@ -525,8 +616,43 @@ class KDTrainer(AutocastLoss, transformers.Trainer):
             teacher_model.to(self.args.device)
         check_models(self.model, teacher_model)
         self.teacher_model = teacher_model
+        self.generation_config = sampling_config(args, self.model, self.processing_class)
+        self._source_step, self._source = None, None  # (_completions_source)
         self._sums = {"train": defaultdict(float), "eval": defaultdict(float)}  # name -> sum (_record)
         self._warned_empty = False
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        source = self._completions_source()
+        if source is not None:
+            inputs = self.sampled_batch(model if source == "student" else self.teacher_model, inputs)
+            # (num_items_in_batch counts the dataset's labels: each sampled batch is its own per-token mean, and
+            # the Trainer divides it by the accumulation steps)
+            num_items_in_batch = None
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _completions_source(self) -> str | None:
+        """Who writes this step's completions: "student" with probability lmbda, else "teacher" with seq_kd, else
+        None (the dataset). Drawn once per optimiser step, so that a step's batches share one normalisation."""
+        if self.state.global_step != self._source_step:
+            self._source_step = self.state.global_step
+            on_policy = random.random() < self.args.lmbda
+            self._source = "student" if on_policy else ("teacher" if self.args.seq_kd else None)
+        return self._source
+
+    def sampled_batch(self, model: nn.Module, inputs: dict) -> dict:
+        """``inputs`` with their completions replaced by ``model``'s samples (``completions``), sampled in eval
+        mode (no dropout) under the training autocast, on the device the batch is on."""
+        unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        prompts, prompt_mask = prompts_of(inputs, self.generation_config.pad_token_id)
+        device = next(unwrapped.parameters()).device
+        training = unwrapped.training
+        unwrapped.eval()
+        try:
+            with torch.no_grad(), self.autocast_smart_context_manager():
+                batch = completions(unwrapped, prompts.to(device), prompt_mask.to(device), self.generation_config)
+        finally:
+            unwrapped.train(training)
+        return {name: value.to(inputs["input_ids"].device) for name, value in batch.items()}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs, target, rows = shifted_target(inputs)
