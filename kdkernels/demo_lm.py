@@ -16,6 +16,8 @@ One protocol for every student; nothing is tuned per method.
   exist). Methods: kd (forward KL) and wsd (forward + reverse KL) unless ``--methods`` names others. Perplexity is
   the forward cross-entropy: mass-covering losses (forward KL) lower it, mode-seeking ones (rkl, jsd, tvd, the
   skewed KLs) trade it for sharper students, and at this budget land above the CE-only student.
+- Precision: every model trains with ``bf16=True`` (autocast) where the CPU computes bfloat16 (oneDNN's check,
+  ``cpu_bf16``), else in float32; the output says which. The step costs below are float32.
 - Result: each model's held-out perplexity (exp of the mean next-token cross-entropy over the held-out blocks).
 - Step cost: one distillation training step of the student (forward, loss, backward), in a fresh process each:
   the fused-linear path (KDTrainer's loss) against the standard one (both models' full logits, then the
@@ -170,10 +172,19 @@ def causal_lm(s: Schedule, hidden: int, heads: int, seed: int):
     return transformers.LlamaForCausalLM(config)
 
 
+def cpu_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matmuls (oneDNN's check: AVX-512 or newer), where bf16 autocast pays."""
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # (a build without oneDNN's check)
+        return False
+
+
 def train(model, s: Schedule, data: torch.Tensor, steps: int, out: str, bar, method: str | None = None, teacher=None):
     """``steps`` AdamW steps (warm-up then cosine decay) of ``model`` on ``data``, with transformers.Trainer (CE)
-    or, with a ``method``, KDTrainer against ``teacher``."""
+    or, with a ``method``, KDTrainer against ``teacher``; in bf16 autocast where the CPU computes it."""
     args = dict(
+        bf16=cpu_bf16(),
         output_dir=out,
         report_to="none",
         use_cpu=True,
@@ -345,6 +356,12 @@ def main(args) -> int:
         f"{s.student_hidden}, {s.student_steps} steps; batches of {s.batch} x {s.block} tokens; loss = "
         f"{LOSS_OPTIONS['ce_weight']} CE + {LOSS_OPTIONS['distill_weight']} method (T = 1) on the fused-linear "
         "path",
+        flush=True,
+    )
+    print(
+        "precision: bf16 autocast (this CPU computes bfloat16)"
+        if cpu_bf16()
+        else "precision: float32 (this CPU does not compute bfloat16: no bf16 autocast)",
         flush=True,
     )
     with tempfile.TemporaryDirectory() as out:
