@@ -570,7 +570,8 @@ class KDTrainer(AutocastLoss, transformers.Trainer):
             it is then renormalised over the student's classes), or its model id or local path (loaded with
             ``args.teacher_model_init_kwargs``). It is put in eval mode, frozen and moved to the training device
             unless it has a ``device_map``; it may have another dtype than the student's.
-        args: a ``KDConfig`` (the loss options with the training arguments; default ``KDConfig()``).
+        args: a ``KDConfig`` (the loss and sampling options with the training arguments; default
+            ``KDConfig()``). With ``lmbda`` / ``seq_kd`` steps train on the student's / the teacher's samples.
         peft_config: a ``peft.PeftConfig`` to wrap ``model`` with (``peft.get_peft_model``), as TRL's trainers do.
             A ``PeftModel`` student may also be passed as ``model``: LoRA on any module, ``lm_head`` included
             (its adapters enter the fused-linear loss: ``LMHead``), and ``modules_to_save``; prompt learning
