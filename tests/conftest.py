@@ -90,6 +90,7 @@ FULL_ONLY = {
     "test_cli.py::test_liger_rows_check_values_first",
     "test_numerics.py::test_out_of_range_target_under_torch_compile_raises",
     "test_akl.py::test_fused_kernel_has_no_n_by_v_temporary",
+    "test_cross_vocab.py::test_cpu_kernel_has_no_n_by_v_temporary",
     "test_integrations.py::test_fsdp2_two_processes_equal_one_full_batch",
 }
 # Parameter -> values the quick tier keeps, for every test that takes it; per test (file::function) more of them.

@@ -4,7 +4,10 @@ rows, and bad input."""
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -360,3 +363,33 @@ def test_rows_wider_than_a_backends_kernel_go_to_the_reference():
         loss = kdkernels.cross_vocab_loss("uld", student, t, backend=backend)
         grads.append((loss, *torch.autograd.grad(loss, student)))
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+MEMORY_SCRIPT = """
+import json, sys, torch, kdkernels
+from kdkernels.backends.extension import release_cached_gradients
+from kdkernels.bench import peak_rss_bytes
+s, t = torch.randn(256, 32000).requires_grad_(True), torch.randn(256, 49152)
+def step():
+    s.grad = None
+    kdkernels.cross_vocab_loss("uld", s, t, backend=sys.argv[1]).backward()
+step()
+s.grad = None
+release_cached_gradients()
+print(json.dumps({"peak": peak_rss_bytes(step), "grad": s.numel() * 4}))
+"""
+
+
+def _peak(backend: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, backend], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_cpu_kernel_has_no_n_by_v_temporary():
+    """At [256, 32000] x [256, 49152] float32 the fused CPU loss + backward adds the gradient (33 MB) and row buffers,
+    nothing [N, V]; the reference adds its softmaxes, sorted values and indices (a fresh process each)."""
+    assert "cpu" in cross_vocab_backends()
+    fused, reference = _peak("cpu"), _peak("reference")
+    grad = fused["grad"]
+    assert fused["peak"] <= 1.1 * grad + (16 << 20), (fused, grad)
+    assert reference["peak"] >= 4 * grad, (reference, grad)
