@@ -210,6 +210,11 @@ class LossCall(Settings):
     denominator: Tensor | None = None  # 0-d float32 for batchmean, else None
 
     @property
+    def reduce(self) -> bool:
+        """Whether the rows are reduced (summed, and divided by the denominator for batchmean)."""
+        return self.reduction != "none"
+
+    @property
     def with_ce(self) -> bool:
         """Whether the cross-entropy term is computed: it weighs in the loss, or its value is asked for."""
         return self.labels and (self.ce_weight != 0 or self.return_parts)

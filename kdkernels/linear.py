@@ -264,9 +264,7 @@ class _Heads:
             if ce_grad is not None:
                 grad += ce_grad
         if ce_rows is not None:
-            ce = backends.reduce(ce_rows, call.reduction, call.denominator)
-            loss = loss + call.ce_weight * ce
-            parts = torch.stack([parts[0], ce])
+            loss, parts = backends.weigh(call, parts[0], backends.reduce(ce_rows, call))
         return loss, parts, grad
 
     def _loss(self, call: LossCall, student: Tensor, teacher: Tensor, want_grad: bool):
