@@ -145,7 +145,7 @@ def test_release_cached_gradients_frees_what_is_kept():
 
 @pytest.mark.parametrize("limit_mb,kept_mb", [("0", 0), ("5", 4)])
 def test_gradient_cache_keeps_at_most_its_limit(limit_mb, kept_mb):
-    """KDKERNELS_GRADIENT_CACHE_MB caps the kept bytes (0 keeps nothing); the oldest buffers make room."""
+    """KDKERNELS_GRADIENT_CACHE_MB caps the kept bytes (0 keeps nothing); the smallest buffers make room."""
     code = (
         "import torch, kdkernels\n"
         "grads = []\n"
@@ -167,6 +167,72 @@ def test_gradient_cache_keeps_at_most_its_limit(limit_mb, kept_mb):
     )
     assert run.returncode == 0, run.stderr
     assert int(run.stdout) == kept_mb << 20
+
+
+def test_a_smaller_gradient_takes_the_smallest_kept_buffer_that_holds_it():
+    """The cache hands a gradient the smallest kept buffer of at least its size (not only one of its exact size)."""
+    kdkernels.release_cached_gradients()
+
+    def gradient(rows):
+        s = torch.randn(rows, 8192, requires_grad=True)  # 32 KiB a row
+        kdkernels.distill_loss("kd", s, torch.randn(rows, 8192), backend="cpu").backward()
+        return s.grad
+
+    big, small = gradient(96), gradient(48)  # 3 and 1.5 MiB, alive at once
+    pointers = big.data_ptr(), small.data_ptr()
+    del big, small
+    assert kdkernels._C.cached_gradient_bytes() == (96 + 48) * 8192 * 4
+    first = gradient(40)  # fits both: the 1.5 MiB one
+    second = gradient(64)  # fits only the 3 MiB one
+    assert (second.data_ptr(), first.data_ptr()) == pointers
+    assert kdkernels._C.cached_gradient_bytes() == 0
+
+
+# A training loop whose number of rows varies (an LLM's tokens per step): N uniform in [8, 512] at V = 8192.
+VARYING_LOOP = """
+import random, torch, kdkernels
+def rss():
+    return next(int(l.split()[1]) << 10 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
+torch.set_num_threads(1)
+random.seed(0)
+teacher, base = torch.randn(512, 8192), torch.randn(512, 8192)
+for warm in (0, 1):
+    start = rss()
+    for step in range(150):
+        s = base[:random.randint(8, 512)].clone().requires_grad_(True)
+        kdkernels.kd_loss(s, teacher[: s.shape[0]], backend="cpu").backward()
+        del s
+print(rss() - start, kdkernels._C.cached_gradient_bytes())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the resident set from /proc/self/status")
+def test_a_loop_of_varying_shapes_keeps_about_one_step_of_gradient():
+    """In a loop whose gradients' sizes vary, the process grows by no more than about its largest gradient beyond
+    what it grows with the cache off (the cache keeps at most the most gradient bytes in use at once, one step's;
+    by exact sizes it kept a buffer per size, up to its 2 GiB limit). Each loop runs twice in a fresh process and
+    the second run's resident-set growth is compared."""
+    largest = 512 * 8192 * 4
+    on, off = (_run(VARYING_LOOP, {"KDKERNELS_GRADIENT_CACHE_MB": mb}) for mb in ("2048", "0"))
+    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
+    (growth_on, kept), (growth_off, _) = [[int(x) for x in r.stdout.split()] for r in (on, off)]
+    assert kept <= largest
+    # (A loop with the cache off may also give pages back to the system: its growth counts as 0 then.)
+    assert growth_on <= max(growth_off, 0) + 1.5 * largest, (growth_on >> 20, growth_off >> 20)
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "1.5", "", " 5", "99999999999999"])
+def test_a_gradient_cache_size_that_is_not_a_non_negative_integer_is_refused(value):
+    """KDKERNELS_GRADIENT_CACHE_MB other than a non-negative integer raises ValueError naming it at the first
+    gradient (-1 meant unlimited and "abc" 0 before)."""
+    code = (
+        "import torch, kdkernels\n"
+        "s = torch.randn(64, 8192, requires_grad=True)\n"
+        "kdkernels.kd_loss(s, torch.randn(64, 8192), backend='cpu').backward()\n"
+    )
+    run = _run(code, {"KDKERNELS_GRADIENT_CACHE_MB": value})
+    assert run.returncode != 0
+    assert "ValueError: KDKERNELS_GRADIENT_CACHE_MB must be a non-negative integer" in run.stderr, run.stderr
 
 
 def test_ops_are_registered_with_the_backends():

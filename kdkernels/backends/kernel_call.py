@@ -33,7 +33,7 @@ class KernelCall:
     denominator: Tensor | None = None  # 0-d float32: a reduced loss is sum(rows) / denominator (sum without one)
     code: int = 0  # the plan's code (methods.Divergence or methods.Partition)
     params: tuple[float, ...] = ()  # the plan's named parameters (methods.DivergenceParams / DecoupledParams)
-    temperature: float = 1.0
+    temperature: float = 1.0  # under torch.compile a 0-d float64 tensor (arguments.py)
     ce_weight: float = 0.0  # loss = distill_weight * (the plan's loss) + ce_weight * CE(student, target at T = 1)
     distill_weight: float = 1.0
     ignore_index: int = -100  # the target value of the rows left out
@@ -62,7 +62,9 @@ class KernelCall:
 
     def op_args(self) -> tuple:
         """The op's arguments after (student, teacher), in schema order (SCHEMA_ARGS)."""
-        scalars = [float(getattr(self, name)) for name in SCALARS]
+        # (a temperature tensor, under torch.compile, goes through ops.run_op, which puts its value here: NaN until
+        # then)
+        scalars = [float(v) if not isinstance(v, Tensor) else float("nan") for v in map(self.__getattribute__, SCALARS)]
         flags = [int(getattr(self, name)) for name in FLAGS]
         return self.target, self.denominator, self.code, list(self.params), scalars, flags
 

@@ -29,6 +29,10 @@ whose factor is exactly 1 on the device: ``loss.backward()`` on a reduced loss c
 The saved gradient is consumed by that, so a second backward through the same graph raises an error, and so does a
 double backward (create_graph=True), which the fused gradient cannot support. A traced backward (torch.compile)
 multiplies out of place instead.
+
+Under torch.compile the temperature is a 0-d tensor whose value the graph does not know (arguments.py): ``run_op``
+then calls the op through ``kdkernels::family_at_temperature`` (and its in-place and full siblings), which take the
+op's name and the temperature tensor in place of the float, and read it when they run.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .kernel_call import SCHEMA_ARGS, KernelCall
+from .kernel_call import SCALARS, SCHEMA_ARGS, KernelCall
 
 # The schemas above, as csrc/kdkernels.cpp defines them for the extension's ops.
 _FAMILY_ARGS = f"Tensor teacher, {SCHEMA_ARGS}"
@@ -47,6 +51,13 @@ INPLACE_SCHEMA = f"(Tensor(a!) student, {_FAMILY_ARGS}) -> (Tensor, Tensor)"
 FULL_SCHEMA = f"(Tensor student, {_FAMILY_ARGS}, bool teacher_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 # Inputs of the out-of-place schema: student, teacher, the kernel call's arguments, with_grad.
 NUM_INPUTS = 2 + len(SCHEMA_ARGS.split(",")) + 1
+# The at-temperature ops (module docstring), per suffix of the op they run: its schema after the op's name and the
+# temperature tensor, whose value replaces the scalars' temperature when they run.
+AT_SCHEMAS = {
+    suffix: "(str op, Tensor temperature, " + schema[1:]
+    for suffix, schema in (("", SCHEMA), ("_", INPLACE_SCHEMA), ("_full", FULL_SCHEMA))
+}
+_TEMPERATURE = SCALARS.index("temperature")
 
 
 def _losses_like(student, teacher, call_args):
@@ -89,34 +100,74 @@ def _setup_context(ctx, inputs, output):
     _keep_gradient(ctx, output[2])
 
 
+def _times(grad: Tensor, grad_loss: Tensor) -> Tensor:
+    """grad [N, V] times grad_output (0-d, or [N] per row), out of place."""
+    factor = grad_loss.to(grad.dtype)
+    return grad * (factor.unsqueeze(-1) if factor.dim() else factor)
+
+
 def _autograd(backend: str, scale_rows: Callable[[Tensor, Tensor], None]) -> Callable:
     """The backward of backend ``backend``'s family ops: the saved gradient times grad_output."""
 
     def backward(ctx, grad_loss, _grad_parts, _grad_grad):
-        (grad,) = ctx.saved_tensors
         if grad_loss is None:  # only the (non-differentiable) grad output was used
             return (None,) * NUM_INPUTS
+        if ctx.consumed:  # (before saved_tensors, which the first backward's in-place scaling made stale)
+            raise RuntimeError(
+                "kdkernels: the fused loss's saved gradient was already used; backward through the "
+                "same fused loss twice (retain_graph=True) is not supported"
+            )
+        (grad,) = ctx.saved_tensors
         if type(grad) is not torch.Tensor:
             # Traced (torch.compile, AOTAutograd: fake or functional tensors): a forward output mutated in backward
             # cannot be partitioned, so the traced graph multiplies out of place.
-            factor = grad_loss.to(grad.dtype)
-            return (grad * (factor.unsqueeze(-1) if factor.dim() else factor),) + (None,) * (NUM_INPUTS - 1)
+            return (_times(grad, grad_loss),) + (None,) * (NUM_INPUTS - 1)
         if torch.is_grad_enabled():
             raise RuntimeError(
                 f"kdkernels: backend={backend!r} computes the gradient inside its forward kernel, so it cannot be "
                 f"differentiated again (create_graph=True: double backward, gradient penalties, Hessian-vector "
                 f"products); use backend='reference', whose autograd graph supports it"
             )
-        if ctx.consumed:
-            raise RuntimeError(
-                "kdkernels: the fused loss's saved gradient was already used; backward through the "
-                "same fused loss twice (retain_graph=True) is not supported"
-            )
         ctx.consumed = True
         scale_rows(grad, grad_loss)
         return (grad,) + (None,) * (NUM_INPUTS - 1)
 
     return backward
+
+
+def _run_at(op: str, temperature: Tensor, student: Tensor, teacher: Tensor, *args):
+    """The kdkernels op ``op`` with the value of ``temperature`` in its scalars."""
+    target, denominator, code, params, scalars, flags, *flag = args
+    scalars = list(scalars)
+    scalars[_TEMPERATURE] = float(temperature)
+    return getattr(torch.ops.kdkernels, op).default(
+        student, teacher, target, denominator, code, params, scalars, flags, *flag
+    )
+
+
+def _at_setup_context(ctx, inputs, output):
+    _setup_context(ctx, inputs[2:], output)
+
+
+def _at_backward(ctx, grad_loss, _grad_parts, _grad_grad):
+    """Out of place: the at-temperature ops run under torch.compile, whose traced backward does not mutate."""
+    (grad,) = ctx.saved_tensors
+    return (None, None, None if grad_loss is None else _times(grad, grad_loss)) + (None,) * (NUM_INPUTS - 1)
+
+
+def _define_at_temperature_ops() -> None:
+    """Defines the at-temperature ops (AT_SCHEMAS)."""
+    fakes = {"": _fake, "_": _inplace_fake, "_full": _full_fake}
+    for suffix, schema in AT_SCHEMAS.items():
+        name = f"kdkernels::family_at_temperature{suffix}"
+        torch.library.define(name, schema)
+        torch.library.impl(name, "CompositeExplicitAutograd")(_run_at)
+        torch.library.register_fake(name)(lambda op, temperature, *args, fake=fakes[suffix]: fake(*args))
+    torch.library.register_autograd("kdkernels::family_at_temperature", _at_backward, setup_context=_at_setup_context)
+
+
+_define_at_temperature_ops()
+_AT_CALLS: dict = {}  # family op -> (its at-temperature op, its name), filled by _overloads
 
 
 def define_family_ops(
@@ -147,12 +198,23 @@ def attach_family_ops(family: str, backend: str, scale_rows: Callable) -> tuple[
 
 
 def _overloads(family: str, backend: str) -> tuple[Callable, Callable, Callable]:
-    ops = torch.ops.kdkernels
-    return (
-        getattr(ops, f"{family}_{backend}").default,
-        getattr(ops, f"{family}_{backend}_").default,
-        getattr(ops, f"{family}_{backend}_full").default,
-    )
+    """The family op of ``backend`` and its in-place and full siblings, each entered in _AT_CALLS."""
+    overloads = []
+    for suffix in AT_SCHEMAS:
+        name = f"{family}_{backend}{suffix}"
+        overloads.append(getattr(torch.ops.kdkernels, name).default)
+        _AT_CALLS[overloads[-1]] = (getattr(torch.ops.kdkernels, f"family_at_temperature{suffix}").default, name)
+    return tuple(overloads)
+
+
+def run_op(op, student: Tensor, teacher: Tensor, call, *flag):
+    """``op`` (a family op, its in-place or its full sibling) on ``call`` (arguments.LossCall) and ``flag``
+    (with_grad or teacher_grad): with a temperature tensor (torch.compile), through its at-temperature op."""
+    kernel_call = KernelCall.of(call)
+    if not isinstance(kernel_call.temperature, Tensor):
+        return op(student, teacher, *kernel_call.op_args(), *flag)
+    at, name = _AT_CALLS[op]
+    return at(name, kernel_call.temperature, student, teacher, *kernel_call.op_args(), *flag)
 
 
 def op_args(call) -> tuple:
@@ -185,11 +247,13 @@ def family_backend(backend: str, ops: dict, scale_rows: Callable) -> Callable:
     op_backward = _autograd(backend, scale_rows)
 
     def impl(call, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
-        op, args = ops[call.plan.family], op_args(call)
+        op = ops[call.plan.family]
         with_grad = student.requires_grad and torch.is_grad_enabled()
         if torch.compiler.is_compiling():
-            loss, parts, _ = op(student, teacher, *args, with_grad)
-        elif with_grad:
+            loss, parts, _ = run_op(op, student, teacher, call, with_grad)
+            return loss, parts
+        args = op_args(call)
+        if with_grad:
             loss, parts = _EagerFamilyOp.apply(student, teacher, op, args, op_backward)
         else:
             with torch._C._AutoDispatchBelowAutograd():
@@ -223,9 +287,9 @@ class _FullGradient(torch.autograd.Function):
     with it)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, temperature, op, args):
-        loss, parts, grad, grad_teacher, grad_temperature = op(
-            student.detach(), teacher.detach(), *args, teacher.requires_grad
+    def forward(ctx, student, teacher, temperature, op, call):
+        loss, parts, grad, grad_teacher, grad_temperature = run_op(
+            op, student.detach(), teacher.detach(), call, teacher.requires_grad
         )
         ctx.save_for_backward(grad, grad_teacher if teacher.requires_grad else None, grad_temperature)
         ctx.temperature_dtype = None if temperature is None else temperature.dtype
@@ -241,6 +305,6 @@ def full_backend(full_ops: dict) -> Callable:
     """The full-gradient impl of a fused backend (backends.Backend.full) calling its family ``full_ops``."""
 
     def full(call, student: Tensor, teacher: Tensor, temperature: Tensor | None) -> tuple[Tensor, Tensor]:
-        return _FullGradient.apply(student, teacher, temperature, full_ops[call.plan.family], op_args(call))
+        return _FullGradient.apply(student, teacher, temperature, full_ops[call.plan.family], call)
 
     return full
