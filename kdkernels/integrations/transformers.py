@@ -28,7 +28,7 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
-from ..arguments import resolve
+from ..arguments import OPTIONS, resolve
 from ..backends import select_backend
 from ..linear import linear_distill_loss
 
@@ -496,14 +496,17 @@ class KDConfig(transformers.TrainingArguments):
             if isinstance(getattr(self, name), str):  # (a non-JSON string: the parent only parses "{...}")
                 raise ValueError(f"{name} must be a dict or a JSON object string, got {getattr(self, name)!r}")
         self.method_kwargs = dict(self.method_kwargs or {})
+        options = set(self.method_kwargs) & set(OPTIONS)
+        if options:
+            raise ValueError(f"method_kwargs holds the method's hyperparameters; {sorted(options)} are KDConfig fields")
         resolve(
             self.method,
-            self.method_kwargs,
-            self.temperature,
-            self.t2_scale,
+            temperature=self.temperature,
+            t2_scale=self.t2_scale,
             ce_weight=self.ce_weight,
             distill_weight=self.distill_weight,
             standardize=self.standardize,
+            **self.method_kwargs,
         )
         for name in ("chunk_size", "memory_budget", "max_new_tokens"):
             value = getattr(self, name)
