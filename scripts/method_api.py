@@ -28,8 +28,10 @@ TARGETS = (
 )
 
 
-def _defaults(spec) -> list[tuple[str, object]]:
-    return [*spec.hyperparameters.items(), ("temperature", spec.temperature), ("t2_scale", spec.t2_scale)]
+def _defaults(spec) -> tuple[str, str]:
+    """(the keyword parameters with the method's defaults, the same names passed on)."""
+    defaults = [*spec.hyperparameters.items(), ("temperature", spec.temperature), ("t2_scale", spec.t2_scale)]
+    return ", ".join(f"{k}={v!r}" for k, v in defaults), ", ".join(f"{k}={k}" for k, _ in defaults)
 
 
 def _docstring(text: str, name: str, indent: str = "    ") -> str:
@@ -39,9 +41,7 @@ def _docstring(text: str, name: str, indent: str = "    ") -> str:
 
 
 def function(name: str, spec) -> str:
-    defaults = _defaults(spec)
-    keywords = ", ".join(f"{k}={v!r}" for k, v in defaults)
-    passed = ", ".join(f"{k}={k}" for k, _ in defaults)
+    keywords, passed = _defaults(spec)
     return (
         f"def {spec.function}(student_logits, teacher_logits, target=None, *, {keywords}, **options):\n"
         + _docstring(f'{spec.source}: ``distill_loss("{name}", ...)`` with this method\'s defaults', name)
@@ -50,9 +50,7 @@ def function(name: str, spec) -> str:
 
 
 def module(name: str, spec) -> str:
-    defaults = _defaults(spec)
-    keywords = ", ".join(f"{k}={v!r}" for k, v in defaults)
-    passed = ", ".join(f"{k}={k}" for k, _ in defaults)
+    keywords, passed = _defaults(spec)
     return (
         f"class {spec.module}(DistillLoss):\n"
         + _docstring(f'{spec.source} as a module: ``DistillLoss("{name}", ...)`` with this method\'s defaults', name)
