@@ -112,12 +112,19 @@ def check_options(options: LossOptions) -> None:
     """Checks of the options every method shares (also run by the modules at construction)."""
     if not isinstance(options.standardize, bool):
         raise TypeError(f"standardize must be True or False, got {options.standardize!r}")
-    for name in ("ce_weight", "distill_weight"):
+    for name in ("ce_weight", "distill_weight", "label_smoothing"):
         weight = as_number(getattr(options, name))
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
             raise TypeError(f"{name} must be a finite number, got {weight!r}")
         if weight < 0:
             raise ValueError(f"{name} must be >= 0, got {weight!r}")
+    if as_number(options.label_smoothing) >= 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {options.label_smoothing!r}")
+    if options.label_smoothing > 0 and options.ce_weight == 0:
+        raise ValueError(
+            f"label_smoothing={options.label_smoothing!r} smooths the cross-entropy term, which ce_weight=0 leaves "
+            "out: set ce_weight > 0"
+        )
     temperature = options.temperature
     if isinstance(temperature, torch.Tensor) and not torch.compiler.is_compiling():
         raise TypeError(
@@ -185,6 +192,7 @@ class LossOptions:
     ignore_index: int = -100
     normalizer: float | Tensor | None = None
     ce_weight: float = 0.0
+    label_smoothing: float = 0.0  # eps: (1 - eps) CE + eps * the mean over the unmasked classes of -log q
     distill_weight: float = 1.0
     return_parts: bool = False  # the caller wants the two terms' values too (LossParts)
     standardize: bool = False  # z-score each row of both logits before the temperature (logit standardization)
@@ -320,6 +328,7 @@ def resolve(method: object, *, table: Mapping[str, Method] = METHODS, **argument
             "temperature": temperature,
             "ignore_index": int(options.ignore_index),
             "ce_weight": float(as_number(options.ce_weight)),
+            "label_smoothing": float(as_number(options.label_smoothing)),
             "distill_weight": float(as_number(options.distill_weight)),
             "return_parts": bool(options.return_parts),
         },

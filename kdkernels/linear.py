@@ -49,6 +49,7 @@ from .arguments import (
     split_temperature,
 )
 from .backends.ops import run_op
+from .backends.reference import cross_entropy_grad, cross_entropy_rows
 from .functional import finish
 from .sparse import SparseTeacher, fold, teacher_bins, unfold_
 from .sparse import check as check_sparse
@@ -256,13 +257,10 @@ class _Heads:
         bins, lse_tail = fold(s, teacher.indices, call.temperature, torch.float32, teacher.tail)
         ce_rows = ce_grad = None
         if call.with_ce:
-            lse = torch.logsumexp(s, -1, keepdim=True)
-            index = torch.where(call.valid, call.target, 0).unsqueeze(-1)
-            ce_rows = torch.where(call.valid, (lse - s.gather(-1, index)).squeeze(-1), 0.0)
-            if want_grad and call.ce_weight:  # ce_weight (softmax(s) - onehot), over the denominator when reduced
+            ce_rows = cross_entropy_rows(s, call.target, call.valid, call.label_smoothing)
+            if want_grad and call.ce_weight:  # its gradient times ce_weight, over the denominator when reduced
                 factor = call.ce_weight / (call.denominator if call.denominator is not None else 1.0)
-                ce_grad = (s - lse).exp_().scatter_add_(-1, index, torch.full_like(lse, -1.0))
-                ce_grad.mul_(torch.where(call.valid, factor, 0.0).unsqueeze(-1))
+                ce_grad = cross_entropy_grad(s, call.target, call.valid, call.label_smoothing).mul_(factor)
         loss, parts, grad = self._loss(
             replace(call, ce_weight=0.0, return_parts=False),
             bins,

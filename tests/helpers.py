@@ -78,6 +78,7 @@ def check_against_oracle(
         options.get("ce_weight", 0.0),
         options.get("distill_weight", 1.0),
         options.get("standardize", False),
+        options.get("label_smoothing", 0.0),
     )
     dtype = tol_dtype or s.dtype
     assert loss.dtype == (torch.float64 if s.dtype == torch.float64 else torch.float32)

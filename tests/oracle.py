@@ -198,9 +198,11 @@ def oracle(
     ce_weight=0.0,
     distill_weight=1.0,
     standardize=False,
+    label_smoothing=0.0,
 ):
     """Loss (reduced as asked) and d(grad_output . loss)/d student, both float64 NumPy arrays, of
-    distill_weight * (the method's loss) + ce_weight * (the student's cross-entropy against target at T = 1);
+    distill_weight * (the method's loss) + ce_weight * (the student's cross-entropy against target at T = 1,
+    label-smoothed by ``label_smoothing``);
     ``standardize``: the method's loss on both rows' z-scores (_zscore).
 
     student, teacher: arrays [..., V]; target: integer array [...] or None; grad_output: a number, or for
@@ -238,16 +240,21 @@ def oracle(
         if vjp is not None:
             grads[r] = vjp(grads[r])
         if ce_weight and keep.any():
-            ce, ce_grad = _cross_entropy(s[r], labels[r])
+            ce, ce_grad = _cross_entropy(s[r], labels[r], label_smoothing)
             rows[r] += ce_weight * ce
             grads[r] += ce_weight * ce_grad
     return _reduced(rows, grads, lead, valid, reduction, normalizer, grad_output)
 
 
-def _cross_entropy(x: np.ndarray, label: int) -> tuple[float, np.ndarray]:
-    """-log softmax(x)_y at T = 1 and its gradient softmax(x) - onehot(y)."""
+def _cross_entropy(x: np.ndarray, label: int, eps: float = 0.0) -> tuple[float, np.ndarray]:
+    """-log softmax(x)_y at T = 1 with label smoothing eps: (1 - eps) of it plus eps times the mean of -log softmax(x)
+    over the K classes that are not -inf; its gradient softmax(x) - (1 - eps) onehot(y) - eps / K [unmasked]."""
     lse = _logsumexp(x)
-    return lse - x[label], np.exp(x - lse) - (np.arange(x.size) == label)
+    unmasked = ~np.isneginf(x)
+    k = unmasked.sum()
+    onehot = np.arange(x.size) == label
+    smoothed = eps * (lse - x[unmasked].sum() / k) if eps else 0.0
+    return (1 - eps) * (lse - x[label]) + smoothed, np.exp(x - lse) - (1 - eps) * onehot - eps / k * unmasked
 
 
 def _reduced(rows, grads, lead, valid, reduction, normalizer, grad_output):

@@ -72,8 +72,8 @@ std::pair<M, int64_t> akl_head(const M* t, const M* p, int64_t v, M mu) {
 
 template <int CODE, class M>
 M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M* ce, M* gt, M* dtemp,
-                 const RowBuffers<M>& rows, int64_t v, const DivergenceParams<M>& c, M temperature, M scale, M ce_scale,
-                 bool t2_scale) {
+                 const RowBuffers<M>& rows, int64_t v, const DivergenceParams<M>& c, M temperature, M scale,
+                 CeOptions<M> ce_options, bool t2_scale) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
@@ -110,7 +110,7 @@ M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, 
   }
   const V vmx_row(mx), vmy_row(my), lzx(std::log(zx.sum())), lzy(std::log(zy.sum()));
   const V inv_zx(M(1) / zx.sum()), inv_zy(M(1) / zy.sum());
-  const CrossEntropy<M> xent{ms, ce != nullptr ? std::log(ce_apart ? zs.sum() : zx.sum()) : M(0), ce_scale, target};
+  const CrossEntropy<M> xent{ms, ce != nullptr ? std::log(ce_apart ? zs.sum() : zx.sum()) : M(0), ce_options, target};
   if (ce != nullptr) *ce = xent.loss(s, v);  // (before the gradient overwrites s in place)
   const V iota = O::iota();
   // (2b) akl: the teacher's probabilities, then its head.
@@ -195,7 +195,7 @@ void divergence_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
   for_rows<M>(a, begin, end, rows,
               [&](const M* s, const M* t, int64_t target, M* g, M* ce, const M* t_rank, M, M* gt, M* dtemp) {
                 return divergence_row<CODE, M>(s, t, t_rank, target, g, ce, gt, dtemp, rows, a.v, c, M(a.temperature),
-                                               M(a.grad_scale), M(a.ce_scale), a.t2_scale);
+                                               M(a.grad_scale), CeOptions<M>::of(a), a.t2_scale);
               });
 }
 

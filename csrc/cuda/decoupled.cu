@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(512)
   mb.threshold *= zs.t.stats.sd;  // (z_i - max z >= T log(tau)  <=>  t_i - max t >= T log(tau) sd)
   // (1)
   const bool with_ce = a.ce_loss != nullptr;
-  const float s_y = target_logit(r, a, row, s);
+  const TargetLogit s_y = target_logit(r, a, row, s, sum2_scratch);
   BinAccumulator bins[NUM_BINS];
   Lse l1;
   walk_row(s, t, no_store, r.v, [&](int64_t j, float sj, float tj) {

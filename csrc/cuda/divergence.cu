@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(512, 2) divergence_kernel(Rows<T> r, LaunchArg
   const T* t = r.t + row * r.t_stride;
   T* g = r.g == nullptr ? nullptr : r.g + row * r.v;
   const bool with_ce = a.ce_loss != nullptr;
-  const float s_y = target_logit(r, a, row, s);
+  const TargetLogit s_y = target_logit(r, a, row, s, sum2_scratch);
   // (0), (1)
   RowZScores zs = row_zscores(s, t, r.v, a.standardize, moment_scratch);
   Lse lx, ly, l1;

@@ -17,6 +17,8 @@ import torch
 
 from ..methods import ABKD_CODES, DIVERGENCE, STANDARDIZE_EPS, Bin, CrossVocab, Divergence, Partition, Plan
 
+Tensor = torch.Tensor
+
 NEG_INF = float("-inf")
 
 
@@ -291,16 +293,51 @@ def row_losses(
         loss = decoupled_rows(call.plan, lp, lq, bins)
     if call.t2_scale:
         loss = loss * T**2
-    ce = cross_entropy_rows(s, target, kept) if call.with_ce else None
+    ce = cross_entropy_rows(s, target, kept, call.label_smoothing) if call.with_ce else None
     return torch.where(kept, loss, 0.0), ce
 
 
-def cross_entropy_rows(student: torch.Tensor, target: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """-log softmax(student)_target per row [N] at T = 1; 0 on rows not ``kept`` (whose logits and target may hold
-    anything)."""
+def cross_entropy_rows(
+    student: torch.Tensor, target: torch.Tensor, kept: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """The hard-label term per row [N] at T = 1: -log softmax(student)_target, label-smoothed by eps =
+    ``label_smoothing`` (smoothed_ce); 0 on rows not ``kept`` (whose logits and target may hold anything)."""
     s = torch.where(kept.unsqueeze(-1), student, 0.0)
     index = torch.where(kept, target, 0).unsqueeze(-1)
-    return torch.where(kept, torch.logsumexp(s, -1) - s.gather(-1, index).squeeze(-1), 0.0)
+    unmasked = ~torch.isneginf(s)
+    rows = smoothed_ce(
+        torch.logsumexp(s, -1),
+        s.gather(-1, index).squeeze(-1),
+        torch.where(unmasked, s, 0.0).sum(-1),
+        unmasked.sum(-1),
+        label_smoothing,
+    )
+    return torch.where(kept, rows, 0.0)
+
+
+def cross_entropy_grad(
+    student: torch.Tensor, target: torch.Tensor, kept: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """d cross_entropy_rows / d student [N, V] (0 on rows not ``kept``), without autograd."""
+    s = torch.where(kept.unsqueeze(-1), student, 0.0)
+    onehot = torch.zeros_like(s).scatter_(-1, torch.where(kept, target, 0).unsqueeze(-1), 1.0)
+    unmasked = ~torch.isneginf(s)
+    grad = smoothed_ce_grad_(torch.softmax(s, -1), onehot, unmasked, unmasked.sum(-1, keepdim=True), label_smoothing)
+    return grad.mul_(kept.unsqueeze(-1))
+
+
+def smoothed_ce(lse: Tensor, target_logit: Tensor, unmasked_sum: Tensor, unmasked_count: Tensor, eps: float) -> Tensor:
+    """The label-smoothed cross-entropy of rows from their log-sum-exp, target logit, and the sum and count of their
+    unmasked logits (docs/losses.md, "The hard-label term"): (1 - eps) (lse - s_y) + eps (lse - sum / count)."""
+    if eps == 0:
+        return lse - target_logit
+    return lse - (1 - eps) * target_logit - eps * (unmasked_sum / unmasked_count)
+
+
+def smoothed_ce_grad_(softmax: Tensor, onehot: Tensor, unmasked: Tensor, unmasked_count: Tensor, eps: float) -> Tensor:
+    """smoothed_ce's gradient, in place of ``softmax``: softmax - (1 - eps) onehot - eps / count (unmasked)."""
+    softmax.sub_(onehot, alpha=1 - eps)
+    return softmax if eps == 0 else softmax.sub_(unmasked / unmasked_count * eps)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -358,5 +395,5 @@ def cross_vocab_rows(
     else:
         loss = hybrid_rows(params, lq, lp, classes)
     target = None if call.target is None else torch.where(call.valid, call.target, 0)
-    ce = cross_entropy_rows(s, target, kept) if call.with_ce else None
+    ce = cross_entropy_rows(s, target, kept, call.label_smoothing) if call.with_ce else None
     return torch.where(kept, loss, 0.0), ce

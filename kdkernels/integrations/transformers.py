@@ -439,6 +439,10 @@ class KDConfig(transformers.TrainingArguments):
         temperature: T of both softmaxes (a number: see ``LEARNABLE_TEMPERATURE`` for a learnable one).
         t2_scale: multiply the distillation term by T^2.
         ce_weight, distill_weight: loss = ce_weight * CE(student, label) + distill_weight * method, per token.
+        label_smoothing_factor (TrainingArguments'): smooths CE as transformers' LabelSmoother does (the loss
+            option label_smoothing); needs ce_weight > 0.
+        label_smoothing_factor (TrainingArguments): smooths the cross-entropy term as transformers' LabelSmoother does
+            (kdkernels
         standardize: z-score each model's logits before the loss.
         log_entropy: also log the student's mean entropy at T.
         chunk_size, memory_budget, backend: those of ``kdkernels.linear_distill_loss``.
@@ -499,11 +503,17 @@ class KDConfig(transformers.TrainingArguments):
         options = set(self.method_kwargs) & set(OPTIONS)
         if options:
             raise ValueError(f"method_kwargs holds the method's hyperparameters; {sorted(options)} are KDConfig fields")
+        if self.label_smoothing_factor and not self.ce_weight:
+            raise ValueError(
+                f"label_smoothing_factor={self.label_smoothing_factor} smooths the cross-entropy term, which "
+                "ce_weight=0 leaves out: set ce_weight > 0"
+            )
         resolve(
             self.method,
             temperature=self.temperature,
             t2_scale=self.t2_scale,
             ce_weight=self.ce_weight,
+            label_smoothing=self.label_smoothing_factor,
             distill_weight=self.distill_weight,
             standardize=self.standardize,
             **self.method_kwargs,
@@ -522,7 +532,7 @@ class KDConfig(transformers.TrainingArguments):
         """The keyword arguments of ``linear_distill_loss`` that this configuration sets."""
         names = ("temperature", "t2_scale", "ce_weight", "distill_weight", "standardize", "chunk_size")
         options = {name: getattr(self, name) for name in (*names, "memory_budget", "backend")}
-        return {**options, **self.method_kwargs}
+        return {**options, "label_smoothing": self.label_smoothing_factor, **self.method_kwargs}
 
 
 def peft_student(model: nn.Module, peft_config=None) -> nn.Module:

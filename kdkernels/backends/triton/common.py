@@ -86,17 +86,35 @@ def row_block(
 
 
 @triton.jit
-def target_logit(s_ptr, rows64, s_stride, target, ok, V):
-    """Per row, the student's raw logit of the target class (0 where not ok or out of range: never read there)."""
-    ok = ok & (target >= 0) & (target < V)
-    return tl.load(s_ptr + rows64 * s_stride + tl.where(ok, target, 0), mask=ok, other=0.0).to(tl.float32)
+def target_logit(s_ptr, rows64, s_stride, target, ok, V, label_smoothing, BLOCK_V: tl.constexpr):
+    """Per row, what the hard-label term (docs/losses.md, "The hard-label term") reads of the raw student row before
+    an in-place gradient replaces it: (the target's logit, or with label smoothing (1 - eps) s_target + eps * (the
+    mean of the unmasked s); eps / K, K the unmasked classes' count). 0 where not ok or out of range: never read."""
+    in_range = ok & (target >= 0) & (target < V)
+    s_y = tl.load(s_ptr + rows64 * s_stride + tl.where(in_range, target, 0), mask=in_range, other=0.0).to(tl.float32)
+    share = tl.zeros_like(s_y)
+    if label_smoothing > 0:
+        count = tl.zeros_like(s_y)
+        total = tl.zeros_like(s_y)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = ok[:, None] & (cols < V)[None, :]
+            s = tl.load(s_ptr + rows64[:, None] * s_stride + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
+            count += tl.sum((s != NEG_INF).to(tl.float32), axis=1)
+            total += tl.sum(tl.where(s != NEG_INF, s, 0.0), axis=1)
+        count = tl.maximum(count, 1.0)  # (a row without an unmasked class is not kept)
+        s_y = (1.0 - label_smoothing) * s_y + label_smoothing * (total / count)
+        share = label_smoothing / count
+    return s_y, share
 
 
 @triton.jit
-def ce_grad(s, cols, target, m1, lz1, ce_scale):
-    """The cross-entropy's gradient on a tile of raw logits s: ce_scale (softmax(s)_j - [j = target])."""
-    onehot = (cols[None, :] == target[:, None]).to(tl.float32)
-    return (tl.exp(s - m1[:, None] - lz1[:, None]) - onehot) * ce_scale[:, None]
+def ce_grad(s, cols, target, m1, lz1, ce_scale, label_smoothing, share):
+    """The hard-label term's gradient on a tile of raw logits s: ce_scale (softmax(s)_j - (1 - eps) [j = target]
+    - eps / K [s_j unmasked]), share = eps / K (target_logit)."""
+    onehot = (cols[None, :] == target[:, None]).to(tl.float32) * (1.0 - label_smoothing)
+    unmasked = tl.where(s != NEG_INF, share[:, None], 0.0)
+    return (tl.exp(s - m1[:, None] - lz1[:, None]) - onehot - unmasked) * ce_scale[:, None]
 
 
 @triton.jit

@@ -388,6 +388,7 @@ def decoupled_kernel(
     t2,
     ce_weight,
     distill_weight,
+    label_smoothing,
     k,
     threshold,
     w_mass,
@@ -435,7 +436,7 @@ def decoupled_kernel(
     )
     s_y = 0.0
     if WITH_CE:  # (read before an in-place gradient replaces it)
-        s_y = target_logit(s_ptr, rows64, s_stride, tgt, valid, V)
+        s_y, share = target_logit(s_ptr, rows64, s_stride, tgt, valid, V, label_smoothing, BLOCK_V)
     bad_target = row_in & False
     if HAS_TARGET and PARTITION == TARGET:
         # An index outside [0, V) is never read (membership is a comparison): the row's loss becomes NaN.
@@ -619,7 +620,7 @@ def decoupled_kernel(
                 mean_g, coef = zscore_jacobian(sum_g, sum_gz, std_s, n_s)
             g = unstandardize(g, s, mean_s, sd_s, mean_g, coef, STANDARDIZE)
             if WITH_CE:
-                g += ce_grad(s, cols0, tgt, m1, lz1, ce_scale)
+                g += ce_grad(s, cols0, tgt, m1, lz1, ce_scale, label_smoothing, share)
             store_rows(grad_ptr, rows64, g_stride, row_in, cols0, V, tl.where(kept[:, None], g, 0.0))
         else:
             mean_g, coef = n_s, n_s
@@ -708,7 +709,7 @@ def decoupled_kernel(
                         store_rows(gt_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], gt, 0.0))
                 g = unstandardize(g, s, mean_s, sd_s, mean_g, coef, STANDARDIZE)
                 if WITH_CE:
-                    g += ce_grad(s, cols, tgt, m1, lz1, ce_scale)
+                    g += ce_grad(s, cols, tgt, m1, lz1, ce_scale, label_smoothing, share)
                 store_rows(grad_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], g, 0.0))
         if FULL:  # d loss / d T = 2 L / T (with T^2 scaling) - sum_j ((x_j - mx) g_j + (y_j - my) gt_j)
             if T2_SCALE:

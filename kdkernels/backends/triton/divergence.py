@@ -363,6 +363,7 @@ def divergence_kernel(
     t2,
     ce_weight,
     distill_weight,
+    label_smoothing,
     mix_p,
     mix_q,
     log_mix_p,
@@ -407,7 +408,7 @@ def divergence_kernel(
     )
     s_y = 0.0
     if WITH_CE:  # (read before an in-place gradient replaces it)
-        s_y = target_logit(s_ptr, rows64, s_stride, tgt, valid, V)
+        s_y, share = target_logit(s_ptr, rows64, s_stride, tgt, valid, V, label_smoothing, BLOCK_V)
     mx = tl.full([BLOCK_N], NEG_INF, tl.float32)
     my = tl.full([BLOCK_N], NEG_INF, tl.float32)
     zx = tl.zeros([BLOCK_N], tl.float32)
@@ -505,7 +506,7 @@ def divergence_kernel(
                 mean_g, coef = zscore_jacobian(sum_g, sum_gz, std_s, n_s)
             g = unstandardize(g, s, mean_s, sd_s, mean_g, coef, STANDARDIZE)
             if WITH_CE:
-                g += ce_grad(s, cols0, tgt, m1, tl.log(z1), ce_scale)
+                g += ce_grad(s, cols0, tgt, m1, tl.log(z1), ce_scale, label_smoothing, share)
             store_rows(grad_ptr, rows64, g_stride, row_in, cols0, V, tl.where(kept[:, None], g, 0.0))
     else:
         # rkl: kq = sum exp(x - mx) ((x - mx) - (y - my)), re-based as the maxes move, gives l in this pass.
@@ -663,7 +664,7 @@ def divergence_kernel(
                             store_rows(gt_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], gt, 0.0))
                     g = unstandardize(g, s, mean_s, sd_s, mean_g, coef, STANDARDIZE)
                     if WITH_CE:
-                        g += ce_grad(s, cols, tgt, m1, tl.log(z1), ce_scale)
+                        g += ce_grad(s, cols, tgt, m1, tl.log(z1), ce_scale, label_smoothing, share)
                     store_rows(grad_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], g, 0.0))
     tl.store(loss_ptr + rows, tl.where(kept, sum_l * t2, 0.0), mask=row_in)
     if WITH_CE:
