@@ -121,6 +121,7 @@ KD_HD typename O::Mask absent_in_both(typename O::V lq, typename O::V lp) {
 // exp(x - max) / sum that a caller has kept); akl's in_head says which classes are in its head (ignored by the other
 // codes). MAY_BE_ABSENT false: the caller has checked that no class is absent in both (absent_in_both), which skips
 // their masking.
+// Long: one formula per divergence code, chosen at compile time, each a few lines.
 template <int CODE, class O, bool MAY_BE_ABSENT = true>
 KD_HD ClassTerms<typename O::V> divergence_terms_of(const DivergenceParams<typename O::Scalar>& c, typename O::V lq,
                                                     typename O::V lp, typename O::V q, typename O::V p,

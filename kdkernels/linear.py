@@ -479,6 +479,7 @@ def _positive(name: str, value, kind=numbers.Real):
     return value
 
 
+# Long: its steps in order (checks, the chunk plan, the autograd Function, the result), each a few lines.
 def linear_distill_loss(
     method: str,
     student_hidden: Tensor,

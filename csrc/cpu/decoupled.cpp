@@ -59,6 +59,8 @@ void teacher_top_k(const M* t, int64_t v, int64_t k, std::vector<std::pair<M, in
 
 // t_rank: the raw teacher row the partition ranks (t itself, or t's raw logits when t holds their z-scores), and
 // the threshold is in its units.
+// Long: its passes (numbered blocks) share the row's maxima, sums and buffers; the per-class math is in the
+// family's header.
 template <int PARTITION, class M>
 M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M* ce, M* gt, M* dtemp,
                 const RowBuffers<M>& rows, int64_t v, const DecoupledParams<double>& c, M temperature, M threshold,

@@ -70,6 +70,8 @@ std::pair<M, int64_t> akl_head(const M* t, const M* p, int64_t v, M mu) {
   return {value, hi};
 }
 
+// Long: its passes (numbered blocks) share the row's maxima, sums and buffers; the per-class math is in the
+// family's header.
 template <int CODE, class M>
 M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M* ce, M* gt, M* dtemp,
                  const RowBuffers<M>& rows, int64_t v, const DivergenceParams<M>& c, M temperature, M scale,

@@ -58,6 +58,8 @@ struct BinAccumulator {
   }
 };
 
+// Long: its passes (numbered blocks) share the row's block-reduced statistics; the per-class math is in the
+// family's header.
 template <int PARTITION, class T>
 __global__ void __launch_bounds__(512)
     decoupled_kernel(Rows<T> r, LaunchArgs a, DecoupledParams<double> c, float threshold) {

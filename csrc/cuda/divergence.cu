@@ -69,6 +69,8 @@ __device__ AklHead<float> akl_head(const T* t, int64_t v, float mu, P&& p, int64
   return head;
 }
 
+// Long: its passes (numbered blocks) share the row's block-reduced statistics; the per-class math is in the
+// family's header.
 template <int CODE, class T>
 __global__ void __launch_bounds__(512, 2) divergence_kernel(Rows<T> r, LaunchArgs a, DivergenceParams<float> c) {
   __shared__ Lse lse_scratch[MAX_WARPS];

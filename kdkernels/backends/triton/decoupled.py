@@ -184,6 +184,7 @@ def _side_update(
     )
 
 
+# Long: the three bins' online updates side by side, each a few lines.
 @triton.jit
 def _bins_update(
     x,
@@ -369,6 +370,8 @@ def _teacher_coefficient(weight, lp, lq, mass_kl, f, fkl, r):
     return (mass - f * fkl + r).to(tl.float32)
 
 
+# Long: its passes (numbered blocks) share each row's bin statistics in registers; the per-class math is in
+# the helpers above.
 @triton.jit
 def decoupled_kernel(
     s_ptr,

@@ -157,6 +157,7 @@ def _in_head(t, cols, value, end):
     return (t > value[:, None]) | ((t == value[:, None]) & (cols[None, :] < end[:, None]))
 
 
+# Long: one formula per divergence code, chosen at compile time (CODE), each a few lines.
 @triton.jit
 def _terms(
     x,
@@ -344,6 +345,8 @@ def _teacher_grad(rt, q, p, y, a, b, sum_rt, scale, CODE: tl.constexpr):
     return tl.where(y == NEG_INF, 0.0, (rt - p * sum_rt[:, None]) * scale[:, None])
 
 
+# Long: its passes (numbered blocks) share each row's running statistics in registers; the per-class math is
+# in the helpers above.
 @triton.jit
 def divergence_kernel(
     s_ptr,
