@@ -108,24 +108,20 @@ def _(target, num_classes, ignore_index):
     return torch.empty_like(target, dtype=torch.int64)
 
 
-def check_options(options: LossOptions) -> None:
-    """Checks of the options every method shares (also run by the modules at construction)."""
-    if not isinstance(options.standardize, bool):
-        raise TypeError(f"standardize must be True or False, got {options.standardize!r}")
-    for name in ("ce_weight", "distill_weight", "label_smoothing"):
-        weight = as_number(getattr(options, name))
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
-            raise TypeError(f"{name} must be a finite number, got {weight!r}")
-        if weight < 0:
-            raise ValueError(f"{name} must be >= 0, got {weight!r}")
-    if as_number(options.label_smoothing) >= 1:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {options.label_smoothing!r}")
-    if options.label_smoothing > 0 and options.ce_weight == 0:
+def check_options(options: dict) -> dict:
+    """The options every method shares (a dict of LossOptions' fields, the method's defaults filled in), checked,
+    with the weights as floats (also run by the modules at construction)."""
+    if not isinstance(options["standardize"], bool):
+        raise TypeError(f"standardize must be True or False, got {options['standardize']!r}")
+    weights = {name: _weight(name, options[name]) for name in ("ce_weight", "distill_weight", "label_smoothing")}
+    if weights["label_smoothing"] >= 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {options['label_smoothing']!r}")
+    if weights["label_smoothing"] > 0 and weights["ce_weight"] == 0:
         raise ValueError(
-            f"label_smoothing={options.label_smoothing!r} smooths the cross-entropy term, which ce_weight=0 leaves "
-            "out: set ce_weight > 0"
+            f"label_smoothing={options['label_smoothing']!r} smooths the cross-entropy term, which ce_weight=0 "
+            "leaves out: set ce_weight > 0"
         )
-    temperature = options.temperature
+    temperature = options["temperature"]
     if isinstance(temperature, torch.Tensor) and not torch.compiler.is_compiling():
         raise TypeError(
             "temperature must be a number here: a 0-d tensor (a learnable temperature) is taken by "
@@ -134,7 +130,22 @@ def check_options(options: LossOptions) -> None:
         )
     if not isinstance(temperature, torch.Tensor):  # (a tensor traced by torch.compile: check_temperature)
         check_temperature_number(temperature)
-    _check_reduction(options.reduction, options.ignore_index, options.normalizer)
+    _check_reduction(options["reduction"], options["ignore_index"], options["normalizer"])
+    numbers_ = {"ignore_index": int(options["ignore_index"]), "return_parts": bool(options["return_parts"])}
+    return {**options, **weights, **numbers_}
+
+
+def _weight(name: str, value: object) -> float:
+    """A weight: a finite number >= 0 (NumPy's too), as a float."""
+    if type(value) is not float and type(value) is not int:  # (the common case first: a check runs every call)
+        value = as_number(value)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return float(value)
 
 
 def _check_reduction(reduction: object, ignore_index: object, normalizer: object) -> None:
@@ -199,6 +210,7 @@ class LossOptions:
 
 
 OPTIONS = tuple(f.name for f in fields(LossOptions))
+_DEFAULTS = {f.name: f.default for f in fields(LossOptions)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -310,32 +322,22 @@ def resolve(method: object, *, table: Mapping[str, Method] = METHODS, **argument
     """Checks a call's method (a name of ``table``), its options (``arguments`` named in OPTIONS) and the method's
     hyperparameters (the other ``arguments``); fills in the method's defaults."""
     spec = get_method(method, table)
-    options = LossOptions(**{name: value for name, value in arguments.items() if name in OPTIONS})
-    hp = spec.resolve({name: value for name, value in arguments.items() if name not in OPTIONS})
-    temperature = spec.temperature if options.temperature is None else options.temperature
-    t2_scale = spec.t2_scale if options.t2_scale is None else bool(options.t2_scale)
-    options = replace(options, temperature=temperature, t2_scale=t2_scale)
-    check_options(options)
+    options, hyperparameters = dict(_DEFAULTS), {}
+    for name, value in arguments.items():
+        (options if name in _DEFAULTS else hyperparameters)[name] = value
+    hp = spec.resolve(hyperparameters)
+    if options["temperature"] is None:
+        options["temperature"] = spec.temperature
+    options["t2_scale"] = spec.t2_scale if options["t2_scale"] is None else bool(options["t2_scale"])
+    options = check_options(options)
+    temperature = options["temperature"]
     if not isinstance(temperature, torch.Tensor):
         temperature = float(as_number(temperature))
     if torch.compiler.is_compiling():
         if not isinstance(temperature, torch.Tensor):  # (a product: torch.tensor(T) would specialize T)
             temperature = torch.ones((), dtype=torch.float64) * temperature
         temperature = check_temperature(temperature)
-    return Settings(
-        **options.__dict__
-        | {
-            "temperature": temperature,
-            "ignore_index": int(options.ignore_index),
-            "ce_weight": float(as_number(options.ce_weight)),
-            "label_smoothing": float(as_number(options.label_smoothing)),
-            "distill_weight": float(as_number(options.distill_weight)),
-            "return_parts": bool(options.return_parts),
-        },
-        method=spec.name,
-        hp=hp,
-        plan=spec.plan(hp),
-    )
+    return Settings(**{**options, "temperature": temperature}, method=spec.name, hp=hp, plan=spec.plan(hp))
 
 
 def split_temperature(temperature: object) -> tuple[object, Tensor | None]:

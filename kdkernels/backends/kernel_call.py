@@ -50,7 +50,7 @@ class KernelCall:
             target=call.target,
             denominator=call.denominator,
             code=int(call.plan.code),
-            params=tuple(float(x) for x in call.plan.params),
+            params=tuple(map(float, call.plan.params)),
             temperature=call.temperature,
             ce_weight=call.ce_weight,
             label_smoothing=call.label_smoothing,
