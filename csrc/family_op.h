@@ -110,13 +110,16 @@ inline void check_decoupled_params(const FamilyCall& call, int64_t partition, at
   TORCH_CHECK(!c.adaptive || partition == TARGET, "decoupled: the adaptive weight needs the TARGET partition");
 }
 
-// (loss, parts) from the two terms' rows: loss = distill_weight * distill + ce_weight * ce, parts = [distill, ce]
-// (ce 0 without with_ce); with reduce both are sum(rows) / denominator (sum without one), else per row.
+// (loss, parts) from the two terms' rows: loss = distill_weight * distill + ce_weight * ce, a term of weight 0 adding
+// exactly 0 whatever its rows (inf, NaN), parts = [distill, ce] (ce 0 without with_ce); with reduce both are
+// sum(rows) / denominator (sum without one), else per row.
 inline std::tuple<at::Tensor, at::Tensor> finish_losses(const FamilyCall& call,
                                                         const c10::optional<at::Tensor>& denominator, bool reduce,
                                                         double ce_weight, double distill_weight) {
   const at::Tensor ce = call.ce_rows.defined() ? call.ce_rows : at::zeros_like(call.loss_rows);
-  at::Tensor loss = distill_weight == 1.0 ? call.loss_rows : call.loss_rows.mul(distill_weight);
+  at::Tensor loss = distill_weight == 1.0   ? call.loss_rows
+                    : distill_weight == 0.0 ? at::zeros_like(call.loss_rows)
+                                            : call.loss_rows.mul(distill_weight);
   if (call.ce_rows.defined() && ce_weight != 0.0) loss = loss.add(ce, ce_weight);
   at::Tensor parts = at::stack({call.loss_rows, ce});
   if (!reduce) return {loss, parts};

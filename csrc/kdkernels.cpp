@@ -131,7 +131,8 @@ PyMODINIT_FUNC PyInit__C(void) {
                   add(module, "BIN_CODES", codes_dict({KDKERNELS_BIN_CODES(KDKERNELS_CODE_ITEM)})) &&
                   add(module, "DIVERGENCE_PARAMS", names_tuple({KDKERNELS_DIVERGENCE_PARAMS(KDKERNELS_NAME_ITEM)})) &&
                   add(module, "DECOUPLED_PARAMS", names_tuple({KDKERNELS_DECOUPLED_PARAMS(KDKERNELS_NAME_ITEM)})) &&
-                  add(module, "STANDARDIZE_EPS", PyFloat_FromDouble(kdkernels::STANDARDIZE_EPS));
+                  add(module, "STANDARDIZE_EPS", PyFloat_FromDouble(kdkernels::STANDARDIZE_EPS)) &&
+                  add(module, "BDKD_TIE", PyFloat_FromDouble(kdkernels::BDKD_TIE));
   if (!ok) {
     Py_DECREF(module);
     return nullptr;

@@ -38,6 +38,7 @@ import torch
 
 from . import backends
 from .arguments import LossCall, check_float_tensor, check_temperature_device, full_gradient, resolve, split_temperature
+from .backends import reference
 from .backends.ops import op_args
 from .functional import finish
 from .sparse import SparseTeacher, fold, teacher_bins, unfold_
@@ -267,7 +268,7 @@ class _Heads:
                 grad += ce_grad
         if ce_rows is not None:
             ce = backends.reduce(ce_rows, call.reduction, call.denominator)
-            loss = loss + call.ce_weight * ce
+            loss = loss + reference.weighted(call.ce_weight, ce)  # (exactly 0 at weight 0: ce may be inf)
             parts = torch.stack([parts[0], ce])
         return loss, parts, grad
 

@@ -50,7 +50,8 @@ std::tuple<at::Tensor, at::Tensor> reduce_losses(const FamilyCall& call, double 
   distill *= inv_denom;
   ce *= inv_denom;
   at::Tensor loss = at::empty({}, call.loss_rows.options()), parts = at::empty({2}, call.loss_rows.options());
-  *loss.data_ptr<M>() = M(distill_weight * distill + (ce_rows != nullptr ? ce_weight * ce : 0.0));
+  // (A term of weight 0 adds exactly 0, whatever its rows: inf, NaN.)
+  *loss.data_ptr<M>() = M(weighted(distill_weight, distill) + (ce_rows != nullptr ? weighted(ce_weight, ce) : 0.0));
   parts.data_ptr<M>()[0] = M(distill);
   parts.data_ptr<M>()[1] = M(ce);
   return {loss, parts};

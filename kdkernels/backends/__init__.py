@@ -87,8 +87,9 @@ def combine(
     ce_weight: float,
     distill_weight: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, parts) from the two terms' row losses [N] (ce_rows None without the term, which then counts 0)."""
-    loss = distill_rows if distill_weight == 1 else distill_weight * distill_rows
+    """(loss, parts) from the two terms' row losses [N] (ce_rows None without the term, which then counts 0); a
+    term of weight 0 adds exactly 0, whatever its rows hold (reference.weighted)."""
+    loss = distill_rows if distill_weight == 1 else reference.weighted(distill_weight, distill_rows)
     if ce_rows is None:
         ce_rows = torch.zeros_like(distill_rows)
     elif ce_weight != 0:

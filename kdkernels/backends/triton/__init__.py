@@ -113,6 +113,9 @@ def _launch(
             HAS_TARGET=target is not None,
             HAS_DENOM=has_denom,
             WITH_CE=with_ce,
+            # A term of weight 0 adds exactly 0 to the gradient, whatever it holds: left out (its loss still computed).
+            CE_GRAD=with_ce and ce_weight != 0,
+            DISTILL_GRAD=distill_weight != 0,
             STANDARDIZE=standardize,
             WITH_GRAD=grad is not None,
             FULL=temperature_grad is not None,
