@@ -4,12 +4,16 @@ The per-method functions (``kd_loss`` ...) and modules (``KDLoss`` ...) are gene
 ``METHODS`` (methods.py).
 """
 
-from . import backends
+from importlib import metadata as _metadata
+
+from . import alignment, backends
+from .arguments import TEMPERATURE_RANGE
 from .backends import available_backends
+from .cross_vocab import VocabMap, cross_vocab_loss, vocab_map
 from .functional import LOSS_FUNCTIONS, LossParts, cakd_feature_loss, distill_loss
 from .linear import linear_distill_loss
 from .methods import METHODS
-from .modules import LOSS_MODULES, DistillLoss, LinearDistillLoss, SerialHead
+from .modules import LOSS_MODULES, CrossVocabLoss, DistillLoss, LinearDistillLoss, SerialHead
 from .sparse import SparseTeacher
 from .sparse_store import SparseTeacherWriter, load_sparse_teachers, save_sparse_teachers
 
@@ -31,10 +35,14 @@ from .backends import extension as _extension  # noqa: E402  (registers "cpu" an
 
 release_cached_gradients = _extension.release_cached_gradients
 
-__version__ = "0.1.0"
+try:  # the one version is pyproject.toml's, read from the installed package's metadata
+    __version__ = _metadata.version("kdkernels")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "METHODS",
+    "TEMPERATURE_RANGE",
     "available_backends",
     "distill_loss",
     *LOSS_FUNCTIONS,
@@ -50,4 +58,9 @@ __all__ = [
     "load_sparse_teachers",
     "LossParts",
     "release_cached_gradients",
+    "cross_vocab_loss",
+    "CrossVocabLoss",
+    "VocabMap",
+    "vocab_map",
+    "alignment",
 ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -27,6 +28,7 @@ from typing import NamedTuple
 DIVERGENCE = "divergence"
 DECOUPLED = "decoupled"
 FAMILIES = (DIVERGENCE, DECOUPLED)
+CROSS_VOCAB = "cross_vocab"  # the family of the losses between two vocabularies (CROSS_VOCAB_METHODS)
 REDUCTIONS = ("batchmean", "sum", "none")
 # The z-score of logit standardization (option standardize): (x - mean) / (std + STANDARDIZE_EPS), as Sun et al.'s
 # code (sunshangquan/logit-standardization-KD) writes it; the kernels take it from here (C++: csrc/row_math.h).
@@ -134,6 +136,14 @@ class Plan:
 # ---- hyperparameter checks --------------------------------------------------------------------------------------
 
 
+def as_number(value: object) -> object:
+    """A NumPy scalar (any numbers.Integral or numbers.Real) as the Python int or float it is; bools and everything
+    else unchanged, for the checks to judge."""
+    if isinstance(value, bool) or type(value) in (int, float) or not isinstance(value, numbers.Real):
+        return value  # (type, not isinstance: numpy.float64 is a float subclass)
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
 def _finite(name: str) -> Callable[[object], None]:
     def check(value: object) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -161,6 +171,18 @@ def _positive(name: str) -> Callable[[object], None]:
         finite(value)
         if value <= 0:
             raise ValueError(f"{name} must be > 0, got {value!r}")
+
+    return check
+
+
+def _weight(name: str) -> Callable[[object], None]:
+    """A weight of a term of the loss: finite and >= 0 (a negative one would make the loss unbounded below)."""
+    finite = _finite(name)
+
+    def check(value: object) -> None:
+        finite(value)
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0 (a weight of the loss), got {value!r}")
 
     return check
 
@@ -282,13 +304,13 @@ class Method:
         if unknown:
             known = ", ".join(self.hyperparameters) or "none"
             raise TypeError(f"{self.name}: unexpected hyperparameter(s) {unknown}; this method takes: {known}")
-        hp = {**self.hyperparameters, **overrides}
+        hp = {**self.hyperparameters, **{name: as_number(value) for name, value in overrides.items()}}
         for name, value in hp.items():
             self.checks[name](value)
         return hp
 
 
-_F = _finite
+_F, _W = _finite, _weight
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
@@ -381,7 +403,7 @@ METHODS: dict[str, Method] = {
             "DKDLoss",
             "DKD, Zhao et al. 2022 (mdistiller DKD.py)",
             {"alpha": 1.0, "beta": 8.0},
-            {"alpha": _F("alpha"), "beta": _F("beta")},
+            {"alpha": _W("alpha"), "beta": _W("beta")},
             4.0,
             True,
             lambda hp: _decoupled(Partition.TARGET, w_mass=hp["alpha"], w_rest=hp["beta"]),
@@ -393,9 +415,9 @@ METHODS: dict[str, Method] = {
             {"k": 5, "w0": 1.0, "w1": 1.0, "w2": 8.0, "partitions": 2, "strategy": "best", "kl_type": "forward"},
             {
                 "k": _top_k,
-                "w0": _F("w0"),
-                "w1": _F("w1"),
-                "w2": _F("w2"),
+                "w0": _W("w0"),
+                "w1": _W("w1"),
+                "w2": _W("w2"),
                 "partitions": _one_of("partitions", (2, 3)),
                 "strategy": _one_of("strategy", GDKD_STRATEGIES),
                 "kl_type": _one_of("kl_type", tuple(GDKD_KL_TYPES)),
@@ -410,9 +432,9 @@ METHODS: dict[str, Method] = {
             "CAKD (arXiv 2410.14741)",
             {"alpha": 1.0, "beta": 8.0, "bcd_weight": 1.0, "strong": "target", "k": 5, "tau": 0.5},
             {
-                "alpha": _F("alpha"),
-                "beta": _F("beta"),
-                "bcd_weight": _F("bcd_weight"),
+                "alpha": _W("alpha"),
+                "beta": _W("beta"),
+                "bcd_weight": _W("bcd_weight"),
                 "strong": _one_of("strong", CAKD_STRONG),
                 "k": _top_k,
                 "tau": _in_range("tau", 0, 1, True, False),
@@ -426,7 +448,7 @@ METHODS: dict[str, Method] = {
             "AEKTLoss",
             "AEKT (arXiv 2409.01679)",
             {"beta": 8.0, "max_weight": 5.0},
-            {"beta": _F("beta"), "max_weight": _positive("max_weight")},
+            {"beta": _W("beta"), "max_weight": _positive("max_weight")},
             4.0,
             True,
             lambda hp: _decoupled(Partition.TARGET, adaptive=True, w_rest=hp["beta"], max_weight=hp["max_weight"]),
@@ -435,10 +457,104 @@ METHODS: dict[str, Method] = {
 }
 
 
-def get_method(name: object) -> Method:
-    if not isinstance(name, str) or name not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}")
-    return METHODS[name]
+def get_method(name: object, table: Mapping[str, Method] = METHODS) -> Method:
+    if not isinstance(name, str) or name not in table:
+        raise ValueError(f"method must be one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
+# ---- two vocabularies (docs/losses.md, section 11) ----------------------------------------------------------------
+
+
+class CrossVocab(enum.IntEnum):
+    """The losses between a student and a teacher of different vocabularies (``kdkernels.cross_vocab_loss``)."""
+
+    ULD = 0  # the sorted L1 of the two rows' probabilities
+    HYBRID = 1  # GOLD: a divergence on the classes of shared token strings, the sorted L1 on the others
+
+
+class CrossVocabParams(NamedTuple):
+    """Named parameters of a cross-vocabulary plan (the order is the kernels' layout)."""
+
+    teacher_temperature: float = 1.0  # T_t (the student's is the call's temperature)
+    # hybrid: the matched classes' divergence, a divergence-family code (JSD, or KD / RKL at beta = 0 / 1) with its
+    # mixture, and the weights of the two terms (None until the call knows M and Vt: TRL's adaptive M / Vt)
+    matched_code: int = Divergence.JSD
+    mix_p: float = 0.0
+    mix_q: float = 0.0
+    log_mix_p: float = 0.0
+    log_mix_q: float = 0.0
+    matched_weight: float | None = None
+    unmatched_weight: float | None = None
+
+    def matched_plan(self) -> Plan:
+        """The divergence-family plan of the matched classes' terms."""
+        mixture = {k: getattr(self, k) for k in ("mix_p", "mix_q", "log_mix_p", "log_mix_q")}
+        return _divergence(Divergence(self.matched_code), **mixture)
+
+
+def _optional_weight(name: str) -> Callable[[object], None]:
+    def check(value: object) -> None:
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be None or a finite number >= 0, got {value!r}")
+
+    return check
+
+
+def _hybrid_plan(hp) -> Plan:
+    if (hp["matched_weight"] is None) != (hp["unmatched_weight"] is None):
+        raise ValueError(
+            "matched_weight and unmatched_weight go together: give both, or neither for TRL's adaptive weights "
+            f"(M / Vt and 1 - M / Vt), got matched_weight={hp['matched_weight']!r}, "
+            f"unmatched_weight={hp['unmatched_weight']!r}"
+        )
+    matched = _jsd_plan(hp)
+    return Plan(
+        CROSS_VOCAB,
+        CrossVocab.HYBRID,
+        CrossVocabParams(
+            matched_code=matched.code,
+            mix_p=matched.params.mix_p,
+            mix_q=matched.params.mix_q,
+            log_mix_p=matched.params.log_mix_p,
+            log_mix_q=matched.params.log_mix_q,
+            matched_weight=hp["matched_weight"],
+            unmatched_weight=hp["unmatched_weight"],
+        ),
+    )
+
+
+CROSS_VOCAB_METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method(
+            "uld",
+            "CrossVocabLoss",
+            "ULD, Universal Logit Distillation (Boizard et al. 2024, arXiv 2402.12030)",
+            {},
+            {},
+            1.0,
+            False,
+            lambda hp: Plan(CROSS_VOCAB, CrossVocab.ULD, CrossVocabParams()),
+        ),
+        Method(
+            "hybrid",
+            "CrossVocabLoss",
+            "GOLD's hybrid ULD (TRL uld_use_hybrid_loss)",
+            {"beta": 0.5, "matched_weight": None, "unmatched_weight": None},
+            {
+                "beta": _in_range("beta", 0, 1, False, False),
+                "matched_weight": _optional_weight("matched_weight"),
+                "unmatched_weight": _optional_weight("unmatched_weight"),
+            },
+            1.0,
+            False,
+            _hybrid_plan,
+        ),
+    ]
+}
 
 
 def finite_when_missing(plan: Plan, missing: str) -> bool:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .arguments import resolve
+from .cross_vocab import cross_vocab_loss, resolve_cross_vocab
 from .functional import distill_loss
 from .linear import linear_distill_loss
 from .methods import METHODS, get_method
@@ -162,6 +163,94 @@ class LinearDistillLoss(DistillLoss):
         )
 
 
+class CrossVocabLoss(nn.Module):
+    """A loss between two vocabularies as a module, e.g. ``CrossVocabLoss("hybrid", vocab_map=kdkernels.vocab_map(
+    student_tokenizer, teacher_tokenizer), beta=0.5)``.
+
+    Args: method ("uld" or "hybrid"), vocab_map, temperature, teacher_temperature, reduction, ignore_index,
+    ce_weight, distill_weight, return_parts, backend and the method's hyperparameters, as in
+    ``kdkernels.cross_vocab_loss``.
+
+    ``forward(student_logits, teacher_logits, target=None, *, student_log_scale=None, teacher_log_scale=None,
+    normalizer=None, mask=None)``.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        *,
+        vocab_map=None,
+        temperature=None,
+        teacher_temperature=None,
+        reduction: str = "batchmean",
+        ignore_index: int = -100,
+        ce_weight: float = 0.0,
+        distill_weight: float = 1.0,
+        return_parts: bool = False,
+        backend: str = "auto",
+        **hyperparameters,
+    ):
+        super().__init__()
+        settings = resolve_cross_vocab(
+            method,
+            hyperparameters,
+            temperature,
+            teacher_temperature,
+            reduction,
+            ignore_index,
+            None,
+            ce_weight,
+            distill_weight,
+            return_parts,
+        )
+        self.method = settings.method
+        self.vocab_map = vocab_map
+        self._options = dict(
+            temperature=settings.temperature,
+            teacher_temperature=settings.plan.params.teacher_temperature,
+            reduction=reduction,
+            ignore_index=settings.ignore_index,
+            ce_weight=settings.ce_weight,
+            distill_weight=settings.distill_weight,
+            return_parts=settings.return_parts,
+            backend=backend,
+            **settings.hp,
+        )
+
+    def options(self) -> dict:
+        """The keyword arguments of this module's loss calls (vocab_map aside)."""
+        return dict(self._options)
+
+    def forward(
+        self,
+        student_logits,
+        teacher_logits,
+        target=None,
+        *,
+        student_log_scale=None,
+        teacher_log_scale=None,
+        normalizer=None,
+        mask=None,
+    ):
+        return cross_vocab_loss(
+            self.method,
+            student_logits,
+            teacher_logits,
+            target,
+            vocab_map=self.vocab_map,
+            student_log_scale=student_log_scale,
+            teacher_log_scale=teacher_log_scale,
+            normalizer=normalizer,
+            mask=mask,
+            **self._options,
+        )
+
+    def extra_repr(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self._options.items())
+        shared = f", vocab_map={self.vocab_map.summary()!r}" if hasattr(self.vocab_map, "summary") else ""
+        return f"{self.method!r}{shared}, {options}"
+
+
 def method_module(method: str) -> type:
     """``<Name>Loss(**hyperparameters, temperature=..., ...)``: DistillLoss with the method fixed."""
     spec = get_method(method)
@@ -202,4 +291,4 @@ class SerialHead(nn.Module):
         return self.linear(logits)
 
 
-__all__ = ["DistillLoss", *LOSS_MODULES, "LinearDistillLoss", "SerialHead"]
+__all__ = ["DistillLoss", *LOSS_MODULES, "LinearDistillLoss", "CrossVocabLoss", "SerialHead"]

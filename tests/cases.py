@@ -42,10 +42,10 @@ CASES = [
     ("aekt", {"max_weight": 0.5}),
 ]
 
-# One case per method for the GPU check (KDKERNELS_GPU_QUICK=1, tests/conftest.py): each method at its defaults where
+# One case per method, for the quick tier and the GPU check (tests/conftest.py): each method at its defaults where
 # CASES has them; gdkd at k = 3 (CASES lacks its default k = 5), and cakd with a top-k strong set, since its default
 # (strong="target") runs the kernel specialisation of dkd's case.
-GPU_CASES = (
+ONE_PER_METHOD = (
     "kd",
     "rkl",
     "jsd-beta=0.5",

@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
     # No GPU: the Triton kernels run on CPU tensors through Triton's interpreter (must be set before the import).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from cases import GPU_CASES, case_id  # noqa: E402
+from cases import CASES, ONE_PER_METHOD, case_id  # noqa: E402
 
 import kdkernels  # noqa: E402
 
@@ -43,11 +43,17 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("fused", [b for b in backends_under_test() if b != "reference"])
 
 
-# KDKERNELS_GPU_QUICK=1: only the tests below, the GPU check of scripts/gpu_validate.sh, which must fit a few minutes
-# of an H200. Triton compiles each kernel specialisation (code, tile layout, dtype) on first use, a few seconds each,
-# and that is what sets its time, so it is every method once (cases.GPU_CASES) and every fused backend, forward +
-# backward against the float64 oracle, at a row of one tile (V = 1000) and a streamed one (V = 70000), in float32 and
-# bf16, and the fused-linear path with bf16 heads. Test (file::function) -> {parameter: values kept}.
+# Three selections of the suite. The quick tier is the default (the README's test command, at most 5 minutes on two
+# cores); KDKERNELS_FULL_TESTS=1 runs everything (CI: .ci/run); KDKERNELS_GPU_QUICK=1 runs the GPU check of
+# scripts/gpu_validate.sh. A test left out of a selection is reported as deselected, never silently skipped.
+FULL_TESTS = os.environ.get("KDKERNELS_FULL_TESTS") == "1"
+GPU_QUICK_TESTS = os.environ.get("KDKERNELS_GPU_QUICK") == "1"
+
+# The GPU check must fit a few minutes of an H200. Triton compiles each kernel specialisation (code, tile layout,
+# dtype) on first use, a few seconds each, and that is what sets its time, so it is every method once
+# (cases.ONE_PER_METHOD) and every fused backend, forward + backward against the float64 oracle, at a row of one tile
+# (V = 1000) and a streamed one (V = 70000), in float32 and bf16, and the fused-linear path with bf16 heads.
+# Test (file::function) -> {parameter: values kept}; the other tests are not run.
 GPU_QUICK = {
     "test_kernels.py::test_float32_any_vocabulary": {"v": (1000, 70000)},
     "test_kernels.py::test_half_precision_no_worse_than_eager": {"v": (1000, 70000), "dtype": (torch.bfloat16,)},
@@ -55,11 +61,37 @@ GPU_QUICK = {
     "test_linear.py::test_bfloat16_hidden_float32_weight": {},
 }
 
+# The quick tier still runs every method on every backend against the float64 oracle (each method once: the
+# hyperparameter sweep of cases.CASES is the full tier's), bad inputs, the extension's checks and a trainer step.
+# What it leaves to the full tier: the tests below (file, or file::function), which take minutes each (sm_90
+# compiles, per-capability builds, the demos, multi-process runs), and the values of QUICK_PARAMS it does not list.
+FULL_ONLY = {
+    "test_triton_compile.py",
+    "test_cuda_compile.py",
+    "test_extension.py::test_each_cpu_capability_build",
+    "test_cli.py::test_demo_quick_runs_and_reports_every_method",
+    "test_cli.py::test_demo_standardize_adds_a_column",
+    "test_cli.py::test_demo_learn_temperature_adds_a_column",
+    "test_cli.py::test_demo_lm_quick_trains_and_reports",
+    "test_cli.py::test_liger_rows_check_values_first",
+    "test_numerics.py::test_out_of_range_target_under_torch_compile_raises",
+    "test_akl.py::test_fused_kernel_has_no_n_by_v_temporary",
+    "test_integrations.py::test_fsdp2_two_processes_equal_one_full_batch",
+}
+# Parameter -> values the quick tier keeps, for every test that takes it; per test (file::function) more of them.
+QUICK_PARAMS = {"case": lambda case: _one_per_method(case), "world": lambda world: world == 2}
+QUICK_TEST_PARAMS = {
+    "test_kernels.py::test_float32_any_vocabulary": {"v": (37, 1000)},
+    "test_kernels.py::test_half_precision_no_worse_than_eager": {"v": (37, 1000), "dtype": (torch.bfloat16,)},
+    "test_numerics.py::test_decoupled_student_offset_from_teacher": {"offset": (20000.0,)},
+    "test_full_gradient.py::test_gradcheck_teacher_and_temperature": {"standardize": (True,)},
+}
+
 
 def pytest_ignore_collect(collection_path, config):
     """With KDKERNELS_GPU_QUICK=1 the other test files are not even imported (collecting them all takes seconds)."""
     if (
-        os.environ.get("KDKERNELS_GPU_QUICK") == "1"
+        GPU_QUICK_TESTS
         and collection_path.name.startswith("test_")
         and collection_path.name not in {test.split("::")[0] for test in GPU_QUICK}
     ):
@@ -67,18 +99,49 @@ def pytest_ignore_collect(collection_path, config):
     return None
 
 
+def _one_per_method(case) -> bool:
+    """Of cases.CASES only ONE_PER_METHOD; a "case" parameter of other values (another file's cases) is kept."""
+    return not any(case is c for c in CASES) or case_id(case) in ONE_PER_METHOD
+
+
+def _params(item) -> dict:
+    return item.callspec.params if hasattr(item, "callspec") else {}
+
+
 def in_gpu_quick(item) -> bool:
     kept = GPU_QUICK.get(f"{item.path.name}::{item.originalname}")
-    params = item.callspec.params if hasattr(item, "callspec") else {}
+    params = _params(item)
     return (
         kept is not None
         and all(params[name] in values for name, values in kept.items())
-        and ("case" not in params or case_id(params["case"]) in GPU_CASES)
+        and ("case" not in params or _one_per_method(params["case"]))
     )
 
 
+def in_quick_tier(item) -> bool:
+    test = f"{item.path.name}::{item.originalname}"
+    if item.path.name in FULL_ONLY or test in FULL_ONLY:
+        return False
+    params = _params(item)
+    if not all(keep(params[name]) for name, keep in QUICK_PARAMS.items() if name in params):
+        return False
+    return all(params[name] in values for name, values in QUICK_TEST_PARAMS.get(test, {}).items())
+
+
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get("KDKERNELS_GPU_QUICK") != "1":
+    if FULL_TESTS and not GPU_QUICK_TESTS:
         return
-    config.hook.pytest_deselected(items=[item for item in items if not in_gpu_quick(item)])
-    items[:] = [item for item in items if in_gpu_quick(item)]
+    selected = in_gpu_quick if GPU_QUICK_TESTS else in_quick_tier
+    config.hook.pytest_deselected(items=[item for item in items if not selected(item)])
+    items[:] = [item for item in items if selected(item)]
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Says which selection ran (under xdist the deselected count is not reported by pytest itself)."""
+    if GPU_QUICK_TESTS:
+        terminalreporter.write_line("kdkernels: the GPU check's selection of the tests (KDKERNELS_GPU_QUICK=1)")
+    elif not FULL_TESTS:
+        terminalreporter.write_line(
+            "kdkernels: the quick tier; KDKERNELS_FULL_TESTS=1 runs the full one (every case, compile and build "
+            "checks, demos, multi-process runs)"
+        )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 from oracle import oracle
 
 import kdkernels
+from kdkernels.backends.kernel_call import KernelCall
 
 # Relative tolerance per input dtype, applied as |got - want| <= tol * (|want| + max|want|) (loss and gradient).
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -93,10 +96,10 @@ def check_against_oracle(
     assert_close(grad, want_grad, dtype, f"{method} {hp} gradient")
 
 
-def family_op_args(method, hp):
-    """(family, code, params) of a method's plan, as the family ops take them."""
+def kernel_call(method, hp, **fields) -> tuple[str, KernelCall]:
+    """(family, the KernelCall of the method's plan with ``fields``), as the family ops take it."""
     plan = kdkernels.METHODS[method].plan(kdkernels.METHODS[method].resolve(hp))
-    return plan.family, int(plan.code), [float(x) for x in plan.params]
+    return plan.family, KernelCall(code=int(plan.code), params=tuple(float(x) for x in plan.params), **fields)
 
 
 def family_ops(backend):
@@ -108,3 +111,23 @@ def family_ops(backend):
         )
         for family in ("divergence", "decoupled")
     }
+
+
+def gold_config(**options) -> SimpleNamespace:
+    """The fields of TRL's GOLDConfig that its ULDLoss reads, at GOLD's defaults but for no cross-entropy, no EOS
+    skipped and positional rows (use_extended_uld=False); ``options`` override them."""
+    defaults = dict(
+        uld_crossentropy_weight=0.0,
+        uld_distillation_weight=1.0,
+        uld_student_temperature=1.0,
+        uld_teacher_temperature=1.0,
+        uld_skip_student_eos=False,
+        uld_skip_teacher_eos=False,
+        use_extended_uld=False,
+        uld_token_merge_strategy="observed",
+        uld_use_hybrid_loss=False,
+        uld_hybrid_matched_weight=None,
+        uld_hybrid_unmatched_weight=None,
+        beta=0.5,
+    )
+    return SimpleNamespace(**{**defaults, **options})

@@ -271,14 +271,140 @@ def oracle(
         grads[r, keep] = _weighted(distill_weight, grad * scale)
         if vjp is not None and distill_weight != 0:  # (weight 0: the gradient 0, whatever the z-scores)
             grads[r] = vjp(grads[r])
-        if ce_weight and not (np.isneginf(s[r]) & np.isneginf(t[r])).all():  # -log softmax(s)_y at T = 1
-            lse = _logsumexp(s[r])
-            rows[r] += ce_weight * (lse - s[r, labels[r]])
-            grads[r] += ce_weight * (np.exp(s[r] - lse) - (np.arange(v) == labels[r]))
+        if ce_weight and not (np.isneginf(s[r]) & np.isneginf(t[r])).all():  # (not a row masked in both)
+            ce, ce_grad = _cross_entropy(s[r], labels[r])
+            rows[r] += ce_weight * ce
+            grads[r] += ce_weight * ce_grad
+    return _reduced(rows, grads, lead, valid, reduction, normalizer, grad_output)
+
+
+def _cross_entropy(x: np.ndarray, label: int) -> tuple[float, np.ndarray]:
+    """-log softmax(x)_y at T = 1 and its gradient softmax(x) - onehot(y)."""
+    lse = _logsumexp(x)
+    return lse - x[label], np.exp(x - lse) - (np.arange(x.size) == label)
+
+
+def _reduced(rows, grads, lead, valid, reduction, normalizer, grad_output):
+    """(the loss reduced as asked, d(grad_output . loss)/d input) from the row losses [n] and each row's gradient
+    [n, ...]: the leading shape restored."""
+    n = rows.size
     if reduction == "none":
         go = np.broadcast_to(np.asarray(grad_output, dtype=np.float64).reshape(-1), (n,))
-        return rows.reshape(lead), (grads * go[:, None]).reshape(*lead, v)
+        return rows.reshape(lead), (grads * go.reshape(n, *[1] * (grads.ndim - 1))).reshape(*lead, *grads.shape[1:])
     denom = 1.0
     if reduction == "batchmean":
         denom = float(normalizer) if normalizer is not None else max(1, int(valid.sum()))
-    return np.float64(rows.sum() / denom), (grads * grad_output / denom).reshape(*lead, v)
+    return np.float64(rows.sum() / denom), (grads * grad_output / denom).reshape(*lead, *grads.shape[1:])
+
+
+# ---- cross-tokenizer losses (docs/losses.md, section 11) ---------------------------------------------------------
+
+
+def _sorted_l1(q: np.ndarray, p: np.ndarray) -> tuple[float, np.ndarray]:
+    """(sum_i |q_(i) - p_(i)|, dl/dq per class): both sorted descending, the shorter zero-padded; the student's ties
+    ranked lower index first (a stable argsort of -q), sign(0) = 0."""
+    order = np.argsort(-q, kind="stable")
+    n = max(q.size, p.size)
+    qs, ps = np.zeros(n), np.zeros(n)
+    qs[: q.size], ps[: p.size] = q[order], np.sort(p)[::-1]
+    diff = qs - ps
+    grad = np.empty(q.size)
+    grad[order] = np.sign(diff[: q.size])
+    return float(np.abs(diff).sum()), grad
+
+
+def _matched_terms(lp: np.ndarray, lq: np.ndarray, beta: float) -> tuple[float, np.ndarray]:
+    """(sum of the generalized JSD terms J(p~_b, q~_a) over the pairs, r = q~ dl/dq~ per pair) from the pairs' log
+    probabilities; TRL's endpoints: beta = 0 is p log(p / q), beta = 1 is q log(q / p)."""
+    p, q = np.exp(lp), np.exp(lq)
+    if beta == 0:
+        return _xlogy_ratio(p, lp, lq).sum(), -p
+    if beta == 1:
+        with np.errstate(invalid="ignore"):
+            return _xlogy_ratio(q, lq, lp).sum(), np.where(q == 0, 0.0, q * (lq - lp + 1))
+    lm = np.logaddexp(lp + np.log(beta), lq + np.log1p(-beta))
+    loss = beta * _xlogy_ratio(p, lp, lm).sum() + (1 - beta) * _xlogy_ratio(q, lq, lm).sum()
+    with np.errstate(invalid="ignore"):
+        return loss, np.where(q == 0, 0.0, (1 - beta) * q * (lq - lm))
+
+
+def _cross_vocab_row(method, lq, lp, pairs, hp):
+    """(loss, r = q~ dl/dq~ over the student's classes) of one row from its log q~ [Vs] and log p~ [Vt]."""
+    q, p = np.exp(lq), np.exp(lp)
+    if method == "uld":
+        loss, grad = _sorted_l1(q, p)
+        return loss, q * grad
+    a, b = pairs
+    matched_loss, r_matched = _matched_terms(lp[b], lq[a], hp["beta"])
+    w_m, w_u = hp["matched_weight"], hp["unmatched_weight"]
+    if w_m is None:
+        w_m = a.size / lp.size
+        w_u = 1 - w_m
+    r = np.zeros(q.size)
+    r[a] = w_m * r_matched
+    free_s, free_t = np.setdiff1d(np.arange(q.size), a), np.setdiff1d(np.arange(p.size), b)
+    unmatched = 0.0
+    if free_s.size and free_t.size:
+        unmatched, grad = _sorted_l1(q[free_s], p[free_t])
+        r[free_s] = w_u * q[free_s] * grad
+    return w_m * matched_loss + w_u * unmatched, r
+
+
+def _per_row(x, n: int) -> np.ndarray:
+    return np.zeros(n) if x is None else np.asarray(x, np.float64).reshape(-1)
+
+
+def cross_vocab_oracle(
+    method,
+    student,
+    teacher,
+    target=None,
+    *,
+    vocab_map=None,
+    beta=0.5,
+    matched_weight=None,
+    unmatched_weight=None,
+    temperature=1.0,
+    teacher_temperature=None,
+    student_log_scale=None,
+    teacher_log_scale=None,
+    reduction="batchmean",
+    ignore_index=-100,
+    normalizer=None,
+    grad_output=1.0,
+    ce_weight=0.0,
+    distill_weight=1.0,
+    mask=None,
+):
+    """(loss, d(grad_output . loss)/d student, the same for student_log_scale) of ``method`` ("uld" or "hybrid") on
+    student [..., Vs] and teacher [..., Vt], float64, with the closed-form gradients of docs/losses.md section 11:
+    r = q~ dl/dq~, g = (r - q sum r) / T_s, dl/dc_s = sum r. ``vocab_map``: (student ids, teacher ids)."""
+    s, t = np.asarray(student, np.float64), np.asarray(teacher, np.float64)
+    lead, vs = s.shape[:-1], s.shape[-1]
+    s, t = s.reshape(-1, vs), t.reshape(-1, t.shape[-1])
+    n = s.shape[0]
+    scales = [_per_row(c, n) for c in (student_log_scale, teacher_log_scale)]
+    labels = None if target is None else np.asarray(target).reshape(-1)
+    valid = np.ones(n, bool) if labels is None else labels != ignore_index
+    if mask is not None:
+        valid &= np.asarray(mask).reshape(-1) != 0
+    pairs = None if vocab_map is None else tuple(np.asarray(ids, np.int64) for ids in vocab_map)
+    hp = {"beta": beta, "matched_weight": matched_weight, "unmatched_weight": unmatched_weight}
+    T_s, T_t = temperature, temperature if teacher_temperature is None else teacher_temperature
+    rows, grads, scale_grads = np.zeros(n), np.zeros((n, vs)), np.zeros(n)
+    for i in range(n):
+        if not valid[i] or (np.isneginf(s[i]).all() and np.isneginf(t[i]).all()):
+            continue
+        x, y = s[i] / T_s, t[i] / T_t
+        lq_norm = x - _logsumexp(x)
+        loss, r = _cross_vocab_row(method, lq_norm + scales[0][i], y - _logsumexp(y) + scales[1][i], pairs, hp)
+        rows[i] = distill_weight * loss
+        grads[i] = distill_weight * (r - np.exp(lq_norm) * r.sum()) / T_s
+        scale_grads[i] = distill_weight * r.sum()
+        if ce_weight:
+            ce, ce_grad = _cross_entropy(s[i], labels[i])
+            rows[i] += ce_weight * ce
+            grads[i] += ce_weight * ce_grad
+    options = (valid, reduction, normalizer, grad_output)
+    loss, grad = _reduced(rows, grads, lead, *options)
+    return loss, grad, _reduced(rows, scale_grads, lead, *options)[1]

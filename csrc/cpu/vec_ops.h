@@ -92,7 +92,7 @@ constexpr float LN2_HI = 0.693359375f, LN2_LO = -2.12194440e-4f;
 // registers): x clamped to [ln FLT_MIN, 89] (the clamps let NaN through), n = round(x / ln 2), r = x - n ln 2
 // (|r| <= ln 2 / 2), exp(r) = 1 + r + r^2 P(r) with P of degree 5 (Cephes' expf coefficients), times 2^n. Results
 // below FLT_MIN are 0: lanes past a row's end and masked classes (-inf) would otherwise compute denormals, each a
-// microcode assist of about a hundred cycles (V = 100 ran 1.5x slower), and a class 87 below the row's maximum is 0
+// microcode assist of about a hundred cycles, and a class 87 below the row's maximum is 0
 // to every float32 sum anyway. At most 1.01 ulp from exp over every float in [ln FLT_MIN, 89] (0.06 ulp on
 // average); inf above.
 inline at::vec::Vectorized<float> exp_float(const at::vec::Vectorized<float>& v) {

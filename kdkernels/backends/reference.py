@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..methods import ABKD_CODES, BDKD_TIE, DIVERGENCE, STANDARDIZE_EPS, Bin, Divergence, Partition, Plan
+from ..methods import ABKD_CODES, BDKD_TIE, DIVERGENCE, STANDARDIZE_EPS, Bin, CrossVocab, Divergence, Partition, Plan
 
 NEG_INF = float("-inf")
 
@@ -217,7 +217,7 @@ def decoupled_rows(plan: Plan, lp: torch.Tensor, lq: torch.Tensor, bins: torch.T
     class [N, V]."""
     params = plan.params
     log_p, log_q, inner = [], [], []
-    for b in Bin:
+    for b in map(int, Bin):  # (ints: torch.compile mistraces a tensor compared with, or a list indexed by, an IntEnum)
         member = bins == b
         log_pb, log_qb = _bin_logsumexp(lp, member), _bin_logsumexp(lq, member)
         log_p.append(log_pb)
@@ -234,9 +234,9 @@ def decoupled_rows(plan: Plan, lp: torch.Tensor, lq: torch.Tensor, bins: torch.T
             divergence = divergence + params.w_rkl * kl_terms(in_q, torch.where(member, in_p, 0.0)).sum(-1)
         inner.append(divergence)
     log_p, log_q = refine_largest(torch.stack(log_p, -1)), refine_largest(torch.stack(log_q, -1))
-    w_mass = aekt_weight(params, log_p[:, Bin.STRONG], log_q[:, Bin.STRONG]) if params.adaptive else params.w_mass
+    w_mass = aekt_weight(params, log_p[:, int(Bin.STRONG)], log_q[:, int(Bin.STRONG)]) if params.adaptive else params.w_mass
     loss = weighted(w_mass, kl_terms(log_p, log_q).sum(-1))
-    return loss + weighted(params.w_strong, inner[Bin.STRONG]) + weighted(params.w_rest, inner[Bin.REST])
+    return loss + weighted(params.w_strong, inner[int(Bin.STRONG)]) + weighted(params.w_rest, inner[int(Bin.REST)])
 
 
 def aekt_weight(params, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -251,6 +251,8 @@ def weighted(weight: float | torch.Tensor, term: torch.Tensor | float) -> torch.
     contributes nothing, to the loss or its gradient (docs/losses.md, "The hard-label term")."""
     if isinstance(weight, torch.Tensor):
         return torch.where(weight == 0, 0.0, weight * torch.where(weight == 0, 0.0, term))
+    if weight == 1:
+        return term
     if weight != 0:
         return weight * term
     # (zeros still in the autograd graph, so that a loss whose every term has weight 0 has a gradient: 0)
@@ -337,3 +339,62 @@ def cross_entropy_rows(student: torch.Tensor, target: torch.Tensor, kept: torch.
     s = torch.where(kept.unsqueeze(-1), student, 0.0)
     index = torch.where(kept, target, 0).unsqueeze(-1)
     return torch.where(kept, torch.logsumexp(s, -1) - s.gather(-1, index).squeeze(-1), 0.0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Two vocabularies (docs/losses.md, section 11): rows of q~ [N, Vs] and p~ [N, Vt].
+# --------------------------------------------------------------------------------------------------------------
+
+
+def sorted_l1(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Per row [N], sum_i |q_(i) - p_(i)| of q [N, Vs] and p [N, Vt] each sorted descending, the shorter zero-padded.
+    A stable sort ranks tied probabilities lower index first, and autograd scatters sign(q_(i) - p_(i)) (sign(0) = 0)
+    back through it: the gradient docs/losses.md defines at ties."""
+    width = max(q.shape[-1], p.shape[-1])
+    ranked = [
+        torch.nn.functional.pad(torch.sort(x, dim=-1, descending=True, stable=True).values, (0, width - x.shape[-1]))
+        for x in (q, p)
+    ]
+    return (ranked[0] - ranked[1]).abs().sum(-1)
+
+
+def hybrid_rows(params, lq: torch.Tensor, lp: torch.Tensor, classes) -> torch.Tensor:
+    """GOLD's hybrid per row [N] from log q~ [N, Vs] and log p~ [N, Vt]: ``params.matched_plan()``'s terms on the
+    map's pairs, the sorted L1 on the unmatched classes (0 when either model has none), weighted. ``classes``: the
+    map's (student ids, teacher ids, unmatched student ids, unmatched teacher ids) on the logits' device."""
+    student_ids, teacher_ids, free_student, free_teacher = classes
+    matched = divergence_rows(params.matched_plan(), lp[:, teacher_ids], lq[:, student_ids])
+    loss = params.matched_weight * matched
+    if free_student.numel() and free_teacher.numel():
+        unmatched = sorted_l1(lq[:, free_student].exp(), lp[:, free_teacher].exp())
+        loss = loss + params.unmatched_weight * unmatched
+    return loss
+
+
+def cross_vocab_rows(
+    call, student: torch.Tensor, teacher: torch.Tensor, log_scales, classes
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row losses [N] of a cross-vocabulary ``call`` on student [N, Vs] and teacher [N, Vt] logits: the method's
+    loss and, with ``call.with_ce``, the student's cross-entropy (else None). ``log_scales``: (c_s, c_t), [N] each or
+    None; ``classes``: hybrid_rows's (None for uld). Rows left out, or masked in both models, are exactly 0."""
+    dtype = compute_dtype(student, teacher)
+    masked = torch.isneginf(student).all(-1) & torch.isneginf(teacher).all(-1)
+    kept = call.valid & ~masked
+    keep = kept.unsqueeze(-1)
+    # Rows left out are replaced by zeros before any arithmetic, so a NaN there cannot leak into the gradient.
+    s = torch.where(keep, student.to(dtype), 0.0)
+    t = torch.where(keep, teacher.to(dtype), 0.0)
+    params = call.plan.params
+    lq = torch.log_softmax(s / call.temperature, -1)
+    lp = torch.log_softmax(t / params.teacher_temperature, -1)
+    scaled = []
+    for log_prob, scale in zip((lq, lp), log_scales):
+        scaled.append(log_prob if scale is None else log_prob + torch.where(kept, scale.to(dtype), 0.0).unsqueeze(-1))
+    lq, lp = scaled
+    if call.plan.code == CrossVocab.ULD:
+        loss = sorted_l1(lq.exp(), lp.exp())
+    else:
+        loss = hybrid_rows(params, lq, lp, classes)
+    target = None if call.target is None else torch.where(call.valid, call.target, 0)
+    ce = cross_entropy_rows(s, target, kept) if call.with_ce else None
+    return torch.where(kept, loss, 0.0), ce
