@@ -234,9 +234,10 @@ def decoupled_rows(plan: Plan, lp: torch.Tensor, lq: torch.Tensor, bins: torch.T
             divergence = divergence + params.w_rkl * kl_terms(in_q, torch.where(member, in_p, 0.0)).sum(-1)
         inner.append(divergence)
     log_p, log_q = refine_largest(torch.stack(log_p, -1)), refine_largest(torch.stack(log_q, -1))
-    w_mass = aekt_weight(params, log_p[:, int(Bin.STRONG)], log_q[:, int(Bin.STRONG)]) if params.adaptive else params.w_mass
+    strong = int(Bin.STRONG)
+    w_mass = aekt_weight(params, log_p[:, strong], log_q[:, strong]) if params.adaptive else params.w_mass
     loss = weighted(w_mass, kl_terms(log_p, log_q).sum(-1))
-    return loss + weighted(params.w_strong, inner[int(Bin.STRONG)]) + weighted(params.w_rest, inner[int(Bin.REST)])
+    return loss + weighted(params.w_strong, inner[strong]) + weighted(params.w_rest, inner[int(Bin.REST)])
 
 
 def aekt_weight(params, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
