@@ -29,7 +29,7 @@ from kdkernels.backends.triton import common as triton_common
 FULL = os.environ.get("KDKERNELS_FULL_TESTS") == "1"
 # Cases per backend in the quick tier (Triton's interpreter takes about half a second a case on CPU tensors; the
 # reference, the eager yardstick of the fused backends' precision, is itself checked on fewer).
-QUICK = {"cpu": 360, "cuda": 360, "triton": 60 if DEVICE == "cpu" else 360, "reference": 120}
+QUICK = {"cpu": 300, "cuda": 300, "triton": 60 if DEVICE == "cpu" else 300, "reference": 100}
 SEED = 22
 INF, NAN = float("inf"), float("nan")
 # A class this far below the rest of its row has probability 0 in float64 too. The divergence family also gets
