@@ -497,19 +497,10 @@ def linear_distill_loss(
     teacher_softcap: float | None = None,
     student_logit_scale: float = 1.0,
     teacher_logit_scale: float = 1.0,
-    temperature: float | None = None,
-    t2_scale: bool | None = None,
-    reduction: str = "batchmean",
-    ignore_index: int = -100,
-    normalizer=None,
-    ce_weight: float = 0.0,
-    distill_weight: float = 1.0,
-    return_parts: bool = False,
     return_entropy: bool = False,
     mask: Tensor | None = None,
-    standardize: bool = False,
     backend: str = "auto",
-    **hyperparameters,
+    **options,
 ) -> Tensor:
     """``distill_loss(method, student_logits, teacher_logits, target, ...)`` on the logits of two linear heads,
     ``logits = hidden @ weight.T + bias``, computed in row chunks so that neither [N, V] logits tensor exists.
@@ -521,8 +512,8 @@ def linear_distill_loss(
             teacher is a constant unless teacher_hidden requires grad (a teacher that learns): then the gradient
             reaches teacher_hidden and, where they require grad, teacher_weight and teacher_bias, from the fused
             backends' full ops. Or a ``SparseTeacher`` with teacher_weight=None.
-        target, temperature, t2_scale, reduction, ignore_index, normalizer, ce_weight, distill_weight, return_parts,
-            mask, standardize, backend, **hyperparameters: as in ``distill_loss`` (a learnable temperature, a 0-d
+        target, mask, backend, **options (the loss options and the method's hyperparameters): as in
+            ``distill_loss`` (a learnable temperature, a 0-d
             tensor that requires grad, gets d loss / d T from the fused backends' full ops; standardize z-scores
             each model's logits, after its logit scale and softcap; the cross-entropy term is the student head's,
             in the same pass); reductions and the batchmean denominator are those of the whole batch.
@@ -540,20 +531,8 @@ def linear_distill_loss(
         float32 loss: 0-d, or the leading shape for reduction="none"; a ``LossParts`` with ``return_parts``;
         ``(that, entropy)`` with ``return_entropy``.
     """
-    temperature, temperature_tensor = split_temperature(temperature)
-    settings = resolve(
-        method,
-        hyperparameters,
-        temperature,
-        t2_scale,
-        reduction,
-        ignore_index,
-        normalizer,
-        ce_weight,
-        distill_weight,
-        return_parts,
-        standardize,
-    )
+    temperature, temperature_tensor = split_temperature(options.pop("temperature", None))
+    settings = resolve(method, temperature=temperature, **options)
     sparse = isinstance(teacher_hidden, SparseTeacher)
     learn_temperature = full_gradient(None, temperature_tensor)
     if learn_temperature and sparse:

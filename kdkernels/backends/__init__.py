@@ -27,7 +27,7 @@ import torch
 from . import reference
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Backend:
     name: str
     impl: Callable | None
@@ -126,5 +126,11 @@ def _reference_cross_vocab(
 
 
 register(
-    Backend("reference", _reference_impl, lambda device: None, full=_reference_full, cross_vocab=_reference_cross_vocab)
+    Backend(
+        name="reference",
+        impl=_reference_impl,
+        unavailable=lambda device: None,
+        full=_reference_full,
+        cross_vocab=_reference_cross_vocab,
+    )
 )

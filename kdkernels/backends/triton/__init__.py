@@ -169,13 +169,13 @@ _ops = {family: ops[0] for family, ops in _triples.items()}
 _full_ops = {family: ops[2] for family, ops in _triples.items()}
 register(
     Backend(
-        "triton",
-        family_backend("triton", _ops, scale_rows_),
-        _unavailable,
-        full_backend(_full_ops),
-        _ops,
-        {family: ops[1] for family, ops in _triples.items()},
-        scale_rows_,
-        _full_ops,
+        name="triton",
+        impl=family_backend("triton", _ops, scale_rows_),
+        unavailable=_unavailable,
+        full=full_backend(_full_ops),
+        ops=_ops,
+        inplace={family: ops[1] for family, ops in _triples.items()},
+        scale_rows=scale_rows_,
+        full_ops=_full_ops,
     )
 )
