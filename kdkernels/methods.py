@@ -33,6 +33,10 @@ REDUCTIONS = ("batchmean", "sum", "none")
 # The z-score of logit standardization (option standardize): (x - mean) / (std + STANDARDIZE_EPS), as Sun et al.'s
 # code (sunshangquan/logit-standardization-KD) writes it; the kernels take it from here (C++: csrc/row_math.h).
 STANDARDIZE_EPS = 1e-7
+# bdkd weighs one KL by 3 where one model's entropy is the larger; the entropies count as equal (both weights 1)
+# within BDKD_TIE eps (1 + H(p) + H(q)), eps the machine epsilon of the math type, above the rounding of computing them
+# (docs/losses.md, "bdkd's tie"; C++: csrc/divergence.h).
+BDKD_TIE = 256.0
 CAKD_STRONG = ("target", "topk", "threshold")
 GDKD_STRATEGIES = ("best", "worst")
 # gdkd's in-bin KL: (weight of KL(p^b || q^b), weight of KL(q^b || p^b)) per kl_type, as ZaberKo/GDKD averages them.

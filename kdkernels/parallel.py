@@ -310,15 +310,16 @@ def _decoupled(
         ),
     )
     fkl, rkl = _all_reduce(inner, dist.ReduceOp.SUM, shard.group)
-    if params.adaptive:  # min(P_strong / Q_strong, max_weight), not differentiated
+    if params.adaptive:
         strong = slice(Bin.STRONG, Bin.STRONG + 1)
-        w_mass = (log_masses[0, :, strong] - log_masses[1, :, strong]).exp().clamp(max=params.max_weight)
+        w_mass = reference.aekt_weight(params, log_masses[0, :, strong], log_masses[1, :, strong])
     else:
         w_mass = params.w_mass
     # (new_full, not torch.tensor: a host-to-device copy would sync with the stream.)
     weights = torch.stack([s.new_full((), w) for w in (0.0, params.w_strong, params.w_rest)])  # TOP1, STRONG, REST
     divergence = ((params.w_fkl * fkl) if params.w_fkl else 0.0) + ((params.w_rkl * rkl) if params.w_rkl else 0.0)
-    loss = (w_mass * reference.kl_terms(log_masses[0], log_masses[1])).sum(-1) + (weights * divergence).sum(-1)
+    loss = reference.weighted(w_mass, reference.kl_terms(log_masses[0], log_masses[1])).sum(-1)
+    loss = loss + reference.weighted(weights, divergence).sum(-1)
     if not with_grad:
         return loss, None, None, masked
     masses = log_masses.exp()
@@ -435,7 +436,7 @@ def _shard_rows(call, student, teacher, with_grad, shard, full=False):
         dtemp = -scale * _all_reduce(terms, dist.ReduceOp.SUM, shard.group)
         if call.t2_scale:
             dtemp = dtemp + 2 * temperature * loss
-        dtemp = torch.where(kept, call.distill_weight * dtemp, 0.0)
+        dtemp = torch.where(kept, reference.weighted(call.distill_weight, dtemp), 0.0)
     if grad is not None and call.standardize:
         grad = _through_zscore(grad, zs, stats, shard.group)
         if teacher_grad is not None:
@@ -443,7 +444,7 @@ def _shard_rows(call, student, teacher, with_grad, shard, full=False):
     loss = torch.where(kept, loss * scale, 0.0)
     ce = None
     if grad is not None:
-        grad = grad * (scale * call.distill_weight)
+        grad = reference.weighted(call.distill_weight, grad * scale)
     if call.with_ce:
         ce, ce_grad = _cross_entropy(s, target, call.label_smoothing, with_grad and call.ce_weight != 0, shard)
         ce = torch.where(kept, ce, 0.0)
@@ -452,7 +453,9 @@ def _shard_rows(call, student, teacher, with_grad, shard, full=False):
     if grad is not None:
         grad = torch.where(kept.unsqueeze(-1), grad, 0.0).to(student.dtype)
     if teacher_grad is not None:
-        teacher_grad = torch.where(kept.unsqueeze(-1), teacher_grad * (scale * call.distill_weight), 0.0)
+        teacher_grad = torch.where(
+            kept.unsqueeze(-1), reference.weighted(call.distill_weight, teacher_grad * scale), 0.0
+        )
         teacher_grad = teacher_grad.to(teacher.dtype)
     return *backends.weigh(call, loss, ce), grad, teacher_grad, dtemp
 

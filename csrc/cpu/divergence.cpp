@@ -129,13 +129,14 @@ M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, 
     store_grad_vector(rows, ce != nullptr ? method_grad + xent.grad(load(s + j, n), iota, j) : method_grad, g, j, n);
   };
   // The terms of the classes j..: logs from the logits, probabilities from the kept exps; the masking of classes
-  // absent in both rows only for a vector that has one (lanes past the row's end are).
+  // absent in both rows (probabilities 0 or underflowed) only for a vector that has one (lanes past the row's end
+  // are).
   auto terms = [&](int64_t j, int64_t n) {
     typename O::Mask in_head{};
     if constexpr (CODE == AKL) in_head = in_akl_head<O>(load(t_rank + j, n), head.first, head.second, iota, j);
     const V lq = (load(s + j, n) * inv_T - vmx_row) - lzx, lp = (load(t + j, n) * inv_T - vmy_row) - lzy;
     const V q = V::loadu(es_row + j, n) * inv_zx, p = V::loadu(et_row + j, n) * inv_zy;
-    if (O::any(absent_in_both<O>(lq, lp))) return divergence_terms_of<CODE, O>(c, lq, lp, q, p, in_head);
+    if (O::any(absent_in_both<O>(q, p))) return divergence_terms_of<CODE, O>(c, lq, lp, q, p, in_head);
     return divergence_terms_of<CODE, O, false>(c, lq, lp, q, p, in_head);
   };
   // (3) Per-class terms.
@@ -148,7 +149,7 @@ M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, 
     sum_l.add(k.l);
     if constexpr (CODE != KD) sum_r.add(k.r);  // (kd: sum r = -1)
     if constexpr (weighs_row_sums<CODE>) sum_e.add(k.e);
-    if constexpr (CODE == AKL) sum_f.add(k.f);
+    if constexpr (weighs_row_sums<CODE>) sum_f.add(k.f);
     if (full) sum_rt.add(k.rt);
     if (g == nullptr || full) continue;
     if constexpr (CODE == KD) {
@@ -159,7 +160,7 @@ M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, 
   }
   const DivergenceRow<M> row =
       divergence_row<CODE>(c, sum_l.sum(), CODE == KD ? M(-1) : sum_r.sum(), weighs_row_sums<CODE> ? sum_e.sum() : M(0),
-                           CODE == AKL ? sum_f.sum() : M(0));
+                           weighs_row_sums<CODE> ? sum_f.sum() : M(0));
   // (4) The gradient, once the row sums are known; bdkd, akl and the full gradient (the teacher's rt_k, p_k)
   // recompute the terms from the kept exps.
   if (full) {

@@ -188,7 +188,10 @@ struct TemperatureGrad {
     const V ninf(neg_inf<M>()), zero(M(0));
     sum.add(O::select(O::eq(x, ninf), zero, (x - shift_x) * g) + O::select(O::eq(y, ninf), zero, (y - shift_y) * gt));
   }
-  M value(bool t2_scale, M scale, M loss) const { return (t2_scale ? M(2) * scale * loss : M(0)) - sum.sum(); }
+  M value(bool t2_scale, M scale, M loss) const {
+    if (scale == M(0)) return M(0);  // (distill_weight = 0: the gradients summed are 0, the loss may be inf)
+    return (t2_scale ? M(2) * scale * loss : M(0)) - sum.sum();
+  }
 };
 
 // The count and sum of a row's classes that are not -inf (lanes past v load as -inf).
@@ -237,6 +240,7 @@ struct CrossEntropy {
   }
   at::vec::Vectorized<M> grad(const at::vec::Vectorized<M>& s, const at::vec::Vectorized<M>& iota, int64_t j) const {
     using V = at::vec::Vectorized<M>;
+    if (options.scale == M(0)) return V(M(0));  // (ce_weight = 0: no gradient, whatever the logits)
     const V onehot = Ops<M>::select(Ops<M>::index_eq(iota, target - j), V(M(1) - options.smoothing), V(M(0)));
     V g = Ops<M>::exp(s - V(m1) - V(lz1)) - onehot;
     if (share != M(0)) g = g - Ops<M>::select(Ops<M>::lnot(Ops<M>::eq(s, V(neg_inf<M>()))), V(share), V(M(0)));
@@ -307,10 +311,12 @@ void through_zscore(M* g, const M* z, const ZScore<M>& zs, int64_t v, Extra&& ex
 // both rows' z-scores (a partition ranks the raw teacher row t, its threshold scaled by the teacher's sd) and writes
 // G = dL/dz into g (and the teacher's into gt; dtemp is d loss / d T, which the z-score does not change); here they
 // become dL/ds (dL/dt) through the z-scores' Jacobians (row_math.h ZScore), and the cross-entropy term, which keeps
-// the raw logits, is added. buf holds the z-scores and, when g overwrites s (in place), a copy of s.
+// the raw logits, is added. buf holds the z-scores and, when g overwrites s (in place), a copy of s. distilled: the
+// method's gradient is weighed in (distill_weight != 0); else g and gt hold 0, which stays 0 (not the Jacobian's
+// product with a NaN z-score, whatever the row holds).
 template <class M, class Row>
 M standardized_row(const M* s, const M* t, int64_t target, M* g, M* ce, int64_t v, CeOptions<M> ce_options,
-                   RowBuffers<M>& buf, M* gt, M* dtemp, Row&& row) {
+                   bool distilled, RowBuffers<M>& buf, M* gt, M* dtemp, Row&& row) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
@@ -331,11 +337,13 @@ M standardized_row(const M* s, const M* t, int64_t target, M* g, M* ce, int64_t 
   }
   const M loss = row(buf.zs, buf.zt, target, g, nullptr, t, teacher.sd, gt, dtemp);
   if (ce != nullptr) *ce = xent.loss(s, v);
-  if (g != nullptr) {
-    through_zscore(g, buf.zs, student, v,
-                   [&](int64_t j, int64_t n) { return ce != nullptr ? xent.grad(load(s + j, n), iota, j) : V(M(0)); });
+  auto ce_grad = [&](int64_t j, int64_t n) { return ce != nullptr ? xent.grad(load(s + j, n), iota, j) : V(M(0)); };
+  if (g != nullptr && distilled) {
+    through_zscore(g, buf.zs, student, v, ce_grad);
+  } else if (g != nullptr) {
+    for (int64_t j = 0; j < v; j += L) ce_grad(j, std::min(L, v - j)).store(g + j, std::min(L, v - j));
   }
-  if (gt != nullptr) through_zscore(gt, buf.zt, teacher, v, [](int64_t, int64_t) { return V(M(0)); });
+  if (gt != nullptr && distilled) through_zscore(gt, buf.zt, teacher, v, [](int64_t, int64_t) { return V(M(0)); });
   return loss;
 }
 
@@ -378,7 +386,8 @@ void for_rows(const RowsArgs& a, int64_t begin, int64_t end, RowBuffers<M>& buf,
     const M* t = row_as<M>(a.teacher, a.teacher_dtype, a.teacher_stride, i, a.v, buf.t);
     M* g = grad_row == nullptr ? nullptr : grad_in_place ? static_cast<M*>(grad_row) : buf.g;
     M* gt = teacher_grad_row == nullptr ? nullptr : teacher_grad_in_place ? static_cast<M*>(teacher_grad_row) : buf.gt;
-    loss[i] = (a.standardize ? standardized_row(s, t, target, g, ce, a.v, CeOptions<M>::of(a), buf, gt, dtemp, row)
+    loss[i] = (a.standardize ? standardized_row(s, t, target, g, ce, a.v, CeOptions<M>::of(a), a.grad_scale != 0.0, buf,
+                                                gt, dtemp, row)
                              : row(s, t, target, g, ce, t, M(1), gt, dtemp)) *
               M(a.t2);
     if (g != nullptr && !grad_in_place) store_row(g, a.v, a.student_dtype, grad_row);

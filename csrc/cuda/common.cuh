@@ -416,7 +416,9 @@ struct TemperatureGrad {
     sum.x += (x == -INFINITY ? 0.f : (x - safe_shift(mx)) * g) + (y == -INFINITY ? 0.f : (y - safe_shift(my)) * gt);
   }
   __device__ __forceinline__ float value(bool t2_scale, float scale, float loss, Sum* scratch) const {
-    return (t2_scale ? 2.f * scale * loss : 0.f) - block_reduce(sum, scratch).x;
+    const float terms = block_reduce(sum, scratch).x;  // (every thread: a barrier)
+    if (scale == 0.f) return 0.f;                      // (distill_weight = 0: the loss may be inf, the gradient is 0)
+    return (t2_scale ? 2.f * scale * loss : 0.f) - terms;
   }
 };
 
@@ -448,6 +450,7 @@ struct CrossEntropy {
   float smoothing, share;  // eps, eps / K
 
   __device__ __forceinline__ float grad(int64_t j, float s) const {
+    if (scale == 0.f) return 0.f;  // (ce_weight = 0: no gradient, whatever the logits)
     const float unmasked = s != -INFINITY ? share : 0.f;
     return (expf(s - m1 - lz1) - (j == target ? 1.f - smoothing : 0.f) - unmasked) * scale;
   }

@@ -168,8 +168,10 @@ __global__ void __launch_bounds__(512)
     walk_row_pair(s, t, g, gt, r.v, [&](int64_t j, float sj, float tj) {
       const float2 gj = grads(j, sj, tj);
       if (a.temperature_grad != nullptr) dt.add(zs.x(sj, a.temperature), gj.x, zs.y(tj, a.temperature), gj.y);
-      return make_float2((a.standardize ? zs.s.grad(gj.x, sj) : gj.x) + (with_ce ? xent.grad(j, sj) : 0.f),
-                         a.standardize ? zs.t.grad(gj.y, tj) : gj.y);
+      // (scale 0, distill_weight = 0: the gradients are 0, kept 0 rather than carried through a NaN z-score)
+      const bool through = a.standardize && scale != 0.f;
+      return make_float2((through ? zs.s.grad(gj.x, sj) : gj.x) + (with_ce ? xent.grad(j, sj) : 0.f),
+                         through ? zs.t.grad(gj.y, tj) : gj.y);
     });
     if (a.temperature_grad != nullptr) {
       const float dtemp = dt.value(a.t2_scale, scale, d.loss, sum_scratch);

@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(512, 2) divergence_kernel(Rows<T> r, LaunchArg
   sum_l = block_reduce(sum_l, sum_scratch);
   if (CODE != KD) sum_r = block_reduce(sum_r, sum_scratch);
   if (weighs_row_sums<CODE>) sum_e = block_reduce(sum_e, sum_scratch);
-  if (CODE == AKL) sum_f = block_reduce(sum_f, sum_scratch);
+  if (weighs_row_sums<CODE>) sum_f = block_reduce(sum_f, sum_scratch);
   if (full) sum_rt = block_reduce(sum_rt, sum_scratch);
   const DivergenceRow<float> row_sums = divergence_row<CODE>(c, sum_l.x, sum_r.x, sum_e.x, sum_f.x);
   if (threadIdx.x == 0) r.loss[row] = row_sums.loss * a.t2;
@@ -160,15 +160,16 @@ __global__ void __launch_bounds__(512, 2) divergence_kernel(Rows<T> r, LaunchArg
       const ClassTerms<float> k = terms(j, sj, tj);
       const float gj = divergence_grad<CODE, F>(k, grad_row, scale), gtj = teacher_grad(k, tj);
       dt.add(zs.x(sj, a.temperature), gj, zs.y(tj, a.temperature), gtj);
-      return make_float2((a.standardize ? zs.s.grad(gj, sj) : gj) + (with_ce ? xent.grad(j, sj) : 0.f),
-                         a.standardize ? zs.t.grad(gtj, tj) : gtj);
+      const bool through = a.standardize && scale != 0.f;  // (scale 0: gradients 0, not through a NaN z-score)
+      return make_float2((through ? zs.s.grad(gj, sj) : gj) + (with_ce ? xent.grad(j, sj) : 0.f),
+                         through ? zs.t.grad(gtj, tj) : gtj);
     });
     const float dtemp = dt.value(a.t2_scale, scale, row_sums.loss, sum_scratch);
     if (threadIdx.x == 0) a.temperature_grad[row] = dtemp;
   } else if (!kd_writes && g != nullptr) {
     walk_row<TERMS_PACK>(s, t, g, r.v, [&](int64_t j, float sj, float tj) {
       const float gj = divergence_grad<CODE, F>(terms(j, sj, tj), grad_row, scale);
-      return (a.standardize ? zs.s.grad(gj, sj) : gj) + (with_ce ? xent.grad(j, sj) : 0.f);
+      return (a.standardize && scale != 0.f ? zs.s.grad(gj, sj) : gj) + (with_ce ? xent.grad(j, sj) : 0.f);
     });
   }
 }
