@@ -7,6 +7,7 @@ import torch
 from oracle import oracle
 
 import kdkernels
+from kdkernels.backends.kernel_call import KernelCall
 
 # Relative tolerance per input dtype, applied as |got - want| <= tol * (|want| + max|want|) (loss and gradient).
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -25,14 +26,23 @@ def make_inputs(shape, dtype=torch.float32, device="cpu", seed=0, scale=3.0, ign
 
 
 def assert_close(got, want, dtype, what):
+    """|got - want| <= tol * (|want| + max|want|) where want is finite (the max over those); where it is not (inf,
+    -inf, NaN), got must be the same."""
     got = np.asarray(got.detach().double().cpu() if isinstance(got, torch.Tensor) else got, dtype=np.float64)
     want = np.asarray(want, dtype=np.float64)
     tol = TOLERANCE[dtype]
-    scale = np.abs(want).max() if want.size else 0.0
-    err = np.abs(got - want)
-    bound = tol * (np.abs(want) + scale) + 1e-30
+    finite = np.isfinite(want)
+    same = (got == want) | (np.isnan(got) & np.isnan(want))
+    assert np.all(same | finite), (
+        f"{what}: got {got[~(same | finite)][:4]} where want is {want[~(same | finite)][:4]} "
+        f"(at {np.argwhere(~(same | finite))[:4].tolist()})"
+    )
+    scale = np.abs(want[finite]).max() if finite.any() else 0.0
+    err = np.where(finite, np.abs(got - np.where(finite, want, 0.0)), 0.0)
+    err = np.where(finite & np.isnan(got), np.inf, err)
+    bound = tol * (np.abs(np.where(finite, want, 0.0)) + scale) + 1e-30
     worst = np.unravel_index(np.argmax(err / bound), err.shape) if err.size else ()
-    assert np.all(err <= bound) and np.isnan(got).sum() == np.isnan(want).sum(), (
+    assert np.all(err <= bound), (
         f"{what}: max error {err.max() if err.size else 0:.3e} at {worst} (got {got[worst] if err.size else got}, "
         f"want {want[worst] if err.size else want}), tolerance {tol:g} relative, scale {scale:.3e}"
     )
@@ -75,6 +85,8 @@ def check_against_oracle(
         options.get("ce_weight", 0.0),
         options.get("distill_weight", 1.0),
         options.get("standardize", False),
+        label_smoothing=options.get("label_smoothing", 0.0),
+        float64_math=torch.float64 in (s.dtype, t.dtype),
     )
     dtype = tol_dtype or s.dtype
     assert loss.dtype == (torch.float64 if s.dtype == torch.float64 else torch.float32)
@@ -83,10 +95,10 @@ def check_against_oracle(
     assert_close(grad, want_grad, dtype, f"{method} {hp} gradient")
 
 
-def family_op_args(method, hp):
-    """(family, code, params) of a method's plan, as the family ops take them."""
+def kernel_call(method, hp, **fields) -> tuple[str, KernelCall]:
+    """(family, the KernelCall of the method's plan with ``fields``), as the family ops take it."""
     plan = kdkernels.METHODS[method].plan(kdkernels.METHODS[method].resolve(hp))
-    return plan.family, int(plan.code), [float(x) for x in plan.params]
+    return plan.family, KernelCall(code=int(plan.code), params=tuple(float(x) for x in plan.params), **fields)
 
 
 def family_ops(backend):

@@ -9,13 +9,14 @@ import sys
 import pytest
 import torch
 from cases import CASES, case_id
-from helpers import family_op_args, family_ops, make_inputs
+from helpers import family_ops, kernel_call, make_inputs
 
 import kdkernels
 from kdkernels import backends
+from kdkernels.backends.kernel_call import FLAGS, SCALARS, KernelCall
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARAMS = [float(x) for x in kdkernels.methods.DivergenceParams()]  # a divergence plan's parameter list
+PARAMS = tuple(float(x) for x in kdkernels.methods.DivergenceParams())  # a divergence plan's parameter list
 pytestmark = pytest.mark.skipif(
     "cpu" not in kdkernels.available_backends("cpu"), reason="the C++ extension kdkernels._C is not built"
 )
@@ -26,58 +27,44 @@ pytestmark = pytest.mark.skipif(
 )
 def test_inplace_opcheck(case):
     method, hp = case
-    family, code, params = family_op_args(method, hp)
     s, t, target = make_inputs((4, 33), torch.float32, seed=31)
     for reduce, with_ce, standardize in ((True, False, False), (False, True, True)):
-        torch.library.opcheck(
-            family_ops("cpu")[family][1],
-            (
-                s.clone(),
-                t,
-                target,
-                torch.tensor(2.0) if reduce else None,
-                code,
-                params,
-                1.5,
-                False,
-                -100,
-                reduce,
-                0.5,
-                1.5,
-                with_ce,
-                standardize,
-            ),
+        family, call = kernel_call(
+            method,
+            hp,
+            target=target,
+            denominator=torch.tensor(2.0) if reduce else None,
+            temperature=1.5,
+            reduce=reduce,
+            ce_weight=0.5,
+            distill_weight=1.5,
+            with_ce=with_ce,
+            standardize=standardize,
         )
+        torch.library.opcheck(family_ops("cpu")[family][1], (s.clone(), t, *call.op_args()))
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if case_id(c) in ("kd", "akl", "dkd")], ids=case_id)
 def test_full_opcheck(case):
     """The full ops (teacher gradient, d loss / d T): schema, fake function and dispatch agree."""
     method, hp = case
-    family, code, params = family_op_args(method, hp)
     s, t, target = make_inputs((4, 33), torch.float32, seed=32)
-    op = getattr(torch.ops.kdkernels, f"{family}_cpu_full").default
     for reduce, with_ce, standardize, teacher_grad in ((True, False, False, True), (False, True, True, False)):
-        torch.library.opcheck(
-            op,
-            (
-                s,
-                t,
-                target,
-                torch.tensor(2.0) if reduce else None,
-                code,
-                params,
-                1.5,
-                True,
-                -100,
-                reduce,
-                0.5,
-                1.5,
-                with_ce,
-                standardize,
-                teacher_grad,
-            ),
+        family, call = kernel_call(
+            method,
+            hp,
+            target=target,
+            denominator=torch.tensor(2.0) if reduce else None,
+            temperature=1.5,
+            t2_scale=True,
+            reduce=reduce,
+            ce_weight=0.5,
+            distill_weight=1.5,
+            with_ce=with_ce,
+            standardize=standardize,
         )
+        op = getattr(torch.ops.kdkernels, f"{family}_cpu_full").default
+        torch.library.opcheck(op, (s, t, *call.op_args(), teacher_grad))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -109,13 +96,22 @@ def test_cpu_gradient_buffers_are_reused_and_fully_rewritten(method, dtype, full
     """A freed CPU gradient of 1 MiB or more is kept (csrc/cpu/gradient_cache.h) and the next gradient of its size
     gets the same buffer, here poisoned with NaN first: every element is written again (ignored rows and rows masked
     in both logits included), giving the bits a fresh buffer gets. With full, the teacher's gradient too."""
-    family, code, params = family_op_args(method, {})
     s, t, target = make_inputs((96, 6000), dtype, seed=77, ignored=3)
     s[7], t[7] = float("-inf"), float("-inf")
+    family, call = kernel_call(
+        method,
+        {},
+        target=target,
+        denominator=torch.tensor(95.0),
+        temperature=2.0,
+        t2_scale=True,
+        ce_weight=0.5,
+        with_ce=True,
+    )
     op = getattr(torch.ops.kdkernels, f"{family}_cpu" + ("_full" if full else "")).default
 
     def gradients():
-        outputs = op(s, t, target, torch.tensor(95.0), code, params, 2.0, True, -100, True, 0.5, 1.0, True, False, True)
+        outputs = op(s, t, *call.op_args(), True)
         return list(outputs[2:4] if full else outputs[2:3])
 
     kdkernels.release_cached_gradients()
@@ -268,7 +264,9 @@ def test_codes_and_parameters_agree_in_every_language():
     assert _C.DIVERGENCE_PARAMS == methods.DivergenceParams._fields
     assert _C.DECOUPLED_PARAMS == methods.DecoupledParams._fields
     assert _C.CROSS_VOCAB_PARAMS == methods.CrossVocabParams._fields
+    assert _C.CALL_SCALARS == SCALARS and _C.CALL_FLAGS == FLAGS
     assert _C.STANDARDIZE_EPS == methods.STANDARDIZE_EPS == triton_common.STANDARDIZE_EPS.value
+    assert _C.BDKD_TIE == methods.BDKD_TIE
     divergence_args = inspect.signature(triton_divergence.divergence_kernel.fn).parameters
     assert all(name in divergence_args for name in methods.DivergenceParams._fields)
 
@@ -276,16 +274,14 @@ def test_codes_and_parameters_agree_in_every_language():
 def test_inplace_needs_contiguous_student():
     s, t, target = make_inputs((4, 66), torch.float32, seed=32)
     with pytest.raises(RuntimeError, match="must be contiguous"):
-        torch.ops.kdkernels.divergence_cpu_(
-            s[:, ::2], t[:, ::2], target, None, 0, PARAMS, 1.0, False, -100, True, 0.0, 1.0, False, False
-        )
+        torch.ops.kdkernels.divergence_cpu_(s[:, ::2], t[:, ::2], *KernelCall(target=target, params=PARAMS).op_args())
 
 
 @pytest.mark.parametrize(
     "what,kwargs,match",
     [
         ("code", dict(code=99), "code must be in"),
-        ("params", dict(params=[0.0] * 3), f"params must hold {len(PARAMS)}"),
+        ("params", dict(params=(0.0,) * 3), f"params must hold {len(PARAMS)}"),
         ("temperature", dict(temperature=0.0), "temperature must be > 0"),
         ("shape", dict(teacher=torch.zeros(4, 5)), "same shape"),
         ("dtype", dict(teacher=torch.zeros(4, 6, dtype=torch.int32)), "logits must be float32"),
@@ -295,26 +291,17 @@ def test_inplace_needs_contiguous_student():
     ],
 )
 def test_op_checks_its_arguments(what, kwargs, match):
-    args = dict(
-        student=torch.zeros(4, 6),
-        teacher=torch.zeros(4, 6),
-        target=None,
-        denominator=None,
-        code=0,
-        params=PARAMS,
-        temperature=1.0,
-        t2_scale=False,
-        ignore_index=-100,
-        reduce=True,
-        ce_weight=0.0,
-        distill_weight=1.0,
-        with_ce=False,
-        standardize=False,
-        with_grad=True,
-    )
-    args.update(kwargs)
+    teacher = kwargs.pop("teacher", torch.zeros(4, 6))
+    call = KernelCall(**{"params": PARAMS, **kwargs})
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.kdkernels.divergence_cpu(*args.values())
+        torch.ops.kdkernels.divergence_cpu(torch.zeros(4, 6), teacher, *call.op_args(), True)
+
+
+def test_op_checks_the_lengths_of_its_option_lists():
+    *call, scalars, flags = KernelCall(params=PARAMS).op_args()
+    for bad in ((scalars[:-1], flags), (scalars, flags + [0])):
+        with pytest.raises(RuntimeError, match="scalars must hold .* and flags"):
+            torch.ops.kdkernels.divergence_cpu(torch.zeros(4, 6), torch.zeros(4, 6), *call, *bad, True)
 
 
 def test_auto_picks_the_extension_on_cpu_and_cuda_is_refused_with_a_reason():

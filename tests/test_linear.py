@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 from cases import CASES, case_id
-from helpers import assert_close, family_op_args
+from helpers import assert_close, kernel_call
 
 import kdkernels
 from kdkernels.linear import REFERENCE_BUFFERS, chunk_rows, linear_distill_loss
@@ -347,7 +347,6 @@ def test_inplace_ops_match_out_of_place(case, v, fused, device):
     student row again after the family's)."""
     b = kdkernels.backends.select_backend(fused, torch.empty(0, device=device))
     method, hp = case
-    family, code, params = family_op_args(method, hp)
     g = torch.Generator().manual_seed(1)
     target = torch.tensor([1, -100, v - 1], device=device)
     denom = torch.tensor(2.0, device=device)
@@ -359,7 +358,21 @@ def test_inplace_ops_match_out_of_place(case, v, fused, device):
             (False, (0.5, 0.8, True), False),
             (True, (0.3, 1.0, True), True),
         ):
-            args = (t, target, denom if reduce else None, code, params, 2.0, True, -100, reduce, *ce, standardize)
+            ce_weight, distill_weight, with_ce = ce
+            family, call = kernel_call(
+                method,
+                hp,
+                target=target,
+                denominator=denom if reduce else None,
+                temperature=2.0,
+                t2_scale=True,
+                reduce=reduce,
+                ce_weight=ce_weight,
+                distill_weight=distill_weight,
+                with_ce=with_ce,
+                standardize=standardize,
+            )
+            args = (t, *call.op_args())
             want_loss, want_parts, want_grad = b.ops[family](s, *args, True)
             buffer = s.clone()
             loss, parts = b.inplace[family](buffer, *args)
@@ -369,7 +382,8 @@ def test_inplace_ops_match_out_of_place(case, v, fused, device):
             assert not buffer[1].any()
     if fused != "cpu":  # float32 math only: float64 logits are refused, not silently computed in float32
         s64 = torch.randn(3, v, dtype=torch.float64, device=device)
-        args = (s64.clone(), target, None, code, params, 2.0, True, -100, True, 0.0, 1.0, False, False)
+        family, call = kernel_call(method, hp, target=target, temperature=2.0, t2_scale=True)
+        args = (s64.clone(), *call.op_args())
         with pytest.raises((TypeError, RuntimeError), match="float64"):
             b.ops[family](s64, *args, True)
         with pytest.raises((TypeError, RuntimeError), match="float64"):

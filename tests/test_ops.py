@@ -1,12 +1,13 @@
 """The custom ops behind the fused backends: registration, torch.library.opcheck, torch.compile without graph
 breaks, and the in-place gradient scaling of backward."""
 
+import inspect
 import re
 
 import pytest
 import torch
 from cases import CASES, case_id
-from helpers import assert_close, family_op_args, family_ops, make_inputs
+from helpers import assert_close, family_ops, kernel_call, make_inputs
 
 import kdkernels
 from kdkernels.backends import ops
@@ -54,32 +55,28 @@ OPCHECK_CASES = [
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=case_id)
 def test_opcheck(fused, device, case, reduce, with_grad, has_target, with_ce, standardize):
     method, hp = case
-    family, code, params = family_op_args(method, hp)
-    op = family_ops(fused)[family][0]
-    s, t, target = make_inputs((5, 33), torch.float32, device, seed=20)
     if method == "dkd":
         has_target = True
-    s.requires_grad_(with_grad)
-    args = (
-        s,
-        t,
-        target if has_target else None,
-        torch.tensor(3.0, device=device) if reduce else None,
-        code,
-        params,
-        2.0,
-        True,
-        -100,
-        reduce,
-        0.5 if with_ce else 0.0,
-        1.5,
-        with_ce,
-        standardize,
-        with_grad,
+    s, t, target = make_inputs((5, 33), torch.float32, device, seed=20)
+    family, call = kernel_call(
+        method,
+        hp,
+        target=target if has_target else None,
+        denominator=torch.tensor(3.0, device=device) if reduce else None,
+        temperature=2.0,
+        t2_scale=True,
+        reduce=reduce,
+        ce_weight=0.5 if with_ce else 0.0,
+        distill_weight=1.5,
+        with_ce=with_ce,
+        standardize=standardize,
     )
+    op = family_ops(fused)[family][0]
+    s.requires_grad_(with_grad)
+    args = (s, t, *call.op_args(), with_grad)
     torch.library.opcheck(op, args)
-    # Its at-temperature op (torch.compile's way in with a temperature tensor): the op's name, T a tensor.
-    at_args = (f"{family}_{fused}", *args[:6], torch.tensor(2.0, dtype=torch.float64), *args[7:])
+    # Its at-temperature op (torch.compile's way in with a temperature tensor): the op's name and T, a tensor.
+    at_args = (f"{family}_{fused}", torch.tensor(2.0, dtype=torch.float64), *args)
     torch.library.opcheck(torch.ops.kdkernels.family_at_temperature.default, at_args)
 
 
@@ -188,3 +185,13 @@ def test_compiled_temperature_outside_the_range_is_refused(fused, device):
     compiled(s, t, torch.tensor(2.0, device=device))
     with pytest.raises(ValueError, match="temperature must be in the supported range"):
         compiled(s, t, torch.tensor(1e-20, device=device))
+
+
+def test_triton_launch_reads_every_option_of_the_kernel_call():
+    """The Triton launcher reads each option of KernelCall by name (a new option that it does not pass to the kernel
+    fails here; the C++ side is checked by tests/test_extension.py's comparison of the X-macro lists)."""
+    from kdkernels.backends import triton as triton_backend
+    from kdkernels.backends.kernel_call import FLAGS, SCALARS
+
+    source = inspect.getsource(triton_backend._launch) + inspect.getsource(triton_backend._plan_arguments)
+    assert [name for name in SCALARS + FLAGS if f"call.{name}" not in source] == []

@@ -230,7 +230,7 @@ struct LaunchArgs {
   const float* denominator;  // 0-d float32 or nullptr (the gradient is scaled by 1 / *denominator)
   float temperature, t2;
   int64_t ignore_index;
-  float ce_weight, distill_weight;
+  float ce_weight, label_smoothing, distill_weight;
   float* ce_loss;    // [N] the cross-entropy term's rows, or nullptr without it
   bool standardize;  // z-score both rows first (row_math.h ZScore)
   // The full gradient (the *_full ops): d loss / d T per row ([N]), else nullptr; the teacher's gradient goes to
@@ -250,36 +250,33 @@ struct CudaCall {
   double temperature;  // in double, for host-side constants such as T log(tau)
 };
 
-inline CudaCall prepare_cuda_call(const char* op, const at::Tensor& student, const at::Tensor& teacher,
-                                  const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& denominator,
-                                  int64_t code, at::ArrayRef<double> params, int num_codes, int num_params,
-                                  double temperature, bool t2_scale, int64_t ignore_index, bool reduce,
-                                  double ce_weight, double distill_weight, bool with_ce, bool standardize,
-                                  bool with_grad, bool in_place) {
-  TORCH_CHECK_TYPE(student.scalar_type() != at::kDouble && teacher.scalar_type() != at::kDouble, op,
+inline CudaCall prepare_cuda_call(const char* op, const FamilyArgs& a, int num_codes, int num_params, bool with_grad,
+                                  bool in_place) {
+  TORCH_CHECK_TYPE(a.student.scalar_type() != at::kDouble && a.teacher.scalar_type() != at::kDouble, op,
                    ": the CUDA kernels compute in float32 and take float32, bfloat16 or float16 logits, not float64 "
                    "(backend='reference' computes float64)");
-  CudaCall c{check_family_call(op, student, teacher, target, denominator, code, params, num_codes, num_params,
-                               temperature, ce_weight, distill_weight, with_ce, with_grad, in_place)};
+  CudaCall c{check_family_call(op, a, num_codes, num_params, with_grad, in_place)};
+  const CallOptions& o = c.call.opt;
   c.student = c.call.student;
   c.teacher = c.call.teacher;
   c.grad = c.call.grad;
-  if (student.scalar_type() != teacher.scalar_type()) {
+  if (a.student.scalar_type() != a.teacher.scalar_type()) {
     c.student = c.student.to(at::kFloat);
     c.teacher = c.teacher.to(at::kFloat);
     if (with_grad) c.grad = at::empty({c.call.n, c.call.v}, c.student.options());
   }
-  if (reduce && denominator.has_value()) c.denominator = denominator->reshape({}).to(at::kFloat);
+  if (o.reduce && a.denominator.has_value()) c.denominator = a.denominator->reshape({}).to(at::kFloat);
   c.args = {c.call.target.defined() ? c.call.target.data_ptr<int64_t>() : nullptr,
             c.denominator.defined() ? c.denominator.data_ptr<float>() : nullptr,
-            float(temperature),
-            float(t2_scale ? temperature * temperature : 1.0),
-            ignore_index,
-            float(ce_weight),
-            float(distill_weight),
-            with_ce ? c.call.ce_rows.data_ptr<float>() : nullptr,
-            standardize};
-  c.temperature = temperature;
+            float(o.temperature),
+            float(o.t2()),
+            o.ignore_index,
+            float(o.ce_weight),
+            float(o.label_smoothing),
+            float(o.distill_weight),
+            o.with_ce ? c.call.ce_rows.data_ptr<float>() : nullptr,
+            o.standardize};
+  c.temperature = o.temperature;
   return c;
 }
 
@@ -287,74 +284,53 @@ inline CudaCall prepare_cuda_call(const char* op, const at::Tensor& student, con
 // launch(CudaCall&, code, params, cudaStream_t), which launches one block per row. With `full` (the *_full ops) the
 // call's full outputs are added and *full receives it.
 template <class Family>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
-    const std::optional<at::Tensor>& denominator, int64_t code, at::ArrayRef<double> params, double temperature,
-    bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
-    bool standardize, bool with_grad, bool in_place, FamilyCall* full = nullptr, bool teacher_grad = false) {
-  const c10::cuda::CUDAGuard guard(student.device());
-  CudaCall c = prepare_cuda_call(in_place ? Family::name_ : Family::name, student, teacher, target, denominator, code,
-                                 params, Family::num_codes, Family::num_params, temperature, t2_scale, ignore_index,
-                                 reduce, ce_weight, distill_weight, with_ce, standardize, with_grad, in_place);
-  if (Family::decoupled) check_decoupled_params(c.call, code, params);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(const FamilyArgs& a, bool with_grad, bool in_place,
+                                                          FamilyCall* full = nullptr, bool teacher_grad = false) {
+  const c10::cuda::CUDAGuard guard(a.student.device());
+  CudaCall c = prepare_cuda_call(in_place ? Family::name_ : Family::name, a, Family::num_codes, Family::num_params,
+                                 with_grad, in_place);
+  if (Family::decoupled) check_decoupled_params(c.call, a.code, a.params);
   if (full != nullptr) {
     add_full_outputs(c.call, teacher_grad);
     c.teacher_grad = !teacher_grad || c.teacher.scalar_type() == c.call.teacher_grad.scalar_type()
                          ? c.call.teacher_grad
                          : at::empty({c.call.n, c.call.v}, c.teacher.options());
     c.args.temperature_grad = c.call.temperature_grad.data_ptr<float>();
-    c.args.t2_scale = t2_scale;
+    c.args.t2_scale = c.call.opt.t2_scale;
   }
   TORCH_CHECK(c.call.n <= INT32_MAX, Family::name, ": at most 2^31 - 1 rows, got ", c.call.n);
   if (c.call.n > 0) {
-    Family::launch(c, code, params, c10::cuda::getCurrentCUDAStream());
+    Family::launch(c, a.code, a.params, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (with_grad && !c.grad.is_same(c.call.grad)) c.call.grad.copy_(c.grad);
   if (full != nullptr && teacher_grad && !c.teacher_grad.is_same(c.call.teacher_grad)) {
     c.call.teacher_grad.copy_(c.teacher_grad);
   }
-  auto [loss, parts] = finish_losses(c.call, denominator, reduce, ce_weight, distill_weight);
+  auto [loss, parts] = finish_losses(c.call);
   if (full != nullptr) *full = c.call;
   return {loss, parts, c.call.grad};
 }
 
+// The op entry points (the schemas of kdkernels.cpp).
 template <class Family>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> family_cuda_full(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
-    const std::optional<at::Tensor>& denominator, int64_t code, at::ArrayRef<double> params, double temperature,
-    bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
-    bool standardize, bool teacher_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> family_cuda_full(KDKERNELS_CALL_PARAMETERS,
+                                                                                        bool teacher_grad) {
   FamilyCall call;
-  auto [loss, parts, grad] = run_family<Family>(
-      student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce, ce_weight,
-      distill_weight, with_ce, standardize, /*with_grad=*/true, /*in_place=*/false, &call, teacher_grad);
+  auto [loss, parts, grad] = run_family<Family>(KDKERNELS_CALL_ARGS(Family::name), /*with_grad=*/true,
+                                                /*in_place=*/false, &call, teacher_grad);
   return {loss, parts, grad, call.teacher_grad, call.temperature_grad};
 }
 
 template <class Family>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> family_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                                           const std::optional<at::Tensor>& target,
-                                                           const std::optional<at::Tensor>& denominator, int64_t code,
-                                                           at::ArrayRef<double> params, double temperature,
-                                                           bool t2_scale, int64_t ignore_index, bool reduce,
-                                                           double ce_weight, double distill_weight, bool with_ce,
-                                                           bool standardize, bool with_grad) {
-  return run_family<Family>(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index,
-                            reduce, ce_weight, distill_weight, with_ce, standardize, with_grad,
-                            /*in_place=*/false);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> family_cuda(KDKERNELS_CALL_PARAMETERS, bool with_grad) {
+  return run_family<Family>(KDKERNELS_CALL_ARGS(Family::name), with_grad, /*in_place=*/false);
 }
 
 template <class Family>
-std::tuple<at::Tensor, at::Tensor> family_cuda_(const at::Tensor& student, const at::Tensor& teacher,
-                                                const std::optional<at::Tensor>& target,
-                                                const std::optional<at::Tensor>& denominator, int64_t code,
-                                                at::ArrayRef<double> params, double temperature, bool t2_scale,
-                                                int64_t ignore_index, bool reduce, double ce_weight,
-                                                double distill_weight, bool with_ce, bool standardize) {
-  auto [loss, parts, grad] = run_family<Family>(student, teacher, target, denominator, code, params, temperature,
-                                                t2_scale, ignore_index, reduce, ce_weight, distill_weight, with_ce,
-                                                standardize, /*with_grad=*/true, /*in_place=*/true);
+std::tuple<at::Tensor, at::Tensor> family_cuda_(KDKERNELS_CALL_PARAMETERS) {
+  auto [loss, parts, grad] =
+      run_family<Family>(KDKERNELS_CALL_ARGS(Family::name_), /*with_grad=*/true, /*in_place=*/true);
   return {loss, parts};
 }
 
@@ -440,7 +416,9 @@ struct TemperatureGrad {
     sum.x += (x == -INFINITY ? 0.f : (x - safe_shift(mx)) * g) + (y == -INFINITY ? 0.f : (y - safe_shift(my)) * gt);
   }
   __device__ __forceinline__ float value(bool t2_scale, float scale, float loss, Sum* scratch) const {
-    return (t2_scale ? 2.f * scale * loss : 0.f) - block_reduce(sum, scratch).x;
+    const float terms = block_reduce(sum, scratch).x;  // (every thread: a barrier)
+    if (scale == 0.f) return 0.f;                      // (distill_weight = 0: the loss may be inf, the gradient is 0)
+    return (t2_scale ? 2.f * scale * loss : 0.f) - terms;
   }
 };
 
@@ -462,32 +440,55 @@ __device__ __forceinline__ RowZScores row_zscores(const T* s, const T* t, int64_
   return out;
 }
 
-// The cross-entropy term of a row at T = 1: m1 = max s and lz1 = log sum exp(s - m1); its loss m1 + lz1 - s_target
-// and its gradient ce_weight / denominator (exp(s_j - m1 - lz1) - [j = target]).
+// The hard-label term of a row at T = 1 (docs/losses.md, "The hard-label term"), from m1 = max s and
+// lz1 = log sum exp(s - m1): its loss m1 + lz1 - (1 - eps) s_target - eps * (the mean of the unmasked s) and its
+// gradient ce_weight / denominator (exp(s_j - m1 - lz1) - (1 - eps) [j = target] - eps / K [s_j unmasked]), K the
+// unmasked classes' count.
 struct CrossEntropy {
   float m1, lz1, scale;
   int64_t target;
+  float smoothing, share;  // eps, eps / K
 
   __device__ __forceinline__ float grad(int64_t j, float s) const {
-    return (expf(s - m1 - lz1) - (j == target ? 1.f : 0.f)) * scale;
+    if (scale == 0.f) return 0.f;  // (ce_weight = 0: no gradient, whatever the logits)
+    const float unmasked = s != -INFINITY ? share : 0.f;
+    return (expf(s - m1 - lz1) - (j == target ? 1.f - smoothing : 0.f) - unmasked) * scale;
   }
 };
 
-// The student's logit of the row's target (NaN out of range, never read there; 0 without the term). Every thread
-// reads it before the block's next barrier, so an in-place gradient written after that barrier cannot replace it.
+// What the hard-label term reads of the student's raw row: its target's logit (NaN out of range, never read there),
+// with label smoothing (1 - eps) s_target + eps * (the mean of the unmasked s), and eps / K; 0 without the term.
+// Every thread reads the row before the block's next barrier, so an in-place gradient written after that barrier
+// cannot replace it.
+struct TargetLogit {
+  float value, share;
+};
+
 template <class T>
-__device__ __forceinline__ float target_logit(const Rows<T>& r, const LaunchArgs& a, int64_t row, const T* s) {
-  if (a.ce_loss == nullptr) return 0.f;
+__device__ __forceinline__ TargetLogit target_logit(const Rows<T>& r, const LaunchArgs& a, int64_t row, const T* s,
+                                                    Sum2* scratch) {
+  if (a.ce_loss == nullptr) return {0.f, 0.f};
   const int64_t target = a.target[row];
-  return target >= 0 && target < r.v ? to_float(s[target]) : NAN;
+  const float s_y = target >= 0 && target < r.v ? to_float(s[target]) : NAN;
+  const float eps = a.label_smoothing;
+  if (eps == 0.f) return {s_y, 0.f};
+  Sum2 unmasked;  // (count, sum)
+  walk_row(s, s, static_cast<T*>(nullptr), r.v, [&](int64_t, float sj, float) {
+    if (sj != -INFINITY) unmasked.merge({1.f, sj});
+    return 0.f;
+  });
+  unmasked = block_reduce(unmasked, scratch);
+  return {(1.f - eps) * s_y + eps * (unmasked.y / unmasked.x), eps / unmasked.x};
 }
 
 // The row's cross-entropy from the online (max, sum) of its raw logits; thread 0 stores its loss.
-__device__ __forceinline__ CrossEntropy cross_entropy(const LaunchArgs& a, int64_t row, const Lse& raw, float s_y) {
-  if (a.ce_loss == nullptr) return {0.f, 0.f, 0.f, 0};
+__device__ __forceinline__ CrossEntropy cross_entropy(const LaunchArgs& a, int64_t row, const Lse& raw,
+                                                      const TargetLogit& y) {
+  if (a.ce_loss == nullptr) return {0.f, 0.f, 0.f, 0, 0.f, 0.f};
   const float lz1 = logf(raw.z);
-  if (threadIdx.x == 0) a.ce_loss[row] = raw.m + lz1 - s_y;
-  return {raw.m, lz1, a.ce_weight / (a.denominator != nullptr ? *a.denominator : 1.f), a.target[row]};
+  if (threadIdx.x == 0) a.ce_loss[row] = raw.m + lz1 - y.value;
+  const float scale = a.ce_weight / (a.denominator != nullptr ? *a.denominator : 1.f);
+  return {raw.m, lz1, scale, a.target[row], a.label_smoothing, y.share};
 }
 
 // Calls f(T()) with T the C++ type of the kernel's input dtype.

@@ -69,19 +69,21 @@ for _backend in ("cpu", "cuda"):
         _full_ops = {family: ops[2] for family, ops in _triples.items()}
         register(
             Backend(
-                _backend,
-                family_backend(_backend, _ops, _scale),
-                _unavailable_on(_backend),
-                full_backend(_full_ops),
-                _ops,
-                {family: ops[1] for family, ops in _triples.items()},
-                _scale,
-                _full_ops,
+                name=_backend,
+                impl=family_backend(_backend, _ops, _scale),
+                unavailable=_unavailable_on(_backend),
+                full=full_backend(_full_ops),
+                ops=_ops,
+                inplace={family: ops[1] for family, ops in _triples.items()},
+                scale_rows=_scale,
+                full_ops=_full_ops,
                 # (the losses between two vocabularies: a CPU kernel so far)
-                cross_vocab_backend(_backend, attach_cross_vocab_op(_backend), _scale, reference_cross_vocab)
-                if _backend == "cpu"
-                else None,
+                cross_vocab=(
+                    cross_vocab_backend(_backend, attach_cross_vocab_op(_backend), _scale, reference_cross_vocab)
+                    if _backend == "cpu"
+                    else None
+                ),
             )
         )
     else:
-        register(Backend(_backend, None, _unavailable_on(_backend)))
+        register(Backend(name=_backend, impl=None, unavailable=_unavailable_on(_backend)))

@@ -69,6 +69,7 @@ def _store_grad(g_row, s_row, cls, ok, r, R, lz_x, inv_ts, grad_scale, target, l
     tl.store(g_row + cls, g.to(g_row.dtype.element_ty), mask=ok)
 
 
+# Long: its passes (both softmaxes, the sorts, the loss and gradient) share each row's tiles in registers.
 @triton.jit
 def cross_vocab_kernel(
     s_ptr, t_ptr, cs_ptr, ct_ptr, target_ptr, denom_ptr, loss_ptr, ce_ptr, g_ptr, dscale_ptr,
