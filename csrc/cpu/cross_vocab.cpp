@@ -203,7 +203,7 @@ M cross_vocab_row(const CrossVocabArgs& a, const CrossVocabParams<M>& c, CrossVo
   ChunkedSum<M> sum_r;
   for (int64_t j = 0; j < a.vs; j += L) sum_r.add(V::loadu(b.r.data() + j, std::min(L, a.vs - j)));
   const M R = sum_r.sum();
-  CrossEntropy<M> xent{M(0), M(0), M(a.ce_scale), target};
+  CrossEntropy<M> xent{M(0), M(0), CeOptions<M>{M(a.ce_scale), M(0)}, target};
   if (ce != nullptr) {
     xent.lz1 = a.temperature == 1.0 ? lz_x : log_partition(s, a.vs, M(1));
     *ce = xent.loss(s, a.vs);

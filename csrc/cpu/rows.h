@@ -229,6 +229,10 @@ struct CrossEntropy {
   int64_t target;
   mutable M share = M(0);  // eps / K
 
+  // (A constructor, not an aggregate: brace elision would let a bare scale fill options and shift target.)
+  CrossEntropy(M m1_, M lz1_, CeOptions<M> options_, int64_t target_)
+      : m1(m1_), lz1(lz1_), options(options_), target(target_) {}
+
   // (An index outside [0, V), which the op's callers never pass, gives NaN and is never read.)
   M loss(const M* s, int64_t v) const {
     if (target < 0 || target >= v) return M(NAN);

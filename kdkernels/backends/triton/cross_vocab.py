@@ -18,6 +18,7 @@ import triton.language as tl
 
 from ...methods import CrossVocab, CrossVocabParams
 from .. import combine
+from ..kernel_call import KernelCall
 from .common import NEG_INF
 from .divergence import KD, RKL
 
@@ -210,7 +211,8 @@ def launch_cross_vocab(
             BLOCK_M=triton.next_power_of_2(max(pairs_s.numel(), 1)) if hybrid else 1,
             **launch_options(block),
         )  # fmt: skip
-    reduction = ("batchmean" if has_denom else "sum") if reduce else "none"
-    loss, parts = combine(rows, ce_rows, reduction, denominator, ce_weight, distill_weight)
+    denominator = denominator if has_denom else None
+    terms = KernelCall(denominator=denominator, ce_weight=ce_weight, distill_weight=distill_weight, reduce=reduce)
+    loss, parts = combine(terms, rows, ce_rows)
     empty = student.new_empty(0)
     return loss, parts, empty if grad is None else grad, rows.new_empty(0) if dscale is None else dscale
