@@ -120,9 +120,7 @@ def test_linear_bench_compares_paths(tmp_path):
     rows = bench.run_linear(
         "cpu", methods=["kd"], out=str(tmp_path), reps=1, table={"tiny": (64, 16, 300, torch.float32)}, liger=False
     )
-    assert [(r.case, r.path) for r in rows] == [
-        ("kd", p) for p in (bench.UNCHUNKED, bench.FUSED_LINEAR, bench.FUSED_LINEAR_SMALL)
-    ]
+    assert [(r.case, r.path) for r in rows] == [("kd", p) for p in (bench.UNCHUNKED, bench.FUSED_LINEAR)]
     auto = backends.select_backend("auto", torch.empty(1)).name
     assert all(r.ms > 0 and r.peak_extra_mb > 0 and r.backend == auto for r in rows)
     assert math.isclose(rows[1].vs_unchunked_time, rows[0].ms / rows[1].ms)
@@ -131,7 +129,7 @@ def test_linear_bench_compares_paths(tmp_path):
     assert math.isclose(rows[1].vs_unchunked_net_peak, rows[0].net_peak_mb / rows[1].net_peak_mb)
     assert "x net peak" in bench.format_linear_table(rows)
     with open(tmp_path / "linear.csv") as f:
-        assert len(list(csv.DictReader(f))) == 3
+        assert len(list(csv.DictReader(f))) == 2
 
 
 def test_liger_rows_check_values_first(monkeypatch):
