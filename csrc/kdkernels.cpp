@@ -1,21 +1,22 @@
 // The kdkernels operator library: every op schema of the extension, once. The kernels are registered per device by
 // cpu/ops.cpp and cuda/*.cu; fake (meta) functions and autograd are attached in Python (kdkernels/backends/ops.py).
 //
-//   <family>_<backend>(student [N, V], teacher [N, V], target [N]?, denominator 0-d?, code, params, temperature,
-//                      t2_scale, ignore_index, reduce, ce_weight, distill_weight, with_ce, standardize, with_grad)
-//       -> (loss, parts, grad)
+//   <family>_<backend>(student [N, V], teacher [N, V], target [N]?, denominator 0-d?, code, params, scalars, flags,
+//                      with_grad) -> (loss, parts, grad)
 //   <family>_<backend>_(student [N, V] contiguous, ...the same but with_grad...) -> (loss, parts)
 //
 // for family in {divergence, decoupled} and backend in {cpu, cuda} (a CPU kernel for the first, a CUDA kernel for
-// the second). code and params are a plan of kdkernels/methods.py (a code of divergence.h or decoupled.h and the
-// family's named parameters in their order). The loss is distill_weight * (the plan's loss) + ce_weight * (the
-// student's cross-entropy against the target at T = 1, computed with with_ce), both models' rows z-scored first with
-// standardize (row_math.h ZScore; the cross-entropy keeps the raw logits); parts holds the two terms,
-// unweighted: [distill, ce]. With reduce the loss and parts are sum(rows) / denominator (sum without one) and the
-// gradient rows are already scaled by 1 / denominator; otherwise they are per row ([N], [2, N]). They are float32,
-// or float64 when an input is float64. grad is d loss / d student in the student's dtype, written in the same pass
-// as the loss, or an empty tensor when with_grad is false. The in-place sibling writes d loss / d student over the
-// student logits (each element is read before it is written) and has no autograd.
+// the second). The arguments after the logits are the kernel call of kdkernels/backends/kernel_call.py: code and
+// params are a plan of kdkernels/methods.py (a code of divergence.h or decoupled.h and the family's named
+// parameters in their order), scalars and flags the call's options (kernel_call.h CallOptions: temperature,
+// ce_weight, distill_weight; ignore_index, t2_scale, reduce, with_ce, standardize). The loss is distill_weight *
+// (the plan's loss) + ce_weight * (the student's cross-entropy against the target at T = 1, computed with with_ce),
+// both models' rows z-scored first with standardize (row_math.h ZScore; the cross-entropy keeps the raw logits);
+// parts holds the two terms, unweighted: [distill, ce]. With reduce the loss and parts are sum(rows) / denominator
+// (sum without one) and the gradient rows are already scaled by 1 / denominator; otherwise they are per row ([N],
+// [2, N]). They are float32, or float64 when an input is float64. grad is d loss / d student in the student's dtype,
+// written in the same pass as the loss, or an empty tensor when with_grad is false. The in-place sibling writes
+// d loss / d student over the student logits (each element is read before it is written) and has no autograd.
 //
 //   <family>_<backend>_full(student, ...the same but with_grad..., teacher_grad)
 //       -> (loss, parts, grad, teacher_grad, temperature_grad)
@@ -27,9 +28,9 @@
 //   scale_rows_(grad [N, V], factor 0-d or [N]): grad *= factor in place, rows whose factor is exactly 1 untouched
 //                                                (the backward of the family ops; CPU and CUDA kernels).
 //
-// The Python module kdkernels._C exports the codes, parameter layouts and standardization epsilon the kernels were
-// built with, which the tests compare with kdkernels/methods.py, and the CPU gradient cache's
-// release_cached_gradients() and cached_gradient_bytes().
+// The Python module kdkernels._C exports the codes, parameter layouts, call options and standardization epsilon the
+// kernels were built with, which the tests compare with kdkernels/methods.py and kernel_call.py, and the CPU gradient
+// cache's release_cached_gradients() and cached_gradient_bytes().
 #include <Python.h>
 #include <torch/library.h>
 
@@ -40,11 +41,11 @@
 #include "cpu/gradient_cache.h"
 #include "decoupled.h"
 #include "divergence.h"
+#include "kernel_call.h"
 
-#define KDKERNELS_FAMILY_ARGS                                                                           \
-  "Tensor teacher, Tensor? target, Tensor? denominator, int code, float[] params, float temperature, "  \
-  "bool t2_scale, int ignore_index, bool reduce, float ce_weight, float distill_weight, bool with_ce, " \
-  "bool standardize"
+// The kernel call's arguments (kdkernels/backends/kernel_call.py SCHEMA_ARGS, after the teacher).
+#define KDKERNELS_FAMILY_ARGS \
+  "Tensor teacher, Tensor? target, Tensor? denominator, int code, float[] params, float[] scalars, int[] flags"
 
 TORCH_LIBRARY(kdkernels, m) {
   for (const char* family : {"divergence", "decoupled"}) {
@@ -131,6 +132,8 @@ PyMODINIT_FUNC PyInit__C(void) {
                   add(module, "BIN_CODES", codes_dict({KDKERNELS_BIN_CODES(KDKERNELS_CODE_ITEM)})) &&
                   add(module, "DIVERGENCE_PARAMS", names_tuple({KDKERNELS_DIVERGENCE_PARAMS(KDKERNELS_NAME_ITEM)})) &&
                   add(module, "DECOUPLED_PARAMS", names_tuple({KDKERNELS_DECOUPLED_PARAMS(KDKERNELS_NAME_ITEM)})) &&
+                  add(module, "CALL_SCALARS", names_tuple({KDKERNELS_CALL_SCALARS(KDKERNELS_NAME_ITEM)})) &&
+                  add(module, "CALL_FLAGS", names_tuple({KDKERNELS_CALL_FLAGS(KDKERNELS_NAME_ITEM)})) &&
                   add(module, "STANDARDIZE_EPS", PyFloat_FromDouble(kdkernels::STANDARDIZE_EPS));
   if (!ok) {
     Py_DECREF(module);

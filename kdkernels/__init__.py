@@ -7,6 +7,7 @@ The per-method functions (``kd_loss`` ...) and modules (``KDLoss`` ...) are gene
 from importlib import metadata as _metadata
 
 from . import alignment, backends
+from .arguments import TEMPERATURE_RANGE
 from .backends import available_backends
 from .cross_vocab import VocabMap, cross_vocab_loss, vocab_map
 from .functional import LOSS_FUNCTIONS, LossParts, cakd_feature_loss, distill_loss
@@ -41,6 +42,7 @@ except _metadata.PackageNotFoundError:  # a source tree on sys.path, not install
 
 __all__ = [
     "METHODS",
+    "TEMPERATURE_RANGE",
     "available_backends",
     "distill_loss",
     *LOSS_FUNCTIONS,

@@ -11,6 +11,12 @@ No host synchronisation on accelerators: the target's bounds are checked on the 
 (``torch._assert_async``), and raise IndexError on CPU tensors. Under torch.compile the check runs inside the opaque
 custom op ``kdkernels::check_target``, whose copy of the target is what the backends read, so no compiled kernel can
 index with an unchecked target.
+
+The temperature is a number in ``TEMPERATURE_RANGE``. Eagerly it reaches the backends as a float (a 0-d tensor's
+value read on the host once per call). Under torch.compile its value is not known while tracing (a 0-d tensor, or a
+Python float that dynamo made dynamic after it changed): it reaches the backends as the 0-d float64 tensor of the
+opaque custom op ``kdkernels::check_temperature``, which checks it when the graph runs, and the fused ops read it
+then (ops.run_op), so that a scheduled or learnable temperature compiles once.
 """
 
 from __future__ import annotations
@@ -22,10 +28,55 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .methods import METHODS, REDUCTIONS, Method, Plan, get_method
+from .methods import METHODS, REDUCTIONS, Method, Plan, as_number, get_method
 
 Tensor = torch.Tensor
 INT64 = (-(2**63), 2**63 - 1)
+# The temperatures the losses take, both ends included (docs/losses.md, "Temperature", says why these).
+TEMPERATURE_RANGE = (1e-4, 1e4)
+# What is checked: the ends as float32 rounds them (1e-4 as a float32 tensor reads back a little below 1e-4).
+_CHECKED_RANGE = tuple(float(torch.tensor(end, dtype=torch.float32)) for end in TEMPERATURE_RANGE)
+_RANGE_TEXT = "the supported range [{:g}, {:g}]".format(*TEMPERATURE_RANGE)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # of logits, hidden states, weights
+
+
+def temperature_error(value: float) -> Exception | None:
+    """The error of a temperature value outside TEMPERATURE_RANGE, or None: TypeError when it is not finite (as for
+    the other options), ValueError when it is <= 0 or outside the range."""
+    if not math.isfinite(value):
+        return TypeError(f"temperature must be a finite number, got {value!r}")
+    if value <= 0:
+        return ValueError(f"temperature must be > 0, got {value!r}")
+    if not _CHECKED_RANGE[0] <= value <= _CHECKED_RANGE[1]:
+        return ValueError(f"temperature must be in {_RANGE_TEXT}, got {value!r}")
+    return None
+
+
+# (defined with torch.library.define, whose op costs less per call than custom_op's: it runs in every compiled call)
+torch.library.define("kdkernels::check_temperature", "(Tensor temperature) -> Tensor")
+
+
+@torch.library.impl("kdkernels::check_temperature", "CompositeExplicitAutograd")
+def _check_temperature(temperature: Tensor) -> Tensor:
+    """A float64 copy of a 0-d ``temperature`` once its value is in TEMPERATURE_RANGE (ValueError on CPU tensors;
+    on accelerators checked on the device, torch._assert_async: no host sync): what the backends read under
+    torch.compile, opaque to it (module docstring)."""
+    if temperature.device.type == "cpu":
+        error = temperature_error(float(temperature))
+        if error is not None:
+            raise error
+    else:
+        low, high = _CHECKED_RANGE
+        torch._assert_async((temperature >= low) & (temperature <= high), f"temperature must be in {_RANGE_TEXT}")
+    return temperature.detach().to(torch.float64, copy=True)
+
+
+@torch.library.register_fake("kdkernels::check_temperature")
+def _(temperature):
+    return torch.empty((), dtype=torch.float64, device=temperature.device)
+
+
+check_temperature = torch.ops.kdkernels.check_temperature.default
 
 
 def _check_bounds(target: Tensor, num_classes: int, ignore_index: int) -> None:
@@ -70,20 +121,19 @@ def check_options(
     if not isinstance(standardize, bool):
         raise TypeError(f"standardize must be True or False, got {standardize!r}")
     for name, weight in (("ce_weight", ce_weight), ("distill_weight", distill_weight)):
+        weight = as_number(weight)
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
             raise TypeError(f"{name} must be a finite number, got {weight!r}")
         if weight < 0:
             raise ValueError(f"{name} must be >= 0, got {weight!r}")
-    if isinstance(temperature, torch.Tensor):
+    if isinstance(temperature, torch.Tensor) and not torch.compiler.is_compiling():
         raise TypeError(
             "temperature must be a number here: a 0-d tensor (a learnable temperature) is taken by "
             "the loss functions (distill_loss, <method>_loss, linear_distill_loss, kdkernels.parallel), "
             "not by the loss modules"
         )
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
-        raise TypeError(f"temperature must be a finite number, got {temperature!r}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not isinstance(temperature, torch.Tensor):  # (a tensor traced by torch.compile: check_temperature)
+        check_temperature_number(temperature)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, (bool, torch.Tensor)) or not isinstance(ignore_index, numbers.Integral):
@@ -112,6 +162,19 @@ def check_options(
         raise ValueError(f"normalizer must be a finite number > 0, got {normalizer!r}")
 
 
+def check_temperature_number(temperature: object) -> float:
+    """The temperature, a number (NumPy's too) in TEMPERATURE_RANGE, as a float. Its value is checked eagerly only:
+    under torch.compile it may be symbolic, and ``check_temperature`` checks it when the graph runs."""
+    temperature = as_number(temperature)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a number, got {temperature!r}")
+    if not torch.compiler.is_compiling():
+        error = temperature_error(temperature)
+        if error is not None:
+            raise error
+    return float(temperature)
+
+
 @dataclass(frozen=True)
 class Settings:
     """A call's method, hyperparameters, plan and options, checked; no tensor seen yet. The loss is
@@ -120,7 +183,7 @@ class Settings:
     method: str
     hp: dict
     plan: Plan
-    temperature: float
+    temperature: float | Tensor  # under torch.compile a 0-d float64 tensor (module docstring)
     t2_scale: bool
     reduction: str
     ignore_index: int
@@ -210,6 +273,11 @@ class LossCall(Settings):
     denominator: Tensor | None = None  # 0-d float32 for batchmean, else None
 
     @property
+    def reduce(self) -> bool:
+        """Whether the rows are reduced (summed, and divided by the denominator for batchmean)."""
+        return self.reduction != "none"
+
+    @property
     def with_ce(self) -> bool:
         """Whether the cross-entropy term is computed: it weighs in the loss, or its value is asked for."""
         return self.labels and (self.ce_weight != 0 or self.return_parts)
@@ -241,25 +309,32 @@ def resolve(
     temperature = spec.temperature if temperature is None else temperature
     t2_scale = spec.t2_scale if t2_scale is None else bool(t2_scale)
     check_options(temperature, reduction, normalizer, ignore_index, ce_weight, distill_weight, standardize)
+    if not isinstance(temperature, torch.Tensor):
+        temperature = float(as_number(temperature))
+    if torch.compiler.is_compiling():
+        if not isinstance(temperature, torch.Tensor):  # (a product: torch.tensor(T) would specialize T)
+            temperature = torch.ones((), dtype=torch.float64) * temperature
+        temperature = check_temperature(temperature)
     return Settings(
         spec.name,
         hp,
         spec.plan(hp),
-        float(temperature),
+        temperature,
         t2_scale,
         reduction,
         int(ignore_index),
         normalizer,
-        float(ce_weight),
-        float(distill_weight),
+        float(as_number(ce_weight)),
+        float(as_number(distill_weight)),
         bool(return_parts),
         standardize,
     )
 
 
 def split_temperature(temperature: object) -> tuple[object, Tensor | None]:
-    """(the temperature's value, the tensor) of a 0-d floating-point tensor (read on the host), else (temperature,
-    None); its value is checked with the other options."""
+    """(the temperature's value, the tensor) of a 0-d floating-point tensor, else (temperature, None); its value is
+    checked with the other options. The value is read on the host, but under torch.compile, where it stays the
+    tensor (module docstring)."""
     if not isinstance(temperature, torch.Tensor):
         return temperature, None
     if temperature.dim() != 0 or not temperature.is_floating_point():
@@ -267,6 +342,13 @@ def split_temperature(temperature: object) -> tuple[object, Tensor | None]:
             f"temperature must be a number or a 0-d floating-point tensor, got a tensor of shape "
             f"{tuple(temperature.shape)} and dtype {temperature.dtype}"
         )
+    if temperature.device.type == "meta":
+        raise ValueError(
+            "temperature must be a number or a tensor on the logits' device, got a tensor on the meta device "
+            "(which holds no value)"
+        )
+    if torch.compiler.is_compiling():
+        return temperature.detach(), temperature
     return float(temperature.detach()), temperature
 
 
@@ -302,7 +384,9 @@ def check_float_tensor(name: str, x: object, min_dim: int = 1) -> None:
     """``x`` is a floating-point tensor of at least ``min_dim`` dimensions."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must have a floating-point dtype (float32, bfloat16, float16 or float64), got {x.dtype}"
+        )
     if x.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dimension(s), got a {x.dim()}-d tensor")

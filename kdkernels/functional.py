@@ -150,14 +150,13 @@ def _sparse_loss(impl, call, student: Tensor, teacher: SparseTeacher, leading) -
     sparse = check_sparse(teacher, call, leading, v, student.device, call.valid)
     dtype = compute_dtype(student, sparse.values)
     bins = FoldStudent.apply(student, sparse.indices, call.valid, call.temperature, dtype, sparse.tail)
-    loss, parts = impl(
-        replace(call, ce_weight=0.0, return_parts=False), bins, teacher_bins(sparse, call.temperature, dtype, v)
-    )
-    if not call.with_ce:
-        return loss, parts
-    kept = call.valid & ~torch.isneginf(student).all(-1)
-    ce = backends.reduce(cross_entropy_rows(student.to(dtype), call.target, kept), call.reduction, call.denominator)
-    return loss + call.ce_weight * ce if call.ce_weight else loss, torch.stack([parts[0], ce.detach()])
+    distill_call = replace(call, ce_weight=0.0, distill_weight=1.0, return_parts=False)
+    distill, _ = impl(distill_call, bins, teacher_bins(sparse, call.temperature, dtype, v))
+    ce = None
+    if call.with_ce:
+        kept = call.valid & ~torch.isneginf(student).all(-1)
+        ce = backends.reduce(cross_entropy_rows(student.to(dtype), call.target, kept), call)
+    return backends.weigh(call, distill, ce)
 
 
 def finish(call, loss: Tensor, parts: Tensor, leading) -> Tensor | LossParts:

@@ -33,14 +33,24 @@ from __future__ import annotations
 
 import ctypes
 import math
+import numbers
 import os
 from dataclasses import dataclass, replace
 
 import torch
 
 from . import backends
-from .arguments import LossCall, check_float_tensor, check_temperature_device, full_gradient, resolve, split_temperature
-from .backends.ops import op_args
+from .arguments import (
+    FLOAT_DTYPES,
+    LossCall,
+    as_number,
+    check_float_tensor,
+    check_temperature_device,
+    full_gradient,
+    resolve,
+    split_temperature,
+)
+from .backends.ops import run_op
 from .functional import finish
 from .sparse import SparseTeacher, fold, teacher_bins, unfold_
 from .sparse import check as check_sparse
@@ -325,8 +335,8 @@ class _Heads:
         if self.sparse:
             loss, parts, grad = self._sparse_loss(call, s, teacher, want_grad)
         elif full:  # the full op (not in place): d loss / d T per row and the teacher's gradient too
-            loss, parts, grad, grad_t, dtemp = self.backend.full_ops[call.plan.family](
-                s, teacher, *op_args(call), self.teacher_grad
+            loss, parts, grad, grad_t, dtemp = run_op(
+                self.backend.full_ops[call.plan.family], s, teacher, call, self.teacher_grad
             )
             grad_t = self.teacher.backward_(grad_t, capped_t) if self.teacher_grad else None
         else:
@@ -361,16 +371,14 @@ class _Heads:
             if ce_grad is not None:
                 grad += ce_grad
         if ce_rows is not None:
-            ce = backends.reduce(ce_rows, call.reduction, call.denominator)
-            loss = loss + call.ce_weight * ce
-            parts = torch.stack([parts[0], ce])
+            loss, parts = backends.weigh(call, parts[0], backends.reduce(ce_rows, call))
         return loss, parts, grad
 
     def _loss(self, call: LossCall, student: Tensor, teacher: Tensor, want_grad: bool):
         """(loss, parts, gradient or None) of a chunk; with ``want_grad`` the contiguous float32 ``student`` is
         overwritten by its gradient."""
         if want_grad and self.inplace is not None:
-            loss, parts = self.inplace(student, teacher, *op_args(call))
+            loss, parts = run_op(self.inplace, student, teacher, call)
             return loss, parts, student
         losses, parts = [], []
         step = self.loss_rows if want_grad else student.shape[0]
@@ -551,17 +559,25 @@ class LinearDistillFunction(torch.autograd.Function):
 
 
 def _check_matrix(name: str, x: object, rows: int | None, cols: int | None) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a torch.Tensor of float32, bfloat16, float16 or float64, got "
+            f"{getattr(x, 'dtype', type(x).__name__)}"
+        )
     want = [d for d in (rows, cols) if d is not None]
     if x.dim() != len(want) or any(a != b for a, b in zip(x.shape, want) if b != -1):
         shape = ", ".join("?" if d == -1 else str(d) for d in want)
         raise ValueError(f"{name} must have shape [{shape}], got {tuple(x.shape)}")
 
 
-def _check_positive(name: str, value, kind=(int, float)) -> None:
+def _positive(name: str, value, kind=numbers.Real):
+    """``value`` (a NumPy scalar as the Python number it is) once it is a positive finite ``kind``."""
+    value = as_number(value)
     if isinstance(value, bool) or not isinstance(value, kind) or not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a positive {'integer' if kind is int else 'number'}, got {value!r}")
+        raise ValueError(
+            f"{name} must be a positive {'integer' if kind is numbers.Integral else 'number'}, got {value!r}"
+        )
+    return value
 
 
 def linear_distill_loss(
@@ -682,18 +698,18 @@ def linear_distill_loss(
         tensors.append(teacher_hidden.values)
     if any(x.device != student_hidden.device for x in tensors):
         raise ValueError(f"all inputs must be on one device, got {sorted({str(x.device) for x in tensors})}")
-    for name, cap in (("softcap", softcap), ("teacher_softcap", teacher_softcap)):
-        if cap is not None:
-            _check_positive(name, cap)
+    softcap = None if softcap is None else _positive("softcap", softcap)
+    teacher_softcap = None if teacher_softcap is None else _positive("teacher_softcap", teacher_softcap)
     for name, scale in (("student_logit_scale", student_logit_scale), ("teacher_logit_scale", teacher_logit_scale)):
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        scale = as_number(scale)
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
             raise ValueError(f"{name} must be a finite number, got {scale!r}")
     if sparse and teacher_logit_scale != 1.0:
         raise ValueError("a SparseTeacher is the teacher's output: teacher_logit_scale does not apply to it")
     if chunk_size is not None:
-        _check_positive("chunk_size", chunk_size, int)
+        chunk_size = _positive("chunk_size", chunk_size, numbers.Integral)
     if memory_budget is not None:
-        _check_positive("memory_budget", memory_budget, int)
+        memory_budget = _positive("memory_budget", memory_budget, numbers.Integral)
     call = settings.bind(target, leading, v, student_hidden.device, mask)
     n = leading.numel()
     if sparse:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -131,6 +132,14 @@ class Plan:
 # ---- hyperparameter checks --------------------------------------------------------------------------------------
 
 
+def as_number(value: object) -> object:
+    """A NumPy scalar (any numbers.Integral or numbers.Real) as the Python int or float it is; bools and everything
+    else unchanged, for the checks to judge."""
+    if isinstance(value, bool) or type(value) in (int, float) or not isinstance(value, numbers.Real):
+        return value  # (type, not isinstance: numpy.float64 is a float subclass)
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
 def _finite(name: str) -> Callable[[object], None]:
     def check(value: object) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -158,6 +167,18 @@ def _positive(name: str) -> Callable[[object], None]:
         finite(value)
         if value <= 0:
             raise ValueError(f"{name} must be > 0, got {value!r}")
+
+    return check
+
+
+def _weight(name: str) -> Callable[[object], None]:
+    """A weight of a term of the loss: finite and >= 0 (a negative one would make the loss unbounded below)."""
+    finite = _finite(name)
+
+    def check(value: object) -> None:
+        finite(value)
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0 (a weight of the loss), got {value!r}")
 
     return check
 
@@ -279,13 +300,13 @@ class Method:
         if unknown:
             known = ", ".join(self.hyperparameters) or "none"
             raise TypeError(f"{self.name}: unexpected hyperparameter(s) {unknown}; this method takes: {known}")
-        hp = {**self.hyperparameters, **overrides}
+        hp = {**self.hyperparameters, **{name: as_number(value) for name, value in overrides.items()}}
         for name, value in hp.items():
             self.checks[name](value)
         return hp
 
 
-_F = _finite
+_F, _W = _finite, _weight
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
@@ -378,7 +399,7 @@ METHODS: dict[str, Method] = {
             "DKDLoss",
             "DKD, Zhao et al. 2022 (mdistiller DKD.py)",
             {"alpha": 1.0, "beta": 8.0},
-            {"alpha": _F("alpha"), "beta": _F("beta")},
+            {"alpha": _W("alpha"), "beta": _W("beta")},
             4.0,
             True,
             lambda hp: _decoupled(Partition.TARGET, w_mass=hp["alpha"], w_rest=hp["beta"]),
@@ -390,9 +411,9 @@ METHODS: dict[str, Method] = {
             {"k": 5, "w0": 1.0, "w1": 1.0, "w2": 8.0, "partitions": 2, "strategy": "best", "kl_type": "forward"},
             {
                 "k": _top_k,
-                "w0": _F("w0"),
-                "w1": _F("w1"),
-                "w2": _F("w2"),
+                "w0": _W("w0"),
+                "w1": _W("w1"),
+                "w2": _W("w2"),
                 "partitions": _one_of("partitions", (2, 3)),
                 "strategy": _one_of("strategy", GDKD_STRATEGIES),
                 "kl_type": _one_of("kl_type", tuple(GDKD_KL_TYPES)),
@@ -407,9 +428,9 @@ METHODS: dict[str, Method] = {
             "CAKD (arXiv 2410.14741)",
             {"alpha": 1.0, "beta": 8.0, "bcd_weight": 1.0, "strong": "target", "k": 5, "tau": 0.5},
             {
-                "alpha": _F("alpha"),
-                "beta": _F("beta"),
-                "bcd_weight": _F("bcd_weight"),
+                "alpha": _W("alpha"),
+                "beta": _W("beta"),
+                "bcd_weight": _W("bcd_weight"),
                 "strong": _one_of("strong", CAKD_STRONG),
                 "k": _top_k,
                 "tau": _in_range("tau", 0, 1, True, False),
@@ -423,7 +444,7 @@ METHODS: dict[str, Method] = {
             "AEKTLoss",
             "AEKT (arXiv 2409.01679)",
             {"beta": 8.0, "max_weight": 5.0},
-            {"beta": _F("beta"), "max_weight": _positive("max_weight")},
+            {"beta": _W("beta"), "max_weight": _positive("max_weight")},
             4.0,
             True,
             lambda hp: _decoupled(Partition.TARGET, adaptive=True, w_rest=hp["beta"], max_weight=hp["max_weight"]),

@@ -436,14 +436,12 @@ def _shard_rows(call, student, teacher, with_grad, shard, full=False):
         if teacher_grad is not None:
             teacher_grad = _through_zscore(teacher_grad, zt, teacher_stats, shard.group)
     loss = torch.where(kept, loss * scale, 0.0)
-    rows = call.distill_weight * loss
-    ce = torch.zeros_like(loss)
+    ce = None
     if grad is not None:
         grad = grad * (scale * call.distill_weight)
     if call.with_ce:
         ce, ce_grad = _cross_entropy(s, target, with_grad and call.ce_weight != 0, shard)
         ce = torch.where(kept, ce, 0.0)
-        rows = rows + call.ce_weight * ce
         if ce_grad is not None:
             grad = grad + call.ce_weight * ce_grad
     if grad is not None:
@@ -451,7 +449,7 @@ def _shard_rows(call, student, teacher, with_grad, shard, full=False):
     if teacher_grad is not None:
         teacher_grad = torch.where(kept.unsqueeze(-1), teacher_grad * (scale * call.distill_weight), 0.0)
         teacher_grad = teacher_grad.to(teacher.dtype)
-    return rows, torch.stack([loss, ce]), grad, teacher_grad, dtemp
+    return *backends.weigh(call, loss, ce), grad, teacher_grad, dtemp
 
 
 class _ShardLoss(torch.autograd.Function):
@@ -541,12 +539,7 @@ def distill_loss(
         rows, parts = _ShardLoss.apply(student, teacher, temperature_tensor, call, shard)
     else:
         rows, parts = _shard_rows(call, student, teacher, False, shard)[:2]
-    return finish(
-        call,
-        backends.reduce(rows, reduction, call.denominator),
-        backends.reduce(parts, reduction, call.denominator),
-        leading,
-    )
+    return finish(call, backends.reduce(rows, call), backends.reduce(parts, call), leading)
 
 
 LOSS_FUNCTIONS = {spec.function: loss_function(name, distill_loss, {"group": None}) for name, spec in METHODS.items()}

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .arguments import check_temperature_number
 from .backends.reference import top_k_indices
 from .methods import DIVERGENCE, Divergence, finite_when_missing
 
@@ -114,8 +115,7 @@ class SparseTeacher:
         """A dense teacher's top-k log-probabilities at ``temperature`` (kind="logprobs"), equal logits to the lower
         class index: what offline distillation stores. Computed under no_grad in float32 (float64 for float64)."""
         _check_k(k, teacher_logits)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+        temperature = check_temperature_number(temperature)
         with torch.no_grad():
             dtype = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
             logprobs = torch.log_softmax(teacher_logits.to(dtype) / temperature, -1)

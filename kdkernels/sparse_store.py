@@ -7,16 +7,19 @@ to your leading shape). ``save_sparse_teachers(path, teachers)`` writes an itera
 Layout (little-endian), compact: 4 + 2 bytes per stored class (int32 index, bfloat16 or float16 value):
 
     header   b"KDSPARSE", version u32, k u32, value dtype u8, kind u8, tail u8, pad u8, CRC32 of the header u32
-    chunk    b"CHNK", rows u64, CRC32 of the payload u32, payload: indices int32 [rows, k], values [rows, k]
+    chunk    b"CHNK", rows u64, CRC32 of rows and payload u32, payload: indices int32 [rows, k], values [rows, k]
     footer   b"END!", chunks u64, rows u64, CRC32 of the chunks' CRCs u32
 
-Reading checks every CRC as the chunk arrives, and that the file ends with its footer: a corrupted byte (a CRC
-mismatch) or a truncated file (a short chunk, no footer, a footer that does not count what was read) raises
-ValueError naming the file and the chunk; nothing is yielded from a chunk that fails.
+Reading checks every CRC as the chunk arrives, a chunk's size against what is left of the file before reading it,
+and that the file ends with its footer: a corrupted byte (a CRC mismatch, a row count larger than the file) or a
+truncated file (a short chunk, no footer, a footer that does not count what was read) raises ValueError naming the
+file and the chunk; nothing is yielded from a chunk that fails. Files of version 1 (whose chunk CRC covers the
+payload only) are still read.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from collections.abc import Iterable, Iterator
@@ -27,7 +30,8 @@ import torch
 from .sparse import KINDS, SparseTeacher
 
 MAGIC = b"KDSPARSE"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: the chunk CRC does not cover the row count
 VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _HEADER = struct.Struct("<8sIIBBBB")
 _CHUNK = struct.Struct("<4sQI")
@@ -74,11 +78,12 @@ class SparseTeacherWriter:
             indices.to(torch.int32).contiguous().numpy().tobytes()
             + values.contiguous().view(torch.int16).numpy().tobytes()
         )
-        crc = zlib.crc32(payload)
-        self._file.write(_CHUNK.pack(b"CHNK", flat.values.shape[0], crc) + payload)
+        rows = flat.values.shape[0]
+        crc = _chunk_crc(VERSION, rows, payload)
+        self._file.write(_CHUNK.pack(b"CHNK", rows, crc) + payload)
         self._crcs = zlib.crc32(_CRC.pack(crc), self._crcs)
         self.chunks += 1
-        self.rows += flat.values.shape[0]
+        self.rows += rows
 
     def close(self) -> None:
         if self._file.closed:
@@ -110,6 +115,11 @@ def save_sparse_teachers(path, teachers: Iterable[SparseTeacher], values: str = 
             writer.close()
 
 
+def _chunk_crc(version: int, rows: int, payload: bytes) -> int:
+    """The CRC32 a chunk stores: of its row count and payload (of the payload only in version 1)."""
+    return zlib.crc32(payload, 0 if version == 1 else zlib.crc32(struct.pack("<Q", rows)))
+
+
 def _read(f: BinaryIO, n: int, path, what: str) -> bytes:
     data = f.read(n)
     if len(data) != n:
@@ -122,13 +132,14 @@ def load_sparse_teachers(path, device: torch.device | str = "cpu") -> Iterator[S
     (values as stored: bfloat16 or float16). Streams: one batch in memory at a time, checked before it is
     yielded (module docstring)."""
     with open(path, "rb") as f:
+        end = os.fstat(f.fileno()).st_size
         header = _read(f, _HEADER.size, path, "header")
         magic, version, k, dtype_code, kind_code, tail, _ = _HEADER.unpack(header)
         if magic != MAGIC:
             raise ValueError(f"{path}: not a sparse-teacher file (magic {magic!r}, expected {MAGIC!r})")
         if _CRC.unpack(_read(f, _CRC.size, path, "header checksum"))[0] != zlib.crc32(header):
             raise ValueError(f"{path}: corrupted sparse-teacher file (header checksum mismatch)")
-        if version != VERSION or dtype_code >= len(VALUE_DTYPES) or kind_code >= len(KINDS) or tail > 1:
+        if version not in READABLE_VERSIONS or dtype_code >= len(VALUE_DTYPES) or kind_code >= len(KINDS) or tail > 1:
             raise ValueError(
                 f"{path}: unsupported sparse-teacher file (version {version}, value dtype {dtype_code}, "
                 f"kind {kind_code}, tail {tail})"
@@ -150,8 +161,14 @@ def load_sparse_teachers(path, device: torch.device | str = "cpu") -> Iterator[S
             if tag != b"CHNK":
                 raise ValueError(f"{path}: corrupted sparse-teacher file (chunk {chunks}: bad tag {tag!r})")
             _, n, crc = _CHUNK.unpack(tag + _read(f, _CHUNK.size - 4, path, f"chunk {chunks} header"))
-            payload = _read(f, n * k * 6, path, f"chunk {chunks} ({n} rows)")
-            if zlib.crc32(payload) != crc:
+            size, left = n * k * 6, end - f.tell()
+            if size > left:  # checked before reading: a corrupted row count would ask for any size
+                raise ValueError(
+                    f"{path}: truncated or corrupted sparse-teacher file (chunk {chunks}: {n} rows of k={k} take "
+                    f"{size} bytes, {left} are left)"
+                )
+            payload = _read(f, size, path, f"chunk {chunks} ({n} rows)")
+            if _chunk_crc(version, n, payload) != crc:
                 raise ValueError(f"{path}: corrupted sparse-teacher file (chunk {chunks}: checksum mismatch)")
             indices = torch.frombuffer(bytearray(payload[: n * k * 4]), dtype=torch.int32).reshape(n, k)
             values = torch.frombuffer(bytearray(payload[n * k * 4 :]), dtype=torch.int16).view(dtype).reshape(n, k)

@@ -9,6 +9,7 @@ import torch
 from oracle import oracle
 
 import kdkernels
+from kdkernels.backends.kernel_call import KernelCall
 
 # Relative tolerance per input dtype, applied as |got - want| <= tol * (|want| + max|want|) (loss and gradient).
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -85,10 +86,10 @@ def check_against_oracle(
     assert_close(grad, want_grad, dtype, f"{method} {hp} gradient")
 
 
-def family_op_args(method, hp):
-    """(family, code, params) of a method's plan, as the family ops take them."""
+def kernel_call(method, hp, **fields) -> tuple[str, KernelCall]:
+    """(family, the KernelCall of the method's plan with ``fields``), as the family ops take it."""
     plan = kdkernels.METHODS[method].plan(kdkernels.METHODS[method].resolve(hp))
-    return plan.family, int(plan.code), [float(x) for x in plan.params]
+    return plan.family, KernelCall(code=int(plan.code), params=tuple(float(x) for x in plan.params), **fields)
 
 
 def family_ops(backend):

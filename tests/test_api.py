@@ -3,6 +3,7 @@
 import inspect
 import math
 
+import numpy as np
 import pytest
 import torch
 from cases import CASES, case_id
@@ -120,6 +121,19 @@ BAD = [
     ("float mask", dict(mask=torch.ones(4)), TypeError, "mask must be a bool or integer"),
     ("mask shape", dict(mask=torch.ones(3, dtype=torch.bool)), ValueError, "mask must have .* shape"),
     ("mask not a tensor", dict(mask=[1, 1, 1, 1]), TypeError, "mask"),
+    ("float8 logits", dict(s=torch.zeros(4, 10).to(torch.float8_e4m3fn)), TypeError, "student_logits.*float8_e4m3fn"),
+    ("float8 teacher", dict(t=torch.zeros(4, 10).to(torch.float8_e5m2)), TypeError, "teacher_logits.*float8_e5m2"),
+    ("meta temperature", dict(temperature=torch.tensor(2.0, device="meta")), ValueError, "temperature.*meta"),
+    *[
+        (f"negative {method} {name}", dict(method=method, target="default", **{name: -0.5}), ValueError, f"{name} must")
+        for method, names in (
+            ("dkd", ("alpha", "beta")),
+            ("gdkd", ("w0", "w1", "w2")),
+            ("cakd", ("alpha", "beta", "bcd_weight")),
+            ("aekt", ("beta",)),
+        )
+        for name in names
+    ],
 ]
 
 
@@ -136,6 +150,75 @@ def test_cakd_feature_bad_input():
         kdkernels.cakd_feature_loss(torch.randn(2, 3, 16), torch.randn(2, 3, 16))
     with pytest.raises(ValueError, match="strong"):
         kdkernels.cakd_feature_loss(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), strong="target")
+
+
+RANGE = r"temperature must be in the supported range \[0.0001, 10000\]"
+
+
+@pytest.mark.parametrize("value", [1e-20, 9e-5, 1.01e4, 1e20])
+def test_temperature_outside_the_supported_range_is_refused(backend, value):
+    """Outside kdkernels.TEMPERATURE_RANGE (T^2 overflows float32 at 1e20, the CPU kernels gave NaN at 1e-20) a
+    temperature is refused, naming the range: a number, a tensor (a learnable one too), the modules, the fused-linear
+    loss and SparseTeacher.from_logits."""
+    s, t, target = make_inputs((4, 10), torch.float32, seed=14, ignored=0)
+    for temperature in (value, torch.tensor(value, dtype=torch.float64), torch.tensor(value, requires_grad=True)):
+        with pytest.raises(ValueError, match=RANGE):
+            kdkernels.distill_loss("dkd", s, t, target, temperature=temperature, backend=backend)
+    with pytest.raises(ValueError, match=RANGE):
+        kdkernels.DistillLoss("jsd", temperature=value, backend=backend)
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises(ValueError, match=RANGE):
+        kdkernels.linear_distill_loss("kd", h, w, h, w, temperature=value, backend=backend)
+    with pytest.raises(ValueError, match=RANGE):
+        kdkernels.SparseTeacher.from_logits(t, 3, temperature=value)
+
+
+@pytest.mark.parametrize("temperature", kdkernels.TEMPERATURE_RANGE)
+def test_the_ends_of_the_temperature_range_are_finite(backend, temperature):
+    """At both ends of the range every method gives a finite loss and gradient on every backend, as the float64
+    reference does, for logits of scale 4 with an offset of 30 (the inputs that gave NaN on the CPU at 1e-8); both
+    ends are taken as they are and as float32 tensors (1e-4 rounds below 1e-4 in float32). The exception: abkd with
+    beta < 0 at 1e-4, where the student's probabilities underflow and q^beta is infinite (in float64 too)."""
+    s, t, target = make_inputs((5, 23), torch.float32, seed=15, scale=4.0)
+    s = s + 30
+    for method, hp in CASES:
+        want = kdkernels.distill_loss(method, s.double(), t.double(), target, temperature=temperature, **hp)
+        if method == "abkd" and hp["beta"] < 0 and temperature < 1:
+            assert torch.isinf(want)
+            continue
+        assert torch.isfinite(want), (method, hp)
+        for T in (temperature, torch.tensor(temperature, requires_grad=True)):
+            x = s.clone().requires_grad_(True)
+            loss = kdkernels.distill_loss(method, x, t, target, temperature=T, backend=backend, **hp)
+            (loss * 0.7).backward()
+            assert torch.isfinite(loss) and torch.isfinite(x.grad).all(), (method, hp, T)
+            if isinstance(T, torch.Tensor):
+                assert torch.isfinite(T.grad), (method, hp)
+
+
+def test_numpy_scalars_are_the_numbers_they_are(backend):
+    """NumPy scalars are taken as the Python numbers they equal: temperature, weights, k, hyperparameters,
+    ignore_index and the fused-linear options."""
+    s, t, target = make_inputs((4, 10), torch.float32, seed=16, ignored=1)
+    numpy_options = dict(temperature=np.float32(2.0), ce_weight=np.float64(0.5), distill_weight=np.float32(1.5))
+    numpy_options["ignore_index"] = np.int64(-100)
+    python_options = dict(temperature=2.0, ce_weight=0.5, distill_weight=1.5, ignore_index=-100)
+    for method, hp in (("gdkd", dict(k=np.int64(3), w2=np.float32(6.0))), ("jsd", dict(beta=np.float64(0.25)))):
+        got = kdkernels.distill_loss(method, s, t, target, backend=backend, **hp, **numpy_options)
+        plain = {name: value.item() for name, value in hp.items()}
+        want = kdkernels.distill_loss(method, s, t, target, backend=backend, **plain, **python_options)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        module = kdkernels.DistillLoss(method, backend=backend, **hp, **numpy_options)
+        assert all(type(v) in (int, float) for v in module.hyperparameters.values() if not isinstance(v, str))
+        torch.testing.assert_close(module(s, t, target), want, rtol=0, atol=0)
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    got = kdkernels.linear_distill_loss(
+        "kd", h, w, h, w, target, softcap=np.float32(5.0), chunk_size=np.int64(2), backend=backend, **numpy_options
+    )
+    want = kdkernels.linear_distill_loss(
+        "kd", h, w, h, w, target, softcap=5.0, chunk_size=2, backend=backend, **python_options
+    )
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_module_checks_at_construction():

@@ -9,13 +9,14 @@ import sys
 import pytest
 import torch
 from cases import CASES, case_id
-from helpers import family_op_args, family_ops, make_inputs
+from helpers import family_ops, kernel_call, make_inputs
 
 import kdkernels
 from kdkernels import backends
+from kdkernels.backends.kernel_call import FLAGS, SCALARS, KernelCall
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARAMS = [float(x) for x in kdkernels.methods.DivergenceParams()]  # a divergence plan's parameter list
+PARAMS = tuple(float(x) for x in kdkernels.methods.DivergenceParams())  # a divergence plan's parameter list
 pytestmark = pytest.mark.skipif(
     "cpu" not in kdkernels.available_backends("cpu"), reason="the C++ extension kdkernels._C is not built"
 )
@@ -26,58 +27,44 @@ pytestmark = pytest.mark.skipif(
 )
 def test_inplace_opcheck(case):
     method, hp = case
-    family, code, params = family_op_args(method, hp)
     s, t, target = make_inputs((4, 33), torch.float32, seed=31)
     for reduce, with_ce, standardize in ((True, False, False), (False, True, True)):
-        torch.library.opcheck(
-            family_ops("cpu")[family][1],
-            (
-                s.clone(),
-                t,
-                target,
-                torch.tensor(2.0) if reduce else None,
-                code,
-                params,
-                1.5,
-                False,
-                -100,
-                reduce,
-                0.5,
-                1.5,
-                with_ce,
-                standardize,
-            ),
+        family, call = kernel_call(
+            method,
+            hp,
+            target=target,
+            denominator=torch.tensor(2.0) if reduce else None,
+            temperature=1.5,
+            reduce=reduce,
+            ce_weight=0.5,
+            distill_weight=1.5,
+            with_ce=with_ce,
+            standardize=standardize,
         )
+        torch.library.opcheck(family_ops("cpu")[family][1], (s.clone(), t, *call.op_args()))
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if case_id(c) in ("kd", "akl", "dkd")], ids=case_id)
 def test_full_opcheck(case):
     """The full ops (teacher gradient, d loss / d T): schema, fake function and dispatch agree."""
     method, hp = case
-    family, code, params = family_op_args(method, hp)
     s, t, target = make_inputs((4, 33), torch.float32, seed=32)
-    op = getattr(torch.ops.kdkernels, f"{family}_cpu_full").default
     for reduce, with_ce, standardize, teacher_grad in ((True, False, False, True), (False, True, True, False)):
-        torch.library.opcheck(
-            op,
-            (
-                s,
-                t,
-                target,
-                torch.tensor(2.0) if reduce else None,
-                code,
-                params,
-                1.5,
-                True,
-                -100,
-                reduce,
-                0.5,
-                1.5,
-                with_ce,
-                standardize,
-                teacher_grad,
-            ),
+        family, call = kernel_call(
+            method,
+            hp,
+            target=target,
+            denominator=torch.tensor(2.0) if reduce else None,
+            temperature=1.5,
+            t2_scale=True,
+            reduce=reduce,
+            ce_weight=0.5,
+            distill_weight=1.5,
+            with_ce=with_ce,
+            standardize=standardize,
         )
+        op = getattr(torch.ops.kdkernels, f"{family}_cpu_full").default
+        torch.library.opcheck(op, (s, t, *call.op_args(), teacher_grad))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -109,13 +96,22 @@ def test_cpu_gradient_buffers_are_reused_and_fully_rewritten(method, dtype, full
     """A freed CPU gradient of 1 MiB or more is kept (csrc/cpu/gradient_cache.h) and the next gradient of its size
     gets the same buffer, here poisoned with NaN first: every element is written again (ignored rows and rows masked
     in both logits included), giving the bits a fresh buffer gets. With full, the teacher's gradient too."""
-    family, code, params = family_op_args(method, {})
     s, t, target = make_inputs((96, 6000), dtype, seed=77, ignored=3)
     s[7], t[7] = float("-inf"), float("-inf")
+    family, call = kernel_call(
+        method,
+        {},
+        target=target,
+        denominator=torch.tensor(95.0),
+        temperature=2.0,
+        t2_scale=True,
+        ce_weight=0.5,
+        with_ce=True,
+    )
     op = getattr(torch.ops.kdkernels, f"{family}_cpu" + ("_full" if full else "")).default
 
     def gradients():
-        outputs = op(s, t, target, torch.tensor(95.0), code, params, 2.0, True, -100, True, 0.5, 1.0, True, False, True)
+        outputs = op(s, t, *call.op_args(), True)
         return list(outputs[2:4] if full else outputs[2:3])
 
     kdkernels.release_cached_gradients()
@@ -149,7 +145,7 @@ def test_release_cached_gradients_frees_what_is_kept():
 
 @pytest.mark.parametrize("limit_mb,kept_mb", [("0", 0), ("5", 4)])
 def test_gradient_cache_keeps_at_most_its_limit(limit_mb, kept_mb):
-    """KDKERNELS_GRADIENT_CACHE_MB caps the kept bytes (0 keeps nothing); the oldest buffers make room."""
+    """KDKERNELS_GRADIENT_CACHE_MB caps the kept bytes (0 keeps nothing); the smallest buffers make room."""
     code = (
         "import torch, kdkernels\n"
         "grads = []\n"
@@ -171,6 +167,72 @@ def test_gradient_cache_keeps_at_most_its_limit(limit_mb, kept_mb):
     )
     assert run.returncode == 0, run.stderr
     assert int(run.stdout) == kept_mb << 20
+
+
+def test_a_smaller_gradient_takes_the_smallest_kept_buffer_that_holds_it():
+    """The cache hands a gradient the smallest kept buffer of at least its size (not only one of its exact size)."""
+    kdkernels.release_cached_gradients()
+
+    def gradient(rows):
+        s = torch.randn(rows, 8192, requires_grad=True)  # 32 KiB a row
+        kdkernels.distill_loss("kd", s, torch.randn(rows, 8192), backend="cpu").backward()
+        return s.grad
+
+    big, small = gradient(96), gradient(48)  # 3 and 1.5 MiB, alive at once
+    pointers = big.data_ptr(), small.data_ptr()
+    del big, small
+    assert kdkernels._C.cached_gradient_bytes() == (96 + 48) * 8192 * 4
+    first = gradient(40)  # fits both: the 1.5 MiB one
+    second = gradient(64)  # fits only the 3 MiB one
+    assert (second.data_ptr(), first.data_ptr()) == pointers
+    assert kdkernels._C.cached_gradient_bytes() == 0
+
+
+# A training loop whose number of rows varies (an LLM's tokens per step): N uniform in [8, 512] at V = 8192.
+VARYING_LOOP = """
+import random, torch, kdkernels
+def rss():
+    return next(int(l.split()[1]) << 10 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
+torch.set_num_threads(1)
+random.seed(0)
+teacher, base = torch.randn(512, 8192), torch.randn(512, 8192)
+for warm in (0, 1):
+    start = rss()
+    for step in range(150):
+        s = base[:random.randint(8, 512)].clone().requires_grad_(True)
+        kdkernels.kd_loss(s, teacher[: s.shape[0]], backend="cpu").backward()
+        del s
+print(rss() - start, kdkernels._C.cached_gradient_bytes())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the resident set from /proc/self/status")
+def test_a_loop_of_varying_shapes_keeps_about_one_step_of_gradient():
+    """In a loop whose gradients' sizes vary, the process grows by no more than about its largest gradient beyond
+    what it grows with the cache off (the cache keeps at most the most gradient bytes in use at once, one step's;
+    by exact sizes it kept a buffer per size, up to its 2 GiB limit). Each loop runs twice in a fresh process and
+    the second run's resident-set growth is compared."""
+    largest = 512 * 8192 * 4
+    on, off = (_run(VARYING_LOOP, {"KDKERNELS_GRADIENT_CACHE_MB": mb}) for mb in ("2048", "0"))
+    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
+    (growth_on, kept), (growth_off, _) = [[int(x) for x in r.stdout.split()] for r in (on, off)]
+    assert kept <= largest
+    # (A loop with the cache off may also give pages back to the system: its growth counts as 0 then.)
+    assert growth_on <= max(growth_off, 0) + 1.5 * largest, (growth_on >> 20, growth_off >> 20)
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "1.5", "", " 5", "99999999999999"])
+def test_a_gradient_cache_size_that_is_not_a_non_negative_integer_is_refused(value):
+    """KDKERNELS_GRADIENT_CACHE_MB other than a non-negative integer raises ValueError naming it at the first
+    gradient (-1 meant unlimited and "abc" 0 before)."""
+    code = (
+        "import torch, kdkernels\n"
+        "s = torch.randn(64, 8192, requires_grad=True)\n"
+        "kdkernels.kd_loss(s, torch.randn(64, 8192), backend='cpu').backward()\n"
+    )
+    run = _run(code, {"KDKERNELS_GRADIENT_CACHE_MB": value})
+    assert run.returncode != 0
+    assert "ValueError: KDKERNELS_GRADIENT_CACHE_MB must be a non-negative integer" in run.stderr, run.stderr
 
 
 def test_ops_are_registered_with_the_backends():
@@ -200,6 +262,7 @@ def test_codes_and_parameters_agree_in_every_language():
             assert {code.name: getattr(triton_module, code.name).value for code in python} == cpp
     assert _C.DIVERGENCE_PARAMS == methods.DivergenceParams._fields
     assert _C.DECOUPLED_PARAMS == methods.DecoupledParams._fields
+    assert _C.CALL_SCALARS == SCALARS and _C.CALL_FLAGS == FLAGS
     assert _C.STANDARDIZE_EPS == methods.STANDARDIZE_EPS == triton_common.STANDARDIZE_EPS.value
     divergence_args = inspect.signature(triton_divergence.divergence_kernel.fn).parameters
     assert all(name in divergence_args for name in methods.DivergenceParams._fields)
@@ -208,16 +271,14 @@ def test_codes_and_parameters_agree_in_every_language():
 def test_inplace_needs_contiguous_student():
     s, t, target = make_inputs((4, 66), torch.float32, seed=32)
     with pytest.raises(RuntimeError, match="must be contiguous"):
-        torch.ops.kdkernels.divergence_cpu_(
-            s[:, ::2], t[:, ::2], target, None, 0, PARAMS, 1.0, False, -100, True, 0.0, 1.0, False, False
-        )
+        torch.ops.kdkernels.divergence_cpu_(s[:, ::2], t[:, ::2], *KernelCall(target=target, params=PARAMS).op_args())
 
 
 @pytest.mark.parametrize(
     "what,kwargs,match",
     [
         ("code", dict(code=99), "code must be in"),
-        ("params", dict(params=[0.0] * 3), f"params must hold {len(PARAMS)}"),
+        ("params", dict(params=(0.0,) * 3), f"params must hold {len(PARAMS)}"),
         ("temperature", dict(temperature=0.0), "temperature must be > 0"),
         ("shape", dict(teacher=torch.zeros(4, 5)), "same shape"),
         ("dtype", dict(teacher=torch.zeros(4, 6, dtype=torch.int32)), "logits must be float32"),
@@ -227,26 +288,17 @@ def test_inplace_needs_contiguous_student():
     ],
 )
 def test_op_checks_its_arguments(what, kwargs, match):
-    args = dict(
-        student=torch.zeros(4, 6),
-        teacher=torch.zeros(4, 6),
-        target=None,
-        denominator=None,
-        code=0,
-        params=PARAMS,
-        temperature=1.0,
-        t2_scale=False,
-        ignore_index=-100,
-        reduce=True,
-        ce_weight=0.0,
-        distill_weight=1.0,
-        with_ce=False,
-        standardize=False,
-        with_grad=True,
-    )
-    args.update(kwargs)
+    teacher = kwargs.pop("teacher", torch.zeros(4, 6))
+    call = KernelCall(**{"params": PARAMS, **kwargs})
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.kdkernels.divergence_cpu(*args.values())
+        torch.ops.kdkernels.divergence_cpu(torch.zeros(4, 6), teacher, *call.op_args(), True)
+
+
+def test_op_checks_the_lengths_of_its_option_lists():
+    *call, scalars, flags = KernelCall(params=PARAMS).op_args()
+    for bad in ((scalars[:-1], flags), (scalars, flags + [0])):
+        with pytest.raises(RuntimeError, match="scalars must hold .* and flags"):
+            torch.ops.kdkernels.divergence_cpu(torch.zeros(4, 6), torch.zeros(4, 6), *call, *bad, True)
 
 
 def test_auto_picks_the_extension_on_cpu_and_cuda_is_refused_with_a_reason():

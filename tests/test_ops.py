@@ -1,12 +1,13 @@
 """The custom ops behind the fused backends: registration, torch.library.opcheck, torch.compile without graph
 breaks, and the in-place gradient scaling of backward."""
 
+import inspect
 import re
 
 import pytest
 import torch
 from cases import CASES, case_id
-from helpers import assert_close, family_op_args, family_ops, make_inputs
+from helpers import assert_close, family_ops, kernel_call, make_inputs
 
 import kdkernels
 from kdkernels.backends import ops
@@ -54,30 +55,29 @@ OPCHECK_CASES = [
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=case_id)
 def test_opcheck(fused, device, case, reduce, with_grad, has_target, with_ce, standardize):
     method, hp = case
-    family, code, params = family_op_args(method, hp)
-    op = family_ops(fused)[family][0]
-    s, t, target = make_inputs((5, 33), torch.float32, device, seed=20)
     if method == "dkd":
         has_target = True
-    s.requires_grad_(with_grad)
-    args = (
-        s,
-        t,
-        target if has_target else None,
-        torch.tensor(3.0, device=device) if reduce else None,
-        code,
-        params,
-        2.0,
-        True,
-        -100,
-        reduce,
-        0.5 if with_ce else 0.0,
-        1.5,
-        with_ce,
-        standardize,
-        with_grad,
+    s, t, target = make_inputs((5, 33), torch.float32, device, seed=20)
+    family, call = kernel_call(
+        method,
+        hp,
+        target=target if has_target else None,
+        denominator=torch.tensor(3.0, device=device) if reduce else None,
+        temperature=2.0,
+        t2_scale=True,
+        reduce=reduce,
+        ce_weight=0.5 if with_ce else 0.0,
+        distill_weight=1.5,
+        with_ce=with_ce,
+        standardize=standardize,
     )
+    op = family_ops(fused)[family][0]
+    s.requires_grad_(with_grad)
+    args = (s, t, *call.op_args(), with_grad)
     torch.library.opcheck(op, args)
+    # Its at-temperature op (torch.compile's way in with a temperature tensor): the op's name and T, a tensor.
+    at_args = (f"{family}_{fused}", torch.tensor(2.0, dtype=torch.float64), *args)
+    torch.library.opcheck(torch.ops.kdkernels.family_at_temperature.default, at_args)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -96,12 +96,18 @@ def test_scale_rows_multiplies_in_float32_and_skips_ones(backend, device, dtype)
     assert torch.equal(g, before)
 
 
-def test_backward_twice_is_an_error(fused, device):
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_backward_twice_is_an_error(fused, device, reduction):
+    """A second backward through a fused loss (retain_graph=True) raises the project's message, also after a first
+    backward that scaled the saved gradient in place (per-row grad_output, reduction="none"), where torch's own
+    check of the saved tensor would otherwise speak first."""
     s, t, target = make_inputs((3, 20), torch.float32, device, seed=11)
     s.requires_grad_(True)
-    loss = kdkernels.kd_loss(s, t, target, backend=fused)
+    loss = kdkernels.kd_loss(s, t, target, backend=fused, reduction=reduction)
+    if reduction == "none":
+        loss = (loss * torch.tensor([0.5, 2.0, 1.0], device=device)).sum()
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="twice"):
+    with pytest.raises(RuntimeError, match="kdkernels: the fused loss's saved gradient was already used"):
         loss.backward()
 
 
@@ -132,3 +138,60 @@ def test_compile_fullgraph_training_step(fused, device):
     assert_close(loss, eager.detach().double().cpu().numpy(), torch.float32, "compiled loss")
     for got, p in zip(grads, head.parameters()):
         assert_close(got, p.grad.double().cpu().numpy(), torch.float32, "compiled gradient")
+
+
+@pytest.mark.parametrize("kind", ["float", "tensor", "learnable"])
+def test_compile_once_with_a_changing_temperature(backend, device, kind):
+    """A compiled training step (fullgraph=True: no graph break) whose temperature changes every call compiles once:
+    a 0-d tensor (a scheduled one, or a learnable one that gets d loss / d T) never recompiles, a Python float once
+    (dynamo specialises its first value, then makes it dynamic). Each call matches eager (loss, gradients)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    s0, t, target = make_inputs((6, 40), torch.float32, device, seed=22)
+
+    def step(s, t, target, temperature):
+        return (
+            kdkernels.dkd_loss(s, t, target, temperature=temperature, backend=backend)
+            + kdkernels.jsd_loss(s, t, target, temperature=temperature, backend=backend, reduction="none").sum()
+        )
+
+    # (the reference's graphs take inductor a minute to generate code for: AOTAutograd without it, for the reference)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if backend == "reference" else "inductor")
+    for value in (2.0, 3.0, 0.7, 5.5):
+        results = []
+        for f in (compiled, step):
+            s = s0.clone().requires_grad_(True)
+            learns = kind == "learnable"
+            temperature = value if kind == "float" else torch.tensor(value, device=device, requires_grad=learns)
+            loss = f(s, t, target, temperature)
+            loss.backward()
+            results.append((loss.detach(), s.grad, temperature.grad if kind == "learnable" else None))
+        (loss, grad, d_temperature), (want, want_grad, want_d_temperature) = results
+        assert_close(loss, want.double().cpu().numpy(), torch.float32, f"loss at T = {value}")
+        assert_close(grad, want_grad.double().cpu().numpy(), torch.float32, f"gradient at T = {value}")
+        if kind == "learnable":  # (a sum of terms of the loss's size that cancel: an absolute tolerance from it)
+            torch.testing.assert_close(d_temperature, want_d_temperature, rtol=1e-4, atol=1e-5 * float(want) / value)
+    assert counters["stats"]["unique_graphs"] == (2 if kind == "float" else 1), dict(counters["stats"])
+
+
+def test_compiled_temperature_outside_the_range_is_refused(fused, device):
+    """Under torch.compile the temperature's value is checked when the graph runs (the opaque op
+    kdkernels::check_temperature): a tensor outside the range raises the eager error."""
+    torch._dynamo.reset()
+    s, t, _ = make_inputs((4, 30), torch.float32, device, seed=23)
+    compiled = torch.compile(lambda s, t, T: kdkernels.kd_loss(s, t, temperature=T, backend=fused), fullgraph=True)
+    compiled(s, t, torch.tensor(2.0, device=device))
+    with pytest.raises(ValueError, match="temperature must be in the supported range"):
+        compiled(s, t, torch.tensor(1e-20, device=device))
+
+
+def test_triton_launch_reads_every_option_of_the_kernel_call():
+    """The Triton launcher reads each option of KernelCall by name (a new option that it does not pass to the kernel
+    fails here; the C++ side is checked by tests/test_extension.py's comparison of the X-macro lists)."""
+    from kdkernels.backends import triton as triton_backend
+    from kdkernels.backends.kernel_call import FLAGS, SCALARS
+
+    source = inspect.getsource(triton_backend._launch) + inspect.getsource(triton_backend._plan_arguments)
+    assert [name for name in SCALARS + FLAGS if f"call.{name}" not in source] == []

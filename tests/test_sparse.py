@@ -1,6 +1,9 @@
 """Sparse teachers: losses over the k + 1 bins, against the reference evaluated on the same bins."""
 
 import math
+import re
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -310,3 +313,53 @@ def test_corrupted_or_truncated_files_are_rejected(tmp_path):
     assert len(list(load_sparse_teachers(path))) == 2
     with pytest.raises(ValueError, match="values must be one of"):
         SparseTeacherWriter(tmp_path / "x.kds", 4, values="int8")
+
+
+def test_every_single_byte_flip_raises_value_error(tmp_path):
+    """Every byte of a small file flipped (each bit pattern that matters: the low bit, the high bit, all bits) is
+    refused with the documented ValueError naming the file (no MemoryError or OverflowError from a chunk's row
+    count); a flip inside a chunk names that chunk."""
+    g = torch.Generator().manual_seed(13)
+    path = tmp_path / "teacher.kds"
+    save_sparse_teachers(path, [SparseTeacher.from_logits(torch.randn(n, 40, generator=g), 3) for n in (2, 5)])
+    data = path.read_bytes()
+    header = 24
+    chunks = [header, header + 16 + 2 * 3 * 6, header + 2 * 16 + 7 * 3 * 6]  # where chunk 0, 1 and the footer begin
+    assert len(data) == chunks[-1] + 24
+    bad = tmp_path / "bad.kds"
+    for at in range(len(data)):
+        for mask in (0x01, 0x80, 0xFF):
+            bad.write_bytes(data[:at] + bytes([data[at] ^ mask]) + data[at + 1 :])
+            with pytest.raises(ValueError, match=re.escape(str(bad))) as error:
+                list(load_sparse_teachers(bad))
+            for i in range(2):
+                if chunks[i] <= at < chunks[i + 1]:
+                    assert f"chunk {i}" in str(error.value), (at, mask, error.value)
+
+
+def test_version_1_files_are_still_read(tmp_path):
+    """A file of version 1 (the chunk CRC over the payload only) reads back as the same batches; a later version
+    is refused as unsupported."""
+    g = torch.Generator().manual_seed(14)
+    batches = [SparseTeacher.from_logits(torch.randn(n, 30, generator=g), 2) for n in (3, 4)]
+    path = tmp_path / "v2.kds"
+    save_sparse_teachers(path, batches)
+    data = path.read_bytes()
+    # Rewritten as version 1: the header's version and CRC, each chunk's CRC, the footer's CRC of the chunk CRCs.
+    header = data[:8] + struct.pack("<I", 1) + data[12:20]
+    out, at, crcs = header + struct.pack("<I", zlib.crc32(header)), 24, 0
+    for n in (3, 4):
+        payload = data[at + 16 : at + 16 + n * 2 * 6]
+        crc = zlib.crc32(payload)
+        out += data[at : at + 12] + struct.pack("<I", crc) + payload
+        crcs = zlib.crc32(struct.pack("<I", crc), crcs)
+        at += 16 + len(payload)
+    out += data[at : at + 20] + struct.pack("<I", crcs)
+    old = tmp_path / "v1.kds"
+    old.write_bytes(out)
+    for got, want in zip(load_sparse_teachers(old), batches, strict=True):
+        assert torch.equal(got.indices, want.indices) and torch.equal(got.values, want.values.to(torch.bfloat16))
+    header = data[:8] + struct.pack("<I", 3) + data[12:20]
+    (tmp_path / "v3.kds").write_bytes(header + struct.pack("<I", zlib.crc32(header)) + data[24:])
+    with pytest.raises(ValueError, match="unsupported sparse-teacher file .version 3"):
+        list(load_sparse_teachers(tmp_path / "v3.kds"))

@@ -1,8 +1,10 @@
-// The allocator of the CPU ops' [N, V] gradients (gradient_cache.cpp): a freed gradient buffer of 1 MiB or more is
-// kept and handed to the next gradient of the same byte size, up to KDKERNELS_GRADIENT_CACHE_MB in all (default 2048;
-// 0 keeps none). Fresh memory costs a page fault and the operating system's zeroing of every page on first touch,
-// which at [1024, 32000] float32 took 16 of a call's 40 ms; a training loop frees each step's gradient before the
-// next step asks for one, so the kept buffer is the one the next step would have allocated anyway.
+// The allocator of the CPU ops' [N, V] gradients (gradient_cache.cpp). Fresh memory costs a page fault and the
+// operating system's zeroing of every page on first touch, which is a large part of a training step's loss call
+// (docs/losses.md, section 6): a freed gradient buffer of 1 MiB or more is kept, and the next gradient takes the
+// smallest kept buffer that holds it, whatever its size. What is kept is bounded by the most gradient bytes that were
+// ever in use at once (one step's gradient in a training loop, whose steps free theirs before the next asks) and by
+// KDKERNELS_GRADIENT_CACHE_MB (default 2048; 0 keeps none; anything but a non-negative integer is refused): a loop
+// whose shapes vary keeps about its largest step's gradient, not one buffer per shape.
 #pragma once
 
 #include <c10/core/Allocator.h>

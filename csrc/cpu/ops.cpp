@@ -35,46 +35,21 @@ RowsFn kernel_for_this_cpu(Family family) {
   return family == DIVERGENCE_FAMILY ? DEFAULT::divergence_rows : DEFAULT::decoupled_rows;
 }
 
-// finish_losses (family_op.h) for the CPU: with reduce, the rows are summed here in double (the loss rows are on the
-// host, and the six ATen reductions and divisions cost more than the kernel itself at a vision batch's [8, 100]).
-template <class M>
-std::tuple<at::Tensor, at::Tensor> reduce_losses(const FamilyCall& call, double inv_denom, double ce_weight,
-                                                 double distill_weight) {
-  const M* loss_rows = call.loss_rows.data_ptr<M>();
-  const M* ce_rows = call.ce_rows.defined() ? call.ce_rows.data_ptr<M>() : nullptr;
-  double distill = 0, ce = 0;
-  for (int64_t i = 0; i < call.n; ++i) {
-    distill += double(loss_rows[i]);
-    if (ce_rows != nullptr) ce += double(ce_rows[i]);
-  }
-  distill *= inv_denom;
-  ce *= inv_denom;
-  at::Tensor loss = at::empty({}, call.loss_rows.options()), parts = at::empty({2}, call.loss_rows.options());
-  *loss.data_ptr<M>() = M(distill_weight * distill + (ce_rows != nullptr ? ce_weight * ce : 0.0));
-  parts.data_ptr<M>()[0] = M(distill);
-  parts.data_ptr<M>()[1] = M(ce);
-  return {loss, parts};
-}
-
-// Loss rows and, with a gradient, d loss / d student into call.grad (the student itself in place).
+// Loss rows and, with a gradient, d loss / d student into call.grad (the student itself in place); with `full` (the
+// full ops) the teacher's gradient and d loss / d T too, and *full receives the call.
 template <Family FAMILY>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
-    const std::optional<at::Tensor>& denominator, int64_t code, at::ArrayRef<double> params, double temperature,
-    bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
-    bool standardize, bool with_grad, bool in_place, FamilyCall* full = nullptr, bool teacher_grad = false) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(const FamilyArgs& a, bool with_grad, bool in_place,
+                                                          FamilyCall* full = nullptr, bool teacher_grad = false) {
   const bool divergence = FAMILY == DIVERGENCE_FAMILY;
   const std::string name =
       std::string("kdkernels::") + (divergence ? "divergence" : "decoupled") + "_cpu" + (in_place ? "_" : "");
-  FamilyCall call =
-      check_family_call(name.c_str(), student, teacher, target, denominator, code, params,
-                        divergence ? int(NUM_DIVERGENCES) : int(NUM_PARTITIONS),
-                        divergence ? DivergenceParams<double>::size : DecoupledParams<double>::size, temperature,
-                        ce_weight, distill_weight, with_ce, with_grad, in_place, gradient_allocator());
-  if (!divergence) check_decoupled_params(call, code, params);
+  FamilyCall call = check_family_call(name.c_str(), a, divergence ? int(NUM_DIVERGENCES) : int(NUM_PARTITIONS),
+                                      divergence ? DivergenceParams<double>::size : DecoupledParams<double>::size,
+                                      with_grad, in_place, gradient_allocator());
+  if (!divergence) check_decoupled_params(call, a.code, a.params);
   if (full != nullptr) add_full_outputs(call, teacher_grad, gradient_allocator());
-  const double t2 = t2_scale ? temperature * temperature : 1.0;
-  const double inv_denom = reduce && denominator.has_value() ? 1.0 / denominator->item<double>() : 1.0;
+  const CallOptions& o = call.opt;
+  const double inv_denom = o.reduce && a.denominator.has_value() ? 1.0 / a.denominator->item<double>() : 1.0;
   RowsArgs args{call.student.data_ptr(),
                 call.teacher.data_ptr(),
                 call.student.scalar_type(),
@@ -82,72 +57,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(
                 call.student.stride(0),
                 call.teacher.stride(0),
                 call.target.defined() ? call.target.data_ptr<int64_t>() : nullptr,
-                ignore_index,
+                o.ignore_index,
                 call.loss_rows.data_ptr(),
-                with_ce ? call.ce_rows.data_ptr() : nullptr,
+                o.with_ce ? call.ce_rows.data_ptr() : nullptr,
                 with_grad ? call.grad.data_ptr() : nullptr,
                 call.n,
                 call.v,
-                int(code),
-                params.data(),
-                temperature,
-                t2,
-                distill_weight * t2 / temperature * inv_denom,
-                ce_weight * inv_denom,
+                int(a.code),
+                a.params.data(),
+                o.temperature,
+                o.t2(),
+                o.distill_weight * o.t2() / o.temperature * inv_denom,
+                o.ce_weight * inv_denom,
                 call.math_double,
-                standardize};
+                o.standardize};
   if (full != nullptr) {
     args.teacher_grad = teacher_grad ? call.teacher_grad.data_ptr() : nullptr;
     args.temperature_grad = call.temperature_grad.data_ptr();
-    args.t2_scale = t2_scale;
+    args.t2_scale = o.t2_scale;
   }
   const RowsFn rows = kernel_for_this_cpu(FAMILY);
   // Enough rows per task to amortise its start, and never fewer than one row.
   const int64_t grain = std::max<int64_t>(1, 32768 / call.v);
   at::parallel_for(0, call.n, grain, [&](int64_t begin, int64_t end) { rows(args, begin, end); });
-  auto [loss, parts] = !reduce            ? finish_losses(call, denominator, reduce, ce_weight, distill_weight)
-                       : call.math_double ? reduce_losses<double>(call, inv_denom, ce_weight, distill_weight)
-                                          : reduce_losses<float>(call, inv_denom, ce_weight, distill_weight);
+  auto [loss, parts] = finish_losses(call);
   if (full != nullptr) *full = call;
   return {loss, parts, call.grad};
 }
 
+// The op entry points (the schemas of kdkernels.cpp).
 template <Family FAMILY>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> family_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                                          const std::optional<at::Tensor>& target,
-                                                          const std::optional<at::Tensor>& denominator, int64_t code,
-                                                          at::ArrayRef<double> params, double temperature,
-                                                          bool t2_scale, int64_t ignore_index, bool reduce,
-                                                          double ce_weight, double distill_weight, bool with_ce,
-                                                          bool standardize, bool with_grad) {
-  return run_family<FAMILY>(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index,
-                            reduce, ce_weight, distill_weight, with_ce, standardize, with_grad,
-                            /*in_place=*/false);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> family_cpu(KDKERNELS_CALL_PARAMETERS, bool with_grad) {
+  return run_family<FAMILY>(KDKERNELS_CALL_ARGS("kdkernels::<family>_cpu"), with_grad, /*in_place=*/false);
 }
 
 template <Family FAMILY>
-std::tuple<at::Tensor, at::Tensor> family_cpu_(const at::Tensor& student, const at::Tensor& teacher,
-                                               const std::optional<at::Tensor>& target,
-                                               const std::optional<at::Tensor>& denominator, int64_t code,
-                                               at::ArrayRef<double> params, double temperature, bool t2_scale,
-                                               int64_t ignore_index, bool reduce, double ce_weight,
-                                               double distill_weight, bool with_ce, bool standardize) {
-  auto [loss, parts, grad] = run_family<FAMILY>(student, teacher, target, denominator, code, params, temperature,
-                                                t2_scale, ignore_index, reduce, ce_weight, distill_weight, with_ce,
-                                                standardize, /*with_grad=*/true, /*in_place=*/true);
+std::tuple<at::Tensor, at::Tensor> family_cpu_(KDKERNELS_CALL_PARAMETERS) {
+  auto [loss, parts, grad] =
+      run_family<FAMILY>(KDKERNELS_CALL_ARGS("kdkernels::<family>_cpu_"), /*with_grad=*/true, /*in_place=*/true);
   return {loss, parts};
 }
 
 template <Family FAMILY>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> family_cpu_full(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
-    const std::optional<at::Tensor>& denominator, int64_t code, at::ArrayRef<double> params, double temperature,
-    bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
-    bool standardize, bool teacher_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> family_cpu_full(KDKERNELS_CALL_PARAMETERS,
+                                                                                       bool teacher_grad) {
   FamilyCall call;
-  auto [loss, parts, grad] = run_family<FAMILY>(
-      student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce, ce_weight,
-      distill_weight, with_ce, standardize, /*with_grad=*/true, /*in_place=*/false, &call, teacher_grad);
+  auto [loss, parts, grad] = run_family<FAMILY>(KDKERNELS_CALL_ARGS("kdkernels::<family>_cpu_full"),
+                                                /*with_grad=*/true, /*in_place=*/false, &call, teacher_grad);
   return {loss, parts, grad, call.teacher_grad, call.temperature_grad};
 }
 

@@ -250,36 +250,32 @@ struct CudaCall {
   double temperature;  // in double, for host-side constants such as T log(tau)
 };
 
-inline CudaCall prepare_cuda_call(const char* op, const at::Tensor& student, const at::Tensor& teacher,
-                                  const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& denominator,
-                                  int64_t code, at::ArrayRef<double> params, int num_codes, int num_params,
-                                  double temperature, bool t2_scale, int64_t ignore_index, bool reduce,
-                                  double ce_weight, double distill_weight, bool with_ce, bool standardize,
-                                  bool with_grad, bool in_place) {
-  TORCH_CHECK_TYPE(student.scalar_type() != at::kDouble && teacher.scalar_type() != at::kDouble, op,
+inline CudaCall prepare_cuda_call(const char* op, const FamilyArgs& a, int num_codes, int num_params, bool with_grad,
+                                  bool in_place) {
+  TORCH_CHECK_TYPE(a.student.scalar_type() != at::kDouble && a.teacher.scalar_type() != at::kDouble, op,
                    ": the CUDA kernels compute in float32 and take float32, bfloat16 or float16 logits, not float64 "
                    "(backend='reference' computes float64)");
-  CudaCall c{check_family_call(op, student, teacher, target, denominator, code, params, num_codes, num_params,
-                               temperature, ce_weight, distill_weight, with_ce, with_grad, in_place)};
+  CudaCall c{check_family_call(op, a, num_codes, num_params, with_grad, in_place)};
+  const CallOptions& o = c.call.opt;
   c.student = c.call.student;
   c.teacher = c.call.teacher;
   c.grad = c.call.grad;
-  if (student.scalar_type() != teacher.scalar_type()) {
+  if (a.student.scalar_type() != a.teacher.scalar_type()) {
     c.student = c.student.to(at::kFloat);
     c.teacher = c.teacher.to(at::kFloat);
     if (with_grad) c.grad = at::empty({c.call.n, c.call.v}, c.student.options());
   }
-  if (reduce && denominator.has_value()) c.denominator = denominator->reshape({}).to(at::kFloat);
+  if (o.reduce && a.denominator.has_value()) c.denominator = a.denominator->reshape({}).to(at::kFloat);
   c.args = {c.call.target.defined() ? c.call.target.data_ptr<int64_t>() : nullptr,
             c.denominator.defined() ? c.denominator.data_ptr<float>() : nullptr,
-            float(temperature),
-            float(t2_scale ? temperature * temperature : 1.0),
-            ignore_index,
-            float(ce_weight),
-            float(distill_weight),
-            with_ce ? c.call.ce_rows.data_ptr<float>() : nullptr,
-            standardize};
-  c.temperature = temperature;
+            float(o.temperature),
+            float(o.t2()),
+            o.ignore_index,
+            float(o.ce_weight),
+            float(o.distill_weight),
+            o.with_ce ? c.call.ce_rows.data_ptr<float>() : nullptr,
+            o.standardize};
+  c.temperature = o.temperature;
   return c;
 }
 
@@ -287,74 +283,53 @@ inline CudaCall prepare_cuda_call(const char* op, const at::Tensor& student, con
 // launch(CudaCall&, code, params, cudaStream_t), which launches one block per row. With `full` (the *_full ops) the
 // call's full outputs are added and *full receives it.
 template <class Family>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
-    const std::optional<at::Tensor>& denominator, int64_t code, at::ArrayRef<double> params, double temperature,
-    bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
-    bool standardize, bool with_grad, bool in_place, FamilyCall* full = nullptr, bool teacher_grad = false) {
-  const c10::cuda::CUDAGuard guard(student.device());
-  CudaCall c = prepare_cuda_call(in_place ? Family::name_ : Family::name, student, teacher, target, denominator, code,
-                                 params, Family::num_codes, Family::num_params, temperature, t2_scale, ignore_index,
-                                 reduce, ce_weight, distill_weight, with_ce, standardize, with_grad, in_place);
-  if (Family::decoupled) check_decoupled_params(c.call, code, params);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(const FamilyArgs& a, bool with_grad, bool in_place,
+                                                          FamilyCall* full = nullptr, bool teacher_grad = false) {
+  const c10::cuda::CUDAGuard guard(a.student.device());
+  CudaCall c = prepare_cuda_call(in_place ? Family::name_ : Family::name, a, Family::num_codes, Family::num_params,
+                                 with_grad, in_place);
+  if (Family::decoupled) check_decoupled_params(c.call, a.code, a.params);
   if (full != nullptr) {
     add_full_outputs(c.call, teacher_grad);
     c.teacher_grad = !teacher_grad || c.teacher.scalar_type() == c.call.teacher_grad.scalar_type()
                          ? c.call.teacher_grad
                          : at::empty({c.call.n, c.call.v}, c.teacher.options());
     c.args.temperature_grad = c.call.temperature_grad.data_ptr<float>();
-    c.args.t2_scale = t2_scale;
+    c.args.t2_scale = c.call.opt.t2_scale;
   }
   TORCH_CHECK(c.call.n <= INT32_MAX, Family::name, ": at most 2^31 - 1 rows, got ", c.call.n);
   if (c.call.n > 0) {
-    Family::launch(c, code, params, c10::cuda::getCurrentCUDAStream());
+    Family::launch(c, a.code, a.params, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (with_grad && !c.grad.is_same(c.call.grad)) c.call.grad.copy_(c.grad);
   if (full != nullptr && teacher_grad && !c.teacher_grad.is_same(c.call.teacher_grad)) {
     c.call.teacher_grad.copy_(c.teacher_grad);
   }
-  auto [loss, parts] = finish_losses(c.call, denominator, reduce, ce_weight, distill_weight);
+  auto [loss, parts] = finish_losses(c.call);
   if (full != nullptr) *full = c.call;
   return {loss, parts, c.call.grad};
 }
 
+// The op entry points (the schemas of kdkernels.cpp).
 template <class Family>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> family_cuda_full(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
-    const std::optional<at::Tensor>& denominator, int64_t code, at::ArrayRef<double> params, double temperature,
-    bool t2_scale, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
-    bool standardize, bool teacher_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> family_cuda_full(KDKERNELS_CALL_PARAMETERS,
+                                                                                        bool teacher_grad) {
   FamilyCall call;
-  auto [loss, parts, grad] = run_family<Family>(
-      student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index, reduce, ce_weight,
-      distill_weight, with_ce, standardize, /*with_grad=*/true, /*in_place=*/false, &call, teacher_grad);
+  auto [loss, parts, grad] = run_family<Family>(KDKERNELS_CALL_ARGS(Family::name), /*with_grad=*/true,
+                                                /*in_place=*/false, &call, teacher_grad);
   return {loss, parts, grad, call.teacher_grad, call.temperature_grad};
 }
 
 template <class Family>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> family_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                                           const std::optional<at::Tensor>& target,
-                                                           const std::optional<at::Tensor>& denominator, int64_t code,
-                                                           at::ArrayRef<double> params, double temperature,
-                                                           bool t2_scale, int64_t ignore_index, bool reduce,
-                                                           double ce_weight, double distill_weight, bool with_ce,
-                                                           bool standardize, bool with_grad) {
-  return run_family<Family>(student, teacher, target, denominator, code, params, temperature, t2_scale, ignore_index,
-                            reduce, ce_weight, distill_weight, with_ce, standardize, with_grad,
-                            /*in_place=*/false);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> family_cuda(KDKERNELS_CALL_PARAMETERS, bool with_grad) {
+  return run_family<Family>(KDKERNELS_CALL_ARGS(Family::name), with_grad, /*in_place=*/false);
 }
 
 template <class Family>
-std::tuple<at::Tensor, at::Tensor> family_cuda_(const at::Tensor& student, const at::Tensor& teacher,
-                                                const std::optional<at::Tensor>& target,
-                                                const std::optional<at::Tensor>& denominator, int64_t code,
-                                                at::ArrayRef<double> params, double temperature, bool t2_scale,
-                                                int64_t ignore_index, bool reduce, double ce_weight,
-                                                double distill_weight, bool with_ce, bool standardize) {
-  auto [loss, parts, grad] = run_family<Family>(student, teacher, target, denominator, code, params, temperature,
-                                                t2_scale, ignore_index, reduce, ce_weight, distill_weight, with_ce,
-                                                standardize, /*with_grad=*/true, /*in_place=*/true);
+std::tuple<at::Tensor, at::Tensor> family_cuda_(KDKERNELS_CALL_PARAMETERS) {
+  auto [loss, parts, grad] =
+      run_family<Family>(KDKERNELS_CALL_ARGS(Family::name_), /*with_grad=*/true, /*in_place=*/true);
   return {loss, parts};
 }
 

@@ -81,51 +81,54 @@ def select_backend(name: object, like: torch.Tensor, entry: str = "impl") -> Bac
     return _REGISTRY[name]
 
 
-def reduce(rows: torch.Tensor, reduction: str, denominator: torch.Tensor | None) -> torch.Tensor:
-    """Per-row losses [..., N] to the requested reduction (the denominator of arguments.LossCall)."""
-    if reduction == "none":
+def reduce(rows: torch.Tensor, call) -> torch.Tensor:
+    """Per-row values [..., N] reduced as ``call`` (arguments.LossCall or kernel_call.KernelCall) asks: unchanged
+    unless ``call.reduce``, else summed over rows and divided by ``call.denominator`` when it has one."""
+    if not call.reduce:
         return rows
     total = rows.sum(-1)
-    return total if reduction == "sum" else total / denominator
+    return total if call.denominator is None else total / call.denominator
 
 
-def combine(
-    distill_rows: torch.Tensor,
-    ce_rows: torch.Tensor | None,
-    reduction: str,
-    denominator: torch.Tensor | None,
-    ce_weight: float,
-    distill_weight: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, parts) from the two terms' row losses [N] (ce_rows None without the term, which then counts 0)."""
-    loss = distill_rows if distill_weight == 1 else distill_weight * distill_rows
-    if ce_rows is None:
-        ce_rows = torch.zeros_like(distill_rows)
-    elif ce_weight != 0:
-        loss = loss + ce_weight * ce_rows
-    parts = torch.stack([distill_rows.detach(), ce_rows.detach()])
-    return reduce(loss, reduction, denominator), reduce(parts, reduction, denominator)
+def _weighted(weight: float, rows: torch.Tensor) -> torch.Tensor:
+    """weight * rows, a weight of 0 giving exactly 0 (a term that does not count contributes nothing, even inf)."""
+    if weight == 1:
+        return rows
+    return torch.zeros_like(rows) if weight == 0 else weight * rows
 
 
-def _combined(call, rows: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, parts) of ``call`` from the reference's (distill rows, ce rows)."""
-    return combine(*rows, call.reduction, call.denominator, call.ce_weight, call.distill_weight)
+def weigh(call, distill: torch.Tensor, ce: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, parts) of ``call`` (arguments.LossCall or kernel_call.KernelCall) from its two terms, per row [N] or
+    already reduced: loss = distill_weight * distill + ce_weight * ce, and parts = [distill, ce] unweighted and not
+    differentiable (ce 0 without the term). The one place on the host that combines the two terms."""
+    loss = _weighted(call.distill_weight, distill)
+    if ce is None:
+        ce = torch.zeros_like(distill)
+    elif call.ce_weight != 0:
+        loss = loss + _weighted(call.ce_weight, ce)
+    return loss, torch.stack([distill.detach(), ce.detach()])
+
+
+def combine(call, distill_rows: torch.Tensor, ce_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weigh`` of the two terms' rows [N], then both reduced as ``call`` asks."""
+    loss, parts = weigh(call, distill_rows, ce_rows)
+    return reduce(loss, call), reduce(parts, call)
 
 
 def _reference_impl(call, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _combined(call, reference.row_losses(call, student, teacher))
+    return combine(call, *reference.row_losses(call, student, teacher))
 
 
 def _reference_full(
     call, student: torch.Tensor, teacher: torch.Tensor, temperature: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _combined(call, reference.row_losses(call, student, teacher, temperature))
+    return combine(call, *reference.row_losses(call, student, teacher, temperature))
 
 
 def _reference_cross_vocab(
     call, student: torch.Tensor, teacher: torch.Tensor, log_scales, classes
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _combined(call, reference.cross_vocab_rows(call, student, teacher, log_scales, classes))
+    return combine(call, *reference.cross_vocab_rows(call, student, teacher, log_scales, classes))
 
 
 register(

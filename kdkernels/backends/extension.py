@@ -30,9 +30,10 @@ else:
 
 def release_cached_gradients() -> int:
     """Frees the gradient buffers that the CPU ops keep for reuse once their tensors are freed, and returns their
-    bytes (0 without the extension). The ops keep a freed [N, V] gradient of 1 MiB or more for the next call of the
-    same size, up to KDKERNELS_GRADIENT_CACHE_MB (read at the first call; default 2048, 0 keeps none): fresh memory
-    costs a page fault and the operating system's zeroing of every page."""
+    bytes (0 without the extension). The ops keep a freed [N, V] gradient of 1 MiB or more for the next gradient it
+    holds, up to the most gradient bytes in use at once and KDKERNELS_GRADIENT_CACHE_MB (read at the first gradient;
+    default 2048, 0 keeps none; csrc/cpu/gradient_cache.h): fresh memory costs a page fault and the operating
+    system's zeroing of every page."""
     return _C.release_cached_gradients() if LOAD_ERROR is None else 0
 
 

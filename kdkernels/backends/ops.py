@@ -2,23 +2,21 @@
 
 Every fused backend ``<backend>`` ("cpu", "cuda": the C++ extension; "triton") exposes one op per family:
 
-    kdkernels::<family>_<backend>(student [N, V], teacher [N, V], target [N]?, denominator 0-d?, code, params,
-                                  temperature, t2_scale, ignore_index, reduce, ce_weight, distill_weight, with_ce,
-                                  standardize, with_grad) -> (loss, parts, grad)
-    kdkernels::<family>_<backend>_(student [N, V] contiguous, ...the same but with_grad...) -> (loss, parts)
+    kdkernels::<family>_<backend>(student [N, V], teacher [N, V], <the kernel call>, with_grad) -> (loss, parts, grad)
+    kdkernels::<family>_<backend>_(student [N, V] contiguous, teacher, <the kernel call>) -> (loss, parts)
 
-``code`` and ``params`` are a plan's (methods.Plan: a ``Divergence`` or ``Partition`` code and the family's named
-parameters, in their layout order). The loss is distill_weight * (the plan's loss) + ce_weight * (the student's
-cross-entropy against the target at T = 1), which is computed with ``with_ce`` (a target is then required); with
-``standardize`` both models' rows are z-scored before the temperature (the cross-entropy keeps the raw logits).
-``parts`` holds the two terms unweighted, [distill, ce] (ce 0 without ``with_ce``), not differentiable. With
-``reduce`` the loss and parts are sum(rows) / denominator (sum when there is none) and the gradient rows are
-already scaled by 1 / denominator; otherwise they are per row ([N], [2, N]). ``grad`` is d loss / d student in the
-student's dtype (written in the same launch as the loss), or an empty tensor when ``with_grad`` is False. The
-in-place sibling overwrites the student logits with that gradient (the fused-linear path, which needs no logits
-afterwards) and has no autograd. The full sibling
+where <the kernel call> is ``kernel_call.SCHEMA_ARGS``: the fields of ``KernelCall`` (kernel_call.py, the one list of
+what a fused op receives: target, denominator, the plan's code and params, and the options as two lists of numbers).
+The loss is distill_weight * (the plan's loss) + ce_weight * (the student's cross-entropy against the target at
+T = 1), which is computed with ``with_ce`` (a target is then required); with ``standardize`` both models' rows are
+z-scored before the temperature (the cross-entropy keeps the raw logits). ``parts`` holds the two terms unweighted,
+[distill, ce] (ce 0 without ``with_ce``), not differentiable. With ``reduce`` the loss and parts are sum(rows) /
+denominator (sum when there is none) and the gradient rows are already scaled by 1 / denominator; otherwise they are
+per row ([N], [2, N]). ``grad`` is d loss / d student in the student's dtype (written in the same launch as the
+loss), or an empty tensor when ``with_grad`` is False. The in-place sibling overwrites the student logits with that
+gradient (the fused-linear path, which needs no logits afterwards) and has no autograd. The full sibling
 
-    kdkernels::<family>_<backend>_full(student, ...the same but with_grad..., teacher_grad)
+    kdkernels::<family>_<backend>_full(student, teacher, <the kernel call>, teacher_grad)
         -> (loss, parts, grad, teacher_grad, temperature_grad)
 
 is the full gradient (a learnable temperature, a teacher that requires grad: docs/losses.md, "Learnable temperature
@@ -31,6 +29,10 @@ whose factor is exactly 1 on the device: ``loss.backward()`` on a reduced loss c
 The saved gradient is consumed by that, so a second backward through the same graph raises an error, and so does a
 double backward (create_graph=True), which the fused gradient cannot support. A traced backward (torch.compile)
 multiplies out of place instead.
+
+Under torch.compile the temperature is a 0-d tensor whose value the graph does not know (arguments.py): ``run_op``
+then calls the op through ``kdkernels::family_at_temperature`` (and its in-place and full siblings), which take the
+op's name and the temperature tensor in place of the float, and read it when they run.
 """
 
 from __future__ import annotations
@@ -40,84 +42,45 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-_FAMILY_ARGS = (
-    "Tensor teacher, Tensor? target, Tensor? denominator, int code, float[] params, float temperature, "
-    "bool t2_scale, int ignore_index, bool reduce, float ce_weight, float distill_weight, bool with_ce, "
-    "bool standardize"
-)
+from .kernel_call import SCALARS, SCHEMA_ARGS, KernelCall
+
 # The schemas above, as csrc/kdkernels.cpp defines them for the extension's ops.
+_FAMILY_ARGS = f"Tensor teacher, {SCHEMA_ARGS}"
 SCHEMA = f"(Tensor student, {_FAMILY_ARGS}, bool with_grad) -> (Tensor, Tensor, Tensor)"
 INPLACE_SCHEMA = f"(Tensor(a!) student, {_FAMILY_ARGS}) -> (Tensor, Tensor)"
 FULL_SCHEMA = f"(Tensor student, {_FAMILY_ARGS}, bool teacher_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
-NUM_INPUTS = 15  # of the out-of-place schema
+# Inputs of the out-of-place schema: student, teacher, the kernel call's arguments, with_grad.
+NUM_INPUTS = 2 + len(SCHEMA_ARGS.split(",")) + 1
+# The at-temperature ops (module docstring), per suffix of the op they run: its schema after the op's name and the
+# temperature tensor, whose value replaces the scalars' temperature when they run.
+AT_SCHEMAS = {
+    suffix: "(str op, Tensor temperature, " + schema[1:]
+    for suffix, schema in (("", SCHEMA), ("_", INPLACE_SCHEMA), ("_full", FULL_SCHEMA))
+}
+_TEMPERATURE = SCALARS.index("temperature")
 
 
-def _losses_like(student, teacher, reduce):
+def _losses_like(student, teacher, call_args):
     """The loss and parts outputs: 0-d and [2] if reduced, else [N] and [2, N]; float64 when an input is float64
     (C++ ops), else float32."""
     dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
-    rows = () if reduce else (student.shape[0],)
+    rows = () if KernelCall.from_op_args(*call_args).reduce else (student.shape[0],)
     return student.new_empty(rows, dtype=dtype), student.new_empty((2, *rows), dtype=dtype)
 
 
-def _fake(
-    student,
-    teacher,
-    target,
-    denominator,
-    code,
-    params,
-    temperature,
-    t2_scale,
-    ignore_index,
-    reduce,
-    ce_weight,
-    distill_weight,
-    with_ce,
-    standardize,
-    with_grad,
-):
+def _fake(student, teacher, *args):
+    *call_args, with_grad = args
     grad = torch.empty_like(student, memory_format=torch.contiguous_format) if with_grad else student.new_empty(0)
-    return *_losses_like(student, teacher, reduce), grad
+    return *_losses_like(student, teacher, call_args), grad
 
 
-def _inplace_fake(
-    student,
-    teacher,
-    target,
-    denominator,
-    code,
-    params,
-    temperature,
-    t2_scale,
-    ignore_index,
-    reduce,
-    ce_weight,
-    distill_weight,
-    with_ce,
-    standardize,
-):
-    return _losses_like(student, teacher, reduce)
+def _inplace_fake(student, teacher, *call_args):
+    return _losses_like(student, teacher, call_args)
 
 
-def _full_fake(
-    student,
-    teacher,
-    target,
-    denominator,
-    code,
-    params,
-    temperature,
-    t2_scale,
-    ignore_index,
-    reduce,
-    ce_weight,
-    distill_weight,
-    with_ce,
-    standardize,
-    teacher_grad,
-):
-    loss, parts = _losses_like(student, teacher, reduce)
+def _full_fake(student, teacher, *args):
+    *call_args, teacher_grad = args
+    loss, parts = _losses_like(student, teacher, call_args)
     grad = torch.empty_like(student, memory_format=torch.contiguous_format)
     grad_t = torch.empty_like(teacher, memory_format=torch.contiguous_format) if teacher_grad else teacher.new_empty(0)
     return loss, parts, grad, grad_t, student.new_empty((student.shape[0],), dtype=loss.dtype)
@@ -137,28 +100,33 @@ def _setup_context(ctx, inputs, output):
     _keep_gradient(ctx, output[2])
 
 
+def _times(grad: Tensor, grad_loss: Tensor) -> Tensor:
+    """grad [N, V] times grad_output (0-d, or [N] per row), out of place."""
+    factor = grad_loss.to(grad.dtype)
+    return grad * (factor.unsqueeze(-1) if factor.dim() else factor)
+
+
 def _autograd(backend: str, scale_rows: Callable[[Tensor, Tensor], None]) -> Callable:
     """The backward of backend ``backend``'s family ops: the saved gradient times grad_output."""
 
     def backward(ctx, grad_loss, _grad_parts, _grad_grad):
-        (grad,) = ctx.saved_tensors
         if grad_loss is None:  # only the (non-differentiable) grad output was used
             return (None,) * NUM_INPUTS
+        if ctx.consumed:  # (before saved_tensors, which the first backward's in-place scaling made stale)
+            raise RuntimeError(
+                "kdkernels: the fused loss's saved gradient was already used; backward through the "
+                "same fused loss twice (retain_graph=True) is not supported"
+            )
+        (grad,) = ctx.saved_tensors
         if type(grad) is not torch.Tensor:
             # Traced (torch.compile, AOTAutograd: fake or functional tensors): a forward output mutated in backward
             # cannot be partitioned, so the traced graph multiplies out of place.
-            factor = grad_loss.to(grad.dtype)
-            return (grad * (factor.unsqueeze(-1) if factor.dim() else factor),) + (None,) * (NUM_INPUTS - 1)
+            return (_times(grad, grad_loss),) + (None,) * (NUM_INPUTS - 1)
         if torch.is_grad_enabled():
             raise RuntimeError(
                 f"kdkernels: backend={backend!r} computes the gradient inside its forward kernel, so it cannot be "
                 f"differentiated again (create_graph=True: double backward, gradient penalties, Hessian-vector "
                 f"products); use backend='reference', whose autograd graph supports it"
-            )
-        if ctx.consumed:
-            raise RuntimeError(
-                "kdkernels: the fused loss's saved gradient was already used; backward through the "
-                "same fused loss twice (retain_graph=True) is not supported"
             )
         ctx.consumed = True
         scale_rows(grad, grad_loss)
@@ -167,122 +135,54 @@ def _autograd(backend: str, scale_rows: Callable[[Tensor, Tensor], None]) -> Cal
     return backward
 
 
+def _run_at(op: str, temperature: Tensor, student: Tensor, teacher: Tensor, *args):
+    """The kdkernels op ``op`` with the value of ``temperature`` in its scalars."""
+    target, denominator, code, params, scalars, flags, *flag = args
+    scalars = list(scalars)
+    scalars[_TEMPERATURE] = float(temperature)
+    return getattr(torch.ops.kdkernels, op).default(
+        student, teacher, target, denominator, code, params, scalars, flags, *flag
+    )
+
+
+def _at_setup_context(ctx, inputs, output):
+    _setup_context(ctx, inputs[2:], output)
+
+
+def _at_backward(ctx, grad_loss, _grad_parts, _grad_grad):
+    """Out of place: the at-temperature ops run under torch.compile, whose traced backward does not mutate."""
+    (grad,) = ctx.saved_tensors
+    return (None, None, None if grad_loss is None else _times(grad, grad_loss)) + (None,) * (NUM_INPUTS - 1)
+
+
+def _define_at_temperature_ops() -> None:
+    """Defines the at-temperature ops (AT_SCHEMAS)."""
+    fakes = {"": _fake, "_": _inplace_fake, "_full": _full_fake}
+    for suffix, schema in AT_SCHEMAS.items():
+        name = f"kdkernels::family_at_temperature{suffix}"
+        torch.library.define(name, schema)
+        torch.library.impl(name, "CompositeExplicitAutograd")(_run_at)
+        torch.library.register_fake(name)(lambda op, temperature, *args, fake=fakes[suffix]: fake(*args))
+    torch.library.register_autograd("kdkernels::family_at_temperature", _at_backward, setup_context=_at_setup_context)
+
+
+_define_at_temperature_ops()
+_AT_CALLS: dict = {}  # family op -> (its at-temperature op, its name), filled by _overloads
+
+
 def define_family_ops(
     family: str, backend: str, launch: Callable, launch_inplace: Callable, launch_full: Callable, scale_rows: Callable
 ) -> tuple[Callable, Callable, Callable]:
     """Defines ``kdkernels::<family>_<backend>`` and its in-place and full siblings in Python (the schemas above),
-    running ``launch``, ``launch_inplace`` and ``launch_full``, with fake functions and autograd."""
+    running ``launch``, ``launch_inplace`` and ``launch_full`` (each called with the op's arguments), with fake
+    functions and autograd."""
     name = f"kdkernels::{family}_{backend}"
-
-    def impl(
-        student: Tensor,
-        teacher: Tensor,
-        target: Tensor | None,
-        denominator: Tensor | None,
-        code: int,
-        params: list[float],
-        temperature: float,
-        t2_scale: bool,
-        ignore_index: int,
-        reduce: bool,
-        ce_weight: float,
-        distill_weight: float,
-        with_ce: bool,
-        standardize: bool,
-        with_grad: bool,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        return launch(
-            student,
-            teacher,
-            target,
-            denominator,
-            code,
-            params,
-            temperature,
-            t2_scale,
-            ignore_index,
-            reduce,
-            ce_weight,
-            distill_weight,
-            with_ce,
-            standardize,
-            with_grad,
-        )
-
-    def impl_inplace(
-        student: Tensor,
-        teacher: Tensor,
-        target: Tensor | None,
-        denominator: Tensor | None,
-        code: int,
-        params: list[float],
-        temperature: float,
-        t2_scale: bool,
-        ignore_index: int,
-        reduce: bool,
-        ce_weight: float,
-        distill_weight: float,
-        with_ce: bool,
-        standardize: bool,
-    ) -> tuple[Tensor, Tensor]:
-        return launch_inplace(
-            student,
-            teacher,
-            target,
-            denominator,
-            code,
-            params,
-            temperature,
-            t2_scale,
-            ignore_index,
-            reduce,
-            ce_weight,
-            distill_weight,
-            with_ce,
-            standardize,
-        )
-
-    def impl_full(
-        student: Tensor,
-        teacher: Tensor,
-        target: Tensor | None,
-        denominator: Tensor | None,
-        code: int,
-        params: list[float],
-        temperature: float,
-        t2_scale: bool,
-        ignore_index: int,
-        reduce: bool,
-        ce_weight: float,
-        distill_weight: float,
-        with_ce: bool,
-        standardize: bool,
-        teacher_grad: bool,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return launch_full(
-            student,
-            teacher,
-            target,
-            denominator,
-            code,
-            params,
-            temperature,
-            t2_scale,
-            ignore_index,
-            reduce,
-            ce_weight,
-            distill_weight,
-            with_ce,
-            standardize,
-            teacher_grad,
-        )
-
-    op = torch.library.custom_op(name, mutates_args=(), schema=SCHEMA)(impl)
+    op = torch.library.custom_op(name, mutates_args=(), schema=SCHEMA)(launch)
     op.register_fake(_fake)
     op.register_autograd(_autograd(backend, scale_rows), setup_context=_setup_context)
-    op_inplace = torch.library.custom_op(name + "_", mutates_args=("student",), schema=INPLACE_SCHEMA)(impl_inplace)
+    op_inplace = torch.library.custom_op(name + "_", mutates_args=("student",), schema=INPLACE_SCHEMA)(launch_inplace)
     op_inplace.register_fake(_inplace_fake)
-    torch.library.custom_op(name + "_full", mutates_args=(), schema=FULL_SCHEMA)(impl_full).register_fake(_full_fake)
+    torch.library.custom_op(name + "_full", mutates_args=(), schema=FULL_SCHEMA)(launch_full).register_fake(_full_fake)
     return _overloads(family, backend)
 
 
@@ -298,31 +198,28 @@ def attach_family_ops(family: str, backend: str, scale_rows: Callable) -> tuple[
 
 
 def _overloads(family: str, backend: str) -> tuple[Callable, Callable, Callable]:
-    ops = torch.ops.kdkernels
-    return (
-        getattr(ops, f"{family}_{backend}").default,
-        getattr(ops, f"{family}_{backend}_").default,
-        getattr(ops, f"{family}_{backend}_full").default,
-    )
+    """The family op of ``backend`` and its in-place and full siblings, each entered in _AT_CALLS."""
+    overloads = []
+    for suffix in AT_SCHEMAS:
+        name = f"{family}_{backend}{suffix}"
+        overloads.append(getattr(torch.ops.kdkernels, name).default)
+        _AT_CALLS[overloads[-1]] = (getattr(torch.ops.kdkernels, f"family_at_temperature{suffix}").default, name)
+    return tuple(overloads)
+
+
+def run_op(op, student: Tensor, teacher: Tensor, call, *flag):
+    """``op`` (a family op, its in-place or its full sibling) on ``call`` (arguments.LossCall) and ``flag``
+    (with_grad or teacher_grad): with a temperature tensor (torch.compile), through its at-temperature op."""
+    kernel_call = KernelCall.of(call)
+    if not isinstance(kernel_call.temperature, Tensor):
+        return op(student, teacher, *kernel_call.op_args(), *flag)
+    at, name = _AT_CALLS[op]
+    return at(name, kernel_call.temperature, student, teacher, *kernel_call.op_args(), *flag)
 
 
 def op_args(call) -> tuple:
     """The arguments of a family op after (student, teacher), for ``call`` (arguments.LossCall), with_grad aside."""
-    plan = call.plan
-    return (
-        call.target,
-        call.denominator,
-        int(plan.code),
-        [float(x) for x in plan.params],
-        call.temperature,
-        call.t2_scale,
-        call.ignore_index,
-        call.reduction != "none",
-        call.ce_weight,
-        call.distill_weight,
-        call.with_ce,
-        call.standardize,
-    )
+    return KernelCall.of(call).op_args()
 
 
 class _EagerFamilyOp(torch.autograd.Function):
@@ -350,11 +247,13 @@ def family_backend(backend: str, ops: dict, scale_rows: Callable) -> Callable:
     op_backward = _autograd(backend, scale_rows)
 
     def impl(call, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
-        op, args = ops[call.plan.family], op_args(call)
+        op = ops[call.plan.family]
         with_grad = student.requires_grad and torch.is_grad_enabled()
         if torch.compiler.is_compiling():
-            loss, parts, _ = op(student, teacher, *args, with_grad)
-        elif with_grad:
+            loss, parts, _ = run_op(op, student, teacher, call, with_grad)
+            return loss, parts
+        args = op_args(call)
+        if with_grad:
             loss, parts = _EagerFamilyOp.apply(student, teacher, op, args, op_backward)
         else:
             with torch._C._AutoDispatchBelowAutograd():
@@ -388,9 +287,9 @@ class _FullGradient(torch.autograd.Function):
     with it)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, temperature, op, args):
-        loss, parts, grad, grad_teacher, grad_temperature = op(
-            student.detach(), teacher.detach(), *args, teacher.requires_grad
+    def forward(ctx, student, teacher, temperature, op, call):
+        loss, parts, grad, grad_teacher, grad_temperature = run_op(
+            op, student.detach(), teacher.detach(), call, teacher.requires_grad
         )
         ctx.save_for_backward(grad, grad_teacher if teacher.requires_grad else None, grad_temperature)
         ctx.temperature_dtype = None if temperature is None else temperature.dtype
@@ -406,6 +305,6 @@ def full_backend(full_ops: dict) -> Callable:
     """The full-gradient impl of a fused backend (backends.Backend.full) calling its family ``full_ops``."""
 
     def full(call, student: Tensor, teacher: Tensor, temperature: Tensor | None) -> tuple[Tensor, Tensor]:
-        return _FullGradient.apply(student, teacher, temperature, full_ops[call.plan.family], op_args(call))
+        return _FullGradient.apply(student, teacher, temperature, full_ops[call.plan.family], call)
 
     return full

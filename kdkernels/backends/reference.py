@@ -205,7 +205,7 @@ def decoupled_rows(plan: Plan, lp: torch.Tensor, lq: torch.Tensor, bins: torch.T
     class [N, V]."""
     params = plan.params
     log_p, log_q, inner = [], [], []
-    for b in Bin:
+    for b in map(int, Bin):  # (ints: torch.compile mistraces a tensor compared with, or a list indexed by, an IntEnum)
         member = bins == b
         log_pb, log_qb = _bin_logsumexp(lp, member), _bin_logsumexp(lq, member)
         log_p.append(log_pb)
@@ -221,11 +221,11 @@ def decoupled_rows(plan: Plan, lp: torch.Tensor, lq: torch.Tensor, bins: torch.T
         inner.append(divergence)
     log_p, log_q = refine_largest(torch.stack(log_p, -1)), refine_largest(torch.stack(log_q, -1))
     if params.adaptive:  # min(P_strong / Q_strong, max_weight), not differentiated
-        w_mass = (log_p[:, Bin.STRONG] - log_q[:, Bin.STRONG]).detach().exp().clamp(max=params.max_weight)
+        w_mass = (log_p[:, int(Bin.STRONG)] - log_q[:, int(Bin.STRONG)]).detach().exp().clamp(max=params.max_weight)
     else:
         w_mass = params.w_mass
     loss = w_mass * kl_terms(log_p, log_q).sum(-1)
-    return loss + params.w_strong * inner[Bin.STRONG] + params.w_rest * inner[Bin.REST]
+    return loss + params.w_strong * inner[int(Bin.STRONG)] + params.w_rest * inner[int(Bin.REST)]
 
 
 # --------------------------------------------------------------------------------------------------------------

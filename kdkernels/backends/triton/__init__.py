@@ -17,6 +17,7 @@ import triton
 
 from ...methods import DIVERGENCE, FAMILIES, DecoupledParams, DivergenceParams
 from .. import Backend, combine, register
+from ..kernel_call import KernelCall
 from ..ops import define_family_ops, family_backend, full_backend
 from .common import launch_shape, scale_rows_
 from .decoupled import decoupled_kernel
@@ -25,26 +26,35 @@ from .divergence import divergence_kernel
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _launch(
-    family,
-    student,
-    teacher,
-    target,
-    denominator,
-    code,
-    params,
-    temperature,
-    t2_scale,
-    ignore_index,
-    reduce,
-    ce_weight,
-    distill_weight,
-    with_ce,
-    standardize,
-    grad,
-    teacher_grad=None,
-    temperature_grad=None,
-):
+def _plan_arguments(family: str, call: KernelCall) -> tuple:
+    """(the family's kernel, its named parameters, its compile-time switches) for the call's plan."""
+    if family == DIVERGENCE:
+        switches = dict(CODE=call.code, CE_APART=call.with_ce and (call.temperature != 1.0 or call.standardize))
+        return divergence_kernel, DivergenceParams(*call.params)._asdict(), switches
+    p = DecoupledParams(*call.params)
+    named = dict(
+        k=int(p.k),
+        threshold=call.temperature * p.log_tau,
+        w_mass=p.w_mass,
+        w_strong=p.w_strong,
+        w_rest=p.w_rest,
+        w_fkl=p.w_fkl,
+        w_rkl=p.w_rkl,
+        max_weight=p.max_weight,
+    )
+    switches = dict(
+        PARTITION=call.code,
+        SPLIT_TOP1=bool(p.split_top1),
+        LOWEST=bool(p.lowest),
+        ADAPTIVE=bool(p.adaptive),
+        FORWARD=p.w_fkl != 0,
+        REVERSE=p.w_rkl != 0,
+        KPAD=triton.next_power_of_2(max(int(p.k), 1)),
+    )
+    return decoupled_kernel, named, switches
+
+
+def _launch(family, student, teacher, call: KernelCall, grad, teacher_grad=None, temperature_grad=None):
     """Runs the family's kernel on 2-D logits; ``grad`` is the gradient output ([N, V] contiguous, possibly
     ``student`` itself) or None for a forward-only call; the full gradient also writes ``temperature_grad`` ([N]
     float32, d loss / d T per row) and, unless None, ``teacher_grad`` ([N, V] contiguous). Returns (loss, parts),
@@ -58,66 +68,42 @@ def _launch(
     # Columns must be contiguous (vector loads); rows may have any stride.
     student = student if student.stride(-1) == 1 else student.contiguous()
     teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
-    target = None if target is None else target.contiguous()
+    target = None if call.target is None else call.target.contiguous()
     rows = torch.empty(n, dtype=torch.float32, device=student.device)
-    ce_rows = torch.empty(n, dtype=torch.float32, device=student.device) if with_ce else None
+    ce_rows = torch.empty(n, dtype=torch.float32, device=student.device) if call.with_ce else None
+    denominator = call.denominator if call.reduce else None
     if n:
         block_n, block_v, warps, single, maxnreg = launch_shape(family, n, v, full=temperature_grad is not None)
-        has_denom = reduce and denominator is not None
-        if family == DIVERGENCE:
-            kernel, named = divergence_kernel, DivergenceParams(*params)._asdict()
-            switches = dict(CODE=code, CE_APART=with_ce and (temperature != 1.0 or standardize))
-        else:
-            p = DecoupledParams(*params)
-            kernel = decoupled_kernel
-            named = dict(
-                k=int(p.k),
-                threshold=temperature * p.log_tau,
-                w_mass=p.w_mass,
-                w_strong=p.w_strong,
-                w_rest=p.w_rest,
-                w_fkl=p.w_fkl,
-                w_rkl=p.w_rkl,
-                max_weight=p.max_weight,
-            )
-            switches = dict(
-                PARTITION=code,
-                SPLIT_TOP1=bool(p.split_top1),
-                LOWEST=bool(p.lowest),
-                ADAPTIVE=bool(p.adaptive),
-                FORWARD=p.w_fkl != 0,
-                REVERSE=p.w_rkl != 0,
-                KPAD=triton.next_power_of_2(max(int(p.k), 1)),
-            )
+        kernel, named, switches = _plan_arguments(family, call)
         kernel[(triton.cdiv(n, block_n),)](
             student,
             teacher,
             target if target is not None else rows,
-            denominator if has_denom else rows,
+            denominator if denominator is not None else rows,
             rows,
-            ce_rows if with_ce else rows,
+            ce_rows if ce_rows is not None else rows,
             grad if grad is not None else rows,
             n,
             v,
             student.stride(0),
             teacher.stride(0),
             v,
-            ignore_index,
-            temperature,
-            temperature**2 if t2_scale else 1.0,
-            ce_weight if with_ce else 0.0,
-            distill_weight,
+            call.ignore_index,
+            call.temperature,
+            call.temperature**2 if call.t2_scale else 1.0,
+            call.ce_weight if call.with_ce else 0.0,
+            call.distill_weight,
             **named,
             gt_ptr=teacher_grad if teacher_grad is not None else rows,
             dtemp_ptr=temperature_grad if temperature_grad is not None else rows,
             HAS_TARGET=target is not None,
-            HAS_DENOM=has_denom,
-            WITH_CE=with_ce,
-            STANDARDIZE=standardize,
+            HAS_DENOM=denominator is not None,
+            WITH_CE=call.with_ce,
+            STANDARDIZE=call.standardize,
             WITH_GRAD=grad is not None,
             FULL=temperature_grad is not None,
             TEACHER_GRAD=teacher_grad is not None,
-            T2_SCALE=bool(t2_scale),
+            T2_SCALE=call.t2_scale,
             SINGLE_TILE=single,
             BLOCK_N=block_n,
             BLOCK_V=block_v,
@@ -125,39 +111,40 @@ def _launch(
             maxnreg=maxnreg,
             **switches,
         )
-    reduction = ("batchmean" if denominator is not None else "sum") if reduce else "none"
-    return combine(rows, ce_rows, reduction, denominator, ce_weight, distill_weight)
+    return combine(call, rows, ce_rows)
 
 
 def _out_of_place(family):
     def launch(student, teacher, *args):
-        *args, with_grad = args
+        *call_args, with_grad = args
         grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if with_grad else None
-        loss, parts = _launch(family, student, teacher, *args, grad)
+        loss, parts = _launch(family, student, teacher, KernelCall.from_op_args(*call_args), grad)
         return loss, parts, grad if with_grad else student.new_empty(0)
 
     return launch
 
 
 def _in_place(family):
-    def launch(student, teacher, *args):
+    def launch(student, teacher, *call_args):
         if not student.is_contiguous():
             raise ValueError(
                 f"the in-place {family} op overwrites the student logits with their gradient: they "
                 f"must be contiguous, got strides {student.stride()}"
             )
-        return _launch(family, student, teacher, *args, student)
+        return _launch(family, student, teacher, KernelCall.from_op_args(*call_args), student)
 
     return launch
 
 
 def _full(family):
     def launch(student, teacher, *args):
-        *args, teacher_grad = args
+        *call_args, teacher_grad = args
         grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
         grad_t = torch.empty(teacher.shape, dtype=teacher.dtype, device=teacher.device) if teacher_grad else None
         grad_temperature = torch.empty(student.shape[0], dtype=torch.float32, device=student.device)
-        loss, parts = _launch(family, student, teacher, *args, grad, grad_t, grad_temperature)
+        loss, parts = _launch(
+            family, student, teacher, KernelCall.from_op_args(*call_args), grad, grad_t, grad_temperature
+        )
         return loss, parts, grad, grad_t if teacher_grad else teacher.new_empty(0), grad_temperature
 
     return launch

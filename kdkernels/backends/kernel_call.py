@@ -1,0 +1,88 @@
+"""The kernel call: what a fused op receives besides the two logits tensors, declared once.
+
+``KernelCall`` is the only list of it. Everything that carries it is derived from its fields or checked against
+them by tests/test_ops.py:
+
+- the op schemas (``SCHEMA_ARGS``: ops.py defines the Triton ops with it, csrc/kdkernels.cpp the extension's, and a
+  test compares the two), their fake functions and autograd (ops.py);
+- the tensors (``target``, ``denominator``) are schema arguments of their own, the plan (``code``, ``params``) is
+  ``int code, float[] params`` (methods.py names the params), and every other field travels in one of two lists by
+  its type, in field order: the float fields in ``float[] scalars`` (``SCALARS``), the int and bool fields in
+  ``int[] flags`` (``FLAGS``);
+- the C++ and CUDA kernels read those lists into ``CallOptions`` (csrc/kernel_call.h), whose X-macro lists must name
+  the same fields in the same order (the extension exports them; a test compares); the Triton launcher reads the
+  record's attributes.
+
+An option of the kernels is a field here with its default, its reading in each kernel language, and its check where
+the loss call is checked (arguments.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    """One fused loss call on N rows, as every fused op receives it (the logits travel apart)."""
+
+    target: Tensor | None = None  # [N] class indices (ignore_index on the rows left out), or None
+    denominator: Tensor | None = None  # 0-d float32: a reduced loss is sum(rows) / denominator (sum without one)
+    code: int = 0  # the plan's code (methods.Divergence or methods.Partition)
+    params: tuple[float, ...] = ()  # the plan's named parameters (methods.DivergenceParams / DecoupledParams)
+    temperature: float = 1.0  # under torch.compile a 0-d float64 tensor (arguments.py)
+    ce_weight: float = 0.0  # loss = distill_weight * (the plan's loss) + ce_weight * CE(student, target at T = 1)
+    distill_weight: float = 1.0
+    ignore_index: int = -100  # the target value of the rows left out
+    t2_scale: bool = False  # the plan's loss times T^2
+    reduce: bool = True  # loss and parts summed over rows (and divided by the denominator), else per row
+    with_ce: bool = False  # compute the cross-entropy term (needs a target): it weighs in, or its value is asked for
+    standardize: bool = False  # z-score both rows before the temperature (logit standardization)
+
+    @classmethod
+    def of(cls, call) -> KernelCall:
+        """The kernel call of a checked loss call (arguments.LossCall)."""
+        return cls(
+            target=call.target,
+            denominator=call.denominator,
+            code=int(call.plan.code),
+            params=tuple(float(x) for x in call.plan.params),
+            temperature=call.temperature,
+            ce_weight=call.ce_weight,
+            distill_weight=call.distill_weight,
+            ignore_index=call.ignore_index,
+            t2_scale=call.t2_scale,
+            reduce=call.reduction != "none",
+            with_ce=call.with_ce,
+            standardize=call.standardize,
+        )
+
+    def op_args(self) -> tuple:
+        """The op's arguments after (student, teacher), in schema order (SCHEMA_ARGS)."""
+        # (a temperature tensor, under torch.compile, goes through ops.run_op, which puts its value here: NaN until
+        # then)
+        scalars = [float(v) if not isinstance(v, Tensor) else float("nan") for v in map(self.__getattribute__, SCALARS)]
+        flags = [int(getattr(self, name)) for name in FLAGS]
+        return self.target, self.denominator, self.code, list(self.params), scalars, flags
+
+    @classmethod
+    def from_op_args(cls, target, denominator, code, params, scalars, flags) -> KernelCall:
+        """The record back from an op's arguments (what the Triton ops and the fake functions receive)."""
+        numbers = {name: float(value) for name, value in zip(SCALARS, scalars, strict=True)}
+        numbers.update({name: _FLAG_TYPES[name](value) for name, value in zip(FLAGS, flags, strict=True)})
+        return cls(target, denominator, int(code), tuple(params), **numbers)
+
+
+# The fields that are schema arguments of their own: the tensors and the plan.
+_OWN_ARGUMENTS = ("target", "denominator", "code", "params")
+_OPTIONS = [(f.name, f.type) for f in dataclasses.fields(KernelCall) if f.name not in _OWN_ARGUMENTS]
+# The two lists of numbers, in field order; every option is a float, an int or a bool.
+SCALARS = tuple(name for name, kind in _OPTIONS if kind == "float")
+FLAGS = tuple(name for name, kind in _OPTIONS if kind in ("int", "bool"))
+_FLAG_TYPES = {name: {"int": int, "bool": bool}[kind] for name, kind in _OPTIONS if name in FLAGS}
+assert len(SCALARS) + len(FLAGS) == len(_OPTIONS)
+# The op schema's arguments after (Tensor student, Tensor teacher).
+SCHEMA_ARGS = "Tensor? target, Tensor? denominator, int code, float[] params, float[] scalars, int[] flags"
