@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "lm",
         help="distil a causal LM on the standard library's source (transformers + kdkernels' trainer)",
         description="Train a BPE tokenizer and a small Llama teacher on Python's standard library sources, then "
-        "half-size students: CE only, and 0.1 CE + 0.9 method through DistillationTrainer (fused-"
+        "half-size students: CE only, and 0.1 CE + 0.9 method through KDTrainer (fused-"
         "linear); print held-out perplexities, and the peak memory and time of a distillation step on "
         "the fused-linear path against full logits. Needs the llm extra (scripts/setup.sh installs it).",
     )

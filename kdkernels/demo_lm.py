@@ -11,14 +11,16 @@ One protocol for every student; nothing is tuned per method.
 - Students: the same architecture at hidden 160 (2 heads: 3.8M parameters, half the teacher's), all from the same
   initial weights, on the same batches in the same order with the same optimiser and schedule. The CE-only student
   is ``transformers.Trainer``'s causal-LM loss; each distilled student is
-  ``kdkernels.integrations.transformers.DistillationTrainer`` with ``0.1 * CE + 0.9 * method`` at T = 1, the
+  ``kdkernels.integrations.transformers.KDTrainer`` with ``0.1 * CE + 0.9 * method`` at T = 1, the
   method's other hyperparameters at their defaults (the fused-linear path: neither model's [tokens, V] logits
   exist). Methods: kd (forward KL) and wsd (forward + reverse KL) unless ``--methods`` names others. Perplexity is
   the forward cross-entropy: mass-covering losses (forward KL) lower it, mode-seeking ones (rkl, jsd, tvd, the
   skewed KLs) trade it for sharper students, and at this budget land above the CE-only student.
+- Precision: every model trains with ``bf16=True`` (autocast) where the CPU computes bfloat16 (oneDNN's check,
+  ``cpu_bf16``), else in float32; the output says which. The step costs below are float32.
 - Result: each model's held-out perplexity (exp of the mean next-token cross-entropy over the held-out blocks).
 - Step cost: one distillation training step of the student (forward, loss, backward), in a fresh process each:
-  the fused-linear path (DistillationTrainer's loss) against the standard one (both models' full logits, then the
+  the fused-linear path (KDTrainer's loss) against the standard one (both models' full logits, then the
   eager PyTorch loss, kdkernels' reference backend), and against full logits with the fused loss; the peak memory
   the step adds to the process's resident set, and the median time of a few steps.
 - ``--quick`` (the smoke run of the tests): a small slice of the corpus, a 4096-token vocabulary, tiny models and a
@@ -47,7 +49,7 @@ from tqdm import tqdm
 
 from .bench import peak_rss_bytes
 from .functional import distill_loss
-from .integrations.transformers import DistillationTrainer, distill_in_forward
+from .integrations.transformers import KDConfig, KDTrainer, distill_in_forward
 
 SEED = 0
 END_OF_TEXT = "<|endoftext|>"
@@ -170,10 +172,19 @@ def causal_lm(s: Schedule, hidden: int, heads: int, seed: int):
     return transformers.LlamaForCausalLM(config)
 
 
+def cpu_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matmuls (oneDNN's check: AVX-512 or newer), where bf16 autocast pays."""
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # (a build without oneDNN's check)
+        return False
+
+
 def train(model, s: Schedule, data: torch.Tensor, steps: int, out: str, bar, method: str | None = None, teacher=None):
     """``steps`` AdamW steps (warm-up then cosine decay) of ``model`` on ``data``, with transformers.Trainer (CE)
-    or, with a ``method``, DistillationTrainer against ``teacher``."""
-    args = transformers.TrainingArguments(
+    or, with a ``method``, KDTrainer against ``teacher``; in bf16 autocast where the CPU computes it."""
+    args = dict(
+        bf16=cpu_bf16(),
         output_dir=out,
         report_to="none",
         use_cpu=True,
@@ -190,11 +201,12 @@ def train(model, s: Schedule, data: torch.Tensor, steps: int, out: str, bar, met
         disable_tqdm=True,
     )
     if method is None:
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=Blocks(data))
-    else:
-        trainer = DistillationTrainer(
-            model=model, teacher_model=teacher, args=args, train_dataset=Blocks(data), method=method, **LOSS_OPTIONS
+        trainer = transformers.Trainer(
+            model=model, args=transformers.TrainingArguments(**args), train_dataset=Blocks(data)
         )
+    else:
+        config = KDConfig(**args, method=method, **LOSS_OPTIONS)
+        trainer = KDTrainer(model=model, teacher_model=teacher, args=config, train_dataset=Blocks(data))
     trainer.remove_callback(transformers.PrinterCallback)  # (the demo's own bar instead of the logs)
     trainer.add_callback(_Advance(bar))
     trainer.train()
@@ -344,6 +356,12 @@ def main(args) -> int:
         f"{s.student_hidden}, {s.student_steps} steps; batches of {s.batch} x {s.block} tokens; loss = "
         f"{LOSS_OPTIONS['ce_weight']} CE + {LOSS_OPTIONS['distill_weight']} method (T = 1) on the fused-linear "
         "path",
+        flush=True,
+    )
+    print(
+        "precision: bf16 autocast (this CPU computes bfloat16)"
+        if cpu_bf16()
+        else "precision: float32 (this CPU does not compute bfloat16: no bf16 autocast)",
         flush=True,
     )
     with tempfile.TemporaryDirectory() as out:

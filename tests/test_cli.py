@@ -99,6 +99,9 @@ def test_demo_lm_quick_trains_and_reports():
     for row in ("CE only", "kd", "jsd", "full logits + eager", "full logits + fused", "fused-linear"):
         assert f"\n  {row} " in out, out
     assert "for 2 methods" in out or "of 2 methods" in out
+    from kdkernels.demo_lm import cpu_bf16  # (the trainers run bf16 autocast where this CPU computes it)
+
+    assert ("precision: bf16 autocast" if cpu_bf16() else "precision: float32 (this CPU does not") in out, out
 
 
 def test_bench_writes_table_csv_and_plot(tmp_path):

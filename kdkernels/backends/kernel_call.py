@@ -64,7 +64,8 @@ class KernelCall:
         """The op's arguments after (student, teacher), in schema order (SCHEMA_ARGS)."""
         # (a temperature tensor, under torch.compile, goes through ops.run_op, which puts its value here: NaN until
         # then)
-        scalars = [float(v) if not isinstance(v, Tensor) else float("nan") for v in map(self.__getattribute__, SCALARS)]
+        values = [getattr(self, name) for name in SCALARS]
+        scalars = [float("nan") if isinstance(v, Tensor) else float(v) for v in values]
         flags = [int(getattr(self, name)) for name in FLAGS]
         return self.target, self.denominator, self.code, list(self.params), scalars, flags
 

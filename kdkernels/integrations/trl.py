@@ -1,17 +1,20 @@
-"""TRL's distillation trainers on kdkernels' fused-linear loss.
+"""TRL's distillation trainers on kdkernels' fused-linear loss, with any method of the table.
 
 - ``patch_trl()`` makes ``trl.DistillationTrainer`` compute its loss with ``chunked_divergence_loss``, which takes
   and returns what TRL's own chunked loss (``trl.trainer.distillation_trainer._chunked_divergence_loss``) does:
-  the generalized JSD of TRL (beta = 0 forward KL, 1 reverse KL, mixture (1 - beta) p_student + beta p_teacher) at
-  ``temperature`` without T^2, summed over the completion tokens / their count (or / ``num_items_in_batch``),
-  with the student's entropy summed over them for logging.
+  by default the generalized JSD of TRL (beta = 0 forward KL, 1 reverse KL, mixture (1 - beta) p_student + beta
+  p_teacher) at ``temperature`` without T^2, summed over the completion tokens / their count (or /
+  ``num_items_in_batch``), with the student's entropy summed over them for logging; ``patch_trl(method="akl")``
+  puts another method in its place (TRL's trainer passes no labels: the methods that read them are refused).
 - ``GKDTrainer`` is ``trl.experimental.gkd.GKDTrainer`` whose ``compute_loss`` reads both models' final hidden
-  states and heads instead of their full logits: the same loss as TRL's ``generalized_jsd_loss`` on the shifted
-  logits (over the labels != -100, / their count or / ``num_items_in_batch``), value and gradients.
+  states and heads instead of their full logits: by default the same loss as TRL's ``generalized_jsd_loss`` on
+  the shifted logits (over the labels != -100, / their count or / ``num_items_in_batch``), value and gradients;
+  ``method=`` and ``method_kwargs=`` take any method (the decoupled ones' target: the labels' tokens).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -19,8 +22,9 @@ from transformers.modeling_outputs import CausalLMOutput
 from trl.experimental.gkd import GKDTrainer as _TRLGKDTrainer
 from trl.trainer import distillation_trainer as _distillation
 
+from ..arguments import resolve
 from ..linear import linear_distill_loss
-from .transformers import distill_in_forward, whole_tensor
+from .transformers import AutocastLoss, distill_in_forward, whole_tensor
 
 Tensor = torch.Tensor
 
@@ -42,10 +46,14 @@ def chunked_divergence_loss(
     student_final_logit_softcapping: float | None = None,
     teacher_final_logit_softcapping: float | None = None,
     temperature: float = 1.0,
+    *,
+    method: str = "jsd",
+    method_kwargs: dict | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """TRL's chunked generalized JSD on ``kdkernels.linear_distill_loss`` ("jsd"): (loss, the student's entropy at
     ``temperature`` summed over the completion tokens, their count). Arguments as TRL's: hidden states [B, K, H_s]
-    and [B, K, H_t], heads [V, H], ``completion_mask`` [B, K] (1 = in the loss)."""
+    and [B, K, H_t], heads [V, H], ``completion_mask`` [B, K] (1 = in the loss). Another ``method`` takes its
+    ``method_kwargs`` instead of ``beta`` (``trl_hyperparameters``), also at ``temperature`` without T^2."""
     # An FSDP2 head (DTensor) is gathered once, as TRL does (kdkernels reads low-precision weights as they are).
     student_lm_head_weight, teacher_lm_head_weight = map(whole_tensor, (student_lm_head_weight, teacher_lm_head_weight))
     student_lm_head_bias, teacher_lm_head_bias = map(whole_tensor, (student_lm_head_bias, teacher_lm_head_bias))
@@ -54,15 +62,15 @@ def chunked_divergence_loss(
     if num_items_in_batch is not None:
         normalizer = torch.as_tensor(num_items_in_batch, device=student_hidden_states.device).float()
     loss, entropy = linear_distill_loss(
-        "jsd",
+        method,
         student_hidden_states,
         student_lm_head_weight,
         teacher_hidden_states,
         teacher_lm_head_weight,
         student_bias=student_lm_head_bias,
         teacher_bias=teacher_lm_head_bias,
-        beta=beta,
         temperature=temperature,
+        t2_scale=False,
         student_logit_scale=student_logit_scale,
         teacher_logit_scale=teacher_logit_scale,
         softcap=student_final_logit_softcapping,
@@ -70,14 +78,36 @@ def chunked_divergence_loss(
         mask=mask,
         normalizer=normalizer,
         return_entropy=True,
+        **trl_hyperparameters(method, method_kwargs, beta),
     )
     return loss, entropy.sum(), mask.sum()
 
 
-def patch_trl() -> Callable[[], None]:
-    """Makes ``trl.DistillationTrainer`` compute its loss with ``chunked_divergence_loss``; returns the function that
-    puts TRL's own back."""
-    _distillation._chunked_divergence_loss = chunked_divergence_loss
+def trl_hyperparameters(method: str, method_kwargs: dict | None, beta: float | None = None) -> dict:
+    """The hyperparameters of ``method`` in a TRL trainer, checked: jsd's is the trainer's own ``beta`` (its
+    config's), so ``method_kwargs`` must not set it; the other methods' are ``method_kwargs``."""
+    if method == "jsd" and method_kwargs:
+        raise ValueError(
+            f"method_kwargs: jsd's beta is the TRL config's beta, got {method_kwargs!r}; set the config's beta"
+        )
+    hyperparameters = {"beta": 0.5 if beta is None else beta} if method == "jsd" else dict(method_kwargs or {})
+    resolve(method, hyperparameters, 1.0, False)
+    return hyperparameters
+
+
+def patch_trl(method: str = "jsd", **method_kwargs) -> Callable[[], None]:
+    """Makes ``trl.DistillationTrainer`` compute its loss with ``chunked_divergence_loss`` and ``method`` (its
+    hyperparameters as keyword arguments; jsd's beta is ``DistillationConfig.beta``), checked now; returns the
+    function that puts TRL's own back. TRL's trainer passes its loss no labels: a method that reads them (dkd,
+    the decoupled family split at the target) is refused."""
+    if resolve(method, trl_hyperparameters(method, method_kwargs)).plan.needs_target:
+        raise ValueError(
+            f"method={method!r} reads each token's label, which trl.DistillationTrainer does not pass to its "
+            "loss: use kdkernels' KDTrainer (lmbda=1 for on-policy) or GKDTrainer, or a method without a target"
+        )
+    _distillation._chunked_divergence_loss = functools.partial(
+        chunked_divergence_loss, method=method, method_kwargs=method_kwargs
+    )
 
     def unpatch() -> None:
         _distillation._chunked_divergence_loss = _TRL_LOSS
@@ -85,10 +115,22 @@ def patch_trl() -> Callable[[], None]:
     return unpatch
 
 
-class GKDTrainer(_TRLGKDTrainer):
+class GKDTrainer(AutocastLoss, _TRLGKDTrainer):
     """``trl.experimental.gkd.GKDTrainer`` (same arguments, generation and schedule) with its loss on the
     fused-linear path: neither model's [tokens, V] logits exist (unless ``return_outputs`` asks for the
-    student's, as evaluation with metrics does)."""
+    student's, as evaluation with metrics does).
+
+    Args:
+        method: a name of ``kdkernels.METHODS`` (default "jsd", GKD's: its beta is ``GKDConfig.beta``); the
+            loss is taken at temperature 1 without T^2, as GKD's (``GKDConfig.temperature`` is the sampling one).
+        method_kwargs: the hyperparameters of another method, e.g. ``{"alpha": 0.3}`` for skew_rkl.
+        The others: those of TRL's GKDTrainer.
+    """
+
+    def __init__(self, *args, method: str = "jsd", method_kwargs: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.method = method
+        self.method_kwargs = trl_hyperparameters(method, method_kwargs, self.beta)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
@@ -101,12 +143,13 @@ class GKDTrainer(_TRLGKDTrainer):
             model,
             self.teacher_model,
             model_inputs,
-            "jsd",
+            self.method,
             inputs["labels"][:, 1:],
             slice(None, -1),
             return_outputs,
-            beta=self.beta,
             temperature=1.0,
+            t2_scale=False,
             normalizer=normalizer,
+            **self.method_kwargs,
         )
         return (loss, CausalLMOutput(loss=loss, logits=logits)) if return_outputs else loss
