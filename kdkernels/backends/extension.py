@@ -71,7 +71,7 @@ for _backend in ("cpu", "cuda"):
                 _backend,
                 family_backend(_backend, _ops, _scale),
                 _unavailable_on(_backend),
-                full_backend(_full_ops),
+                full_backend(_full_ops, _scale),
                 _ops,
                 {family: ops[1] for family, ops in _triples.items()},
                 _scale,

@@ -169,7 +169,7 @@ register(
         "triton",
         family_backend("triton", _ops, scale_rows_),
         _unavailable,
-        full_backend(_full_ops),
+        full_backend(_full_ops, scale_rows_),
         _ops,
         {family: ops[1] for family, ops in _triples.items()},
         scale_rows_,
