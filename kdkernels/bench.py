@@ -16,7 +16,8 @@ of the copy bandwidth (= floor / ms), its time as a multiple of the floor, the p
 
 Writes ``bench.csv`` and ``bench.png`` into ``--out`` and prints the table.
 
-``--linear`` runs the fused-linear section instead: ``linear_distill_loss`` with its default chunks against the
+``--linear`` runs the fused-linear section instead: ``linear_distill_loss`` with its default chunks (and with
+chunks of a 128 MiB ``memory_budget``, ``SMALL_BUDGET``) against the
 unchunked path (both models' full logits ``hidden @ weight.T`` in float32, as a training loop upcasts a
 low-precision head's, then ``distill_loss`` with the backend that backend="auto" picks, the fastest fused loss
 registered for the device) and, on the jsd rows, Liger-Kernel's chunked ``LigerFusedLinearJSDLoss``
@@ -27,9 +28,10 @@ and the peak memory that loss + backward add above the inputs and parameters (th
 states and weight included, in every path), on a step after a warm-up one (Liger compiles in it). GPU:
 ``torch.cuda.max_memory_allocated`` above the allocated bytes before the step. CPU: each (path, loss) runs in a
 fresh process and the step is measured with the kernel's own resident-set high-water mark (``peak_rss_bytes``). That
-counts every byte the step touches (PyTorch, BLAS and Python alike) and nothing it only reserves; timing uses later
-steps. Every path returns the same gradients (``grads_mb``: the student's hidden states and weight in their dtype),
-which training keeps anyway; the table also gives each peak net of them (the loss's own memory) and its ratio.
+counts every byte the step touches (PyTorch, BLAS and Python alike) and nothing it only reserves, the CPU ops' gradient
+cache emptied first (the buffer it keeps between steps is the unchunked path's); timing uses later steps. Every path
+returns the same gradients (``grads_mb``: the student's hidden states and weight in their dtype), which training keeps
+anyway; the table also gives each peak net of them (the loss's own memory) and its ratio.
 Writes ``linear.csv``.
 """
 
@@ -45,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from . import METHODS, available_backends, distill_loss, linear_distill_loss
+from . import METHODS, available_backends, distill_loss, linear_distill_loss, release_cached_gradients
 from .baselines import BASELINES
 
 # name: (N, V, student and teacher dtype)
@@ -363,7 +365,9 @@ LINEAR_CASES = {
     "jsd": ("jsd", {}),
     "jsd+ce": ("jsd", {"ce_weight": 0.5, "distill_weight": 0.5}),
 }
-UNCHUNKED, FUSED_LINEAR, LIGER = "unchunked", "fused-linear", "liger"
+UNCHUNKED, FUSED_LINEAR, FUSED_LINEAR_SMALL, LIGER = "unchunked", "fused-linear", "fused-linear-128M", "liger"
+# The memory_budget of the FUSED_LINEAR_SMALL path: the default's floor on CPU, chunks smaller than the default's.
+SMALL_BUDGET = 128 << 20
 
 
 @dataclass
@@ -421,7 +425,8 @@ def _linear_loss(path, case, hs, ws, ht, wt, y):
         return distill_loss(method, (hs @ ws.t()).float(), teacher, y, **options)
     if path == LIGER:
         return _liger_loss(options)(hs, ws, ht, wt, y)
-    return linear_distill_loss(method, hs, ws, ht, wt, y, **options)
+    budget = SMALL_BUDGET if path == FUSED_LINEAR_SMALL else None
+    return linear_distill_loss(method, hs, ws, ht, wt, y, memory_budget=budget, **options)
 
 
 def _linear_step(path, case, hs, ws, ht, wt, y):
@@ -488,6 +493,9 @@ def linear_measure(n: int, h: int, v: int, dtype: str, case: str, path: str, dev
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
         inputs[0].grad = inputs[1].grad = None
+        # The CPU ops keep a freed gradient buffer for the next step (docs/backends.md): memory the step holds
+        # between steps too, so the measured step allocates it again.
+        release_cached_gradients()
         peak = peak_rss_bytes(lambda: _linear_step(path, case, *inputs))
     times = _step_ms(lambda: _linear_step(path, case, *inputs), device, reps)
     backend = "liger (compiled)" if path == LIGER else registry.select_backend("auto", inputs[0]).name
@@ -519,9 +527,17 @@ def liger_available() -> bool:
 
 
 def run_linear(
-    device: str, shapes=None, methods=None, out: str = "bench/out", reps: int = 3, table=None, liger: bool | None = None
+    device: str,
+    shapes=None,
+    methods=None,
+    out: str = "bench/out",
+    reps: int = 3,
+    table=None,
+    liger: bool | None = None,
+    paths=None,
 ) -> list[LinearRow]:
-    """Every (shape, case, path) of the section; Liger's rows when ``liger`` (default: when it is installed)."""
+    """Every (shape, case, path) of the section, or those of ``paths``; Liger's rows when ``liger`` (default: when
+    it is installed)."""
     import json
     import subprocess
     import sys
@@ -535,7 +551,9 @@ def run_linear(
         for case, (method, _) in LINEAR_CASES.items():
             if methods and method not in methods:
                 continue
-            for path in (UNCHUNKED, FUSED_LINEAR) + ((LIGER,) if method == "jsd" and liger else ()):
+            for path in (UNCHUNKED, FUSED_LINEAR, FUSED_LINEAR_SMALL) + ((LIGER,) if method == "jsd" and liger else ()):
+                if paths and path not in paths:
+                    continue
                 # A fresh process per measurement: no allocator state carried over from the previous one.
                 code = (
                     f"import json; from kdkernels.bench import linear_measure; print(json.dumps(linear_measure("

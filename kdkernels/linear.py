@@ -19,8 +19,9 @@ accumulation whatever the autocast state.
 
 Chunk size: the rows whose temporaries (student and teacher logits, softcap derivative, the gradient cast for the
 matmul, the reference's autograd buffers) fit ``memory_budget`` bytes (``chunk_rows``), split into equal chunks;
-the default budget (``default_budget``) gives them at least the rows the device's matmuls need to run at full speed
-(``MATMUL_ROWS``). ``chunk_size`` overrides the row count.
+the default budget (``default_budget``) on CPU is a fifth of what all rows would take (about five chunks: fewer
+would save less memory, smaller ones would pack the weights too often), on CUDA a share of the free memory.
+``chunk_size`` overrides the row count.
 
 Padded vocabularies: a teacher weight with more rows (classes) than the student's is read as the student giving
 those classes logit -inf (probability 0). Losses that are infinite where q = 0 < p (kd, the decoupled family,
@@ -57,8 +58,14 @@ from .sparse import check as check_sparse
 
 Tensor = torch.Tensor
 
-# Default chunk memory on CPU tensors, for a backend with an in-place op (docs/llm.md, "Chunk policy").
+# Default chunk memory on CPU tensors, for a backend with an in-place op (docs/llm.md, "Chunk policy"): this share
+# of what the chunk buffers of all N rows would take, within [DEFAULT_CPU_BUDGET, CPU_BUDGET_MAX]. The BLAS packs the
+# whole weight again for every matmul call, a cost per chunk that the matmuls of a fifth of the batch hide better than
+# smaller chunks'; the unchunked path holds more [N, V] buffers than the chunks' five times over (docs/benchmarks.md,
+# "Fused-linear").
+CPU_BUDGET_SHARE = 1 / 5
 DEFAULT_CPU_BUDGET = 128 << 20
+CPU_BUDGET_MAX = 1 << 30
 # Without one (the reference by autograd): enough that its sub-chunks have tens of rows (a few rows per sub-chunk
 # are dominated by per-operation costs), small next to the [N, V] logits and their reference temporaries.
 DEFAULT_CPU_AUTOGRAD_BUDGET = 768 << 20
@@ -70,13 +77,25 @@ CUDA_BUDGET_MAX = 1 << 30
 REFERENCE_BUFFERS = 40
 
 
-def default_budget(device: torch.device, inplace: bool) -> int:
+def default_budget(device: torch.device, inplace: bool, all_rows_bytes: int) -> int:
     """Bytes of chunk temporaries used when neither ``memory_budget`` nor ``chunk_size`` is given; ``inplace``:
-    whether the backend turns logits into gradients in place."""
+    whether the backend turns logits into gradients in place; ``all_rows_bytes``: what a chunk of all N rows would
+    hold (N times ``chunk_row_bytes``)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(min(free * CUDA_BUDGET_FRACTION, CUDA_BUDGET_MAX))
-    return DEFAULT_CPU_BUDGET if inplace else DEFAULT_CPU_AUTOGRAD_BUDGET
+    if not inplace:
+        return DEFAULT_CPU_AUTOGRAD_BUDGET
+    return int(min(max(all_rows_bytes * CPU_BUDGET_SHARE, DEFAULT_CPU_BUDGET), CPU_BUDGET_MAX))
+
+
+def chunk_row_bytes(v_student: int, v_teacher: int, weight_dtype: torch.dtype, extra: int, sparse: bool) -> int:
+    """Bytes of a chunk's buffers per row, as ``chunk_rows`` counts them."""
+    v = v_student if sparse else v_teacher
+    per_row = 4 * v * (2 + extra)
+    if weight_dtype != torch.float32:
+        per_row += v * torch.empty((), dtype=weight_dtype).element_size()
+    return per_row
 
 
 def chunk_rows(
@@ -94,9 +113,7 @@ def chunk_rows(
     already keep the matmuls efficient (on a 2-core CPU a 48-row chunk runs them at half the speed of a 512-row one).
     """
     v = v_student if sparse else v_teacher
-    per_row = 4 * v * (2 + extra)
-    if weight_dtype != torch.float32:
-        per_row += v * torch.empty((), dtype=weight_dtype).element_size()
+    per_row = chunk_row_bytes(v_student, v_teacher, weight_dtype, extra, sparse)
     if inplace:
         return max(1, budget // per_row), 0
     return max(1, budget // 4 // per_row), max(1, budget * 3 // 4 // (4 * v * REFERENCE_BUFFERS))
@@ -631,9 +648,8 @@ def linear_distill_loss(
             (Gemma's final-logit softcapping), with its gradient; None (default) leaves them uncapped.
         return_entropy: also return the student's entropy at T per row (leading shape, float32, 0 on the rows left
             out; not differentiable), for logging: ``(result, entropy)``. It costs one softmax over each chunk.
-        memory_budget: bytes of chunk temporaries to size chunks from (default ``default_budget``, in chunks of at
-            least ``MATMUL_ROWS`` rows); chunk_size: rows per chunk instead (the loss's autograd sub-chunks still
-            follow the budget).
+        memory_budget: bytes of chunk temporaries to size chunks from (default ``default_budget``); chunk_size:
+            rows per chunk instead (the loss's autograd sub-chunks still follow the budget).
 
     Returns:
         float32 loss: 0-d, or the leading shape for reduction="none"; a ``LossParts`` with ``return_parts``;
@@ -734,21 +750,10 @@ def linear_distill_loss(
                 f"full ops), got backend={p.backend.name!r}; use backend='auto' or a name from "
                 f"kdkernels.available_backends()"
             )
-    budget = default_budget(student_hidden.device, p.inplace is not None) if memory_budget is None else memory_budget
     # (the full op writes the gradient beside the logits: one more buffer; the teacher's gradient one more, and its
     # capped logits with a teacher softcap)
     full_buffers = (learn_temperature or teacher_grad) + teacher_grad * (1 + (teacher_softcap is not None))
-    rows, p.loss_rows = chunk_rows(
-        budget,
-        v,
-        v_t,
-        student_weight.dtype,
-        p.inplace is not None,
-        (softcap is not None) + 2 * return_entropy + full_buffers,
-        sparse,
-    )
-    if chunk_size is None:  # the fewest chunks the budget allows, of equal size (no short last chunk)
-        chunk_size = -(-n // -(-n // rows)) if n else rows
+    extra = (softcap is not None) + 2 * return_entropy + full_buffers
     grad_on = torch.is_grad_enabled()
     need = (
         grad_on and student_hidden.requires_grad,
@@ -759,6 +764,12 @@ def linear_distill_loss(
         teacher_grad and teacher_weight.requires_grad,
         teacher_grad and teacher_bias is not None and teacher_bias.requires_grad,
     )
+    if memory_budget is None:
+        all_rows = n * chunk_row_bytes(v, v_t, student_weight.dtype, extra, sparse)
+        memory_budget = default_budget(student_hidden.device, p.inplace is not None, all_rows)
+    rows, p.loss_rows = chunk_rows(memory_budget, v, v_t, student_weight.dtype, p.inplace is not None, extra, sparse)
+    if chunk_size is None:  # the fewest chunks the budget allows, of equal size (no short last chunk)
+        chunk_size = -(-n // -(-n // rows)) if n else rows
     teachers = (None, None, None) if sparse else (teacher_hidden, teacher_weight, teacher_bias)
     loss, parts, entropy = LinearDistillFunction.apply(
         student_hidden.reshape(n, h_s),

@@ -114,7 +114,8 @@ def test_chunk_larger_than_batch_and_budget_sizing(backend, device):
 
 
 def test_default_chunks_come_from_the_budget_alone(monkeypatch):
-    """Without memory_budget or chunk_size, chunks are the default budget's rows (in equal chunks), however few."""
+    """Without memory_budget or chunk_size, chunks are the default budget's rows (in equal chunks), however few:
+    on CPU a fifth of all rows' buffers, within [DEFAULT_CPU_BUDGET, CPU_BUDGET_MAX]."""
     import kdkernels.linear as linear
 
     seen = []
@@ -132,6 +133,27 @@ def test_default_chunks_come_from_the_budget_alone(monkeypatch):
     seen.clear()
     linear_distill_loss("kd", *args, backend="cpu")
     assert seen == [14, 14, 12]
+    # Above the floor, a fifth of all rows' buffers (five chunks), at most CPU_BUDGET_MAX.
+    monkeypatch.setattr(linear, "DEFAULT_CPU_BUDGET", 2 * 4 * V * 2)
+    seen.clear()
+    linear_distill_loss("kd", *args, backend="cpu")
+    assert seen == [8] * 5
+    monkeypatch.setattr(linear, "CPU_BUDGET_MAX", 6 * 4 * V * 2)
+    seen.clear()
+    linear_distill_loss("kd", *args, backend="cpu")
+    assert seen == [6] * 6 + [4]
+
+
+def test_default_budget_on_cpu():
+    """A fifth of all rows' chunk buffers, within [DEFAULT_CPU_BUDGET, CPU_BUDGET_MAX]; the reference's autograd
+    its own."""
+    import kdkernels.linear as linear
+
+    cpu, mib = torch.device("cpu"), 1 << 20
+    assert linear.default_budget(cpu, True, 1000 * mib) == 200 * mib
+    assert linear.default_budget(cpu, True, 100 * mib) == linear.DEFAULT_CPU_BUDGET
+    assert linear.default_budget(cpu, True, 100000 * mib) == linear.CPU_BUDGET_MAX
+    assert linear.default_budget(cpu, False, 1000 * mib) == linear.DEFAULT_CPU_AUTOGRAD_BUDGET
 
 
 def test_chunk_rows_from_the_budget():
