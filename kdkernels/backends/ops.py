@@ -312,7 +312,9 @@ class _FullGradient(torch.autograd.Function):
                 "same fused loss twice (retain_graph=True) is not supported"
             )
         saved = ctx.saved_tensors
-        if type(saved[0]) is not torch.Tensor:  # traced (torch.compile): out of place, as in _autograd
+        # Traced (torch.compile: dynamo traces this backward too, AOTAutograd runs it on fake tensors): out of place,
+        # as in _autograd.
+        if torch.compiler.is_compiling() or type(saved[0]) is not torch.Tensor:
             return (*scale_full_gradients(grad_loss, *saved, ctx.temperature_dtype), None, None, None)
         ctx.consumed = True
         grad, grad_teacher, grad_temperature = saved
