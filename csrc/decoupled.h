@@ -145,11 +145,20 @@ KD_HD void log_masses(const BinStats<T>& s, double out[NUM_BINS]) {
 }
 
 // KL(a^b || o^b) of bin b, a's k term taken against o (the teacher's kt_b for the forward KL, the student's ks_b for
-// the reverse one); 0 where a has no mass in the bin.
+// the reverse one); 0 where a has no mass in the bin, +inf where o has none and a has.
 template <class T>
 KD_HD double in_bin_kl(const BinStats<T>& a, const BinStats<T>& o, int b) {
   if (a.z[b] == T(0)) return 0.0;
+  if (o.z[b] == T(0)) return double(INFINITY);
   return double(a.k[b]) / double(a.z[b]) - (log(double(a.z[b])) - log(double(o.z[b])));
+}
+
+// aekt's weight of the bin-mass KL: min(P_strong / Q_strong, max_weight) from their logs, and 0 where P_strong = 0
+// (its label masked in both models too, where the ratio is 0 / 0; docs/losses.md, "aekt").
+KD_HD double aekt_weight(double log_p, double log_q, double max_weight) {
+  if (is_neg_inf(log_p)) return 0.0;
+  const double ratio = exp(log_p - log_q);
+  return ratio < max_weight ? ratio : max_weight;
 }
 
 template <class T>
@@ -158,28 +167,25 @@ KD_HD DecoupledRow<T> decoupled_row(const BinStats<T>& t, const BinStats<T>& s, 
   double lp[NUM_BINS], lq[NUM_BINS];
   log_masses(t, lp);
   log_masses(s, lq);
-  double weight = c.w_mass;
-  if (c.adaptive) {  // aekt: min(P_strong / Q_strong, max_weight), the strong bin being {target}
-    const double ratio = exp(lp[STRONG] - lq[STRONG]);
-    weight = ratio < c.max_weight ? ratio : c.max_weight;
-  }
+  // (aekt: the strong bin is {target}.) A term of weight 0 adds 0 (weighted), infinite or not.
+  const double weight = c.adaptive ? aekt_weight(lp[STRONG], lq[STRONG], c.max_weight) : c.w_mass;
   const double w[NUM_BINS] = {0.0, c.w_strong, c.w_rest};  // a one-class bin has no in-bin KL
   double mass_kl = 0;
   for (int b = 0; b < NUM_BINS; ++b) mass_kl += is_neg_inf(lp[b]) ? 0.0 : exp(lp[b]) * (lp[b] - lq[b]);
-  double loss = weight * mass_kl;
+  double loss = weighted(weight, mass_kl);
   DecoupledRow<T> row;
   for (int b = 0; b < NUM_BINS; ++b) {
     // (TOP1 has no in-bin term; ks_b is kept only when w_rkl != 0.)
     const double fkl = b == TOP1 || c.w_fkl == 0.0 ? 0.0 : in_bin_kl(t, s, b);
     const double rkl = b == TOP1 || c.w_rkl == 0.0 ? 0.0 : in_bin_kl(s, t, b);
-    loss += w[b] * (c.w_fkl * fkl + c.w_rkl * rkl);
+    loss += weighted(w[b], weighted(c.w_fkl, fkl) + weighted(c.w_rkl, rkl));
     // A bin the teacher gives no mass has in-bin forward KL 0 whatever the student does: no gradient from it.
     const double f = t.z[b] > T(0) ? w[b] * c.w_fkl : 0.0;
     row.f[b] = T(f);
     row.r[b] = T(w[b] * c.w_rkl);
-    row.c[b] = T(weight * (exp(lq[b]) - exp(lp[b])) + f - w[b] * c.w_rkl * rkl);
+    row.c[b] = T(weight * (exp(lq[b]) - exp(lp[b])) + f - weighted(w[b] * c.w_rkl, rkl));
     const double mass_term = is_neg_inf(lp[b]) ? 0.0 : weight * exp(lp[b]) * (lp[b] - lq[b] - mass_kl);
-    row.ct[b] = T(mass_term - f * fkl + w[b] * c.w_rkl);
+    row.ct[b] = T(mass_term - weighted(f, fkl) + w[b] * c.w_rkl);
     row.mt[b] = safe_shift(t.m[b]);
     row.lzt[b] = math_log(t.z[b]);
     row.ms[b] = safe_shift(s.m[b]);
@@ -228,6 +234,7 @@ KD_HD typename O::V decoupled_grad(const DecoupledRow<typename O::Scalar>& row, 
   using V = typename O::V;
   using T = typename O::Scalar;
   const V zero(T(0));
+  if (scale == T(0)) return zero;  // (distill_weight = 0: no gradient, whatever the terms)
   const V c = pick<O>(in_top1, in_strong, row.c[TOP1], row.c[STRONG], row.c[REST]);
   const V f = pick<O>(in_top1, in_strong, row.f[TOP1], row.f[STRONG], row.f[REST]);
   V g = c * b.q - f * b.p;
@@ -247,6 +254,7 @@ KD_HD typename O::V decoupled_teacher_grad(const DecoupledRow<typename O::Scalar
   using V = typename O::V;
   using T = typename O::Scalar;
   const V zero(T(0));
+  if (scale == T(0)) return zero;
   const V ct = pick<O>(in_top1, in_strong, row.ct[TOP1], row.ct[STRONG], row.ct[REST]);
   const V f = pick<O>(in_top1, in_strong, row.f[TOP1], row.f[STRONG], row.f[REST]);
   V g = ct * b.p + O::select(O::eq(b.p, zero), zero, f * b.p * (b.log_p - b.log_q));

@@ -3,9 +3,10 @@
 // likewise, each class has a loss term l_k and r_k = q_k dl/dq_k, and
 //     l = sum_k l_k,    g_j = (r_j - q_j sum_k r_k) / T.
 // bdkd's and akl's weights depend on row sums: their l_k and r_k are those of the two KLs, and e_k, f_k what sets the
-// weights (bdkd: e_k = q log q - p log p; akl: |p - q| on the teacher's head for e_k, off it for f_k); divergence_row()
-// weighs the row sums, and the gradient takes r_j = a r_j + b p_j. A class with p = q = 0 (masked, or below float32's
-// range in both) contributes 0. akl's head (AklHead below) is found before the terms, by bisection.
+// weights (bdkd: e_k = q log q - p log p, f_k = -(q log q + p log p); akl: |p - q| on the teacher's head for e_k, off
+// it for f_k); divergence_row() weighs the row sums, and the gradient takes r_j = a r_j + b p_j. A class with
+// p = q = 0 (masked, or underflowed: below the least normal number, in both) contributes 0. akl's head (AklHead below)
+// is found before the terms, by bisection.
 #pragma once
 
 #include <string.h>
@@ -46,6 +47,14 @@ KD_HD Mixture<typename O::V> mixture(const DivergenceParams<typename O::Scalar>&
 // Whether a code's row loss weighs its row sums by weights that depend on them (see divergence_row).
 template <int CODE>
 constexpr bool weighs_row_sums = CODE == BDKD || CODE == AKL;
+
+// bdkd's entropies count as equal within BDKD_TIE eps (1 + H(p) + H(q)), eps the machine epsilon of the math type
+// (kdkernels/methods.py BDKD_TIE; docs/losses.md, "bdkd's tie").
+constexpr double BDKD_TIE = 256.0;
+
+template <int CODE>
+constexpr bool is_abkd =
+    CODE == ABKD || CODE == ABKD_ALPHA0 || CODE == ABKD_BETA0 || CODE == ABKD_OPPOSITE || CODE == ABKD_ZERO;
 
 // A class's l_k, r_k, its probabilities, e_k and f_k (0 but for bdkd and akl), and rt_k = p_k dl/dp_k, the teacher's
 // counterpart of r_k (the gradient of the teacher's logits, docs/losses.md "Learnable temperature and the teacher's
@@ -110,17 +119,17 @@ KD_HD typename O::Mask in_akl_head(typename O::V t, typename O::Scalar value, in
   return O::lor(O::gt(t, V(value)), O::land(O::eq(t, V(value)), O::index_le(iota, end - 1 - base)));
 }
 
-// Whether a class is masked in both rows: lq = lp = -inf (then q = p = 0).
+// Whether a class has probability 0 in both rows: masked (-inf), or underflowed (underflows), given q and p.
 template <class O>
-KD_HD typename O::Mask absent_in_both(typename O::V lq, typename O::V lp) {
-  const typename O::V ninf(neg_inf<typename O::Scalar>());
-  return O::land(O::eq(lq, ninf), O::eq(lp, ninf));
+KD_HD typename O::Mask absent_in_both(typename O::V q, typename O::V p) {
+  return O::land(underflows<O>(q), underflows<O>(p));
 }
 
 // The terms of classes given their log-probabilities lq, lp and probabilities q, p (exp of them, or
 // exp(x - max) / sum that a caller has kept); akl's in_head says which classes are in its head (ignored by the other
 // codes). MAY_BE_ABSENT false: the caller has checked that no class is absent in both (absent_in_both), which skips
 // their masking.
+// Long: one formula per divergence code, chosen at compile time, each a few lines.
 template <int CODE, class O, bool MAY_BE_ABSENT = true>
 KD_HD ClassTerms<typename O::V> divergence_terms_of(const DivergenceParams<typename O::Scalar>& c, typename O::V lq,
                                                     typename O::V lp, typename O::V q, typename O::V p,
@@ -128,10 +137,10 @@ KD_HD ClassTerms<typename O::V> divergence_terms_of(const DivergenceParams<typen
   using V = typename O::V;
   using T = typename O::Scalar;
   const V zero(T(0));
-  // A class masked in both (q = p = 0) gets finite logs here, so no formula meets inf - inf; its terms are 0.
+  // A class absent in both (q = p = 0) gets finite logs here, so no formula meets inf - inf; its terms are 0.
   typename O::Mask absent{};
   if constexpr (MAY_BE_ABSENT) {
-    absent = absent_in_both<O>(lq, lp);
+    absent = absent_in_both<O>(q, p);
     lq = O::select(absent, zero, lq);
     lp = O::select(absent, zero, lp);
   }
@@ -171,16 +180,16 @@ KD_HD ClassTerms<typename O::V> divergence_terms_of(const DivergenceParams<typen
     l = (mixed - V(a / ab) * p_ab - V(b / ab) * q_ab) * V(T(-1) / (a * b));
     r = (q_ab - mixed) * V(T(1) / a);
     rt = (p_ab - mixed) * V(T(1) / b);
-  } else if constexpr (CODE == ABKD_ALPHA0) {
+  } else if constexpr (CODE == ABKD_ALPHA0) {  // (q^b log(q^b / p^b): 0 where q^b = 0)
     const V qb = O::exp(V(b) * lq), pb = O::exp(V(b) * lp);
-    l = (qb * V(b) * (lq - lp) - qb + pb) * V(T(1) / (b * b));
-    r = qb * (lq - lp);
+    l = (kl_term<O>(qb, V(b) * lq, V(b) * lp) - qb + pb) * V(T(1) / (b * b));
+    r = kl_term<O>(qb, lq, lp);
     rt = (pb - qb) * V(T(1) / b);
   } else if constexpr (CODE == ABKD_BETA0) {
     const V pa = O::exp(V(a) * lp), qa = O::exp(V(a) * lq);
-    l = (pa * V(a) * (lp - lq) - pa + qa) * V(T(1) / (a * a));
+    l = (kl_term<O>(pa, V(a) * lp, V(a) * lq) - pa + qa) * V(T(1) / (a * a));
     r = (qa - pa) * V(T(1) / a);
-    rt = O::select(O::eq(pa, zero), zero, pa * (lp - lq));
+    rt = kl_term<O>(pa, lp, lq);
   } else if constexpr (CODE == ABKD_OPPOSITE) {
     const V ratio = O::exp(V(a) * (lp - lq));
     l = (V(a) * (lq - lp) + ratio - V(T(1))) * V(T(1) / (a * a));
@@ -210,6 +219,14 @@ KD_HD ClassTerms<typename O::V> divergence_terms_of(const DivergenceParams<typen
     e = O::select(in_head, gap, zero);
     f = O::select(in_head, zero, gap);
   }
+  if constexpr (CODE == BDKD) f = zero - (kl_term<O>(q, lq, zero) + kl_term<O>(p, lp, zero));
+  if constexpr (is_abkd<CODE>) {
+    // The alpha-beta divergence is >= 0: where a class masked in one model only makes its formula inf - inf, the
+    // term is +inf (the limit), not NaN.
+    const V ninf(neg_inf<T>());
+    const auto one_sided = O::lor(O::eq(lq, ninf), O::eq(lp, ninf));
+    l = O::select(O::land(one_sided, O::lnot(O::eq(l, l))), zero - ninf, l);
+  }
   if constexpr (!MAY_BE_ABSENT) return {l, r, q, p, e, f, rt};
   return {O::select(absent, zero, l), O::select(absent, zero, r), O::select(absent, zero, q),
           O::select(absent, zero, p), O::select(absent, zero, e), O::select(absent, zero, f),
@@ -234,16 +251,19 @@ struct DivergenceRow {
 };
 
 // From the row sums of l_k, r_k, e_k and f_k. bdkd weighs its KLs by w_fkl where H(p) > H(q) (sum e > 0), by w_rkl
-// where H(q) > H(p), else by 1; akl by g_head / g and g_tail / g (g_head = sum e, g_tail = sum f, g their sum; 1/2
-// each where g = 0, that is p = q). The weights are constants of the gradient.
+// where H(q) > H(p), else (equal within BDKD_TIE eps (1 + H(p) + H(q)), sum f = H(p) + H(q)) by 1; akl by g_head / g
+// and g_tail / g (g_head = sum e, g_tail = sum f, g their sum; 1/2 each where g = 0, that is p = q). The weights are
+// constants of the gradient; a KL of weight 0 adds 0 (weighted), infinite or not.
 template <int CODE, class T>
 KD_HD DivergenceRow<T> divergence_row(const DivergenceParams<T>& c, T sum_l, T sum_r, T sum_e, T sum_f) {
   if constexpr (CODE == AKL) {
     const T g = sum_e + sum_f;
     const T w_fkl = g > T(0) ? sum_e / g : T(0.5), w_rkl = g > T(0) ? sum_f / g : T(0.5);
-    return {w_fkl * sum_l + w_rkl * sum_r, w_rkl, -w_fkl, w_rkl * sum_r - w_fkl};
+    return {weighted(w_fkl, sum_l) + weighted(w_rkl, sum_r), w_rkl, -w_fkl, weighted(w_rkl, sum_r) - w_fkl};
   } else if constexpr (weighs_row_sums<CODE>) {
-    const T w_fkl = sum_e > T(0) ? c.w_fkl : T(1), w_rkl = sum_e < T(0) ? c.w_rkl : T(1);
+    const T eps = sizeof(T) == 4 ? T(1.1920928955078125e-07) : T(2.220446049250313e-16);
+    const bool tie = (sum_e < T(0) ? -sum_e : sum_e) <= T(BDKD_TIE) * eps * (T(1) + sum_f);
+    const T w_fkl = sum_e > T(0) && !tie ? c.w_fkl : T(1), w_rkl = sum_e < T(0) && !tie ? c.w_rkl : T(1);
     return {w_fkl * sum_l + w_rkl * sum_r, w_rkl, -w_fkl, w_rkl * sum_r - w_fkl};
   } else {
     return {sum_l, T(1), T(0), CODE == KD ? T(-1) : sum_r};
@@ -270,14 +290,17 @@ KD_HD typename O::V divergence_teacher_grad(const ClassTerms<typename O::V>& k,
                                             typename O::V y, typename O::Scalar scale) {
   using V = typename O::V;
   using T = typename O::Scalar;
+  if (scale == T(0)) return V(T(0));  // (distill_weight = 0: no gradient, whatever the terms)
   return O::select(O::eq(y, V(neg_inf<T>())), V(T(0)), (teacher_r<CODE, O>(k, row) - k.p * V(sum_rt)) * V(scale));
 }
 
-// g_j = (a r_j + b p_j - q_j sum_r) * scale, scale = (1/T) (T^2 if t2_scale) (1/denominator if reduced).
+// g_j = (a r_j + b p_j - q_j sum_r) * scale, scale = distill_weight (1/T) (T^2 if t2_scale) (1/denominator if
+// reduced); exactly 0 when scale is 0 (distill_weight = 0), whatever the terms.
 template <int CODE, class O>
 KD_HD typename O::V divergence_grad(const ClassTerms<typename O::V>& k, const DivergenceRow<typename O::Scalar>& row,
                                     typename O::Scalar scale) {
   using V = typename O::V;
+  if (scale == typename O::Scalar(0)) return V(scale);
   const V r = weighs_row_sums<CODE> ? V(row.a) * k.r + V(row.b) * k.p : k.r;
   return (r - k.q * V(row.sum_r)) * V(scale);
 }

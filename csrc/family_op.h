@@ -140,17 +140,10 @@ inline void check_decoupled_params(const FamilyCall& call, int64_t partition, at
   TORCH_CHECK(!c.adaptive || partition == TARGET, "decoupled: the adaptive weight needs the TARGET partition");
 }
 
-inline double zero_like(double) {
-  return 0.0;
-}
-inline at::Tensor zero_like(const at::Tensor& x) {
-  return at::zeros_like(x);
-}
-
-// weight * x, a weight of 0 giving exactly 0 (a term that does not count contributes nothing, even inf).
-template <class X>
-X weighted(double weight, const X& x) {
-  return weight == 1.0 ? x : weight == 0.0 ? zero_like(x) : x * weight;
+// weight * x of a tensor, a weight of 0 giving exactly 0 (a term that does not count contributes nothing, even inf);
+// row_math.h's weighted is the same rule for numbers.
+inline at::Tensor weighted(double weight, const at::Tensor& x) {
+  return weight == 1.0 ? x : weight == 0.0 ? at::zeros_like(x) : x * weight;
 }
 
 // distill_weight * distill + ce_weight * ce (ce nullptr without the term), of rows or of reduced terms: the one

@@ -134,7 +134,8 @@ PyMODINIT_FUNC PyInit__C(void) {
                   add(module, "DECOUPLED_PARAMS", names_tuple({KDKERNELS_DECOUPLED_PARAMS(KDKERNELS_NAME_ITEM)})) &&
                   add(module, "CALL_SCALARS", names_tuple({KDKERNELS_CALL_SCALARS(KDKERNELS_NAME_ITEM)})) &&
                   add(module, "CALL_FLAGS", names_tuple({KDKERNELS_CALL_FLAGS(KDKERNELS_NAME_ITEM)})) &&
-                  add(module, "STANDARDIZE_EPS", PyFloat_FromDouble(kdkernels::STANDARDIZE_EPS));
+                  add(module, "STANDARDIZE_EPS", PyFloat_FromDouble(kdkernels::STANDARDIZE_EPS)) &&
+                  add(module, "BDKD_TIE", PyFloat_FromDouble(kdkernels::BDKD_TIE));
   if (!ok) {
     Py_DECREF(module);
     return nullptr;

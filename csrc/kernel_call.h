@@ -13,7 +13,8 @@
 
 // X-macro item lists, laid out by hand:
 // clang-format off
-#define KDKERNELS_CALL_SCALARS(X) X(double, temperature) X(double, ce_weight) X(double, distill_weight)
+#define KDKERNELS_CALL_SCALARS(X) \
+  X(double, temperature) X(double, ce_weight) X(double, label_smoothing) X(double, distill_weight)
 #define KDKERNELS_CALL_FLAGS(X) \
   X(int64_t, ignore_index) X(bool, t2_scale) X(bool, reduce) X(bool, with_ce) X(bool, standardize)
 // clang-format on

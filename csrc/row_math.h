@@ -157,12 +157,27 @@ struct ZScore {
   KD_HD T coef(T sum_gz) const { return std > T(0) ? sum_gz / ((n - T(1)) * std) : T(0); }
 };
 
-// a (log a - log b) from log a, with 0 where a = 0.
+// a (log a - log b) from log a, with 0 where a = 0 (also when it underflowed from a finite log a, and when b = 0).
 template <class O>
 KD_HD typename O::V kl_term(typename O::V a, typename O::V log_a, typename O::V log_b) {
   using V = typename O::V;
   using T = typename O::Scalar;
-  return O::select(O::eq(log_a, V(neg_inf<T>())), V(T(0)), a * (log_a - log_b));
+  return O::select(O::eq(a, V(T(0))), V(T(0)), a * (log_a - log_b));
+}
+
+// Whether probabilities p underflow: below the least normal number of the math type, where they count as 0
+// (docs/losses.md, "Conventions"; the CPU's exp gives 0 there, and a subnormal would meet infinite log-ratios).
+template <class O>
+KD_HD typename O::Mask underflows(typename O::V p) {
+  using T = typename O::Scalar;
+  return O::lt(p, typename O::V(min_normal<T>()));
+}
+
+// weight * term, exactly 0 where the weight is 0 whatever the term (inf, NaN): a term of weight 0 contributes
+// nothing (docs/losses.md, "The hard-label term").
+template <class T>
+KD_HD T weighted(T weight, T term) {
+  return weight == T(0) ? T(0) : weight * term;
 }
 
 }  // namespace KDKERNELS_MATH_NAMESPACE

@@ -1,35 +1,27 @@
 """kdkernels: fused kernels for knowledge-distillation losses (docs/losses.md has the exact definitions).
 
-The per-method functions (``kd_loss`` ...) and modules (``KDLoss`` ...) are generated from the method table
-``METHODS`` (methods.py).
+The per-method functions (``kd_loss`` ...) and modules (``KDLoss`` ...) are written from the method table
+``METHODS`` (methods.py) by scripts/method_api.py into functional.py and modules.py.
 """
 
 from importlib import metadata as _metadata
 
-from . import alignment, backends
+from . import alignment, backends, functional, modules
 from .arguments import TEMPERATURE_RANGE
 from .backends import available_backends
 from .cross_vocab import VocabMap, cross_vocab_loss, vocab_map
-from .functional import LOSS_FUNCTIONS, LossParts, cakd_feature_loss, distill_loss
+from .functional import *  # noqa: F403  (distill_loss, kd_loss ..., LossParts)
 from .linear import linear_distill_loss
 from .methods import METHODS
-from .modules import LOSS_MODULES, CrossVocabLoss, DistillLoss, LinearDistillLoss, SerialHead
+from .modules import *  # noqa: F403  (DistillLoss, KDLoss ..., LinearDistillLoss, CrossVocabLoss, SerialHead)
 from .sparse import SparseTeacher
 from .sparse_store import SparseTeacherWriter, load_sparse_teachers, save_sparse_teachers
-
-globals().update(LOSS_FUNCTIONS)
-globals().update(LOSS_MODULES)
 
 try:
     from .backends import triton as _triton_backend  # noqa: F401  (registers backend "triton")
 except ImportError as error:  # triton is optional: CPU-only installs run the reference (and the C++ extension)
-    backends.register(
-        backends.Backend(
-            "triton",
-            None,
-            lambda device, reason=(f"the triton package could not be imported ({error}); pip install triton"): reason,
-        )
-    )
+    _reason = f"the triton package could not be imported ({error}); pip install triton"
+    backends.register(backends.Backend(name="triton", impl=None, unavailable=lambda device: _reason))
 
 from .backends import extension as _extension  # noqa: E402  (registers "cpu" and "cuda", or why they are missing)
 
@@ -44,22 +36,15 @@ __all__ = [
     "METHODS",
     "TEMPERATURE_RANGE",
     "available_backends",
-    "distill_loss",
-    *LOSS_FUNCTIONS,
-    "cakd_feature_loss",
-    "DistillLoss",
-    *LOSS_MODULES,
-    "SerialHead",
+    *functional.__all__,
+    *modules.__all__,
     "linear_distill_loss",
-    "LinearDistillLoss",
     "SparseTeacher",
     "SparseTeacherWriter",
     "save_sparse_teachers",
     "load_sparse_teachers",
-    "LossParts",
     "release_cached_gradients",
     "cross_vocab_loss",
-    "CrossVocabLoss",
     "VocabMap",
     "vocab_map",
     "alignment",

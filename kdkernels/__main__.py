@@ -22,6 +22,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
+# Long: the command line's declaration, one add_argument per option.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kdkernels", description="Fused knowledge-distillation losses.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")

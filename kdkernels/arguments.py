@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -108,24 +108,20 @@ def _(target, num_classes, ignore_index):
     return torch.empty_like(target, dtype=torch.int64)
 
 
-def check_options(
-    temperature: object,
-    reduction: object,
-    normalizer: object,
-    ignore_index: object,
-    ce_weight: object = 0.0,
-    distill_weight: object = 1.0,
-    standardize: object = False,
-) -> None:
-    """Checks of the options every method shares (also run by the modules at construction)."""
-    if not isinstance(standardize, bool):
-        raise TypeError(f"standardize must be True or False, got {standardize!r}")
-    for name, weight in (("ce_weight", ce_weight), ("distill_weight", distill_weight)):
-        weight = as_number(weight)
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
-            raise TypeError(f"{name} must be a finite number, got {weight!r}")
-        if weight < 0:
-            raise ValueError(f"{name} must be >= 0, got {weight!r}")
+def check_options(options: dict) -> dict:
+    """The options every method shares (a dict of LossOptions' fields, the method's defaults filled in), checked,
+    with the weights as floats (also run by the modules at construction)."""
+    if not isinstance(options["standardize"], bool):
+        raise TypeError(f"standardize must be True or False, got {options['standardize']!r}")
+    weights = {name: _weight(name, options[name]) for name in ("ce_weight", "distill_weight", "label_smoothing")}
+    if weights["label_smoothing"] >= 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {options['label_smoothing']!r}")
+    if weights["label_smoothing"] > 0 and weights["ce_weight"] == 0:
+        raise ValueError(
+            f"label_smoothing={options['label_smoothing']!r} smooths the cross-entropy term, which ce_weight=0 "
+            "leaves out: set ce_weight > 0"
+        )
+    temperature = options["temperature"]
     if isinstance(temperature, torch.Tensor) and not torch.compiler.is_compiling():
         raise TypeError(
             "temperature must be a number here: a 0-d tensor (a learnable temperature) is taken by "
@@ -134,6 +130,25 @@ def check_options(
         )
     if not isinstance(temperature, torch.Tensor):  # (a tensor traced by torch.compile: check_temperature)
         check_temperature_number(temperature)
+    _check_reduction(options["reduction"], options["ignore_index"], options["normalizer"])
+    numbers_ = {"ignore_index": int(options["ignore_index"]), "return_parts": bool(options["return_parts"])}
+    return {**options, **weights, **numbers_}
+
+
+def _weight(name: str, value: object) -> float:
+    """A weight: a finite number >= 0 (NumPy's too), as a float."""
+    if type(value) is not float and type(value) is not int:  # (the common case first: a check runs every call)
+        value = as_number(value)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return float(value)
+
+
+def _check_reduction(reduction: object, ignore_index: object, normalizer: object) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, (bool, torch.Tensor)) or not isinstance(ignore_index, numbers.Integral):
@@ -175,23 +190,37 @@ def check_temperature_number(temperature: object) -> float:
     return float(temperature)
 
 
-@dataclass(frozen=True)
-class Settings:
-    """A call's method, hyperparameters, plan and options, checked; no tensor seen yet. The loss is
-    distill_weight * (the method's loss) + ce_weight * (the student's cross-entropy against the target at T = 1)."""
+@dataclass(frozen=True, kw_only=True)
+class LossOptions:
+    """The options of every loss call besides its tensors, ``mask``, ``backend`` and the method's hyperparameters,
+    with their defaults (docs/usage.md): the one list of them. ``resolve`` tells them from the hyperparameters by
+    these names. The loss is distill_weight * (the method's loss) + ce_weight * (the student's cross-entropy against
+    the target at T = 1)."""
+
+    temperature: float | Tensor | None = None  # None: the method's
+    t2_scale: bool | None = None  # None: the method's
+    reduction: str = "batchmean"
+    ignore_index: int = -100
+    normalizer: float | Tensor | None = None
+    ce_weight: float = 0.0
+    label_smoothing: float = 0.0  # eps: (1 - eps) CE + eps * the mean over the unmasked classes of -log q
+    distill_weight: float = 1.0
+    return_parts: bool = False  # the caller wants the two terms' values too (LossParts)
+    standardize: bool = False  # z-score each row of both logits before the temperature (logit standardization)
+
+
+OPTIONS = tuple(f.name for f in fields(LossOptions))
+_DEFAULTS = {f.name: f.default for f in fields(LossOptions)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings(LossOptions):
+    """A call's method, hyperparameters, plan and options, checked, the method's defaults filled in (temperature a
+    float, under torch.compile a 0-d float64 tensor: module docstring); no tensor seen yet."""
 
     method: str
     hp: dict
     plan: Plan
-    temperature: float | Tensor  # under torch.compile a 0-d float64 tensor (module docstring)
-    t2_scale: bool
-    reduction: str
-    ignore_index: int
-    normalizer: object
-    ce_weight: float
-    distill_weight: float
-    return_parts: bool  # the caller wants the two terms' values too (LossParts)
-    standardize: bool  # z-score each row of both logits before the temperature (logit standardization)
 
     def bind(
         self, target: object, leading: torch.Size, num_classes: int | Tensor, device: torch.device, mask: object = None
@@ -262,7 +291,7 @@ class Settings:
         return flat
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LossCall(Settings):
     """A checked loss call on N rows, as every backend receives it (the logits travel apart: they may be a chunk
     or a vocabulary shard)."""
@@ -289,46 +318,26 @@ class LossCall(Settings):
         )
 
 
-def resolve(
-    method: object,
-    hyperparameters: dict,
-    temperature=None,
-    t2_scale=None,
-    reduction: str = "batchmean",
-    ignore_index: int = -100,
-    normalizer=None,
-    ce_weight: float = 0.0,
-    distill_weight: float = 1.0,
-    return_parts: bool = False,
-    standardize: bool = False,
-    table: Mapping[str, Method] = METHODS,
-) -> Settings:
-    """Checks a call's method (a name of ``table``), hyperparameters and options; fills in the method's defaults."""
+def resolve(method: object, *, table: Mapping[str, Method] = METHODS, **arguments) -> Settings:
+    """Checks a call's method (a name of ``table``), its options (``arguments`` named in OPTIONS) and the method's
+    hyperparameters (the other ``arguments``); fills in the method's defaults."""
     spec = get_method(method, table)
+    options, hyperparameters = dict(_DEFAULTS), {}
+    for name, value in arguments.items():
+        (options if name in _DEFAULTS else hyperparameters)[name] = value
     hp = spec.resolve(hyperparameters)
-    temperature = spec.temperature if temperature is None else temperature
-    t2_scale = spec.t2_scale if t2_scale is None else bool(t2_scale)
-    check_options(temperature, reduction, normalizer, ignore_index, ce_weight, distill_weight, standardize)
+    if options["temperature"] is None:
+        options["temperature"] = spec.temperature
+    options["t2_scale"] = spec.t2_scale if options["t2_scale"] is None else bool(options["t2_scale"])
+    options = check_options(options)
+    temperature = options["temperature"]
     if not isinstance(temperature, torch.Tensor):
         temperature = float(as_number(temperature))
     if torch.compiler.is_compiling():
         if not isinstance(temperature, torch.Tensor):  # (a product: torch.tensor(T) would specialize T)
             temperature = torch.ones((), dtype=torch.float64) * temperature
         temperature = check_temperature(temperature)
-    return Settings(
-        spec.name,
-        hp,
-        spec.plan(hp),
-        temperature,
-        t2_scale,
-        reduction,
-        int(ignore_index),
-        normalizer,
-        float(as_number(ce_weight)),
-        float(as_number(distill_weight)),
-        bool(return_parts),
-        standardize,
-    )
+    return Settings(**{**options, "temperature": temperature}, method=spec.name, hp=hp, plan=spec.plan(hp))
 
 
 def split_temperature(temperature: object) -> tuple[object, Tensor | None]:

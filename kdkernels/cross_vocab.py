@@ -152,36 +152,13 @@ def vocab_map(student_tokenizer, teacher_tokenizer) -> VocabMap:
     return VocabMap(ids[:, 0], ids[:, 1], len(set(student.values())), len(set(teacher.values())))
 
 
-def resolve_cross_vocab(
-    method: object,
-    hyperparameters: dict,
-    temperature=None,
-    teacher_temperature=None,
-    reduction: str = "batchmean",
-    ignore_index: int = -100,
-    normalizer=None,
-    ce_weight: float = 0.0,
-    distill_weight: float = 1.0,
-    return_parts: bool = False,
-) -> Settings:
+def resolve_cross_vocab(method: object, *, teacher_temperature=None, **arguments) -> Settings:
     """The checked ``Settings`` of a cross-vocabulary call (arguments.resolve on CROSS_VOCAB_METHODS); its plan
     carries the teacher's temperature, the weights stay None (adaptive) until the logits are seen."""
-    for name, value in (("temperature", temperature), ("teacher_temperature", teacher_temperature)):
+    for name, value in (("temperature", arguments.get("temperature")), ("teacher_temperature", teacher_temperature)):
         if isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a number here (a learnable temperature is not supported), got a tensor")
-    settings = resolve(
-        method,
-        hyperparameters,
-        temperature,
-        False,
-        reduction,
-        ignore_index,
-        normalizer,
-        ce_weight,
-        distill_weight,
-        return_parts,
-        table=CROSS_VOCAB_METHODS,
-    )
+    settings = resolve(method, table=CROSS_VOCAB_METHODS, t2_scale=False, **arguments)
     if teacher_temperature is None:
         teacher_temperature = settings.temperature
     bad = isinstance(teacher_temperature, bool) or not isinstance(teacher_temperature, (int, float))
@@ -241,15 +218,15 @@ def cross_vocab_loss(
     """
     settings = resolve_cross_vocab(
         method,
-        hyperparameters,
-        temperature,
-        teacher_temperature,
-        reduction,
-        ignore_index,
-        normalizer,
-        ce_weight,
-        distill_weight,
-        return_parts,
+        teacher_temperature=teacher_temperature,
+        temperature=temperature,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        normalizer=normalizer,
+        ce_weight=ce_weight,
+        distill_weight=distill_weight,
+        return_parts=return_parts,
+        **hyperparameters,
     )
     leading = _checked_logits(student_logits, teacher_logits)
     vs, vt, device = student_logits.shape[-1], teacher_logits.shape[-1], student_logits.device

@@ -257,6 +257,7 @@ class Row:
         return float(np.mean(self.accuracies)) > float(np.mean(self.baseline))
 
 
+# Long: the demo's protocol in its order (data, teacher, a student per method, the table).
 def run(
     schedule: Schedule,
     methods: Sequence[str],

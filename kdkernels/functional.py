@@ -1,5 +1,5 @@
-"""The functional API: ``distill_loss(method, ...)`` and one function per method of the table (``kd_loss`` ...),
-generated from it, plus ``cakd_feature_loss``.
+"""The functional API: ``distill_loss(method, ...)`` and one function per method of the table (``kd_loss`` ...,
+written by scripts/method_api.py from it), plus ``cakd_feature_loss``.
 
 Every call checks its arguments (arguments.py: errors name the argument), flattens the leading dimensions into
 rows, picks a backend and reduces. No host synchronisation happens on accelerator tensors, but for a temperature
@@ -8,8 +8,6 @@ tensor, whose value is read once per call.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -18,7 +16,7 @@ import torch
 from . import backends
 from .arguments import check_float_tensor, check_temperature_device, full_gradient, resolve, split_temperature
 from .backends.reference import compute_dtype, cross_entropy_rows
-from .methods import METHODS, get_method
+from .methods import METHODS
 from .sparse import FoldStudent, SparseTeacher, teacher_bins
 from .sparse import check as check_sparse
 
@@ -61,18 +59,9 @@ def distill_loss(
     teacher_logits: Tensor | SparseTeacher,
     target: Tensor | None = None,
     *,
-    temperature: float | None = None,
-    t2_scale: bool | None = None,
-    reduction: str = "batchmean",
-    ignore_index: int = -100,
-    normalizer=None,
-    ce_weight: float = 0.0,
-    distill_weight: float = 1.0,
-    return_parts: bool = False,
     mask: Tensor | None = None,
-    standardize: bool = False,
     backend: str = "auto",
-    **hyperparameters,
+    **options,
 ) -> Tensor | LossParts:
     """Distillation loss ``method`` (a name of ``kdkernels.METHODS``) between student and teacher logits, plus the
     hard-label term: ``distill_weight * (the method's loss) + ce_weight * CE``, computed in the same pass.
@@ -84,6 +73,11 @@ def distill_loss(
             mutual distillation: the gradient then flows to it too, from the same kernel). Or a ``SparseTeacher``
             (the teacher's top-k; divergence family): the loss is then taken over its k + 1 bins (sparse.py).
         target: optional integer class indices [...]; rows equal to ``ignore_index`` are ignored.
+        mask: optional bool or 0/1 tensor [...]: rows where it is 0 are left out, as ignored rows are (a token mask
+            besides ``target`` and ``ignore_index``).
+        backend: "auto", "reference", or a compiled backend as listed by ``kdkernels.available_backends()``.
+        **options: the loss options (arguments.LossOptions, defaults there) and the method's hyperparameters, by
+            name, e.g. ``beta=0.5`` for jsd:
         temperature, t2_scale: default to the method's. temperature may be a 0-d tensor that requires grad (a
             learnable temperature, CTKD): d loss / d T then comes from the same kernel (its value is read on the
             host once per call).
@@ -96,32 +90,16 @@ def distill_loss(
             over the same rows, reduction and normalizer; > 0 requires a target.
         distill_weight: weight of the method's loss.
         return_parts: return a ``LossParts`` (loss, distill, ce) for logging, at no extra pass.
-        mask: optional bool or 0/1 tensor [...]: rows where it is 0 are left out, as ignored rows are (a token mask
-            besides ``target`` and ``ignore_index``).
         standardize: logit standardization (Sun et al., CVPR 2024): each row of both logits is z-scored over its
             unmasked classes, (x - mean) / (std + 1e-7) with Bessel's correction, before the temperature; the
             gradient flows through the z-score. The cross-entropy term keeps the raw logits. Dense teachers only.
-        backend: "auto", "reference", or a compiled backend as listed by ``kdkernels.available_backends()``.
-        **hyperparameters: the method's hyperparameters, e.g. ``beta=0.5`` for jsd.
 
     Returns:
         float32 loss (float64 for float64 inputs): 0-d, or leading shape for reduction="none"; a ``LossParts`` of
         such tensors with ``return_parts``.
     """
-    temperature, temperature_tensor = split_temperature(temperature)
-    settings = resolve(
-        method,
-        hyperparameters,
-        temperature,
-        t2_scale,
-        reduction,
-        ignore_index,
-        normalizer,
-        ce_weight,
-        distill_weight,
-        return_parts,
-        standardize,
-    )
+    temperature, temperature_tensor = split_temperature(options.pop("temperature", None))
+    settings = resolve(method, temperature=temperature, **options)
     _check_logits(student_logits, teacher_logits)
     leading, v = student_logits.shape[:-1], student_logits.shape[-1]
     call = settings.bind(target, leading, v, student_logits.device, mask)
@@ -155,7 +133,7 @@ def _sparse_loss(impl, call, student: Tensor, teacher: SparseTeacher, leading) -
     ce = None
     if call.with_ce:
         kept = call.valid & ~torch.isneginf(student).all(-1)
-        ce = backends.reduce(cross_entropy_rows(student.to(dtype), call.target, kept), call)
+        ce = backends.reduce(cross_entropy_rows(student.to(dtype), call.target, kept, call.label_smoothing), call)
     return backends.weigh(call, distill, ce)
 
 
@@ -166,52 +144,6 @@ def finish(call, loss: Tensor, parts: Tensor, leading) -> Tensor | LossParts:
     if not call.return_parts:
         return loss
     return LossParts(loss, parts[0], parts[1] if call.labels else None)
-
-
-def loss_function(method: str, entry: Callable = distill_loss, options: dict | None = None) -> Callable:
-    """The public function of one method: a named front of ``entry`` (default distill_loss) whose signature shows
-    the method's defaults; ``options`` are the entry's own keyword arguments after the common ones (default:
-    backend)."""
-    spec = get_method(method)
-    options = {"backend": "auto"} if options is None else options
-
-    def loss(student_logits, teacher_logits, target=None, **kwargs):
-        return entry(method, student_logits, teacher_logits, target, **kwargs)
-
-    P = inspect.Parameter
-    keyword = {
-        **spec.hyperparameters,
-        "temperature": spec.temperature,
-        "t2_scale": spec.t2_scale,
-        "reduction": "batchmean",
-        "ignore_index": -100,
-        "normalizer": None,
-        "ce_weight": 0.0,
-        "distill_weight": 1.0,
-        "return_parts": False,
-        "mask": None,
-        "standardize": False,
-        **options,
-    }
-    loss.__signature__ = inspect.Signature(
-        [
-            P("student_logits", P.POSITIONAL_OR_KEYWORD),
-            P("teacher_logits", P.POSITIONAL_OR_KEYWORD),
-            P("target", P.POSITIONAL_OR_KEYWORD, default=None),
-        ]
-        + [P(name, P.KEYWORD_ONLY, default=value) for name, value in keyword.items()]
-    )
-    loss.__name__ = loss.__qualname__ = spec.function
-    loss.__module__ = entry.__module__
-    loss.__doc__ = (
-        f"{spec.source}: ``{entry.__module__}.{entry.__name__}('{method}', ...)`` with this method's "
-        f"defaults in the signature (docs/losses.md, {method})."
-    )
-    return loss
-
-
-LOSS_FUNCTIONS = {spec.function: loss_function(name) for name, spec in METHODS.items()}
-globals().update(LOSS_FUNCTIONS)
 
 
 def cakd_feature_loss(
@@ -262,4 +194,226 @@ def cakd_feature_loss(
     )
 
 
-__all__ = ["distill_loss", *LOSS_FUNCTIONS, "cakd_feature_loss", "LossParts"]
+# --- per-method definitions: generated by scripts/method_api.py from METHODS; do not edit ---
+
+
+def kd_loss(student_logits, teacher_logits, target=None, *, temperature=4.0, t2_scale=True, **options):
+    """Hinton et al. 2015, forward KL (mdistiller KD): ``distill_loss("kd", ...)`` with this method's defaults
+    (docs/losses.md, kd).
+    """
+    return distill_loss(
+        "kd", student_logits, teacher_logits, target, temperature=temperature, t2_scale=t2_scale, **options
+    )
+
+
+def rkl_loss(student_logits, teacher_logits, target=None, *, temperature=1.0, t2_scale=False, **options):
+    """reverse KL: ``distill_loss("rkl", ...)`` with this method's defaults (docs/losses.md, rkl)."""
+    return distill_loss(
+        "rkl", student_logits, teacher_logits, target, temperature=temperature, t2_scale=t2_scale, **options
+    )
+
+
+def jsd_loss(student_logits, teacher_logits, target=None, *, beta=0.5, temperature=1.0, t2_scale=False, **options):
+    """generalized JSD (TRL GKD, Liger): ``distill_loss("jsd", ...)`` with this method's defaults (docs/losses.md,
+    jsd).
+    """
+    return distill_loss(
+        "jsd", student_logits, teacher_logits, target, beta=beta, temperature=temperature, t2_scale=t2_scale, **options
+    )
+
+
+def skew_fkl_loss(student_logits, teacher_logits, target=None, *, skew=0.1, temperature=1.0, t2_scale=False, **options):
+    """skew forward KL (DistiLLM): ``distill_loss("skew_fkl", ...)`` with this method's defaults (docs/losses.md,
+    skew_fkl).
+    """
+    return distill_loss(
+        "skew_fkl",
+        student_logits,
+        teacher_logits,
+        target,
+        skew=skew,
+        temperature=temperature,
+        t2_scale=t2_scale,
+        **options,
+    )
+
+
+def skew_rkl_loss(student_logits, teacher_logits, target=None, *, skew=0.1, temperature=1.0, t2_scale=False, **options):
+    """skew reverse KL (DistiLLM): ``distill_loss("skew_rkl", ...)`` with this method's defaults (docs/losses.md,
+    skew_rkl).
+    """
+    return distill_loss(
+        "skew_rkl",
+        student_logits,
+        teacher_logits,
+        target,
+        skew=skew,
+        temperature=temperature,
+        t2_scale=t2_scale,
+        **options,
+    )
+
+
+def tvd_loss(student_logits, teacher_logits, target=None, *, temperature=1.0, t2_scale=False, **options):
+    """total variation distance: ``distill_loss("tvd", ...)`` with this method's defaults (docs/losses.md, tvd)."""
+    return distill_loss(
+        "tvd", student_logits, teacher_logits, target, temperature=temperature, t2_scale=t2_scale, **options
+    )
+
+
+def abkd_loss(
+    student_logits, teacher_logits, target=None, *, alpha=0.5, beta=0.5, temperature=1.0, t2_scale=False, **options
+):
+    """ABKD, alpha-beta divergence (Wang et al., ICML 2025, arXiv 2505.04560): ``distill_loss("abkd", ...)`` with
+    this method's defaults (docs/losses.md, abkd).
+    """
+    return distill_loss(
+        "abkd",
+        student_logits,
+        teacher_logits,
+        target,
+        alpha=alpha,
+        beta=beta,
+        temperature=temperature,
+        t2_scale=t2_scale,
+        **options,
+    )
+
+
+def wsd_loss(student_logits, teacher_logits, target=None, *, lam=0.5, temperature=1.0, t2_scale=False, **options):
+    """weighted sum of forward and reverse KL, symmetric KL at lam = 0.5 (ABKD authors' LLM code):
+    ``distill_loss("wsd", ...)`` with this method's defaults (docs/losses.md, wsd).
+    """
+    return distill_loss(
+        "wsd", student_logits, teacher_logits, target, lam=lam, temperature=temperature, t2_scale=t2_scale, **options
+    )
+
+
+def bdkd_loss(student_logits, teacher_logits, target=None, *, temperature=1.0, t2_scale=False, **options):
+    """entropy-weighted forward and reverse KL (ABKD authors' LLM code): ``distill_loss("bdkd", ...)`` with this
+    method's defaults (docs/losses.md, bdkd).
+    """
+    return distill_loss(
+        "bdkd", student_logits, teacher_logits, target, temperature=temperature, t2_scale=t2_scale, **options
+    )
+
+
+def akl_loss(student_logits, teacher_logits, target=None, *, mu=0.5, temperature=1.0, t2_scale=False, **options):
+    """AKL, adaptive KL (Wu et al., COLING 2025; wutaiqiang/LLM_KD_AKL): ``distill_loss("akl", ...)`` with this
+    method's defaults (docs/losses.md, akl).
+    """
+    return distill_loss(
+        "akl", student_logits, teacher_logits, target, mu=mu, temperature=temperature, t2_scale=t2_scale, **options
+    )
+
+
+def dkd_loss(
+    student_logits, teacher_logits, target=None, *, alpha=1.0, beta=8.0, temperature=4.0, t2_scale=True, **options
+):
+    """DKD, Zhao et al. 2022 (mdistiller DKD.py): ``distill_loss("dkd", ...)`` with this method's defaults
+    (docs/losses.md, dkd).
+    """
+    return distill_loss(
+        "dkd",
+        student_logits,
+        teacher_logits,
+        target,
+        alpha=alpha,
+        beta=beta,
+        temperature=temperature,
+        t2_scale=t2_scale,
+        **options,
+    )
+
+
+def gdkd_loss(
+    student_logits,
+    teacher_logits,
+    target=None,
+    *,
+    k=5,
+    w0=1.0,
+    w1=1.0,
+    w2=8.0,
+    partitions=2,
+    strategy="best",
+    kl_type="forward",
+    temperature=4.0,
+    t2_scale=True,
+    **options,
+):
+    """GDKD (arXiv 2512.04625; ZaberKo/GDKD): ``distill_loss("gdkd", ...)`` with this method's defaults
+    (docs/losses.md, gdkd).
+    """
+    return distill_loss(
+        "gdkd",
+        student_logits,
+        teacher_logits,
+        target,
+        k=k,
+        w0=w0,
+        w1=w1,
+        w2=w2,
+        partitions=partitions,
+        strategy=strategy,
+        kl_type=kl_type,
+        temperature=temperature,
+        t2_scale=t2_scale,
+        **options,
+    )
+
+
+def cakd_loss(
+    student_logits,
+    teacher_logits,
+    target=None,
+    *,
+    alpha=1.0,
+    beta=8.0,
+    bcd_weight=1.0,
+    strong="target",
+    k=5,
+    tau=0.5,
+    temperature=4.0,
+    t2_scale=True,
+    **options,
+):
+    """CAKD (arXiv 2410.14741): ``distill_loss("cakd", ...)`` with this method's defaults (docs/losses.md, cakd)."""
+    return distill_loss(
+        "cakd",
+        student_logits,
+        teacher_logits,
+        target,
+        alpha=alpha,
+        beta=beta,
+        bcd_weight=bcd_weight,
+        strong=strong,
+        k=k,
+        tau=tau,
+        temperature=temperature,
+        t2_scale=t2_scale,
+        **options,
+    )
+
+
+def aekt_loss(
+    student_logits, teacher_logits, target=None, *, beta=8.0, max_weight=5.0, temperature=4.0, t2_scale=True, **options
+):
+    """AEKT (arXiv 2409.01679): ``distill_loss("aekt", ...)`` with this method's defaults (docs/losses.md, aekt)."""
+    return distill_loss(
+        "aekt",
+        student_logits,
+        teacher_logits,
+        target,
+        beta=beta,
+        max_weight=max_weight,
+        temperature=temperature,
+        t2_scale=t2_scale,
+        **options,
+    )
+
+
+# --- end of the generated definitions ---
+
+
+__all__ = ["distill_loss", *(spec.function for spec in METHODS.values()), "cakd_feature_loss", "LossParts"]

@@ -52,6 +52,7 @@ from .arguments import (
     split_temperature,
 )
 from .backends.ops import run_op
+from .backends.reference import cross_entropy_grad, cross_entropy_rows
 from .functional import finish
 from .sparse import SparseTeacher, fold, teacher_bins, unfold_
 from .sparse import check as check_sparse
@@ -370,13 +371,10 @@ class _Heads:
         bins, lse_tail = fold(s, teacher.indices, call.temperature, torch.float32, teacher.tail)
         ce_rows = ce_grad = None
         if call.with_ce:
-            lse = torch.logsumexp(s, -1, keepdim=True)
-            index = torch.where(call.valid, call.target, 0).unsqueeze(-1)
-            ce_rows = torch.where(call.valid, (lse - s.gather(-1, index)).squeeze(-1), 0.0)
-            if want_grad and call.ce_weight:  # ce_weight (softmax(s) - onehot), over the denominator when reduced
+            ce_rows = cross_entropy_rows(s, call.target, call.valid, call.label_smoothing)
+            if want_grad and call.ce_weight:  # its gradient times ce_weight, over the denominator when reduced
                 factor = call.ce_weight / (call.denominator if call.denominator is not None else 1.0)
-                ce_grad = (s - lse).exp_().scatter_add_(-1, index, torch.full_like(lse, -1.0))
-                ce_grad.mul_(torch.where(call.valid, factor, 0.0).unsqueeze(-1))
+                ce_grad = cross_entropy_grad(s, call.target, call.valid, call.label_smoothing).mul_(factor)
         loss, parts, grad = self._loss(
             replace(call, ce_weight=0.0, return_parts=False),
             bins,
@@ -597,6 +595,7 @@ def _positive(name: str, value, kind=numbers.Real):
     return value
 
 
+# Long: its steps in order (checks, the chunk plan, the autograd Function, the result), each a few lines.
 def linear_distill_loss(
     method: str,
     student_hidden: Tensor,
@@ -613,19 +612,10 @@ def linear_distill_loss(
     teacher_softcap: float | None = None,
     student_logit_scale: float = 1.0,
     teacher_logit_scale: float = 1.0,
-    temperature: float | None = None,
-    t2_scale: bool | None = None,
-    reduction: str = "batchmean",
-    ignore_index: int = -100,
-    normalizer=None,
-    ce_weight: float = 0.0,
-    distill_weight: float = 1.0,
-    return_parts: bool = False,
     return_entropy: bool = False,
     mask: Tensor | None = None,
-    standardize: bool = False,
     backend: str = "auto",
-    **hyperparameters,
+    **options,
 ) -> Tensor:
     """``distill_loss(method, student_logits, teacher_logits, target, ...)`` on the logits of two linear heads,
     ``logits = hidden @ weight.T + bias``, computed in row chunks so that neither [N, V] logits tensor exists.
@@ -637,8 +627,8 @@ def linear_distill_loss(
             teacher is a constant unless teacher_hidden requires grad (a teacher that learns): then the gradient
             reaches teacher_hidden and, where they require grad, teacher_weight and teacher_bias, from the fused
             backends' full ops. Or a ``SparseTeacher`` with teacher_weight=None.
-        target, temperature, t2_scale, reduction, ignore_index, normalizer, ce_weight, distill_weight, return_parts,
-            mask, standardize, backend, **hyperparameters: as in ``distill_loss`` (a learnable temperature, a 0-d
+        target, mask, backend, **options (the loss options and the method's hyperparameters): as in
+            ``distill_loss`` (a learnable temperature, a 0-d
             tensor that requires grad, gets d loss / d T from the fused backends' full ops; standardize z-scores
             each model's logits, after its logit scale and softcap; the cross-entropy term is the student head's,
             in the same pass); reductions and the batchmean denominator are those of the whole batch.
@@ -655,20 +645,8 @@ def linear_distill_loss(
         float32 loss: 0-d, or the leading shape for reduction="none"; a ``LossParts`` with ``return_parts``;
         ``(that, entropy)`` with ``return_entropy``.
     """
-    temperature, temperature_tensor = split_temperature(temperature)
-    settings = resolve(
-        method,
-        hyperparameters,
-        temperature,
-        t2_scale,
-        reduction,
-        ignore_index,
-        normalizer,
-        ce_weight,
-        distill_weight,
-        return_parts,
-        standardize,
-    )
+    temperature, temperature_tensor = split_temperature(options.pop("temperature", None))
+    settings = resolve(method, temperature=temperature, **options)
     sparse = isinstance(teacher_hidden, SparseTeacher)
     learn_temperature = full_gradient(None, temperature_tensor)
     if learn_temperature and sparse:

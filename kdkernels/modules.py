@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .arguments import resolve
+from .arguments import OPTIONS, LossOptions, resolve
 from .cross_vocab import cross_vocab_loss, resolve_cross_vocab
 from .functional import distill_loss
 from .linear import linear_distill_loss
-from .methods import METHODS, get_method
+from .methods import METHODS
 
 
 class DistillLoss(nn.Module):
@@ -21,70 +21,28 @@ class DistillLoss(nn.Module):
 
     Args:
         method: a name of ``kdkernels.METHODS``.
-        temperature, t2_scale: default to the method's.
-        reduction, ignore_index, ce_weight, distill_weight, return_parts, standardize, backend: as in
-            ``kdkernels.distill_loss``
-            (ce_weight > 0 adds the student's cross-entropy against the target, fused).
-        **hyperparameters: the method's hyperparameters; the others keep their defaults.
+        backend: as in ``kdkernels.distill_loss``.
+        **options: the loss options but normalizer (arguments.LossOptions: temperature and t2_scale default to the
+            method's; ce_weight > 0 adds the student's cross-entropy against the target, fused) and the method's
+            hyperparameters; the others keep their defaults.
 
     ``forward(student_logits, teacher_logits, target=None, *, normalizer=None, mask=None)``.
     """
 
-    def __init__(
-        self,
-        method: str,
-        *,
-        temperature=None,
-        t2_scale=None,
-        reduction: str = "batchmean",
-        ignore_index: int = -100,
-        ce_weight: float = 0.0,
-        distill_weight: float = 1.0,
-        return_parts: bool = False,
-        standardize: bool = False,
-        backend: str = "auto",
-        **hyperparameters,
-    ):
+    def __init__(self, method: str, *, backend: str = "auto", **options):
         super().__init__()
-        settings = resolve(
-            method,
-            hyperparameters,
-            temperature,
-            t2_scale,
-            reduction,
-            ignore_index,
-            None,
-            ce_weight,
-            distill_weight,
-            return_parts,
-            standardize,
-        )
+        if "normalizer" in options:
+            raise TypeError("normalizer is an argument of forward (it changes with the batch), not of the module")
+        settings = resolve(method, **options)
         self.method = settings.method
         self.hyperparameters = settings.hp
-        self.temperature = settings.temperature
-        self.t2_scale = settings.t2_scale
-        self.reduction = reduction
-        self.ignore_index = settings.ignore_index
-        self.ce_weight = settings.ce_weight
-        self.distill_weight = settings.distill_weight
-        self.return_parts = settings.return_parts
-        self.standardize = settings.standardize
         self.backend = backend
+        # (the options as resolved: the method's temperature and t2_scale filled in)
+        self._options = {name: getattr(settings, name) for name in OPTIONS if name != "normalizer"}
 
     def options(self) -> dict:
         """The keyword arguments of this module's loss calls."""
-        return dict(
-            temperature=self.temperature,
-            t2_scale=self.t2_scale,
-            reduction=self.reduction,
-            ignore_index=self.ignore_index,
-            ce_weight=self.ce_weight,
-            distill_weight=self.distill_weight,
-            return_parts=self.return_parts,
-            standardize=self.standardize,
-            backend=self.backend,
-            **self.hyperparameters,
-        )
+        return {**self._options, "backend": self.backend, **self.hyperparameters}
 
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target=None, *, normalizer=None, mask=None
@@ -94,13 +52,10 @@ class DistillLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        hp = "".join(f", {k}={v!r}" for k, v in self.hyperparameters.items())
-        weights = f", ce_weight={self.ce_weight}, distill_weight={self.distill_weight}" if self.ce_weight else ""
-        weights += ", standardize=True" if self.standardize else ""
-        return (
-            f"{self.method!r}{hp}, temperature={self.temperature}, t2_scale={self.t2_scale}{weights}, "
-            f"reduction={self.reduction!r}, backend={self.backend!r}"
-        )
+        defaults = LossOptions()
+        changed = {k: v for k, v in self._options.items() if v != getattr(defaults, k)}
+        options = "".join(f", {k}={v!r}" for k, v in {**self.hyperparameters, **changed}.items())
+        return f"{self.method!r}{options}, backend={self.backend!r}"
 
 
 class LinearDistillLoss(DistillLoss):
@@ -193,15 +148,14 @@ class CrossVocabLoss(nn.Module):
         super().__init__()
         settings = resolve_cross_vocab(
             method,
-            hyperparameters,
-            temperature,
-            teacher_temperature,
-            reduction,
-            ignore_index,
-            None,
-            ce_weight,
-            distill_weight,
-            return_parts,
+            teacher_temperature=teacher_temperature,
+            temperature=temperature,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            ce_weight=ce_weight,
+            distill_weight=distill_weight,
+            return_parts=return_parts,
+            **hyperparameters,
         )
         self.method = settings.method
         self.vocab_map = vocab_map
@@ -251,24 +205,184 @@ class CrossVocabLoss(nn.Module):
         return f"{self.method!r}{shared}, {options}"
 
 
-def method_module(method: str) -> type:
-    """``<Name>Loss(**hyperparameters, temperature=..., ...)``: DistillLoss with the method fixed."""
-    spec = get_method(method)
-
-    def __init__(self, **kwargs):
-        DistillLoss.__init__(self, method, **kwargs)
-
-    hp = ", ".join(f"{k}={v!r}" for k, v in spec.hyperparameters.items())
-    doc = (
-        f"{spec.source} as a module: ``{spec.module}({hp + ', ' if hp else ''}temperature={spec.temperature}, "
-        f"t2_scale={spec.t2_scale}, reduction='batchmean', ignore_index=-100, ce_weight=0.0, distill_weight=1.0, "
-        f"return_parts=False, standardize=False, backend='auto')`` (docs/losses.md, {method})."
-    )
-    return type(spec.module, (DistillLoss,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+# --- per-method definitions: generated by scripts/method_api.py from METHODS; do not edit ---
 
 
-LOSS_MODULES = {spec.module: method_module(name) for name, spec in METHODS.items()}
-globals().update(LOSS_MODULES)
+class KDLoss(DistillLoss):
+    """Hinton et al. 2015, forward KL (mdistiller KD) as a module: ``DistillLoss("kd", ...)`` with this method's
+    defaults (docs/losses.md, kd).
+    """
+
+    def __init__(self, *, temperature=4.0, t2_scale=True, **options):
+        super().__init__("kd", temperature=temperature, t2_scale=t2_scale, **options)
+
+
+class RKLLoss(DistillLoss):
+    """reverse KL as a module: ``DistillLoss("rkl", ...)`` with this method's defaults (docs/losses.md, rkl)."""
+
+    def __init__(self, *, temperature=1.0, t2_scale=False, **options):
+        super().__init__("rkl", temperature=temperature, t2_scale=t2_scale, **options)
+
+
+class JSDLoss(DistillLoss):
+    """generalized JSD (TRL GKD, Liger) as a module: ``DistillLoss("jsd", ...)`` with this method's defaults
+    (docs/losses.md, jsd).
+    """
+
+    def __init__(self, *, beta=0.5, temperature=1.0, t2_scale=False, **options):
+        super().__init__("jsd", beta=beta, temperature=temperature, t2_scale=t2_scale, **options)
+
+
+class SkewFKLLoss(DistillLoss):
+    """skew forward KL (DistiLLM) as a module: ``DistillLoss("skew_fkl", ...)`` with this method's defaults
+    (docs/losses.md, skew_fkl).
+    """
+
+    def __init__(self, *, skew=0.1, temperature=1.0, t2_scale=False, **options):
+        super().__init__("skew_fkl", skew=skew, temperature=temperature, t2_scale=t2_scale, **options)
+
+
+class SkewRKLLoss(DistillLoss):
+    """skew reverse KL (DistiLLM) as a module: ``DistillLoss("skew_rkl", ...)`` with this method's defaults
+    (docs/losses.md, skew_rkl).
+    """
+
+    def __init__(self, *, skew=0.1, temperature=1.0, t2_scale=False, **options):
+        super().__init__("skew_rkl", skew=skew, temperature=temperature, t2_scale=t2_scale, **options)
+
+
+class TVDLoss(DistillLoss):
+    """total variation distance as a module: ``DistillLoss("tvd", ...)`` with this method's defaults (docs/losses.md,
+    tvd).
+    """
+
+    def __init__(self, *, temperature=1.0, t2_scale=False, **options):
+        super().__init__("tvd", temperature=temperature, t2_scale=t2_scale, **options)
+
+
+class ABKDLoss(DistillLoss):
+    """ABKD, alpha-beta divergence (Wang et al., ICML 2025, arXiv 2505.04560) as a module: ``DistillLoss("abkd",
+    ...)`` with this method's defaults (docs/losses.md, abkd).
+    """
+
+    def __init__(self, *, alpha=0.5, beta=0.5, temperature=1.0, t2_scale=False, **options):
+        super().__init__("abkd", alpha=alpha, beta=beta, temperature=temperature, t2_scale=t2_scale, **options)
+
+
+class WSDLoss(DistillLoss):
+    """weighted sum of forward and reverse KL, symmetric KL at lam = 0.5 (ABKD authors' LLM code) as a module:
+    ``DistillLoss("wsd", ...)`` with this method's defaults (docs/losses.md, wsd).
+    """
+
+    def __init__(self, *, lam=0.5, temperature=1.0, t2_scale=False, **options):
+        super().__init__("wsd", lam=lam, temperature=temperature, t2_scale=t2_scale, **options)
+
+
+class BDKDLoss(DistillLoss):
+    """entropy-weighted forward and reverse KL (ABKD authors' LLM code) as a module: ``DistillLoss("bdkd", ...)``
+    with this method's defaults (docs/losses.md, bdkd).
+    """
+
+    def __init__(self, *, temperature=1.0, t2_scale=False, **options):
+        super().__init__("bdkd", temperature=temperature, t2_scale=t2_scale, **options)
+
+
+class AKLLoss(DistillLoss):
+    """AKL, adaptive KL (Wu et al., COLING 2025; wutaiqiang/LLM_KD_AKL) as a module: ``DistillLoss("akl", ...)`` with
+    this method's defaults (docs/losses.md, akl).
+    """
+
+    def __init__(self, *, mu=0.5, temperature=1.0, t2_scale=False, **options):
+        super().__init__("akl", mu=mu, temperature=temperature, t2_scale=t2_scale, **options)
+
+
+class DKDLoss(DistillLoss):
+    """DKD, Zhao et al. 2022 (mdistiller DKD.py) as a module: ``DistillLoss("dkd", ...)`` with this method's defaults
+    (docs/losses.md, dkd).
+    """
+
+    def __init__(self, *, alpha=1.0, beta=8.0, temperature=4.0, t2_scale=True, **options):
+        super().__init__("dkd", alpha=alpha, beta=beta, temperature=temperature, t2_scale=t2_scale, **options)
+
+
+class GDKDLoss(DistillLoss):
+    """GDKD (arXiv 2512.04625; ZaberKo/GDKD) as a module: ``DistillLoss("gdkd", ...)`` with this method's defaults
+    (docs/losses.md, gdkd).
+    """
+
+    def __init__(
+        self,
+        *,
+        k=5,
+        w0=1.0,
+        w1=1.0,
+        w2=8.0,
+        partitions=2,
+        strategy="best",
+        kl_type="forward",
+        temperature=4.0,
+        t2_scale=True,
+        **options,
+    ):
+        super().__init__(
+            "gdkd",
+            k=k,
+            w0=w0,
+            w1=w1,
+            w2=w2,
+            partitions=partitions,
+            strategy=strategy,
+            kl_type=kl_type,
+            temperature=temperature,
+            t2_scale=t2_scale,
+            **options,
+        )
+
+
+class CAKDLoss(DistillLoss):
+    """CAKD (arXiv 2410.14741) as a module: ``DistillLoss("cakd", ...)`` with this method's defaults (docs/losses.md,
+    cakd).
+    """
+
+    def __init__(
+        self,
+        *,
+        alpha=1.0,
+        beta=8.0,
+        bcd_weight=1.0,
+        strong="target",
+        k=5,
+        tau=0.5,
+        temperature=4.0,
+        t2_scale=True,
+        **options,
+    ):
+        super().__init__(
+            "cakd",
+            alpha=alpha,
+            beta=beta,
+            bcd_weight=bcd_weight,
+            strong=strong,
+            k=k,
+            tau=tau,
+            temperature=temperature,
+            t2_scale=t2_scale,
+            **options,
+        )
+
+
+class AEKTLoss(DistillLoss):
+    """AEKT (arXiv 2409.01679) as a module: ``DistillLoss("aekt", ...)`` with this method's defaults (docs/losses.md,
+    aekt).
+    """
+
+    def __init__(self, *, beta=8.0, max_weight=5.0, temperature=4.0, t2_scale=True, **options):
+        super().__init__(
+            "aekt", beta=beta, max_weight=max_weight, temperature=temperature, t2_scale=t2_scale, **options
+        )
+
+
+# --- end of the generated definitions ---
 
 
 class SerialHead(nn.Module):
@@ -291,4 +405,10 @@ class SerialHead(nn.Module):
         return self.linear(logits)
 
 
-__all__ = ["DistillLoss", *LOSS_MODULES, "LinearDistillLoss", "CrossVocabLoss", "SerialHead"]
+__all__ = [
+    "DistillLoss",
+    *(spec.module for spec in METHODS.values()),
+    "LinearDistillLoss",
+    "CrossVocabLoss",
+    "SerialHead",
+]

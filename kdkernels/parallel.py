@@ -51,7 +51,8 @@ from . import backends
 from .arguments import check_float_tensor, check_temperature_device, full_gradient, resolve, split_temperature
 from .backends import reference
 from .backends.ops import scale_full_gradients
-from .functional import finish, loss_function
+from .backends.reference import smoothed_ce, smoothed_ce_grad_
+from .functional import finish
 from .methods import DIVERGENCE, METHODS, STANDARDIZE_EPS, Bin, Divergence, Partition, Plan
 
 Tensor = torch.Tensor
@@ -309,15 +310,16 @@ def _decoupled(
         ),
     )
     fkl, rkl = _all_reduce(inner, dist.ReduceOp.SUM, shard.group)
-    if params.adaptive:  # min(P_strong / Q_strong, max_weight), not differentiated
+    if params.adaptive:
         strong = slice(Bin.STRONG, Bin.STRONG + 1)
-        w_mass = (log_masses[0, :, strong] - log_masses[1, :, strong]).exp().clamp(max=params.max_weight)
+        w_mass = reference.aekt_weight(params, log_masses[0, :, strong], log_masses[1, :, strong])
     else:
         w_mass = params.w_mass
     # (new_full, not torch.tensor: a host-to-device copy would sync with the stream.)
     weights = torch.stack([s.new_full((), w) for w in (0.0, params.w_strong, params.w_rest)])  # TOP1, STRONG, REST
     divergence = ((params.w_fkl * fkl) if params.w_fkl else 0.0) + ((params.w_rkl * rkl) if params.w_rkl else 0.0)
-    loss = (w_mass * reference.kl_terms(log_masses[0], log_masses[1])).sum(-1) + (weights * divergence).sum(-1)
+    loss = reference.weighted(w_mass, reference.kl_terms(log_masses[0], log_masses[1])).sum(-1)
+    loss = loss + reference.weighted(weights, divergence).sum(-1)
     if not with_grad:
         return loss, None, None, masked
     masses = log_masses.exp()
@@ -346,19 +348,23 @@ def _decoupled(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _cross_entropy(s: Tensor, target: Tensor, with_grad: bool, shard: Shard):
-    """Per-row cross-entropy at T = 1 over the whole vocabulary [N] (before masking) and its gradient on the shard
-    (softmax(s)_j - [j = target]) or None, from the raw logits of the shard: the row max, then the sum of exp and the
-    target's logit (on the rank that owns it) are all-reduced."""
+def _cross_entropy(s: Tensor, target: Tensor, label_smoothing: float, with_grad: bool, shard: Shard):
+    """Per-row hard-label term at T = 1 over the whole vocabulary [N] (before masking; reference.smoothed_ce) and its
+    gradient on the shard or None, from the raw logits of the shard: the row max, then the sum of exp, the target's
+    logit (on the rank that owns it) and the sum and count of the unmasked logits are all-reduced."""
     maxes = _all_reduce(s.amax(-1), dist.ReduceOp.MAX, shard.group)
     shift = torch.where(torch.isneginf(maxes), 0.0, maxes).unsqueeze(-1)
     exp = (s - shift).exp_()
     owner = shard.classes(s.shape[-1], s.device) == target.unsqueeze(-1)
-    sums = _all_reduce(
-        torch.stack([exp.sum(-1), torch.where(owner, s, 0.0).sum(-1)], -1), dist.ReduceOp.SUM, shard.group
-    )
-    ce = shift.squeeze(-1) + sums[:, 0].log() - sums[:, 1]
-    return ce, exp.div_(sums[:, :1]).sub_(owner.to(exp.dtype)) if with_grad else None
+    unmasked = ~torch.isneginf(s)
+    local = [exp.sum(-1), torch.where(owner, s, 0.0).sum(-1), torch.where(unmasked, s, 0.0).sum(-1), unmasked.sum(-1)]
+    sums = _all_reduce(torch.stack([x.to(s.dtype) for x in local], -1), dist.ReduceOp.SUM, shard.group)
+    lse = shift.squeeze(-1) + sums[:, 0].log()
+    ce = smoothed_ce(lse, sums[:, 1], sums[:, 2], sums[:, 3], label_smoothing)
+    if not with_grad:
+        return ce, None
+    softmax = exp.div_(sums[:, :1])
+    return ce, smoothed_ce_grad_(softmax, owner.to(exp.dtype), unmasked, sums[:, 3:], label_smoothing)
 
 
 def _zscores(
@@ -430,7 +436,7 @@ def _shard_rows(call, student, teacher, with_grad, shard, full=False):
         dtemp = -scale * _all_reduce(terms, dist.ReduceOp.SUM, shard.group)
         if call.t2_scale:
             dtemp = dtemp + 2 * temperature * loss
-        dtemp = torch.where(kept, call.distill_weight * dtemp, 0.0)
+        dtemp = torch.where(kept, reference.weighted(call.distill_weight, dtemp), 0.0)
     if grad is not None and call.standardize:
         grad = _through_zscore(grad, zs, stats, shard.group)
         if teacher_grad is not None:
@@ -438,16 +444,18 @@ def _shard_rows(call, student, teacher, with_grad, shard, full=False):
     loss = torch.where(kept, loss * scale, 0.0)
     ce = None
     if grad is not None:
-        grad = grad * (scale * call.distill_weight)
+        grad = reference.weighted(call.distill_weight, grad * scale)
     if call.with_ce:
-        ce, ce_grad = _cross_entropy(s, target, with_grad and call.ce_weight != 0, shard)
+        ce, ce_grad = _cross_entropy(s, target, call.label_smoothing, with_grad and call.ce_weight != 0, shard)
         ce = torch.where(kept, ce, 0.0)
         if ce_grad is not None:
             grad = grad + call.ce_weight * ce_grad
     if grad is not None:
         grad = torch.where(kept.unsqueeze(-1), grad, 0.0).to(student.dtype)
     if teacher_grad is not None:
-        teacher_grad = torch.where(kept.unsqueeze(-1), teacher_grad * (scale * call.distill_weight), 0.0)
+        teacher_grad = torch.where(
+            kept.unsqueeze(-1), reference.weighted(call.distill_weight, teacher_grad * scale), 0.0
+        )
         teacher_grad = teacher_grad.to(teacher.dtype)
     return *backends.weigh(call, loss, ce), grad, teacher_grad, dtemp
 
@@ -478,24 +486,15 @@ def distill_loss(
     target: Tensor | None = None,
     *,
     group: dist.ProcessGroup | None = None,
-    temperature: float | None = None,
-    t2_scale: bool | None = None,
-    reduction: str = "batchmean",
-    ignore_index: int = -100,
-    normalizer=None,
-    ce_weight: float = 0.0,
-    distill_weight: float = 1.0,
-    return_parts: bool = False,
     mask: Tensor | None = None,
-    standardize: bool = False,
-    **hyperparameters,
+    **options,
 ) -> Tensor:
     """``kdkernels.distill_loss`` with the vocabulary sharded across the ranks of ``group`` (module docstring).
 
     Args:
-        method, temperature, t2_scale, reduction, ignore_index, normalizer, ce_weight, distill_weight, return_parts,
-            mask, standardize, **hyperparameters: as in ``kdkernels.distill_loss``, the same on every rank
-            (standardize: the row statistics of the whole vocabulary, all-reduced).
+        method, mask, **options (the loss options and the method's hyperparameters): as in
+            ``kdkernels.distill_loss``, the same on every rank (standardize: the row statistics of the whole
+            vocabulary, all-reduced).
         student_logits, teacher_logits: [..., V_r], this rank's contiguous shard of the classes (ranks in order).
         target: optional global class indices [...] in [0, V) (or ignore_index), the same on every rank.
         group: the process group (default: the default group); it must be initialised.
@@ -504,20 +503,8 @@ def distill_loss(
         The loss of the whole vocabulary, identical on every rank: float32 (float64 for float64 inputs), 0-d, or
         the leading shape for reduction="none". Its gradient reaches this rank's student_logits shard.
     """
-    temperature, temperature_tensor = split_temperature(temperature)
-    settings = resolve(
-        method,
-        hyperparameters,
-        temperature,
-        t2_scale,
-        reduction,
-        ignore_index,
-        normalizer,
-        ce_weight,
-        distill_weight,
-        return_parts,
-        standardize,
-    )
+    temperature, temperature_tensor = split_temperature(options.pop("temperature", None))
+    settings = resolve(method, temperature=temperature, **options)
     check_float_tensor("student_logits", student_logits)
     check_float_tensor("teacher_logits", teacher_logits)
     if student_logits.shape != teacher_logits.shape:
@@ -542,7 +529,225 @@ def distill_loss(
     return finish(call, backends.reduce(rows, call), backends.reduce(parts, call), leading)
 
 
-LOSS_FUNCTIONS = {spec.function: loss_function(name, distill_loss, {"group": None}) for name, spec in METHODS.items()}
-globals().update(LOSS_FUNCTIONS)
+# --- per-method definitions: generated by scripts/method_api.py from METHODS; do not edit ---
 
-__all__ = ["distill_loss", *LOSS_FUNCTIONS]
+
+def kd_loss(student_logits, teacher_logits, target=None, *, temperature=4.0, t2_scale=True, **options):
+    """Hinton et al. 2015, forward KL (mdistiller KD): ``distill_loss("kd", ...)`` with this method's defaults
+    (docs/losses.md, kd).
+    """
+    return distill_loss(
+        "kd", student_logits, teacher_logits, target, temperature=temperature, t2_scale=t2_scale, **options
+    )
+
+
+def rkl_loss(student_logits, teacher_logits, target=None, *, temperature=1.0, t2_scale=False, **options):
+    """reverse KL: ``distill_loss("rkl", ...)`` with this method's defaults (docs/losses.md, rkl)."""
+    return distill_loss(
+        "rkl", student_logits, teacher_logits, target, temperature=temperature, t2_scale=t2_scale, **options
+    )
+
+
+def jsd_loss(student_logits, teacher_logits, target=None, *, beta=0.5, temperature=1.0, t2_scale=False, **options):
+    """generalized JSD (TRL GKD, Liger): ``distill_loss("jsd", ...)`` with this method's defaults (docs/losses.md,
+    jsd).
+    """
+    return distill_loss(
+        "jsd", student_logits, teacher_logits, target, beta=beta, temperature=temperature, t2_scale=t2_scale, **options
+    )
+
+
+def skew_fkl_loss(student_logits, teacher_logits, target=None, *, skew=0.1, temperature=1.0, t2_scale=False, **options):
+    """skew forward KL (DistiLLM): ``distill_loss("skew_fkl", ...)`` with this method's defaults (docs/losses.md,
+    skew_fkl).
+    """
+    return distill_loss(
+        "skew_fkl",
+        student_logits,
+        teacher_logits,
+        target,
+        skew=skew,
+        temperature=temperature,
+        t2_scale=t2_scale,
+        **options,
+    )
+
+
+def skew_rkl_loss(student_logits, teacher_logits, target=None, *, skew=0.1, temperature=1.0, t2_scale=False, **options):
+    """skew reverse KL (DistiLLM): ``distill_loss("skew_rkl", ...)`` with this method's defaults (docs/losses.md,
+    skew_rkl).
+    """
+    return distill_loss(
+        "skew_rkl",
+        student_logits,
+        teacher_logits,
+        target,
+        skew=skew,
+        temperature=temperature,
+        t2_scale=t2_scale,
+        **options,
+    )
+
+
+def tvd_loss(student_logits, teacher_logits, target=None, *, temperature=1.0, t2_scale=False, **options):
+    """total variation distance: ``distill_loss("tvd", ...)`` with this method's defaults (docs/losses.md, tvd)."""
+    return distill_loss(
+        "tvd", student_logits, teacher_logits, target, temperature=temperature, t2_scale=t2_scale, **options
+    )
+
+
+def abkd_loss(
+    student_logits, teacher_logits, target=None, *, alpha=0.5, beta=0.5, temperature=1.0, t2_scale=False, **options
+):
+    """ABKD, alpha-beta divergence (Wang et al., ICML 2025, arXiv 2505.04560): ``distill_loss("abkd", ...)`` with
+    this method's defaults (docs/losses.md, abkd).
+    """
+    return distill_loss(
+        "abkd",
+        student_logits,
+        teacher_logits,
+        target,
+        alpha=alpha,
+        beta=beta,
+        temperature=temperature,
+        t2_scale=t2_scale,
+        **options,
+    )
+
+
+def wsd_loss(student_logits, teacher_logits, target=None, *, lam=0.5, temperature=1.0, t2_scale=False, **options):
+    """weighted sum of forward and reverse KL, symmetric KL at lam = 0.5 (ABKD authors' LLM code):
+    ``distill_loss("wsd", ...)`` with this method's defaults (docs/losses.md, wsd).
+    """
+    return distill_loss(
+        "wsd", student_logits, teacher_logits, target, lam=lam, temperature=temperature, t2_scale=t2_scale, **options
+    )
+
+
+def bdkd_loss(student_logits, teacher_logits, target=None, *, temperature=1.0, t2_scale=False, **options):
+    """entropy-weighted forward and reverse KL (ABKD authors' LLM code): ``distill_loss("bdkd", ...)`` with this
+    method's defaults (docs/losses.md, bdkd).
+    """
+    return distill_loss(
+        "bdkd", student_logits, teacher_logits, target, temperature=temperature, t2_scale=t2_scale, **options
+    )
+
+
+def akl_loss(student_logits, teacher_logits, target=None, *, mu=0.5, temperature=1.0, t2_scale=False, **options):
+    """AKL, adaptive KL (Wu et al., COLING 2025; wutaiqiang/LLM_KD_AKL): ``distill_loss("akl", ...)`` with this
+    method's defaults (docs/losses.md, akl).
+    """
+    return distill_loss(
+        "akl", student_logits, teacher_logits, target, mu=mu, temperature=temperature, t2_scale=t2_scale, **options
+    )
+
+
+def dkd_loss(
+    student_logits, teacher_logits, target=None, *, alpha=1.0, beta=8.0, temperature=4.0, t2_scale=True, **options
+):
+    """DKD, Zhao et al. 2022 (mdistiller DKD.py): ``distill_loss("dkd", ...)`` with this method's defaults
+    (docs/losses.md, dkd).
+    """
+    return distill_loss(
+        "dkd",
+        student_logits,
+        teacher_logits,
+        target,
+        alpha=alpha,
+        beta=beta,
+        temperature=temperature,
+        t2_scale=t2_scale,
+        **options,
+    )
+
+
+def gdkd_loss(
+    student_logits,
+    teacher_logits,
+    target=None,
+    *,
+    k=5,
+    w0=1.0,
+    w1=1.0,
+    w2=8.0,
+    partitions=2,
+    strategy="best",
+    kl_type="forward",
+    temperature=4.0,
+    t2_scale=True,
+    **options,
+):
+    """GDKD (arXiv 2512.04625; ZaberKo/GDKD): ``distill_loss("gdkd", ...)`` with this method's defaults
+    (docs/losses.md, gdkd).
+    """
+    return distill_loss(
+        "gdkd",
+        student_logits,
+        teacher_logits,
+        target,
+        k=k,
+        w0=w0,
+        w1=w1,
+        w2=w2,
+        partitions=partitions,
+        strategy=strategy,
+        kl_type=kl_type,
+        temperature=temperature,
+        t2_scale=t2_scale,
+        **options,
+    )
+
+
+def cakd_loss(
+    student_logits,
+    teacher_logits,
+    target=None,
+    *,
+    alpha=1.0,
+    beta=8.0,
+    bcd_weight=1.0,
+    strong="target",
+    k=5,
+    tau=0.5,
+    temperature=4.0,
+    t2_scale=True,
+    **options,
+):
+    """CAKD (arXiv 2410.14741): ``distill_loss("cakd", ...)`` with this method's defaults (docs/losses.md, cakd)."""
+    return distill_loss(
+        "cakd",
+        student_logits,
+        teacher_logits,
+        target,
+        alpha=alpha,
+        beta=beta,
+        bcd_weight=bcd_weight,
+        strong=strong,
+        k=k,
+        tau=tau,
+        temperature=temperature,
+        t2_scale=t2_scale,
+        **options,
+    )
+
+
+def aekt_loss(
+    student_logits, teacher_logits, target=None, *, beta=8.0, max_weight=5.0, temperature=4.0, t2_scale=True, **options
+):
+    """AEKT (arXiv 2409.01679): ``distill_loss("aekt", ...)`` with this method's defaults (docs/losses.md, aekt)."""
+    return distill_loss(
+        "aekt",
+        student_logits,
+        teacher_logits,
+        target,
+        beta=beta,
+        max_weight=max_weight,
+        temperature=temperature,
+        t2_scale=t2_scale,
+        **options,
+    )
+
+
+# --- end of the generated definitions ---
+
+__all__ = ["distill_loss", *(spec.function for spec in METHODS.values())]

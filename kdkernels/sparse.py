@@ -163,6 +163,7 @@ def _check_k(k: object, logits: object) -> None:
         raise ValueError(f"k must be an integer in [1, V={logits.shape[-1]}], got {k!r}")
 
 
+# Long: one check per argument, each with its message.
 def check(
     teacher: SparseTeacher, settings, leading: torch.Size, v: int, device: torch.device, valid: Tensor
 ) -> SparseTeacher:

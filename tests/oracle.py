@@ -11,6 +11,20 @@ import math
 
 import numpy as np
 
+# bdkd's entropies count as equal within BDKD_TIE eps (1 + H(p) + H(q)), eps the machine epsilon of the math type.
+BDKD_TIE = 256.0
+
+
+def _times(q, x):
+    """q x with 0 where q = 0 (x may be infinite there: log q = -inf)."""
+    with np.errstate(invalid="ignore"):
+        return np.where(q == 0, 0.0, q * x)
+
+
+def _weighted(weight, term):
+    """weight * term, exactly 0 when the weight is 0 (whatever the term: inf and NaN too)."""
+    return 0.0 if weight == 0 else weight * term
+
 
 def _logsumexp(x: np.ndarray) -> float:
     m = np.max(x) if x.size else -np.inf
@@ -25,8 +39,8 @@ def _xlogy_ratio(a: np.ndarray, log_a: np.ndarray, log_b: np.ndarray) -> np.ndar
         return np.where(a == 0, 0.0, a * (log_a - log_b))
 
 
-def _divergence(method: str, p, q, lp, lq, hp, temperature):
-    """(loss, gradient over these classes) of one row, before T^2."""
+def _divergence(method: str, p, q, lp, lq, hp, temperature, eps):
+    """(loss, gradient over these classes) of one row, before T^2; eps: the machine epsilon of the math type."""
     T = temperature
     if method == "jsd" and hp["beta"] == 0:
         method = "kd"
@@ -37,12 +51,12 @@ def _divergence(method: str, p, q, lp, lq, hp, temperature):
         return loss, (q - p) / T
     if method == "rkl":
         loss = _xlogy_ratio(q, lq, lp).sum()
-        return loss, q * (lq - lp - loss) / T
+        return loss, _times(q, lq - lp - loss) / T
     if method == "jsd":
         b = hp["beta"]
         lm = np.log(b * p + (1 - b) * q)
         loss = b * _xlogy_ratio(p, lp, lm).sum() + (1 - b) * _xlogy_ratio(q, lq, lm).sum()
-        d = (1 - b) * q * (lq - lm)
+        d = (1 - b) * _xlogy_ratio(q, lq, lm)
         return loss, (d - q * d.sum()) / T
     if method == "skew_fkl":
         lam = hp["skew"]
@@ -53,18 +67,21 @@ def _divergence(method: str, p, q, lp, lq, hp, temperature):
         lam = hp["skew"]
         m = (1 - lam) * p + lam * q
         G = lq - np.log(m) + 1 - lam * q / m
-        return _xlogy_ratio(q, lq, np.log(m)).sum(), q * (G - (q * G).sum()) / T
+        return _xlogy_ratio(q, lq, np.log(m)).sum(), _times(q, G - _times(q, G).sum()) / T
     if method == "wsd":  # (1 - lam) KL(p || q) + lam KL(q || p)
         lam = hp["lam"]
         forward, reverse = _xlogy_ratio(p, lp, lq).sum(), _xlogy_ratio(q, lq, lp).sum()
-        grad = (1 - lam) * (q - p) + lam * q * (lq - lp - reverse)
-        return (1 - lam) * forward + lam * reverse, grad / T
+        grad = _weighted(1 - lam, q - p) + _weighted(lam, _times(q, lq - lp - reverse))
+        return _weighted(1 - lam, forward) + _weighted(lam, reverse), grad / T
     if method == "bdkd":  # 3 KL(p || q) + KL(q || p) if H(p) > H(q), KL(p || q) + 3 KL(q || p) if H(q) > H(p)
         entropy_p, entropy_q = -_xlogy_ratio(p, lp, 0 * lp).sum(), -_xlogy_ratio(q, lq, 0 * lq).sum()
-        w_f, w_r = (3.0 if entropy_p > entropy_q else 1.0), (3.0 if entropy_q > entropy_p else 1.0)
+        # (equal within BDKD_TIE eps (1 + H(p) + H(q)), eps that of the math type: weights 1 and 1)
+        gap = entropy_p - entropy_q
+        gap = 0.0 if abs(gap) <= BDKD_TIE * eps * (1 + entropy_p + entropy_q) else gap
+        w_f, w_r = (3.0 if gap > 0 else 1.0), (3.0 if gap < 0 else 1.0)
         forward, reverse = _xlogy_ratio(p, lp, lq).sum(), _xlogy_ratio(q, lq, lp).sum()
-        grad = w_f * (q - p) + w_r * q * (lq - lp - reverse)
-        return w_f * forward + w_r * reverse, grad / T
+        grad = _weighted(w_f, q - p) + _weighted(w_r, _times(q, lq - lp - reverse))
+        return _weighted(w_f, forward) + _weighted(w_r, reverse), grad / T
     if method == "akl":  # wutaiqiang/LLM_KD_AKL: head = sorted p with cumsum <= mu, and the top one; ties: lower index
         order = np.argsort(-p, kind="stable")
         head = np.zeros(p.size, bool)
@@ -74,29 +91,31 @@ def _divergence(method: str, p, q, lp, lq, hp, temperature):
         g_head, g_tail = gap[head].sum(), gap[~head].sum()
         w_f, w_r = (g_head / (g_head + g_tail), g_tail / (g_head + g_tail)) if g_head + g_tail > 0 else (0.5, 0.5)
         forward, reverse = _xlogy_ratio(p, lp, lq).sum(), _xlogy_ratio(q, lq, lp).sum()
-        grad = w_f * (q - p) + w_r * q * (lq - lp - reverse)
-        return w_f * forward + w_r * reverse, grad / T
+        grad = _weighted(w_f, q - p) + _weighted(w_r, _times(q, lq - lp - reverse))
+        return _weighted(w_f, forward) + _weighted(w_r, reverse), grad / T
     if method == "tvd":
         G = 0.5 * np.sign(q - p)
         return 0.5 * np.abs(p - q).sum(), q * (G - (q * G).sum()) / T
     if method == "abkd":
         a, b = hp["alpha"], hp["beta"]
         pa, qb = np.exp(a * lp), np.exp(b * lq)
-        if a != 0 and b != 0 and a + b != 0:
-            loss = -np.sum(pa * qb - a / (a + b) * np.exp((a + b) * lp) - b / (a + b) * np.exp((a + b) * lq)) / (a * b)
-        elif a == 0 and b != 0:
-            loss = np.sum(qb * np.log(qb / np.exp(b * lp)) - qb + np.exp(b * lp)) / b**2
-        elif b == 0 and a != 0:
-            loss = np.sum(pa * np.log(pa / np.exp(a * lq)) - pa + np.exp(a * lq)) / a**2
-        elif a != 0:
-            ratio = pa / np.exp(a * lq)
-            loss = np.sum(np.log(1 / ratio) + ratio - 1) / a**2
-        else:
-            loss = 0.5 * np.sum((lp - lq) ** 2)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            if a != 0 and b != 0 and a + b != 0:
+                terms = -(pa * qb - a / (a + b) * np.exp((a + b) * lp) - b / (a + b) * np.exp((a + b) * lq)) / (a * b)
+            elif a == 0 and b != 0:  # q^b log(q^b / p^b): 0 where q^b = 0
+                terms = (_xlogy_ratio(qb, b * lq, b * lp) - qb + np.exp(b * lp)) / b**2
+            elif b == 0 and a != 0:
+                terms = (_xlogy_ratio(pa, a * lp, a * lq) - pa + np.exp(a * lq)) / a**2
+            elif a != 0:  # log(q^a / p^a) + p^a / q^a - 1, in the log domain (q^a may underflow where p^a does not)
+                terms = (a * (lq - lp) + np.exp(a * (lp - lq)) - 1) / a**2
+            else:
+                terms = 0.5 * (lp - lq) ** 2
+        # The divergence is >= 0: a class masked in one model only whose formula is inf - inf contributes +inf.
+        loss = np.where(np.isnan(terms) & (np.isneginf(lp) | np.isneginf(lq)), np.inf, terms).sum()
         if a != 0:
             r = (np.exp((a + b) * lq) - pa * qb) / a
         elif b != 0:
-            r = qb * (lq - lp)
+            r = _xlogy_ratio(qb, lq, lp)
         else:
             r = lq - lp
         return loss, (r - q * r.sum()) / T
@@ -109,7 +128,8 @@ def _partition(method, y, hp, label):
     order = np.argsort(-y, kind="stable")  # teacher ranking, ties to the lower index
     bins = np.ones(v, dtype=int)
     if method in ("dkd", "aekt") or (method == "cakd" and hp["strong"] == "target"):
-        bins[label] = 0
+        if label is not None:  # (None: the label is masked in both logits, the strong bin empty)
+            bins[label] = 0
     elif method == "cakd" and hp["strong"] == "threshold":
         p = np.exp(y - y.max())
         bins[p >= hp["tau"] * p.max()] = 0
@@ -137,8 +157,8 @@ def _decoupled(method, p, q, lp, lq, y, hp, temperature, label):
     bins, (w0, wm) = _partition(method, y, hp, label)
     # The in-bin divergence: gdkd's kl_type weighs KL(p^b || q^b) and KL(q^b || p^b) (ZaberKo/GDKD: "both" = mean).
     fw, rw = {"forward": (1.0, 0.0), "reverse": (0.0, 1.0), "both": (0.5, 0.5)}[hp.get("kl_type", "forward")]
-    if w0 is None:
-        w0 = min(math.exp(lp[label] - lq[label]), hp["max_weight"])
+    if w0 is None:  # aekt: a = min(p_y / q_y, max_weight), and 0 where p_y = 0 (the label masked in both too)
+        w0 = 0.0 if label is None or lp[label] == -np.inf else min(math.exp(lp[label] - lq[label]), hp["max_weight"])
     loss = 0.0
     grad = np.zeros_like(q)
     for m, w in enumerate(wm):
@@ -146,16 +166,18 @@ def _decoupled(method, p, q, lp, lq, y, hp, temperature, label):
         if not member.any():
             continue
         lP, lQ = _logsumexp(lp[member]), _logsumexp(lq[member])
+        has_p, has_q = not np.isneginf(lP), not np.isneginf(lQ)  # (mass, if only e^-10000; NaN propagates)
         P, Q = math.exp(lP), math.exp(lQ)
         with np.errstate(invalid="ignore", divide="ignore"):  # (a bin one model gives no mass: its terms below)
-            pm, qm = p[member] / P, q[member] / Q
             lpm, lqm = lp[member] - lP, lq[member] - lQ
-        fkl = _xlogy_ratio(pm, lpm, lqm).sum() if fw and P > 0 else 0.0
-        rkl = _xlogy_ratio(qm, lqm, lpm).sum() if rw else 0.0
-        loss += w0 * (P * (lP - lQ) if P > 0 else 0.0) + w * (fw * fkl + rw * rkl)
+            pm, qm = np.exp(lpm), np.exp(lqm)
+        # A model that gives a bin no mass where the other does: the in-bin KL against it is infinite.
+        fkl = (_xlogy_ratio(pm, lpm, lqm).sum() if has_q else np.inf) if fw and has_p else 0.0
+        rkl = (_xlogy_ratio(qm, lqm, lpm).sum() if has_p else np.inf) if rw and has_q else 0.0
+        loss += _weighted(w0, P * (lP - lQ) if has_p else 0.0) + _weighted(w, _weighted(fw, fkl) + _weighted(rw, rkl))
         # d KL(q^b || p^b) / d x_j = q^b_j (log q^b_j - log p^b_j - KL(q^b || p^b)) for j in the bin
         reverse = np.where(qm > 0, qm * (lqm - lpm - rkl), 0.0) if rw else 0.0
-        forward = fw * (qm - pm) if P > 0 else 0.0  # (a bin without teacher mass has in-bin KL 0: no gradient)
+        forward = fw * (qm - pm) if has_p else 0.0  # (a bin without teacher mass has in-bin KL 0: no gradient)
         grad[member] = (w0 * (Q - P) * qm + w * (forward + rw * reverse)) / T
     return loss, grad
 
@@ -198,10 +220,15 @@ def oracle(
     ce_weight=0.0,
     distill_weight=1.0,
     standardize=False,
+    label_smoothing=0.0,
+    float64_math=False,
 ):
     """Loss (reduced as asked) and d(grad_output . loss)/d student, both float64 NumPy arrays, of
-    distill_weight * (the method's loss) + ce_weight * (the student's cross-entropy against target at T = 1);
-    ``standardize``: the method's loss on both rows' z-scores (_zscore).
+    distill_weight * (the method's loss) + ce_weight * (the student's cross-entropy against target at T = 1,
+    label-smoothed by ``label_smoothing``), a term of weight 0 left out (0 whatever its value); ``standardize``: the
+    method's loss on both rows' z-scores (_zscore). ``float64_math``: the backends compute in float64 (an input is
+    float64), else float32: a probability below the least normal number of that type underflows (is 0), and bdkd's
+    tie is within its epsilon.
 
     student, teacher: arrays [..., V]; target: integer array [...] or None; grad_output: a number, or for
     reduction="none" an array of the leading shape.
@@ -213,6 +240,7 @@ def oracle(
     n = s.shape[0]
     labels = None if target is None else np.asarray(target).reshape(-1)
     valid = np.ones(n, bool) if labels is None else labels != ignore_index
+    math_type = np.finfo(np.float64 if float64_math else np.float32)
     rows = np.zeros(n)
     grads = np.zeros((n, v))
     for r in range(n):
@@ -224,30 +252,43 @@ def oracle(
             zs, zt, vjp = s[r], t[r], None
         x, y = zs / temperature, zt / temperature
         keep = ~(np.isneginf(x) & np.isneginf(y))
-        lq = (x - _logsumexp(x))[keep]
-        lp = (y - _logsumexp(y))[keep]
+        with np.errstate(invalid="ignore"):  # (NaN for a row masked in one model only)
+            lq_all, lp_all = x - _logsumexp(x), y - _logsumexp(y)
+        divergence = method in ("kd", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "abkd", "wsd", "bdkd", "akl")
+        if divergence:  # a class whose probabilities underflow in both models is left out like a masked one
+            keep &= ~((np.exp(lq_all) < math_type.tiny) & (np.exp(lp_all) < math_type.tiny))
+        lq, lp = lq_all[keep], lp_all[keep]
         p, q = np.exp(lp), np.exp(lq)
-        if method in ("kd", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "abkd", "wsd", "bdkd", "akl"):
-            loss, grad = _divergence(method, p, q, lp, lq, hp, temperature)
+        if not keep.any():  # (masked in both logits: 0)
+            loss, grad = 0.0, np.zeros(0)
+        elif divergence:
+            loss, grad = _divergence(method, p, q, lp, lq, hp, temperature, float(math_type.eps))
         else:
-            label = None if labels is None else int(np.cumsum(keep)[labels[r]] - 1)
+            label = None
+            if labels is not None and keep[labels[r]]:
+                label = int(np.cumsum(keep)[labels[r]] - 1)
             loss, grad = _decoupled(method, p, q, lp, lq, y[keep], hp, temperature, label)
         scale = temperature**2 if t2_scale else 1.0
-        rows[r] = distill_weight * loss * scale
-        grads[r, keep] = distill_weight * grad * scale
-        if vjp is not None:
+        rows[r] = _weighted(distill_weight, loss * scale)
+        grads[r, keep] = _weighted(distill_weight, grad * scale)
+        if vjp is not None and distill_weight != 0:  # (weight 0: the gradient 0, whatever the z-scores)
             grads[r] = vjp(grads[r])
-        if ce_weight and keep.any():
-            ce, ce_grad = _cross_entropy(s[r], labels[r])
+        if ce_weight and not (np.isneginf(s[r]) & np.isneginf(t[r])).all():  # (not a row masked in both)
+            ce, ce_grad = _cross_entropy(s[r], labels[r], label_smoothing)
             rows[r] += ce_weight * ce
             grads[r] += ce_weight * ce_grad
     return _reduced(rows, grads, lead, valid, reduction, normalizer, grad_output)
 
 
-def _cross_entropy(x: np.ndarray, label: int) -> tuple[float, np.ndarray]:
-    """-log softmax(x)_y at T = 1 and its gradient softmax(x) - onehot(y)."""
+def _cross_entropy(x: np.ndarray, label: int, eps: float = 0.0) -> tuple[float, np.ndarray]:
+    """-log softmax(x)_y at T = 1 with label smoothing eps: (1 - eps) of it plus eps times the mean of -log softmax(x)
+    over the K classes that are not -inf; its gradient softmax(x) - (1 - eps) onehot(y) - eps / K [unmasked]."""
     lse = _logsumexp(x)
-    return lse - x[label], np.exp(x - lse) - (np.arange(x.size) == label)
+    unmasked = ~np.isneginf(x)
+    k = unmasked.sum()
+    onehot = np.arange(x.size) == label
+    smoothed = eps * (lse - x[unmasked].sum() / k) if eps else 0.0
+    return (1 - eps) * (lse - x[label]) + smoothed, np.exp(x - lse) - (1 - eps) * onehot - eps / k * unmasked
 
 
 def _reduced(rows, grads, lead, valid, reduction, normalizer, grad_output):

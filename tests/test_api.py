@@ -1,7 +1,11 @@
 """Public API: names, modules, clear errors on bad input, and the edge cases of docs/losses.md on every backend."""
 
+import dataclasses
 import inspect
 import math
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +14,9 @@ from cases import CASES, case_id
 from helpers import assert_close, make_inputs, run_loss
 
 import kdkernels
+from kdkernels.arguments import OPTIONS, LossOptions, resolve
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 FUNCTIONS = [spec.function for spec in kdkernels.METHODS.values()] + [
     "cakd_feature_loss",
@@ -32,6 +39,24 @@ def test_function_signature_shows_defaults(method):
     assert params["temperature"].default == spec.temperature and params["t2_scale"].default == spec.t2_scale
     for name, default in spec.hyperparameters.items():
         assert params[name].default == default and params[name].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_per_method_definitions_are_current():
+    """functional.py, parallel.py and modules.py hold what scripts/method_api.py writes from the method table."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "method_api.py"), "--check"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_resolve_tells_options_from_hyperparameters():
+    settings = resolve("jsd", beta=0.25, temperature=2.0, ce_weight=0.5)
+    assert settings.hp == {"beta": 0.25} and settings.temperature == 2.0 and settings.ce_weight == 0.5
+    assert {f.name for f in dataclasses.fields(LossOptions)} == set(OPTIONS)
+    with pytest.raises(TypeError, match="unexpected hyperparameter"):
+        resolve("jsd", temprature=2.0)
+    with pytest.raises(TypeError):  # the definitions are keyword-only
+        kdkernels.METHODS["kd"].__class__("kd", "KDLoss", "", {}, {}, 1.0, False, None)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

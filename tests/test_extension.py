@@ -264,6 +264,7 @@ def test_codes_and_parameters_agree_in_every_language():
     assert _C.DECOUPLED_PARAMS == methods.DecoupledParams._fields
     assert _C.CALL_SCALARS == SCALARS and _C.CALL_FLAGS == FLAGS
     assert _C.STANDARDIZE_EPS == methods.STANDARDIZE_EPS == triton_common.STANDARDIZE_EPS.value
+    assert _C.BDKD_TIE == methods.BDKD_TIE
     divergence_args = inspect.signature(triton_divergence.divergence_kernel.fn).parameters
     assert all(name in divergence_args for name in methods.DivergenceParams._fields)
 

@@ -116,3 +116,73 @@ def test_sparse_teacher(backend, device, method, hp):
     ce, ce_grad = run_loss(method, s, t, target, hp, "reference", ce_weight=1.0, distill_weight=0.0)
     assert_close(got, (0.4 * distill + 0.7 * ce).item(), torch.float32, "loss")
     assert_close(grad, (0.4 * distill_grad + 0.7 * ce_grad).double().cpu().numpy(), torch.float32, "gradient")
+
+
+SMOOTHING = {**WEIGHTS, "label_smoothing": 0.1}
+
+
+def smoothing_inputs(shape, device, seed):
+    """make_inputs with class 3 masked in both models (the smoothing's mean skips it), never a target."""
+    s, t, target = make_inputs(shape, torch.float32, device, seed=seed, ignored=1)
+    s[..., 3] = t[..., 3] = float("-inf")
+    return s, t, torch.where(target == 3, 4, target)
+
+
+@pytest.mark.parametrize("v", [37, 5000])  # one tile per row, and streamed rows
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_label_smoothing_matches_oracle(backend, device, case, v):
+    """label_smoothing in every backend's pass: every method, T = 2, a masked class, ignored rows, grad_output != 1."""
+    method, hp = case
+    s, t, target = smoothing_inputs((3, v), device, seed=v % 83)
+    grad_output = torch.tensor([0.5, -1.5, 2.0], dtype=torch.float64)
+    check_against_oracle(method, hp, s, t, target, backend, "none", grad_output, temperature=2.0, **SMOOTHING)
+    options = dict(temperature=1.0, standardize=True, **SMOOTHING)
+    check_against_oracle(method, hp, s, t, target, backend, "batchmean", 0.8, **options)
+
+
+def test_label_smoothing_is_transformers_label_smoother(backend, device):
+    """ce_weight = 1, distill_weight = 0 with label_smoothing is transformers' LabelSmoother (loss and gradient)."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    s, t, target = make_inputs((2, 5, 50), torch.float32, device, seed=9, ignored=2)
+    loss, grad = run_loss("kd", s, t, target, {}, backend, ce_weight=1.0, distill_weight=0.0, label_smoothing=0.2)
+    x = s.detach().clone().requires_grad_(True)
+    want = LabelSmoother(epsilon=0.2)({"logits": x}, target)
+    want.backward()
+    assert_close(loss, want.item(), torch.float32, "loss")
+    assert_close(grad, x.grad.double().cpu().numpy(), torch.float32, "gradient")
+
+
+def test_label_smoothing_fused_linear_and_sparse(backend, device):
+    """The fused-linear path (dense and sparse teachers) and the sparse path smooth as the dense loss does."""
+    g = torch.Generator().manual_seed(10)
+    h, w = torch.randn(6, 8, generator=g).to(device), torch.randn(40, 8, generator=g).to(device)
+    h_t, w_t = torch.randn(6, 8, generator=g).to(device), torch.randn(40, 8, generator=g).to(device)
+    target = torch.tensor([1, 5, -100, 7, 39, 0], device=device)
+    options = dict(temperature=2.0, backend=backend, **SMOOTHING)
+    dense = kdkernels.kd_loss(h @ w.T, h_t @ w_t.T, target, **options)
+    fused = kdkernels.linear_distill_loss("kd", h, w, h_t, w_t, target, chunk_size=4, **options)
+    assert_close(fused, dense.item(), torch.float32, "fused-linear")
+    top = torch.log_softmax(h_t @ w_t.T / 2.0, -1).topk(4, -1)
+    teacher = kdkernels.SparseTeacher(top.indices, top.values)
+    sparse = kdkernels.kd_loss(h @ w.T, teacher, target, **options)
+    want = 0.4 * kdkernels.kd_loss(h @ w.T, teacher, target, temperature=2.0, backend=backend)
+    ce = dict(ce_weight=1.0, distill_weight=0.0, label_smoothing=0.1, backend="reference")
+    want += 0.7 * kdkernels.kd_loss(h @ w.T, h_t @ w_t.T, target, **ce)
+    assert_close(sparse, want.item(), torch.float32, "sparse")
+    linear_sparse = kdkernels.linear_distill_loss("kd", h, w, teacher, None, target, chunk_size=4, **options)
+    assert_close(linear_sparse, want.item(), torch.float32, "fused-linear, sparse")
+
+
+def test_label_smoothing_bad_values(backend, device):
+    s, t, target = make_inputs((3, 10), torch.float32, device, seed=6)
+    for value, error, match in [
+        (1.0, ValueError, r"label_smoothing must be in \[0, 1\)"),
+        (-0.1, ValueError, "label_smoothing must be >= 0"),
+        ("0.1", TypeError, "label_smoothing must be a finite number"),
+        (float("nan"), TypeError, "label_smoothing must be a finite number"),
+    ]:
+        with pytest.raises(error, match=match):
+            kdkernels.kd_loss(s, t, target, backend=backend, ce_weight=1.0, label_smoothing=value)
+    with pytest.raises(ValueError, match="ce_weight=0 leaves out"):
+        kdkernels.kd_loss(s, t, target, backend=backend, label_smoothing=0.1)

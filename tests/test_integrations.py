@@ -157,6 +157,27 @@ def test_compute_loss_equals_eager_recipe(method, options, tmp_path):
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
 
 
+def test_label_smoothing_factor_is_transformers_label_smoother(tmp_path):
+    """TrainingArguments.label_smoothing_factor smooths the trainer's cross-entropy term as transformers' own
+    LabelSmoother does on the same logits (loss and gradient); without the term it is refused at construction."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    student, teacher = causal_lm(), causal_lm(hidden=24, seed=1)
+    inputs = batch()
+    options = {"ce_weight": 1.0, "distill_weight": 0.0}
+    tr = trainer(copy.deepcopy(student), teacher, tmp_path, "kd", options, label_smoothing_factor=0.1)
+    loss = tr.compute_loss(tr.model, inputs)
+    loss.backward()
+    logits = student(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    want = LabelSmoother(epsilon=0.1)({"logits": logits}, inputs["labels"], shift_labels=True)
+    want.backward()
+    assert_close(loss, want.item(), torch.float32, "loss")
+    for name, g in grads(student).items():
+        assert_close(grads(tr.model)[name], g.numpy(), torch.float32, name)
+    with pytest.raises(ValueError, match="label_smoothing_factor=0.1 smooths the cross-entropy term"):
+        trainer(copy.deepcopy(student), teacher, tmp_path, "kd", label_smoothing_factor=0.1)
+
+
 @pytest.mark.parametrize(
     "student_kind,teacher_kind",
     [("gemma2", "llama"), ("llama", "gemma2"), ("cohere", "granite"), ("granite", "cohere")],

@@ -98,6 +98,9 @@ def _scenarios():
         _scenario("bdkd-ce", "bdkd", ce_weight=0.6, distill_weight=0.5, normalizer=5.0),
         _scenario("gdkd3-ce", "gdkd", {"partitions": 3}, reduction="sum", ce_weight=1.0, distill_weight=0.2),
         _scenario("dkd-ce-masked", "dkd", inputs="masked", ce_weight=0.3),
+        # Label smoothing: the mean of the unmasked logits over the whole vocabulary.
+        _scenario("jsd-smoothing-masked", "jsd", inputs="masked", ce_weight=0.6, label_smoothing=0.2, want="oracle"),
+        _scenario("dkd-smoothing", "dkd", reduction="none", grad_output="rows", ce_weight=0.5, label_smoothing=0.1),
         # Logit standardization: row statistics over the whole vocabulary.
         _scenario("kd-standardize", "kd", standardize=True, temperature=2.0, ce_weight=0.3),
         _scenario(
@@ -362,7 +365,10 @@ def single_process(sc):
         options["ignore_index"],
         options["normalizer"],
         np.asarray(go, dtype=np.float64),
+        ce_weight=options.get("ce_weight", 0.0),
+        distill_weight=options.get("distill_weight", 1.0),
         standardize=options.get("standardize", False),
+        label_smoothing=options.get("label_smoothing", 0.0),
     )
 
 
@@ -457,7 +463,7 @@ def test_function_signature(method):
     spec = kdkernels.METHODS[method]
     params = inspect.signature(getattr(parallel, f"{method}_loss")).parameters
     assert list(params)[:3] == ["student_logits", "teacher_logits", "target"]
-    assert params["group"].default is None and "backend" not in params
+    assert "backend" not in params  # (group and the loss options pass through to parallel.distill_loss)
     assert params["temperature"].default == spec.temperature and params["t2_scale"].default == spec.t2_scale
     for name, default in spec.hyperparameters.items():
         assert params[name].default == default

@@ -49,7 +49,7 @@ def reference_loss(method, hp, s, teacher, target, reduction="batchmean", grad_o
     temperature = options.get("temperature", spec.temperature)
     s = s.detach().double().requires_grad_(True)
     valid = torch.ones(s.shape[:-1], dtype=torch.bool) if target is None else target != -100
-    flat = check(teacher, resolve(method, hp), s.shape[:-1], s.shape[-1], s.device, valid.reshape(-1))
+    flat = check(teacher, resolve(method, **hp), s.shape[:-1], s.shape[-1], s.device, valid.reshape(-1))
     rows = bin_row_losses(plan, s.reshape(-1, s.shape[-1]), flat, temperature, spec.t2_scale, valid.reshape(-1))
     loss = (
         rows.reshape(s.shape[:-1])

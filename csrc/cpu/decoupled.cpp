@@ -59,10 +59,12 @@ void teacher_top_k(const M* t, int64_t v, int64_t k, std::vector<std::pair<M, in
 
 // t_rank: the raw teacher row the partition ranks (t itself, or t's raw logits when t holds their z-scores), and
 // the threshold is in its units.
+// Long: its passes (numbered blocks) share the row's maxima, sums and buffers; the per-class math is in the
+// family's header.
 template <int PARTITION, class M>
 M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M* ce, M* gt, M* dtemp,
                 const RowBuffers<M>& rows, int64_t v, const DecoupledParams<double>& c, M temperature, M threshold,
-                M scale, M ce_scale, bool t2_scale, std::vector<std::pair<M, int64_t>>& heap) {
+                M scale, CeOptions<M> ce_options, bool t2_scale, std::vector<std::pair<M, int64_t>>& heap) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
@@ -151,7 +153,7 @@ M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M
     inv_zs[b] = ss.z[b] > M(0) ? M(1) / ss.z[b] : M(0);
     inv_zt[b] = st.z[b] > M(0) ? M(1) / st.z[b] : M(0);
   }
-  const CrossEntropy<M> xent{m1, std::log(z1.sum()), ce_scale, target};
+  const CrossEntropy<M> xent{m1, std::log(z1.sum()), ce_options, target};
   if (ce != nullptr) *ce = xent.loss(s, v);  // (before the gradient overwrites s in place)
   // (2) The gradient: the method's, plus the cross-entropy's with the term; with the full gradient the teacher's too,
   // and d loss / d T (the shifts: each model's largest bin max).
@@ -193,7 +195,7 @@ void decoupled_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
               [&](const M* s, const M* t, int64_t target, M* g, M* ce, const M* t_rank, M rank_scale, M* gt, M* dtemp) {
                 return decoupled_row<PARTITION, M>(s, t, t_rank, target, g, ce, gt, dtemp, buf, a.v, c,
                                                    M(a.temperature), threshold * rank_scale, M(a.grad_scale),
-                                                   M(a.ce_scale), a.t2_scale, heap);
+                                                   CeOptions<M>::of(a), a.t2_scale, heap);
               });
 }
 

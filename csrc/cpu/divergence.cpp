@@ -70,10 +70,12 @@ std::pair<M, int64_t> akl_head(const M* t, const M* p, int64_t v, M mu) {
   return {value, hi};
 }
 
+// Long: its passes (numbered blocks) share the row's maxima, sums and buffers; the per-class math is in the
+// family's header.
 template <int CODE, class M>
 M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M* ce, M* gt, M* dtemp,
-                 const RowBuffers<M>& rows, int64_t v, const DivergenceParams<M>& c, M temperature, M scale, M ce_scale,
-                 bool t2_scale) {
+                 const RowBuffers<M>& rows, int64_t v, const DivergenceParams<M>& c, M temperature, M scale,
+                 CeOptions<M> ce_options, bool t2_scale) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
@@ -110,7 +112,7 @@ M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, 
   }
   const V vmx_row(mx), vmy_row(my), lzx(std::log(zx.sum())), lzy(std::log(zy.sum()));
   const V inv_zx(M(1) / zx.sum()), inv_zy(M(1) / zy.sum());
-  const CrossEntropy<M> xent{ms, ce != nullptr ? std::log(ce_apart ? zs.sum() : zx.sum()) : M(0), ce_scale, target};
+  const CrossEntropy<M> xent{ms, ce != nullptr ? std::log(ce_apart ? zs.sum() : zx.sum()) : M(0), ce_options, target};
   if (ce != nullptr) *ce = xent.loss(s, v);  // (before the gradient overwrites s in place)
   const V iota = O::iota();
   // (2b) akl: the teacher's probabilities, then its head.
@@ -127,13 +129,14 @@ M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, 
     store_grad_vector(rows, ce != nullptr ? method_grad + xent.grad(load(s + j, n), iota, j) : method_grad, g, j, n);
   };
   // The terms of the classes j..: logs from the logits, probabilities from the kept exps; the masking of classes
-  // absent in both rows only for a vector that has one (lanes past the row's end are).
+  // absent in both rows (probabilities 0 or underflowed) only for a vector that has one (lanes past the row's end
+  // are).
   auto terms = [&](int64_t j, int64_t n) {
     typename O::Mask in_head{};
     if constexpr (CODE == AKL) in_head = in_akl_head<O>(load(t_rank + j, n), head.first, head.second, iota, j);
     const V lq = (load(s + j, n) * inv_T - vmx_row) - lzx, lp = (load(t + j, n) * inv_T - vmy_row) - lzy;
     const V q = V::loadu(es_row + j, n) * inv_zx, p = V::loadu(et_row + j, n) * inv_zy;
-    if (O::any(absent_in_both<O>(lq, lp))) return divergence_terms_of<CODE, O>(c, lq, lp, q, p, in_head);
+    if (O::any(absent_in_both<O>(q, p))) return divergence_terms_of<CODE, O>(c, lq, lp, q, p, in_head);
     return divergence_terms_of<CODE, O, false>(c, lq, lp, q, p, in_head);
   };
   // (3) Per-class terms.
@@ -146,7 +149,7 @@ M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, 
     sum_l.add(k.l);
     if constexpr (CODE != KD) sum_r.add(k.r);  // (kd: sum r = -1)
     if constexpr (weighs_row_sums<CODE>) sum_e.add(k.e);
-    if constexpr (CODE == AKL) sum_f.add(k.f);
+    if constexpr (weighs_row_sums<CODE>) sum_f.add(k.f);
     if (full) sum_rt.add(k.rt);
     if (g == nullptr || full) continue;
     if constexpr (CODE == KD) {
@@ -157,7 +160,7 @@ M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, 
   }
   const DivergenceRow<M> row =
       divergence_row<CODE>(c, sum_l.sum(), CODE == KD ? M(-1) : sum_r.sum(), weighs_row_sums<CODE> ? sum_e.sum() : M(0),
-                           CODE == AKL ? sum_f.sum() : M(0));
+                           weighs_row_sums<CODE> ? sum_f.sum() : M(0));
   // (4) The gradient, once the row sums are known; bdkd, akl and the full gradient (the teacher's rt_k, p_k)
   // recompute the terms from the kept exps.
   if (full) {
@@ -195,7 +198,7 @@ void divergence_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
   for_rows<M>(a, begin, end, rows,
               [&](const M* s, const M* t, int64_t target, M* g, M* ce, const M* t_rank, M, M* gt, M* dtemp) {
                 return divergence_row<CODE, M>(s, t, t_rank, target, g, ce, gt, dtemp, rows, a.v, c, M(a.temperature),
-                                               M(a.grad_scale), M(a.ce_scale), a.t2_scale);
+                                               M(a.grad_scale), CeOptions<M>::of(a), a.t2_scale);
               });
 }
 

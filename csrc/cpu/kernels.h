@@ -26,11 +26,12 @@ struct RowsArgs {
   int code;              // the plan's code (divergence.h Divergence, decoupled.h Partition)
   const double* params;  // the plan's named parameters, in their order
   double temperature;
-  double t2;          // T^2 with t2_scale, else 1
-  double grad_scale;  // distill_weight t2 / T / denominator (1 without one): the method's gradient factor
-  double ce_scale;    // ce_weight / denominator: the cross-entropy's gradient factor
-  bool math_double;   // float64 math (when an input is float64)
-  bool standardize;   // z-score both rows first (logit standardization, row_math.h ZScore)
+  double t2;               // T^2 with t2_scale, else 1
+  double grad_scale;       // distill_weight t2 / T / denominator (1 without one): the method's gradient factor
+  double ce_scale;         // ce_weight / denominator: the cross-entropy's gradient factor
+  double label_smoothing;  // the cross-entropy's eps (rows.h CrossEntropy)
+  bool math_double;        // float64 math (when an input is float64)
+  bool standardize;        // z-score both rows first (logit standardization, row_math.h ZScore)
   // The full gradient (a learnable temperature, a teacher that requires grad): with temperature_grad, the teacher's
   // gradient too, stored into teacher_grad ([N, V] contiguous, the teacher's dtype) unless nullptr, and per row
   // d loss / d T into temperature_grad ([N], the math type), both scaled like the student's.

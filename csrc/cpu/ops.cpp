@@ -69,6 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(const FamilyArgs& a, b
                 o.t2(),
                 o.distill_weight * o.t2() / o.temperature * inv_denom,
                 o.ce_weight * inv_denom,
+                o.label_smoothing,
                 call.math_double,
                 o.standardize};
   if (full != nullptr) {

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"
@@ -187,43 +188,78 @@ struct TemperatureGrad {
     const V ninf(neg_inf<M>()), zero(M(0));
     sum.add(O::select(O::eq(x, ninf), zero, (x - shift_x) * g) + O::select(O::eq(y, ninf), zero, (y - shift_y) * gt));
   }
-  M value(bool t2_scale, M scale, M loss) const { return (t2_scale ? M(2) * scale * loss : M(0)) - sum.sum(); }
-};
-
-// The cross-entropy term of one row at T = 1: -log softmax(s)_target = m1 + lz1 - s_target with m1 = max s and
-// lz1 = log sum exp(s - m1); its gradient ce_scale (exp(s_j - m1 - lz1) - [j = target]) joins the gradient row.
-template <class M>
-struct CrossEntropy {
-  M m1, lz1, scale;
-  int64_t target;
-
-  // (An index outside [0, V), which the op's callers never pass, gives NaN and is never read.)
-  M loss(const M* s, int64_t v) const { return target >= 0 && target < v ? m1 + lz1 - s[target] : M(NAN); }
-  at::vec::Vectorized<M> grad(const at::vec::Vectorized<M>& s, const at::vec::Vectorized<M>& iota, int64_t j) const {
-    using V = at::vec::Vectorized<M>;
-    const V onehot = Ops<M>::select(Ops<M>::index_eq(iota, target - j), V(M(1)), V(M(0)));
-    return (Ops<M>::exp(s - V(m1) - V(lz1)) - onehot) * V(scale);
+  M value(bool t2_scale, M scale, M loss) const {
+    if (scale == M(0)) return M(0);  // (distill_weight = 0: the gradients summed are 0, the loss may be inf)
+    return (t2_scale ? M(2) * scale * loss : M(0)) - sum.sum();
   }
 };
 
-// A row's z-score (row_math.h ZScore) over the classes that are not -inf (lanes past v load as -inf): the count and
-// sum, then the deviations from that mean and their squares (the row is in cache for the second pass), which correct
-// it: a float32 sum of logits near 1000 is off by more than the spread of a z-score can afford.
+// The count and sum of a row's classes that are not -inf (lanes past v load as -inf).
+template <class M>
+std::pair<M, M> unmasked_count_sum(const M* x, int64_t v) {
+  using O = Ops<M>;
+  using V = Vec<M>;
+  constexpr int64_t L = O::lanes;
+  const V ninf(neg_inf<M>()), zero(M(0));
+  ChunkedSum<M> count, sum;
+  for (int64_t j = 0; j < v; j += L) {
+    const V xj = load(x + j, std::min(L, v - j));
+    const auto unmasked = O::lnot(O::eq(xj, ninf));
+    count.add(O::select(unmasked, V(M(1)), zero));
+    sum.add(O::select(unmasked, xj, zero));
+  }
+  return {count.sum(), sum.sum()};
+}
+
+// The hard-label term's options of a call: its gradient factor ce_weight / denominator and label smoothing's eps.
+template <class M>
+struct CeOptions {
+  M scale, smoothing;
+  static CeOptions of(const RowsArgs& a) { return {M(a.ce_scale), M(a.label_smoothing)}; }
+};
+
+// The hard-label term of one row at T = 1 (docs/losses.md, "The hard-label term"), from m1 = max s and
+// lz1 = log sum exp(s - m1): m1 + lz1 - (1 - eps) s_target - eps * (the mean of the unmasked s); its gradient
+// scale (exp(s_j - m1 - lz1) - (1 - eps) [j = target] - eps / K [s_j unmasked]) joins the gradient row, K the
+// unmasked classes' count, which loss() finds: it runs first, before an in-place gradient overwrites s.
+template <class M>
+struct CrossEntropy {
+  M m1, lz1;
+  CeOptions<M> options;
+  int64_t target;
+  mutable M share = M(0);  // eps / K
+
+  // (An index outside [0, V), which the op's callers never pass, gives NaN and is never read.)
+  M loss(const M* s, int64_t v) const {
+    if (target < 0 || target >= v) return M(NAN);
+    const M eps = options.smoothing;
+    if (eps == M(0)) return m1 + lz1 - s[target];
+    const auto [count, sum] = unmasked_count_sum(s, v);
+    share = eps / count;
+    return m1 + lz1 - (M(1) - eps) * s[target] - eps * (sum / count);
+  }
+  at::vec::Vectorized<M> grad(const at::vec::Vectorized<M>& s, const at::vec::Vectorized<M>& iota, int64_t j) const {
+    using V = at::vec::Vectorized<M>;
+    if (options.scale == M(0)) return V(M(0));  // (ce_weight = 0: no gradient, whatever the logits)
+    const V onehot = Ops<M>::select(Ops<M>::index_eq(iota, target - j), V(M(1) - options.smoothing), V(M(0)));
+    V g = Ops<M>::exp(s - V(m1) - V(lz1)) - onehot;
+    if (share != M(0)) g = g - Ops<M>::select(Ops<M>::lnot(Ops<M>::eq(s, V(neg_inf<M>()))), V(share), V(M(0)));
+    return g * V(options.scale);
+  }
+};
+
+// A row's z-score (row_math.h ZScore) over the classes that are not -inf: the count and sum, then the deviations
+// from that mean and their squares (the row is in cache for the second pass), which correct it: a float32 sum of
+// logits near 1000 is off by more than the spread of a z-score can afford.
 template <class M>
 ZScore<M> row_zscore(const M* x, int64_t v) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
   const V ninf(neg_inf<M>()), zero(M(0));
-  ChunkedSum<M> count, sum, m2;
-  for (int64_t j = 0; j < v; j += L) {
-    const V xj = load(x + j, std::min(L, v - j));
-    const auto finite = O::lnot(O::eq(xj, ninf));
-    count.add(O::select(finite, V(M(1)), zero));
-    sum.add(O::select(finite, xj, zero));
-  }
-  const M n = count.sum(), rough = n > M(0) ? sum.sum() / n : M(0);
-  ChunkedSum<M> dev;
+  const auto [n, sum] = unmasked_count_sum(x, v);
+  const M rough = n > M(0) ? sum / n : M(0);
+  ChunkedSum<M> dev, m2;
   for (int64_t j = 0; j < v; j += L) {
     const V xj = load(x + j, std::min(L, v - j)), d = O::select(O::eq(xj, ninf), zero, xj - V(rough));
     dev.add(d);
@@ -275,10 +311,12 @@ void through_zscore(M* g, const M* z, const ZScore<M>& zs, int64_t v, Extra&& ex
 // both rows' z-scores (a partition ranks the raw teacher row t, its threshold scaled by the teacher's sd) and writes
 // G = dL/dz into g (and the teacher's into gt; dtemp is d loss / d T, which the z-score does not change); here they
 // become dL/ds (dL/dt) through the z-scores' Jacobians (row_math.h ZScore), and the cross-entropy term, which keeps
-// the raw logits, is added. buf holds the z-scores and, when g overwrites s (in place), a copy of s.
+// the raw logits, is added. buf holds the z-scores and, when g overwrites s (in place), a copy of s. distilled: the
+// method's gradient is weighed in (distill_weight != 0); else g and gt hold 0, which stays 0 (not the Jacobian's
+// product with a NaN z-score, whatever the row holds).
 template <class M, class Row>
-M standardized_row(const M* s, const M* t, int64_t target, M* g, M* ce, int64_t v, M ce_scale, RowBuffers<M>& buf,
-                   M* gt, M* dtemp, Row&& row) {
+M standardized_row(const M* s, const M* t, int64_t target, M* g, M* ce, int64_t v, CeOptions<M> ce_options,
+                   bool distilled, RowBuffers<M>& buf, M* gt, M* dtemp, Row&& row) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
@@ -288,7 +326,7 @@ M standardized_row(const M* s, const M* t, int64_t target, M* g, M* ce, int64_t 
   write_zscore(t, v, teacher, buf.zt);
   if (g == s) s = static_cast<const M*>(std::memcpy(buf.raw, s, size_t(v) * sizeof(M)));
   const V ninf(neg_inf<M>()), iota = O::iota();
-  CrossEntropy<M> xent{M(0), M(0), ce_scale, target};  // (with the term: m1 = max s, lz1 = log sum exp(s - m1))
+  CrossEntropy<M> xent{M(0), M(0), ce_options, target};  // (with the term: m1 = max s, lz1 = log sum exp(s - m1))
   if (ce != nullptr) {
     V vm1 = ninf;
     for (int64_t j = 0; j < v; j += L) vm1 = O::max(vm1, load(s + j, std::min(L, v - j)));
@@ -299,11 +337,13 @@ M standardized_row(const M* s, const M* t, int64_t target, M* g, M* ce, int64_t 
   }
   const M loss = row(buf.zs, buf.zt, target, g, nullptr, t, teacher.sd, gt, dtemp);
   if (ce != nullptr) *ce = xent.loss(s, v);
-  if (g != nullptr) {
-    through_zscore(g, buf.zs, student, v,
-                   [&](int64_t j, int64_t n) { return ce != nullptr ? xent.grad(load(s + j, n), iota, j) : V(M(0)); });
+  auto ce_grad = [&](int64_t j, int64_t n) { return ce != nullptr ? xent.grad(load(s + j, n), iota, j) : V(M(0)); };
+  if (g != nullptr && distilled) {
+    through_zscore(g, buf.zs, student, v, ce_grad);
+  } else if (g != nullptr) {
+    for (int64_t j = 0; j < v; j += L) ce_grad(j, std::min(L, v - j)).store(g + j, std::min(L, v - j));
   }
-  if (gt != nullptr) through_zscore(gt, buf.zt, teacher, v, [](int64_t, int64_t) { return V(M(0)); });
+  if (gt != nullptr && distilled) through_zscore(gt, buf.zt, teacher, v, [](int64_t, int64_t) { return V(M(0)); });
   return loss;
 }
 
@@ -346,7 +386,8 @@ void for_rows(const RowsArgs& a, int64_t begin, int64_t end, RowBuffers<M>& buf,
     const M* t = row_as<M>(a.teacher, a.teacher_dtype, a.teacher_stride, i, a.v, buf.t);
     M* g = grad_row == nullptr ? nullptr : grad_in_place ? static_cast<M*>(grad_row) : buf.g;
     M* gt = teacher_grad_row == nullptr ? nullptr : teacher_grad_in_place ? static_cast<M*>(teacher_grad_row) : buf.gt;
-    loss[i] = (a.standardize ? standardized_row(s, t, target, g, ce, a.v, M(a.ce_scale), buf, gt, dtemp, row)
+    loss[i] = (a.standardize ? standardized_row(s, t, target, g, ce, a.v, CeOptions<M>::of(a), a.grad_scale != 0.0, buf,
+                                                gt, dtemp, row)
                              : row(s, t, target, g, ce, t, M(1), gt, dtemp)) *
               M(a.t2);
     if (g != nullptr && !grad_in_place) store_row(g, a.v, a.student_dtype, grad_row);

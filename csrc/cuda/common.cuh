@@ -230,7 +230,7 @@ struct LaunchArgs {
   const float* denominator;  // 0-d float32 or nullptr (the gradient is scaled by 1 / *denominator)
   float temperature, t2;
   int64_t ignore_index;
-  float ce_weight, distill_weight;
+  float ce_weight, label_smoothing, distill_weight;
   float* ce_loss;    // [N] the cross-entropy term's rows, or nullptr without it
   bool standardize;  // z-score both rows first (row_math.h ZScore)
   // The full gradient (the *_full ops): d loss / d T per row ([N]), else nullptr; the teacher's gradient goes to
@@ -272,6 +272,7 @@ inline CudaCall prepare_cuda_call(const char* op, const FamilyArgs& a, int num_c
             float(o.t2()),
             o.ignore_index,
             float(o.ce_weight),
+            float(o.label_smoothing),
             float(o.distill_weight),
             o.with_ce ? c.call.ce_rows.data_ptr<float>() : nullptr,
             o.standardize};
@@ -415,7 +416,9 @@ struct TemperatureGrad {
     sum.x += (x == -INFINITY ? 0.f : (x - safe_shift(mx)) * g) + (y == -INFINITY ? 0.f : (y - safe_shift(my)) * gt);
   }
   __device__ __forceinline__ float value(bool t2_scale, float scale, float loss, Sum* scratch) const {
-    return (t2_scale ? 2.f * scale * loss : 0.f) - block_reduce(sum, scratch).x;
+    const float terms = block_reduce(sum, scratch).x;  // (every thread: a barrier)
+    if (scale == 0.f) return 0.f;                      // (distill_weight = 0: the loss may be inf, the gradient is 0)
+    return (t2_scale ? 2.f * scale * loss : 0.f) - terms;
   }
 };
 
@@ -437,32 +440,55 @@ __device__ __forceinline__ RowZScores row_zscores(const T* s, const T* t, int64_
   return out;
 }
 
-// The cross-entropy term of a row at T = 1: m1 = max s and lz1 = log sum exp(s - m1); its loss m1 + lz1 - s_target
-// and its gradient ce_weight / denominator (exp(s_j - m1 - lz1) - [j = target]).
+// The hard-label term of a row at T = 1 (docs/losses.md, "The hard-label term"), from m1 = max s and
+// lz1 = log sum exp(s - m1): its loss m1 + lz1 - (1 - eps) s_target - eps * (the mean of the unmasked s) and its
+// gradient ce_weight / denominator (exp(s_j - m1 - lz1) - (1 - eps) [j = target] - eps / K [s_j unmasked]), K the
+// unmasked classes' count.
 struct CrossEntropy {
   float m1, lz1, scale;
   int64_t target;
+  float smoothing, share;  // eps, eps / K
 
   __device__ __forceinline__ float grad(int64_t j, float s) const {
-    return (expf(s - m1 - lz1) - (j == target ? 1.f : 0.f)) * scale;
+    if (scale == 0.f) return 0.f;  // (ce_weight = 0: no gradient, whatever the logits)
+    const float unmasked = s != -INFINITY ? share : 0.f;
+    return (expf(s - m1 - lz1) - (j == target ? 1.f - smoothing : 0.f) - unmasked) * scale;
   }
 };
 
-// The student's logit of the row's target (NaN out of range, never read there; 0 without the term). Every thread
-// reads it before the block's next barrier, so an in-place gradient written after that barrier cannot replace it.
+// What the hard-label term reads of the student's raw row: its target's logit (NaN out of range, never read there),
+// with label smoothing (1 - eps) s_target + eps * (the mean of the unmasked s), and eps / K; 0 without the term.
+// Every thread reads the row before the block's next barrier, so an in-place gradient written after that barrier
+// cannot replace it.
+struct TargetLogit {
+  float value, share;
+};
+
 template <class T>
-__device__ __forceinline__ float target_logit(const Rows<T>& r, const LaunchArgs& a, int64_t row, const T* s) {
-  if (a.ce_loss == nullptr) return 0.f;
+__device__ __forceinline__ TargetLogit target_logit(const Rows<T>& r, const LaunchArgs& a, int64_t row, const T* s,
+                                                    Sum2* scratch) {
+  if (a.ce_loss == nullptr) return {0.f, 0.f};
   const int64_t target = a.target[row];
-  return target >= 0 && target < r.v ? to_float(s[target]) : NAN;
+  const float s_y = target >= 0 && target < r.v ? to_float(s[target]) : NAN;
+  const float eps = a.label_smoothing;
+  if (eps == 0.f) return {s_y, 0.f};
+  Sum2 unmasked;  // (count, sum)
+  walk_row(s, s, static_cast<T*>(nullptr), r.v, [&](int64_t, float sj, float) {
+    if (sj != -INFINITY) unmasked.merge({1.f, sj});
+    return 0.f;
+  });
+  unmasked = block_reduce(unmasked, scratch);
+  return {(1.f - eps) * s_y + eps * (unmasked.y / unmasked.x), eps / unmasked.x};
 }
 
 // The row's cross-entropy from the online (max, sum) of its raw logits; thread 0 stores its loss.
-__device__ __forceinline__ CrossEntropy cross_entropy(const LaunchArgs& a, int64_t row, const Lse& raw, float s_y) {
-  if (a.ce_loss == nullptr) return {0.f, 0.f, 0.f, 0};
+__device__ __forceinline__ CrossEntropy cross_entropy(const LaunchArgs& a, int64_t row, const Lse& raw,
+                                                      const TargetLogit& y) {
+  if (a.ce_loss == nullptr) return {0.f, 0.f, 0.f, 0, 0.f, 0.f};
   const float lz1 = logf(raw.z);
-  if (threadIdx.x == 0) a.ce_loss[row] = raw.m + lz1 - s_y;
-  return {raw.m, lz1, a.ce_weight / (a.denominator != nullptr ? *a.denominator : 1.f), a.target[row]};
+  if (threadIdx.x == 0) a.ce_loss[row] = raw.m + lz1 - y.value;
+  const float scale = a.ce_weight / (a.denominator != nullptr ? *a.denominator : 1.f);
+  return {raw.m, lz1, scale, a.target[row], a.label_smoothing, y.share};
 }
 
 // Calls f(T()) with T the C++ type of the kernel's input dtype.

@@ -58,6 +58,8 @@ struct BinAccumulator {
   }
 };
 
+// Long: its passes (numbered blocks) share the row's block-reduced statistics; the per-class math is in the
+// family's header.
 template <int PARTITION, class T>
 __global__ void __launch_bounds__(512)
     decoupled_kernel(Rows<T> r, LaunchArgs a, DecoupledParams<double> c, float threshold) {
@@ -107,7 +109,7 @@ __global__ void __launch_bounds__(512)
   mb.threshold *= zs.t.stats.sd;  // (z_i - max z >= T log(tau)  <=>  t_i - max t >= T log(tau) sd)
   // (1)
   const bool with_ce = a.ce_loss != nullptr;
-  const float s_y = target_logit(r, a, row, s);
+  const TargetLogit s_y = target_logit(r, a, row, s, sum2_scratch);
   BinAccumulator bins[NUM_BINS];
   Lse l1;
   walk_row(s, t, no_store, r.v, [&](int64_t j, float sj, float tj) {
@@ -166,8 +168,10 @@ __global__ void __launch_bounds__(512)
     walk_row_pair(s, t, g, gt, r.v, [&](int64_t j, float sj, float tj) {
       const float2 gj = grads(j, sj, tj);
       if (a.temperature_grad != nullptr) dt.add(zs.x(sj, a.temperature), gj.x, zs.y(tj, a.temperature), gj.y);
-      return make_float2((a.standardize ? zs.s.grad(gj.x, sj) : gj.x) + (with_ce ? xent.grad(j, sj) : 0.f),
-                         a.standardize ? zs.t.grad(gj.y, tj) : gj.y);
+      // (scale 0, distill_weight = 0: the gradients are 0, kept 0 rather than carried through a NaN z-score)
+      const bool through = a.standardize && scale != 0.f;
+      return make_float2((through ? zs.s.grad(gj.x, sj) : gj.x) + (with_ce ? xent.grad(j, sj) : 0.f),
+                         through ? zs.t.grad(gj.y, tj) : gj.y);
     });
     if (a.temperature_grad != nullptr) {
       const float dtemp = dt.value(a.t2_scale, scale, d.loss, sum_scratch);

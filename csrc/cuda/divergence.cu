@@ -69,6 +69,8 @@ __device__ AklHead<float> akl_head(const T* t, int64_t v, float mu, P&& p, int64
   return head;
 }
 
+// Long: its passes (numbered blocks) share the row's block-reduced statistics; the per-class math is in the
+// family's header.
 template <int CODE, class T>
 __global__ void __launch_bounds__(512, 2) divergence_kernel(Rows<T> r, LaunchArgs a, DivergenceParams<float> c) {
   __shared__ Lse lse_scratch[MAX_WARPS];
@@ -81,7 +83,7 @@ __global__ void __launch_bounds__(512, 2) divergence_kernel(Rows<T> r, LaunchArg
   const T* t = r.t + row * r.t_stride;
   T* g = r.g == nullptr ? nullptr : r.g + row * r.v;
   const bool with_ce = a.ce_loss != nullptr;
-  const float s_y = target_logit(r, a, row, s);
+  const TargetLogit s_y = target_logit(r, a, row, s, sum2_scratch);
   // (0), (1)
   RowZScores zs = row_zscores(s, t, r.v, a.standardize, moment_scratch);
   Lse lx, ly, l1;
@@ -127,7 +129,7 @@ __global__ void __launch_bounds__(512, 2) divergence_kernel(Rows<T> r, LaunchArg
   sum_l = block_reduce(sum_l, sum_scratch);
   if (CODE != KD) sum_r = block_reduce(sum_r, sum_scratch);
   if (weighs_row_sums<CODE>) sum_e = block_reduce(sum_e, sum_scratch);
-  if (CODE == AKL) sum_f = block_reduce(sum_f, sum_scratch);
+  if (weighs_row_sums<CODE>) sum_f = block_reduce(sum_f, sum_scratch);
   if (full) sum_rt = block_reduce(sum_rt, sum_scratch);
   const DivergenceRow<float> row_sums = divergence_row<CODE>(c, sum_l.x, sum_r.x, sum_e.x, sum_f.x);
   if (threadIdx.x == 0) r.loss[row] = row_sums.loss * a.t2;
@@ -158,15 +160,16 @@ __global__ void __launch_bounds__(512, 2) divergence_kernel(Rows<T> r, LaunchArg
       const ClassTerms<float> k = terms(j, sj, tj);
       const float gj = divergence_grad<CODE, F>(k, grad_row, scale), gtj = teacher_grad(k, tj);
       dt.add(zs.x(sj, a.temperature), gj, zs.y(tj, a.temperature), gtj);
-      return make_float2((a.standardize ? zs.s.grad(gj, sj) : gj) + (with_ce ? xent.grad(j, sj) : 0.f),
-                         a.standardize ? zs.t.grad(gtj, tj) : gtj);
+      const bool through = a.standardize && scale != 0.f;  // (scale 0: gradients 0, not through a NaN z-score)
+      return make_float2((through ? zs.s.grad(gj, sj) : gj) + (with_ce ? xent.grad(j, sj) : 0.f),
+                         through ? zs.t.grad(gtj, tj) : gtj);
     });
     const float dtemp = dt.value(a.t2_scale, scale, row_sums.loss, sum_scratch);
     if (threadIdx.x == 0) a.temperature_grad[row] = dtemp;
   } else if (!kd_writes && g != nullptr) {
     walk_row<TERMS_PACK>(s, t, g, r.v, [&](int64_t j, float sj, float tj) {
       const float gj = divergence_grad<CODE, F>(terms(j, sj, tj), grad_row, scale);
-      return (a.standardize ? zs.s.grad(gj, sj) : gj) + (with_ce ? xent.grad(j, sj) : 0.f);
+      return (a.standardize && scale != 0.f ? zs.s.grad(gj, sj) : gj) + (with_ce ? xent.grad(j, sj) : 0.f);
     });
   }
 }

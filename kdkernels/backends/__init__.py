@@ -27,7 +27,7 @@ import torch
 from . import reference
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Backend:
     name: str
     impl: Callable | None
@@ -90,22 +90,16 @@ def reduce(rows: torch.Tensor, call) -> torch.Tensor:
     return total if call.denominator is None else total / call.denominator
 
 
-def _weighted(weight: float, rows: torch.Tensor) -> torch.Tensor:
-    """weight * rows, a weight of 0 giving exactly 0 (a term that does not count contributes nothing, even inf)."""
-    if weight == 1:
-        return rows
-    return torch.zeros_like(rows) if weight == 0 else weight * rows
-
-
 def weigh(call, distill: torch.Tensor, ce: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, parts) of ``call`` (arguments.LossCall or kernel_call.KernelCall) from its two terms, per row [N] or
     already reduced: loss = distill_weight * distill + ce_weight * ce, and parts = [distill, ce] unweighted and not
-    differentiable (ce 0 without the term). The one place on the host that combines the two terms."""
-    loss = _weighted(call.distill_weight, distill)
+    differentiable (ce 0 without the term); a term of weight 0 adds exactly 0, even if infinite (reference.weighted).
+    The one place on the host that combines the two terms."""
+    loss = reference.weighted(call.distill_weight, distill)
     if ce is None:
         ce = torch.zeros_like(distill)
     elif call.ce_weight != 0:
-        loss = loss + _weighted(call.ce_weight, ce)
+        loss = loss + reference.weighted(call.ce_weight, ce)
     return loss, torch.stack([distill.detach(), ce.detach()])
 
 
@@ -132,5 +126,11 @@ def _reference_cross_vocab(
 
 
 register(
-    Backend("reference", _reference_impl, lambda device: None, full=_reference_full, cross_vocab=_reference_cross_vocab)
+    Backend(
+        name="reference",
+        impl=_reference_impl,
+        unavailable=lambda device: None,
+        full=_reference_full,
+        cross_vocab=_reference_cross_vocab,
+    )
 )

@@ -68,15 +68,15 @@ for _backend in ("cpu", "cuda"):
         _full_ops = {family: ops[2] for family, ops in _triples.items()}
         register(
             Backend(
-                _backend,
-                family_backend(_backend, _ops, _scale),
-                _unavailable_on(_backend),
-                full_backend(_full_ops, _scale),
-                _ops,
-                {family: ops[1] for family, ops in _triples.items()},
-                _scale,
-                _full_ops,
+                name=_backend,
+                impl=family_backend(_backend, _ops, _scale),
+                unavailable=_unavailable_on(_backend),
+                full=full_backend(_full_ops, _scale),
+                ops=_ops,
+                inplace={family: ops[1] for family, ops in _triples.items()},
+                scale_rows=_scale,
+                full_ops=_full_ops,
             )
         )
     else:
-        register(Backend(_backend, None, _unavailable_on(_backend)))
+        register(Backend(name=_backend, impl=None, unavailable=_unavailable_on(_backend)))

@@ -35,6 +35,7 @@ class KernelCall:
     params: tuple[float, ...] = ()  # the plan's named parameters (methods.DivergenceParams / DecoupledParams)
     temperature: float = 1.0  # under torch.compile a 0-d float64 tensor (arguments.py)
     ce_weight: float = 0.0  # loss = distill_weight * (the plan's loss) + ce_weight * CE(student, target at T = 1)
+    label_smoothing: float = 0.0  # eps: CE = (1 - eps) (lse - s_target) + eps (lse - the mean of the unmasked s)
     distill_weight: float = 1.0
     ignore_index: int = -100  # the target value of the rows left out
     t2_scale: bool = False  # the plan's loss times T^2
@@ -49,9 +50,10 @@ class KernelCall:
             target=call.target,
             denominator=call.denominator,
             code=int(call.plan.code),
-            params=tuple(float(x) for x in call.plan.params),
+            params=tuple(map(float, call.plan.params)),
             temperature=call.temperature,
             ce_weight=call.ce_weight,
+            label_smoothing=call.label_smoothing,
             distill_weight=call.distill_weight,
             ignore_index=call.ignore_index,
             t2_scale=call.t2_scale,

@@ -5,7 +5,8 @@ Written for clarity, not speed: it materialises [N, V] temporaries and gets its 
 computes in float64 when either input is float64 and in float32 otherwise.
 
 Masked classes (logit -inf) follow the limits of the definitions: a term x log(x / y) with x = 0 is 0, and a
-class whose teacher and student probabilities are both 0 contributes exactly 0. Every place where such a class
+class whose teacher and student probabilities are both 0 (masked, or below the least normal number of the math type:
+underflowed) contributes exactly 0. Every place where such a class
 would put -inf - -inf or 0 * inf into the forward values *or the autograd graph* first swaps in a finite dummy
 (`torch.where` on both sides), so gradients stay exact and finite. A row whose classes are all masked in both
 logits contributes 0, like an ignored row.
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from ..methods import ABKD_CODES, DIVERGENCE, STANDARDIZE_EPS, Bin, CrossVocab, Divergence, Partition, Plan
+from ..methods import ABKD_CODES, BDKD_TIE, DIVERGENCE, STANDARDIZE_EPS, Bin, CrossVocab, Divergence, Partition, Plan
+
+Tensor = torch.Tensor
 
 NEG_INF = float("-inf")
 
@@ -79,12 +82,18 @@ def akl_head(teacher: torch.Tensor, lp: torch.Tensor, mu: float) -> torch.Tensor
     return torch.zeros_like(in_head).scatter_(-1, order, in_head)
 
 
+def underflows(log_a: torch.Tensor) -> torch.Tensor:
+    """Whether the probability exp(log_a) is 0 in the math type: below its least normal number (docs/losses.md,
+    "Conventions"); not differentiated."""
+    return log_a.detach().exp() < torch.finfo(log_a.dtype).tiny
+
+
 def divergence_terms(plan: Plan, lp: torch.Tensor, lq: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
     """Per-class statistics [N, V, S] of a divergence-family plan, whose row sums its loss combines: the loss terms
-    (S = 1); for bdkd the terms of KL(p || q), of KL(q || p) and of H(p) - H(q) (S = 3); for akl those of
-    KL(p || q), KL(q || p) and |p - q| on the ``head`` (akl_head) and off it (S = 4). A class with p = q = 0
-    contributes 0."""
-    absent = torch.isneginf(lp) & torch.isneginf(lq)
+    (S = 1); for bdkd the terms of KL(p || q), of KL(q || p), of H(p) - H(q) and of H(p) + H(q) (S = 4); for akl
+    those of KL(p || q), KL(q || p) and |p - q| on the ``head`` (akl_head) and off it (S = 4). A class with
+    p = q = 0 (masked or underflowed in both) contributes 0."""
+    absent = underflows(lp) & underflows(lq)
     lp = torch.where(absent, 0.0, lp)
     lq = torch.where(absent, 0.0, lq)
     code, params = plan.code, plan.params
@@ -101,13 +110,16 @@ def divergence_terms(plan: Plan, lp: torch.Tensor, lq: torch.Tensor, head: torch
         stats = [kl_terms(lq, _log_mixture(lp, lq, params))]
     elif code == Divergence.TVD:
         stats = [0.5 * (lp.exp() - lq.exp()).abs()]
-    elif code in ABKD_CODES:
-        stats = [_abkd_terms(code, lp, lq, params.alpha, params.beta)]
+    elif code in ABKD_CODES:  # (>= 0: a class masked in one model only whose formula is inf - inf is +inf)
+        terms = _abkd_terms(code, lp, lq, params.alpha, params.beta)
+        one_sided = torch.isneginf(lp) | torch.isneginf(lq)
+        stats = [torch.where(one_sided & torch.isnan(terms.detach()), torch.inf, terms)]
     elif code == Divergence.WSD:
         stats = [params.w_fkl * kl_terms(lp, lq) + params.w_rkl * kl_terms(lq, lp)]
-    elif code == Divergence.BDKD:  # q log q - p log p, as kl_terms against log 1 = 0
+    elif code == Divergence.BDKD:  # q log q - p log p and -(q log q + p log p), as kl_terms against log 1 = 0
         zero = torch.zeros_like(lp)
-        stats = [kl_terms(lp, lq), kl_terms(lq, lp), kl_terms(lq, zero) - kl_terms(lp, zero)]
+        q_log_q, p_log_p = kl_terms(lq, zero), kl_terms(lp, zero)
+        stats = [kl_terms(lp, lq), kl_terms(lq, lp), q_log_q - p_log_p, -(q_log_q + p_log_p)]
     elif code == Divergence.AKL:
         gap = (lp.exp() - lq.exp()).abs()
         stats = [kl_terms(lp, lq), kl_terms(lq, lp), torch.where(head, gap, 0.0), torch.where(head, 0.0, gap)]
@@ -124,10 +136,12 @@ def divergence_sums(plan: Plan, lp: torch.Tensor, lq: torch.Tensor, head: torch.
 
 def divergence_combine(plan: Plan, sums: torch.Tensor) -> torch.Tensor:
     """Per-row loss [N] (before the T^2 factor) from the whole row's ``divergence_sums``."""
-    if plan.code == Divergence.BDKD:  # the weights are not differentiated
-        forward, reverse, entropy_gap = sums.unbind(-1)
-        w_fkl = torch.where(entropy_gap.detach() > 0, plan.params.w_fkl, 1.0)
-        w_rkl = torch.where(entropy_gap.detach() < 0, plan.params.w_rkl, 1.0)
+    if plan.code == Divergence.BDKD:  # the weights are not differentiated; entropies equal within the tie: 1 and 1
+        forward, reverse, entropy_gap, entropy_sum = sums.unbind(-1)
+        gap = entropy_gap.detach()
+        gap = torch.where(gap.abs() <= BDKD_TIE * torch.finfo(gap.dtype).eps * (1 + entropy_sum.detach()), 0.0, gap)
+        w_fkl = torch.where(gap > 0, plan.params.w_fkl, 1.0)
+        w_rkl = torch.where(gap < 0, plan.params.w_rkl, 1.0)
         return w_fkl * forward + w_rkl * reverse
     if plan.code == Divergence.AKL:  # g_head / g and g_tail / g, not differentiated; 1/2 each where p = q (g = 0)
         forward, reverse = sums[:, 0], sums[:, 1]
@@ -213,19 +227,39 @@ def decoupled_rows(plan: Plan, lp: torch.Tensor, lq: torch.Tensor, bins: torch.T
         shift_p = torch.where(torch.isneginf(log_pb), 0.0, log_pb).unsqueeze(-1)
         shift_q = torch.where(torch.isneginf(log_qb), 0.0, log_qb).unsqueeze(-1)
         in_p, in_q = torch.where(member, lp - shift_p, NEG_INF), torch.where(member, lq - shift_q, NEG_INF)
+        # (A term of weight 0 is left out, not multiplied by 0: it may be infinite; against a bin the other model
+        # gives no mass, the in-bin KL is: its log-probabilities are -inf there.)
         divergence = 0.0
-        if params.w_fkl:  # (a direction of weight 0 is left out, not multiplied by 0: it may be infinite)
+        if params.w_fkl:
             divergence = divergence + params.w_fkl * kl_terms(in_p, torch.where(member, in_q, 0.0)).sum(-1)
         if params.w_rkl:
             divergence = divergence + params.w_rkl * kl_terms(in_q, torch.where(member, in_p, 0.0)).sum(-1)
         inner.append(divergence)
     log_p, log_q = refine_largest(torch.stack(log_p, -1)), refine_largest(torch.stack(log_q, -1))
-    if params.adaptive:  # min(P_strong / Q_strong, max_weight), not differentiated
-        w_mass = (log_p[:, int(Bin.STRONG)] - log_q[:, int(Bin.STRONG)]).detach().exp().clamp(max=params.max_weight)
-    else:
-        w_mass = params.w_mass
-    loss = w_mass * kl_terms(log_p, log_q).sum(-1)
-    return loss + params.w_strong * inner[int(Bin.STRONG)] + params.w_rest * inner[int(Bin.REST)]
+    strong = int(Bin.STRONG)
+    w_mass = aekt_weight(params, log_p[:, strong], log_q[:, strong]) if params.adaptive else params.w_mass
+    loss = weighted(w_mass, kl_terms(log_p, log_q).sum(-1))
+    return loss + weighted(params.w_strong, inner[strong]) + weighted(params.w_rest, inner[int(Bin.REST)])
+
+
+def aekt_weight(params, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """aekt's a = min(p_y / q_y, max_weight) from the log masses of its strong bin {y}, and 0 where p_y = 0 (the
+    label masked in both models too, where the ratio is 0 / 0); not differentiated."""
+    ratio = (log_p - log_q).detach().exp().clamp(max=params.max_weight)
+    return torch.where(torch.isneginf(log_p.detach()), 0.0, ratio)
+
+
+def weighted(weight: float | torch.Tensor, term: torch.Tensor | float) -> torch.Tensor | float:
+    """weight * term, and exactly 0 where the weight is 0, whatever the term (inf and NaN too): a term of weight 0
+    contributes nothing, to the loss or its gradient (docs/losses.md, "The hard-label term")."""
+    if isinstance(weight, torch.Tensor):
+        return torch.where(weight == 0, 0.0, weight * torch.where(weight == 0, 0.0, term))
+    if weight == 1:
+        return term
+    if weight != 0:
+        return weight * term
+    # (zeros still in the autograd graph, so that a loss whose every term has weight 0 has a gradient: 0)
+    return torch.where(torch.zeros_like(term, dtype=torch.bool), term, 0.0) if isinstance(term, torch.Tensor) else 0.0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -291,16 +325,58 @@ def row_losses(
         loss = decoupled_rows(call.plan, lp, lq, bins)
     if call.t2_scale:
         loss = loss * T**2
-    ce = cross_entropy_rows(s, target, kept) if call.with_ce else None
-    return torch.where(kept, loss, 0.0), ce
+    ce = cross_entropy_rows(s, target, kept, call.label_smoothing) if call.with_ce else None
+    loss = torch.where(kept, loss, 0.0)
+    if call.distill_weight == 0:
+        # A term of weight 0 adds exactly 0 (combine): its rows are kept for the parts but left out of the autograd
+        # graph, where 0 times its own gradient would be NaN wherever that is; a where that passes 0 joins them to
+        # the student, so that the loss has a gradient (0) even when the other weight is 0 too.
+        never = torch.zeros_like(kept)
+        loss = torch.where(never, torch.where(never.unsqueeze(-1), student, 0.0).sum(-1), loss.detach())
+    return loss, ce
 
 
-def cross_entropy_rows(student: torch.Tensor, target: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """-log softmax(student)_target per row [N] at T = 1; 0 on rows not ``kept`` (whose logits and target may hold
-    anything)."""
+def cross_entropy_rows(
+    student: torch.Tensor, target: torch.Tensor, kept: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """The hard-label term per row [N] at T = 1: -log softmax(student)_target, label-smoothed by eps =
+    ``label_smoothing`` (smoothed_ce); 0 on rows not ``kept`` (whose logits and target may hold anything)."""
     s = torch.where(kept.unsqueeze(-1), student, 0.0)
     index = torch.where(kept, target, 0).unsqueeze(-1)
-    return torch.where(kept, torch.logsumexp(s, -1) - s.gather(-1, index).squeeze(-1), 0.0)
+    unmasked = ~torch.isneginf(s)
+    rows = smoothed_ce(
+        torch.logsumexp(s, -1),
+        s.gather(-1, index).squeeze(-1),
+        torch.where(unmasked, s, 0.0).sum(-1),
+        unmasked.sum(-1),
+        label_smoothing,
+    )
+    return torch.where(kept, rows, 0.0)
+
+
+def cross_entropy_grad(
+    student: torch.Tensor, target: torch.Tensor, kept: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """d cross_entropy_rows / d student [N, V] (0 on rows not ``kept``), without autograd."""
+    s = torch.where(kept.unsqueeze(-1), student, 0.0)
+    onehot = torch.zeros_like(s).scatter_(-1, torch.where(kept, target, 0).unsqueeze(-1), 1.0)
+    unmasked = ~torch.isneginf(s)
+    grad = smoothed_ce_grad_(torch.softmax(s, -1), onehot, unmasked, unmasked.sum(-1, keepdim=True), label_smoothing)
+    return grad.mul_(kept.unsqueeze(-1))
+
+
+def smoothed_ce(lse: Tensor, target_logit: Tensor, unmasked_sum: Tensor, unmasked_count: Tensor, eps: float) -> Tensor:
+    """The label-smoothed cross-entropy of rows from their log-sum-exp, target logit, and the sum and count of their
+    unmasked logits (docs/losses.md, "The hard-label term"): (1 - eps) (lse - s_y) + eps (lse - sum / count)."""
+    if eps == 0:
+        return lse - target_logit
+    return lse - (1 - eps) * target_logit - eps * (unmasked_sum / unmasked_count)
+
+
+def smoothed_ce_grad_(softmax: Tensor, onehot: Tensor, unmasked: Tensor, unmasked_count: Tensor, eps: float) -> Tensor:
+    """smoothed_ce's gradient, in place of ``softmax``: softmax - (1 - eps) onehot - eps / count (unmasked)."""
+    softmax.sub_(onehot, alpha=1 - eps)
+    return softmax if eps == 0 else softmax.sub_(unmasked / unmasked_count * eps)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -358,5 +434,5 @@ def cross_vocab_rows(
     else:
         loss = hybrid_rows(params, lq, lp, classes)
     target = None if call.target is None else torch.where(call.valid, call.target, 0)
-    ce = cross_entropy_rows(s, target, kept) if call.with_ce else None
+    ce = cross_entropy_rows(s, target, kept, call.label_smoothing) if call.with_ce else None
     return torch.where(kept, loss, 0.0), ce

@@ -28,7 +28,7 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
-from ..arguments import resolve
+from ..arguments import OPTIONS, resolve
 from ..backends import select_backend
 from ..linear import linear_distill_loss
 
@@ -439,6 +439,10 @@ class KDConfig(transformers.TrainingArguments):
         temperature: T of both softmaxes (a number: see ``LEARNABLE_TEMPERATURE`` for a learnable one).
         t2_scale: multiply the distillation term by T^2.
         ce_weight, distill_weight: loss = ce_weight * CE(student, label) + distill_weight * method, per token.
+        label_smoothing_factor (TrainingArguments'): smooths CE as transformers' LabelSmoother does (the loss
+            option label_smoothing); needs ce_weight > 0.
+        label_smoothing_factor (TrainingArguments): smooths the cross-entropy term as transformers' LabelSmoother does
+            (kdkernels
         standardize: z-score each model's logits before the loss.
         log_entropy: also log the student's mean entropy at T.
         chunk_size, memory_budget, backend: those of ``kdkernels.linear_distill_loss``.
@@ -496,14 +500,23 @@ class KDConfig(transformers.TrainingArguments):
             if isinstance(getattr(self, name), str):  # (a non-JSON string: the parent only parses "{...}")
                 raise ValueError(f"{name} must be a dict or a JSON object string, got {getattr(self, name)!r}")
         self.method_kwargs = dict(self.method_kwargs or {})
+        options = set(self.method_kwargs) & set(OPTIONS)
+        if options:
+            raise ValueError(f"method_kwargs holds the method's hyperparameters; {sorted(options)} are KDConfig fields")
+        if self.label_smoothing_factor and not self.ce_weight:
+            raise ValueError(
+                f"label_smoothing_factor={self.label_smoothing_factor} smooths the cross-entropy term, which "
+                "ce_weight=0 leaves out: set ce_weight > 0"
+            )
         resolve(
             self.method,
-            self.method_kwargs,
-            self.temperature,
-            self.t2_scale,
+            temperature=self.temperature,
+            t2_scale=self.t2_scale,
             ce_weight=self.ce_weight,
+            label_smoothing=self.label_smoothing_factor,
             distill_weight=self.distill_weight,
             standardize=self.standardize,
+            **self.method_kwargs,
         )
         for name in ("chunk_size", "memory_budget", "max_new_tokens"):
             value = getattr(self, name)
@@ -519,7 +532,7 @@ class KDConfig(transformers.TrainingArguments):
         """The keyword arguments of ``linear_distill_loss`` that this configuration sets."""
         names = ("temperature", "t2_scale", "ce_weight", "distill_weight", "standardize", "chunk_size")
         options = {name: getattr(self, name) for name in (*names, "memory_budget", "backend")}
-        return {**options, **self.method_kwargs}
+        return {**options, "label_smoothing": self.label_smoothing_factor, **self.method_kwargs}
 
 
 def peft_student(model: nn.Module, peft_config=None) -> nn.Module:

@@ -91,7 +91,7 @@ def trl_hyperparameters(method: str, method_kwargs: dict | None, beta: float | N
             f"method_kwargs: jsd's beta is the TRL config's beta, got {method_kwargs!r}; set the config's beta"
         )
     hyperparameters = {"beta": 0.5 if beta is None else beta} if method == "jsd" else dict(method_kwargs or {})
-    resolve(method, hyperparameters, 1.0, False)
+    resolve(method, temperature=1.0, t2_scale=False, **hyperparameters)
     return hyperparameters
 
 
@@ -100,7 +100,7 @@ def patch_trl(method: str = "jsd", **method_kwargs) -> Callable[[], None]:
     hyperparameters as keyword arguments; jsd's beta is ``DistillationConfig.beta``), checked now; returns the
     function that puts TRL's own back. TRL's trainer passes its loss no labels: a method that reads them (dkd,
     the decoupled family split at the target) is refused."""
-    if resolve(method, trl_hyperparameters(method, method_kwargs)).plan.needs_target:
+    if resolve(method, **trl_hyperparameters(method, method_kwargs)).plan.needs_target:
         raise ValueError(
             f"method={method!r} reads each token's label, which trl.DistillationTrainer does not pass to its "
             "loss: use kdkernels' KDTrainer (lmbda=1 for on-policy) or GKDTrainer, or a method without a target"

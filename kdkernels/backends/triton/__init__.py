@@ -93,12 +93,16 @@ def _launch(family, student, teacher, call: KernelCall, grad, teacher_grad=None,
             call.temperature**2 if call.t2_scale else 1.0,
             call.ce_weight if call.with_ce else 0.0,
             call.distill_weight,
+            call.label_smoothing,
             **named,
             gt_ptr=teacher_grad if teacher_grad is not None else rows,
             dtemp_ptr=temperature_grad if temperature_grad is not None else rows,
             HAS_TARGET=target is not None,
             HAS_DENOM=denominator is not None,
             WITH_CE=call.with_ce,
+            # A term of weight 0 adds exactly 0 to the gradient, whatever it holds: left out (its loss still computed).
+            CE_GRAD=call.with_ce and call.ce_weight != 0,
+            DISTILL_GRAD=call.distill_weight != 0,
             STANDARDIZE=call.standardize,
             WITH_GRAD=grad is not None,
             FULL=temperature_grad is not None,
@@ -166,13 +170,13 @@ _ops = {family: ops[0] for family, ops in _triples.items()}
 _full_ops = {family: ops[2] for family, ops in _triples.items()}
 register(
     Backend(
-        "triton",
-        family_backend("triton", _ops, scale_rows_),
-        _unavailable,
-        full_backend(_full_ops, scale_rows_),
-        _ops,
-        {family: ops[1] for family, ops in _triples.items()},
-        scale_rows_,
-        _full_ops,
+        name="triton",
+        impl=family_backend("triton", _ops, scale_rows_),
+        unavailable=_unavailable,
+        full=full_backend(_full_ops, scale_rows_),
+        ops=_ops,
+        inplace={family: ops[1] for family, ops in _triples.items()},
+        scale_rows=scale_rows_,
+        full_ops=_full_ops,
     )
 )

@@ -12,6 +12,9 @@ from ...methods import STANDARDIZE_EPS as _EPS
 
 NEG_INF = tl.constexpr(float("-inf"))
 STANDARDIZE_EPS = tl.constexpr(_EPS)
+# The log of float32's least normal number: a probability below it underflows, and counts as 0 (docs/losses.md,
+# "Conventions"); the kernels compare log-probabilities with it.
+LOG_MIN_NORMAL = tl.constexpr(-87.3365447505531)
 
 # Largest tile of a program, in elements ([rows, columns]): a row of up to this many classes is one tile, read once;
 # longer rows stream in tiles of this size (docs/losses.md, "Passes"); short rows share a program up to this many
@@ -86,17 +89,64 @@ def row_block(
 
 
 @triton.jit
-def target_logit(s_ptr, rows64, s_stride, target, ok, V):
-    """Per row, the student's raw logit of the target class (0 where not ok or out of range: never read there)."""
-    ok = ok & (target >= 0) & (target < V)
-    return tl.load(s_ptr + rows64 * s_stride + tl.where(ok, target, 0), mask=ok, other=0.0).to(tl.float32)
+def target_logit(s_ptr, rows64, s_stride, target, ok, V, label_smoothing, BLOCK_V: tl.constexpr):
+    """Per row, what the hard-label term (docs/losses.md, "The hard-label term") reads of the raw student row before
+    an in-place gradient replaces it: (the target's logit, or with label smoothing (1 - eps) s_target + eps * (the
+    mean of the unmasked s); eps / K, K the unmasked classes' count). 0 where not ok or out of range: never read."""
+    in_range = ok & (target >= 0) & (target < V)
+    s_y = tl.load(s_ptr + rows64 * s_stride + tl.where(in_range, target, 0), mask=in_range, other=0.0).to(tl.float32)
+    share = tl.zeros_like(s_y)
+    if label_smoothing > 0:
+        count = tl.zeros_like(s_y)
+        total = tl.zeros_like(s_y)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = ok[:, None] & (cols < V)[None, :]
+            s = tl.load(s_ptr + rows64[:, None] * s_stride + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
+            count += tl.sum((s != NEG_INF).to(tl.float32), axis=1)
+            total += tl.sum(tl.where(s != NEG_INF, s, 0.0), axis=1)
+        count = tl.maximum(count, 1.0)  # (a row without an unmasked class is not kept)
+        s_y = (1.0 - label_smoothing) * s_y + label_smoothing * (total / count)
+        share = label_smoothing / count
+    return s_y, share
 
 
 @triton.jit
-def ce_grad(s, cols, target, m1, lz1, ce_scale):
-    """The cross-entropy's gradient on a tile of raw logits s: ce_scale (softmax(s)_j - [j = target])."""
-    onehot = (cols[None, :] == target[:, None]).to(tl.float32)
-    return (tl.exp(s - m1[:, None] - lz1[:, None]) - onehot) * ce_scale[:, None]
+def ce_grad(s, cols, target, m1, lz1, ce_scale, label_smoothing, share):
+    """The hard-label term's gradient on a tile of raw logits s: ce_scale (softmax(s)_j - (1 - eps) [j = target]
+    - eps / K [s_j unmasked]), share = eps / K (target_logit). The kernels add it only with CE_GRAD: ce_weight = 0
+    leaves it out, whatever the logits."""
+    onehot = (cols[None, :] == target[:, None]).to(tl.float32) * (1.0 - label_smoothing)
+    unmasked = tl.where(s != NEG_INF, share[:, None], 0.0)
+    return (tl.exp(s - m1[:, None] - lz1[:, None]) - onehot - unmasked) * ce_scale[:, None]
+
+
+@triton.jit
+def distilled(g, DISTILL_GRAD: tl.constexpr):
+    """The method's gradient tile g, or 0 without DISTILL_GRAD (distill_weight = 0: the term adds exactly 0, whatever
+    g holds, inf or NaN; a switch, so that the usual launches pay nothing for it)."""
+    if not DISTILL_GRAD:
+        g = tl.zeros_like(g)
+    return g
+
+
+@triton.jit
+def weighted(weight, term):
+    """weight * term, exactly 0 where the weight is 0: a term of weight 0 adds nothing, infinite or not."""
+    return tl.where(weight == 0.0, 0.0, weight * term)
+
+
+@triton.jit
+def nan_max(a, b):
+    """max(a, b), NaN where either is NaN (tl.maximum drops a NaN: a row whose other logits are all -inf would read as
+    masked in both logits, its NaN hidden)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def row_max(x):
+    """Per row, the max of a tile, NaN if it holds a NaN (nan_max; tl.max drops NaN too)."""
+    return tl.reduce(x, 1, nan_max)
 
 
 @triton.jit
@@ -202,7 +252,7 @@ def store_teacher_tile(
     gt_ptr, rows64, g_stride, row_in, cols, V, gt, t, mean_t, sd_t, std_t, n_t, kept, STANDARDIZE: tl.constexpr
 ):
     """Stores the teacher's gradient of a row that is one tile (through the teacher's z-score with STANDARDIZE; 0 on
-    rows not kept)."""
+    rows not kept: pass those whose gradient is 0 by distill_weight = 0 as not kept)."""
     mean_gt, coef_t = n_t, n_t
     if STANDARDIZE:
         sum_gt, sum_gtz = zscore_sums(gt, t, mean_t, sd_t)
@@ -234,7 +284,7 @@ def safe_max(m):
 @triton.jit
 def online_lse(m, z, x):
     """Per row: running max m and z = sum exp(x - m), updated with tile x (rescaling z when the max grows)."""
-    m_new = tl.maximum(m, tl.max(x, axis=1))
+    m_new = nan_max(m, row_max(x))
     shift = safe_max(m_new)
     z = z * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
     return m_new, z

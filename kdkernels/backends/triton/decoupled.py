@@ -25,9 +25,12 @@ from ...methods import Partition
 from .common import (
     NEG_INF,
     ce_grad,
+    distilled,
     load_raw,
+    nan_max,
     online_lse,
     row_block,
+    row_max,
     row_zscore,
     safe_max,
     scaled,
@@ -36,6 +39,7 @@ from .common import (
     target_logit,
     temperature_terms,
     unstandardize,
+    weighted,
     zscore_jacobian,
     zscore_sums,
 )
@@ -116,9 +120,9 @@ def _membership(
 
 @triton.jit
 def _bins_max(v, in_top1, in_strong, in_rest, m_top1, m_strong, m_rest):
-    n_top1 = tl.maximum(m_top1, tl.max(tl.where(in_top1, v, NEG_INF), axis=1))
-    n_strong = tl.maximum(m_strong, tl.max(tl.where(in_strong, v, NEG_INF), axis=1))
-    n_rest = tl.maximum(m_rest, tl.max(tl.where(in_rest, v, NEG_INF), axis=1))
+    n_top1 = nan_max(m_top1, row_max(tl.where(in_top1, v, NEG_INF)))
+    n_strong = nan_max(m_strong, row_max(tl.where(in_strong, v, NEG_INF)))
+    n_rest = nan_max(m_rest, row_max(tl.where(in_rest, v, NEG_INF)))
     return n_top1, n_strong, n_rest
 
 
@@ -184,6 +188,7 @@ def _side_update(
     )
 
 
+# Long: the three bins' online updates side by side, each a few lines.
 @triton.jit
 def _bins_update(
     x,
@@ -306,9 +311,11 @@ def _mass_kl_term(log_p, log_q):
 
 @triton.jit
 def _in_bin_kl(za, ka, zo):
-    """KL(a^b || o^b) from a's sum and k term and o's sum (teacher's kt: forward; student's ks: reverse)."""
+    """KL(a^b || o^b) from a's sum and k term and o's sum (teacher's kt: forward; student's ks: reverse); 0 where a
+    has no mass in the bin, +inf where o has none and a has."""
     za, ka, zo = za.to(tl.float64), ka.to(tl.float64), zo.to(tl.float64)
-    return tl.where(za == 0.0, 0.0, ka / za - (tl.log(za) - tl.log(zo)))
+    kl = tl.where(zo == 0.0, float("inf"), ka / za - (tl.log(za) - tl.log(zo)))
+    return tl.where(za == 0.0, 0.0, kl)
 
 
 @triton.jit
@@ -366,9 +373,11 @@ def _teacher_grad(
 def _teacher_coefficient(weight, lp, lq, mass_kl, f, fkl, r):
     """ct_b = w P_b (log P_b - log Q_b - KL(P || Q)) - f_b KL(p^b || q^b) + r_b, in float32."""
     mass = tl.where(lp == NEG_INF, 0.0, weight * tl.exp(lp) * (lp - lq - mass_kl))
-    return (mass - f * fkl + r).to(tl.float32)
+    return (mass - weighted(f, fkl) + r).to(tl.float32)
 
 
+# Long: its passes (numbered blocks) share each row's bin statistics in registers; the per-class math is in
+# the helpers above.
 @triton.jit
 def decoupled_kernel(
     s_ptr,
@@ -388,6 +397,7 @@ def decoupled_kernel(
     t2,
     ce_weight,
     distill_weight,
+    label_smoothing,
     k,
     threshold,
     w_mass,
@@ -407,6 +417,8 @@ def decoupled_kernel(
     HAS_TARGET: tl.constexpr,
     HAS_DENOM: tl.constexpr,
     WITH_CE: tl.constexpr,
+    CE_GRAD: tl.constexpr,
+    DISTILL_GRAD: tl.constexpr,
     STANDARDIZE: tl.constexpr,
     WITH_GRAD: tl.constexpr,
     FULL: tl.constexpr,
@@ -435,7 +447,7 @@ def decoupled_kernel(
     )
     s_y = 0.0
     if WITH_CE:  # (read before an in-place gradient replaces it)
-        s_y = target_logit(s_ptr, rows64, s_stride, tgt, valid, V)
+        s_y, share = target_logit(s_ptr, rows64, s_stride, tgt, valid, V, label_smoothing, BLOCK_V)
     bad_target = row_in & False
     if HAS_TARGET and PARTITION == TARGET:
         # An index outside [0, V) is never read (membership is a comparison): the row's loss becomes NaN.
@@ -557,19 +569,19 @@ def decoupled_kernel(
                 REVERSE,
             )
     # A row whose classes are all masked in both logits is left out like an ignored row.
-    kept = valid & ((tl.maximum(t1, tl.maximum(t2_, t3)) != NEG_INF) | (tl.maximum(s1, tl.maximum(s2, s3)) != NEG_INF))
+    kept = valid & ((nan_max(t1, nan_max(t2_, t3)) != NEG_INF) | (nan_max(s1, nan_max(s2, s3)) != NEG_INF))
 
-    # Row loss and gradient coefficients from the statistics, in float64.
+    # Row loss and gradient coefficients from the statistics, in float64; a term of weight 0 adds 0, infinite or not.
     lp1, lp2, lp3 = _log_masses(t1, t2_, t3, tz1, tz2, tz3)
     lq1, lq2, lq3 = _log_masses(s1, s2, s3, sz1, sz2, sz3)
     weight = zero.to(tl.float64) + w_mass
-    if ADAPTIVE:
+    if ADAPTIVE:  # aekt: min(P_strong / Q_strong, max_weight), and 0 where P_strong = 0 (then 0 / 0 too)
         ratio = tl.exp(lp2 - lq2)
-        weight = tl.where(ratio < max_weight, ratio, max_weight)
+        weight = tl.where(lp2 == NEG_INF, 0.0, tl.where(ratio < max_weight, ratio, max_weight))
     mass_kl = _mass_kl_term(lp1, lq1) + _mass_kl_term(lp2, lq2) + _mass_kl_term(lp3, lq3)
     div2, rkl2 = _in_bin_divergence(tz2, tk2, sz2, sk2, w_fkl, w_rkl, FORWARD, REVERSE)
     div3, rkl3 = _in_bin_divergence(tz3, tk3, sz3, sk3, w_fkl, w_rkl, FORWARD, REVERSE)
-    loss = weight * mass_kl + w_strong * div2 + w_rest * div3
+    loss = weighted(weight, mass_kl) + weighted(w_strong, div2) + weighted(w_rest, div3)
     loss = tl.where(bad_target, float("nan"), loss)
     tl.store(loss_ptr + rows, tl.where(kept, loss * t2, 0.0).to(tl.float32), mask=row_in)
     if WITH_CE:
@@ -582,8 +594,8 @@ def decoupled_kernel(
         # (f_b = 0 for a bin the teacher gives no mass: its in-bin forward KL is 0 whatever the student does)
         f2 = tl.where(tz2 > 0.0, w_strong * w_fkl, 0.0)
         f3 = tl.where(tz3 > 0.0, w_rest * w_fkl, 0.0)
-        c2 = (weight * (tl.exp(lq2) - tl.exp(lp2)) + f2 - w_strong * w_rkl * rkl2).to(tl.float32)
-        c3 = (weight * (tl.exp(lq3) - tl.exp(lp3)) + f3 - w_rest * w_rkl * rkl3).to(tl.float32)
+        c2 = (weight * (tl.exp(lq2) - tl.exp(lp2)) + f2 - weighted(w_strong * w_rkl, rkl2)).to(tl.float32)
+        c3 = (weight * (tl.exp(lq3) - tl.exp(lp3)) + f3 - weighted(w_rest * w_rkl, rkl3)).to(tl.float32)
         r2 = zero + w_strong * w_rkl
         r3 = zero + w_rest * w_rkl
         lz1 = tl.log(z1)
@@ -610,16 +622,17 @@ def decoupled_kernel(
                 )
                 dtemp = temperature_terms(x, mx, g, y, my, gt)
                 if TEACHER_GRAD:
+                    kept_t = kept & (g_scale != 0.0)  # (distill_weight = 0: a teacher gradient of 0)
                     store_teacher_tile(
-                        gt_ptr, rows64, g_stride, row_in, cols0, V, gt, t, mean_t, sd_t, std_t, n_t, kept, STANDARDIZE
+                        gt_ptr, rows64, g_stride, row_in, cols0, V, gt, t, mean_t, sd_t, std_t, n_t, kept_t, STANDARDIZE
                     )
             mean_g, coef = n_s, n_s
             if STANDARDIZE:
                 sum_g, sum_gz = zscore_sums(g, s, mean_s, sd_s)
                 mean_g, coef = zscore_jacobian(sum_g, sum_gz, std_s, n_s)
-            g = unstandardize(g, s, mean_s, sd_s, mean_g, coef, STANDARDIZE)
-            if WITH_CE:
-                g += ce_grad(s, cols0, tgt, m1, lz1, ce_scale)
+            g = distilled(unstandardize(g, s, mean_s, sd_s, mean_g, coef, STANDARDIZE), DISTILL_GRAD)
+            if CE_GRAD:
+                g += ce_grad(s, cols0, tgt, m1, lz1, ce_scale, label_smoothing, share)
             store_rows(grad_ptr, rows64, g_stride, row_in, cols0, V, tl.where(kept[:, None], g, 0.0))
         else:
             mean_g, coef = n_s, n_s
@@ -704,13 +717,13 @@ def decoupled_kernel(
                     )
                     dtemp += temperature_terms(x, mx, g, y, my, gt)
                     if TEACHER_GRAD:
-                        gt = unstandardize(gt, t, mean_t, sd_t, mean_gt, coef_t, STANDARDIZE)
+                        gt = distilled(unstandardize(gt, t, mean_t, sd_t, mean_gt, coef_t, STANDARDIZE), DISTILL_GRAD)
                         store_rows(gt_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], gt, 0.0))
-                g = unstandardize(g, s, mean_s, sd_s, mean_g, coef, STANDARDIZE)
-                if WITH_CE:
-                    g += ce_grad(s, cols, tgt, m1, lz1, ce_scale)
+                g = distilled(unstandardize(g, s, mean_s, sd_s, mean_g, coef, STANDARDIZE), DISTILL_GRAD)
+                if CE_GRAD:
+                    g += ce_grad(s, cols, tgt, m1, lz1, ce_scale, label_smoothing, share)
                 store_rows(grad_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], g, 0.0))
         if FULL:  # d loss / d T = 2 L / T (with T^2 scaling) - sum_j ((x_j - mx) g_j + (y_j - my) gt_j)
             if T2_SCALE:
-                dtemp -= (2.0 * g_scale * loss).to(tl.float32)
-            tl.store(dtemp_ptr + rows, tl.where(kept, -dtemp, 0.0), mask=row_in)
+                dtemp -= weighted(g_scale, 2.0 * loss).to(tl.float32)
+            tl.store(dtemp_ptr + rows, tl.where(kept & (g_scale != 0.0), -dtemp, 0.0), mask=row_in)

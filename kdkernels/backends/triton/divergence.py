@@ -17,16 +17,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...methods import Divergence
+from ...methods import BDKD_TIE, Divergence
 from .common import (
+    LOG_MIN_NORMAL,
     NEG_INF,
     ce_grad,
+    distilled,
     load_raw,
     load_scaled,
     log_softmax_tile,
     logaddexp,
+    nan_max,
     online_lse,
     row_block,
+    row_max,
     row_zscore,
     safe_max,
     scaled,
@@ -35,6 +39,7 @@ from .common import (
     target_logit,
     temperature_terms,
     unstandardize,
+    weighted,
     zscore_jacobian,
     zscore_sums,
 )
@@ -58,6 +63,14 @@ AKL = tl.constexpr(int(Divergence.AKL))
 KEY_BELOW_NEG_INF = tl.constexpr(-2139095042)
 KEY_POS_INF = tl.constexpr(2139095040)
 KEY_STEPS = tl.constexpr(32)
+# bdkd's tie (kdkernels/methods.py BDKD_TIE) in float32: entropies within this times (1 + H(p) + H(q)) are equal.
+BDKD_TIE_F32 = tl.constexpr(BDKD_TIE * 1.1920928955078125e-07)
+
+
+@triton.jit
+def _xlogy(a, log_a, log_b):
+    """a (log a - log b), 0 where a = 0 (also where it underflowed, and where b = 0)."""
+    return tl.where(a == 0.0, 0.0, a * (log_a - log_b))
 
 
 @triton.jit
@@ -157,6 +170,7 @@ def _in_head(t, cols, value, end):
     return (t > value[:, None]) | ((t == value[:, None]) & (cols[None, :] < end[:, None]))
 
 
+# Long: one formula per divergence code, chosen at compile time (CODE), each a few lines.
 @triton.jit
 def _terms(
     x,
@@ -177,14 +191,17 @@ def _terms(
     CODE: tl.constexpr,
     FULL: tl.constexpr,
 ):
-    """Per-class (l_k, r_k, q_k, p_k, e_k, f_k, rt_k) of a tile, from the row statistics (max, log-sum) of x and y;
-    bdkd's and akl's l_k and r_k are those of KL(p || q) and KL(q || p) (_row weighs them), bdkd's
-    e_k = q log q - p log p, akl's e_k and f_k = |p - q| on its head (in_head) and off it, 0 for the others; rt_k =
-    p_k dl/dp_k, the teacher's r_k (bdkd's and akl's: their forward KL's, weighed in _teacher_r), only with FULL
-    (what a code does not need is not computed: Triton's interpreter, which runs the tests, computes everything)."""
+    """Per-class (l_k, r_k, q_k, p_k) and rt_k of a tile, and the row sums of e_k and f_k, from the row statistics
+    (max, log-sum) of x and y; bdkd's and akl's l_k and r_k are those of KL(p || q) and KL(q || p) (_row weighs them),
+    bdkd's e_k = q log q - p log p and f_k = -(q log q + p log p), akl's e_k and f_k = |p - q| on its head (in_head)
+    and off it, 0 for the others; rt_k = p_k dl/dp_k, the teacher's r_k (bdkd's and akl's: their forward KL's, weighed
+    in _teacher_r), only with FULL (what a code does not need is not computed: Triton's interpreter, which runs the
+    tests, computes everything). (e and f are summed here, so that their tiles need no registers past this.)"""
     lq = log_softmax_tile(x, mx, lzx)
     lp = log_softmax_tile(y, my, lzy)
-    absent = (lq == NEG_INF) & (lp == NEG_INF)  # p = q = 0: masked, or below float32's range in both
+    # p = q = 0: masked, or underflowed (below float32's least normal number: log p below its log) in both; log 1
+    # there, so that no formula meets inf - inf (the terms are set to 0 below)
+    absent = (lq < LOG_MIN_NORMAL) & (lp < LOG_MIN_NORMAL)
     lq = tl.where(absent, 0.0, lq)
     lp = tl.where(absent, 0.0, lp)
     q = tl.exp(lq)
@@ -193,31 +210,31 @@ def _terms(
     f = q
     rt = q
     if CODE == KD:
-        loss = tl.where(lp == NEG_INF, 0.0, p * (lp - lq))
+        loss = _xlogy(p, lp, lq)
         r = -p
         if FULL:
             rt = loss + p
     elif CODE == RKL:
-        loss = tl.where(lq == NEG_INF, 0.0, q * (lq - lp))
+        loss = _xlogy(q, lq, lp)
         r = loss
         if FULL:
             rt = -q
     elif CODE == JSD:
         lm = logaddexp(lp + log_mix_p, lq + log_mix_q)
-        r = mix_q * tl.where(lq == NEG_INF, 0.0, q * (lq - lm))
-        forward = mix_p * tl.where(lp == NEG_INF, 0.0, p * (lp - lm))
+        r = mix_q * _xlogy(q, lq, lm)
+        forward = mix_p * _xlogy(p, lp, lm)
         loss = forward + r
         if FULL:
             rt = forward
     elif CODE == SKEW_FKL:
         lm = logaddexp(lp + log_mix_p, lq + log_mix_q)
-        loss = tl.where(lp == NEG_INF, 0.0, p * (lp - lm))
+        loss = _xlogy(p, lp, lm)
         r = -mix_q * tl.exp(lp + lq - lm)
         if FULL:
             rt = loss - r
     elif CODE == SKEW_RKL:
         lm = logaddexp(lp + log_mix_p, lq + log_mix_q)
-        loss = tl.where(lq == NEG_INF, 0.0, q * (lq - lm))
+        loss = _xlogy(q, lq, lm)
         r = loss + q - mix_q * tl.exp(2.0 * lq - lm)
         if FULL:
             rt = -mix_p * tl.exp(lp + lq - lm)
@@ -234,18 +251,18 @@ def _terms(
         r = (tl.exp(ab * lq) - mixed) / a
         if FULL:
             rt = (tl.exp(ab * lp) - mixed) / b
-    elif CODE == ABKD_ALPHA0:
+    elif CODE == ABKD_ALPHA0:  # (q^b log(q^b / p^b): 0 where q^b = 0)
         qb = tl.exp(b * lq)
-        loss = (qb * b * (lq - lp) - qb + tl.exp(b * lp)) / (b * b)
-        r = qb * (lq - lp)
+        loss = (_xlogy(qb, b * lq, b * lp) - qb + tl.exp(b * lp)) / (b * b)
+        r = _xlogy(qb, lq, lp)
         if FULL:
             rt = (tl.exp(b * lp) - qb) / b
     elif CODE == ABKD_BETA0:
         pa = tl.exp(a * lp)
-        loss = (pa * a * (lp - lq) - pa + tl.exp(a * lq)) / (a * a)
+        loss = (_xlogy(pa, a * lp, a * lq) - pa + tl.exp(a * lq)) / (a * a)
         r = (tl.exp(a * lq) - pa) / a
         if FULL:
-            rt = tl.where(pa == 0.0, 0.0, pa * (lp - lq))
+            rt = _xlogy(pa, lp, lq)
     elif CODE == ABKD_OPPOSITE:
         ratio = tl.exp(a * (lp - lq))
         loss = (a * (lq - lp) + ratio - 1.0) / (a * a)
@@ -258,26 +275,31 @@ def _terms(
         if FULL:
             rt = lp - lq
     elif CODE == WSD:
-        rkl = tl.where(lq == NEG_INF, 0.0, q * (lq - lp))
-        fkl = tl.where(lp == NEG_INF, 0.0, p * (lp - lq))
+        rkl = _xlogy(q, lq, lp)
+        fkl = _xlogy(p, lp, lq)
         loss = w_fkl * fkl + w_rkl * rkl
         r = w_rkl * rkl - w_fkl * p
         if FULL:
             rt = w_fkl * (fkl + p) - w_rkl * q
     else:  # BDKD, AKL
-        loss = tl.where(lp == NEG_INF, 0.0, p * (lp - lq))
-        r = tl.where(lq == NEG_INF, 0.0, q * (lq - lp))
+        loss = _xlogy(p, lp, lq)
+        r = _xlogy(q, lq, lp)
         if FULL:
             rt = loss + p
         if CODE == BDKD:
-            e = tl.where(lq == NEG_INF, 0.0, q * lq) - tl.where(lp == NEG_INF, 0.0, p * lp)
+            e = _xlogy(q, lq, 0.0) - _xlogy(p, lp, 0.0)
+            f = -(_xlogy(q, lq, 0.0) + _xlogy(p, lp, 0.0))
         else:
             e = tl.where(in_head, tl.abs(p - q), 0.0)
             f = tl.where(in_head, 0.0, tl.abs(p - q))
     zero = tl.zeros_like(q)
+    if CODE >= ABKD and CODE <= ABKD_ZERO:  # (the abkd codes are consecutive)
+        # The alpha-beta divergence is >= 0: where a class masked in one model only makes its formula inf - inf,
+        # the term is +inf (the limit), not NaN.
+        loss = tl.where(((lq == NEG_INF) | (lp == NEG_INF)) & (loss != loss), float("inf"), loss)
     if CODE == BDKD or CODE == AKL:
-        e = tl.where(absent, zero, e)
-        f = tl.where(absent, zero, f)
+        e = tl.sum(tl.where(absent, zero, e), axis=1)
+        f = tl.sum(tl.where(absent, zero, f), axis=1)
     if FULL:
         rt = tl.where(absent, zero, rt)
     return (
@@ -294,21 +316,23 @@ def _terms(
 @triton.jit
 def _row(sum_l, sum_r, sum_e, sum_f, w_fkl, w_rkl, CODE: tl.constexpr):
     """(row loss, a, b): the gradient takes a r_k + b p_k for r_k, whose row sum is a sum_r + b. bdkd weighs its
-    two KLs by w_fkl where H(p) > H(q) (sum_e > 0), by w_rkl where H(q) > H(p), else by 1; akl by g_head / g and
-    g_tail / g (sum_e, sum_f and their sum g; 1/2 each where g = 0); the weights are constant."""
+    two KLs by w_fkl where H(p) > H(q) (sum_e > 0), by w_rkl where H(q) > H(p), else (equal within its tie, sum_f =
+    H(p) + H(q)) by 1; akl by g_head / g and g_tail / g (sum_e, sum_f and their sum g; 1/2 each where g = 0); the
+    weights are constant, and a KL of weight 0 adds 0."""
     a = tl.zeros_like(sum_l) + 1.0
     b = tl.zeros_like(sum_l)
     loss = sum_l
     if CODE == BDKD:
-        a = tl.where(sum_e < 0, w_rkl, 1.0)
-        b = -tl.where(sum_e > 0, w_fkl, 1.0)
+        tie = tl.abs(sum_e) <= BDKD_TIE_F32 * (1.0 + sum_f)
+        a = tl.where((sum_e < 0) & ~tie, w_rkl, 1.0)
+        b = -tl.where((sum_e > 0) & ~tie, w_fkl, 1.0)
         loss = a * sum_r - b * sum_l
     elif CODE == AKL:
         g = sum_e + sum_f
         safe_g = tl.where(g > 0, g, 1.0)
         a = tl.where(g > 0, sum_f / safe_g, 0.5)
         b = -tl.where(g > 0, sum_e / safe_g, 0.5)
-        loss = a * sum_r - b * sum_l
+        loss = weighted(a, sum_r) + weighted(-b, sum_l)
     return loss, a, b
 
 
@@ -344,6 +368,8 @@ def _teacher_grad(rt, q, p, y, a, b, sum_rt, scale, CODE: tl.constexpr):
     return tl.where(y == NEG_INF, 0.0, (rt - p * sum_rt[:, None]) * scale[:, None])
 
 
+# Long: its passes (numbered blocks) share each row's running statistics in registers; the per-class math is
+# in the helpers above.
 @triton.jit
 def divergence_kernel(
     s_ptr,
@@ -363,6 +389,7 @@ def divergence_kernel(
     t2,
     ce_weight,
     distill_weight,
+    label_smoothing,
     mix_p,
     mix_q,
     log_mix_p,
@@ -378,6 +405,8 @@ def divergence_kernel(
     HAS_TARGET: tl.constexpr,
     HAS_DENOM: tl.constexpr,
     WITH_CE: tl.constexpr,
+    CE_GRAD: tl.constexpr,
+    DISTILL_GRAD: tl.constexpr,
     CE_APART: tl.constexpr,
     STANDARDIZE: tl.constexpr,
     WITH_GRAD: tl.constexpr,
@@ -407,7 +436,7 @@ def divergence_kernel(
     )
     s_y = 0.0
     if WITH_CE:  # (read before an in-place gradient replaces it)
-        s_y = target_logit(s_ptr, rows64, s_stride, tgt, valid, V)
+        s_y, share = target_logit(s_ptr, rows64, s_stride, tgt, valid, V, label_smoothing, BLOCK_V)
     mx = tl.full([BLOCK_N], NEG_INF, tl.float32)
     my = tl.full([BLOCK_N], NEG_INF, tl.float32)
     zx = tl.zeros([BLOCK_N], tl.float32)
@@ -484,8 +513,8 @@ def divergence_kernel(
         )
         sum_r = tl.sum(r, axis=1)
         if CODE == BDKD or CODE == AKL:
-            sum_e = tl.sum(e, axis=1)
-            sum_f = tl.sum(f, axis=1)
+            sum_e = e
+            sum_f = f
         sum_l, a, b = _row(tl.sum(loss, axis=1), sum_r, sum_e, sum_f, w_fkl, w_rkl, CODE)
         sum_r = a * sum_r + b
         if CODE == KD:
@@ -496,33 +525,39 @@ def divergence_kernel(
                 gt = _teacher_grad(rt, q, p, y, a, b, _teacher_sum_r(tl.sum(rt, axis=1), a, b, CODE), g_scale, CODE)
                 dtemp = temperature_terms(x, mx, g, y, my, gt)
                 if TEACHER_GRAD:
+                    kept_t = kept & (g_scale != 0.0)  # (distill_weight = 0: a teacher gradient of 0)
                     store_teacher_tile(
-                        gt_ptr, rows64, g_stride, row_in, cols0, V, gt, t, mean_t, sd_t, std_t, n_t, kept, STANDARDIZE
+                        gt_ptr, rows64, g_stride, row_in, cols0, V, gt, t, mean_t, sd_t, std_t, n_t, kept_t, STANDARDIZE
                     )
             mean_g, coef = n_s, n_s
             if STANDARDIZE:
                 sum_g, sum_gz = zscore_sums(g, s, mean_s, sd_s)
                 mean_g, coef = zscore_jacobian(sum_g, sum_gz, std_s, n_s)
-            g = unstandardize(g, s, mean_s, sd_s, mean_g, coef, STANDARDIZE)
-            if WITH_CE:
-                g += ce_grad(s, cols0, tgt, m1, tl.log(z1), ce_scale)
+            g = distilled(unstandardize(g, s, mean_s, sd_s, mean_g, coef, STANDARDIZE), DISTILL_GRAD)
+            if CE_GRAD:
+                g += ce_grad(s, cols0, tgt, m1, tl.log(z1), ce_scale, label_smoothing, share)
             store_rows(grad_ptr, rows64, g_stride, row_in, cols0, V, tl.where(kept[:, None], g, 0.0))
     else:
-        # rkl: kq = sum exp(x - mx) ((x - mx) - (y - my)), re-based as the maxes move, gives l in this pass.
+        # rkl: kq = sum exp(x - mx) ((x - mx) - (y - my)), re-based as the maxes move, gives l in this pass; the
+        # classes the teacher masks are left out of it, their largest x kept (x_masked): the loss is +inf if that
+        # class's probability does not underflow (its term q (log q + inf)), their terms are 0 if it does (and their
+        # exps in zx, which re-bases kq, then weigh less than the rounding of kq).
         kq = tl.zeros([BLOCK_N], tl.float32)
+        x_masked = tl.full([BLOCK_N], NEG_INF, tl.float32)
         for start in range(0, V, BLOCK_V):
             s = load_raw(s_ptr, rows64, s_stride, valid, start + cols0, V)
             x = scaled(s, mean_s, tau_s)
             y = load_scaled(t_ptr, rows64, t_stride, valid, start + cols0, V, mean_t, tau_t)
             if CODE == RKL and not FULL:
-                sx = safe_max(tl.maximum(mx, tl.max(x, axis=1)))
-                sy = safe_max(tl.maximum(my, tl.max(y, axis=1)))
+                sx = safe_max(nan_max(mx, row_max(x)))
+                sy = safe_max(nan_max(my, row_max(y)))
                 ex = tl.exp(x - sx[:, None])
-                d = tl.where(x == NEG_INF, 0.0, ex * ((x - sx[:, None]) - (y - sy[:, None])))
+                d = tl.where((ex == 0.0) | (y == NEG_INF), 0.0, ex * ((x - sx[:, None]) - (y - sy[:, None])))
+                x_masked = tl.maximum(x_masked, tl.max(tl.where(y == NEG_INF, x, NEG_INF), axis=1))
                 rescale = tl.exp(mx - sx)
                 kq = (kq - zx * ((sx - safe_max(mx)) - (sy - safe_max(my)))) * rescale + tl.sum(d, axis=1)
                 zx = zx * rescale + tl.sum(ex, axis=1)
-                mx = tl.maximum(mx, tl.max(x, axis=1))
+                mx = nan_max(mx, row_max(x))
             else:
                 mx, zx = online_lse(mx, zx, x)
             my, zy = online_lse(my, zy, y)
@@ -538,6 +573,7 @@ def divergence_kernel(
             sum_r = sum_r - 1.0
         elif CODE == RKL and not FULL:
             sum_l = kq / zx - lzx + lzy
+            sum_l = tl.where(x_masked - safe_max(mx) - lzx >= LOG_MIN_NORMAL, float("inf"), sum_l)
             sum_r = sum_l
         else:
             if CODE == AKL:
@@ -573,8 +609,8 @@ def divergence_kernel(
                 sum_l += tl.sum(loss, axis=1)
                 sum_r += tl.sum(r, axis=1)
                 if CODE == BDKD or CODE == AKL:
-                    sum_e += tl.sum(e, axis=1)
-                    sum_f += tl.sum(f, axis=1)
+                    sum_e += e
+                    sum_f += f
                 if FULL:
                     sum_rt += tl.sum(rt, axis=1)
         sum_l, a, b = _row(sum_l, sum_r, sum_e, sum_f, w_fkl, w_rkl, CODE)
@@ -659,16 +695,18 @@ def divergence_kernel(
                         gt = _teacher_grad(rt, q, p, y, a, b, sum_rt, g_scale, CODE)
                         dtemp += temperature_terms(x, mx, g, y, my, gt)
                         if TEACHER_GRAD:
-                            gt = unstandardize(gt, t, mean_t, sd_t, mean_gt, coef_t, STANDARDIZE)
+                            gt = distilled(
+                                unstandardize(gt, t, mean_t, sd_t, mean_gt, coef_t, STANDARDIZE), DISTILL_GRAD
+                            )
                             store_rows(gt_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], gt, 0.0))
-                    g = unstandardize(g, s, mean_s, sd_s, mean_g, coef, STANDARDIZE)
-                    if WITH_CE:
-                        g += ce_grad(s, cols, tgt, m1, tl.log(z1), ce_scale)
+                    g = distilled(unstandardize(g, s, mean_s, sd_s, mean_g, coef, STANDARDIZE), DISTILL_GRAD)
+                    if CE_GRAD:
+                        g += ce_grad(s, cols, tgt, m1, tl.log(z1), ce_scale, label_smoothing, share)
                     store_rows(grad_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], g, 0.0))
     tl.store(loss_ptr + rows, tl.where(kept, sum_l * t2, 0.0), mask=row_in)
     if WITH_CE:
         tl.store(ce_ptr + rows, tl.where(kept, m1 + tl.log(z1) - s_y, 0.0), mask=row_in)
     if FULL:  # d loss / d T = 2 L / T (with T^2 scaling, L = g_scale T l) - sum_j ((x_j - mx) g_j + (y_j - my) gt_j)
         if T2_SCALE:
-            dtemp -= 2.0 * g_scale * sum_l
-        tl.store(dtemp_ptr + rows, tl.where(kept, -dtemp, 0.0), mask=row_in)
+            dtemp -= weighted(g_scale, 2.0 * sum_l)
+        tl.store(dtemp_ptr + rows, tl.where(kept & (g_scale != 0.0), -dtemp, 0.0), mask=row_in)
