@@ -16,19 +16,22 @@ of the copy bandwidth (= floor / ms), its time as a multiple of the floor, the p
 
 Writes ``bench.csv`` and ``bench.png`` into ``--out`` and prints the table.
 
-``--linear`` runs the fused-linear section instead: ``linear_distill_loss`` (default chunks, and chunks of a 128 MiB
-``memory_budget``) against the unchunked path (both models' full logits ``hidden @ weight.T``, then ``distill_loss``
-with the backend that backend="auto" picks, the fastest fused loss registered for the device) and, on the jsd rows,
-Liger-Kernel's chunked ``LigerFusedLinearJSDLoss`` (torch.compile'd PyTorch; its loss and gradients are first
-checked equal to kdkernels' on the same inputs), forward + backward, at LLM head shapes, for the losses of
-``LINEAR_CASES`` (kd, jsd, and jsd with the hard-label term 0.5 CE + 0.5 jsd). It reports the median time and the
-peak memory that loss + backward add above the inputs and parameters (the gradients of the student's hidden states
-and weight included, in every path), on a step after a warm-up one (Liger compiles in it). GPU:
+``--linear`` runs the fused-linear section instead: ``linear_distill_loss`` with its default chunks (and with
+chunks of a 128 MiB ``memory_budget``, ``SMALL_BUDGET``) against the
+unchunked path (both models' full logits ``hidden @ weight.T`` in float32, as a training loop upcasts a
+low-precision head's, then ``distill_loss`` with the backend that backend="auto" picks, the fastest fused loss
+registered for the device) and, on the jsd rows, Liger-Kernel's chunked ``LigerFusedLinearJSDLoss``
+(torch.compile'd PyTorch; its loss and gradients are first checked equal to kdkernels' on the same inputs), forward
++ backward, at LLM head shapes, for the losses of ``LINEAR_CASES`` (kd, jsd, and jsd with the hard-label term 0.5 CE
++ 0.5 jsd). It reports the time of a step (median, fastest and slowest of the timed steps; on GPU do_bench's median)
+and the peak memory that loss + backward add above the inputs and parameters (the gradients of the student's hidden
+states and weight included, in every path), on a step after a warm-up one (Liger compiles in it). GPU:
 ``torch.cuda.max_memory_allocated`` above the allocated bytes before the step. CPU: each (path, loss) runs in a
 fresh process and the step is measured with the kernel's own resident-set high-water mark (``peak_rss_bytes``). That
-counts every byte the step touches (PyTorch, BLAS and Python alike) and nothing it only reserves; timing uses later
-steps. Every path returns the same gradients (``grads_mb``: the student's hidden states and weight in their dtype),
-which training keeps anyway; the table also gives each peak net of them (the loss's own memory) and its ratio.
+counts every byte the step touches (PyTorch, BLAS and Python alike) and nothing it only reserves, the CPU ops' gradient
+cache emptied first (the buffer it keeps between steps is the unchunked path's); timing uses later steps. Every path
+returns the same gradients (``grads_mb``: the student's hidden states and weight in their dtype), which training keeps
+anyway; the table also gives each peak net of them (the loss's own memory) and its ratio.
 Writes ``linear.csv``.
 """
 
@@ -44,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from . import METHODS, available_backends, distill_loss, linear_distill_loss
+from . import METHODS, available_backends, distill_loss, linear_distill_loss, release_cached_gradients
 from .baselines import BASELINES
 
 # name: (N, V, student and teacher dtype)
@@ -349,7 +352,11 @@ def describe_shapes() -> str:
 
 # name: (N, H, V, dtype of hidden states and weights); the teacher has the student's shapes.
 LINEAR_GPU_SHAPES = {"llama3-head": (8192, 4096, 128256, torch.bfloat16)}
-LINEAR_CPU_SHAPES = {"head-64k": (2048, 1024, 65536, torch.float32)}
+LINEAR_CPU_SHAPES = {
+    "head-64k": (2048, 1024, 65536, torch.float32),
+    "head-64k-8k-rows": (8192, 1024, 65536, torch.float32),
+    "head-128k-bf16": (4096, 2048, 128256, torch.bfloat16),
+}
 # The losses of the section: name -> (method, options). Liger-Kernel's chunked distillation loss is the generalized
 # JSD (beta, temperature, weight_hard_loss / weight_soft_loss), so it runs on the jsd rows, with and without the
 # hard-label term.
@@ -359,8 +366,7 @@ LINEAR_CASES = {
     "jsd+ce": ("jsd", {"ce_weight": 0.5, "distill_weight": 0.5}),
 }
 UNCHUNKED, FUSED_LINEAR, FUSED_LINEAR_SMALL, LIGER = "unchunked", "fused-linear", "fused-linear-128M", "liger"
-# The memory_budget of the FUSED_LINEAR_SMALL path: smaller chunks than the default's (which get the rows the
-# matmuls need, linear.MATMUL_ROWS), trading time for memory.
+# The memory_budget of the FUSED_LINEAR_SMALL path: the default's floor on CPU, chunks smaller than the default's.
 SMALL_BUDGET = 128 << 20
 
 
@@ -374,7 +380,9 @@ class LinearRow:
     h: int
     v: int
     dtype: str
-    ms: float
+    ms: float  # median of the timed steps
+    ms_min: float  # the fastest and slowest of them
+    ms_max: float
     peak_extra_mb: float
     grads_mb: float  # the gradients both paths return (hidden states, weight), part of peak_extra_mb
     net_peak_mb: float = field(init=False)  # peak_extra_mb - grads_mb: the loss's own memory
@@ -411,10 +419,10 @@ def _liger_loss(options: dict):
 
 def _linear_loss(path, case, hs, ws, ht, wt, y):
     method, options = LINEAR_CASES[case]
-    if path == UNCHUNKED:
+    if path == UNCHUNKED:  # float32 logits, as a training loop upcasts a low-precision head's
         with torch.no_grad():
-            teacher = ht @ wt.t()
-        return distill_loss(method, hs @ ws.t(), teacher, y, **options)
+            teacher = (ht @ wt.t()).float()
+        return distill_loss(method, (hs @ ws.t()).float(), teacher, y, **options)
     if path == LIGER:
         return _liger_loss(options)(hs, ws, ht, wt, y)
     budget = SMALL_BUDGET if path == FUSED_LINEAR_SMALL else None
@@ -464,8 +472,9 @@ def peak_rss_bytes(fn) -> int:
 
 
 def linear_measure(n: int, h: int, v: int, dtype: str, case: str, path: str, device: str, reps: int) -> dict:
-    """One (shape, case, path): peak MB added by a step after a warm-up one (Liger's compiles), then the median ms
-    of ``reps`` steps; Liger's values are checked against kdkernels' first, on the same inputs."""
+    """One (shape, case, path): peak MB added by a step after a warm-up one (Liger's compiles), then the median,
+    fastest and slowest ms of ``reps`` steps; Liger's values are checked against kdkernels' first, on the same
+    inputs."""
     from . import backends as registry
 
     device = torch.device(device)
@@ -484,10 +493,31 @@ def linear_measure(n: int, h: int, v: int, dtype: str, case: str, path: str, dev
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
         inputs[0].grad = inputs[1].grad = None
+        # The CPU ops keep a freed gradient buffer for the next step (docs/backends.md): memory the step holds
+        # between steps too, so the measured step allocates it again.
+        release_cached_gradients()
         peak = peak_rss_bytes(lambda: _linear_step(path, case, *inputs))
-    ms = _median_ms(lambda: _linear_step(path, case, *inputs), device, reps)
+    times = _step_ms(lambda: _linear_step(path, case, *inputs), device, reps)
     backend = "liger (compiled)" if path == LIGER else registry.select_backend("auto", inputs[0]).name
-    return {"ms": ms, "peak_extra_mb": peak / 2**20, "backend": backend}
+    return {
+        "ms": statistics.median(times),
+        "ms_min": min(times),
+        "ms_max": max(times),
+        "peak_extra_mb": peak / 2**20,
+        "backend": backend,
+    }
+
+
+def _step_ms(step, device: torch.device, reps: int) -> list[float]:
+    """ms of each of ``reps`` calls of ``step`` (warmed up already) on CPU; on CUDA do_bench's median, once."""
+    if device.type == "cuda":
+        return [_median_ms(step, device, reps)]
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def liger_available() -> bool:
@@ -497,9 +527,17 @@ def liger_available() -> bool:
 
 
 def run_linear(
-    device: str, shapes=None, methods=None, out: str = "bench/out", reps: int = 4, table=None, liger: bool | None = None
+    device: str,
+    shapes=None,
+    methods=None,
+    out: str = "bench/out",
+    reps: int = 3,
+    table=None,
+    liger: bool | None = None,
+    paths=None,
 ) -> list[LinearRow]:
-    """Every (shape, case, path) of the section; Liger's rows when ``liger`` (default: when it is installed)."""
+    """Every (shape, case, path) of the section, or those of ``paths``; Liger's rows when ``liger`` (default: when
+    it is installed)."""
     import json
     import subprocess
     import sys
@@ -514,6 +552,8 @@ def run_linear(
             if methods and method not in methods:
                 continue
             for path in (UNCHUNKED, FUSED_LINEAR, FUSED_LINEAR_SMALL) + ((LIGER,) if method == "jsd" and liger else ()):
+                if paths and path not in paths:
+                    continue
                 # A fresh process per measurement: no allocator state carried over from the previous one.
                 code = (
                     f"import json; from kdkernels.bench import linear_measure; print(json.dumps(linear_measure("
@@ -535,6 +575,8 @@ def run_linear(
                         v,
                         name,
                         result["ms"],
+                        result["ms_min"],
+                        result["ms_max"],
                         result["peak_extra_mb"],
                         grads_mb,
                     )
@@ -566,6 +608,7 @@ def format_linear_table(rows: list[LinearRow], header: bool = True) -> str:
                 "V",
                 "dtype",
                 "ms",
+                "ms spread",
                 "peak MB",
                 "grads MB",
                 "net peak MB",
@@ -589,6 +632,7 @@ def format_linear_table(rows: list[LinearRow], header: bool = True) -> str:
                 r.v,
                 r.dtype,
                 f"{r.ms:.0f}",
+                f"{r.ms_min:.0f}-{r.ms_max:.0f}",
                 f"{r.peak_extra_mb:.0f}",
                 f"{r.grads_mb:.0f}",
                 f"{r.net_peak_mb:.0f}",

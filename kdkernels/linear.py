@@ -19,8 +19,9 @@ accumulation whatever the autocast state.
 
 Chunk size: the rows whose temporaries (student and teacher logits, softcap derivative, the gradient cast for the
 matmul, the reference's autograd buffers) fit ``memory_budget`` bytes (``chunk_rows``), split into equal chunks;
-the default budget (``default_budget``) gives them at least the rows the device's matmuls need to run at full speed
-(``MATMUL_ROWS``). ``chunk_size`` overrides the row count.
+the default budget (``default_budget``) on CPU is a fifth of what all rows would take (about five chunks: fewer
+would save less memory, smaller ones would pack the weights too often), on CUDA a share of the free memory.
+``chunk_size`` overrides the row count.
 
 Padded vocabularies: a teacher weight with more rows (classes) than the student's is read as the student giving
 those classes logit -inf (probability 0). Losses that are infinite where q = 0 < p (kd, the decoupled family,
@@ -31,8 +32,10 @@ the shared classes instead.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import numbers
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -56,13 +59,14 @@ from .sparse import check as check_sparse
 
 Tensor = torch.Tensor
 
-# Default chunk memory on CPU tensors, for a backend with an in-place op (chunks also get MATMUL_ROWS rows).
+# Default chunk memory on CPU tensors, for a backend with an in-place op (docs/llm.md, "Chunk policy"): this share
+# of what the chunk buffers of all N rows would take, within [DEFAULT_CPU_BUDGET, CPU_BUDGET_MAX]. The BLAS packs the
+# whole weight again for every matmul call, a cost per chunk that the matmuls of a fifth of the batch hide better than
+# smaller chunks'; the unchunked path holds more [N, V] buffers than the chunks' five times over (docs/benchmarks.md,
+# "Fused-linear").
+CPU_BUDGET_SHARE = 1 / 5
 DEFAULT_CPU_BUDGET = 128 << 20
-# Rows below which a chunk's matmuls lose speed, per device type: on CPU the BLAS packs the whole weight again for
-# every matmul call, which small chunks pay again and again (docs/benchmarks.md, "Fused-linear"). The default
-# budget's chunks get at least this many rows (all rows when there are fewer); an explicit memory_budget or
-# chunk_size is followed as it is. CUDA: none, as no GPU run has measured one yet.
-MATMUL_ROWS = {"cpu": 2048}
+CPU_BUDGET_MAX = 1 << 30
 # Without one (the reference by autograd): enough that its sub-chunks have tens of rows (a few rows per sub-chunk
 # are dominated by per-operation costs), small next to the [N, V] logits and their reference temporaries.
 DEFAULT_CPU_AUTOGRAD_BUDGET = 768 << 20
@@ -74,13 +78,25 @@ CUDA_BUDGET_MAX = 1 << 30
 REFERENCE_BUFFERS = 40
 
 
-def default_budget(device: torch.device, inplace: bool) -> int:
+def default_budget(device: torch.device, inplace: bool, all_rows_bytes: int) -> int:
     """Bytes of chunk temporaries used when neither ``memory_budget`` nor ``chunk_size`` is given; ``inplace``:
-    whether the backend turns logits into gradients in place."""
+    whether the backend turns logits into gradients in place; ``all_rows_bytes``: what a chunk of all N rows would
+    hold (N times ``chunk_row_bytes``)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(min(free * CUDA_BUDGET_FRACTION, CUDA_BUDGET_MAX))
-    return DEFAULT_CPU_BUDGET if inplace else DEFAULT_CPU_AUTOGRAD_BUDGET
+    if not inplace:
+        return DEFAULT_CPU_AUTOGRAD_BUDGET
+    return int(min(max(all_rows_bytes * CPU_BUDGET_SHARE, DEFAULT_CPU_BUDGET), CPU_BUDGET_MAX))
+
+
+def chunk_row_bytes(v_student: int, v_teacher: int, weight_dtype: torch.dtype, extra: int, sparse: bool) -> int:
+    """Bytes of a chunk's buffers per row, as ``chunk_rows`` counts them."""
+    v = v_student if sparse else v_teacher
+    per_row = 4 * v * (2 + extra)
+    if weight_dtype != torch.float32:
+        per_row += v * torch.empty((), dtype=weight_dtype).element_size()
+    return per_row
 
 
 def chunk_rows(
@@ -90,16 +106,15 @@ def chunk_rows(
 
     A chunk holds float32 logits of both models ([rows, V_teacher] each; a sparse teacher's fold copies the student's
     instead), ``extra`` more float32 [rows, V] buffers (the capped logits for the softcap derivative, two for the
-    student's entropy), and the gradient cast to a low-precision weight dtype for the matmuls. A backend with an
+    student's entropy), and with a low-precision weight dtype one [rows, V] buffer of it (the logits' matmul output,
+    then the gradient cast for the gradients' matmuls). A backend with an
     in-place op turns the student's logits into the gradient with nothing more, so the whole budget goes to the chunk.
     Otherwise the loss runs by autograd on sub-chunks (REFERENCE_BUFFERS [rows, V] float32 each) that get three quarters
     of the budget and the chunk the rest: small sub-chunks are dominated by per-operation costs, and a few hundred rows
     already keep the matmuls efficient (on a 2-core CPU a 48-row chunk runs them at half the speed of a 512-row one).
     """
     v = v_student if sparse else v_teacher
-    per_row = 4 * v * (2 + extra)
-    if weight_dtype != torch.float32:
-        per_row += v_student * torch.empty((), dtype=weight_dtype).element_size()
+    per_row = chunk_row_bytes(v_student, v_teacher, weight_dtype, extra, sparse)
     if inplace:
         return max(1, budget // per_row), 0
     return max(1, budget // 4 // per_row), max(1, budget * 3 // 4 // (4 * v * REFERENCE_BUFFERS))
@@ -109,44 +124,137 @@ _OUT_DTYPE_MATMUL: dict = {}
 
 
 def _out_dtype_matmul(device: torch.device) -> bool:
-    """Whether this PyTorch has CUDA matmuls of bfloat16 inputs with a float32 output (``out_dtype``, torch >=
-    2.8), checked once on a tiny product: where it has none, low-precision chunks fall back to float32 matmuls."""
+    """Whether this PyTorch has CUDA matmuls of bfloat16 inputs with a float32 output (``out_dtype``, into a given
+    output too, torch >= 2.8), checked once on a tiny product: where it has none, low-precision chunks fall back to
+    float32 matmuls."""
     if device.type != "cuda":
         return False
     if device.type not in _OUT_DTYPE_MATMUL:
         a = torch.ones(2, 3, device=device, dtype=torch.bfloat16)
         acc = torch.ones(3, 3, device=device)
+        out = torch.zeros(3, 4, device=device)[:, :3]  # the strided output of a padded chunk
         try:
-            torch.mm(a.t(), a, out_dtype=torch.float32)
+            torch.mm(a.t(), a, out_dtype=torch.float32, out=out)
             torch.addmm(acc, a.t(), a, out_dtype=torch.float32, out=acc)
-            _OUT_DTYPE_MATMUL[device.type] = bool((acc == 3).all())
+            _OUT_DTYPE_MATMUL[device.type] = bool((acc == 3).all() and (out == 2).all())
         except (RuntimeError, TypeError):
             _OUT_DTYPE_MATMUL[device.type] = False
     return _OUT_DTYPE_MATMUL[device.type]
 
 
-def _matmul_f32(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b in float32 with float32 accumulation. Low-precision CUDA inputs write float32 directly; on CPU, where
-    PyTorch has no such matmul, the BLAS accumulates in float32 and rounds the output to the inputs' dtype. Mixed
-    dtypes cast the narrower operand (e.g. a chunk of bf16 hidden states against a float32 weight), not the weight."""
-    if a.dtype == torch.float32 and b.dtype == torch.float32:
-        return torch.mm(a, b)
+def _matmul_f32(a: Tensor, b: Tensor, out: Tensor, low: Tensor | None = None) -> Tensor:
+    """out (float32) = a @ b with float32 accumulation. Low-precision CUDA inputs write float32 directly; on CPU,
+    where PyTorch has no such matmul, the BLAS accumulates in float32 and rounds the output to the inputs' dtype
+    (into ``low``, a buffer of out's shape in that dtype, when given). Mixed dtypes cast the narrower operand (e.g.
+    a chunk of bf16 hidden states against a float32 weight), not the weight."""
     if a.dtype != b.dtype:
         wide = torch.promote_types(a.dtype, b.dtype)
-        return torch.mm(a.to(wide), b.to(wide)).float()
+        a, b = a.to(wide), b.to(wide)
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
     if a.dtype != torch.float64 and _out_dtype_matmul(a.device):
-        return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
     if a.is_cuda:
-        return torch.mm(a.float(), b.float())
-    return torch.mm(a, b).float()
+        return torch.mm(a.float(), b.float(), out=out)
+    return out.copy_(torch.mm(a, b, out=low))
+
+
+def _accumulates_into_f32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether products of ``dtype`` inputs on ``device`` can accumulate into a float32 tensor directly (CUDA's
+    ``out_dtype``, MKL's low-precision GEMMs on CPU)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return _out_dtype_matmul(device) or (device.type == "cpu" and _mkl_gemm(dtype) is not None)
 
 
 def _accumulate_f32(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc (float32) += a @ b: a low-precision CUDA product accumulates into float32 directly."""
-    if a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and _out_dtype_matmul(a.device):
+    """acc (float32) += a @ b, low-precision inputs without a float32 copy where ``_accumulates_into_f32``."""
+    if a.dtype != b.dtype or not _accumulates_into_f32(a.device, a.dtype):
+        acc.addmm_(a.float(), b.float())
+    elif a.is_cuda:
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
-        acc.addmm_(a.float(), b.float())
+        _mkl_gemm(a.dtype)(acc, a, b, 1.0)
+
+
+# MKL's GEMMs of low-precision inputs with float32 accumulation and a float32 output, C = A @ B + beta C, which
+# PyTorch's x86 CPU library carries (for its own kernels) but exposes no op for.
+_MKL_GEMM_NAMES = {torch.bfloat16: "cblas_gemm_bf16bf16f32", torch.float16: "cblas_gemm_f16f16f32"}
+_MKL_GEMMS: dict = {}
+_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_TRANS = 101, 111, 112
+
+
+def _mkl_gemm(dtype: torch.dtype):
+    """MKL's GEMM of ``dtype`` inputs into float32, as ``gemm(c, a, b, beta)``: c = a @ b + beta c for a [M, K] and
+    b [K, N] (each row-major or a transposed view of one) and c [M, N] float32, row-major; None where this PyTorch
+    has none. Found once, then checked on a small product of integers, which it must give exactly."""
+    if dtype not in _MKL_GEMMS:
+        _MKL_GEMMS[dtype] = None
+        gemm = _load_mkl_gemm(_MKL_GEMM_NAMES.get(dtype))
+        if gemm is not None:
+            a = torch.arange(-40, 40, dtype=torch.float32).reshape(8, 10)
+            b = torch.arange(30, dtype=torch.float32).reshape(10, 3) % 7
+            c = torch.ones(8, 3)
+            gemm(c, a.to(dtype), b.to(dtype).t().contiguous().t(), 2.0)  # b: a transposed view
+            if torch.equal(c, a @ b + 2):
+                _MKL_GEMMS[dtype] = gemm
+    return _MKL_GEMMS[dtype]
+
+
+def _load_mkl_gemm(name: str | None):
+    if name is None or not torch.backends.mkl.is_available():
+        return None
+    try:
+        fn = getattr(ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")), name)
+    except (OSError, AttributeError):
+        return None
+    i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    fn.restype, fn.argtypes = None, [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
+
+    def layout(x: Tensor) -> tuple[int, int] | None:
+        """(transpose flag, leading dimension) of a row-major matrix or a transposed view of one."""
+        if x.stride(1) == 1 and x.stride(0) >= max(1, x.shape[1]):
+            return _CBLAS_NO_TRANS, x.stride(0)
+        if x.stride(0) == 1 and x.stride(1) >= max(1, x.shape[0]):
+            return _CBLAS_TRANS, x.stride(1)
+        return None
+
+    def gemm(c: Tensor, a: Tensor, b: Tensor, beta: float) -> None:
+        a, b = (x if layout(x) else x.contiguous() for x in (a, b))
+        (trans_a, ld_a), (trans_b, ld_b) = layout(a), layout(b)
+        sizes = a.shape[0], b.shape[1], a.shape[1]
+        fn(
+            _CBLAS_ROW_MAJOR,
+            trans_a,
+            trans_b,
+            *sizes,
+            1.0,
+            a.data_ptr(),
+            ld_a,
+            b.data_ptr(),
+            ld_b,
+            beta,
+            c.data_ptr(),
+            c.stride(0),
+        )
+
+    return gemm
+
+
+class _Workspace:
+    """The chunks' [rows, width] buffers, allocated once per call and reused by every chunk: on CPU a buffer this
+    large comes fresh from the system at each allocation, and each chunk would pay its page faults again."""
+
+    def __init__(self, rows: int, width: int, device: torch.device):
+        self.rows, self.width, self.device, self.buffers = rows, width, device, {}
+
+    def take(self, name: str, rows: int, cols: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """[rows, cols] of the buffer ``name`` (a row-major [self.rows, self.width] tensor of ``dtype``), holding
+        whatever its last user left there."""
+        buf = self.buffers.get(name)
+        if buf is None or buf.dtype != dtype:
+            buf = self.buffers[name] = torch.empty(self.rows, self.width, dtype=dtype, device=self.device)
+        return buf[:rows, :cols]
 
 
 @dataclass
@@ -158,17 +266,18 @@ class _Head:
     scale: float = 1.0
     softcap: float | None = None
 
-    def logits(self, hidden: Tensor, v: int) -> Tensor:
-        """float32 logits [rows, v] of ``hidden`` [rows, H], padded with -inf past the head's classes."""
-        out = _matmul_f32(hidden, self.weight.t())
+    def logits(self, hidden: Tensor, out: Tensor, work: _Workspace) -> Tensor:
+        """float32 logits of ``hidden`` [rows, H] into ``out`` [rows, v], -inf past the head's classes."""
+        v = self.weight.shape[0]
+        low = None if self.weight.dtype == torch.float32 else work.take("low", len(hidden), v, self.weight.dtype)
+        z = _matmul_f32(hidden, self.weight.t(), out[:, :v], low)
         if self.bias is not None:
-            out += self.bias
+            z += self.bias
         if self.scale != 1.0:
-            out.mul_(self.scale)
+            z.mul_(self.scale)
         if self.softcap is not None:
-            out.div_(self.softcap).tanh_().mul_(self.softcap)
-        if out.shape[1] < v:
-            out = torch.cat([out, out.new_full((out.shape[0], v - out.shape[1]), float("-inf"))], 1)
+            z.div_(self.softcap).tanh_().mul_(self.softcap)
+        out[:, v:] = float("-inf")
         return out
 
     def backward_(self, grad: Tensor, logits: Tensor) -> Tensor:
@@ -199,6 +308,8 @@ class _Heads:
     def __post_init__(self):
         self.inplace = None if self.backend.inplace is None else self.backend.inplace[self.call.plan.family]
         self.sparse = isinstance(self.teacher_hidden, SparseTeacher)
+        # the chunks' logits: over the teacher's classes (a sparse teacher's over the student's)
+        self.width = self.student.weight.shape[0] if self.sparse else self.teacher.weight.shape[0]
 
     def tensors(self) -> list:
         """The tensors besides the student's hidden states that a recomputation reads (None where absent)."""
@@ -209,12 +320,13 @@ class _Heads:
         )
         return [self.student.weight, self.student.bias, *teacher]
 
-    def chunk(self, start: int, stop: int, student_hidden: Tensor, want_grad: bool):
+    def chunk(self, start: int, stop: int, student_hidden: Tensor, want_grad: bool, work: _Workspace):
         """(loss of rows [start, stop) as reduced by the whole batch's denominator, or per row for "none"; its
         parts; the student's entropy per row or None; d that loss / d the student head's pre-activation
         [rows, V_student] float32, or None; d that loss / d T per row with the full gradient, else None; d that loss
         / d the teacher head's pre-activation [rows, V_teacher] with teacher_grad, else None)."""
         v_s = self.student.weight.shape[0]
+        rows = stop - start
         call = self.call.rows(start, stop)
         if self.sparse:
             teacher = self.teacher_hidden.rows(start, stop)
@@ -227,14 +339,16 @@ class _Heads:
                     None if self.teacher.bias is None else self.teacher.bias.detach(),
                     self.teacher.scale,
                     self.teacher.softcap,
-                ).logits(self.teacher_hidden[start:stop].detach(), v)
+                ).logits(self.teacher_hidden[start:stop].detach(), work.take("teacher", rows, v), work)
         full = want_grad and (self.temperature_grad or self.teacher_grad)
-        capped_t = teacher.clone() if full and self.teacher_grad and self.teacher.softcap is not None else None
-        s = self.student.logits(student_hidden[start:stop], v)
+        capped_t = None
+        if full and self.teacher_grad and self.teacher.softcap is not None:
+            capped_t = work.take("capped teacher", rows, v).copy_(teacher)
+        s = self.student.logits(student_hidden[start:stop], work.take("student", rows, v), work)
         entropy = None
         if self.entropy:  # before s becomes the gradient
             entropy = torch.where(call.valid, _entropy(s, call.temperature), 0.0)
-        capped = s.clone() if want_grad and self.student.softcap is not None else None
+        capped = work.take("capped", rows, v).copy_(s) if want_grad and self.student.softcap is not None else None
         dtemp = grad_t = None
         if self.sparse:
             loss, parts, grad = self._sparse_loss(call, s, teacher, want_grad)
@@ -321,17 +435,18 @@ class _HeadGrads:
         self.w = torch.zeros(self.weight.shape, dtype=torch.float32, device=device) if need[1] else None
         self.b = torch.zeros(self.weight.shape[0], dtype=torch.float32, device=device) if need[2] else None
 
-    def add(self, g: Tensor, start: int, stop: int) -> None:
+    def add(self, g: Tensor, start: int, stop: int, work: _Workspace) -> None:
         """Rows [start, stop) of d loss / d (hidden @ weight.T + bias), ``g`` (float32)."""
         weight, hidden = self.weight, self.hidden
         # Low-precision weights: the matmuls take the gradient in their dtype (one cast, counted by chunk_rows).
-        g_mm = g if weight.dtype == torch.float32 else g.to(weight.dtype)
+        g_mm = g if weight.dtype == torch.float32 else work.take("low", len(g), g.shape[1], weight.dtype).copy_(g)
         if self.h is not None and weight.dtype == hidden.dtype:
             torch.mm(g_mm, weight, out=self.h[start:stop])
         elif self.h is not None:
             self.h[start:stop] = torch.mm(g_mm, weight).to(hidden.dtype)
         if self.w is not None:
-            _accumulate_f32(self.w, (g_mm if _out_dtype_matmul(g.device) else g).t(), hidden[start:stop])
+            low = hidden.dtype == weight.dtype and _accumulates_into_f32(g.device, weight.dtype)
+            _accumulate_f32(self.w, (g_mm if low else g).t(), hidden[start:stop])
         if self.b is not None:
             self.b += g.sum(0)
 
@@ -350,12 +465,13 @@ def _run(p: _Heads, hidden: Tensor, rows: int, need: tuple[bool, ...], grad_rows
     teacher = _HeadGrads(p.teacher_hidden, p.teacher, need[4:]) if any(need[4:]) else None
     grad_t = torch.zeros((), dtype=torch.float32, device=weight.device) if need[3] else None
     losses, parts, entropies = [], [], []
+    work = _Workspace(min(rows, n), p.width, hidden.device)
     # Autocast would run the chunk matmuls in low precision: they already use the weights' dtype with float32
     # accumulation, as the fused kernels do.
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, n, rows):
             stop = min(start + rows, n)
-            loss, loss_parts, entropy, g, dtemp, g_teacher = p.chunk(start, stop, hidden, want_grad)
+            loss, loss_parts, entropy, g, dtemp, g_teacher = p.chunk(start, stop, hidden, want_grad, work)
             losses.append(loss)
             parts.append(loss_parts)
             entropies.append(entropy)
@@ -367,7 +483,7 @@ def _run(p: _Heads, hidden: Tensor, rows: int, need: tuple[bool, ...], grad_rows
                 if head is not None:
                     if grad_rows is not None:
                         grad.mul_(grad_rows[start:stop, None])
-                    head.add(grad, start, stop)
+                    head.add(grad, start, stop, work)
             del g, g_teacher  # this chunk's buffers go before the next chunk's are allocated
     entropy = torch.cat(entropies) if p.entropy and entropies else hidden.new_zeros(0, dtype=torch.float32)
     if not losses:  # no rows
@@ -522,9 +638,8 @@ def linear_distill_loss(
             (Gemma's final-logit softcapping), with its gradient; None (default) leaves them uncapped.
         return_entropy: also return the student's entropy at T per row (leading shape, float32, 0 on the rows left
             out; not differentiable), for logging: ``(result, entropy)``. It costs one softmax over each chunk.
-        memory_budget: bytes of chunk temporaries to size chunks from (default ``default_budget``, in chunks of at
-            least ``MATMUL_ROWS`` rows); chunk_size: rows per chunk instead (the loss's autograd sub-chunks still
-            follow the budget).
+        memory_budget: bytes of chunk temporaries to size chunks from (default ``default_budget``); chunk_size:
+            rows per chunk instead (the loss's autograd sub-chunks still follow the budget).
 
     Returns:
         float32 loss: 0-d, or the leading shape for reduction="none"; a ``LossParts`` with ``return_parts``;
@@ -613,23 +728,10 @@ def linear_distill_loss(
                 f"full ops), got backend={p.backend.name!r}; use backend='auto' or a name from "
                 f"kdkernels.available_backends()"
             )
-    budget = default_budget(student_hidden.device, p.inplace is not None) if memory_budget is None else memory_budget
     # (the full op writes the gradient beside the logits: one more buffer; the teacher's gradient one more, and its
     # capped logits with a teacher softcap)
     full_buffers = (learn_temperature or teacher_grad) + teacher_grad * (1 + (teacher_softcap is not None))
-    rows, p.loss_rows = chunk_rows(
-        budget,
-        v,
-        v_t,
-        student_weight.dtype,
-        p.inplace is not None,
-        (softcap is not None) + 2 * return_entropy + full_buffers,
-        sparse,
-    )
-    if memory_budget is None:
-        rows = max(rows, MATMUL_ROWS.get(student_hidden.device.type, 1))
-    if chunk_size is None:  # the fewest chunks the budget allows, of equal size (no short last chunk)
-        chunk_size = -(-n // -(-n // rows)) if n else rows
+    extra = (softcap is not None) + 2 * return_entropy + full_buffers
     grad_on = torch.is_grad_enabled()
     need = (
         grad_on and student_hidden.requires_grad,
@@ -640,6 +742,12 @@ def linear_distill_loss(
         teacher_grad and teacher_weight.requires_grad,
         teacher_grad and teacher_bias is not None and teacher_bias.requires_grad,
     )
+    if memory_budget is None:
+        all_rows = n * chunk_row_bytes(v, v_t, student_weight.dtype, extra, sparse)
+        memory_budget = default_budget(student_hidden.device, p.inplace is not None, all_rows)
+    rows, p.loss_rows = chunk_rows(memory_budget, v, v_t, student_weight.dtype, p.inplace is not None, extra, sparse)
+    if chunk_size is None:  # the fewest chunks the budget allows, of equal size (no short last chunk)
+        chunk_size = -(-n // -(-n // rows)) if n else rows
     teachers = (None, None, None) if sparse else (teacher_hidden, teacher_weight, teacher_bias)
     loss, parts, entropy = LinearDistillFunction.apply(
         student_hidden.reshape(n, h_s),

@@ -114,7 +114,7 @@ def test_bench_writes_table_csv_and_plot(tmp_path):
     )
     assert all(r.floor_ms > 0 and math.isclose(r.copy_share, r.floor_ms / r.ms) for r in rows)  # (the byte floor)
     with open(tmp_path / "bench.csv") as f:
-        assert len(list(csv.DictReader(f))) == 2
+        assert len(list(csv.DictReader(f))) == 3
     assert os.path.getsize(tmp_path / "bench.png") > 1000
     assert "x compile" in bench.format_table(rows)
 
@@ -123,9 +123,8 @@ def test_linear_bench_compares_paths(tmp_path):
     rows = bench.run_linear(
         "cpu", methods=["kd"], out=str(tmp_path), reps=1, table={"tiny": (64, 16, 300, torch.float32)}, liger=False
     )
-    assert [(r.case, r.path) for r in rows] == [
-        ("kd", p) for p in (bench.UNCHUNKED, bench.FUSED_LINEAR, bench.FUSED_LINEAR_SMALL)
-    ]
+    paths = (bench.UNCHUNKED, bench.FUSED_LINEAR, bench.FUSED_LINEAR_SMALL)
+    assert [(r.case, r.path) for r in rows] == [("kd", p) for p in paths]
     auto = backends.select_backend("auto", torch.empty(1)).name
     assert all(r.ms > 0 and r.peak_extra_mb > 0 and r.backend == auto for r in rows)
     assert math.isclose(rows[1].vs_unchunked_time, rows[0].ms / rows[1].ms)

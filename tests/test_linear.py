@@ -113,8 +113,9 @@ def test_chunk_larger_than_batch_and_budget_sizing(backend, device):
     compare("dkd", {}, backend, student, teacher, target, memory_budget=3 * 4 * 4 * V * (2 + REFERENCE_BUFFERS))
 
 
-def test_default_chunks_have_the_rows_the_matmuls_need(monkeypatch):
-    """The default budget's chunks get at least MATMUL_ROWS rows (equal chunks); an explicit budget is followed."""
+def test_default_chunks_come_from_the_budget_alone(monkeypatch):
+    """Without memory_budget or chunk_size, chunks are the default budget's rows (in equal chunks), however few:
+    on CPU a fifth of all rows' buffers, within [DEFAULT_CPU_BUDGET, CPU_BUDGET_MAX]."""
     import kdkernels.linear as linear
 
     seen = []
@@ -122,22 +123,44 @@ def test_default_chunks_have_the_rows_the_matmuls_need(monkeypatch):
     monkeypatch.setattr(
         linear._Heads, "chunk", lambda self, start, stop, *a: seen.append(stop - start) or chunk(self, start, stop, *a)
     )
-    budget = 4 * 10 * 4 * V * 2  # the reference's chunk gets a quarter (chunk_rows): 10 rows of both logits
-    monkeypatch.setattr(linear, "DEFAULT_CPU_AUTOGRAD_BUDGET", budget)
-    monkeypatch.setitem(linear.MATMUL_ROWS, "cpu", 16)
+    # The reference's chunk gets a quarter of its budget (chunk_rows): 10 rows of both logits.
+    monkeypatch.setattr(linear, "DEFAULT_CPU_AUTOGRAD_BUDGET", 4 * 10 * 4 * V * 2)
+    monkeypatch.setattr(linear, "DEFAULT_CPU_BUDGET", 16 * 4 * V * 2)  # an in-place op's: 16 rows
     student, teacher, target = make_heads(n=40)
     args = (student["hidden"], student["weight"], teacher["hidden"], teacher["weight"], target)
     linear_distill_loss("kd", *args, backend="reference")
-    assert seen == [14, 14, 12]
-    seen.clear()
-    linear_distill_loss("kd", *args, backend="reference", memory_budget=budget)
     assert seen == [10] * 4
+    seen.clear()
+    linear_distill_loss("kd", *args, backend="cpu")
+    assert seen == [14, 14, 12]
+    # Above the floor, a fifth of all rows' buffers (five chunks), at most CPU_BUDGET_MAX.
+    monkeypatch.setattr(linear, "DEFAULT_CPU_BUDGET", 2 * 4 * V * 2)
+    seen.clear()
+    linear_distill_loss("kd", *args, backend="cpu")
+    assert seen == [8] * 5
+    monkeypatch.setattr(linear, "CPU_BUDGET_MAX", 6 * 4 * V * 2)
+    seen.clear()
+    linear_distill_loss("kd", *args, backend="cpu")
+    assert seen == [6] * 6 + [4]
+
+
+def test_default_budget_on_cpu():
+    """A fifth of all rows' chunk buffers, within [DEFAULT_CPU_BUDGET, CPU_BUDGET_MAX]; the reference's autograd
+    its own."""
+    import kdkernels.linear as linear
+
+    cpu, mib = torch.device("cpu"), 1 << 20
+    assert linear.default_budget(cpu, True, 1000 * mib) == 200 * mib
+    assert linear.default_budget(cpu, True, 100 * mib) == linear.DEFAULT_CPU_BUDGET
+    assert linear.default_budget(cpu, True, 100000 * mib) == linear.CPU_BUDGET_MAX
+    assert linear.default_budget(cpu, False, 1000 * mib) == linear.DEFAULT_CPU_AUTOGRAD_BUDGET
 
 
 def test_chunk_rows_from_the_budget():
     assert chunk_rows(10 * 4 * 100 * 2, 100, 100, torch.float32, True, 0, False) == (10, 0)
     assert chunk_rows(10 * 4 * 100 * 3, 100, 100, torch.float32, True, 1, False) == (10, 0)  # softcap
-    assert chunk_rows(10 * (4 * 120 * 2 + 2 * 100), 100, 120, torch.bfloat16, True, 0, False) == (10, 0)
+    # bf16 weights: a [rows, V_teacher] bf16 buffer too (the logits' matmul output, then the gradient cast)
+    assert chunk_rows(10 * (4 * 300 * 2 + 2 * 300), 100, 300, torch.bfloat16, True, 0, False) == (10, 0)
     budget = 4 * 8 * 4 * 100 * REFERENCE_BUFFERS
     assert chunk_rows(budget, 100, 100, torch.float32, False, 0, False) == (budget // 4 // 800, 24)
     assert chunk_rows(1, 100, 100, torch.float32, False, 0, False) == (1, 1)
@@ -198,6 +221,38 @@ def test_padded_teacher_vocabulary_forward_kl(backend, device):
 def test_bfloat16_heads(backend, device):
     student, teacher, target = make_heads(dtype=torch.bfloat16, device=device)
     compare("kd", {}, backend, student, teacher, target, tol_dtype=torch.bfloat16, chunk_size=3)
+
+
+def test_bfloat16_heads_padded_and_capped(backend, device):
+    """bf16 heads whose chunk buffers are reused with strided views: a padded teacher vocabulary (the student's
+    logits and gradient cast are slices of wider buffers) and softcaps, in chunks of 3, 3 and 1 rows."""
+    student, teacher, target = make_heads(v_t=V + 3, dtype=torch.bfloat16, device=device)
+    compare("rkl", {}, backend, student, teacher, target, tol_dtype=torch.bfloat16, chunk_size=3, softcap=2.5)
+    compare("jsd", {}, backend, student, teacher, target, tol_dtype=torch.bfloat16, chunk_size=3, teacher_softcap=2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mkl_low_precision_gemm(dtype):
+    """MKL's low-precision GEMM into float32 (CPU bf16 / fp16 heads' grad_weight): c = a @ b + beta c on row-major
+    operands, transposed views and column slices, against float64 on the same rounded inputs."""
+    import platform
+
+    from kdkernels.linear import _mkl_gemm
+
+    gemm = _mkl_gemm(dtype)
+    if gemm is None:
+        assert not (torch.backends.mkl.is_available() and platform.machine() == "x86_64"), "MKL's GEMM not found"
+        pytest.skip(f"this PyTorch has no MKL GEMM of {dtype} into float32")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(37, 50, generator=g).to(dtype)
+    b = torch.randn(29, 61, generator=g).to(dtype)
+    for x, y in ((a[:, 3:32], b[:, 5:46]), (a.t()[7:36], a[:, 10:35]), (a[:, :29], b.t().contiguous().t()[:, :13])):
+        c0 = torch.randn(x.shape[0], y.shape[1], generator=g)
+        for beta in (0.0, 1.0):
+            c = c0.clone()
+            gemm(c, x, y, beta)
+            want = x.double() @ y.double() + beta * c0.double()
+            assert_close(c, want.numpy(), torch.float32, f"{dtype} gemm, beta {beta}")
 
 
 def test_bfloat16_hidden_float32_weight(backend, device):

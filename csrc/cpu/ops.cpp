@@ -235,7 +235,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_vocab_cpu(
 }
 
 // grad *= factor: a 0-d factor of exactly 1 skips the pass (a host read: the factor is on the CPU); low-precision
-// gradients are multiplied in float32 and rounded once.
+// gradients are multiplied in float32 and rounded once. A 0-d float32 factor does that in place (the kernel multiplies
+// by a CPU scalar in float32, its value not rounded to the gradient's dtype); a per-row one goes through a float32
+// copy (an in-place product of mixed dtypes takes a slow element-wise cast).
 void scale_rows_cpu(const at::Tensor& grad, const at::Tensor& factor) {
   TORCH_CHECK(grad.dim() == 2 && (factor.dim() == 0 || (factor.dim() == 1 && factor.size(0) == grad.size(0))),
               "kdkernels::scale_rows_: grad must be [N, V] and factor 0-d or [N], got ", grad.sizes(), " and ",
@@ -244,7 +246,7 @@ void scale_rows_cpu(const at::Tensor& grad, const at::Tensor& factor) {
   const bool wide = grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble;
   const at::ScalarType math = wide ? grad.scalar_type() : at::kFloat;
   const at::Tensor f = factor.dim() == 1 ? factor.to(math).reshape({-1, 1}) : factor.to(math);
-  if (wide) {
+  if (wide || factor.dim() == 0) {
     grad.mul_(f);
   } else {
     grad.copy_(grad.to(math).mul_(f));

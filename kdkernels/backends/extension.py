@@ -72,7 +72,7 @@ for _backend in ("cpu", "cuda"):
                 name=_backend,
                 impl=family_backend(_backend, _ops, _scale),
                 unavailable=_unavailable_on(_backend),
-                full=full_backend(_full_ops),
+                full=full_backend(_full_ops, _scale),
                 ops=_ops,
                 inplace={family: ops[1] for family, ops in _triples.items()},
                 scale_rows=_scale,

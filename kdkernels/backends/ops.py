@@ -275,37 +275,62 @@ def scale_full_gradients(
     once to its dtype, and d loss / d T, the rows' d loss / d T summed with it (None without a temperature tensor)."""
     factor = grad_loss.unsqueeze(-1) if grad_loss.dim() else grad_loss
     d_teacher = None if grad_teacher is None else (grad_teacher * factor).to(grad_teacher.dtype)
-    d_temperature = None
-    if temperature_dtype is not None and grad_temperature is not None:
-        d_temperature = (grad_temperature * grad_loss.to(grad_temperature.dtype)).sum().to(temperature_dtype)
+    d_temperature = _temperature_gradient(grad_loss, grad_temperature, temperature_dtype)
     return (grad * factor).to(grad.dtype), d_teacher, d_temperature
+
+
+def _temperature_gradient(
+    grad_loss: Tensor, grad_temperature: Tensor | None, temperature_dtype: torch.dtype | None
+) -> Tensor | None:
+    """d loss / d T: the rows' d loss / d T times grad_output, summed (None without a temperature tensor)."""
+    if temperature_dtype is None or grad_temperature is None:
+        return None
+    return (grad_temperature * grad_loss.to(grad_temperature.dtype)).sum().to(temperature_dtype)
 
 
 class _FullGradient(torch.autograd.Function):
     """A full op's loss and parts, differentiable in the student, the teacher and the temperature (a 0-d tensor):
-    backward scales the gradients the op computed with the loss (rows by grad_output; d loss / d T summed over rows
-    with it)."""
+    backward scales the gradients the op computed with the loss (rows by grad_output, in place with the backend's
+    ``scale_rows`` as ``_autograd`` does; d loss / d T summed over rows with it)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, temperature, op, call):
+    def forward(ctx, student, teacher, temperature, op, call, scale_rows):
         loss, parts, grad, grad_teacher, grad_temperature = run_op(
             op, student.detach(), teacher.detach(), call, teacher.requires_grad
         )
         ctx.save_for_backward(grad, grad_teacher if teacher.requires_grad else None, grad_temperature)
         ctx.temperature_dtype = None if temperature is None else temperature.dtype
+        ctx.scale_rows, ctx.consumed = scale_rows, False
         ctx.mark_non_differentiable(parts)
         return loss, parts
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_parts):
-        return (*scale_full_gradients(grad_loss, *ctx.saved_tensors, ctx.temperature_dtype), None, None)
+        if ctx.consumed:  # (before saved_tensors, which the first backward's in-place scaling made stale)
+            raise RuntimeError(
+                "kdkernels: the fused loss's saved gradient was already used; backward through the "
+                "same fused loss twice (retain_graph=True) is not supported"
+            )
+        saved = ctx.saved_tensors
+        # Traced (torch.compile: dynamo traces this backward too, AOTAutograd runs it on fake tensors): out of place,
+        # as in _autograd.
+        if torch.compiler.is_compiling() or type(saved[0]) is not torch.Tensor:
+            return (*scale_full_gradients(grad_loss, *saved, ctx.temperature_dtype), None, None, None)
+        ctx.consumed = True
+        grad, grad_teacher, grad_temperature = saved
+        for kept in (grad, grad_teacher):
+            if kept is not None:
+                ctx.scale_rows(kept, grad_loss)
+        d_temperature = _temperature_gradient(grad_loss, grad_temperature, ctx.temperature_dtype)
+        return grad, grad_teacher, d_temperature, None, None, None
 
 
-def full_backend(full_ops: dict) -> Callable:
-    """The full-gradient impl of a fused backend (backends.Backend.full) calling its family ``full_ops``."""
+def full_backend(full_ops: dict, scale_rows: Callable) -> Callable:
+    """The full-gradient impl of a fused backend (backends.Backend.full) calling its family ``full_ops``, whose
+    gradients ``scale_rows`` scales in backward."""
 
     def full(call, student: Tensor, teacher: Tensor, temperature: Tensor | None) -> tuple[Tensor, Tensor]:
-        return _FullGradient.apply(student, teacher, temperature, full_ops[call.plan.family], call)
+        return _FullGradient.apply(student, teacher, temperature, full_ops[call.plan.family], call, scale_rows)
 
     return full
 

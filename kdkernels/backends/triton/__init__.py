@@ -175,7 +175,7 @@ register(
         name="triton",
         impl=family_backend("triton", _ops, scale_rows_),
         unavailable=_unavailable,
-        full=full_backend(_full_ops),
+        full=full_backend(_full_ops, scale_rows_),
         ops=_ops,
         inplace={family: ops[1] for family, ops in _triples.items()},
         scale_rows=scale_rows_,
