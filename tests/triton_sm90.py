@@ -144,7 +144,9 @@ def specialisations(family: str) -> list[tuple]:
     for code, code_name, full_on_one_tile in codes:
         for layout, standardize in itertools.product(LAYOUT_ROWS, (False, True)):
             full = standardize and (layout == "stream" or full_on_one_tile)
-            block_n, block_v, warps, single, maxnreg = launch_shape(family, *LAYOUT_ROWS[layout], full=full)
+            block_n, block_v, warps, single, maxnreg = launch_shape(
+                family, *LAYOUT_ROWS[layout], full=full, akl=family == "divergence" and code == Divergence.AKL
+            )
             options = dict(num_warps=warps, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
             switches = dict(
                 FULL=full, TEACHER_GRAD=full, T2_SCALE=True, SINGLE_TILE=single, BLOCK_N=block_n, BLOCK_V=block_v

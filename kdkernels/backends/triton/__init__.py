@@ -16,7 +16,7 @@ import os
 import torch
 import triton
 
-from ...methods import DIVERGENCE, FAMILIES, DecoupledParams, DivergenceParams
+from ...methods import DIVERGENCE, FAMILIES, DecoupledParams, Divergence, DivergenceParams
 from .. import Backend, combine, reference_cross_vocab, register
 from ..kernel_call import KernelCall
 from ..ops import cross_vocab_backend, define_cross_vocab_op, define_family_ops, family_backend, full_backend
@@ -75,7 +75,10 @@ def _launch(family, student, teacher, call: KernelCall, grad, teacher_grad=None,
     ce_rows = torch.empty(n, dtype=torch.float32, device=student.device) if call.with_ce else None
     denominator = call.denominator if call.reduce else None
     if n:
-        block_n, block_v, warps, single, maxnreg = launch_shape(family, n, v, full=temperature_grad is not None)
+        akl = family == DIVERGENCE and call.code == Divergence.AKL
+        block_n, block_v, warps, single, maxnreg = launch_shape(
+            family, n, v, full=temperature_grad is not None, akl=akl
+        )
         kernel, named, switches = _plan_arguments(family, call)
         kernel[(triton.cdiv(n, block_n),)](
             student,

@@ -30,9 +30,11 @@ TILE_ELEMENTS_PER_WARP = 256
 SM_REGISTERS = 65536
 
 
-def launch_shape(family: str, n_rows: int, v: int, full: bool = False) -> tuple[int, int, int, bool, int | None]:
+def launch_shape(
+    family: str, n_rows: int, v: int, full: bool = False, akl: bool = False
+) -> tuple[int, int, int, bool, int | None]:
     """(rows per program, column tile, warps, whole row in one tile, most registers per thread or None) of the family's
-    kernel on a [n_rows, v] problem, `full` for the full gradient (FULL).
+    kernel on a [n_rows, v] problem, `full` for the full gradient (FULL), `akl` for the divergence code AKL.
 
     The registers (Triton's maxnreg, ptxas's .maxnreg) of the divergence family are what one program per SM may
     take. Without that cap ptxas chooses a kernel's registers itself and, to fit more programs per SM, may give it
@@ -44,7 +46,10 @@ def launch_shape(family: str, n_rows: int, v: int, full: bool = False) -> tuple[
     tile = MAX_TILE if family == DIVERGENCE and not full else SMALL_TILE
     block_v = min(triton.next_power_of_2(max(v, 1)), tile)
     single = v <= block_v
-    block_n = max(1, min(tile // block_v, 16, triton.next_power_of_2(max(n_rows, 1)))) if single else 1
+    # akl's head search keeps each row's teacher tile and probabilities live through its loops: rows that share a
+    # program share at most SMALL_TILE elements, as in the full gradient.
+    rows_tile = SMALL_TILE if akl else tile
+    block_n = max(1, min(rows_tile // block_v, 16, triton.next_power_of_2(max(n_rows, 1)))) if single else 1
     warps = max(block_n * block_v // TILE_ELEMENTS_PER_WARP, 4)
     maxnreg = min(SM_REGISTERS // (32 * warps), 255) if family == DIVERGENCE else None
     return block_n, block_v, warps, single, maxnreg
