@@ -44,9 +44,19 @@ def cross_vocab_backends() -> list[str]:
     return [b for b in names if backends._REGISTRY[b].cross_vocab is not None]
 
 
+def cross_vocab_device_backends() -> list[str]:
+    """The device's fused backends with cross-vocabulary kernels (Triton, and CUDA on a GPU) that run DEVICE tensors
+    here (Triton under its interpreter on the CPU)."""
+    from kdkernels import backends
+
+    names = kdkernels.available_backends(DEVICE)
+    return [b for b in ("triton", "cuda") if b in names and backends._REGISTRY[b].cross_vocab is not None]
+
+
 def pytest_generate_tests(metafunc):
     """``backend``: every backend runnable here; ``fused``: the same without the reference (kernel tests);
-    ``cross_vocab_backend`` and ``cross_vocab_fused``: the same of those with cross-vocabulary kernels."""
+    ``cross_vocab_backend`` and ``cross_vocab_fused``: the same of those with cross-vocabulary kernels;
+    ``cross_vocab_device_backend``: cross_vocab_device_backends()."""
     if "backend" in metafunc.fixturenames:
         metafunc.parametrize("backend", backends_under_test())
     if "fused" in metafunc.fixturenames:
@@ -55,6 +65,8 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("cross_vocab_backend", cross_vocab_backends())
     if "cross_vocab_fused" in metafunc.fixturenames:
         metafunc.parametrize("cross_vocab_fused", [b for b in cross_vocab_backends() if b != "reference"])
+    if "cross_vocab_device_backend" in metafunc.fixturenames:
+        metafunc.parametrize("cross_vocab_device_backend", cross_vocab_device_backends())
 
 
 # Three selections of the suite. The quick tier is the default (the README's test command, at most 5 minutes on two
@@ -113,6 +125,7 @@ QUICK_TEST_PARAMS = {
     },
     "test_cross_vocab.py::test_ties_follow_the_documented_rule": {"method": ("uld",)},
     "test_cross_vocab.py::test_fused_wide_rows_against_oracle": {"cross_vocab_fused": ("cpu",)},
+    "test_cross_vocab.py::test_device_kernels_against_oracle": {"method": ("uld",), "dtype": (torch.float32,)},
 }
 
 
