@@ -78,13 +78,15 @@ GPU_QUICK_TESTS = os.environ.get("KDKERNELS_GPU_QUICK") == "1"
 # The GPU check must fit a few minutes of an H200. Triton compiles each kernel specialisation (code, tile layout,
 # dtype) on first use, a few seconds each, and that is what sets its time, so it is every method once
 # (cases.ONE_PER_METHOD) and every fused backend, forward + backward against the float64 oracle, at a row of one tile
-# (V = 1000) and a streamed one (V = 70000), in float32 and bf16, and the fused-linear path with bf16 heads.
+# (V = 1000) and a streamed one (V = 70000), in float32 and bf16, the fused-linear path with bf16 heads, and the
+# cross-vocabulary kernels (uld, hybrid) on rows that fit their on-chip sort and on chunked LLM rows.
 # Test (file::function) -> {parameter: values kept}; the other tests are not run.
 GPU_QUICK = {
     "test_kernels.py::test_float32_any_vocabulary": {"v": (1000, 70000)},
     "test_kernels.py::test_half_precision_no_worse_than_eager": {"v": (1000, 70000), "dtype": (torch.bfloat16,)},
     "test_linear.py::test_bfloat16_heads": {},
     "test_linear.py::test_bfloat16_hidden_float32_weight": {},
+    "test_cross_vocab.py::test_device_kernels_against_oracle": {},
 }
 
 # The quick tier still runs every method on every backend against the float64 oracle (each method once: the
