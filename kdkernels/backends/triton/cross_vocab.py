@@ -238,7 +238,8 @@ def _write_probs(x_row, free_ptr, out_row, n, inv_t, lz, c, HYBRID: tl.constexpr
         tl.store(out_row + k, tl.exp(x * inv_t - lz + c), mask=ok)
 
 
-@triton.jit
+# (first_row not specialised: a chunk starting at a row of 1 or a multiple of 16 would compile its own kernel.)
+@triton.jit(do_not_specialize=["first_row"])
 def cross_vocab_probs_kernel(
     s_ptr, t_ptr, cs_ptr, ct_ptr, free_s_ptr, free_t_ptr, q_ptr, p_ptr, stats_ptr,
     first_row, Vs, Vt, ns, nt, s_stride, t_stride, inv_ts, inv_tt,
@@ -266,7 +267,7 @@ def cross_vocab_probs_kernel(
 
 
 # Long: the ranks' pass and the pairs' pass, each twice (the sums, then the gradient once sum r is known).
-@triton.jit
+@triton.jit(do_not_specialize=["first_row"])
 def cross_vocab_ranks_kernel(
     s_ptr, t_ptr, cs_ptr, ct_ptr, target_ptr, denom_ptr, loss_ptr, ce_ptr, g_ptr, dscale_ptr,
     stats_ptr, q_sorted_ptr, order_ptr, p_sorted_ptr, free_s_ptr, pair_s_ptr, pair_t_ptr,
