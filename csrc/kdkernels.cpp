@@ -25,9 +25,9 @@
 // gradient in the teacher's dtype (empty unless teacher_grad) and d loss / d T per row ([N], the math type), scaled
 // like grad, all from the same launch; no autograd (kdkernels/functional.py applies them).
 //
-//   cross_vocab_cpu(student [N, Vs], teacher [N, Vt], student_log_scale [N]?, teacher_log_scale [N]?, target [N]?,
-//                   denominator 0-d?, classes, code, params, temperature, ignore_index, reduce, ce_weight,
-//                   distill_weight, with_ce, with_grad) -> (loss, parts, grad, scale_grad)
+//   cross_vocab_<backend>(student [N, Vs], teacher [N, Vt], student_log_scale [N]?, teacher_log_scale [N]?,
+//                         target [N]?, denominator 0-d?, classes, code, params, temperature, ignore_index, reduce,
+//                         ce_weight, distill_weight, with_ce, with_grad) -> (loss, parts, grad, scale_grad)
 //
 // is uld or hybrid (cross_vocab.h; code and params a plan of kdkernels/methods.py CROSS_VOCAB_METHODS; classes, for
 // hybrid, the vocabulary map's student ids, teacher ids and the unmatched classes of each model), the loss and parts
@@ -68,11 +68,14 @@ TORCH_LIBRARY(kdkernels, m) {
                 .c_str());
     }
   }
-  m.def(
-      "cross_vocab_cpu(Tensor student, Tensor teacher, Tensor? student_log_scale, Tensor? teacher_log_scale, "
-      "Tensor? target, Tensor? denominator, Tensor[] classes, int code, float[] params, float temperature, "
-      "int ignore_index, bool reduce, float ce_weight, float distill_weight, bool with_ce, bool with_grad) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+  for (const char* backend : {"cpu", "cuda"}) {
+    m.def((std::string("cross_vocab_") + backend +
+           "(Tensor student, Tensor teacher, Tensor? student_log_scale, Tensor? teacher_log_scale, "
+           "Tensor? target, Tensor? denominator, Tensor[] classes, int code, float[] params, float temperature, "
+           "int ignore_index, bool reduce, float ce_weight, float distill_weight, bool with_ce, bool with_grad) "
+           "-> (Tensor, Tensor, Tensor, Tensor)")
+              .c_str());
+  }
   m.def("scale_rows_(Tensor(a!) grad, Tensor factor) -> ()");
 }
 

@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fused-linear section: linear_distill_loss against full logits + the fastest fused loss "
         "(time and peak memory above inputs, LLM head shapes); writes linear.csv",
     )
+    bench.add_argument(
+        "--cross-vocab",
+        action="store_true",
+        help="cross-vocabulary section: cross_vocab_loss (uld, hybrid) on every backend with its kernels, on rows "
+        "the kernels sort on chip and on an LLM's (time and peak memory); prints the table, writes no file",
+    )
     return parser
 
 

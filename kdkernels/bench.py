@@ -133,7 +133,11 @@ def _loss_fn(method: str, backend: str):
 
 def _measure(method, backend, s, t, y, device) -> tuple[float, float]:
     """(median ms of forward + backward, peak MB added above the inputs or NaN off-GPU)."""
-    fn = _loss_fn(method, backend)
+    return _measure_loss(_loss_fn(method, backend), s, t, y, device)
+
+
+def _measure_loss(fn, s, t, y, device) -> tuple[float, float]:
+    """_measure of the loss ``fn(s, t, y)``."""
 
     def step():
         s.grad = None
@@ -644,6 +648,58 @@ def format_linear_table(rows: list[LinearRow], header: bool = True) -> str:
     return "\n".join("  ".join(str(c).ljust(13) for c in line) for line in lines)
 
 
+# The cross-vocabulary section (--cross-vocab), per device: name -> (N, Vs, Vt, dtype, classes the map pairs). "fits":
+# rows that the fused kernels sort on chip; "llm": a 32K student and a 128K teacher (chunked on a GPU).
+CROSS_VOCAB_SHAPES = {
+    "cuda": {"fits": (16384, 1000, 2000, torch.float32, 500), "llm": (4096, 32000, 128256, torch.bfloat16, 24000)},
+    "cpu": {"fits": (1024, 1000, 2000, torch.float32, 500), "llm": (32, 32000, 128256, torch.float32, 24000)},
+}
+
+
+def run_cross_vocab(device: str = "cuda", progress: bool = True) -> list[dict]:
+    """Forward + backward of ``cross_vocab_loss`` (uld, and hybrid with a map of the shape's shared classes) on every
+    backend with cross-vocabulary kernels (not Triton's interpreter), at CROSS_VOCAB_SHAPES: median ms and the peak MB
+    added (GPU) per shape, method and backend."""
+    from . import backends, cross_vocab_loss
+
+    device = torch.device(device)
+    names = [
+        b
+        for b in available_backends(device)
+        if backends._REGISTRY[b].cross_vocab is not None and not (b == "triton" and device.type == "cpu")
+    ]
+    jobs = [
+        (shape, method, b) for shape in CROSS_VOCAB_SHAPES[device.type] for method in ("uld", "hybrid") for b in names
+    ]
+    rows, inputs = [], {}
+    for shape, method, backend in tqdm(jobs, desc="cross-vocab", disable=not progress):
+        n, vs, vt, dtype, shared = CROSS_VOCAB_SHAPES[device.type][shape]
+        if shape not in inputs:
+            inputs.clear()
+            g = torch.Generator().manual_seed(0)
+            s = (torch.randn(n, vs, generator=g) * 3).to(device, dtype).requires_grad_(True)
+            t = (torch.randn(n, vt, generator=g) * 3).to(device, dtype)
+            pairs = tuple(torch.randperm(v, generator=g)[:shared].to(device) for v in (vs, vt))
+            inputs[shape] = s, t, pairs
+        s, t, pairs = inputs[shape]
+        hp = {"vocab_map": pairs} if method == "hybrid" else {}
+
+        def loss(s, t, _y, method=method, backend=backend, hp=hp):
+            return cross_vocab_loss(method, s, t, backend=backend, **hp)
+
+        ms, peak = _measure_loss(loss, s, t, None, device)
+        rows.append(dict(shape=shape, n=n, vs=vs, vt=vt, dtype=str(dtype).removeprefix("torch."), method=method,
+                         backend=backend, ms=ms, peak_extra_mb=peak))  # fmt: skip
+    return rows
+
+
+def format_cross_vocab_table(rows: list[dict]) -> str:
+    columns = ("shape", "n", "vs", "vt", "dtype", "method", "backend", "ms", "peak_extra_mb")
+    lines = [columns] + [[_cell(r[c], ".3f" if c == "ms" else ".0f") if c in ("ms", "peak_extra_mb") else r[c]
+                          for c in columns] for r in rows]  # fmt: skip
+    return "\n".join("  ".join(str(c).ljust(13) for c in line) for line in lines)
+
+
 def main(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     table = shape_table(torch.device(device).type, args.linear)
@@ -653,6 +709,9 @@ def main(args) -> int:
             f"python -m kdkernels bench: error: unknown shape(s) {', '.join(unknown)} on {device}"
             f"{' with --linear' if args.linear else ''}; choose from: {', '.join(table)}"
         )
+    if args.cross_vocab:
+        print(format_cross_vocab_table(run_cross_vocab(device, progress=not args.no_progress)))
+        return 0
     if args.linear:
         if not liger_available():
             print("liger-kernel is not installed: no Liger rows (pip install liger-kernel, or the llm extra)")

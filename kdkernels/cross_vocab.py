@@ -12,9 +12,10 @@ batchmean denominator), and the backend chosen by ``backends.select_backend(...,
         -> (loss, parts)
 
 like a backend's ``impl``; ``classes`` is the map's (student ids, teacher ids, unmatched student ids, unmatched
-teacher ids) on the device, None for uld. The reference and backend "cpu" (csrc/cpu/cross_vocab.cpp, through
-backends/ops.py ``cross_vocab_backend``) register one; "auto" takes the first backend of the device's order that has
-one. Per row the fused kernel does (docs/losses.md section 11.5): the two logsumexps at T_s and T_t;
+teacher ids) on the device, None for uld. The reference and the fused backends "cpu" (csrc/cpu/cross_vocab.cpp),
+"triton" (backends/triton/cross_vocab.py) and "cuda" (csrc/cuda/cross_vocab.cu), through backends/ops.py
+``cross_vocab_backend``, register one; "auto" takes the first backend of the device's order that has one. Per row
+the CPU kernel does (docs/losses.md section 11.5): the two logsumexps at T_s and T_t;
 q~ = exp(c_s) q and p~ = exp(c_t) p into row buffers; a stable descending sort of both (the probabilities are >= 0,
 so a radix sort of their float bits; the student's with its class indices, the teacher's without: it is a constant);
 one pass over the ranks summing |q~_(i) - p~_(i)| and writing G = sign(q~_(i) - p~_(i)) at the student's class pi(i)

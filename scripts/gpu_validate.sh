@@ -6,9 +6,11 @@
 #   build   the extension in place (kdkernels._C with its CUDA kernels for sm_90; the .cu files compile in parallel)
 #   tests   the GPU subset of the test suite (KDKERNELS_GPU_QUICK=1, tests/conftest.py): every method and fused
 #           backend once, forward + backward against the float64 oracle, at V = 1000 and V = 70000, fp32 and bf16,
-#           and the fused-linear path with bf16 heads
+#           the fused-linear path with bf16 heads, and the cross-vocabulary kernels (Triton, CUDA) on rows sorted on
+#           chip and on chunked LLM rows
 #   bench   python -m kdkernels bench on BENCH_SHAPES x BENCH_METHODS: the fused backends against its eager and
-#           torch.compile baselines, GB/s and share of the copy bandwidth
+#           torch.compile baselines, GB/s and share of the copy bandwidth; then its --cross-vocab section (uld and
+#           hybrid on every backend with cross-vocabulary kernels, the reference included), in the same log
 #   linear  python -m kdkernels bench --linear for LINEAR_METHODS: the fused-linear rows
 #
 #   bash scripts/gpu_validate.sh [all|STEP[,STEP...]] [results-dir] [-- extra bench args]
@@ -27,8 +29,9 @@ OUTPUTS=(env.txt build.log tests.log bench.txt bench.csv bench.png linear.txt li
 # timed them yet): the build waits on nvcc of csrc/cuda/divergence.cu (~105 s; the .cu files compile side by side);
 # the tests are ~60 Triton compiles for sm_90 (~2 s each, ~4 s for the decoupled kernel) over TEST_WORKERS processes;
 # the bench is mostly its torch.compile baseline, compiled per method and shape (timed with Inductor's CPU backend:
-# ~15-25 s for a process's first compile, ~5 s for further ones), ~1.5 min for 3 methods x 2 shapes; each linear row
-# is a fresh process (~10 s).
+# ~15-25 s for a process's first compile, ~5 s for further ones), ~1.5 min for 3 methods x 2 shapes; the tests and
+# the bench's --cross-vocab section add 12 and 6 Triton compiles (the cross-vocab kernels; not timed on a GPU);
+# each linear row is a fresh process (~10 s).
 TOTAL=470
 declare -A BUDGET=([build]=150 [tests]=100 [bench]=150 [linear]=60)
 BENCH_SHAPES="llm-128k vision-1000"
@@ -116,8 +119,10 @@ for step in $steps; do
         -p no:cacheprovider "${workers[@]}" tests ;;
     bench)
       # shellcheck disable=SC2086  # the shape and method lists split into words
-      run_step bench bench.txt python3 -m kdkernels bench --device cuda --out "$results" --no-progress \
-        --shapes $BENCH_SHAPES --methods $BENCH_METHODS "$@" ;;
+      run_step bench bench.txt bash -c 'python3 -m kdkernels bench "$@"; status=$?
+        python3 -m kdkernels bench --cross-vocab --device cuda --no-progress || status=1
+        exit $status' bench --device cuda --out "$results" --no-progress --shapes $BENCH_SHAPES \
+        --methods $BENCH_METHODS "$@" ;;
     linear)
       # shellcheck disable=SC2086
       run_step linear linear.txt python3 -m kdkernels bench --linear --device cuda --out "$results" \

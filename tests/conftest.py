@@ -44,9 +44,19 @@ def cross_vocab_backends() -> list[str]:
     return [b for b in names if backends._REGISTRY[b].cross_vocab is not None]
 
 
+def cross_vocab_device_backends() -> list[str]:
+    """The device's fused backends with cross-vocabulary kernels (Triton, and CUDA on a GPU) that run DEVICE tensors
+    here (Triton under its interpreter on the CPU)."""
+    from kdkernels import backends
+
+    names = kdkernels.available_backends(DEVICE)
+    return [b for b in ("triton", "cuda") if b in names and backends._REGISTRY[b].cross_vocab is not None]
+
+
 def pytest_generate_tests(metafunc):
     """``backend``: every backend runnable here; ``fused``: the same without the reference (kernel tests);
-    ``cross_vocab_backend`` and ``cross_vocab_fused``: the same of those with cross-vocabulary kernels."""
+    ``cross_vocab_backend`` and ``cross_vocab_fused``: the same of those with cross-vocabulary kernels;
+    ``cross_vocab_device_backend``: cross_vocab_device_backends()."""
     if "backend" in metafunc.fixturenames:
         metafunc.parametrize("backend", backends_under_test())
     if "fused" in metafunc.fixturenames:
@@ -55,6 +65,8 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("cross_vocab_backend", cross_vocab_backends())
     if "cross_vocab_fused" in metafunc.fixturenames:
         metafunc.parametrize("cross_vocab_fused", [b for b in cross_vocab_backends() if b != "reference"])
+    if "cross_vocab_device_backend" in metafunc.fixturenames:
+        metafunc.parametrize("cross_vocab_device_backend", cross_vocab_device_backends())
 
 
 # Three selections of the suite. The quick tier is the default (the README's test command, at most 5 minutes on two
@@ -66,13 +78,15 @@ GPU_QUICK_TESTS = os.environ.get("KDKERNELS_GPU_QUICK") == "1"
 # The GPU check must fit a few minutes of an H200. Triton compiles each kernel specialisation (code, tile layout,
 # dtype) on first use, a few seconds each, and that is what sets its time, so it is every method once
 # (cases.ONE_PER_METHOD) and every fused backend, forward + backward against the float64 oracle, at a row of one tile
-# (V = 1000) and a streamed one (V = 70000), in float32 and bf16, and the fused-linear path with bf16 heads.
+# (V = 1000) and a streamed one (V = 70000), in float32 and bf16, the fused-linear path with bf16 heads, and the
+# cross-vocabulary kernels (uld, hybrid) on rows that fit their on-chip sort and on chunked LLM rows.
 # Test (file::function) -> {parameter: values kept}; the other tests are not run.
 GPU_QUICK = {
     "test_kernels.py::test_float32_any_vocabulary": {"v": (1000, 70000)},
     "test_kernels.py::test_half_precision_no_worse_than_eager": {"v": (1000, 70000), "dtype": (torch.bfloat16,)},
     "test_linear.py::test_bfloat16_heads": {},
     "test_linear.py::test_bfloat16_hidden_float32_weight": {},
+    "test_cross_vocab.py::test_device_kernels_against_oracle": {},
 }
 
 # The quick tier still runs every method on every backend against the float64 oracle (each method once: the
@@ -113,6 +127,7 @@ QUICK_TEST_PARAMS = {
     },
     "test_cross_vocab.py::test_ties_follow_the_documented_rule": {"method": ("uld",)},
     "test_cross_vocab.py::test_fused_wide_rows_against_oracle": {"cross_vocab_fused": ("cpu",)},
+    "test_cross_vocab.py::test_device_kernels_against_oracle": {"method": ("uld",), "dtype": (torch.float32,)},
 }
 
 

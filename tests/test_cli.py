@@ -119,6 +119,22 @@ def test_bench_writes_table_csv_and_plot(tmp_path):
     assert "x compile" in bench.format_table(rows)
 
 
+def test_cross_vocab_bench_times_every_backend(monkeypatch):
+    """bench --cross-vocab: uld and hybrid on every backend with cross-vocabulary kernels that runs here (not Triton's
+    interpreter), per shape, a positive time each, and the table."""
+    monkeypatch.setitem(bench.CROSS_VOCAB_SHAPES, "cpu", {"tiny": (16, 50, 70, torch.float32, 20)})
+    calls = []
+    monkeypatch.setattr(bench, "_median_ms", lambda step, device, reps=20: calls.append(step()) or 0.5)
+    rows = bench.run_cross_vocab("cpu", progress=False)
+    names = [b for b in kdkernels.available_backends("cpu") if backends._REGISTRY[b].cross_vocab and b != "triton"]
+    assert "cpu" in names and "reference" in names
+    assert [(r["method"], r["backend"]) for r in rows] == [(m, b) for m in ("uld", "hybrid") for b in names]
+    assert len(calls) == len(rows) and all(r["ms"] == 0.5 and r["shape"] == "tiny" for r in rows)
+    table = bench.format_cross_vocab_table(rows).splitlines()
+    assert table[0].split() == ["shape", "n", "vs", "vt", "dtype", "method", "backend", "ms", "peak_extra_mb"]
+    assert len(table) == len(rows) + 1
+
+
 def test_linear_bench_compares_paths(tmp_path):
     rows = bench.run_linear(
         "cpu", methods=["kd"], out=str(tmp_path), reps=1, table={"tiny": (64, 16, 300, torch.float32)}, liger=False

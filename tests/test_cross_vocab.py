@@ -17,6 +17,7 @@ from helpers import assert_close
 from oracle import cross_vocab_oracle
 
 import kdkernels
+from kdkernels.backends.triton import cross_vocab as triton_cross_vocab
 from kdkernels.cross_vocab import VocabMap
 
 
@@ -338,31 +339,64 @@ def test_cpu_op_checks_the_classes():
         op(s, t, None, None, None, None, [], *args[3:])
 
 
-def test_triton_rows_wider_than_its_block_say_so():
-    """(The op's launcher refuses before any launch: no GPU or interpreter needed.)"""
-    from kdkernels.backends.triton.cross_vocab import MAX_BLOCK
+def _device_shape(width: str, monkeypatch) -> tuple[int, int, int]:
+    """(rows, Vs, Vt) of test_device_kernels_against_oracle. On a GPU: a vision vocabulary, or an LLM's (wider than
+    the on-chip sort's 4096 classes; two chunks of the workspace, the second one partial). Under Triton's interpreter:
+    small rows, its on-chip block, tile and chunk lowered for "chunked" (chunks of 2 rows or fewer, rows of several
+    tiles)."""
+    if DEVICE != "cpu":
+        return (7, 600, 1000) if width == "fits" else (100, 32000, 50000)
+    if width == "chunked":
+        monkeypatch.setattr(triton_cross_vocab, "MAX_BLOCK", 16)
+        monkeypatch.setattr(triton_cross_vocab, "STREAM_TILE", 32)
+        monkeypatch.setattr(triton_cross_vocab, "CHUNK_ELEMENTS", 2 * 53)
+    return (5, 37, 53)
 
-    s, t = torch.randn(2, 7), torch.randn(2, MAX_BLOCK + 1)
-    params = [1.0, 2, 0.5, 0.5, math.log(0.5), math.log(0.5), 0.0, 1.0]
-    with pytest.raises(ValueError, match=r"up to 4096 classes a side .* use backend='reference'"):
-        torch.ops.kdkernels.cross_vocab_triton(
-            s, t, None, None, None, None, [], 0, params, 1.0, -100, True, 0.0, 1.0, False, True
-        )
 
-
-def test_rows_wider_than_a_backends_kernel_go_to_the_reference():
-    """backend="triton" (which "auto" takes for CUDA tensors) leaves rows wider than its on-chip sort to the
-    reference: an LLM's vocabulary still trains."""
-    from kdkernels.backends.triton.cross_vocab import MAX_BLOCK
-
-    g = torch.Generator().manual_seed(8)
-    s, t = torch.randn(2, 5, generator=g).to(DEVICE), torch.randn(2, MAX_BLOCK + 3, generator=g).to(DEVICE)
-    grads = []
-    for backend in ("reference", "triton"):
-        student = s.clone().requires_grad_(True)
-        loss = kdkernels.cross_vocab_loss("uld", student, t, backend=backend)
-        grads.append((loss, *torch.autograd.grad(loss, student)))
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
+# Under the interpreter the rows that fit are test_against_oracle's (Triton's on-chip sort runs there): only chunked.
+@pytest.mark.parametrize("width", ["fits", "chunked"] if DEVICE != "cpu" else ["chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("method", ["uld", "hybrid"])
+def test_device_kernels_against_oracle(method, dtype, width, cross_vocab_device_backend, monkeypatch):
+    """The device's fused kernels (Triton; CUDA on a GPU) on rows that fit the on-chip sort and on wider rows, which
+    go through the chunked path (a workspace of a chunk of rows, a segmented sort, one fused pass), against the
+    oracle: ties (logits on a coarse grid), a masked class, an ignored row, log scales, the cross-entropy, two
+    temperatures and grad_output != 1. Every sort of the chunked path holds at most CHUNK_ELEMENTS a side."""
+    n, vs, vt = _device_shape(width, monkeypatch)
+    g = torch.Generator().manual_seed(12)
+    s = (torch.randn(n, vs, generator=g, dtype=torch.float64) * 4).mul(2).round().div(2)
+    t = torch.randn(n, vt, generator=g, dtype=torch.float64) * 3 - 20
+    s[:, 3], t[:, 5] = -math.inf, -math.inf
+    target = torch.randint(4, vs, (n,), generator=g)
+    target[1] = -100
+    scales = [-torch.rand(n, generator=g, dtype=torch.float64) for _ in range(2)]
+    m = min(vs, vt) // 3
+    pairs = (torch.randperm(vs, generator=g)[:m], torch.randperm(vt, generator=g)[:m])
+    hp = {} if method == "uld" else {"beta": 0.3}
+    options = dict(temperature=1.3, teacher_temperature=0.8, ce_weight=0.4, reduction="none", **hp)
+    sorts = []
+    sort = torch.sort
+    monkeypatch.setattr(torch, "sort", lambda x, *a, **k: sorts.append(x.numel()) or sort(x, *a, **k))
+    student = s.to(DEVICE, dtype).requires_grad_(True)
+    scale = scales[0].to(DEVICE, torch.float32).requires_grad_(True)
+    rows = kdkernels.cross_vocab_loss(
+        method, student, t.to(DEVICE, dtype), target.to(DEVICE), student_log_scale=scale,
+        teacher_log_scale=scales[1].to(DEVICE, torch.float32), backend=cross_vocab_device_backend,
+        vocab_map=None if method == "uld" else tuple(x.to(DEVICE) for x in pairs), **options,
+    )  # fmt: skip
+    grad_output = torch.randn(n, generator=g, dtype=torch.float64)
+    rows.backward(grad_output.to(DEVICE, rows.dtype))
+    want = cross_vocab_oracle(
+        method, s.to(dtype).double().numpy(), t.to(dtype).double().numpy(), target.numpy(),
+        vocab_map=None if method == "uld" else [x.numpy() for x in pairs],
+        student_log_scale=scales[0].float().double().numpy(), teacher_log_scale=scales[1].float().double().numpy(),
+        grad_output=grad_output.numpy(), **options,
+    )  # fmt: skip
+    for got, expected, what in zip((rows, student.grad, scale.grad), want, ("loss", "gradient", "log scale's")):
+        assert_close(got.cpu(), expected, dtype, what)
+    chunked = max(vs, vt) > triton_cross_vocab.MAX_BLOCK
+    if chunked and cross_vocab_device_backend == "triton":
+        assert len(sorts) >= 4 and max(sorts) <= triton_cross_vocab.CHUNK_ELEMENTS, sorts
 
 
 MEMORY_SCRIPT = """

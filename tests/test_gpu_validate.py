@@ -1,7 +1,7 @@
 """scripts/gpu_validate.sh without a GPU: its syntax; budgets that fit one 8-minute device call; no more files than
 the device machine returns (8); a failing step stops no later one and sets the exit status (python3 stubbed); and
 its test subset (KDKERNELS_GPU_QUICK=1) is every method x fused backend x V in (1000, 70000) x (fp32, bf16), plus
-the fused-linear bf16 tests."""
+the fused-linear bf16 tests and the cross-vocabulary kernels' device test."""
 
 import os
 import re
@@ -10,7 +10,7 @@ import subprocess
 import sys
 from collections import Counter
 
-from conftest import backends_under_test
+from conftest import DEVICE, backends_under_test, cross_vocab_device_backends
 
 import kdkernels
 
@@ -26,6 +26,7 @@ args=" $* "
 while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
 case $args in
   *" pytest "*) exit 3 ;;
+  *" --cross-vocab "*) ;;
   *" --linear "*) touch "$out/linear.csv" ;;
   *" bench "*) touch "$out/bench.csv" "$out/bench.png" ${STUB_EXTRA:+"$out/extra.json"} ;;
 esac
@@ -83,7 +84,8 @@ def test_unknown_step_is_refused_before_anything_runs(tmp_path):
 
 
 def test_gpu_subset():
-    """Every method x fused backend once per (V, dtype) of the kernel tests, and every backend in the linear ones."""
+    """Every method x fused backend once per (V, dtype) of the kernel tests, every backend in the linear ones, and the
+    device's cross-vocabulary kernels once per method, dtype and width."""
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
         cwd=ROOT,
@@ -95,13 +97,16 @@ def test_gpu_subset():
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ids = [line for line in done.stdout.splitlines() if "::" in line]
     fused = [b for b in backends_under_test() if b != "reference"]
-    kernels = Counter()
+    kernels, cross_vocab = Counter(), Counter()
     for node in ids:
         path, _, name = node.partition("::")
         function, params = name.rstrip("]").split("[")
         if path == "tests/test_kernels.py":
             backend, *case, v = params.removesuffix("-bf16").split("-")
             kernels[function, backend, case[0], v, params.endswith("-bf16")] += 1
+        elif path == "tests/test_cross_vocab.py":
+            assert function == "test_device_kernels_against_oracle", node
+            cross_vocab[params] += 1
         else:
             assert path == "tests/test_linear.py" and function in (
                 "test_bfloat16_heads",
@@ -115,4 +120,13 @@ def test_gpu_subset():
         for v in ("1000", "70000")
     }
     assert set(kernels) == want and set(kernels.values()) == {1}
-    assert len(ids) == len(want) + 2 * (len(fused) + 1)
+    widths = ("fits", "chunked") if DEVICE != "cpu" else ("chunked",)
+    want_cross_vocab = {
+        f"{backend}-{method}-{dtype}-{width}"
+        for backend in cross_vocab_device_backends()
+        for method in ("uld", "hybrid")
+        for dtype in ("torch.float32", "torch.bfloat16")
+        for width in widths
+    }
+    assert want_cross_vocab and set(cross_vocab) == want_cross_vocab and set(cross_vocab.values()) == {1}
+    assert len(ids) == len(want) + 2 * (len(fused) + 1) + len(want_cross_vocab)

@@ -39,12 +39,13 @@ INTS = {
     "t_stride": "i64",
     "g_stride": "i32",
     "row_stride": "i64",
+    "first_row": "i32",
 }
 POINTERS = {"s_ptr": "*bf16", "t_ptr": "*fp32", "grad_ptr": "*bf16", "target_ptr": "*i64", "gt_ptr": "*fp32"}
 CROSS_VOCAB_POINTERS = {
     **POINTERS,
     "g_ptr": "*bf16",
-    **{name: "*i64" for name in ("free_s_ptr", "free_t_ptr", "pair_s_ptr", "pair_t_ptr")},
+    **{name: "*i64" for name in ("free_s_ptr", "free_t_ptr", "pair_s_ptr", "pair_t_ptr", "order_ptr")},
 }
 # The launch shapes (tile, warps and register cap as kdkernels launches them) of a short row, in one tile with several
 # rows per program (a vision vocabulary), and of a long one, streamed in tiles (an LLM's).
@@ -191,21 +192,29 @@ def specialisations(family: str) -> list[tuple]:
 
 
 def cross_vocab_specialisations() -> list[tuple]:
-    """The cross-vocabulary kernel with every switch on, launched as launch_cross_vocab does: uld and hybrid (uld's
-    code and the matched pairs') at rows of 1024 classes. The widest row it sorts on chip (triton.cross_vocab.MAX_BLOCK,
-    4096) takes several minutes per Triton version to compile on a 2-core machine, too long for CI: compiled once by
-    hand, it used 208 registers (Triton 3.6) and 192 (3.9) without spills (docs/benchmarks.md)."""
-    from kdkernels.backends.triton.cross_vocab import cross_vocab_kernel, launch_options
+    """The cross-vocabulary kernels with every switch on, launched as launch_cross_vocab does, uld and hybrid (uld's
+    code and the matched pairs'): the on-chip sort at rows of 1024 classes, and the chunked path's two streaming
+    kernels at their tile. The widest row the on-chip kernel sorts (triton.cross_vocab.MAX_BLOCK, 4096) takes several
+    minutes per Triton version to compile on a 2-core machine, too long for CI: compiled once by hand, it used 208
+    registers (Triton 3.6) and 192 (3.9) without spills (docs/benchmarks.md)."""
+    from kdkernels.backends.triton.cross_vocab import (
+        STREAM_TILE,
+        STREAM_WARPS,
+        cross_vocab_kernel,
+        cross_vocab_probs_kernel,
+        cross_vocab_ranks_kernel,
+        launch_options,
+    )
 
     out = []
-    for hybrid, block in ((False, 1024), (True, 1024)):
+    switches = dict(HAS_CS=True, HAS_CT=True, WITH_CE=True)
+    for hybrid in (False, True):
+        block = 1024
         constexprs = dict(
             HAS_TARGET=True,
             HAS_DENOM=True,
-            HAS_CS=True,
-            HAS_CT=True,
+            **switches,
             HYBRID=hybrid,
-            WITH_CE=True,
             WITH_GRAD=True,
             BLOCK_S=block,
             BLOCK_T=block // 2,
@@ -214,6 +223,16 @@ def cross_vocab_specialisations() -> list[tuple]:
         )
         options = launch_options(block)
         out.append((cross_vocab_kernel, CROSS_VOCAB_POINTERS, constexprs, options, describe(constexprs, options)))
+        streamed = [
+            (cross_vocab_probs_kernel, dict(**switches, HYBRID=hybrid, TILE=STREAM_TILE)),
+            (
+                cross_vocab_ranks_kernel,
+                dict(HAS_TARGET=True, HAS_DENOM=True, **switches, HYBRID=hybrid, WITH_GRAD=True, TILE=STREAM_TILE),
+            ),
+        ]
+        for kernel, constexprs in streamed:
+            options = dict(num_warps=STREAM_WARPS)
+            out.append((kernel, CROSS_VOCAB_POINTERS, constexprs, options, describe(constexprs, options)))
     return out
 
 

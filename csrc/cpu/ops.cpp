@@ -12,7 +12,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../cross_vocab.h"
+#include "../cross_vocab_op.h"
 #include "../family_op.h"
 #include "gradient_cache.h"
 #include "kernels.h"
@@ -116,90 +116,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> family_cp
   return {loss, parts, grad, call.teacher_grad, call.temperature_grad};
 }
 
-// The checked classes of a hybrid call into args: (student ids, teacher ids, unmatched student ids, unmatched
-// teacher ids), int64 on the CPU, each id in range and the unmatched ones completing the pairs on each side.
-void set_hybrid_classes(CrossVocabArgs& args, at::TensorList classes, std::vector<at::Tensor>& kept) {
-  TORCH_CHECK(classes.size() == 4,
-              "kdkernels::cross_vocab_cpu: hybrid needs 4 class tensors (student ids, teacher "
-              "ids, unmatched student ids, unmatched teacher ids), got ",
-              classes.size());
-  const int64_t widths[4] = {args.vs, args.vt, args.vs, args.vt};
-  for (int k = 0; k < 4; ++k) {
-    const at::Tensor& ids = classes[k];
-    TORCH_CHECK(ids.dim() == 1 && ids.device().is_cpu() && ids.scalar_type() == at::kLong,
-                "kdkernels::cross_vocab_cpu: the class tensors must be 1-D int64 CPU tensors");
-    kept.push_back(ids.contiguous());
-    const int64_t* x = kept.back().data_ptr<int64_t>();
-    for (int64_t m = 0; m < ids.numel(); ++m) {
-      TORCH_CHECK(x[m] >= 0 && x[m] < widths[k], "kdkernels::cross_vocab_cpu: class id ", x[m], " outside [0, ",
-                  widths[k], ")");
-    }
-  }
-  TORCH_CHECK(classes[0].numel() == classes[1].numel() && classes[0].numel() + classes[2].numel() == args.vs &&
-                  classes[1].numel() + classes[3].numel() == args.vt,
-              "kdkernels::cross_vocab_cpu: the pairs and the unmatched classes must cover each vocabulary once");
-  args.student_ids = kept[0].data_ptr<int64_t>();
-  args.teacher_ids = kept[1].data_ptr<int64_t>();
-  args.free_student = kept[2].data_ptr<int64_t>();
-  args.free_teacher = kept[3].data_ptr<int64_t>();
-  args.num_pairs = classes[0].numel();
-  args.num_free_student = classes[2].numel();
-  args.num_free_teacher = classes[3].numel();
-}
-
-// A log scale [N] in the math type, contiguous (undefined when there is none).
-at::Tensor checked_log_scale(const std::optional<at::Tensor>& scale, const char* name, int64_t n, at::ScalarType math) {
-  if (!scale.has_value()) return at::Tensor();
-  TORCH_CHECK(scale->dim() == 1 && scale->size(0) == n && scale->device().is_cpu(),
-              "kdkernels::cross_vocab_cpu: ", name, " must be a CPU tensor of shape [N] = [", n, "], got ",
-              scale->sizes());
-  return scale->to(math).contiguous();
-}
-
 // uld and hybrid (cross_vocab.h): (loss, parts, grad [N, Vs] or empty, dl/dc_s [N] in the math type or empty),
 // reduced as the family ops.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_vocab_cpu(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& student_log_scale,
-    const std::optional<at::Tensor>& teacher_log_scale, const std::optional<at::Tensor>& target,
-    const std::optional<at::Tensor>& denominator, at::TensorList classes, int64_t code, at::ArrayRef<double> params,
-    double temperature, int64_t ignore_index, bool reduce, double ce_weight, double distill_weight, bool with_ce,
-    bool with_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_vocab_cpu(KDKERNELS_CROSS_VOCAB_PARAMETERS) {
   const char* op = "kdkernels::cross_vocab_cpu";
-  TORCH_CHECK(student.dim() == 2 && teacher.dim() == 2 && student.size(0) == teacher.size(0), op,
-              ": student [N, Vs] and teacher [N, Vt] must be 2-D with the same rows, got ", student.sizes(), " and ",
-              teacher.sizes());
-  TORCH_CHECK(teacher.size(1) >= 1, op, ": the teacher logits need at least one class");
-  TORCH_CHECK(student.size(1) < (int64_t(1) << 31), op, ": at most 2^31 - 1 student classes");
-  TORCH_CHECK(code >= 0 && code < NUM_CROSS_VOCAB, op, ": code must be in [0, ", int(NUM_CROSS_VOCAB), "), got ", code);
-  TORCH_CHECK(int(params.size()) == CrossVocabParams<double>::size, op, ": params must hold ",
-              CrossVocabParams<double>::size, " numbers, got ", params.size());
-  const auto c = CrossVocabParams<double>::from(params.data());
-  TORCH_CHECK(std::isfinite(c.teacher_temperature) && c.teacher_temperature > 0, op,
-              ": teacher_temperature must be > 0, got ", c.teacher_temperature);
-  TORCH_CHECK(c.matched_code == KD || c.matched_code == RKL || c.matched_code == JSD, op,
-              ": matched_code must be KD, RKL or JSD, got ", c.matched_code);
-  // The checks the family ops make (the same shape for both models aside): a student [N, Vs] checked as if [N, V].
-  CallOptions opt{};
-  opt.temperature = temperature;
-  opt.ce_weight = ce_weight;
-  opt.distill_weight = distill_weight;
-  opt.ignore_index = ignore_index;
-  opt.reduce = reduce;
-  opt.with_ce = with_ce;
-  FamilyCall call = check_family_call(op, FamilyArgs{student, student, target, denominator, 0, {}, opt}, 1, 0,
-                                      with_grad, false, gradient_allocator());
-  TORCH_CHECK(is_logit_dtype(teacher.scalar_type()) && teacher.device().is_cpu(), op,
-              ": teacher logits must be float32, float64, bfloat16 or float16 on the CPU, got ", teacher.scalar_type(),
-              " on ", teacher.device());
-  call.teacher = teacher.stride(1) == 1 ? teacher : teacher.contiguous();
-  call.math_double = call.math_double || teacher.scalar_type() == at::kDouble;
-  const at::ScalarType math = call.math_double ? at::kDouble : at::kFloat;
-  call.loss_rows = call.loss_rows.to(math);
-  if (with_ce) call.ce_rows = at::empty_like(call.loss_rows);
-  const at::Tensor scales[2] = {checked_log_scale(student_log_scale, "student_log_scale", call.n, math),
-                                checked_log_scale(teacher_log_scale, "teacher_log_scale", call.n, math)};
-  at::Tensor scale_grad = with_grad ? at::empty_like(call.loss_rows) : at::empty({0}, call.loss_rows.options());
-  const double inv_denom = reduce && denominator.has_value() ? 1.0 / denominator->item<double>() : 1.0;
+  TORCH_CHECK(student.device().is_cpu(), op, ": the logits must be CPU tensors, got ", student.device());
+  CrossVocabCall checked = check_cross_vocab_call(op, student, teacher, student_log_scale, teacher_log_scale, target,
+                                                  denominator, KDKERNELS_CROSS_VOCAB_OPTIONS, gradient_allocator());
+  const FamilyCall& call = checked.call;
+  const at::Tensor* scales = checked.scales;
   CrossVocabArgs args{call.student.data_ptr(),
                       call.teacher.data_ptr(),
                       call.student.scalar_type(),
@@ -213,25 +138,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_vocab_cpu(
                       call.loss_rows.data_ptr(),
                       with_ce ? call.ce_rows.data_ptr() : nullptr,
                       with_grad ? call.grad.data_ptr() : nullptr,
-                      with_grad ? scale_grad.data_ptr() : nullptr,
+                      with_grad ? checked.scale_grad.data_ptr() : nullptr,
                       call.n,
-                      student.size(1),
-                      teacher.size(1),
+                      call.v,
+                      checked.vt,
                       int(code),
                       params.data()};
   std::vector<at::Tensor> kept;
-  if (code == HYBRID) set_hybrid_classes(args, classes, kept);
+  if (code == HYBRID) {
+    kept = checked_hybrid_classes(op, classes, student, checked.vt);
+    args.student_ids = kept[0].data_ptr<int64_t>();
+    args.teacher_ids = kept[1].data_ptr<int64_t>();
+    args.free_student = kept[2].data_ptr<int64_t>();
+    args.free_teacher = kept[3].data_ptr<int64_t>();
+    args.num_pairs = kept[0].numel();
+    args.num_free_student = kept[2].numel();
+    args.num_free_teacher = kept[3].numel();
+  }
   args.temperature = temperature;
-  args.grad_scale = distill_weight / temperature * inv_denom;
-  args.scale_grad_scale = distill_weight * inv_denom;
-  args.ce_scale = ce_weight * inv_denom;
+  args.grad_scale = checked.grad_scale;
+  args.scale_grad_scale = checked.scale_grad_scale;
+  args.ce_scale = checked.ce_scale;
   args.math_double = call.math_double;
   const CrossVocabFn rows =
       for_this_cpu(&DEFAULT::cross_vocab_rows, &AVX2::cross_vocab_rows, &AVX512::cross_vocab_rows);
   // A row is sorted in its worker's buffers: one row per task is enough to amortise a task's start.
   at::parallel_for(0, call.n, 1, [&](int64_t begin, int64_t end) { rows(args, begin, end); });
   auto [loss, parts] = finish_losses(call);
-  return {loss, parts, call.grad, scale_grad};
+  return {loss, parts, call.grad, checked.scale_grad};
 }
 
 // grad *= factor: a 0-d factor of exactly 1 skips the pass (a host read: the factor is on the CPU); low-precision

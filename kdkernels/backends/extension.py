@@ -2,8 +2,8 @@
 
 Importing kdkernels._C loads the op library: ``kdkernels::<family>_cpu`` and ``<family>_cuda`` and their in-place
 siblings (schema in ops.py), with a CPU kernel for the first and a CUDA kernel for the second when the build had a
-CUDA torch and nvcc, ``kdkernels::cross_vocab_cpu`` (the losses between two vocabularies; CPU only so far) and
-``kdkernels::scale_rows_`` (both kernels). The fused CPU kernels compute float64 logits in
+CUDA torch and nvcc, ``kdkernels::cross_vocab_cpu`` and ``cross_vocab_cuda`` (the losses between two vocabularies,
+likewise) and ``kdkernels::scale_rows_`` (both kernels). The fused CPU kernels compute float64 logits in
 float64, so backend="cpu" also takes float64. When the extension is missing, both backends are registered as
 unavailable with the reason and the fix.
 """
@@ -77,11 +77,8 @@ for _backend in ("cpu", "cuda"):
                 inplace={family: ops[1] for family, ops in _triples.items()},
                 scale_rows=_scale,
                 full_ops=_full_ops,
-                # (the losses between two vocabularies: a CPU kernel so far)
-                cross_vocab=(
-                    cross_vocab_backend(_backend, attach_cross_vocab_op(_backend), _scale, reference_cross_vocab)
-                    if _backend == "cpu"
-                    else None
+                cross_vocab=cross_vocab_backend(
+                    _backend, attach_cross_vocab_op(_backend), _scale, reference_cross_vocab
                 ),
             )
         )

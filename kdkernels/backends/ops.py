@@ -428,20 +428,16 @@ class _CrossVocabFunction(torch.autograd.Function):
         return d_student, d_scale, None, None, None, None, None
 
 
-def cross_vocab_backend(
-    backend: str, op: Callable, scale_rows: Callable, fallback: Callable, max_width: int | None = None
-) -> Callable:
+def cross_vocab_backend(backend: str, op: Callable, scale_rows: Callable, fallback: Callable) -> Callable:
     """The ``cross_vocab`` entry of fused backend ``backend`` (backends.Backend) calling its op ``op``, whose
     gradient ``scale_rows`` scales in backward. ``fallback`` (the reference) computes what the op does not: a teacher
-    (or teacher log scale) that requires grad (the reference's autograd differentiates it) and, with ``max_width``,
-    rows of more classes than that on either side."""
+    (or teacher log scale) that requires grad (the reference's autograd differentiates it)."""
     op_backward = _autograd(backend, scale_rows)
 
     def cross_vocab(call, student: Tensor, teacher: Tensor, log_scales, classes) -> tuple[Tensor, Tensor]:
         scale, teacher_scale = log_scales
         learning_teacher = teacher.requires_grad or (teacher_scale is not None and teacher_scale.requires_grad)
-        too_wide = max_width is not None and max(student.shape[-1], teacher.shape[-1]) > max_width
-        if learning_teacher or too_wide:
+        if learning_teacher:
             return fallback(call, student, teacher, log_scales, classes)
         args = cross_vocab_args(call, classes)
         learns = student.requires_grad or (scale is not None and scale.requires_grad)

@@ -21,7 +21,7 @@ from .. import Backend, combine, reference_cross_vocab, register
 from ..kernel_call import KernelCall
 from ..ops import cross_vocab_backend, define_cross_vocab_op, define_family_ops, family_backend, full_backend
 from .common import launch_shape, scale_rows_
-from .cross_vocab import MAX_BLOCK, launch_cross_vocab
+from .cross_vocab import launch_cross_vocab
 from .decoupled import decoupled_kernel
 from .divergence import divergence_kernel
 
@@ -184,11 +184,7 @@ register(
         scale_rows=scale_rows_,
         full_ops=_full_ops,
         cross_vocab=cross_vocab_backend(
-            "triton",
-            define_cross_vocab_op("triton", launch_cross_vocab),
-            scale_rows_,
-            reference_cross_vocab,
-            max_width=MAX_BLOCK,
+            "triton", define_cross_vocab_op("triton", launch_cross_vocab), scale_rows_, reference_cross_vocab
         ),
     )
 )
