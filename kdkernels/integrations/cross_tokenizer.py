@@ -106,9 +106,15 @@ class CrossTokenizer:
 
     def teacher_batch(self, inputs: dict) -> tuple[dict, Alignment]:
         """(the teacher's inputs: ``input_ids`` and ``attention_mask``, right-padded, on the batch's device; the
-        ``Alignment`` of the two tokenizations' completions) of a student batch with ``labels``. Each example's
-        completion is its run of labelled tokens (from position 1: position 0 predicts nothing); its prompt, the
-        tokens before, is the batch's ``original_prompt_text`` when given, else the prompt tokens decoded."""
+        ``Alignment`` of the two tokenizations' completions) of a student batch with ``labels`` (``tokenize``)."""
+        teacher_inputs, student, teacher = self.tokenize(inputs)
+        return teacher_inputs, build_alignment(student, teacher, self.strategy)
+
+    def tokenize(self, inputs: dict) -> tuple[dict, list[Tokens], list[Tokens]]:
+        """(the teacher's inputs, each example's student and teacher completion ``Tokens``) of a student batch. Each
+        example's completion is its run of labelled tokens (from position 1: position 0 predicts nothing); its
+        prompt, the tokens before, is the batch's ``original_prompt_text`` when given, else the prompt tokens
+        decoded."""
         if inputs.get("labels") is None:
             raise ValueError(
                 "a cross-tokenizer run needs the batch's `labels` (-100 before and after each completion): the "
@@ -130,8 +136,7 @@ class CrossTokenizer:
         for i, r in enumerate(rows):
             teacher_ids[i, : len(r)] = torch.tensor(r)
             mask[i, : len(r)] = 1
-        alignment = build_alignment(*pairs, self.strategy)
-        return {"input_ids": teacher_ids.to(ids.device), "attention_mask": mask.to(ids.device)}, alignment
+        return {"input_ids": teacher_ids.to(ids.device), "attention_mask": mask.to(ids.device)}, *pairs
 
     def _example(self, ids: list, mask: list, labelled: list, prompt_text: str | None, i: int):
         """(the teacher's token ids, the student's and the teacher's completion ``Tokens``) of one example."""
