@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lm.add_argument("--steps", type=_positive_int, help="student steps (the teacher trains twice as many)")
     lm.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    lm.add_argument(
+        "--cross-tokenizer",
+        action="store_true",
+        help="the student on a tokenizer of its own (another vocabulary): CE only, uld and hybrid through "
+        "KDTrainer(teacher_tokenizer=...), several seeds; and the step against TRL's GOLD ULDLoss",
+    )
+    lm.add_argument("--seeds", type=_positive_int, help="with --cross-tokenizer: seeds per student (default 3)")
     bench = commands.add_parser(
         "bench",
         help="time forward + backward of every loss and backend; table, CSV and PNG",

@@ -180,9 +180,22 @@ def cpu_bf16() -> bool:
         return False
 
 
-def train(model, s: Schedule, data: torch.Tensor, steps: int, out: str, bar, method: str | None = None, teacher=None):
-    """``steps`` AdamW steps (warm-up then cosine decay) of ``model`` on ``data``, with transformers.Trainer (CE)
-    or, with a ``method``, KDTrainer against ``teacher``; in bf16 autocast where the CPU computes it."""
+def train(
+    model,
+    s: Schedule,
+    data: torch.Tensor,
+    steps: int,
+    out: str,
+    bar,
+    method: str | None = None,
+    teacher=None,
+    seed: int = SEED,
+    options: dict | None = None,
+    **trainer_arguments,
+):
+    """``steps`` AdamW steps (warm-up then cosine decay) of ``model`` on ``data`` in the order of ``seed``, with
+    transformers.Trainer (CE) or, with a ``method``, KDTrainer against ``teacher`` (its loss ``options``, default
+    LOSS_OPTIONS; ``trainer_arguments`` go to KDTrainer); in bf16 autocast where the CPU computes it."""
     args = dict(
         bf16=cpu_bf16(),
         output_dir=out,
@@ -190,8 +203,8 @@ def train(model, s: Schedule, data: torch.Tensor, steps: int, out: str, bar, met
         use_cpu=True,
         save_strategy="no",
         logging_strategy="no",
-        seed=SEED,
-        data_seed=SEED,
+        seed=seed,
+        data_seed=seed,
         per_device_train_batch_size=s.batch,
         max_steps=steps,
         learning_rate=s.lr,
@@ -205,8 +218,10 @@ def train(model, s: Schedule, data: torch.Tensor, steps: int, out: str, bar, met
             model=model, args=transformers.TrainingArguments(**args), train_dataset=Blocks(data)
         )
     else:
-        config = KDConfig(**args, method=method, **LOSS_OPTIONS)
-        trainer = KDTrainer(model=model, teacher_model=teacher, args=config, train_dataset=Blocks(data))
+        config = KDConfig(**args, method=method, **(LOSS_OPTIONS if options is None else options))
+        trainer = KDTrainer(
+            model=model, teacher_model=teacher, args=config, train_dataset=Blocks(data), **trainer_arguments
+        )
     trainer.remove_callback(transformers.PrinterCallback)  # (the demo's own bar instead of the logs)
     trainer.add_callback(_Advance(bar))
     trainer.train()
@@ -247,32 +262,39 @@ def step_cost(s: Schedule, path: str) -> dict:
             loss = distill_loss("kd", logits, teacher_logits, x[:, 1:], backend=backend, **LOSS_OPTIONS)
         loss.backward()
 
-    step()  # warm-up: the gradients' and allocator's first allocation is not the step's own
+    return {"path": path, **measure_step(step, s.timing_steps)}
+
+
+def measure_step(step, repeats: int) -> dict:
+    """``peak_mb``, the resident memory one call of ``step`` adds at its peak (after a warm-up call: the gradients'
+    and allocator's first allocation is not the step's own), and ``seconds``, the median of ``repeats`` more."""
+    step()
     peak = peak_rss_bytes(step)
     times = []
-    for _ in range(s.timing_steps):
+    for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"path": path, "peak_mb": peak / 2**20, "seconds": sorted(times)[len(times) // 2]}
+    return {"peak_mb": peak / 2**20, "seconds": sorted(times)[len(times) // 2]}
+
+
+def in_fresh_process(code: str, what: str) -> dict:
+    """The JSON object that the Python ``code`` prints last, run in a fresh interpreter (no allocator state carried
+    over); its error output in the exception when it fails."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 PATHS = ("full logits + eager", "full logits + fused", "fused-linear")
 
 
 def measure_paths(s: Schedule) -> list[dict]:
-    """step_cost of every path, each in a fresh process (no allocator state carried over)."""
-    results = []
-    for path in PATHS:
-        code = (
-            f"import json; from kdkernels.demo_lm import step_cost, Schedule; "
-            f"print(json.dumps(step_cost(Schedule(**{json.dumps(asdict(s))}), {path!r})))"
-        )
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"demo lm: measuring {path} failed:\n{done.stderr[-3000:]}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    return results
+    """step_cost of every path, each in a fresh process."""
+    code = "import json; from kdkernels.demo_lm import step_cost, Schedule; print(json.dumps(step_cost({}, {!r})))"
+    schedule = f"Schedule(**{json.dumps(asdict(s))})"
+    return [in_fresh_process(code.format(schedule, path), f"demo lm: measuring {path}") for path in PATHS]
 
 
 def run(s: Schedule, methods: Sequence[str], out: str, progress: bool = True) -> dict:
@@ -347,6 +369,10 @@ def format_result(s: Schedule, result: dict) -> str:
 
 def main(args) -> int:
     """Runs ``python -m kdkernels demo lm`` (``args`` as parsed by kdkernels.__main__); returns the exit code."""
+    if getattr(args, "cross_tokenizer", False):
+        from .demo_cross_tokenizer import main as cross_tokenizer_main
+
+        return cross_tokenizer_main(args)
     s = QUICK if args.quick else Schedule()
     if args.steps is not None:
         s = replace(s, student_steps=args.steps, teacher_steps=2 * args.steps)

@@ -101,6 +101,7 @@ FULL_ONLY = {
     "test_cli.py::test_demo_standardize_adds_a_column",
     "test_cli.py::test_demo_learn_temperature_adds_a_column",
     "test_cli.py::test_demo_lm_quick_trains_and_reports",
+    "test_cli.py::test_demo_lm_cross_tokenizer_quick_trains_and_reports",
     "test_cli.py::test_liger_rows_check_values_first",
     "test_numerics.py::test_out_of_range_target_under_torch_compile_raises",
     "test_akl.py::test_fused_kernel_has_no_n_by_v_temporary",

@@ -28,9 +28,13 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
+from ..alignment import STRATEGIES
 from ..arguments import OPTIONS, resolve
 from ..backends import select_backend
+from ..cross_vocab import resolve_cross_vocab
 from ..linear import linear_distill_loss
+from ..methods import CROSS_VOCAB_METHODS
+from .cross_tokenizer import PROMPT_TEXT, CrossTokenizer, cross_tokenizer_loss, load_tokenizer, same_vocabulary
 
 Tensor = torch.Tensor
 
@@ -196,10 +200,11 @@ def final_hidden_states(model: nn.Module, inputs: dict) -> Tensor:
     return backbone(**inputs, use_cache=False).last_hidden_state
 
 
-def check_models(student: nn.Module, teacher: nn.Module) -> None:
+def check_models(student: nn.Module, teacher: nn.Module, shared_tokenizer: bool = True) -> None:
     """Refuses, before any step, a student and teacher the loss cannot run, naming the argument and what to do:
     a model without a causal LM head, a model whose backbone's hidden states do not have its head's width (one
-    token is run through each backbone to see), a teacher vocabulary smaller than the student's."""
+    token is run through each backbone to see), with ``shared_tokenizer`` a teacher vocabulary smaller than the
+    student's."""
     vocabularies = []
     for role, model in (("model", student), ("teacher_model", teacher)):
         name = type(_unwrapped(model)).__name__
@@ -216,11 +221,12 @@ def check_models(student: nn.Module, teacher: nn.Module) -> None:
                 "causal LM whose head reads its backbone's last_hidden_state"
             )
         vocabularies.append(vocabulary)
-    if vocabularies[1] < vocabularies[0]:
+    if shared_tokenizer and vocabularies[1] < vocabularies[0]:
         raise ValueError(
             f"teacher_model: its vocabulary ({vocabularies[1]} classes) is smaller than the student's "
             f"({vocabularies[0]}): the two models must share a tokenizer (a teacher padded past the student's "
-            "vocabulary is read on the student's classes)"
+            "vocabulary is read on the student's classes), or the teacher's tokenizer must be given "
+            "(teacher_tokenizer) for a cross-tokenizer method, 'uld' or 'hybrid'"
         )
 
 
@@ -441,8 +447,6 @@ class KDConfig(transformers.TrainingArguments):
         ce_weight, distill_weight: loss = ce_weight * CE(student, label) + distill_weight * method, per token.
         label_smoothing_factor (TrainingArguments'): smooths CE as transformers' LabelSmoother does (the loss
             option label_smoothing); needs ce_weight > 0.
-        label_smoothing_factor (TrainingArguments): smooths the cross-entropy term as transformers' LabelSmoother does
-            (kdkernels
         standardize: z-score each model's logits before the loss.
         log_entropy: also log the student's mean entropy at T.
         chunk_size, memory_budget, backend: those of ``kdkernels.linear_distill_loss``.
@@ -454,6 +458,14 @@ class KDConfig(transformers.TrainingArguments):
             KD).
         teacher_model_init_kwargs: keyword arguments of ``AutoModelForCausalLM.from_pretrained`` for a teacher
             given by model id or path (e.g. ``{"dtype": "bfloat16"}``), as TRL's ``teacher_model_init_kwargs``.
+        teacher_tokenizer: the name or path of the teacher's tokenizer when it is not the student's (the
+            trainer's ``teacher_tokenizer`` argument, loaded with ``AutoTokenizer.from_pretrained``; a tokenizer
+            object passed to the trainer records its ``name_or_path`` here). With another vocabulary the method
+            must be a cross-vocabulary one, "uld" or "hybrid" (``kdkernels.cross_vocab_loss``).
+        token_merge_strategy: how a cross-tokenizer run merges a group of tokens that spans one token of the other
+            model (GOLD's ``uld_token_merge_strategy``): "bayesian" (default: the row that predicts the group's last
+            token, times the probabilities of its earlier tokens) or "observed" (GOLD's default: the row at the
+            group's first token, times the probabilities of the later ones at their own rows).
     """
 
     _VALID_DICT_FIELDS = [
@@ -491,6 +503,14 @@ class KDConfig(transformers.TrainingArguments):
     seq_kd: bool = field(
         default=False, metadata={"help": "Steps that are not on-policy train on the teacher's samples."}
     )
+    teacher_tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "Name or path of the teacher's tokenizer, when it is not the student's (uld, hybrid)."},
+    )
+    token_merge_strategy: str = field(
+        default="bayesian",
+        metadata={"help": "Merge of a cross-tokenizer group's tokens: bayesian or observed (GOLD's)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -508,16 +528,19 @@ class KDConfig(transformers.TrainingArguments):
                 f"label_smoothing_factor={self.label_smoothing_factor} smooths the cross-entropy term, which "
                 "ce_weight=0 leaves out: set ce_weight > 0"
             )
-        resolve(
-            self.method,
-            temperature=self.temperature,
-            t2_scale=self.t2_scale,
-            ce_weight=self.ce_weight,
-            label_smoothing=self.label_smoothing_factor,
-            distill_weight=self.distill_weight,
-            standardize=self.standardize,
-            **self.method_kwargs,
-        )
+        if self.cross_vocab:
+            self._check_cross_vocab()
+        else:
+            resolve(
+                self.method,
+                temperature=self.temperature,
+                t2_scale=self.t2_scale,
+                ce_weight=self.ce_weight,
+                label_smoothing=self.label_smoothing_factor,
+                distill_weight=self.distill_weight,
+                standardize=self.standardize,
+                **self.method_kwargs,
+            )
         for name in ("chunk_size", "memory_budget", "max_new_tokens"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -527,6 +550,48 @@ class KDConfig(transformers.TrainingArguments):
         temperature = self.sampling_temperature
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
             raise ValueError(f"sampling_temperature must be a finite number > 0, got {temperature!r}")
+
+    @property
+    def cross_vocab(self) -> bool:
+        """Whether the method is a cross-vocabulary one ("uld", "hybrid"): the teacher has its own tokenizer."""
+        return self.method in CROSS_VOCAB_METHODS
+
+    def _check_cross_vocab(self) -> None:
+        """A cross-vocabulary method's options, checked: its hyperparameters, and none of the fused-linear path's
+        options (it reads both models' logits) or of sequence-level KD (the teacher would sample its own tokens)."""
+        resolve_cross_vocab(
+            self.method,
+            temperature=self.temperature,
+            distill_weight=self.distill_weight,
+            ce_weight=self.ce_weight,
+            label_smoothing=self.label_smoothing_factor,
+            **self.method_kwargs,
+        )
+        unsupported = {
+            "t2_scale": self.t2_scale,
+            "standardize": self.standardize,
+            "chunk_size": self.chunk_size,
+            "memory_budget": self.memory_budget,
+            "seq_kd": self.seq_kd,
+        }
+        unsupported = sorted(name for name, value in unsupported.items() if value)
+        if unsupported:
+            raise ValueError(
+                f"method={self.method!r} (cross-tokenizer) does not take {unsupported}: it reads both models' "
+                "logits at the aligned groups (not the fused-linear path), without T^2 or standardization, and "
+                "trains on the dataset's or the student's completions (not the teacher's samples: seq_kd)"
+            )
+        if self.token_merge_strategy not in STRATEGIES:
+            raise ValueError(f"token_merge_strategy must be one of {STRATEGIES}, got {self.token_merge_strategy!r}")
+
+    def cross_vocab_options(self) -> dict:
+        """The keyword arguments of ``cross_tokenizer_loss`` that this configuration sets."""
+        names = ("temperature", "ce_weight", "distill_weight", "backend")
+        return {
+            **{name: getattr(self, name) for name in names},
+            "label_smoothing": self.label_smoothing_factor,
+            **self.method_kwargs,
+        }
 
     def loss_options(self) -> dict:
         """The keyword arguments of ``linear_distill_loss`` that this configuration sets."""
@@ -590,6 +655,12 @@ class KDTrainer(AutocastLoss, transformers.Trainer):
             (its adapters enter the fused-linear loss: ``LMHead``), and ``modules_to_save``; prompt learning
             (prompt tuning, prefix tuning, p-tuning) is refused, as the loss replaces the forward that adds its
             virtual tokens.
+        teacher_tokenizer: the teacher's tokenizer when it is not the student's (``processing_class``): a
+            tokenizer, or its name or local path (else ``args.teacher_tokenizer``). With another vocabulary the
+            method is "uld" or "hybrid" (docs/trainers.md, "Cross-tokenizer distillation"): each batch's
+            completion, its labelled tokens, is turned back into text and tokenized for the teacher, the two
+            tokenizations aligned by bytes, and the loss read on the aligned groups of both models' logits. With
+            the same vocabulary the run is the ordinary one.
 
     The loss is taken over every token whose shifted label is not -100, normalised as transformers
     normalises its causal LM loss: by the tokens of the whole gradient-accumulation step (``num_items_in_batch``,
@@ -612,6 +683,7 @@ class KDTrainer(AutocastLoss, transformers.Trainer):
         teacher_model: nn.Module | None = None,
         args: KDConfig | None = None,
         peft_config=None,
+        teacher_tokenizer=None,
         **kwargs,
     ):
         if teacher_model is None:
@@ -628,12 +700,37 @@ class KDTrainer(AutocastLoss, transformers.Trainer):
         teacher_model.eval().requires_grad_(False)
         if not getattr(teacher_model, "hf_device_map", None):
             teacher_model.to(self.args.device)
-        check_models(self.model, teacher_model)
+        self.cross = self._cross_tokenizer(teacher_tokenizer)
+        check_models(self.model, teacher_model, shared_tokenizer=self.cross is None)
         self.teacher_model = teacher_model
         self.generation_config = sampling_config(args, self.model, self.processing_class)
         self._source_step, self._source = None, None  # (_completions_source)
         self._sums = {"train": defaultdict(float), "eval": defaultdict(float)}  # name -> sum (_record)
         self._warned_empty = False
+
+    def _cross_tokenizer(self, teacher_tokenizer) -> CrossTokenizer | None:
+        """The ``CrossTokenizer`` of a run whose teacher has its own tokenizer (the argument, else
+        ``args.teacher_tokenizer``, which then records its name); None when the teacher shares the student's
+        (no teacher tokenizer, or one with the same vocabulary and a same-vocabulary method)."""
+        args = self.args
+        given = teacher_tokenizer if teacher_tokenizer is not None else args.teacher_tokenizer
+        if given is None:
+            if args.cross_vocab:
+                raise ValueError(
+                    f"method={args.method!r} distils across two tokenizers and needs the teacher's: pass "
+                    "teacher_tokenizer (a tokenizer, or its name or path) to KDTrainer or KDConfig"
+                )
+            return None
+        teacher_tokenizer, name = load_tokenizer(given)
+        args.teacher_tokenizer = name if name is not None else args.teacher_tokenizer
+        student_tokenizer = self.processing_class
+        if student_tokenizer is None:
+            raise ValueError(
+                "teacher_tokenizer is given, so the student's tokenizer is needed too: pass it as processing_class"
+            )
+        if not args.cross_vocab and same_vocabulary(student_tokenizer, teacher_tokenizer):
+            return None
+        return CrossTokenizer.of(student_tokenizer, teacher_tokenizer, args.method, args.token_merge_strategy)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         source = self._completions_source()
@@ -669,6 +766,8 @@ class KDTrainer(AutocastLoss, transformers.Trainer):
         return {name: value.to(inputs["input_ids"].device) for name, value in batch.items()}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.cross is not None:
+            return self._cross_tokenizer_loss(model, inputs, return_outputs)
         inputs, target, rows = shifted_target(inputs)
         normalizer = None
         if num_items_in_batch is not None:
@@ -694,6 +793,31 @@ class KDTrainer(AutocastLoss, transformers.Trainer):
         )
         parts, entropy = result if self.args.log_entropy else (result, None)
         self._record("train" if model.training else "eval", parts, entropy, target, normalizer)
+        if return_outputs:
+            return parts.loss, CausalLMOutput(loss=parts.loss, logits=logits)
+        return parts.loss
+
+    def _cross_tokenizer_loss(self, model, inputs, return_outputs: bool):
+        """compute_loss with the teacher on its own tokenizer: the batch re-tokenized for it and aligned
+        (``CrossTokenizer.teacher_batch``), then ``cross_tokenizer_loss``. GOLD's normalisation, each batch its own
+        (the distillation term per group of each example, then per example; CE per token): the Trainer divides it
+        by the accumulation steps."""
+        teacher_inputs, alignment = self.cross.teacher_batch(inputs)
+        inputs, target, _ = shifted_target({k: v for k, v in inputs.items() if k not in (PROMPT_TEXT, "shift_labels")})
+        self.loss_is_scaled_for_ga = False
+        (parts, entropy), logits = cross_tokenizer_loss(
+            model,
+            self.teacher_model,
+            inputs,
+            teacher_inputs,
+            alignment,
+            target,
+            self.cross,
+            return_entropy=self.args.log_entropy,
+            with_logits=return_outputs,
+            **self.args.cross_vocab_options(),
+        )
+        self._record("train" if model.training else "eval", parts, entropy, target, None)
         if return_outputs:
             return parts.loss, CausalLMOutput(loss=parts.loss, logits=logits)
         return parts.loss

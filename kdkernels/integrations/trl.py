@@ -6,6 +6,10 @@
   p_teacher) at ``temperature`` without T^2, summed over the completion tokens / their count (or /
   ``num_items_in_batch``), with the student's entropy summed over them for logging; ``patch_trl(method="akl")``
   puts another method in its place (TRL's trainer passes no labels: the methods that read them are refused).
+- ``patch_trl()`` also makes GOLD's ``ULDLoss`` (``trl.experimental.gold``, cross-tokenizer distillation) compute
+  its distillation term with ``kdkernels.alignment.aligned_cross_vocab_loss`` ("uld", or "hybrid" with
+  ``uld_use_hybrid_loss``): the same groups, merge and reduction as TRL's, batched, on the fused cross-vocabulary
+  kernel (``gold_distillation_loss``); the inputs it does not cover go to TRL's own code.
 - ``GKDTrainer`` is ``trl.experimental.gkd.GKDTrainer`` whose ``compute_loss`` reads both models' final hidden
   states and heads instead of their full logits: by default the same loss as TRL's ``generalized_jsd_loss`` on
   the shifted logits (over the labels != -100, / their count or / ``num_items_in_batch``), value and gradients;
@@ -20,15 +24,19 @@ from collections.abc import Callable
 import torch
 from transformers.modeling_outputs import CausalLMOutput
 from trl.experimental.gkd import GKDTrainer as _TRLGKDTrainer
+from trl.experimental.gold import gold_trainer as _gold
 from trl.trainer import distillation_trainer as _distillation
 
+from ..alignment import Alignment, Tokens, aligned_cross_vocab_loss, build_alignment
 from ..arguments import resolve
+from ..cross_vocab import VocabMap
 from ..linear import linear_distill_loss
 from .transformers import AutocastLoss, distill_in_forward, whole_tensor
 
 Tensor = torch.Tensor
 
 _TRL_LOSS = _distillation._chunked_divergence_loss  # TRL's own, restored by the function patch_trl returns
+_TRL_ULD = _gold.ULDLoss._compute_distillation_loss  # GOLD's, likewise
 
 
 def chunked_divergence_loss(
@@ -97,8 +105,9 @@ def trl_hyperparameters(method: str, method_kwargs: dict | None, beta: float | N
 
 def patch_trl(method: str = "jsd", **method_kwargs) -> Callable[[], None]:
     """Makes ``trl.DistillationTrainer`` compute its loss with ``chunked_divergence_loss`` and ``method`` (its
-    hyperparameters as keyword arguments; jsd's beta is ``DistillationConfig.beta``), checked now; returns the
-    function that puts TRL's own back. TRL's trainer passes its loss no labels: a method that reads them (dkd,
+    hyperparameters as keyword arguments; jsd's beta is ``DistillationConfig.beta``), checked now, and GOLD's
+    ``ULDLoss`` its distillation term with ``gold_distillation_loss``; returns the function that puts TRL's own
+    back. TRL's trainer passes its loss no labels: a method that reads them (dkd,
     the decoupled family split at the target) is refused."""
     if resolve(method, **trl_hyperparameters(method, method_kwargs)).plan.needs_target:
         raise ValueError(
@@ -108,11 +117,104 @@ def patch_trl(method: str = "jsd", **method_kwargs) -> Callable[[], None]:
     _distillation._chunked_divergence_loss = functools.partial(
         chunked_divergence_loss, method=method, method_kwargs=method_kwargs
     )
+    _gold.ULDLoss._compute_distillation_loss = gold_distillation_loss
 
     def unpatch() -> None:
         _distillation._chunked_divergence_loss = _TRL_LOSS
+        _gold.ULDLoss._compute_distillation_loss = _TRL_ULD
 
     return unpatch
+
+
+def gold_distillation_loss(
+    self,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    student_labels: Tensor,
+    teacher_labels: Tensor,
+    student_input_ids: Tensor,
+    teacher_input_ids: Tensor,
+    student_byte_offsets: Tensor | None = None,
+    teacher_byte_offsets: Tensor | None = None,
+) -> Tensor:
+    """``ULDLoss._compute_distillation_loss`` (``self``: the ULDLoss) on ``aligned_cross_vocab_loss``: the same
+    answer spans, groups (byte offsets with ``use_extended_uld``, else the first min(sizes) positions), merge
+    strategy, temperatures, hybrid split and weights, and reduction (each example's mean over its groups, then the
+    mean over the examples), times ``uld_distillation_weight``. TRL's own code takes the batches it handles
+    differently: a "bayesian" answer at position 0, no answer token at all, a vocabulary map that is not one to one,
+    hybrid weights given by half."""
+    args = (student_logits, teacher_logits, student_labels, teacher_labels, student_input_ids, teacher_input_ids)
+    offsets = (student_byte_offsets, teacher_byte_offsets)
+    keywords = {"student_byte_offsets": student_byte_offsets, "teacher_byte_offsets": teacher_byte_offsets}
+    alignment = _gold_alignment(self, student_labels, teacher_labels, student_input_ids, teacher_input_ids, offsets)
+    hybrid = _gold_hybrid(self) if self.use_hybrid_loss and self._vocab_mapping is not None else {}
+    if alignment is None or hybrid is None:
+        return _TRL_ULD(self, *args, **keywords)
+    alignment = alignment.to(student_logits.device)
+    rows = aligned_cross_vocab_loss(
+        "hybrid" if hybrid else "uld",
+        student_logits,
+        teacher_logits,
+        alignment,
+        temperature=self.student_temperature,
+        teacher_temperature=self.teacher_temperature,
+        reduction="none",
+        **hybrid,
+    )
+    return self.distillation_weight * alignment.example_mean(rows)
+
+
+def _gold_hybrid(uld) -> dict | None:
+    """The hybrid options of a ULDLoss (its map made once, as a ``VocabMap``); None where TRL's own code must run."""
+    matched, unmatched = uld.hybrid_matched_weight, uld.hybrid_unmatched_weight
+    if matched is not None and unmatched is None:
+        return None
+    if getattr(uld, "_kdkernels_map", None) is None:
+        teacher_ids = sorted(uld._vocab_mapping)
+        student_ids = [uld._vocab_mapping[t] for t in teacher_ids]
+        try:
+            uld._kdkernels_map = VocabMap(torch.tensor(student_ids), torch.tensor(teacher_ids))
+        except ValueError:  # (not one to one: two teacher tokens on one student id)
+            uld._kdkernels_map = False
+    if uld._kdkernels_map is False:
+        return None
+    weights = {} if matched is None else {"matched_weight": matched, "unmatched_weight": unmatched}
+    return {"vocab_map": uld._kdkernels_map, "beta": uld.beta, **weights}
+
+
+def _gold_alignment(uld, student_labels, teacher_labels, student_ids, teacher_ids, offsets) -> Alignment | None:
+    """The ``Alignment`` of GOLD's answer spans (``ULDLoss._compute_distillation_loss``'s), or None where TRL's
+    own code must run."""
+    bayesian = uld.token_merge_strategy == "bayesian"
+    sides = []
+    for labels, skip_eos in ((student_labels, uld.skip_student_eos), (teacher_labels, uld.skip_teacher_eos)):
+        starts, sizes = uld._get_start_and_size_answers(labels)
+        sides.append((starts, [size - skip_eos for size in sizes]))
+    (s_starts, s_sizes), (t_starts, t_sizes) = sides
+    if max(s_sizes, default=0) <= 0 or max(t_sizes, default=0) <= 0:
+        return None
+    if uld.use_extended_uld and (offsets[0] is None or offsets[1] is None):
+        return None  # (TRL raises its own error)
+    pairs = ([], [])
+    for i, (s_start, s_size, t_start, t_size) in enumerate(zip(s_starts, s_sizes, t_starts, t_sizes)):
+        if s_size <= 0 or t_size <= 0:
+            pairs[0].append(Tokens([], [], 0))
+            pairs[1].append(Tokens([], [], 0))
+            continue
+        if bayesian and (s_start == 0 or t_start == 0):
+            return None
+        if not uld.use_extended_uld:
+            s_size = t_size = min(s_size, t_size)
+        for side, ids, start, size, spans in (
+            (pairs[0], student_ids, s_start, s_size, offsets[0]),
+            (pairs[1], teacher_ids, t_start, t_size, offsets[1]),
+        ):
+            if uld.use_extended_uld:
+                spans = [tuple(o) for o in spans[i, start : start + size].tolist()]
+            else:  # positional: one group per position
+                spans = [(k, k + 1) for k in range(size)]
+            side.append(Tokens(ids[i, start : start + size].tolist(), spans, start - bayesian))
+    return build_alignment(*pairs, uld.token_merge_strategy)
 
 
 class GKDTrainer(AutocastLoss, _TRLGKDTrainer):
