@@ -53,6 +53,9 @@ class VocabMap:
     student_vocab: int | None = None
     teacher_vocab: int | None = None
     _cache: dict = field(default_factory=dict, repr=False)
+    # The largest student and teacher ids (-1 for none), read here so that ``classes`` reads no tensor's value: a
+    # call under torch.compile traces it.
+    _largest: tuple = field(init=False, repr=False)
 
     def __post_init__(self):
         ids = [_checked_ids(name, getattr(self, name)) for name in ("student_ids", "teacher_ids")]
@@ -63,6 +66,7 @@ class VocabMap:
             )
         object.__setattr__(self, "student_ids", ids[0])
         object.__setattr__(self, "teacher_ids", ids[1])
+        object.__setattr__(self, "_largest", tuple(int(x.max()) if x.numel() else -1 for x in ids))
 
     def __len__(self) -> int:
         return self.student_ids.numel()
@@ -80,22 +84,25 @@ class VocabMap:
 
     def classes(self, num_student: int, num_teacher: int, device: torch.device) -> tuple[Tensor, ...]:
         """(student ids, teacher ids, unmatched student ids, unmatched teacher ids) for logits of Vs = num_student
-        and Vt = num_teacher classes, on ``device`` (made once per widths and device); ids outside [0, Vs) or
-        [0, Vt) raise."""
+        and Vt = num_teacher classes, on ``device`` (made once per widths and device eagerly, in the graph under
+        torch.compile); ids outside [0, Vs) or [0, Vt) raise."""
         key = (num_student, num_teacher, device)
-        if key not in self._cache:
-            for name, ids, width, logits in (
-                ("student", self.student_ids, num_student, "student_logits"),
-                ("teacher", self.teacher_ids, num_teacher, "teacher_logits"),
-            ):
-                if ids.numel() and int(ids.max()) >= width:
-                    raise ValueError(
-                        f"vocab_map: {name} id {int(ids.max())} is outside the {name}'s vocabulary [0, {width}) "
-                        f"(the last dimension of {logits})"
-                    )
-            free = (_complement(self.student_ids, num_student), _complement(self.teacher_ids, num_teacher))
-            self._cache[key] = tuple(x.to(device) for x in (self.student_ids, self.teacher_ids, *free))
-        return self._cache[key]
+        if key in self._cache:
+            return self._cache[key]
+        for name, largest, width, logits in (
+            ("student", self._largest[0], num_student, "student_logits"),
+            ("teacher", self._largest[1], num_teacher, "teacher_logits"),
+        ):
+            if largest >= width:
+                raise ValueError(
+                    f"vocab_map: {name} id {largest} is outside the {name}'s vocabulary [0, {width}) "
+                    f"(the last dimension of {logits})"
+                )
+        free = (_complement(self.student_ids, num_student), _complement(self.teacher_ids, num_teacher))
+        classes = tuple(x.to(device) for x in (self.student_ids, self.teacher_ids, *free))
+        if not torch.compiler.is_compiling():
+            self._cache[key] = classes
+        return classes
 
 
 def _checked_ids(name: str, ids: object) -> Tensor:
@@ -116,10 +123,12 @@ def _checked_ids(name: str, ids: object) -> Tensor:
 
 
 def _complement(ids: Tensor, width: int) -> Tensor:
-    """The classes of [0, width) not in ``ids``, ascending."""
-    free = torch.ones(width, dtype=torch.bool)
-    free[ids] = False
-    return free.nonzero().squeeze(-1)
+    """The classes of [0, width) not in ``ids`` (distinct), ascending."""
+    free = torch.ones(width, dtype=torch.int32)
+    free[ids] = 0
+    # A stable sort puts the free classes first, in order: a shape known without the values (width - len(ids)),
+    # which torch.compile can trace, where nonzero's is not.
+    return torch.sort(free, descending=True, stable=True).indices[: width - ids.numel()]
 
 
 def _token_ids(tokenizer: object, name: str) -> dict[str, int]:
@@ -159,7 +168,7 @@ def resolve_cross_vocab(method: object, *, teacher_temperature=None, **arguments
     for name, value in (("temperature", arguments.get("temperature")), ("teacher_temperature", teacher_temperature)):
         if isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a number here (a learnable temperature is not supported), got a tensor")
-    settings = resolve(method, table=CROSS_VOCAB_METHODS, t2_scale=False, **arguments)
+    settings = resolve(method, table=CROSS_VOCAB_METHODS, t2_scale=False, traced_temperature=False, **arguments)
     if teacher_temperature is None:
         teacher_temperature = settings.temperature
     bad = isinstance(teacher_temperature, bool) or not isinstance(teacher_temperature, (int, float))

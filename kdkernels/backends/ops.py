@@ -61,10 +61,15 @@ _TEMPERATURE = SCALARS.index("temperature")
 
 
 def _losses_like(student, teacher, call_args):
-    """The loss and parts outputs: 0-d and [2] if reduced, else [N] and [2, N]; float64 when an input is float64
+    """The loss and parts outputs of a family op."""
+    return _losses(student, teacher, KernelCall.from_op_args(*call_args).reduce)
+
+
+def _losses(student, teacher, reduce: bool):
+    """The loss and parts outputs: 0-d and [2] if ``reduce``, else [N] and [2, N]; float64 when an input is float64
     (C++ ops), else float32."""
     dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
-    rows = () if KernelCall.from_op_args(*call_args).reduce else (student.shape[0],)
+    rows = () if reduce else (student.shape[0],)
     return student.new_empty(rows, dtype=dtype), student.new_empty((2, *rows), dtype=dtype)
 
 
@@ -358,34 +363,69 @@ CROSS_VOCAB_SCHEMA = (
 )
 
 
+CROSS_VOCAB_INPUTS = len(CROSS_VOCAB_SCHEMA.split(" -> ")[0].split(","))
+
+
 def _cross_vocab_fake(student, teacher, student_log_scale, teacher_log_scale, target, denominator, classes, *rest):
     reduce, with_grad = rest[4], rest[-1]
-    loss, parts = _losses_like(student, teacher, reduce)
+    loss, parts = _losses(student, teacher, reduce)
     if not with_grad:
         return loss, parts, student.new_empty(0), loss.new_empty(0)
     grad = torch.empty_like(student, memory_format=torch.contiguous_format)
     return loss, parts, grad, loss.new_empty((student.shape[0],))
 
 
+def _cross_vocab_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(output[2], output[3])
+    ctx.scale_dtype = None if inputs[2] is None else inputs[2].dtype
+    ctx.num_classes = len(inputs[6])  # (backward returns one None per tensor of ``classes``)
+
+
+def _cross_vocab_backward(ctx, grad_loss, *_unused):
+    """The op's registered autograd, which torch.compile traces (eagerly ``_CrossVocabFunction`` runs the op and
+    scales its gradient in place): out of place, as ``_at_backward``."""
+    grads = [None] * CROSS_VOCAB_INPUTS
+    grads[6] = [None] * ctx.num_classes
+    if grad_loss is not None:
+        grad, scale_grad = ctx.saved_tensors
+        grads[0], grads[2] = _times(grad, grad_loss), _log_scale_gradient(scale_grad, grad_loss, ctx.scale_dtype)
+    return tuple(grads)
+
+
+def _log_scale_gradient(scale_grad: Tensor, grad_loss: Tensor, dtype: torch.dtype | None) -> Tensor | None:
+    """d loss / d student_log_scale: the op's per-row ``scale_grad`` times grad_output, in the scale's ``dtype``
+    (None without a student log scale)."""
+    return None if dtype is None else (scale_grad * grad_loss.to(scale_grad.dtype)).to(dtype)
+
+
+def _cross_vocab_overload(name: str) -> Callable:
+    """The op ``kdkernels::<name>`` with its fake function and autograd registered."""
+    torch.library.register_fake(f"kdkernels::{name}")(_cross_vocab_fake)
+    torch.library.register_autograd(
+        f"kdkernels::{name}", _cross_vocab_backward, setup_context=_cross_vocab_setup_context
+    )
+    return getattr(torch.ops.kdkernels, name).default
+
+
 def attach_cross_vocab_op(backend: str) -> Callable:
-    """``kdkernels::cross_vocab_<backend>`` (schema and kernel from C++), with its fake function."""
-    torch.library.register_fake(f"kdkernels::cross_vocab_{backend}")(_cross_vocab_fake)
-    return getattr(torch.ops.kdkernels, f"cross_vocab_{backend}").default
+    """``kdkernels::cross_vocab_<backend>`` (schema and kernel from C++), with its fake function and autograd."""
+    return _cross_vocab_overload(f"cross_vocab_{backend}")
 
 
 def define_cross_vocab_op(backend: str, launch: Callable) -> Callable:
     """Defines ``kdkernels::cross_vocab_<backend>`` in Python (CROSS_VOCAB_SCHEMA), running ``launch``, with its fake
-    function."""
-    name = f"kdkernels::cross_vocab_{backend}"
-    torch.library.define(name, CROSS_VOCAB_SCHEMA)
-    torch.library.impl(name, "CompositeExplicitAutograd")(launch)
-    torch.library.register_fake(name)(_cross_vocab_fake)
-    return getattr(torch.ops.kdkernels, f"cross_vocab_{backend}").default
+    function and autograd."""
+    torch.library.define(f"kdkernels::cross_vocab_{backend}", CROSS_VOCAB_SCHEMA)
+    torch.library.impl(f"kdkernels::cross_vocab_{backend}", "CompositeExplicitAutograd")(launch)
+    return _cross_vocab_overload(f"cross_vocab_{backend}")
 
 
 def cross_vocab_args(call, classes) -> tuple:
     """The arguments of a cross-vocabulary op after (student, teacher, the two log scales), with_grad aside."""
-    params = call.plan.params
+    # (matched_code as an int: dynamo cannot trace float() of an IntEnum)
+    params = call.plan.params._replace(matched_code=int(call.plan.params.matched_code))
     if params.matched_weight is None:  # uld: the sorted L1 of every class, alone
         params = params._replace(matched_weight=0.0, unmatched_weight=1.0)
     return (
@@ -420,10 +460,7 @@ class _CrossVocabFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_parts):
-        d_scale = None
-        if grad_loss is not None and ctx.scale_dtype is not None:
-            factor = grad_loss.to(ctx.scale_grad.dtype)
-            d_scale = (ctx.scale_grad * factor).to(ctx.scale_dtype)
+        d_scale = None if grad_loss is None else _log_scale_gradient(ctx.scale_grad, grad_loss, ctx.scale_dtype)
         d_student = ctx.op_backward(ctx, grad_loss, None, None)[0]
         return d_student, d_scale, None, None, None, None, None
 
@@ -444,8 +481,11 @@ def cross_vocab_backend(
         if learning_teacher or too_wide:
             return fallback(call, student, teacher, log_scales, classes)
         args = cross_vocab_args(call, classes)
-        learns = student.requires_grad or (scale is not None and scale.requires_grad)
-        if learns and torch.is_grad_enabled():
+        learns = torch.is_grad_enabled() and (student.requires_grad or (scale is not None and scale.requires_grad))
+        if torch.compiler.is_compiling():  # traced through the op's registered autograd
+            loss, parts, _, _ = op(student, teacher, scale, teacher_scale, *args, learns)
+            return loss, parts
+        if learns:
             return _CrossVocabFunction.apply(student, scale, teacher, teacher_scale, op, args, op_backward)
         with torch._C._AutoDispatchBelowAutograd():
             loss, parts, _, _ = op(student, teacher, scale, teacher_scale, *args, False)
