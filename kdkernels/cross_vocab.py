@@ -13,7 +13,7 @@ batchmean denominator), and the backend chosen by ``backends.select_backend(...,
 
 like a backend's ``impl``; ``classes`` is the map's (student ids, teacher ids, unmatched student ids, unmatched
 teacher ids) on the device, None for uld. The reference and backend "cpu" (csrc/cpu/cross_vocab.cpp, through
-backends/ops.py ``cross_vocab_backend``) register one; "auto" takes the first backend of the device's order that has
+backends/ops.py ``cross_vocab_entries``) register one; "auto" takes the first backend of the device's order that has
 one. Per row the fused kernel does (docs/losses.md section 11.5): the two logsumexps at T_s and T_t;
 q~ = exp(c_s) q and p~ = exp(c_t) p into row buffers; a stable descending sort of both (the probabilities are >= 0,
 so a radix sort of their float bits; the student's with its class indices, the teacher's without: it is a constant);
@@ -244,7 +244,7 @@ def cross_vocab_loss(
         _checked_log_scale(name, scale, leading, device)
         for name, scale in (("student_log_scale", student_log_scale), ("teacher_log_scale", teacher_log_scale))
     )
-    settings, classes = _with_map(settings, vocab_map, vs, vt, device)
+    settings, classes = with_vocab_map(settings, vocab_map, vs, vt, device)
     call = settings.bind(target, leading, vs, device, mask)
     chosen = backends.select_backend(backend, student_logits, entry="cross_vocab")
     loss, parts = chosen.cross_vocab(
@@ -253,9 +253,9 @@ def cross_vocab_loss(
     return finish(call, loss, parts, leading)
 
 
-def _with_map(settings: Settings, vocab_map: object, vs: int, vt: int, device) -> tuple[Settings, tuple | None]:
-    """hybrid: the map's classes on the device and the plan's weights (TRL's adaptive M / Vt where none are given);
-    uld: no map."""
+def with_vocab_map(settings: Settings, vocab_map: object, vs: int, vt: int, device) -> tuple[Settings, tuple | None]:
+    """(settings, classes) of a call on Vs = ``vs`` and Vt = ``vt`` classes: for hybrid the map's classes on the
+    device and the plan's weights (TRL's adaptive M / Vt where none are given); uld takes no map."""
     if settings.plan.code == CrossVocab.ULD:
         if vocab_map is not None:
             raise ValueError("vocab_map is for method='hybrid'; uld compares the sorted probabilities of all classes")

@@ -465,13 +465,14 @@ class _CrossVocabFunction(torch.autograd.Function):
         return d_student, d_scale, None, None, None, None, None
 
 
-def cross_vocab_backend(
+def cross_vocab_entries(
     backend: str, op: Callable, scale_rows: Callable, fallback: Callable, max_width: int | None = None
-) -> Callable:
-    """The ``cross_vocab`` entry of fused backend ``backend`` (backends.Backend) calling its op ``op``, whose
-    gradient ``scale_rows`` scales in backward. ``fallback`` (the reference) computes what the op does not: a teacher
-    (or teacher log scale) that requires grad (the reference's autograd differentiates it) and, with ``max_width``,
-    rows of more classes than that on either side."""
+) -> dict:
+    """The cross-vocabulary fields of fused backend ``backend`` (backends.Backend): ``cross_vocab_op`` (``op``),
+    ``cross_vocab_width`` (``max_width``) and the ``cross_vocab`` entry calling ``op``, whose gradient ``scale_rows``
+    scales in backward. ``fallback`` (the reference) computes what the op does not: a teacher (or teacher log scale)
+    that requires grad (the reference's autograd differentiates it) and, with ``max_width``, rows of more classes
+    than that on either side."""
     op_backward = _autograd(backend, scale_rows)
 
     def cross_vocab(call, student: Tensor, teacher: Tensor, log_scales, classes) -> tuple[Tensor, Tensor]:
@@ -491,4 +492,4 @@ def cross_vocab_backend(
             loss, parts, _, _ = op(student, teacher, scale, teacher_scale, *args, False)
         return loss, parts
 
-    return cross_vocab
+    return {"cross_vocab": cross_vocab, "cross_vocab_op": op, "cross_vocab_width": max_width}
