@@ -318,13 +318,9 @@ class LossCall(Settings):
         )
 
 
-def resolve(
-    method: object, *, table: Mapping[str, Method] = METHODS, traced_temperature: bool = True, **arguments
-) -> Settings:
+def resolve(method: object, *, table: Mapping[str, Method] = METHODS, **arguments) -> Settings:
     """Checks a call's method (a name of ``table``), its options (``arguments`` named in OPTIONS) and the method's
-    hyperparameters (the other ``arguments``); fills in the method's defaults. ``traced_temperature=False`` keeps a
-    Python temperature a float under torch.compile too (the cross-vocabulary ops take it as a number: a new value
-    compiles again) instead of the tensor of the module docstring."""
+    hyperparameters (the other ``arguments``); fills in the method's defaults."""
     spec = get_method(method, table)
     options, hyperparameters = dict(_DEFAULTS), {}
     for name, value in arguments.items():
@@ -337,7 +333,7 @@ def resolve(
     temperature = options["temperature"]
     if not isinstance(temperature, torch.Tensor):
         temperature = float(as_number(temperature))
-    if traced_temperature and torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         if not isinstance(temperature, torch.Tensor):  # (a product: torch.tensor(T) would specialize T)
             temperature = torch.ones((), dtype=torch.float64) * temperature
         temperature = check_temperature(temperature)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from . import backends
-from .arguments import Settings, check_float_tensor, resolve
+from .arguments import Settings, check_float_tensor, check_temperature, resolve
 from .functional import LossParts, finish
 from .methods import CROSS_VOCAB_METHODS, CrossVocab
 
@@ -168,13 +168,19 @@ def resolve_cross_vocab(method: object, *, teacher_temperature=None, **arguments
     for name, value in (("temperature", arguments.get("temperature")), ("teacher_temperature", teacher_temperature)):
         if isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a number here (a learnable temperature is not supported), got a tensor")
-    settings = resolve(method, table=CROSS_VOCAB_METHODS, t2_scale=False, traced_temperature=False, **arguments)
+    settings = resolve(method, table=CROSS_VOCAB_METHODS, t2_scale=False, **arguments)
     if teacher_temperature is None:
         teacher_temperature = settings.temperature
-    bad = isinstance(teacher_temperature, bool) or not isinstance(teacher_temperature, (int, float))
-    if bad or not math.isfinite(teacher_temperature) or teacher_temperature <= 0:
-        raise ValueError(f"teacher_temperature must be a finite number > 0, got {teacher_temperature!r}")
-    params = settings.plan.params._replace(teacher_temperature=float(teacher_temperature))
+    elif torch.compiler.is_compiling():
+        # As the student's (arguments.py): a 0-d tensor, checked when the graph runs, that the ops read then, so
+        # that a changing value compiles once.
+        teacher_temperature = check_temperature(torch.ones((), dtype=torch.float64) * teacher_temperature)
+    else:
+        bad = isinstance(teacher_temperature, bool) or not isinstance(teacher_temperature, (int, float))
+        if bad or not math.isfinite(teacher_temperature) or teacher_temperature <= 0:
+            raise ValueError(f"teacher_temperature must be a finite number > 0, got {teacher_temperature!r}")
+        teacher_temperature = float(teacher_temperature)
+    params = settings.plan.params._replace(teacher_temperature=teacher_temperature)
     return replace(settings, plan=replace(settings.plan, params=params))
 
 

@@ -52,7 +52,7 @@ from .arguments import (
     resolve,
     split_temperature,
 )
-from .backends.ops import cross_vocab_args, run_op
+from .backends.ops import run_cross_vocab, run_op
 from .backends.reference import cross_entropy_grad, cross_entropy_rows
 from .cross_vocab import VocabMap, resolve_cross_vocab, with_vocab_map
 from .functional import finish
@@ -460,7 +460,7 @@ class _CrossVocabHeads(_Heads):
         teacher = self.teacher_logits(start, stop, work)
         s, capped = self.student_logits(start, stop, student_hidden, self.student.weight.shape[0], want_grad, work)
         if want_grad and self.fused is not None:
-            loss, parts, grad, _ = self.fused(s, teacher, None, None, *cross_vocab_args(call, self.classes), True)
+            loss, parts, grad, _ = run_cross_vocab(self.fused, s, teacher, (None, None), call, self.classes, True)
         else:
             loss, parts, grad = self.by_autograd(call, s, teacher, want_grad, self._loss_of)
         del teacher

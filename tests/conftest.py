@@ -114,7 +114,6 @@ QUICK_TEST_PARAMS = {
     },
     "test_cross_vocab.py::test_ties_follow_the_documented_rule": {"method": ("uld",)},
     "test_cross_vocab.py::test_fused_wide_rows_against_oracle": {"cross_vocab_fused": ("cpu",)},
-    "test_cross_vocab.py::test_compiled_step_matches_eager": {"compiled_backend": ("cpu",)},
     "test_linear_cross_vocab.py::test_against_materialised_logits": {"chunk_size": (5,)},
 }
 

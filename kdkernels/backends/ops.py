@@ -351,7 +351,9 @@ def full_backend(full_ops: dict, scale_rows: Callable) -> Callable:
 # (student ids, teacher ids, unmatched student ids, unmatched teacher ids), int64, or []. The loss and parts are those
 # of the family ops; ``grad`` is d loss / d student and ``scale_grad`` d loss / d student_log_scale per row ([N], the
 # loss's dtype), both scaled like the loss and written by the same call (empty without ``with_grad``). The teacher is
-# a constant.
+# a constant. Under torch.compile the temperatures are tensors (arguments.py) and ``run_cross_vocab`` calls the op
+# through kdkernels::cross_vocab_at_temperature(op, temperatures [T_s, T_t], <the op's arguments>), which reads them
+# when it runs, as the family ops' at-temperature ops do.
 
 
 # The schema above, as csrc/kdkernels.cpp defines it for the extension's op.
@@ -406,7 +408,44 @@ def _cross_vocab_overload(name: str) -> Callable:
     torch.library.register_autograd(
         f"kdkernels::{name}", _cross_vocab_backward, setup_context=_cross_vocab_setup_context
     )
-    return getattr(torch.ops.kdkernels, name).default
+    op = getattr(torch.ops.kdkernels, name).default
+    _CROSS_VOCAB_NAMES[op] = name
+    return op
+
+
+_CROSS_VOCAB_NAMES: dict = {}  # cross-vocabulary op -> its name, for the at-temperature op
+
+
+def _cross_vocab_at_run(op: str, temperatures: Tensor, student, teacher, *args):
+    """The op ``kdkernels::<op>`` with the values of ``temperatures`` (T_s, T_t) in its arguments."""
+    student_scale, teacher_scale, target, denominator, classes, code, params, _, *rest = args
+    t_s, t_t = temperatures.tolist()
+    return getattr(torch.ops.kdkernels, op).default(
+        student, teacher, student_scale, teacher_scale, target, denominator, classes, code, [t_t, *params[1:]], t_s,
+        *rest,
+    )  # fmt: skip
+
+
+def _define_cross_vocab_at_temperature() -> Callable:
+    """``kdkernels::cross_vocab_at_temperature(str op, Tensor temperatures, <CROSS_VOCAB_SCHEMA's arguments>)``:
+    the cross-vocabulary op ``op`` at the temperatures [T_s, T_t] that the tensor holds when the graph runs (the
+    at-temperature ops of the module docstring)."""
+    name = "kdkernels::cross_vocab_at_temperature"
+    torch.library.define(name, "(str op, Tensor temperatures, " + CROSS_VOCAB_SCHEMA[1:])
+    torch.library.impl(name, "CompositeExplicitAutograd")(_cross_vocab_at_run)
+    torch.library.register_fake(name)(lambda op, temperatures, *args: _cross_vocab_fake(*args))
+
+    def setup_context(ctx, inputs, output):
+        _cross_vocab_setup_context(ctx, inputs[2:], output)
+
+    def backward(ctx, *grads):
+        return (None, None, *_cross_vocab_backward(ctx, *grads))
+
+    torch.library.register_autograd(name, backward, setup_context=setup_context)
+    return torch.ops.kdkernels.cross_vocab_at_temperature.default
+
+
+_cross_vocab_at = _define_cross_vocab_at_temperature()
 
 
 def attach_cross_vocab_op(backend: str) -> Callable:
@@ -422,19 +461,33 @@ def define_cross_vocab_op(backend: str, launch: Callable) -> Callable:
     return _cross_vocab_overload(f"cross_vocab_{backend}")
 
 
+def run_cross_vocab(op, student: Tensor, teacher: Tensor, log_scales, call, classes, with_grad: bool):
+    """``op`` (a cross-vocabulary op) on ``call`` (arguments.LossCall of a cross-vocabulary plan) and ``classes``:
+    with the temperatures as tensors (torch.compile), through ``kdkernels::cross_vocab_at_temperature``."""
+    args = cross_vocab_args(call, classes)
+    if not isinstance(call.temperature, Tensor):
+        return op(student, teacher, *log_scales, *args, with_grad)
+    temperatures = torch.stack([call.temperature, call.plan.params.teacher_temperature])
+    return _cross_vocab_at(_CROSS_VOCAB_NAMES[op], temperatures, student, teacher, *log_scales, *args, with_grad)
+
+
 def cross_vocab_args(call, classes) -> tuple:
-    """The arguments of a cross-vocabulary op after (student, teacher, the two log scales), with_grad aside."""
+    """The arguments of a cross-vocabulary op after (student, teacher, the two log scales), with_grad aside; with
+    temperature tensors (torch.compile), 1 in their places (``run_cross_vocab``)."""
     # (matched_code as an int: dynamo cannot trace float() of an IntEnum)
     params = call.plan.params._replace(matched_code=int(call.plan.params.matched_code))
     if params.matched_weight is None:  # uld: the sorted L1 of every class, alone
         params = params._replace(matched_weight=0.0, unmatched_weight=1.0)
+    traced = isinstance(call.temperature, Tensor)
+    if traced:
+        params = params._replace(teacher_temperature=1.0)
     return (
         call.target,
         call.denominator,
         list(classes or ()),
         int(call.plan.code),
         [float(x) for x in params],
-        float(call.temperature),
+        1.0 if traced else float(call.temperature),
         call.ignore_index,
         call.reduction != "none",
         call.ce_weight,
@@ -481,11 +534,11 @@ def cross_vocab_entries(
         too_wide = max_width is not None and max(student.shape[-1], teacher.shape[-1]) > max_width
         if learning_teacher or too_wide:
             return fallback(call, student, teacher, log_scales, classes)
-        args = cross_vocab_args(call, classes)
         learns = torch.is_grad_enabled() and (student.requires_grad or (scale is not None and scale.requires_grad))
         if torch.compiler.is_compiling():  # traced through the op's registered autograd
-            loss, parts, _, _ = op(student, teacher, scale, teacher_scale, *args, learns)
+            loss, parts, _, _ = run_cross_vocab(op, student, teacher, log_scales, call, classes, learns)
             return loss, parts
+        args = cross_vocab_args(call, classes)
         if learns:
             return _CrossVocabFunction.apply(student, scale, teacher, teacher_scale, op, args, op_backward)
         with torch._C._AutoDispatchBelowAutograd():
