@@ -11,7 +11,7 @@ from .arguments import TEMPERATURE_RANGE
 from .backends import available_backends
 from .cross_vocab import VocabMap, cross_vocab_loss, vocab_map
 from .functional import *  # noqa: F403  (distill_loss, kd_loss ..., LossParts)
-from .linear import linear_distill_loss
+from .linear import linear_cross_vocab_loss, linear_distill_loss
 from .methods import METHODS
 from .modules import *  # noqa: F403  (DistillLoss, KDLoss ..., LinearDistillLoss, CrossVocabLoss, SerialHead)
 from .sparse import SparseTeacher
@@ -45,6 +45,7 @@ __all__ = [
     "load_sparse_teachers",
     "release_cached_gradients",
     "cross_vocab_loss",
+    "linear_cross_vocab_loss",
     "VocabMap",
     "vocab_map",
     "alignment",

@@ -14,7 +14,7 @@ batchmean denominator), and the backend chosen by ``backends.select_backend(...,
 like a backend's ``impl``; ``classes`` is the map's (student ids, teacher ids, unmatched student ids, unmatched
 teacher ids) on the device, None for uld. The reference and the fused backends "cpu" (csrc/cpu/cross_vocab.cpp),
 "triton" (backends/triton/cross_vocab.py) and "cuda" (csrc/cuda/cross_vocab.cu), through backends/ops.py
-``cross_vocab_backend``, register one; "auto" takes the first backend of the device's order that has one. Per row
+``cross_vocab_entries``, register one; "auto" takes the first backend of the device's order that has one. Per row
 the CPU kernel does (docs/losses.md section 11.5): the two logsumexps at T_s and T_t;
 q~ = exp(c_s) q and p~ = exp(c_t) p into row buffers; a stable descending sort of both (the probabilities are >= 0,
 so a radix sort of their float bits; the student's with its class indices, the teacher's without: it is a constant);
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from . import backends
-from .arguments import Settings, check_float_tensor, resolve
+from .arguments import Settings, check_float_tensor, check_temperature, resolve
 from .functional import LossParts, finish
 from .methods import CROSS_VOCAB_METHODS, CrossVocab
 
@@ -54,6 +54,9 @@ class VocabMap:
     student_vocab: int | None = None
     teacher_vocab: int | None = None
     _cache: dict = field(default_factory=dict, repr=False)
+    # The largest student and teacher ids (-1 for none), read here so that ``classes`` reads no tensor's value: a
+    # call under torch.compile traces it.
+    _largest: tuple = field(init=False, repr=False)
 
     def __post_init__(self):
         ids = [_checked_ids(name, getattr(self, name)) for name in ("student_ids", "teacher_ids")]
@@ -64,6 +67,7 @@ class VocabMap:
             )
         object.__setattr__(self, "student_ids", ids[0])
         object.__setattr__(self, "teacher_ids", ids[1])
+        object.__setattr__(self, "_largest", tuple(int(x.max()) if x.numel() else -1 for x in ids))
 
     def __len__(self) -> int:
         return self.student_ids.numel()
@@ -81,22 +85,25 @@ class VocabMap:
 
     def classes(self, num_student: int, num_teacher: int, device: torch.device) -> tuple[Tensor, ...]:
         """(student ids, teacher ids, unmatched student ids, unmatched teacher ids) for logits of Vs = num_student
-        and Vt = num_teacher classes, on ``device`` (made once per widths and device); ids outside [0, Vs) or
-        [0, Vt) raise."""
+        and Vt = num_teacher classes, on ``device`` (made once per widths and device eagerly, in the graph under
+        torch.compile); ids outside [0, Vs) or [0, Vt) raise."""
         key = (num_student, num_teacher, device)
-        if key not in self._cache:
-            for name, ids, width, logits in (
-                ("student", self.student_ids, num_student, "student_logits"),
-                ("teacher", self.teacher_ids, num_teacher, "teacher_logits"),
-            ):
-                if ids.numel() and int(ids.max()) >= width:
-                    raise ValueError(
-                        f"vocab_map: {name} id {int(ids.max())} is outside the {name}'s vocabulary [0, {width}) "
-                        f"(the last dimension of {logits})"
-                    )
-            free = (_complement(self.student_ids, num_student), _complement(self.teacher_ids, num_teacher))
-            self._cache[key] = tuple(x.to(device) for x in (self.student_ids, self.teacher_ids, *free))
-        return self._cache[key]
+        if key in self._cache:
+            return self._cache[key]
+        for name, largest, width, logits in (
+            ("student", self._largest[0], num_student, "student_logits"),
+            ("teacher", self._largest[1], num_teacher, "teacher_logits"),
+        ):
+            if largest >= width:
+                raise ValueError(
+                    f"vocab_map: {name} id {largest} is outside the {name}'s vocabulary [0, {width}) "
+                    f"(the last dimension of {logits})"
+                )
+        free = (_complement(self.student_ids, num_student), _complement(self.teacher_ids, num_teacher))
+        classes = tuple(x.to(device) for x in (self.student_ids, self.teacher_ids, *free))
+        if not torch.compiler.is_compiling():
+            self._cache[key] = classes
+        return classes
 
 
 def _checked_ids(name: str, ids: object) -> Tensor:
@@ -117,10 +124,12 @@ def _checked_ids(name: str, ids: object) -> Tensor:
 
 
 def _complement(ids: Tensor, width: int) -> Tensor:
-    """The classes of [0, width) not in ``ids``, ascending."""
-    free = torch.ones(width, dtype=torch.bool)
-    free[ids] = False
-    return free.nonzero().squeeze(-1)
+    """The classes of [0, width) not in ``ids`` (distinct), ascending."""
+    free = torch.ones(width, dtype=torch.int32)
+    free[ids] = 0
+    # A stable sort puts the free classes first, in order: a shape known without the values (width - len(ids)),
+    # which torch.compile can trace, where nonzero's is not.
+    return torch.sort(free, descending=True, stable=True).indices[: width - ids.numel()]
 
 
 def _token_ids(tokenizer: object, name: str) -> dict[str, int]:
@@ -163,10 +172,16 @@ def resolve_cross_vocab(method: object, *, teacher_temperature=None, **arguments
     settings = resolve(method, table=CROSS_VOCAB_METHODS, t2_scale=False, **arguments)
     if teacher_temperature is None:
         teacher_temperature = settings.temperature
-    bad = isinstance(teacher_temperature, bool) or not isinstance(teacher_temperature, (int, float))
-    if bad or not math.isfinite(teacher_temperature) or teacher_temperature <= 0:
-        raise ValueError(f"teacher_temperature must be a finite number > 0, got {teacher_temperature!r}")
-    params = settings.plan.params._replace(teacher_temperature=float(teacher_temperature))
+    elif torch.compiler.is_compiling():
+        # As the student's (arguments.py): a 0-d tensor, checked when the graph runs, that the ops read then, so
+        # that a changing value compiles once.
+        teacher_temperature = check_temperature(torch.ones((), dtype=torch.float64) * teacher_temperature)
+    else:
+        bad = isinstance(teacher_temperature, bool) or not isinstance(teacher_temperature, (int, float))
+        if bad or not math.isfinite(teacher_temperature) or teacher_temperature <= 0:
+            raise ValueError(f"teacher_temperature must be a finite number > 0, got {teacher_temperature!r}")
+        teacher_temperature = float(teacher_temperature)
+    params = settings.plan.params._replace(teacher_temperature=teacher_temperature)
     return replace(settings, plan=replace(settings.plan, params=params))
 
 
@@ -236,7 +251,7 @@ def cross_vocab_loss(
         _checked_log_scale(name, scale, leading, device)
         for name, scale in (("student_log_scale", student_log_scale), ("teacher_log_scale", teacher_log_scale))
     )
-    settings, classes = _with_map(settings, vocab_map, vs, vt, device)
+    settings, classes = with_vocab_map(settings, vocab_map, vs, vt, device)
     call = settings.bind(target, leading, vs, device, mask)
     chosen = backends.select_backend(backend, student_logits, entry="cross_vocab")
     loss, parts = chosen.cross_vocab(
@@ -245,9 +260,9 @@ def cross_vocab_loss(
     return finish(call, loss, parts, leading)
 
 
-def _with_map(settings: Settings, vocab_map: object, vs: int, vt: int, device) -> tuple[Settings, tuple | None]:
-    """hybrid: the map's classes on the device and the plan's weights (TRL's adaptive M / Vt where none are given);
-    uld: no map."""
+def with_vocab_map(settings: Settings, vocab_map: object, vs: int, vt: int, device) -> tuple[Settings, tuple | None]:
+    """(settings, classes) of a call on Vs = ``vs`` and Vt = ``vt`` classes: for hybrid the map's classes on the
+    device and the plan's weights (TRL's adaptive M / Vt where none are given); uld takes no map."""
     if settings.plan.code == CrossVocab.ULD:
         if vocab_map is not None:
             raise ValueError("vocab_map is for method='hybrid'; uld compares the sorted probabilities of all classes")

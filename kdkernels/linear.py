@@ -36,6 +36,7 @@ import ctypes
 import math
 import numbers
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -51,8 +52,9 @@ from .arguments import (
     resolve,
     split_temperature,
 )
-from .backends.ops import run_op
+from .backends.ops import run_cross_vocab, run_op
 from .backends.reference import cross_entropy_grad, cross_entropy_rows
+from .cross_vocab import VocabMap, resolve_cross_vocab, with_vocab_map
 from .functional import finish
 from .sparse import SparseTeacher, fold, teacher_bins, unfold_
 from .sparse import check as check_sparse
@@ -114,10 +116,26 @@ def chunk_rows(
     already keep the matmuls efficient (on a 2-core CPU a 48-row chunk runs them at half the speed of a 512-row one).
     """
     v = v_student if sparse else v_teacher
-    per_row = chunk_row_bytes(v_student, v_teacher, weight_dtype, extra, sparse)
+    return rows_in_budget(budget, chunk_row_bytes(v_student, v_teacher, weight_dtype, extra, sparse), inplace, v)
+
+
+def cross_vocab_row_bytes(v_student: int, v_teacher: int, weight_dtype: torch.dtype, softcap: bool) -> int:
+    """Bytes per row of a ``linear_cross_vocab_loss`` chunk: float32 logits of both heads ([rows, Vs] and
+    [rows, Vt]), the fused op's gradient [rows, Vs], with a softcap the student's capped logits, and with a
+    low-precision weight dtype one [rows, max(Vs, Vt)] buffer of it (as ``chunk_row_bytes``)."""
+    per_row = 4 * (v_teacher + v_student * (2 + softcap))
+    if weight_dtype != torch.float32:
+        per_row += max(v_student, v_teacher) * torch.empty((), dtype=weight_dtype).element_size()
+    return per_row
+
+
+def rows_in_budget(budget: int, per_row: int, inplace: bool, loss_width: int) -> tuple[int, int]:
+    """``chunk_rows`` of a chunk of ``per_row`` bytes a row: all the budget to the chunk when the backend computes
+    the gradient without autograd (``inplace``), else a quarter, and the rest to autograd sub-chunks of
+    REFERENCE_BUFFERS float32 [rows, loss_width] buffers."""
     if inplace:
         return max(1, budget // per_row), 0
-    return max(1, budget // 4 // per_row), max(1, budget * 3 // 4 // (4 * v * REFERENCE_BUFFERS))
+    return max(1, budget // 4 // per_row), max(1, budget * 3 // 4 // (4 * loss_width * REFERENCE_BUFFERS))
 
 
 _OUT_DTYPE_MATMUL: dict = {}
@@ -245,16 +263,16 @@ class _Workspace:
     """The chunks' [rows, width] buffers, allocated once per call and reused by every chunk: on CPU a buffer this
     large comes fresh from the system at each allocation, and each chunk would pay its page faults again."""
 
-    def __init__(self, rows: int, width: int, device: torch.device):
-        self.rows, self.width, self.device, self.buffers = rows, width, device, {}
+    def __init__(self, rows: int, device: torch.device):
+        self.rows, self.device, self.buffers = rows, device, {}
 
     def take(self, name: str, rows: int, cols: int, dtype: torch.dtype = torch.float32) -> Tensor:
-        """[rows, cols] of the buffer ``name`` (a row-major [self.rows, self.width] tensor of ``dtype``), holding
-        whatever its last user left there."""
+        """A contiguous [rows, cols] tensor (rows <= self.rows) on the buffer ``name`` of ``dtype``, holding whatever
+        its last user left there; the buffer holds self.rows rows of the widest ``cols`` asked for."""
         buf = self.buffers.get(name)
-        if buf is None or buf.dtype != dtype:
-            buf = self.buffers[name] = torch.empty(self.rows, self.width, dtype=dtype, device=self.device)
-        return buf[:rows, :cols]
+        if buf is None or buf.dtype != dtype or buf.numel() < rows * cols:
+            buf = self.buffers[name] = torch.empty(self.rows * cols, dtype=dtype, device=self.device)
+        return buf[: rows * cols].view(rows, cols)
 
 
 @dataclass
@@ -326,29 +344,16 @@ class _Heads:
         [rows, V_student] float32, or None; d that loss / d T per row with the full gradient, else None; d that loss
         / d the teacher head's pre-activation [rows, V_teacher] with teacher_grad, else None)."""
         v_s = self.student.weight.shape[0]
-        rows = stop - start
         call = self.call.rows(start, stop)
-        if self.sparse:
-            teacher = self.teacher_hidden.rows(start, stop)
-            v = v_s
-        else:
-            v = self.teacher.weight.shape[0]
-            with torch.no_grad():
-                teacher = _Head(
-                    self.teacher.weight.detach(),
-                    None if self.teacher.bias is None else self.teacher.bias.detach(),
-                    self.teacher.scale,
-                    self.teacher.softcap,
-                ).logits(self.teacher_hidden[start:stop].detach(), work.take("teacher", rows, v), work)
+        teacher = self.teacher_hidden.rows(start, stop) if self.sparse else self.teacher_logits(start, stop, work)
         full = want_grad and (self.temperature_grad or self.teacher_grad)
         capped_t = None
         if full and self.teacher_grad and self.teacher.softcap is not None:
-            capped_t = work.take("capped teacher", rows, v).copy_(teacher)
-        s = self.student.logits(student_hidden[start:stop], work.take("student", rows, v), work)
+            capped_t = work.take("capped teacher", stop - start, self.width).copy_(teacher)
+        s, capped = self.student_logits(start, stop, student_hidden, self.width, want_grad, work)
         entropy = None
         if self.entropy:  # before s becomes the gradient
             entropy = torch.where(call.valid, _entropy(s, call.temperature), 0.0)
-        capped = work.take("capped", rows, v).copy_(s) if want_grad and self.student.softcap is not None else None
         dtemp = grad_t = None
         if self.sparse:
             loss, parts, grad = self._sparse_loss(call, s, teacher, want_grad)
@@ -363,6 +368,24 @@ class _Heads:
         if grad is None:
             return loss, parts, entropy, None, None, None
         return loss, parts, entropy, self.student.backward_(grad, capped)[:, :v_s], dtemp, grad_t
+
+    def teacher_logits(self, start: int, stop: int, work: _Workspace) -> Tensor:
+        """The teacher head's float32 logits of rows [start, stop), [rows, V_teacher], a constant (no autograd)."""
+        head = self.teacher
+        bias = None if head.bias is None else head.bias.detach()
+        detached = _Head(head.weight.detach(), bias, head.scale, head.softcap)
+        with torch.no_grad():
+            out = work.take("teacher", stop - start, head.weight.shape[0])
+            return detached.logits(self.teacher_hidden[start:stop].detach(), out, work)
+
+    def student_logits(
+        self, start: int, stop: int, hidden: Tensor, width: int, want_grad: bool, work: _Workspace
+    ) -> tuple[Tensor, Tensor | None]:
+        """The student head's float32 logits of rows [start, stop), [rows, width] (-inf past its classes), and with
+        ``want_grad`` and a softcap a copy of them for the softcap's derivative (else None)."""
+        s = self.student.logits(hidden[start:stop], work.take("student", stop - start, width), work)
+        capped = work.take("capped", stop - start, width).copy_(s) if want_grad and self.student.softcap else None
+        return s, capped
 
     def _sparse_loss(self, call: LossCall, s: Tensor, teacher: SparseTeacher, want_grad: bool):
         """A chunk against a sparse teacher: the method's loss on the k + 1 bins (sparse.py), then the
@@ -395,19 +418,53 @@ class _Heads:
         if want_grad and self.inplace is not None:
             loss, parts = run_op(self.inplace, student, teacher, call)
             return loss, parts, student
+        return self.by_autograd(call, student, teacher, want_grad, self.backend.impl)
+
+    def by_autograd(self, call: LossCall, student: Tensor, teacher: Tensor, want_grad: bool, loss_of: Callable):
+        """(loss, parts, gradient or None) of a chunk from ``loss_of(call, student, teacher) -> (loss, parts)`` and,
+        with ``want_grad``, autograd on sub-chunks of ``loss_rows`` rows, whose gradients overwrite ``student``."""
         losses, parts = [], []
         step = self.loss_rows if want_grad else student.shape[0]
         for start in range(0, student.shape[0], step):
             rows = slice(start, start + step)
             part = student[rows].detach().requires_grad_(want_grad)
             with torch.enable_grad() if want_grad else torch.no_grad():
-                loss, loss_parts = self.backend.impl(call.rows(rows.start, rows.stop), part, teacher[rows])
+                loss, loss_parts = loss_of(call.rows(rows.start, rows.stop), part, teacher[rows])
             if want_grad:
                 (grad,) = torch.autograd.grad(loss, part, torch.ones_like(loss))
                 student[rows] = grad
             losses.append(loss.detach())
             parts.append(loss_parts)
         return _total(losses, call.reduction), _total(parts, call.reduction), student if want_grad else None
+
+
+@dataclass
+class _CrossVocabHeads(_Heads):
+    """The chunks of ``linear_cross_vocab_loss``: the student's logits [rows, Vs], the teacher's [rows, Vt] (a
+    constant), and the cross-vocabulary loss of the two (kdkernels/cross_vocab.py) with its gradient, from the
+    backend's fused op (``fused``), else from its ``cross_vocab`` by autograd."""
+
+    classes: tuple | None = None  # hybrid's (VocabMap.classes), None for uld
+
+    def __post_init__(self):
+        self.sparse, self.inplace = False, None
+        self.width = max(self.student.weight.shape[0], self.teacher.weight.shape[0])
+        self.fused = self.backend.cross_vocab_op
+
+    def chunk(self, start: int, stop: int, student_hidden: Tensor, want_grad: bool, work: _Workspace):
+        """_Heads.chunk's (loss, parts, None, gradient or None, None, None)."""
+        call = self.call.rows(start, stop)
+        teacher = self.teacher_logits(start, stop, work)
+        s, capped = self.student_logits(start, stop, student_hidden, self.student.weight.shape[0], want_grad, work)
+        if want_grad and self.fused is not None:
+            loss, parts, grad, _ = run_cross_vocab(self.fused, s, teacher, (None, None), call, self.classes, True)
+        else:
+            loss, parts, grad = self.by_autograd(call, s, teacher, want_grad, self._loss_of)
+        del teacher
+        return loss, parts, None, None if grad is None else self.student.backward_(grad, capped), None, None
+
+    def _loss_of(self, call: LossCall, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+        return self.backend.cross_vocab(call, student, teacher, (None, None), self.classes)
 
 
 def _entropy(s: Tensor, temperature: float) -> Tensor:
@@ -465,7 +522,7 @@ def _run(p: _Heads, hidden: Tensor, rows: int, need: tuple[bool, ...], grad_rows
     teacher = _HeadGrads(p.teacher_hidden, p.teacher, need[4:]) if any(need[4:]) else None
     grad_t = torch.zeros((), dtype=torch.float32, device=weight.device) if need[3] else None
     losses, parts, entropies = [], [], []
-    work = _Workspace(min(rows, n), p.width, hidden.device)
+    work = _Workspace(min(rows, n), hidden.device)
     # Autocast would run the chunk matmuls in low precision: they already use the weights' dtype with float32
     # accumulation, as the fused kernels do.
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
@@ -656,72 +713,43 @@ def linear_distill_loss(
         )
     # A teacher that learns: its hidden states require grad (its weight alone, a frozen head's, does not decide).
     teacher_grad = not sparse and full_gradient(teacher_hidden, None)
-    check_float_tensor("student_hidden", student_hidden)
-    h_s = student_hidden.shape[-1]
-    leading = student_hidden.shape[:-1]
-    _check_matrix("student_weight", student_weight, -1, h_s)
-    v = student_weight.shape[0]
-    if student_bias is not None:
-        _check_matrix("student_bias", student_bias, v, None)
+    v = _check_head("student", student_hidden, student_weight, student_bias)
+    leading, device = student_hidden.shape[:-1], student_hidden.device
     if sparse:
         if teacher_weight is not None or teacher_bias is not None or teacher_softcap is not None:
             raise ValueError(
                 "a SparseTeacher is the teacher's output: pass teacher_weight=None (and no "
                 "teacher_bias or teacher_softcap)"
             )
+        if teacher_logit_scale != 1.0:
+            raise ValueError("a SparseTeacher is the teacher's output: teacher_logit_scale does not apply to it")
         v_t = v
     else:
-        check_float_tensor("teacher_hidden", teacher_hidden)
-        if teacher_hidden.shape[:-1] != leading:
-            raise ValueError(
-                f"teacher_hidden must have the student's leading shape {tuple(leading)} + (H_t,), got "
-                f"{tuple(teacher_hidden.shape)}"
-            )
-        _check_matrix("teacher_weight", teacher_weight, -1, teacher_hidden.shape[-1])
-        v_t = teacher_weight.shape[0]
+        v_t = _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, leading)
         if v_t < v:
             raise ValueError(f"teacher_weight must have at least the student's V={v} rows (classes), got {v_t}")
-        if teacher_bias is not None:
-            _check_matrix("teacher_bias", teacher_bias, v_t, None)
-    tensors = [
-        x
-        for x in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
-        if isinstance(x, torch.Tensor)
-    ]
-    if sparse:
-        tensors.append(teacher_hidden.values)
-    if any(x.device != student_hidden.device for x in tensors):
-        raise ValueError(f"all inputs must be on one device, got {sorted({str(x.device) for x in tensors})}")
-    softcap = None if softcap is None else _positive("softcap", softcap)
-    teacher_softcap = None if teacher_softcap is None else _positive("teacher_softcap", teacher_softcap)
-    for name, scale in (("student_logit_scale", student_logit_scale), ("teacher_logit_scale", teacher_logit_scale)):
-        scale = as_number(scale)
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-            raise ValueError(f"{name} must be a finite number, got {scale!r}")
-    if sparse and teacher_logit_scale != 1.0:
-        raise ValueError("a SparseTeacher is the teacher's output: teacher_logit_scale does not apply to it")
-    if chunk_size is not None:
-        chunk_size = _positive("chunk_size", chunk_size, numbers.Integral)
-    if memory_budget is not None:
-        memory_budget = _positive("memory_budget", memory_budget, numbers.Integral)
-    call = settings.bind(target, leading, v, student_hidden.device, mask)
+    heads = _checked_heads(
+        (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias),
+        (softcap, teacher_softcap, student_logit_scale, teacher_logit_scale),
+    )
+    call = settings.bind(target, leading, v, device, mask)
     n = leading.numel()
     if sparse:
-        teacher_hidden = check_sparse(teacher_hidden, settings, leading, v, student_hidden.device, call.valid)
+        teacher_hidden = check_sparse(teacher_hidden, settings, leading, v, device, call.valid)
     else:
         teacher_hidden = teacher_hidden.reshape(n, teacher_hidden.shape[-1])
     p = _Heads(
         call,
         backends.select_backend(backend, student_weight),
-        _Head(student_weight, student_bias, float(student_logit_scale), softcap),
-        None if sparse else _Head(teacher_weight, teacher_bias, float(teacher_logit_scale), teacher_softcap),
+        heads[0],
+        None if sparse else heads[1],
         teacher_hidden,
         return_entropy,
         learn_temperature,
         teacher_grad,
     )
     if learn_temperature or teacher_grad:
-        check_temperature_device(temperature_tensor, student_hidden.device)
+        check_temperature_device(temperature_tensor, device)
         if p.backend.full_ops is None:
             raise ValueError(
                 f"a learnable temperature or teacher in linear_distill_loss needs a fused backend (its "
@@ -732,32 +760,144 @@ def linear_distill_loss(
     # capped logits with a teacher softcap)
     full_buffers = (learn_temperature or teacher_grad) + teacher_grad * (1 + (teacher_softcap is not None))
     extra = (softcap is not None) + 2 * return_entropy + full_buffers
-    grad_on = torch.is_grad_enabled()
-    need = (
-        grad_on and student_hidden.requires_grad,
-        grad_on and student_weight.requires_grad,
-        grad_on and student_bias is not None and student_bias.requires_grad,
+    per_row = chunk_row_bytes(v, v_t, student_weight.dtype, extra, sparse)
+    rows = _rows_per_chunk(p, n, chunk_size, memory_budget, per_row, p.inplace is not None, v if sparse else v_t)
+    need = _student_need(student_hidden, student_weight, student_bias) + (
         learn_temperature,
         teacher_grad,
         teacher_grad and teacher_weight.requires_grad,
         teacher_grad and teacher_bias is not None and teacher_bias.requires_grad,
     )
-    if memory_budget is None:
-        all_rows = n * chunk_row_bytes(v, v_t, student_weight.dtype, extra, sparse)
-        memory_budget = default_budget(student_hidden.device, p.inplace is not None, all_rows)
-    rows, p.loss_rows = chunk_rows(memory_budget, v, v_t, student_weight.dtype, p.inplace is not None, extra, sparse)
-    if chunk_size is None:  # the fewest chunks the budget allows, of equal size (no short last chunk)
-        chunk_size = -(-n // -(-n // rows)) if n else rows
     teachers = (None, None, None) if sparse else (teacher_hidden, teacher_weight, teacher_bias)
+    hidden = student_hidden.reshape(n, student_hidden.shape[-1])
     loss, parts, entropy = LinearDistillFunction.apply(
-        student_hidden.reshape(n, h_s),
-        student_weight,
-        student_bias,
-        temperature_tensor,
-        *teachers,
-        p,
-        max(1, min(chunk_size, n)),
-        need,
+        hidden, student_weight, student_bias, temperature_tensor, *teachers, p, rows, need
     )
     result = finish(call, loss, parts, leading)
     return (result, entropy.reshape(leading)) if return_entropy else result
+
+
+def _check_head(model: str, hidden: object, weight: object, bias: object, leading: torch.Size | None = None) -> int:
+    """The number of classes V of ``model``'s head once its ``hidden`` [..., H] (the teacher's with the student's
+    ``leading`` shape), ``weight`` [V, H] and ``bias`` ([V] or None) are checked."""
+    check_float_tensor(f"{model}_hidden", hidden)
+    if leading is not None and hidden.shape[:-1] != leading:
+        raise ValueError(
+            f"{model}_hidden must have the student's leading shape {tuple(leading)} + (H_t,), got {tuple(hidden.shape)}"
+        )
+    _check_matrix(f"{model}_weight", weight, -1, hidden.shape[-1])
+    if bias is not None:
+        _check_matrix(f"{model}_bias", bias, weight.shape[0], None)
+    return weight.shape[0]
+
+
+def _checked_heads(tensors: tuple, head_options: tuple) -> tuple[_Head, _Head | None]:
+    """The student's and teacher's ``_Head`` from ``tensors`` (hidden, weight, bias of each; a teacher's hidden
+    states may be a SparseTeacher, whose weight is None) and ``head_options`` (softcap, teacher_softcap,
+    student_logit_scale, teacher_logit_scale), once all are on one device and the options are checked."""
+    on = [x for x in tensors if isinstance(x, torch.Tensor)]
+    if isinstance(tensors[3], SparseTeacher):
+        on.append(tensors[3].values)
+    if any(x.device != tensors[0].device for x in on):
+        raise ValueError(f"all inputs must be on one device, got {sorted({str(x.device) for x in on})}")
+    caps = [None if c is None else _positive(name, c) for name, c in zip(("softcap", "teacher_softcap"), head_options)]
+    scales = []
+    for name, scale in zip(("student_logit_scale", "teacher_logit_scale"), head_options[2:]):
+        scale = as_number(scale)
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+            raise ValueError(f"{name} must be a finite number, got {scale!r}")
+        scales.append(float(scale))
+    student = _Head(tensors[1], tensors[2], scales[0], caps[0])
+    return student, None if tensors[4] is None else _Head(tensors[4], tensors[5], scales[1], caps[1])
+
+
+def _student_need(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[bool, bool, bool]:
+    """Which of the student's hidden states, weight and bias get a gradient."""
+    return tuple(torch.is_grad_enabled() and x is not None and x.requires_grad for x in (hidden, weight, bias))
+
+
+def _rows_per_chunk(
+    p: _Heads, n: int, chunk_size: object, memory_budget: object, per_row: int, fused: bool, loss_width: int
+) -> int:
+    """The rows of a chunk (``chunk_size``, else the fewest equal chunks that ``memory_budget`` bytes allow, default
+    ``default_budget``), and ``p.loss_rows`` (``rows_in_budget``) for ``per_row`` bytes of chunk buffers a row;
+    ``fused``: the backend computes the gradient without autograd."""
+    if chunk_size is not None:
+        chunk_size = _positive("chunk_size", chunk_size, numbers.Integral)
+    if memory_budget is not None:
+        memory_budget = _positive("memory_budget", memory_budget, numbers.Integral)
+    else:
+        memory_budget = default_budget(p.student.weight.device, fused, n * per_row)
+    rows, p.loss_rows = rows_in_budget(memory_budget, per_row, fused, loss_width)
+    if chunk_size is None:  # the fewest chunks the budget allows, of equal size (no short last chunk)
+        chunk_size = -(-n // -(-n // rows)) if n else rows
+    return max(1, min(chunk_size, n))
+
+
+def linear_cross_vocab_loss(
+    method: str,
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    target: Tensor | None = None,
+    *,
+    vocab_map: VocabMap | tuple[Tensor, Tensor] | None = None,
+    teacher_temperature: float | None = None,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    mask: Tensor | None = None,
+    backend: str = "auto",
+    **options,
+) -> Tensor:
+    """``cross_vocab_loss(method, student_logits, teacher_logits, target, ...)`` on the logits of two linear heads
+    with their own vocabularies, ``logits = hidden @ weight.T + bias``, computed in row chunks so that neither the
+    [N, Vs] nor the [N, Vt] logits exist (docs/llm.md, "Teachers with another tokenizer").
+
+    Args:
+        student_hidden: [..., H_s]; student_weight: [Vs, H_s]; student_bias: [Vs] or None. Gradients flow to all three.
+        teacher_hidden: [..., H_t] with the student's leading shape (aligned rows); teacher_weight: [Vt, H_t];
+            teacher_bias: [Vt] or None. A constant: teacher_hidden must not require grad.
+        method, target, vocab_map, teacher_temperature, mask, backend, **options (temperature, reduction,
+            ignore_index, normalizer, ce_weight, distill_weight, return_parts and the method's hyperparameters): as in
+            ``cross_vocab_loss``, whose backends compute each chunk (a fused op where the backend has one for rows
+            this wide, else by autograd); the reductions and the batchmean denominator are the whole batch's. No
+            log scales (merged groups of tokens need the logits of other rows).
+        student_logit_scale, teacher_logit_scale, softcap, teacher_softcap, memory_budget, chunk_size: as in
+            ``linear_distill_loss`` (a chunk's buffers: ``cross_vocab_row_bytes``).
+
+    Returns:
+        float32 loss: 0-d, or the leading shape for reduction="none"; a ``LossParts`` with ``return_parts``.
+    """
+    settings = resolve_cross_vocab(method, teacher_temperature=teacher_temperature, **options)
+    if full_gradient(teacher_hidden, None):
+        raise ValueError(
+            "linear_cross_vocab_loss takes the teacher as a constant: pass teacher_hidden.detach() (or the teacher's "
+            "logits to cross_vocab_loss, whose reference backend differentiates them)"
+        )
+    vs = _check_head("student", student_hidden, student_weight, student_bias)
+    leading, device = student_hidden.shape[:-1], student_hidden.device
+    vt = _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, leading)
+    heads = _checked_heads(
+        (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias),
+        (softcap, teacher_softcap, student_logit_scale, teacher_logit_scale),
+    )
+    settings, classes = with_vocab_map(settings, vocab_map, vs, vt, device)
+    call = settings.bind(target, leading, vs, device, mask)
+    n = leading.numel()
+    teacher_hidden = teacher_hidden.reshape(n, teacher_hidden.shape[-1])
+    chosen = backends.select_backend(backend, student_weight, entry="cross_vocab")
+    p = _CrossVocabHeads(call, chosen, *heads, teacher_hidden, classes=classes)
+    per_row = cross_vocab_row_bytes(vs, vt, student_weight.dtype, softcap is not None)
+    rows = _rows_per_chunk(p, n, chunk_size, memory_budget, per_row, p.fused is not None, p.width)
+    need = _student_need(student_hidden, student_weight, student_bias) + (False,) * 4
+    hidden = student_hidden.reshape(n, student_hidden.shape[-1])
+    teachers = (teacher_hidden, teacher_weight, teacher_bias)
+    loss, parts, _ = LinearDistillFunction.apply(hidden, student_weight, student_bias, None, *teachers, p, rows, need)
+    return finish(call, loss, parts, leading)

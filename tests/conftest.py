@@ -106,6 +106,7 @@ FULL_ONLY = {
     "test_numerics.py::test_out_of_range_target_under_torch_compile_raises",
     "test_akl.py::test_fused_kernel_has_no_n_by_v_temporary",
     "test_cross_vocab.py::test_cpu_kernel_has_no_n_by_v_temporary",
+    "test_linear_cross_vocab.py::test_triton_chunks",
     "test_integrations.py::test_fsdp2_two_processes_equal_one_full_batch",
 }
 # Parameter -> values the quick tier keeps, for every test that takes it; per test (file::function) more of them.
@@ -129,6 +130,7 @@ QUICK_TEST_PARAMS = {
     "test_cross_vocab.py::test_ties_follow_the_documented_rule": {"method": ("uld",)},
     "test_cross_vocab.py::test_fused_wide_rows_against_oracle": {"cross_vocab_fused": ("cpu",)},
     "test_cross_vocab.py::test_device_kernels_against_oracle": {"method": ("uld",), "dtype": (torch.float32,)},
+    "test_linear_cross_vocab.py::test_against_materialised_logits": {"chunk_size": (5,)},
 }
 
 

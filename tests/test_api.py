@@ -22,6 +22,8 @@ FUNCTIONS = [spec.function for spec in kdkernels.METHODS.values()] + [
     "cakd_feature_loss",
     "distill_loss",
     "linear_distill_loss",
+    "cross_vocab_loss",
+    "linear_cross_vocab_loss",
 ]
 MODULES = [spec.module for spec in kdkernels.METHODS.values()] + ["DistillLoss", "LinearDistillLoss", "SerialHead"]
 

@@ -249,6 +249,52 @@ def test_vocab_map_checks_and_summary():
         VocabMap(torch.tensor([3]), torch.tensor([0.5]))
 
 
+# The fused backends but Triton, whose interpreter takes minutes to run the compiled graphs of three temperatures
+# (its op has the same registrations, ops._cross_vocab_overload).
+COMPILED = [(b, m) for b in cross_vocab_backends() if b not in ("reference", "triton") for m in ("uld", "hybrid")]
+
+
+@pytest.mark.parametrize("compiled_backend, method", COMPILED)
+def test_compiled_step_matches_eager(compiled_backend, method):
+    """A training step through cross_vocab_loss compiles with fullgraph=True (no graph break: the fused op through
+    its registered fake function and autograd, a VocabMap built outside) and matches eager: the loss, the head's
+    gradients and the student log scale's, per-row weights as grad_output, an ignored row and a ce term. Temperatures
+    that change every call compile twice (dynamo specializes a Python float's first value), as the one-vocabulary
+    losses' (tests/test_ops.py)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    g = torch.Generator().manual_seed(31)
+    head = torch.nn.Linear(8, 27)
+    x, t = torch.randn(5, 8, generator=g), torch.randn(5, 41, generator=g) * 3
+    scale0 = -torch.rand(5, generator=g)
+    target = torch.tensor([3, -100, 26, 0, 9])
+    weights = torch.rand(5, generator=g) + 0.5
+    pairs = VocabMap(torch.randperm(27, generator=g)[:11], torch.randperm(41, generator=g)[:11])
+    hp = dict(vocab_map=pairs, beta=0.3) if method == "hybrid" else {}
+
+    def step(x, scale, temperature):
+        rows = kdkernels.cross_vocab_loss(
+            method, head(x), t, target, student_log_scale=scale, temperature=temperature,
+            teacher_temperature=2 * temperature, ce_weight=0.2, reduction="none", backend=compiled_backend, **hp,
+        )  # fmt: skip
+        return (rows * weights).sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    for temperature in (1.5, 0.7, 2.5):
+        results = []
+        for f in (compiled, step):
+            head.zero_grad()
+            scale = scale0.clone().requires_grad_(True)
+            loss = f(x, scale, temperature)
+            loss.backward()
+            results.append((loss.detach(), scale.grad, *(p.grad.clone() for p in head.parameters())))
+        for got, want, what in zip(*results, ("loss", "log scale's gradient", "weight's gradient", "bias's gradient")):
+            assert_close(got, want.double().numpy(), torch.float32, f"compiled {what} at T = {temperature}")
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+
 IDS = torch.arange(3)
 ONE_PAIR = (IDS[:1], IDS[1:2])
 

@@ -42,6 +42,9 @@ class Backend:
     # The losses between two vocabularies (kdkernels.cross_vocab): cross_vocab(call, student [N, Vs],
     # teacher [N, Vt], log_scales, classes) -> (loss, parts) as impl; None where the backend has none yet.
     cross_vocab: Callable | None = None
+    # Fused backends: the cross-vocabulary op itself (ops.py CROSS_VOCAB_SCHEMA: the loss and the student's gradient
+    # from one call, which the fused-linear path calls per chunk).
+    cross_vocab_op: Callable | None = None
 
 
 _REGISTRY: dict[str, Backend] = {}

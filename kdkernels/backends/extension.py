@@ -14,7 +14,7 @@ import torch
 
 from ..methods import FAMILIES
 from . import Backend, reference_cross_vocab, register
-from .ops import attach_cross_vocab_op, attach_family_ops, cross_vocab_backend, family_backend, full_backend
+from .ops import attach_cross_vocab_op, attach_family_ops, cross_vocab_entries, family_backend, full_backend
 
 BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` in the repository (setup.py; needs a C++ "
@@ -77,9 +77,7 @@ for _backend in ("cpu", "cuda"):
                 inplace={family: ops[1] for family, ops in _triples.items()},
                 scale_rows=_scale,
                 full_ops=_full_ops,
-                cross_vocab=cross_vocab_backend(
-                    _backend, attach_cross_vocab_op(_backend), _scale, reference_cross_vocab
-                ),
+                **cross_vocab_entries(_backend, attach_cross_vocab_op(_backend), _scale, reference_cross_vocab),
             )
         )
     else:

@@ -61,10 +61,15 @@ _TEMPERATURE = SCALARS.index("temperature")
 
 
 def _losses_like(student, teacher, call_args):
-    """The loss and parts outputs: 0-d and [2] if reduced, else [N] and [2, N]; float64 when an input is float64
+    """The loss and parts outputs of a family op."""
+    return _losses(student, teacher, KernelCall.from_op_args(*call_args).reduce)
+
+
+def _losses(student, teacher, reduce: bool):
+    """The loss and parts outputs: 0-d and [2] if ``reduce``, else [N] and [2, N]; float64 when an input is float64
     (C++ ops), else float32."""
     dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
-    rows = () if KernelCall.from_op_args(*call_args).reduce else (student.shape[0],)
+    rows = () if reduce else (student.shape[0],)
     return student.new_empty(rows, dtype=dtype), student.new_empty((2, *rows), dtype=dtype)
 
 
@@ -346,7 +351,9 @@ def full_backend(full_ops: dict, scale_rows: Callable) -> Callable:
 # (student ids, teacher ids, unmatched student ids, unmatched teacher ids), int64, or []. The loss and parts are those
 # of the family ops; ``grad`` is d loss / d student and ``scale_grad`` d loss / d student_log_scale per row ([N], the
 # loss's dtype), both scaled like the loss and written by the same call (empty without ``with_grad``). The teacher is
-# a constant.
+# a constant. Under torch.compile the temperatures are tensors (arguments.py) and ``run_cross_vocab`` calls the op
+# through kdkernels::cross_vocab_at_temperature(op, temperatures [T_s, T_t], <the op's arguments>), which reads them
+# when it runs, as the family ops' at-temperature ops do.
 
 
 # The schema above, as csrc/kdkernels.cpp defines it for the extension's op.
@@ -358,43 +365,129 @@ CROSS_VOCAB_SCHEMA = (
 )
 
 
+CROSS_VOCAB_INPUTS = len(CROSS_VOCAB_SCHEMA.split(" -> ")[0].split(","))
+
+
 def _cross_vocab_fake(student, teacher, student_log_scale, teacher_log_scale, target, denominator, classes, *rest):
     reduce, with_grad = rest[4], rest[-1]
-    loss, parts = _losses_like(student, teacher, reduce)
+    loss, parts = _losses(student, teacher, reduce)
     if not with_grad:
         return loss, parts, student.new_empty(0), loss.new_empty(0)
     grad = torch.empty_like(student, memory_format=torch.contiguous_format)
     return loss, parts, grad, loss.new_empty((student.shape[0],))
 
 
+def _cross_vocab_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(output[2], output[3])
+    ctx.scale_dtype = None if inputs[2] is None else inputs[2].dtype
+    ctx.num_classes = len(inputs[6])  # (backward returns one None per tensor of ``classes``)
+
+
+def _cross_vocab_backward(ctx, grad_loss, *_unused):
+    """The op's registered autograd, which torch.compile traces (eagerly ``_CrossVocabFunction`` runs the op and
+    scales its gradient in place): out of place, as ``_at_backward``."""
+    grads = [None] * CROSS_VOCAB_INPUTS
+    grads[6] = [None] * ctx.num_classes
+    if grad_loss is not None:
+        grad, scale_grad = ctx.saved_tensors
+        grads[0], grads[2] = _times(grad, grad_loss), _log_scale_gradient(scale_grad, grad_loss, ctx.scale_dtype)
+    return tuple(grads)
+
+
+def _log_scale_gradient(scale_grad: Tensor, grad_loss: Tensor, dtype: torch.dtype | None) -> Tensor | None:
+    """d loss / d student_log_scale: the op's per-row ``scale_grad`` times grad_output, in the scale's ``dtype``
+    (None without a student log scale)."""
+    return None if dtype is None else (scale_grad * grad_loss.to(scale_grad.dtype)).to(dtype)
+
+
+def _cross_vocab_overload(name: str) -> Callable:
+    """The op ``kdkernels::<name>`` with its fake function and autograd registered."""
+    torch.library.register_fake(f"kdkernels::{name}")(_cross_vocab_fake)
+    torch.library.register_autograd(
+        f"kdkernels::{name}", _cross_vocab_backward, setup_context=_cross_vocab_setup_context
+    )
+    op = getattr(torch.ops.kdkernels, name).default
+    _CROSS_VOCAB_NAMES[op] = name
+    return op
+
+
+_CROSS_VOCAB_NAMES: dict = {}  # cross-vocabulary op -> its name, for the at-temperature op
+
+
+def _cross_vocab_at_run(op: str, temperatures: Tensor, student, teacher, *args):
+    """The op ``kdkernels::<op>`` with the values of ``temperatures`` (T_s, T_t) in its arguments."""
+    student_scale, teacher_scale, target, denominator, classes, code, params, _, *rest = args
+    t_s, t_t = temperatures.tolist()
+    return getattr(torch.ops.kdkernels, op).default(
+        student, teacher, student_scale, teacher_scale, target, denominator, classes, code, [t_t, *params[1:]], t_s,
+        *rest,
+    )  # fmt: skip
+
+
+def _define_cross_vocab_at_temperature() -> Callable:
+    """``kdkernels::cross_vocab_at_temperature(str op, Tensor temperatures, <CROSS_VOCAB_SCHEMA's arguments>)``:
+    the cross-vocabulary op ``op`` at the temperatures [T_s, T_t] that the tensor holds when the graph runs (the
+    at-temperature ops of the module docstring)."""
+    name = "kdkernels::cross_vocab_at_temperature"
+    torch.library.define(name, "(str op, Tensor temperatures, " + CROSS_VOCAB_SCHEMA[1:])
+    torch.library.impl(name, "CompositeExplicitAutograd")(_cross_vocab_at_run)
+    torch.library.register_fake(name)(lambda op, temperatures, *args: _cross_vocab_fake(*args))
+
+    def setup_context(ctx, inputs, output):
+        _cross_vocab_setup_context(ctx, inputs[2:], output)
+
+    def backward(ctx, *grads):
+        return (None, None, *_cross_vocab_backward(ctx, *grads))
+
+    torch.library.register_autograd(name, backward, setup_context=setup_context)
+    return torch.ops.kdkernels.cross_vocab_at_temperature.default
+
+
+_cross_vocab_at = _define_cross_vocab_at_temperature()
+
+
 def attach_cross_vocab_op(backend: str) -> Callable:
-    """``kdkernels::cross_vocab_<backend>`` (schema and kernel from C++), with its fake function."""
-    torch.library.register_fake(f"kdkernels::cross_vocab_{backend}")(_cross_vocab_fake)
-    return getattr(torch.ops.kdkernels, f"cross_vocab_{backend}").default
+    """``kdkernels::cross_vocab_<backend>`` (schema and kernel from C++), with its fake function and autograd."""
+    return _cross_vocab_overload(f"cross_vocab_{backend}")
 
 
 def define_cross_vocab_op(backend: str, launch: Callable) -> Callable:
     """Defines ``kdkernels::cross_vocab_<backend>`` in Python (CROSS_VOCAB_SCHEMA), running ``launch``, with its fake
-    function."""
-    name = f"kdkernels::cross_vocab_{backend}"
-    torch.library.define(name, CROSS_VOCAB_SCHEMA)
-    torch.library.impl(name, "CompositeExplicitAutograd")(launch)
-    torch.library.register_fake(name)(_cross_vocab_fake)
-    return getattr(torch.ops.kdkernels, f"cross_vocab_{backend}").default
+    function and autograd."""
+    torch.library.define(f"kdkernels::cross_vocab_{backend}", CROSS_VOCAB_SCHEMA)
+    torch.library.impl(f"kdkernels::cross_vocab_{backend}", "CompositeExplicitAutograd")(launch)
+    return _cross_vocab_overload(f"cross_vocab_{backend}")
+
+
+def run_cross_vocab(op, student: Tensor, teacher: Tensor, log_scales, call, classes, with_grad: bool):
+    """``op`` (a cross-vocabulary op) on ``call`` (arguments.LossCall of a cross-vocabulary plan) and ``classes``:
+    with the temperatures as tensors (torch.compile), through ``kdkernels::cross_vocab_at_temperature``."""
+    args = cross_vocab_args(call, classes)
+    if not isinstance(call.temperature, Tensor):
+        return op(student, teacher, *log_scales, *args, with_grad)
+    temperatures = torch.stack([call.temperature, call.plan.params.teacher_temperature])
+    return _cross_vocab_at(_CROSS_VOCAB_NAMES[op], temperatures, student, teacher, *log_scales, *args, with_grad)
 
 
 def cross_vocab_args(call, classes) -> tuple:
-    """The arguments of a cross-vocabulary op after (student, teacher, the two log scales), with_grad aside."""
-    params = call.plan.params
+    """The arguments of a cross-vocabulary op after (student, teacher, the two log scales), with_grad aside; with
+    temperature tensors (torch.compile), 1 in their places (``run_cross_vocab``)."""
+    # (matched_code as an int: dynamo cannot trace float() of an IntEnum)
+    params = call.plan.params._replace(matched_code=int(call.plan.params.matched_code))
     if params.matched_weight is None:  # uld: the sorted L1 of every class, alone
         params = params._replace(matched_weight=0.0, unmatched_weight=1.0)
+    traced = isinstance(call.temperature, Tensor)
+    if traced:
+        params = params._replace(teacher_temperature=1.0)
     return (
         call.target,
         call.denominator,
         list(classes or ()),
         int(call.plan.code),
         [float(x) for x in params],
-        float(call.temperature),
+        1.0 if traced else float(call.temperature),
         call.ignore_index,
         call.reduction != "none",
         call.ce_weight,
@@ -420,18 +513,16 @@ class _CrossVocabFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_parts):
-        d_scale = None
-        if grad_loss is not None and ctx.scale_dtype is not None:
-            factor = grad_loss.to(ctx.scale_grad.dtype)
-            d_scale = (ctx.scale_grad * factor).to(ctx.scale_dtype)
+        d_scale = None if grad_loss is None else _log_scale_gradient(ctx.scale_grad, grad_loss, ctx.scale_dtype)
         d_student = ctx.op_backward(ctx, grad_loss, None, None)[0]
         return d_student, d_scale, None, None, None, None, None
 
 
-def cross_vocab_backend(backend: str, op: Callable, scale_rows: Callable, fallback: Callable) -> Callable:
-    """The ``cross_vocab`` entry of fused backend ``backend`` (backends.Backend) calling its op ``op``, whose
-    gradient ``scale_rows`` scales in backward. ``fallback`` (the reference) computes what the op does not: a teacher
-    (or teacher log scale) that requires grad (the reference's autograd differentiates it)."""
+def cross_vocab_entries(backend: str, op: Callable, scale_rows: Callable, fallback: Callable) -> dict:
+    """The cross-vocabulary fields of fused backend ``backend`` (backends.Backend): ``cross_vocab_op`` (``op``) and
+    the ``cross_vocab`` entry calling ``op``, whose gradient ``scale_rows`` scales in backward. ``fallback`` (the
+    reference) computes what the op does not: a teacher (or teacher log scale) that requires grad (the reference's
+    autograd differentiates it)."""
     op_backward = _autograd(backend, scale_rows)
 
     def cross_vocab(call, student: Tensor, teacher: Tensor, log_scales, classes) -> tuple[Tensor, Tensor]:
@@ -439,12 +530,15 @@ def cross_vocab_backend(backend: str, op: Callable, scale_rows: Callable, fallba
         learning_teacher = teacher.requires_grad or (teacher_scale is not None and teacher_scale.requires_grad)
         if learning_teacher:
             return fallback(call, student, teacher, log_scales, classes)
+        learns = torch.is_grad_enabled() and (student.requires_grad or (scale is not None and scale.requires_grad))
+        if torch.compiler.is_compiling():  # traced through the op's registered autograd
+            loss, parts, _, _ = run_cross_vocab(op, student, teacher, log_scales, call, classes, learns)
+            return loss, parts
         args = cross_vocab_args(call, classes)
-        learns = student.requires_grad or (scale is not None and scale.requires_grad)
-        if learns and torch.is_grad_enabled():
+        if learns:
             return _CrossVocabFunction.apply(student, scale, teacher, teacher_scale, op, args, op_backward)
         with torch._C._AutoDispatchBelowAutograd():
             loss, parts, _, _ = op(student, teacher, scale, teacher_scale, *args, False)
         return loss, parts
 
-    return cross_vocab
+    return {"cross_vocab": cross_vocab, "cross_vocab_op": op}

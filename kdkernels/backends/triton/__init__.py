@@ -19,7 +19,7 @@ import triton
 from ...methods import DIVERGENCE, FAMILIES, DecoupledParams, Divergence, DivergenceParams
 from .. import Backend, combine, reference_cross_vocab, register
 from ..kernel_call import KernelCall
-from ..ops import cross_vocab_backend, define_cross_vocab_op, define_family_ops, family_backend, full_backend
+from ..ops import cross_vocab_entries, define_cross_vocab_op, define_family_ops, family_backend, full_backend
 from .common import launch_shape, scale_rows_
 from .cross_vocab import launch_cross_vocab
 from .decoupled import decoupled_kernel
@@ -183,8 +183,11 @@ register(
         inplace={family: ops[1] for family, ops in _triples.items()},
         scale_rows=scale_rows_,
         full_ops=_full_ops,
-        cross_vocab=cross_vocab_backend(
-            "triton", define_cross_vocab_op("triton", launch_cross_vocab), scale_rows_, reference_cross_vocab
+        **cross_vocab_entries(
+            "triton",
+            define_cross_vocab_op("triton", launch_cross_vocab),
+            scale_rows_,
+            reference_cross_vocab,
         ),
     )
 )
