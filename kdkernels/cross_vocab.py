@@ -170,6 +170,12 @@ def resolve_cross_vocab(method: object, *, teacher_temperature=None, **arguments
         if isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a number here (a learnable temperature is not supported), got a tensor")
     settings = resolve(method, table=CROSS_VOCAB_METHODS, t2_scale=False, **arguments)
+    if settings.label_smoothing or settings.standardize:
+        raise ValueError(
+            "the cross-vocabulary losses take neither label_smoothing nor standardize (their hard-label term is the "
+            f"plain cross-entropy), got label_smoothing={settings.label_smoothing!r}, "
+            f"standardize={settings.standardize!r}"
+        )
     if teacher_temperature is None:
         teacher_temperature = settings.temperature
     elif torch.compiler.is_compiling():

@@ -564,7 +564,6 @@ class KDConfig(transformers.TrainingArguments):
             temperature=self.temperature,
             distill_weight=self.distill_weight,
             ce_weight=self.ce_weight,
-            label_smoothing=self.label_smoothing_factor,
             **self.method_kwargs,
         )
         unsupported = {
