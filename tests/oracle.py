@@ -282,7 +282,10 @@ def oracle(
 
 def _cross_entropy(x: np.ndarray, label: int, eps: float = 0.0) -> tuple[float, np.ndarray]:
     """-log softmax(x)_y at T = 1 with label smoothing eps: (1 - eps) of it plus eps times the mean of -log softmax(x)
-    over the K classes that are not -inf; its gradient softmax(x) - (1 - eps) onehot(y) - eps / K [unmasked]."""
+    over the K classes that are not -inf; its gradient softmax(x) - (1 - eps) onehot(y) - eps / K [unmasked]. (Taken
+    on x less its max: the same values, without the rounding of a logsumexp near a logit of 1000.)"""
+    top = np.max(x)
+    x = x - top if np.isfinite(top) else x
     lse = _logsumexp(x)
     unmasked = ~np.isneginf(x)
     k = unmasked.sum()

@@ -250,3 +250,17 @@ def test_bdkd_entropies_equal_within_rounding(backend, device, dtype, depth):
             _loss_rows("bdkd", {}, s, t, None, backend, device)
         return
     _check_rows("bdkd", {}, s, t, None, backend, device)
+
+
+# ---- Found by the randomized differential test (tests/test_differential.py) -------------------------------------
+
+
+def test_cross_entropy_exact_for_offset_logits(backend, device):
+    """The hard-label term on logits near 1e4, where an ulp is 9.8e-4: the reference took its gradient
+    softmax(s) - onehot(y) through logsumexp, whose rounding there moved every probability by up to 5e-4 relative
+    (25x the float32 tolerance), and the kernels its loss as (max + log z) - s_y, off by as much; both now take the
+    difference of the two large logits first, which is exact."""
+    s, t = _logits(8, 40, seed=10)
+    s, t = s + 1e4, t + 1e4
+    target = torch.arange(8)
+    _check_rows("kd", {}, s, t, target, backend, device, ce_weight=1.0, distill_weight=0.0)

@@ -342,6 +342,10 @@ def cross_entropy_rows(
     """The hard-label term per row [N] at T = 1: -log softmax(student)_target, label-smoothed by eps =
     ``label_smoothing`` (smoothed_ce); 0 on rows not ``kept`` (whose logits and target may hold anything)."""
     s = torch.where(kept.unsqueeze(-1), student, 0.0)
+    # Taken relative to the row's max (not differentiated; the loss does not depend on it): logsumexp's gradient is
+    # exp(s - lse), whose lse, rounded near a logit of 1000, would cost every probability that rounding error.
+    top = s.detach().amax(-1, keepdim=True)
+    s = s - torch.where(torch.isfinite(top), top, 0.0)
     index = torch.where(kept, target, 0).unsqueeze(-1)
     unmasked = ~torch.isneginf(s)
     rows = smoothed_ce(

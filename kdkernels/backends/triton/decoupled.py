@@ -585,7 +585,7 @@ def decoupled_kernel(
     loss = tl.where(bad_target, float("nan"), loss)
     tl.store(loss_ptr + rows, tl.where(kept, loss * t2, 0.0).to(tl.float32), mask=row_in)
     if WITH_CE:
-        tl.store(ce_ptr + rows, tl.where(kept, m1 + tl.log(z1) - s_y, 0.0), mask=row_in)
+        tl.store(ce_ptr + rows, tl.where(kept, (m1 - s_y) + tl.log(z1), 0.0), mask=row_in)
 
     # Pass 3: the gradient.
     if WITH_GRAD:
