@@ -161,6 +161,13 @@ KD_HD double aekt_weight(double log_p, double log_q, double max_weight) {
   return ratio < max_weight ? ratio : max_weight;
 }
 
+// Whether a side has no distribution: every class of the row masked (the row's loss is then NaN, unless the other
+// side's are all masked too: a row left out before this).
+template <class T>
+KD_HD bool all_masked(const BinStats<T>& s) {
+  return s.z[TOP1] == T(0) && s.z[STRONG] == T(0) && s.z[REST] == T(0);
+}
+
 template <class T>
 KD_HD DecoupledRow<T> decoupled_row(const BinStats<T>& t, const BinStats<T>& s, const DecoupledParams<double>& c,
                                     bool bad_target) {
@@ -169,9 +176,16 @@ KD_HD DecoupledRow<T> decoupled_row(const BinStats<T>& t, const BinStats<T>& s, 
   log_masses(s, lq);
   // (aekt: the strong bin is {target}.) A term of weight 0 adds 0 (weighted), infinite or not.
   const double weight = c.adaptive ? aekt_weight(lp[STRONG], lq[STRONG], c.max_weight) : c.w_mass;
-  const double w[NUM_BINS] = {0.0, c.w_strong, c.w_rest};  // a one-class bin has no in-bin KL
+  double w[NUM_BINS] = {0.0, c.w_strong, c.w_rest};  // a one-class bin has no in-bin KL
+  // A bin whose mass underflows (below the least normal number of the math type) in both models, or underflows in
+  // one and is masked in the other, is absent, like a bin of classes masked in both: it contributes 0.
+  bool absent[NUM_BINS];
   double mass_kl = 0;
-  for (int b = 0; b < NUM_BINS; ++b) mass_kl += is_neg_inf(lp[b]) ? 0.0 : exp(lp[b]) * (lp[b] - lq[b]);
+  for (int b = 0; b < NUM_BINS; ++b) {
+    absent[b] = exp(lp[b]) < double(min_normal<T>()) && exp(lq[b]) < double(min_normal<T>());
+    if (absent[b]) w[b] = 0.0;
+    mass_kl += is_neg_inf(lp[b]) || absent[b] ? 0.0 : exp(lp[b]) * (lp[b] - lq[b]);
+  }
   double loss = weighted(weight, mass_kl);
   DecoupledRow<T> row;
   for (int b = 0; b < NUM_BINS; ++b) {
@@ -183,15 +197,15 @@ KD_HD DecoupledRow<T> decoupled_row(const BinStats<T>& t, const BinStats<T>& s, 
     const double f = t.z[b] > T(0) ? w[b] * c.w_fkl : 0.0;
     row.f[b] = T(f);
     row.r[b] = T(w[b] * c.w_rkl);
-    row.c[b] = T(weight * (exp(lq[b]) - exp(lp[b])) + f - weighted(w[b] * c.w_rkl, rkl));
-    const double mass_term = is_neg_inf(lp[b]) ? 0.0 : weight * exp(lp[b]) * (lp[b] - lq[b] - mass_kl);
+    row.c[b] = absent[b] ? T(0) : T(weight * (exp(lq[b]) - exp(lp[b])) + f - weighted(w[b] * c.w_rkl, rkl));
+    const double mass_term = is_neg_inf(lp[b]) || absent[b] ? 0.0 : weight * exp(lp[b]) * (lp[b] - lq[b] - mass_kl);
     row.ct[b] = T(mass_term - weighted(f, fkl) + w[b] * c.w_rkl);
     row.mt[b] = safe_shift(t.m[b]);
     row.lzt[b] = math_log(t.z[b]);
     row.ms[b] = safe_shift(s.m[b]);
     row.lzs[b] = math_log(s.z[b]);
   }
-  row.loss = bad_target ? T(NAN) : T(loss);
+  row.loss = bad_target || all_masked(t) || all_masked(s) ? T(NAN) : T(loss);
   return row;
 }
 

@@ -25,9 +25,9 @@ def make_inputs(shape, dtype=torch.float32, device="cpu", seed=0, scale=3.0, ign
     return s.to(device), t.to(device), target.to(device)
 
 
-def assert_close(got, want, dtype, what):
-    """|got - want| <= tol * (|want| + max|want|) where want is finite (the max over those); where it is not (inf,
-    -inf, NaN), got must be the same."""
+def assert_close(got, want, dtype, what, min_scale=0.0):
+    """|got - want| <= tol * (|want| + max|want|) where want is finite (the max over those, at least ``min_scale``);
+    where it is not (inf, -inf, NaN), got must be the same."""
     got = np.asarray(got.detach().double().cpu() if isinstance(got, torch.Tensor) else got, dtype=np.float64)
     want = np.asarray(want, dtype=np.float64)
     tol = TOLERANCE[dtype]
@@ -37,7 +37,7 @@ def assert_close(got, want, dtype, what):
         f"{what}: got {got[~(same | finite)][:4]} where want is {want[~(same | finite)][:4]} "
         f"(at {np.argwhere(~(same | finite))[:4].tolist()})"
     )
-    scale = np.abs(want[finite]).max() if finite.any() else 0.0
+    scale = max(np.abs(want[finite]).max() if finite.any() else 0.0, min_scale)
     err = np.where(finite, np.abs(got - np.where(finite, want, 0.0)), 0.0)
     err = np.where(finite & np.isnan(got), np.inf, err)
     bound = tol * (np.abs(np.where(finite, want, 0.0)) + scale) + 1e-30

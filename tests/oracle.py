@@ -152,7 +152,8 @@ def _partition(method, y, hp, label):
     return bins, weights
 
 
-def _decoupled(method, p, q, lp, lq, y, hp, temperature, label):
+def _decoupled(method, p, q, lp, lq, y, hp, temperature, label, tiny):
+    """(loss, gradient over these classes) of one row, before T^2; tiny: the least normal number of the math type."""
     T = temperature
     bins, (w0, wm) = _partition(method, y, hp, label)
     # The in-bin divergence: gdkd's kl_type weighs KL(p^b || q^b) and KL(q^b || p^b) (ZaberKo/GDKD: "both" = mean).
@@ -168,6 +169,8 @@ def _decoupled(method, p, q, lp, lq, y, hp, temperature, label):
         lP, lQ = _logsumexp(lp[member]), _logsumexp(lq[member])
         has_p, has_q = not np.isneginf(lP), not np.isneginf(lQ)  # (mass, if only e^-10000; NaN propagates)
         P, Q = math.exp(lP), math.exp(lQ)
+        if P < tiny and Q < tiny:  # (underflowed in both, or in one and masked in the other: as if masked in both)
+            continue
         with np.errstate(invalid="ignore", divide="ignore"):  # (a bin one model gives no mass: its terms below)
             lpm, lqm = lp[member] - lP, lq[member] - lQ
             pm, qm = np.exp(lpm), np.exp(lqm)
@@ -267,7 +270,7 @@ def oracle(
             label = None
             if labels is not None and keep[labels[r]]:
                 label = int(np.cumsum(keep)[labels[r]] - 1)
-            loss, grad = _decoupled(method, p, q, lp, lq, y[keep], hp, temperature, label)
+            loss, grad = _decoupled(method, p, q, lp, lq, y[keep], hp, temperature, label, float(math_type.tiny))
         scale = temperature**2 if t2_scale else 1.0
         rows[r] = _weighted(distill_weight, loss * scale)
         grads[r, keep] = _weighted(distill_weight, grad * scale)
@@ -282,7 +285,10 @@ def oracle(
 
 def _cross_entropy(x: np.ndarray, label: int, eps: float = 0.0) -> tuple[float, np.ndarray]:
     """-log softmax(x)_y at T = 1 with label smoothing eps: (1 - eps) of it plus eps times the mean of -log softmax(x)
-    over the K classes that are not -inf; its gradient softmax(x) - (1 - eps) onehot(y) - eps / K [unmasked]."""
+    over the K classes that are not -inf; its gradient softmax(x) - (1 - eps) onehot(y) - eps / K [unmasked]. (Taken
+    on x less its max: the same values, without the rounding of a logsumexp near a logit of 1000.)"""
+    top = np.max(x)
+    x = x - top if np.isfinite(top) else x
     lse = _logsumexp(x)
     unmasked = ~np.isneginf(x)
     k = unmasked.sum()

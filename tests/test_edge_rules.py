@@ -250,3 +250,53 @@ def test_bdkd_entropies_equal_within_rounding(backend, device, dtype, depth):
             _loss_rows("bdkd", {}, s, t, None, backend, device)
         return
     _check_rows("bdkd", {}, s, t, None, backend, device)
+
+
+# ---- Found by the randomized differential test (tests/test_differential.py) -------------------------------------
+
+
+@pytest.mark.parametrize("depth", [1000.0, 100.0], ids=["zero", "subnormal"])
+@pytest.mark.parametrize(
+    "method, hp",
+    [("dkd", {}), ("cakd", {"strong": "threshold", "tau": 0.3}), ("aekt", {})],
+    ids=["dkd", "cakd", "aekt"],
+)
+def test_decoupled_bin_absent_in_both_contributes_nothing(backend, device, method, hp, depth):
+    """A bin whose mass underflows in one model (to 0, or to a float32 subnormal) where the other masks all of it:
+    the bin counts as absent, as a bin of classes masked in both does, and the loss is the other bins', finite with
+    a finite gradient (docs/losses.md, section 5). Row 0: the student masks the label, whose teacher logit is
+    ``depth`` below the rest (dkd's and aekt's strong bin; cakd's rest bin, the one class below its threshold);
+    row 1: the other way round. The kernels gave NaN (0 * inf in the bin-mass KL), the reference +inf (the in-bin
+    KL of a bin holding all of its own mass), and so did the oracle."""
+    s, t = _logits(3, 9, seed=8)
+    t[:2] *= 0.1  # (within cakd's threshold of the top class: its rest bin is the one class below)
+    target = torch.tensor([4, 4, 2])
+    s[0, 4], t[0, 4] = -INF, t[0].max() - depth
+    t[1, 4], s[1, 4] = -INF, s[1].max() - depth
+    loss, grad = _check_rows(method, hp, s, t, target, backend, device, temperature=1.0)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all(), loss
+
+
+@pytest.mark.parametrize("masked", ["student", "teacher"])
+@pytest.mark.parametrize("method, hp", [("aekt", {}), ("dkd", {"alpha": 0.0})], ids=["aekt", "dkd-alpha=0"])
+def test_decoupled_row_masked_in_one_model_is_nan(backend, device, method, hp, masked):
+    """A row one model masks entirely has no distribution for it: its loss is NaN (section 10), also where the
+    bin-mass KL that carries the NaN has weight 0 (aekt's a = 0 with the label masked in both, dkd with alpha = 0).
+    The fused kernels gave +inf there: the in-bin KL against a bin the masked model gives no mass."""
+    s, t = _logits(2, 8, seed=9)
+    target = torch.tensor([3, 3])
+    (s if masked == "student" else t)[0] = -INF
+    s[0, 3], t[0, 3] = -INF, -INF
+    loss, _ = _loss_rows(method, hp, s, t, target, backend, device)
+    assert torch.isnan(loss[0]) and torch.isfinite(loss[1]), loss
+
+
+def test_cross_entropy_exact_for_offset_logits(backend, device):
+    """The hard-label term on logits near 1e4, where an ulp is 9.8e-4: the reference took its gradient
+    softmax(s) - onehot(y) through logsumexp, whose rounding there moved every probability by up to 5e-4 relative
+    (25x the float32 tolerance), and the kernels its loss as (max + log z) - s_y, off by as much; both now take the
+    difference of the two large logits first, which is exact."""
+    s, t = _logits(8, 40, seed=10)
+    s, t = s + 1e4, t + 1e4
+    target = torch.arange(8)
+    _check_rows("kd", {}, s, t, target, backend, device, ce_weight=1.0, distill_weight=0.0)

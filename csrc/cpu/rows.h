@@ -237,10 +237,11 @@ struct CrossEntropy {
   M loss(const M* s, int64_t v) const {
     if (target < 0 || target >= v) return M(NAN);
     const M eps = options.smoothing;
-    if (eps == M(0)) return m1 + lz1 - s[target];
+    // (m1 - s_target first: both near a logit of 1000, say, their difference is exact, and their sum with lz1 is not.)
+    if (eps == M(0)) return (m1 - s[target]) + lz1;
     const auto [count, sum] = unmasked_count_sum(s, v);
     share = eps / count;
-    return m1 + lz1 - (M(1) - eps) * s[target] - eps * (sum / count);
+    return (M(1) - eps) * (m1 - s[target]) + eps * (m1 - sum / count) + lz1;
   }
   at::vec::Vectorized<M> grad(const at::vec::Vectorized<M>& s, const at::vec::Vectorized<M>& iota, int64_t j) const {
     using V = at::vec::Vectorized<M>;

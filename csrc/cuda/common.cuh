@@ -486,7 +486,7 @@ __device__ __forceinline__ CrossEntropy cross_entropy(const LaunchArgs& a, int64
                                                       const TargetLogit& y) {
   if (a.ce_loss == nullptr) return {0.f, 0.f, 0.f, 0, 0.f, 0.f};
   const float lz1 = logf(raw.z);
-  if (threadIdx.x == 0) a.ce_loss[row] = raw.m + lz1 - y.value;
+  if (threadIdx.x == 0) a.ce_loss[row] = (raw.m - y.value) + lz1;  // (the difference of two large logits is exact)
   const float scale = a.ce_weight / (a.denominator != nullptr ? *a.denominator : 1.f);
   return {raw.m, lz1, scale, a.target[row], a.label_smoothing, y.share};
 }

@@ -218,12 +218,15 @@ def decoupled_rows(plan: Plan, lp: torch.Tensor, lq: torch.Tensor, bins: torch.T
     divergence D^b = w_fkl KL(p^b || q^b) + w_rkl KL(q^b || p^b), from log-probabilities [N, V] and the bin of every
     class [N, V]."""
     params = plan.params
-    log_p, log_q, inner = [], [], []
+    log_p, log_q, inner, absent = [], [], [], []
     for b in map(int, Bin):  # (ints: torch.compile mistraces a tensor compared with, or a list indexed by, an IntEnum)
-        member = bins == b
-        log_pb, log_qb = _bin_logsumexp(lp, member), _bin_logsumexp(lq, member)
+        log_pb, log_qb = _bin_logsumexp(lp, bins == b), _bin_logsumexp(lq, bins == b)
         log_p.append(log_pb)
         log_q.append(log_qb)
+        # A bin whose mass underflows in both models (or in one, masked in the other) contributes 0, as a bin of
+        # classes masked in both does: its classes are left out of every term.
+        absent.append(underflows(log_pb) & underflows(log_qb))
+        member = (bins == b) & ~absent[-1].unsqueeze(-1)
         shift_p = torch.where(torch.isneginf(log_pb), 0.0, log_pb).unsqueeze(-1)
         shift_q = torch.where(torch.isneginf(log_qb), 0.0, log_qb).unsqueeze(-1)
         in_p, in_q = torch.where(member, lp - shift_p, NEG_INF), torch.where(member, lq - shift_q, NEG_INF)
@@ -238,7 +241,8 @@ def decoupled_rows(plan: Plan, lp: torch.Tensor, lq: torch.Tensor, bins: torch.T
     log_p, log_q = refine_largest(torch.stack(log_p, -1)), refine_largest(torch.stack(log_q, -1))
     strong = int(Bin.STRONG)
     w_mass = aekt_weight(params, log_p[:, strong], log_q[:, strong]) if params.adaptive else params.w_mass
-    loss = weighted(w_mass, kl_terms(log_p, log_q).sum(-1))
+    absent = torch.stack(absent, -1)
+    loss = weighted(w_mass, kl_terms(torch.where(absent, NEG_INF, log_p), torch.where(absent, 0.0, log_q)).sum(-1))
     return loss + weighted(params.w_strong, inner[strong]) + weighted(params.w_rest, inner[int(Bin.REST)])
 
 
@@ -342,6 +346,10 @@ def cross_entropy_rows(
     """The hard-label term per row [N] at T = 1: -log softmax(student)_target, label-smoothed by eps =
     ``label_smoothing`` (smoothed_ce); 0 on rows not ``kept`` (whose logits and target may hold anything)."""
     s = torch.where(kept.unsqueeze(-1), student, 0.0)
+    # Taken relative to the row's max (not differentiated; the loss does not depend on it): logsumexp's gradient is
+    # exp(s - lse), whose lse, rounded near a logit of 1000, would cost every probability that rounding error.
+    top = s.detach().amax(-1, keepdim=True)
+    s = s - torch.where(torch.isfinite(top), top, 0.0)
     index = torch.where(kept, target, 0).unsqueeze(-1)
     unmasked = ~torch.isneginf(s)
     rows = smoothed_ce(

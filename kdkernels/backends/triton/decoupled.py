@@ -23,6 +23,7 @@ import triton.language as tl
 
 from ...methods import Partition
 from .common import (
+    LOG_MIN_NORMAL,
     NEG_INF,
     ce_grad,
     distilled,
@@ -305,8 +306,15 @@ def _log_masses(m1, m2, m3, z1, z2, z3):
 
 
 @triton.jit
+def _absent(log_p, log_q):
+    """Whether a bin's mass underflows in both models (or underflows in one and is masked in the other): it
+    contributes 0, like a bin of classes masked in both."""
+    return (log_p < LOG_MIN_NORMAL) & (log_q < LOG_MIN_NORMAL)
+
+
+@triton.jit
 def _mass_kl_term(log_p, log_q):
-    return tl.where(log_p == NEG_INF, 0.0, tl.exp(log_p) * (log_p - log_q))
+    return tl.where((log_p == NEG_INF) | _absent(log_p, log_q), 0.0, tl.exp(log_p) * (log_p - log_q))
 
 
 @triton.jit
@@ -372,7 +380,7 @@ def _teacher_grad(
 @triton.jit
 def _teacher_coefficient(weight, lp, lq, mass_kl, f, fkl, r):
     """ct_b = w P_b (log P_b - log Q_b - KL(P || Q)) - f_b KL(p^b || q^b) + r_b, in float32."""
-    mass = tl.where(lp == NEG_INF, 0.0, weight * tl.exp(lp) * (lp - lq - mass_kl))
+    mass = tl.where((lp == NEG_INF) | _absent(lp, lq), 0.0, weight * tl.exp(lp) * (lp - lq - mass_kl))
     return (mass - weighted(f, fkl) + r).to(tl.float32)
 
 
@@ -579,23 +587,29 @@ def decoupled_kernel(
         ratio = tl.exp(lp2 - lq2)
         weight = tl.where(lp2 == NEG_INF, 0.0, tl.where(ratio < max_weight, ratio, max_weight))
     mass_kl = _mass_kl_term(lp1, lq1) + _mass_kl_term(lp2, lq2) + _mass_kl_term(lp3, lq3)
+    w_strong = tl.where(_absent(lp2, lq2), 0.0, w_strong)  # (an absent bin's in-bin terms: 0 too)
+    w_rest = tl.where(_absent(lp3, lq3), 0.0, w_rest)
     div2, rkl2 = _in_bin_divergence(tz2, tk2, sz2, sk2, w_fkl, w_rkl, FORWARD, REVERSE)
     div3, rkl3 = _in_bin_divergence(tz3, tk3, sz3, sk3, w_fkl, w_rkl, FORWARD, REVERSE)
     loss = weighted(weight, mass_kl) + weighted(w_strong, div2) + weighted(w_rest, div3)
-    loss = tl.where(bad_target, float("nan"), loss)
+    # (A model whose classes are all masked has no distribution: NaN, whatever the weights.)
+    no_distribution = ((tz1 + tz2 + tz3) == 0.0) | ((sz1 + sz2 + sz3) == 0.0)
+    loss = tl.where(bad_target | no_distribution, float("nan"), loss)
     tl.store(loss_ptr + rows, tl.where(kept, loss * t2, 0.0).to(tl.float32), mask=row_in)
     if WITH_CE:
-        tl.store(ce_ptr + rows, tl.where(kept, m1 + tl.log(z1) - s_y, 0.0), mask=row_in)
+        tl.store(ce_ptr + rows, tl.where(kept, (m1 - s_y) + tl.log(z1), 0.0), mask=row_in)
 
     # Pass 3: the gradient.
     if WITH_GRAD:
         g_scale = tl.where(bad_target, float("nan"), g_scale)
-        c1 = (weight * (tl.exp(lq1) - tl.exp(lp1))).to(tl.float32)
+        c1 = tl.where(_absent(lp1, lq1), 0.0, weight * (tl.exp(lq1) - tl.exp(lp1))).to(tl.float32)
         # (f_b = 0 for a bin the teacher gives no mass: its in-bin forward KL is 0 whatever the student does)
         f2 = tl.where(tz2 > 0.0, w_strong * w_fkl, 0.0)
         f3 = tl.where(tz3 > 0.0, w_rest * w_fkl, 0.0)
-        c2 = (weight * (tl.exp(lq2) - tl.exp(lp2)) + f2 - weighted(w_strong * w_rkl, rkl2)).to(tl.float32)
-        c3 = (weight * (tl.exp(lq3) - tl.exp(lp3)) + f3 - weighted(w_rest * w_rkl, rkl3)).to(tl.float32)
+        c2 = weight * (tl.exp(lq2) - tl.exp(lp2)) + f2 - weighted(w_strong * w_rkl, rkl2)
+        c3 = weight * (tl.exp(lq3) - tl.exp(lp3)) + f3 - weighted(w_rest * w_rkl, rkl3)
+        c2 = tl.where(_absent(lp2, lq2), 0.0, c2).to(tl.float32)
+        c3 = tl.where(_absent(lp3, lq3), 0.0, c3).to(tl.float32)
         r2 = zero + w_strong * w_rkl
         r3 = zero + w_rest * w_rkl
         lz1 = tl.log(z1)

@@ -705,7 +705,7 @@ def divergence_kernel(
                     store_rows(grad_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], g, 0.0))
     tl.store(loss_ptr + rows, tl.where(kept, sum_l * t2, 0.0), mask=row_in)
     if WITH_CE:
-        tl.store(ce_ptr + rows, tl.where(kept, m1 + tl.log(z1) - s_y, 0.0), mask=row_in)
+        tl.store(ce_ptr + rows, tl.where(kept, (m1 - s_y) + tl.log(z1), 0.0), mask=row_in)
     if FULL:  # d loss / d T = 2 L / T (with T^2 scaling, L = g_scale T l) - sum_j ((x_j - mx) g_j + (y_j - my) gt_j)
         if T2_SCALE:
             dtemp -= weighted(g_scale, 2.0 * sum_l)
