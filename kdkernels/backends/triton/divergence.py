@@ -58,8 +58,8 @@ ABKD_ZERO = tl.constexpr(int(Divergence.ABKD_ZERO))
 WSD = tl.constexpr(int(Divergence.WSD))
 BDKD = tl.constexpr(int(Divergence.BDKD))
 AKL = tl.constexpr(int(Divergence.AKL))
-# akl's bisection on the teacher-logit axis (csrc/divergence.h AklHead): float32's order-preserving int32 keys, from
-# below -inf (lo) to +inf (hi); 32 halvings close the gap.
+# akl's search on the teacher-logit axis (csrc/divergence.h AklHead): float32's order-preserving int32 keys, from
+# below -inf (lo) to +inf (hi); 32 halvings (16 quarterings) close the gap.
 KEY_BELOW_NEG_INF = tl.constexpr(-2139095042)
 KEY_POS_INF = tl.constexpr(2139095040)
 KEY_STEPS = tl.constexpr(32)
