@@ -6,7 +6,7 @@
 // weights (bdkd: e_k = q log q - p log p, f_k = -(q log q + p log p); akl: |p - q| on the teacher's head for e_k, off
 // it for f_k); divergence_row() weighs the row sums, and the gradient takes r_j = a r_j + b p_j. A class with
 // p = q = 0 (masked, or underflowed: below the least normal number, in both) contributes 0. akl's head (AklHead below)
-// is found before the terms, by bisection.
+// is found before the terms, by a radix select.
 #pragma once
 
 #include <string.h>
@@ -66,11 +66,17 @@ struct ClassTerms {
 
 // akl's head (docs/losses.md, "AKL"): the classes ranked by raw teacher logit t, descending, ties to the lower index,
 // up to the last whose cumulative teacher probability is <= mu, and at least the first. Found without sorting, as
-// head = {t > value} + {t == value, index < end}:
-//   (a) bisection on the teacher-logit axis, over the order-preserving integer keys of the float type: the least
-//       value u with A(u) = sum of p over {t > u} <= mu (one pass per step, 32 steps in float32, 64 in float64);
-//   (b) one pass at u: A(u), the number of classes above u and in its tie group, and their (equal) probability p_u;
-//       the group's first c = floor((mu - A(u)) / p_u) classes are in the head (at least one if none is above u);
+// head = {t > value} + {t == value, index < end}, value = u the least value with A(u) = sum of p over {t > u} <= mu,
+// A summed by each kernel in its own fixed order (a bisection over every value would find the same u):
+//   (a) a radix select over the order-preserving unsigned keys of the float type, DIGIT_BITS at a time from the top:
+//       a histogram of p over the open digit of the classes whose higher digits are those chosen so far, scanned
+//       from the top to the digit where the mass crosses mu (3 histograms in float32, 6 in float64). Its sums come
+//       in another order than A's, so its value is only a candidate;
+//   (b) one pass at the candidate u: A(u), A just below u (the mass of {t >= u}), the number of classes above u and
+//       in its tie group, and their (equal) probability p_u. If A(u) <= mu < A(below u), u is the value (settle);
+//       else (the two orders' roundings straddle mu) a bisection over the keys on u's correct side finds it (the
+//       fallback: one pass per step), and (b) is repeated there. The group's first c = floor((mu - A(u)) / p_u)
+//       classes are in the head (at least one if none is above u);
 //   (c) when 0 < c < the group's size, bisection on the class index for the end of its c-th class (one counting
 //       pass per step).
 template <class T>
@@ -78,6 +84,7 @@ struct AklHead {
   using Key = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
   using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
   static constexpr Bits MAGNITUDE = ~Bits(0) >> 1;
+  static constexpr int KEY_BITS = 8 * sizeof(T), DIGIT_BITS = 11, BINS = 1 << DIGIT_BITS;
 
   static KD_HD Key key(T value) {  // order-preserving: negative floats' magnitude bits flipped
     Key k;
@@ -90,8 +97,66 @@ struct AklHead {
     memcpy(&out, &k, sizeof out);
     return out;
   }
+  // The key as unsigned bits in the same order (the radix select's digits).
+  static KD_HD Bits radix_key(T value) { return Bits(key(value)) ^ ~MAGNITUDE; }
 
-  // (a) A(lo) > mu (lo starts below -inf), A(hi) <= mu (nothing is above +inf); every probe is a value in [-inf, inf).
+  // (a) The digits chosen so far (the key's bits above `shift`), and the histograms' mass of the classes above them.
+  Bits prefix = 0;
+  int shift = KEY_BITS;
+  T mass_above = T(0);
+  KD_HD bool selecting() const { return shift > 0; }
+  KD_HD int digit_shift() const { return shift > DIGIT_BITS ? shift - DIGIT_BITS : 0; }
+  KD_HD int digits() const { return 1 << (shift - digit_shift()); }  // the open digit's values (histogram bins)
+  KD_HD bool in_prefix(Bits u) const { return shift == KEY_BITS || (u >> shift) == prefix; }
+  KD_HD int digit(Bits u) const { return int((u >> digit_shift()) & Bits(digits() - 1)); }
+  // The least and greatest values with the chosen digits (a range that also holds +0.0 when it holds -0.0).
+  KD_HD T range_value(bool top) const {
+    const Bits low = shift == KEY_BITS ? Bits(0) : prefix << shift;
+    const Bits u = top ? low | (shift == KEY_BITS ? ~Bits(0) : (Bits(1) << shift) - 1) : low;
+    return value_of(Key(clamped(u) ^ ~MAGNITUDE));
+  }
+  // Chooses the open digit from the histogram mass[digits()] of the classes within the prefix: the digit d where the
+  // mass from the top crosses mu (the lowest if it never does).
+  KD_HD void choose(const T* mass, T mu) {
+    int d = digits() - 1;
+    T above = mass_above;
+    for (; d > 0 && !(above + mass[d] > mu); --d) above += mass[d];
+    take(d, above);
+  }
+  // Takes digit d, the mass of the classes above it being `above`.
+  KD_HD void take(int d, T above) {
+    prefix = (prefix << (shift - digit_shift())) | Bits(d);
+    shift = digit_shift();
+    mass_above = above;
+  }
+  // The selected value, within [-inf, inf], -0.0 for a zero (the least key of the tie group {t == 0}, which a
+  // bisection would find).
+  KD_HD T candidate() const {
+    const T u = value_of(Key(clamped(prefix) ^ ~MAGNITUDE));
+    return u == T(0) ? -T(0) : u;
+  }
+  static KD_HD Bits clamped(Bits u) {  // (NaN keys lie beyond the infinities)
+    const Bits lowest = radix_key(neg_inf<T>()), highest = radix_key(-neg_inf<T>());
+    return u < lowest ? lowest : (u > highest ? highest : u);
+  }
+
+  // (b) Whether u, with A(u) = mass_above_u and A(below u) = mass_from_u, is the value; if not, the fallback's
+  // bracket on its correct side.
+  KD_HD void settle(T u, T mass_above_u, T mass_from_u, T mu) {
+    const Key k = key(u);
+    const bool low = mass_above_u <= mu, low_below = k != key(neg_inf<T>()) && mass_from_u <= mu;  // (as narrow)
+    if (low && !low_below) {
+      lo = Key(k - 1);
+      hi = k;
+    } else if (low) {
+      hi = Key(k - 1);
+    } else {
+      lo = k;
+    }
+  }
+
+  // The fallback's bisection: A(lo) > mu (lo starts below -inf), A(hi) <= mu (nothing is above +inf); every probe is
+  // a value in [-inf, inf).
   Key lo = Key(key(neg_inf<T>()) - 1), hi = key(-neg_inf<T>());
   KD_HD Key mid() const { return Key(Bits(lo) + (Bits(hi) - Bits(lo)) / 2); }
   KD_HD bool searching() const { return Bits(hi) - Bits(lo) > 1; }

@@ -24,8 +24,9 @@ Collectives per call, all of O(N) or O(N k) numbers (N rows):
   then of the counts of ties at the k-th value; threshold: all-reduce MAX of the teacher's row max; target: none,
   the rank that owns the class marks it); then all-reduce MAX of the bin maxes, SUM of the bins' sums of exp and
   SUM of the in-bin KL terms. 4 (target), 5 (threshold) or 6 (top-k) in all.
-- akl: its head first: 32 all-reduces SUM of [N] (64 in float64) for the bisection, then SUM and MAX at the
-  threshold and an all-gather of the tie counts. 35 more (67).
+- akl: its head first: 4 all-reduces SUM of [N, 256] (8 in float64) for the radix select, then SUM and MAX at the
+  threshold and an all-gather of the tie counts. 7 more (11); in the rare call where a row's summation orders
+  straddle mu, 33 (65) more for the fallback's bisection, and the host reads whether to run it (one sync).
 - the full gradient (a teacher that requires grad, a temperature tensor): SUM of the teacher's part of the row sum
   its gradient needs (divergence family), MAX of both rows' maxes and SUM of the terms of d loss / d T; with
   standardize SUM of the row sums of the teacher's z-score Jacobian. 3 more (2 for the decoupled family), 4 with
@@ -35,9 +36,10 @@ Collectives per call, all of O(N) or O(N k) numbers (N rows):
   Jacobian. 2 more, 3 with a gradient.
 
 Works with any backend whose collectives take tensors on the logits' device (gloo for CPU, NCCL for CUDA). On
-accelerators nothing syncs with the host: the checks that need the global V (target in [0, V), k < V) and the
-agreement of N run on the device (torch._assert_async). Every rank must make the same calls with the same
-arguments; a check that fails fails on every rank alike, before or right after the first collective.
+accelerators nothing syncs with the host but akl's check of its head (whether its fallback runs): the checks that
+need the global V (target in [0, V), k < V) and the agreement of N run on the device (torch._assert_async). Every
+rank must make the same calls with the same arguments; a check that fails fails on every rank alike, before or right
+after the first collective.
 """
 
 from __future__ import annotations
@@ -127,44 +129,104 @@ def _log_softmax(s: Tensor, t: Tensor, group) -> tuple[Tensor, Tensor, Tensor]:
     return (s - shift[:, :1]) - log_sums[:, :1], (t - shift[:, 1:]) - log_sums[:, 1:], torch.isneginf(maxes).all(-1)
 
 
-def _akl_head(t: Tensor, lp: Tensor, mu: float, shard: Shard) -> Tensor:
-    """akl's head on the shard [N, V_r] (reference.akl_head over the whole vocabulary), found as the kernels find it
-    (csrc/divergence.h AklHead): bisection on the order-preserving integer keys of the raw teacher logits for the
-    least value u whose mass above, A(u) = sum of p over {t > u}, is <= mu (one all-reduce per step: 32 in float32,
-    64 in float64); then at u the group of ties, whose first floor((mu - A(u)) / p_u) classes in global order join
-    the head (at least one when no class is above u), placed as in _top_k_masks (an all-gather of the counts)."""
-    bits = torch.finfo(t.dtype).bits
-    ints = torch.int32 if bits == 32 else torch.int64
-    magnitude = (1 << (bits - 1)) - 1
+# The digit of akl's radix select on the shards: one all-reduce of a [N, 2^AKL_DIGIT_BITS] histogram per digit.
+AKL_DIGIT_BITS = 8
 
-    def value_of(key: Tensor) -> Tensor:
-        key = key.to(ints)
-        return torch.where(key < 0, key ^ magnitude, key).view(t.dtype)
 
-    def key_of(value: float) -> int:
-        key = int(torch.tensor(value, dtype=t.dtype).view(ints))
-        return key ^ magnitude if key < 0 else key
+class _Keys:
+    """The order-preserving integer keys of a float dtype's values (negative floats with their magnitude bits
+    flipped), as int64 tensors: csrc/divergence.h AklHead's."""
 
-    p = lp.exp()
-    n = t.shape[0]
-    lo = torch.full((n,), key_of(NEG_INF) - 1, dtype=torch.int64, device=t.device)  # A(lo) > mu
-    hi = torch.full((n,), key_of(-NEG_INF), dtype=torch.int64, device=t.device)  # A(hi) <= mu
-    for _ in range(bits):
+    def __init__(self, dtype: torch.dtype):
+        self.dtype, self.bits = dtype, torch.finfo(dtype).bits
+        self.ints = torch.int32 if self.bits == 32 else torch.int64
+        self.magnitude = (1 << (self.bits - 1)) - 1
+        self.neg_inf, self.pos_inf = self.key_of(NEG_INF), self.key_of(-NEG_INF)
+
+    def keys(self, values: Tensor) -> Tensor:
+        key = values.view(self.ints).to(torch.int64)
+        return torch.where(key < 0, key ^ self.magnitude, key)
+
+    def value_of(self, key: Tensor) -> Tensor:
+        key = key.to(self.ints)
+        return torch.where(key < 0, key ^ self.magnitude, key).view(self.dtype)
+
+    def key_of(self, value: float) -> int:
+        key = int(torch.tensor(value, dtype=self.dtype).view(self.ints))
+        return key ^ self.magnitude if key < 0 else key
+
+
+def _akl_radix(t: Tensor, p: Tensor, mu: float, keys: _Keys, group) -> Tensor:
+    """AklHead's (a) on the shards: [N] candidate values, from a radix select over the teacher logits' keys,
+    AKL_DIGIT_BITS at a time from the top, each digit chosen from the all-reduced histogram of p over it of the
+    classes whose higher digits are those chosen so far (-0.0 for a zero, as AklHead.candidate)."""
+    key = keys.keys(t)
+    n, bins = t.shape[0], 1 << AKL_DIGIT_BITS
+    prefix = torch.zeros(n, 1, dtype=torch.int64, device=t.device)  # the chosen digits: key >> shift, signed
+    above = torch.zeros(n, 1, dtype=p.dtype, device=t.device)  # the histograms' mass above them
+    for shift in range(keys.bits - AKL_DIGIT_BITS, -1, -AKL_DIGIT_BITS):
+        digit = (key >> shift) & (bins - 1)
+        inside = p
+        if shift == keys.bits - AKL_DIGIT_BITS:
+            digit = digit ^ (bins >> 1)  # (the sign's digit, in the keys' order)
+        else:
+            inside = torch.where((key >> (shift + AKL_DIGIT_BITS)) == prefix, p, 0.0)
+        mass = p.new_zeros(n, bins).scatter_add_(-1, digit, inside)
+        from_top = _all_reduce(mass, dist.ReduceOp.SUM, group).flip(-1).cumsum(-1).flip(-1)
+        # the highest digit where the mass from the top crosses mu (0 if none does), and the mass above it
+        chosen = ((above + from_top > mu).sum(-1, keepdim=True) - 1).clamp(min=0)
+        above = above + torch.cat([from_top[:, 1:], torch.zeros_like(above)], -1).gather(-1, chosen)
+        if shift == keys.bits - AKL_DIGIT_BITS:
+            prefix = chosen - (bins >> 1)
+        else:
+            prefix = prefix * bins + chosen
+    value = keys.value_of(prefix.squeeze(-1).clamp(keys.neg_inf, keys.pos_inf))
+    return torch.where(value == 0, -0.0, value)
+
+
+def _akl_ties(t: Tensor, p: Tensor, value: Tensor, group) -> Tensor:
+    """AklHead's (b) at [N] values u: the all-reduced [4, N] of A(u) = the mass of {t > u}, the mass of {t >= u}
+    (A just below u), and the counts of {t > u} and of {t == u}."""
+    u = value.unsqueeze(-1)
+    above, tie = t > u, t == u
+    stats = [torch.where(above, p, 0.0).sum(-1), torch.where(t >= u, p, 0.0).sum(-1), above.sum(-1), tie.sum(-1)]
+    return _all_reduce(torch.stack([s.to(p.dtype) for s in stats]), dist.ReduceOp.SUM, group)
+
+
+def _akl_bisect(t: Tensor, p: Tensor, mu: float, keys: _Keys, lo: Tensor, hi: Tensor, group) -> Tensor:
+    """AklHead's fallback: the bisection over the keys (lo, hi] (A(lo) > mu, A(hi) <= mu) for the least key with
+    A <= mu, one all-reduce per step; a row whose bracket is closed stays."""
+    for _ in range(keys.bits):
         mid = (lo >> 1) + (hi >> 1) + (((lo & 1) + (hi & 1)) >> 1)  # floor((lo + hi) / 2) without overflow
-        above = torch.where(t > value_of(mid).unsqueeze(-1), p, 0.0).sum(-1)
-        low = _all_reduce(above, dist.ReduceOp.SUM, shard.group) <= mu
+        above = torch.where(t > keys.value_of(mid).unsqueeze(-1), p, 0.0).sum(-1)
+        low = _all_reduce(above, dist.ReduceOp.SUM, group) <= mu
         searching = hi > lo + 1  # (lo may still be the sentinel below -inf, never probed)
         hi = torch.where(searching & low, mid, hi)
         lo = torch.where(searching & ~low, mid, lo)
-    value = value_of(hi).unsqueeze(-1)
-    above, tie = t > value, t == value
-    sums = _all_reduce(
-        torch.stack([torch.where(above, p, 0.0).sum(-1), above.sum(-1).to(p.dtype), tie.sum(-1).to(p.dtype)]),
-        dist.ReduceOp.SUM,
-        shard.group,
-    )
+    return keys.value_of(hi)
+
+
+def _akl_head(t: Tensor, lp: Tensor, mu: float, shard: Shard) -> Tensor:
+    """akl's head on the shard [N, V_r] (reference.akl_head over the whole vocabulary), found as the kernels find it
+    (csrc/divergence.h AklHead): the least value u whose mass above, A(u) = sum of p over {t > u}, is <= mu, by a
+    radix select over the raw teacher logits' keys (_akl_radix: 4 all-reduces in float32, 8 in float64) checked at
+    its value (_akl_ties); only where the two summation orders straddle mu, a bisection from the right side
+    (_akl_bisect: 32 all-reduces, 64), whose need the host reads (one sync on accelerators). At u the group of
+    ties, whose first floor((mu - A(u)) / p_u) classes in global order join the head (at least one when no class is
+    above u), placed as in _top_k_masks (an all-gather of the counts)."""
+    keys, p = _Keys(t.dtype), lp.exp()
+    value = _akl_radix(t, p, mu, keys, shard.group)
+    mass, mass_from, count_above, size = _akl_ties(t, p, value, shard.group)
+    key = keys.keys(value)
+    low, low_below = mass <= mu, (key != keys.neg_inf) & (mass_from <= mu)  # (AklHead.settle)
+    if not bool((low & ~low_below).all()):
+        lo = torch.where(low, torch.where(low_below, keys.neg_inf - 1, key - 1), key)
+        hi = torch.where(low, torch.where(low_below, key - 1, key), keys.pos_inf)
+        value = _akl_bisect(t, p, mu, keys, lo, hi, shard.group)
+        mass, mass_from, count_above, size = _akl_ties(t, p, value, shard.group)
+    u = value.unsqueeze(-1)
+    above, tie = t > u, t == u
     p_group = _all_reduce(torch.where(tie, p, 0.0).amax(-1), dist.ReduceOp.MAX, shard.group)
-    mass, count_above, size = sums
     room = (mu - mass) / torch.where(p_group > 0, p_group, 1.0)
     share = torch.where((p_group > 0) & (room < size), room.clamp(min=0).floor(), size)
     share = torch.where((count_above == 0) & (share == 0), 1.0, share)

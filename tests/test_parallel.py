@@ -497,3 +497,46 @@ def test_full_gradient_matches_single_process(world, tmp_path_factory):
         for k, name in ((1, "student"), (2, "teacher")):
             whole = torch.cat([results[rank][i][k] for rank in range(world)], -1)
             assert_close(whole, want[k].numpy(), torch.float64, f"{what} {name} gradient")
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of this process alone (its collectives are identities), destroyed after the test."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_akl_head_checks_its_candidate(one_rank_group, dtype, monkeypatch):
+    """akl's head on the shards takes the radix select's candidate only where the check at its value confirms it
+    (A(u) <= mu < A just below u), else finds the threshold by bisection from the candidate's right side: the head
+    is the same whatever the candidate (a value of the row, a value between two, -inf, +inf, a zero of either
+    sign), and equals the stable sort's (reference.akl_head) where no cumulative mass lies within rounding of mu;
+    on such rows the radix select's own candidate needs no bisection."""
+    from kdkernels.backends import reference
+
+    g = torch.Generator().manual_seed(5)
+    n, v = 6, 50
+    t = (torch.randn(n, v, generator=g, dtype=dtype) * 2).to(torch.bfloat16).to(dtype)  # (ties)
+    t[1, :10] = float("-inf")
+    t[2, 20:30] = 0.0
+    t[2, 25:28] = -0.0
+    lp = torch.log_softmax(t, -1)
+    shard = parallel.Shard(one_rank_group, 0, 0, v)
+    sorted_t = t.sort(-1).values
+    candidates = [float("-inf"), float("inf"), 0.0, -0.0, -1.0, 0.3]
+    candidates += [sorted_t[:, k] for k in (0, 10, 25, 49)]
+    candidates += [(sorted_t[:, k] + sorted_t[:, k + 1]) / 2 for k in (12, 37)]
+    radix = parallel._akl_radix
+    for mu in (0.1, 0.45, 0.9):
+        want = reference.akl_head(t, lp, mu)
+        keys, p = parallel._Keys(dtype), lp.exp()
+        value = radix(t, p, mu, keys, one_rank_group)
+        mass, mass_from = parallel._akl_ties(t, p, value, one_rank_group)[:2]
+        assert bool(((mass <= mu) & (mass_from > mu)).all()), f"mu={mu}: the radix select's candidate was off"
+        assert torch.equal(parallel._akl_head(t, lp, mu, shard), want), f"mu={mu}"
+        for candidate in candidates:
+            chosen = torch.full((n,), candidate, dtype=dtype) if isinstance(candidate, float) else candidate
+            monkeypatch.setattr(parallel, "_akl_radix", lambda *args, chosen=chosen: chosen.clone())
+            assert torch.equal(parallel._akl_head(t, lp, mu, shard), want), f"mu={mu}, candidate {candidate}"

@@ -7,9 +7,10 @@
 //       both logits stops here (loss 0, gradient 0);
 //   (2) es = exp(x - max x) and et = exp(y - max y) into the row buffers, their sums (and that of exp(s - max s) for
 //       the cross-entropy term at T != 1);
-//   (2b) akl: the teacher's probabilities et / sum into a row buffer, then the bisections of its head
-//       (divergence.h AklHead) over that buffer and the raw teacher row: 32 passes in float32, 64 in float64, and
-//       rarely about log2(V) more to split a tie group;
+//   (2b) akl: the teacher's probabilities et / sum into a row buffer, then its head (divergence.h AklHead) over that
+//       buffer and the raw teacher row: 3 radix histograms in float32 (6 in float64; after the first, of the few
+//       classes within the chosen digits) and a pass at the value found, rarely a bisection more (when the two
+//       summation orders straddle mu) or about log2(V) passes to split a tie group;
 //   (3) per-class terms l_k, r_k (and e_k, f_k) from q = es / sum and p = et / sum and the logs (x - max x) - log sum:
 //       the loss, and for kd (sum r = -1) the gradient; the other codes keep r_k in a row buffer;
 //   (4) their gradient from r_k and q_k; bdkd and akl, whose r_k are weighted by their row sums, recompute their
@@ -26,16 +27,64 @@
 namespace kdkernels::cpu::CPU_CAPABILITY {
 namespace {
 
-// akl's head of a row (divergence.h AklHead) as (value, end): head = {t > value} + {t == value, index < end} on the
-// raw teacher logits t, from the teacher's probabilities p.
+// akl's radix select (divergence.h AklHead, (a)): the histogram mass[head.digits()] of p over the open digit of the
+// classes t within the chosen digits whose p is at least p_floor. The tests on a vector's values (t within the
+// digits' value range, which also holds the other zero, and p >= p_floor) pick the lanes that are binned, one at a
+// time.
 template <class M>
-std::pair<M, int64_t> akl_head(const M* t, const M* p, int64_t v, M mu) {
+void akl_histogram(const M* t, const M* p, int64_t v, const AklHead<M>& head, M p_floor, M* mass) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
-  const V zero(M(0)), one(M(1));
-  AklHead<M> head;
-  while (head.searching()) {  // (a)
+  std::fill(mass, mass + head.digits(), M(0));
+  const V low(head.range_value(false)), high(head.range_value(true)), floor(p_floor);
+  for (int64_t j = 0; j < v; j += L) {
+    const int64_t n = std::min(L, v - j);
+    const V tj = load(t + j, n), pj = V::loadu(p + j, n);
+    for (uint32_t lanes = O::lane_bits(O::land(O::land(O::ge(tj, low), O::ge(high, tj)), O::ge(pj, floor))); lanes != 0;
+         lanes &= lanes - 1) {
+      const int64_t i = j + __builtin_ctz(lanes);
+      const auto u = AklHead<M>::radix_key(t[i]);
+      if (head.in_prefix(u)) mass[head.digit(u)] += p[i];
+    }
+  }
+}
+
+// What akl's head needs at a value u (AklHead, (b)): A(u) = the mass of {t > u}, the mass of {t >= u} (A just
+// below u), the counts of {t > u} and {t == u}, and the group's probability; each sum in the fallback's order.
+template <class M>
+struct AklTies {
+  M mass, mass_from, count_above, size, p_group;
+};
+template <class M>
+AklTies<M> akl_ties(const M* t, const M* p, int64_t v, M value) {
+  using O = Ops<M>;
+  using V = Vec<M>;
+  constexpr int64_t L = O::lanes;
+  const V zero(M(0)), one(M(1)), u(value);
+  ChunkedSum<M> mass, mass_from, count_above, group;
+  V p_group = zero;
+  for (int64_t j = 0; j < v; j += L) {
+    const int64_t n = std::min(L, v - j);
+    const V tj = load(t + j, n), pj = V::loadu(p + j, n);
+    const auto above = O::gt(tj, u), tie = O::eq(tj, u);
+    mass.add(O::select(above, pj, zero));
+    mass_from.add(O::select(O::ge(tj, u), pj, zero));
+    count_above.add(O::select(above, one, zero));
+    group.add(O::select(tie, one, zero));
+    p_group = O::max(p_group, O::select(tie, pj, zero));
+  }
+  return {mass.sum(), mass_from.sum(), count_above.sum(), group.sum(), max_lanes(p_group)};
+}
+
+// akl's fallback (AklHead, (b)): the bisection over the keys within the head's bracket, A summed as akl_ties does.
+template <class M>
+void akl_bisect(const M* t, const M* p, int64_t v, AklHead<M>& head, M mu) {
+  using O = Ops<M>;
+  using V = Vec<M>;
+  constexpr int64_t L = O::lanes;
+  const V zero(M(0));
+  while (head.searching()) {
     const V probe(head.probe());
     ChunkedSum<M> above;
     for (int64_t j = 0; j < v; j += L) {
@@ -44,28 +93,44 @@ std::pair<M, int64_t> akl_head(const M* t, const M* p, int64_t v, M mu) {
     }
     head.narrow(above.sum(), mu);
   }
-  const M value = head.threshold();  // (b)
-  const V u(value);
-  ChunkedSum<M> mass, count_above, group;
-  V p_group = zero;
-  for (int64_t j = 0; j < v; j += L) {
-    const int64_t n = std::min(L, v - j);
-    const V tj = load(t + j, n), pj = V::loadu(p + j, n);
-    const auto above = O::gt(tj, u), tie = O::eq(tj, u);
-    mass.add(O::select(above, pj, zero));
-    count_above.add(O::select(above, one, zero));
-    group.add(O::select(tie, one, zero));
-    p_group = O::max(p_group, O::select(tie, pj, zero));
+}
+
+// akl's head of a row (divergence.h AklHead) as (value, end): head = {t > value} + {t == value, index < end} on the
+// raw teacher logits t, from the teacher's probabilities p.
+template <class M>
+std::pair<M, int64_t> akl_head(const M* t, const M* p, int64_t v, M mu) {
+  using O = Ops<M>;
+  using V = Vec<M>;
+  constexpr int64_t L = O::lanes;
+  AklHead<M> head;
+  M mass[AklHead<M>::BINS];
+  // (a) The first histogram leaves out the classes of p < (1 - mu) / (2 V): together they hold at most (1 - mu) / 2,
+  // so the mass crosses mu above them, and a peaked row bins only its top classes; the next ones bin every class
+  // within the chosen digits.
+  M p_floor = (M(1) - mu) / M(2 * v);
+  while (head.selecting()) {
+    akl_histogram(t, p, v, head, p_floor, mass);
+    head.choose(mass, mu);
+    p_floor = M(0);
   }
-  const int64_t size = int64_t(group.sum());
-  const int64_t share = AklHead<M>::group_share(mass.sum(), int64_t(count_above.sum()), size, max_lanes(p_group), mu);
+  M value = head.candidate();  // (b)
+  AklTies<M> ties = akl_ties(t, p, v, value);
+  head.settle(value, ties.mass, ties.mass_from, mu);
+  if (head.searching()) {
+    akl_bisect(t, p, v, head, mu);
+    value = head.threshold();
+    ties = akl_ties(t, p, v, value);
+  }
+  const int64_t size = int64_t(ties.size);
+  const int64_t share = AklHead<M>::group_share(ties.mass, int64_t(ties.count_above), size, ties.p_group, mu);
   if (share == 0 || share >= size) return {value, share == 0 ? 0 : v};
+  const V u(value), one(M(1)), zero(M(0));
   int64_t lo = 0, hi = v;  // (c) the least end with `share` ties before it
   while (hi - lo > 1) {
     const int64_t mid = lo + (hi - lo) / 2;
-    ChunkedSum<M> ties;
-    for (int64_t j = 0; j < mid; j += L) ties.add(O::select(O::eq(load(t + j, std::min(L, mid - j)), u), one, zero));
-    (int64_t(ties.sum()) >= share ? hi : lo) = mid;
+    ChunkedSum<M> tied;
+    for (int64_t j = 0; j < mid; j += L) tied.add(O::select(O::eq(load(t + j, std::min(L, mid - j)), u), one, zero));
+    (int64_t(tied.sum()) >= share ? hi : lo) = mid;
   }
   return {value, hi};
 }

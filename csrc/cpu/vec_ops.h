@@ -180,6 +180,8 @@ struct VecOps {
   static T clamp_offset(int64_t offset) { return T(std::min<int64_t>(std::max<int64_t>(offset, -1), lanes)); }
   // Whether any lane of the mask is set.
   static bool any(const Mask& m) { return m.zero_mask() != (1 << lanes) - 1; }
+  // The lanes of the mask that are set, as bits (lane k: bit k).
+  static uint32_t lane_bits(const Mask& m) { return ~uint32_t(m.zero_mask()) & ((uint32_t(1) << lanes) - 1); }
 
   // Stores a whole vector at p with a non-temporal hint where the instruction set has one and p is aligned to the
   // vector: the line goes to memory without first being read into the cache (a plain store reads it, one more

@@ -3,13 +3,13 @@
 //
 // Passes: (0) with standardize, both rows' moments (x = z / T and y below are then the z-scores' over T);
 // (1) online max and sum of exp of x = s / T and y = t / T (and of s, for the cross-entropy term); a row
-// whose classes are all masked in both logits stops here (loss 0, gradient 0); (1b) akl: the bisections of its head
-// (divergence.h AklHead), each step a walk of the teacher row (in L2); (2) the row sums of l_k, r_k (and e_k, f_k); kd
-// knows sum r = -1 and writes the gradient here (unless standardize); (3) the other codes write the gradient
-// once the row sums are known, with standardize after a read-only pass that sums the gradient for the z-score's
-// Jacobian. With the cross-entropy term the gradient gains its ce_weight (softmax(s)_j - [j = target]) term. The full
-// gradient (the _full op) sums the teacher's rt_k in (2) and writes the teacher's gradient with the student's in (3),
-// summing d loss / d T there.
+// whose classes are all masked in both logits stops here (loss 0, gradient 0); (1b) akl: its head (divergence.h
+// AklHead): 3 radix histograms in shared memory and a walk at the value found, each a walk of the teacher row (in
+// L2); (2) the row sums of l_k, r_k (and e_k, f_k); kd knows sum r = -1 and writes the gradient here (unless
+// standardize); (3) the other codes write the gradient once the row sums are known, with standardize after a
+// read-only pass that sums the gradient for the z-score's Jacobian. With the cross-entropy term the gradient gains
+// its ce_weight (softmax(s)_j - [j = target]) term. The full gradient (the _full op) sums the teacher's rt_k in (2)
+// and writes the teacher's gradient with the student's in (3), summing d loss / d T there.
 //
 // Registers: a block of 512 threads, two per SM (__launch_bounds__(512, 2): at most 64 registers per thread), so
 // that a long row's walks keep 32 warps' loads in flight per SM and one block's reductions overlap the other's walk.
@@ -26,31 +26,94 @@ using F = ScalarOps<float>;
 
 constexpr int TERMS_PACK = 4;
 
+// akl's radix select (divergence.h AklHead, (a)), one digit: the block's histogram mass[head.digits()] of p over the
+// open digit of the classes within the chosen digits (shared-memory atomics; p computed only for those classes).
+template <class T, class P>
+__device__ void akl_histogram(const T* t, int64_t v, const AklHead<float>& head, P&& p, float* mass) {
+  for (int d = threadIdx.x; d < head.digits(); d += blockDim.x) mass[d] = 0.f;
+  __syncthreads();
+  const float low = head.range_value(false), high = head.range_value(true);
+  walk_row(t, t, static_cast<T*>(nullptr), v, [&](int64_t, float, float tj) {
+    const auto u = AklHead<float>::radix_key(tj);
+    if (tj >= low && tj <= high && head.in_prefix(u)) atomicAdd(&mass[head.digit(u)], p(tj));
+    return 0.f;
+  });
+  __syncthreads();
+}
+
+// AklHead::choose by the first warp, its lanes over slices of the bins from the top: each lane's slice sum, their
+// scan across lanes, then each lane's own walk of its slice from the mass above it; the highest digit where one
+// crosses mu wins (its sums round otherwise than choose's: the value is a candidate either way). Every thread then
+// takes it (scratch: one Sum2 of shared memory).
+__device__ void akl_choose(AklHead<float>& head, const float* mass, float mu, Sum2* scratch) {
+  const int lane = threadIdx.x, digits = head.digits(), slice = (digits + 31) / 32;
+  if (lane < 32) {
+    const int top = digits - 1 - lane * slice, bottom = max(top - slice, -1);  // the lane's bins (bottom, top]
+    float sum = 0.f;
+    for (int d = top; d > bottom; --d) sum += mass[d];
+    float before = sum;  // (the inclusive scan from lane 0, then the lanes above's alone)
+    for (int o = 1; o < 32; o <<= 1) {
+      const float x = __shfl_up_sync(FULL_MASK, before, o);
+      if (lane >= o) before += x;
+    }
+    before = lane == 0 ? 0.f : __shfl_up_sync(FULL_MASK, before, 1);
+    float above = head.mass_above + before;
+    int found = -1;
+    for (int d = top; d > bottom && found < 0; --d) {
+      if (d == 0 || above + mass[d] > mu) found = d;
+      if (found < 0) above += mass[d];
+    }
+    int best = found;
+    for (int o = 16; o > 0; o >>= 1) best = max(best, __shfl_xor_sync(FULL_MASK, best, o));
+    if (found >= 0 && found == best) *scratch = {above, float(best)};
+  }
+  __syncthreads();
+  head.take(int(scratch->y), scratch->x);
+  __syncthreads();
+}
+
+// What akl's head needs at a value u (AklHead, (b)): {A(u), the count above u}, {the mass of t >= u (A just below
+// u), the tie group's size}.
+template <class T, class P>
+__device__ void akl_ties(const T* t, int64_t v, float value, P&& p, Sum2* above, Sum2* from, Sum2* scratch) {
+  Sum2 a, f;
+  walk_row(t, t, static_cast<T*>(nullptr), v, [&](int64_t, float, float tj) {
+    if (tj > value) a.merge({p(tj), 1.f});
+    if (tj >= value) f.merge({p(tj), tj == value ? 1.f : 0.f});
+    return 0.f;
+  });
+  *above = block_reduce(a, scratch);
+  *from = block_reduce(f, scratch);
+}
+
 // akl's head of a row (divergence.h AklHead) as (value, end): head = {t > value} + {t == value, index < end} on the raw
 // teacher logits t; p(t_j) is the teacher's probability of a raw logit.
 template <class T, class P>
-__device__ AklHead<float> akl_head(const T* t, int64_t v, float mu, P&& p, int64_t* end, Sum* sum_scratch,
-                                   Sum2* sum2_scratch) {
+__device__ float akl_head(const T* t, int64_t v, float mu, P&& p, int64_t* end, Sum* sum_scratch, Sum2* sum2_scratch) {
+  __shared__ float mass[AklHead<float>::BINS];
   AklHead<float> head;
-  while (head.searching()) {  // (a): the teacher row walked alone (as both rows)
-    const float probe = head.probe();
-    Sum above;
-    walk_row(t, t, static_cast<T*>(nullptr), v, [&](int64_t, float, float tj) {
-      if (tj > probe) above.x += p(tj);
-      return 0.f;
-    });
-    head.narrow(block_reduce(above, sum_scratch).x, mu);
+  while (head.selecting()) {  // (a)
+    akl_histogram(t, v, head, p, mass);
+    akl_choose(head, mass, mu, sum2_scratch);
   }
-  const float value = head.threshold();  // (b)
-  Sum2 above;
-  Sum group;
-  walk_row(t, t, static_cast<T*>(nullptr), v, [&](int64_t, float, float tj) {
-    if (tj > value) above.merge({p(tj), 1.f});
-    if (tj == value) group.x += 1.f;
-    return 0.f;
-  });
-  above = block_reduce(above, sum2_scratch);
-  const int64_t size = int64_t(block_reduce(group, sum_scratch).x);
+  float value = head.candidate();  // (b)
+  Sum2 above, from;
+  akl_ties(t, v, value, p, &above, &from, sum2_scratch);
+  head.settle(value, above.x, from.x, mu);
+  if (head.searching()) {  // (the fallback: the teacher row walked alone, as both rows)
+    while (head.searching()) {
+      const float probe = head.probe();
+      Sum mass_above;
+      walk_row(t, t, static_cast<T*>(nullptr), v, [&](int64_t, float, float tj) {
+        if (tj > probe) mass_above.x += p(tj);
+        return 0.f;
+      });
+      head.narrow(block_reduce(mass_above, sum_scratch).x, mu);
+    }
+    value = head.threshold();
+    akl_ties(t, v, value, p, &above, &from, sum2_scratch);
+  }
+  const int64_t size = int64_t(from.y);
   const int64_t share = AklHead<float>::group_share(above.x, int64_t(above.y), size, p(value), mu);
   int64_t lo = 0, hi = v;  // (c) the least end with `share` ties before it
   if (share == 0 || share >= size) {
@@ -66,7 +129,7 @@ __device__ AklHead<float> akl_head(const T* t, int64_t v, float mu, P&& p, int64
     (int64_t(block_reduce(ties, sum_scratch).x) >= share ? hi : lo) = mid;
   }
   *end = hi;
-  return head;
+  return value;
 }
 
 // Long: its passes (numbered blocks) share the row's block-reduced statistics; the per-class math is in the
@@ -104,7 +167,7 @@ __global__ void __launch_bounds__(512, 2) divergence_kernel(Rows<T> r, LaunchArg
   int64_t head_end = 0;
   if constexpr (CODE == AKL) {
     auto p = [&](float tj) { return expf((zs.y(tj, a.temperature) - ly.m) - lzy); };
-    head_value = akl_head(t, r.v, c.mu, p, &head_end, sum_scratch, sum2_scratch).threshold();
+    head_value = akl_head(t, r.v, c.mu, p, &head_end, sum_scratch, sum2_scratch);
   }
   auto terms = [&](int64_t j, float sj, float tj) {
     return divergence_terms<CODE, F>(c, zs.x(sj, a.temperature), zs.y(tj, a.temperature), lx.m, lzx, ly.m, lzy,

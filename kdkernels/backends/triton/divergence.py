@@ -9,7 +9,7 @@ kq = sum exp(x - mx) ((x - mx) - (y - my)), re-based when a max moves; both read
 are all masked in both logits is left out like an ignored row. With STANDARDIZE a first pass takes both rows'
 moments (x and y are then the z-scores over T), and before (C) a read-only pass sums the gradient for the z-score's
 Jacobian (unless the row is one tile). akl finds its head between (A) and (B) (_akl_head: 32 bisection passes over
-the teacher row, from registers when it is one tile).
+the teacher row when it is one tile, in registers; else 16 passes of 3 probes each).
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ ABKD_ZERO = tl.constexpr(int(Divergence.ABKD_ZERO))
 WSD = tl.constexpr(int(Divergence.WSD))
 BDKD = tl.constexpr(int(Divergence.BDKD))
 AKL = tl.constexpr(int(Divergence.AKL))
-# akl's bisection on the teacher-logit axis (csrc/divergence.h AklHead): float32's order-preserving int32 keys, from
-# below -inf (lo) to +inf (hi); 32 halvings close the gap.
+# akl's search on the teacher-logit axis (csrc/divergence.h AklHead): float32's order-preserving int32 keys, from
+# below -inf (lo) to +inf (hi); 32 halvings (16 quarterings) close the gap.
 KEY_BELOW_NEG_INF = tl.constexpr(-2139095042)
 KEY_POS_INF = tl.constexpr(2139095040)
 KEY_STEPS = tl.constexpr(32)
@@ -90,6 +90,55 @@ def _head_tile(t_ptr, rows64, t_stride, valid, cols, V, mean_t, tau_t, my, lzy, 
 
 
 @triton.jit
+def _akl_threshold(
+    t_ptr,
+    rows64,
+    t_stride,
+    valid,
+    V,
+    mean_t,
+    tau_t,
+    my,
+    lzy,
+    mu,
+    t,
+    p,
+    SINGLE_TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """akl's (a) per row (_akl_head): the least value u with A(u) = sum of p over {t > u} <= mu, searched over the
+    keys by bisection when the row is one tile (in registers), else in quarters (3 probes a pass, 16 passes: half
+    the reloads and exps, 1.5 times the sums). Each probe's A is the bisection's, so both find the same u."""
+    cols0 = tl.arange(0, BLOCK_V)
+    lo = tl.zeros([BLOCK_N], tl.int64) + KEY_BELOW_NEG_INF
+    hi = tl.zeros([BLOCK_N], tl.int64) + KEY_POS_INF
+    for _ in range(KEY_STEPS if SINGLE_TILE else KEY_STEPS // 2):
+        width = hi - lo
+        m1 = lo + width // 2
+        m2, m3 = m1, m1
+        if not SINGLE_TILE:  # (every probe within (lo, hi) while it is open)
+            m1, m3 = tl.maximum(lo + width // 4, lo + 1), lo + (width * 3) // 4
+        a1 = tl.zeros([BLOCK_N], tl.float32)
+        a2, a3 = a1, a1
+        for start in range(0, V, BLOCK_V):
+            tile_t, tile_p = _head_tile(
+                t_ptr, rows64, t_stride, valid, start + cols0, V, mean_t, tau_t, my, lzy, t, p, SINGLE_TILE
+            )
+            a1 += tl.sum(tl.where(tile_t > _key_value(m1)[:, None], tile_p, 0.0), axis=1)
+            if not SINGLE_TILE:
+                a2 += tl.sum(tl.where(tile_t > _key_value(m2)[:, None], tile_p, 0.0), axis=1)
+                a3 += tl.sum(tl.where(tile_t > _key_value(m3)[:, None], tile_p, 0.0), axis=1)
+        if SINGLE_TILE:
+            a2, a3 = a1, a1
+        low1, low2, low3 = a1 <= mu, a2 <= mu, a3 <= mu  # (A falls as the probe rises: low1 implies low2, low3)
+        searching = width > 1  # (lo may still be the sentinel below -inf, never probed)
+        hi = tl.where(searching, tl.where(low1, m1, tl.where(low2, m2, tl.where(low3, m3, hi))), hi)
+        lo = tl.where(searching, tl.where(~low3, m3, tl.where(~low2, m2, tl.where(~low1, m1, lo))), lo)
+    return _key_value(hi)
+
+
+@triton.jit
 def _akl_head(
     t_ptr,
     rows64,
@@ -110,23 +159,10 @@ def _akl_head(
     """akl's head per row as (value, end): head = {t > value} + {t == value, index < end} on the raw teacher logits
     (docs/losses.md, "AKL"; csrc/divergence.h AklHead has the steps (a) to (c)). t and p: the row's tile when it is
     one tile (else unused)."""
+    value = _akl_threshold(
+        t_ptr, rows64, t_stride, valid, V, mean_t, tau_t, my, lzy, mu, t, p, SINGLE_TILE, BLOCK_N, BLOCK_V
+    )
     cols0 = tl.arange(0, BLOCK_V)
-    lo = tl.zeros([BLOCK_N], tl.int64) + KEY_BELOW_NEG_INF
-    hi = tl.zeros([BLOCK_N], tl.int64) + KEY_POS_INF
-    for _ in range(KEY_STEPS):  # (a) the least value u with A(u) = sum of p over {t > u} <= mu
-        mid = lo + (hi - lo) // 2
-        probe = _key_value(mid)[:, None]
-        above = tl.zeros([BLOCK_N], tl.float32)
-        for start in range(0, V, BLOCK_V):
-            tile_t, tile_p = _head_tile(
-                t_ptr, rows64, t_stride, valid, start + cols0, V, mean_t, tau_t, my, lzy, t, p, SINGLE_TILE
-            )
-            above += tl.sum(tl.where(tile_t > probe, tile_p, 0.0), axis=1)
-        low = above <= mu
-        searching = hi - lo > 1  # (lo may still be the sentinel below -inf, never probed)
-        hi = tl.where(searching & low, mid, hi)
-        lo = tl.where(searching & ~low, mid, lo)
-    value = _key_value(hi)
     mass = tl.zeros([BLOCK_N], tl.float32)  # (b) at u: A(u), the classes above, the tie group and its p
     count_above = tl.zeros([BLOCK_N], tl.float32)
     size = tl.zeros([BLOCK_N], tl.float32)
