@@ -324,7 +324,11 @@ ONE_PAIR = (IDS[:1], IDS[1:2])
         (dict(beta=0.5), TypeError, "unexpected hyperparameter"),
         (dict(ce_weight=1.0), ValueError, "needs target"),
         (dict(target=torch.full((2, 3), 5)), IndexError, r"class indices in \[0, 4\)"),
-        (dict(label_smoothing=0.1, ce_weight=1.0, target=torch.zeros(2, 3, dtype=torch.long)), ValueError, "take neither"),
+        (
+            dict(label_smoothing=0.1, ce_weight=1.0, target=torch.zeros(2, 3, dtype=torch.long)),
+            ValueError,
+            "take neither label_smoothing",
+        ),
         (dict(standardize=True), ValueError, "take neither label_smoothing nor standardize"),
     ],
 )

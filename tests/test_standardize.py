@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cases import CASES, case_id
-from helpers import assert_close, check_against_oracle, make_inputs, run_loss
+from helpers import assert_close, check_against_oracle, make_inputs, run_loss, streamed_width
 from oracle import oracle
 
 import kdkernels
@@ -100,7 +100,7 @@ STREAMED = [
 def test_streamed_rows(fused, device, case):
     """A row streamed in tiles (moments merged tile by tile, the Jacobian's sums in a pass of their own)."""
     method, hp = case
-    s, t, target = make_inputs((3, 70000), torch.float32, device, seed=23, ignored=1)
+    s, t, target = make_inputs((3, streamed_width(fused, device)), torch.float32, device, seed=23, ignored=1)
     check_against_oracle(method, hp, s, t, target, fused, "none", torch.tensor([0.5, -1.0, 2.0]), standardize=True)
 
 
