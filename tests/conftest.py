@@ -108,12 +108,25 @@ FULL_ONLY = {
     "test_cross_vocab.py::test_cpu_kernel_has_no_n_by_v_temporary",
     "test_linear_cross_vocab.py::test_triton_chunks",
     "test_integrations.py::test_fsdp2_two_processes_equal_one_full_batch",
+    "test_integrations.py::test_ddp_two_processes_equal_one_full_batch",
+    "test_parallel.py::test_groups_and_function_per_loss",
+    "test_cli.py::test_setup_rebuilds_only_when_what_it_depends_on_changed",
+    "test_cli.py::test_linear_bench_compares_paths",
 }
 # Parameter -> values the quick tier keeps, for every test that takes it; per test (file::function) more of them.
 QUICK_PARAMS = {"case": lambda case: _one_per_method(case), "world": lambda world: world == 2}
 QUICK_TEST_PARAMS = {
     "test_kernels.py::test_float32_any_vocabulary": {"v": (37, 1000)},
     "test_kernels.py::test_half_precision_no_worse_than_eager": {"v": (37, 1000), "dtype": (torch.bfloat16,)},
+    # (the streamed rows, and these large rows on Triton, seconds a case under its interpreter, in the full tier)
+    "test_linear.py::test_inplace_ops_match_out_of_place": {"v": (37,)},
+    **{
+        test: {"backend": ("reference", "cpu", "cuda")}
+        for test in (
+            "test_api.py::test_the_ends_of_the_temperature_range_are_finite",
+            "test_numerics.py::test_dkd_tiny_target_masses_at_large_vocabulary",
+        )
+    },
     "test_numerics.py::test_decoupled_student_offset_from_teacher": {"offset": (20000.0,)},
     "test_full_gradient.py::test_gradcheck_teacher_and_temperature": {"standardize": (True,)},
     # Triton's interpreter takes seconds per case here: the quick tier runs its cross-vocabulary kernel on the ties
