@@ -121,16 +121,17 @@ struct DecoupledRow {
   T mt[NUM_BINS], lzt[NUM_BINS], ms[NUM_BINS], lzs[NUM_BINS];
 };
 
-// log of each bin's share of the row's mass (log_softmax over the bins of m_b + log z_b), in double; the largest
-// bin's as log1p(-(mass of the others)), so a bin holding nearly all the mass keeps the digits of its complement.
+// log of each bin's share of the row's mass (log_softmax over the bins of m_b + log z_b, log_z[b] = log z_b), in
+// double; the largest bin's as log1p(-(mass of the others)), so a bin holding nearly all the mass keeps the digits
+// of its complement.
 template <class T>
-KD_HD void log_masses(const BinStats<T>& s, double out[NUM_BINS]) {
+KD_HD void log_masses(const BinStats<T>& s, const double log_z[NUM_BINS], double out[NUM_BINS]) {
   double m = neg_inf<double>();
   for (int b = 0; b < NUM_BINS; ++b) m = nan_max(m, double(s.m[b]));
   m = safe_shift(m);
   double total = 0;
   for (int b = 0; b < NUM_BINS; ++b) {
-    out[b] = (double(s.m[b]) - m) + log(double(s.z[b]));
+    out[b] = (double(s.m[b]) - m) + log_z[b];
     total += exp(out[b]);
   }
   const double log_total = log(total);
@@ -144,13 +145,27 @@ KD_HD void log_masses(const BinStats<T>& s, double out[NUM_BINS]) {
   if (out[big] == out[big]) out[big] = log1p(-others);
 }
 
+// What decoupled_row() needs of one side's bins in double, each exp and log computed once: log z_b, the log of each
+// bin's share of the row's mass and that share.
+struct BinMasses {
+  double log_z[NUM_BINS], log_mass[NUM_BINS], mass[NUM_BINS];
+};
+template <class T>
+KD_HD BinMasses bin_masses(const BinStats<T>& s) {
+  BinMasses out;
+  for (int b = 0; b < NUM_BINS; ++b) out.log_z[b] = log(double(s.z[b]));
+  log_masses(s, out.log_z, out.log_mass);
+  for (int b = 0; b < NUM_BINS; ++b) out.mass[b] = exp(out.log_mass[b]);
+  return out;
+}
+
 // KL(a^b || o^b) of bin b, a's k term taken against o (the teacher's kt_b for the forward KL, the student's ks_b for
 // the reverse one); 0 where a has no mass in the bin, +inf where o has none and a has.
 template <class T>
-KD_HD double in_bin_kl(const BinStats<T>& a, const BinStats<T>& o, int b) {
+KD_HD double in_bin_kl(const BinStats<T>& a, const BinMasses& la, const BinStats<T>& o, const BinMasses& lo, int b) {
   if (a.z[b] == T(0)) return 0.0;
   if (o.z[b] == T(0)) return double(INFINITY);
-  return double(a.k[b]) / double(a.z[b]) - (log(double(a.z[b])) - log(double(o.z[b])));
+  return double(a.k[b]) / double(a.z[b]) - (la.log_z[b] - lo.log_z[b]);
 }
 
 // aekt's weight of the bin-mass KL: min(P_strong / Q_strong, max_weight) from their logs, and 0 where P_strong = 0
@@ -171,9 +186,8 @@ KD_HD bool all_masked(const BinStats<T>& s) {
 template <class T>
 KD_HD DecoupledRow<T> decoupled_row(const BinStats<T>& t, const BinStats<T>& s, const DecoupledParams<double>& c,
                                     bool bad_target) {
-  double lp[NUM_BINS], lq[NUM_BINS];
-  log_masses(t, lp);
-  log_masses(s, lq);
+  const BinMasses masses_t = bin_masses(t), masses_s = bin_masses(s);
+  const double *lp = masses_t.log_mass, *lq = masses_s.log_mass, *P = masses_t.mass, *Q = masses_s.mass;
   // (aekt: the strong bin is {target}.) A term of weight 0 adds 0 (weighted), infinite or not.
   const double weight = c.adaptive ? aekt_weight(lp[STRONG], lq[STRONG], c.max_weight) : c.w_mass;
   double w[NUM_BINS] = {0.0, c.w_strong, c.w_rest};  // a one-class bin has no in-bin KL
@@ -182,28 +196,28 @@ KD_HD DecoupledRow<T> decoupled_row(const BinStats<T>& t, const BinStats<T>& s, 
   bool absent[NUM_BINS];
   double mass_kl = 0;
   for (int b = 0; b < NUM_BINS; ++b) {
-    absent[b] = exp(lp[b]) < double(min_normal<T>()) && exp(lq[b]) < double(min_normal<T>());
+    absent[b] = P[b] < double(min_normal<T>()) && Q[b] < double(min_normal<T>());
     if (absent[b]) w[b] = 0.0;
-    mass_kl += is_neg_inf(lp[b]) || absent[b] ? 0.0 : exp(lp[b]) * (lp[b] - lq[b]);
+    mass_kl += is_neg_inf(lp[b]) || absent[b] ? 0.0 : P[b] * (lp[b] - lq[b]);
   }
   double loss = weighted(weight, mass_kl);
   DecoupledRow<T> row;
   for (int b = 0; b < NUM_BINS; ++b) {
     // (TOP1 has no in-bin term; ks_b is kept only when w_rkl != 0.)
-    const double fkl = b == TOP1 || c.w_fkl == 0.0 ? 0.0 : in_bin_kl(t, s, b);
-    const double rkl = b == TOP1 || c.w_rkl == 0.0 ? 0.0 : in_bin_kl(s, t, b);
+    const double fkl = b == TOP1 || c.w_fkl == 0.0 ? 0.0 : in_bin_kl(t, masses_t, s, masses_s, b);
+    const double rkl = b == TOP1 || c.w_rkl == 0.0 ? 0.0 : in_bin_kl(s, masses_s, t, masses_t, b);
     loss += weighted(w[b], weighted(c.w_fkl, fkl) + weighted(c.w_rkl, rkl));
     // A bin the teacher gives no mass has in-bin forward KL 0 whatever the student does: no gradient from it.
     const double f = t.z[b] > T(0) ? w[b] * c.w_fkl : 0.0;
     row.f[b] = T(f);
     row.r[b] = T(w[b] * c.w_rkl);
-    row.c[b] = absent[b] ? T(0) : T(weight * (exp(lq[b]) - exp(lp[b])) + f - weighted(w[b] * c.w_rkl, rkl));
-    const double mass_term = is_neg_inf(lp[b]) || absent[b] ? 0.0 : weight * exp(lp[b]) * (lp[b] - lq[b] - mass_kl);
+    row.c[b] = absent[b] ? T(0) : T(weight * (Q[b] - P[b]) + f - weighted(w[b] * c.w_rkl, rkl));
+    const double mass_term = is_neg_inf(lp[b]) || absent[b] ? 0.0 : weight * P[b] * (lp[b] - lq[b] - mass_kl);
     row.ct[b] = T(mass_term - weighted(f, fkl) + w[b] * c.w_rkl);
     row.mt[b] = safe_shift(t.m[b]);
-    row.lzt[b] = math_log(t.z[b]);
+    row.lzt[b] = T(masses_t.log_z[b]);
     row.ms[b] = safe_shift(s.m[b]);
-    row.lzs[b] = math_log(s.z[b]);
+    row.lzs[b] = T(masses_s.log_z[b]);
   }
   row.loss = bad_target || all_masked(t) || all_masked(s) ? T(NAN) : T(loss);
   return row;

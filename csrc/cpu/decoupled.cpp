@@ -8,6 +8,9 @@
 //       gradient 0); then per-bin sums, each class shifted by its own bin's maxima (one exp per class and side), and
 //       the sum of exp(s - max s) of the cross-entropy term;
 //   (2) the gradient (with the full gradient also the teacher's, and the row's d loss / d T).
+//
+// Each pass tests a vector's bins first: one whose classes all fall in REST (most of a long row's) adds to REST's
+// maxima and sums alone and takes REST's coefficients without a blend per bin (RestOps).
 #include "../decoupled.h"
 
 #include <array>
@@ -20,8 +23,8 @@ namespace {
 
 // The teacher's k best classes by (ranking value, lower index), the value being top_k_rank of the raw logit:
 // kth_v / kth_i (the worst of them) and top1_i (the best).
-template <class M>
-void teacher_top_k(const M* t, int64_t v, int64_t k, std::vector<std::pair<M, int64_t>>& heap, Membership<M>& mb) {
+template <class M, class S>
+void teacher_top_k(const S* t, int64_t v, int64_t k, std::vector<std::pair<M, int64_t>>& heap, Membership<M>& mb) {
   using O = Ops<M>;
   using V = Vec<M>;
   using Entry = std::pair<M, int64_t>;
@@ -57,12 +60,30 @@ void teacher_top_k(const M* t, int64_t v, int64_t k, std::vector<std::pair<M, in
   mb.top1_i = best.second;
 }
 
+// A bin mask that holds no lane, and the policy O over it: a vector whose classes all fall in bin REST (most vectors
+// of a long row) runs the family's formulas with pick() giving REST's value outright, no blend per bin.
+struct NoLanes {};
+template <class O>
+struct RestOps : O {
+  using Mask = NoLanes;
+  using O::select;
+  static typename O::V select(NoLanes, const typename O::V&, const typename O::V& otherwise) { return otherwise; }
+};
+
+// acc[b] = op(acc[b], x where the lane is in bin b, else fill) for every bin; a vector all in REST only meets REST's.
+template <class O, class Acc, class Op>
+void into_bins(Acc (&acc)[NUM_BINS], const std::array<typename O::Mask, NUM_BINS>& in, bool rest_only,
+               const typename O::V& x, const typename O::V& fill, Op&& op) {
+  if (rest_only) return op(acc[REST], x);
+  for (int b = 0; b < NUM_BINS; ++b) op(acc[b], O::select(in[b], x, fill));
+}
+
 // t_rank: the raw teacher row the partition ranks (t itself, or t's raw logits when t holds their z-scores), and
 // the threshold is in its units.
 // Long: its passes (numbered blocks) share the row's maxima, sums and buffers; the per-class math is in the
 // family's header.
-template <int PARTITION, class M>
-M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M* ce, M* gt, M* dtemp,
+template <int PARTITION, class M, class S>
+M decoupled_row(const S* s, const S* t, const S* t_rank, int64_t target, M* g, M* ce, M* gt, M* dtemp,
                 const RowBuffers<M>& rows, int64_t v, const DecoupledParams<double>& c, M temperature, M threshold,
                 M scale, CeOptions<M> ce_options, bool t2_scale, std::vector<std::pair<M, int64_t>>& heap) {
   using O = Ops<M>;
@@ -88,22 +109,26 @@ M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M
   // The bins of the classes j.. from their teacher logits traw: in[TOP1], in[STRONG], in[REST] (ranked on t_rank,
   // which is traw itself unless t holds z-scores).
   using Masks = std::array<typename O::Mask, NUM_BINS>;
-  auto bins_of = [&](const V& traw, int64_t j, int64_t n) {
+  // (rest_only: no lane in TOP1 or STRONG.)
+  auto bins_of = [&](const V& traw, int64_t j, int64_t n, bool& rest_only) {
     Masks in;
     membership<PARTITION, O>(mb, t_rank == t ? traw : load(t_rank + j, n), iota, j, in[TOP1], in[STRONG]);
-    in[REST] = O::lnot(O::lor(in[TOP1], in[STRONG]));
+    const auto special = O::lor(in[TOP1], in[STRONG]);
+    rest_only = !O::any(special);
+    in[REST] = O::lnot(special);
     return in;
   };
+  auto max_in = [](V& acc, const V& x) { acc = O::max(acc, x); };
+  auto sum_in = [](ChunkedSum<M>& acc, const V& x) { acc.add(x); };
   // (1) Per-bin maxima, then per-bin sums.
   V mt[NUM_BINS] = {ninf, ninf, ninf}, ms[NUM_BINS] = {ninf, ninf, ninf}, vm1 = ninf;
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
-    const V sraw = load(s + j, n), traw = load(t + j, n), x = sraw * inv_T, y = traw * inv_T;
-    const Masks in = bins_of(traw, j, n);
-    for (int b = 0; b < NUM_BINS; ++b) {
-      mt[b] = O::max(mt[b], O::select(in[b], y, ninf));
-      ms[b] = O::max(ms[b], O::select(in[b], x, ninf));
-    }
+    const V sraw = load(s + j, n), traw = load(t + j, n);
+    bool rest_only;
+    const Masks in = bins_of(traw, j, n, rest_only);
+    into_bins<O>(mt, in, rest_only, traw * inv_T, ninf, max_in);
+    into_bins<O>(ms, in, rest_only, sraw * inv_T, ninf, max_in);
     vm1 = O::max(vm1, sraw);
   }
   BinStats<M> st, ss;
@@ -116,6 +141,11 @@ M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M
   if (masked) return skip_row(g, ce, v, gt, dtemp);
   const M m1 = max_lanes(vm1);
   const V shift_1(safe_shift(m1));
+  M shift_t[NUM_BINS], shift_s[NUM_BINS];  // each bin's maxima (0 for an empty bin)
+  for (int b = 0; b < NUM_BINS; ++b) {
+    shift_t[b] = safe_shift(st.m[b]);
+    shift_s[b] = safe_shift(ss.m[b]);
+  }
   ChunkedSum<M> zt[NUM_BINS], kt[NUM_BINS], zs[NUM_BINS], ks[NUM_BINS], z1;
   const bool reverse = c.w_rkl != 0.0;  // the student's ks_b: only for the in-bin reverse KL
   for (int64_t j = 0; j < v; j += L) {
@@ -123,23 +153,19 @@ M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M
     prefetch_next_row(rows, j, n);
     const V sraw = load(s + j, n), traw = load(t + j, n), x = sraw * inv_T, y = traw * inv_T;
     if (ce != nullptr) z1.add(O::exp(sraw - shift_1));
-    const Masks in = bins_of(traw, j, n);
+    bool rest_only;
+    const Masks in = bins_of(traw, j, n, rest_only);
     const V st_j =
-        pick<O>(in[TOP1], in[STRONG], safe_shift(st.m[TOP1]), safe_shift(st.m[STRONG]), safe_shift(st.m[REST]));
+        rest_only ? V(shift_t[REST]) : pick<O>(in[TOP1], in[STRONG], shift_t[TOP1], shift_t[STRONG], shift_t[REST]);
     const V ss_j =
-        pick<O>(in[TOP1], in[STRONG], safe_shift(ss.m[TOP1]), safe_shift(ss.m[STRONG]), safe_shift(ss.m[REST]));
-    const V et = O::exp(y - st_j), es = O::exp(x - ss_j), kv = k_term<O>(et, y, x, st_j, ss_j);
+        rest_only ? V(shift_s[REST]) : pick<O>(in[TOP1], in[STRONG], shift_s[TOP1], shift_s[STRONG], shift_s[REST]);
+    const V et = O::exp(y - st_j), es = O::exp(x - ss_j);
     es.store(es_row + j, n);
     et.store(et_row + j, n);
-    for (int b = 0; b < NUM_BINS; ++b) {
-      zt[b].add(O::select(in[b], et, zero));
-      kt[b].add(O::select(in[b], kv, zero));
-      zs[b].add(O::select(in[b], es, zero));
-    }
-    if (reverse) {
-      const V ksv = k_term<O>(es, x, y, ss_j, st_j);
-      for (int b = 0; b < NUM_BINS; ++b) ks[b].add(O::select(in[b], ksv, zero));
-    }
+    into_bins<O>(zt, in, rest_only, et, zero, sum_in);
+    into_bins<O>(kt, in, rest_only, k_term<O>(et, y, x, st_j, ss_j), zero, sum_in);
+    into_bins<O>(zs, in, rest_only, es, zero, sum_in);
+    if (reverse) into_bins<O>(ks, in, rest_only, k_term<O>(es, x, y, ss_j, st_j), zero, sum_in);
   }
   for (int b = 0; b < NUM_BINS; ++b) {
     st.z[b] = zt[b].sum();
@@ -162,21 +188,33 @@ M decoupled_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M
     const M row_scale = bad_target ? M(NAN) : scale;
     TemperatureGrad<M> dt{V(safe_shift(nan_max(nan_max(ss.m[TOP1], ss.m[STRONG]), ss.m[REST]))),
                           V(safe_shift(nan_max(nan_max(st.m[TOP1], st.m[STRONG]), st.m[REST])))};
-    for (int64_t j = 0; j < v; j += L) {
-      const int64_t n = std::min(L, v - j);
-      const V sraw = load(s + j, n), traw = load(t + j, n), x = sraw * inv_T, y = traw * inv_T;
-      const Masks in = bins_of(traw, j, n);
-      const V q = V::loadu(es_row + j, n) * pick<O>(in[TOP1], in[STRONG], inv_zs[TOP1], inv_zs[STRONG], inv_zs[REST]);
-      const V p = V::loadu(et_row + j, n) * pick<O>(in[TOP1], in[STRONG], inv_zt[TOP1], inv_zt[STRONG], inv_zt[REST]);
-      const InBin<V> b = in_bin_of<O>(row, in[TOP1], in[STRONG], x, y, q, p);
-      const V method_grad = decoupled_grad<O>(row, in[TOP1], in[STRONG], b, row_scale);
+    // The classes j.. under the policy P (O, or RestOps<O> with NoLanes masks for a vector all in REST).
+    auto gradients = [&](auto policy, const auto& in_top1, const auto& in_strong, const V& sraw, const V& traw,
+                         int64_t j, int64_t n) {
+      using P = decltype(policy);
+      const V x = sraw * inv_T, y = traw * inv_T;
+      const V q = V::loadu(es_row + j, n) * pick<P>(in_top1, in_strong, inv_zs[TOP1], inv_zs[STRONG], inv_zs[REST]);
+      const V p = V::loadu(et_row + j, n) * pick<P>(in_top1, in_strong, inv_zt[TOP1], inv_zt[STRONG], inv_zt[REST]);
+      const InBin<V> b = in_bin_of<P>(row, in_top1, in_strong, x, y, q, p);
+      const V method_grad = decoupled_grad<P>(row, in_top1, in_strong, b, row_scale);
       if (full) {
-        const V teacher_grad = decoupled_teacher_grad<O>(row, in[TOP1], in[STRONG], b, y, row_scale);
+        const V teacher_grad = decoupled_teacher_grad<P>(row, in_top1, in_strong, b, y, row_scale);
         dt.add(x, method_grad, y, teacher_grad);
         if (gt != nullptr) teacher_grad.store(gt + j, n);
       }
       if (g != nullptr) {
         store_grad_vector(rows, ce != nullptr ? method_grad + xent.grad(sraw, iota, j) : method_grad, g, j, n);
+      }
+    };
+    for (int64_t j = 0; j < v; j += L) {
+      const int64_t n = std::min(L, v - j);
+      const V sraw = load(s + j, n), traw = load(t + j, n);
+      bool rest_only;
+      const Masks in = bins_of(traw, j, n, rest_only);
+      if (rest_only) {
+        gradients(RestOps<O>(), NoLanes(), NoLanes(), sraw, traw, j, n);
+      } else {
+        gradients(O(), in[TOP1], in[STRONG], sraw, traw, j, n);
       }
     }
     if (full) *dtemp = dt.value(t2_scale, row_scale, row.loss);
@@ -192,7 +230,8 @@ void decoupled_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
   heap.reserve(PARTITION == TOPK ? size_t(c.k) : 0);
   const M threshold(a.temperature * c.log_tau);  // THRESHOLD: t_i - max t >= T log(tau), in double like the others
   for_rows<M>(a, begin, end, buf,
-              [&](const M* s, const M* t, int64_t target, M* g, M* ce, const M* t_rank, M rank_scale, M* gt, M* dtemp) {
+              [&](const auto* s, const auto* t, int64_t target, M* g, M* ce, const auto* t_rank, M rank_scale, M* gt,
+                  M* dtemp) {
                 return decoupled_row<PARTITION, M>(s, t, t_rank, target, g, ce, gt, dtemp, buf, a.v, c,
                                                    M(a.temperature), threshold * rank_scale, M(a.grad_scale),
                                                    CeOptions<M>::of(a), a.t2_scale, heap);

@@ -31,8 +31,8 @@ namespace {
 // classes t within the chosen digits whose p is at least p_floor. The tests on a vector's values (t within the
 // digits' value range, which also holds the other zero, and p >= p_floor) pick the lanes that are binned, one at a
 // time.
-template <class M>
-void akl_histogram(const M* t, const M* p, int64_t v, const AklHead<M>& head, M p_floor, M* mass) {
+template <class M, class S>
+void akl_histogram(const S* t, const M* p, int64_t v, const AklHead<M>& head, M p_floor, M* mass) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
@@ -44,7 +44,7 @@ void akl_histogram(const M* t, const M* p, int64_t v, const AklHead<M>& head, M 
     for (uint32_t lanes = O::lane_bits(O::land(O::land(O::ge(tj, low), O::ge(high, tj)), O::ge(pj, floor))); lanes != 0;
          lanes &= lanes - 1) {
       const int64_t i = j + __builtin_ctz(lanes);
-      const auto u = AklHead<M>::radix_key(t[i]);
+      const auto u = AklHead<M>::radix_key(M(t[i]));
       if (head.in_prefix(u)) mass[head.digit(u)] += p[i];
     }
   }
@@ -56,8 +56,8 @@ template <class M>
 struct AklTies {
   M mass, mass_from, count_above, size, p_group;
 };
-template <class M>
-AklTies<M> akl_ties(const M* t, const M* p, int64_t v, M value) {
+template <class M, class S>
+AklTies<M> akl_ties(const S* t, const M* p, int64_t v, M value) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
@@ -78,8 +78,8 @@ AklTies<M> akl_ties(const M* t, const M* p, int64_t v, M value) {
 }
 
 // akl's fallback (AklHead, (b)): the bisection over the keys within the head's bracket, A summed as akl_ties does.
-template <class M>
-void akl_bisect(const M* t, const M* p, int64_t v, AklHead<M>& head, M mu) {
+template <class M, class S>
+void akl_bisect(const S* t, const M* p, int64_t v, AklHead<M>& head, M mu) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
@@ -97,8 +97,8 @@ void akl_bisect(const M* t, const M* p, int64_t v, AklHead<M>& head, M mu) {
 
 // akl's head of a row (divergence.h AklHead) as (value, end): head = {t > value} + {t == value, index < end} on the
 // raw teacher logits t, from the teacher's probabilities p.
-template <class M>
-std::pair<M, int64_t> akl_head(const M* t, const M* p, int64_t v, M mu) {
+template <class M, class S>
+std::pair<M, int64_t> akl_head(const S* t, const M* p, int64_t v, M mu) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
@@ -137,8 +137,8 @@ std::pair<M, int64_t> akl_head(const M* t, const M* p, int64_t v, M mu) {
 
 // Long: its passes (numbered blocks) share the row's maxima, sums and buffers; the per-class math is in the
 // family's header.
-template <int CODE, class M>
-M divergence_row(const M* s, const M* t, const M* t_rank, int64_t target, M* g, M* ce, M* gt, M* dtemp,
+template <int CODE, class M, class S>
+M divergence_row(const S* s, const S* t, const S* t_rank, int64_t target, M* g, M* ce, M* gt, M* dtemp,
                  const RowBuffers<M>& rows, int64_t v, const DivergenceParams<M>& c, M temperature, M scale,
                  CeOptions<M> ce_options, bool t2_scale) {
   using O = Ops<M>;
@@ -261,7 +261,7 @@ void divergence_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
   const bool keeps_r = a.grad != nullptr && a.temperature_grad == nullptr && CODE != KD && !weighs_row_sums<CODE>;
   RowBuffers<M> rows(a, keeps_r || CODE == AKL ? 3 : 2);  // (divergence_row's es_row, et_row and kept)
   for_rows<M>(a, begin, end, rows,
-              [&](const M* s, const M* t, int64_t target, M* g, M* ce, const M* t_rank, M, M* gt, M* dtemp) {
+              [&](const auto* s, const auto* t, int64_t target, M* g, M* ce, const auto* t_rank, M, M* gt, M* dtemp) {
                 return divergence_row<CODE, M>(s, t, t_rank, target, g, ce, gt, dtemp, rows, a.v, c, M(a.temperature),
                                                M(a.grad_scale), CeOptions<M>::of(a), a.t2_scale);
               });

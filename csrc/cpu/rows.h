@@ -1,8 +1,9 @@
 // What the fused CPU kernels of both families (divergence.cpp, decoupled.cpp) share: SIMD loads and lane
 // reductions, row conversion to the math type, and the loop over a worker's rows.
 //
-// Rows whose dtype is not the math type are first converted into a row buffer; the gradient is written in the math
-// type and converted into the student's dtype the same way. Ignored rows are not read: loss 0, gradient 0. After the
+// Rows whose dtype is not the math type are first converted into a row buffer (but for two bf16 inputs, which the
+// kernels load and convert a vector at a time); the gradient is written in the math type and converted into the
+// student's dtype the same way. Ignored rows are not read: loss 0, gradient 0. After the
 // first read a row (2 x 4 bytes x V: 256 KB at V = 32000) stays in L2 for the passes that follow.
 #pragma once
 
@@ -38,6 +39,21 @@ template <class M>
 at::vec::Vectorized<M> load(const M* p, int64_t n) {
   if (n == Ops<M>::lanes) return Vec<M>::loadu(p);
   return Vec<M>::set(Vec<M>(neg_inf<M>()), Vec<M>::loadu(p, n), n);
+}
+
+// The same from a bfloat16 row, as float lanes (each value's 16 bits shifted into a float's top half, a vector at a
+// time): the kernels read bf16 rows where they are, without a float copy of the row.
+inline at::vec::Vectorized<float> load(const c10::BFloat16* p, int64_t n) {
+  constexpr int64_t L = Ops<float>::lanes;
+  at::vec::Vectorized<float> out;
+  if (n == L) {
+    at::vec::load_fp32_from_bf16(p, out);
+    return out;
+  }
+  c10::BFloat16 lanes[L];
+  std::fill(std::copy(p, p + n, lanes), lanes + L, c10::BFloat16(neg_inf<float>()));
+  at::vec::load_fp32_from_bf16(lanes, out);
+  return out;
 }
 
 // A vector's lanes reduced by shuffles (a few instructions for float on AVX2 / AVX-512); max propagates NaN.
@@ -194,9 +210,9 @@ struct TemperatureGrad {
   }
 };
 
-// The count and sum of a row's classes that are not -inf (lanes past v load as -inf).
-template <class M>
-std::pair<M, M> unmasked_count_sum(const M* x, int64_t v) {
+// The count and sum of a row's classes that are not -inf (lanes past v load as -inf); x of M or bf16.
+template <class M, class S>
+std::pair<M, M> unmasked_count_sum(const S* x, int64_t v) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
@@ -234,14 +250,15 @@ struct CrossEntropy {
       : m1(m1_), lz1(lz1_), options(options_), target(target_) {}
 
   // (An index outside [0, V), which the op's callers never pass, gives NaN and is never read.)
-  M loss(const M* s, int64_t v) const {
+  template <class S>
+  M loss(const S* s, int64_t v) const {
     if (target < 0 || target >= v) return M(NAN);
-    const M eps = options.smoothing;
+    const M eps = options.smoothing, s_target(s[target]);
     // (m1 - s_target first: both near a logit of 1000, say, their difference is exact, and their sum with lz1 is not.)
-    if (eps == M(0)) return (m1 - s[target]) + lz1;
-    const auto [count, sum] = unmasked_count_sum(s, v);
+    if (eps == M(0)) return (m1 - s_target) + lz1;
+    const auto [count, sum] = unmasked_count_sum<M>(s, v);
     share = eps / count;
-    return (M(1) - eps) * (m1 - s[target]) + eps * (m1 - sum / count) + lz1;
+    return (M(1) - eps) * (m1 - s_target) + eps * (m1 - sum / count) + lz1;
   }
   at::vec::Vectorized<M> grad(const at::vec::Vectorized<M>& s, const at::vec::Vectorized<M>& iota, int64_t j) const {
     using V = at::vec::Vectorized<M>;
@@ -262,7 +279,7 @@ ZScore<M> row_zscore(const M* x, int64_t v) {
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
   const V ninf(neg_inf<M>()), zero(M(0));
-  const auto [n, sum] = unmasked_count_sum(x, v);
+  const auto [n, sum] = unmasked_count_sum<M>(x, v);
   const M rough = n > M(0) ? sum / n : M(0);
   ChunkedSum<M> dev, m2;
   for (int64_t j = 0; j < v; j += L) {
@@ -352,7 +369,8 @@ M standardized_row(const M* s, const M* t, int64_t target, M* g, M* ce, int64_t 
   return loss;
 }
 
-// Runs row(s, t, target, g, ce, t_rank, rank_scale, gt, dtemp) -> loss over the rows [begin, end): g is the gradient
+// Runs row(s, t, target, g, ce, t_rank, rank_scale, gt, dtemp) -> loss over the rows [begin, end): s, t and t_rank
+// are rows in M, or (M float, both inputs bf16, no standardize) the bf16 input rows themselves; g is the gradient
 // row in M (nullptr without a gradient), written straight into the output when the student's dtype is M; ce is where
 // the row's cross-entropy goes (nullptr without the term); a partition ranks t_rank (t itself) and scales its
 // threshold by rank_scale (1); gt is the teacher's gradient row in M (nullptr unless stored) and dtemp where the
@@ -369,6 +387,9 @@ void for_rows(const RowsArgs& a, int64_t begin, int64_t end, RowBuffers<M>& buf,
   const size_t teacher_grad_row_bytes = size_t(a.v) * c10::elementSize(a.teacher_dtype);
   // (Not with standardize, which reads the gradient row back through the z-score's Jacobian.)
   buf.stream_grad = grad_in_place && !a.standardize && int64_t(grad_row_bytes) * a.n >= STREAM_GRAD_BYTES;
+  // Rows of two bf16 inputs go to the row function as they are (it loads them through load(const BFloat16*)).
+  const bool bf16_rows = std::is_same_v<M, float> && !a.standardize && a.student_dtype == ScalarType::BFloat16 &&
+                         a.teacher_dtype == ScalarType::BFloat16;
   buf.s_item = int64_t(c10::elementSize(a.student_dtype));
   buf.t_item = int64_t(c10::elementSize(a.teacher_dtype));
   for (int64_t i = begin; i < end; ++i) {
@@ -387,14 +408,20 @@ void for_rows(const RowsArgs& a, int64_t begin, int64_t end, RowBuffers<M>& buf,
       if (teacher_grad_row) std::memset(teacher_grad_row, 0, teacher_grad_row_bytes);
       continue;
     }
-    const M* s = row_as<M>(a.student, a.student_dtype, a.student_stride, i, a.v, buf.s);
-    const M* t = row_as<M>(a.teacher, a.teacher_dtype, a.teacher_stride, i, a.v, buf.t);
     M* g = grad_row == nullptr ? nullptr : grad_in_place ? static_cast<M*>(grad_row) : buf.g;
     M* gt = teacher_grad_row == nullptr ? nullptr : teacher_grad_in_place ? static_cast<M*>(teacher_grad_row) : buf.gt;
-    loss[i] = (a.standardize ? standardized_row(s, t, target, g, ce, a.v, CeOptions<M>::of(a), a.grad_scale != 0.0, buf,
-                                                gt, dtemp, row)
-                             : row(s, t, target, g, ce, t, M(1), gt, dtemp)) *
-              M(a.t2);
+    if (bf16_rows) {
+      const auto* s = static_cast<const c10::BFloat16*>(a.student) + i * a.student_stride;
+      const auto* t = static_cast<const c10::BFloat16*>(a.teacher) + i * a.teacher_stride;
+      if constexpr (std::is_same_v<M, float>) loss[i] = row(s, t, target, g, ce, t, M(1), gt, dtemp) * M(a.t2);
+    } else {
+      const M* s = row_as<M>(a.student, a.student_dtype, a.student_stride, i, a.v, buf.s);
+      const M* t = row_as<M>(a.teacher, a.teacher_dtype, a.teacher_stride, i, a.v, buf.t);
+      loss[i] = (a.standardize ? standardized_row(s, t, target, g, ce, a.v, CeOptions<M>::of(a), a.grad_scale != 0.0,
+                                                  buf, gt, dtemp, row)
+                               : row(s, t, target, g, ce, t, M(1), gt, dtemp)) *
+                M(a.t2);
+    }
     if (g != nullptr && !grad_in_place) store_row(g, a.v, a.student_dtype, grad_row);
     if (gt != nullptr && !teacher_grad_in_place) store_row(gt, a.v, a.teacher_dtype, teacher_grad_row);
   }
