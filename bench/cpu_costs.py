@@ -32,9 +32,7 @@ def op_ms(method: str, n: int, v: int, dtype: torch.dtype, reps: int = 30) -> fl
     s = (torch.randn(n, v, generator=g) * 3).to(dtype)
     t = (torch.randn(n, v, generator=g) * 3).to(dtype)
     y = torch.randint(0, v, (n,), generator=g)
-    call = resolve(method, {}, None, None, "batchmean", -100, None, 0.0, 1.0, False, False).bind(
-        y, s.shape[:-1], v, s.device
-    )
+    call = resolve(method).bind(y, s.shape[:-1], v, s.device)
     op = getattr(torch.ops.kdkernels, f"{call.plan.family}_cpu").default
     args = op_args(call)
     best = float("inf")

@@ -109,10 +109,18 @@ M decoupled_row(const S* s, const S* t, const S* t_rank, int64_t target, M* g, M
   // The bins of the classes j.. from their teacher logits traw: in[TOP1], in[STRONG], in[REST] (ranked on t_rank,
   // which is traw itself unless t holds z-scores).
   using Masks = std::array<typename O::Mask, NUM_BINS>;
-  // (rest_only: no lane in TOP1 or STRONG.)
+  // (rest_only: no lane in TOP1 or STRONG; the masks are then left unset. A top-k vector without the k-th or the top-1
+  // class and without a ranking value up to the k-th's is all in REST, which one compare tells.)
   auto bins_of = [&](const V& traw, int64_t j, int64_t n, bool& rest_only) {
     Masks in;
-    membership<PARTITION, O>(mb, t_rank == t ? traw : load(t_rank + j, n), iota, j, in[TOP1], in[STRONG]);
+    const V tr = t_rank == t ? traw : load(t_rank + j, n);
+    if constexpr (PARTITION == TOPK) {
+      auto outside = [&](int64_t i) { return i < j || i >= j + n; };
+      rest_only = outside(mb.kth_i) && (!mb.split_top1 || outside(mb.top1_i)) &&
+                  !O::any(O::ge(top_k_rank<O>(tr, mb.lowest), V(mb.kth_v)));
+      if (rest_only) return in;
+    }
+    membership<PARTITION, O>(mb, tr, iota, j, in[TOP1], in[STRONG]);
     const auto special = O::lor(in[TOP1], in[STRONG]);
     rest_only = !O::any(special);
     in[REST] = O::lnot(special);
