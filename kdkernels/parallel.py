@@ -52,7 +52,7 @@ import torch.distributed as dist
 from . import backends
 from .arguments import check_float_tensor, check_temperature_device, full_gradient, resolve, split_temperature
 from .backends import reference
-from .backends.ops import scale_full_gradients
+from .backends.ops import consume_full_gradients
 from .backends.reference import smoothed_ce, smoothed_ce_grad_
 from .functional import finish
 from .methods import DIVERGENCE, METHODS, STANDARDIZE_EPS, Bin, Divergence, Partition, Plan
@@ -524,7 +524,7 @@ def _shard_rows(call, student, teacher, with_grad, shard, full=False):
 
 class _ShardLoss(torch.autograd.Function):
     """Row losses whose gradients for this rank's shard (the student's; with a teacher that requires grad or a
-    temperature tensor, the teacher's and d loss / d T too) are computed with them; backward scales them,
+    temperature tensor, the teacher's and d loss / d T too) are computed with them; backward scales them in place,
     locally."""
 
     @staticmethod
@@ -533,12 +533,13 @@ class _ShardLoss(torch.autograd.Function):
         rows, parts, grad, teacher_grad, dtemp = _shard_rows(call, student, teacher, True, shard, full)
         ctx.save_for_backward(grad, teacher_grad, dtemp)
         ctx.temperature_dtype = None if temperature is None else temperature.dtype
+        ctx.consumed = False
         ctx.mark_non_differentiable(parts)
         return rows, parts
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_parts):
-        return (*scale_full_gradients(grad_rows, *ctx.saved_tensors, ctx.temperature_dtype), None, None)
+        return (*consume_full_gradients(ctx, grad_rows, reference.scale_rows_), None, None)
 
 
 def distill_loss(

@@ -540,3 +540,30 @@ def test_akl_head_checks_its_candidate(one_rank_group, dtype, monkeypatch):
             chosen = torch.full((n,), candidate, dtype=dtype) if isinstance(candidate, float) else candidate
             monkeypatch.setattr(parallel, "_akl_radix", lambda *args, chosen=chosen: chosen.clone())
             assert torch.equal(parallel._akl_head(t, lp, mu, shard), want), f"mu={mu}, candidate {candidate}"
+
+
+@pytest.mark.parametrize("learns", ["teacher", "temperature", "neither"])
+def test_backward_scales_in_place(one_rank_group, learns):
+    """The shard loss's backward scales the gradients its forward kept in place, as the fused paths do (the full
+    gradient's too): with a per-row grad_output they equal the float64 reference's, and a second backward through the
+    same loss is refused."""
+    s, t, target = make_inputs((6, 40), seed=31, ignored=1)
+    weights = torch.tensor([0.5, 2.0, 0.0, 1.0, -3.0, 1.5])
+    grads, losses = [], []
+    for dtype, fn in ((torch.float32, parallel.distill_loss), (torch.float64, kdkernels.distill_loss)):
+        x, y = (z.detach().to(dtype, copy=True) for z in (s, t))
+        x, y = x.requires_grad_(True), y.requires_grad_(learns == "teacher")
+        temperature = torch.tensor(1.7, dtype=dtype, requires_grad=learns == "temperature")
+        where = {"group": one_rank_group} if fn is parallel.distill_loss else {"backend": "reference"}
+        loss = (fn("jsd", x, y, target, temperature=temperature, reduction="none", **where) * weights.to(dtype)).sum()
+        loss.backward(retain_graph=True)
+        grads.append((x.grad, y.grad, temperature.grad))
+        losses.append(loss)
+    got, want = grads
+    assert_close(got[0], want[0].numpy(), torch.float32, "student gradient")
+    if learns == "teacher":
+        assert_close(got[1], want[1].numpy(), torch.float32, "teacher gradient")
+    if learns == "temperature":
+        assert abs(float(got[2]) - float(want[2])) <= 1e-4 * abs(float(want[2])) + 1e-6
+    with pytest.raises(RuntimeError, match="kdkernels: the fused loss's saved gradient was already used"):
+        losses[0].backward()

@@ -275,13 +275,39 @@ def scale_full_gradients(
     grad_temperature: Tensor | None,
     temperature_dtype: torch.dtype | None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Backward of a full gradient (_FullGradient, and kdkernels.parallel's): the saved d loss / d student and
-    d loss / d teacher (None when the teacher does not learn) times grad_output (0-d, or per row [N]), each rounded
-    once to its dtype, and d loss / d T, the rows' d loss / d T summed with it (None without a temperature tensor)."""
+    """The out-of-place backward of a full gradient (a traced one, consume_full_gradients): the saved
+    d loss / d student and d loss / d teacher (None when the teacher does not learn) times grad_output (0-d, or per
+    row [N]), each rounded once to its dtype, and d loss / d T, the rows' d loss / d T summed with it (None without a
+    temperature tensor)."""
     factor = grad_loss.unsqueeze(-1) if grad_loss.dim() else grad_loss
     d_teacher = None if grad_teacher is None else (grad_teacher * factor).to(grad_teacher.dtype)
     d_temperature = _temperature_gradient(grad_loss, grad_temperature, temperature_dtype)
     return (grad * factor).to(grad.dtype), d_teacher, d_temperature
+
+
+def consume_full_gradients(
+    ctx, grad_loss: Tensor, scale_rows: Callable[[Tensor, Tensor], None]
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Backward of a full gradient (_FullGradient, and kdkernels.parallel's) whose forward saved (d loss / d student,
+    d loss / d teacher or None, the rows' d loss / d T or None) and set ctx.consumed = False and
+    ctx.temperature_dtype: the kept gradients scaled by grad_output in place with ``scale_rows``, as ``_autograd``
+    does (a traced backward out of place), and d loss / d T."""
+    if ctx.consumed:  # (before saved_tensors, which the first backward's in-place scaling made stale)
+        raise RuntimeError(
+            "kdkernels: the fused loss's saved gradient was already used; backward through the "
+            "same fused loss twice (retain_graph=True) is not supported"
+        )
+    saved = ctx.saved_tensors
+    # Traced (torch.compile: dynamo traces this backward too, AOTAutograd runs it on fake tensors): out of place, as
+    # in _autograd.
+    if torch.compiler.is_compiling() or type(saved[0]) is not torch.Tensor:
+        return scale_full_gradients(grad_loss, *saved, ctx.temperature_dtype)
+    ctx.consumed = True
+    grad, grad_teacher, grad_temperature = saved
+    for kept in (grad, grad_teacher):
+        if kept is not None:
+            scale_rows(kept, grad_loss)
+    return grad, grad_teacher, _temperature_gradient(grad_loss, grad_temperature, ctx.temperature_dtype)
 
 
 def _temperature_gradient(
@@ -311,23 +337,7 @@ class _FullGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_parts):
-        if ctx.consumed:  # (before saved_tensors, which the first backward's in-place scaling made stale)
-            raise RuntimeError(
-                "kdkernels: the fused loss's saved gradient was already used; backward through the "
-                "same fused loss twice (retain_graph=True) is not supported"
-            )
-        saved = ctx.saved_tensors
-        # Traced (torch.compile: dynamo traces this backward too, AOTAutograd runs it on fake tensors): out of place,
-        # as in _autograd.
-        if torch.compiler.is_compiling() or type(saved[0]) is not torch.Tensor:
-            return (*scale_full_gradients(grad_loss, *saved, ctx.temperature_dtype), None, None, None)
-        ctx.consumed = True
-        grad, grad_teacher, grad_temperature = saved
-        for kept in (grad, grad_teacher):
-            if kept is not None:
-                ctx.scale_rows(kept, grad_loss)
-        d_temperature = _temperature_gradient(grad_loss, grad_temperature, ctx.temperature_dtype)
-        return grad, grad_teacher, d_temperature, None, None, None
+        return (*consume_full_gradients(ctx, grad_loss, ctx.scale_rows), None, None, None)
 
 
 def full_backend(full_ops: dict, scale_rows: Callable) -> Callable:
