@@ -255,6 +255,86 @@ def test_mkl_low_precision_gemm(dtype):
             assert_close(c, want.numpy(), torch.float32, f"{dtype} gemm, beta {beta}")
 
 
+def packed_calls(monkeypatch) -> list:
+    """Records the rows of each chunk's logits that a packed weight computes."""
+    import kdkernels.linear as linear
+
+    calls = []
+    linear.packed_bytes(torch.ones(2, 2), 1)  # (MKL's packed GEMM found and checked first, on a product not recorded)
+    logits = linear._PackedWeight.logits
+    monkeypatch.setattr(
+        linear._PackedWeight, "logits", lambda self, x, out: calls.append(len(x)) or logits(self, x, out)
+    )
+    return calls
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_packed_weights_match_unchunked(reduction, backend, device, monkeypatch):
+    """float32 CPU heads packed once per call (MKL) for the chunks' logits: chunks of 5 rows over 23 (the last one
+    shorter than the packs were made for), biases, a padded teacher vocabulary (two heads of different shapes),
+    softcaps, grad_output != 1, ignored rows and a vocabulary wider than a kernel's tile; reduction="none" packs
+    again in the backward's recomputation."""
+    calls = packed_calls(monkeypatch)
+    n = 23
+    student, teacher, target = make_heads(n, 19, 6, 4500, 4503, device=device, seed=3, ignored=4)
+    student["bias"] *= 4  # large, offset logits: a softmax far from uniform
+    teacher["bias"] += 20
+    go = torch.linspace(-1.0, 2.0, n, device=device) if reduction == "none" else torch.tensor(1.9, device=device)
+    options = {"softcap": 30.0, "teacher_softcap": 25.0, "reduction": reduction, "ce_weight": 0.4}
+    compare("rkl", {}, backend, student, teacher, target, grad_output=go, chunk_size=5, **options)
+    chunks = [rows for rows in (5, 5, 5, 5, 3) for _ in "ts"]  # the teacher's logits and the student's, per chunk
+    packed = kdkernels.linear.packed_bytes(student["weight"], 5) > 0
+    assert calls == (chunks * (1 + (reduction == "none")) if packed else [])
+
+
+def test_packed_weights_take_their_bytes_from_the_budget(monkeypatch):
+    """The packs are part of memory_budget: where the budget needs several chunks, the chunks get what the packs
+    leave, when that is at least PACKED_MIN_ROWS rows; else no packs, and the whole budget goes to the chunks."""
+    from types import SimpleNamespace
+
+    import kdkernels.linear as linear
+
+    weights = torch.ones(37, 9), torch.ones(40, 7)
+    packs = sum(linear.packed_bytes(w, 1) for w in weights)
+    if packs == 0:
+        pytest.skip("this PyTorch has no MKL packed GEMM: nothing is packed")
+    monkeypatch.setattr(linear, "PACKED_MIN_ROWS", 8)
+    per_row = 1 << 20  # (as wide rows would take)
+
+    def plan(n, budget, chunk_size=None, heads=weights):
+        p = SimpleNamespace(student=linear._Head(heads[0], None), teacher=linear._Head(heads[1], None), pack=False)
+        rows = linear._rows_per_chunk(p, n, chunk_size, budget, per_row, True, 40)
+        return rows, p.pack
+
+    assert plan(60, packs + 12 * per_row) == (12, True)  # 5 chunks of what the packs leave
+    assert plan(60, packs + 11 * per_row + 5) == (10, True)  # (the fewest equal chunks of at most 11 rows)
+    assert plan(60, packs + 7 * per_row) == (-(-60 // -(-60 // (packs // per_row + 7))), False)  # too few rows left
+    assert plan(30, 30 * per_row) == (30, False)  # one chunk: nothing to pack for
+    assert plan(60, packs + 12 * per_row, chunk_size=7) == (7, True)  # chunk_size: packed where the budget holds them
+    assert plan(60, packs - 1, chunk_size=7) == (7, False)
+    unpacked = (20, False)  # 27 rows in the budget: 3 chunks of 20
+    assert plan(60, packs + 12 * per_row, heads=(weights[0], weights[1].t().contiguous().t())) == unpacked
+    assert plan(60, packs + 12 * per_row, heads=(weights[0].bfloat16(), weights[1])) == unpacked
+
+
+def test_packed_weights_only_for_float32_rows(backend, device, monkeypatch):
+    """Low-precision weights (oneDNN's GEMMs, no packed form here) and weights without contiguous rows are not
+    packed; bf16 hidden states against float32 weights are (the hidden states converted per chunk)."""
+    calls = packed_calls(monkeypatch)
+    student, teacher, target = make_heads(n=13, v=300, dtype=torch.bfloat16, device=device, ignored=2)
+    compare("kd", {}, backend, student, teacher, target, tol_dtype=torch.bfloat16, chunk_size=4)
+    assert calls == []
+    student, teacher, target = make_heads(n=13, v=300, device=device, ignored=2)
+    student["weight"] = student["weight"].t().contiguous().t()  # columns contiguous
+    compare("kd", {}, backend, student, teacher, target, chunk_size=4)
+    assert calls == []  # both heads packed or neither
+    student, teacher, target = make_heads(n=13, v=300, device=device, ignored=2)
+    student["hidden"], teacher["hidden"] = student["hidden"].bfloat16(), teacher["hidden"].bfloat16()
+    compare("kd", {}, backend, student, teacher, target, chunk_size=4)
+    packed = kdkernels.linear.packed_bytes(student["weight"], 4) > 0
+    assert calls == ([rows for rows in (4, 4, 4, 1) for _ in "ts"] if packed else [])
+
+
 def test_bfloat16_hidden_float32_weight(backend, device):
     """Mixed precision (bf16 activations, float32 master weights): the weights are not rounded to bf16."""
     student, teacher, target = make_heads(device=device)
