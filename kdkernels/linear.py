@@ -20,10 +20,8 @@ accumulation whatever the autocast state.
 Chunk size: the rows whose temporaries (student and teacher logits, softcap derivative, the gradient cast for the
 matmul, the reference's autograd buffers) fit ``memory_budget`` bytes (``chunk_rows``), split into equal chunks;
 the default budget (``default_budget``) on CPU is a fifth of what all rows would take (about five chunks: fewer
-would save less memory), on CUDA a share of the free memory. ``chunk_size`` overrides the row count. On CPU, float32
-heads are packed once per call (MKL's packed GEMM, ``_PackedWeight``) where the budget holds the packs beside chunks
-of at least PACKED_MIN_ROWS rows: a GEMM otherwise copies the whole weight into its blocked layout for every chunk's
-logits.
+would save less memory, smaller ones would pack the weights too often), on CUDA a share of the free memory.
+``chunk_size`` overrides the row count.
 
 Padded vocabularies: a teacher weight with more rows (classes) than the student's is read as the student giving
 those classes logit -inf (probability 0). Losses that are infinite where q = 0 < p (kd, the decoupled family,
@@ -34,7 +32,6 @@ the shared classes instead.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import math
 import numbers
@@ -65,17 +62,13 @@ from .sparse import check as check_sparse
 Tensor = torch.Tensor
 
 # Default chunk memory on CPU tensors, for a backend with an in-place op (docs/llm.md, "Chunk policy"): this share
-# of what the chunk buffers of all N rows would take, within [DEFAULT_CPU_BUDGET, CPU_BUDGET_MAX]. Unless the weights
-# are packed (PACKED_MIN_ROWS), the BLAS packs the whole weight again for every matmul call, a cost per chunk that the
-# matmuls of a fifth of the batch hide better than smaller chunks'; the unchunked path holds more [N, V] buffers than
-# the chunks' five times over (docs/benchmarks.md, "Fused-linear").
+# of what the chunk buffers of all N rows would take, within [DEFAULT_CPU_BUDGET, CPU_BUDGET_MAX]. The BLAS packs the
+# whole weight again for every matmul call, a cost per chunk that the matmuls of a fifth of the batch hide better than
+# smaller chunks'; the unchunked path holds more [N, V] buffers than the chunks' five times over (docs/benchmarks.md,
+# "Fused-linear").
 CPU_BUDGET_SHARE = 1 / 5
 DEFAULT_CPU_BUDGET = 128 << 20
 CPU_BUDGET_MAX = 1 << 30
-# Packed weights (_PackedWeight) take their bytes from the budget where the chunks keep at least this many rows
-# beside them: the gradients' matmuls (which no packing speeds up) of chunks this large run within a few percent of
-# one over all rows (docs/benchmarks.md, "Fused-linear").
-PACKED_MIN_ROWS = 256
 # Without one (the reference by autograd): enough that its sub-chunks have tens of rows (a few rows per sub-chunk
 # are dominated by per-operation costs), small next to the [N, V] logits and their reference temporaries.
 DEFAULT_CPU_AUTOGRAD_BUDGET = 768 << 20
@@ -226,24 +219,15 @@ def _mkl_gemm(dtype: torch.dtype):
     return _MKL_GEMMS[dtype]
 
 
-def _libtorch_cpu_function(name: str | None, argtypes: list, restype=None):
-    """The C function ``name`` of PyTorch's x86 CPU library (its MKL), typed; None where this PyTorch has no MKL or
-    no such function."""
+def _load_mkl_gemm(name: str | None):
     if name is None or not torch.backends.mkl.is_available():
         return None
     try:
         fn = getattr(ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")), name)
     except (OSError, AttributeError):
         return None
-    fn.restype, fn.argtypes = restype, argtypes
-    return fn
-
-
-def _load_mkl_gemm(name: str | None):
     i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-    fn = _libtorch_cpu_function(name, [i, i, i, i, i, i, f, p, i, p, i, f, p, i])
-    if fn is None:
-        return None
+    fn.restype, fn.argtypes = None, [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
 
     def layout(x: Tensor) -> tuple[int, int] | None:
         """(transpose flag, leading dimension) of a row-major matrix or a transposed view of one."""
@@ -275,89 +259,6 @@ def _load_mkl_gemm(name: str | None):
     return gemm
 
 
-# MKL's packed-operand GEMM (cblas_sgemm_pack / cblas_sgemm_compute): a GEMM call copies its operands into its blocked
-# layout, the whole [V, H] weight at every chunk's logits (a transposed read, the GEMMs' costliest copy); packed once
-# per call, the chunks' logits read it as is.
-_CBLAS_PACKED, _CBLAS_B_MATRIX = 151, 162
-_MKL_PACK: dict = {}
-
-
-def _mkl_sgemm_pack():
-    """(size, pack, compute): MKL's ``cblas_sgemm_pack_get_size``, ``cblas_sgemm_pack`` and
-    ``cblas_sgemm_compute``, typed; None where this PyTorch has them not. Found once, then checked on a small product
-    of integers, which they must give exactly."""
-    if "fns" not in _MKL_PACK:
-        i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-        fns = (
-            _libtorch_cpu_function("cblas_sgemm_pack_get_size", [i, i, i, i], ctypes.c_size_t),
-            _libtorch_cpu_function("cblas_sgemm_pack", [i, i, i, i, i, i, f, p, i, p]),
-            _libtorch_cpu_function("cblas_sgemm_compute", [i, i, i, i, i, i, p, i, p, i, f, p, i]),
-        )
-        _MKL_PACK["fns"] = None if None in fns else fns
-        if _MKL_PACK["fns"] is not None:
-            w = torch.arange(30, dtype=torch.float32).reshape(3, 10) % 7
-            x = torch.arange(-40, 40, dtype=torch.float32).reshape(8, 10)
-            out = torch.zeros(8, 4)[:, :3]  # the strided output of a padded chunk
-            _PackedWeight(w, 8).logits(x[:5], out[:5])  # fewer rows than packed for, as a chunk may have
-            if not torch.equal(out[:5], x[:5] @ w.t()):
-                _MKL_PACK["fns"] = None
-    return _MKL_PACK["fns"]
-
-
-def packed_bytes(weight: Tensor, rows: int) -> int:
-    """Bytes of ``weight``'s ``_PackedWeight`` for chunks of ``rows`` rows; 0 where it cannot be packed (not a float32
-    CPU tensor with contiguous rows, or no MKL)."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.stride(1) != 1 or weight.numel() == 0:
-        return 0
-    fns = _mkl_sgemm_pack()
-    return 0 if fns is None else int(fns[0](_CBLAS_B_MATRIX, rows, *weight.shape))
-
-
-class _PackedWeight:
-    """A float32 head's weight [V, H] packed by MKL as the right operand of ``hidden @ weight.T``."""
-
-    def __init__(self, weight: Tensor, rows: int):
-        size, pack, _ = _MKL_PACK["fns"]  # (packed_bytes found them)
-        self.shape = v, h = weight.shape
-        self.data = torch.empty(-(-size(_CBLAS_B_MATRIX, rows, v, h) // 4), dtype=torch.float32)
-        pack(
-            _CBLAS_ROW_MAJOR,
-            _CBLAS_B_MATRIX,
-            _CBLAS_TRANS,
-            rows,
-            v,
-            h,
-            1.0,
-            weight.data_ptr(),
-            weight.stride(0),
-            self.data.data_ptr(),
-        )
-
-    def logits(self, hidden: Tensor, out: Tensor) -> Tensor:
-        """out [rows, V] (rows may be strided) = hidden [rows, H] @ weight.T, any number of rows."""
-        hidden = hidden.to(torch.float32)
-        if hidden.stride(1) != 1 or hidden.stride(0) < hidden.shape[1]:
-            hidden = hidden.contiguous()
-        compute = _MKL_PACK["fns"][2]
-        v, h = self.shape
-        compute(
-            _CBLAS_ROW_MAJOR,
-            _CBLAS_NO_TRANS,
-            _CBLAS_PACKED,
-            len(hidden),
-            v,
-            h,
-            hidden.data_ptr(),
-            max(1, hidden.stride(0)),
-            self.data.data_ptr(),
-            h,
-            0.0,
-            out.data_ptr(),
-            out.stride(0),
-        )
-        return out
-
-
 class _Workspace:
     """The chunks' [rows, width] buffers, allocated once per call and reused by every chunk: on CPU a buffer this
     large comes fresh from the system at each allocation, and each chunk would pay its page faults again."""
@@ -382,16 +283,12 @@ class _Head:
     bias: Tensor | None
     scale: float = 1.0
     softcap: float | None = None
-    packed: _PackedWeight | None = None  # the weight packed for the chunks' logits, while they run (_packed_heads)
 
     def logits(self, hidden: Tensor, out: Tensor, work: _Workspace) -> Tensor:
         """float32 logits of ``hidden`` [rows, H] into ``out`` [rows, v], -inf past the head's classes."""
         v = self.weight.shape[0]
-        if self.packed is not None:
-            z = self.packed.logits(hidden, out[:, :v])
-        else:
-            low = None if self.weight.dtype == torch.float32 else work.take("low", len(hidden), v, self.weight.dtype)
-            z = _matmul_f32(hidden, self.weight.t(), out[:, :v], low)
+        low = None if self.weight.dtype == torch.float32 else work.take("low", len(hidden), v, self.weight.dtype)
+        z = _matmul_f32(hidden, self.weight.t(), out[:, :v], low)
         if self.bias is not None:
             z += self.bias
         if self.scale != 1.0:
@@ -425,7 +322,6 @@ class _Heads:
     teacher_grad: bool = False  # a teacher that learns (its hidden states require grad): its head's gradients too
 
     loss_rows: int = 0  # rows per loss call by autograd (backends without an in-place op)
-    pack: bool = False  # the heads' weights packed once per call for the chunks' logits (_rows_per_chunk)
 
     def __post_init__(self):
         self.inplace = None if self.backend.inplace is None else self.backend.inplace[self.call.plan.family]
@@ -477,7 +373,7 @@ class _Heads:
         """The teacher head's float32 logits of rows [start, stop), [rows, V_teacher], a constant (no autograd)."""
         head = self.teacher
         bias = None if head.bias is None else head.bias.detach()
-        detached = replace(head, weight=head.weight.detach(), bias=bias)
+        detached = _Head(head.weight.detach(), bias, head.scale, head.softcap)
         with torch.no_grad():
             out = work.take("teacher", stop - start, head.weight.shape[0])
             return detached.logits(self.teacher_hidden[start:stop].detach(), out, work)
@@ -615,20 +511,6 @@ class _HeadGrads:
         return [self.h, self.w, self.b]
 
 
-@contextlib.contextmanager
-def _packed_heads(p: _Heads, rows: int):
-    """With ``p.pack``, the heads' weights packed (``_PackedWeight``) for chunks of ``rows`` rows while the chunks
-    run, then freed."""
-    heads = [head for head in (p.student, p.teacher) if head is not None and p.pack]
-    try:
-        for head in heads:
-            head.packed = _PackedWeight(head.weight.detach(), rows)
-        yield
-    finally:
-        for head in heads:
-            head.packed = None
-
-
 def _run(p: _Heads, hidden: Tensor, rows: int, need: tuple[bool, ...], grad_rows: Tensor | None):
     """Loss, parts and the student's entropy per row (empty unless asked) over all chunks and, when ``need`` asks,
     (grad_hidden, grad_weight, grad_bias, grad_temperature, grad_teacher_hidden, grad_teacher_weight,
@@ -643,7 +525,7 @@ def _run(p: _Heads, hidden: Tensor, rows: int, need: tuple[bool, ...], grad_rows
     work = _Workspace(min(rows, n), hidden.device)
     # Autocast would run the chunk matmuls in low precision: they already use the weights' dtype with float32
     # accumulation, as the fused kernels do.
-    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False), _packed_heads(p, min(rows, n)):
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, n, rows):
             stop = min(start + rows, n)
             loss, loss_parts, entropy, g, dtemp, g_teacher = p.chunk(start, stop, hidden, want_grad, work)
@@ -938,9 +820,7 @@ def _rows_per_chunk(
     p: _Heads, n: int, chunk_size: object, memory_budget: object, per_row: int, fused: bool, loss_width: int
 ) -> int:
     """The rows of a chunk (``chunk_size``, else the fewest equal chunks that ``memory_budget`` bytes allow, default
-    ``default_budget``), ``p.loss_rows`` (``rows_in_budget``) for ``per_row`` bytes of chunk buffers a row, and
-    ``p.pack``: whether the heads' weights are packed once for all chunks, which the budget holds too, where there
-    are several chunks and the budget leaves the chunks at least PACKED_MIN_ROWS rows beside the packs;
+    ``default_budget``), and ``p.loss_rows`` (``rows_in_budget``) for ``per_row`` bytes of chunk buffers a row;
     ``fused``: the backend computes the gradient without autograd."""
     if chunk_size is not None:
         chunk_size = _positive("chunk_size", chunk_size, numbers.Integral)
@@ -949,14 +829,6 @@ def _rows_per_chunk(
     else:
         memory_budget = default_budget(p.student.weight.device, fused, n * per_row)
     rows, p.loss_rows = rows_in_budget(memory_budget, per_row, fused, loss_width)
-    heads = [head.weight for head in (p.student, p.teacher) if head is not None]
-    packs = [packed_bytes(weight, min(rows, n)) for weight in heads]
-    left = memory_budget - sum(packs)
-    if all(packs) and min(chunk_size or rows, n) < n and left > 0:
-        packed_rows, packed_loss_rows = rows_in_budget(left, per_row, fused, loss_width)
-        if chunk_size is not None or packed_rows >= PACKED_MIN_ROWS:
-            p.pack = True
-            rows, p.loss_rows = (rows, p.loss_rows) if chunk_size is not None else (packed_rows, packed_loss_rows)
     if chunk_size is None:  # the fewest chunks the budget allows, of equal size (no short last chunk)
         chunk_size = -(-n // -(-n // rows)) if n else rows
     return max(1, min(chunk_size, n))
