@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="fused-linear section: linear_distill_loss against full logits + the fastest fused loss "
         "(time and peak memory above inputs, LLM head shapes); writes linear.csv",
     )
+    from .bench import LINEAR_CASES, LINEAR_PATHS
+
+    bench.add_argument("--cases", nargs="+", choices=list(LINEAR_CASES), help="with --linear: subset of its losses")
+    bench.add_argument("--paths", nargs="+", choices=LINEAR_PATHS, help="with --linear: subset of its paths")
+    bench.add_argument("--reps", type=int, default=3, help="with --linear: timed steps per path (default 3)")
     bench.add_argument(
         "--cross-vocab",
         action="store_true",

@@ -370,6 +370,7 @@ LINEAR_CASES = {
     "jsd+ce": ("jsd", {"ce_weight": 0.5, "distill_weight": 0.5}),
 }
 UNCHUNKED, FUSED_LINEAR, FUSED_LINEAR_SMALL, LIGER = "unchunked", "fused-linear", "fused-linear-128M", "liger"
+LINEAR_PATHS = [UNCHUNKED, FUSED_LINEAR, FUSED_LINEAR_SMALL, LIGER]
 # The memory_budget of the FUSED_LINEAR_SMALL path: the default's floor on CPU, chunks smaller than the default's.
 SMALL_BUDGET = 128 << 20
 
@@ -539,9 +540,10 @@ def run_linear(
     table=None,
     liger: bool | None = None,
     paths=None,
+    cases=None,
 ) -> list[LinearRow]:
-    """Every (shape, case, path) of the section, or those of ``paths``; Liger's rows when ``liger`` (default: when
-    it is installed)."""
+    """Every (shape, case, path) of the section, or those of ``shapes``, ``methods`` (or ``cases``, names of
+    LINEAR_CASES) and ``paths``; Liger's rows when ``liger`` (default: when it is installed)."""
     import json
     import subprocess
     import sys
@@ -553,9 +555,9 @@ def run_linear(
         n, h, v, dtype = table[shape]
         name = str(dtype).replace("torch.", "")
         for case, (method, _) in LINEAR_CASES.items():
-            if methods and method not in methods:
+            if (methods and method not in methods) or (cases and case not in cases):
                 continue
-            for path in (UNCHUNKED, FUSED_LINEAR, FUSED_LINEAR_SMALL) + ((LIGER,) if method == "jsd" and liger else ()):
+            for path in LINEAR_PATHS[:3] + ([LIGER] if method == "jsd" and liger else []):
                 if paths and path not in paths:
                     continue
                 # A fresh process per measurement: no allocator state carried over from the previous one.
@@ -587,7 +589,9 @@ def run_linear(
                 )
                 print(format_linear_table(rows[-1:], header=len(rows) == 1), flush=True)
     for row in rows:
-        base = next(r for r in rows if (r.shape, r.case, r.path) == (row.shape, row.case, UNCHUNKED))
+        base = next((r for r in rows if (r.shape, r.case, r.path) == (row.shape, row.case, UNCHUNKED)), None)
+        if base is None:  # (paths without the unchunked one: no ratios)
+            continue
         row.vs_unchunked_time = base.ms / row.ms
         row.vs_unchunked_peak = base.peak_extra_mb / row.peak_extra_mb
         row.vs_unchunked_net_peak = base.net_peak_mb / row.net_peak_mb
@@ -715,7 +719,7 @@ def main(args) -> int:
     if args.linear:
         if not liger_available():
             print("liger-kernel is not installed: no Liger rows (pip install liger-kernel, or the llm extra)")
-        rows = run_linear(device, args.shapes, args.methods, args.out)
+        rows = run_linear(device, args.shapes, args.methods, args.out, args.reps, paths=args.paths, cases=args.cases)
         print("\n" + format_linear_table(rows))
         print(f"\nwrote {os.path.join(args.out, 'linear.csv')}")
         return 0

@@ -112,6 +112,7 @@ FULL_ONLY = {
     "test_parallel.py::test_groups_and_function_per_loss",
     "test_cli.py::test_setup_rebuilds_only_when_what_it_depends_on_changed",
     "test_cli.py::test_linear_bench_compares_paths",
+    "test_cli.py::test_linear_bench_subsets",
 }
 # Parameter -> values the quick tier keeps, for every test that takes it; per test (file::function) more of them.
 QUICK_PARAMS = {"case": lambda case: _one_per_method(case), "world": lambda world: world == 2}

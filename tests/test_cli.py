@@ -176,6 +176,19 @@ def test_linear_bench_compares_paths(tmp_path):
         assert len(list(csv.DictReader(f))) == 3
 
 
+def test_linear_bench_subsets(tmp_path):
+    """--cases, --paths and --reps pick the section's losses, paths and timed steps; without the unchunked path the
+    rows have no ratios."""
+    from kdkernels.__main__ import build_parser
+
+    args = build_parser().parse_args(["bench", "--linear", "--cases", "jsd", "--paths", "fused-linear", "--reps", "2"])
+    assert (args.cases, args.paths, args.reps) == (["jsd"], [bench.FUSED_LINEAR], 2)
+    table = {"tiny": (64, 16, 300, torch.float32)}
+    rows = bench.run_linear("cpu", out=str(tmp_path), reps=1, table=table, liger=False, paths=args.paths, cases=["jsd"])
+    assert [(r.case, r.path) for r in rows] == [("jsd", bench.FUSED_LINEAR)]
+    assert math.isnan(rows[0].vs_unchunked_time) and rows[0].ms > 0
+
+
 def test_liger_rows_check_values_first(monkeypatch):
     """The Liger rows time the same loss: its values and gradients are checked against kdkernels' first (with and
     without the hard-label term), and a loss Liger does not compute is caught."""
