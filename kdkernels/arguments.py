@@ -281,7 +281,7 @@ class Settings(LossOptions):
             raise ValueError(f"target must have the logits' leading shape {tuple(leading)}, got {tuple(target.shape)}")
         if target.device != device:
             raise ValueError(f"target must be on the logits' device {device}, got {target.device}")
-        flat = target.reshape(-1)
+        flat = target if target.dim() == 1 else target.reshape(-1)
         if not (self.indexes_target or self.return_parts):
             return flat  # it only marks the ignored rows
         if isinstance(num_classes, int) and torch.compiler.is_compiling():
