@@ -249,7 +249,6 @@ class Settings(LossOptions):
             mask = _checked_mask(mask, leading, device)
             target = torch.where(mask, target if labels else 0, self.ignore_index)
         n = leading.numel()
-        valid = torch.ones(n, dtype=torch.bool, device=device) if target is None else target != self.ignore_index
         if self.reduction != "batchmean":
             denominator = None
         elif self.normalizer is not None:
@@ -259,9 +258,13 @@ class Settings(LossOptions):
                     f"tensor on {self.normalizer.device}"
                 )
             denominator = torch.as_tensor(self.normalizer, dtype=torch.float32, device=device)
+        elif target is None:  # every row counts: no op reads a mask (a call's fixed cost at small batches)
+            denominator = torch.full((), max(n, 1), dtype=torch.float32, device=device)
         else:
-            denominator = valid.sum().clamp(min=1).to(torch.float32)
-        return LossCall(**self.__dict__, target=target, labels=labels, valid=valid, denominator=denominator)
+            denominator = (target != self.ignore_index).sum().clamp(min=1).to(torch.float32)
+        return LossCall(
+            **self.__dict__, target=target, labels=labels, rows_count=n, device=device, denominator=denominator
+        )
 
     @property
     def indexes_target(self) -> bool:
@@ -278,7 +281,7 @@ class Settings(LossOptions):
             raise ValueError(f"target must have the logits' leading shape {tuple(leading)}, got {tuple(target.shape)}")
         if target.device != device:
             raise ValueError(f"target must be on the logits' device {device}, got {target.device}")
-        flat = target.reshape(-1)
+        flat = target if target.dim() == 1 else target.reshape(-1)
         if not (self.indexes_target or self.return_parts):
             return flat  # it only marks the ignored rows
         if isinstance(num_classes, int) and torch.compiler.is_compiling():
@@ -298,8 +301,16 @@ class LossCall(Settings):
 
     target: Tensor | None = None  # [N] (ignore_index on the rows left out), or None
     labels: bool = False  # the target holds the caller's class labels (not only a mask's marks)
-    valid: Tensor | None = None  # [N] bool: rows not ignored
+    rows_count: int = 0  # N
+    device: torch.device | None = None  # the logits'
     denominator: Tensor | None = None  # 0-d float32 for batchmean, else None
+
+    @property
+    def valid(self) -> Tensor:
+        """[N] bool: the rows not ignored (made when a backend asks: the fused kernels read the target)."""
+        if self.target is None:
+            return torch.ones(self.rows_count, dtype=torch.bool, device=self.device)
+        return self.target != self.ignore_index
 
     @property
     def reduce(self) -> bool:
@@ -313,9 +324,8 @@ class LossCall(Settings):
 
     def rows(self, start: int, stop: int) -> LossCall:
         """The rows [start, stop), reduced with the whole batch's denominator."""
-        return replace(
-            self, target=None if self.target is None else self.target[start:stop], valid=self.valid[start:stop]
-        )
+        target = None if self.target is None else self.target[start:stop]
+        return replace(self, target=target, rows_count=stop - start)
 
 
 def resolve(method: object, *, table: Mapping[str, Method] = METHODS, **arguments) -> Settings:

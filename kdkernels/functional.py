@@ -104,7 +104,7 @@ def distill_loss(
     leading, v = student_logits.shape[:-1], student_logits.shape[-1]
     call = settings.bind(target, leading, v, student_logits.device, mask)
     chosen = backends.select_backend(backend, student_logits)
-    student = student_logits.reshape(-1, v)
+    student = _as_rows(student_logits, v)
     full = full_gradient(teacher_logits, temperature_tensor)
     if isinstance(teacher_logits, SparseTeacher):
         if full:
@@ -115,10 +115,15 @@ def distill_loss(
         loss, parts = _sparse_loss(chosen.impl, call, student, teacher_logits, leading)
     elif full:
         check_temperature_device(temperature_tensor, student_logits.device)
-        loss, parts = chosen.full(call, student, teacher_logits.reshape(-1, v), temperature_tensor)
+        loss, parts = chosen.full(call, student, _as_rows(teacher_logits, v), temperature_tensor)
     else:
-        loss, parts = chosen.impl(call, student, teacher_logits.reshape(-1, v))
+        loss, parts = chosen.impl(call, student, _as_rows(teacher_logits, v))
     return finish(call, loss, parts, leading)
+
+
+def _as_rows(x: Tensor, v: int) -> Tensor:
+    """x as [N, V] rows: x itself when it is 2-D (a view is an autograd node, a measurable share of a small call)."""
+    return x if x.dim() == 2 else x.reshape(-1, v)
 
 
 def _sparse_loss(impl, call, student: Tensor, teacher: SparseTeacher, leading) -> tuple[Tensor, Tensor]:

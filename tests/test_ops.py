@@ -195,3 +195,25 @@ def test_triton_launch_reads_every_option_of_the_kernel_call():
 
     source = inspect.getsource(triton_backend._launch) + inspect.getsource(triton_backend._plan_arguments)
     assert [name for name in SCALARS + FLAGS if f"call.{name}" not in source] == []
+
+
+@pytest.mark.parametrize("method", ["kd", "dkd", "abkd"])
+def test_loss_call_gives_the_op_arguments_of_its_record(method):
+    """Eager calls read the op's arguments off the loss call by the record's field names (kernel_call.op_args):
+    they equal those of the KernelCall made field by field, so a loss call that names an option differently, or
+    lacks one, fails here."""
+    from kdkernels.arguments import resolve
+    from kdkernels.backends.kernel_call import FLAGS, SCALARS, KernelCall, op_args
+
+    options = dict(temperature=3.0, ce_weight=0.5, label_smoothing=0.1, distill_weight=2.0, ignore_index=7)
+    call = resolve(method, **options, t2_scale=False, reduction="none", standardize=True, return_parts=True)
+    call = call.bind(torch.tensor([1, 7, 2]), torch.Size([3]), 10, torch.device("cpu"))
+    record = KernelCall(
+        target=call.target,
+        denominator=call.denominator,
+        code=int(call.plan.code),
+        params=tuple(map(float, call.plan.params)),
+        **{name: getattr(call, name) for name in SCALARS + FLAGS},
+    )
+    assert record.reduce is False and record.with_ce is True and record.standardize is True
+    assert op_args(call) == record.op_args()

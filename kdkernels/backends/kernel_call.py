@@ -43,33 +43,9 @@ class KernelCall:
     with_ce: bool = False  # compute the cross-entropy term (needs a target): it weighs in, or its value is asked for
     standardize: bool = False  # z-score both rows before the temperature (logit standardization)
 
-    @classmethod
-    def of(cls, call) -> KernelCall:
-        """The kernel call of a checked loss call (arguments.LossCall)."""
-        return cls(
-            target=call.target,
-            denominator=call.denominator,
-            code=int(call.plan.code),
-            params=tuple(map(float, call.plan.params)),
-            temperature=call.temperature,
-            ce_weight=call.ce_weight,
-            label_smoothing=call.label_smoothing,
-            distill_weight=call.distill_weight,
-            ignore_index=call.ignore_index,
-            t2_scale=call.t2_scale,
-            reduce=call.reduction != "none",
-            with_ce=call.with_ce,
-            standardize=call.standardize,
-        )
-
     def op_args(self) -> tuple:
         """The op's arguments after (student, teacher), in schema order (SCHEMA_ARGS)."""
-        # (a temperature tensor, under torch.compile, goes through ops.run_op, which puts its value here: NaN until
-        # then)
-        values = [getattr(self, name) for name in SCALARS]
-        scalars = [float("nan") if isinstance(v, Tensor) else float(v) for v in values]
-        flags = [int(getattr(self, name)) for name in FLAGS]
-        return self.target, self.denominator, self.code, list(self.params), scalars, flags
+        return self.target, self.denominator, self.code, list(self.params), *_numbers(self)
 
     @classmethod
     def from_op_args(cls, target, denominator, code, params, scalars, flags) -> KernelCall:
@@ -87,5 +63,23 @@ SCALARS = tuple(name for name, kind in _OPTIONS if kind == "float")
 FLAGS = tuple(name for name, kind in _OPTIONS if kind in ("int", "bool"))
 _FLAG_TYPES = {name: {"int": int, "bool": bool}[kind] for name, kind in _OPTIONS if name in FLAGS}
 assert len(SCALARS) + len(FLAGS) == len(_OPTIONS)
+
+
+def _numbers(call) -> tuple[list[float], list[int]]:
+    """(scalars, flags) of a record, or of anything that names the options as it does."""
+    # (a temperature tensor, under torch.compile, goes through ops.run_op, which puts its value here: NaN until then)
+    values = [getattr(call, name) for name in SCALARS]
+    scalars = [float("nan") if isinstance(v, Tensor) else float(v) for v in values]
+    return scalars, [int(getattr(call, name)) for name in FLAGS]
+
+
+def op_args(call) -> tuple:
+    """``KernelCall.op_args`` of a checked loss call (arguments.LossCall) without making the record: the loss call
+    names every option as the record does (a test checks), and its plan gives code and params. (Eager calls take
+    this path: at vision batch sizes the record's construction is a measurable share of a call.)"""
+    plan = call.plan
+    return call.target, call.denominator, int(plan.code), [float(x) for x in plan.params], *_numbers(call)
+
+
 # The op schema's arguments after (Tensor student, Tensor teacher).
 SCHEMA_ARGS = "Tensor? target, Tensor? denominator, int code, float[] params, float[] scalars, int[] flags"

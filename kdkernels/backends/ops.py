@@ -42,7 +42,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .kernel_call import SCALARS, SCHEMA_ARGS, KernelCall
+from .kernel_call import SCALARS, SCHEMA_ARGS, KernelCall, op_args
 
 # The schemas above, as csrc/kdkernels.cpp defines them for the extension's ops.
 _FAMILY_ARGS = f"Tensor teacher, {SCHEMA_ARGS}"
@@ -215,16 +215,10 @@ def _overloads(family: str, backend: str) -> tuple[Callable, Callable, Callable]
 def run_op(op, student: Tensor, teacher: Tensor, call, *flag):
     """``op`` (a family op, its in-place or its full sibling) on ``call`` (arguments.LossCall) and ``flag``
     (with_grad or teacher_grad): with a temperature tensor (torch.compile), through its at-temperature op."""
-    kernel_call = KernelCall.of(call)
-    if not isinstance(kernel_call.temperature, Tensor):
-        return op(student, teacher, *kernel_call.op_args(), *flag)
+    if not isinstance(call.temperature, Tensor):
+        return op(student, teacher, *op_args(call), *flag)
     at, name = _AT_CALLS[op]
-    return at(name, kernel_call.temperature, student, teacher, *kernel_call.op_args(), *flag)
-
-
-def op_args(call) -> tuple:
-    """The arguments of a family op after (student, teacher), for ``call`` (arguments.LossCall), with_grad aside."""
-    return KernelCall.of(call).op_args()
+    return at(name, call.temperature, student, teacher, *op_args(call), *flag)
 
 
 class _EagerFamilyOp(torch.autograd.Function):
