@@ -13,10 +13,15 @@ import torch
 import kdkernels
 from kdkernels import backends, bench
 
+# The demos run as a user runs them, without Triton's interpreter (which conftest sets for the kernel tests): under it
+# the demo would time every method's step on interpreted Triton kernels, minutes a run.
+DEMO_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
 
 def test_demo_quick_runs_and_reports_every_method():
     done = subprocess.run(
         [sys.executable, "-m", "kdkernels", "demo", "--quick", "--no-progress"],
+        env=DEMO_ENV,
         capture_output=True,
         text=True,
         timeout=300,
@@ -32,7 +37,8 @@ def test_demo_standardize_and_learn_temperature_add_columns():
     with a learned temperature (CTKD), each in columns of its own, the mean learned T moved from its start (4). (One
     run for both: the demo's fixed cost, the teacher and the CE-only student, is most of a run.)"""
     command = ["demo", "--quick", "--no-progress", "--standardize", "--learn-temperature", "--methods", "kd", "dkd"]
-    done = subprocess.run([sys.executable, "-m", "kdkernels", *command], capture_output=True, text=True, timeout=400)
+    run = [sys.executable, "-m", "kdkernels", *command]
+    done = subprocess.run(run, env=DEMO_ENV, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     header, _, kd, dkd = done.stdout.splitlines()[1:5]
     assert "standardized acc" in header and "learned-T acc" in header and "learned T" in header, header
@@ -50,6 +56,7 @@ def test_demo_lm_quick_trains_and_reports():
     every step-cost path; the smoke run checks the pipeline and the report, not the perplexities."""
     done = subprocess.run(
         [sys.executable, "-m", "kdkernels", "demo", "lm", "--quick", "--no-progress", "--methods", "kd", "jsd"],
+        env=DEMO_ENV,
         capture_output=True,
         text=True,
         timeout=600,
@@ -71,6 +78,7 @@ def test_demo_lm_cross_tokenizer_quick_trains_and_reports():
     batch, whose loss values agree; the smoke run checks the pipeline and the report, not the perplexities."""
     done = subprocess.run(
         [sys.executable, "-m", "kdkernels", "demo", "lm", "--cross-tokenizer", "--quick", "--no-progress"],
+        env=DEMO_ENV,
         capture_output=True,
         text=True,
         timeout=600,
