@@ -112,6 +112,7 @@ FULL_ONLY = {
     "test_cli.py::test_setup_rebuilds_only_when_what_it_depends_on_changed",
     "test_cli.py::test_linear_bench_compares_paths",
     "test_cli.py::test_linear_bench_subsets",
+    "test_integrations.py::test_torch_compile_compiles_the_students_forward",  # (the quick tier compiles the loss)
 }
 # Parameter -> values the quick tier keeps, for every test that takes it; per test (file::function) more of them.
 QUICK_PARAMS = {"case": lambda case: _one_per_method(case), "world": lambda world: world == 2}
@@ -125,6 +126,7 @@ QUICK_TEST_PARAMS = {
         for test in (
             "test_api.py::test_the_ends_of_the_temperature_range_are_finite",
             "test_numerics.py::test_dkd_tiny_target_masses_at_large_vocabulary",
+            "test_akl.py::test_streamed_rows_with_many_ties",
         )
     },
     "test_numerics.py::test_decoupled_student_offset_from_teacher": {"offset": (20000.0,)},
