@@ -469,10 +469,10 @@ def _shard_rows(call, student, teacher, with_grad, shard, full=False):
     dtype = reference.compute_dtype(student, teacher)
     temperature = call.temperature
     # As in the reference: ignored rows become zeros before any arithmetic (a NaN there cannot leak).
-    valid = call.valid.unsqueeze(-1)
-    s = torch.where(valid, student.detach().to(dtype), 0.0)
-    t = torch.where(valid, teacher.detach().to(dtype), 0.0)
-    target = None if call.target is None else torch.where(call.valid, call.target, 0)
+    valid = call.valid  # (derived from the target: made once here)
+    s = torch.where(valid.unsqueeze(-1), student.detach().to(dtype), 0.0)
+    t = torch.where(valid.unsqueeze(-1), teacher.detach().to(dtype), 0.0)
+    target = None if call.target is None else torch.where(valid, call.target, 0)
     zs, zt, sd_t = s, t, 1.0
     if call.standardize:
         zs, zt, stats, teacher_stats = _zscores(s, t, shard.group)
@@ -484,7 +484,7 @@ def _shard_rows(call, student, teacher, with_grad, shard, full=False):
     else:  # (the partition ranks the raw teacher logits; the z-score's threshold in their units)
         bins = _bins(call.plan, t, target, temperature * sd_t, shard)
         loss, grad, teacher_grad, masked = _decoupled(call.plan, zs, zt, bins, temperature, with_grad, shard, full)
-    kept = call.valid & ~masked  # a row masked in both logits on every shard is left out like an ignored one
+    kept = valid & ~masked  # a row masked in both logits on every shard is left out like an ignored one
     scale = temperature**2 if call.t2_scale else 1.0
     dtemp = None
     if full:  # -sum_j (x_j g_j + y_j gt_j) before the Jacobians, each shifted by its row max (sum_j g_j = 0)

@@ -308,12 +308,13 @@ def row_losses(
     teacher = torch.where(torch.isneginf(teacher), teacher.detach(), teacher) if teacher.requires_grad else teacher
     T = call.temperature if temperature is None else temperature.to(dtype)
     masked = torch.isneginf(student).all(-1) & torch.isneginf(teacher).all(-1)
-    kept = call.valid & ~masked
+    valid = call.valid  # (derived from the target: made once here)
+    kept = valid & ~masked
     keep = kept.unsqueeze(-1)
     # Rows left out are replaced by zeros before any arithmetic, so a NaN there cannot leak into the gradient.
     s = torch.where(keep, student.to(dtype), 0.0)
     t = torch.where(keep, teacher.to(dtype), 0.0)
-    target = None if call.target is None else torch.where(call.valid, call.target, 0)
+    target = None if call.target is None else torch.where(valid, call.target, 0)
     zs, zt, sd_t = s, t, 1.0
     if call.standardize:
         (zs, _), (zt, sd_t) = standardized(s), standardized(t)
@@ -425,7 +426,8 @@ def cross_vocab_rows(
     None; ``classes``: hybrid_rows's (None for uld). Rows left out, or masked in both models, are exactly 0."""
     dtype = compute_dtype(student, teacher)
     masked = torch.isneginf(student).all(-1) & torch.isneginf(teacher).all(-1)
-    kept = call.valid & ~masked
+    valid = call.valid  # (derived from the target: made once here)
+    kept = valid & ~masked
     keep = kept.unsqueeze(-1)
     # Rows left out are replaced by zeros before any arithmetic, so a NaN there cannot leak into the gradient.
     s = torch.where(keep, student.to(dtype), 0.0)
@@ -441,6 +443,6 @@ def cross_vocab_rows(
         loss = sorted_l1(lq.exp(), lp.exp())
     else:
         loss = hybrid_rows(params, lq, lp, classes)
-    target = None if call.target is None else torch.where(call.valid, call.target, 0)
+    target = None if call.target is None else torch.where(valid, call.target, 0)
     ce = cross_entropy_rows(s, target, kept, call.label_smoothing) if call.with_ce else None
     return torch.where(kept, loss, 0.0), ce
