@@ -210,7 +210,7 @@ class LossOptions:
 
 
 OPTIONS = tuple(f.name for f in fields(LossOptions))
-_DEFAULTS = {f.name: f.default for f in fields(LossOptions)}
+DEFAULTS = {f.name: f.default for f in fields(LossOptions)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -332,9 +332,9 @@ def resolve(method: object, *, table: Mapping[str, Method] = METHODS, **argument
     """Checks a call's method (a name of ``table``), its options (``arguments`` named in OPTIONS) and the method's
     hyperparameters (the other ``arguments``); fills in the method's defaults."""
     spec = get_method(method, table)
-    options, hyperparameters = dict(_DEFAULTS), {}
+    options, hyperparameters = dict(DEFAULTS), {}
     for name, value in arguments.items():
-        (options if name in _DEFAULTS else hyperparameters)[name] = value
+        (options if name in DEFAULTS else hyperparameters)[name] = value
     hp = spec.resolve(hyperparameters)
     if options["temperature"] is None:
         options["temperature"] = spec.temperature

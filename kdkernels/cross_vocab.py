@@ -33,9 +33,22 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from . import backends
-from .arguments import Settings, check_float_tensor, check_temperature, resolve
+from .arguments import DEFAULTS, OPTIONS, Settings, check_float_tensor, check_temperature, resolve
 from .functional import LossParts, finish
 from .methods import CROSS_VOCAB_METHODS, CrossVocab
+
+# The loss options (arguments.LossOptions) that the cross-vocabulary losses read; every other one must keep its
+# default (their hard-label term is the plain cross-entropy, and they do not standardize).
+CROSS_VOCAB_OPTIONS = (
+    "temperature",
+    "t2_scale",
+    "reduction",
+    "ignore_index",
+    "normalizer",
+    "ce_weight",
+    "distill_weight",
+    "return_parts",
+)
 
 Tensor = torch.Tensor
 
@@ -170,11 +183,12 @@ def resolve_cross_vocab(method: object, *, teacher_temperature=None, **arguments
         if isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a number here (a learnable temperature is not supported), got a tensor")
     settings = resolve(method, table=CROSS_VOCAB_METHODS, t2_scale=False, **arguments)
-    if settings.label_smoothing or settings.standardize:
+    refused = {name: getattr(settings, name) for name in OPTIONS if name not in CROSS_VOCAB_OPTIONS}
+    given = {name: value for name, value in refused.items() if value != DEFAULTS[name]}
+    if given:
         raise ValueError(
-            "the cross-vocabulary losses take neither label_smoothing nor standardize (their hard-label term is the "
-            f"plain cross-entropy), got label_smoothing={settings.label_smoothing!r}, "
-            f"standardize={settings.standardize!r}"
+            f"the cross-vocabulary losses do not take {' or '.join(refused)} (their hard-label term is the plain "
+            f"cross-entropy), got {', '.join(f'{name}={value!r}' for name, value in given.items())}"
         )
     if teacher_temperature is None:
         teacher_temperature = settings.temperature

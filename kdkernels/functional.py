@@ -138,7 +138,7 @@ def _sparse_loss(impl, call, student: Tensor, teacher: SparseTeacher, leading) -
     ce = None
     if call.with_ce:
         kept = call.valid & ~torch.isneginf(student).all(-1)
-        ce = backends.reduce(cross_entropy_rows(student.to(dtype), call.target, kept, call.label_smoothing), call)
+        ce = backends.reduce(cross_entropy_rows(call, student.to(dtype), call.target, kept), call)
     return backends.weigh(call, distill, ce)
 
 

@@ -394,10 +394,10 @@ class _Heads:
         bins, lse_tail = fold(s, teacher.indices, call.temperature, torch.float32, teacher.tail)
         ce_rows = ce_grad = None
         if call.with_ce:
-            ce_rows = cross_entropy_rows(s, call.target, call.valid, call.label_smoothing)
+            ce_rows = cross_entropy_rows(call, s, call.target, call.valid)
             if want_grad and call.ce_weight:  # its gradient times ce_weight, over the denominator when reduced
                 factor = call.ce_weight / (call.denominator if call.denominator is not None else 1.0)
-                ce_grad = cross_entropy_grad(s, call.target, call.valid, call.label_smoothing).mul_(factor)
+                ce_grad = cross_entropy_grad(call, s, call.target, call.valid).mul_(factor)
         loss, parts, grad = self._loss(
             replace(call, ce_weight=0.0, return_parts=False),
             bins,

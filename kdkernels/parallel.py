@@ -53,7 +53,7 @@ from . import backends
 from .arguments import check_float_tensor, check_temperature_device, full_gradient, resolve, split_temperature
 from .backends import reference
 from .backends.ops import consume_full_gradients
-from .backends.reference import smoothed_ce, smoothed_ce_grad_
+from .backends.reference import cross_entropy_grad_of_sums, cross_entropy_of_sums, cross_entropy_sums
 from .functional import finish
 from .methods import DIVERGENCE, METHODS, STANDARDIZE_EPS, Bin, Divergence, Partition, Plan
 
@@ -410,23 +410,16 @@ def _decoupled(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _cross_entropy(s: Tensor, target: Tensor, label_smoothing: float, with_grad: bool, shard: Shard):
-    """Per-row hard-label term at T = 1 over the whole vocabulary [N] (before masking; reference.smoothed_ce) and its
-    gradient on the shard or None, from the raw logits of the shard: the row max, then the sum of exp, the target's
-    logit (on the rank that owns it) and the sum and count of the unmasked logits are all-reduced."""
+def _cross_entropy(call, s: Tensor, target: Tensor, with_grad: bool, shard: Shard):
+    """Per-row hard-label term at T = 1 over the whole vocabulary [N] (before masking) and its gradient on the shard
+    or None, from the raw logits of the shard: the row max, then the shards' reference.cross_entropy_sums are
+    all-reduced and read as the reference reads a whole row's."""
     maxes = _all_reduce(s.amax(-1), dist.ReduceOp.MAX, shard.group)
-    shift = torch.where(torch.isneginf(maxes), 0.0, maxes).unsqueeze(-1)
-    exp = (s - shift).exp_()
+    x = s - torch.where(torch.isneginf(maxes), 0.0, maxes).unsqueeze(-1)
     owner = shard.classes(s.shape[-1], s.device) == target.unsqueeze(-1)
-    unmasked = ~torch.isneginf(s)
-    local = [exp.sum(-1), torch.where(owner, s, 0.0).sum(-1), torch.where(unmasked, s, 0.0).sum(-1), unmasked.sum(-1)]
-    sums = _all_reduce(torch.stack([x.to(s.dtype) for x in local], -1), dist.ReduceOp.SUM, shard.group)
-    lse = shift.squeeze(-1) + sums[:, 0].log()
-    ce = smoothed_ce(lse, sums[:, 1], sums[:, 2], sums[:, 3], label_smoothing)
-    if not with_grad:
-        return ce, None
-    softmax = exp.div_(sums[:, :1])
-    return ce, smoothed_ce_grad_(softmax, owner.to(exp.dtype), unmasked, sums[:, 3:], label_smoothing)
+    sums = _all_reduce(cross_entropy_sums(x, owner), dist.ReduceOp.SUM, shard.group)
+    ce = cross_entropy_of_sums(call, sums)
+    return ce, cross_entropy_grad_of_sums(call, x, owner, sums) if with_grad else None
 
 
 def _zscores(
@@ -508,7 +501,7 @@ def _shard_rows(call, student, teacher, with_grad, shard, full=False):
     if grad is not None:
         grad = reference.weighted(call.distill_weight, grad * scale)
     if call.with_ce:
-        ce, ce_grad = _cross_entropy(s, target, call.label_smoothing, with_grad and call.ce_weight != 0, shard)
+        ce, ce_grad = _cross_entropy(call, s, target, with_grad and call.ce_weight != 0, shard)
         ce = torch.where(kept, ce, 0.0)
         if ce_grad is not None:
             grad = grad + call.ce_weight * ce_grad

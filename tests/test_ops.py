@@ -188,13 +188,19 @@ def test_compiled_temperature_outside_the_range_is_refused(fused, device):
 
 
 def test_triton_launch_reads_every_option_of_the_kernel_call():
-    """The Triton launcher reads each option of KernelCall by name (a new option that it does not pass to the kernel
-    fails here; the C++ side is checked by tests/test_extension.py's comparison of the X-macro lists)."""
+    """The Triton kernels read each option of KernelCall: the launcher passes the int and bool fields by name and
+    the float fields as one tuple (KernelCall.scalars), which the kernels read at index constants of
+    triton/common.py named after the fields (a new option that does not reach the kernels fails here; the C++ side
+    is checked by tests/test_extension.py's comparison of the X-macro lists)."""
     from kdkernels.backends import triton as triton_backend
     from kdkernels.backends.kernel_call import FLAGS, SCALARS
+    from kdkernels.backends.triton import common
 
     source = inspect.getsource(triton_backend._launch) + inspect.getsource(triton_backend._plan_arguments)
-    assert [name for name in SCALARS + FLAGS if f"call.{name}" not in source] == []
+    assert "call.scalars()" in source
+    assert [name for name in FLAGS if f"call.{name}" not in source] == []
+    indices = {name: getattr(getattr(common, name.upper(), None), "value", None) for name in SCALARS}
+    assert indices == {name: i for i, name in enumerate(SCALARS)}
 
 
 @pytest.mark.parametrize("method", ["kd", "dkd", "abkd"])

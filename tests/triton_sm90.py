@@ -1,14 +1,16 @@
 """Compiles the Triton kernel specialisations for the H200 (sm_90) and reads each one's registers, spills and shared
 memory: the subprocess side of tests/test_triton_compile.py.
 
-    python tests/triton_sm90.py FAMILY OUT.json
+    python tests/triton_sm90.py FAMILY OUT.json [--covering]
 
 It needs no pytest, so it also runs under the Triton 3.6.0 venv (.venv-triton36, the GPU machine's Triton), with
 kdkernels from this checkout on PYTHONPATH. ptxas's -v log comes from Triton's own compile (TRITON_DUMP_PTXAS_LOG
 prints it; TRITON_ALWAYS_COMPILE makes a kernel in Triton's cache compile again, or there would be no log): no
 driver is needed, and no second ptxas run. A specialisation that fails to compile does not stop the others (its
 error comes with the compiler's diagnostics). OUT.json gets {"triton": version, "records": [Resources fields ...],
-"failures": [[specialisation, error] ...]}.
+"failures": [[specialisation, error] ...]}. With --covering it compiles fewer specialisations of the two families'
+kernels that still take every compile-time branch once per code (specialisations()): enough to show that a Triton
+compiles the code, not to report every launch shape's registers.
 """
 
 from __future__ import annotations
@@ -59,10 +61,14 @@ def compile_for_h200(kernel, pointer_types: dict, constexprs: dict, options: dic
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from kdkernels.backends.kernel_call import SCALARS
+
     signature = {}
     for p in kernel.params:
         if p.is_constexpr:
             signature[p.name] = "constexpr"
+        elif p.name == "scalars":  # (the kernel call's float fields: kernel_call.SCALARS)
+            signature[p.name] = ("fp32",) * len(SCALARS)
         elif p.name.endswith("_ptr"):
             signature[p.name] = pointer_types.get(p.name, "*fp32")
         else:
@@ -113,11 +119,13 @@ def decoupled_plans() -> list[tuple]:
     )
 
 
-def specialisations(family: str) -> list[tuple]:
+def specialisations(family: str, covering: bool = False) -> list[tuple]:
     """(kernel, pointer types, constexprs, compile options, label) of every specialisation of a family to compile: every
     code (divergence) or decoupled plan the test cases reach on both layouts, with and without standardize; the full
     gradient (FULL, TEACHER_GRAD) goes with standardize, on streamed rows for every code and on one tile for a few
-    (its code paths are the same per code there, its compile time is not small)."""
+    (its code paths are the same per code there, its compile time is not small). ``covering`` keeps, per code, the
+    one-tile rows without standardize, the streamed rows with it (and the full gradient) and the full gradient on one
+    tile: each branch of SINGLE_TILE, STANDARDIZE and FULL once."""
     from kdkernels.backends.triton.common import launch_shape, scale_rows_kernel
     from kdkernels.backends.triton.decoupled import decoupled_kernel
     from kdkernels.backends.triton.divergence import divergence_kernel
@@ -145,6 +153,8 @@ def specialisations(family: str) -> list[tuple]:
     for code, code_name, full_on_one_tile in codes:
         for layout, standardize in itertools.product(LAYOUT_ROWS, (False, True)):
             full = standardize and (layout == "stream" or full_on_one_tile)
+            if covering and (layout == "stream") != standardize and not full:
+                continue
             block_n, block_v, warps, single, maxnreg = launch_shape(
                 family, *LAYOUT_ROWS[layout], full=full, akl=family == "divergence" and code == Divergence.AKL
             )
@@ -250,11 +260,11 @@ def stderr_to(file):
         os.close(saved)
 
 
-def main(family: str, out_path: str) -> None:
+def main(family: str, out_path: str, *flags: str) -> None:
     import triton
 
     records, failures = [], []
-    for spec in specialisations(family):
+    for spec in specialisations(family, covering="--covering" in flags):
         with tempfile.TemporaryFile("w+") as said:
             try:
                 with stderr_to(said):

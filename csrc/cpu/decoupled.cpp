@@ -236,13 +236,13 @@ void decoupled_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
   RowBuffers<M> buf(a, 2);  // (decoupled_row's es_row and et_row)
   std::vector<std::pair<M, int64_t>> heap;
   heap.reserve(PARTITION == TOPK ? size_t(c.k) : 0);
-  const M threshold(a.temperature * c.log_tau);  // THRESHOLD: t_i - max t >= T log(tau), in double like the others
+  const M threshold(a.opt.temperature * c.log_tau);  // THRESHOLD: t_i - max t >= T log(tau), in double like the others
   for_rows<M>(a, begin, end, buf,
               [&](const auto* s, const auto* t, int64_t target, M* g, M* ce, const auto* t_rank, M rank_scale, M* gt,
                   M* dtemp) {
                 return decoupled_row<PARTITION, M>(s, t, t_rank, target, g, ce, gt, dtemp, buf, a.v, c,
-                                                   M(a.temperature), threshold * rank_scale, M(a.grad_scale),
-                                                   CeOptions<M>::of(a), a.t2_scale, heap);
+                                                   M(a.opt.temperature), threshold * rank_scale, M(a.grad_scale),
+                                                   CeOptions<M>::of(a), a.opt.t2_scale, heap);
               });
 }
 

@@ -262,8 +262,9 @@ void divergence_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
   RowBuffers<M> rows(a, keeps_r || CODE == AKL ? 3 : 2);  // (divergence_row's es_row, et_row and kept)
   for_rows<M>(a, begin, end, rows,
               [&](const auto* s, const auto* t, int64_t target, M* g, M* ce, const auto* t_rank, M, M* gt, M* dtemp) {
-                return divergence_row<CODE, M>(s, t, t_rank, target, g, ce, gt, dtemp, rows, a.v, c, M(a.temperature),
-                                               M(a.grad_scale), CeOptions<M>::of(a), a.t2_scale);
+                return divergence_row<CODE, M>(s, t, t_rank, target, g, ce, gt, dtemp, rows, a.v, c,
+                                               M(a.opt.temperature), M(a.grad_scale), CeOptions<M>::of(a),
+                                               a.opt.t2_scale);
               });
 }
 

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "../kernel_call.h"
+
 namespace kdkernels::cpu {
 
 // One checked family call (ops.cpp), for the rows [begin, end) a worker thread is given.
@@ -18,26 +20,22 @@ struct RowsArgs {
   int64_t student_stride;  // elements between rows
   int64_t teacher_stride;
   const int64_t* target;  // [N] or nullptr
-  int64_t ignore_index;
-  void* loss;     // [N] per-row losses in the math type (double when math_double, else float)
-  void* ce_loss;  // [N] the cross-entropy term's rows likewise, or nullptr without it
-  void* grad;     // [N, V] contiguous, or nullptr when no gradient is asked for
+  void* loss;             // [N] per-row losses in the math type (double when math_double, else float)
+  void* ce_loss;          // [N] the cross-entropy term's rows likewise, or nullptr without it
+  void* grad;             // [N, V] contiguous, or nullptr when no gradient is asked for
   int64_t n, v;
   int code;              // the plan's code (divergence.h Divergence, decoupled.h Partition)
   const double* params;  // the plan's named parameters, in their order
-  double temperature;
-  double t2;               // T^2 with t2_scale, else 1
-  double grad_scale;       // distill_weight t2 / T / denominator (1 without one): the method's gradient factor
-  double ce_scale;         // ce_weight / denominator: the cross-entropy's gradient factor
-  double label_smoothing;  // the cross-entropy's eps (rows.h CrossEntropy)
-  bool math_double;        // float64 math (when an input is float64)
-  bool standardize;        // z-score both rows first (logit standardization, row_math.h ZScore)
+  CallOptions opt;       // the kernel call's options (kernel_call.h)
+  double t2;             // T^2 with t2_scale, else 1
+  double grad_scale;     // distill_weight t2 / T / denominator (1 without one): the method's gradient factor
+  double ce_scale;       // ce_weight / denominator: the cross-entropy's gradient factor
+  bool math_double;      // float64 math (when an input is float64)
   // The full gradient (a learnable temperature, a teacher that requires grad): with temperature_grad, the teacher's
   // gradient too, stored into teacher_grad ([N, V] contiguous, the teacher's dtype) unless nullptr, and per row
   // d loss / d T into temperature_grad ([N], the math type), both scaled like the student's.
   void* teacher_grad = nullptr;
   void* temperature_grad = nullptr;
-  bool t2_scale = false;
 };
 
 using RowsFn = void (*)(const RowsArgs&, int64_t begin, int64_t end);

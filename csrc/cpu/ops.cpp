@@ -65,7 +65,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(const FamilyArgs& a, b
                 call.student.stride(0),
                 call.teacher.stride(0),
                 call.target.defined() ? call.target.data_ptr<int64_t>() : nullptr,
-                o.ignore_index,
                 call.loss_rows.data_ptr(),
                 o.with_ce ? call.ce_rows.data_ptr() : nullptr,
                 with_grad ? call.grad.data_ptr() : nullptr,
@@ -73,17 +72,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(const FamilyArgs& a, b
                 call.v,
                 int(a.code),
                 a.params.data(),
-                o.temperature,
+                o,
                 o.t2(),
                 o.distill_weight * o.t2() / o.temperature * inv_denom,
                 o.ce_weight * inv_denom,
-                o.label_smoothing,
-                call.math_double,
-                o.standardize};
+                call.math_double};
   if (full != nullptr) {
     args.teacher_grad = teacher_grad ? call.teacher_grad.data_ptr() : nullptr;
     args.temperature_grad = call.temperature_grad.data_ptr();
-    args.t2_scale = o.t2_scale;
   }
   const RowsFn rows = kernel_for_this_cpu(FAMILY);
   // Enough rows per task to amortise its start, and never fewer than one row.

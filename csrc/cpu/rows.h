@@ -146,15 +146,15 @@ struct RowBuffers {
   bool stream_grad = false;
 
   RowBuffers(const RowsArgs& a, int extra_rows)
-      : memory(size_t(a.v) * (3 + extra_rows + (a.standardize ? 3 : 0) + (a.teacher_grad ? 1 : 0))) {
+      : memory(size_t(a.v) * (3 + extra_rows + (a.opt.standardize ? 3 : 0) + (a.teacher_grad ? 1 : 0))) {
     s = memory.data();
     t = s + a.v;
     g = t + a.v;
     extra = g + a.v;
     zs = extra + size_t(a.v) * extra_rows;
-    zt = zs + (a.standardize ? a.v : 0);
-    raw = zt + (a.standardize ? a.v : 0);
-    gt = raw + (a.standardize ? a.v : 0);
+    zt = zs + (a.opt.standardize ? a.v : 0);
+    raw = zt + (a.opt.standardize ? a.v : 0);
+    gt = raw + (a.opt.standardize ? a.v : 0);
   }
 };
 
@@ -231,7 +231,7 @@ std::pair<M, M> unmasked_count_sum(const S* x, int64_t v) {
 template <class M>
 struct CeOptions {
   M scale, smoothing;
-  static CeOptions of(const RowsArgs& a) { return {M(a.ce_scale), M(a.label_smoothing)}; }
+  static CeOptions of(const RowsArgs& a) { return {M(a.ce_scale), M(a.opt.label_smoothing)}; }
 };
 
 // The hard-label term of one row at T = 1 (docs/losses.md, "The hard-label term"), from m1 = max s and
@@ -386,9 +386,9 @@ void for_rows(const RowsArgs& a, int64_t begin, int64_t end, RowBuffers<M>& buf,
   const size_t grad_row_bytes = size_t(a.v) * c10::elementSize(a.student_dtype);
   const size_t teacher_grad_row_bytes = size_t(a.v) * c10::elementSize(a.teacher_dtype);
   // (Not with standardize, which reads the gradient row back through the z-score's Jacobian.)
-  buf.stream_grad = grad_in_place && !a.standardize && int64_t(grad_row_bytes) * a.n >= STREAM_GRAD_BYTES;
+  buf.stream_grad = grad_in_place && !a.opt.standardize && int64_t(grad_row_bytes) * a.n >= STREAM_GRAD_BYTES;
   // Rows of two bf16 inputs go to the row function as they are (it loads them through load(const BFloat16*)).
-  const bool bf16_rows = std::is_same_v<M, float> && !a.standardize && a.student_dtype == ScalarType::BFloat16 &&
+  const bool bf16_rows = std::is_same_v<M, float> && !a.opt.standardize && a.student_dtype == ScalarType::BFloat16 &&
                          a.teacher_dtype == ScalarType::BFloat16;
   buf.s_item = int64_t(c10::elementSize(a.student_dtype));
   buf.t_item = int64_t(c10::elementSize(a.teacher_dtype));
@@ -400,7 +400,7 @@ void for_rows(const RowsArgs& a, int64_t begin, int64_t end, RowBuffers<M>& buf,
     void* teacher_grad_row = a.teacher_grad ? static_cast<char*>(a.teacher_grad) + i * teacher_grad_row_bytes : nullptr;
     M* ce = ce_loss == nullptr ? nullptr : ce_loss + i;
     M* dtemp = temperature_grad == nullptr ? nullptr : temperature_grad + i;
-    if (a.target && target == a.ignore_index) {
+    if (a.target && target == a.opt.ignore_index) {
       loss[i] = M(0);
       if (ce) *ce = M(0);
       if (dtemp) *dtemp = M(0);
@@ -417,9 +417,9 @@ void for_rows(const RowsArgs& a, int64_t begin, int64_t end, RowBuffers<M>& buf,
     } else {
       const M* s = row_as<M>(a.student, a.student_dtype, a.student_stride, i, a.v, buf.s);
       const M* t = row_as<M>(a.teacher, a.teacher_dtype, a.teacher_stride, i, a.v, buf.t);
-      loss[i] = (a.standardize ? standardized_row(s, t, target, g, ce, a.v, CeOptions<M>::of(a), a.grad_scale != 0.0,
-                                                  buf, gt, dtemp, row)
-                               : row(s, t, target, g, ce, t, M(1), gt, dtemp)) *
+      loss[i] = (a.opt.standardize ? standardized_row(s, t, target, g, ce, a.v, CeOptions<M>::of(a),
+                                                      a.grad_scale != 0.0, buf, gt, dtemp, row)
+                                   : row(s, t, target, g, ce, t, M(1), gt, dtemp)) *
                 M(a.t2);
     }
     if (g != nullptr && !grad_in_place) store_row(g, a.v, a.student_dtype, grad_row);

@@ -224,19 +224,33 @@ inline int threads_for(int64_t v) {
   return threads;
 }
 
-// What a launch needs besides the checked call: scalars of the schema and the pointers of its optional tensors.
+// The kernel call's options (kernel_call.h CallOptions) as the kernels read them: the float fields in float, the
+// kernels' math type (no double arithmetic on the device).
+#define KDKERNELS_FLOAT_FIELD(type, name) float name;
+#define KDKERNELS_FLOAT_COPY(type, name) out.name = float(o.name);
+#define KDKERNELS_FLAG_COPY(type, name) out.name = o.name;
+struct LaunchOptions {
+  KDKERNELS_CALL_SCALARS(KDKERNELS_FLOAT_FIELD)
+  KDKERNELS_CALL_FLAGS(KDKERNELS_PARAM_FIELD)
+
+  static LaunchOptions of(const CallOptions& o) {
+    LaunchOptions out;
+    KDKERNELS_CALL_SCALARS(KDKERNELS_FLOAT_COPY)
+    KDKERNELS_CALL_FLAGS(KDKERNELS_FLAG_COPY)
+    return out;
+  }
+};
+
+// What a launch needs besides the checked call: the options and the pointers of its optional tensors.
 struct LaunchArgs {
   const int64_t* target;     // [N] or nullptr
   const float* denominator;  // 0-d float32 or nullptr (the gradient is scaled by 1 / *denominator)
-  float temperature, t2;
-  int64_t ignore_index;
-  float ce_weight, label_smoothing, distill_weight;
-  float* ce_loss;    // [N] the cross-entropy term's rows, or nullptr without it
-  bool standardize;  // z-score both rows first (row_math.h ZScore)
+  LaunchOptions opt;
+  float t2;        // T^2 with t2_scale, else 1
+  float* ce_loss;  // [N] the cross-entropy term's rows, or nullptr without it
   // The full gradient (the *_full ops): d loss / d T per row ([N]), else nullptr; the teacher's gradient goes to
   // Rows::gt.
   float* temperature_grad = nullptr;
-  bool t2_scale = false;
 };
 
 // The CUDA kernels compute in float32 and read both inputs in one dtype. They run on the inputs' dtype when
@@ -267,15 +281,8 @@ inline CudaCall prepare_cuda_call(const char* op, const FamilyArgs& a, int num_c
   }
   if (o.reduce && a.denominator.has_value()) c.denominator = a.denominator->reshape({}).to(at::kFloat);
   c.args = {c.call.target.defined() ? c.call.target.data_ptr<int64_t>() : nullptr,
-            c.denominator.defined() ? c.denominator.data_ptr<float>() : nullptr,
-            float(o.temperature),
-            float(o.t2()),
-            o.ignore_index,
-            float(o.ce_weight),
-            float(o.label_smoothing),
-            float(o.distill_weight),
-            o.with_ce ? c.call.ce_rows.data_ptr<float>() : nullptr,
-            o.standardize};
+            c.denominator.defined() ? c.denominator.data_ptr<float>() : nullptr, LaunchOptions::of(o), float(o.t2()),
+            o.with_ce ? c.call.ce_rows.data_ptr<float>() : nullptr};
   c.temperature = o.temperature;
   return c;
 }
@@ -296,7 +303,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(const FamilyArgs& a, b
                          ? c.call.teacher_grad
                          : at::empty({c.call.n, c.call.v}, c.teacher.options());
     c.args.temperature_grad = c.call.temperature_grad.data_ptr<float>();
-    c.args.t2_scale = c.call.opt.t2_scale;
   }
   TORCH_CHECK(c.call.n <= INT32_MAX, Family::name, ": at most 2^31 - 1 rows, got ", c.call.n);
   if (c.call.n > 0) {
@@ -371,14 +377,14 @@ __device__ __forceinline__ void skip_row(const Rows<T>& r, const LaunchArgs& a, 
 // Skips an ignored row (skip_row). Returns whether it was ignored.
 template <class T>
 __device__ __forceinline__ bool skip_ignored_row(const Rows<T>& r, const LaunchArgs& a, int64_t row) {
-  if (a.target == nullptr || a.target[row] != a.ignore_index) return false;
+  if (a.target == nullptr || a.target[row] != a.opt.ignore_index) return false;
   skip_row(r, a, row);
   return true;
 }
 
 // distill_weight (1/T) (T^2 with t2_scale) (1/denominator when reduced): the factor of the method's gradient.
 __device__ __forceinline__ float grad_scale(const LaunchArgs& a) {
-  return a.distill_weight * a.t2 / a.temperature / (a.denominator != nullptr ? *a.denominator : 1.f);
+  return a.opt.distill_weight * a.t2 / a.opt.temperature / (a.denominator != nullptr ? *a.denominator : 1.f);
 }
 
 // One row's z-score (row_math.h ZScore) and its Jacobian applied to the family's gradient G = dL/dz once the block
@@ -470,7 +476,7 @@ __device__ __forceinline__ TargetLogit target_logit(const Rows<T>& r, const Laun
   if (a.ce_loss == nullptr) return {0.f, 0.f};
   const int64_t target = a.target[row];
   const float s_y = target >= 0 && target < r.v ? to_float(s[target]) : NAN;
-  const float eps = a.label_smoothing;
+  const float eps = a.opt.label_smoothing;
   if (eps == 0.f) return {s_y, 0.f};
   Sum2 unmasked;  // (count, sum)
   walk_row(s, s, static_cast<T*>(nullptr), r.v, [&](int64_t, float sj, float) {
@@ -487,8 +493,8 @@ __device__ __forceinline__ CrossEntropy cross_entropy(const LaunchArgs& a, int64
   if (a.ce_loss == nullptr) return {0.f, 0.f, 0.f, 0, 0.f, 0.f};
   const float lz1 = logf(raw.z);
   if (threadIdx.x == 0) a.ce_loss[row] = (raw.m - y.value) + lz1;  // (the difference of two large logits is exact)
-  const float scale = a.ce_weight / (a.denominator != nullptr ? *a.denominator : 1.f);
-  return {raw.m, lz1, scale, a.target[row], a.label_smoothing, y.share};
+  const float scale = a.opt.ce_weight / (a.denominator != nullptr ? *a.denominator : 1.f);
+  return {raw.m, lz1, scale, a.target[row], a.opt.label_smoothing, y.share};
 }
 
 // Calls f(T()) with T the C++ type of the kernel's input dtype.

@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(512)
     });
     mb.t_max = block_reduce(t_max, max_scratch).x;
   }
-  RowZScores zs = row_zscores(s, t, r.v, a.standardize, moment_scratch);
+  RowZScores zs = row_zscores(s, t, r.v, a.opt.standardize, moment_scratch);
   mb.threshold *= zs.t.stats.sd;  // (z_i - max z >= T log(tau)  <=>  t_i - max t >= T log(tau) sd)
   // (1)
   const bool with_ce = a.ce_loss != nullptr;
@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(512)
   walk_row(s, t, no_store, r.v, [&](int64_t j, float sj, float tj) {
     bool in_top1, in_strong;
     membership<PARTITION, F>(mb, tj, 0.f, j, in_top1, in_strong);
-    bins[in_top1 ? TOP1 : in_strong ? STRONG : REST].add(zs.y(tj, a.temperature), zs.x(sj, a.temperature));
+    bins[in_top1 ? TOP1 : in_strong ? STRONG : REST].add(zs.y(tj, a.opt.temperature), zs.x(sj, a.opt.temperature));
     if (with_ce) l1.add(sj);
     return 0.f;
   });
@@ -145,13 +145,13 @@ __global__ void __launch_bounds__(512)
     auto grads = [&](int64_t j, float sj, float tj) {
       bool in_top1, in_strong;
       membership<PARTITION, F>(mb, tj, 0.f, j, in_top1, in_strong);
-      const float y = zs.y(tj, a.temperature);
-      const InBin<float> b = in_bin<F>(d, in_top1, in_strong, zs.x(sj, a.temperature), y);
+      const float y = zs.y(tj, a.opt.temperature);
+      const InBin<float> b = in_bin<F>(d, in_top1, in_strong, zs.x(sj, a.opt.temperature), y);
       return make_float2(
           decoupled_grad<F>(d, in_top1, in_strong, b, scale),
           a.temperature_grad != nullptr ? decoupled_teacher_grad<F>(d, in_top1, in_strong, b, y, scale) : 0.f);
     };
-    if (a.standardize) {
+    if (a.opt.standardize) {
       Sum2 sums, teacher_sums;
       walk_row(s, t, static_cast<T*>(nullptr), r.v, [&](int64_t j, float sj, float tj) {
         const float2 gj = grads(j, sj, tj);
@@ -167,14 +167,14 @@ __global__ void __launch_bounds__(512)
                        nan_max(nan_max(st.m[TOP1], st.m[STRONG]), st.m[REST])};
     walk_row_pair(s, t, g, gt, r.v, [&](int64_t j, float sj, float tj) {
       const float2 gj = grads(j, sj, tj);
-      if (a.temperature_grad != nullptr) dt.add(zs.x(sj, a.temperature), gj.x, zs.y(tj, a.temperature), gj.y);
+      if (a.temperature_grad != nullptr) dt.add(zs.x(sj, a.opt.temperature), gj.x, zs.y(tj, a.opt.temperature), gj.y);
       // (scale 0, distill_weight = 0: the gradients are 0, kept 0 rather than carried through a NaN z-score)
-      const bool through = a.standardize && scale != 0.f;
+      const bool through = a.opt.standardize && scale != 0.f;
       return make_float2((through ? zs.s.grad(gj.x, sj) : gj.x) + (with_ce ? xent.grad(j, sj) : 0.f),
                          through ? zs.t.grad(gj.y, tj) : gj.y);
     });
     if (a.temperature_grad != nullptr) {
-      const float dtemp = dt.value(a.t2_scale, scale, d.loss, sum_scratch);
+      const float dtemp = dt.value(a.opt.t2_scale, scale, d.loss, sum_scratch);
       if (threadIdx.x == 0) a.temperature_grad[row] = dtemp;
     }
   }

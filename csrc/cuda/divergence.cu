@@ -148,11 +148,11 @@ __global__ void __launch_bounds__(512, 2) divergence_kernel(Rows<T> r, LaunchArg
   const bool with_ce = a.ce_loss != nullptr;
   const TargetLogit s_y = target_logit(r, a, row, s, sum2_scratch);
   // (0), (1)
-  RowZScores zs = row_zscores(s, t, r.v, a.standardize, moment_scratch);
+  RowZScores zs = row_zscores(s, t, r.v, a.opt.standardize, moment_scratch);
   Lse lx, ly, l1;
   walk_row(s, t, static_cast<T*>(nullptr), r.v, [&](int64_t, float sj, float tj) {
-    lx.add(zs.x(sj, a.temperature));
-    ly.add(zs.y(tj, a.temperature));
+    lx.add(zs.x(sj, a.opt.temperature));
+    ly.add(zs.y(tj, a.opt.temperature));
     if (with_ce) l1.add(sj);
     return 0.f;
   });
@@ -166,11 +166,11 @@ __global__ void __launch_bounds__(512, 2) divergence_kernel(Rows<T> r, LaunchArg
   float head_value = 0.f;
   int64_t head_end = 0;
   if constexpr (CODE == AKL) {
-    auto p = [&](float tj) { return expf((zs.y(tj, a.temperature) - ly.m) - lzy); };
+    auto p = [&](float tj) { return expf((zs.y(tj, a.opt.temperature) - ly.m) - lzy); };
     head_value = akl_head(t, r.v, c.mu, p, &head_end, sum_scratch, sum2_scratch);
   }
   auto terms = [&](int64_t j, float sj, float tj) {
-    return divergence_terms<CODE, F>(c, zs.x(sj, a.temperature), zs.y(tj, a.temperature), lx.m, lzx, ly.m, lzy,
+    return divergence_terms<CODE, F>(c, zs.x(sj, a.opt.temperature), zs.y(tj, a.opt.temperature), lx.m, lzx, ly.m, lzy,
                                      in_akl_head<F>(tj, head_value, head_end, 0.f, j));
   };
   // (2)
@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(512, 2) divergence_kernel(Rows<T> r, LaunchArg
   T* gt = r.gt == nullptr ? nullptr : r.gt + row * r.v;
   Sum sum_l, sum_r, sum_e, sum_f, sum_rt;
   const DivergenceRow<float> kd_row = divergence_row<CODE>(c, 0.f, 0.f, 0.f, 0.f);  // (kd's gradient: no row sum)
-  const bool kd_writes = CODE == KD && !a.standardize && !full;
+  const bool kd_writes = CODE == KD && !a.opt.standardize && !full;
   walk_row<TERMS_PACK>(s, t, kd_writes ? g : static_cast<T*>(nullptr), r.v, [&](int64_t j, float sj, float tj) {
     const ClassTerms<float> k = terms(j, sj, tj);
     sum_l.x += k.l;
@@ -200,9 +200,9 @@ __global__ void __launch_bounds__(512, 2) divergence_kernel(Rows<T> r, LaunchArg
   const DivergenceRow<float>& grad_row = CODE == KD ? kd_row : row_sums;
   const float sum_teacher_r = teacher_sum_r<CODE>(row_sums, sum_rt.x);
   auto teacher_grad = [&](const ClassTerms<float>& k, float tj) {
-    return divergence_teacher_grad<CODE, F>(k, row_sums, sum_teacher_r, zs.y(tj, a.temperature), scale);
+    return divergence_teacher_grad<CODE, F>(k, row_sums, sum_teacher_r, zs.y(tj, a.opt.temperature), scale);
   };
-  if (a.standardize && g != nullptr) {
+  if (a.opt.standardize && g != nullptr) {
     Sum2 sums, teacher_sums;
     walk_row<TERMS_PACK>(s, t, static_cast<T*>(nullptr), r.v, [&](int64_t j, float sj, float tj) {
       const ClassTerms<float> k = terms(j, sj, tj);
@@ -222,17 +222,17 @@ __global__ void __launch_bounds__(512, 2) divergence_kernel(Rows<T> r, LaunchArg
     walk_row_pair<TERMS_PACK>(s, t, g, gt, r.v, [&](int64_t j, float sj, float tj) {
       const ClassTerms<float> k = terms(j, sj, tj);
       const float gj = divergence_grad<CODE, F>(k, grad_row, scale), gtj = teacher_grad(k, tj);
-      dt.add(zs.x(sj, a.temperature), gj, zs.y(tj, a.temperature), gtj);
-      const bool through = a.standardize && scale != 0.f;  // (scale 0: gradients 0, not through a NaN z-score)
+      dt.add(zs.x(sj, a.opt.temperature), gj, zs.y(tj, a.opt.temperature), gtj);
+      const bool through = a.opt.standardize && scale != 0.f;  // (scale 0: gradients 0, not through a NaN z-score)
       return make_float2((through ? zs.s.grad(gj, sj) : gj) + (with_ce ? xent.grad(j, sj) : 0.f),
                          through ? zs.t.grad(gtj, tj) : gtj);
     });
-    const float dtemp = dt.value(a.t2_scale, scale, row_sums.loss, sum_scratch);
+    const float dtemp = dt.value(a.opt.t2_scale, scale, row_sums.loss, sum_scratch);
     if (threadIdx.x == 0) a.temperature_grad[row] = dtemp;
   } else if (!kd_writes && g != nullptr) {
     walk_row<TERMS_PACK>(s, t, g, r.v, [&](int64_t j, float sj, float tj) {
       const float gj = divergence_grad<CODE, F>(terms(j, sj, tj), grad_row, scale);
-      return (a.standardize && scale != 0.f ? zs.s.grad(gj, sj) : gj) + (with_ce ? xent.grad(j, sj) : 0.f);
+      return (a.opt.standardize && scale != 0.f ? zs.s.grad(gj, sj) : gj) + (with_ce ? xent.grad(j, sj) : 0.f);
     });
   }
 }

@@ -10,8 +10,8 @@ them by tests/test_ops.py:
   its type, in field order: the float fields in ``float[] scalars`` (``SCALARS``), the int and bool fields in
   ``int[] flags`` (``FLAGS``);
 - the C++ and CUDA kernels read those lists into ``CallOptions`` (csrc/kernel_call.h), whose X-macro lists must name
-  the same fields in the same order (the extension exports them; a test compares); the Triton launcher reads the
-  record's attributes.
+  the same fields in the same order (the extension exports them; a test compares); the Triton kernels take the
+  float fields as one tuple (``KernelCall.scalars``) and read them at indices derived from ``SCALARS``.
 
 An option of the kernels is a field here with its default, its reading in each kernel language, and its check where
 the loss call is checked (arguments.py).
@@ -46,6 +46,10 @@ class KernelCall:
     def op_args(self) -> tuple:
         """The op's arguments after (student, teacher), in schema order (SCHEMA_ARGS)."""
         return self.target, self.denominator, self.code, list(self.params), *_numbers(self)
+
+    def scalars(self) -> tuple[float, ...]:
+        """The float fields, in the record's order (SCALARS): the Triton kernels' `scalars` tuple."""
+        return tuple(float(getattr(self, name)) for name in SCALARS)
 
     @classmethod
     def from_op_args(cls, target, denominator, code, params, scalars, flags) -> KernelCall:

@@ -330,7 +330,7 @@ def row_losses(
         loss = decoupled_rows(call.plan, lp, lq, bins)
     if call.t2_scale:
         loss = loss * T**2
-    ce = cross_entropy_rows(s, target, kept, call.label_smoothing) if call.with_ce else None
+    ce = cross_entropy_rows(call, s, target, kept) if call.with_ce else None
     loss = torch.where(kept, loss, 0.0)
     if call.distill_weight == 0:
         # A term of weight 0 adds exactly 0 (combine): its rows are kept for the parts but left out of the autograd
@@ -341,51 +341,54 @@ def row_losses(
     return loss, ce
 
 
-def cross_entropy_rows(
-    student: torch.Tensor, target: torch.Tensor, kept: torch.Tensor, label_smoothing: float = 0.0
-) -> torch.Tensor:
-    """The hard-label term per row [N] at T = 1: -log softmax(student)_target, label-smoothed by eps =
-    ``label_smoothing`` (smoothed_ce); 0 on rows not ``kept`` (whose logits and target may hold anything)."""
-    s = torch.where(kept.unsqueeze(-1), student, 0.0)
-    # Taken relative to the row's max (not differentiated; the loss does not depend on it): logsumexp's gradient is
-    # exp(s - lse), whose lse, rounded near a logit of 1000, would cost every probability that rounding error.
-    top = s.detach().amax(-1, keepdim=True)
-    s = s - torch.where(torch.isfinite(top), top, 0.0)
-    index = torch.where(kept, target, 0).unsqueeze(-1)
-    unmasked = ~torch.isneginf(s)
-    rows = smoothed_ce(
-        torch.logsumexp(s, -1),
-        s.gather(-1, index).squeeze(-1),
-        torch.where(unmasked, s, 0.0).sum(-1),
-        unmasked.sum(-1),
-        label_smoothing,
-    )
-    return torch.where(kept, rows, 0.0)
+def cross_entropy_rows(call, student: Tensor, target: Tensor, kept: Tensor) -> Tensor:
+    """The hard-label term per row [N] at T = 1 with ``call``'s options (cross_entropy_of_sums); 0 on rows not
+    ``kept`` (whose logits and target may hold anything)."""
+    x, owner = _shifted(student, target, kept)
+    return torch.where(kept, cross_entropy_of_sums(call, cross_entropy_sums(x, owner)), 0.0)
 
 
-def cross_entropy_grad(
-    student: torch.Tensor, target: torch.Tensor, kept: torch.Tensor, label_smoothing: float = 0.0
-) -> torch.Tensor:
+def cross_entropy_grad(call, student: Tensor, target: Tensor, kept: Tensor) -> Tensor:
     """d cross_entropy_rows / d student [N, V] (0 on rows not ``kept``), without autograd."""
-    s = torch.where(kept.unsqueeze(-1), student, 0.0)
-    onehot = torch.zeros_like(s).scatter_(-1, torch.where(kept, target, 0).unsqueeze(-1), 1.0)
-    unmasked = ~torch.isneginf(s)
-    grad = smoothed_ce_grad_(torch.softmax(s, -1), onehot, unmasked, unmasked.sum(-1, keepdim=True), label_smoothing)
+    x, owner = _shifted(student, target, kept)
+    grad = cross_entropy_grad_of_sums(call, x, owner, cross_entropy_sums(x, owner))
     return grad.mul_(kept.unsqueeze(-1))
 
 
-def smoothed_ce(lse: Tensor, target_logit: Tensor, unmasked_sum: Tensor, unmasked_count: Tensor, eps: float) -> Tensor:
-    """The label-smoothed cross-entropy of rows from their log-sum-exp, target logit, and the sum and count of their
-    unmasked logits (docs/losses.md, "The hard-label term"): (1 - eps) (lse - s_y) + eps (lse - sum / count)."""
-    if eps == 0:
-        return lse - target_logit
-    return lse - (1 - eps) * target_logit - eps * (unmasked_sum / unmasked_count)
+def _shifted(student: Tensor, target: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
+    """(the logits less their row's max, the target's one-hot [N, V] bool) of the rows ``kept``, zeros elsewhere."""
+    s = torch.where(kept.unsqueeze(-1), student, 0.0)
+    # The max is not differentiated (the loss does not depend on it): it keeps the probabilities and the loss's
+    # differences free of the rounding of a log-sum-exp near a logit of 1000.
+    top = s.detach().amax(-1, keepdim=True)
+    classes = torch.arange(s.shape[-1], device=s.device)
+    return s - torch.where(torch.isfinite(top), top, 0.0), classes == torch.where(kept, target, -1).unsqueeze(-1)
 
 
-def smoothed_ce_grad_(softmax: Tensor, onehot: Tensor, unmasked: Tensor, unmasked_count: Tensor, eps: float) -> Tensor:
-    """smoothed_ce's gradient, in place of ``softmax``: softmax - (1 - eps) onehot - eps / count (unmasked)."""
-    softmax.sub_(onehot, alpha=1 - eps)
-    return softmax if eps == 0 else softmax.sub_(unmasked / unmasked_count * eps)
+# The hard-label term (docs/losses.md, "The hard-label term") from sums over a row's classes that add up across a
+# split of the row: the vocabulary-parallel path (parallel.py) all-reduces the sums of its shards and calls the same
+# two functions. x: the raw logits less one shift per row (the row's max), owner: the target's one-hot.
+
+
+def cross_entropy_sums(x: Tensor, owner: Tensor) -> Tensor:
+    """[N, 4]: sum exp(x), the target's x, the sum and the count of the unmasked x."""
+    unmasked = ~torch.isneginf(x)
+    columns = (x.exp().sum(-1), torch.where(owner, x, 0.0).sum(-1), torch.where(unmasked, x, 0.0).sum(-1))
+    return torch.stack([*columns, unmasked.sum(-1).to(x.dtype)], -1)
+
+
+def cross_entropy_of_sums(call, sums: Tensor) -> Tensor:
+    """Per row, (1 - eps) (lse - x_target) + eps (lse - the mean of the unmasked x), eps = call.label_smoothing."""
+    eps = call.label_smoothing
+    loss = sums[:, 0].log() - (1 - eps) * sums[:, 1]
+    return loss if eps == 0 else loss - eps * (sums[:, 2] / sums[:, 3])
+
+
+def cross_entropy_grad_of_sums(call, x: Tensor, owner: Tensor, sums: Tensor) -> Tensor:
+    """cross_entropy_of_sums's gradient on x's classes: softmax - (1 - eps) [target] - eps / count [unmasked]."""
+    eps = call.label_smoothing
+    grad = x.exp().div_(sums[:, :1]).sub_(owner.to(x.dtype), alpha=1 - eps)
+    return grad if eps == 0 else grad.sub_(~torch.isneginf(x) * (eps / sums[:, 3:]))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -444,5 +447,5 @@ def cross_vocab_rows(
     else:
         loss = hybrid_rows(params, lq, lp, classes)
     target = None if call.target is None else torch.where(valid, call.target, 0)
-    ce = cross_entropy_rows(s, target, kept, call.label_smoothing) if call.with_ce else None
+    ce = cross_entropy_rows(call, s, target, kept) if call.with_ce else None
     return torch.where(kept, loss, 0.0), ce

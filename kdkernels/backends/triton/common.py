@@ -9,12 +9,19 @@ import triton.language as tl
 
 from ...methods import DIVERGENCE
 from ...methods import STANDARDIZE_EPS as _EPS
+from ..kernel_call import SCALARS
 
 NEG_INF = tl.constexpr(float("-inf"))
 STANDARDIZE_EPS = tl.constexpr(_EPS)
 # The log of float32's least normal number: a probability below it underflows, and counts as 0 (docs/losses.md,
 # "Conventions"); the kernels compare log-probabilities with it.
 LOG_MIN_NORMAL = tl.constexpr(-87.3365447505531)
+# The kernels receive the kernel call's float fields as one tuple, `scalars`, in the record's order
+# (kernel_call.SCALARS): a helper reads the one it needs at its index here.
+TEMPERATURE = tl.constexpr(SCALARS.index("temperature"))
+CE_WEIGHT = tl.constexpr(SCALARS.index("ce_weight"))
+LABEL_SMOOTHING = tl.constexpr(SCALARS.index("label_smoothing"))
+DISTILL_WEIGHT = tl.constexpr(SCALARS.index("distill_weight"))
 
 # Largest tile of a program, in elements ([rows, columns]): a row of up to this many classes is one tile, read once;
 # longer rows stream in tiles of this size (docs/losses.md, "Passes"); short rows share a program up to this many
@@ -61,12 +68,10 @@ def row_block(
     denom_ptr,
     N,
     ignore_index,
-    temperature,
-    t2,
-    ce_weight,
-    distill_weight,
+    scalars,
     HAS_TARGET: tl.constexpr,
     HAS_DENOM: tl.constexpr,
+    T2_SCALE: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """This program's rows: (indices, in range, indices as int64, target (0 without one), not ignored, the factor
@@ -88,19 +93,29 @@ def row_block(
         rows.to(tl.int64),
         target,
         valid,
-        inv_denom * (distill_weight * t2 / temperature),
-        inv_denom * ce_weight,
+        inv_denom * (scalars[DISTILL_WEIGHT] * t2_of(scalars, T2_SCALE) / scalars[TEMPERATURE]),
+        inv_denom * scalars[CE_WEIGHT],
     )
 
 
 @triton.jit
-def target_logit(s_ptr, rows64, s_stride, target, ok, V, label_smoothing, BLOCK_V: tl.constexpr):
+def t2_of(scalars, T2_SCALE: tl.constexpr):
+    """The factor of the method's loss: T^2 with T2_SCALE, else 1."""
+    t2 = 1.0
+    if T2_SCALE:
+        t2 = scalars[TEMPERATURE] * scalars[TEMPERATURE]
+    return t2
+
+
+@triton.jit
+def target_logit(s_ptr, rows64, s_stride, target, ok, V, scalars, BLOCK_V: tl.constexpr):
     """Per row, what the hard-label term (docs/losses.md, "The hard-label term") reads of the raw student row before
     an in-place gradient replaces it: (the target's logit, or with label smoothing (1 - eps) s_target + eps * (the
     mean of the unmasked s); eps / K, K the unmasked classes' count). 0 where not ok or out of range: never read."""
     in_range = ok & (target >= 0) & (target < V)
     s_y = tl.load(s_ptr + rows64 * s_stride + tl.where(in_range, target, 0), mask=in_range, other=0.0).to(tl.float32)
     share = tl.zeros_like(s_y)
+    label_smoothing = scalars[LABEL_SMOOTHING]
     if label_smoothing > 0:
         count = tl.zeros_like(s_y)
         total = tl.zeros_like(s_y)
@@ -117,11 +132,11 @@ def target_logit(s_ptr, rows64, s_stride, target, ok, V, label_smoothing, BLOCK_
 
 
 @triton.jit
-def ce_grad(s, cols, target, m1, lz1, ce_scale, label_smoothing, share):
+def ce_grad(s, cols, target, m1, lz1, ce_scale, scalars, share):
     """The hard-label term's gradient on a tile of raw logits s: ce_scale (softmax(s)_j - (1 - eps) [j = target]
     - eps / K [s_j unmasked]), share = eps / K (target_logit). The kernels add it only with CE_GRAD: ce_weight = 0
     leaves it out, whatever the logits."""
-    onehot = (cols[None, :] == target[:, None]).to(tl.float32) * (1.0 - label_smoothing)
+    onehot = (cols[None, :] == target[:, None]).to(tl.float32) * (1.0 - scalars[LABEL_SMOOTHING])
     unmasked = tl.where(s != NEG_INF, share[:, None], 0.0)
     return (tl.exp(s - m1[:, None] - lz1[:, None]) - onehot - unmasked) * ce_scale[:, None]
 

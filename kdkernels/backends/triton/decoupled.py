@@ -25,6 +25,7 @@ from ...methods import Partition
 from .common import (
     LOG_MIN_NORMAL,
     NEG_INF,
+    TEMPERATURE,
     ce_grad,
     distilled,
     load_raw,
@@ -37,6 +38,7 @@ from .common import (
     scaled,
     store_rows,
     store_teacher_tile,
+    t2_of,
     target_logit,
     temperature_terms,
     unstandardize,
@@ -401,11 +403,7 @@ def decoupled_kernel(
     t_stride,
     g_stride,
     ignore_index,
-    temperature,
-    t2,
-    ce_weight,
-    distill_weight,
-    label_smoothing,
+    scalars,
     k,
     threshold,
     w_mass,
@@ -445,17 +443,16 @@ def decoupled_kernel(
         denom_ptr,
         N,
         ignore_index,
-        temperature,
-        t2,
-        ce_weight,
-        distill_weight,
+        scalars,
         HAS_TARGET,
         HAS_DENOM,
+        T2_SCALE,
         BLOCK_N,
     )
+    temperature = scalars[TEMPERATURE]
     s_y = 0.0
     if WITH_CE:  # (read before an in-place gradient replaces it)
-        s_y, share = target_logit(s_ptr, rows64, s_stride, tgt, valid, V, label_smoothing, BLOCK_V)
+        s_y, share = target_logit(s_ptr, rows64, s_stride, tgt, valid, V, scalars, BLOCK_V)
     bad_target = row_in & False
     if HAS_TARGET and PARTITION == TARGET:
         # An index outside [0, V) is never read (membership is a comparison): the row's loss becomes NaN.
@@ -595,7 +592,7 @@ def decoupled_kernel(
     # (A model whose classes are all masked has no distribution: NaN, whatever the weights.)
     no_distribution = ((tz1 + tz2 + tz3) == 0.0) | ((sz1 + sz2 + sz3) == 0.0)
     loss = tl.where(bad_target | no_distribution, float("nan"), loss)
-    tl.store(loss_ptr + rows, tl.where(kept, loss * t2, 0.0).to(tl.float32), mask=row_in)
+    tl.store(loss_ptr + rows, tl.where(kept, loss * t2_of(scalars, T2_SCALE), 0.0).to(tl.float32), mask=row_in)
     if WITH_CE:
         tl.store(ce_ptr + rows, tl.where(kept, (m1 - s_y) + tl.log(z1), 0.0), mask=row_in)
 
@@ -646,7 +643,7 @@ def decoupled_kernel(
                 mean_g, coef = zscore_jacobian(sum_g, sum_gz, std_s, n_s)
             g = distilled(unstandardize(g, s, mean_s, sd_s, mean_g, coef, STANDARDIZE), DISTILL_GRAD)
             if CE_GRAD:
-                g += ce_grad(s, cols0, tgt, m1, lz1, ce_scale, label_smoothing, share)
+                g += ce_grad(s, cols0, tgt, m1, lz1, ce_scale, scalars, share)
             store_rows(grad_ptr, rows64, g_stride, row_in, cols0, V, tl.where(kept[:, None], g, 0.0))
         else:
             mean_g, coef = n_s, n_s
@@ -735,7 +732,7 @@ def decoupled_kernel(
                         store_rows(gt_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], gt, 0.0))
                 g = distilled(unstandardize(g, s, mean_s, sd_s, mean_g, coef, STANDARDIZE), DISTILL_GRAD)
                 if CE_GRAD:
-                    g += ce_grad(s, cols, tgt, m1, lz1, ce_scale, label_smoothing, share)
+                    g += ce_grad(s, cols, tgt, m1, lz1, ce_scale, scalars, share)
                 store_rows(grad_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], g, 0.0))
         if FULL:  # d loss / d T = 2 L / T (with T^2 scaling) - sum_j ((x_j - mx) g_j + (y_j - my) gt_j)
             if T2_SCALE:

@@ -21,6 +21,7 @@ from ...methods import BDKD_TIE, Divergence
 from .common import (
     LOG_MIN_NORMAL,
     NEG_INF,
+    TEMPERATURE,
     ce_grad,
     distilled,
     load_raw,
@@ -36,6 +37,7 @@ from .common import (
     scaled,
     store_rows,
     store_teacher_tile,
+    t2_of,
     target_logit,
     temperature_terms,
     unstandardize,
@@ -421,11 +423,7 @@ def divergence_kernel(
     t_stride,
     g_stride,
     ignore_index,
-    temperature,
-    t2,
-    ce_weight,
-    distill_weight,
-    label_smoothing,
+    scalars,
     mix_p,
     mix_q,
     log_mix_p,
@@ -462,17 +460,16 @@ def divergence_kernel(
         denom_ptr,
         N,
         ignore_index,
-        temperature,
-        t2,
-        ce_weight,
-        distill_weight,
+        scalars,
         HAS_TARGET,
         HAS_DENOM,
+        T2_SCALE,
         BLOCK_N,
     )
+    temperature = scalars[TEMPERATURE]
     s_y = 0.0
     if WITH_CE:  # (read before an in-place gradient replaces it)
-        s_y, share = target_logit(s_ptr, rows64, s_stride, tgt, valid, V, label_smoothing, BLOCK_V)
+        s_y, share = target_logit(s_ptr, rows64, s_stride, tgt, valid, V, scalars, BLOCK_V)
     mx = tl.full([BLOCK_N], NEG_INF, tl.float32)
     my = tl.full([BLOCK_N], NEG_INF, tl.float32)
     zx = tl.zeros([BLOCK_N], tl.float32)
@@ -571,7 +568,7 @@ def divergence_kernel(
                 mean_g, coef = zscore_jacobian(sum_g, sum_gz, std_s, n_s)
             g = distilled(unstandardize(g, s, mean_s, sd_s, mean_g, coef, STANDARDIZE), DISTILL_GRAD)
             if CE_GRAD:
-                g += ce_grad(s, cols0, tgt, m1, tl.log(z1), ce_scale, label_smoothing, share)
+                g += ce_grad(s, cols0, tgt, m1, tl.log(z1), ce_scale, scalars, share)
             store_rows(grad_ptr, rows64, g_stride, row_in, cols0, V, tl.where(kept[:, None], g, 0.0))
     else:
         # rkl: kq = sum exp(x - mx) ((x - mx) - (y - my)), re-based as the maxes move, gives l in this pass; the
@@ -737,9 +734,9 @@ def divergence_kernel(
                             store_rows(gt_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], gt, 0.0))
                     g = distilled(unstandardize(g, s, mean_s, sd_s, mean_g, coef, STANDARDIZE), DISTILL_GRAD)
                     if CE_GRAD:
-                        g += ce_grad(s, cols, tgt, m1, tl.log(z1), ce_scale, label_smoothing, share)
+                        g += ce_grad(s, cols, tgt, m1, tl.log(z1), ce_scale, scalars, share)
                     store_rows(grad_ptr, rows64, g_stride, row_in, cols, V, tl.where(kept[:, None], g, 0.0))
-    tl.store(loss_ptr + rows, tl.where(kept, sum_l * t2, 0.0), mask=row_in)
+    tl.store(loss_ptr + rows, tl.where(kept, sum_l * t2_of(scalars, T2_SCALE), 0.0), mask=row_in)
     if WITH_CE:
         tl.store(ce_ptr + rows, tl.where(kept, (m1 - s_y) + tl.log(z1), 0.0), mask=row_in)
     if FULL:  # d loss / d T = 2 L / T (with T^2 scaling, L = g_scale T l) - sum_j ((x_j - mx) g_j + (y_j - my) gt_j)
