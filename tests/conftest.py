@@ -179,9 +179,13 @@ def in_gpu_quick(item) -> bool:
     )
 
 
+def _full_only(item) -> bool:
+    return item.path.name in FULL_ONLY or f"{item.path.name}::{item.originalname}" in FULL_ONLY
+
+
 def in_quick_tier(item) -> bool:
     test = f"{item.path.name}::{item.originalname}"
-    if item.path.name in FULL_ONLY or test in FULL_ONLY:
+    if _full_only(item):
         return False
     params = _params(item)
     if not all(keep(params[name]) for name, keep in QUICK_PARAMS.items() if name in params):
@@ -191,6 +195,9 @@ def in_quick_tier(item) -> bool:
 
 def pytest_collection_modifyitems(config, items):
     if FULL_TESTS and not GPU_QUICK_TESTS:
+        # The tests of minutes first, so that pytest-xdist's workers share them out at the start rather than one
+        # worker running the last of them alone at the end.
+        items.sort(key=lambda item: not _full_only(item))
         return
     selected = in_gpu_quick if GPU_QUICK_TESTS else in_quick_tier
     config.hook.pytest_deselected(items=[item for item in items if not selected(item)])
