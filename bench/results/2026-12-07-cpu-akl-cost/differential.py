@@ -15,16 +15,12 @@ out = {}
 
 
 def run(name, s, t, mu, temperature=1.0, teacher_grad=False, target=None):
-    s = s.clone().requires_grad_(True)
-    tt = t.clone().requires_grad_(teacher_grad)
-    loss = kdkernels.akl_loss(s, tt, target, mu=mu, reduction="none", backend="cpu", temperature=temperature)
-    w = torch.linspace(0.5, 2.0, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
-    (loss * w).sum().backward()
-    out[name] = (loss.detach(), s.grad, tt.grad)
-
-
-def permuted_rows(row, n, g):
-    return torch.stack([row[torch.randperm(row.numel(), generator=g)] for _ in range(n)])
+    """Stores the loss rows and the gradients of a weighted sum of them (the teacher's when teacher_grad)."""
+    inputs = [s.clone().requires_grad_(True), t.clone().requires_grad_(teacher_grad)]
+    loss = kdkernels.akl_loss(*inputs, target, mu=mu, reduction="none", backend="cpu", temperature=temperature)
+    weights = torch.linspace(0.5, 2.0, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    grads = torch.autograd.grad((loss * weights).sum(), [x for x in inputs if x.requires_grad])
+    out[name] = (loss.detach(), *grads)
 
 
 def cases():
@@ -57,7 +53,7 @@ def cases():
                 continue
             # mu on a cumulative mass: rows permuting one row's logits, mu = cumsums of its sorted p
             base = torch.randn(v, dtype=dtype) * 2
-            rows = permuted_rows(base, n, g)
+            rows = torch.stack([base[torch.randperm(v, generator=g)] for _ in range(n)])
             p = torch.softmax(base, -1).sort(descending=True).values
             for k in (1, 3, v // 10, v // 3):
                 for order in (p, p.flip(0)):
