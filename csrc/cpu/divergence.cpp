@@ -7,9 +7,10 @@
 //       both logits stops here (loss 0, gradient 0);
 //   (2) es = exp(x - max x) and et = exp(y - max y) into the row buffers, their sums (and that of exp(s - max s) for
 //       the cross-entropy term at T != 1);
-//   (2b) akl: the teacher's probabilities et / sum into a row buffer, then its head (divergence.h AklHead) over that
-//       buffer and the raw teacher row: 3 radix histograms in float32 (6 in float64; after the first, of the few
-//       classes within the chosen digits) and a pass at the value found, rarely a bisection more (when the two
+//   (2b) akl: the teacher's head (divergence.h AklHead) from the raw teacher row and its probabilities p = et / sum,
+//       computed from et where a pass reads them: one pass lists the classes of p above a floor (a peaked row's
+//       top classes; rarely a pass more, when those of the first floor hold less than mu), 3 radix histograms of
+//       the list in float32 (6 in float64), then a pass at the value found, rarely a bisection more (when the two
 //       summation orders straddle mu) or about log2(V) passes to split a tie group;
 //   (3) per-class terms l_k, r_k (and e_k, f_k) from q = es / sum and p = et / sum and the logs (x - max x) - log sum:
 //       the loss, and for kd (sum r = -1) the gradient; the other codes keep r_k in a row buffer;
@@ -27,28 +28,111 @@
 namespace kdkernels::cpu::CPU_CAPABILITY {
 namespace {
 
-// akl's radix select (divergence.h AklHead, (a)): the histogram mass[head.digits()] of p over the open digit of the
-// classes t within the chosen digits whose p is at least p_floor. The tests on a vector's values (t within the
-// digits' value range, which also holds the other zero, and p >= p_floor) pick the lanes that are binned, one at a
-// time.
+// The teacher's probabilities of akl's head search: p_k = et_k / sum et, from the kept exps et (pass 2) rather than
+// a row buffer of their own, one product a class each time a pass reads them (the same product pass 3 computes).
+template <class M>
+struct AklProbabilities {
+  const M* et;
+  M inv_z;
+
+  Vec<M> at(int64_t j, int64_t n) const { return Vec<M>::loadu(et + j, n) * Vec<M>(inv_z); }
+  M at(int64_t i) const { return et[i] * inv_z; }
+};
+
+// The classes of p >= a floor, in index order (their index, raw teacher logit t and p), the greatest t of the others
+// (-inf: none; NaN where a t is NaN), and the radix select's copy of the listed classes within the chosen digits.
+template <class M>
+struct AklList {
+  int64_t* index;
+  M *t, *p, *chosen_t, *chosen_p;
+  int64_t size = 0;
+  M unlisted_max = neg_inf<M>();
+};
+
+// Lists the classes of p >= p_floor (lanes past v are not classes); returns their mass.
 template <class M, class S>
-void akl_histogram(const S* t, const M* p, int64_t v, const AklHead<M>& head, M p_floor, M* mass) {
+M akl_list(const S* t, AklProbabilities<M> p, int64_t v, M p_floor, AklList<M>& list) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
-  std::fill(mass, mass + head.digits(), M(0));
-  const V low(head.range_value(false)), high(head.range_value(true)), floor(p_floor);
+  const V floor(p_floor), ninf(neg_inf<M>());
+  V unlisted_max = ninf;
+  M listed = M(0);
+  int64_t size = 0;
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
-    const V tj = load(t + j, n), pj = V::loadu(p + j, n);
-    for (uint32_t lanes = O::lane_bits(O::land(O::land(O::ge(tj, low), O::ge(high, tj)), O::ge(pj, floor))); lanes != 0;
-         lanes &= lanes - 1) {
+    const auto above_floor = O::ge(p.at(j, n), floor);
+    unlisted_max = O::max(unlisted_max, O::select(above_floor, ninf, load(t + j, n)));
+    for (uint32_t lanes = O::lane_bits(above_floor) & ((uint32_t(2) << (n - 1)) - 1); lanes != 0; lanes &= lanes - 1) {
       const int64_t i = j + __builtin_ctz(lanes);
-      const auto u = AklHead<M>::radix_key(M(t[i]));
-      if (head.in_prefix(u)) mass[head.digit(u)] += p[i];
+      list.index[size] = i;
+      list.t[size] = M(t[i]);
+      list.p[size++] = p.at(i);
+      listed += p.at(i);
     }
   }
+  list.size = size;
+  list.unlisted_max = max_lanes(unlisted_max);
+  return listed;
 }
+
+// akl's radix select (divergence.h AklHead, (a)), one digit: the histogram mass[head.digits()] of p over the open
+// digit of the classes (t, p)[size] within the chosen digits, which it copies into out_t, out_p (may be t, p);
+// returns their number.
+template <class M>
+int64_t akl_histogram(const M* t, const M* p, int64_t size, const AklHead<M>& head, M* mass, M* out_t, M* out_p) {
+  std::fill(mass, mass + head.digits(), M(0));
+  int64_t kept = 0;
+  for (int64_t k = 0; k < size; ++k) {
+    const auto u = AklHead<M>::radix_key(t[k]);
+    if (!head.in_prefix(u)) continue;
+    mass[head.digit(u)] += p[k];
+    out_t[kept] = t[k];
+    out_p[kept++] = p[k];
+  }
+  return kept;
+}
+
+// akl's radix select (AklHead, (a)) over the classes of p >= a floor: the classes below it hold the least
+// probabilities, so while those above hold more than mu, the mass crosses mu above them and each digit is chosen as
+// over the whole row. The floor starts at AKL_FLOOR times the top class's p (et = 1) and falls by that factor, at
+// most AKL_FLOOR_STEPS times, until the classes above hold more than mu, else to (1 - mu) / (2 V), where those below
+// hold at most (1 - mu) / 2: a peaked row lists its top classes only (a flat one every class), in one pass over the
+// row, and the histograms read the list.
+constexpr double AKL_FLOOR = 1.0 / 64;
+constexpr int AKL_FLOOR_STEPS = 3;
+template <class M, class S>
+void akl_select(const S* t, AklProbabilities<M> p, int64_t v, AklList<M>& list, AklHead<M>& head, M mu) {
+  const M lowest = (M(1) - mu) / M(2 * v);
+  M p_floor = p.inv_z;
+  for (int step = 1;; ++step) {
+    p_floor = step <= AKL_FLOOR_STEPS ? std::max(p_floor * M(AKL_FLOOR), lowest) : lowest;
+    if (akl_list(t, p, v, p_floor, list) > mu || !(p_floor > lowest)) break;
+  }
+  M mass[AklHead<M>::BINS];
+  int64_t size = akl_histogram(list.t, list.p, list.size, head, mass, list.chosen_t, list.chosen_p);
+  for (head.choose(mass, mu); head.selecting(); head.choose(mass, mu)) {
+    size = akl_histogram(list.chosen_t, list.chosen_p, size, head, mass, list.chosen_t, list.chosen_p);
+  }
+}
+
+// ChunkedSum's sum over a row whose only terms other than 0 are those add() gets, class by class in index order: the
+// same additions in each lane and chunk (a 0 changes no sum), without a pass over the row.
+template <class M>
+struct ListedSum {
+  static constexpr int64_t L = Ops<M>::lanes, SPAN = L * ChunkedSum<M>::CHUNK;
+  M total[L] = {}, part[L] = {};
+  int64_t chunk = 0;
+
+  void add(int64_t i, M x) {
+    if (i / SPAN != chunk) {  // (ChunkedSum adds each chunk's lanes into the total at its end)
+      for (int64_t l = 0; l < L; ++l) total[l] += std::exchange(part[l], M(0));
+      chunk = i / SPAN;
+    }
+    part[i % L] += x;
+  }
+  M sum() const { return sum_lanes(Vec<M>::loadu(total) + Vec<M>::loadu(part)); }
+};
 
 // What akl's head needs at a value u (AklHead, (b)): A(u) = the mass of {t > u}, the mass of {t >= u} (A just
 // below u), the counts of {t > u} and {t == u}, and the group's probability; each sum in the fallback's order.
@@ -57,7 +141,7 @@ struct AklTies {
   M mass, mass_from, count_above, size, p_group;
 };
 template <class M, class S>
-AklTies<M> akl_ties(const S* t, const M* p, int64_t v, M value) {
+AklTies<M> akl_ties(const S* t, AklProbabilities<M> p, int64_t v, M value) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
@@ -66,7 +150,7 @@ AklTies<M> akl_ties(const S* t, const M* p, int64_t v, M value) {
   V p_group = zero;
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
-    const V tj = load(t + j, n), pj = V::loadu(p + j, n);
+    const V tj = load(t + j, n), pj = p.at(j, n);
     const auto above = O::gt(tj, u), tie = O::eq(tj, u);
     mass.add(O::select(above, pj, zero));
     mass_from.add(O::select(O::ge(tj, u), pj, zero));
@@ -77,9 +161,25 @@ AklTies<M> akl_ties(const S* t, const M* p, int64_t v, M value) {
   return {mass.sum(), mass_from.sum(), count_above.sum(), group.sum(), max_lanes(p_group)};
 }
 
+// akl_ties from the list, when every class of t >= value is listed (value > the others' greatest t): the same sums.
+template <class M>
+AklTies<M> akl_listed_ties(const AklList<M>& list, M value) {
+  ListedSum<M> mass, mass_from, count_above, group;
+  M p_group = M(0);
+  for (int64_t k = 0; k < list.size; ++k) {
+    const int64_t i = list.index[k];
+    if (list.t[k] > value) mass.add(i, list.p[k]);
+    if (list.t[k] >= value) mass_from.add(i, list.p[k]);
+    if (list.t[k] > value) count_above.add(i, M(1));
+    if (list.t[k] == value) group.add(i, M(1));
+    if (list.t[k] == value) p_group = std::max(p_group, list.p[k]);
+  }
+  return {mass.sum(), mass_from.sum(), count_above.sum(), group.sum(), p_group};
+}
+
 // akl's fallback (AklHead, (b)): the bisection over the keys within the head's bracket, A summed as akl_ties does.
 template <class M, class S>
-void akl_bisect(const S* t, const M* p, int64_t v, AklHead<M>& head, M mu) {
+void akl_bisect(const S* t, AklProbabilities<M> p, int64_t v, AklHead<M>& head, M mu) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
@@ -89,41 +189,39 @@ void akl_bisect(const S* t, const M* p, int64_t v, AklHead<M>& head, M mu) {
     ChunkedSum<M> above;
     for (int64_t j = 0; j < v; j += L) {
       const int64_t n = std::min(L, v - j);
-      above.add(O::select(O::gt(load(t + j, n), probe), V::loadu(p + j, n), zero));
+      above.add(O::select(O::gt(load(t + j, n), probe), p.at(j, n), zero));
     }
     head.narrow(above.sum(), mu);
   }
 }
 
 // akl's head of a row (divergence.h AklHead) as (value, end): head = {t > value} + {t == value, index < end} on the
-// raw teacher logits t, from the teacher's probabilities p.
+// raw teacher logits t, from the teacher's probabilities p. The list of the radix select holds the classes from the
+// value up in most rows: then (b) and (c) read it instead of the row.
 template <class M, class S>
-std::pair<M, int64_t> akl_head(const S* t, const M* p, int64_t v, M mu) {
+std::pair<M, int64_t> akl_head(const S* t, AklProbabilities<M> p, int64_t v, AklList<M> list, M mu) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
   AklHead<M> head;
-  M mass[AklHead<M>::BINS];
-  // (a) The first histogram leaves out the classes of p < (1 - mu) / (2 V): together they hold at most (1 - mu) / 2,
-  // so the mass crosses mu above them, and a peaked row bins only its top classes; the next ones bin every class
-  // within the chosen digits.
-  M p_floor = (M(1) - mu) / M(2 * v);
-  while (head.selecting()) {
-    akl_histogram(t, p, v, head, p_floor, mass);
-    head.choose(mass, mu);
-    p_floor = M(0);
-  }
-  M value = head.candidate();  // (b)
-  AklTies<M> ties = akl_ties(t, p, v, value);
+  akl_select(t, p, v, list, head, mu);  // (a)
+  M value = head.candidate();           // (b)
+  auto ties_at = [&](M u) { return u > list.unlisted_max ? akl_listed_ties(list, u) : akl_ties(t, p, v, u); };
+  AklTies<M> ties = ties_at(value);
   head.settle(value, ties.mass, ties.mass_from, mu);
   if (head.searching()) {
     akl_bisect(t, p, v, head, mu);
     value = head.threshold();
-    ties = akl_ties(t, p, v, value);
+    ties = ties_at(value);
   }
   const int64_t size = int64_t(ties.size);
   const int64_t share = AklHead<M>::group_share(ties.mass, int64_t(ties.count_above), size, ties.p_group, mu);
   if (share == 0 || share >= size) return {value, share == 0 ? 0 : v};
+  if (value > list.unlisted_max) {  // (c) the end of the group's share-th class
+    int64_t tied = 0, k = 0;
+    for (; tied < share; ++k) tied += list.t[k] == value;
+    return {value, list.index[k - 1] + 1};
+  }
   const V u(value), one(M(1)), zero(M(0));
   int64_t lo = 0, hi = v;  // (c) the least end with `share` ties before it
   while (hi - lo > 1) {
@@ -139,13 +237,13 @@ std::pair<M, int64_t> akl_head(const S* t, const M* p, int64_t v, M mu) {
 // family's header.
 template <int CODE, class M, class S>
 M divergence_row(const S* s, const S* t, const S* t_rank, int64_t target, M* g, M* ce, M* gt, M* dtemp,
-                 const RowBuffers<M>& rows, int64_t v, const DivergenceParams<M>& c, M temperature, M scale,
-                 CeOptions<M> ce_options, bool t2_scale) {
+                 const RowBuffers<M>& rows, AklList<M> akl_list, int64_t v, const DivergenceParams<M>& c, M temperature,
+                 M scale, CeOptions<M> ce_options, bool t2_scale) {
   using O = Ops<M>;
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
   // The worker's extra row buffers: exp(x - max x) and exp(y - max y) of every class (pass 2), and what pass 4 reads
-  // back (r_k of pass 3, or akl's teacher probabilities p_k for its head search).
+  // back (r_k of pass 3).
   M* const es_row = rows.extra;
   M* const et_row = es_row + v;
   M* const kept = et_row + v;
@@ -180,14 +278,10 @@ M divergence_row(const S* s, const S* t, const S* t_rank, int64_t target, M* g, 
   const CrossEntropy<M> xent{ms, ce != nullptr ? std::log(ce_apart ? zs.sum() : zx.sum()) : M(0), ce_options, target};
   if (ce != nullptr) *ce = xent.loss(s, v);  // (before the gradient overwrites s in place)
   const V iota = O::iota();
-  // (2b) akl: the teacher's probabilities, then its head.
+  // (2b) akl: the teacher's head.
   std::pair<M, int64_t> head{M(0), 0};
   if constexpr (CODE == AKL) {
-    for (int64_t j = 0; j < v; j += L) {
-      const int64_t n = std::min(L, v - j);
-      (V::loadu(et_row + j, n) * inv_zy).store(kept + j, n);
-    }
-    head = akl_head(t_rank, kept, v, c.mu);
+    head = akl_head(t_rank, AklProbabilities<M>{et_row, M(1) / zy.sum()}, v, akl_list, c.mu);
   }
   // The gradient of a vector of classes j..: the method's, plus the cross-entropy's with the term.
   auto store_grad = [&](const V& method_grad, int64_t j, int64_t n) {
@@ -259,10 +353,14 @@ template <int CODE, class M>
 void divergence_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
   const auto c = DivergenceParams<M>::from(a.params);
   const bool keeps_r = a.grad != nullptr && a.temperature_grad == nullptr && CODE != KD && !weighs_row_sums<CODE>;
-  RowBuffers<M> rows(a, keeps_r || CODE == AKL ? 3 : 2);  // (divergence_row's es_row, et_row and kept)
+  // divergence_row's es_row, et_row and kept; akl's list (AklList: t, p and their copy in 4 rows, the indices apart).
+  RowBuffers<M> rows(a, keeps_r ? 3 : CODE == AKL ? 6 : 2);
+  std::vector<int64_t> akl_index(CODE == AKL ? a.v : 0);
+  M* const list = rows.extra + 2 * a.v;
+  const AklList<M> akl_list{akl_index.data(), list, list + a.v, list + 2 * a.v, list + 3 * a.v};
   for_rows<M>(a, begin, end, rows,
               [&](const auto* s, const auto* t, int64_t target, M* g, M* ce, const auto* t_rank, M, M* gt, M* dtemp) {
-                return divergence_row<CODE, M>(s, t, t_rank, target, g, ce, gt, dtemp, rows, a.v, c,
+                return divergence_row<CODE, M>(s, t, t_rank, target, g, ce, gt, dtemp, rows, akl_list, a.v, c,
                                                M(a.opt.temperature), M(a.grad_scale), CeOptions<M>::of(a),
                                                a.opt.t2_scale);
               });

@@ -171,9 +171,10 @@ void prefetch_next_row(const RowBuffers<M>& buf, int64_t j, int64_t n) {
   for (int64_t b = j * buf.t_item; b < (j + n) * buf.t_item; b += 64) __builtin_prefetch(buf.next_t + b, 0, 2);
 }
 
-// Stores the gradient of classes [j, j + n) of a row: whole vectors streamed when buf.stream_grad.
+// Stores the gradient of classes [j, j + n) of a row: whole vectors streamed when buf.stream_grad. Always inline:
+// called out of line, once a vector, it made the gradient loops save and reload their vector registers around it.
 template <class M>
-void store_grad_vector(const RowBuffers<M>& buf, const Vec<M>& x, M* g, int64_t j, int64_t n) {
+C10_ALWAYS_INLINE void store_grad_vector(const RowBuffers<M>& buf, const Vec<M>& x, M* g, int64_t j, int64_t n) {
   if (buf.stream_grad && n == Ops<M>::lanes) return Ops<M>::store_streamed(x, g + j);
   x.store(g + j, n);
 }
