@@ -67,15 +67,17 @@ def test_full_opcheck(case):
         torch.library.opcheck(op, (s, t, *call.op_args(), teacher_grad))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("v", [16384, 16387])
 @pytest.mark.parametrize("method", ["kd", "jsd", "dkd"])
 def test_cpu_streamed_gradient_rows_equal_small_batches(method, v, dtype):
     """A gradient of 8 MB or more is written with streaming stores (whole vectors at aligned addresses: every one at
     V = 16384, none but the rows' aligned ones at V = 16387) while the next row is prefetched; a small batch is
-    not. Both give the same bits, row for row."""
-    s, t, target = make_inputs((160, v), dtype, seed=v)
-    weights = torch.rand(160, dtype=dtype) + 0.5
+    not. Both give the same bits, row for row. (bf16: 320 rows make the 8 MB; two bf16 inputs write the gradient
+    converted a vector at a time, streamed too.)"""
+    n = 320 if dtype == torch.bfloat16 else 160
+    s, t, target = make_inputs((n, v), dtype, seed=v)
+    weights = torch.rand(n, dtype=dtype) + 0.5
 
     def grads(rows):
         student = s[rows].clone().requires_grad_(True)
@@ -84,13 +86,19 @@ def test_cpu_streamed_gradient_rows_equal_small_batches(method, v, dtype):
         return loss.detach(), student.grad
 
     whole = grads(slice(None))
-    parts = [grads(slice(i, i + 8)) for i in range(0, 160, 8)]
+    parts = [grads(slice(i, i + 8)) for i in range(0, n, 8)]
     assert torch.equal(whole[0], torch.cat([p[0] for p in parts]))
     assert torch.equal(whole[1], torch.cat([p[1] for p in parts]))
 
 
 @pytest.mark.parametrize(
-    "method,dtype,full", [("kd", torch.float32, False), ("dkd", torch.bfloat16, False), ("jsd", torch.float32, True)]
+    "method,dtype,full",
+    [
+        ("kd", torch.float32, False),
+        ("kd", torch.bfloat16, False),
+        ("dkd", torch.bfloat16, False),
+        ("jsd", torch.float32, True),
+    ],
 )
 def test_cpu_gradient_buffers_are_reused_and_fully_rewritten(method, dtype, full):
     """A freed CPU gradient of 1 MiB or more is kept (csrc/cpu/gradient_cache.h) and the next gradient of its size

@@ -146,7 +146,7 @@ M decoupled_row(const S* s, const S* t, const S* t_rank, int64_t target, M* g, M
     ss.m[b] = max_lanes(ms[b]);
     masked = masked && is_neg_inf(st.m[b]) && is_neg_inf(ss.m[b]);
   }
-  if (masked) return skip_row(g, ce, v, gt, dtemp);
+  if (masked) return skip_row(rows, g, ce, v, gt, dtemp);
   const M m1 = max_lanes(vm1);
   const V shift_1(safe_shift(m1));
   M shift_t[NUM_BINS], shift_s[NUM_BINS];  // each bin's maxima (0 for an empty bin)

@@ -233,6 +233,42 @@ std::pair<M, int64_t> akl_head(const S* t, AklProbabilities<M> p, int64_t v, Akl
   return {value, hi};
 }
 
+// max(x, m) but m where x is NaN: the running maxima of pass (1) in one instruction (at::vec::maximum, which keeps
+// NaN, takes four). A NaN class still makes its row NaN, through its exp in pass (2); only a row whose maxima are
+// both -inf checks that it is masked in both logits (masked_in_both) before it is skipped.
+template <class M>
+Vec<M> max_dropping_nan(const Vec<M>& x, const Vec<M>& m) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<M, float>) return _mm512_max_ps(x, m);
+  if constexpr (std::is_same_v<M, double>) return _mm512_max_pd(x, m);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<M, float>) return _mm256_max_ps(x, m);
+  if constexpr (std::is_same_v<M, double>) return _mm256_max_pd(x, m);
+#endif
+  return Ops<M>::max(x, m);
+}
+
+// Whether every class of both rows is -inf (not NaN).
+template <class M, class S>
+bool masked_in_both(const S* s, const S* t, int64_t v) {
+  using O = Ops<M>;
+  const Vec<M> ninf(neg_inf<M>());
+  for (int64_t j = 0; j < v; j += O::lanes) {
+    const int64_t n = std::min(O::lanes, v - j);
+    if (O::any(O::lnot(O::land(O::eq(load(s + j, n), ninf), O::eq(load(t + j, n), ninf))))) return false;
+  }
+  return true;
+}
+
+// prefetch_next_row spread over passes (2) and (3): pass `part` (0 or 1) prefetches half of the next row, the
+// classes that match [j, j + n) of the row at hand halved, so that the next row's read from memory overlaps the
+// computing of both passes and is in L2 when pass (1) of the next row begins.
+template <class M>
+void prefetch_half_next_row(const RowBuffers<M>& rows, int64_t v, int part, int64_t j, int64_t n) {
+  const int64_t from = (part * v + j) / 2;
+  prefetch_next_row(rows, from, (part * v + j + n) / 2 - from);
+}
+
 // Long: its passes (numbered blocks) share the row's maxima, sums and buffers; the per-class math is in the
 // family's header.
 template <int CODE, class M, class S>
@@ -254,11 +290,11 @@ M divergence_row(const S* s, const S* t, const S* t_rank, int64_t target, M* g, 
   V vmx(neg_inf<M>()), vmy(neg_inf<M>());
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
-    vmx = O::max(vmx, load(s + j, n));
-    vmy = O::max(vmy, load(t + j, n));
+    vmx = max_dropping_nan<M>(load(s + j, n), vmx);
+    vmy = max_dropping_nan<M>(load(t + j, n), vmy);
   }
   const M ms = max_lanes(vmx), mx = ms * inv_temperature, my = max_lanes(vmy) * inv_temperature;
-  if (is_neg_inf(mx) && is_neg_inf(my)) return skip_row(g, ce, v, gt, dtemp);
+  if (is_neg_inf(mx) && is_neg_inf(my) && masked_in_both<M>(s, t, v)) return skip_row(rows, g, ce, v, gt, dtemp);
   const bool full = dtemp != nullptr;  // the full gradient: the teacher's (stored into gt unless null) and d / d T
   const V shift_x(safe_shift(mx)), shift_y(safe_shift(my)), shift_s(safe_shift(ms));
   const bool ce_apart = ce != nullptr && temperature != M(1);  // the cross-entropy's softmax is at T = 1
@@ -266,6 +302,7 @@ M divergence_row(const S* s, const S* t, const S* t_rank, int64_t target, M* g, 
   ChunkedSum<M> zx, zy, zs;
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
+    prefetch_half_next_row(rows, v, 0, j, n);
     const V sj = load(s + j, n), es = O::exp(sj * inv_T - shift_x), et = O::exp(load(t + j, n) * inv_T - shift_y);
     es.store(es_row + j, n);
     et.store(et_row + j, n);
@@ -303,7 +340,7 @@ M divergence_row(const S* s, const S* t, const S* t_rank, int64_t target, M* g, 
   const DivergenceRow<M> kd_row = divergence_row<CODE>(c, M(0), M(0), M(0), M(0));  // (kd's gradient: no row sum)
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
-    prefetch_next_row(rows, j, n);
+    prefetch_half_next_row(rows, v, 1, j, n);
     const ClassTerms<V> k = terms(j, n);
     sum_l.add(k.l);
     if constexpr (CODE != KD) sum_r.add(k.r);  // (kd: sum r = -1)

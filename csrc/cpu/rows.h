@@ -139,11 +139,14 @@ struct RowBuffers {
   M *s, *t, *g, *extra, *zs, *zt, *raw, *gt;
 
   // Set by for_rows for the row at hand: the next row's inputs (nullptr at the last), which the kernel's passes over
-  // the cached row prefetch a slice at a time (prefetch_next_row), and whether the gradient row is the output itself
-  // and large enough to be written with streaming stores (store_grad).
+  // the cached row prefetch a slice at a time (prefetch_next_row); whether the gradient row is the output itself
+  // and large enough to be written with streaming stores (store_grad_vector); and, for the rows of two bf16 inputs
+  // with a gradient, the bf16 output row, which store_grad_vector writes a vector at a time (the kernel's g, the
+  // float row buffer, then stays unwritten: no float row is stored and read back to be converted).
   const char *next_s = nullptr, *next_t = nullptr;
   int64_t s_item = 0, t_item = 0;
   bool stream_grad = false;
+  c10::BFloat16* grad_bf16 = nullptr;
 
   RowBuffers(const RowsArgs& a, int extra_rows)
       : memory(size_t(a.v) * (3 + extra_rows + (a.opt.standardize ? 3 : 0) + (a.teacher_grad ? 1 : 0))) {
@@ -171,10 +174,14 @@ void prefetch_next_row(const RowBuffers<M>& buf, int64_t j, int64_t n) {
   for (int64_t b = j * buf.t_item; b < (j + n) * buf.t_item; b += 64) __builtin_prefetch(buf.next_t + b, 0, 2);
 }
 
-// Stores the gradient of classes [j, j + n) of a row: whole vectors streamed when buf.stream_grad. Always inline:
-// called out of line, once a vector, it made the gradient loops save and reload their vector registers around it.
+// Stores the gradient of classes [j, j + n) of a row: into buf.grad_bf16 when set, else into g; whole vectors streamed
+// when buf.stream_grad. Always inline: called out of line, once a vector, it made the gradient loops save and reload
+// their vector registers around it.
 template <class M>
 C10_ALWAYS_INLINE void store_grad_vector(const RowBuffers<M>& buf, const Vec<M>& x, M* g, int64_t j, int64_t n) {
+  if constexpr (std::is_same_v<M, float>) {
+    if (buf.grad_bf16 != nullptr) return store_bf16(x, buf.grad_bf16 + j, n, buf.stream_grad);
+  }
   if (buf.stream_grad && n == Ops<M>::lanes) return Ops<M>::store_streamed(x, g + j);
   x.store(g + j, n);
 }
@@ -188,6 +195,13 @@ M skip_row(M* g, M* ce, int64_t v, M* gt = nullptr, M* dtemp = nullptr) {
   if (ce != nullptr) *ce = M(0);
   if (dtemp != nullptr) *dtemp = M(0);
   return M(0);
+}
+
+// The same for a kernel's row, whose gradient may go to the bf16 output row (RowBuffers::grad_bf16).
+template <class M>
+M skip_row(const RowBuffers<M>& buf, M* g, M* ce, int64_t v, M* gt, M* dtemp) {
+  if (buf.grad_bf16 != nullptr) std::fill(buf.grad_bf16, buf.grad_bf16 + v, c10::BFloat16(0.0f));
+  return skip_row(g, ce, v, gt, dtemp);
 }
 
 // A row's part of d loss / d T (docs/losses.md, "Learnable temperature"): -sum_j ((x_j - mx) g_j + (y_j - my) gt_j)
@@ -386,11 +400,14 @@ void for_rows(const RowsArgs& a, int64_t begin, int64_t end, RowBuffers<M>& buf,
   const bool teacher_grad_in_place = a.teacher_dtype == math_dtype<M>();
   const size_t grad_row_bytes = size_t(a.v) * c10::elementSize(a.student_dtype);
   const size_t teacher_grad_row_bytes = size_t(a.v) * c10::elementSize(a.teacher_dtype);
-  // (Not with standardize, which reads the gradient row back through the z-score's Jacobian.)
-  buf.stream_grad = grad_in_place && !a.opt.standardize && int64_t(grad_row_bytes) * a.n >= STREAM_GRAD_BYTES;
-  // Rows of two bf16 inputs go to the row function as they are (it loads them through load(const BFloat16*)).
+  // Rows of two bf16 inputs go to the row function as they are (it loads them through load(const BFloat16*)), and
+  // their gradient goes to the bf16 output a vector at a time (store_grad_vector).
   const bool bf16_rows = std::is_same_v<M, float> && !a.opt.standardize && a.student_dtype == ScalarType::BFloat16 &&
                          a.teacher_dtype == ScalarType::BFloat16;
+  // (Not with standardize, which reads the gradient row back through the z-score's Jacobian; nor into a bf16 student
+  // in place, whose cache line the next vector still reads.)
+  const bool grad_output = grad_in_place || (bf16_rows && a.grad != a.student);
+  buf.stream_grad = grad_output && !a.opt.standardize && int64_t(grad_row_bytes) * a.n >= STREAM_GRAD_BYTES;
   buf.s_item = int64_t(c10::elementSize(a.student_dtype));
   buf.t_item = int64_t(c10::elementSize(a.teacher_dtype));
   for (int64_t i = begin; i < end; ++i) {
@@ -412,6 +429,7 @@ void for_rows(const RowsArgs& a, int64_t begin, int64_t end, RowBuffers<M>& buf,
     M* g = grad_row == nullptr ? nullptr : grad_in_place ? static_cast<M*>(grad_row) : buf.g;
     M* gt = teacher_grad_row == nullptr ? nullptr : teacher_grad_in_place ? static_cast<M*>(teacher_grad_row) : buf.gt;
     if (bf16_rows) {
+      buf.grad_bf16 = static_cast<c10::BFloat16*>(grad_row);
       const auto* s = static_cast<const c10::BFloat16*>(a.student) + i * a.student_stride;
       const auto* t = static_cast<const c10::BFloat16*>(a.teacher) + i * a.teacher_stride;
       if constexpr (std::is_same_v<M, float>) loss[i] = row(s, t, target, g, ce, t, M(1), gt, dtemp) * M(a.t2);
@@ -423,7 +441,7 @@ void for_rows(const RowsArgs& a, int64_t begin, int64_t end, RowBuffers<M>& buf,
                                    : row(s, t, target, g, ce, t, M(1), gt, dtemp)) *
                 M(a.t2);
     }
-    if (g != nullptr && !grad_in_place) store_row(g, a.v, a.student_dtype, grad_row);
+    if (g != nullptr && !grad_in_place && !bf16_rows) store_row(g, a.v, a.student_dtype, grad_row);
     if (gt != nullptr && !teacher_grad_in_place) store_row(gt, a.v, a.teacher_dtype, teacher_grad_row);
   }
   fence_streamed_stores();

@@ -202,6 +202,21 @@ struct VecOps {
   }
 };
 
+// Stores float lanes [0, n) at p as bfloat16, rounded to nearest even as at::vec::convert rounds a float row; with
+// `streamed`, a whole vector at an address aligned to its bytes goes to memory as store_streamed's do.
+inline void store_bf16(const at::vec::Vectorized<float>& x, c10::BFloat16* p, int64_t n, bool streamed) {
+  const at::vec::Vectorized<c10::BFloat16> b = at::vec::convert<c10::BFloat16>(x);
+  constexpr int64_t lanes = at::vec::Vectorized<float>::size();
+  if (streamed && n == lanes && reinterpret_cast<uintptr_t>(p) % (2 * lanes) == 0) {
+#if defined(CPU_CAPABILITY_AVX512)
+    return _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(b));
+#elif defined(CPU_CAPABILITY_AVX2)
+    return _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(b));
+#endif
+  }
+  b.store(p, n);
+}
+
 // Orders the non-temporal stores of this thread before whatever follows (the end of a worker's rows).
 inline void fence_streamed_stores() {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
