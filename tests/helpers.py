@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from oracle import oracle
@@ -16,6 +18,12 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-2, tor
 # about 8 minutes of CI).
 STREAMED_WIDTH = 70000
 INTERPRETED_STREAMED_WIDTH = 4500
+
+
+def uninterpreted_env() -> dict:
+    """This process's environment without TRITON_INTERPRET (which conftest sets for the kernel tests): for a
+    subprocess that runs as a user runs it (the demos) or that compiles the Triton kernels (torch.compile)."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
 def streamed_width(backend: str, device: str) -> int:

@@ -9,13 +9,14 @@ import sys
 
 import pytest
 import torch
+from helpers import uninterpreted_env
 
 import kdkernels
 from kdkernels import backends, bench
 
-# The demos run as a user runs them, without Triton's interpreter (which conftest sets for the kernel tests): under it
-# the demo would time every method's step on interpreted Triton kernels, minutes a run.
-DEMO_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+# The demos run as a user runs them, without Triton's interpreter: under it the demo would time every method's step
+# on interpreted Triton kernels, minutes a run.
+DEMO_ENV = uninterpreted_env()
 
 
 def test_demo_quick_runs_and_reports_every_method():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from cases import CASES, case_id
-from helpers import TOLERANCE, assert_close, check_against_oracle, make_inputs, run_loss
+from helpers import TOLERANCE, assert_close, check_against_oracle, make_inputs, run_loss, uninterpreted_env
 from oracle import oracle
 
 import kdkernels
@@ -127,8 +127,9 @@ for backend in backends:
     else:
         raise AssertionError("no error on " + backend)
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=uninterpreted_env(), timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "raised reference" in done.stdout
 
