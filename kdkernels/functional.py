@@ -130,14 +130,15 @@ def _sparse_loss(impl, call, student: Tensor, teacher: SparseTeacher, leading) -
     """Every backend computes the method's loss of a sparse teacher's k + 1 bins, the student folded onto them as
     "bin logits"; the cross-entropy needs the whole student row, so it is added here."""
     v = student.shape[-1]
-    sparse = check_sparse(teacher, call, leading, v, student.device, call.valid)
+    valid = call.valid  # (derived from the target: made once here)
+    sparse = check_sparse(teacher, call, leading, v, student.device, valid)
     dtype = compute_dtype(student, sparse.values)
-    bins = FoldStudent.apply(student, sparse.indices, call.valid, call.temperature, dtype, sparse.tail)
+    bins = FoldStudent.apply(student, sparse.indices, valid, call.temperature, dtype, sparse.tail)
     distill_call = replace(call, ce_weight=0.0, distill_weight=1.0, return_parts=False)
     distill, _ = impl(distill_call, bins, teacher_bins(sparse, call.temperature, dtype, v))
     ce = None
     if call.with_ce:
-        kept = call.valid & ~torch.isneginf(student).all(-1)
+        kept = valid & ~torch.isneginf(student).all(-1)
         ce = backends.reduce(cross_entropy_rows(call, student.to(dtype), call.target, kept), call)
     return backends.weigh(call, distill, ce)
 

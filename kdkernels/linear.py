@@ -392,12 +392,13 @@ class _Heads:
         cross-entropy term, which needs the whole student row, from the chunk's logits ``s`` (overwritten by the
         gradient)."""
         bins, lse_tail = fold(s, teacher.indices, call.temperature, torch.float32, teacher.tail)
+        valid = call.valid  # (derived from the target: made once here)
         ce_rows = ce_grad = None
         if call.with_ce:
-            ce_rows = cross_entropy_rows(call, s, call.target, call.valid)
+            ce_rows = cross_entropy_rows(call, s, call.target, valid)
             if want_grad and call.ce_weight:  # its gradient times ce_weight, over the denominator when reduced
                 factor = call.ce_weight / (call.denominator if call.denominator is not None else 1.0)
-                ce_grad = cross_entropy_grad(call, s, call.target, call.valid).mul_(factor)
+                ce_grad = cross_entropy_grad(call, s, call.target, valid).mul_(factor)
         loss, parts, grad = self._loss(
             replace(call, ce_weight=0.0, return_parts=False),
             bins,
@@ -405,7 +406,7 @@ class _Heads:
             want_grad,
         )
         if want_grad:
-            grad = unfold_(grad, s, teacher.indices, lse_tail, call.temperature, call.valid, teacher.tail)
+            grad = unfold_(grad, s, teacher.indices, lse_tail, call.temperature, valid, teacher.tail)
             if ce_grad is not None:
                 grad += ce_grad
         if ce_rows is not None:
