@@ -53,7 +53,7 @@ from .arguments import (
     split_temperature,
 )
 from .backends.ops import run_cross_vocab, run_op
-from .backends.reference import cross_entropy_grad, cross_entropy_rows
+from .backends.reference import cross_entropy_rows, cross_entropy_rows_and_grad
 from .cross_vocab import VocabMap, resolve_cross_vocab, with_vocab_map
 from .functional import finish
 from .sparse import SparseTeacher, fold, teacher_bins, unfold_
@@ -394,11 +394,11 @@ class _Heads:
         bins, lse_tail = fold(s, teacher.indices, call.temperature, torch.float32, teacher.tail)
         valid = call.valid  # (derived from the target: made once here)
         ce_rows = ce_grad = None
-        if call.with_ce:
+        if call.with_ce and want_grad and call.ce_weight:  # its gradient times ce_weight, over the denominator
+            ce_rows, ce_grad = cross_entropy_rows_and_grad(call, s, call.target, valid)
+            ce_grad.mul_(call.ce_weight / (call.denominator if call.denominator is not None else 1.0))
+        elif call.with_ce:
             ce_rows = cross_entropy_rows(call, s, call.target, valid)
-            if want_grad and call.ce_weight:  # its gradient times ce_weight, over the denominator when reduced
-                factor = call.ce_weight / (call.denominator if call.denominator is not None else 1.0)
-                ce_grad = cross_entropy_grad(call, s, call.target, valid).mul_(factor)
         loss, parts, grad = self._loss(
             replace(call, ce_weight=0.0, return_parts=False),
             bins,

@@ -49,7 +49,7 @@ class KernelCall:
 
     def scalars(self) -> tuple[float, ...]:
         """The float fields, in the record's order (SCALARS): the Triton kernels' `scalars` tuple."""
-        return tuple(float(getattr(self, name)) for name in SCALARS)
+        return tuple(_numbers(self)[0])
 
     @classmethod
     def from_op_args(cls, target, denominator, code, params, scalars, flags) -> KernelCall:

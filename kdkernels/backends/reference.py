@@ -348,11 +348,13 @@ def cross_entropy_rows(call, student: Tensor, target: Tensor, kept: Tensor) -> T
     return torch.where(kept, cross_entropy_of_sums(call, cross_entropy_sums(x, owner)), 0.0)
 
 
-def cross_entropy_grad(call, student: Tensor, target: Tensor, kept: Tensor) -> Tensor:
-    """d cross_entropy_rows / d student [N, V] (0 on rows not ``kept``), without autograd."""
+def cross_entropy_rows_and_grad(call, student: Tensor, target: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
+    """cross_entropy_rows and its gradient d / d student [N, V] (0 on rows not ``kept``), without autograd, from
+    one pass of sums."""
     x, owner = _shifted(student, target, kept)
-    grad = cross_entropy_grad_of_sums(call, x, owner, cross_entropy_sums(x, owner))
-    return grad.mul_(kept.unsqueeze(-1))
+    sums = cross_entropy_sums(x, owner)
+    rows = torch.where(kept, cross_entropy_of_sums(call, sums), 0.0)
+    return rows, cross_entropy_grad_of_sums(call, x, owner, sums).mul_(kept.unsqueeze(-1))
 
 
 def _shifted(student: Tensor, target: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
