@@ -27,7 +27,6 @@ struct RowsArgs {
   int code;              // the plan's code (divergence.h Divergence, decoupled.h Partition)
   const double* params;  // the plan's named parameters, in their order
   CallOptions opt;       // the kernel call's options (kernel_call.h)
-  double t2;             // T^2 with t2_scale, else 1
   double grad_scale;     // distill_weight t2 / T / denominator (1 without one): the method's gradient factor
   double ce_scale;       // ce_weight / denominator: the cross-entropy's gradient factor
   bool math_double;      // float64 math (when an input is float64)

@@ -73,7 +73,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_family(const FamilyArgs& a, b
                 int(a.code),
                 a.params.data(),
                 o,
-                o.t2(),
                 o.distill_weight * o.t2() / o.temperature * inv_denom,
                 o.ce_weight * inv_denom,
                 call.math_double};

@@ -432,14 +432,14 @@ void for_rows(const RowsArgs& a, int64_t begin, int64_t end, RowBuffers<M>& buf,
       buf.grad_bf16 = static_cast<c10::BFloat16*>(grad_row);
       const auto* s = static_cast<const c10::BFloat16*>(a.student) + i * a.student_stride;
       const auto* t = static_cast<const c10::BFloat16*>(a.teacher) + i * a.teacher_stride;
-      if constexpr (std::is_same_v<M, float>) loss[i] = row(s, t, target, g, ce, t, M(1), gt, dtemp) * M(a.t2);
+      if constexpr (std::is_same_v<M, float>) loss[i] = row(s, t, target, g, ce, t, M(1), gt, dtemp) * M(a.opt.t2());
     } else {
       const M* s = row_as<M>(a.student, a.student_dtype, a.student_stride, i, a.v, buf.s);
       const M* t = row_as<M>(a.teacher, a.teacher_dtype, a.teacher_stride, i, a.v, buf.t);
       loss[i] = (a.opt.standardize ? standardized_row(s, t, target, g, ce, a.v, CeOptions<M>::of(a),
                                                       a.grad_scale != 0.0, buf, gt, dtemp, row)
                                    : row(s, t, target, g, ce, t, M(1), gt, dtemp)) *
-                M(a.t2);
+                M(a.opt.t2());
     }
     if (g != nullptr && !grad_in_place && !bf16_rows) store_row(g, a.v, a.student_dtype, grad_row);
     if (gt != nullptr && !teacher_grad_in_place) store_row(gt, a.v, a.teacher_dtype, teacher_grad_row);
