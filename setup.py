@@ -16,9 +16,11 @@ supports, as torch's own CPU kernels do.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import platform
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import setup
@@ -35,6 +37,23 @@ CPU_KERNELS = ["csrc/cpu/divergence.cpp", "csrc/cpu/decoupled.cpp", "csrc/cpu/cr
 def cuda_arch_flags() -> list[str]:
     archs = {"90", *re.split(r"[;,\s]+", os.environ.get("KDKERNELS_CUDA_ARCHS", "").strip())} - {""}
     return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in sorted(archs)]
+
+
+def generated_include_dir() -> str:
+    """build/generated, holding the kernel call's option lists generated from kdkernels/backends/kernel_call.py
+    (the header is rewritten only when its text changes, so that an unchanged record rebuilds nothing)."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    source = os.path.join(root, "kdkernels", "backends", "kernel_call.py")
+    spec = importlib.util.spec_from_file_location("kdkernels_build_kernel_call", source)
+    record = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # (dataclasses look their module up)
+    spec.loader.exec_module(record)
+    folder = os.path.join(root, "build", "generated")
+    path, text = os.path.join(folder, record.CPP_OPTIONS_HEADER), record.cpp_option_lists()
+    if not os.path.exists(path) or open(path).read() != text:
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+    return folder
 
 
 def extension_modules() -> tuple[list, dict]:
@@ -80,6 +99,7 @@ def extension_modules() -> tuple[list, dict]:
         sources,
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "-lineinfo"] + cuda_arch_flags()},
         extra_link_args=["-fopenmp"],
+        include_dirs=[generated_include_dir()],
         depends=sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True)),
     )
     return [extension], {"build_ext": BuildExtension}

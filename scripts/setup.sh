@@ -5,7 +5,7 @@
 # packages). Set KDKERNELS_TORCH to another requirement (or to "" to keep the installed one).
 #
 # A later run installs and builds nothing unless something the install depends on changed: a file of csrc/,
-# setup.py, pyproject.toml, the torch requirement or a build switch (KDKERNELS_NO_EXTENSION, KDKERNELS_NO_CUDA,
+# setup.py, pyproject.toml, the kernel call's record (the build generates a C++ header from it), the torch requirement or a build switch (KDKERNELS_NO_EXTENSION, KDKERNELS_NO_CUDA,
 # KDKERNELS_CUDA_ARCHS), or the package no longer imports. KDKERNELS_SETUP_CHECK=1 only says which: exit status 0
 # when up to date, 1 when a run would reinstall.
 #
@@ -21,7 +21,7 @@ stamp_file=build/setup.stamp
 stamp=$( {
   echo "torch=$torch_req no_extension=${KDKERNELS_NO_EXTENSION:-} no_cuda=${KDKERNELS_NO_CUDA:-}" \
        "archs=${KDKERNELS_CUDA_ARCHS:-}"
-  find csrc setup.py pyproject.toml -type f | LC_ALL=C sort | xargs sha256sum
+  find csrc setup.py pyproject.toml kdkernels/backends/kernel_call.py -type f | LC_ALL=C sort | xargs sha256sum
 } | sha256sum | cut -d' ' -f1)
 triton_gpu_reqs=("${torch_req:-torch==2.13.0}" triton==3.6.0)
 if [ "$(cat build/setup-triton36.stamp 2>/dev/null)" != "${triton_gpu_reqs[*]}" ] \

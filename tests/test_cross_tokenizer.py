@@ -80,11 +80,13 @@ def student_batch(tokenizer, texts, prompt_chars=12):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def by_hand(method, student, teacher, inputs, tokenizers, strategy, temperature, ce_weight, **hyperparameters):
+def by_hand(method, student, teacher, inputs, tokenizers, strategy, temperature, ce_weight, eps, **hyperparameters):
     """The loss as a user would write it: each completion's text from the student's tokens (their bytes), the
     teacher's tokens of the prompt and of the completion, the groups of the two by bytes, both models' logits from
     their own forward, ``aligned_cross_vocab_loss`` (float64, the reference backend) averaged per example then over
-    the examples, plus ce_weight times the student's mean cross-entropy on its labels."""
+    the examples, plus ce_weight times the student's mean cross-entropy on its labels, label-smoothed by ``eps``
+    (torch's label_smoothing, in float64; test_integrations.py checks the trainer's against transformers'
+    LabelSmoother, which sums in float32)."""
     student_tok, teacher_tok = tokenizers
     shift = 1 if strategy == "bayesian" else 0
     pairs, teacher_rows = ([], []), []
@@ -113,7 +115,9 @@ def by_hand(method, student, teacher, inputs, tokenizers, strategy, temperature,
         method, logits, teacher_logits, built, temperature=temperature, reduction="none", backend="reference",
         **hybrid, **hyperparameters,
     )  # fmt: skip
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), inputs["labels"][:, 1:].flatten())
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), inputs["labels"][:, 1:].flatten(), label_smoothing=eps
+    )
     return built.example_mean(rows) + ce_weight * ce, built
 
 
@@ -139,13 +143,15 @@ def assert_sgd_step(trained, student, lr=0.5):
     "method, strategy, options",
     [
         ("uld", "bayesian", dict(temperature=1.0, ce_weight=0.3)),
+        ("uld", "observed", dict(temperature=2.0, ce_weight=0.4, label_smoothing_factor=0.1)),
         ("hybrid", "observed", dict(temperature=1.5, ce_weight=0.0, method_kwargs={"beta": 0.3})),
         ("hybrid", "bayesian", dict(temperature=1.0, ce_weight=0.5, distill_weight=1.0)),
     ],
 )
 def test_off_policy_step_equals_the_loss_by_hand(texts_and_tokenizers, tmp_path, method, strategy, options):
     """One SGD step of KDTrainer with a teacher_tokenizer: the loss and the update equal the hand computation's on
-    the same batch (the groups include several-token ones on both sides and the non-ASCII text)."""
+    the same batch (the groups include several-token ones on both sides and the non-ASCII text; the CE term with
+    TrainingArguments.label_smoothing_factor as transformers smooths it)."""
     texts, student_tok, teacher_tok = texts_and_tokenizers
     student, teacher = causal_lm(len(student_tok), 16, 0), causal_lm(len(teacher_tok), 24, 1)
     inputs = student_batch(student_tok, texts)
@@ -155,7 +161,8 @@ def test_off_policy_step_equals_the_loss_by_hand(texts_and_tokenizers, tmp_path,
     loss = tr.compute_loss(tr.model, inputs)
     kwargs = options.get("method_kwargs", {})
     want, built = by_hand(method, student, teacher, inputs, (student_tok, teacher_tok), strategy,
-                          options["temperature"], options["ce_weight"], **kwargs)  # fmt: skip
+                          options["temperature"], options["ce_weight"], options.get("label_smoothing_factor", 0.0),
+                          **kwargs)  # fmt: skip
     assert built.student.chained.shape[0] > 0 and built.teacher.chained.shape[0] > 0  # merged groups, both sides
     assert_close(loss, want.detach().numpy(), torch.float64, "loss")
     want.backward()
@@ -183,7 +190,7 @@ def test_on_policy_step_re_tokenizes_the_students_samples(texts_and_tokenizers, 
     ((sampled,),) = [seen]
     prompts, _ = prompts_of(inputs, student_tok.pad_token_id)
     assert sampled["input_ids"].shape[1] == prompts.shape[1] + 6 and (sampled["labels"] != -100).sum() > 6
-    want, _ = by_hand("uld", student, teacher, sampled, (student_tok, teacher_tok), "bayesian", 1.0, 0.2)
+    want, _ = by_hand("uld", student, teacher, sampled, (student_tok, teacher_tok), "bayesian", 1.0, 0.2, 0.0)
     want.backward()
     assert_sgd_step(tr.model, student)
 

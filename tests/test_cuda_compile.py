@@ -3,7 +3,8 @@
 Nothing CUDA runs on a GPU-less machine and a CPU build of torch builds only the CPU kernels, so this is what keeps
 the CUDA kernels from rotting unseen: nvcc -c on each .cu with torch's include paths and the nvcc flags torch's
 extension builder uses. A CPU build of torch lacks one generated CUDA header, c10/cuda/impl/cuda_cmake_macros.h
-(a single #define); the check writes it into a scratch include directory. A missing nvcc fails the check unless
+(a single #define); the check writes it into a scratch include directory, beside the kernel call's option lists
+that setup.py generates (kernel_call.cpp_option_lists). A missing nvcc fails the check unless
 KDKERNELS_NO_CUDA=1 (the build switch that leaves the CUDA kernels out) says the CUDA sources are not wanted here.
 
 ptxas's -v log gives each kernel's registers, spills and shared memory (tests/sm90_resources.py): a kernel that
@@ -22,6 +23,8 @@ import pytest
 import sm90_resources
 from sm90_resources import Resources, parse_ptxas
 from torch.utils import cpp_extension
+
+from kdkernels.backends import kernel_call
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
@@ -44,10 +47,11 @@ def nvcc_command(tmp_path_factory) -> list[str]:
         pytest.fail("nvcc not found (CUDA_HOME or PATH); install the CUDA toolkit or set KDKERNELS_NO_CUDA=1")
     scratch = tmp_path_factory.mktemp("nvcc")
     includes = cpp_extension.include_paths() + [sysconfig.get_paths()["include"]]
+    (scratch / kernel_call.CPP_OPTIONS_HEADER).write_text(kernel_call.cpp_option_lists())
+    includes.append(str(scratch))
     if not any(os.path.exists(os.path.join(d, MACROS)) for d in includes):
         os.makedirs(scratch / os.path.dirname(MACROS))
         (scratch / MACROS).write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-        includes.append(str(scratch))
     flags = [
         "-std=c++20",
         "-O3",

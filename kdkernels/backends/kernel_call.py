@@ -9,8 +9,9 @@ them by tests/test_ops.py:
   ``int code, float[] params`` (methods.py names the params), and every other field travels in one of two lists by
   its type, in field order: the float fields in ``float[] scalars`` (``SCALARS``), the int and bool fields in
   ``int[] flags`` (``FLAGS``);
-- the C++ and CUDA kernels read those lists into ``CallOptions`` (csrc/kernel_call.h), whose X-macro lists must name
-  the same fields in the same order (the extension exports them; a test compares); the Triton kernels take the
+- the C++ and CUDA kernels read those lists into ``CallOptions`` (csrc/kernel_call.h) through two X-macro lists
+  that the build generates from this record (``cpp_option_lists``; the extension exports the names it was built
+  with and a test compares them, which catches a stale build); the Triton kernels take the
   float fields as one tuple (``KernelCall.scalars``) and read them at indices derived from ``SCALARS``.
 
 An option of the kernels is a field here with its default, its reading in each kernel language, and its check where
@@ -83,6 +84,27 @@ def op_args(call) -> tuple:
     this path: at vision batch sizes the record's construction is a measurable share of a call.)"""
     plan = call.plan
     return call.target, call.denominator, int(plan.code), [float(x) for x in plan.params], *_numbers(call)
+
+
+# C++ types of the options, by their Python type.
+_CPP_TYPES = {"float": "double", "int": "int64_t", "bool": "bool"}
+# The generated header's name (setup.py writes it into the build's include directory).
+CPP_OPTIONS_HEADER = "kernel_call_options.h"
+
+
+def cpp_option_lists() -> str:
+    """The text of ``CPP_OPTIONS_HEADER``: SCALARS and FLAGS as the X-macro lists csrc/kernel_call.h reads."""
+    kinds = dict(_OPTIONS)
+
+    def items(names: tuple[str, ...]) -> str:
+        return " ".join(f"X({_CPP_TYPES[kinds[name]]}, {name})" for name in names)
+
+    return (
+        "// Generated from kdkernels/backends/kernel_call.py (KernelCall) by the build: do not edit.\n"
+        "#pragma once\n"
+        f"#define KDKERNELS_CALL_SCALARS(X) {items(SCALARS)}\n"
+        f"#define KDKERNELS_CALL_FLAGS(X) {items(FLAGS)}\n"
+    )
 
 
 # The op schema's arguments after (Tensor student, Tensor teacher).

@@ -203,7 +203,7 @@ def cross_tokenizer_loss(
     temperature: float,
     ce_weight: float,
     distill_weight: float,
-    label_smoothing: float = 0.0,
+    ce_options: dict | None = None,
     backend: str = "auto",
     return_entropy: bool = False,
     with_logits: bool = False,
@@ -213,7 +213,8 @@ def cross_tokenizer_loss(
     entropies at ``temperature`` on its labelled tokens when ``return_entropy``, else None; the student's logits when
     ``with_logits``, else None). The distillation term is GOLD's reduction: each example's mean over its groups,
     then the mean over the examples; the CE term is the mean over the labelled tokens (``target``, the shifted
-    labels of positions [:-1]). Runs inside the student's forward like ``distill_in_forward``."""
+    labels of positions [:-1]), torch's ``cross_entropy`` with ``ce_options`` (the trainer's CE options, e.g. its
+    label smoothing). Runs inside the student's forward like ``distill_in_forward``."""
     from .transformers import LMHead, final_hidden_states, through_forward
 
     teacher.eval()
@@ -248,7 +249,7 @@ def cross_tokenizer_loss(
                 target_.flatten(),
                 ignore_index=IGNORE_INDEX,
                 reduction="sum",
-                label_smoothing=label_smoothing,
+                **(ce_options or {}),
             )
             / tokens
         )

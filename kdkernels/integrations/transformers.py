@@ -588,7 +588,7 @@ class KDConfig(transformers.TrainingArguments):
         names = ("temperature", "ce_weight", "distill_weight", "backend")
         return {
             **{name: getattr(self, name) for name in names},
-            "label_smoothing": self.label_smoothing_factor,
+            "ce_options": {"label_smoothing": self.label_smoothing_factor},
             **self.method_kwargs,
         }
 
