@@ -211,9 +211,10 @@ def _akl_settle(teacher, mu, value, mass, mass_from, SINGLE_TILE: tl.constexpr, 
         for start in range(0, teacher[4], BLOCK_V):
             tile_t, tile_p, cols = _head_tile(teacher, start, SINGLE_TILE, BLOCK_V)
             a += _mass_above(tile_t, tile_p, _key_value(mid))
+        low = a <= mu  # (not low where a is NaN: a teacher row all -inf bisects up to +inf, the empty head)
         searching = hi - lo > 1  # (lo may still be the sentinel below -inf, never probed)
-        hi = tl.where(searching & (a <= mu), mid, hi)
-        lo = tl.where(searching & (a > mu), mid, lo)
+        hi = tl.where(searching & low, mid, hi)
+        lo = tl.where(searching & ~low, mid, lo)
     return tl.where(valid, _key_value(hi), value), moved
 
 
