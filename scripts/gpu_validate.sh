@@ -29,13 +29,14 @@ OUTPUTS=(env.txt build.log tests.log bench.txt bench.csv bench.png linear.txt li
 # timed them yet): the build waits on nvcc of csrc/cuda/divergence.cu (~105 s; the .cu files compile side by side);
 # the tests are ~60 Triton compiles for sm_90 (~2 s each, ~4 s for the decoupled kernel) over TEST_WORKERS processes;
 # the bench is mostly its torch.compile baseline, compiled per method and shape (timed with Inductor's CPU backend:
-# ~15-25 s for a process's first compile, ~5 s for further ones), ~1.5 min for 3 methods x 2 shapes; the tests and
-# the bench's --cross-vocab section add 12 and 6 Triton compiles (the cross-vocab kernels; not timed on a GPU);
-# each linear row is a fresh process (~10 s).
+# ~15-25 s for a process's first compile, ~5 s for further ones), ~1.5 min for kd, jsd and dkd x 2 shapes (akl's
+# two, which time its head search, are estimated at ~15 s more, not timed); the tests and the bench's --cross-vocab
+# section add 12 and 6 Triton compiles (the cross-vocab kernels; not timed on a GPU); each linear row is a fresh
+# process (~10 s).
 TOTAL=470
 declare -A BUDGET=([build]=150 [tests]=100 [bench]=150 [linear]=60)
 BENCH_SHAPES="llm-128k vision-1000"
-BENCH_METHODS="kd jsd dkd"
+BENCH_METHODS="kd jsd dkd akl"
 LINEAR_METHODS="kd"
 TEST_WORKERS=8
 

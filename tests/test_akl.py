@@ -2,7 +2,8 @@
 
 The oracle (tests/oracle.py) checks every backend on random inputs with the other methods (test_losses,
 test_kernels); here: agreement with wutaiqiang/LLM_KD_AKL's formulation as written, tie groups that straddle mu (the
-kernels find the head by bisection, not by sorting), and the memory of the fused CPU kernel against the eager code.
+kernels find the head by a radix select on the teacher logits' keys, not by sorting), and the memory of the fused
+CPU kernel against the eager code.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from ..ops import cross_vocab_entries, define_cross_vocab_op, define_family_ops,
 from .common import launch_shape, scale_rows_
 from .cross_vocab import launch_cross_vocab
 from .decoupled import decoupled_kernel
-from .divergence import divergence_kernel
+from .divergence import AKL_BINS, divergence_kernel
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -80,6 +80,10 @@ def _launch(family, student, teacher, call: KernelCall, grad, teacher_grad=None,
             family, n, v, full=temperature_grad is not None, akl=akl
         )
         kernel, named, switches = _plan_arguments(family, call)
+        if family == DIVERGENCE:  # akl's radix histograms (divergence._akl_head), a row's AKL_BINS zeros
+            named["mass_ptr"] = (
+                torch.zeros((n, AKL_BINS.value), dtype=torch.float32, device=student.device) if akl else rows
+            )
         kernel[(triton.cdiv(n, block_n),)](
             student,
             teacher,

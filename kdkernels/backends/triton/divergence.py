@@ -8,8 +8,8 @@ sum r = -1 and folds its loss into (C); rkl gets its loss l = sum r in (A) from
 kq = sum exp(x - mx) ((x - mx) - (y - my)), re-based when a max moves; both read the row twice. A row whose classes
 are all masked in both logits is left out like an ignored row. With STANDARDIZE a first pass takes both rows'
 moments (x and y are then the z-scores over T), and before (C) a read-only pass sums the gradient for the z-score's
-Jacobian (unless the row is one tile). akl finds its head between (A) and (B) (_akl_head: 32 bisection passes over
-the teacher row when it is one tile, in registers; else 16 passes of 3 probes each).
+Jacobian (unless the row is one tile). akl finds its head between (A) and (B) (_akl_head: a radix select, 4 passes
+over the teacher row, in registers when it is one tile, and one pass at the value it selects).
 """
 
 from __future__ import annotations
@@ -60,11 +60,15 @@ ABKD_ZERO = tl.constexpr(int(Divergence.ABKD_ZERO))
 WSD = tl.constexpr(int(Divergence.WSD))
 BDKD = tl.constexpr(int(Divergence.BDKD))
 AKL = tl.constexpr(int(Divergence.AKL))
-# akl's search on the teacher-logit axis (csrc/divergence.h AklHead): float32's order-preserving int32 keys, from
-# below -inf (lo) to +inf (hi); 32 halvings (16 quarterings) close the gap.
-KEY_BELOW_NEG_INF = tl.constexpr(-2139095042)
+# akl's head (csrc/divergence.h AklHead) is searched on float32's order-preserving int32 keys (negative floats with
+# their magnitude bits flipped). The radix select takes AKL_DIGIT_BITS of them at a time from the top (AKL_DIGITS
+# passes); each digit's histogram of p is a row's AKL_BINS floats of the scratch mass_ptr, added to by global-memory
+# atomics (Triton has no shared-memory ones). The fallback's bisection runs from below -inf (lo) to +inf (hi).
+AKL_DIGIT_BITS = tl.constexpr(8)
+AKL_DIGITS = tl.constexpr(4)
+AKL_BINS = tl.constexpr(1 << 8)
+KEY_NEG_INF = tl.constexpr(-2139095041)
 KEY_POS_INF = tl.constexpr(2139095040)
-KEY_STEPS = tl.constexpr(32)
 # bdkd's tie (kdkernels/methods.py BDKD_TIE) in float32: entropies within this times (1 + H(p) + H(q)) are equal.
 BDKD_TIE_F32 = tl.constexpr(BDKD_TIE * 1.1920928955078125e-07)
 
@@ -76,114 +80,150 @@ def _xlogy(a, log_a, log_b):
 
 
 @triton.jit
+def _key(t):
+    """float32's order-preserving int32 key (negative floats have their magnitude bits flipped)."""
+    bits = t.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
 def _key_value(key):
-    """The float32 of an order-preserving key (negative floats have their magnitude bits flipped)."""
+    """The float32 of an order-preserving key (_key)."""
     k = key.to(tl.int32)
     return tl.where(k < 0, k ^ 0x7FFFFFFF, k).to(tl.float32, bitcast=True)
 
 
+# akl's head search reads the teacher row through one tuple, `teacher`: (t_ptr, rows64, t_stride, valid, V, mean_t,
+# tau_t, my, lzy, t, p), the row's pointer and layout, its z-score and log-softmax statistics, and t and p, the raw
+# logits and probabilities of the row when it is one tile (in registers; unused otherwise).
 @triton.jit
-def _head_tile(t_ptr, rows64, t_stride, valid, cols, V, mean_t, tau_t, my, lzy, t, p, SINGLE_TILE: tl.constexpr):
-    """(raw teacher logits, teacher probabilities) of a tile: the registers' row when it is one tile, else loaded."""
+def _head_tile(teacher, start, SINGLE_TILE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(raw teacher logits, teacher probabilities, columns) of the tile at column `start`: the registers' row when it
+    is one tile, else loaded."""
+    t_ptr, rows64, t_stride, valid, V, mean_t, tau_t, my, lzy, t, p = teacher
+    cols = start + tl.arange(0, BLOCK_V)
     if not SINGLE_TILE:
         t = load_raw(t_ptr, rows64, t_stride, valid, cols, V)
         p = tl.exp(log_softmax_tile(scaled(t, mean_t, tau_t), my, lzy))
-    return t, p
+    return t, p, cols
 
 
 @triton.jit
-def _akl_threshold(
-    t_ptr,
-    rows64,
-    t_stride,
-    valid,
-    V,
-    mean_t,
-    tau_t,
-    my,
-    lzy,
-    mu,
-    t,
-    p,
-    SINGLE_TILE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    """akl's (a) per row (_akl_head): the least value u with A(u) = sum of p over {t > u} <= mu, searched over the
-    keys by bisection when the row is one tile (in registers), else in quarters (3 probes a pass, 16 passes: half
-    the reloads and exps, 1.5 times the sums). Each probe's A is the bisection's, so both find the same u."""
-    cols0 = tl.arange(0, BLOCK_V)
-    lo = tl.zeros([BLOCK_N], tl.int64) + KEY_BELOW_NEG_INF
-    hi = tl.zeros([BLOCK_N], tl.int64) + KEY_POS_INF
-    for _ in range(KEY_STEPS if SINGLE_TILE else KEY_STEPS // 2):
-        width = hi - lo
-        m1 = lo + width // 2
-        m2, m3 = m1, m1
-        if not SINGLE_TILE:  # (every probe within (lo, hi) while it is open)
-            m1, m3 = tl.maximum(lo + width // 4, lo + 1), lo + (width * 3) // 4
-        a1 = tl.zeros([BLOCK_N], tl.float32)
-        a2, a3 = a1, a1
-        for start in range(0, V, BLOCK_V):
-            tile_t, tile_p = _head_tile(
-                t_ptr, rows64, t_stride, valid, start + cols0, V, mean_t, tau_t, my, lzy, t, p, SINGLE_TILE
-            )
-            a1 += tl.sum(tl.where(tile_t > _key_value(m1)[:, None], tile_p, 0.0), axis=1)
-            if not SINGLE_TILE:
-                a2 += tl.sum(tl.where(tile_t > _key_value(m2)[:, None], tile_p, 0.0), axis=1)
-                a3 += tl.sum(tl.where(tile_t > _key_value(m3)[:, None], tile_p, 0.0), axis=1)
-        if SINGLE_TILE:
-            a2, a3 = a1, a1
-        low1, low2, low3 = a1 <= mu, a2 <= mu, a3 <= mu  # (A falls as the probe rises: low1 implies low2, low3)
-        searching = width > 1  # (lo may still be the sentinel below -inf, never probed)
-        hi = tl.where(searching, tl.where(low1, m1, tl.where(low2, m2, tl.where(low3, m3, hi))), hi)
-        lo = tl.where(searching, tl.where(~low3, m3, tl.where(~low2, m2, tl.where(~low1, m1, lo))), lo)
-    return _key_value(hi)
+def _mass_above(t, p, value):
+    """A tile's part of A(value) = the mass of {t > value}. Every pass that evaluates A sums it so (the same
+    additions in the same order: a tile's elements at 0 where t <= value), so that A is one function of the value,
+    never rising as the value rises, whichever pass computes it."""
+    return tl.sum(tl.where(t > value[:, None], p, 0.0), axis=1)
 
 
 @triton.jit
-def _akl_head(
-    t_ptr,
-    rows64,
-    t_stride,
-    valid,
-    V,
-    mean_t,
-    tau_t,
-    my,
-    lzy,
-    mu,
-    t,
-    p,
-    SINGLE_TILE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    """akl's head per row as (value, end): head = {t > value} + {t == value, index < end} on the raw teacher logits
-    (docs/losses.md, "AKL"; csrc/divergence.h AklHead has the steps (a) to (c)). t and p: the row's tile when it is
-    one tile (else unused)."""
-    value = _akl_threshold(
-        t_ptr, rows64, t_stride, valid, V, mean_t, tau_t, my, lzy, mu, t, p, SINGLE_TILE, BLOCK_N, BLOCK_V
-    )
-    cols0 = tl.arange(0, BLOCK_V)
-    mass = tl.zeros([BLOCK_N], tl.float32)  # (b) at u: A(u), the classes above, the tie group and its p
+def _akl_histogram(teacher, mass_ptr, floor, digit_index, prefix, SINGLE_TILE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One digit of akl's radix select (AklHead (a)): adds the p of each class whose higher digits are `prefix` (the
+    signed key's digits chosen so far) to its row's bin of mass_ptr for its key's digit `digit_index` from the top.
+    Classes of p below `floor`, (1 - mu) / (2 V), hold less than (1 - mu) / 2 together: they are left out, as the
+    mass crosses mu among the others, so that a peaked row's long tail takes no atomics."""
+    rows64, valid, V = teacher[1], teacher[3], teacher[4]
+    shift = (AKL_DIGITS - 1 - digit_index) * AKL_DIGIT_BITS
+    first = digit_index == 0
+    for start in range(0, V, BLOCK_V):
+        tile_t, tile_p, cols = _head_tile(teacher, start, SINGLE_TILE, BLOCK_V)
+        key = _key(tile_t)
+        digit = (key >> shift) & (AKL_BINS - 1)
+        digit = tl.where(first, digit ^ (AKL_BINS // 2), digit)  # (the sign's digit, in the keys' order)
+        # (the first digit has no prefix; the shift is kept below 32, which int32 shifts do not take)
+        within = first | ((key >> tl.minimum(shift + AKL_DIGIT_BITS, 31)) == prefix[:, None])
+        binned = valid[:, None] & within & (tile_p >= floor) & (tile_p > 0.0)
+        tl.atomic_add(mass_ptr + rows64[:, None] * AKL_BINS + digit, tile_p, mask=binned, sem="relaxed")
+
+
+@triton.jit
+def _akl_choose(mass_ptr, rows64, valid, digit_index, prefix, above, mu, BLOCK_N: tl.constexpr):
+    """AklHead::choose on a digit's histograms (_akl_histogram): the highest digit where the mass from the top
+    crosses mu (the lowest if none does), appended to `prefix`; `above`: the histograms' mass above the digits
+    chosen. Each bin is read and zeroed for the next digit in one exchange (of its bits: Triton's interpreter
+    exchanges integers only); the barriers order every thread's adds before the reads and the reads before the next
+    digit's adds."""
+    bins = tl.arange(0, AKL_BINS)
+    bits_ptr = mass_ptr.to(tl.pointer_type(tl.int32)) + rows64[:, None] * AKL_BINS + bins[None, :]
+    tl.debug_barrier()
+    bits = tl.atomic_xchg(bits_ptr, tl.zeros([BLOCK_N, AKL_BINS], tl.int32), mask=valid[:, None], sem="relaxed")
+    tl.debug_barrier()
+    mass = bits.to(tl.float32, bitcast=True)
+    from_top = tl.cumsum(tl.where(valid[:, None], mass, 0.0), axis=1, reverse=True)
+    chosen = tl.max(tl.where(above[:, None] + from_top > mu, bins[None, :], 0), axis=1)
+    above += tl.sum(tl.where(bins[None, :] == chosen[:, None] + 1, from_top, 0.0), axis=1)
+    return tl.where(digit_index == 0, chosen - AKL_BINS // 2, prefix * AKL_BINS + chosen), above
+
+
+@triton.jit
+def _akl_candidate(teacher, mass_ptr, mu, SINGLE_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """AklHead (a): the radix select's value per row, a candidate (its histograms add the masses in another order
+    than A, and atomics in no fixed one): AKL_DIGITS passes over the teacher row. -0.0 for a zero (the least key of
+    its tie group, which a bisection finds)."""
+    rows64, valid, V = teacher[1], teacher[3], teacher[4]
+    prefix = tl.zeros([BLOCK_N], tl.int32)
+    above = tl.zeros([BLOCK_N], tl.float32)
+    floor = (1.0 - mu) / (2.0 * V)
+    for digit_index in range(AKL_DIGITS):
+        _akl_histogram(teacher, mass_ptr, floor, digit_index, prefix, SINGLE_TILE, BLOCK_V)
+        prefix, above = _akl_choose(mass_ptr, rows64, valid, digit_index, prefix, above, mu, BLOCK_N)
+    key = tl.minimum(tl.maximum(prefix, KEY_NEG_INF), KEY_POS_INF)  # (NaN keys lie beyond the infinities)
+    return _key_value(tl.where(key == 0, -1, key))
+
+
+@triton.jit
+def _akl_at(teacher, value, SINGLE_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """AklHead (b), one pass at values u per row: (A(u), the mass of {t >= u}, which is A just below u (the same
+    elements summed in the same order as _mass_above's at u's predecessor), the count above u, the tie group
+    {t == u}'s size and its probability p_u)."""
+    mass = tl.zeros([BLOCK_N], tl.float32)
+    mass_from = tl.zeros([BLOCK_N], tl.float32)
     count_above = tl.zeros([BLOCK_N], tl.float32)
     size = tl.zeros([BLOCK_N], tl.float32)
     p_group = tl.zeros([BLOCK_N], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        tile_t, tile_p = _head_tile(
-            t_ptr, rows64, t_stride, valid, start + cols0, V, mean_t, tau_t, my, lzy, t, p, SINGLE_TILE
-        )
-        above = tile_t > value[:, None]
+    for start in range(0, teacher[4], BLOCK_V):
+        tile_t, tile_p, cols = _head_tile(teacher, start, SINGLE_TILE, BLOCK_V)
         tie = tile_t == value[:, None]
-        mass += tl.sum(tl.where(above, tile_p, 0.0), axis=1)
-        count_above += tl.sum(above.to(tl.float32), axis=1)
+        mass += _mass_above(tile_t, tile_p, value)
+        mass_from += tl.sum(tl.where(tile_t >= value[:, None], tile_p, 0.0), axis=1)
+        count_above += tl.sum((tile_t > value[:, None]).to(tl.float32), axis=1)
         size += tl.sum(tie.to(tl.float32), axis=1)
         p_group = tl.maximum(p_group, tl.max(tl.where(tie, tile_p, 0.0), axis=1))
-    room = (mu - mass) / tl.where(p_group > 0.0, p_group, 1.0)
-    share = tl.where((p_group > 0.0) & (room < size), tl.where(room > 0.0, tl.floor(room), 0.0), size)
-    share = tl.where((count_above == 0.0) & (share == 0.0), 1.0, share)
-    # (c) the least end with `share` ties before it, where the group is split
-    split = (share > 0.0) & (share < size)
+    return mass, mass_from, count_above, size, p_group
+
+
+@triton.jit
+def _akl_settle(teacher, mu, value, mass, mass_from, SINGLE_TILE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """AklHead::settle and its fallback: (the value, whether any row moved). u is the value where
+    A(u) <= mu < A(below u); elsewhere (the candidate's sums rounded to the other side of mu than A's) a bisection
+    over the keys on u's correct side finds the least key with A <= mu, one pass per step (ignored rows take none)."""
+    valid = teacher[3]
+    k = _key(value).to(tl.int64)
+    low = mass <= mu
+    low_below = (k != KEY_NEG_INF) & (mass_from <= mu)
+    lo = tl.where(low, tl.where(low_below, KEY_NEG_INF - 1, k - 1), k)
+    hi = tl.where(low, tl.where(low_below, k - 1, k), KEY_POS_INF)
+    hi = tl.where(valid, hi, lo + 1)
+    moved = tl.max(hi - lo) > 1
+    while tl.max(hi - lo) > 1:
+        mid = lo + (hi - lo) // 2
+        a = tl.zeros_like(mass)
+        for start in range(0, teacher[4], BLOCK_V):
+            tile_t, tile_p, cols = _head_tile(teacher, start, SINGLE_TILE, BLOCK_V)
+            a += _mass_above(tile_t, tile_p, _key_value(mid))
+        low = a <= mu  # (not low where a is NaN: a teacher row all -inf bisects up to +inf, the empty head)
+        searching = hi - lo > 1  # (lo may still be the sentinel below -inf, never probed)
+        hi = tl.where(searching & low, mid, hi)
+        lo = tl.where(searching & ~low, mid, lo)
+    return tl.where(valid, _key_value(hi), value), moved
+
+
+@triton.jit
+def _akl_end(teacher, value, share, size, SINGLE_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """AklHead (c): the least index end with `share` ties {t == value} before it (V for the whole group, 0 for none),
+    by bisection (a counting pass per step) where the group is split."""
+    valid, V = teacher[3], teacher[4]
+    split = valid & (share > 0.0) & (share < size)
     lo = tl.zeros([BLOCK_N], tl.int64)
     hi = tl.where(share > 0.0, V, 0).to(tl.int64)
     lo = tl.where(split, lo, tl.maximum(hi - 1, 0))
@@ -191,15 +231,29 @@ def _akl_head(
         mid = lo + (hi - lo) // 2
         ties = tl.zeros([BLOCK_N], tl.float32)
         for start in range(0, V, BLOCK_V):
-            cols = start + cols0
-            tile_t, tile_p = _head_tile(
-                t_ptr, rows64, t_stride, valid, cols, V, mean_t, tau_t, my, lzy, t, p, SINGLE_TILE
-            )
+            tile_t, tile_p, cols = _head_tile(teacher, start, SINGLE_TILE, BLOCK_V)
             ties += tl.sum(((tile_t == value[:, None]) & (cols[None, :] < mid[:, None])).to(tl.float32), axis=1)
         enough = ties >= share
         hi = tl.where(enough, mid, hi)
         lo = tl.where(enough, lo, mid)
-    return value, hi
+    return hi
+
+
+@triton.jit
+def _akl_head(teacher, mass_ptr, mu, SINGLE_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """akl's head per row as (value, end): head = {t > value} + {t == value, index < end} on the raw teacher logits
+    (docs/losses.md, "AKL's head"; csrc/divergence.h AklHead has the steps (a) to (c)): a radix select's candidate,
+    checked in one pass at it, a bisection only where the check fails. mass_ptr: the rows' AKL_BINS floats of
+    scratch, zero."""
+    value = _akl_candidate(teacher, mass_ptr, mu, SINGLE_TILE, BLOCK_N, BLOCK_V)
+    mass, mass_from, count_above, size, p_group = _akl_at(teacher, value, SINGLE_TILE, BLOCK_N, BLOCK_V)
+    value, moved = _akl_settle(teacher, mu, value, mass, mass_from, SINGLE_TILE, BLOCK_V)
+    if moved:  # (b) again at the value the fallback found
+        mass, mass_from, count_above, size, p_group = _akl_at(teacher, value, SINGLE_TILE, BLOCK_N, BLOCK_V)
+    room = (mu - mass) / tl.where(p_group > 0.0, p_group, 1.0)
+    share = tl.where((p_group > 0.0) & (room < size), tl.where(room > 0.0, tl.floor(room), 0.0), size)
+    share = tl.where((count_above == 0.0) & (share == 0.0), 1.0, share)  # (the forced first class)
+    return value, _akl_end(teacher, value, share, size, SINGLE_TILE, BLOCK_N, BLOCK_V)
 
 
 @triton.jit
@@ -435,6 +489,7 @@ def divergence_kernel(
     mu,
     gt_ptr,
     dtemp_ptr,
+    mass_ptr,
     CODE: tl.constexpr,
     HAS_TARGET: tl.constexpr,
     HAS_DENOM: tl.constexpr,
@@ -454,7 +509,7 @@ def divergence_kernel(
     # WITH_CE: the cross-entropy term (at T = 1): its softmax is the method's one unless CE_APART (T != 1 or
     # STANDARDIZE), which keeps a running (m1, z1) of the raw logits too. FULL (with WITH_GRAD): the teacher's
     # gradient too (stored into gt_ptr with TEACHER_GRAD) and d loss / d T per row into dtemp_ptr; kd and rkl then
-    # take the streamed pass (B) like the others.
+    # take the streamed pass (B) like the others. mass_ptr: akl's scratch, AKL_BINS zeros per row (_akl_head).
     rows, row_in, rows64, tgt, valid, g_scale, ce_scale = row_block(
         target_ptr,
         denom_ptr,
@@ -505,23 +560,9 @@ def divergence_kernel(
             m1, z1 = mx, zx
         kept = valid & ((mx != NEG_INF) | (my != NEG_INF))
         if CODE == AKL:
-            head_value, head_end = _akl_head(
-                t_ptr,
-                rows64,
-                t_stride,
-                valid,
-                V,
-                mean_t,
-                tau_t,
-                my,
-                tl.log(zy),
-                mu,
-                t,
-                tl.exp(log_softmax_tile(y, my, tl.log(zy))),
-                True,
-                BLOCK_N,
-                BLOCK_V,
-            )
+            p_row = tl.exp(log_softmax_tile(y, my, tl.log(zy)))
+            teacher = (t_ptr, rows64, t_stride, valid, V, mean_t, tau_t, my, tl.log(zy), t, p_row)
+            head_value, head_end = _akl_head(teacher, mass_ptr, mu, True, BLOCK_N, BLOCK_V)
         in_head = False
         if CODE == AKL:
             in_head = _in_head(t, cols0, head_value, head_end)
@@ -610,9 +651,8 @@ def divergence_kernel(
             sum_r = sum_l
         else:
             if CODE == AKL:
-                head_value, head_end = _akl_head(
-                    t_ptr, rows64, t_stride, valid, V, mean_t, tau_t, my, lzy, mu, 0.0, 0.0, False, BLOCK_N, BLOCK_V
-                )
+                teacher = (t_ptr, rows64, t_stride, valid, V, mean_t, tau_t, my, lzy, 0.0, 0.0)
+                head_value, head_end = _akl_head(teacher, mass_ptr, mu, False, BLOCK_N, BLOCK_V)
             for i in range(0, last + 1):
                 cols = (last - i) * BLOCK_V + cols0
                 x = load_scaled(s_ptr, rows64, s_stride, valid, cols, V, mean_s, tau_s)
