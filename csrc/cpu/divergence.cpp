@@ -9,9 +9,10 @@
 //       the cross-entropy term at T != 1);
 //   (2b) akl: the teacher's head (divergence.h AklHead) from the raw teacher row and its probabilities p = et / sum,
 //       computed from et where a pass reads them: one pass lists the classes of p above a floor (a peaked row's
-//       top classes; rarely a pass more, when those of the first floor hold less than mu), 3 radix histograms of
-//       the list in float32 (6 in float64), then a pass at the value found, rarely a bisection more (when the two
-//       summation orders straddle mu) or about log2(V) passes to split a tie group;
+//       top classes; rarely a pass more, when those of the first floor hold less than mu), a select by mass over
+//       a list of at most 256 classes, else 3 radix histograms of it in float32 (6 in float64), then a pass at the
+//       value found, rarely a bisection more (when the two summation orders straddle mu) or about log2(V) passes to
+//       split a tie group;
 //   (3) per-class terms l_k, r_k (and e_k, f_k) from q = es / sum and p = et / sum and the logs (x - max x) - log sum:
 //       the loss, and for kd (sum r = -1) the gradient; the other codes keep r_k in a row buffer;
 //   (4) their gradient from r_k and q_k; bdkd and akl, whose r_k are weighted by their row sums, recompute their
@@ -40,7 +41,8 @@ struct AklProbabilities {
 };
 
 // The classes of p >= a floor, in index order (their index, raw teacher logit t and p), the greatest t of the others
-// (-inf: none; NaN where a t is NaN), and the radix select's copy of the listed classes within the chosen digits.
+// (-inf: none; NaN where a t is NaN), and a copy of the listed classes that the search of a candidate reorders
+// (the radix select keeps those within the chosen digits).
 template <class M>
 struct AklList {
   int64_t* index;
@@ -93,27 +95,73 @@ int64_t akl_histogram(const M* t, const M* p, int64_t size, const AklHead<M>& he
   return kept;
 }
 
-// akl's radix select (AklHead, (a)) over the classes of p >= a floor: the classes below it hold the least
+// akl's candidate (AklHead, (a)) from a short list: a select by mass on the list's copy (chosen_t, chosen_p). Each
+// step splits the classes still open three ways around the middle one's t (above, equal, below) and keeps the part
+// where the mass from the top crosses mu, until the equal part holds the crossing: about three steps of the list's
+// size in all, where the radix select's three histograms of 2048 bins cost a short row far more than its classes.
+// -inf (the radix select's lowest key) if the list's mass never crosses mu.
+template <class M>
+M akl_select_short(const AklList<M>& list, M mu) {
+  M *t = list.chosen_t, *p = list.chosen_p;
+  std::copy(list.t, list.t + list.size, t);
+  std::copy(list.p, list.p + list.size, p);
+  int64_t lo = 0, hi = list.size;
+  M above = M(0);
+  while (lo < hi) {
+    const M pivot = t[lo + (hi - lo) / 2];
+    if (std::isnan(pivot)) break;      // (no class is above or equal to it: the split would keep them all)
+    int64_t gt = lo, i = lo, lt = hi;  // [lo, gt) above the pivot, [gt, i) equal, [lt, hi) below (or NaN)
+    M mass_gt = M(0), mass_eq = M(0);
+    while (i < lt) {
+      if (t[i] > pivot) {
+        mass_gt += p[i];
+        std::swap(t[i], t[gt]);
+        std::swap(p[i++], p[gt++]);
+      } else if (t[i] == pivot) {
+        mass_eq += p[i++];
+      } else {
+        std::swap(t[i], t[--lt]);
+        std::swap(p[i], p[lt]);
+      }
+    }
+    if (above + mass_gt > mu) {
+      hi = gt;
+    } else if (above + mass_gt + mass_eq > mu) {
+      return pivot == M(0) ? -M(0) : pivot;  // (a zero's candidate is -0.0, as AklHead::candidate)
+    } else {
+      above += mass_gt + mass_eq;
+      lo = lt;
+    }
+  }
+  return neg_inf<M>();
+}
+
+// akl's candidate value (AklHead, (a)) from the classes of p >= a floor: the classes below it hold the least
 // probabilities, so while those above hold more than mu, the mass crosses mu above them and each digit is chosen as
 // over the whole row. The floor starts at AKL_FLOOR times the top class's p (et = 1) and falls by that factor, at
 // most AKL_FLOOR_STEPS times, until the classes above hold more than mu, else to (1 - mu) / (2 V), where those below
 // hold at most (1 - mu) / 2: a peaked row lists its top classes only (a flat one every class), in one pass over the
-// row, and the histograms read the list.
+// row. A list of at most AKL_SHORT_LIST classes gives its candidate by akl_select_short, a longer one by the radix
+// select's histograms of the list.
 constexpr double AKL_FLOOR = 1.0 / 64;
 constexpr int AKL_FLOOR_STEPS = 3;
+constexpr int64_t AKL_SHORT_LIST = 256;
 template <class M, class S>
-void akl_select(const S* t, AklProbabilities<M> p, int64_t v, AklList<M>& list, AklHead<M>& head, M mu) {
+M akl_candidate(const S* t, AklProbabilities<M> p, int64_t v, AklList<M>& list, M mu) {
   const M lowest = (M(1) - mu) / M(2 * v);
   M p_floor = p.inv_z;
   for (int step = 1;; ++step) {
     p_floor = step <= AKL_FLOOR_STEPS ? std::max(p_floor * M(AKL_FLOOR), lowest) : lowest;
     if (akl_list(t, p, v, p_floor, list) > mu || !(p_floor > lowest)) break;
   }
+  if (list.size <= AKL_SHORT_LIST) return akl_select_short(list, mu);
+  AklHead<M> radix;
   M mass[AklHead<M>::BINS];
-  int64_t size = akl_histogram(list.t, list.p, list.size, head, mass, list.chosen_t, list.chosen_p);
-  for (head.choose(mass, mu); head.selecting(); head.choose(mass, mu)) {
-    size = akl_histogram(list.chosen_t, list.chosen_p, size, head, mass, list.chosen_t, list.chosen_p);
+  int64_t size = akl_histogram(list.t, list.p, list.size, radix, mass, list.chosen_t, list.chosen_p);
+  for (radix.choose(mass, mu); radix.selecting(); radix.choose(mass, mu)) {
+    size = akl_histogram(list.chosen_t, list.chosen_p, size, radix, mass, list.chosen_t, list.chosen_p);
   }
+  return radix.candidate();
 }
 
 // ChunkedSum's sum over a row whose only terms other than 0 are those add() gets, class by class in index order: the
@@ -204,8 +252,7 @@ std::pair<M, int64_t> akl_head(const S* t, AklProbabilities<M> p, int64_t v, Akl
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
   AklHead<M> head;
-  akl_select(t, p, v, list, head, mu);  // (a)
-  M value = head.candidate();           // (b)
+  M value = akl_candidate(t, p, v, list, mu);  // (a), then (b)
   auto ties_at = [&](M u) { return u > list.unlisted_max ? akl_listed_ties(list, u) : akl_ties(t, p, v, u); };
   AklTies<M> ties = ties_at(value);
   head.settle(value, ties.mass, ties.mass_from, mu);
