@@ -360,9 +360,10 @@ KD_HD typename O::V divergence_teacher_grad(const ClassTerms<typename O::V>& k,
 }
 
 // g_j = (a r_j + b p_j - q_j sum_r) * scale, scale = distill_weight (1/T) (T^2 if t2_scale) (1/denominator if
-// reduced); exactly 0 when scale is 0 (distill_weight = 0), whatever the terms.
-template <int CODE, class O>
-KD_HD typename O::V divergence_grad(const ClassTerms<typename O::V>& k, const DivergenceRow<typename O::Scalar>& row,
+// reduced); exactly 0 when scale is 0 (distill_weight = 0), whatever the terms. The row's weights R are scalars, or
+// vectors of one row per lane (the CPU kernel's short rows).
+template <int CODE, class O, class R>
+KD_HD typename O::V divergence_grad(const ClassTerms<typename O::V>& k, const DivergenceRow<R>& row,
                                     typename O::Scalar scale) {
   using V = typename O::V;
   if (scale == typename O::Scalar(0)) return V(scale);

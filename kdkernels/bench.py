@@ -58,10 +58,12 @@ GPU_SHAPES = {
     "llm-128k": (8192, 128256, torch.bfloat16),
     "llm-256k": (8192, 262144, torch.bfloat16),
 }
-# The same families of shapes, sized for a CPU, each in float32 and bfloat16, and one small batch ("call": the fixed
-# cost of a call, validation and autograd included, which vision batches of a few rows pay every step).
+# The same families of shapes, sized for a CPU, each in float32 and bfloat16, ten classes (vision-10: digits,
+# CIFAR-10, rows shorter than one vector), and one small batch ("call": the fixed cost of a call, validation and
+# autograd included, which vision batches of a few rows pay every step).
 CPU_SHAPES = {
     "call": (8, 100, torch.float32),
+    "vision-10": (65536, 10, torch.float32),
     "vision-100": (8192, 100, torch.float32),
     "vision-1000": (4096, 1000, torch.float32),
     "vision-1000-bf16": (4096, 1000, torch.bfloat16),

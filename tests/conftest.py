@@ -119,6 +119,8 @@ QUICK_PARAMS = {"case": lambda case: _one_per_method(case), "world": lambda worl
 QUICK_TEST_PARAMS = {
     "test_kernels.py::test_float32_any_vocabulary": {"v": (37, 1000)},
     "test_kernels.py::test_half_precision_no_worse_than_eager": {"v": (37, 1000), "dtype": (torch.bfloat16,)},
+    "test_kernels.py::test_short_rows": {"v": (1, 9, 17, 257), "fused": ("cpu", "cuda")},
+    "test_full_gradient.py::test_short_rows": {"v": (9,), "fused": ("cpu", "cuda")},
     # (the streamed rows, and these large rows on Triton, seconds a case under its interpreter, in the full tier)
     "test_linear.py::test_inplace_ops_match_out_of_place": {"v": (37,)},
     **{

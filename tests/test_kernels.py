@@ -153,3 +153,40 @@ def test_odd_row_counts_and_tiny_vocabulary(fused, device, case, n, v):
         hp = {**hp, "k": 1}
     s, t, target = make_inputs((n, v), torch.float32, device, seed=n + v, ignored=3)
     check_against_oracle(method, hp, s, t, target, fused, "none", _grad_output("none", n))
+
+
+# V around a float32 vector's 8 and 16 lanes, and around 256 (csrc/cpu/divergence.cpp AKL_SHORT_LIST: akl's lists
+# of at most 256 classes find their head's candidate by a select, longer ones by the radix select).
+SHORT_ROWS = [1, 2, 7, 8, 9, 10, 15, 16, 17, 100, 256, 257]
+
+
+@pytest.mark.parametrize("v", SHORT_ROWS)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_short_rows(fused, device, case, v):
+    """Short rows (11 of them, which the CPU kernels prefetch several rows ahead) against the oracle: ignored rows, a
+    class masked in both logits, per-row grad_output, the cross-entropy term; a row masked whole in both logits gets
+    loss 0 and gradient 0 and leaves the other rows as they were."""
+    method, hp = case
+    if "k" in hp and hp["k"] >= v:
+        hp = {**hp, "k": 1}
+    s, t, target = make_inputs((11, v), torch.float32, device, seed=v, ignored=2)
+    if "k" in hp and v == 1:  # (a top-k needs k < V)
+        with pytest.raises(ValueError, match="k must be smaller than the number of classes"):
+            kdkernels.distill_loss(method, s, t, target, **hp)
+        return
+    if v == 1:  # one class: p = q, every loss and gradient is exactly 0 (the oracle's float64 rounding is not)
+        loss, grad = run_loss(method, s, t, target, hp, fused, "none", _grad_output("none", 11))
+        assert loss.abs().max() <= 1e-6 and grad.abs().max() <= 1e-6, (loss, grad)
+        return
+    if v > 2:  # class 0 masked in both models on every row (the labels elsewhere)
+        s[:, 0] = t[:, 0] = -math.inf
+        target = torch.where(target == -100, target, 1 + target % (v - 1))
+    check_against_oracle(method, hp, s, t, target, fused, "none", _grad_output("none", 11))
+    check_against_oracle(method, hp, s, t, target, fused, "batchmean", 0.7, ce_weight=0.3, temperature=2.0)
+    loss, grad = run_loss(method, s, t, target, hp, fused, "none")
+    s[5] = t[5] = -math.inf
+    target[5] = 0
+    masked_loss, masked_grad = run_loss(method, s, t, target, hp, fused, "none")
+    assert masked_loss[5] == 0 and torch.equal(masked_grad[5], torch.zeros_like(masked_grad[5]))
+    rest = torch.arange(11, device=device) != 5
+    assert torch.equal(masked_loss[rest], loss[rest]) and torch.equal(masked_grad[rest], grad[rest])

@@ -1,4 +1,5 @@
-// Fused CPU kernel of the divergence family: loss rows and gradient rows in one call, one row at a time per thread.
+// Fused CPU kernel of the divergence family: loss rows and gradient rows in one call, one row at a time per thread
+// (rows of at most SHORT_ROW classes a block of them at a time, one row per lane: divergence_short_rows).
 // setup.py compiles this file once per CPU capability (at::vec::Vectorized is then 8 or 16 floats wide). The math is
 // divergence.h's; this file arranges the passes over a row, each class's exps computed once (pass 2) and kept in
 // row buffers that stay in L2 with the row (docs/losses.md, "Streaming forms and passes"):
@@ -9,9 +10,10 @@
 //       the cross-entropy term at T != 1);
 //   (2b) akl: the teacher's head (divergence.h AklHead) from the raw teacher row and its probabilities p = et / sum,
 //       computed from et where a pass reads them: one pass lists the classes of p above a floor (a peaked row's
-//       top classes; rarely a pass more, when those of the first floor hold less than mu), 3 radix histograms of
-//       the list in float32 (6 in float64), then a pass at the value found, rarely a bisection more (when the two
-//       summation orders straddle mu) or about log2(V) passes to split a tie group;
+//       top classes; rarely a pass more, when those of the first floor hold less than mu), a select by mass over
+//       a list of at most 256 classes, else 3 radix histograms of it in float32 (6 in float64), then a pass at the
+//       value found, rarely a bisection more (when the two summation orders straddle mu) or about log2(V) passes to
+//       split a tie group;
 //   (3) per-class terms l_k, r_k (and e_k, f_k) from q = es / sum and p = et / sum and the logs (x - max x) - log sum:
 //       the loss, and for kd (sum r = -1) the gradient; the other codes keep r_k in a row buffer;
 //   (4) their gradient from r_k and q_k; bdkd and akl, whose r_k are weighted by their row sums, recompute their
@@ -40,7 +42,8 @@ struct AklProbabilities {
 };
 
 // The classes of p >= a floor, in index order (their index, raw teacher logit t and p), the greatest t of the others
-// (-inf: none; NaN where a t is NaN), and the radix select's copy of the listed classes within the chosen digits.
+// (-inf: none; NaN where a t is NaN), and a copy of the listed classes that the search of a candidate reorders
+// (the radix select keeps those within the chosen digits).
 template <class M>
 struct AklList {
   int64_t* index;
@@ -93,27 +96,73 @@ int64_t akl_histogram(const M* t, const M* p, int64_t size, const AklHead<M>& he
   return kept;
 }
 
-// akl's radix select (AklHead, (a)) over the classes of p >= a floor: the classes below it hold the least
+// akl's candidate (AklHead, (a)) from a short list: a select by mass on the list's copy (chosen_t, chosen_p). Each
+// step splits the classes still open three ways around the middle one's t (above, equal, below) and keeps the part
+// where the mass from the top crosses mu, until the equal part holds the crossing: about three steps of the list's
+// size in all, where the radix select's three histograms of 2048 bins cost a short row far more than its classes.
+// -inf (the radix select's lowest key) if the list's mass never crosses mu.
+template <class M>
+M akl_select_short(const AklList<M>& list, M mu) {
+  M *t = list.chosen_t, *p = list.chosen_p;
+  std::copy(list.t, list.t + list.size, t);
+  std::copy(list.p, list.p + list.size, p);
+  int64_t lo = 0, hi = list.size;
+  M above = M(0);
+  while (lo < hi) {
+    const M pivot = t[lo + (hi - lo) / 2];
+    if (std::isnan(pivot)) break;      // (no class is above or equal to it: the split would keep them all)
+    int64_t gt = lo, i = lo, lt = hi;  // [lo, gt) above the pivot, [gt, i) equal, [lt, hi) below (or NaN)
+    M mass_gt = M(0), mass_eq = M(0);
+    while (i < lt) {
+      if (t[i] > pivot) {
+        mass_gt += p[i];
+        std::swap(t[i], t[gt]);
+        std::swap(p[i++], p[gt++]);
+      } else if (t[i] == pivot) {
+        mass_eq += p[i++];
+      } else {
+        std::swap(t[i], t[--lt]);
+        std::swap(p[i], p[lt]);
+      }
+    }
+    if (above + mass_gt > mu) {
+      hi = gt;
+    } else if (above + mass_gt + mass_eq > mu) {
+      return pivot == M(0) ? -M(0) : pivot;  // (a zero's candidate is -0.0, as AklHead::candidate)
+    } else {
+      above += mass_gt + mass_eq;
+      lo = lt;
+    }
+  }
+  return neg_inf<M>();
+}
+
+// akl's candidate value (AklHead, (a)) from the classes of p >= a floor: the classes below it hold the least
 // probabilities, so while those above hold more than mu, the mass crosses mu above them and each digit is chosen as
 // over the whole row. The floor starts at AKL_FLOOR times the top class's p (et = 1) and falls by that factor, at
 // most AKL_FLOOR_STEPS times, until the classes above hold more than mu, else to (1 - mu) / (2 V), where those below
 // hold at most (1 - mu) / 2: a peaked row lists its top classes only (a flat one every class), in one pass over the
-// row, and the histograms read the list.
+// row. A list of at most AKL_SHORT_LIST classes gives its candidate by akl_select_short, a longer one by the radix
+// select's histograms of the list.
 constexpr double AKL_FLOOR = 1.0 / 64;
 constexpr int AKL_FLOOR_STEPS = 3;
+constexpr int64_t AKL_SHORT_LIST = 256;
 template <class M, class S>
-void akl_select(const S* t, AklProbabilities<M> p, int64_t v, AklList<M>& list, AklHead<M>& head, M mu) {
+M akl_candidate(const S* t, AklProbabilities<M> p, int64_t v, AklList<M>& list, M mu) {
   const M lowest = (M(1) - mu) / M(2 * v);
   M p_floor = p.inv_z;
   for (int step = 1;; ++step) {
     p_floor = step <= AKL_FLOOR_STEPS ? std::max(p_floor * M(AKL_FLOOR), lowest) : lowest;
     if (akl_list(t, p, v, p_floor, list) > mu || !(p_floor > lowest)) break;
   }
+  if (list.size <= AKL_SHORT_LIST) return akl_select_short(list, mu);
+  AklHead<M> radix;
   M mass[AklHead<M>::BINS];
-  int64_t size = akl_histogram(list.t, list.p, list.size, head, mass, list.chosen_t, list.chosen_p);
-  for (head.choose(mass, mu); head.selecting(); head.choose(mass, mu)) {
-    size = akl_histogram(list.chosen_t, list.chosen_p, size, head, mass, list.chosen_t, list.chosen_p);
+  int64_t size = akl_histogram(list.t, list.p, list.size, radix, mass, list.chosen_t, list.chosen_p);
+  for (radix.choose(mass, mu); radix.selecting(); radix.choose(mass, mu)) {
+    size = akl_histogram(list.chosen_t, list.chosen_p, size, radix, mass, list.chosen_t, list.chosen_p);
   }
+  return radix.candidate();
 }
 
 // ChunkedSum's sum over a row whose only terms other than 0 are those add() gets, class by class in index order: the
@@ -204,8 +253,7 @@ std::pair<M, int64_t> akl_head(const S* t, AklProbabilities<M> p, int64_t v, Akl
   using V = Vec<M>;
   constexpr int64_t L = O::lanes;
   AklHead<M> head;
-  akl_select(t, p, v, list, head, mu);  // (a)
-  M value = head.candidate();           // (b)
+  M value = akl_candidate(t, p, v, list, mu);  // (a), then (b)
   auto ties_at = [&](M u) { return u > list.unlisted_max ? akl_listed_ties(list, u) : akl_ties(t, p, v, u); };
   AklTies<M> ties = ties_at(value);
   head.settle(value, ties.mass, ties.mass_from, mu);
@@ -386,9 +434,175 @@ M divergence_row(const S* s, const S* t, const S* t_rank, int64_t target, M* g, 
   return row.loss;
 }
 
+// Rows of at most SHORT_ROW classes run a block of L rows at a time, one row per lane of every vector (ShortBlock holds
+// the block's classes as columns: x[j] holds class j of its L rows): a row's maxima, sums and logs are lanes of
+// vectors, without the lane reductions and scalar logs that cost a short row more than its classes. Not for akl (its
+// head is searched row by row), standardize, the full gradient, or inputs in another dtype than the math type.
+constexpr int64_t SHORT_ROW = 32;
+template <class M>
+bool runs_as_short_rows(const RowsArgs& a, int code) {
+  return a.v <= SHORT_ROW && code != AKL && !a.opt.standardize && a.temperature_grad == nullptr &&
+         a.student_dtype == math_dtype<M>() && a.teacher_dtype == math_dtype<M>();
+}
+
+template <class M>
+struct ShortBlock {
+  static constexpr int64_t L = Ops<M>::lanes;
+  M x[SHORT_ROW * L], y[SHORT_ROW * L], es[SHORT_ROW * L], et[SHORT_ROW * L], g[SHORT_ROW * L];
+  M loss[L], ce[L], target_value[L];
+  int64_t target[L];
+  bool live[L];  // a row of the worker's that is not ignored (the other lanes hold -inf: masked in both, skipped)
+
+  Vec<M> column(const M* p, int64_t j) const { return Vec<M>::loadu(p + j * L); }
+};
+
+// Rows [first, first + L) of the worker's [first, end) into the block's columns.
+template <class M>
+void load_block(const RowsArgs& a, int64_t first, int64_t end, ShortBlock<M>& b) {
+  constexpr int64_t L = ShortBlock<M>::L;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t i = first + l;
+    b.target[l] = i < end && a.target ? a.target[i] : 0;
+    b.target_value[l] = M(b.target[l]);
+    b.live[l] = i < end && !(a.target && b.target[l] == a.opt.ignore_index);
+    const M* s = static_cast<const M*>(a.student) + (b.live[l] ? i * a.student_stride : 0);
+    const M* t = static_cast<const M*>(a.teacher) + (b.live[l] ? i * a.teacher_stride : 0);
+    for (int64_t j = 0; j < a.v; ++j) {
+      b.x[j * L + l] = b.live[l] ? s[j] : neg_inf<M>();
+      b.y[j * L + l] = b.live[l] ? t[j] : neg_inf<M>();
+    }
+  }
+}
+
+// The block's losses, cross-entropies and gradients into the rows [first, min(first + L, end)) of the outputs.
+template <class M>
+void store_block(const RowsArgs& a, int64_t first, int64_t end, const ShortBlock<M>& b) {
+  constexpr int64_t L = ShortBlock<M>::L;
+  for (int64_t l = 0; l < std::min(L, end - first); ++l) {
+    const int64_t i = first + l;
+    static_cast<M*>(a.loss)[i] = b.loss[l];
+    if (a.ce_loss != nullptr) static_cast<M*>(a.ce_loss)[i] = b.ce[l];
+    if (a.grad == nullptr) continue;
+    M* g = static_cast<M*>(a.grad) + i * a.v;
+    for (int64_t j = 0; j < a.v; ++j) g[j] = b.g[j * L + l];
+  }
+}
+
+// The cross-entropy term of the block's rows (CrossEntropy, from the input rows themselves, before an in-place
+// gradient overwrites them): each row's loss into b.ce, and its share eps / K per lane.
+template <class M>
+Vec<M> short_rows_ce(const RowsArgs& a, int64_t first, const Vec<M>& m1, const Vec<M>& lz1,
+                     const typename Ops<M>::Mask& skipped, ShortBlock<M>& b) {
+  constexpr int64_t L = ShortBlock<M>::L;
+  M m1_lanes[L], lz1_lanes[L], skip_lanes[L], share[L];
+  m1.store(m1_lanes);
+  lz1.store(lz1_lanes);
+  Ops<M>::select(skipped, Vec<M>(M(1)), Vec<M>(M(0))).store(skip_lanes);
+  for (int64_t l = 0; l < L; ++l) {
+    const CrossEntropy<M> xent{m1_lanes[l], lz1_lanes[l], CeOptions<M>::of(a), b.target[l]};
+    const M* s = static_cast<const M*>(a.student) + (first + l) * a.student_stride;
+    b.ce[l] = skip_lanes[l] != M(0) ? M(0) : xent.loss(s, a.v);
+    share[l] = xent.share;
+  }
+  return Vec<M>::loadu(share);
+}
+
+// Each lane's row weights (divergence_row) from the row sums of the terms, and its loss (0 where skipped) into b.
+template <int CODE, class M>
+DivergenceRow<Vec<M>> short_rows_weights(const RowsArgs& a, const DivergenceParams<M>& c, const Vec<M> (&sums)[4],
+                                         const typename Ops<M>::Mask& skipped, ShortBlock<M>& b) {
+  constexpr int64_t L = ShortBlock<M>::L;
+  M lanes[4][L], skip_lanes[L], weight_a[L], weight_b[L], sum_r[L];
+  for (int k = 0; k < 4; ++k) sums[k].store(lanes[k]);
+  Ops<M>::select(skipped, Vec<M>(M(1)), Vec<M>(M(0))).store(skip_lanes);
+  for (int64_t l = 0; l < L; ++l) {
+    const DivergenceRow<M> row =
+        divergence_row<CODE>(c, lanes[0][l], CODE == KD ? M(-1) : lanes[1][l],
+                             weighs_row_sums<CODE> ? lanes[2][l] : M(0), weighs_row_sums<CODE> ? lanes[3][l] : M(0));
+    b.loss[l] = skip_lanes[l] != M(0) ? M(0) : row.loss * M(a.opt.t2());
+    weight_a[l] = row.a;
+    weight_b[l] = row.b;
+    sum_r[l] = row.sum_r;
+  }
+  using V = Vec<M>;
+  return {V(M(0)), V::loadu(weight_a), V::loadu(weight_b), V::loadu(sum_r)};
+}
+
+// divergence_row's passes over a block of short rows (ShortBlock), one row per lane.
+template <int CODE, class M>
+void short_rows_block(const RowsArgs& a, int64_t first, const DivergenceParams<M>& c, ShortBlock<M>& b) {
+  using O = Ops<M>;
+  using V = Vec<M>;
+  constexpr int64_t L = O::lanes;
+  const int64_t v = a.v;
+  const V ninf(neg_inf<M>()), zero(M(0)), inv_T(M(1) / M(a.opt.temperature));
+  auto safe = [&](const V& m) { return O::select(O::eq(m, ninf), zero, m); };  // (safe_shift)
+  // (1) Row maxima; the lanes whose classes are all -inf in both rows are skipped (loss 0, gradient 0).
+  V vmx = ninf, vmy = ninf;
+  auto skipped = O::all();
+  for (int64_t j = 0; j < v; ++j) {
+    const V x = b.column(b.x, j), y = b.column(b.y, j);
+    vmx = max_dropping_nan<M>(x, vmx);
+    vmy = max_dropping_nan<M>(y, vmy);
+    skipped = O::land(skipped, O::land(O::eq(x, ninf), O::eq(y, ninf)));
+  }
+  const V mx = vmx * inv_T, my = vmy * inv_T, shift_x = safe(mx), shift_y = safe(my), shift_s = safe(vmx);
+  const bool ce = a.ce_loss != nullptr, ce_apart = ce && a.opt.temperature != 1.0;
+  // (2) The exps, kept, and their sums.
+  V zx = zero, zy = zero, zs = zero;
+  for (int64_t j = 0; j < v; ++j) {
+    const V x = b.column(b.x, j), es = O::exp(x * inv_T - shift_x), et = O::exp(b.column(b.y, j) * inv_T - shift_y);
+    es.store(b.es + j * L);
+    et.store(b.et + j * L);
+    zx = zx + es;
+    zy = zy + et;
+    if (ce_apart) zs = zs + O::exp(x - shift_s);
+  }
+  const V lzx = O::log(zx), lzy = O::log(zy), inv_zx = V(M(1)) / zx, inv_zy = V(M(1)) / zy;
+  const V lz1 = ce_apart ? O::log(zs) : lzx;
+  const V share = ce ? short_rows_ce(a, first, vmx, lz1, skipped, b) : zero;
+  auto terms = [&](int64_t j) {
+    const V lq = (b.column(b.x, j) * inv_T - mx) - lzx, lp = (b.column(b.y, j) * inv_T - my) - lzy;
+    return divergence_terms_of<CODE, O>(c, lq, lp, b.column(b.es, j) * inv_zx, b.column(b.et, j) * inv_zy);
+  };
+  // (3) The row sums of the terms, and each row's weights.
+  V sums[4] = {zero, zero, zero, zero};
+  for (int64_t j = 0; j < v; ++j) {
+    const ClassTerms<V> k = terms(j);
+    sums[0] = sums[0] + k.l;
+    sums[1] = sums[1] + k.r;
+    sums[2] = sums[2] + k.e;
+    sums[3] = sums[3] + k.f;
+  }
+  const DivergenceRow<V> row = short_rows_weights<CODE>(a, c, sums, skipped, b);
+  if (a.grad == nullptr) return;
+  // (4) The gradient.
+  const V target = V::loadu(b.target_value);
+  for (int64_t j = 0; j < v; ++j) {
+    V g = divergence_grad<CODE, O>(terms(j), row, M(a.grad_scale));
+    if (ce) {
+      const auto is_target = O::eq(target, V(M(j)));
+      g = g + CrossEntropy<M>::grad_of(b.column(b.x, j), vmx, lz1, is_target, share, CeOptions<M>::of(a));
+    }
+    O::select(skipped, zero, g).store(b.g + j * L);
+  }
+}
+
+// Runs the worker's rows [begin, end) as blocks of short rows.
+template <int CODE, class M>
+void divergence_short_rows(const RowsArgs& a, int64_t begin, int64_t end, const DivergenceParams<M>& c) {
+  ShortBlock<M> b;
+  for (int64_t first = begin; first < end; first += ShortBlock<M>::L) {
+    load_block(a, first, end, b);
+    short_rows_block<CODE>(a, first, c, b);
+    store_block(a, first, end, b);
+  }
+}
+
 template <int CODE, class M>
 void divergence_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
   const auto c = DivergenceParams<M>::from(a.params);
+  if (runs_as_short_rows<M>(a, CODE)) return divergence_short_rows<CODE, M>(a, begin, end, c);
   const bool keeps_r = a.grad != nullptr && a.temperature_grad == nullptr && CODE != KD && !weighs_row_sums<CODE>;
   // divergence_row's es_row, et_row and kept; akl's list (AklList: t, p and their copy in 4 rows, the indices apart).
   RowBuffers<M> rows(a, keeps_r ? 3 : CODE == AKL ? 6 : 2);

@@ -34,9 +34,10 @@ using Ops = VecOps<M>;
 template <class M>
 using Vec = typename VecOps<M>::V;
 
-// The lanes of p[0, n) (n <= lanes); lanes past n hold -inf: a masked class, which adds 0 to every sum.
+// The lanes of p[0, n) (n <= lanes); lanes past n hold -inf: a masked class, which adds 0 to every sum. (Always
+// inlined: a call returns the vector through memory, which costs a short row more than its loads.)
 template <class M>
-at::vec::Vectorized<M> load(const M* p, int64_t n) {
+C10_ALWAYS_INLINE at::vec::Vectorized<M> load(const M* p, int64_t n) {
   if (n == Ops<M>::lanes) return Vec<M>::loadu(p);
   return Vec<M>::set(Vec<M>(neg_inf<M>()), Vec<M>::loadu(p, n), n);
 }
@@ -277,10 +278,18 @@ struct CrossEntropy {
   }
   at::vec::Vectorized<M> grad(const at::vec::Vectorized<M>& s, const at::vec::Vectorized<M>& iota, int64_t j) const {
     using V = at::vec::Vectorized<M>;
+    return grad_of(s, V(m1), V(lz1), Ops<M>::index_eq(iota, target - j), V(share), options);
+  }
+  // The same from vectors: m1, lz1 and share per lane, and which lanes are the target (a block of short rows has one
+  // row per lane).
+  static at::vec::Vectorized<M> grad_of(const Vec<M>& s, const Vec<M>& m1, const Vec<M>& lz1,
+                                        const typename Ops<M>::Mask& is_target, const Vec<M>& share,
+                                        CeOptions<M> options) {
+    using V = at::vec::Vectorized<M>;
+    using O = Ops<M>;
     if (options.scale == M(0)) return V(M(0));  // (ce_weight = 0: no gradient, whatever the logits)
-    const V onehot = Ops<M>::select(Ops<M>::index_eq(iota, target - j), V(M(1) - options.smoothing), V(M(0)));
-    V g = Ops<M>::exp(s - V(m1) - V(lz1)) - onehot;
-    if (share != M(0)) g = g - Ops<M>::select(Ops<M>::lnot(Ops<M>::eq(s, V(neg_inf<M>()))), V(share), V(M(0)));
+    V g = O::exp(s - m1 - lz1) - O::select(is_target, V(M(1) - options.smoothing), V(M(0)));
+    if (options.smoothing != M(0)) g = g - O::select(O::lnot(O::eq(s, V(neg_inf<M>()))), share, V(M(0)));
     return g * V(options.scale);
   }
 };
