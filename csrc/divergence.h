@@ -40,7 +40,7 @@ struct Mixture {
 template <class O>
 KD_HD Mixture<typename O::V> mixture(const DivergenceParams<typename O::Scalar>& c, typename O::V p, typename O::V q) {
   using V = typename O::V;
-  const V m = O::max(V(c.mix_p) * p + V(c.mix_q) * q, V(min_normal<typename O::Scalar>()));
+  const V m = O::floor_at(V(c.mix_p) * p + V(c.mix_q) * q, V(min_normal<typename O::Scalar>()));
   return {m, O::log(m)};
 }
 

@@ -117,7 +117,9 @@ struct ScalarOps {
   static KD_HD V log(V x) { return math_log(x); }
   static KD_HD V abs(V x) { return x < T(0) ? -x : x; }
   static KD_HD V max(V a, V b) { return nan_max(a, b); }
+  static KD_HD V floor_at(V x, V lo) { return x < lo ? lo : x; }  // max(x, lo), NaN where x is
   static KD_HD V select(Mask m, V a, V b) { return m ? a : b; }
+  static KD_HD V where_nonzero(V a, V x) { return a == T(0) ? T(0) : x; }  // x where a != 0 (or NaN), else 0
   static KD_HD Mask eq(V a, V b) { return a == b; }
   static KD_HD Mask gt(V a, V b) { return a > b; }
   static KD_HD Mask ge(V a, V b) { return a >= b; }
@@ -160,9 +162,7 @@ struct ZScore {
 // a (log a - log b) from log a, with 0 where a = 0 (also when it underflowed from a finite log a, and when b = 0).
 template <class O>
 KD_HD typename O::V kl_term(typename O::V a, typename O::V log_a, typename O::V log_b) {
-  using V = typename O::V;
-  using T = typename O::Scalar;
-  return O::select(O::eq(a, V(T(0))), V(T(0)), a * (log_a - log_b));
+  return O::where_nonzero(a, a * (log_a - log_b));
 }
 
 // Whether probabilities p underflow: below the least normal number of the math type, where they count as 0

@@ -7,7 +7,8 @@
 //   (1) row maxima of s and t (the only pass that reads the row from memory); a row whose classes are all masked in
 //       both logits stops here (loss 0, gradient 0);
 //   (2) es = exp(x - max x) and et = exp(y - max y) into the row buffers, their sums (and that of exp(s - max s) for
-//       the cross-entropy term at T != 1);
+//       the cross-entropy term at T != 1); kd and rkl also sum their KL here (ExpsKl), and where that sum is finite
+//       their row ends with a pass (3') that writes the gradient alone, from the kept exps (and for rkl the logits);
 //   (2b) akl: the teacher's head (divergence.h AklHead) from the raw teacher row and its probabilities p = et / sum,
 //       computed from et where a pass reads them: one pass lists the classes of p above a floor (a peaked row's
 //       top classes; rarely a pass more, when those of the first floor hold less than mu), a select by mass over
@@ -17,9 +18,9 @@
 //   (3) per-class terms l_k, r_k (and e_k, f_k) from q = es / sum and p = et / sum and the logs (x - max x) - log sum:
 //       the loss, and for kd (sum r = -1) the gradient; the other codes keep r_k in a row buffer;
 //   (4) their gradient from r_k and q_k; bdkd and akl, whose r_k are weighted by their row sums, recompute their
-//       terms from the kept exps here. The full gradient (a learnable temperature, a teacher that requires grad)
-//       sums the teacher's rt_k in (3) and recomputes the terms in (4) for every code, writing the teacher's
-//       gradient and summing d loss / d T there.
+//       terms from the kept exps here, and tvd its sign (TvdGrad). The full gradient (a learnable temperature, a
+//       teacher that requires grad) sums the teacher's rt_k in (3) and recomputes the terms in (4) for every code,
+//       writing the teacher's gradient and summing d loss / d T there.
 //
 // No exp is computed twice but those of a code's own terms (jsd's and the skew KLs' mixtures, abkd's powers) when
 // (4) recomputes them.
@@ -281,21 +282,6 @@ std::pair<M, int64_t> akl_head(const S* t, AklProbabilities<M> p, int64_t v, Akl
   return {value, hi};
 }
 
-// max(x, m) but m where x is NaN: the running maxima of pass (1) in one instruction (at::vec::maximum, which keeps
-// NaN, takes four). A NaN class still makes its row NaN, through its exp in pass (2); only a row whose maxima are
-// both -inf checks that it is masked in both logits (masked_in_both) before it is skipped.
-template <class M>
-Vec<M> max_dropping_nan(const Vec<M>& x, const Vec<M>& m) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<M, float>) return _mm512_max_ps(x, m);
-  if constexpr (std::is_same_v<M, double>) return _mm512_max_pd(x, m);
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<M, float>) return _mm256_max_ps(x, m);
-  if constexpr (std::is_same_v<M, double>) return _mm256_max_pd(x, m);
-#endif
-  return Ops<M>::max(x, m);
-}
-
 // Whether every class of both rows is -inf (not NaN).
 template <class M, class S>
 bool masked_in_both(const S* s, const S* t, int64_t v) {
@@ -317,6 +303,73 @@ void prefetch_half_next_row(const RowBuffers<M>& rows, int64_t v, int part, int6
   prefetch_next_row(rows, from, (part * v + j + n) / 2 - from);
 }
 
+// kd's KL(p || q) and rkl's KL(q || p), summed in pass (2) from the exps and the logits less their maxima x, y (the
+// exps' arguments): with w the exps of the KL's first distribution (et for kd, es for rkl), a, b the logits of the
+// first and the second, z, z' their exps' sums, KL = sum_k w_k (a_k - b_k) / z - (log z - log z') (as sum w / z = 1),
+// a term 0 where w_k = 0 (kl_term). The gradient then needs no pass of terms: kd's g_k = (q_k - p_k) scale, rkl's
+// g_k = q_k ((x_k - y_k) - C) scale with C = sum_k q_k (x_k - y_k) (the logs of z and z' cancel). The roundings are
+// those of the terms' form: each of its log-probabilities carries the rounding of its row's log z. A row whose sum is
+// not finite (a class the second distribution masks, NaN) takes passes (3) and (4), whose conventions cover it.
+template <int CODE>
+constexpr bool exps_kl = CODE == KD || CODE == RKL;
+
+template <int CODE, class M>
+struct ExpsKl {
+  using O = Ops<M>;
+  using V = Vec<M>;
+  M cross, zx, zy, scale;
+
+  static V term(const V& es, const V& et, const V& x, const V& y) {
+    return CODE == KD ? kl_term<O>(et, y, x) : kl_term<O>(es, x, y);
+  }
+  M loss() const {
+    return CODE == KD ? cross / zy - (std::log(zy) - std::log(zx)) : cross / zx - (std::log(zx) - std::log(zy));
+  }
+  // The gradient of classes whose exps are es, et and logits less their maxima x, y (as pass (2) computes them: each
+  // exact to its own row's rounding, where (s - t) / T would round at the scale of two rows' offsets); scale 0 gives
+  // 0, a finite cross sum leaving every class with w_k > 0 a finite a_k - b_k.
+  V grad(const V& es, const V& et, const V& x, const V& y) const {
+    if constexpr (CODE == KD) return es * V(scale / zx) - et * V(scale / zy);
+    return O::where_nonzero(es, es * ((x - y) - V(cross / zx)) * V(scale / zx));
+  }
+};
+
+// tvd's gradient in pass (4), divergence_grad of its r_k = q_k sign(q_k - p_k) / 2 from the kept exps:
+// g_k = q_k (sign(q_k - p_k) / 2 - sum_r) scale, es_k times one of three constants (sign 1, -1, 0: where q_k = p_k, or
+// either is NaN, as the terms' sign); exactly 0 where scale is 0, whatever the terms.
+template <class M>
+struct TvdGrad {
+  using O = Ops<M>;
+  using V = Vec<M>;
+  V above, below, level, inv_zx, inv_zy;
+  bool zero;
+
+  TvdGrad(M sum_r, M scale, M zx, M zy)
+      : above(scale / zx * (M(0.5) - sum_r)),
+        below(scale / zx * (M(-0.5) - sum_r)),
+        level(scale / zx * -sum_r),
+        inv_zx(M(1) / zx),
+        inv_zy(M(1) / zy),
+        zero(scale == M(0)) {}
+  V operator()(const V& es, const V& et) const {
+    if (zero) return V(M(0));
+    const V q = es * inv_zx, p = et * inv_zy;
+    return es * O::select(O::gt(q, p), above, O::select(O::lt(q, p), below, level));
+  }
+};
+
+// Whether pass (4) reads back the r_k of pass (3): not kd (whose gradient is pass (3)'s), bdkd and akl (which
+// recompute their terms), nor tvd, whose terms are its probabilities' alone (no logs): recomputing them from the kept
+// exps costs less than writing r_k and reading it back.
+template <int CODE>
+constexpr bool keeps_r = CODE != KD && CODE != TVD && !weighs_row_sums<CODE>;
+
+// Whether a class absent in both rows needs divergence_terms_of's masking: not jsd's (each log-ratio multiplied by
+// its own probability in kl_term, which gives 0 where that is 0, and the mixture's log finite) nor tvd's (no logs),
+// whose terms there are 0 or, for subnormal probabilities, as good as 0 without it.
+template <int CODE>
+constexpr bool masks_absent = CODE != JSD && CODE != TVD;
+
 // Long: its passes (numbered blocks) share the row's maxima, sums and buffers; the per-class math is in the
 // family's header.
 template <int CODE, class M, class S>
@@ -334,44 +387,70 @@ M divergence_row(const S* s, const S* t, const S* t_rank, int64_t target, M* g, 
   // x = s / T as s * (1 / T): one rounding more than a division, far cheaper; max(x) = max(s) / T keeps the order.
   const M inv_temperature = M(1) / temperature;
   const V inv_T(inv_temperature);
-  // (1) Row maxima.
+  // (1) Row maxima, m where a class is NaN (max_or_second: one instruction a vector). A NaN class still makes its
+  // row NaN, through its exp in pass (2); only a row whose maxima are both -inf checks that it is masked in both
+  // logits (masked_in_both) before it is skipped.
   V vmx(neg_inf<M>()), vmy(neg_inf<M>());
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
-    vmx = max_dropping_nan<M>(load(s + j, n), vmx);
-    vmy = max_dropping_nan<M>(load(t + j, n), vmy);
+    vmx = O::max_or_second(load(s + j, n), vmx);
+    vmy = O::max_or_second(load(t + j, n), vmy);
   }
   const M ms = max_lanes(vmx), mx = ms * inv_temperature, my = max_lanes(vmy) * inv_temperature;
   if (is_neg_inf(mx) && is_neg_inf(my) && masked_in_both<M>(s, t, v)) return skip_row(rows, g, ce, v, gt, dtemp);
   const bool full = dtemp != nullptr;  // the full gradient: the teacher's (stored into gt unless null) and d / d T
   const V shift_x(safe_shift(mx)), shift_y(safe_shift(my)), shift_s(safe_shift(ms));
   const bool ce_apart = ce != nullptr && temperature != M(1);  // the cross-entropy's softmax is at T = 1
-  // (2) The exps of both rows, kept, and their sums.
-  ChunkedSum<M> zx, zy, zs;
+  // (2) The exps of both rows, kept, and their sums; kd's and rkl's KL sum (ExpsKl).
+  const bool kl_now = exps_kl<CODE> && !full && std::isfinite(mx) && std::isfinite(my);
+  ChunkedSum<M> zx, zy, zs, cross;
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
-    prefetch_half_next_row(rows, v, 0, j, n);
-    const V sj = load(s + j, n), es = O::exp(sj * inv_T - shift_x), et = O::exp(load(t + j, n) * inv_T - shift_y);
+    if (kl_now && g == nullptr) {
+      prefetch_next_row(rows, j, n);  // (no pass (3) follows to prefetch the other half)
+    } else {
+      prefetch_half_next_row(rows, v, 0, j, n);
+    }
+    const V sj = load(s + j, n), x = sj * inv_T - shift_x, y = load(t + j, n) * inv_T - shift_y;
+    const V es = O::exp(x), et = O::exp(y);
     es.store(es_row + j, n);
-    et.store(et_row + j, n);
+    if (!(CODE == RKL && kl_now)) et.store(et_row + j, n);  // (rkl's gradient in (3') reads no et)
     zx.add(es);
     zy.add(et);
     if (ce_apart) zs.add(O::exp(sj - shift_s));
+    if constexpr (exps_kl<CODE>) cross.add(ExpsKl<CODE, M>::term(es, et, x, y));
   }
   const V vmx_row(mx), vmy_row(my), lzx(std::log(zx.sum())), lzy(std::log(zy.sum()));
   const V inv_zx(M(1) / zx.sum()), inv_zy(M(1) / zy.sum());
   const CrossEntropy<M> xent{ms, ce != nullptr ? std::log(ce_apart ? zs.sum() : zx.sum()) : M(0), ce_options, target};
   if (ce != nullptr) *ce = xent.loss(s, v);  // (before the gradient overwrites s in place)
   const V iota = O::iota();
+  // The gradient of a vector of classes j..: the method's, plus the cross-entropy's with the term.
+  auto store_grad = [&](const V& method_grad, int64_t j, int64_t n) {
+    store_grad_vector(rows, ce != nullptr ? method_grad + xent.grad(load(s + j, n), iota, j) : method_grad, g, j, n);
+  };
+  // (3') kd and rkl, their KL summed in (2) and finite: the gradient only.
+  if constexpr (exps_kl<CODE>) {
+    const ExpsKl<CODE, M> kl{cross.sum(), zx.sum(), zy.sum(), scale};
+    if (kl_now && std::isfinite(kl.cross)) {
+      for (int64_t j = 0; g != nullptr && j < v; j += L) {
+        const int64_t n = std::min(L, v - j);
+        prefetch_half_next_row(rows, v, 1, j, n);
+        const V es = V::loadu(es_row + j, n), et = V::loadu(et_row + j, n);
+        store_grad(kl.grad(es, et, load(s + j, n) * inv_T - shift_x, load(t + j, n) * inv_T - shift_y), j, n);
+      }
+      return kl.loss();
+    }
+    for (int64_t j = 0; CODE == RKL && kl_now && j < v; j += L) {  // (the passes that follow read et)
+      const int64_t n = std::min(L, v - j);
+      O::exp(load(t + j, n) * inv_T - shift_y).store(et_row + j, n);
+    }
+  }
   // (2b) akl: the teacher's head.
   std::pair<M, int64_t> head{M(0), 0};
   if constexpr (CODE == AKL) {
     head = akl_head(t_rank, AklProbabilities<M>{et_row, M(1) / zy.sum()}, v, akl_list, c.mu);
   }
-  // The gradient of a vector of classes j..: the method's, plus the cross-entropy's with the term.
-  auto store_grad = [&](const V& method_grad, int64_t j, int64_t n) {
-    store_grad_vector(rows, ce != nullptr ? method_grad + xent.grad(load(s + j, n), iota, j) : method_grad, g, j, n);
-  };
   // The terms of the classes j..: logs from the logits, probabilities from the kept exps; the masking of classes
   // absent in both rows (probabilities 0 or underflowed) only for a vector that has one (lanes past the row's end
   // are).
@@ -380,7 +459,9 @@ M divergence_row(const S* s, const S* t, const S* t_rank, int64_t target, M* g, 
     if constexpr (CODE == AKL) in_head = in_akl_head<O>(load(t_rank + j, n), head.first, head.second, iota, j);
     const V lq = (load(s + j, n) * inv_T - vmx_row) - lzx, lp = (load(t + j, n) * inv_T - vmy_row) - lzy;
     const V q = V::loadu(es_row + j, n) * inv_zx, p = V::loadu(et_row + j, n) * inv_zy;
-    if (O::any(absent_in_both<O>(q, p))) return divergence_terms_of<CODE, O>(c, lq, lp, q, p, in_head);
+    if (masks_absent<CODE> && O::any(absent_in_both<O>(q, p))) {
+      return divergence_terms_of<CODE, O>(c, lq, lp, q, p, in_head);
+    }
     return divergence_terms_of<CODE, O, false>(c, lq, lp, q, p, in_head);
   };
   // (3) Per-class terms.
@@ -398,7 +479,7 @@ M divergence_row(const S* s, const S* t, const S* t_rank, int64_t target, M* g, 
     if (g == nullptr || full) continue;
     if constexpr (CODE == KD) {
       store_grad(divergence_grad<CODE, O>(k, kd_row, scale), j, n);
-    } else if constexpr (!weighs_row_sums<CODE>) {
+    } else if constexpr (keeps_r<CODE>) {
       k.r.store(kept + j, n);
     }
   }
@@ -421,6 +502,12 @@ M divergence_row(const S* s, const S* t, const S* t_rank, int64_t target, M* g, 
       if (g != nullptr) store_grad(method_grad, j, n);
     }
     *dtemp = dt.value(t2_scale, scale, row.loss);
+  } else if (g != nullptr && CODE == TVD) {
+    const TvdGrad<M> tvd(row.sum_r, scale, zx.sum(), zy.sum());
+    for (int64_t j = 0; j < v; j += L) {
+      const int64_t n = std::min(L, v - j);
+      store_grad(tvd(V::loadu(es_row + j, n), V::loadu(et_row + j, n)), j, n);
+    }
   } else if (g != nullptr && CODE != KD) {
     for (int64_t j = 0; j < v; j += L) {
       const int64_t n = std::min(L, v - j);
@@ -603,9 +690,9 @@ template <int CODE, class M>
 void divergence_rows_of(const RowsArgs& a, int64_t begin, int64_t end) {
   const auto c = DivergenceParams<M>::from(a.params);
   if (runs_as_short_rows<M>(a, CODE)) return divergence_short_rows<CODE, M>(a, begin, end, c);
-  const bool keeps_r = a.grad != nullptr && a.temperature_grad == nullptr && CODE != KD && !weighs_row_sums<CODE>;
+  const bool keeps_rs = a.grad != nullptr && a.temperature_grad == nullptr && keeps_r<CODE>;
   // divergence_row's es_row, et_row and kept; akl's list (AklList: t, p and their copy in 4 rows, the indices apart).
-  RowBuffers<M> rows(a, keeps_r ? 3 : CODE == AKL ? 6 : 2);
+  RowBuffers<M> rows(a, keeps_rs ? 3 : CODE == AKL ? 6 : 2);
   std::vector<int64_t> akl_index(CODE == AKL ? a.v : 0);
   M* const list = rows.extra + 2 * a.v;
   const AklList<M> akl_list{akl_index.data(), list, list + a.v, list + 2 * a.v, list + 3 * a.v};

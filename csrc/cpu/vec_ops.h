@@ -23,10 +23,8 @@ namespace kdkernels::cpu::CPU_CAPABILITY {
 struct FloatLanes {
 #if defined(CPU_CAPABILITY_AVX512)
   using R = __m512;
-  using I = __m512i;
   using Mask = __mmask16;
   static R set(float c) { return _mm512_set1_ps(c); }
-  static I set(int32_t c) { return _mm512_set1_epi32(c); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
@@ -36,20 +34,16 @@ struct FloatLanes {
   static R max(R a, R b) { return _mm512_max_ps(a, b); }
   static R round(R a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT); }
   static Mask cmp_gt(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
-  static Mask cmp_not_ge(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_NGE_UQ); }  // a < b, or NaN
-  static Mask cmp_not_le(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_NLE_UQ); }  // a > b, or NaN
   static bool any(Mask m) { return m != 0; }
+  // Whether a lane is not a positive normal number (0, denormal, negative, inf or NaN): one vfpclassps.
+  static bool any_not_normal_positive(R a) { return _mm512_fpclass_ps_mask(a, 0xff) != 0; }
   static R select(Mask m, R a, R b) { return _mm512_mask_blend_ps(m, b, a); }
   static R zero_where(Mask m, R a) { return _mm512_maskz_mov_ps(Mask(~m), a); }
   // p 2^n for integral n in [-126, 128] (scalef rounds once, inf past the range).
   static R scale(R p, R n) { return _mm512_scalef_ps(p, n); }
-  static I bits(R a) { return _mm512_castps_si512(a); }
-  static R from_bits(I a) { return _mm512_castsi512_ps(a); }
-  static I and_bits(I a, I b) { return _mm512_and_si512(a, b); }
-  static I or_bits(I a, I b) { return _mm512_or_si512(a, b); }
-  static I shift_right(I a, int k) { return _mm512_srli_epi32(a, k); }
-  static I sub_int(I a, I b) { return _mm512_sub_epi32(a, b); }
-  static R to_float(I a) { return _mm512_cvtepi32_ps(a); }
+  // A positive normal number's exponent e (as a float) and mantissa m in [1, 2): a = m 2^e, one instruction each.
+  static R exponent(R a) { return _mm512_getexp_ps(a); }
+  static R mantissa(R a) { return _mm512_getmant_ps(a, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src); }
 #else
   using R = __m256;
   using I = __m256i;
@@ -64,9 +58,10 @@ struct FloatLanes {
   static R max(R a, R b) { return _mm256_max_ps(a, b); }
   static R round(R a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT); }
   static Mask cmp_gt(R a, R b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
-  static Mask cmp_not_ge(R a, R b) { return _mm256_cmp_ps(a, b, _CMP_NGE_UQ); }
-  static Mask cmp_not_le(R a, R b) { return _mm256_cmp_ps(a, b, _CMP_NLE_UQ); }
   static bool any(Mask m) { return _mm256_movemask_ps(m) != 0; }
+  static bool any_not_normal_positive(R a) {  // (a < FLT_MIN or a > FLT_MAX, either true for NaN)
+    return any(_mm256_or_ps(_mm256_cmp_ps(a, set(FLT_MIN), _CMP_NGE_UQ), _mm256_cmp_ps(a, set(FLT_MAX), _CMP_NLE_UQ)));
+  }
   static R select(Mask m, R a, R b) { return _mm256_blendv_ps(b, a, m); }
   static R zero_where(Mask m, R a) { return _mm256_andnot_ps(m, a); }
   // p 2^n as p 2^(n - n/2) 2^(n/2), both factors normal numbers: only the last product rounds.
@@ -75,13 +70,14 @@ struct FloatLanes {
     auto pow2 = [](I e) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, set(127)), 23)); };
     return _mm256_mul_ps(_mm256_mul_ps(p, pow2(_mm256_sub_epi32(k, half))), pow2(half));
   }
-  static I bits(R a) { return _mm256_castps_si256(a); }
-  static R from_bits(I a) { return _mm256_castsi256_ps(a); }
-  static I and_bits(I a, I b) { return _mm256_and_si256(a, b); }
-  static I or_bits(I a, I b) { return _mm256_or_si256(a, b); }
-  static I shift_right(I a, int k) { return _mm256_srli_epi32(a, k); }
-  static I sub_int(I a, I b) { return _mm256_sub_epi32(a, b); }
-  static R to_float(I a) { return _mm256_cvtepi32_ps(a); }
+  // The same from the bits: the biased exponent field less 127, and the mantissa field under the exponent of 1.
+  static R exponent(R a) {
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(a), 23), set(int32_t(127))));
+  }
+  static R mantissa(R a) {
+    const I fraction = _mm256_and_si256(_mm256_castps_si256(a), set(int32_t(0x007fffff)));
+    return _mm256_castsi256_ps(_mm256_or_si256(fraction, set(int32_t(0x3f800000))));
+  }
 #endif
 };
 
@@ -111,17 +107,15 @@ inline at::vec::Vectorized<float> exp_float(const at::vec::Vectorized<float>& v)
 }
 
 // log of float lanes, inline, when every lane is a normal positive number (a row's mixtures, clamped to FLT_MIN):
-// x = m 2^e with m in (sqrt(1/2), sqrt(2)] from the bits, log x = e ln 2 + log(1 + f), f = m - 1, with
-// log(1 + f) = f - f^2 / 2 + f^3 P(f), P of degree 8 (Cephes' logf coefficients). At most 0.83 ulp from log over every
-// float in [FLT_MIN, FLT_MAX]. A vector with any other lane (0, a denormal, a negative number, inf, NaN) goes to
+// x = m 2^e with m in (sqrt(1/2), sqrt(2)] (FloatLanes' exponent and mantissa), log x = e ln 2 + log(1 + f), f = m - 1,
+// with log(1 + f) = f - f^2 / 2 + f^3 P(f), P of degree 8 (Cephes' logf coefficients). At most 0.83 ulp from log over
+// every float in [FLT_MIN, FLT_MAX]. A vector with any other lane (0, a denormal, a negative number, inf, NaN) goes to
 // SLEEF's log instead, which gives -inf, NaN and inf where they belong.
 inline at::vec::Vectorized<float> log_float(const at::vec::Vectorized<float>& v) {
   using F = FloatLanes;
   const F::R x = v;
-  if (F::any(F::cmp_not_ge(x, F::set(FLT_MIN))) || F::any(F::cmp_not_le(x, F::set(FLT_MAX)))) return v.log();
-  const F::I bits = F::bits(x);
-  F::R e = F::to_float(F::sub_int(F::shift_right(bits, 23), F::set(int32_t(127))));
-  F::R m = F::from_bits(F::or_bits(F::and_bits(bits, F::set(int32_t(0x007fffff))), F::set(int32_t(0x3f800000))));
+  if (F::any_not_normal_positive(x)) return v.log();
+  F::R e = F::exponent(x), m = F::mantissa(x);
   const F::Mask high = F::cmp_gt(m, F::set(1.41421356f));  // m in [1, 2) to (sqrt(1/2), sqrt(2)]
   m = F::select(high, F::mul(m, F::set(0.5f)), m);
   e = F::select(high, F::add(e, F::set(1.0f)), e);
@@ -160,8 +154,30 @@ struct VecOps {
 #endif
     return x.log();
   }
+  // x where a is not 0 (NaN included), else 0: on AVX-512 a compare into a mask register and a masked move, where
+  // select(eq(...)) takes four instructions (at::vec's compares return vectors).
+  static V where_nonzero(const V& a, const V& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float>) return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, V(T(0)), _CMP_NEQ_UQ), x);
+    if constexpr (std::is_same_v<T, double>) return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(a, V(T(0)), _CMP_NEQ_UQ), x);
+#endif
+    return select(eq(a, V(T(0))), V(T(0)), x);
+  }
   static V abs(const V& x) { return x.abs(); }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  // max(a, b), b where either is NaN: one vmaxps / vmaxpd, where at::vec::maximum (which keeps NaN) takes three or
+  // four; without AVX2, at::vec::maximum.
+  static V max_or_second(const V& a, const V& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float>) return _mm512_max_ps(a, b);
+    if constexpr (std::is_same_v<T, double>) return _mm512_max_pd(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, float>) return _mm256_max_ps(a, b);
+    if constexpr (std::is_same_v<T, double>) return _mm256_max_pd(a, b);
+#endif
+    return max(a, b);
+  }
+  static V floor_at(const V& x, const V& lo) { return max_or_second(lo, x); }  // max(x, lo), NaN where x is
   static V select(const Mask& m, const V& a, const V& b) { return V::blendv(b, a, m); }
   static Mask eq(const V& a, const V& b) { return a == b; }
   static Mask gt(const V& a, const V& b) { return a > b; }
@@ -203,18 +219,33 @@ struct VecOps {
 };
 
 // Stores float lanes [0, n) at p as bfloat16, rounded to nearest even as at::vec::convert rounds a float row; with
-// `streamed`, a whole vector at an address aligned to its bytes goes to memory as store_streamed's do.
-inline void store_bf16(const at::vec::Vectorized<float>& x, c10::BFloat16* p, int64_t n, bool streamed) {
-  const at::vec::Vectorized<c10::BFloat16> b = at::vec::convert<c10::BFloat16>(x);
+// `streamed`, a whole vector at an address aligned to its bytes goes to memory as store_streamed's do. Always inline:
+// the compiler kept it out of line, a call per vector of the gradient loops, with their vector registers saved
+// around it.
+C10_ALWAYS_INLINE void store_bf16(const at::vec::Vectorized<float>& x, c10::BFloat16* p, int64_t n, bool streamed) {
   constexpr int64_t lanes = at::vec::Vectorized<float>::size();
-  if (streamed && n == lanes && reinterpret_cast<uintptr_t>(p) % (2 * lanes) == 0) {
 #if defined(CPU_CAPABILITY_AVX512)
-    return _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(b));
-#elif defined(CPU_CAPABILITY_AVX2)
+  // at::vec::convert's rounding, bits + 0x7fff + (bit 16), without its blend that keeps a NaN a NaN: the rows of two
+  // bf16 inputs make only NaNs whose low 16 bits are 0 (a widened bf16 NaN, or the default NaN that x86 arithmetic
+  // makes, and arithmetic keeps an operand NaN's bits), to which the sum adds no carry.
+  const __m512i bits = _mm512_castps_si512(x), one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+  const __m512i rounded =
+      _mm512_add_epi32(_mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 16), one), bias), bits);
+  const __m256i b = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+  if (streamed && n == lanes && reinterpret_cast<uintptr_t>(p) % (2 * lanes) == 0) {
+    return _mm256_stream_si256(reinterpret_cast<__m256i*>(p), b);
+  }
+  if (n == lanes) return _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), b);
+  return _mm256_mask_storeu_epi16(p, __mmask16((uint32_t(1) << n) - 1), b);
+#else
+  const at::vec::Vectorized<c10::BFloat16> b = at::vec::convert<c10::BFloat16>(x);
+  if (streamed && n == lanes && reinterpret_cast<uintptr_t>(p) % (2 * lanes) == 0) {
+#if defined(CPU_CAPABILITY_AVX2)
     return _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(b));
 #endif
   }
   b.store(p, n);
+#endif
 }
 
 // Orders the non-temporal stores of this thread before whatever follows (the end of a worker's rows).
