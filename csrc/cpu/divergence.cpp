@@ -629,8 +629,8 @@ void short_rows_block(const RowsArgs& a, int64_t first, const DivergenceParams<M
   auto skipped = O::all();
   for (int64_t j = 0; j < v; ++j) {
     const V x = b.column(b.x, j), y = b.column(b.y, j);
-    vmx = max_dropping_nan<M>(x, vmx);
-    vmy = max_dropping_nan<M>(y, vmy);
+    vmx = O::max_or_second(x, vmx);
+    vmy = O::max_or_second(y, vmy);
     skipped = O::land(skipped, O::land(O::eq(x, ninf), O::eq(y, ninf)));
   }
   const V mx = vmx * inv_T, my = vmy * inv_T, shift_x = safe(mx), shift_y = safe(my), shift_s = safe(vmx);
