@@ -195,12 +195,17 @@ def test_bench_table_says_why_columns_are_empty():
     assert "x eager, x compile, x ref: '-' where that baseline was not run" in text
 
 
+# The kernel call's record, from which setup.py generates the C++ option lists.
+RECORD = os.path.join("kdkernels", "backends", "kernel_call.py")
+
+
 def test_setup_rebuilds_only_when_what_it_depends_on_changed(tmp_path):
     """scripts/setup.sh's up-to-date test, in a copy of what the install depends on that shares this .venv:
     KDKERNELS_SETUP_CHECK=1 reports without installing."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for name in ("scripts", "csrc"):
-        shutil.copytree(os.path.join(root, name), tmp_path / name)
+    # (the package too, built extension included: the import check runs in the copy, where it is found first)
+    for name in ("scripts", "csrc", "kdkernels"):
+        shutil.copytree(os.path.join(root, name), tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("setup.py", "pyproject.toml"):
         shutil.copy(os.path.join(root, name), tmp_path / name)
     os.symlink(os.path.join(root, ".venv"), tmp_path / ".venv")
@@ -229,12 +234,12 @@ def test_setup_rebuilds_only_when_what_it_depends_on_changed(tmp_path):
     )
     assert check(KDKERNELS_CUDA_ARCHS="80")[0] == 1
     assert check(KDKERNELS_TORCH="torch==2.99")[0] == 1
-    header = tmp_path / "csrc" / "row_math.h"
-    original = header.read_text()
-    header.write_text(original + "// edited\n")
-    assert check()[0] == 1
-    header.write_text(original)
-    assert check()[0] == 0
+    for edited in (tmp_path / "csrc" / "row_math.h", tmp_path / RECORD):  # (the build generates a header from RECORD)
+        original = edited.read_text()
+        edited.write_text(original + "# edited\n")
+        assert check()[0] == 1, edited
+        edited.write_text(original)
+        assert check()[0] == 0
     triton_stamp.write_text("torch==2.13.0 triton==3.5.0\n")  # the Triton 3.6.0 venv holds another version
     code, out = check()
     assert code == 1 and ".venv-triton36 is out of date" in out, out
