@@ -160,14 +160,32 @@ def test_linear_bench_subsets(tmp_path):
 
 
 def test_liger_rows_check_values_first(monkeypatch):
-    """The Liger rows time the same loss: its values and gradients are checked against kdkernels' first (with and
-    without the hard-label term), and a loss Liger does not compute is caught."""
+    """The Liger rows time the same loss: its values and gradients, and kdkernels' fused-linear ones, are checked
+    against the unchunked path's first (with and without the hard-label term), and a loss Liger does not compute is
+    caught."""
     inputs = bench._linear_inputs(96, 16, 300, torch.float32, "cpu")
     for case in ("jsd", "jsd+ce"):
-        bench.check_liger_agrees(case, inputs)
+        assert bench.check_liger_agrees(case, inputs) == ""
     monkeypatch.setitem(bench.LINEAR_CASES, "jsd-T2", ("jsd", {"temperature": 2.0}))
-    with pytest.raises(AssertionError, match="liger and kdkernels disagree on jsd-T2 loss"):
+    with pytest.raises(AssertionError, match="liger and the unchunked path disagree on jsd-T2 loss"):
         bench.check_liger_agrees("jsd-T2", inputs)
+
+
+def test_liger_gradient_off_in_low_precision_is_a_note(monkeypatch):
+    """With bf16 heads a Liger weight gradient off the unchunked path's (its bf16 accumulation) becomes the row's
+    note, the loss still checked; at float32 the same difference raises."""
+    liger_loss = bench._liger_loss
+
+    def off_gradient(options):
+        loss = liger_loss(options)
+        # Same loss value, weight gradient + 1 on every entry.
+        return lambda hs, ws, ht, wt, y: loss(hs, ws, ht, wt, y) + (ws - ws.detach()).sum()
+
+    monkeypatch.setattr(bench, "_liger_loss", off_gradient)
+    note = bench.check_liger_agrees("jsd", bench._linear_inputs(96, 16, 300, torch.bfloat16, "cpu"))
+    assert note.startswith("liger and the unchunked path disagree on jsd grad weight"), note
+    with pytest.raises(AssertionError, match="liger and the unchunked path disagree on jsd grad weight"):
+        bench.check_liger_agrees("jsd", bench._linear_inputs(96, 16, 300, torch.float32, "cpu"))
 
 
 def test_bench_shapes_are_listed_and_checked():
