@@ -163,6 +163,24 @@ struct VecOps {
 #endif
     return select(eq(a, V(T(0))), V(T(0)), x);
   }
+  // Lanes [0, n) of p (0 < n < lanes), the others `fill`: a masked load, inline (at::vec's set, which blends a
+  // partial load into a vector, is out of line: a call per row's last vector, its vector registers saved around it).
+  static V loadu_or(const T* p, int64_t n, T fill) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float>) return _mm512_mask_loadu_ps(V(fill), __mmask16((1u << n) - 1), p);
+    if constexpr (std::is_same_v<T, double>) return _mm512_mask_loadu_pd(V(fill), __mmask8((1u << n) - 1), p);
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, float>) {
+      const __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      return _mm256_blendv_ps(V(fill), _mm256_maskload_ps(p, in), _mm256_castsi256_ps(in));
+    }
+    if constexpr (std::is_same_v<T, double>) {
+      const __m256i in = _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+      return _mm256_blendv_pd(V(fill), _mm256_maskload_pd(p, in), _mm256_castsi256_pd(in));
+    }
+#endif
+    return V::set(V(fill), V::loadu(p, n), n);
+  }
   static V abs(const V& x) { return x.abs(); }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
   // max(a, b), b where either is NaN: one vmaxps / vmaxpd, where at::vec::maximum (which keeps NaN) takes three or
