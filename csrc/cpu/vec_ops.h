@@ -1,5 +1,5 @@
-// The SIMD policy of row_math.h: its per-element formulas evaluated on at::vec::Vectorized<T>, one lane per class.
-// Masks are vectors whose lanes are all ones (true) or all zeros (false), as at::vec's comparisons return them.
+// The SIMD policy of row_math.h: its per-element formulas evaluated on at::vec::Vectorized<T>, one lane per class
+// (masks: VectorMasks, RegisterMasks).
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -133,11 +133,86 @@ inline at::vec::Vectorized<float> log_float(const at::vec::Vectorized<float>& v)
 }
 #endif
 
+// VecOps' masks and the operations on them: vectors whose lanes are all ones (true) or all zeros (false), as at::vec's
+// comparisons return them.
 template <class T>
-struct VecOps {
-  using Scalar = T;
+struct VectorMasks {
   using V = at::vec::Vectorized<T>;
   using Mask = V;
+  static constexpr int64_t lanes = V::size();
+
+  static V select(const Mask& m, const V& a, const V& b) { return V::blendv(b, a, m); }
+  static Mask eq(const V& a, const V& b) { return a == b; }
+  static Mask gt(const V& a, const V& b) { return a > b; }
+  static Mask ge(const V& a, const V& b) { return a >= b; }
+  static Mask lt(const V& a, const V& b) { return a < b; }
+  static Mask le(const V& a, const V& b) { return a <= b; }
+  static Mask land(const Mask& a, const Mask& b) { return a & b; }
+  static Mask lor(const Mask& a, const Mask& b) { return a | b; }
+  static Mask lnot(const Mask& a) { return a ^ all(); }
+  static Mask none() { return V(T(0)); }
+  static Mask all() { return V(T(0)) == V(T(0)); }
+  // Whether any lane of the mask is set.
+  static bool any(const Mask& m) { return m.zero_mask() != (1 << lanes) - 1; }
+  // The lanes of the mask that are set, as bits (lane k: bit k).
+  static uint32_t lane_bits(const Mask& m) { return ~uint32_t(m.zero_mask()) & ((uint32_t(1) << lanes) - 1); }
+};
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The same on AVX-512, as a mask register's lane bits (lanes past the vector's are 0): a compare is one instruction and
+// a select one blend, where at::vec's compare also widens its mask into a vector and its select compares that again.
+// The same predicates as at::vec's compares (ordered: false where a lane is NaN).
+template <class T>
+struct RegisterMasks {
+  using V = at::vec::Vectorized<T>;
+  struct Mask {
+    __mmask16 bits = 0;
+  };
+  static constexpr int64_t lanes = V::size();
+  static constexpr __mmask16 ALL = __mmask16((uint32_t(1) << lanes) - 1);
+
+  static V select(Mask m, const V& a, const V& b) {
+    if constexpr (std::is_same_v<T, float>) {
+      return _mm512_mask_blend_ps(m.bits, b, a);
+    } else {
+      return _mm512_mask_blend_pd(__mmask8(m.bits), b, a);
+    }
+  }
+  template <int PREDICATE>
+  static Mask compare(const V& a, const V& b) {
+    if constexpr (std::is_same_v<T, float>) {
+      return {_mm512_cmp_ps_mask(a, b, PREDICATE)};
+    } else {
+      return {__mmask16(_mm512_cmp_pd_mask(a, b, PREDICATE))};
+    }
+  }
+  static Mask eq(const V& a, const V& b) { return compare<_CMP_EQ_OQ>(a, b); }
+  static Mask gt(const V& a, const V& b) { return compare<_CMP_GT_OQ>(a, b); }
+  static Mask ge(const V& a, const V& b) { return compare<_CMP_GE_OQ>(a, b); }
+  static Mask lt(const V& a, const V& b) { return compare<_CMP_LT_OQ>(a, b); }
+  static Mask le(const V& a, const V& b) { return compare<_CMP_LE_OQ>(a, b); }
+  static Mask land(Mask a, Mask b) { return {__mmask16(a.bits & b.bits)}; }
+  static Mask lor(Mask a, Mask b) { return {__mmask16(a.bits | b.bits)}; }
+  static Mask lnot(Mask a) { return {__mmask16(~a.bits & ALL)}; }
+  static Mask none() { return {}; }
+  static Mask all() { return {ALL}; }
+  static bool any(Mask m) { return m.bits != 0; }
+  static uint32_t lane_bits(Mask m) { return m.bits; }
+};
+template <class T>
+using MaskOps =
+    std::conditional_t<std::is_same_v<T, float> || std::is_same_v<T, double>, RegisterMasks<T>, VectorMasks<T>>;
+#else
+template <class T>
+using MaskOps = VectorMasks<T>;
+#endif
+
+template <class T>
+struct VecOps : MaskOps<T> {
+  using Scalar = T;
+  using V = at::vec::Vectorized<T>;
+  using typename MaskOps<T>::Mask;
+  using MaskOps<T>::select, MaskOps<T>::eq, MaskOps<T>::le;
   static constexpr int64_t lanes = V::size();
 
   // exp and log: float's inline above; double's (and those of builds without AVX2) SLEEF's, 1 ulp. All give
@@ -196,26 +271,12 @@ struct VecOps {
     return max(a, b);
   }
   static V floor_at(const V& x, const V& lo) { return max_or_second(lo, x); }  // max(x, lo), NaN where x is
-  static V select(const Mask& m, const V& a, const V& b) { return V::blendv(b, a, m); }
-  static Mask eq(const V& a, const V& b) { return a == b; }
-  static Mask gt(const V& a, const V& b) { return a > b; }
-  static Mask ge(const V& a, const V& b) { return a >= b; }
-  static Mask lt(const V& a, const V& b) { return a < b; }
-  static Mask land(const Mask& a, const Mask& b) { return a & b; }
-  static Mask lor(const Mask& a, const Mask& b) { return a | b; }
-  static Mask lnot(const Mask& a) { return a ^ all(); }
-  static Mask none() { return V(T(0)); }
-  static Mask all() { return V(T(0)) == V(T(0)); }
   // Lanes whose index equals (is at most) `offset`; offsets far outside the vector are clamped, so they stay exact.
-  static Mask index_eq(const V& iota, int64_t offset) { return iota == V(clamp_offset(offset)); }
-  static Mask index_le(const V& iota, int64_t offset) { return iota <= V(clamp_offset(offset)); }
+  static Mask index_eq(const V& iota, int64_t offset) { return eq(iota, V(clamp_offset(offset))); }
+  static Mask index_le(const V& iota, int64_t offset) { return le(iota, V(clamp_offset(offset))); }
   static V iota() { return V::arange(T(0), T(1)); }
 
   static T clamp_offset(int64_t offset) { return T(std::min<int64_t>(std::max<int64_t>(offset, -1), lanes)); }
-  // Whether any lane of the mask is set.
-  static bool any(const Mask& m) { return m.zero_mask() != (1 << lanes) - 1; }
-  // The lanes of the mask that are set, as bits (lane k: bit k).
-  static uint32_t lane_bits(const Mask& m) { return ~uint32_t(m.zero_mask()) & ((uint32_t(1) << lanes) - 1); }
 
   // Stores a whole vector at p with a non-temporal hint where the instruction set has one and p is aligned to the
   // vector: the line goes to memory without first being read into the cache (a plain store reads it, one more
