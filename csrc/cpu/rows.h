@@ -44,17 +44,23 @@ C10_ALWAYS_INLINE at::vec::Vectorized<M> load(const M* p, int64_t n) {
 
 // The same from a bfloat16 row, as float lanes (each value's 16 bits shifted into a float's top half, a vector at a
 // time): the kernels read bf16 rows where they are, without a float copy of the row.
-inline at::vec::Vectorized<float> load(const c10::BFloat16* p, int64_t n) {
+C10_ALWAYS_INLINE at::vec::Vectorized<float> load(const c10::BFloat16* p, int64_t n) {
   constexpr int64_t L = Ops<float>::lanes;
   at::vec::Vectorized<float> out;
   if (n == L) {
     at::vec::load_fp32_from_bf16(p, out);
     return out;
   }
+#if defined(CPU_CAPABILITY_AVX512)
+  // (A masked load, inline: the copy below is a call, around which the row's loops keep their vectors in memory.)
+  const __m256i bits = _mm256_mask_loadu_epi16(_mm256_set1_epi16(int16_t(0xff80)), __mmask16((1u << n) - 1), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+#else
   c10::BFloat16 lanes[L];
   std::fill(std::copy(p, p + n, lanes), lanes + L, c10::BFloat16(neg_inf<float>()));
   at::vec::load_fp32_from_bf16(lanes, out);
   return out;
+#endif
 }
 
 // A vector's lanes reduced by op(a, b) as at::vec::vec_reduce_all reduces them (the same shuffles: the same sums),

@@ -35,8 +35,14 @@ struct FloatLanes {
   static R round(R a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT); }
   static Mask cmp_gt(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
   static bool any(Mask m) { return m != 0; }
-  // Whether a lane is not a positive normal number (0, denormal, negative, inf or NaN): one vfpclassps.
-  static bool any_not_normal_positive(R a) { return _mm512_fpclass_ps_mask(a, 0xff) != 0; }
+  // log's value y of the lanes x that are not positive finite numbers (denormals are: exponent and mantissa
+  // normalise them): -inf at 0, inf at inf, NaN at a negative number or NaN.
+  static R log_special_lanes(R x, R y) {
+    if (_mm512_fpclass_ps_mask(x, 0xdf) == 0) return y;                    // (QNaN, +-0, +-inf, negative, SNaN)
+    y = _mm512_mask_mov_ps(y, _mm512_fpclass_ps_mask(x, 0xd1), set(NAN));  // (QNaN, -inf, negative, SNaN)
+    y = _mm512_mask_mov_ps(y, _mm512_fpclass_ps_mask(x, 0x06), set(-INFINITY));
+    return _mm512_mask_mov_ps(y, _mm512_fpclass_ps_mask(x, 0x08), set(INFINITY));
+  }
   static R select(Mask m, R a, R b) { return _mm512_mask_blend_ps(m, b, a); }
   static R zero_where(Mask m, R a) { return _mm512_maskz_mov_ps(Mask(~m), a); }
   // p 2^n for integral n in [-126, 128] (scalef rounds once, inf past the range).
@@ -109,12 +115,16 @@ inline at::vec::Vectorized<float> exp_float(const at::vec::Vectorized<float>& v)
 // log of float lanes, inline, when every lane is a normal positive number (a row's mixtures, clamped to FLT_MIN):
 // x = m 2^e with m in (sqrt(1/2), sqrt(2)] (FloatLanes' exponent and mantissa), log x = e ln 2 + log(1 + f), f = m - 1,
 // with log(1 + f) = f - f^2 / 2 + f^3 P(f), P of degree 8 (Cephes' logf coefficients). At most 0.83 ulp from log over
-// every float in [FLT_MIN, FLT_MAX]. A vector with any other lane (0, a denormal, a negative number, inf, NaN) goes to
-// SLEEF's log instead, which gives -inf, NaN and inf where they belong.
+// every float in [FLT_MIN, FLT_MAX]. On AVX-512 the same for denormals, and the other lanes get their value inline
+// (FloatLanes::log_special_lanes: no call, around which the kernels' loops would keep their vectors in memory); on
+// AVX2 a vector with any other lane (0, a denormal, a negative number, inf, NaN) goes to SLEEF's log instead, which
+// gives -inf, NaN and inf where they belong.
 inline at::vec::Vectorized<float> log_float(const at::vec::Vectorized<float>& v) {
   using F = FloatLanes;
   const F::R x = v;
+#if !defined(CPU_CAPABILITY_AVX512)
   if (F::any_not_normal_positive(x)) return v.log();
+#endif
   F::R e = F::exponent(x), m = F::mantissa(x);
   const F::Mask high = F::cmp_gt(m, F::set(1.41421356f));  // m in [1, 2) to (sqrt(1/2), sqrt(2)]
   m = F::select(high, F::mul(m, F::set(0.5f)), m);
@@ -129,7 +139,11 @@ inline at::vec::Vectorized<float> log_float(const at::vec::Vectorized<float>& v)
   p = F::fma(p, f, F::set(-2.4999993993e-1f));
   p = F::fma(p, f, F::set(3.3333331174e-1f));
   const F::R y = F::fma(f2, F::set(-0.5f), F::fma(e, F::set(LN2_LO), F::mul(F::mul(p, f), f2)));
+#if defined(CPU_CAPABILITY_AVX512)
+  return F::log_special_lanes(x, F::fma(e, F::set(LN2_HI), F::add(f, y)));
+#else
   return F::fma(e, F::set(LN2_HI), F::add(f, y));
+#endif
 }
 #endif
 
