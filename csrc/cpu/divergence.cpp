@@ -420,8 +420,6 @@ M divergence_row(const S* s, const S* t, const S* t_rank, int64_t target, M* g, 
     if (ce_apart) zs.add(O::exp(sj - shift_s));
     if constexpr (exps_kl<CODE>) cross.add(ExpsKl<CODE, M>::term(es, et, x, y));
   }
-  const V vmx_row(mx), vmy_row(my), lzx(std::log(zx.sum())), lzy(std::log(zy.sum()));
-  const V inv_zx(M(1) / zx.sum()), inv_zy(M(1) / zy.sum());
   const CrossEntropy<M> xent{ms, ce != nullptr ? std::log(ce_apart ? zs.sum() : zx.sum()) : M(0), ce_options, target};
   if (ce != nullptr) *ce = xent.loss(s, v);  // (before the gradient overwrites s in place)
   const V iota = O::iota();
@@ -446,6 +444,9 @@ M divergence_row(const S* s, const S* t, const S* t_rank, int64_t target, M* g, 
       O::exp(load(t + j, n) * inv_T - shift_y).store(et_row + j, n);
     }
   }
+  // (The logs and inverses of the sums only here: kd's and rkl's (3') reads none of them.)
+  const V vmx_row(mx), vmy_row(my), lzx(std::log(zx.sum())), lzy(std::log(zy.sum()));
+  const V inv_zx(M(1) / zx.sum()), inv_zy(M(1) / zy.sum());
   // (2b) akl: the teacher's head.
   std::pair<M, int64_t> head{M(0), 0};
   if constexpr (CODE == AKL) {

@@ -39,33 +39,61 @@ using Vec = typename VecOps<M>::V;
 template <class M>
 C10_ALWAYS_INLINE at::vec::Vectorized<M> load(const M* p, int64_t n) {
   if (n == Ops<M>::lanes) return Vec<M>::loadu(p);
-  return Vec<M>::set(Vec<M>(neg_inf<M>()), Vec<M>::loadu(p, n), n);
+  return Ops<M>::loadu_or(p, n, neg_inf<M>());
 }
 
 // The same from a bfloat16 row, as float lanes (each value's 16 bits shifted into a float's top half, a vector at a
 // time): the kernels read bf16 rows where they are, without a float copy of the row.
-inline at::vec::Vectorized<float> load(const c10::BFloat16* p, int64_t n) {
+C10_ALWAYS_INLINE at::vec::Vectorized<float> load(const c10::BFloat16* p, int64_t n) {
   constexpr int64_t L = Ops<float>::lanes;
   at::vec::Vectorized<float> out;
   if (n == L) {
     at::vec::load_fp32_from_bf16(p, out);
     return out;
   }
+#if defined(CPU_CAPABILITY_AVX512)
+  // (A masked load, inline: the copy below is a call, around which the row's loops keep their vectors in memory.)
+  const __m256i bits = _mm256_mask_loadu_epi16(_mm256_set1_epi16(int16_t(0xff80)), __mmask16((1u << n) - 1), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+#else
   c10::BFloat16 lanes[L];
   std::fill(std::copy(p, p + n, lanes), lanes + L, c10::BFloat16(neg_inf<float>()));
   at::vec::load_fp32_from_bf16(lanes, out);
   return out;
+#endif
 }
 
-// A vector's lanes reduced by shuffles (a few instructions for float on AVX2 / AVX-512); max propagates NaN.
+// A vector's lanes reduced by op(a, b) as at::vec::vec_reduce_all reduces them (the same shuffles: the same sums),
+// inline for float on AVX2 / AVX-512, where torch's may be a call (max_lanes' was, a call per row with its vector
+// registers saved around it).
+template <class M, class Op>
+C10_ALWAYS_INLINE M reduce_lanes(const at::vec::Vectorized<M>& v, Op op) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<M, float>) {
+    Vec<M> x = op(v, Vec<M>(_mm512_shuffle_f32x4(v, v, 0x4E)));
+    x = op(x, Vec<M>(_mm512_shuffle_f32x4(x, x, 0xB1)));
+    x = op(x, Vec<M>(_mm512_shuffle_ps(x, x, 0x4E)));
+    return _mm512_cvtss_f32(op(x, Vec<M>(_mm512_shuffle_ps(x, x, 0xB1))));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<M, float>) {
+    Vec<M> x = op(v, Vec<M>(_mm256_permute2f128_ps(v, v, 0x1)));
+    x = op(x, Vec<M>(_mm256_shuffle_ps(x, x, 0x4E)));
+    return _mm256_cvtss_f32(op(x, Vec<M>(_mm256_shuffle_ps(x, x, 0xB1))));
+  }
+#endif
+  return at::vec::vec_reduce_all<M>(op, v);
+}
+
+// max propagates NaN.
 template <class M>
-M sum_lanes(const at::vec::Vectorized<M>& v) {
-  return at::vec::vec_reduce_all<M>([](const Vec<M>& a, const Vec<M>& b) { return a + b; }, v);
+C10_ALWAYS_INLINE M sum_lanes(const at::vec::Vectorized<M>& v) {
+  return reduce_lanes(v, [](const Vec<M>& a, const Vec<M>& b) { return a + b; });
 }
 
 template <class M>
-M max_lanes(const at::vec::Vectorized<M>& v) {
-  return at::vec::vec_reduce_all<M>([](const Vec<M>& a, const Vec<M>& b) { return Ops<M>::max(a, b); }, v);
+C10_ALWAYS_INLINE M max_lanes(const at::vec::Vectorized<M>& v) {
+  return reduce_lanes(v, [](const Vec<M>& a, const Vec<M>& b) { return Ops<M>::max(a, b); });
 }
 
 // A per-lane sum over a row, added up in chunks of 64 vectors: each lane then rounds about 64 + V / (64 L) partial
@@ -84,7 +112,7 @@ struct ChunkedSum {
       count = 0;
     }
   }
-  M sum() const { return sum_lanes(total + part); }
+  C10_ALWAYS_INLINE M sum() const { return sum_lanes(total + part); }
 };
 
 template <class M, class S>

@@ -1,5 +1,5 @@
-// The SIMD policy of row_math.h: its per-element formulas evaluated on at::vec::Vectorized<T>, one lane per class.
-// Masks are vectors whose lanes are all ones (true) or all zeros (false), as at::vec's comparisons return them.
+// The SIMD policy of row_math.h: its per-element formulas evaluated on at::vec::Vectorized<T>, one lane per class
+// (masks: VectorMasks, RegisterMasks).
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -35,8 +35,14 @@ struct FloatLanes {
   static R round(R a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT); }
   static Mask cmp_gt(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
   static bool any(Mask m) { return m != 0; }
-  // Whether a lane is not a positive normal number (0, denormal, negative, inf or NaN): one vfpclassps.
-  static bool any_not_normal_positive(R a) { return _mm512_fpclass_ps_mask(a, 0xff) != 0; }
+  // log's value y of the lanes x that are not positive finite numbers (denormals are: exponent and mantissa
+  // normalise them): -inf at 0, inf at inf, NaN at a negative number or NaN.
+  static R log_special_lanes(R x, R y) {
+    if (_mm512_fpclass_ps_mask(x, 0xdf) == 0) return y;                    // (QNaN, +-0, +-inf, negative, SNaN)
+    y = _mm512_mask_mov_ps(y, _mm512_fpclass_ps_mask(x, 0xd1), set(NAN));  // (QNaN, -inf, negative, SNaN)
+    y = _mm512_mask_mov_ps(y, _mm512_fpclass_ps_mask(x, 0x06), set(-INFINITY));
+    return _mm512_mask_mov_ps(y, _mm512_fpclass_ps_mask(x, 0x08), set(INFINITY));
+  }
   static R select(Mask m, R a, R b) { return _mm512_mask_blend_ps(m, b, a); }
   static R zero_where(Mask m, R a) { return _mm512_maskz_mov_ps(Mask(~m), a); }
   // p 2^n for integral n in [-126, 128] (scalef rounds once, inf past the range).
@@ -109,12 +115,16 @@ inline at::vec::Vectorized<float> exp_float(const at::vec::Vectorized<float>& v)
 // log of float lanes, inline, when every lane is a normal positive number (a row's mixtures, clamped to FLT_MIN):
 // x = m 2^e with m in (sqrt(1/2), sqrt(2)] (FloatLanes' exponent and mantissa), log x = e ln 2 + log(1 + f), f = m - 1,
 // with log(1 + f) = f - f^2 / 2 + f^3 P(f), P of degree 8 (Cephes' logf coefficients). At most 0.83 ulp from log over
-// every float in [FLT_MIN, FLT_MAX]. A vector with any other lane (0, a denormal, a negative number, inf, NaN) goes to
-// SLEEF's log instead, which gives -inf, NaN and inf where they belong.
+// every float in [FLT_MIN, FLT_MAX]. On AVX-512 the same for denormals, and the other lanes get their value inline
+// (FloatLanes::log_special_lanes: no call, around which the kernels' loops would keep their vectors in memory); on
+// AVX2 a vector with any other lane (0, a denormal, a negative number, inf, NaN) goes to SLEEF's log instead, which
+// gives -inf, NaN and inf where they belong.
 inline at::vec::Vectorized<float> log_float(const at::vec::Vectorized<float>& v) {
   using F = FloatLanes;
   const F::R x = v;
+#if !defined(CPU_CAPABILITY_AVX512)
   if (F::any_not_normal_positive(x)) return v.log();
+#endif
   F::R e = F::exponent(x), m = F::mantissa(x);
   const F::Mask high = F::cmp_gt(m, F::set(1.41421356f));  // m in [1, 2) to (sqrt(1/2), sqrt(2)]
   m = F::select(high, F::mul(m, F::set(0.5f)), m);
@@ -129,15 +139,94 @@ inline at::vec::Vectorized<float> log_float(const at::vec::Vectorized<float>& v)
   p = F::fma(p, f, F::set(-2.4999993993e-1f));
   p = F::fma(p, f, F::set(3.3333331174e-1f));
   const F::R y = F::fma(f2, F::set(-0.5f), F::fma(e, F::set(LN2_LO), F::mul(F::mul(p, f), f2)));
+#if defined(CPU_CAPABILITY_AVX512)
+  return F::log_special_lanes(x, F::fma(e, F::set(LN2_HI), F::add(f, y)));
+#else
   return F::fma(e, F::set(LN2_HI), F::add(f, y));
+#endif
 }
 #endif
 
+// VecOps' masks and the operations on them: vectors whose lanes are all ones (true) or all zeros (false), as at::vec's
+// comparisons return them.
 template <class T>
-struct VecOps {
-  using Scalar = T;
+struct VectorMasks {
   using V = at::vec::Vectorized<T>;
   using Mask = V;
+  static constexpr int64_t lanes = V::size();
+
+  static V select(const Mask& m, const V& a, const V& b) { return V::blendv(b, a, m); }
+  static Mask eq(const V& a, const V& b) { return a == b; }
+  static Mask gt(const V& a, const V& b) { return a > b; }
+  static Mask ge(const V& a, const V& b) { return a >= b; }
+  static Mask lt(const V& a, const V& b) { return a < b; }
+  static Mask le(const V& a, const V& b) { return a <= b; }
+  static Mask land(const Mask& a, const Mask& b) { return a & b; }
+  static Mask lor(const Mask& a, const Mask& b) { return a | b; }
+  static Mask lnot(const Mask& a) { return a ^ all(); }
+  static Mask none() { return V(T(0)); }
+  static Mask all() { return V(T(0)) == V(T(0)); }
+  // Whether any lane of the mask is set.
+  static bool any(const Mask& m) { return m.zero_mask() != (1 << lanes) - 1; }
+  // The lanes of the mask that are set, as bits (lane k: bit k).
+  static uint32_t lane_bits(const Mask& m) { return ~uint32_t(m.zero_mask()) & ((uint32_t(1) << lanes) - 1); }
+};
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The same on AVX-512, as a mask register's lane bits (lanes past the vector's are 0): a compare is one instruction and
+// a select one blend, where at::vec's compare also widens its mask into a vector and its select compares that again.
+// The same predicates as at::vec's compares (ordered: false where a lane is NaN).
+template <class T>
+struct RegisterMasks {
+  using V = at::vec::Vectorized<T>;
+  struct Mask {
+    __mmask16 bits = 0;
+  };
+  static constexpr int64_t lanes = V::size();
+  static constexpr __mmask16 ALL = __mmask16((uint32_t(1) << lanes) - 1);
+
+  static V select(Mask m, const V& a, const V& b) {
+    if constexpr (std::is_same_v<T, float>) {
+      return _mm512_mask_blend_ps(m.bits, b, a);
+    } else {
+      return _mm512_mask_blend_pd(__mmask8(m.bits), b, a);
+    }
+  }
+  template <int PREDICATE>
+  static Mask compare(const V& a, const V& b) {
+    if constexpr (std::is_same_v<T, float>) {
+      return {_mm512_cmp_ps_mask(a, b, PREDICATE)};
+    } else {
+      return {__mmask16(_mm512_cmp_pd_mask(a, b, PREDICATE))};
+    }
+  }
+  static Mask eq(const V& a, const V& b) { return compare<_CMP_EQ_OQ>(a, b); }
+  static Mask gt(const V& a, const V& b) { return compare<_CMP_GT_OQ>(a, b); }
+  static Mask ge(const V& a, const V& b) { return compare<_CMP_GE_OQ>(a, b); }
+  static Mask lt(const V& a, const V& b) { return compare<_CMP_LT_OQ>(a, b); }
+  static Mask le(const V& a, const V& b) { return compare<_CMP_LE_OQ>(a, b); }
+  static Mask land(Mask a, Mask b) { return {__mmask16(a.bits & b.bits)}; }
+  static Mask lor(Mask a, Mask b) { return {__mmask16(a.bits | b.bits)}; }
+  static Mask lnot(Mask a) { return {__mmask16(~a.bits & ALL)}; }
+  static Mask none() { return {}; }
+  static Mask all() { return {ALL}; }
+  static bool any(Mask m) { return m.bits != 0; }
+  static uint32_t lane_bits(Mask m) { return m.bits; }
+};
+template <class T>
+using MaskOps =
+    std::conditional_t<std::is_same_v<T, float> || std::is_same_v<T, double>, RegisterMasks<T>, VectorMasks<T>>;
+#else
+template <class T>
+using MaskOps = VectorMasks<T>;
+#endif
+
+template <class T>
+struct VecOps : MaskOps<T> {
+  using Scalar = T;
+  using V = at::vec::Vectorized<T>;
+  using typename MaskOps<T>::Mask;
+  using MaskOps<T>::select, MaskOps<T>::eq, MaskOps<T>::le;
   static constexpr int64_t lanes = V::size();
 
   // exp and log: float's inline above; double's (and those of builds without AVX2) SLEEF's, 1 ulp. All give
@@ -163,6 +252,24 @@ struct VecOps {
 #endif
     return select(eq(a, V(T(0))), V(T(0)), x);
   }
+  // Lanes [0, n) of p (0 < n < lanes), the others `fill`: a masked load, inline (at::vec's set, which blends a
+  // partial load into a vector, is out of line: a call per row's last vector, its vector registers saved around it).
+  static V loadu_or(const T* p, int64_t n, T fill) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float>) return _mm512_mask_loadu_ps(V(fill), __mmask16((1u << n) - 1), p);
+    if constexpr (std::is_same_v<T, double>) return _mm512_mask_loadu_pd(V(fill), __mmask8((1u << n) - 1), p);
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, float>) {
+      const __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      return _mm256_blendv_ps(V(fill), _mm256_maskload_ps(p, in), _mm256_castsi256_ps(in));
+    }
+    if constexpr (std::is_same_v<T, double>) {
+      const __m256i in = _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+      return _mm256_blendv_pd(V(fill), _mm256_maskload_pd(p, in), _mm256_castsi256_pd(in));
+    }
+#endif
+    return V::set(V(fill), V::loadu(p, n), n);
+  }
   static V abs(const V& x) { return x.abs(); }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
   // max(a, b), b where either is NaN: one vmaxps / vmaxpd, where at::vec::maximum (which keeps NaN) takes three or
@@ -178,26 +285,12 @@ struct VecOps {
     return max(a, b);
   }
   static V floor_at(const V& x, const V& lo) { return max_or_second(lo, x); }  // max(x, lo), NaN where x is
-  static V select(const Mask& m, const V& a, const V& b) { return V::blendv(b, a, m); }
-  static Mask eq(const V& a, const V& b) { return a == b; }
-  static Mask gt(const V& a, const V& b) { return a > b; }
-  static Mask ge(const V& a, const V& b) { return a >= b; }
-  static Mask lt(const V& a, const V& b) { return a < b; }
-  static Mask land(const Mask& a, const Mask& b) { return a & b; }
-  static Mask lor(const Mask& a, const Mask& b) { return a | b; }
-  static Mask lnot(const Mask& a) { return a ^ all(); }
-  static Mask none() { return V(T(0)); }
-  static Mask all() { return V(T(0)) == V(T(0)); }
   // Lanes whose index equals (is at most) `offset`; offsets far outside the vector are clamped, so they stay exact.
-  static Mask index_eq(const V& iota, int64_t offset) { return iota == V(clamp_offset(offset)); }
-  static Mask index_le(const V& iota, int64_t offset) { return iota <= V(clamp_offset(offset)); }
+  static Mask index_eq(const V& iota, int64_t offset) { return eq(iota, V(clamp_offset(offset))); }
+  static Mask index_le(const V& iota, int64_t offset) { return le(iota, V(clamp_offset(offset))); }
   static V iota() { return V::arange(T(0), T(1)); }
 
   static T clamp_offset(int64_t offset) { return T(std::min<int64_t>(std::max<int64_t>(offset, -1), lanes)); }
-  // Whether any lane of the mask is set.
-  static bool any(const Mask& m) { return m.zero_mask() != (1 << lanes) - 1; }
-  // The lanes of the mask that are set, as bits (lane k: bit k).
-  static uint32_t lane_bits(const Mask& m) { return ~uint32_t(m.zero_mask()) & ((uint32_t(1) << lanes) - 1); }
 
   // Stores a whole vector at p with a non-temporal hint where the instruction set has one and p is aligned to the
   // vector: the line goes to memory without first being read into the cache (a plain store reads it, one more
