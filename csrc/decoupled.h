@@ -121,6 +121,15 @@ struct DecoupledRow {
   T mt[NUM_BINS], lzt[NUM_BINS], ms[NUM_BINS], lzs[NUM_BINS];
 };
 
+// exp(l) and log(z) in double, with the -inf and 0 of an empty bin answered without a libm call (a short row's bin
+// math is mostly those calls, and TOP1 is empty but with split_top1).
+KD_HD double exp_of_log(double l) {
+  return is_neg_inf(l) ? 0.0 : exp(l);
+}
+KD_HD double log_of_sum(double z) {
+  return z == 0.0 ? neg_inf<double>() : log(z);
+}
+
 // log of each bin's share of the row's mass (log_softmax over the bins of m_b + log z_b, log_z[b] = log z_b), in
 // double; the largest bin's as log1p(-(mass of the others)), so a bin holding nearly all the mass keeps the digits
 // of its complement.
@@ -132,7 +141,7 @@ KD_HD void log_masses(const BinStats<T>& s, const double log_z[NUM_BINS], double
   double total = 0;
   for (int b = 0; b < NUM_BINS; ++b) {
     out[b] = (double(s.m[b]) - m) + log_z[b];
-    total += exp(out[b]);
+    total += exp_of_log(out[b]);
   }
   const double log_total = log(total);
   int big = 0;
@@ -141,7 +150,7 @@ KD_HD void log_masses(const BinStats<T>& s, const double log_z[NUM_BINS], double
     if (out[b] > out[big]) big = b;
   }
   double others = 0;
-  for (int b = 0; b < NUM_BINS; ++b) others += b == big ? 0.0 : exp(out[b]);
+  for (int b = 0; b < NUM_BINS; ++b) others += b == big ? 0.0 : exp_of_log(out[b]);
   if (out[big] == out[big]) out[big] = log1p(-others);
 }
 
@@ -153,9 +162,9 @@ struct BinMasses {
 template <class T>
 KD_HD BinMasses bin_masses(const BinStats<T>& s) {
   BinMasses out;
-  for (int b = 0; b < NUM_BINS; ++b) out.log_z[b] = log(double(s.z[b]));
+  for (int b = 0; b < NUM_BINS; ++b) out.log_z[b] = log_of_sum(double(s.z[b]));
   log_masses(s, out.log_z, out.log_mass);
-  for (int b = 0; b < NUM_BINS; ++b) out.mass[b] = exp(out.log_mass[b]);
+  for (int b = 0; b < NUM_BINS; ++b) out.mass[b] = exp_of_log(out.log_mass[b]);
   return out;
 }
 
