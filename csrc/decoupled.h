@@ -121,37 +121,13 @@ struct DecoupledRow {
   T mt[NUM_BINS], lzt[NUM_BINS], ms[NUM_BINS], lzs[NUM_BINS];
 };
 
-// exp(l) and log(z) in double, with the -inf and 0 of an empty bin answered without a libm call (a short row's bin
-// math is mostly those calls, and TOP1 is empty but with split_top1).
+// exp(l) and log(z) in double, with the -inf and 0 of an empty bin and the sum 1 of a one-class bin (TARGET's
+// STRONG) answered without a libm call: a short row's bin math is mostly those calls.
 KD_HD double exp_of_log(double l) {
   return is_neg_inf(l) ? 0.0 : exp(l);
 }
 KD_HD double log_of_sum(double z) {
-  return z == 0.0 ? neg_inf<double>() : log(z);
-}
-
-// log of each bin's share of the row's mass (log_softmax over the bins of m_b + log z_b, log_z[b] = log z_b), in
-// double; the largest bin's as log1p(-(mass of the others)), so a bin holding nearly all the mass keeps the digits
-// of its complement.
-template <class T>
-KD_HD void log_masses(const BinStats<T>& s, const double log_z[NUM_BINS], double out[NUM_BINS]) {
-  double m = neg_inf<double>();
-  for (int b = 0; b < NUM_BINS; ++b) m = nan_max(m, double(s.m[b]));
-  m = safe_shift(m);
-  double total = 0;
-  for (int b = 0; b < NUM_BINS; ++b) {
-    out[b] = (double(s.m[b]) - m) + log_z[b];
-    total += exp_of_log(out[b]);
-  }
-  const double log_total = log(total);
-  int big = 0;
-  for (int b = 0; b < NUM_BINS; ++b) {
-    out[b] -= log_total;
-    if (out[b] > out[big]) big = b;
-  }
-  double others = 0;
-  for (int b = 0; b < NUM_BINS; ++b) others += b == big ? 0.0 : exp_of_log(out[b]);
-  if (out[big] == out[big]) out[big] = log1p(-others);
+  return z == 0.0 ? neg_inf<double>() : z == 1.0 ? 0.0 : log(z);
 }
 
 // What decoupled_row() needs of one side's bins in double, each exp and log computed once: log z_b, the log of each
@@ -159,12 +135,33 @@ KD_HD void log_masses(const BinStats<T>& s, const double log_z[NUM_BINS], double
 struct BinMasses {
   double log_z[NUM_BINS], log_mass[NUM_BINS], mass[NUM_BINS];
 };
+
+// Each bin's share of the row's mass and its log (log_softmax over the bins of m_b + log z_b), in double: the shares
+// from the exps that the total sums (e_b / total, no exp of the log), the largest bin's log as log1p(-(share of the
+// others)), so a bin holding nearly all the mass keeps the digits of its complement.
 template <class T>
 KD_HD BinMasses bin_masses(const BinStats<T>& s) {
   BinMasses out;
-  for (int b = 0; b < NUM_BINS; ++b) out.log_z[b] = log_of_sum(double(s.z[b]));
-  log_masses(s, out.log_z, out.log_mass);
-  for (int b = 0; b < NUM_BINS; ++b) out.mass[b] = exp_of_log(out.log_mass[b]);
+  double m = neg_inf<double>();
+  for (int b = 0; b < NUM_BINS; ++b) m = nan_max(m, double(s.m[b]));
+  m = safe_shift(m);
+  double total = 0;
+  for (int b = 0; b < NUM_BINS; ++b) {
+    out.log_z[b] = log_of_sum(double(s.z[b]));
+    out.log_mass[b] = (double(s.m[b]) - m) + out.log_z[b];
+    out.mass[b] = exp_of_log(out.log_mass[b]);
+    total += out.mass[b];
+  }
+  const double log_total = log(total);
+  int big = 0;
+  for (int b = 0; b < NUM_BINS; ++b) {
+    out.log_mass[b] -= log_total;
+    out.mass[b] /= total;
+    if (out.log_mass[b] > out.log_mass[big]) big = b;
+  }
+  double others = 0;
+  for (int b = 0; b < NUM_BINS; ++b) others += b == big ? 0.0 : out.mass[b];
+  if (out.log_mass[big] == out.log_mass[big]) out.log_mass[big] = log1p(-others);
   return out;
 }
 
