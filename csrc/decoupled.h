@@ -137,8 +137,9 @@ struct BinMasses {
 };
 
 // Each bin's share of the row's mass and its log (log_softmax over the bins of m_b + log z_b), in double: the shares
-// from the exps that the total sums (e_b / total, no exp of the log), the largest bin's log as log1p(-(share of the
-// others)), so a bin holding nearly all the mass keeps the digits of its complement.
+// e_b / total from e_b = z_b exp(m_b - m) (exp(0) = 1 for the bin of the row's max: no call, and no exp of a log),
+// the largest bin's log as log1p(-(share of the others)), so a bin holding nearly all the mass keeps the digits of
+// its complement.
 template <class T>
 KD_HD BinMasses bin_masses(const BinStats<T>& s) {
   BinMasses out;
@@ -148,8 +149,9 @@ KD_HD BinMasses bin_masses(const BinStats<T>& s) {
   double total = 0;
   for (int b = 0; b < NUM_BINS; ++b) {
     out.log_z[b] = log_of_sum(double(s.z[b]));
-    out.log_mass[b] = (double(s.m[b]) - m) + out.log_z[b];
-    out.mass[b] = exp_of_log(out.log_mass[b]);
+    const double d = double(s.m[b]) - m;
+    out.log_mass[b] = d + out.log_z[b];                               // log e_b
+    out.mass[b] = double(s.z[b]) * (d == 0.0 ? 1.0 : exp_of_log(d));  // e_b
     total += out.mass[b];
   }
   const double log_total = log(total);
