@@ -121,28 +121,13 @@ struct DecoupledRow {
   T mt[NUM_BINS], lzt[NUM_BINS], ms[NUM_BINS], lzs[NUM_BINS];
 };
 
-// log of each bin's share of the row's mass (log_softmax over the bins of m_b + log z_b, log_z[b] = log z_b), in
-// double; the largest bin's as log1p(-(mass of the others)), so a bin holding nearly all the mass keeps the digits
-// of its complement.
-template <class T>
-KD_HD void log_masses(const BinStats<T>& s, const double log_z[NUM_BINS], double out[NUM_BINS]) {
-  double m = neg_inf<double>();
-  for (int b = 0; b < NUM_BINS; ++b) m = nan_max(m, double(s.m[b]));
-  m = safe_shift(m);
-  double total = 0;
-  for (int b = 0; b < NUM_BINS; ++b) {
-    out[b] = (double(s.m[b]) - m) + log_z[b];
-    total += exp(out[b]);
-  }
-  const double log_total = log(total);
-  int big = 0;
-  for (int b = 0; b < NUM_BINS; ++b) {
-    out[b] -= log_total;
-    if (out[b] > out[big]) big = b;
-  }
-  double others = 0;
-  for (int b = 0; b < NUM_BINS; ++b) others += b == big ? 0.0 : exp(out[b]);
-  if (out[big] == out[big]) out[big] = log1p(-others);
+// exp(l) and log(z) in double, with the -inf and 0 of an empty bin and the sum 1 of a one-class bin (TARGET's
+// STRONG) answered without a libm call: a short row's bin math is mostly those calls.
+KD_HD double exp_of_log(double l) {
+  return is_neg_inf(l) ? 0.0 : exp(l);
+}
+KD_HD double log_of_sum(double z) {
+  return z == 0.0 ? neg_inf<double>() : z == 1.0 ? 0.0 : log(z);
 }
 
 // What decoupled_row() needs of one side's bins in double, each exp and log computed once: log z_b, the log of each
@@ -150,12 +135,35 @@ KD_HD void log_masses(const BinStats<T>& s, const double log_z[NUM_BINS], double
 struct BinMasses {
   double log_z[NUM_BINS], log_mass[NUM_BINS], mass[NUM_BINS];
 };
+
+// Each bin's share of the row's mass and its log (log_softmax over the bins of m_b + log z_b), in double: the shares
+// e_b / total from e_b = z_b exp(m_b - m) (exp(0) = 1 for the bin of the row's max: no call, and no exp of a log),
+// the largest bin's log as log1p(-(share of the others)), so a bin holding nearly all the mass keeps the digits of
+// its complement.
 template <class T>
 KD_HD BinMasses bin_masses(const BinStats<T>& s) {
   BinMasses out;
-  for (int b = 0; b < NUM_BINS; ++b) out.log_z[b] = log(double(s.z[b]));
-  log_masses(s, out.log_z, out.log_mass);
-  for (int b = 0; b < NUM_BINS; ++b) out.mass[b] = exp(out.log_mass[b]);
+  double m = neg_inf<double>();
+  for (int b = 0; b < NUM_BINS; ++b) m = nan_max(m, double(s.m[b]));
+  m = safe_shift(m);
+  double total = 0;
+  for (int b = 0; b < NUM_BINS; ++b) {
+    out.log_z[b] = log_of_sum(double(s.z[b]));
+    const double d = double(s.m[b]) - m;
+    out.log_mass[b] = d + out.log_z[b];                               // log e_b
+    out.mass[b] = double(s.z[b]) * (d == 0.0 ? 1.0 : exp_of_log(d));  // e_b
+    total += out.mass[b];
+  }
+  const double log_total = log(total);
+  int big = 0;
+  for (int b = 0; b < NUM_BINS; ++b) {
+    out.log_mass[b] -= log_total;
+    out.mass[b] /= total;
+    if (out.log_mass[b] > out.log_mass[big]) big = b;
+  }
+  double others = 0;
+  for (int b = 0; b < NUM_BINS; ++b) others += b == big ? 0.0 : out.mass[b];
+  if (out.log_mass[big] == out.log_mass[big]) out.log_mass[big] = log1p(-others);
   return out;
 }
 

@@ -11,6 +11,8 @@
 //
 // Each pass tests a vector's bins first: one whose classes all fall in REST (most of a long row's) adds to REST's
 // maxima and sums alone and takes REST's coefficients without a blend per bin (RestOps).
+// Only the bins that may hold several classes are reduced over lanes: TOP1 is empty without split_top1, and the TARGET
+// partition's STRONG bin (the target alone) takes its statistics from the target's logits (one_class_bin).
 #include "../decoupled.h"
 
 #include <array>
@@ -70,12 +72,31 @@ struct RestOps : O {
   static typename O::V select(NoLanes, const typename O::V&, const typename O::V& otherwise) { return otherwise; }
 };
 
-// acc[b] = op(acc[b], x where the lane is in bin b, else fill) for every bin; a vector all in REST only meets REST's.
+// acc[b] = op(acc[b], x where the lane is in bin b, else fill) for every bin that is `reduced`; a vector all in REST
+// only meets REST's. (Always inline: out of line, a call per vector and bin.)
 template <class O, class Acc, class Op>
-void into_bins(Acc (&acc)[NUM_BINS], const std::array<typename O::Mask, NUM_BINS>& in, bool rest_only,
-               const typename O::V& x, const typename O::V& fill, Op&& op) {
+C10_ALWAYS_INLINE void into_bins(Acc (&acc)[NUM_BINS], const std::array<typename O::Mask, NUM_BINS>& in, bool rest_only,
+                                 const std::array<bool, NUM_BINS>& reduced, const typename O::V& x,
+                                 const typename O::V& fill, Op&& op) {
   if (rest_only) return op(acc[REST], x);
-  for (int b = 0; b < NUM_BINS; ++b) op(acc[b], O::select(in[b], x, fill));
+  for (int b = 0; b < NUM_BINS; ++b) {
+    if (reduced[b]) op(acc[b], O::select(in[b], x, fill));
+  }
+}
+
+// The statistics of bin b when it holds one class (TARGET's STRONG: the target), of logits x and y (-inf for an empty
+// bin), as the lane reductions would give them (a fill lane adds -inf to a max, 0 to a sum) without them: the exps
+// only meet 0, -inf and NaN, where the scalar exp is the vector one.
+template <class M>
+void one_class_bin(M x, M y, bool reverse, int b, BinStats<M>& st, BinStats<M>& ss) {
+  using O = ScalarOps<M>;
+  const M shift_t = safe_shift(y), shift_s = safe_shift(x), et = O::exp(y - shift_t), es = O::exp(x - shift_s);
+  st.m[b] = y;
+  ss.m[b] = x;
+  st.z[b] = et;
+  ss.z[b] = es;
+  st.k[b] = k_term<O>(et, y, x, shift_t, shift_s);
+  ss.k[b] = reverse ? k_term<O>(es, x, y, shift_s, shift_t) : M(0);
 }
 
 // t_rank: the raw teacher row the partition ranks (t itself, or t's raw logits when t holds their z-scores), and
@@ -93,7 +114,8 @@ M decoupled_row(const S* s, const S* t, const S* t_rank, int64_t target, M* g, M
   M* const es_row = rows.extra;
   M* const et_row = es_row + v;
   // x = s / T as s * (1 / T) (one rounding more than a division, far cheaper), likewise y.
-  const V inv_T(M(1) / temperature), zero(M(0)), ninf(neg_inf<M>()), iota = O::iota();
+  const M inv_t = M(1) / temperature;
+  const V inv_T(inv_t), zero(M(0)), ninf(neg_inf<M>()), iota = O::iota();
   Membership<M> mb{-1, M(0), 0, 0, M(0), threshold, c.split_top1, c.lowest};
   // An index outside [0, V) is never read (membership only compares indices): the row's loss becomes NaN.
   const bool bad_target = PARTITION == TARGET && (target < 0 || target >= v);
@@ -128,6 +150,15 @@ M decoupled_row(const S* s, const S* t, const S* t_rank, int64_t target, M* g, M
   };
   auto max_in = [](V& acc, const V& x) { acc = O::max(acc, x); };
   auto sum_in = [](ChunkedSum<M>& acc, const V& x) { acc.add(x); };
+  // The bins whose statistics come from lane reductions: not TOP1 without split_top1 (it is empty), nor TARGET's
+  // STRONG (the target alone, or nothing: one_class_bin), which a short row's reductions would mostly be.
+  const bool target_alone = PARTITION == TARGET && !mb.split_top1;
+  const std::array<bool, NUM_BINS> reduced{mb.split_top1, !target_alone, true};
+  const bool reverse = c.w_rkl != 0.0;  // the student's ks_b: only for the in-bin reverse KL
+  // (Each bin's statistics start as an empty bin's.)
+  BinStats<M> st{{neg_inf<M>(), neg_inf<M>(), neg_inf<M>()}, {}, {}}, ss = st;
+  if (target_alone && mb.target >= 0)
+    one_class_bin(M(s[target]) * inv_t, M(t[target]) * inv_t, reverse, STRONG, st, ss);
   // (1) Per-bin maxima, then per-bin sums.
   V mt[NUM_BINS] = {ninf, ninf, ninf}, ms[NUM_BINS] = {ninf, ninf, ninf}, vm1 = ninf;
   for (int64_t j = 0; j < v; j += L) {
@@ -135,19 +166,20 @@ M decoupled_row(const S* s, const S* t, const S* t_rank, int64_t target, M* g, M
     const V sraw = load(s + j, n), traw = load(t + j, n);
     bool rest_only;
     const Masks in = bins_of(traw, j, n, rest_only);
-    into_bins<O>(mt, in, rest_only, traw * inv_T, ninf, max_in);
-    into_bins<O>(ms, in, rest_only, sraw * inv_T, ninf, max_in);
-    vm1 = O::max(vm1, sraw);
+    into_bins<O>(mt, in, rest_only, reduced, traw * inv_T, ninf, max_in);
+    into_bins<O>(ms, in, rest_only, reduced, sraw * inv_T, ninf, max_in);
+    if (ce != nullptr) vm1 = O::max(vm1, sraw);
   }
-  BinStats<M> st, ss;
   bool masked = true;
   for (int b = 0; b < NUM_BINS; ++b) {
-    st.m[b] = max_lanes(mt[b]);
-    ss.m[b] = max_lanes(ms[b]);
+    if (reduced[b]) {
+      st.m[b] = max_lanes(mt[b]);
+      ss.m[b] = max_lanes(ms[b]);
+    }
     masked = masked && is_neg_inf(st.m[b]) && is_neg_inf(ss.m[b]);
   }
   if (masked) return skip_row(rows, g, ce, v, gt, dtemp);
-  const M m1 = max_lanes(vm1);
+  const M m1 = ce != nullptr ? max_lanes(vm1) : M(0);
   const V shift_1(safe_shift(m1));
   M shift_t[NUM_BINS], shift_s[NUM_BINS];  // each bin's maxima (0 for an empty bin)
   for (int b = 0; b < NUM_BINS; ++b) {
@@ -155,7 +187,6 @@ M decoupled_row(const S* s, const S* t, const S* t_rank, int64_t target, M* g, M
     shift_s[b] = safe_shift(ss.m[b]);
   }
   ChunkedSum<M> zt[NUM_BINS], kt[NUM_BINS], zs[NUM_BINS], ks[NUM_BINS], z1;
-  const bool reverse = c.w_rkl != 0.0;  // the student's ks_b: only for the in-bin reverse KL
   for (int64_t j = 0; j < v; j += L) {
     const int64_t n = std::min(L, v - j);
     prefetch_next_row(rows, j, n);
@@ -170,16 +201,17 @@ M decoupled_row(const S* s, const S* t, const S* t_rank, int64_t target, M* g, M
     const V et = O::exp(y - st_j), es = O::exp(x - ss_j);
     es.store(es_row + j, n);
     et.store(et_row + j, n);
-    into_bins<O>(zt, in, rest_only, et, zero, sum_in);
-    into_bins<O>(kt, in, rest_only, k_term<O>(et, y, x, st_j, ss_j), zero, sum_in);
-    into_bins<O>(zs, in, rest_only, es, zero, sum_in);
-    if (reverse) into_bins<O>(ks, in, rest_only, k_term<O>(es, x, y, ss_j, st_j), zero, sum_in);
+    into_bins<O>(zt, in, rest_only, reduced, et, zero, sum_in);
+    into_bins<O>(kt, in, rest_only, reduced, k_term<O>(et, y, x, st_j, ss_j), zero, sum_in);
+    into_bins<O>(zs, in, rest_only, reduced, es, zero, sum_in);
+    if (reverse) into_bins<O>(ks, in, rest_only, reduced, k_term<O>(es, x, y, ss_j, st_j), zero, sum_in);
   }
   for (int b = 0; b < NUM_BINS; ++b) {
+    if (!reduced[b]) continue;
     st.z[b] = zt[b].sum();
     st.k[b] = kt[b].sum();
     ss.z[b] = zs[b].sum();
-    ss.k[b] = ks[b].sum();
+    if (reverse) ss.k[b] = ks[b].sum();
   }
   const DecoupledRow<M> row = decoupled_row(st, ss, c, bad_target);
   M inv_zs[NUM_BINS], inv_zt[NUM_BINS];  // (0 for an empty bin, whose kept exps are 0)
@@ -187,7 +219,7 @@ M decoupled_row(const S* s, const S* t, const S* t_rank, int64_t target, M* g, M
     inv_zs[b] = ss.z[b] > M(0) ? M(1) / ss.z[b] : M(0);
     inv_zt[b] = st.z[b] > M(0) ? M(1) / st.z[b] : M(0);
   }
-  const CrossEntropy<M> xent{m1, std::log(z1.sum()), ce_options, target};
+  const CrossEntropy<M> xent{m1, ce != nullptr ? std::log(z1.sum()) : M(0), ce_options, target};
   if (ce != nullptr) *ce = xent.loss(s, v);  // (before the gradient overwrites s in place)
   // (2) The gradient: the method's, plus the cross-entropy's with the term; with the full gradient the teacher's too,
   // and d loss / d T (the shifts: each model's largest bin max).
