@@ -273,6 +273,22 @@ def test_nan_propagates(backend, device, case):
     assert torch.isnan(kdkernels.distill_loss(method, s, t, target, backend=backend, **hp))
 
 
+@pytest.mark.parametrize("v", [17, 97], ids=["short-row", "long-row"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_nan_gradient_survives_bf16(backend, device, case, v):
+    """A bf16 gradient is NaN wherever the float32 gradient of the same (widened) inputs is: the bf16 store keeps
+    every NaN a NaN, whatever its low bits (the CPU kernels' rounding once carried some into 0 or inf)."""
+    method, hp = case
+    s, t, target = make_inputs((4, v), torch.bfloat16, device, seed=15, ignored=0)
+    s[1, 4], t[2, 3] = math.nan, math.nan
+    s[3], t[3] = -math.inf, -math.inf
+    s[3, 2] = math.nan  # the only logit that is not -inf
+    _, grad = run_loss(method, s, t, target, hp, backend, reduction="none")
+    _, grad32 = run_loss(method, s.float(), t.float(), target, hp, backend, reduction="none")
+    assert grad.dtype == torch.bfloat16 and torch.isnan(grad32).any()
+    assert torch.equal(torch.isnan(grad), torch.isnan(grad32)), (torch.isnan(grad).int(), torch.isnan(grad32).int())
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_ignored_rows(backend, device, case):
     """All rows ignored: loss 0 and gradient 0, even with NaN in the ignored rows."""

@@ -318,12 +318,13 @@ struct VecOps : MaskOps<T> {
 C10_ALWAYS_INLINE void store_bf16(const at::vec::Vectorized<float>& x, c10::BFloat16* p, int64_t n, bool streamed) {
   constexpr int64_t lanes = at::vec::Vectorized<float>::size();
 #if defined(CPU_CAPABILITY_AVX512)
-  // at::vec::convert's rounding, bits + 0x7fff + (bit 16), without its blend that keeps a NaN a NaN: the rows of two
-  // bf16 inputs make only NaNs whose low 16 bits are 0 (a widened bf16 NaN, or the default NaN that x86 arithmetic
-  // makes, and arithmetic keeps an operand NaN's bits), to which the sum adds no carry.
+  // at::vec::convert's rounding, bits + 0x7fff + (bit 16); a NaN lane keeps its top bits with the quiet bit set
+  // instead: the carry would turn a NaN whose low bits are set into 0 or inf.
   const __m512i bits = _mm512_castps_si512(x), one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
-  const __m512i rounded =
-      _mm512_add_epi32(_mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 16), one), bias), bits);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  const __m512i rounded = _mm512_mask_or_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 16), one), bias), bits), nan, bits,
+      _mm512_set1_epi32(0x00400000));
   const __m256i b = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
   if (streamed && n == lanes && reinterpret_cast<uintptr_t>(p) % (2 * lanes) == 0) {
     return _mm256_stream_si256(reinterpret_cast<__m256i*>(p), b);
