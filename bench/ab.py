@@ -6,7 +6,9 @@ Each checkout must have its extension built in place (`python setup.py build_ext
 interpreter with their own directory first on PYTHONPATH. Rounds alternate (before, after, before, ...) so that a
 change in the machine's load reaches both sides alike. OUT gets each run's bench.csv (OUT/before-1/, ...) and
 ab.csv: per shape, method and backend, the median time of each side over the rounds and their ratio (after /
-before), with the spread (max / min) of each side's rounds to judge the noise.
+before), with the spread (max / min) of each side's rounds to judge the noise. On a host that other jobs load, the
+two threads' times snap to multiples of the scheduler's tick (their parallel loops wait on each other): compare with
+OMP_NUM_THREADS=1 there (the environment reaches both sides).
 """
 
 from __future__ import annotations
