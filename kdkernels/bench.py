@@ -437,9 +437,12 @@ def _linear_loss(path, case, hs, ws, ht, wt, y):
     return linear_distill_loss(method, hs, ws, ht, wt, y, memory_budget=budget, **options)
 
 
-def _linear_step(path, case, hs, ws, ht, wt, y):
+def _linear_step(path, case, hs, ws, ht, wt, y) -> torch.Tensor:
+    """Forward + backward of one path; its loss, detached."""
     hs.grad = ws.grad = None
-    _linear_loss(path, case, hs, ws, ht, wt, y).backward()
+    loss = _linear_loss(path, case, hs, ws, ht, wt, y)
+    loss.backward()
+    return loss.detach()
 
 
 def check_liger_agrees(case: str, inputs) -> str:
@@ -450,8 +453,7 @@ def check_liger_agrees(case: str, inputs) -> str:
     hs, ws = inputs[:2]
     results = {}
     for path in (UNCHUNKED, FUSED_LINEAR, LIGER):
-        _linear_step(path, case, *inputs)
-        results[path] = [_linear_loss(path, case, *inputs).detach(), hs.grad, ws.grad]
+        results[path] = [_linear_step(path, case, *inputs), hs.grad, ws.grad]
     tol = 1e-4 if hs.dtype == torch.float32 else 3e-2
     notes = []
     for path, who in ((FUSED_LINEAR, "kdkernels"), (LIGER, "liger")):
