@@ -121,10 +121,11 @@ struct DecoupledRow {
   T mt[NUM_BINS], lzt[NUM_BINS], ms[NUM_BINS], lzs[NUM_BINS];
 };
 
-// exp(l) and log(z) in double, with the -inf and 0 of an empty bin and the sum 1 of a one-class bin (TARGET's
-// STRONG) answered without a libm call: a short row's bin math is mostly those calls.
-KD_HD double exp_of_log(double l) {
-  return is_neg_inf(l) ? 0.0 : exp(l);
+// exp(d) of a bin's max less the row's and log(z) of a bin's sum, in double, with the 1 of the max's bin, the 0 and
+// -inf of an empty bin and the 0 of a one-class bin's sum 1 (TARGET's STRONG) answered without a libm call: a short
+// row's bin math is mostly those calls.
+KD_HD double exp_of_shift(double d) {
+  return d == 0.0 ? 1.0 : is_neg_inf(d) ? 0.0 : exp(d);
 }
 KD_HD double log_of_sum(double z) {
   return z == 0.0 ? neg_inf<double>() : z == 1.0 ? 0.0 : log(z);
@@ -137,7 +138,7 @@ struct BinMasses {
 };
 
 // Each bin's share of the row's mass and its log (log_softmax over the bins of m_b + log z_b), in double: the shares
-// e_b / total from e_b = z_b exp(m_b - m) (exp(0) = 1 for the bin of the row's max: no call, and no exp of a log),
+// e_b / total from e_b = z_b exp(m_b - m) (no exp of a log),
 // the largest bin's log as log1p(-(share of the others)), so a bin holding nearly all the mass keeps the digits of
 // its complement.
 template <class T>
@@ -150,8 +151,8 @@ KD_HD BinMasses bin_masses(const BinStats<T>& s) {
   for (int b = 0; b < NUM_BINS; ++b) {
     out.log_z[b] = log_of_sum(double(s.z[b]));
     const double d = double(s.m[b]) - m;
-    out.log_mass[b] = d + out.log_z[b];                               // log e_b
-    out.mass[b] = double(s.z[b]) * (d == 0.0 ? 1.0 : exp_of_log(d));  // e_b
+    out.log_mass[b] = d + out.log_z[b];              // log e_b
+    out.mass[b] = double(s.z[b]) * exp_of_shift(d);  // e_b
     total += out.mass[b];
   }
   const double log_total = log(total);

@@ -53,7 +53,8 @@ C10_ALWAYS_INLINE at::vec::Vectorized<float> load(const c10::BFloat16* p, int64_
   }
 #if defined(CPU_CAPABILITY_AVX512)
   // (A masked load, inline: the copy below is a call, around which the row's loops keep their vectors in memory.)
-  const __m256i bits = _mm256_mask_loadu_epi16(_mm256_set1_epi16(int16_t(0xff80)), __mmask16((1u << n) - 1), p);
+  const __m256i fill = _mm256_set1_epi16(int16_t(c10::BFloat16(neg_inf<float>()).x));
+  const __m256i bits = _mm256_mask_loadu_epi16(fill, __mmask16((1u << n) - 1), p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 #else
   c10::BFloat16 lanes[L];
@@ -85,12 +86,12 @@ C10_ALWAYS_INLINE M reduce_lanes(const at::vec::Vectorized<M>& v, Op op) {
   return at::vec::vec_reduce_all<M>(op, v);
 }
 
-// max propagates NaN.
 template <class M>
 C10_ALWAYS_INLINE M sum_lanes(const at::vec::Vectorized<M>& v) {
   return reduce_lanes(v, [](const Vec<M>& a, const Vec<M>& b) { return a + b; });
 }
 
+// (max propagates NaN.)
 template <class M>
 C10_ALWAYS_INLINE M max_lanes(const at::vec::Vectorized<M>& v) {
   return reduce_lanes(v, [](const Vec<M>& a, const Vec<M>& b) { return Ops<M>::max(a, b); });
