@@ -77,6 +77,7 @@ TORCH_LIBRARY(kdkernels, m) {
               .c_str());
   }
   m.def("scale_rows_(Tensor(a!) grad, Tensor factor) -> ()");
+  m.def("split_accumulate_(Tensor(a!) high, Tensor(b!) low, Tensor add, bool round) -> ()");
 }
 
 namespace {

@@ -7,20 +7,22 @@ in-place op, else by autograd on the chunk), and accumulates
 
     grad_hidden[chunk] = G @ W_s        grad_weight += G.T @ hidden[chunk]  (float32)      grad_bias += sum_rows G
 
-so the peak memory is that of one chunk plus the gradients. The forward does all of it (the teacher's logits under
-no_grad); backward only scales the saved gradients by grad_output. A learnable temperature (a 0-d tensor that
-requires grad) or a teacher that learns (teacher_hidden requires grad) runs each chunk through the backend's full op
-instead, which also gives d loss / d T per row and the teacher's d loss / d logits; the teacher head's gradients are
-then accumulated as the student's. With reduction="none" the per-row grad_output is not
-known in the forward and a row's share of grad_weight cannot be rescaled afterwards: the forward then computes the
+so the peak memory is that of one chunk plus the gradients (a bf16 weight's float32 accumulator on CPU is kept as
+two 16-bit halves, the top one the returned bf16 gradient: ``_SplitGradWeight``). The forward does all of it (the
+teacher's logits under no_grad); backward only scales the saved gradients by grad_output. A learnable temperature
+(a 0-d tensor that requires grad) or a teacher that learns (teacher_hidden requires grad) runs each chunk through the
+backend's full op instead, which also gives d loss / d T per row and the teacher's d loss / d logits; the teacher
+head's gradients are then accumulated as the student's. With reduction="none" the per-row grad_output is not known
+in the forward and a row's share of grad_weight cannot be rescaled afterwards: the forward then computes the
 loss only and backward recomputes the chunks (twice the matmuls), refusing (as autograd does) inputs changed in
 place since the forward. Autocast does not reach the chunks: their matmuls run in the weights' dtype with float32
 accumulation whatever the autocast state.
 
 Chunk size: the rows whose temporaries (student and teacher logits, softcap derivative, the gradient cast for the
 matmul, the reference's autograd buffers) fit ``memory_budget`` bytes (``chunk_rows``), split into equal chunks;
-the default budget (``default_budget``) on CPU is a fifth of what all rows would take (about five chunks: fewer
-would save less memory, smaller ones would pack the weights too often), on CUDA a share of the free memory.
+the default budget (``default_budget``) on CPU is a sixth of what all rows would take less the accumulators held
+beside the chunks (fewer, larger chunks would save less memory, much smaller ones would pack the weights too
+often), on CUDA a share of the free memory.
 ``chunk_size`` overrides the row count.
 
 Padded vocabularies: a teacher weight with more rows (classes) than the student's is read as the student giving
@@ -62,11 +64,11 @@ from .sparse import check as check_sparse
 Tensor = torch.Tensor
 
 # Default chunk memory on CPU tensors, for a backend with an in-place op (docs/llm.md, "Chunk policy"): this share
-# of what the chunk buffers of all N rows would take, within [DEFAULT_CPU_BUDGET, CPU_BUDGET_MAX]. The BLAS packs the
-# whole weight again for every matmul call, a cost per chunk that the matmuls of a fifth of the batch hide better than
-# smaller chunks'; the unchunked path holds more [N, V] buffers than the chunks' five times over (docs/benchmarks.md,
-# "Fused-linear").
-CPU_BUDGET_SHARE = 1 / 5
+# of what the chunk buffers of all N rows would take, less the bytes held beside the chunks, within
+# [DEFAULT_CPU_BUDGET, CPU_BUDGET_MAX]: a sixth keeps the call under a sixth of the unchunked path's memory. The BLAS
+# packs the whole weight again for every matmul call, a cost per chunk that the matmuls of a sixth of the batch hide
+# (docs/benchmarks.md, "Fused-linear").
+CPU_BUDGET_SHARE = 1 / 6
 DEFAULT_CPU_BUDGET = 128 << 20
 CPU_BUDGET_MAX = 1 << 30
 # Without one (the reference by autograd): enough that its sub-chunks have tens of rows (a few rows per sub-chunk
@@ -80,16 +82,18 @@ CUDA_BUDGET_MAX = 1 << 30
 REFERENCE_BUFFERS = 40
 
 
-def default_budget(device: torch.device, inplace: bool, all_rows_bytes: int) -> int:
+def default_budget(device: torch.device, inplace: bool, all_rows_bytes: int, held: int = 0) -> int:
     """Bytes of chunk temporaries used when neither ``memory_budget`` nor ``chunk_size`` is given; ``inplace``:
     whether the backend turns logits into gradients in place; ``all_rows_bytes``: what a chunk of all N rows would
-    hold (N times ``chunk_row_bytes``)."""
+    hold (N times ``chunk_row_bytes``); ``held``: what the call holds beside the chunks whatever their size (the
+    weight gradients' accumulators beyond the returned gradients, ``_HeadGrads.held_bytes``), taken from the CPU
+    share."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(min(free * CUDA_BUDGET_FRACTION, CUDA_BUDGET_MAX))
     if not inplace:
         return DEFAULT_CPU_AUTOGRAD_BUDGET
-    return int(min(max(all_rows_bytes * CPU_BUDGET_SHARE, DEFAULT_CPU_BUDGET), CPU_BUDGET_MAX))
+    return int(min(max(all_rows_bytes * CPU_BUDGET_SHARE - held, DEFAULT_CPU_BUDGET), CPU_BUDGET_MAX))
 
 
 def chunk_row_bytes(v_student: int, v_teacher: int, weight_dtype: torch.dtype, extra: int, sparse: bool) -> int:
@@ -482,15 +486,55 @@ def _total(values: list, reduction: str) -> Tensor:
     return torch.cat(values, -1) if reduction == "none" else torch.stack(values).sum(0)
 
 
+# Rows of the weight per matmul of a split accumulation (``_SplitGradWeight``): a float32 slice of about 8 MB.
+SPLIT_SLICE_BYTES = 8 << 20
+
+
+class _SplitGradWeight:
+    """A bfloat16 weight's gradient accumulated in float32 as two 16-bit halves (``kdkernels::split_accumulate_``):
+    ``high`` (bfloat16, the accumulator's top bits, rounded at the last chunk: the returned gradient) and ``low``
+    (int16, its bottom bits), so the accumulator costs half the float32 one beyond the gradient, with the same sums.
+    Each chunk's product G.T @ hidden goes through a float32 slice of SPLIT_SLICE_BYTES at a time."""
+
+    def __init__(self, weight: Tensor):
+        self.high = torch.zeros_like(weight)
+        self.low = torch.zeros(weight.shape, dtype=torch.int16, device=weight.device)
+        rows = max(1, SPLIT_SLICE_BYTES // (4 * weight.shape[1]))
+        self.slice = torch.empty(rows, weight.shape[1], device=weight.device)
+
+    @staticmethod
+    def usable(weight: Tensor, hidden: Tensor) -> bool:
+        """Whether the split applies: bfloat16 weight and hidden states on the CPU, with MKL's bfloat16 GEMM and the
+        extension's op."""
+        return (
+            weight.dtype == hidden.dtype == torch.bfloat16
+            and weight.device.type == "cpu"
+            and _mkl_gemm(torch.bfloat16) is not None
+            and hasattr(torch.ops.kdkernels, "split_accumulate_")
+        )
+
+    def add(self, g_t: Tensor, hidden: Tensor, last: bool) -> None:
+        """+= g_t @ hidden for g_t [V, rows] (a transposed view) and hidden [rows, H]; ``last`` rounds."""
+        for start in range(0, len(self.high), len(self.slice)):
+            stop = min(start + len(self.slice), len(self.high))
+            part = self.slice[: stop - start]
+            _mkl_gemm(torch.bfloat16)(part, g_t[start:stop], hidden, 0.0)
+            torch.ops.kdkernels.split_accumulate_(self.high[start:stop], self.low[start:stop], part, last)
+
+
 class _HeadGrads:
-    """One head's gradients over the chunks: hidden states (per chunk), weight and bias (accumulated in float32),
-    each where ``need`` asks for it."""
+    """One head's gradients over the chunks: hidden states (per chunk), weight and bias (accumulated in float32;
+    a bfloat16 weight's in two halves where ``_SplitGradWeight`` applies), each where ``need`` asks for it."""
 
     def __init__(self, hidden: Tensor, head: _Head, need: tuple[bool, bool, bool]):
         self.hidden, self.weight = hidden, head.weight.detach()
         device = self.weight.device
         self.h = torch.empty_like(hidden) if need[0] else None
-        self.w = torch.zeros(self.weight.shape, dtype=torch.float32, device=device) if need[1] else None
+        self.split = _SplitGradWeight(self.weight) if need[1] and _SplitGradWeight.usable(self.weight, hidden) else None
+        if self.split is not None:
+            self.w = self.split.high
+        else:
+            self.w = torch.zeros(self.weight.shape, dtype=torch.float32, device=device) if need[1] else None
         self.b = torch.zeros(self.weight.shape[0], dtype=torch.float32, device=device) if need[2] else None
 
     def add(self, g: Tensor, start: int, stop: int, work: _Workspace) -> None:
@@ -502,7 +546,9 @@ class _HeadGrads:
             torch.mm(g_mm, weight, out=self.h[start:stop])
         elif self.h is not None:
             self.h[start:stop] = torch.mm(g_mm, weight).to(hidden.dtype)
-        if self.w is not None:
+        if self.split is not None:
+            self.split.add(g_mm.t(), hidden[start:stop], stop == len(hidden))
+        elif self.w is not None:
             low = hidden.dtype == weight.dtype and _accumulates_into_f32(g.device, weight.dtype)
             _accumulate_f32(self.w, (g_mm if low else g).t(), hidden[start:stop])
         if self.b is not None:
@@ -510,6 +556,14 @@ class _HeadGrads:
 
     def grads(self) -> list:
         return [self.h, self.w, self.b]
+
+    @staticmethod
+    def held_bytes(hidden: Tensor, weight: Tensor, need_weight: bool) -> int:
+        """Bytes of the weight gradient's accumulator beyond the returned gradient: none for a float32 weight (the
+        accumulator is the gradient), the low half where ``_SplitGradWeight`` applies, else a float32 copy."""
+        if not need_weight or weight.dtype == torch.float32:
+            return 0
+        return weight.numel() * (2 if _SplitGradWeight.usable(weight, hidden) else 4)
 
 
 def _run(p: _Heads, hidden: Tensor, rows: int, need: tuple[bool, ...], grad_rows: Tensor | None):
@@ -762,13 +816,17 @@ def linear_distill_loss(
     full_buffers = (learn_temperature or teacher_grad) + teacher_grad * (1 + (teacher_softcap is not None))
     extra = (softcap is not None) + 2 * return_entropy + full_buffers
     per_row = chunk_row_bytes(v, v_t, student_weight.dtype, extra, sparse)
-    rows = _rows_per_chunk(p, n, chunk_size, memory_budget, per_row, p.inplace is not None, v if sparse else v_t)
     need = _student_need(student_hidden, student_weight, student_bias) + (
         learn_temperature,
         teacher_grad,
         teacher_grad and teacher_weight.requires_grad,
         teacher_grad and teacher_bias is not None and teacher_bias.requires_grad,
     )
+    held = _HeadGrads.held_bytes(student_hidden, student_weight, need[1])
+    if need[5]:
+        held += _HeadGrads.held_bytes(teacher_hidden, teacher_weight, True)
+    width = v if sparse else v_t
+    rows = _rows_per_chunk(p, n, chunk_size, memory_budget, per_row, p.inplace is not None, width, held)
     teachers = (None, None, None) if sparse else (teacher_hidden, teacher_weight, teacher_bias)
     hidden = student_hidden.reshape(n, student_hidden.shape[-1])
     loss, parts, entropy = LinearDistillFunction.apply(
@@ -818,17 +876,24 @@ def _student_need(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[
 
 
 def _rows_per_chunk(
-    p: _Heads, n: int, chunk_size: object, memory_budget: object, per_row: int, fused: bool, loss_width: int
+    p: _Heads,
+    n: int,
+    chunk_size: object,
+    memory_budget: object,
+    per_row: int,
+    fused: bool,
+    loss_width: int,
+    held: int,
 ) -> int:
     """The rows of a chunk (``chunk_size``, else the fewest equal chunks that ``memory_budget`` bytes allow, default
-    ``default_budget``), and ``p.loss_rows`` (``rows_in_budget``) for ``per_row`` bytes of chunk buffers a row;
-    ``fused``: the backend computes the gradient without autograd."""
+    ``default_budget``, which ``held`` bytes beside the chunks reduce), and ``p.loss_rows`` (``rows_in_budget``) for
+    ``per_row`` bytes of chunk buffers a row; ``fused``: the backend computes the gradient without autograd."""
     if chunk_size is not None:
         chunk_size = _positive("chunk_size", chunk_size, numbers.Integral)
     if memory_budget is not None:
         memory_budget = _positive("memory_budget", memory_budget, numbers.Integral)
     else:
-        memory_budget = default_budget(p.student.weight.device, fused, n * per_row)
+        memory_budget = default_budget(p.student.weight.device, fused, n * per_row, held)
     rows, p.loss_rows = rows_in_budget(memory_budget, per_row, fused, loss_width)
     if chunk_size is None:  # the fewest chunks the budget allows, of equal size (no short last chunk)
         chunk_size = -(-n // -(-n // rows)) if n else rows
@@ -896,8 +961,9 @@ def linear_cross_vocab_loss(
     chosen = backends.select_backend(backend, student_weight, entry="cross_vocab")
     p = _CrossVocabHeads(call, chosen, *heads, teacher_hidden, classes=classes)
     per_row = cross_vocab_row_bytes(vs, vt, student_weight.dtype, softcap is not None)
-    rows = _rows_per_chunk(p, n, chunk_size, memory_budget, per_row, p.fused is not None, p.width)
     need = _student_need(student_hidden, student_weight, student_bias) + (False,) * 4
+    held = _HeadGrads.held_bytes(student_hidden, student_weight, need[1])
+    rows = _rows_per_chunk(p, n, chunk_size, memory_budget, per_row, p.fused is not None, p.width, held)
     hidden = student_hidden.reshape(n, student_hidden.shape[-1])
     teachers = (teacher_hidden, teacher_weight, teacher_bias)
     loss, parts, _ = LinearDistillFunction.apply(hidden, student_weight, student_bias, None, *teachers, p, rows, need)

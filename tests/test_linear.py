@@ -115,7 +115,7 @@ def test_chunk_larger_than_batch_and_budget_sizing(backend, device):
 
 def test_default_chunks_come_from_the_budget_alone(monkeypatch):
     """Without memory_budget or chunk_size, chunks are the default budget's rows (in equal chunks), however few:
-    on CPU a fifth of all rows' buffers, within [DEFAULT_CPU_BUDGET, CPU_BUDGET_MAX]."""
+    on CPU a sixth of all rows' buffers, within [DEFAULT_CPU_BUDGET, CPU_BUDGET_MAX]."""
     import kdkernels.linear as linear
 
     seen = []
@@ -133,27 +133,44 @@ def test_default_chunks_come_from_the_budget_alone(monkeypatch):
     seen.clear()
     linear_distill_loss("kd", *args, backend="cpu")
     assert seen == [14, 14, 12]
-    # Above the floor, a fifth of all rows' buffers (five chunks), at most CPU_BUDGET_MAX.
+    # Above the floor, a sixth of all rows' buffers (6 rows of 40: seven chunks), at most CPU_BUDGET_MAX.
     monkeypatch.setattr(linear, "DEFAULT_CPU_BUDGET", 2 * 4 * V * 2)
     seen.clear()
     linear_distill_loss("kd", *args, backend="cpu")
-    assert seen == [8] * 5
-    monkeypatch.setattr(linear, "CPU_BUDGET_MAX", 6 * 4 * V * 2)
+    assert seen == [6] * 6 + [4]
+    monkeypatch.setattr(linear, "CPU_BUDGET_MAX", 5 * 4 * V * 2)
     seen.clear()
     linear_distill_loss("kd", *args, backend="cpu")
-    assert seen == [6] * 6 + [4]
+    assert seen == [5] * 8
 
 
 def test_default_budget_on_cpu():
-    """A fifth of all rows' chunk buffers, within [DEFAULT_CPU_BUDGET, CPU_BUDGET_MAX]; the reference's autograd
-    its own."""
+    """A sixth of all rows' chunk buffers less what the call holds beside the chunks, within [DEFAULT_CPU_BUDGET,
+    CPU_BUDGET_MAX]; the reference's autograd its own."""
     import kdkernels.linear as linear
 
     cpu, mib = torch.device("cpu"), 1 << 20
-    assert linear.default_budget(cpu, True, 1000 * mib) == 200 * mib
+    assert linear.default_budget(cpu, True, 1200 * mib) == 200 * mib
+    assert linear.default_budget(cpu, True, 1200 * mib, 50 * mib) == 150 * mib
+    assert linear.default_budget(cpu, True, 1200 * mib, 1200 * mib) == linear.DEFAULT_CPU_BUDGET
     assert linear.default_budget(cpu, True, 100 * mib) == linear.DEFAULT_CPU_BUDGET
     assert linear.default_budget(cpu, True, 100000 * mib) == linear.CPU_BUDGET_MAX
     assert linear.default_budget(cpu, False, 1000 * mib) == linear.DEFAULT_CPU_AUTOGRAD_BUDGET
+
+
+def test_held_bytes_of_weight_gradients():
+    """What a head's weight gradient holds beyond the returned gradient (taken off the default budget): nothing for
+    float32, the low half for a CPU bf16 weight (split accumulator), a float32 accumulator for fp16."""
+    from kdkernels.linear import _HeadGrads, _SplitGradWeight
+
+    held = _HeadGrads.held_bytes
+    w, h = torch.zeros(11, 5), torch.zeros(3, 5)
+    assert held(h, w, True) == 0
+    assert held(h.bfloat16(), w.bfloat16(), False) == 0
+    assert held(h.half(), w.half(), True) == 4 * 55
+    split = _SplitGradWeight.usable(w.bfloat16(), h.bfloat16())
+    assert held(h.bfloat16(), w.bfloat16(), True) == (2 if split else 4) * 55
+    assert held(h, w.bfloat16(), True) == 4 * 55  # float32 hidden states: the float32 accumulator
 
 
 def test_chunk_rows_from_the_budget():
@@ -223,6 +240,34 @@ def test_bfloat16_heads(backend, device):
     compare("kd", {}, backend, student, teacher, target, tol_dtype=torch.bfloat16, chunk_size=3)
 
 
+def test_bfloat16_weight_gradient_in_two_halves(monkeypatch):
+    """A CPU bf16 weight's gradient accumulates in float32 kept as two 16-bit halves (_SplitGradWeight): in chunks
+    of one row (exact products, so the float32 sums are one order) and 3-row slices of the weight it has the bits
+    of the float32 accumulator's gradient, and in chunks of 3 it matches the float64 oracle."""
+    import platform
+
+    import kdkernels.linear as linear
+
+    student, teacher, target = make_heads(n=40, dtype=torch.bfloat16)
+    assert linear._SplitGradWeight.usable(student["weight"], student["hidden"]) or not (
+        torch.backends.mkl.is_available() and platform.machine() == "x86_64"
+    ), "MKL's bf16 GEMM or kdkernels::split_accumulate_ not found"
+    monkeypatch.setattr(linear, "SPLIT_SLICE_BYTES", 4 * H_S * 3)
+
+    def grad_weight():
+        weight = student["weight"].clone().requires_grad_(True)
+        args = (student["hidden"], weight, teacher["hidden"], teacher["weight"], target)
+        linear_distill_loss("jsd", *args, backend="cpu", chunk_size=1).backward()
+        return weight.grad
+
+    split = grad_weight()
+    monkeypatch.setattr(linear._SplitGradWeight, "usable", staticmethod(lambda weight, hidden: False))
+    assert split.dtype == torch.bfloat16 and torch.equal(split, grad_weight())
+    monkeypatch.undo()
+    monkeypatch.setattr(linear, "SPLIT_SLICE_BYTES", 4 * H_S * 3)
+    compare("kd", {}, "cpu", student, teacher, target, tol_dtype=torch.bfloat16, chunk_size=3)
+
+
 def test_bfloat16_heads_padded_and_capped(backend, device):
     """bf16 heads whose chunk buffers are reused with strided views: a padded teacher vocabulary (the student's
     logits and gradient cast are slices of wider buffers) and softcaps, in chunks of 3, 3 and 1 rows."""
@@ -253,6 +298,32 @@ def test_mkl_low_precision_gemm(dtype):
             gemm(c, x, y, beta)
             want = x.double() @ y.double() + beta * c0.double()
             assert_close(c, want.numpy(), torch.float32, f"{dtype} gemm, beta {beta}")
+
+
+def test_split_accumulate_is_float32_accumulation():
+    """kdkernels::split_accumulate_ (a bf16 weight's gradient on CPU): a float32 accumulator kept as its top
+    (bfloat16) and bottom 16 bits gives, element by element, the bits of a float32 +=, specials included; with
+    round the top half is the sum rounded to the nearest bfloat16."""
+    g = torch.Generator().manual_seed(0)
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 1e-40, -3e-39, 3e38, 1.0])
+    acc = torch.cat([torch.randn(997, generator=g) * 10.0 ** torch.randint(-30, 30, (997,), generator=g), special])
+    add = torch.cat([torch.randn(997, generator=g), special.flip(0)])
+    bits = acc.view(torch.int32)
+    high = (bits >> 16).to(torch.int16).view(torch.bfloat16)
+    low = bits.to(torch.int16)  # the bottom 16 bits (wrapping)
+    torch.ops.kdkernels.split_accumulate_(high, low, add, False)
+    want = (acc + add).view(torch.int32)
+    got = (high.view(torch.int16).to(torch.int32) << 16) | (low.to(torch.int32) & 0xFFFF)
+    assert torch.equal(got, want)
+    torch.ops.kdkernels.split_accumulate_(high, low, add, True)
+    rounded = (acc + add + add).bfloat16()
+    nan = rounded.isnan()
+    assert torch.equal(high.isnan(), nan)
+    assert torch.equal(high.view(torch.int16)[~nan], rounded.view(torch.int16)[~nan])
+    with pytest.raises(RuntimeError, match="high, low, add must be bfloat16, int16, float32"):
+        torch.ops.kdkernels.split_accumulate_(high.float(), low, add, False)
+    with pytest.raises(RuntimeError, match="contiguous tensors of one shape"):
+        torch.ops.kdkernels.split_accumulate_(high[::2], low[::2], add[::2], False)
 
 
 def test_bfloat16_hidden_float32_weight(backend, device):

@@ -1,13 +1,14 @@
 // CPU implementations of the ops (schemas in kdkernels.cpp): the family ops' checks (family_op.h), their gradients
 // from the gradient cache (gradient_cache.h), then the rows in parallel (at::parallel_for) through the kernels built
-// for the best capability this CPU has (divergence.cpp and decoupled.cpp, compiled once per capability); and
-// scale_rows_.
+// for the best capability this CPU has (divergence.cpp and decoupled.cpp, compiled once per capability);
+// scale_rows_ and split_accumulate_.
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -182,6 +183,38 @@ void scale_rows_cpu(const at::Tensor& grad, const at::Tensor& factor) {
   }
 }
 
+// A float32 accumulator kept as two 16-bit halves: high holds its top 16 bits (a bfloat16, the accumulator
+// truncated) and low its bottom 16 bits, so that a bfloat16 weight's gradient can be the high half and only the low
+// half is extra memory. (high, low) += add in float32, each element rounded once as a float32 += would; with
+// round (the last addition) high becomes the sum rounded to the nearest bfloat16 instead, and low is left as it was.
+void split_accumulate_cpu(const at::Tensor& high, const at::Tensor& low, const at::Tensor& add, bool round) {
+  TORCH_CHECK(high.scalar_type() == at::kBFloat16 && low.scalar_type() == at::kShort && add.scalar_type() == at::kFloat,
+              "kdkernels::split_accumulate_: high, low, add must be bfloat16, int16, float32, got ", high.scalar_type(),
+              ", ", low.scalar_type(), ", ", add.scalar_type());
+  TORCH_CHECK(high.sizes() == low.sizes() && high.sizes() == add.sizes() && high.is_contiguous() &&
+                  low.is_contiguous() && add.is_contiguous(),
+              "kdkernels::split_accumulate_: high, low and add must be contiguous tensors of one shape, got ",
+              high.sizes(), ", ", low.sizes(), ", ", add.sizes());
+  auto* hi = reinterpret_cast<uint16_t*>(high.data_ptr());
+  auto* lo = reinterpret_cast<uint16_t*>(low.data_ptr());
+  const float* a = add.const_data_ptr<float>();
+  at::parallel_for(0, high.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      uint32_t bits = uint32_t(hi[i]) << 16 | lo[i];
+      float x;
+      std::memcpy(&x, &bits, sizeof x);
+      x += a[i];
+      if (round) {
+        hi[i] = c10::BFloat16(x).x;
+        continue;
+      }
+      std::memcpy(&bits, &x, sizeof x);
+      hi[i] = uint16_t(bits >> 16);
+      lo[i] = uint16_t(bits);
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
@@ -193,6 +226,7 @@ TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
   m.impl("decoupled_cpu_full", &family_cpu_full<DECOUPLED_FAMILY>);
   m.impl("cross_vocab_cpu", &cross_vocab_cpu);
   m.impl("scale_rows_", &scale_rows_cpu);
+  m.impl("split_accumulate_", &split_accumulate_cpu);
 }
 
 }  // namespace kdkernels::cpu
