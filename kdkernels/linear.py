@@ -20,9 +20,9 @@ accumulation whatever the autocast state.
 
 Chunk size: the rows whose temporaries (student and teacher logits, softcap derivative, the gradient cast for the
 matmul, the reference's autograd buffers) fit ``memory_budget`` bytes (``chunk_rows``), split into equal chunks;
-the default budget (``default_budget``) on CPU is a sixth of what all rows would take less the accumulators held
-beside the chunks (fewer, larger chunks would save less memory, much smaller ones would pack the weights too
-often), on CUDA a share of the free memory.
+the default budget (``default_budget``) on CPU is a fifth of what all rows would take (about five chunks: fewer
+would save less memory, smaller ones would pack the weights too often; with a low-precision weight gradient's
+accumulator held beside the chunks, a sixth less that accumulator), on CUDA a share of the free memory.
 ``chunk_size`` overrides the row count.
 
 Padded vocabularies: a teacher weight with more rows (classes) than the student's is read as the student giving
@@ -63,12 +63,14 @@ from .sparse import check as check_sparse
 
 Tensor = torch.Tensor
 
-# Default chunk memory on CPU tensors, for a backend with an in-place op (docs/llm.md, "Chunk policy"): this share
-# of what the chunk buffers of all N rows would take, less the bytes held beside the chunks, within
-# [DEFAULT_CPU_BUDGET, CPU_BUDGET_MAX]: a sixth keeps the call under a sixth of the unchunked path's memory. The BLAS
-# packs the whole weight again for every matmul call, a cost per chunk that the matmuls of a sixth of the batch hide
-# (docs/benchmarks.md, "Fused-linear").
-CPU_BUDGET_SHARE = 1 / 6
+# Default chunk memory on CPU tensors, for a backend with an in-place op (docs/llm.md, "Chunk sizes"): this share
+# of what the chunk buffers of all N rows would take, within [DEFAULT_CPU_BUDGET, CPU_BUDGET_MAX]. The BLAS packs the
+# whole weight again for every matmul call, a cost per chunk that the matmuls of a fifth of the batch hide better than
+# smaller chunks'; the unchunked path holds more [N, V] buffers than the chunks' five times over (docs/benchmarks.md,
+# "Fused-linear"). A call that holds bytes beside the chunks whatever their size (a low-precision weight gradient's
+# accumulator) keeps chunks and those bytes within HELD_SHARE of all rows' chunk buffers.
+CPU_BUDGET_SHARE = 1 / 5
+HELD_SHARE = 1 / 6
 DEFAULT_CPU_BUDGET = 128 << 20
 CPU_BUDGET_MAX = 1 << 30
 # Without one (the reference by autograd): enough that its sub-chunks have tens of rows (a few rows per sub-chunk
@@ -86,14 +88,14 @@ def default_budget(device: torch.device, inplace: bool, all_rows_bytes: int, hel
     """Bytes of chunk temporaries used when neither ``memory_budget`` nor ``chunk_size`` is given; ``inplace``:
     whether the backend turns logits into gradients in place; ``all_rows_bytes``: what a chunk of all N rows would
     hold (N times ``chunk_row_bytes``); ``held``: what the call holds beside the chunks whatever their size (the
-    weight gradients' accumulators beyond the returned gradients, ``_HeadGrads.held_bytes``), taken from the CPU
-    share."""
+    weight gradients' accumulators beyond the returned gradients, ``_HeadGrads.held_bytes``)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(min(free * CUDA_BUDGET_FRACTION, CUDA_BUDGET_MAX))
     if not inplace:
         return DEFAULT_CPU_AUTOGRAD_BUDGET
-    return int(min(max(all_rows_bytes * CPU_BUDGET_SHARE - held, DEFAULT_CPU_BUDGET), CPU_BUDGET_MAX))
+    share = all_rows_bytes * CPU_BUDGET_SHARE if held == 0 else all_rows_bytes * HELD_SHARE - held
+    return int(min(max(share, DEFAULT_CPU_BUDGET), CPU_BUDGET_MAX))
 
 
 def chunk_row_bytes(v_student: int, v_teacher: int, weight_dtype: torch.dtype, extra: int, sparse: bool) -> int:

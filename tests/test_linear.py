@@ -115,7 +115,7 @@ def test_chunk_larger_than_batch_and_budget_sizing(backend, device):
 
 def test_default_chunks_come_from_the_budget_alone(monkeypatch):
     """Without memory_budget or chunk_size, chunks are the default budget's rows (in equal chunks), however few:
-    on CPU a sixth of all rows' buffers, within [DEFAULT_CPU_BUDGET, CPU_BUDGET_MAX]."""
+    on CPU a fifth of all rows' buffers, within [DEFAULT_CPU_BUDGET, CPU_BUDGET_MAX]."""
     import kdkernels.linear as linear
 
     seen = []
@@ -133,26 +133,26 @@ def test_default_chunks_come_from_the_budget_alone(monkeypatch):
     seen.clear()
     linear_distill_loss("kd", *args, backend="cpu")
     assert seen == [14, 14, 12]
-    # Above the floor, a sixth of all rows' buffers (6 rows of 40: seven chunks), at most CPU_BUDGET_MAX.
+    # Above the floor, a fifth of all rows' buffers (five chunks), at most CPU_BUDGET_MAX.
     monkeypatch.setattr(linear, "DEFAULT_CPU_BUDGET", 2 * 4 * V * 2)
     seen.clear()
     linear_distill_loss("kd", *args, backend="cpu")
-    assert seen == [6] * 6 + [4]
-    monkeypatch.setattr(linear, "CPU_BUDGET_MAX", 5 * 4 * V * 2)
+    assert seen == [8] * 5
+    monkeypatch.setattr(linear, "CPU_BUDGET_MAX", 6 * 4 * V * 2)
     seen.clear()
     linear_distill_loss("kd", *args, backend="cpu")
-    assert seen == [5] * 8
+    assert seen == [6] * 6 + [4]
 
 
 def test_default_budget_on_cpu():
-    """A sixth of all rows' chunk buffers less what the call holds beside the chunks, within [DEFAULT_CPU_BUDGET,
-    CPU_BUDGET_MAX]; the reference's autograd its own."""
+    """A fifth of all rows' chunk buffers; with bytes held beside the chunks, a sixth less those bytes; within
+    [DEFAULT_CPU_BUDGET, CPU_BUDGET_MAX]; the reference's autograd its own."""
     import kdkernels.linear as linear
 
     cpu, mib = torch.device("cpu"), 1 << 20
-    assert linear.default_budget(cpu, True, 1200 * mib) == 200 * mib
+    assert linear.default_budget(cpu, True, 1000 * mib) == 200 * mib
     assert linear.default_budget(cpu, True, 1200 * mib, 50 * mib) == 150 * mib
-    assert linear.default_budget(cpu, True, 1200 * mib, 1200 * mib) == linear.DEFAULT_CPU_BUDGET
+    assert linear.default_budget(cpu, True, 1200 * mib, 200 * mib) == linear.DEFAULT_CPU_BUDGET
     assert linear.default_budget(cpu, True, 100 * mib) == linear.DEFAULT_CPU_BUDGET
     assert linear.default_budget(cpu, True, 100000 * mib) == linear.CPU_BUDGET_MAX
     assert linear.default_budget(cpu, False, 1000 * mib) == linear.DEFAULT_CPU_AUTOGRAD_BUDGET
