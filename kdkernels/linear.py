@@ -188,7 +188,7 @@ def _accumulates_into_f32(device: torch.device, dtype: torch.dtype) -> bool:
     ``out_dtype``, MKL's low-precision GEMMs on CPU)."""
     if dtype not in (torch.bfloat16, torch.float16):
         return False
-    return _out_dtype_matmul(device) or (device.type == "cpu" and _mkl_gemm(dtype) is not None)
+    return _out_dtype_matmul(device) or (device.type == "cpu" and _has_mkl_gemm(dtype))
 
 
 def _accumulate_f32(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -198,7 +198,7 @@ def _accumulate_f32(acc: Tensor, a: Tensor, b: Tensor) -> None:
     elif a.is_cuda:
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
-        _mkl_gemm(a.dtype)(acc, a, b, 1.0)
+        torch.ops.kdkernels.low_precision_gemm_(acc, a, b, 1.0)
 
 
 # MKL's GEMMs of low-precision inputs with float32 accumulation and a float32 output, C = A @ B + beta C, which
@@ -223,6 +223,24 @@ def _mkl_gemm(dtype: torch.dtype):
             if torch.equal(c, a @ b + 2):
                 _MKL_GEMMS[dtype] = gemm
     return _MKL_GEMMS[dtype]
+
+
+@torch.compiler.assume_constant_result
+def _has_mkl_gemm(dtype: torch.dtype) -> bool:
+    """Whether ``_mkl_gemm(dtype)`` exists: found (and checked) once, a constant to torch.compile."""
+    return _mkl_gemm(dtype) is not None
+
+
+@torch.library.custom_op("kdkernels::low_precision_gemm_", mutates_args=("c",))
+def _low_precision_gemm(c: Tensor, a: Tensor, b: Tensor, beta: float) -> None:
+    """c = a @ b + beta c through ``_mkl_gemm(a.dtype)`` (CPU, where ``_has_mkl_gemm``): an op, so that
+    torch.compile traces over the call into MKL."""
+    _mkl_gemm(a.dtype)(c, a, b, beta)
+
+
+@_low_precision_gemm.register_fake
+def _(c: Tensor, a: Tensor, b: Tensor, beta: float) -> None:
+    return None
 
 
 def _load_mkl_gemm(name: str | None):
@@ -492,6 +510,12 @@ def _total(values: list, reduction: str) -> Tensor:
 SPLIT_SLICE_BYTES = 8 << 20
 
 
+@torch.compiler.assume_constant_result
+def _has_split_accumulate() -> bool:
+    """Whether the extension's kdkernels::split_accumulate_ is loaded (a constant to torch.compile)."""
+    return hasattr(torch.ops.kdkernels, "split_accumulate_")
+
+
 class _SplitGradWeight:
     """A bfloat16 weight's gradient accumulated in float32 as two 16-bit halves (``kdkernels::split_accumulate_``):
     ``high`` (bfloat16, the accumulator's top bits, rounded at the last chunk: the returned gradient) and ``low``
@@ -508,19 +532,15 @@ class _SplitGradWeight:
     def usable(weight: Tensor, hidden: Tensor) -> bool:
         """Whether the split applies: bfloat16 weight and hidden states on the CPU, with MKL's bfloat16 GEMM and the
         extension's op."""
-        return (
-            weight.dtype == hidden.dtype == torch.bfloat16
-            and weight.device.type == "cpu"
-            and _mkl_gemm(torch.bfloat16) is not None
-            and hasattr(torch.ops.kdkernels, "split_accumulate_")
-        )
+        cpu_bf16 = weight.dtype == hidden.dtype == torch.bfloat16 and weight.device.type == "cpu"
+        return cpu_bf16 and _has_mkl_gemm(torch.bfloat16) and _has_split_accumulate()
 
     def add(self, g_t: Tensor, hidden: Tensor, last: bool) -> None:
         """+= g_t @ hidden for g_t [V, rows] (a transposed view) and hidden [rows, H]; ``last`` rounds."""
         for start in range(0, len(self.high), len(self.slice)):
             stop = min(start + len(self.slice), len(self.high))
             part = self.slice[: stop - start]
-            _mkl_gemm(torch.bfloat16)(part, g_t[start:stop], hidden, 0.0)
+            torch.ops.kdkernels.low_precision_gemm_(part, g_t[start:stop], hidden, 0.0)
             torch.ops.kdkernels.split_accumulate_(self.high[start:stop], self.low[start:stop], part, last)
 
 

@@ -678,6 +678,28 @@ def test_student_entropy(backend, device):
     assert torch.equal(grad, want_grad)
 
 
+def test_compile_fullgraph_with_bfloat16_heads_on_cpu():
+    """bf16 heads on CPU (MKL's bf16 GEMM into float32, the split accumulator of the weight's gradient) compile with
+    fullgraph=True, from a cold start, and give eager's gradients (the loss within float32 rounding: the compiled
+    graph sums the chunks' losses in its own order)."""
+    torch._dynamo.reset()
+    student, teacher, target = make_heads(n=9, dtype=torch.bfloat16)
+
+    def step(hidden, weight):
+        args = (hidden, weight, teacher["hidden"], teacher["weight"], target)
+        return linear_distill_loss("jsd", *args, chunk_size=4, backend="cpu")
+
+    results = []
+    for f in (torch.compile(step, fullgraph=True), step):
+        hidden, weight = (student[k].clone().requires_grad_(True) for k in ("hidden", "weight"))
+        loss = f(hidden, weight)
+        loss.backward()
+        results.append((loss.detach(), hidden.grad, weight.grad))
+    (loss, *grads), (want_loss, *want_grads) = results
+    torch.testing.assert_close(loss, want_loss, rtol=2e-7, atol=0)
+    assert all(torch.equal(got, want) for got, want in zip(grads, want_grads))
+
+
 @pytest.mark.parametrize("learns", [False, True])
 def test_compile_once_with_a_changing_temperature(fused, device, learns):
     """The fused-linear loss compiled with fullgraph=True and a 0-d temperature tensor that changes every call (a

@@ -61,6 +61,9 @@ def _unavailable_on(backend: str):
     return unavailable
 
 
+if LOAD_ERROR is None:  # (a CPU op of the fused-linear path, linear._SplitGradWeight: it writes its inputs)
+    torch.library.register_fake("kdkernels::split_accumulate_")(lambda high, low, add, round: None)
+
 for _backend in ("cpu", "cuda"):
     if LOAD_ERROR is None:
         _scale = torch.ops.kdkernels.scale_rows_.default
