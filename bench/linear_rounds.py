@@ -19,14 +19,15 @@ import time
 
 import torch
 
-from kdkernels import linear_distill_loss
-from kdkernels.bench import LINEAR_CASES, LINEAR_CPU_SHAPES, LINEAR_PATHS, UNCHUNKED, _linear_inputs, _linear_step
-
-
-def budget_step(budget_mib: int, case: str, hs, ws, ht, wt, y) -> None:
-    method, options = LINEAR_CASES[case]
-    hs.grad = ws.grad = None
-    linear_distill_loss(method, hs, ws, ht, wt, y, memory_budget=budget_mib << 20, **options).backward()
+from kdkernels.bench import (
+    FUSED_LINEAR,
+    LINEAR_CASES,
+    LINEAR_CPU_SHAPES,
+    LINEAR_PATHS,
+    UNCHUNKED,
+    _linear_inputs,
+    _linear_step,
+)
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
     inputs = _linear_inputs(n, h, v, dtype, torch.device("cpu"))
     steps = {path: (lambda path=path: _linear_step(path, args.case, *inputs)) for path in args.paths}
     for mib in args.budgets:
-        steps[f"budget-{mib}MiB"] = lambda mib=mib: budget_step(mib, args.case, *inputs)
+        steps[f"budget-{mib}MiB"] = lambda mib=mib: _linear_step(FUSED_LINEAR, args.case, *inputs, budget=mib << 20)
     for step in steps.values():
         step()
     times = {name: [] for name in steps}

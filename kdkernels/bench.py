@@ -425,7 +425,7 @@ def _liger_loss(options: dict):
     )
 
 
-def _linear_loss(path, case, hs, ws, ht, wt, y):
+def _linear_loss(path, case, hs, ws, ht, wt, y, budget=None):
     method, options = LINEAR_CASES[case]
     if path == UNCHUNKED:  # float32 logits, as a training loop upcasts a low-precision head's
         with torch.no_grad():
@@ -433,14 +433,15 @@ def _linear_loss(path, case, hs, ws, ht, wt, y):
         return distill_loss(method, (hs @ ws.t()).float(), teacher, y, **options)
     if path == LIGER:
         return _liger_loss(options)(hs, ws, ht, wt, y)
-    budget = SMALL_BUDGET if path == FUSED_LINEAR_SMALL else None
+    if budget is None and path == FUSED_LINEAR_SMALL:
+        budget = SMALL_BUDGET
     return linear_distill_loss(method, hs, ws, ht, wt, y, memory_budget=budget, **options)
 
 
-def _linear_step(path, case, hs, ws, ht, wt, y) -> torch.Tensor:
-    """Forward + backward of one path; its loss, detached."""
+def _linear_step(path, case, hs, ws, ht, wt, y, budget=None) -> torch.Tensor:
+    """Forward + backward of one path (a fused-linear one with ``budget`` bytes, when given); its loss, detached."""
     hs.grad = ws.grad = None
-    loss = _linear_loss(path, case, hs, ws, ht, wt, y)
+    loss = _linear_loss(path, case, hs, ws, ht, wt, y, budget)
     loss.backward()
     return loss.detach()
 
